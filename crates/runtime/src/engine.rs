@@ -1,0 +1,145 @@
+//! The shared wasmtime engine, its linker and the epoch ticker.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::error::Context as _;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::invoke::{Function, InvocationState};
+use crate::validate::{self, CompiledComponent, DeployError};
+
+/// How often the epoch advances. A running guest yields to the async runtime
+/// at every tick, so this bounds how long one guest can hold a worker thread
+/// before others get a turn, and it is the granularity of timeouts.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Node-wide settings of the runtime, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Most guest instances alive at once on this node; sizes the pooling
+    /// allocator's slots.
+    pub max_instances: u32,
+    /// Largest linear memory any one instance may grow to, in bytes. The
+    /// per-function memory limit is enforced below this.
+    pub max_instance_memory: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 1000,
+            max_instance_memory: 1 << 30,
+        }
+    }
+}
+
+/// The compiler and executor of components: one per node.
+///
+/// Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<InvocationState>,
+    fingerprint: String,
+}
+
+impl Runtime {
+    /// Builds the engine (Cranelift, async, pooling allocator, epoch
+    /// interruption), links the host interfaces, and starts the epoch ticker.
+    pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
+        let mut pool = PoolingAllocationConfig::new();
+        // A Rust wasm32-wasip2 component holds a handful of core instances
+        // (the program plus the shims that wit-component generates), each
+        // with at most a few tables, so size those pools with headroom.
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(8))
+            .total_memories(config.max_instances.saturating_mul(2))
+            .total_tables(config.max_instances.saturating_mul(8))
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.max_instance_memory);
+
+        let mut wasm = Config::new();
+        wasm.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).context("failed to create the wasmtime engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .context("failed to link the WASI interfaces")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .context("failed to link the wasi:http interfaces")?;
+
+        let fingerprint = engine_fingerprint(&engine);
+        spawn_epoch_ticker(&engine)?;
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            fingerprint,
+        }))
+    }
+
+    /// Identifies the engine's code-generation settings. Compiled artifacts
+    /// are only valid for an engine with the same fingerprint, so it is part
+    /// of every artifact's cache key.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Validates an uploaded component and compiles it to a serialized
+    /// artifact. CPU-heavy (Cranelift): call it off the async runtime.
+    pub fn compile(&self, wasm: &[u8]) -> Result<CompiledComponent, DeployError> {
+        validate::compile(&self.engine, &self.linker, wasm)
+    }
+
+    /// Loads a serialized artifact produced by [`Runtime::compile`] from disk
+    /// and pre-links it, ready to serve requests. The file is memory-mapped,
+    /// so resident memory grows only with the code a function runs.
+    pub fn load_artifact(&self, path: &Path) -> anyhow::Result<Function> {
+        // SAFETY: artifacts are only ever written by `Runtime::compile` into
+        // the node's own data directory (never uploaded by users), and the
+        // engine fingerprint in their cache key guarantees they were produced
+        // with compatible settings; wasmtime additionally checks its own
+        // version and settings header before using the code.
+        #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
+        let component = unsafe { Component::deserialize_file(&self.engine, path) }
+            .with_context(|| format!("failed to load artifact {}", path.display()))?;
+        self.prepare(&component)
+    }
+
+    fn prepare(&self, component: &Component) -> anyhow::Result<Function> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .context("failed to link the component")?;
+        let proxy = ProxyPre::new(pre).context("the component is not a wasi:http proxy")?;
+        Ok(Function::new(proxy))
+    }
+}
+
+fn engine_fingerprint(engine: &Engine) -> String {
+    // The hash covers wasmtime's version and every setting that affects the
+    // compiled code; the std hasher is deterministic for a given binary, and
+    // a different binary may recompile once, which is the safe direction.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+fn spawn_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("mayfly-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .context("failed to start the epoch ticker thread")?;
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Mayfly's runtime layer: everything that touches wasmtime.
+//!
+//! This crate validates uploaded components, compiles them once into
+//! serialized artifacts, loads artifacts into pre-linked [`Function`]s and runs
+//! one fresh instance per request. It knows nothing about storage, routing or
+//! the admin API: the platform crate above it decides where artifacts live and
+//! which function a request reaches. Host capabilities reach guests through
+//! small traits ([`LogSink`] for stdout/stderr) so that embedded and cluster
+//! back-ends plug in from above.
+
+mod engine;
+mod invoke;
+mod logs;
+mod outbound;
+mod validate;
+
+pub use engine::{Runtime, RuntimeConfig};
+pub use invoke::{Function, InvocationError, InvocationLimits, InvocationResponse, RequestLabels};
+pub use logs::{LogSink, LogStream};
+pub use validate::{CompiledComponent, DeployError, HOST_INTERFACES};
+pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

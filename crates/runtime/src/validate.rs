@@ -1,0 +1,194 @@
+//! Deploy-time checks and compilation of uploaded components.
+//!
+//! Everything a user can get wrong is caught here, once, with a message that
+//! says what to do, so that nothing invalid is ever stored or served.
+
+use wasmtime::Engine;
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::invoke::InvocationState;
+
+/// The interface a function must export: the `wasi:http/proxy` world's handler.
+const HANDLER_INTERFACE: &str = "wasi:http/incoming-handler";
+
+/// The WASI 0.2 interfaces the host links for every function (without their
+/// `@version`). Any 0.2.x version of each is accepted. Linking an interface
+/// grants nothing by itself: each function's context decides what it may
+/// reach (no files, no sockets and no outbound HTTP unless granted).
+pub const HOST_INTERFACES: &[&str] = &[
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/ip-name-lookup",
+    "wasi:http/types",
+    "wasi:http/outgoing-handler",
+];
+
+/// Why an upload cannot be deployed. Every variant but [`DeployError::Internal`]
+/// is the uploader's to fix, and its message says how.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeployError {
+    /// The bytes are not WebAssembly at all.
+    #[error(
+        "the upload is not a WebAssembly binary (it does not start with the \\0asm magic bytes): \
+         upload the .wasm file your build produced"
+    )]
+    NotWasm,
+    /// A core module was uploaded where a component is required.
+    #[error(
+        "this is a core WebAssembly module, not a component: build with \
+         `cargo build --target wasm32-wasip2` (or wrap the module with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// WebAssembly of a layer or version this host does not know.
+    #[error(
+        "this WebAssembly binary is neither a core module nor a component this host supports: \
+         build a WASI 0.2 component (e.g. `cargo build --target wasm32-wasip2`)"
+    )]
+    UnknownEncoding,
+    /// The component is malformed or fails to compile.
+    #[error("the component is not valid: {0}")]
+    Invalid(String),
+    /// The component does not export the HTTP handler.
+    #[error(
+        "the component does not export {HANDLER_INTERFACE}: a function must target the \
+         wasi:http/proxy world (it exports: {})",
+        display_list(.exports)
+    )]
+    MissingHandler {
+        /// What the component exports instead.
+        exports: Vec<String>,
+    },
+    /// The component imports interfaces the host does not provide.
+    #[error(
+        "the component imports interfaces this host does not provide: {}; a function may \
+         import only WASI 0.2 interfaces of the wasi:http/proxy world and wasi:cli, \
+         wasi:clocks, wasi:filesystem, wasi:io, wasi:random and wasi:sockets",
+        .0.join(", ")
+    )]
+    UnsupportedImports(Vec<String>),
+    /// The imports are known by name but their types do not match the host's.
+    #[error("the component's imports do not match the host's interfaces: {0}")]
+    Link(String),
+    /// A fault of the node, not of the upload.
+    #[error("internal error while compiling: {0}")]
+    Internal(String),
+}
+
+fn display_list(items: &[String]) -> String {
+    if items.is_empty() {
+        "nothing".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A validated component and its compiled, serialized form.
+#[derive(Debug)]
+pub struct CompiledComponent {
+    /// Native code and metadata for this engine, to be stored as the
+    /// function's artifact and loaded with [`crate::Runtime::load_artifact`].
+    pub artifact: Vec<u8>,
+    /// The names of the component's imports, for display and auditing.
+    pub imports: Vec<String>,
+}
+
+/// Validates and compiles `wasm` for `engine`, checking it against `linker`.
+pub(crate) fn compile(
+    engine: &Engine,
+    linker: &Linker<InvocationState>,
+    wasm: &[u8],
+) -> Result<CompiledComponent, DeployError> {
+    if !wasm.starts_with(b"\0asm") {
+        return Err(DeployError::NotWasm);
+    }
+    if wasmtime::wasmparser::Parser::is_core_wasm(wasm) {
+        return Err(DeployError::CoreModule);
+    }
+    if !wasmtime::wasmparser::Parser::is_component(wasm) {
+        return Err(DeployError::UnknownEncoding);
+    }
+    let component =
+        Component::new(engine, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+    let ty = component.component_type();
+
+    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+    if !exports.iter().any(|name| is_wasi_02(name, HANDLER_INTERFACE)) {
+        return Err(DeployError::MissingHandler { exports });
+    }
+
+    let imports: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, item)| match item.ty {
+            ComponentItem::ComponentInstance(_) => name.to_string(),
+            _ => format!("{name} (not an interface)"),
+        })
+        .collect();
+    let unsupported: Vec<String> = imports
+        .iter()
+        .filter(|name| !HOST_INTERFACES.iter().any(|host| is_wasi_02(name, host)))
+        .cloned()
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(DeployError::UnsupportedImports(unsupported));
+    }
+
+    // Names match; the linker now checks every function signature too.
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| DeployError::Link(format!("{e:#}")))?;
+    ProxyPre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))?;
+
+    let artifact = component
+        .serialize()
+        .map_err(|e| DeployError::Internal(format!("{e:#}")))?;
+    Ok(CompiledComponent { artifact, imports })
+}
+
+/// Whether `name` is `interface` at some WASI 0.2.x version.
+fn is_wasi_02(name: &str, interface: &str) -> bool {
+    name.strip_prefix(interface)
+        .and_then(|rest| rest.strip_prefix("@0.2."))
+        .is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_wasi_02;
+
+    #[test]
+    fn interface_versions() {
+        assert!(is_wasi_02("wasi:http/types@0.2.0", "wasi:http/types"));
+        assert!(is_wasi_02("wasi:http/types@0.2.12", "wasi:http/types"));
+        assert!(!is_wasi_02("wasi:http/types@0.3.0", "wasi:http/types"));
+        assert!(!is_wasi_02("wasi:http/types", "wasi:http/types"));
+        assert!(!is_wasi_02("wasi:http/types-extra@0.2.0", "wasi:http/types"));
+        assert!(!is_wasi_02("wasi:http/types@0.2.0-rc", "wasi:http/types"));
+    }
+}

@@ -1,0 +1,112 @@
+//! Mayfly's state layer: the function registry, the log store and
+//! content-addressed blobs.
+//!
+//! The platform talks to state only through the traits defined here
+//! ([`Registry`], [`LogStore`], [`BlobStore`]), so the cluster back-end can
+//! replace the embedded one without touching the request path. The embedded
+//! back-end keeps everything in one data directory: a SQLite database
+//! ([`EmbeddedStore`]) and blob files ([`BlobDir`]).
+
+mod blobs;
+mod embedded;
+mod model;
+
+pub use blobs::{BlobDir, BlobKind, Digest};
+pub use embedded::EmbeddedStore;
+pub use model::{FunctionConfig, FunctionRecord, LogRecord, NewLogLine, VersionRecord};
+
+/// What can go wrong in the state layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The named function does not exist.
+    #[error("no function named `{0}`")]
+    FunctionNotFound(String),
+    /// A route is already served by another function.
+    #[error("route `{route}` is already served by function `{owner}`")]
+    RouteTaken {
+        /// The contested route.
+        route: String,
+        /// The function that serves it now.
+        owner: String,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result of state-layer operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Functions and their immutable versions.
+///
+/// Called from the admin path (deploy, list, delete) and at start-up, never
+/// per request: the platform keeps what requests need in memory.
+pub trait Registry: Send + Sync {
+    /// Records a new version of `function` (creating the function on its first
+    /// deploy) with the next version number, and makes it the function's live
+    /// version. Fails with [`StoreError::RouteTaken`] if another function
+    /// serves one of the routes; then nothing changes.
+    fn create_version(
+        &self,
+        function: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+    ) -> Result<VersionRecord>;
+
+    /// One function with its live version.
+    fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
+
+    /// Every function with its live version, by name.
+    fn functions(&self) -> Result<Vec<FunctionRecord>>;
+
+    /// Every version of a function, newest first.
+    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
+
+    /// Deletes a function with all its versions and routes. Returns whether
+    /// it existed.
+    fn delete_function(&self, name: &str) -> Result<bool>;
+}
+
+/// Durable guest log lines.
+///
+/// Appends come in batches from a background writer, never from the guest's
+/// own write path.
+pub trait LogStore: Send + Sync {
+    /// Appends lines in order; returns the id given to the last one.
+    fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64>;
+
+    /// Lines of `function` with an id above `after_id`, oldest first, at most
+    /// `limit`.
+    fn logs_after(&self, function: &str, after_id: i64, limit: usize) -> Result<Vec<LogRecord>>;
+
+    /// The last `limit` lines of `function`, oldest first.
+    fn logs_tail(&self, function: &str, limit: usize) -> Result<Vec<LogRecord>>;
+
+    /// Deletes the oldest lines so at most `keep` remain.
+    fn prune_logs(&self, keep: usize) -> Result<usize>;
+}
+
+/// Immutable content-addressed bytes: uploaded components and compiled
+/// artifacts.
+pub trait BlobStore: Send + Sync {
+    /// Stores `bytes` under their digest (a no-op if already present) and
+    /// returns it. Durable when it returns.
+    fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest>;
+
+    /// Stores `bytes` under a key the caller derived (e.g. an artifact keyed
+    /// by component digest and engine settings).
+    fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
+
+    /// The bytes under `key`, if present.
+    fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>>;
+
+    /// A local file holding the blob, for memory-mapping; `None` if absent.
+    fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<std::path::PathBuf>;
+}
