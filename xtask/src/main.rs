@@ -1,1 +1,134 @@
-fn main() {}
+//! Developer tasks, run as `cargo xtask <task>`:
+//!
+//! - `guests`: build the guest components in `guests/` (wasm32-wasip2);
+//! - `demo`: build everything, start a node with the demo functions deployed;
+//! - `test`: build the guests and run the whole test suite.
+//!
+//! Each task installs what it needs (the wasm32-wasip2 target) so that it
+//! works on a fresh machine.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The demo functions: (name, guest file, route).
+const DEMO_FUNCTIONS: &[(&str, &str, &str)] = &[
+    ("hello", "hello.wasm", "/hello"),
+    ("echo", "echo.wasm", "/echo"),
+    ("logs", "logs.wasm", "/logs"),
+    ("trap", "trap.wasm", "/trap"),
+];
+
+fn main() -> anyhow::Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let rest: Vec<String> = std::env::args().skip(2).collect();
+    match task.as_str() {
+        "guests" => build_guests().map(drop),
+        "demo" => demo(),
+        "test" => test(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask <guests|demo|test> [cargo test args]");
+            bail!("unknown task `{task}`")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one folder below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn ensure_wasm_target() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to install the wasm32-wasip2 target")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains("wasm32-wasip2") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    Ok(())
+}
+
+/// Builds every guest and returns the folder holding the `.wasm` files.
+fn build_guests() -> anyhow::Result<PathBuf> {
+    ensure_wasm_target()?;
+    let guests = workspace_root().join("guests");
+    run(Command::new(env!("CARGO"))
+        .current_dir(&guests)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .arg("--target-dir")
+        .arg(guests.join("target")))?;
+    Ok(guests.join("target/wasm32-wasip2/release"))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    build_guests()?;
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["test", "--workspace"])
+        .args(extra))
+}
+
+fn demo() -> anyhow::Result<()> {
+    let wasm_dir = build_guests()?;
+    let root = workspace_root();
+    run(Command::new(env!("CARGO")).current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "mayfly",
+    ]))?;
+    let mayfly = root.join("target/release/mayfly");
+    let data_dir = root.join(".mayfly-demo");
+
+    let mut node = Command::new(&mayfly)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .spawn()
+        .context("cannot start mayfly serve")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect("127.0.0.1:8081").is_err() {
+        if Instant::now() > deadline || node.try_wait()?.is_some() {
+            let _ = node.kill();
+            bail!("mayfly serve did not start (are ports 8080/8081 free?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (name, file, route) in DEMO_FUNCTIONS {
+        run(Command::new(&mayfly)
+            .args(["deploy", name])
+            .arg(wasm_dir.join(file))
+            .args(["--route", route]))?;
+    }
+    println!(
+        "\nMayfly is serving the demo functions (Ctrl-C to stop):\n\
+         \n  curl localhost:8080/hello\
+         \n  curl -d 'round trip' localhost:8080/echo\
+         \n  curl localhost:8080/logs && {m} logs logs\
+         \n  curl -i localhost:8080/trap\
+         \n  {m} list\n  {m} status\n",
+        m = mayfly.display()
+    );
+    let status = node.wait()?;
+    if !status.success() {
+        bail!("mayfly serve exited with {status}");
+    }
+    Ok(())
+}

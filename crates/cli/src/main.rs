@@ -1,1 +1,124 @@
-fn main() {}
+//! The `mayfly` command: runs a node (`serve`) and drives one through its
+//! admin API (every other verb).
+
+mod client;
+mod commands;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Mayfly: serverless WebAssembly functions on your own machines.
+#[derive(Debug, Parser)]
+#[command(name = "mayfly", version, about, propagate_version = true)]
+struct Cli {
+    /// Admin API of the node to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    admin_url: String,
+
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: the HTTP gateway and the admin API.
+    Serve(ServeArgs),
+    /// Deploy a component as a new version of a function.
+    Deploy {
+        /// Function name (lower-case letters, digits, `-`, `_`).
+        name: String,
+        /// The component: a .wasm built for wasm32-wasip2 exporting wasi:http/incoming-handler.
+        component: PathBuf,
+        /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
+        #[arg(long = "route", short = 'r')]
+        routes: Vec<String>,
+    },
+    /// List deployed functions.
+    List,
+    /// Invoke a function directly and print its response body.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Request body.
+        #[arg(long, short = 'd', conflicts_with = "data_file")]
+        data: Option<String>,
+        /// Read the request body from a file (`-` for stdin).
+        #[arg(long)]
+        data_file: Option<PathBuf>,
+        /// Path (and query) the function sees.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// HTTP method (default: POST with a body, GET without).
+        #[arg(long, short = 'X')]
+        method: Option<String>,
+        /// Request header as `Name: value`; repeat for more.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+    /// Print a function's log lines.
+    Logs {
+        /// Function name.
+        name: String,
+        /// Keep printing new lines as they arrive.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many of the latest lines to print first.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Delete a function and stop serving its routes.
+    Delete {
+        /// Function name.
+        name: String,
+    },
+    /// Show the node's state and counters.
+    Status,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Folder holding all of the node's state (database and blobs).
+    #[arg(long, env = "MAYFLY_DATA_DIR", default_value = ".mayfly")]
+    data_dir: PathBuf,
+    /// Address of the public HTTP gateway.
+    #[arg(long, env = "MAYFLY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the admin API.
+    #[arg(long, env = "MAYFLY_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    admin_listen: SocketAddr,
+    /// Most function instances alive at once.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_instances: u32,
+    /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        command => commands::run(&cli.admin_url, cli.json, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,106 @@
-//! placeholder
+//! Mayfly's node: the HTTP gateway, the admin API, the catalog of deployed
+//! functions and the deploy pipeline, wired over the runtime
+//! (`mayfly-runtime`) and state (`mayfly-store`) layers.
+//!
+//! A request enters [`gateway`], is matched against the [`catalog::Catalog`]
+//! (an immutable snapshot swapped on every deploy, read without locks) and
+//! runs in a fresh instance through [`Platform::invoke`].
+
+pub mod admin;
+pub mod catalog;
+pub mod gateway;
+pub mod logs;
+mod platform;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use platform::{
+    DeployOutcome, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, Status, text_response,
+};
+
+/// Where a node listens and how it stops.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// State and limits of the node.
+    pub node: NodeConfig,
+    /// Address of the public gateway.
+    pub gateway_addr: SocketAddr,
+    /// Address of the admin API.
+    pub admin_addr: SocketAddr,
+    /// How long in-flight requests may run on after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+/// A node serving its gateway and admin API.
+pub struct RunningNode {
+    /// The node's core.
+    pub platform: Arc<Platform>,
+    /// Where the gateway listens (the real port when 0 was asked).
+    pub gateway_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    gateway: JoinHandle<()>,
+    admin: JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Opens the node's state and starts serving.
+    pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+        let gateway_listener = TcpListener::bind(config.gateway_addr)
+            .await
+            .with_context(|| format!("cannot listen for the gateway on {}", config.gateway_addr))?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen for the admin API on {}", config.admin_addr))?;
+        let max_upload = config.node.max_component_bytes;
+        let platform = Platform::open(config.node).await?;
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+
+        let gateway_addr = gateway_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let gateway = tokio::spawn(gateway::serve(
+            platform.clone(),
+            gateway_listener,
+            shutdown_rx.clone(),
+            config.shutdown_grace,
+        ));
+        let router = admin::router(platform.clone(), max_upload);
+        let mut admin_shutdown = shutdown_rx;
+        let admin = tokio::spawn(async move {
+            let stop = async move {
+                let _ = admin_shutdown.changed().await;
+            };
+            if let Err(error) = axum::serve(admin_listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!("admin API stopped: {error}");
+            }
+        });
+        Ok(Self {
+            platform,
+            gateway_addr,
+            admin_addr,
+            shutdown,
+            gateway,
+            admin,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace
+    /// period, and returns when both servers are down.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.gateway.await;
+        // The admin API may hold `logs --follow` streams open forever.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
+    }
+}

@@ -139,7 +139,12 @@ impl Function {
             LogStream::Stdout,
             limits.max_log_bytes,
         );
-        let stderr = GuestOutput::new(labels.clone(), logs, LogStream::Stderr, limits.max_log_bytes);
+        let stderr = GuestOutput::new(
+            labels.clone(),
+            logs,
+            LogStream::Stderr,
+            limits.max_log_bytes,
+        );
         let state = InvocationState {
             wasi: WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build(),
             http: WasiHttpCtx::new(),

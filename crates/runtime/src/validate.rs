@@ -138,8 +138,14 @@ pub(crate) fn compile(
         Component::new(engine, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
     let ty = component.component_type();
 
-    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
-    if !exports.iter().any(|name| is_wasi_02(name, HANDLER_INTERFACE)) {
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    if !exports
+        .iter()
+        .any(|name| is_wasi_02(name, HANDLER_INTERFACE))
+    {
         return Err(DeployError::MissingHandler { exports });
     }
 
@@ -188,7 +194,10 @@ mod tests {
         assert!(is_wasi_02("wasi:http/types@0.2.12", "wasi:http/types"));
         assert!(!is_wasi_02("wasi:http/types@0.3.0", "wasi:http/types"));
         assert!(!is_wasi_02("wasi:http/types", "wasi:http/types"));
-        assert!(!is_wasi_02("wasi:http/types-extra@0.2.0", "wasi:http/types"));
+        assert!(!is_wasi_02(
+            "wasi:http/types-extra@0.2.0",
+            "wasi:http/types"
+        ));
         assert!(!is_wasi_02("wasi:http/types@0.2.0-rc", "wasi:http/types"));
     }
 }

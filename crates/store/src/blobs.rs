@@ -38,7 +38,9 @@ impl Digest {
         if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             Ok(Self(hex.to_string()))
         } else {
-            Err(StoreError::Corrupt(format!("`{text}` is not a sha256 digest")))
+            Err(StoreError::Corrupt(format!(
+                "`{text}` is not a sha256 digest"
+            )))
         }
     }
 

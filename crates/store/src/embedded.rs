@@ -369,8 +369,20 @@ mod tests {
     fn versions_increase_and_the_newest_is_live() {
         let (_dir, store) = store();
         let d = Digest::of(b"x");
-        assert_eq!(store.create_version("f", &d, &config(&["/a"])).unwrap().version, 1);
-        assert_eq!(store.create_version("f", &d, &config(&["/b"])).unwrap().version, 2);
+        assert_eq!(
+            store
+                .create_version("f", &d, &config(&["/a"]))
+                .unwrap()
+                .version,
+            1
+        );
+        assert_eq!(
+            store
+                .create_version("f", &d, &config(&["/b"]))
+                .unwrap()
+                .version,
+            2
+        );
         let f = store.function("f").unwrap().unwrap();
         assert_eq!(f.live.version, 2);
         assert_eq!(f.live.config.routes, ["/b"]);
@@ -397,7 +409,13 @@ mod tests {
         assert!(store.delete_function("f").unwrap());
         assert!(!store.delete_function("f").unwrap());
         assert!(store.functions().unwrap().is_empty());
-        assert_eq!(store.create_version("g", &d, &config(&["/a"])).unwrap().version, 1);
+        assert_eq!(
+            store
+                .create_version("g", &d, &config(&["/a"]))
+                .unwrap()
+                .version,
+            1
+        );
     }
 
     #[test]
@@ -411,7 +429,9 @@ mod tests {
             stream: "stdout".into(),
             line: format!("line {n}"),
         };
-        let last = store.append_logs(&(0..5).map(line).collect::<Vec<_>>()).unwrap();
+        let last = store
+            .append_logs(&(0..5).map(line).collect::<Vec<_>>())
+            .unwrap();
         let tail = store.logs_tail("f", 2).unwrap();
         assert_eq!(tail[0].line.line, "line 3");
         assert_eq!(tail[1].id, last);

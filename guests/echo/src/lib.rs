@@ -3,8 +3,7 @@
 //! `x-echo-path`, `x-echo-header-<name>`).
 
 use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
-    ResponseOutparam,
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
 
 struct Echo;
@@ -27,7 +26,10 @@ fn method_name(method: &Method) -> String {
 impl wasip2::exports::http::incoming_handler::Guest for Echo {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let mut reflected = vec![
-            ("x-echo-method".to_string(), method_name(&request.method()).into_bytes()),
+            (
+                "x-echo-method".to_string(),
+                method_name(&request.method()).into_bytes(),
+            ),
             (
                 "x-echo-path".to_string(),
                 request.path_with_query().unwrap_or_default().into_bytes(),

@@ -15,12 +15,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Logs {
         eprintln!("stderr line");
         // A partial line without a newline must still reach the log.
         print!("no trailing newline");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
 
         let response = OutgoingResponse::new(Fields::new());
         let body = response.body().expect("a new response has a body");
         ResponseOutparam::set(response_out, Ok(response));
         let out = body.write().expect("the body has one output stream");
-        out.blocking_write_and_flush(b"logged\n").expect("client went away");
+        out.blocking_write_and_flush(b"logged\n")
+            .expect("client went away");
         drop(out);
         OutgoingBody::finish(body, None).expect("body finished once");
     }

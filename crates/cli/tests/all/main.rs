@@ -1,1 +1,9 @@
+//! End-to-end tests: the real `mayfly` binary, real guest components, real
+//! HTTP over loopback. One test binary with a module per topic, so the
+//! workspace links once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+mod deploy;
+mod serve;

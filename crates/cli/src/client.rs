@@ -1,0 +1,140 @@
+//! A small blocking client of the admin API.
+
+use anyhow::{Context as _, anyhow};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use ureq::http::Response;
+
+/// Largest JSON answer read from the admin API.
+const MAX_JSON_BYTES: u64 = 64 << 20;
+
+pub struct AdminClient {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    pub fn new(base: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn unreachable(&self, error: ureq::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the admin API at {}: {error} (is `mayfly serve` running? set \
+             --admin-url or MAYFLY_ADMIN_URL to point elsewhere)",
+            self.base
+        )
+    }
+
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .get(self.url(path))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        read_json(response)
+    }
+
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let response = self
+            .agent
+            .delete(self.url(path))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        check(response).map(drop)
+    }
+
+    /// Posts a multipart/form-data body of `(name, content type, bytes)`
+    /// parts. ureq has no multipart encoder, and the format (RFC 7578) for a
+    /// couple of in-memory parts is a few lines, so it is written here.
+    pub fn post_multipart<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        parts: &[(&str, &str, &[u8])],
+    ) -> anyhow::Result<T> {
+        let boundary = format!("mayfly-{}", uuid::Uuid::now_v7().simple());
+        let mut body = Vec::new();
+        for (name, content_type, bytes) in parts {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                     filename=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let response = self
+            .agent
+            .post(self.url(path))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send(&body[..])
+            .map_err(|e| self.unreachable(e))?;
+        read_json(response)
+    }
+
+    /// Sends a request and returns the raw response, whatever its status.
+    pub fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<Response<ureq::Body>> {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(body.unwrap_or_default().to_vec())
+            .context("invalid request")?;
+        self.agent.run(request).map_err(|e| self.unreachable(e))
+    }
+}
+
+/// Turns a non-2xx answer into an error carrying the API's message.
+pub fn check(mut response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_JSON_BYTES)
+        .read_to_string()
+        .unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    Err(anyhow!("{message} (HTTP {status})"))
+}
+
+fn read_json<T: DeserializeOwned>(response: Response<ureq::Body>) -> anyhow::Result<T> {
+    let mut response = check(response)?;
+    response
+        .body_mut()
+        .with_config()
+        .limit(MAX_JSON_BYTES)
+        .read_json()
+        .context("the admin API answered with unexpected JSON")
+}

@@ -1,0 +1,187 @@
+//! Shared test fixtures: guest components built once, and real `mayfly serve`
+//! processes on ephemeral loopback ports.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Builds the guests once per test run and returns the folder of `.wasm`s.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
+        let status = Command::new(env!("CARGO"))
+            .current_dir(&guests)
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .arg("--target-dir")
+            .arg(guests.join("target"))
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success(),
+            "building the guests failed (is the wasm32-wasip2 target installed? \
+             `rustup target add wasm32-wasip2`)"
+        );
+        guests.join("target/wasm32-wasip2/release")
+    })
+}
+
+/// The path of a built guest, e.g. `guest("hello")`.
+pub fn guest(name: &str) -> PathBuf {
+    guests().join(format!("{name}.wasm"))
+}
+
+/// An HTTP agent that returns error statuses instead of failing on them.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent()
+}
+
+/// A `mayfly serve` process with its own data directory.
+pub struct Node {
+    child: Child,
+    /// `http://127.0.0.1:<port>` of the gateway.
+    pub gateway: String,
+    /// `http://127.0.0.1:<port>` of the admin API.
+    pub admin: String,
+}
+
+impl Node {
+    /// Starts a node on ephemeral ports with state in `data_dir`.
+    pub fn start(data_dir: &Path) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--max-instances", "200"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mayfly serve starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let mut address = |prefix: &str| {
+            let line = lines
+                .next()
+                .expect("mayfly serve printed its addresses")
+                .expect("readable stdout");
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .to_string()
+        };
+        let gateway = address("gateway listening on ");
+        let admin = address("admin API listening on ");
+        Node {
+            child,
+            gateway,
+            admin,
+        }
+    }
+
+    /// Runs the `mayfly` CLI against this node; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(args)
+            .env("MAYFLY_ADMIN_URL", &self.admin)
+            .output()
+            .expect("mayfly runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Deploys a guest through the CLI, panicking on failure.
+    pub fn deploy(&self, name: &str, guest_name: &str, routes: &[&str]) {
+        let wasm = guest(guest_name);
+        let mut args = vec!["deploy", name, wasm.to_str().expect("utf-8 path")];
+        for route in routes {
+            args.extend(["--route", route]);
+        }
+        let (ok, stdout, stderr) = self.cli(&args);
+        assert!(ok, "deploy {name} failed: {stdout}{stderr}");
+    }
+
+    /// GETs an admin API path and parses the JSON answer.
+    pub fn admin_json(&self, path: &str) -> Value {
+        let mut response = agent()
+            .get(format!("{}{path}", self.admin))
+            .call()
+            .expect("admin API answers");
+        response.body_mut().read_json().expect("JSON answer")
+    }
+
+    /// Sends a request to the gateway; returns (status, body, request id).
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>, String) {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.gateway))
+            .body(body.to_vec())
+            .expect("valid request");
+        let mut response = agent().run(request).expect("gateway answers");
+        let id = response
+            .headers()
+            .get("x-mayfly-request-id")
+            .map(|v| v.to_str().expect("ascii").to_string())
+            .unwrap_or_default();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .expect("body");
+        (response.status().as_u16(), bytes, id)
+    }
+
+    /// GETs a gateway path; returns (status, body as text).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let (status, body, _) = self.request("GET", path, b"");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Stops the node with SIGTERM and waits for it to exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait works") {
+                assert!(status.success(), "mayfly serve exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mayfly serve did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,199 @@
+//! Deploying: validation, versions, conflicts, deletion.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::common::{Node, agent, guest};
+
+/// Every file under `dir`, sorted, to show that a rejected upload stored
+/// nothing.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Uploads raw bytes as a component; returns (status, error message).
+fn upload(node: &Node, name: &str, wasm: &[u8]) -> (u16, String) {
+    let boundary = "test-boundary-7e1f";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"component\"; filename=\"c.wasm\"\r\n\
+         Content-Type: application/wasm\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(wasm);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut response = agent()
+        .post(format!("{}/v1/functions/{name}/versions", node.admin))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(&body[..])
+        .unwrap();
+    let status = response.status().as_u16();
+    let json: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+    (
+        status,
+        json["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn invalid_uploads_are_rejected_with_a_clear_400_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("hello", "hello", &["/hello"]);
+    let before = files_under(dir.path());
+    let functions_before = node.admin_json("/v1/functions");
+
+    let garbage = b"this is not webassembly at all".to_vec();
+    let (status, message) = upload(&node, "bad", &garbage);
+    assert_eq!(status, 400);
+    assert!(message.contains("not a WebAssembly binary"), "{message}");
+
+    // The smallest valid core module: magic and version only.
+    let core_module = b"\0asm\x01\0\0\0".to_vec();
+    let (status, message) = upload(&node, "bad", &core_module);
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("core WebAssembly module, not a component"),
+        "{message}"
+    );
+    assert!(message.contains("wasm32-wasip2"), "{message}");
+
+    let command = std::fs::read(guest("cli-app")).unwrap();
+    let (status, message) = upload(&node, "bad", &command);
+    assert_eq!(status, 400);
+    assert!(
+        message.contains("does not export wasi:http/incoming-handler"),
+        "{message}"
+    );
+    assert!(
+        message.contains("wasi:cli/run"),
+        "names what it exports: {message}"
+    );
+
+    let mut truncated = std::fs::read(guest("hello")).unwrap();
+    truncated.truncate(truncated.len() / 2);
+    let (status, message) = upload(&node, "bad", &truncated);
+    assert_eq!(status, 400);
+    assert!(message.contains("not valid"), "{message}");
+
+    // Through the CLI, the message reaches the user too.
+    let (ok, _, stderr) = node.cli(&["deploy", "bad", "/etc/hostname", "--route", "/bad"]);
+    assert!(!ok);
+    assert!(stderr.contains("not a WebAssembly binary"), "{stderr}");
+
+    assert_eq!(node.admin_json("/v1/functions"), functions_before);
+    assert_eq!(files_under(dir.path()), before, "nothing was stored");
+    assert_eq!(node.get("/bad").0, 404);
+}
+
+#[test]
+fn bad_names_routes_and_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let hello = guest("hello");
+    let hello = hello.to_str().unwrap();
+
+    let (ok, _, stderr) = node.cli(&["deploy", "Bad Name", hello]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid function name"), "{stderr}");
+
+    let (ok, _, stderr) = node.cli(&["deploy", "hello", hello, "--route", "/a b"]);
+    assert!(!ok);
+    assert!(stderr.contains("route"), "{stderr}");
+
+    let mut response = agent()
+        .post(format!("{}/v1/functions/x/versions", node.admin))
+        .header("content-type", "application/json")
+        .send("{}")
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let json: Value = response.body_mut().read_json().unwrap();
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("multipart")
+    );
+
+    let (ok, _, stderr) = node.cli(&["invoke", "missing"]);
+    assert!(!ok);
+    assert!(stderr.contains("no function named `missing`"), "{stderr}");
+}
+
+#[test]
+fn each_deploy_is_a_new_version_and_identical_content_is_not_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("greeter", "hello", &["/greet"]);
+    node.deploy("greeter", "echo", &["/greet"]);
+    assert_eq!(
+        node.request("POST", "/greet", b"v2").1,
+        b"v2",
+        "the latest version serves"
+    );
+    node.deploy("greeter", "hello", &["/greet"]);
+    assert_eq!(node.get("/greet").1, "Hello, world!\n");
+
+    let function = node.admin_json("/v1/functions/greeter");
+    assert_eq!(function["live"]["version"], 3);
+    assert_eq!(function["versions"].as_array().unwrap().len(), 3);
+    let status = node.admin_json("/v1/status");
+    assert_eq!(status["compilations"], 2, "{status}");
+    assert_eq!(status["artifact_cache_hits"], 1, "{status}");
+}
+
+#[test]
+fn a_route_belongs_to_one_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("hello", "hello", &["/shared"]);
+    let echo = guest("echo");
+    let (ok, _, stderr) = node.cli(&[
+        "deploy",
+        "echo",
+        echo.to_str().unwrap(),
+        "--route",
+        "/shared/",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("already served by function `hello`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("409"), "{stderr}");
+    assert_eq!(node.get("/shared").1, "Hello, world!\n");
+}
+
+#[test]
+fn deleting_a_function_removes_its_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("hello", "hello", &["/hello"]);
+    assert_eq!(node.get("/hello").0, 200);
+    let (ok, stdout, _) = node.cli(&["delete", "hello"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(node.get("/hello").0, 404);
+    assert_eq!(node.admin_json("/v1/functions"), serde_json::json!([]));
+    let (ok, _, stderr) = node.cli(&["delete", "hello"]);
+    assert!(!ok);
+    assert!(stderr.contains("no function named"), "{stderr}");
+    // The route is free for another function.
+    node.deploy("other", "echo", &["/hello"]);
+    assert_eq!(node.request("POST", "/hello", b"mine").1, b"mine");
+}

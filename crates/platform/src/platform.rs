@@ -1,0 +1,517 @@
+//! The node's core: deploys, the catalog, and running a request through a
+//! function. The gateway and the admin API are thin layers over this.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use mayfly_runtime::{
+    DeployError, Function, HyperOutgoingBody, InvocationError, InvocationLimits, RequestLabels,
+    Runtime, RuntimeConfig,
+};
+use mayfly_store::{
+    BlobDir, BlobKind, BlobStore, Digest, EmbeddedStore, FunctionConfig, FunctionRecord, LogStore,
+    Registry, StoreError, VersionRecord,
+};
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+use crate::catalog::{Catalog, Deployed};
+use crate::logs::LogHub;
+use crate::routes::Route;
+
+/// Header carrying the request id back to the client.
+pub const REQUEST_ID_HEADER: &str = "x-mayfly-request-id";
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Folder holding all of the node's state.
+    pub data_dir: PathBuf,
+    /// Runtime (engine and instance pool) settings.
+    pub runtime: RuntimeConfig,
+    /// Limits applied to every invocation.
+    pub limits: InvocationLimits,
+    /// Largest component accepted for deploy, in bytes.
+    pub max_component_bytes: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for a node keeping its state in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            runtime: RuntimeConfig::default(),
+            limits: InvocationLimits::default(),
+            max_component_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why an admin operation failed. Each variant maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlatformError {
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The component cannot be deployed.
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
+    /// No such function.
+    #[error("no function named `{0}`: see `mayfly list`")]
+    NotFound(String),
+    /// The change conflicts with what is deployed.
+    #[error("{0}")]
+    Conflict(String),
+    /// A fault of the node.
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl From<StoreError> for PlatformError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
+            StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
+            other => PlatformError::Internal(other.into()),
+        }
+    }
+}
+
+/// Counters shown by `mayfly status`.
+#[derive(Debug, Default)]
+struct Counters {
+    compilations: AtomicU64,
+    artifact_cache_hits: AtomicU64,
+    invocations: AtomicU64,
+    failed_invocations: AtomicU64,
+}
+
+/// A snapshot of the node's state for `mayfly status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Mayfly version.
+    pub version: &'static str,
+    /// Seconds since the node started.
+    pub uptime_seconds: u64,
+    /// Deployed functions.
+    pub functions: usize,
+    /// Components compiled by this process.
+    pub compilations: u64,
+    /// Times a compiled artifact was found on disk instead of compiling.
+    pub artifact_cache_hits: u64,
+    /// Invocations served since start.
+    pub invocations: u64,
+    /// Invocations that ended without a response from the guest.
+    pub failed_invocations: u64,
+    /// Guest log lines dropped because the log writer fell behind.
+    pub log_lines_dropped: u64,
+    /// The node's data directory.
+    pub data_dir: String,
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployOutcome {
+    /// The new version.
+    #[serde(flatten)]
+    pub version: VersionRecord,
+    /// Whether the component was compiled (false: its artifact was cached).
+    pub compiled: bool,
+}
+
+/// The node: its state, runtime and catalog.
+pub struct Platform {
+    runtime: Arc<Runtime>,
+    registry: Arc<dyn Registry>,
+    blobs: Arc<dyn BlobStore>,
+    log_store: Arc<dyn LogStore>,
+    logs: Arc<LogHub>,
+    catalog: ArcSwap<Catalog>,
+    /// Serialises changes to the catalog so two deploys cannot interleave
+    /// their store writes and catalog swaps. Never held by requests.
+    changes: tokio::sync::Mutex<()>,
+    config: NodeConfig,
+    counters: Counters,
+    started: Instant,
+}
+
+impl Platform {
+    /// Opens the node's state in `config.data_dir` and builds the catalog.
+    /// Artifacts missing from disk (new data directory layout, changed
+    /// engine) are compiled here, so requests never compile.
+    pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let store = Arc::new(
+            EmbeddedStore::open(&data_dir.join("mayfly.db"))
+                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
+        );
+        let blobs: Arc<dyn BlobStore> = Arc::new(BlobDir::open(data_dir.join("blobs"))?);
+        let runtime = Runtime::new(&config.runtime)?;
+        let logs = LogHub::start(store.clone()).context("cannot start the log writer")?;
+
+        let platform = Arc::new(Self {
+            runtime,
+            registry: store.clone(),
+            blobs,
+            log_store: store,
+            logs,
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            changes: tokio::sync::Mutex::new(()),
+            config,
+            counters: Counters::default(),
+            started: Instant::now(),
+        });
+
+        let registry = platform.registry.clone();
+        let records = tokio::task::spawn_blocking(move || registry.functions()).await??;
+        let mut deployed = Vec::with_capacity(records.len());
+        for record in records {
+            deployed.push(platform.restore(record).await?);
+        }
+        platform.catalog.store(Arc::new(Catalog::new(deployed)));
+        Ok(platform)
+    }
+
+    /// Rebuilds a function's catalog entry at start-up, compiling only if its
+    /// artifact is missing.
+    async fn restore(self: &Arc<Self>, record: FunctionRecord) -> anyhow::Result<Arc<Deployed>> {
+        let digest = Digest::parse(&record.live.digest)?;
+        let artifact = self.artifact_key(&digest);
+        if self
+            .blobs
+            .local_path(BlobKind::Artifact, &artifact)
+            .is_some()
+        {
+            self.counters
+                .artifact_cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            let wasm = self
+                .blobs
+                .get(BlobKind::Component, &digest)?
+                .with_context(|| {
+                    format!("component {digest} of function {} is missing", record.name)
+                })?;
+            self.compile_and_store(Bytes::from(wasm), &artifact)
+                .await
+                .with_context(|| format!("cannot recompile function {}", record.name))?;
+        }
+        let routes = parse_routes(&record.live.config.routes)
+            .map_err(|e| anyhow::anyhow!("stored routes of {} are invalid: {e}", record.name))?;
+        Ok(Arc::new(Deployed {
+            name: record.name,
+            version: record.live.version,
+            digest,
+            artifact,
+            routes,
+            loaded: OnceCell::new(),
+        }))
+    }
+
+    fn artifact_key(&self, digest: &Digest) -> Digest {
+        Digest::derive(&[digest.hex(), self.runtime.fingerprint()])
+    }
+
+    /// Compiles `wasm` off the async runtime and stores its artifact.
+    async fn compile_and_store(&self, wasm: Bytes, artifact: &Digest) -> Result<(), PlatformError> {
+        let runtime = self.runtime.clone();
+        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        self.counters.compilations.fetch_add(1, Ordering::Relaxed);
+        let blobs = self.blobs.clone();
+        let key = artifact.clone();
+        tokio::task::spawn_blocking(move || {
+            blobs.put_keyed(BlobKind::Artifact, &key, &compiled.artifact)
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+        Ok(())
+    }
+
+    /// Deploys `wasm` as a new version of `name` serving `routes`.
+    ///
+    /// Validation and compilation happen before anything is stored, so a
+    /// rejected upload leaves the node exactly as it was.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        routes: &[String],
+    ) -> Result<DeployOutcome, PlatformError> {
+        validate_name(name)?;
+        if wasm.len() > self.config.max_component_bytes {
+            return Err(PlatformError::BadRequest(format!(
+                "the component is {} bytes, over this node's limit of {} bytes",
+                wasm.len(),
+                self.config.max_component_bytes
+            )));
+        }
+        let routes = parse_routes(routes).map_err(PlatformError::BadRequest)?;
+        let catalog = self.catalog.load();
+        for route in &routes {
+            if let Some(owner) = catalog
+                .routes
+                .get_exact(route)
+                .map(|f| f.name.as_str())
+                .filter(|owner| *owner != name)
+            {
+                return Err(PlatformError::Conflict(format!(
+                    "route `{route}` is already served by function `{owner}`"
+                )));
+            }
+        }
+
+        let digest = Digest::of(&wasm);
+        let artifact = self.artifact_key(&digest);
+        let compiled = if self
+            .blobs
+            .local_path(BlobKind::Artifact, &artifact)
+            .is_some()
+        {
+            self.counters
+                .artifact_cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+            false
+        } else {
+            self.compile_and_store(wasm.clone(), &artifact).await?;
+            true
+        };
+        let function = self.load(&artifact).await?;
+
+        let _change = self.changes.lock().await;
+        let blobs = self.blobs.clone();
+        let registry = self.registry.clone();
+        let config = FunctionConfig {
+            routes: routes.iter().map(Route::to_string).collect(),
+        };
+        let function_name = name.to_string();
+        let version = tokio::task::spawn_blocking(move || {
+            blobs.put(BlobKind::Component, &wasm)?;
+            registry.create_version(&function_name, &digest, &config)
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+
+        let deployed = Arc::new(Deployed {
+            name: name.to_string(),
+            version: version.version,
+            digest: Digest::parse(&version.digest)?,
+            artifact,
+            routes,
+            loaded: OnceCell::new_with(Some(function)),
+        });
+        let next = self.catalog.load().with(deployed);
+        self.catalog.store(Arc::new(next));
+        tracing::info!(
+            function = name,
+            version = version.version,
+            compiled,
+            "deployed"
+        );
+        Ok(DeployOutcome { version, compiled })
+    }
+
+    /// Deletes a function: its routes stop serving at once.
+    pub async fn delete(&self, name: &str) -> Result<(), PlatformError> {
+        let _change = self.changes.lock().await;
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let existed = tokio::task::spawn_blocking(move || registry.delete_function(&owned))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        if !existed {
+            return Err(PlatformError::NotFound(name.to_string()));
+        }
+        let next = self.catalog.load().without(name);
+        self.catalog.store(Arc::new(next));
+        tracing::info!(function = name, "deleted");
+        Ok(())
+    }
+
+    /// Every function with its live version.
+    pub async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
+        let registry = self.registry.clone();
+        Ok(tokio::task::spawn_blocking(move || registry.functions())
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??)
+    }
+
+    /// One function and all its versions, newest first.
+    pub async fn function(
+        &self,
+        name: &str,
+    ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let (record, versions) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((registry.function(&owned)?, registry.versions(&owned)?))
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+        let record = record.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        Ok((record, versions))
+    }
+
+    /// The node's counters.
+    pub fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            functions: self.catalog.load().by_name.len(),
+            compilations: self.counters.compilations.load(Ordering::Relaxed),
+            artifact_cache_hits: self.counters.artifact_cache_hits.load(Ordering::Relaxed),
+            invocations: self.counters.invocations.load(Ordering::Relaxed),
+            failed_invocations: self.counters.failed_invocations.load(Ordering::Relaxed),
+            log_lines_dropped: self.logs.dropped(),
+            data_dir: self.config.data_dir.display().to_string(),
+        }
+    }
+
+    /// The current catalog.
+    pub fn catalog(&self) -> arc_swap::Guard<Arc<Catalog>> {
+        self.catalog.load()
+    }
+
+    /// The durable log store, for reading logs back.
+    pub fn log_store(&self) -> Arc<dyn LogStore> {
+        self.log_store.clone()
+    }
+
+    /// The log hub, to follow new lines.
+    pub fn log_hub(&self) -> &LogHub {
+        &self.logs
+    }
+
+    async fn load(&self, artifact: &Digest) -> Result<Function, PlatformError> {
+        let path = self
+            .blobs
+            .local_path(BlobKind::Artifact, artifact)
+            .ok_or_else(|| {
+                PlatformError::Internal(anyhow::anyhow!("artifact {artifact} is missing"))
+            })?;
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.load_artifact(&path))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))?
+            .map_err(PlatformError::Internal)
+    }
+
+    /// Runs `request` through `function` and always produces a response:
+    /// the guest's, or an error response with a short body.
+    pub async fn invoke<B>(
+        &self,
+        function: &Deployed,
+        request: http::Request<B>,
+    ) -> http::Response<HyperOutgoingBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        self.counters.invocations.fetch_add(1, Ordering::Relaxed);
+        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let result = match function
+            .loaded
+            .get_or_try_init(|| self.load(&function.artifact))
+            .await
+        {
+            Ok(loaded) => {
+                let labels = Arc::new(RequestLabels {
+                    function: function.name.clone(),
+                    version: function.version,
+                    request_id: request_id.clone(),
+                });
+                let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
+                loaded
+                    .handle(request, labels, &self.config.limits, logs)
+                    .await
+                    .map_err(|error| {
+                        let status = match error {
+                            InvocationError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
+                            InvocationError::BadRequest(_) => http::StatusCode::BAD_REQUEST,
+                            InvocationError::Unavailable(_) => {
+                                http::StatusCode::SERVICE_UNAVAILABLE
+                            }
+                            _ => http::StatusCode::INTERNAL_SERVER_ERROR,
+                        };
+                        (status, error.to_string())
+                    })
+            }
+            Err(error) => {
+                tracing::error!(function = %function.name, "cannot load function: {error}");
+                Err((
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "the function could not be loaded".to_string(),
+                ))
+            }
+        };
+        let mut response = match result {
+            Ok(response) => response,
+            Err((status, message)) => {
+                self.counters
+                    .failed_invocations
+                    .fetch_add(1, Ordering::Relaxed);
+                text_response(status, format!("{message}\n"))
+            }
+        };
+        if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+}
+
+/// A plain-text response in the gateway's body type.
+pub fn text_response(
+    status: http::StatusCode,
+    body: impl Into<Bytes>,
+) -> http::Response<HyperOutgoingBody> {
+    let mut response = http::Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Function names appear in URLs, routes and file names: keep them simple.
+fn validate_name(name: &str) -> Result<(), PlatformError> {
+    let valid = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if valid {
+        Ok(())
+    } else {
+        Err(PlatformError::BadRequest(format!(
+            "invalid function name `{name}`: use 1 to 63 lower-case letters, digits, `-` or `_`, \
+             starting with a letter or digit"
+        )))
+    }
+}
+
+fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
+    let mut parsed: Vec<Route> = Vec::with_capacity(routes.len());
+    for text in routes {
+        let route = Route::parse(text)?;
+        if !parsed.contains(&route) {
+            parsed.push(route);
+        }
+    }
+    Ok(parsed)
+}
