@@ -81,7 +81,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build_guests()?;
     run(Command::new(env!("CARGO"))
         .current_dir(workspace_root())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--all-targets"])
         .args(extra))
 }
 
