@@ -186,15 +186,7 @@ impl Platform {
     async fn restore(self: &Arc<Self>, record: FunctionRecord) -> anyhow::Result<Arc<Deployed>> {
         let digest = Digest::parse(&record.live.digest)?;
         let artifact = self.artifact_key(&digest);
-        if self
-            .blobs
-            .local_path(BlobKind::Artifact, &artifact)
-            .is_some()
-        {
-            self.counters
-                .artifact_cache_hits
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
+        if !self.artifact_cached(&artifact) {
             let wasm = self
                 .blobs
                 .get(BlobKind::Component, &digest)?
@@ -215,6 +207,20 @@ impl Platform {
             routes,
             loaded: OnceCell::new(),
         }))
+    }
+
+    /// Whether the artifact is on disk; counts a cache hit when it is.
+    fn artifact_cached(&self, artifact: &Digest) -> bool {
+        let cached = self
+            .blobs
+            .local_path(BlobKind::Artifact, artifact)
+            .is_some();
+        if cached {
+            self.counters
+                .artifact_cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        cached
     }
 
     fn artifact_key(&self, digest: &Digest) -> Digest {
@@ -273,19 +279,10 @@ impl Platform {
 
         let digest = Digest::of(&wasm);
         let artifact = self.artifact_key(&digest);
-        let compiled = if self
-            .blobs
-            .local_path(BlobKind::Artifact, &artifact)
-            .is_some()
-        {
-            self.counters
-                .artifact_cache_hits
-                .fetch_add(1, Ordering::Relaxed);
-            false
-        } else {
+        let compiled = !self.artifact_cached(&artifact);
+        if compiled {
             self.compile_and_store(wasm.clone(), &artifact).await?;
-            true
-        };
+        }
         let function = self.load(&artifact).await?;
 
         let _change = self.changes.lock().await;
