@@ -17,8 +17,6 @@ pub struct Deployed {
     pub name: String,
     /// The version that serves requests.
     pub version: u64,
-    /// Digest of the uploaded component.
-    pub digest: Digest,
     /// Cache key of the compiled artifact.
     pub artifact: Digest,
     /// Routes to this function.

@@ -202,7 +202,6 @@ impl Platform {
         Ok(Arc::new(Deployed {
             name: record.name,
             version: record.live.version,
-            digest,
             artifact,
             routes,
             loaded: OnceCell::new(),
@@ -263,17 +262,22 @@ impl Platform {
             )));
         }
         let routes = parse_routes(routes).map_err(PlatformError::BadRequest)?;
-        let catalog = self.catalog.load();
-        for route in &routes {
-            if let Some(owner) = catalog
-                .routes
-                .get_exact(route)
-                .map(|f| f.name.as_str())
-                .filter(|owner| *owner != name)
-            {
-                return Err(PlatformError::Conflict(format!(
-                    "route `{route}` is already served by function `{owner}`"
-                )));
+        // An early, cheap check so a conflicting deploy does not compile;
+        // the store re-checks inside its transaction. The snapshot guard is
+        // dropped before compiling rather than held across it.
+        {
+            let catalog = self.catalog.load();
+            for route in &routes {
+                if let Some(owner) = catalog
+                    .routes
+                    .get_exact(route)
+                    .map(|f| f.name.as_str())
+                    .filter(|owner| *owner != name)
+                {
+                    return Err(PlatformError::Conflict(format!(
+                        "route `{route}` is already served by function `{owner}`"
+                    )));
+                }
             }
         }
 
@@ -302,7 +306,6 @@ impl Platform {
         let deployed = Arc::new(Deployed {
             name: name.to_string(),
             version: version.version,
-            digest: Digest::parse(&version.digest)?,
             artifact,
             routes,
             loaded: OnceCell::new_with(Some(function)),
