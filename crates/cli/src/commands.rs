@@ -7,8 +7,8 @@ use anyhow::{Context as _, bail};
 use mayfly_store::{FunctionRecord, LogRecord};
 use serde_json::Value;
 
-use crate::Command;
 use crate::client::{AdminClient, check};
+use crate::{Command, LimitArgs, UsageArgs};
 
 pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> {
     let client = AdminClient::new(admin_url);
@@ -18,7 +18,8 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
             name,
             component,
             routes,
-        } => deploy(&client, json, &name, &component, routes),
+            limits,
+        } => deploy(&client, json, &name, &component, routes, &limits),
         Command::List => list(&client, json),
         Command::Invoke {
             name,
@@ -56,6 +57,7 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
             Ok(())
         }
         Command::Status => status(&client, json),
+        Command::Usage(args) => usage(&client, json, &args),
     }
 }
 
@@ -65,10 +67,28 @@ fn deploy(
     name: &str,
     component: &std::path::Path,
     routes: Vec<String>,
+    limits: &LimitArgs,
 ) -> anyhow::Result<()> {
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
-    let config = serde_json::to_vec(&serde_json::json!({ "routes": routes }))?;
+    let mut given = serde_json::Map::new();
+    if let Some(memory) = limits.memory {
+        given.insert("memory_mb".into(), memory.into());
+    }
+    if let Some(timeout) = limits.timeout {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        given.insert("timeout_ms".into(), ms.into());
+    }
+    for (key, value) in [
+        ("max_request_bytes", limits.max_request_bytes),
+        ("max_response_bytes", limits.max_response_bytes),
+        ("max_log_bytes", limits.max_log_bytes),
+    ] {
+        if let Some(value) = value {
+            given.insert(key.into(), value.into());
+        }
+    }
+    let config = serde_json::to_vec(&serde_json::json!({ "routes": routes, "limits": given }))?;
     let outcome: Value = client.post_multipart(
         &format!("/v1/functions/{}/versions", segment(name)),
         &[
@@ -266,6 +286,109 @@ fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Columns of the usage table and CSV: header, JSON pointer in a row.
+const USAGE_COLUMNS: &[(&str, &str)] = &[
+    ("INVOCATIONS", "/invocations"),
+    ("ERRORS", "/errors"),
+    ("TIMEOUTS", "/outcomes/timeout"),
+    ("OOM", "/outcomes/oom"),
+    ("COLD", "/cold_starts"),
+    ("BILLED_MS", "/billed_ms"),
+    ("BILLED_GB_S", "/billed_gb_s"),
+    ("USED_GB_S", "/used_gb_s"),
+    ("CPU_MS", "/cpu_us"),
+    ("COST", "/cost/total"),
+];
+
+fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<()> {
+    let mut path = format!(
+        "/v1/usage?from={}&group_by={}",
+        percent_encode(&args.since, b""),
+        percent_encode(&args.by, b"")
+    );
+    if let Some(until) = &args.until {
+        path.push_str(&format!("&to={}", percent_encode(until, b"")));
+    }
+    if let Some(function) = &args.function {
+        path.push_str(&format!("&function={}", percent_encode(function, b"")));
+    }
+    let report: Value = client.get_json(&path)?;
+    if json {
+        println!("{report}");
+        return Ok(());
+    }
+    let rows = report["rows"].as_array().cloned().unwrap_or_default();
+    let key = |row: &Value| -> String {
+        match args.by.as_str() {
+            "version" => format!(
+                "{} v{}",
+                row["function"].as_str().unwrap_or("?"),
+                row["version"]
+            ),
+            "hour" | "day" => row["period_start"].as_str().unwrap_or("?").to_string(),
+            _ => row["function"].as_str().unwrap_or("?").to_string(),
+        }
+    };
+    let cell = |row: &Value, pointer: &str| -> String {
+        let value = row.pointer(pointer).cloned().unwrap_or(Value::Null);
+        match pointer {
+            "/cpu_us" => format!("{:.1}", value.as_f64().unwrap_or(0.0) / 1000.0),
+            "/billed_gb_s" | "/used_gb_s" => format!("{:.6}", value.as_f64().unwrap_or(0.0)),
+            "/cost/total" => format!("{:.6}", value.as_f64().unwrap_or(0.0)),
+            _ => value.to_string(),
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.csv {
+        let header: Vec<String> = std::iter::once(args.by.to_uppercase())
+            .chain(USAGE_COLUMNS.iter().map(|(name, _)| name.to_string()))
+            .collect();
+        writeln!(out, "{}", header.join(",").to_lowercase())?;
+        for row in &rows {
+            let cells: Vec<String> = std::iter::once(csv_field(&key(row)))
+                .chain(USAGE_COLUMNS.iter().map(|(_, pointer)| cell(row, pointer)))
+                .collect();
+            writeln!(out, "{}", cells.join(","))?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "usage from {} to {} ({}; prices in {})",
+        report["from"].as_str().unwrap_or("?"),
+        report["to"].as_str().unwrap_or("?"),
+        args.by,
+        report["prices"]["currency"].as_str().unwrap_or("?")
+    )?;
+    let mut line = format!("{:<28}", args.by.to_uppercase());
+    for (name, _) in USAGE_COLUMNS {
+        line.push_str(&format!(" {name:>12}"));
+    }
+    writeln!(out, "{line}")?;
+    let total = report["total"].clone();
+    for (label, row) in rows
+        .iter()
+        .map(|row| (key(row), row))
+        .chain(std::iter::once(("TOTAL".to_string(), &total)))
+    {
+        let mut line = format!("{label:<28}");
+        for (_, pointer) in USAGE_COLUMNS {
+            line.push_str(&format!(" {:>12}", cell(row, pointer)));
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// A CSV field, quoted when it holds a separator or a quote.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
 }
 
 fn format_time(ms: i64) -> String {

@@ -46,6 +46,8 @@ enum Command {
         /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
         #[arg(long = "route", short = 'r')]
         routes: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List deployed functions.
     List,
@@ -87,6 +89,48 @@ enum Command {
     },
     /// Show the node's state and counters.
     Status,
+    /// Show usage and cost from the node's ledger.
+    Usage(UsageArgs),
+}
+
+/// Per-function limits given at deploy; the node's defaults apply to those
+/// left out.
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// Memory limit in MB (default 128); also the memory billed.
+    #[arg(long, value_name = "MB")]
+    memory: Option<u32>,
+    /// Longest an invocation may run, e.g. 30s or 500ms (default 30s, at most 15m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Largest request body in bytes (default 16 MiB); larger requests get 413.
+    #[arg(long, value_name = "BYTES")]
+    max_request_bytes: Option<u64>,
+    /// Largest response body in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_response_bytes: Option<u64>,
+    /// Bytes of stdout and of stderr kept per invocation (default 1 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_log_bytes: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct UsageArgs {
+    /// Start of the window: a duration ago (24h, 7d), an RFC 3339 time, or ms since the epoch.
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// End of the window (exclusive), in the same forms; default now.
+    #[arg(long)]
+    until: Option<String>,
+    /// Group by function, version, hour or day.
+    #[arg(long, default_value = "function")]
+    by: String,
+    /// Only this function.
+    #[arg(long)]
+    function: Option<String>,
+    /// Print CSV (for spreadsheets and billing exports).
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +150,10 @@ struct ServeArgs {
     /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// The node's config file (TOML, e.g. a `[prices]` table); default
+    /// `<data-dir>/node.toml` when it exists.
+    #[arg(long, env = "MAYFLY_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

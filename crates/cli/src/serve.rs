@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context as _;
+use mayfly_platform::config::NodeFile;
 use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +27,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut node = NodeConfig::new(&args.data_dir);
     node.runtime.max_instances = args.max_instances;
+    let default_file = args.data_dir.join("node.toml");
+    let file = match &args.config {
+        Some(path) => Some(NodeFile::load(path)?),
+        None if default_file.exists() => Some(NodeFile::load(&default_file)?),
+        None => None,
+    };
+    if let Some(file) = file {
+        node.prices = file.prices;
+    }
     let config = ServeConfig {
         node,
         gateway_addr: args.listen,

@@ -14,10 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use mayfly_store::{LogRecord, LogStore};
+use mayfly_store::{FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow};
 use serde::Deserialize;
 
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{Platform, PlatformError, now_ms};
 
 /// The admin API's routes over `platform`.
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
@@ -36,6 +36,9 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         )
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
+        .route("/v1/usage", get(usage))
+        .route("/v1/usage/records", get(usage_records))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(platform)
 }
@@ -129,14 +132,6 @@ async fn delete_function(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The `config` part of a deploy.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeployConfig {
-    #[serde(default)]
-    routes: Vec<String>,
-}
-
 /// `POST /v1/functions/{name}/versions`, multipart/form-data with a
 /// `component` part (the .wasm bytes) and an optional `config` part (JSON).
 async fn deploy(
@@ -145,10 +140,11 @@ async fn deploy(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let usage = "send multipart/form-data with a `component` part holding the .wasm file and an \
-                 optional `config` part holding JSON like {\"routes\": [\"/hello\"]}";
+                 optional `config` part holding JSON like {\"routes\": [\"/hello\"], \
+                 \"limits\": {\"memory_mb\": 128, \"timeout_ms\": 30000}}";
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
     let mut component: Option<Bytes> = None;
-    let mut config = DeployConfig::default();
+    let mut config = FunctionConfig::default();
     while let Some(field) = multipart
         .next_field()
         .await
@@ -175,7 +171,7 @@ async fn deploy(
     }
     let component =
         component.ok_or_else(|| ApiError::bad_request(format!("no `component` part: {usage}")))?;
-    let outcome = platform.deploy(&name, component, &config.routes).await?;
+    let outcome = platform.deploy(&name, component, config).await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
 
@@ -229,7 +225,7 @@ async fn invoke(
         .body(body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string()))))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     *request.headers_mut() = headers;
-    let response = platform.invoke(&function, request).await;
+    let response = platform.invoke(&function, request, "invoke").await;
     Ok(response.map(Body::new))
 }
 
@@ -318,4 +314,159 @@ impl Follower {
             self.pending.extend(lines);
         }
     }
+}
+
+/// `GET /metrics`: the node's metrics for Prometheus.
+async fn metrics(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
+    let text = platform.metrics_text()?;
+    Ok((
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageParams {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    function: Option<String>,
+}
+
+/// A point in time as the usage API accepts it: RFC 3339, milliseconds
+/// since the Unix epoch, or a duration ago (`24h`).
+fn parse_time(name: &str, text: &str, now_ms: i64) -> Result<i64, ApiError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        let ms = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        return Ok(ms);
+    }
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+        return Ok(now_ms.saturating_sub(ago));
+    }
+    Err(ApiError::bad_request(format!(
+        "`{name}` is `{text}`: give an RFC 3339 time (2026-11-23T00:00:00Z), milliseconds since \
+         the Unix epoch, or a duration ago (24h)"
+    )))
+}
+
+fn rfc3339(ms: i64) -> String {
+    let time =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// One usage row as JSON, with its cost and readable period.
+fn usage_json(platform: &Platform, row: &UsageRow) -> serde_json::Value {
+    let mut json = serde_json::to_value(row).unwrap_or_default();
+    if let serde_json::Value::Object(fields) = &mut json {
+        if let Some(start) = row.period_start_ms {
+            fields.insert("period_start".into(), rfc3339(start).into());
+        }
+        fields.insert(
+            "cost".into(),
+            serde_json::to_value(platform.prices().cost(row)).unwrap_or_default(),
+        );
+    }
+    json
+}
+
+/// `GET /v1/usage?from=24h&to=…&group_by=function|version|hour|day&function=…`:
+/// invocations, errors, billed time, GB-seconds and cost, grouped.
+async fn usage(
+    State(platform): State<Arc<Platform>>,
+    query: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let now = now_ms();
+    let from = match &params.from {
+        Some(text) => parse_time("from", text, now)?,
+        None => now - 24 * 3600 * 1000,
+    };
+    // `to` is exclusive; by default it includes records started this very ms.
+    let to = match &params.to {
+        Some(text) => parse_time("to", text, now)?,
+        None => now + 1,
+    };
+    if from >= to {
+        return Err(ApiError::bad_request(format!(
+            "the window is empty: `from` ({}) is not before `to` ({})",
+            rfc3339(from),
+            rfc3339(to)
+        )));
+    }
+    let group_by = match params.group_by.as_deref() {
+        None => GroupBy::Function,
+        Some(text) => GroupBy::parse(text).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`group_by` is `{text}`: use function, version, hour or day"
+            ))
+        })?,
+    };
+    let rows = platform
+        .usage(UsageQuery {
+            from_ms: from,
+            to_ms: to,
+            group_by,
+            function: params.function.clone(),
+        })
+        .await?;
+    let total = rows.iter().fold(UsageRow::default(), |mut total, row| {
+        total.add(row);
+        total
+    });
+    Ok(Json(serde_json::json!({
+        "from": rfc3339(from),
+        "to": rfc3339(to),
+        "from_ms": from,
+        "to_ms": to,
+        "group_by": group_by.as_str(),
+        "prices": platform.prices(),
+        "rows": rows.iter().map(|row| usage_json(&platform, row)).collect::<Vec<_>>(),
+        "total": usage_json(&platform, &total),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordsParams {
+    function: Option<String>,
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_tail")]
+    limit: usize,
+}
+
+/// `GET /v1/usage/records?function=…&after=SEQ&limit=100`: the ledger's
+/// records themselves, oldest first, for export and audit.
+async fn usage_records(
+    State(platform): State<Arc<Platform>>,
+    query: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let records = platform
+        .usage_records(params.function, params.after, params.limit.min(10_000))
+        .await?;
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .map(|stored| {
+            let mut json = serde_json::to_value(stored).unwrap_or_default();
+            if let serde_json::Value::Object(fields) = &mut json {
+                fields.insert("billed_gb_s".into(), stored.record.billed_gb_s().into());
+                fields.insert("used_gb_s".into(), stored.record.used_gb_s().into());
+            }
+            json
+        })
+        .collect();
+    Ok(Json(records))
 }

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mayfly_runtime::Function;
+use mayfly_runtime::{Function, InvocationLimits};
 use mayfly_store::Digest;
 use tokio::sync::OnceCell;
 
+use crate::metering::FunctionMeter;
 use crate::routes::{Route, RouteTable};
 
 /// One function's serving version.
@@ -21,6 +22,10 @@ pub struct Deployed {
     pub artifact: Digest,
     /// Routes to this function.
     pub routes: Vec<Route>,
+    /// Limits of each invocation.
+    pub limits: InvocationLimits,
+    /// Turns the function's invocations into usage records and metrics.
+    pub meter: Arc<FunctionMeter>,
     /// The loaded, pre-linked function: filled on deploy, or on the first
     /// request after a restart (the cold → warm step).
     pub loaded: OnceCell<Function>,

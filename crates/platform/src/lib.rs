@@ -8,8 +8,11 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod config;
 pub mod gateway;
+pub mod ledger;
 pub mod logs;
+pub mod metering;
 mod platform;
 pub mod routes;
 
@@ -47,6 +50,7 @@ pub struct RunningNode {
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown_grace: Duration,
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
 }
@@ -90,17 +94,21 @@ impl RunningNode {
             gateway_addr,
             admin_addr,
             shutdown,
+            shutdown_grace: config.shutdown_grace,
             gateway,
             admin,
         })
     }
 
-    /// Stops accepting, lets in-flight requests finish within the grace
-    /// period, and returns when both servers are down.
+    /// Stops accepting, lets in-flight invocations finish within the grace
+    /// period, ends those still running, and returns once every usage
+    /// record and log line is durable.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
         let _ = self.shutdown.send(true);
         let _ = self.gateway.await;
         // The admin API may hold `logs --follow` streams open forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
+        self.platform.close(deadline).await;
     }
 }

@@ -5,10 +5,10 @@
 //! writer thread stores lines in batches, one transaction per batch, and
 //! announces the newest id so `logs --follow` readers wake up.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use mayfly_runtime::{LogSink, LogStream, RequestLabels};
 use mayfly_store::{LogStore, NewLogLine};
@@ -20,9 +20,16 @@ const BATCH_LINES: usize = 4_096;
 /// Lines kept in the store; older ones are pruned.
 const KEEP_LINES: usize = 200_000;
 
+enum Message {
+    Line(NewLogLine),
+    /// Store everything queued before this, stop, and answer.
+    Close(mpsc::SyncSender<()>),
+}
+
 /// The node's [`LogSink`]: queues lines for the writer thread.
 pub struct LogHub {
-    queue: mpsc::SyncSender<NewLogLine>,
+    queue: mpsc::SyncSender<Message>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     dropped: AtomicU64,
     newest: tokio::sync::watch::Receiver<i64>,
 }
@@ -32,14 +39,25 @@ impl LogHub {
     pub fn start(store: Arc<dyn LogStore>) -> std::io::Result<Arc<Self>> {
         let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
         let (newest_tx, newest) = tokio::sync::watch::channel(0);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("mayfly-logs".into())
             .spawn(move || write_batches(lines, store.as_ref(), newest_tx))?;
         Ok(Arc::new(Self {
             queue,
+            writer: Mutex::new(Some(writer)),
             dropped: AtomicU64::new(0),
             newest,
         }))
+    }
+
+    /// Stores every queued line and stops the writer. Blocks until done:
+    /// call it off the async runtime, after the last invocation ended.
+    pub fn close(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.queue.send(Message::Close(done)).is_ok() {
+            let _ = wait.recv();
+        }
+        join_writer(&self.writer, "log");
     }
 
     /// Lines dropped because the writer could not keep up.
@@ -73,39 +91,68 @@ impl LogSink for LogHub {
             stream: stream.as_str().to_string(),
             line: line.to_string(),
         };
-        if self.queue.try_send(record).is_err() {
+        if self.queue.try_send(Message::Line(record)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
+/// Waits for a writer thread that was told to stop; a second call finds
+/// nothing to wait for.
+pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
+    let writer = writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    if let Some(writer) = writer
+        && writer.join().is_err()
+    {
+        tracing::error!("the {what} writer panicked");
+    }
+}
+
 fn write_batches(
-    lines: mpsc::Receiver<NewLogLine>,
+    queue: mpsc::Receiver<Message>,
     store: &dyn LogStore,
     newest: tokio::sync::watch::Sender<i64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH_LINES);
     let mut since_prune = 0usize;
     loop {
-        match lines.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) => batch.push(line),
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        // Block for the first message, then take whatever else is queued.
+        let mut close = None;
+        let mut next = queue.recv().ok();
+        if next.is_none() {
+            return;
         }
-        while batch.len() < BATCH_LINES {
-            match lines.try_recv() {
-                Ok(line) => batch.push(line),
-                Err(_) => break,
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => batch.push(line),
+                Message::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < BATCH_LINES {
+                next = queue.try_recv().ok();
             }
         }
-        match store.append_logs(&batch) {
-            Ok(last) => {
-                newest.send_replace(last);
+        if !batch.is_empty() {
+            match store.append_logs(&batch) {
+                Ok(last) => {
+                    newest.send_replace(last);
+                }
+                Err(error) => {
+                    tracing::error!("failed to store {} log lines: {error}", batch.len())
+                }
             }
-            Err(error) => tracing::error!("failed to store {} log lines: {error}", batch.len()),
+            since_prune += batch.len();
+            batch.clear();
         }
-        since_prune += batch.len();
-        batch.clear();
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
         if since_prune >= KEEP_LINES / 10 {
             since_prune = 0;
             if let Err(error) = store.prune_logs(KEEP_LINES) {

@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -15,14 +14,18 @@ use mayfly_runtime::{
     Runtime, RuntimeConfig,
 };
 use mayfly_store::{
-    BlobDir, BlobKind, BlobStore, Digest, EmbeddedStore, FunctionConfig, FunctionRecord, LogStore,
-    Registry, StoreError, VersionRecord,
+    BlobDir, BlobKind, BlobStore, Digest, EmbeddedLedger, EmbeddedStore, FunctionConfig,
+    FunctionLimits, FunctionRecord, LogStore, Registry, StoreError, StoredUsage, UsageQuery,
+    UsageRow, UsageStore, VersionRecord,
 };
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
 use crate::catalog::{Catalog, Deployed};
+use crate::config::PriceList;
+use crate::ledger::Ledger;
 use crate::logs::LogHub;
+use crate::metering::{FunctionMeter, Metrics};
 use crate::routes::Route;
 
 /// Header carrying the request id back to the client.
@@ -35,10 +38,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Runtime (engine and instance pool) settings.
     pub runtime: RuntimeConfig,
-    /// Limits applied to every invocation.
-    pub limits: InvocationLimits,
     /// Largest component accepted for deploy, in bytes.
     pub max_component_bytes: usize,
+    /// Prices that turn usage into cost.
+    pub prices: PriceList,
 }
 
 impl NodeConfig {
@@ -47,8 +50,8 @@ impl NodeConfig {
         Self {
             data_dir: data_dir.into(),
             runtime: RuntimeConfig::default(),
-            limits: InvocationLimits::default(),
             max_component_bytes: 64 << 20,
+            prices: PriceList::default(),
         }
     }
 }
@@ -84,15 +87,6 @@ impl From<StoreError> for PlatformError {
     }
 }
 
-/// Counters shown by `mayfly status`.
-#[derive(Debug, Default)]
-struct Counters {
-    compilations: AtomicU64,
-    artifact_cache_hits: AtomicU64,
-    invocations: AtomicU64,
-    failed_invocations: AtomicU64,
-}
-
 /// A snapshot of the node's state for `mayfly status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -110,8 +104,16 @@ pub struct Status {
     pub invocations: u64,
     /// Invocations that ended without a response from the guest.
     pub failed_invocations: u64,
+    /// Requests refused with 413 before their guest ran.
+    pub requests_too_large: u64,
+    /// Instances running now.
+    pub instances_in_flight: usize,
     /// Guest log lines dropped because the log writer fell behind.
     pub log_lines_dropped: u64,
+    /// Usage records committed to the ledger since start.
+    pub ledger_records: u64,
+    /// Usage records waiting to be committed.
+    pub ledger_pending: i64,
     /// The node's data directory.
     pub data_dir: String,
 }
@@ -133,12 +135,14 @@ pub struct Platform {
     blobs: Arc<dyn BlobStore>,
     log_store: Arc<dyn LogStore>,
     logs: Arc<LogHub>,
+    usage: Arc<dyn UsageStore>,
+    ledger: Arc<Ledger>,
+    metrics: Metrics,
     catalog: ArcSwap<Catalog>,
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
     config: NodeConfig,
-    counters: Counters,
     started: Instant,
 }
 
@@ -155,8 +159,18 @@ impl Platform {
                 .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
         );
         let blobs: Arc<dyn BlobStore> = Arc::new(BlobDir::open(data_dir.join("blobs"))?);
+        let usage: Arc<dyn UsageStore> = Arc::new(
+            EmbeddedLedger::open(&data_dir.join("ledger.db")).with_context(|| {
+                format!("cannot open the usage ledger in {}", data_dir.display())
+            })?,
+        );
         let runtime = Runtime::new(&config.runtime)?;
         let logs = LogHub::start(store.clone()).context("cannot start the log writer")?;
+        let metrics = Metrics::new();
+        let ledger = Arc::new(
+            Ledger::start(usage.clone(), metrics.ledger.clone())
+                .context("cannot start the ledger writer")?,
+        );
 
         let platform = Arc::new(Self {
             runtime,
@@ -164,10 +178,12 @@ impl Platform {
             blobs,
             log_store: store,
             logs,
+            usage,
+            ledger,
+            metrics,
             catalog: ArcSwap::from_pointee(Catalog::default()),
             changes: tokio::sync::Mutex::new(()),
             config,
-            counters: Counters::default(),
             started: Instant::now(),
         });
 
@@ -178,6 +194,7 @@ impl Platform {
             deployed.push(platform.restore(record).await?);
         }
         platform.catalog.store(Arc::new(Catalog::new(deployed)));
+        platform.count_functions();
         Ok(platform)
     }
 
@@ -199,13 +216,45 @@ impl Platform {
         }
         let routes = parse_routes(&record.live.config.routes)
             .map_err(|e| anyhow::anyhow!("stored routes of {} are invalid: {e}", record.name))?;
-        Ok(Arc::new(Deployed {
-            name: record.name,
-            version: record.live.version,
+        Ok(self.deployed(
+            record.name,
+            record.live.version,
             artifact,
             routes,
-            loaded: OnceCell::new(),
-        }))
+            &record.live.config.limits,
+            OnceCell::new(),
+        ))
+    }
+
+    /// A catalog entry, with its meter.
+    fn deployed(
+        &self,
+        name: String,
+        version: u64,
+        artifact: Digest,
+        routes: Vec<Route>,
+        limits: &FunctionLimits,
+        loaded: OnceCell<Function>,
+    ) -> Arc<Deployed> {
+        let meter = FunctionMeter::new(
+            limits.memory_mb,
+            self.metrics.function(&name),
+            self.ledger.clone(),
+        );
+        Arc::new(Deployed {
+            name,
+            version,
+            artifact,
+            routes,
+            limits: invocation_limits(limits),
+            meter: Arc::new(meter),
+            loaded,
+        })
+    }
+
+    fn count_functions(&self) {
+        let count = self.catalog.load().by_name.len();
+        self.metrics.node.functions.set(count as i64);
     }
 
     /// Whether the artifact is on disk; counts a cache hit when it is.
@@ -215,9 +264,7 @@ impl Platform {
             .local_path(BlobKind::Artifact, artifact)
             .is_some();
         if cached {
-            self.counters
-                .artifact_cache_hits
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.node.artifact_cache_hits.inc();
         }
         cached
     }
@@ -232,7 +279,7 @@ impl Platform {
         let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
             .await
             .map_err(|e| PlatformError::Internal(e.into()))??;
-        self.counters.compilations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.node.compilations.inc();
         let blobs = self.blobs.clone();
         let key = artifact.clone();
         tokio::task::spawn_blocking(move || {
@@ -243,7 +290,8 @@ impl Platform {
         Ok(())
     }
 
-    /// Deploys `wasm` as a new version of `name` serving `routes`.
+    /// Deploys `wasm` as a new version of `name` with `config` (routes as
+    /// the user wrote them, and limits).
     ///
     /// Validation and compilation happen before anything is stored, so a
     /// rejected upload leaves the node exactly as it was.
@@ -251,9 +299,11 @@ impl Platform {
         &self,
         name: &str,
         wasm: Bytes,
-        routes: &[String],
+        config: FunctionConfig,
     ) -> Result<DeployOutcome, PlatformError> {
         validate_name(name)?;
+        validate_limits(&config.limits, self.config.runtime.max_instance_memory)
+            .map_err(PlatformError::BadRequest)?;
         if wasm.len() > self.config.max_component_bytes {
             return Err(PlatformError::BadRequest(format!(
                 "the component is {} bytes, over this node's limit of {} bytes",
@@ -261,7 +311,7 @@ impl Platform {
                 self.config.max_component_bytes
             )));
         }
-        let routes = parse_routes(routes).map_err(PlatformError::BadRequest)?;
+        let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
         // An early, cheap check so a conflicting deploy does not compile;
         // the store re-checks inside its transaction. The snapshot guard is
         // dropped before compiling rather than held across it.
@@ -294,7 +344,9 @@ impl Platform {
         let registry = self.registry.clone();
         let config = FunctionConfig {
             routes: routes.iter().map(Route::to_string).collect(),
+            ..config
         };
+        let limits = config.limits.clone();
         let function_name = name.to_string();
         let version = tokio::task::spawn_blocking(move || {
             blobs.put(BlobKind::Component, &wasm)?;
@@ -303,15 +355,17 @@ impl Platform {
         .await
         .map_err(|e| PlatformError::Internal(e.into()))??;
 
-        let deployed = Arc::new(Deployed {
-            name: name.to_string(),
-            version: version.version,
+        let deployed = self.deployed(
+            name.to_string(),
+            version.version,
             artifact,
             routes,
-            loaded: OnceCell::new_with(Some(function)),
-        });
+            &limits,
+            OnceCell::new_with(Some(function)),
+        );
         let next = self.catalog.load().with(deployed);
         self.catalog.store(Arc::new(next));
+        self.count_functions();
         tracing::info!(
             function = name,
             version = version.version,
@@ -334,6 +388,8 @@ impl Platform {
         }
         let next = self.catalog.load().without(name);
         self.catalog.store(Arc::new(next));
+        self.metrics.remove_function(name);
+        self.count_functions();
         tracing::info!(function = name, "deleted");
         Ok(())
     }
@@ -368,11 +424,15 @@ impl Platform {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             functions: self.catalog.load().by_name.len(),
-            compilations: self.counters.compilations.load(Ordering::Relaxed),
-            artifact_cache_hits: self.counters.artifact_cache_hits.load(Ordering::Relaxed),
-            invocations: self.counters.invocations.load(Ordering::Relaxed),
-            failed_invocations: self.counters.failed_invocations.load(Ordering::Relaxed),
+            compilations: self.metrics.node.compilations.get(),
+            artifact_cache_hits: self.metrics.node.artifact_cache_hits.get(),
+            invocations: self.metrics.node.invocations.get(),
+            failed_invocations: self.metrics.node.failed_invocations.get(),
+            requests_too_large: self.metrics.node.requests_too_large.get(),
+            instances_in_flight: self.runtime.in_flight(),
             log_lines_dropped: self.logs.dropped(),
+            ledger_records: self.metrics.ledger.committed.get(),
+            ledger_pending: self.ledger.pending(),
             data_dir: self.config.data_dir.display().to_string(),
         }
     }
@@ -407,18 +467,20 @@ impl Platform {
     }
 
     /// Runs `request` through `function` and always produces a response:
-    /// the guest's, or an error response with a short body.
+    /// the guest's, or an error response with a short body. `trigger` says
+    /// what started it (`http`, `invoke`, …) for the usage record.
     pub async fn invoke<B>(
         &self,
         function: &Deployed,
         request: http::Request<B>,
+        trigger: &'static str,
     ) -> http::Response<HyperOutgoingBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        self.counters.invocations.fetch_add(1, Ordering::Relaxed);
         let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let cold_start = function.loaded.get().is_none();
         let result = match function
             .loaded
             .get_or_try_init(|| self.load(&function.artifact))
@@ -429,21 +491,19 @@ impl Platform {
                     function: function.name.clone(),
                     version: function.version,
                     request_id: request_id.clone(),
+                    trigger,
+                    cold_start,
                 });
                 let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
+                let meter: Arc<dyn mayfly_runtime::ReportSink> = function.meter.clone();
                 loaded
-                    .handle(request, labels, &self.config.limits, logs)
+                    .handle(request, labels, &function.limits, logs, meter)
                     .await
                     .map_err(|error| {
-                        let status = match error {
-                            InvocationError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
-                            InvocationError::BadRequest(_) => http::StatusCode::BAD_REQUEST,
-                            InvocationError::Unavailable(_) => {
-                                http::StatusCode::SERVICE_UNAVAILABLE
-                            }
-                            _ => http::StatusCode::INTERNAL_SERVER_ERROR,
-                        };
-                        (status, error.to_string())
+                        if matches!(error, InvocationError::RequestTooLarge(_)) {
+                            self.metrics.node.requests_too_large.inc();
+                        }
+                        (error.status(), error.to_string())
                     })
             }
             Err(error) => {
@@ -456,18 +516,139 @@ impl Platform {
         };
         let mut response = match result {
             Ok(response) => response,
-            Err((status, message)) => {
-                self.counters
-                    .failed_invocations
-                    .fetch_add(1, Ordering::Relaxed);
-                text_response(status, format!("{message}\n"))
-            }
+            Err((status, message)) => text_response(status, format!("{message}\n")),
         };
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
     }
+
+    /// The node's metrics in the OpenMetrics text format.
+    pub fn metrics_text(&self) -> Result<String, PlatformError> {
+        self.metrics
+            .node
+            .log_lines_dropped
+            .set(i64::try_from(self.logs.dropped()).unwrap_or(i64::MAX));
+        self.metrics
+            .encode()
+            .map_err(|e| PlatformError::Internal(anyhow::anyhow!("cannot encode metrics: {e}")))
+    }
+
+    /// The price list of this node.
+    pub fn prices(&self) -> &PriceList {
+        &self.config.prices
+    }
+
+    /// Usage in a time window, grouped.
+    pub async fn usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>, PlatformError> {
+        let usage = self.usage.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || usage.usage_summary(&query))
+                .await
+                .map_err(|e| PlatformError::Internal(e.into()))??,
+        )
+    }
+
+    /// Usage records after `after_seq`, oldest first.
+    pub async fn usage_records(
+        &self,
+        function: Option<String>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredUsage>, PlatformError> {
+        let usage = self.usage.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            usage.usage_records(function.as_deref(), after_seq, limit)
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??)
+    }
+
+    /// The last step of a shutdown, once the servers stopped accepting:
+    /// lets running invocations finish until `deadline`, ends the rest
+    /// (outcome `killed`), then makes every usage record and log line
+    /// durable and stops the writers.
+    pub async fn close(&self, deadline: tokio::time::Instant) {
+        if tokio::time::timeout_at(deadline, self.runtime.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{} invocations still running after the grace period: ending them",
+                self.runtime.in_flight()
+            );
+            self.runtime.kill_all().await;
+        }
+        let ledger = self.ledger.clone();
+        let logs = self.logs.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            ledger.close();
+            logs.close();
+        })
+        .await;
+        if let Err(error) = closed {
+            tracing::error!("flushing the ledger and logs failed: {error}");
+        }
+    }
+}
+
+/// The runtime's limits for a function's configured ones.
+fn invocation_limits(limits: &FunctionLimits) -> InvocationLimits {
+    InvocationLimits {
+        memory_bytes: (limits.memory_mb as usize) << 20,
+        timeout: Duration::from_millis(limits.timeout_ms),
+        max_log_bytes: usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX),
+        max_request_bytes: limits.max_request_bytes,
+        max_response_bytes: limits.max_response_bytes,
+    }
+}
+
+/// Largest body limit a function may set.
+const MAX_BODY_LIMIT: u64 = 1 << 30;
+/// Largest log allowance a function may set per stream and invocation.
+const MAX_LOG_LIMIT: u64 = 64 << 20;
+
+fn validate_limits(limits: &FunctionLimits, node_max_memory: usize) -> Result<(), String> {
+    let max_memory_mb = (node_max_memory >> 20) as u64;
+    if limits.memory_mb == 0 || u64::from(limits.memory_mb) > max_memory_mb {
+        return Err(format!(
+            "memory_mb is {}: give 1 to {max_memory_mb} (this node's largest instance)",
+            limits.memory_mb
+        ));
+    }
+    if limits.timeout_ms == 0 || limits.timeout_ms > FunctionLimits::MAX_TIMEOUT_MS {
+        return Err(format!(
+            "timeout_ms is {}: give 1 to {} (15 minutes)",
+            limits.timeout_ms,
+            FunctionLimits::MAX_TIMEOUT_MS
+        ));
+    }
+    for (name, value, max) in [
+        (
+            "max_request_bytes",
+            limits.max_request_bytes,
+            MAX_BODY_LIMIT,
+        ),
+        (
+            "max_response_bytes",
+            limits.max_response_bytes,
+            MAX_BODY_LIMIT,
+        ),
+        ("max_log_bytes", limits.max_log_bytes, MAX_LOG_LIMIT),
+    ] {
+        if value > max {
+            return Err(format!("{name} is {value}: give at most {max}"));
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A plain-text response in the gateway's body type.

@@ -13,12 +13,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
-use mayfly_runtime::{InvocationLimits, LogSink, LogStream, RequestLabels, Runtime, RuntimeConfig};
+use mayfly_runtime::{
+    InvocationLimits, InvocationReport, LogSink, LogStream, ReportSink, RequestLabels, Runtime,
+    RuntimeConfig,
+};
 
-struct DiscardLogs;
+struct Discard;
 
-impl LogSink for DiscardLogs {
+impl LogSink for Discard {
     fn line(&self, _: &RequestLabels, _: LogStream, _: &str) {}
+}
+
+impl ReportSink for Discard {
+    fn finished(&self, _: &RequestLabels, _: InvocationReport) {}
 }
 
 fn hello_component() -> Vec<u8> {
@@ -58,9 +65,12 @@ fn invoke(c: &mut Criterion) {
         function: "hello".into(),
         version: 1,
         request_id: "bench".into(),
+        trigger: "http",
+        cold_start: false,
     });
     let limits = InvocationLimits::default();
-    let logs: Arc<dyn LogSink> = Arc::new(DiscardLogs);
+    let logs: Arc<dyn LogSink> = Arc::new(Discard);
+    let reports: Arc<dyn ReportSink> = Arc::new(Discard);
 
     c.bench_function("instantiate+handle hello", |b| {
         b.iter(|| {
@@ -70,7 +80,13 @@ fn invoke(c: &mut Criterion) {
                     .body(Empty::<Bytes>::new())
                     .unwrap();
                 let response = function
-                    .handle(request, labels.clone(), &limits, logs.clone())
+                    .handle(
+                        request,
+                        labels.clone(),
+                        &limits,
+                        logs.clone(),
+                        reports.clone(),
+                    )
                     .await
                     .unwrap();
                 let body = response.into_body().collect().await.unwrap().to_bytes();

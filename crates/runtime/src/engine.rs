@@ -10,7 +10,7 @@ use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::invoke::{Function, InvocationState};
+use crate::invoke::{Function, InvocationState, Lifecycle};
 use crate::validate::{self, CompiledComponent, DeployError};
 
 /// How often the epoch advances. A running guest yields to the async runtime
@@ -49,6 +49,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<InvocationState>,
     fingerprint: String,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl Runtime {
@@ -88,6 +89,7 @@ impl Runtime {
             engine,
             linker,
             fingerprint,
+            lifecycle: Arc::default(),
         }))
     }
 
@@ -125,7 +127,25 @@ impl Runtime {
             .instantiate_pre(component)
             .context("failed to link the component")?;
         let proxy = ProxyPre::new(pre).context("the component is not a wasi:http proxy")?;
-        Ok(Function::new(proxy))
+        Ok(Function::new(proxy, self.lifecycle.clone()))
+    }
+
+    /// Invocations running now, on every function of this runtime.
+    pub fn in_flight(&self) -> usize {
+        self.lifecycle.in_flight()
+    }
+
+    /// Ends every running invocation (outcome `killed`) and every one that
+    /// starts from now on: the last step of a shutdown, after the grace
+    /// period. Returns once they have all reported.
+    pub async fn kill_all(&self) {
+        self.lifecycle.kill.cancel();
+        self.lifecycle.idle().await;
+    }
+
+    /// Returns once no invocation is running.
+    pub async fn idle(&self) {
+        self.lifecycle.idle().await;
     }
 }
 

@@ -8,14 +8,19 @@
 //! small traits ([`LogSink`] for stdout/stderr) so that embedded and cluster
 //! back-ends plug in from above.
 
+mod body;
 mod engine;
 mod invoke;
 mod logs;
+mod meter;
 mod outbound;
 mod validate;
 
 pub use engine::{Runtime, RuntimeConfig};
-pub use invoke::{Function, InvocationError, InvocationLimits, InvocationResponse, RequestLabels};
+pub use invoke::{
+    Function, InvocationError, InvocationLimits, InvocationReport, InvocationResponse, Outcome,
+    ReportSink, RequestLabels,
+};
 pub use logs::{LogSink, LogStream};
 pub use validate::{CompiledComponent, DeployError, HOST_INTERFACES};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

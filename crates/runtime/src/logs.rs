@@ -218,6 +218,8 @@ mod tests {
             function: "f".into(),
             version: 1,
             request_id: "r".into(),
+            trigger: "http",
+            cold_start: false,
         });
         GuestOutput::new(labels, sink.clone(), LogStream::Stdout, max)
     }

@@ -59,7 +59,7 @@ impl EmbeddedStore {
     /// date.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = open_connection(path)?;
-        migrate(&meta)?;
+        migrate(&meta, MIGRATIONS)?;
         let logs = open_connection(path)?;
         Ok(Self {
             meta: Mutex::new(meta),
@@ -78,7 +78,8 @@ impl EmbeddedStore {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection> {
+/// Opens a connection with the settings every Mayfly database uses.
+pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // WAL: readers never block the writer. synchronous=FULL: a deploy that
@@ -89,17 +90,19 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> Result<()> {
+/// Applies the `migrations` this database has not run yet, each in its own
+/// transaction; `PRAGMA user_version` counts those applied.
+pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<()> {
     let applied: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
-    if applied > MIGRATIONS.len() {
+    if applied > migrations.len() {
         return Err(StoreError::Corrupt(format!(
             "the database schema is version {applied}, newer than this binary knows \
              ({}): use a newer mayfly",
-            MIGRATIONS.len()
+            migrations.len()
         )));
     }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+    for (index, migration) in migrations.iter().enumerate().skip(applied) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(migration)?;
         tx.pragma_update(None, "user_version", (index + 1) as i64)?;
@@ -362,6 +365,7 @@ mod tests {
     fn config(routes: &[&str]) -> FunctionConfig {
         FunctionConfig {
             routes: routes.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
         }
     }
 

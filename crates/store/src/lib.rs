@@ -1,19 +1,27 @@
-//! Mayfly's state layer: the function registry, the log store and
-//! content-addressed blobs.
+//! Mayfly's state layer: the function registry, the log store, the usage
+//! ledger and content-addressed blobs.
 //!
 //! The platform talks to state only through the traits defined here
-//! ([`Registry`], [`LogStore`], [`BlobStore`]), so the cluster back-end can
-//! replace the embedded one without touching the request path. The embedded
-//! back-end keeps everything in one data directory: a SQLite database
-//! ([`EmbeddedStore`]) and blob files ([`BlobDir`]).
+//! ([`Registry`], [`LogStore`], [`UsageStore`], [`BlobStore`]), so the
+//! cluster back-end can replace the embedded one without touching the request
+//! path. The embedded back-end keeps everything in one data directory: a
+//! SQLite database ([`EmbeddedStore`]), a separate SQLite ledger
+//! ([`EmbeddedLedger`]) and blob files ([`BlobDir`]).
 
 mod blobs;
 mod embedded;
+mod ledger;
 mod model;
 
 pub use blobs::{BlobDir, BlobKind, Digest};
 pub use embedded::EmbeddedStore;
-pub use model::{FunctionConfig, FunctionRecord, LogRecord, NewLogLine, VersionRecord};
+pub use ledger::{
+    EmbeddedLedger, GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord,
+    UsageRow, UsageStore, billed_ms,
+};
+pub use model::{
+    FunctionConfig, FunctionLimits, FunctionRecord, LogRecord, NewLogLine, VersionRecord,
+};
 
 /// What can go wrong in the state layer.
 #[derive(Debug, thiserror::Error)]

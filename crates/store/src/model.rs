@@ -10,6 +10,48 @@ pub struct FunctionConfig {
     /// Normalised routes: `/prefix` or `host/prefix`.
     #[serde(default)]
     pub routes: Vec<String>,
+    /// Resource limits of each invocation.
+    #[serde(default)]
+    pub limits: FunctionLimits,
+}
+
+/// Resource limits of one function's invocations. Versions deployed before
+/// limits existed read back with the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionLimits {
+    /// Linear memory, all of an instance's memories together, in MB
+    /// (mebibytes, as Lambda counts them). Also the memory billed.
+    pub memory_mb: u32,
+    /// Wall-clock limit of one invocation, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest request body handed to the function, in bytes.
+    pub max_request_bytes: u64,
+    /// Largest response body sent on from the function, in bytes.
+    pub max_response_bytes: u64,
+    /// Bytes of stdout and of stderr kept per invocation.
+    pub max_log_bytes: u64,
+}
+
+impl FunctionLimits {
+    /// Default memory: 128 MB.
+    pub const DEFAULT_MEMORY_MB: u32 = 128;
+    /// Default timeout: 30 s.
+    pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+    /// Longest timeout a function may ask for: 15 minutes, as Lambda allows.
+    pub const MAX_TIMEOUT_MS: u64 = 15 * 60 * 1000;
+}
+
+impl Default for FunctionLimits {
+    fn default() -> Self {
+        Self {
+            memory_mb: Self::DEFAULT_MEMORY_MB,
+            timeout_ms: Self::DEFAULT_TIMEOUT_MS,
+            max_request_bytes: 16 << 20,
+            max_response_bytes: 16 << 20,
+            max_log_bytes: 1 << 20,
+        }
+    }
 }
 
 /// One immutable version of a function.

@@ -1,0 +1,165 @@
+//! The node's config file (`node.toml`) and the price list it carries.
+
+use std::path::Path;
+
+use mayfly_store::UsageRow;
+use serde::{Deserialize, Serialize};
+
+/// The node's config file. Every section is optional; unknown keys are
+/// errors that name the key and its line.
+///
+/// ```toml
+/// [prices]
+/// currency = "USD"
+/// per_million_requests = 0.20
+/// per_gb_second = 0.0000166667
+/// per_cpu_second = 0.0
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeFile {
+    /// Prices used to turn usage into cost.
+    pub prices: PriceList,
+}
+
+impl NodeFile {
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a config file's text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let file: NodeFile = toml::from_str(text)?;
+        file.prices.check()?;
+        Ok(file)
+    }
+}
+
+/// What usage costs. The defaults are AWS Lambda's public x86 prices
+/// (USD 0.20 per million requests, USD 0.0000166667 per GB-second of
+/// configured memory); CPU time is not charged by default, because the
+/// GB-second price already covers it on Lambda (set it to bill CPU the way
+/// Workers does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriceList {
+    /// Label of the currency the prices are in.
+    pub currency: String,
+    /// Price of one million invocations.
+    pub per_million_requests: f64,
+    /// Price of one GB-second of configured memory × billed duration.
+    pub per_gb_second: f64,
+    /// Price of one second of CPU time.
+    pub per_cpu_second: f64,
+}
+
+impl Default for PriceList {
+    fn default() -> Self {
+        Self {
+            currency: "USD".into(),
+            per_million_requests: 0.20,
+            per_gb_second: 0.000_016_666_7,
+            per_cpu_second: 0.0,
+        }
+    }
+}
+
+/// The cost of some usage, by what it is charged for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Charge for the number of invocations.
+    pub requests: f64,
+    /// Charge for billed GB-seconds.
+    pub compute: f64,
+    /// Charge for CPU seconds.
+    pub cpu: f64,
+    /// The sum of the above.
+    pub total: f64,
+}
+
+impl PriceList {
+    fn check(&self) -> anyhow::Result<()> {
+        for (name, price) in [
+            ("per_million_requests", self.per_million_requests),
+            ("per_gb_second", self.per_gb_second),
+            ("per_cpu_second", self.per_cpu_second),
+        ] {
+            if !price.is_finite() || price < 0.0 {
+                anyhow::bail!("prices.{name} must be a number of zero or more, not {price}");
+            }
+        }
+        Ok(())
+    }
+
+    /// What `usage` costs under this price list.
+    pub fn cost(&self, usage: &UsageRow) -> Cost {
+        let requests = usage.invocations as f64 / 1e6 * self.per_million_requests;
+        let compute = usage.billed_gb_s * self.per_gb_second;
+        let cpu = usage.cpu_us as f64 / 1e6 * self.per_cpu_second;
+        Cost {
+            requests,
+            compute,
+            cpu,
+            total: requests + compute + cpu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_default_prices() {
+        assert_eq!(NodeFile::parse("").unwrap().prices, PriceList::default());
+    }
+
+    #[test]
+    fn a_misspelled_key_is_named_with_its_line() {
+        let error = NodeFile::parse("[prices]\ncurrency = \"EUR\"\nper_gb_secnd = 1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("per_gb_secnd"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn negative_prices_are_refused() {
+        let error = NodeFile::parse("[prices]\nper_million_requests = -1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("per_million_requests"), "{error}");
+    }
+
+    #[test]
+    fn cost_adds_requests_compute_and_cpu() {
+        let prices = PriceList {
+            currency: "USD".into(),
+            per_million_requests: 0.20,
+            per_gb_second: 0.00001,
+            per_cpu_second: 0.5,
+        };
+        let usage = UsageRow {
+            function: None,
+            version: None,
+            period_start_ms: None,
+            invocations: 2_000_000,
+            errors: 0,
+            outcomes: Default::default(),
+            cold_starts: 0,
+            billed_ms: 0,
+            billed_gb_s: 1000.0,
+            used_gb_s: 0.0,
+            cpu_us: 4_000_000,
+            wall_us: 0,
+        };
+        let cost = prices.cost(&usage);
+        assert!((cost.requests - 0.40).abs() < 1e-12);
+        assert!((cost.compute - 0.01).abs() < 1e-12);
+        assert!((cost.cpu - 2.0).abs() < 1e-12);
+        assert!((cost.total - 2.41).abs() < 1e-12);
+    }
+}

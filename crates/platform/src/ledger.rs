@@ -1,0 +1,174 @@
+//! The usage ledger's writer: invocation records reach the durable store in
+//! batches (group commit), off the request path.
+//!
+//! An invocation's task only queues its record. One writer thread takes
+//! everything queued, commits it in one transaction, and repeats, so under
+//! load each commit (and its fsync) carries many records, and when idle a
+//! record is durable one commit after it was queued. The queue is unbounded
+//! on purpose: a billing record is never dropped, and the writer ingests
+//! records far faster than the gateway can serve requests
+//! (`mayfly_ledger_pending_records` shows any backlog).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mayfly_store::{UsageRecord, UsageStore};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// Records committed per transaction at most.
+const BATCH_RECORDS: usize = 4_096;
+/// How long a shutdown keeps retrying a failing commit before giving up.
+const CLOSE_RETRY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The ledger's own metrics.
+#[derive(Clone, Debug)]
+pub struct LedgerMetrics {
+    /// Records queued but not yet committed.
+    pub pending: Gauge,
+    /// Records committed.
+    pub committed: Counter,
+    /// Time from an invocation's end to its record being committed, for
+    /// the oldest record of each batch: the window a crash could lose.
+    pub commit_delay: Histogram,
+    /// Commits that failed (and were retried).
+    pub failed_commits: Counter,
+}
+
+enum Message {
+    Record(UsageRecord, Instant),
+    /// Commit everything queued before this, stop, and answer.
+    Close(mpsc::SyncSender<()>),
+}
+
+/// The node's queue of usage records and its writer thread.
+pub struct Ledger {
+    queue: mpsc::Sender<Message>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    metrics: LedgerMetrics,
+}
+
+impl Ledger {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: Arc<dyn UsageStore>, metrics: LedgerMetrics) -> std::io::Result<Self> {
+        let (queue, records) = mpsc::channel();
+        let writer_metrics = metrics.clone();
+        let writer = std::thread::Builder::new()
+            .name("mayfly-ledger".into())
+            .spawn(move || write_batches(records, store.as_ref(), &writer_metrics))?;
+        Ok(Self {
+            queue,
+            writer: Mutex::new(Some(writer)),
+            metrics,
+        })
+    }
+
+    /// Queues one invocation's record. Never blocks.
+    pub fn record(&self, record: UsageRecord) {
+        self.metrics.pending.inc();
+        if let Err(mpsc::SendError(message)) =
+            self.queue.send(Message::Record(record, Instant::now()))
+        {
+            self.metrics.pending.dec();
+            if let Message::Record(record, _) = message {
+                tracing::error!(
+                    request_id = %record.request_id,
+                    function = %record.function,
+                    "usage record arrived after the ledger closed; it is not stored"
+                );
+            }
+        }
+    }
+
+    /// Records queued and not yet committed.
+    pub fn pending(&self) -> i64 {
+        self.metrics.pending.get()
+    }
+
+    /// Commits everything queued and stops the writer. Blocks until done:
+    /// call it off the async runtime, after the last invocation ended.
+    pub fn close(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.queue.send(Message::Close(done)).is_ok() {
+            let _ = wait.recv();
+        }
+        crate::logs::join_writer(&self.writer, "ledger");
+    }
+}
+
+fn write_batches(queue: mpsc::Receiver<Message>, store: &dyn UsageStore, metrics: &LedgerMetrics) {
+    let mut batch: Vec<UsageRecord> = Vec::with_capacity(BATCH_RECORDS);
+    loop {
+        let mut oldest = None;
+        let mut close = None;
+        // Block for the first message, then take whatever else is queued.
+        let mut next = queue.recv().ok();
+        while let Some(message) = next.take() {
+            match message {
+                Message::Record(record, queued_at) => {
+                    oldest.get_or_insert(queued_at);
+                    batch.push(record);
+                }
+                Message::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < BATCH_RECORDS {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            commit(store, &batch, close.is_some(), metrics);
+            if let Some(oldest) = oldest {
+                metrics.commit_delay.observe(oldest.elapsed().as_secs_f64());
+            }
+            metrics.pending.dec_by(batch.len() as i64);
+            batch.clear();
+        }
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
+        if oldest.is_none() {
+            // The queue was closed (the ledger was dropped) and is empty.
+            return;
+        }
+    }
+}
+
+/// Commits one batch, retrying while the store fails: billing records are
+/// not dropped for a transient error (disk full, a locked database).
+fn commit(store: &dyn UsageStore, batch: &[UsageRecord], closing: bool, metrics: &LedgerMetrics) {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match store.append_usage(batch) {
+            Ok(new) => {
+                // Records already in the ledger (a retried commit that had
+                // in fact landed) are skipped by the store, never doubled.
+                metrics.committed.inc_by(new as u64);
+                return;
+            }
+            Err(error) => {
+                metrics.failed_commits.inc();
+                if closing && started.elapsed() > CLOSE_RETRY_LIMIT {
+                    tracing::error!(
+                        "giving up on {} usage records at shutdown: {error}",
+                        batch.len()
+                    );
+                    return;
+                }
+                tracing::error!(
+                    "cannot store {} usage records, retrying in {backoff:?}: {error}",
+                    batch.len()
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

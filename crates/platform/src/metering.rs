@@ -1,0 +1,326 @@
+//! Metering: each finished invocation becomes one usage record for the
+//! ledger and updates the node's Prometheus metrics.
+//!
+//! Per-function metric handles are created once at deploy and kept with the
+//! catalog entry, so the request path only touches atomics.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use mayfly_runtime::{InvocationReport, Outcome, ReportSink, RequestLabels};
+use mayfly_store::{UsageRecord, billed_ms};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::ledger::{Ledger, LedgerMetrics};
+
+/// Every outcome, in the order of [`outcome_index`].
+const OUTCOMES: [Outcome; 5] = [
+    Outcome::Ok,
+    Outcome::Error,
+    Outcome::Timeout,
+    Outcome::Oom,
+    Outcome::Killed,
+];
+
+fn outcome_index(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Ok => 0,
+        Outcome::Error => 1,
+        Outcome::Timeout => 2,
+        Outcome::Oom => 3,
+        Outcome::Killed => 4,
+    }
+}
+
+/// The ledger's name for a runtime outcome.
+pub fn ledger_outcome(outcome: Outcome) -> mayfly_store::Outcome {
+    match outcome {
+        Outcome::Ok => mayfly_store::Outcome::Ok,
+        Outcome::Error => mayfly_store::Outcome::Error,
+        Outcome::Timeout => mayfly_store::Outcome::Timeout,
+        Outcome::Oom => mayfly_store::Outcome::Oom,
+        Outcome::Killed => mayfly_store::Outcome::Killed,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabel {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    function: String,
+    outcome: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs to ~105 s in powers of two: covers a hello (sub-millisecond)
+    // to a long timeout.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// The node's metrics, served at `GET /metrics`.
+pub struct Metrics {
+    registry: Registry,
+    invocations: Family<OutcomeLabels, Counter>,
+    duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    cold_starts: Family<FunctionLabel, Counter>,
+    in_flight: Family<FunctionLabel, Gauge>,
+    /// Node-wide counters, also shown by `mayfly status`.
+    pub node: NodeMetrics,
+    /// The ledger writer's metrics.
+    pub ledger: LedgerMetrics,
+}
+
+/// Node-wide counters.
+#[derive(Clone, Debug, Default)]
+pub struct NodeMetrics {
+    /// Components compiled by this process.
+    pub compilations: Counter,
+    /// Deploys and restarts that found the compiled artifact on disk.
+    pub artifact_cache_hits: Counter,
+    /// Invocations started.
+    pub invocations: Counter,
+    /// Invocations that did not end `ok`.
+    pub failed_invocations: Counter,
+    /// Requests refused before a guest ran, because their body was too large.
+    pub requests_too_large: Counter,
+    /// Instances running now.
+    pub instances_in_flight: Gauge,
+    /// Guest log lines dropped because the log writer fell behind.
+    pub log_lines_dropped: Gauge,
+    /// Functions deployed.
+    pub functions: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mayfly");
+        let invocations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "invocations",
+            "Invocations by function and outcome (ok, error, timeout, oom, killed)",
+            invocations.clone(),
+        );
+        let duration: Family<FunctionLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "invocation_duration_seconds",
+            "Wall time of invocations, from start to the end of the response body",
+            duration.clone(),
+        );
+        let cold_starts = Family::<FunctionLabel, Counter>::default();
+        registry.register(
+            "cold_starts",
+            "Invocations that loaded their function from disk first",
+            cold_starts.clone(),
+        );
+        let in_flight = Family::<FunctionLabel, Gauge>::default();
+        registry.register(
+            "function_instances_in_flight",
+            "Instances of each function running now",
+            in_flight.clone(),
+        );
+
+        let node = NodeMetrics::default();
+        registry.register(
+            "compilations",
+            "Components compiled by this process",
+            node.compilations.clone(),
+        );
+        registry.register(
+            "artifact_cache_hits",
+            "Compiled artifacts found on disk instead of compiling",
+            node.artifact_cache_hits.clone(),
+        );
+        registry.register(
+            "node_invocations",
+            "Invocations started on this node",
+            node.invocations.clone(),
+        );
+        registry.register(
+            "node_failed_invocations",
+            "Invocations on this node that did not end ok",
+            node.failed_invocations.clone(),
+        );
+        registry.register(
+            "requests_too_large",
+            "Requests refused with 413 before a guest ran",
+            node.requests_too_large.clone(),
+        );
+        registry.register(
+            "instances_in_flight",
+            "Instances running now on this node",
+            node.instances_in_flight.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Guest log lines dropped because the log writer fell behind",
+            node.log_lines_dropped.clone(),
+        );
+        registry.register("functions", "Functions deployed", node.functions.clone());
+
+        let ledger = LedgerMetrics {
+            pending: Gauge::default(),
+            committed: Counter::default(),
+            commit_delay: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            failed_commits: Counter::default(),
+        };
+        registry.register(
+            "ledger_pending_records",
+            "Usage records waiting to be committed (the ledger's lag)",
+            ledger.pending.clone(),
+        );
+        registry.register(
+            "ledger_records",
+            "Usage records committed to the ledger",
+            ledger.committed.clone(),
+        );
+        registry.register(
+            "ledger_commit_delay_seconds",
+            "Time from an invocation's end to its record being durable (oldest record per commit)",
+            ledger.commit_delay.clone(),
+        );
+        registry.register(
+            "ledger_failed_commits",
+            "Ledger commits that failed and were retried",
+            ledger.failed_commits.clone(),
+        );
+
+        Self {
+            registry,
+            invocations,
+            duration,
+            cold_starts,
+            in_flight,
+            node,
+            ledger,
+        }
+    }
+
+    /// The metric handles of one function, created once per deploy.
+    pub fn function(&self, name: &str) -> FunctionMetrics {
+        let label = FunctionLabel {
+            function: name.to_string(),
+        };
+        FunctionMetrics {
+            invocations: OUTCOMES.map(|outcome| {
+                self.invocations.get_or_create_owned(&OutcomeLabels {
+                    function: name.to_string(),
+                    outcome: ledger_outcome(outcome).as_str().to_string(),
+                })
+            }),
+            duration: self.duration.get_or_create_owned(&label),
+            cold_starts: self.cold_starts.get_or_create_owned(&label),
+            in_flight: self.in_flight.get_or_create_owned(&label),
+            node: self.node.clone(),
+        }
+    }
+
+    /// Stops reporting a deleted function.
+    pub fn remove_function(&self, name: &str) {
+        let label = FunctionLabel {
+            function: name.to_string(),
+        };
+        for outcome in OUTCOMES {
+            self.invocations.remove(&OutcomeLabels {
+                function: name.to_string(),
+                outcome: ledger_outcome(outcome).as_str().to_string(),
+            });
+        }
+        self.duration.remove(&label);
+        self.cold_starts.remove(&label);
+        self.in_flight.remove(&label);
+    }
+
+    /// Every metric in the OpenMetrics text format (which Prometheus reads).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One function's metric handles.
+#[derive(Clone, Debug)]
+pub struct FunctionMetrics {
+    invocations: [Counter; 5],
+    duration: Histogram,
+    cold_starts: Counter,
+    in_flight: Gauge,
+    node: NodeMetrics,
+}
+
+/// Turns one function's invocation reports into usage records and metrics.
+pub struct FunctionMeter {
+    memory_mb: u32,
+    metrics: FunctionMetrics,
+    ledger: Arc<Ledger>,
+}
+
+impl FunctionMeter {
+    /// A meter for a function deployed with `memory_mb` of memory.
+    pub fn new(memory_mb: u32, metrics: FunctionMetrics, ledger: Arc<Ledger>) -> Self {
+        Self {
+            memory_mb,
+            metrics,
+            ledger,
+        }
+    }
+}
+
+impl ReportSink for FunctionMeter {
+    fn started(&self, labels: &RequestLabels) {
+        let metrics = &self.metrics;
+        metrics.node.invocations.inc();
+        metrics.node.instances_in_flight.inc();
+        metrics.in_flight.inc();
+        if labels.cold_start {
+            metrics.cold_starts.inc();
+        }
+    }
+
+    fn finished(&self, labels: &RequestLabels, report: InvocationReport) {
+        let metrics = &self.metrics;
+        metrics.node.instances_in_flight.dec();
+        metrics.in_flight.dec();
+        metrics.invocations[outcome_index(report.outcome)].inc();
+        if report.outcome != Outcome::Ok {
+            metrics.node.failed_invocations.inc();
+        }
+        metrics.duration.observe(report.wall.as_secs_f64());
+
+        let wall_us = u64::try_from(report.wall.as_micros()).unwrap_or(u64::MAX);
+        self.ledger.record(UsageRecord {
+            request_id: labels.request_id.clone(),
+            function: labels.function.clone(),
+            version: labels.version,
+            trigger: labels.trigger.to_string(),
+            start_ms: report
+                .started_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            wall_us,
+            cpu_us: u64::try_from(report.cpu.as_micros()).unwrap_or(u64::MAX),
+            peak_memory_bytes: report.peak_memory_bytes,
+            memory_limit_mb: self.memory_mb,
+            billed_ms: billed_ms(wall_us),
+            outcome: ledger_outcome(report.outcome),
+            cold: labels.cold_start,
+            status: report.status,
+        });
+    }
+}

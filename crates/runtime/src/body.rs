@@ -1,0 +1,141 @@
+//! Request and response bodies cut off at the function's size limits.
+//!
+//! A declared `content-length` over the limit is refused before the guest
+//! runs; these wrappers catch the bodies that do not declare a length (or
+//! stream more than they declared) while they flow.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use wasmtime_wasi_http::Error;
+
+/// What the body wrappers of one invocation observed.
+#[derive(Debug, Default)]
+pub(crate) struct BodyFlags {
+    request_too_large: AtomicBool,
+    response_too_large: AtomicBool,
+}
+
+impl BodyFlags {
+    pub(crate) fn request_too_large(&self) -> bool {
+        self.request_too_large.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn response_too_large(&self) -> bool {
+        self.response_too_large.load(Ordering::Relaxed)
+    }
+}
+
+/// Which direction a [`LimitedBody`] carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Direction {
+    Request,
+    Response,
+}
+
+pin_project_lite::pin_project! {
+    /// A body that fails with the wasi:http size error once more than `max`
+    /// bytes went through it.
+    pub(crate) struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        left: u64,
+        max: u64,
+        direction: Direction,
+        flags: Arc<BodyFlags>,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    pub(crate) fn new(inner: B, max: u64, direction: Direction, flags: Arc<BodyFlags>) -> Self {
+        Self {
+            inner,
+            left: max,
+            max,
+            direction,
+            flags,
+        }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Error>,
+{
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.project();
+        let frame = match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+            None => return Poll::Ready(None),
+        };
+        let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+        if len > *this.left {
+            *this.left = 0;
+            let error = match this.direction {
+                Direction::Request => {
+                    this.flags.request_too_large.store(true, Ordering::Relaxed);
+                    Error::HttpRequestBodySize(Some(*this.max))
+                }
+                Direction::Response => {
+                    this.flags.response_too_large.store(true, Ordering::Relaxed);
+                    Error::HttpResponseBodySize(Some(*this.max))
+                }
+            };
+            return Poll::Ready(Some(Err(error)));
+        }
+        *this.left -= len;
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    async fn collect(bytes: &'static [u8], max: u64) -> (Result<Bytes, Error>, Arc<BodyFlags>) {
+        let flags = Arc::new(BodyFlags::default());
+        let inner =
+            Full::new(Bytes::from_static(bytes)).map_err(|never| -> Error { match never {} });
+        let body = LimitedBody::new(inner, max, Direction::Request, flags.clone());
+        let collected = body.collect().await.map(|c| c.to_bytes());
+        (collected, flags)
+    }
+
+    #[tokio::test]
+    async fn a_body_at_the_limit_passes() {
+        let (bytes, flags) = collect(b"12345", 5).await;
+        let bytes = bytes.unwrap();
+        assert_eq!(&bytes[..], b"12345");
+        assert!(!flags.request_too_large());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_fails_and_is_flagged() {
+        let (bytes, flags) = collect(b"123456", 5).await;
+        let error = bytes.unwrap_err();
+        assert!(matches!(error, Error::HttpRequestBodySize(Some(5))));
+        assert!(flags.request_too_large());
+        assert!(!flags.response_too_large());
+    }
+}

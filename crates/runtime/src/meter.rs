@@ -1,0 +1,181 @@
+//! Measuring one invocation: its linear memory (limit and peak) and the CPU
+//! time its task spends running.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustix::time::{ClockId, clock_gettime};
+use wasmtime::ResourceLimiter;
+
+/// Enforces the function's memory limit over all of an instance's linear
+/// memories together, and remembers the peak and whether a growth was refused.
+///
+/// wasmtime's `StoreLimits` caps each memory on its own and keeps no peak; a
+/// function's memory limit is what all its memories may use together, and
+/// billing needs the peak, so this limiter is written here.
+#[derive(Debug)]
+pub(crate) struct MemoryMeter {
+    limit: usize,
+    current: usize,
+    peak: usize,
+    refused: bool,
+}
+
+impl MemoryMeter {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            current: 0,
+            peak: 0,
+            refused: false,
+        }
+    }
+
+    /// Most linear memory the instance held at once, in bytes.
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
+    }
+
+    /// Whether the guest asked for more memory than its limit allows.
+    pub(crate) fn refused(&self) -> bool {
+        self.refused
+    }
+}
+
+impl ResourceLimiter for MemoryMeter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Called for each memory's initial size too (current = 0), so the
+        // running total covers everything the instance maps.
+        let total = self.current.saturating_sub(current).saturating_add(desired);
+        if total > self.limit || maximum.is_some_and(|max| desired > max) {
+            // Growth fails inside the guest (memory.grow returns -1): the
+            // guest's allocator sees out-of-memory, as on a real machine.
+            self.refused = true;
+            return Ok(false);
+        }
+        self.current = total;
+        self.peak = self.peak.max(total);
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.refused = true;
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+}
+
+/// CPU time consumed by the calling thread so far.
+///
+/// CLOCK_THREAD_CPUTIME_ID counts only time this thread actually ran, so a
+/// guest preempted by the OS or waiting on I/O is not charged for it.
+fn thread_cpu_time() -> Duration {
+    let now = clock_gettime(ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// Runs a future and adds up the thread CPU time spent inside its `poll`.
+    ///
+    /// A guest runs only while its task is polled (wasmtime fibers resume
+    /// inside `poll`), so this is the CPU time of the guest and the host calls
+    /// it made, on whichever worker thread ran each slice.
+    pub(crate) struct CpuMetered<F> {
+        #[pin]
+        inner: F,
+        cpu: Duration,
+    }
+}
+
+impl<F> CpuMetered<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Self {
+            inner,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    /// CPU time spent polling the inner future so far.
+    pub(crate) fn cpu(&self) -> Duration {
+        self.cpu
+    }
+}
+
+impl<F: Future> Future for CpuMetered<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let start = thread_cpu_time();
+        let polled = this.inner.poll(cx);
+        *this.cpu += thread_cpu_time().saturating_sub(start);
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn the_limit_covers_all_memories_together() {
+        let mut meter = MemoryMeter::new(4 * MIB);
+        assert!(meter.memory_growing(0, 2 * MIB, None).unwrap());
+        assert!(meter.memory_growing(0, MIB, None).unwrap());
+        // The first memory grows from 2 to 3 MiB: 4 MiB in all, allowed.
+        assert!(meter.memory_growing(2 * MIB, 3 * MIB, None).unwrap());
+        assert_eq!(meter.peak(), 4 * MIB);
+        assert!(!meter.refused());
+        // One more page of either memory is over the limit.
+        assert!(!meter.memory_growing(MIB, MIB + 65536, None).unwrap());
+        assert!(meter.refused());
+        assert_eq!(meter.peak(), 4 * MIB);
+    }
+
+    #[test]
+    fn a_declared_maximum_is_respected() {
+        let mut meter = MemoryMeter::new(64 * MIB);
+        assert!(!meter.memory_growing(0, 2 * MIB, Some(MIB)).unwrap());
+    }
+
+    #[test]
+    fn cpu_time_of_a_busy_future_is_counted() {
+        let busy = async {
+            let mut x = 0u64;
+            for i in 0..5_000_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+            x
+        };
+        let mut metered = Box::pin(CpuMetered::new(busy));
+        block_on(metered.as_mut());
+        assert!(metered.cpu() > Duration::ZERO);
+    }
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+}

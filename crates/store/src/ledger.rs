@@ -1,0 +1,1049 @@
+//! The usage ledger: one record per invocation, the source of truth for
+//! billing.
+//!
+//! The embedded ledger is its own SQLite database so that billing writes
+//! never queue behind log writes in `mayfly.db`.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+use crate::embedded::{migrate, open_connection};
+use crate::{Result, StoreError};
+
+/// How an invocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler returned.
+    Ok,
+    /// The guest trapped or failed.
+    Error,
+    /// The invocation ran past its time limit.
+    Timeout,
+    /// The guest ran out of its memory limit.
+    Oom,
+    /// The invocation was refused for lack of capacity or quota.
+    Throttled,
+    /// The platform ended the invocation (shutdown, client gone, operator).
+    Killed,
+}
+
+impl Outcome {
+    /// Every outcome, in declaration order.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Ok,
+        Outcome::Error,
+        Outcome::Timeout,
+        Outcome::Oom,
+        Outcome::Throttled,
+        Outcome::Killed,
+    ];
+
+    /// The stored and serialized name: `ok`, `error`, `timeout`, `oom`,
+    /// `throttled` or `killed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Oom => "oom",
+            Outcome::Throttled => "throttled",
+            Outcome::Killed => "killed",
+        }
+    }
+
+    /// The outcome named `text` (as [`Outcome::as_str`] spells it).
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One invocation's usage: one row of the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Unique per invocation (32 hex chars, a time-ordered UUID v7).
+    pub request_id: String,
+    /// Function name.
+    pub function: String,
+    /// Version that ran.
+    pub version: u64,
+    /// What started the invocation: `http`, `invoke`, later `schedule`,
+    /// `queue`, ...
+    pub trigger: String,
+    /// When it started, wall clock, in milliseconds since the Unix epoch.
+    pub start_ms: i64,
+    /// Wall-clock duration in microseconds.
+    pub wall_us: u64,
+    /// CPU time in microseconds.
+    pub cpu_us: u64,
+    /// Peak linear memory of the instance, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Configured memory of the function, in MB.
+    pub memory_limit_mb: u32,
+    /// Billed duration in milliseconds (see [`billed_ms`]).
+    pub billed_ms: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Whether it paid for loading the function (first request after a
+    /// deploy or restart).
+    pub cold: bool,
+    /// HTTP status sent to the client, if any.
+    pub status: Option<u16>,
+}
+
+/// Billed duration: wall time rounded up to the next whole millisecond, at
+/// least 1 ms per invocation (as Lambda bills).
+pub fn billed_ms(wall_us: u64) -> u64 {
+    wall_us.div_ceil(1000).max(1)
+}
+
+/// MB-milliseconds in a GB-second, with binary gigabytes (1 GB = 1024 MB, as
+/// AWS counts GB-s).
+const MB_MS_PER_GB_S: f64 = 1024.0 * 1000.0;
+/// Byte-microseconds in a GB-second (1 GB = 2^30 bytes).
+const BYTE_US_PER_GB_S: f64 = 1_073_741_824.0 * 1_000_000.0;
+
+impl UsageRecord {
+    /// Configured memory × billed duration, in GB-seconds (1 GB = 1024 MB).
+    pub fn billed_gb_s(&self) -> f64 {
+        // The same expression as the ledger's SQL sum, so a summary of one
+        // record equals this exactly.
+        f64::from(self.memory_limit_mb) * self.billed_ms as f64 / MB_MS_PER_GB_S
+    }
+
+    /// Peak memory × wall duration, in GB-seconds (1 GB = 2^30 bytes).
+    pub fn used_gb_s(&self) -> f64 {
+        self.peak_memory_bytes as f64 * self.wall_us as f64 / BYTE_US_PER_GB_S
+    }
+}
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// One row per function.
+    Function,
+    /// One row per function version.
+    Version,
+    /// One row per UTC hour.
+    Hour,
+    /// One row per UTC day.
+    Day,
+}
+
+impl GroupBy {
+    /// The grouping named `text`: `function`, `version`, `hour` or `day`.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Function, Self::Version, Self::Hour, Self::Day]
+            .into_iter()
+            .find(|g| g.as_str() == text)
+    }
+
+    /// The name [`GroupBy::parse`] accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Function => "function",
+            GroupBy::Version => "version",
+            GroupBy::Hour => "hour",
+            GroupBy::Day => "day",
+        }
+    }
+}
+
+/// A usage query: records whose `start_ms` is in `[from_ms, to_ms)`.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// Start of the window, inclusive, in ms since the Unix epoch.
+    pub from_ms: i64,
+    /// End of the window, exclusive, in ms since the Unix epoch.
+    pub to_ms: i64,
+    /// How rows are grouped.
+    pub group_by: GroupBy,
+    /// Only this function's records, if set.
+    pub function: Option<String>,
+}
+
+/// Counts per outcome (serialized as a JSON object with all six keys).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeCounts {
+    /// Invocations that returned.
+    pub ok: u64,
+    /// Invocations that failed.
+    pub error: u64,
+    /// Invocations that timed out.
+    pub timeout: u64,
+    /// Invocations that ran out of memory.
+    pub oom: u64,
+    /// Invocations refused for capacity or quota.
+    pub throttled: u64,
+    /// Invocations the platform ended.
+    pub killed: u64,
+}
+
+impl OutcomeCounts {
+    /// The count for `outcome`.
+    pub fn get(&self, outcome: Outcome) -> u64 {
+        match outcome {
+            Outcome::Ok => self.ok,
+            Outcome::Error => self.error,
+            Outcome::Timeout => self.timeout,
+            Outcome::Oom => self.oom,
+            Outcome::Throttled => self.throttled,
+            Outcome::Killed => self.killed,
+        }
+    }
+
+    fn slot(&mut self, outcome: Outcome) -> &mut u64 {
+        match outcome {
+            Outcome::Ok => &mut self.ok,
+            Outcome::Error => &mut self.error,
+            Outcome::Timeout => &mut self.timeout,
+            Outcome::Oom => &mut self.oom,
+            Outcome::Throttled => &mut self.throttled,
+            Outcome::Killed => &mut self.killed,
+        }
+    }
+}
+
+/// Usage of one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The function, for [`GroupBy::Function`] and [`GroupBy::Version`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// The version, for [`GroupBy::Version`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Start of the UTC hour or day, for [`GroupBy::Hour`] and
+    /// [`GroupBy::Day`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_start_ms: Option<i64>,
+    /// Number of invocations.
+    pub invocations: u64,
+    /// Invocations whose outcome is not [`Outcome::Ok`].
+    pub errors: u64,
+    /// Invocations per outcome.
+    pub outcomes: OutcomeCounts,
+    /// Invocations that started cold.
+    pub cold_starts: u64,
+    /// Sum of billed milliseconds.
+    pub billed_ms: u64,
+    /// Sum of [`UsageRecord::billed_gb_s`].
+    pub billed_gb_s: f64,
+    /// Sum of [`UsageRecord::used_gb_s`].
+    pub used_gb_s: f64,
+    /// Sum of CPU microseconds.
+    pub cpu_us: u64,
+    /// Sum of wall-clock microseconds.
+    pub wall_us: u64,
+}
+
+impl UsageRow {
+    /// Adds `other`'s counts and sums into this row (for totals); the group
+    /// keys are left as they are.
+    pub fn add(&mut self, other: &UsageRow) {
+        self.invocations += other.invocations;
+        self.errors += other.errors;
+        for outcome in Outcome::ALL {
+            *self.outcomes.slot(outcome) += other.outcomes.get(outcome);
+        }
+        self.cold_starts += other.cold_starts;
+        self.billed_ms = self.billed_ms.saturating_add(other.billed_ms);
+        self.billed_gb_s += other.billed_gb_s;
+        self.used_gb_s += other.used_gb_s;
+        self.cpu_us = self.cpu_us.saturating_add(other.cpu_us);
+        self.wall_us = self.wall_us.saturating_add(other.wall_us);
+    }
+}
+
+/// A stored record with its position in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredUsage {
+    /// Position in the ledger: increases with every record appended.
+    pub seq: i64,
+    /// The record.
+    #[serde(flatten)]
+    pub record: UsageRecord,
+}
+
+/// The usage ledger: the source of truth for billing.
+///
+/// Appended in batches by one background writer (group commit), never per
+/// request.
+pub trait UsageStore: Send + Sync {
+    /// Appends records in one transaction. A record whose request id is
+    /// already in the ledger is skipped, so a record can never be counted
+    /// twice. Returns how many were new.
+    fn append_usage(&self, records: &[UsageRecord]) -> Result<usize>;
+
+    /// Usage in the query's window, grouped; rows ordered by group key
+    /// (function, version, or period).
+    fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+
+    /// Records with `seq > after_seq`, oldest first, at most `limit`,
+    /// optionally for one function.
+    fn usage_records(
+        &self,
+        function: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredUsage>>;
+
+    /// How many records the ledger holds.
+    fn usage_count(&self) -> Result<u64>;
+}
+
+/// Ledger schema migrations, applied in order; `PRAGMA user_version` of
+/// `ledger.db` counts them. Append only: never edit a migration that has
+/// shipped.
+const LEDGER_MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE usage (
+        seq               INTEGER PRIMARY KEY,
+        request_id        TEXT NOT NULL UNIQUE,
+        function          TEXT NOT NULL,
+        version           INTEGER NOT NULL,
+        trigger           TEXT NOT NULL,
+        start_ms          INTEGER NOT NULL,
+        wall_us           INTEGER NOT NULL,
+        cpu_us            INTEGER NOT NULL,
+        peak_memory_bytes INTEGER NOT NULL,
+        memory_limit_mb   INTEGER NOT NULL,
+        billed_ms         INTEGER NOT NULL,
+        outcome           TEXT NOT NULL,
+        cold              INTEGER NOT NULL,
+        status            INTEGER
+    ) STRICT;
+    -- Summaries scan a time window; listings page one function by seq.
+    CREATE INDEX usage_by_start ON usage (start_ms);
+    CREATE INDEX usage_by_function ON usage (function, seq);
+"#];
+
+/// The embedded ledger: its own SQLite database file (e.g.
+/// `<data dir>/ledger.db`), separate from the metadata and log database so
+/// billing writes never queue behind log writes.
+pub struct EmbeddedLedger {
+    conn: Mutex<Connection>,
+}
+
+impl EmbeddedLedger {
+    /// Opens or creates the ledger at `path` and brings its schema up to
+    /// date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = open_connection(path)?;
+        migrate(&conn, LEDGER_MIGRATIONS)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done append: it
+        // runs in a transaction that rolls back on drop.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// SQLite integers are i64; the rare u64 above `i64::MAX` is stored as
+/// `i64::MAX` rather than failing the whole batch.
+fn to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Reads back an integer column, clamping values outside `T` (possible only
+/// if the file was edited) instead of failing or panicking.
+fn saturate<T: TryFrom<i64> + Default>(value: i64, max: T) -> T {
+    T::try_from(value).unwrap_or(if value < 0 { T::default() } else { max })
+}
+
+/// `TOTAL()` sums are floating point so they cannot overflow; they are exact
+/// below 2^53 (285 years of wall time in microseconds, per group). The cast
+/// saturates, and a NaN (impossible from integer sums) would read as 0.
+fn total_to_u64(total: f64) -> u64 {
+    total as u64
+}
+
+const RECORD_COLUMNS: &str = "seq, request_id, function, version, trigger, start_ms, wall_us, \
+     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status";
+
+fn read_records(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredUsage>> {
+    let mut records = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        let outcome: String = row.get(11)?;
+        let outcome = Outcome::parse(&outcome).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "usage record {seq} has unknown outcome `{outcome}`"
+            ))
+        })?;
+        records.push(StoredUsage {
+            seq,
+            record: UsageRecord {
+                request_id: row.get(1)?,
+                function: row.get(2)?,
+                version: saturate(row.get(3)?, u64::MAX),
+                trigger: row.get(4)?,
+                start_ms: row.get(5)?,
+                wall_us: saturate(row.get(6)?, u64::MAX),
+                cpu_us: saturate(row.get(7)?, u64::MAX),
+                peak_memory_bytes: saturate(row.get(8)?, u64::MAX),
+                memory_limit_mb: saturate(row.get(9)?, u32::MAX),
+                billed_ms: saturate(row.get(10)?, u64::MAX),
+                outcome,
+                cold: row.get(12)?,
+                status: row
+                    .get::<_, Option<i64>>(13)?
+                    .map(|s| saturate(s, u16::MAX)),
+            },
+        });
+    }
+    Ok(records)
+}
+
+/// Start of the period of length `ms` holding `start_ms`, rounded towards
+/// minus infinity so times before 1970 land in the right period too.
+fn period_sql(ms: i64) -> String {
+    format!("start_ms - ((start_ms % {ms}) + {ms}) % {ms}")
+}
+
+/// The summary query for `group_by`, optionally filtered by function (as
+/// `?3`). Columns: function, version, period, invocations, cold starts,
+/// billed ms, billed GB-s, used GB-s, cpu µs, wall µs, then one count per
+/// outcome in [`Outcome::ALL`] order.
+fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
+    let (keys, group) = match group_by {
+        GroupBy::Function => ("function, NULL, NULL".to_string(), "function"),
+        GroupBy::Version => ("function, version, NULL".to_string(), "function, version"),
+        GroupBy::Hour => (
+            format!("NULL, NULL, {} AS period", period_sql(3_600_000)),
+            "period",
+        ),
+        GroupBy::Day => (
+            format!("NULL, NULL, {} AS period", period_sql(86_400_000)),
+            "period",
+        ),
+    };
+    let outcomes: String = Outcome::ALL
+        .iter()
+        .map(|o| format!(", SUM(outcome = '{}')", o.as_str()))
+        .collect();
+    let filter = if by_function {
+        " AND function = ?3"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT {keys}, COUNT(*), SUM(cold), TOTAL(billed_ms), \
+             TOTAL(CAST(memory_limit_mb AS REAL) * billed_ms) / {MB_MS_PER_GB_S:.1}, \
+             TOTAL(CAST(peak_memory_bytes AS REAL) * wall_us) / {BYTE_US_PER_GB_S:.1}, \
+             TOTAL(cpu_us), TOTAL(wall_us){outcomes} \
+         FROM usage WHERE start_ms >= ?1 AND start_ms < ?2{filter} \
+         GROUP BY {group} ORDER BY {group}"
+    )
+}
+
+fn summary_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    let mut outcomes = OutcomeCounts::default();
+    for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+        *outcomes.slot(outcome) = saturate(row.get(10 + i)?, u64::MAX);
+    }
+    let invocations: u64 = saturate(row.get(3)?, u64::MAX);
+    Ok(UsageRow {
+        function: row.get(0)?,
+        version: row.get::<_, Option<i64>>(1)?.map(|v| saturate(v, u64::MAX)),
+        period_start_ms: row.get(2)?,
+        invocations,
+        errors: invocations.saturating_sub(outcomes.ok),
+        outcomes,
+        cold_starts: saturate(row.get(4)?, u64::MAX),
+        billed_ms: total_to_u64(row.get(5)?),
+        billed_gb_s: row.get(6)?,
+        used_gb_s: row.get(7)?,
+        cpu_us: total_to_u64(row.get(8)?),
+        wall_us: total_to_u64(row.get(9)?),
+    })
+}
+
+impl UsageStore for EmbeddedLedger {
+    fn append_usage(&self, records: &[UsageRecord]) -> Result<usize> {
+        if records.is_empty() {
+            // Nothing to commit: skip the transaction and its fsync.
+            return Ok(0);
+        }
+        let mut conn = self.conn();
+        // IMMEDIATE takes the write lock up front, so a concurrent writer
+        // (another process) waits on busy_timeout instead of failing the
+        // upgrade from a read transaction.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut inserted = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO usage (request_id, function, version, trigger, start_ms, wall_us, \
+                     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 ON CONFLICT (request_id) DO NOTHING",
+            )?;
+            for r in records {
+                inserted += stmt.execute(params![
+                    r.request_id,
+                    r.function,
+                    to_sql(r.version),
+                    r.trigger,
+                    r.start_ms,
+                    to_sql(r.wall_us),
+                    to_sql(r.cpu_us),
+                    to_sql(r.peak_memory_bytes),
+                    r.memory_limit_mb,
+                    to_sql(r.billed_ms),
+                    r.outcome.as_str(),
+                    r.cold,
+                    r.status,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let conn = self.conn();
+        let sql = summary_sql(query.group_by, query.function.is_some());
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows: Vec<UsageRow> = match &query.function {
+            Some(function) => stmt
+                .query_map(params![query.from_ms, query.to_ms, function], summary_row)?
+                .collect::<rusqlite::Result<_>>()?,
+            None => stmt
+                .query_map(params![query.from_ms, query.to_ms], summary_row)?
+                .collect::<rusqlite::Result<_>>()?,
+        };
+        // Every record counts towards exactly one outcome unless its stored
+        // outcome is not one this binary knows.
+        for row in &rows {
+            let counted: u64 = Outcome::ALL.iter().map(|&o| row.outcomes.get(o)).sum();
+            if counted != row.invocations {
+                return Err(StoreError::Corrupt(format!(
+                    "{} usage record(s) in the window have an unknown outcome",
+                    row.invocations.saturating_sub(counted)
+                )));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn usage_records(
+        &self,
+        function: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredUsage>> {
+        let conn = self.conn();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match function {
+            Some(function) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM usage WHERE function = ?1 AND seq > ?2 \
+                     ORDER BY seq LIMIT ?3"
+                ))?;
+                read_records(stmt.query(params![function, after_seq, limit])?)
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM usage WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))?;
+                read_records(stmt.query(params![after_seq, limit])?)
+            }
+        }
+    }
+
+    fn usage_count(&self) -> Result<u64> {
+        let conn = self.conn();
+        let count: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM usage")?
+            .query_row([], |row| row.get(0))?;
+        Ok(saturate(count, u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 86_400_000;
+    /// 2025-01-01T00:00:00Z.
+    const T0: i64 = 1_735_689_600_000;
+
+    fn ledger() -> (tempfile::TempDir, EmbeddedLedger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(&dir.path().join("ledger.db")).unwrap();
+        (dir, ledger)
+    }
+
+    fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
+        UsageRecord {
+            request_id: format!("{id:032x}"),
+            function: function.into(),
+            version,
+            trigger: "http".into(),
+            start_ms,
+            wall_us: 1_500,
+            cpu_us: 700,
+            peak_memory_bytes: 1 << 20,
+            memory_limit_mb: 128,
+            billed_ms: billed_ms(1_500),
+            outcome: Outcome::Ok,
+            cold: false,
+            status: Some(200),
+        }
+    }
+
+    fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
+        UsageQuery {
+            from_ms,
+            to_ms,
+            group_by,
+            function: None,
+        }
+    }
+
+    /// Five records over two functions, two versions, two hours and two days.
+    fn fixture() -> Vec<UsageRecord> {
+        let mut a1 = record(1, "a", 1, T0);
+        a1.cold = true;
+        let mut a2 = record(2, "a", 2, T0 + HOUR - 1);
+        a2.outcome = Outcome::Timeout;
+        a2.status = Some(504);
+        a2.wall_us = 10_000_000;
+        a2.billed_ms = billed_ms(a2.wall_us);
+        let a3 = record(3, "a", 2, T0 + HOUR);
+        let mut b1 = record(4, "b", 1, T0 + 2 * HOUR);
+        b1.outcome = Outcome::Error;
+        b1.status = None;
+        b1.memory_limit_mb = 1024;
+        b1.cold = true;
+        let b2 = record(5, "b", 1, T0 + DAY);
+        vec![a1, a2, a3, b1, b2]
+    }
+
+    fn fixture_ledger() -> (tempfile::TempDir, EmbeddedLedger, Vec<UsageRecord>) {
+        let (dir, ledger) = ledger();
+        let records = fixture();
+        assert_eq!(ledger.append_usage(&records).unwrap(), records.len());
+        (dir, ledger, records)
+    }
+
+    /// Sums of `records` as a summary row with the given key.
+    fn expected(records: &[&UsageRecord]) -> UsageRow {
+        let mut outcomes = OutcomeCounts::default();
+        for r in records {
+            *outcomes.slot(r.outcome) += 1;
+        }
+        UsageRow {
+            function: None,
+            version: None,
+            period_start_ms: None,
+            invocations: records.len() as u64,
+            errors: records.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64,
+            outcomes,
+            cold_starts: records.iter().filter(|r| r.cold).count() as u64,
+            billed_ms: records.iter().map(|r| r.billed_ms).sum(),
+            billed_gb_s: records.iter().map(|r| r.billed_gb_s()).sum(),
+            used_gb_s: records.iter().map(|r| r.used_gb_s()).sum(),
+            cpu_us: records.iter().map(|r| r.cpu_us).sum(),
+            wall_us: records.iter().map(|r| r.wall_us).sum(),
+        }
+    }
+
+    /// Compares rows, allowing floating-point rounding in the GB-s sums.
+    fn assert_rows(actual: &[UsageRow], expected: &[UsageRow]) {
+        assert_eq!(actual.len(), expected.len(), "{actual:#?}");
+        for (a, e) in actual.iter().zip(expected) {
+            assert!(
+                (a.billed_gb_s - e.billed_gb_s).abs() < 1e-12,
+                "{a:?} vs {e:?}"
+            );
+            assert!((a.used_gb_s - e.used_gb_s).abs() < 1e-12, "{a:?} vs {e:?}");
+            let strip = |r: &UsageRow| UsageRow {
+                billed_gb_s: 0.0,
+                used_gb_s: 0.0,
+                ..r.clone()
+            };
+            assert_eq!(strip(a), strip(e));
+        }
+    }
+
+    #[test]
+    fn billed_ms_rounds_up_to_whole_milliseconds_at_least_one() {
+        assert_eq!(billed_ms(0), 1);
+        assert_eq!(billed_ms(1), 1);
+        assert_eq!(billed_ms(999), 1);
+        assert_eq!(billed_ms(1_000), 1);
+        assert_eq!(billed_ms(1_001), 2);
+        assert_eq!(billed_ms(1_999), 2);
+        assert_eq!(billed_ms(2_000), 2);
+        assert_eq!(billed_ms(900_000_000), 900_000);
+        assert_eq!(billed_ms(u64::MAX), u64::MAX / 1000 + 1);
+    }
+
+    #[test]
+    fn gb_seconds_use_binary_gigabytes() {
+        let mut r = record(1, "f", 1, T0);
+        r.memory_limit_mb = 128;
+        r.billed_ms = 1;
+        assert_eq!(r.billed_gb_s(), 0.000125);
+        r.memory_limit_mb = 1024;
+        r.billed_ms = 1_000;
+        assert_eq!(r.billed_gb_s(), 1.0);
+        r.peak_memory_bytes = 1 << 30;
+        r.wall_us = 1_000_000;
+        assert_eq!(r.used_gb_s(), 1.0);
+        r.peak_memory_bytes = 64 << 20;
+        r.wall_us = 500_000;
+        assert_eq!(r.used_gb_s(), 1.0 / 32.0);
+        r.peak_memory_bytes = 0;
+        assert_eq!(r.used_gb_s(), 0.0);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for outcome in Outcome::ALL {
+            assert_eq!(Outcome::parse(outcome.as_str()), Some(outcome));
+            assert_eq!(
+                serde_json::to_string(&outcome).unwrap(),
+                format!("\"{}\"", outcome.as_str())
+            );
+        }
+        assert_eq!(Outcome::parse("OK"), None);
+        for group in [
+            GroupBy::Function,
+            GroupBy::Version,
+            GroupBy::Hour,
+            GroupBy::Day,
+        ] {
+            assert_eq!(GroupBy::parse(group.as_str()), Some(group));
+            assert_eq!(
+                serde_json::to_string(&group).unwrap(),
+                format!("\"{}\"", group.as_str())
+            );
+        }
+        assert_eq!(GroupBy::parse("week"), None);
+    }
+
+    #[test]
+    fn json_shape() {
+        let row = expected(&[&record(1, "f", 1, T0)]);
+        let json = serde_json::to_value(UsageRow {
+            function: Some("f".into()),
+            ..row
+        })
+        .unwrap();
+        assert_eq!(json["function"], "f");
+        assert!(json.get("version").is_none());
+        assert!(json.get("period_start_ms").is_none());
+        let outcomes = json["outcomes"].as_object().unwrap();
+        assert_eq!(outcomes.len(), 6);
+        assert_eq!(outcomes["ok"], 1);
+        assert_eq!(outcomes["throttled"], 0);
+
+        let stored = StoredUsage {
+            seq: 7,
+            record: record(1, "f", 1, T0),
+        };
+        let json = serde_json::to_value(&stored).unwrap();
+        assert_eq!(json["seq"], 7);
+        assert_eq!(json["function"], "f");
+        assert_eq!(json["outcome"], "ok");
+        let back: StoredUsage = serde_json::from_value(json).unwrap();
+        assert_eq!(back, stored);
+    }
+
+    #[test]
+    fn appending_a_batch_twice_counts_it_once() {
+        let (_dir, ledger) = ledger();
+        assert_eq!(ledger.append_usage(&[]).unwrap(), 0);
+        let batch = fixture();
+        assert_eq!(ledger.append_usage(&batch).unwrap(), 5);
+        assert_eq!(ledger.append_usage(&batch).unwrap(), 0);
+        assert_eq!(ledger.usage_count().unwrap(), 5);
+
+        // A batch mixing known and new ids keeps only the new ones, and a
+        // duplicate inside one batch counts once; the first copy wins.
+        let mut changed = batch[0].clone();
+        changed.wall_us = 99;
+        let new = record(6, "c", 1, T0);
+        let inserted = ledger
+            .append_usage(&[changed, new.clone(), new.clone()])
+            .unwrap();
+        assert_eq!(inserted, 1);
+        assert_eq!(ledger.usage_count().unwrap(), 6);
+        let stored = ledger.usage_records(None, 0, 10).unwrap();
+        assert_eq!(stored[0].record, batch[0]);
+        assert_eq!(stored[5].record, new);
+    }
+
+    #[test]
+    fn summary_by_function() {
+        let (_dir, ledger, r) = fixture_ledger();
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Function, T0, T0 + 2 * DAY))
+            .unwrap();
+        let with = |function: &str, row: UsageRow| UsageRow {
+            function: Some(function.into()),
+            ..row
+        };
+        assert_rows(
+            &rows,
+            &[
+                with("a", expected(&[&r[0], &r[1], &r[2]])),
+                with("b", expected(&[&r[3], &r[4]])),
+            ],
+        );
+        // Spot-check the expectation itself, not just the two sums.
+        let a = &rows[0];
+        assert_eq!(a.invocations, 3);
+        assert_eq!(a.errors, 1);
+        assert_eq!(a.outcomes.timeout, 1);
+        assert_eq!(a.outcomes.ok, 2);
+        assert_eq!(a.cold_starts, 1);
+        assert_eq!(a.billed_ms, 2 + 10_000 + 2);
+        assert_eq!(a.wall_us, 1_500 + 10_000_000 + 1_500);
+        assert_eq!(a.cpu_us, 2_100);
+        assert!((a.billed_gb_s - 128.0 * 10_004.0 / 1_024_000.0).abs() < 1e-12);
+        let b = &rows[1];
+        assert_eq!(b.outcomes.error, 1);
+        assert_eq!(b.errors, 1);
+        assert!((b.billed_gb_s - (1024.0 * 2.0 + 128.0 * 2.0) / 1_024_000.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn summary_by_version() {
+        let (_dir, ledger, r) = fixture_ledger();
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Version, T0, T0 + 2 * DAY))
+            .unwrap();
+        let with = |function: &str, version: u64, row: UsageRow| UsageRow {
+            function: Some(function.into()),
+            version: Some(version),
+            ..row
+        };
+        assert_rows(
+            &rows,
+            &[
+                with("a", 1, expected(&[&r[0]])),
+                with("a", 2, expected(&[&r[1], &r[2]])),
+                with("b", 1, expected(&[&r[3], &r[4]])),
+            ],
+        );
+    }
+
+    #[test]
+    fn summary_by_hour_and_day() {
+        let (_dir, ledger, r) = fixture_ledger();
+        let at = |period: i64, row: UsageRow| UsageRow {
+            period_start_ms: Some(period),
+            ..row
+        };
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Hour, T0, T0 + 2 * DAY))
+            .unwrap();
+        assert_rows(
+            &rows,
+            &[
+                at(T0, expected(&[&r[0], &r[1]])),
+                at(T0 + HOUR, expected(&[&r[2]])),
+                at(T0 + 2 * HOUR, expected(&[&r[3]])),
+                at(T0 + DAY, expected(&[&r[4]])),
+            ],
+        );
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Day, T0, T0 + 2 * DAY))
+            .unwrap();
+        assert_rows(
+            &rows,
+            &[
+                at(T0, expected(&[&r[0], &r[1], &r[2], &r[3]])),
+                at(T0 + DAY, expected(&[&r[4]])),
+            ],
+        );
+    }
+
+    #[test]
+    fn summary_window_is_from_inclusive_to_exclusive() {
+        let (_dir, ledger, r) = fixture_ledger();
+        // [T0 + HOUR - 1, T0 + DAY) holds a2, a3 and b1, not a1 (before) nor
+        // b2 (exactly at the end).
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Day, T0 + HOUR - 1, T0 + DAY))
+            .unwrap();
+        assert_rows(
+            &rows,
+            &[UsageRow {
+                period_start_ms: Some(T0),
+                ..expected(&[&r[1], &r[2], &r[3]])
+            }],
+        );
+        let empty = query(GroupBy::Function, T0 + 3 * HOUR, T0 + DAY);
+        assert!(ledger.usage_summary(&empty).unwrap().is_empty());
+        let inverted = query(GroupBy::Function, T0 + DAY, T0);
+        assert!(ledger.usage_summary(&inverted).unwrap().is_empty());
+    }
+
+    #[test]
+    fn summary_for_one_function() {
+        let (_dir, ledger, r) = fixture_ledger();
+        for group_by in [GroupBy::Function, GroupBy::Day] {
+            let rows = ledger
+                .usage_summary(&UsageQuery {
+                    function: Some("b".into()),
+                    ..query(group_by, T0, T0 + DAY)
+                })
+                .unwrap();
+            let row = expected(&[&r[3]]);
+            let row = match group_by {
+                GroupBy::Function => UsageRow {
+                    function: Some("b".into()),
+                    ..row
+                },
+                _ => UsageRow {
+                    period_start_ms: Some(T0),
+                    ..row
+                },
+            };
+            assert_rows(&rows, &[row]);
+        }
+    }
+
+    #[test]
+    fn periods_before_1970_round_down() {
+        let (_dir, ledger) = ledger();
+        ledger
+            .append_usage(&[record(1, "f", 1, -1), record(2, "f", 1, 0)])
+            .unwrap();
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Hour, -DAY, DAY))
+            .unwrap();
+        let periods: Vec<_> = rows.iter().map(|r| r.period_start_ms).collect();
+        assert_eq!(periods, [Some(-HOUR), Some(0)]);
+    }
+
+    #[test]
+    fn records_page_by_seq_and_filter_by_function() {
+        let (_dir, ledger, r) = fixture_ledger();
+        let first = ledger.usage_records(None, 0, 2).unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].record, r[0]);
+        assert_eq!(first[1].record, r[1]);
+        assert!(first[0].seq < first[1].seq);
+        let rest = ledger.usage_records(None, first[1].seq, 10).unwrap();
+        let rest: Vec<_> = rest.into_iter().map(|s| s.record).collect();
+        assert_eq!(rest, r[2..]);
+        assert!(ledger.usage_records(None, 0, 0).unwrap().is_empty());
+
+        let b = ledger.usage_records(Some("b"), 0, 1).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].record, r[3]);
+        let b = ledger.usage_records(Some("b"), b[0].seq, 10).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].record, r[4]);
+        assert!(
+            ledger
+                .usage_records(Some("b"), b[0].seq, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(ledger.usage_records(Some("zzz"), 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reopening_keeps_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let records = fixture();
+        {
+            let ledger = EmbeddedLedger::open(&path).unwrap();
+            ledger.append_usage(&records).unwrap();
+        }
+        let ledger = EmbeddedLedger::open(&path).unwrap();
+        assert_eq!(ledger.usage_count().unwrap(), 5);
+        // The unique request id survives too.
+        assert_eq!(ledger.append_usage(&records).unwrap(), 0);
+        let stored: Vec<_> = ledger
+            .usage_records(None, 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.record)
+            .collect();
+        assert_eq!(stored, records);
+    }
+
+    #[test]
+    fn huge_values_are_clamped_not_fatal() {
+        let (_dir, ledger) = ledger();
+        let mut big = record(1, "f", u64::MAX, T0);
+        big.wall_us = u64::MAX;
+        big.cpu_us = u64::MAX;
+        big.peak_memory_bytes = u64::MAX;
+        big.billed_ms = billed_ms(u64::MAX);
+        big.memory_limit_mb = u32::MAX;
+        let mut big2 = big.clone();
+        big2.request_id = format!("{:032x}", 2);
+        assert_eq!(ledger.append_usage(&[big, big2]).unwrap(), 2);
+
+        let stored = ledger.usage_records(None, 0, 10).unwrap();
+        assert_eq!(stored[0].record.wall_us, i64::MAX as u64);
+        assert_eq!(stored[0].record.version, i64::MAX as u64);
+        assert_eq!(stored[0].record.memory_limit_mb, u32::MAX);
+        // Sums of two i64::MAX values would overflow an integer SUM.
+        let rows = ledger
+            .usage_summary(&query(GroupBy::Function, T0, T0 + 1))
+            .unwrap();
+        assert_eq!(rows[0].invocations, 2);
+        assert!(rows[0].wall_us >= i64::MAX as u64);
+        assert!(rows[0].used_gb_s.is_finite());
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_corrupt() {
+        let (dir, ledger, _) = fixture_ledger();
+        let raw = Connection::open(dir.path().join("ledger.db")).unwrap();
+        raw.execute(
+            "UPDATE usage SET outcome = 'vanished' WHERE function = 'b'",
+            [],
+        )
+        .unwrap();
+        let err = ledger.usage_records(Some("b"), 0, 10).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt(ref m) if m.contains("vanished")),
+            "{err}"
+        );
+        let err = ledger
+            .usage_summary(&query(GroupBy::Function, T0, T0 + 2 * DAY))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        // Records with known outcomes still read.
+        assert_eq!(ledger.usage_records(Some("a"), 0, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(EmbeddedLedger::open(&path).unwrap());
+        let raw = Connection::open(&path).unwrap();
+        raw.pragma_update(None, "user_version", 99).unwrap();
+        drop(raw);
+        assert!(matches!(
+            EmbeddedLedger::open(&path),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}
