@@ -37,6 +37,64 @@ pub(crate) enum Direction {
     Response,
 }
 
+impl Direction {
+    fn error(self, max: u64) -> Error {
+        match self {
+            Direction::Request => Error::HttpRequestBodySize(Some(max)),
+            Direction::Response => Error::HttpResponseBodySize(Some(max)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body as the guest reads it: streamed from the client, or
+    /// already buffered by the host.
+    #[project = RequestBodyProjection]
+    pub(crate) enum RequestBody<B> {
+        Streaming { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Error>,
+{
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.project() {
+            RequestBodyProjection::Streaming { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            RequestBodyProjection::Buffered { data } => {
+                Poll::Ready(data.take().map(|data| Ok(Frame::data(data))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming { body } => body.is_end_stream(),
+            RequestBody::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming { body } => body.size_hint(),
+            RequestBody::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A body that fails with the wasi:http size error once more than `max`
     /// bytes went through it.
@@ -45,6 +103,7 @@ pin_project_lite::pin_project! {
         inner: B,
         left: u64,
         max: u64,
+        exceeded: bool,
         direction: Direction,
         flags: Arc<BodyFlags>,
     }
@@ -56,6 +115,7 @@ impl<B> LimitedBody<B> {
             inner,
             left: max,
             max,
+            exceeded: false,
             direction,
             flags,
         }
@@ -75,6 +135,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.project();
+        if *this.exceeded {
+            return Poll::Ready(Some(Err(this.direction.error(*this.max))));
+        }
         let frame = match ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
@@ -82,18 +145,20 @@ where
         };
         let len = frame.data_ref().map_or(0, |data| data.len() as u64);
         if len > *this.left {
-            *this.left = 0;
-            let error = match this.direction {
-                Direction::Request => {
-                    this.flags.request_too_large.store(true, Ordering::Relaxed);
-                    Error::HttpRequestBodySize(Some(*this.max))
-                }
-                Direction::Response => {
-                    this.flags.response_too_large.store(true, Ordering::Relaxed);
-                    Error::HttpResponseBodySize(Some(*this.max))
-                }
-            };
-            return Poll::Ready(Some(Err(error)));
+            // Deliver exactly up to the limit, then fail on the next poll.
+            *this.exceeded = true;
+            match this.direction {
+                Direction::Request => this.flags.request_too_large.store(true, Ordering::Relaxed),
+                Direction::Response => this.flags.response_too_large.store(true, Ordering::Relaxed),
+            }
+            let left = std::mem::take(this.left) as usize;
+            if let Ok(mut data) = frame.into_data()
+                && left > 0
+            {
+                data.truncate(left);
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            return Poll::Ready(Some(Err(this.direction.error(*this.max))));
         }
         *this.left -= len;
         Poll::Ready(Some(Ok(frame)))
@@ -137,5 +202,17 @@ mod tests {
         assert!(matches!(error, Error::HttpRequestBodySize(Some(5))));
         assert!(flags.request_too_large());
         assert!(!flags.response_too_large());
+    }
+
+    #[tokio::test]
+    async fn exactly_the_limit_is_delivered_before_the_error() {
+        let flags = Arc::new(BodyFlags::default());
+        let inner =
+            Full::new(Bytes::from_static(b"123456")).map_err(|never| -> Error { match never {} });
+        let mut body = LimitedBody::new(inner, 4, Direction::Response, flags.clone());
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"1234");
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(flags.response_too_large());
     }
 }

@@ -16,7 +16,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::body::{BodyFlags, Direction, LimitedBody};
+use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
 use crate::outbound::DenyAllOutbound;
@@ -239,9 +239,7 @@ impl Function {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        if declared_length(request.headers()).is_some_and(|len| len > limits.max_request_bytes) {
-            return Err(InvocationError::RequestTooLarge(limits.max_request_bytes));
-        }
+        let request = admit_request(request, limits.max_request_bytes).await?;
         let started_at = SystemTime::now();
         let started = Instant::now();
         let flags = Arc::new(BodyFlags::default());
@@ -473,6 +471,47 @@ impl GuestRun {
         let _ = tx.send(answer);
         (Some(status.as_u16()), failed)
     }
+}
+
+/// Refuses a request whose body is over `max` before any guest runs. A body
+/// of unknown length (chunked) is read into memory first, up to `max`, so it
+/// gets the same 413 instead of failing inside a guest that may already have
+/// answered; a body of declared length streams to the guest as it arrives.
+async fn admit_request<B>(
+    request: http::Request<B>,
+    max: u64,
+) -> Result<http::Request<RequestBody<B>>, InvocationError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
+    let (parts, body) = request.into_parts();
+    let body = match declared_length(&parts.headers) {
+        Some(len) if len > max => return Err(InvocationError::RequestTooLarge(max)),
+        None if !body.is_end_stream() => {
+            let mut body = std::pin::pin!(body);
+            let mut buffer = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    InvocationError::BadRequest(format!(
+                        "the request body could not be read: {}",
+                        e.into()
+                    ))
+                })?;
+                if let Ok(data) = frame.into_data() {
+                    if (buffer.len() + data.len()) as u64 > max {
+                        return Err(InvocationError::RequestTooLarge(max));
+                    }
+                    buffer.extend_from_slice(&data);
+                }
+            }
+            RequestBody::Buffered {
+                data: Some(buffer.freeze()),
+            }
+        }
+        _ => RequestBody::Streaming { body },
+    };
+    Ok(http::Request::from_parts(parts, body))
 }
 
 /// The body length a message declares, if it declares a valid one.

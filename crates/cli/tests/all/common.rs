@@ -56,12 +56,18 @@ pub struct Node {
 impl Node {
     /// Starts a node on ephemeral ports with state in `data_dir`.
     pub fn start(data_dir: &Path) -> Node {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts a node with extra `mayfly serve` flags.
+    pub fn start_with(data_dir: &Path, flags: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mayfly"))
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--max-instances", "200"])
+            .args(flags)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -102,11 +108,17 @@ impl Node {
 
     /// Deploys a guest through the CLI, panicking on failure.
     pub fn deploy(&self, name: &str, guest_name: &str, routes: &[&str]) {
+        self.deploy_with(name, guest_name, routes, &[]);
+    }
+
+    /// Deploys a guest with extra `mayfly deploy` flags (limits).
+    pub fn deploy_with(&self, name: &str, guest_name: &str, routes: &[&str], flags: &[&str]) {
         let wasm = guest(guest_name);
         let mut args = vec!["deploy", name, wasm.to_str().expect("utf-8 path")];
         for route in routes {
             args.extend(["--route", route]);
         }
+        args.extend(flags);
         let (ok, stdout, stderr) = self.cli(&args);
         assert!(ok, "deploy {name} failed: {stdout}{stderr}");
     }
@@ -148,10 +160,46 @@ impl Node {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// Stops the node with SIGTERM and waits for it to exit.
-    pub fn stop(mut self) {
+    /// The ledger's records (of one function, or all), oldest first.
+    pub fn usage_records(&self, function: Option<&str>) -> Vec<Value> {
+        let filter = function.map_or(String::new(), |f| format!("&function={f}"));
+        let records = self.admin_json(&format!("/v1/usage/records?limit=10000{filter}"));
+        records.as_array().expect("a JSON array").clone()
+    }
+
+    /// Waits until the ledger holds `count` records of `function` and
+    /// returns them.
+    pub fn await_usage_records(&self, function: &str, count: usize) -> Vec<Value> {
+        eventually(Duration::from_secs(30), "usage records", || {
+            let records = self.usage_records(Some(function));
+            assert!(
+                records.len() <= count,
+                "more records than invocations: {records:?}"
+            );
+            (records.len() == count).then_some(records)
+        })
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    }
+
+    /// Kills the node with SIGKILL (no chance to flush anything).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the node with SIGTERM and waits for it to exit.
+    pub fn stop(self) {
+        self.terminate();
+        self.wait_exit();
+    }
+
+    /// Waits for the node to exit after a signal; it must exit 0.
+    pub fn wait_exit(mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait works") {

@@ -6,4 +6,6 @@
 
 mod common;
 mod deploy;
+mod limits;
 mod serve;
+mod usage;

@@ -1,0 +1,187 @@
+//! Resource limits and hostile guests: each misbehaviour ends with the right
+//! outcome and status while other functions on the node keep answering.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::common::{Node, agent};
+
+fn outcomes(records: &[serde_json::Value]) -> Vec<&str> {
+    records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect()
+}
+
+/// Sends a GET and reads as much of the body as arrives; returns (status,
+/// bytes received, whether the body ended cleanly, request id).
+fn get_raw(node: &Node, path: &str) -> (u16, usize, bool, String) {
+    let mut response = agent()
+        .get(format!("{}{path}", node.gateway))
+        .call()
+        .expect("gateway answers");
+    let id = response
+        .headers()
+        .get("x-mayfly-request-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+    let mut received = 0;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let clean = loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => received += n,
+            Err(_) => break false,
+        }
+    };
+    (response.status().as_u16(), received, clean, id)
+}
+
+#[test]
+fn hostile_guests_end_with_the_right_outcome_while_hello_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Arc::new(Node::start(dir.path()));
+    node.deploy("hello", "hello", &["/hello"]);
+    node.deploy_with(
+        "hostile",
+        "hostile",
+        &["/"],
+        &[
+            "--memory",
+            "32",
+            "--timeout",
+            "2s",
+            "--max-log-bytes",
+            "65536",
+            "--max-response-bytes",
+            "1048576",
+        ],
+    );
+
+    // A neighbour that must keep answering 200 throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let neighbour = {
+        let (node, stop, served) = (node.clone(), stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match node.get("/hello") {
+                    (200, body) if body == "Hello, world!\n" => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.push(other),
+                }
+            }
+            failures
+        })
+    };
+
+    // (path, expected status, expected ledger outcome, whether the body must end cleanly)
+    let cases: &[(&str, u16, &str, bool)] = &[
+        ("/loop", 504, "timeout", true),
+        ("/oom", 500, "oom", true),
+        ("/alloc?mb=64", 500, "oom", true),
+        ("/alloc?mb=8", 200, "ok", true),
+        ("/recurse", 500, "error", true),
+        ("/flood?lines=20000", 200, "ok", true),
+        // Streams past its 1 MiB response limit, then keeps writing until
+        // its timeout: the client sees the body cut short.
+        ("/endless", 200, "timeout", false),
+    ];
+    let runs: Vec<_> = cases
+        .iter()
+        .map(|&(path, ..)| {
+            let node = node.clone();
+            std::thread::spawn(move || get_raw(&node, path))
+        })
+        .collect();
+    let results: Vec<_> = runs.into_iter().map(|run| run.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    let failures = neighbour.join().unwrap();
+    assert!(failures.is_empty(), "hello failed meanwhile: {failures:?}");
+    assert!(served.load(Ordering::Relaxed) > 0, "hello was never served");
+
+    let records = node.await_usage_records("hostile", cases.len());
+    let by_id: HashMap<&str, &serde_json::Value> = records
+        .iter()
+        .map(|r| (r["request_id"].as_str().unwrap(), r))
+        .collect();
+    for ((path, status, outcome, clean), (got_status, received, got_clean, id)) in
+        cases.iter().zip(&results)
+    {
+        assert_eq!(got_status, status, "{path}: status");
+        assert_eq!(got_clean, clean, "{path}: body ended cleanly");
+        let record = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("{path}: no record for {id}"));
+        assert_eq!(record["outcome"], *outcome, "{path}: {record}");
+        assert_eq!(record["memory_limit_mb"], 32);
+        if *path == "/endless" {
+            assert_eq!(*received, 1 << 20, "{path}: exactly the limit arrives");
+        }
+        if *path == "/alloc?mb=8" {
+            let peak = record["peak_memory_bytes"].as_u64().unwrap();
+            assert!((8 << 20..=32 << 20).contains(&peak), "peak {peak}");
+        }
+    }
+
+    // The flood was cut at the log limit with a marker.
+    let flood_id = &results[5].3;
+    let (ok, logs, _) = node.cli(&["--json", "logs", "hostile", "--tail", "10000"]);
+    assert!(ok);
+    let flood: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["request_id"] == flood_id.as_str())
+        .collect();
+    let bytes: usize = flood
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().len() + 1)
+        .sum();
+    assert!(bytes <= 65536 + 200, "{bytes} bytes of log kept");
+    assert!(
+        flood
+            .last()
+            .is_some_and(|l| l["line"].as_str().unwrap().contains("truncated")),
+        "no truncation marker"
+    );
+}
+
+#[test]
+fn bodies_over_the_limits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy_with("echo", "echo", &["/echo"], &["--max-request-bytes", "1024"]);
+
+    // A declared length over the limit: 413 before the guest runs, so no
+    // invocation is recorded.
+    let (status, body, _) = node.request("POST", "/echo", &[b'x'; 1025]);
+    assert_eq!(status, 413);
+    assert!(String::from_utf8_lossy(&body).contains("1024 bytes"));
+    let (status, body, _) = node.request("POST", "/echo", &[b'x'; 1024]);
+    assert_eq!((status, body.len()), (200, 1024));
+
+    // A chunked body (no declared length) is buffered up to the limit, so
+    // it too is refused before the guest runs.
+    let response = agent()
+        .post(format!("{}/echo", node.gateway))
+        .send(ureq::SendBody::from_reader(&mut &[b'y'; 4000][..]))
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+
+    let response = agent()
+        .post(format!("{}/echo", node.gateway))
+        .send(ureq::SendBody::from_reader(&mut &[b'y'; 1000][..]))
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+
+    let status = node.admin_json("/v1/status");
+    assert_eq!(status["requests_too_large"], 2, "{status}");
+    // Only the two requests within the limit ran the guest.
+    let records = node.await_usage_records("echo", 2);
+    assert_eq!(outcomes(&records), ["ok", "ok"]);
+}
