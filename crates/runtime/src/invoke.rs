@@ -150,8 +150,9 @@ pub struct InvocationReport {
     pub started_at: SystemTime,
     /// From the start to the guest's end.
     pub wall: Duration,
-    /// CPU time of the guest's task: instantiation, guest code and the host
-    /// calls it made, measured with the thread CPU clock around each poll.
+    /// Time a worker thread spent running the guest's task: instantiation,
+    /// guest code and the host calls it made (the wall time of each poll;
+    /// it excludes waiting on I/O, timers and the client).
     pub cpu: Duration,
     /// Most linear memory the instance held at once.
     pub peak_memory_bytes: u64,
@@ -346,6 +347,7 @@ impl GuestRun {
         head_tx: HeadSender,
     ) {
         let mut head_tx = Some(head_tx);
+        let mut awaiting_head = true;
         let mut status = None;
         let mut head_failed = false;
         let (end, cpu) = {
@@ -367,7 +369,9 @@ impl GuestRun {
             let end = loop {
                 tokio::select! {
                     biased;
-                    head = &mut response_rx, if head_tx.is_some() => {
+                    head = &mut response_rx, if awaiting_head => {
+                        // A completed receiver must not be polled again.
+                        awaiting_head = false;
                         // An error means the outparam was dropped unset; the
                         // guest's end says why.
                         if let (Ok(head), Some(tx)) = (head, head_tx.take()) {
@@ -383,11 +387,11 @@ impl GuestRun {
         };
 
         // The guest may have set its response in the same poll it returned.
-        if let Some(tx) = head_tx.take() {
-            match response_rx.try_recv() {
-                Ok(head) => (status, head_failed) = self.send_head(tx, head),
-                Err(_) => head_tx = Some(tx),
-            }
+        if awaiting_head
+            && let Ok(head) = response_rx.try_recv()
+            && let Some(tx) = head_tx.take()
+        {
+            (status, head_failed) = self.send_head(tx, head);
         }
 
         let wall = self.started.elapsed();

@@ -38,6 +38,12 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                 respond(response_out, &format!("flooded {lines} lines\n"));
             }
             "/endless" => endless(response_out),
+            // `/no-answer`: drops the response slot unset, then keeps running
+            // a while before returning.
+            "/no-answer" => {
+                drop(response_out);
+                wasip2::clocks::monotonic_clock::subscribe_duration(50_000_000).block();
+            }
             // `/sleep`: waits on a monotonic-clock pollable, burning no CPU.
             "/sleep" => {
                 let ms = param(query, "ms", 100);
@@ -55,7 +61,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
             // Anything else: a short usage line.
             _ => respond(
                 response_out,
-                "hostile guest: try /loop /oom /recurse /flood /endless /sleep?ms= /alloc?mb=\n",
+                "hostile guest: try /loop /oom /recurse /flood /endless /no-answer /sleep?ms= /alloc?mb=\n",
             ),
         }
     }

@@ -87,6 +87,7 @@ fn hostile_guests_end_with_the_right_outcome_while_hello_keeps_answering() {
         ("/alloc?mb=64", 500, "oom", true),
         ("/alloc?mb=8", 200, "ok", true),
         ("/recurse", 500, "error", true),
+        ("/no-answer", 500, "error", true),
         ("/flood?lines=20000", 200, "ok", true),
         // Streams past its 1 MiB response limit, then keeps writing until
         // its timeout: the client sees the body cut short.
@@ -130,7 +131,8 @@ fn hostile_guests_end_with_the_right_outcome_while_hello_keeps_answering() {
     }
 
     // The flood was cut at the log limit with a marker.
-    let flood_id = &results[5].3;
+    let flood = cases.iter().position(|case| case.0.starts_with("/flood"));
+    let flood_id = &results[flood.unwrap()].3;
     let (ok, logs, _) = node.cli(&["--json", "logs", "hostile", "--tail", "10000"]);
     assert!(ok);
     let flood: Vec<serde_json::Value> = logs
