@@ -374,7 +374,9 @@ impl GuestRun {
                         awaiting_head = false;
                         // An error means the outparam was dropped unset; the
                         // guest's end says why.
-                        if let (Ok(head), Some(tx)) = (head, head_tx.take()) {
+                        if let Ok(head) = head
+                            && let Some(tx) = head_tx.take()
+                        {
                             (status, head_failed) = self.send_head(tx, head);
                         }
                     }
