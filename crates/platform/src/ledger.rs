@@ -16,6 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_store::{UsageRecord, UsageStore};
+
+use crate::logs::gather;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -110,36 +112,24 @@ fn write_batches(queue: mpsc::Receiver<Message>, store: &dyn UsageStore, metrics
     loop {
         let mut oldest = None;
         let mut close = None;
-
-        // Block for the first message, then sleep out the commit interval
-        // and take everything that arrived meanwhile, so one commit (and its
-        // fsync) carries them all. Sleeping rather than waiting on the queue
-        // matters: a waiting receiver is woken by every send, which costs
-        // the request path a context switch per record.
-        let mut next = queue.recv().ok();
-        let deadline = Instant::now() + COMMIT_INTERVAL;
-        let mut slept = false;
-        while let Some(message) = next.take() {
-            match message {
+        // One commit (and its fsync) carries everything that arrives within
+        // the commit interval.
+        let open = gather(
+            &queue,
+            COMMIT_INTERVAL,
+            BATCH_RECORDS,
+            |message| match message {
                 Message::Record(record, queued_at) => {
                     oldest.get_or_insert(queued_at);
                     batch.push(record);
+                    true
                 }
                 Message::Close(done) => {
                     close = Some(done);
-                    break;
+                    false
                 }
-            }
-            if batch.len() >= BATCH_RECORDS {
-                break;
-            }
-            next = queue.try_recv().ok();
-            if next.is_none() && !slept {
-                slept = true;
-                std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-                next = queue.try_recv().ok();
-            }
-        }
+            },
+        );
         if !batch.is_empty() {
             commit(store, &batch, close.is_some(), metrics);
             if let Some(oldest) = oldest {
@@ -152,7 +142,7 @@ fn write_batches(queue: mpsc::Receiver<Message>, store: &dyn UsageStore, metrics
             let _ = done.send(());
             return;
         }
-        if oldest.is_none() {
+        if !open {
             // The queue was closed (the ledger was dropped) and is empty.
             return;
         }
