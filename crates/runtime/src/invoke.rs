@@ -91,6 +91,10 @@ pub enum InvocationError {
     /// The request body is larger than the function accepts.
     #[error("the request body is over this function's limit of {0} bytes")]
     RequestTooLarge(u64),
+    /// A body of unknown length did not finish arriving within the
+    /// function's timeout.
+    #[error("the request body did not arrive within {0:?}")]
+    RequestBodyTimeout(Duration),
     /// The guest declared a response body larger than its limit.
     #[error("the function's response is over its limit of {0} bytes")]
     ResponseTooLarge(u64),
@@ -113,6 +117,7 @@ impl InvocationError {
         match self {
             InvocationError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             InvocationError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            InvocationError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             InvocationError::BadRequest(_) => StatusCode::BAD_REQUEST,
             InvocationError::Unavailable(_) | InvocationError::Killed => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -240,7 +245,14 @@ impl Function {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let request = admit_request(request, limits.max_request_bytes).await?;
+        // A client that trickles a chunked body holds buffer memory, not an
+        // instance; the function's timeout bounds that too.
+        let request = tokio::time::timeout(
+            limits.timeout,
+            admit_request(request, limits.max_request_bytes),
+        )
+        .await
+        .map_err(|_| InvocationError::RequestBodyTimeout(limits.timeout))??;
         let started_at = SystemTime::now();
         let started = Instant::now();
         let flags = Arc::new(BodyFlags::default());
