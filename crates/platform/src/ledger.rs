@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mayfly_store::{UsageRecord, UsageStore};
 
-use crate::logs::gather;
+use crate::logs::{WriterMessage, gather};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -46,15 +46,9 @@ pub struct LedgerMetrics {
     pub failed_commits: Counter,
 }
 
-enum Message {
-    Record(UsageRecord, Instant),
-    /// Commit everything queued before this, stop, and answer.
-    Close(mpsc::SyncSender<()>),
-}
-
 /// The node's queue of usage records and its writer thread.
 pub struct Ledger {
-    queue: mpsc::Sender<Message>,
+    queue: mpsc::Sender<WriterMessage<(UsageRecord, Instant)>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     metrics: LedgerMetrics,
 }
@@ -77,11 +71,12 @@ impl Ledger {
     /// Queues one invocation's record. Never blocks.
     pub fn record(&self, record: UsageRecord) {
         self.metrics.pending.inc();
-        if let Err(mpsc::SendError(message)) =
-            self.queue.send(Message::Record(record, Instant::now()))
+        if let Err(mpsc::SendError(message)) = self
+            .queue
+            .send(WriterMessage::Item((record, Instant::now())))
         {
             self.metrics.pending.dec();
-            if let Message::Record(record, _) = message {
+            if let WriterMessage::Item((record, _)) = message {
                 tracing::error!(
                     request_id = %record.request_id,
                     function = %record.function,
@@ -100,34 +95,30 @@ impl Ledger {
     /// call it off the async runtime, after the last invocation ended.
     pub fn close(&self) {
         let (done, wait) = mpsc::sync_channel(1);
-        if self.queue.send(Message::Close(done)).is_ok() {
+        if self.queue.send(WriterMessage::Close(done)).is_ok() {
             let _ = wait.recv();
         }
         crate::logs::join_writer(&self.writer, "ledger");
     }
 }
 
-fn write_batches(queue: mpsc::Receiver<Message>, store: &dyn UsageStore, metrics: &LedgerMetrics) {
+fn write_batches(
+    queue: mpsc::Receiver<WriterMessage<(UsageRecord, Instant)>>,
+    store: &dyn UsageStore,
+    metrics: &LedgerMetrics,
+) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(BATCH_RECORDS);
     loop {
         let mut oldest = None;
-        let mut close = None;
         // One commit (and its fsync) carries everything that arrives within
         // the commit interval.
-        let open = gather(
+        let (open, close) = gather(
             &queue,
             COMMIT_INTERVAL,
             BATCH_RECORDS,
-            |message| match message {
-                Message::Record(record, queued_at) => {
-                    oldest.get_or_insert(queued_at);
-                    batch.push(record);
-                    true
-                }
-                Message::Close(done) => {
-                    close = Some(done);
-                    false
-                }
+            |(record, queued_at)| {
+                oldest.get_or_insert(queued_at);
+                batch.push(record);
             },
         );
         if !batch.is_empty() {

@@ -23,15 +23,16 @@ const GATHER_INTERVAL: Duration = Duration::from_millis(10);
 /// Lines kept in the store; older ones are pruned.
 const KEEP_LINES: usize = 200_000;
 
-enum Message {
-    Line(NewLogLine),
-    /// Store everything queued before this, stop, and answer.
+/// What a writer thread (logs, ledger) receives: an item to store, or the
+/// order to store everything queued before it and stop.
+pub(crate) enum WriterMessage<T> {
+    Item(T),
     Close(mpsc::SyncSender<()>),
 }
 
 /// The node's [`LogSink`]: queues lines for the writer thread.
 pub struct LogHub {
-    queue: mpsc::SyncSender<Message>,
+    queue: mpsc::SyncSender<WriterMessage<NewLogLine>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dropped: AtomicU64,
     newest: tokio::sync::watch::Receiver<i64>,
@@ -57,7 +58,7 @@ impl LogHub {
     /// call it off the async runtime, after the last invocation ended.
     pub fn close(&self) {
         let (done, wait) = mpsc::sync_channel(1);
-        if self.queue.send(Message::Close(done)).is_ok() {
+        if self.queue.send(WriterMessage::Close(done)).is_ok() {
             let _ = wait.recv();
         }
         join_writer(&self.writer, "log");
@@ -94,51 +95,55 @@ impl LogSink for LogHub {
             stream: stream.as_str().to_string(),
             line: line.to_string(),
         };
-        if self.queue.try_send(Message::Line(record)).is_err() {
+        if self.queue.try_send(WriterMessage::Item(record)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 /// Blocks for a first message, then sleeps out `interval` and takes what
-/// arrived meanwhile, `max` messages in all, handing each to `take` until it
-/// returns false. Returns false once the queue is closed and empty.
+/// arrived meanwhile, `max` items in all, handing each item to `take`.
+/// Returns whether the queue is still open, and the close order if one came
+/// (it ends the gathering: everything before it was taken).
 ///
 /// Sleeping rather than waiting on the queue is the point: a receiver
 /// blocked on the queue is woken by every send, which costs the sending
 /// request a context switch per message (over 20% of the hello load run's
 /// throughput when the ledger writer did it).
-pub(crate) fn gather<M>(
-    queue: &mpsc::Receiver<M>,
+pub(crate) fn gather<T>(
+    queue: &mpsc::Receiver<WriterMessage<T>>,
     interval: Duration,
     max: usize,
-    mut take: impl FnMut(M) -> bool,
-) -> bool {
-    let Ok(first) = queue.recv() else {
-        return false;
+    mut take: impl FnMut(T),
+) -> (bool, Option<mpsc::SyncSender<()>>) {
+    let mut next = match queue.recv() {
+        Ok(message) => message,
+        Err(_) => return (false, None),
     };
     let deadline = Instant::now() + interval;
-    if !take(first) {
-        return true;
-    }
-    let mut taken = 1;
+    let mut taken = 0;
     let mut slept = false;
-    while taken < max {
-        match queue.try_recv() {
-            Ok(message) => {
-                taken += 1;
-                if !take(message) {
-                    break;
-                }
-            }
-            Err(mpsc::TryRecvError::Empty) if !slept => {
-                slept = true;
-                std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-            }
-            Err(_) => break,
+    loop {
+        match next {
+            WriterMessage::Item(item) => take(item),
+            WriterMessage::Close(done) => return (true, Some(done)),
         }
+        taken += 1;
+        if taken >= max {
+            return (true, None);
+        }
+        next = loop {
+            match queue.try_recv() {
+                Ok(message) => break message,
+                Err(mpsc::TryRecvError::Empty) if !slept => {
+                    slept = true;
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                }
+                Err(mpsc::TryRecvError::Empty) => return (true, None),
+                Err(mpsc::TryRecvError::Disconnected) => return (false, None),
+            }
+        };
     }
-    true
 }
 
 /// Waits for a writer thread that was told to stop; a second call finds
@@ -156,29 +161,16 @@ pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
 }
 
 fn write_batches(
-    queue: mpsc::Receiver<Message>,
+    queue: mpsc::Receiver<WriterMessage<NewLogLine>>,
     store: &dyn LogStore,
     newest: tokio::sync::watch::Sender<i64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH_LINES);
     let mut since_prune = 0usize;
     loop {
-        let mut close = None;
-        let open = gather(
-            &queue,
-            GATHER_INTERVAL,
-            BATCH_LINES,
-            |message| match message {
-                Message::Line(line) => {
-                    batch.push(line);
-                    true
-                }
-                Message::Close(done) => {
-                    close = Some(done);
-                    false
-                }
-            },
-        );
+        let (open, close) = gather(&queue, GATHER_INTERVAL, BATCH_LINES, |line| {
+            batch.push(line)
+        });
         if !batch.is_empty() {
             match store.append_logs(&batch) {
                 Ok(last) => {
@@ -204,5 +196,46 @@ fn write_batches(
                 tracing::warn!("failed to prune old log lines: {error}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_takes_what_is_queued_up_to_a_close() {
+        let (tx, rx) = mpsc::channel();
+        for item in 0..3 {
+            tx.send(WriterMessage::Item(item)).unwrap();
+        }
+        let (done, _wait) = mpsc::sync_channel(1);
+        tx.send(WriterMessage::Close(done)).unwrap();
+        tx.send(WriterMessage::Item(9)).unwrap();
+
+        let mut taken = Vec::new();
+        let (open, close) = gather(&rx, Duration::from_millis(1), 100, |i| taken.push(i));
+        assert_eq!(taken, [0, 1, 2]);
+        assert!(open && close.is_some());
+
+        drop(tx);
+        let mut rest = Vec::new();
+        let (open, close) = gather(&rx, Duration::from_millis(1), 100, |i| rest.push(i));
+        assert_eq!(rest, [9]);
+        assert!(!open && close.is_none());
+        let (open, close) = gather(&rx, Duration::ZERO, 100, |_: i32| {});
+        assert!(!open && close.is_none());
+    }
+
+    #[test]
+    fn gather_stops_at_the_batch_size() {
+        let (tx, rx) = mpsc::channel();
+        for item in 0..5 {
+            tx.send(WriterMessage::Item(item)).unwrap();
+        }
+        let mut taken = Vec::new();
+        let (open, close) = gather(&rx, Duration::from_millis(1), 2, |i| taken.push(i));
+        assert_eq!(taken, [0, 1]);
+        assert!(open && close.is_none());
     }
 }
