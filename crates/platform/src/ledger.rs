@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mayfly_store::{UsageRecord, UsageStore};
 
-use crate::logs::{WriterMessage, gather};
+use crate::logs::{Batch, WriterMessage, run_writer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -102,42 +102,50 @@ impl Ledger {
     }
 }
 
+/// The ledger writer's batch: records committed in one transaction, and
+/// when the oldest of them was queued.
+struct LedgerBatch<'a> {
+    records: Vec<UsageRecord>,
+    oldest: Option<Instant>,
+    store: &'a dyn UsageStore,
+    metrics: &'a LedgerMetrics,
+}
+
+impl Batch<(UsageRecord, Instant)> for LedgerBatch<'_> {
+    fn add(&mut self, (record, queued_at): (UsageRecord, Instant)) {
+        self.oldest.get_or_insert(queued_at);
+        self.records.push(record);
+    }
+
+    fn store(&mut self, closing: bool) {
+        if self.records.is_empty() {
+            return;
+        }
+        commit(self.store, &self.records, closing, self.metrics);
+        if let Some(oldest) = self.oldest.take() {
+            self.metrics
+                .commit_delay
+                .observe(oldest.elapsed().as_secs_f64());
+        }
+        self.metrics.pending.dec_by(self.records.len() as i64);
+        self.records.clear();
+    }
+}
+
 fn write_batches(
     queue: mpsc::Receiver<WriterMessage<(UsageRecord, Instant)>>,
     store: &dyn UsageStore,
     metrics: &LedgerMetrics,
 ) {
-    let mut batch: Vec<UsageRecord> = Vec::with_capacity(BATCH_RECORDS);
-    loop {
-        let mut oldest = None;
-        // One commit (and its fsync) carries everything that arrives within
-        // the commit interval.
-        let (open, close) = gather(
-            &queue,
-            COMMIT_INTERVAL,
-            BATCH_RECORDS,
-            |(record, queued_at)| {
-                oldest.get_or_insert(queued_at);
-                batch.push(record);
-            },
-        );
-        if !batch.is_empty() {
-            commit(store, &batch, close.is_some(), metrics);
-            if let Some(oldest) = oldest {
-                metrics.commit_delay.observe(oldest.elapsed().as_secs_f64());
-            }
-            metrics.pending.dec_by(batch.len() as i64);
-            batch.clear();
-        }
-        if let Some(done) = close {
-            let _ = done.send(());
-            return;
-        }
-        if !open {
-            // The queue was closed (the ledger was dropped) and is empty.
-            return;
-        }
-    }
+    // One commit (and its fsync) carries everything that arrives within the
+    // commit interval.
+    let mut batch = LedgerBatch {
+        records: Vec::with_capacity(BATCH_RECORDS),
+        oldest: None,
+        store,
+        metrics,
+    };
+    run_writer(&queue, COMMIT_INTERVAL, BATCH_RECORDS, &mut batch);
 }
 
 /// Commits one batch, retrying while the store fails: billing records are

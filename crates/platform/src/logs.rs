@@ -110,7 +110,7 @@ impl LogSink for LogHub {
 /// blocked on the queue is woken by every send, which costs the sending
 /// request a context switch per message (over 20% of the hello load run's
 /// throughput when the ledger writer did it).
-pub(crate) fn gather<T>(
+fn gather<T>(
     queue: &mpsc::Receiver<WriterMessage<T>>,
     interval: Duration,
     max: usize,
@@ -160,41 +160,83 @@ pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
     }
 }
 
+/// The log writer's batch: lines stored in one transaction, and the count
+/// since the last prune.
+struct LogBatch<'a> {
+    lines: Vec<NewLogLine>,
+    store: &'a dyn LogStore,
+    newest: tokio::sync::watch::Sender<i64>,
+    since_prune: usize,
+}
+
+impl Batch<NewLogLine> for LogBatch<'_> {
+    fn add(&mut self, line: NewLogLine) {
+        self.lines.push(line);
+    }
+
+    fn store(&mut self, closing: bool) {
+        if !self.lines.is_empty() {
+            match self.store.append_logs(&self.lines) {
+                Ok(last) => {
+                    self.newest.send_replace(last);
+                }
+                Err(error) => {
+                    tracing::error!("failed to store {} log lines: {error}", self.lines.len())
+                }
+            }
+            self.since_prune += self.lines.len();
+            self.lines.clear();
+        }
+        if !closing && self.since_prune >= KEEP_LINES / 10 {
+            self.since_prune = 0;
+            if let Err(error) = self.store.prune_logs(KEEP_LINES) {
+                tracing::warn!("failed to prune old log lines: {error}");
+            }
+        }
+    }
+}
+
 fn write_batches(
     queue: mpsc::Receiver<WriterMessage<NewLogLine>>,
     store: &dyn LogStore,
     newest: tokio::sync::watch::Sender<i64>,
 ) {
-    let mut batch = Vec::with_capacity(BATCH_LINES);
-    let mut since_prune = 0usize;
+    let mut batch = LogBatch {
+        lines: Vec::with_capacity(BATCH_LINES),
+        store,
+        newest,
+        since_prune: 0,
+    };
+    run_writer(&queue, GATHER_INTERVAL, BATCH_LINES, &mut batch);
+}
+
+/// What a writer thread accumulates between stores.
+pub(crate) trait Batch<T> {
+    /// Adds one queued item.
+    fn add(&mut self, item: T);
+    /// Stores what was added, if anything, and empties the batch; `closing`
+    /// says this is the last store before the writer stops.
+    fn store(&mut self, closing: bool);
+}
+
+/// The loop of a writer thread (logs, ledger): gathers what is queued,
+/// stores it as one batch, and stops on a close order (answering it once
+/// everything before it is stored) or when the queue is closed and empty.
+pub(crate) fn run_writer<T>(
+    queue: &mpsc::Receiver<WriterMessage<T>>,
+    interval: Duration,
+    max: usize,
+    batch: &mut impl Batch<T>,
+) {
     loop {
-        let (open, close) = gather(&queue, GATHER_INTERVAL, BATCH_LINES, |line| {
-            batch.push(line)
-        });
-        if !batch.is_empty() {
-            match store.append_logs(&batch) {
-                Ok(last) => {
-                    newest.send_replace(last);
-                }
-                Err(error) => {
-                    tracing::error!("failed to store {} log lines: {error}", batch.len())
-                }
-            }
-            since_prune += batch.len();
-            batch.clear();
-        }
+        let (open, close) = gather(queue, interval, max, |item| batch.add(item));
+        batch.store(close.is_some());
         if let Some(done) = close {
             let _ = done.send(());
             return;
         }
         if !open {
             return;
-        }
-        if since_prune >= KEEP_LINES / 10 {
-            since_prune = 0;
-            if let Err(error) = store.prune_logs(KEEP_LINES) {
-                tracing::warn!("failed to prune old log lines: {error}");
-            }
         }
     }
 }
