@@ -91,7 +91,8 @@ pub struct NodeMetrics {
     pub failed_invocations: Counter,
     /// Requests refused before a guest ran, because their body was too large.
     pub requests_too_large: Counter,
-    /// Instances running now.
+    /// Instances running now: the runtime counts them; this gauge is set
+    /// from that count when metrics are read.
     pub instances_in_flight: Gauge,
     /// Guest log lines dropped because the log writer fell behind.
     pub log_lines_dropped: Gauge,
@@ -286,7 +287,6 @@ impl ReportSink for FunctionMeter {
     fn started(&self, labels: &RequestLabels) {
         let metrics = &self.metrics;
         metrics.node.invocations.inc();
-        metrics.node.instances_in_flight.inc();
         metrics.in_flight.inc();
         if labels.cold_start {
             metrics.cold_starts.inc();
@@ -295,7 +295,6 @@ impl ReportSink for FunctionMeter {
 
     fn finished(&self, labels: &RequestLabels, report: InvocationReport) {
         let metrics = &self.metrics;
-        metrics.node.instances_in_flight.dec();
         metrics.in_flight.dec();
         metrics.invocations[outcome_index(report.outcome)].inc();
         if report.outcome != Outcome::Ok {

@@ -531,6 +531,10 @@ impl Platform {
             .log_lines_dropped
             .set(i64::try_from(self.logs.dropped()).unwrap_or(i64::MAX));
         self.metrics
+            .node
+            .instances_in_flight
+            .set(i64::try_from(self.runtime.in_flight()).unwrap_or(i64::MAX));
+        self.metrics
             .encode()
             .map_err(|e| PlatformError::Internal(anyhow::anyhow!("cannot encode metrics: {e}")))
     }
