@@ -8,7 +8,7 @@ use mayfly_store::{FunctionRecord, LogRecord};
 use serde_json::Value;
 
 use crate::client::{AdminClient, check};
-use crate::{Command, LimitArgs, UsageArgs};
+use crate::{Command, LimitArgs, ScalingArgs, UsageArgs};
 
 pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> {
     let client = AdminClient::new(admin_url);
@@ -19,7 +19,8 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
             component,
             routes,
             limits,
-        } => deploy(&client, json, &name, &component, routes, &limits),
+            scaling,
+        } => deploy(&client, json, &name, &component, routes, &limits, &scaling),
         Command::List => list(&client, json),
         Command::Invoke {
             name,
@@ -68,6 +69,7 @@ fn deploy(
     component: &std::path::Path,
     routes: Vec<String>,
     limits: &LimitArgs,
+    scaling: &ScalingArgs,
 ) -> anyhow::Result<()> {
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
@@ -88,7 +90,26 @@ fn deploy(
             given.insert(key.into(), value.into());
         }
     }
-    let config = serde_json::to_vec(&serde_json::json!({ "routes": routes, "limits": given }))?;
+    let mut scale = serde_json::Map::new();
+    for (key, value) in [
+        ("max_concurrency", scaling.max_concurrency),
+        ("reserved_concurrency", scaling.reserved_concurrency),
+        ("max_queued", scaling.max_queued),
+    ] {
+        if let Some(value) = value {
+            scale.insert(key.into(), value.into());
+        }
+    }
+    if let Some(wait) = scaling.queue_timeout {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        scale.insert("queue_timeout_ms".into(), ms.into());
+    }
+    if scaling.reuse {
+        scale.insert("reuse".into(), true.into());
+    }
+    let config = serde_json::to_vec(
+        &serde_json::json!({ "routes": routes, "limits": given, "scaling": scale }),
+    )?;
     let outcome: Value = client.post_multipart(
         &format!("/v1/functions/{}/versions", segment(name)),
         &[
@@ -277,12 +298,32 @@ fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(fields) = status.as_object() {
-        for (key, value) in fields {
+        for (key, value) in fields.iter().filter(|(key, _)| *key != "scaling") {
             let value = value
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
             println!("{:<22} {value}", format!("{}:", key.replace('_', " ")));
+        }
+    }
+    if let Some(functions) = status["scaling"].as_array().filter(|f| !f.is_empty()) {
+        println!(
+            "\n{:<24} {:<5} {:>7} {:>5} {:>6} {:>10}",
+            "FUNCTION", "TIER", "RUNNING", "KEPT", "QUEUED", "IDLE"
+        );
+        for function in functions {
+            let idle = function["idle_seconds"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"));
+            println!(
+                "{:<24} {:<5} {:>7} {:>5} {:>6} {:>10}",
+                function["function"].as_str().unwrap_or("?"),
+                function["tier"].as_str().unwrap_or("?"),
+                function["running"],
+                function["kept"],
+                function["queued"],
+                idle
+            );
         }
     }
     Ok(())

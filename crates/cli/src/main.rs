@@ -48,6 +48,8 @@ enum Command {
         routes: Vec<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        scaling: ScalingArgs,
     },
     /// List deployed functions.
     List,
@@ -114,6 +116,27 @@ struct LimitArgs {
     max_log_bytes: Option<u64>,
 }
 
+/// Per-function scaling settings given at deploy.
+#[derive(Debug, Args)]
+struct ScalingArgs {
+    /// Most invocations running at once (default: as many as the node allows).
+    #[arg(long, value_name = "N")]
+    max_concurrency: Option<u32>,
+    /// Invocations kept for this function alone, out of the node's capacity.
+    #[arg(long, value_name = "N")]
+    reserved_concurrency: Option<u32>,
+    /// Requests that may wait when the function is at its limit (default 100; 0: refuse at once with 429).
+    #[arg(long, value_name = "N")]
+    max_queued: Option<u32>,
+    /// Longest a request waits in the queue before 429, e.g. 1s (default 1s, at most 1m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    queue_timeout: Option<Duration>,
+    /// Keep instances and reuse them one request at a time (hot tier): the
+    /// function's initialisation runs once per instance, not per request.
+    #[arg(long)]
+    reuse: bool,
+}
+
 #[derive(Debug, Args)]
 struct UsageArgs {
     /// Start of the window: a duration ago (24h, 7d), an RFC 3339 time, or ms since the epoch.
@@ -144,9 +167,21 @@ struct ServeArgs {
     /// Address of the admin API.
     #[arg(long, env = "MAYFLY_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
-    /// Most function instances alive at once.
+    /// Most function instances alive at once (running and kept).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_instances: u32,
+    /// Most invocations running at once over all functions (default: --max-instances).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrency: Option<u32>,
+    /// Memory the node may give functions, in MB: running invocations count
+    /// their configured memory, warm and hot functions what they hold
+    /// (default: the machine's physical memory).
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..))]
+    memory_budget: Option<u64>,
+    /// Keep-alive policy: `hybrid` (histogram of idle times, after "Serverless
+    /// in the Wild") or a fixed time such as `10m` or `fixed:30s`.
+    #[arg(long, env = "MAYFLY_KEEP_ALIVE", default_value = "10m")]
+    keep_alive: String,
     /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,

@@ -4,7 +4,10 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use mayfly_platform::config::NodeFile;
-use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use tracing_subscriber::EnvFilter;
 
 use crate::ServeArgs;
@@ -27,6 +30,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut node = NodeConfig::new(&args.data_dir);
     node.runtime.max_instances = args.max_instances;
+    node.scaling = scaling_config(&args)?;
     let default_file = args.data_dir.join("node.toml");
     let file = match &args.config {
         Some(path) => Some(NodeFile::load(path)?),
@@ -72,6 +76,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The node's scaling settings from its flags.
+fn scaling_config(args: &ServeArgs) -> anyhow::Result<ScalingConfig> {
+    let mut scaling = ScalingConfig::new(args.max_instances);
+    let policy = mayfly_scaling::parse_policy(&args.keep_alive)
+        .with_context(|| format!("--keep-alive {}", args.keep_alive))?;
+    // A fixed keep-alive is applied within a quarter of its length (so a
+    // short one, as tests use, is not stretched by a whole tick); the
+    // hybrid policy works in minutes and needs no more than one pass a second.
+    let fixed = args.keep_alive.trim_start_matches("fixed:");
+    if let Ok(keep_alive) = humantime::parse_duration(fixed) {
+        scaling.tick = (keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    }
+    scaling.keep_alive = Arc::from(policy);
+    if let Some(max) = args.max_concurrency {
+        if max > args.max_instances {
+            anyhow::bail!(
+                "--max-concurrency {max} is over --max-instances {}: every running invocation needs an instance slot",
+                args.max_instances
+            );
+        }
+        scaling.max_concurrency = max;
+    }
+    if let Some(mb) = args.memory_budget {
+        scaling.memory_budget_bytes = mb.saturating_mul(1 << 20);
+    }
+    Ok(scaling)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

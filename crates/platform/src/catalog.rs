@@ -5,17 +5,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mayfly_runtime::{Function, InvocationLimits};
-use mayfly_store::Digest;
-use tokio::sync::OnceCell;
+use mayfly_runtime::InvocationLimits;
+use mayfly_store::{Digest, FunctionScaling};
 
 use crate::metering::FunctionMeter;
 use crate::routes::{Route, RouteTable};
+use crate::tiers::{Activity, Tier};
 
 /// One function's serving version.
 pub struct Deployed {
     /// Function name.
     pub name: String,
+    /// The name as the admission controller's key.
+    pub key: Arc<str>,
     /// The version that serves requests.
     pub version: u64,
     /// Cache key of the compiled artifact.
@@ -24,11 +26,16 @@ pub struct Deployed {
     pub routes: Vec<Route>,
     /// Limits of each invocation.
     pub limits: InvocationLimits,
+    /// Concurrency, queueing and reuse settings.
+    pub scaling: FunctionScaling,
     /// Turns the function's invocations into usage records and metrics.
     pub meter: Arc<FunctionMeter>,
-    /// The loaded, pre-linked function: filled on deploy, or on the first
-    /// request after a restart (the cold → warm step).
-    pub loaded: OnceCell<Function>,
+    /// The version's tier: its loaded, pre-linked function when warm or
+    /// hot (filled on deploy or by the first request after it went cold).
+    pub tier: Tier,
+    /// Running invocations and keep-alive state, shared by all versions of
+    /// the function.
+    pub activity: Arc<Activity>,
 }
 
 /// Every deployed function, by name and by route.

@@ -96,7 +96,9 @@ impl PriceList {
 
     /// What `usage` costs under this price list.
     pub fn cost(&self, usage: &UsageRow) -> Cost {
-        let requests = usage.invocations as f64 / 1e6 * self.per_million_requests;
+        // Throttled requests never ran: like Lambda, they are not charged.
+        let billable = usage.invocations.saturating_sub(usage.outcomes.throttled);
+        let requests = billable as f64 / 1e6 * self.per_million_requests;
         let compute = usage.billed_gb_s * self.per_gb_second;
         let cpu = usage.cpu_us as f64 / 1e6 * self.per_cpu_second;
         Cost {

@@ -7,6 +7,7 @@
 //! runs in a fresh instance through [`Platform::invoke`].
 
 pub mod admin;
+pub mod admission;
 pub mod catalog;
 pub mod config;
 pub mod gateway;
@@ -15,6 +16,7 @@ pub mod logs;
 pub mod metering;
 mod platform;
 pub mod routes;
+pub mod tiers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +27,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform::{
-    DeployOutcome, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, Status, text_response,
+    DeployOutcome, FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER,
+    ScalingConfig, Status, physical_memory, text_response,
 };
 
 /// Where a node listens and how it stops.

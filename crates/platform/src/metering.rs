@@ -5,7 +5,7 @@
 //! catalog entry, so the request path only touches atomics.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mayfly_runtime::{InvocationReport, Outcome, ReportSink, RequestLabels};
 use mayfly_store::{UsageRecord, billed_ms};
@@ -72,6 +72,10 @@ pub struct Metrics {
     duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
     cold_starts: Family<FunctionLabel, Counter>,
     in_flight: Family<FunctionLabel, Gauge>,
+    throttles: Family<FunctionLabel, Counter>,
+    queue_wait: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    tier: Family<FunctionLabel, Gauge>,
+    instances: Family<FunctionLabel, Gauge>,
     /// Node-wide counters, also shown by `mayfly status`.
     pub node: NodeMetrics,
     /// The ledger writer's metrics.
@@ -98,6 +102,16 @@ pub struct NodeMetrics {
     pub log_lines_dropped: Gauge,
     /// Functions deployed.
     pub functions: Gauge,
+    /// Requests refused with 429.
+    pub throttled: Counter,
+    /// Functions unloaded because their keep-alive ran out.
+    pub unloads_keep_alive: Counter,
+    /// Functions unloaded to stay within the memory budget.
+    pub unloads_memory: Counter,
+    /// Functions loaded ahead of a predicted invocation.
+    pub prewarms: Counter,
+    /// Memory held by loaded functions (code and kept instances), in bytes.
+    pub resident_memory: Gauge,
 }
 
 impl Metrics {
@@ -130,7 +144,58 @@ impl Metrics {
             in_flight.clone(),
         );
 
+        let throttles = Family::<FunctionLabel, Counter>::default();
+        registry.register(
+            "throttles",
+            "Requests refused with 429: over the function's or node's concurrency, queue full or waited too long",
+            throttles.clone(),
+        );
+        let queue_wait: Family<FunctionLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "queue_wait_seconds",
+            "Time admitted requests waited in the function's queue (only those that waited)",
+            queue_wait.clone(),
+        );
+        let tier = Family::<FunctionLabel, Gauge>::default();
+        registry.register(
+            "function_tier",
+            "Each function's tier: 0 cold (on disk), 1 warm (loaded), 2 hot (loaded, instances kept)",
+            tier.clone(),
+        );
+        let instances = Family::<FunctionLabel, Gauge>::default();
+        registry.register(
+            "function_instances",
+            "Instances of each function: running plus kept idle (hot)",
+            instances.clone(),
+        );
+
         let node = NodeMetrics::default();
+        registry.register(
+            "node_throttles",
+            "Requests refused with 429 on this node",
+            node.throttled.clone(),
+        );
+        registry.register(
+            "unloads_keep_alive",
+            "Functions unloaded because their keep-alive window ran out",
+            node.unloads_keep_alive.clone(),
+        );
+        registry.register(
+            "unloads_memory",
+            "Warm or hot functions unloaded to stay within the memory budget",
+            node.unloads_memory.clone(),
+        );
+        registry.register(
+            "prewarms",
+            "Functions loaded ahead of a predicted invocation",
+            node.prewarms.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Memory held by loaded functions: mapped code and kept instances",
+            node.resident_memory.clone(),
+        );
         registry.register(
             "compilations",
             "Components compiled by this process",
@@ -201,6 +266,10 @@ impl Metrics {
             duration,
             cold_starts,
             in_flight,
+            throttles,
+            queue_wait,
+            tier,
+            instances,
             node,
             ledger,
         }
@@ -221,6 +290,14 @@ impl Metrics {
             duration: self.duration.get_or_create_owned(&label),
             cold_starts: self.cold_starts.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
+            throttled: self.invocations.get_or_create_owned(&OutcomeLabels {
+                function: name.to_string(),
+                outcome: mayfly_store::Outcome::Throttled.as_str().to_string(),
+            }),
+            throttles: self.throttles.get_or_create_owned(&label),
+            queue_wait: self.queue_wait.get_or_create_owned(&label),
+            tier: self.tier.get_or_create_owned(&label),
+            instances: self.instances.get_or_create_owned(&label),
             node: self.node.clone(),
         }
     }
@@ -237,8 +314,16 @@ impl Metrics {
             });
         }
         self.duration.remove(&label);
+        self.invocations.remove(&OutcomeLabels {
+            function: name.to_string(),
+            outcome: mayfly_store::Outcome::Throttled.as_str().to_string(),
+        });
         self.cold_starts.remove(&label);
         self.in_flight.remove(&label);
+        self.throttles.remove(&label);
+        self.queue_wait.remove(&label);
+        self.tier.remove(&label);
+        self.instances.remove(&label);
     }
 
     /// Every metric in the OpenMetrics text format (which Prometheus reads).
@@ -262,11 +347,17 @@ pub struct FunctionMetrics {
     duration: Histogram,
     cold_starts: Counter,
     in_flight: Gauge,
+    throttled: Counter,
+    throttles: Counter,
+    queue_wait: Histogram,
+    tier: Gauge,
+    instances: Gauge,
     node: NodeMetrics,
 }
 
 /// Turns one function's invocation reports into usage records and metrics.
 pub struct FunctionMeter {
+    function: String,
     memory_mb: u32,
     metrics: FunctionMetrics,
     ledger: Arc<Ledger>,
@@ -274,13 +365,62 @@ pub struct FunctionMeter {
 
 impl FunctionMeter {
     /// A meter for a function deployed with `memory_mb` of memory.
-    pub fn new(memory_mb: u32, metrics: FunctionMetrics, ledger: Arc<Ledger>) -> Self {
+    pub fn new(
+        function: String,
+        memory_mb: u32,
+        metrics: FunctionMetrics,
+        ledger: Arc<Ledger>,
+    ) -> Self {
         Self {
+            function,
             memory_mb,
             metrics,
             ledger,
         }
     }
+}
+
+impl FunctionMeter {
+    /// A request waited `waited` in the queue before it was admitted.
+    pub fn queued(&self, waited: Duration) {
+        self.metrics.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    /// A request was refused with 429 after `waited`: it gets a usage
+    /// record (outcome `throttled`, nothing billed) and counts in metrics.
+    pub fn throttled(&self, request_id: &str, version: u64, trigger: &str, waited: Duration) {
+        let metrics = &self.metrics;
+        metrics.throttled.inc();
+        metrics.throttles.inc();
+        metrics.node.throttled.inc();
+        let started_at = SystemTime::now().checked_sub(waited).unwrap_or(UNIX_EPOCH);
+        self.ledger.record(UsageRecord {
+            request_id: request_id.to_string(),
+            function: self.function.clone(),
+            version,
+            trigger: trigger.to_string(),
+            start_ms: epoch_ms(started_at),
+            wall_us: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            cpu_us: 0,
+            peak_memory_bytes: 0,
+            memory_limit_mb: self.memory_mb,
+            billed_ms: 0,
+            outcome: mayfly_store::Outcome::Throttled,
+            cold: false,
+            status: Some(429),
+        });
+    }
+
+    /// Sets the function's tier gauge and its instance count.
+    pub fn set_tiers(&self, tier: i64, instances: i64) {
+        self.metrics.tier.set(tier);
+        self.metrics.instances.set(instances);
+    }
+}
+
+fn epoch_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl ReportSink for FunctionMeter {
@@ -308,10 +448,7 @@ impl ReportSink for FunctionMeter {
             function: labels.function.clone(),
             version: labels.version,
             trigger: labels.trigger.to_string(),
-            start_ms: report
-                .started_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            start_ms: epoch_ms(report.started_at),
             wall_us,
             cpu_us: u64::try_from(report.cpu.as_micros()).unwrap_or(u64::MAX),
             peak_memory_bytes: report.peak_memory_bytes,

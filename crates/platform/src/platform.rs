@@ -13,20 +13,22 @@ use mayfly_runtime::{
     DeployError, Function, HyperOutgoingBody, InvocationError, InvocationLimits, RequestLabels,
     Runtime, RuntimeConfig,
 };
+use mayfly_scaling::{FixedKeepAlive, KeepAlivePolicy};
 use mayfly_store::{
     BlobDir, BlobKind, BlobStore, Digest, EmbeddedLedger, EmbeddedStore, FunctionConfig,
-    FunctionLimits, FunctionRecord, LogStore, Registry, StoreError, StoredUsage, UsageQuery,
-    UsageRow, UsageStore, VersionRecord,
+    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, StoreError, StoredUsage,
+    UsageQuery, UsageRow, UsageStore, VersionRecord,
 };
 use serde::Serialize;
-use tokio::sync::OnceCell;
 
+use crate::admission::{Admission, Permit, SlotLimits, Throttled};
 use crate::catalog::{Catalog, Deployed};
 use crate::config::PriceList;
 use crate::ledger::Ledger;
 use crate::logs::LogHub;
 use crate::metering::{FunctionMeter, Metrics};
 use crate::routes::Route;
+use crate::tiers::{Activity, Running, Tier, TierName, eviction_order};
 
 /// Header carrying the request id back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-mayfly-request-id";
@@ -42,6 +44,55 @@ pub struct NodeConfig {
     pub max_component_bytes: usize,
     /// Prices that turn usage into cost.
     pub prices: PriceList,
+    /// Concurrency, memory budget and keep-alive.
+    pub scaling: ScalingConfig,
+}
+
+/// How the node scales functions.
+#[derive(Clone)]
+pub struct ScalingConfig {
+    /// Keep-alive and pre-warm policy of every function.
+    pub keep_alive: Arc<dyn KeepAlivePolicy>,
+    /// Invocations running at once on the node, over every function.
+    pub max_concurrency: u32,
+    /// Memory the node may promise to running invocations (each counts its
+    /// configured limit) and keep in warm and hot functions, in bytes.
+    pub memory_budget_bytes: u64,
+    /// How often the autoscaler applies keep-alive windows and the budget.
+    pub tick: Duration,
+}
+
+impl std::fmt::Debug for ScalingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScalingConfig")
+            .field("keep_alive", &self.keep_alive.name())
+            .field("max_concurrency", &self.max_concurrency)
+            .field("memory_budget_bytes", &self.memory_budget_bytes)
+            .field("tick", &self.tick)
+            .finish()
+    }
+}
+
+impl ScalingConfig {
+    /// The defaults for a node of `max_instances`: fixed 10-minute
+    /// keep-alive, every instance slot usable, and the machine's physical
+    /// memory as the budget.
+    pub fn new(max_instances: u32) -> Self {
+        Self {
+            keep_alive: Arc::new(FixedKeepAlive::default()),
+            max_concurrency: max_instances,
+            memory_budget_bytes: physical_memory().unwrap_or(8 << 30),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The machine's physical memory, from `/proc/meminfo` (Linux).
+pub fn physical_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl NodeConfig {
@@ -52,6 +103,7 @@ impl NodeConfig {
             runtime: RuntimeConfig::default(),
             max_component_bytes: 64 << 20,
             prices: PriceList::default(),
+            scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
         }
     }
 }
@@ -108,6 +160,18 @@ pub struct Status {
     pub requests_too_large: u64,
     /// Instances running now.
     pub instances_in_flight: usize,
+    /// Idle instances kept by hot functions.
+    pub instances_kept: usize,
+    /// Requests refused with 429 since start.
+    pub throttled: u64,
+    /// Keep-alive policy.
+    pub keep_alive_policy: String,
+    /// Memory promised to running invocations, in MB.
+    pub memory_in_use_mb: u64,
+    /// Memory held by warm and hot functions (code and kept instances), in MB.
+    pub memory_resident_mb: u64,
+    /// The node's memory budget, in MB.
+    pub memory_budget_mb: u64,
     /// Guest log lines dropped because the log writer fell behind.
     pub log_lines_dropped: u64,
     /// Usage records committed to the ledger since start.
@@ -116,6 +180,26 @@ pub struct Status {
     pub ledger_pending: i64,
     /// The node's data directory.
     pub data_dir: String,
+    /// Each function's tier and instances.
+    pub scaling: Vec<FunctionScalingStatus>,
+}
+
+/// One function's place in the tiers, for `mayfly status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionScalingStatus {
+    /// Function name.
+    pub function: String,
+    /// Cold, warm or hot.
+    pub tier: TierName,
+    /// Invocations running.
+    pub running: u32,
+    /// Idle kept instances (hot functions).
+    pub kept: usize,
+    /// Requests waiting for a slot.
+    pub queued: u32,
+    /// Seconds since the function's last invocation ended (absent while
+    /// running).
+    pub idle_seconds: Option<f64>,
 }
 
 /// What a deploy did.
@@ -139,6 +223,10 @@ pub struct Platform {
     ledger: Arc<Ledger>,
     metrics: Metrics,
     catalog: ArcSwap<Catalog>,
+    admission: Arc<Admission>,
+    /// Function activity by name, kept across versions (and deletes, so a
+    /// redeploy keeps its history).
+    activities: std::sync::Mutex<std::collections::HashMap<String, Arc<Activity>>>,
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
@@ -182,6 +270,11 @@ impl Platform {
             ledger,
             metrics,
             catalog: ArcSwap::from_pointee(Catalog::default()),
+            admission: Admission::new(
+                config.scaling.max_concurrency,
+                config.scaling.memory_budget_bytes,
+            ),
+            activities: std::sync::Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
             config,
             started: Instant::now(),
@@ -195,6 +288,7 @@ impl Platform {
         }
         platform.catalog.store(Arc::new(Catalog::new(deployed)));
         platform.count_functions();
+        spawn_autoscaler(&platform);
         Ok(platform)
     }
 
@@ -216,39 +310,69 @@ impl Platform {
         }
         let routes = parse_routes(&record.live.config.routes)
             .map_err(|e| anyhow::anyhow!("stored routes of {} are invalid: {e}", record.name))?;
+        let config = &record.live.config;
+        if let Err(error) = self
+            .admission
+            .configure(&record.name, slot_limits(config, &self.config.scaling))
+        {
+            // The node was restarted with less capacity: serve the function
+            // without its reservation rather than not at all.
+            tracing::warn!(function = %record.name, "reservation dropped: {error}");
+            let mut unreserved = config.clone();
+            unreserved.scaling.reserved_concurrency = 0;
+            self.admission
+                .configure(&record.name, slot_limits(&unreserved, &self.config.scaling))
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
         Ok(self.deployed(
             record.name,
             record.live.version,
             artifact,
             routes,
-            &record.live.config.limits,
-            OnceCell::new(),
+            config,
+            Tier::default(),
         ))
     }
 
-    /// A catalog entry, with its meter.
+    /// A catalog entry, with its meter and the function's activity.
     fn deployed(
         &self,
         name: String,
         version: u64,
         artifact: Digest,
         routes: Vec<Route>,
-        limits: &FunctionLimits,
-        loaded: OnceCell<Function>,
+        config: &FunctionConfig,
+        tier: Tier,
     ) -> Arc<Deployed> {
         let meter = FunctionMeter::new(
-            limits.memory_mb,
+            name.clone(),
+            config.limits.memory_mb,
             self.metrics.function(&name),
             self.ledger.clone(),
         );
+        let activity = self
+            .activities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(Activity::new(
+                    self.config.scaling.keep_alive.as_ref(),
+                    self.started,
+                ))
+            })
+            .clone();
         Arc::new(Deployed {
+            key: Arc::from(name.as_str()),
             name,
             version,
             artifact,
             routes,
-            limits: invocation_limits(limits),
+            limits: invocation_limits(&config.limits),
+            scaling: config.scaling.clone(),
             meter: Arc::new(meter),
-            loaded,
+            tier,
+            activity,
         })
     }
 
@@ -304,6 +428,8 @@ impl Platform {
         validate_name(name)?;
         validate_limits(&config.limits, self.config.runtime.max_instance_memory)
             .map_err(PlatformError::BadRequest)?;
+        validate_scaling(&config.scaling, self.config.scaling.max_concurrency)
+            .map_err(PlatformError::BadRequest)?;
         if wasm.len() > self.config.max_component_bytes {
             return Err(PlatformError::BadRequest(format!(
                 "the component is {} bytes, over this node's limit of {} bytes",
@@ -337,32 +463,63 @@ impl Platform {
         if compiled {
             self.compile_and_store(wasm.clone(), &artifact).await?;
         }
-        let function = self.load(&artifact).await?;
+        let function = self.load(&artifact, config.scaling.reuse).await?;
 
         let _change = self.changes.lock().await;
+        // Checked under the change lock, so no other deploy can take the
+        // reservation between this check and the store write.
+        let previous = self.catalog.load().by_name.get(name).cloned();
+        let slots = slot_limits(&config, &self.config.scaling);
+        self.admission
+            .configure(name, slots)
+            .map_err(PlatformError::BadRequest)?;
         let blobs = self.blobs.clone();
         let registry = self.registry.clone();
         let config = FunctionConfig {
             routes: routes.iter().map(Route::to_string).collect(),
             ..config
         };
-        let limits = config.limits.clone();
+        let stored_config = config.clone();
         let function_name = name.to_string();
-        let version = tokio::task::spawn_blocking(move || {
+        let stored = tokio::task::spawn_blocking(move || {
             blobs.put(BlobKind::Component, &wasm)?;
-            registry.create_version(&function_name, &digest, &config)
+            registry.create_version(&function_name, &digest, &stored_config)
         })
         .await
-        .map_err(|e| PlatformError::Internal(e.into()))??;
+        .map_err(|e| PlatformError::Internal(e.into()))?;
+        let version = match stored {
+            Ok(version) => version,
+            Err(error) => {
+                // Nothing changed: the previous version's limits apply again.
+                match &previous {
+                    Some(previous) => {
+                        let _ = self.admission.configure(
+                            name,
+                            slot_limits_of(
+                                &previous.scaling,
+                                &previous.limits,
+                                &self.config.scaling,
+                            ),
+                        );
+                    }
+                    None => self.admission.remove(name),
+                }
+                return Err(error.into());
+            }
+        };
 
         let deployed = self.deployed(
             name.to_string(),
             version.version,
             artifact,
             routes,
-            &limits,
-            OnceCell::new_with(Some(function)),
+            &config,
+            Tier::warm(function),
         );
+        // The old version goes cold now: running requests keep their copy.
+        if let Some(previous) = previous {
+            previous.tier.unload();
+        }
         let next = self.catalog.load().with(deployed);
         self.catalog.store(Arc::new(next));
         self.count_functions();
@@ -386,8 +543,13 @@ impl Platform {
         if !existed {
             return Err(PlatformError::NotFound(name.to_string()));
         }
+        let removed = self.catalog.load().by_name.get(name).cloned();
         let next = self.catalog.load().without(name);
         self.catalog.store(Arc::new(next));
+        self.admission.remove(name);
+        if let Some(removed) = removed {
+            removed.tier.unload();
+        }
         self.metrics.remove_function(name);
         self.count_functions();
         tracing::info!(function = name, "deleted");
@@ -430,11 +592,132 @@ impl Platform {
             failed_invocations: self.metrics.node.failed_invocations.get(),
             requests_too_large: self.metrics.node.requests_too_large.get(),
             instances_in_flight: self.runtime.in_flight(),
+            instances_kept: self.runtime.kept_instances(),
+            throttled: self.metrics.node.throttled.get(),
+            keep_alive_policy: self.config.scaling.keep_alive.name(),
+            memory_in_use_mb: self.admission.memory_in_use() >> 20,
+            memory_resident_mb: self.resident_memory() >> 20,
+            memory_budget_mb: self.admission.memory_budget() >> 20,
             log_lines_dropped: self.logs.dropped(),
             ledger_records: self.metrics.ledger.committed.get(),
             ledger_pending: self.ledger.pending(),
             data_dir: self.config.data_dir.display().to_string(),
+            scaling: self.scaling_status(),
         }
+    }
+
+    /// Each function's tier, instances and queue.
+    pub fn scaling_status(&self) -> Vec<FunctionScalingStatus> {
+        let catalog = self.catalog.load();
+        let mut functions: Vec<FunctionScalingStatus> = catalog
+            .by_name
+            .values()
+            .map(|deployed| {
+                let usage = self.admission.usage(&deployed.name);
+                FunctionScalingStatus {
+                    function: deployed.name.clone(),
+                    tier: deployed.tier.name(),
+                    running: usage.running,
+                    kept: deployed.tier.get().map_or(0, |f| f.kept_instances()),
+                    queued: usage.queued,
+                    idle_seconds: deployed.activity.idle_for().map(|d| d.as_secs_f64()),
+                }
+            })
+            .collect();
+        functions.sort_by(|a, b| a.function.cmp(&b.function));
+        functions
+    }
+
+    /// Memory held by loaded functions: their mapped code and the linear
+    /// memory of their kept instances.
+    fn resident_memory(&self) -> u64 {
+        self.catalog
+            .load()
+            .by_name
+            .values()
+            .filter_map(|deployed| deployed.tier.get())
+            .map(|f| f.code_bytes() as u64 + f.kept_memory_bytes())
+            .sum()
+    }
+
+    /// One pass of the autoscaler: applies every function's keep-alive
+    /// windows (unload, pre-warm, shrink hot pools), then the memory
+    /// budget, and refreshes the tier metrics.
+    pub async fn autoscale(self: &Arc<Self>) {
+        let catalog = self.catalog.load_full();
+        let mut resident = 0u64;
+        let mut evictable = Vec::new();
+        for deployed in catalog.by_name.values() {
+            let activity = &deployed.activity;
+            let windows = activity.windows();
+            let idle = activity.idle_for();
+            let warm_now = activity.should_be_warm();
+            if !warm_now {
+                if deployed.tier.unload() {
+                    self.metrics.node.unloads_keep_alive.inc();
+                }
+            } else if windows.prewarm > Duration::ZERO && deployed.tier.get().is_none() {
+                // The policy expects the next call soon: load it before.
+                self.prewarm(deployed.clone());
+            }
+            if let Some(function) = deployed.tier.get() {
+                function.reap_kept(windows.prewarm.saturating_add(windows.keep_alive));
+                let bytes = function.code_bytes() as u64 + function.kept_memory_bytes();
+                resident += bytes;
+                if let Some(idle) = idle {
+                    evictable.push((eviction_order(idle, bytes), bytes, deployed.clone()));
+                }
+            }
+            let kept = deployed.tier.get().map_or(0, |f| f.kept_instances());
+            deployed.meter.set_tiers(
+                deployed.tier.name().gauge(),
+                i64::from(activity.running()) + kept as i64,
+            );
+        }
+
+        // Under memory pressure, the least valuable idle entries go first.
+        let budget = self.admission.memory_budget();
+        let mut used = resident + self.admission.memory_in_use();
+        if used > budget {
+            evictable.sort_by_key(|(order, _, _)| *order);
+            for (_, bytes, deployed) in evictable {
+                if used <= budget {
+                    break;
+                }
+                if deployed.tier.unload() {
+                    self.metrics.node.unloads_memory.inc();
+                    used = used.saturating_sub(bytes);
+                }
+            }
+        }
+        self.metrics
+            .node
+            .resident_memory
+            .set(i64::try_from(resident).unwrap_or(i64::MAX));
+    }
+
+    /// Loads a cold function ahead of its predicted next invocation.
+    fn prewarm(self: &Arc<Self>, deployed: Arc<Deployed>) {
+        let platform = self.clone();
+        tokio::spawn(async move {
+            let loaded = deployed
+                .tier
+                .get_or_load(async || {
+                    platform
+                        .load(&deployed.artifact, deployed.scaling.reuse)
+                        .await
+                })
+                .await;
+            match loaded {
+                Ok((_, true)) => {
+                    platform.metrics.node.prewarms.inc();
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(function = %deployed.name, "pre-warm failed: {error}");
+                }
+            }
+        });
     }
 
     /// The current catalog.
@@ -452,7 +735,7 @@ impl Platform {
         &self.logs
     }
 
-    async fn load(&self, artifact: &Digest) -> Result<Function, PlatformError> {
+    async fn load(&self, artifact: &Digest, reuse: bool) -> Result<Function, PlatformError> {
         let path = self
             .blobs
             .local_path(BlobKind::Artifact, artifact)
@@ -460,7 +743,7 @@ impl Platform {
                 PlatformError::Internal(anyhow::anyhow!("artifact {artifact} is missing"))
             })?;
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.load_artifact(&path))
+        tokio::task::spawn_blocking(move || runtime.load_artifact(&path, reuse))
             .await
             .map_err(|e| PlatformError::Internal(e.into()))?
             .map_err(PlatformError::Internal)
@@ -480,38 +763,36 @@ impl Platform {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let request_id = uuid::Uuid::now_v7().simple().to_string();
-        let cold_start = function.loaded.get().is_none();
-        let result = match function
-            .loaded
-            .get_or_try_init(|| self.load(&function.artifact))
-            .await
-        {
-            Ok(loaded) => {
-                let labels = Arc::new(RequestLabels {
-                    function: function.name.clone(),
-                    version: function.version,
-                    request_id: request_id.clone(),
-                    trigger,
-                    cold_start,
-                });
-                let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
-                let meter: Arc<dyn mayfly_runtime::ReportSink> = function.meter.clone();
-                loaded
-                    .handle(request, labels, &function.limits, logs, meter)
+        let queue_timeout = Duration::from_millis(function.scaling.queue_timeout_ms);
+        let admitted = Instant::now();
+        let result = match self.admission.acquire(&function.key, queue_timeout).await {
+            Ok(permit) => {
+                if !permit.waited.is_zero() {
+                    function.meter.queued(permit.waited);
+                }
+                self.run(function, request, request_id.clone(), trigger, permit)
                     .await
-                    .map_err(|error| {
-                        if matches!(error, InvocationError::RequestTooLarge(_)) {
-                            self.metrics.node.requests_too_large.inc();
-                        }
-                        (error.status(), error.to_string())
-                    })
             }
-            Err(error) => {
-                tracing::error!(function = %function.name, "cannot load function: {error}");
-                Err((
-                    http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "the function could not be loaded".to_string(),
-                ))
+            Err(throttled) => {
+                function.meter.throttled(
+                    &request_id,
+                    function.version,
+                    trigger,
+                    admitted.elapsed(),
+                );
+                let mut response = text_response(
+                    http::StatusCode::TOO_MANY_REQUESTS,
+                    format!("{}: {throttled}; retry later\n", function.name),
+                );
+                if throttled != Throttled::Gone {
+                    // Slots free up as invocations end; one second is the
+                    // header's smallest unit.
+                    response.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("1"),
+                    );
+                }
+                Ok(response)
             }
         };
         let mut response = match result {
@@ -522,6 +803,56 @@ impl Platform {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
+    }
+
+    /// Runs an admitted request: loads the function if it is cold, then
+    /// hands the request to an instance. The permit and the activity count
+    /// are held until the guest is done, not just until its response head.
+    async fn run<B>(
+        &self,
+        function: &Deployed,
+        request: http::Request<B>,
+        request_id: String,
+        trigger: &'static str,
+        permit: Permit,
+    ) -> Result<http::Response<HyperOutgoingBody>, (http::StatusCode, String)>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let running = Running::start(&function.activity);
+        let loaded = function
+            .tier
+            .get_or_load(async || self.load(&function.artifact, function.scaling.reuse).await)
+            .await;
+        let (loaded, cold_start) = loaded.map_err(|error| {
+            tracing::error!(function = %function.name, "cannot load function: {error}");
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "the function could not be loaded".to_string(),
+            )
+        })?;
+        let labels = Arc::new(RequestLabels {
+            function: function.name.clone(),
+            version: function.version,
+            request_id,
+            trigger,
+            cold_start,
+        });
+        let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
+        let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(Admitted {
+            meter: function.meter.clone(),
+            _held: std::sync::Mutex::new(Some((permit, running))),
+        });
+        loaded
+            .handle(request, labels, &function.limits, logs, reports)
+            .await
+            .map_err(|error| {
+                if matches!(error, InvocationError::RequestTooLarge(_)) {
+                    self.metrics.node.requests_too_large.inc();
+                }
+                (error.status(), error.to_string())
+            })
     }
 
     /// The node's metrics in the OpenMetrics text format.
@@ -595,6 +926,95 @@ impl Platform {
             tracing::error!("flushing the ledger and logs failed: {error}");
         }
     }
+}
+
+/// One admitted invocation's report sink: forwards to the function's meter
+/// and gives back the admission slot and activity count when the guest is
+/// done (or when the request is refused before a guest runs).
+struct Admitted {
+    meter: Arc<FunctionMeter>,
+    _held: std::sync::Mutex<Option<(Permit, Running)>>,
+}
+
+impl mayfly_runtime::ReportSink for Admitted {
+    fn started(&self, labels: &RequestLabels) {
+        self.meter.started(labels);
+    }
+
+    fn finished(&self, labels: &RequestLabels, report: mayfly_runtime::InvocationReport) {
+        self.meter.finished(labels, report);
+        // Free the slot now: the sink itself may outlive the guest a little.
+        drop(self._held.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
+/// Starts the autoscaler: one pass per tick while the node lives.
+fn spawn_autoscaler(platform: &Arc<Platform>) {
+    let weak = Arc::downgrade(platform);
+    let tick = platform.config.scaling.tick;
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(platform) = weak.upgrade() else {
+                return;
+            };
+            platform.autoscale().await;
+        }
+    });
+}
+
+/// Admission limits for a function's configuration on this node.
+fn slot_limits(config: &FunctionConfig, node: &ScalingConfig) -> SlotLimits {
+    slot_limits_of(&config.scaling, &invocation_limits(&config.limits), node)
+}
+
+fn slot_limits_of(
+    scaling: &FunctionScaling,
+    limits: &InvocationLimits,
+    node: &ScalingConfig,
+) -> SlotLimits {
+    SlotLimits {
+        max_concurrency: scaling.max_concurrency.unwrap_or(node.max_concurrency),
+        reserved: scaling.reserved_concurrency,
+        memory_bytes: limits.memory_bytes as u64,
+        max_queued: scaling.max_queued,
+    }
+}
+
+/// Largest queue a function may ask for.
+const MAX_QUEUED: u32 = 10_000;
+
+fn validate_scaling(scaling: &FunctionScaling, node_max: u32) -> Result<(), String> {
+    if let Some(max) = scaling.max_concurrency
+        && (max == 0 || max > node_max)
+    {
+        return Err(format!(
+            "max_concurrency is {max}: give 1 to {node_max} (this node's concurrency)"
+        ));
+    }
+    let max = scaling.max_concurrency.unwrap_or(node_max);
+    if scaling.reserved_concurrency > max {
+        return Err(format!(
+            "reserved_concurrency is {}: give at most max_concurrency ({max})",
+            scaling.reserved_concurrency
+        ));
+    }
+    if scaling.max_queued > MAX_QUEUED {
+        return Err(format!(
+            "max_queued is {}: give 0 to {MAX_QUEUED}",
+            scaling.max_queued
+        ));
+    }
+    if scaling.queue_timeout_ms > FunctionScaling::MAX_QUEUE_TIMEOUT_MS {
+        return Err(format!(
+            "queue_timeout_ms is {}: give 0 to {} (one minute)",
+            scaling.queue_timeout_ms,
+            FunctionScaling::MAX_QUEUE_TIMEOUT_MS
+        ));
+    }
+    Ok(())
 }
 
 /// The runtime's limits for a function's configured ones.

@@ -55,7 +55,7 @@ fn invoke(c: &mut Criterion) {
     std::fs::create_dir_all(&dir).unwrap();
     let artifact = dir.join("hello.cwasm");
     std::fs::write(&artifact, &compiled.artifact).unwrap();
-    let function = runtime.load_artifact(&artifact).unwrap();
+    let function = runtime.load_artifact(&artifact, false).unwrap();
 
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -96,7 +96,7 @@ fn invoke(c: &mut Criterion) {
     });
 
     c.bench_function("load artifact (cold to warm)", |b| {
-        b.iter(|| runtime.load_artifact(&artifact).unwrap())
+        b.iter(|| runtime.load_artifact(&artifact, false).unwrap())
     });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -89,7 +89,7 @@ impl Runtime {
             engine,
             linker,
             fingerprint,
-            lifecycle: Arc::default(),
+            lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize)),
         }))
     }
 
@@ -108,8 +108,10 @@ impl Runtime {
 
     /// Loads a serialized artifact produced by [`Runtime::compile`] from disk
     /// and pre-links it, ready to serve requests. The file is memory-mapped,
-    /// so resident memory grows only with the code a function runs.
-    pub fn load_artifact(&self, path: &Path) -> anyhow::Result<Function> {
+    /// so resident memory grows only with the code a function runs. With
+    /// `reuse`, the function keeps its instances between requests (the hot
+    /// tier).
+    pub fn load_artifact(&self, path: &Path, reuse: bool) -> anyhow::Result<Function> {
         // SAFETY: artifacts are only ever written by `Runtime::compile` into
         // the node's own data directory (never uploaded by users), and the
         // engine fingerprint in their cache key guarantees they were produced
@@ -118,21 +120,33 @@ impl Runtime {
         #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
         let component = unsafe { Component::deserialize_file(&self.engine, path) }
             .with_context(|| format!("failed to load artifact {}", path.display()))?;
-        self.prepare(&component)
+        self.prepare(&component, reuse)
     }
 
-    fn prepare(&self, component: &Component) -> anyhow::Result<Function> {
+    fn prepare(&self, component: &Component, reuse: bool) -> anyhow::Result<Function> {
         let pre = self
             .linker
             .instantiate_pre(component)
             .context("failed to link the component")?;
         let proxy = ProxyPre::new(pre).context("the component is not a wasi:http proxy")?;
-        Ok(Function::new(proxy, self.lifecycle.clone()))
+        let image = component.image_range();
+        let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
+        Ok(Function::new(
+            proxy,
+            self.lifecycle.clone(),
+            reuse,
+            code_bytes,
+        ))
     }
 
     /// Invocations running now, on every function of this runtime.
     pub fn in_flight(&self) -> usize {
         self.lifecycle.in_flight()
+    }
+
+    /// Idle kept instances of reused functions, waiting for requests.
+    pub fn kept_instances(&self) -> usize {
+        self.lifecycle.kept()
     }
 
     /// Ends every running invocation (outcome `killed`) and every one that

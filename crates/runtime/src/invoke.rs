@@ -1,7 +1,7 @@
 //! One request, one fresh instance: the hot path of the node.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -182,6 +182,8 @@ pub trait ReportSink: Send + Sync {
 /// Per-invocation host state: the `T` of the wasmtime `Store`.
 pub(crate) struct InvocationState {
     wasi: WasiCtx,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
     http: WasiHttpCtx,
     table: ResourceTable,
     outbound: DenyAllOutbound,
@@ -209,30 +211,89 @@ impl WasiHttpView for InvocationState {
 
 /// A deployed function, compiled and pre-linked: instantiating it per request
 /// only allocates a slot and runs the guest's start-up.
+///
+/// A function loaded for reuse (the hot tier) keeps its instances after a
+/// successful request and hands them to later requests, one at a time.
 #[derive(Clone)]
 pub struct Function {
     pre: ProxyPre<InvocationState>,
     lifecycle: Arc<Lifecycle>,
+    kept: Option<Arc<KeptInstances>>,
+    code_bytes: usize,
 }
 
 /// How a guest's run ended, before it is turned into an outcome.
 enum End {
-    Returned(Result<(), InvocationError>),
+    Returned(Result<Proxy, InvocationError>),
     TimedOut,
     Killed,
 }
 
 impl Function {
-    pub(crate) fn new(pre: ProxyPre<InvocationState>, lifecycle: Arc<Lifecycle>) -> Self {
-        Self { pre, lifecycle }
+    pub(crate) fn new(
+        pre: ProxyPre<InvocationState>,
+        lifecycle: Arc<Lifecycle>,
+        reuse: bool,
+        code_bytes: usize,
+    ) -> Self {
+        let kept = reuse.then(|| {
+            let kept = Arc::new(KeptInstances::default());
+            lifecycle.register(&kept);
+            kept
+        });
+        Self {
+            pre,
+            lifecycle,
+            kept,
+            code_bytes,
+        }
     }
 
-    /// Runs `request` in a fresh instance and returns the guest's response as
-    /// soon as its head is ready. The guest keeps running in its own task
-    /// while the body streams, bounded by `limits.timeout`; failures after the
-    /// head was sent are logged and end the body early. When the guest is
-    /// done, `reports` receives what it used and how it ended; a request
-    /// refused before the guest ran (too large) produces no report.
+    /// Size of the function's compiled code image, mapped from its artifact
+    /// while the function is loaded.
+    pub fn code_bytes(&self) -> usize {
+        self.code_bytes
+    }
+
+    /// Whether this function keeps and reuses its instances.
+    pub fn reuses_instances(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// Instances kept idle, waiting for a request (0 unless reused).
+    pub fn kept_instances(&self) -> usize {
+        self.kept.as_ref().map_or(0, |kept| kept.len())
+    }
+
+    /// Linear memory held by the idle kept instances, in bytes.
+    pub fn kept_memory_bytes(&self) -> u64 {
+        self.kept.as_ref().map_or(0, |kept| kept.memory_bytes())
+    }
+
+    /// Drops the kept instances that have been idle for `idle` or longer
+    /// and returns how many: how the hot pool shrinks after a burst.
+    pub fn reap_kept(&self, idle: Duration) -> usize {
+        self.kept
+            .as_ref()
+            .map_or(0, |kept| kept.take_idle_for(idle, &self.lifecycle).len())
+    }
+
+    /// Drops every kept instance, now and as running ones finish: the
+    /// function is being unloaded.
+    pub fn close(&self) {
+        if let Some(kept) = &self.kept {
+            kept.closed.store(true, Ordering::Release);
+            drop(kept.take_idle_for(Duration::ZERO, &self.lifecycle));
+        }
+    }
+
+    /// Runs `request` in an instance (a fresh one, or a kept one when the
+    /// function reuses them) and returns the guest's response as soon as its
+    /// head is ready. The guest keeps running in its own task while the body
+    /// streams, bounded by `limits.timeout`; failures after the head was sent
+    /// are logged and end the body early. When the guest is done, `reports`
+    /// receives what it used and how it ended; a request refused before the
+    /// guest ran (too large) produces no report.
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
@@ -265,27 +326,21 @@ impl Function {
             )
         });
 
-        let stdout = GuestOutput::new(
-            labels.clone(),
-            logs.clone(),
-            LogStream::Stdout,
-            limits.max_log_bytes,
-        );
-        let stderr = GuestOutput::new(
-            labels.clone(),
-            logs,
-            LogStream::Stderr,
-            limits.max_log_bytes,
-        );
-        let state = InvocationState {
-            wasi: WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            outbound: DenyAllOutbound,
-            memory: MemoryMeter::new(limits.memory_bytes),
+        let kept = self
+            .kept
+            .as_ref()
+            .and_then(|kept| kept.take(&self.lifecycle));
+        let (mut store, proxy, served) = match kept {
+            Some(kept) => {
+                let mut store = kept.store;
+                let state = store.data_mut();
+                state.stdout.rebind(labels.clone(), limits.max_log_bytes);
+                state.stderr.rebind(labels.clone(), limits.max_log_bytes);
+                state.memory.start_invocation(limits.memory_bytes);
+                (store, Some(kept.proxy), kept.served)
+            }
+            None => (self.new_store(&labels, limits, logs), None, 0),
         };
-        let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|state| &mut state.memory);
         // Yield to the async runtime at every epoch tick so a busy guest
         // never starves other requests on the same worker thread.
         store.epoch_deadline_async_yield_and_update(1);
@@ -302,10 +357,17 @@ impl Function {
             .new_response_outparam(response_tx)
             .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?;
 
+        if proxy.is_none() {
+            // A fresh instance needs a pool slot: give back an idle kept
+            // instance of some function if the pool is full.
+            self.lifecycle.make_room();
+        }
         let (head_tx, head_rx) = tokio::sync::oneshot::channel();
         let guest = GuestRun {
             pre: self.pre.clone(),
             lifecycle: self.lifecycle.clone(),
+            kept: self.kept.clone(),
+            served,
             labels,
             limits: limits.clone(),
             flags,
@@ -317,7 +379,7 @@ impl Function {
         let in_flight = InFlight::enter(&self.lifecycle);
         tokio::spawn(async move {
             guest
-                .run(store, incoming, outparam, response_rx, head_tx)
+                .run(store, proxy, incoming, outparam, response_rx, head_tx)
                 .await;
             drop(in_flight);
         });
@@ -329,6 +391,133 @@ impl Function {
             )),
         }
     }
+
+    /// A store for a fresh instance, its stdout and stderr wired to `logs`.
+    fn new_store(
+        &self,
+        labels: &Arc<RequestLabels>,
+        limits: &InvocationLimits,
+        logs: Arc<dyn LogSink>,
+    ) -> Store<InvocationState> {
+        let stdout = GuestOutput::new(
+            labels.clone(),
+            logs.clone(),
+            LogStream::Stdout,
+            limits.max_log_bytes,
+        );
+        let stderr = GuestOutput::new(
+            labels.clone(),
+            logs,
+            LogStream::Stderr,
+            limits.max_log_bytes,
+        );
+        let state = InvocationState {
+            wasi: WasiCtxBuilder::new()
+                .stdout(stdout.clone())
+                .stderr(stderr.clone())
+                .build(),
+            stdout,
+            stderr,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: DenyAllOutbound,
+            memory: MemoryMeter::new(limits.memory_bytes),
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|state| &mut state.memory);
+        store
+    }
+}
+
+/// A kept instance serves at most this many requests, then is replaced: a
+/// guest that leaks memory or host resources a little per request cannot
+/// grow without bound (the same safety valve as a worker's max requests).
+const MAX_REQUESTS_PER_KEPT_INSTANCE: u32 = 10_000;
+
+/// An instance of a reused function, idle between requests.
+struct KeptInstance {
+    store: Store<InvocationState>,
+    proxy: Proxy,
+    idle_since: Instant,
+    served: u32,
+}
+
+/// The idle instances of one reused function. The most recently used one is
+/// handed out first, so a steady load keeps few instances busy and the rest
+/// age out.
+#[derive(Default)]
+pub(crate) struct KeptInstances {
+    idle: Mutex<Vec<KeptInstance>>,
+    /// Set when the function is unloaded: returning instances are dropped.
+    closed: AtomicBool,
+}
+
+impl KeptInstances {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<KeptInstance>> {
+        // Never held across guest code; a poisoned lock still holds a valid Vec.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.lock()
+            .iter()
+            .map(|kept| kept.store.data().memory.current() as u64)
+            .sum()
+    }
+
+    fn take(&self, lifecycle: &Lifecycle) -> Option<KeptInstance> {
+        let kept = self.lock().pop();
+        if kept.is_some() {
+            lifecycle.kept.fetch_sub(1, Ordering::AcqRel);
+        }
+        kept
+    }
+
+    /// Returns an instance after a successful request, unless the function
+    /// was unloaded meanwhile or the instance has served its share.
+    fn put(&self, mut kept: KeptInstance, lifecycle: &Lifecycle) {
+        if self.closed.load(Ordering::Acquire) || kept.served >= MAX_REQUESTS_PER_KEPT_INSTANCE {
+            return;
+        }
+        kept.idle_since = Instant::now();
+        self.lock().push(kept);
+        lifecycle.kept.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes the instances idle for `idle` or longer. The caller drops
+    /// them outside the lock (dropping a store returns its pool slot).
+    fn take_idle_for(&self, idle: Duration, lifecycle: &Lifecycle) -> Vec<KeptInstance> {
+        let now = Instant::now();
+        let mut kept = self.lock();
+        // Oldest first: the vector is in order of return.
+        let stale = kept
+            .iter()
+            .take_while(|k| now.duration_since(k.idle_since) >= idle)
+            .count();
+        let taken: Vec<KeptInstance> = kept.drain(..stale).collect();
+        drop(kept);
+        lifecycle.kept.fetch_sub(taken.len(), Ordering::AcqRel);
+        taken
+    }
+
+    fn oldest_idle_since(&self) -> Option<Instant> {
+        self.lock().first().map(|k| k.idle_since)
+    }
+
+    fn take_oldest(&self, lifecycle: &Lifecycle) -> Option<KeptInstance> {
+        let mut kept = self.lock();
+        if kept.is_empty() {
+            return None;
+        }
+        let oldest = kept.remove(0);
+        drop(kept);
+        lifecycle.kept.fetch_sub(1, Ordering::AcqRel);
+        Some(oldest)
+    }
 }
 
 type ResponseReceiver =
@@ -339,6 +528,10 @@ type HeadSender = tokio::sync::oneshot::Sender<Result<InvocationResponse, Invoca
 struct GuestRun {
     pre: ProxyPre<InvocationState>,
     lifecycle: Arc<Lifecycle>,
+    /// Where the instance goes back after a successful request, if kept.
+    kept: Option<Arc<KeptInstances>>,
+    /// Requests the instance served before this one.
+    served: u32,
     labels: Arc<RequestLabels>,
     limits: InvocationLimits,
     flags: Arc<BodyFlags>,
@@ -353,6 +546,7 @@ impl GuestRun {
     async fn run(
         self,
         mut store: Store<InvocationState>,
+        proxy: Option<Proxy>,
         incoming: Resource<HostIncomingRequest>,
         outparam: Resource<HostResponseOutparam>,
         mut response_rx: ResponseReceiver,
@@ -365,15 +559,19 @@ impl GuestRun {
         let (end, cpu) = {
             let pre = &self.pre;
             let mut guest = std::pin::pin!(CpuMetered::new(async {
-                let proxy = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?;
+                let proxy = match proxy {
+                    Some(proxy) => proxy,
+                    None => pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?,
+                };
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, incoming, outparam)
                     .await
-                    .map_err(classify_guest_error)
+                    .map_err(classify_guest_error)?;
+                Ok(proxy)
             }));
             let deadline = tokio::time::sleep(self.limits.timeout);
             let mut deadline = std::pin::pin!(deadline);
@@ -411,11 +609,12 @@ impl GuestRun {
         let wall = self.started.elapsed();
         let memory = &store.data().memory;
         let (peak_memory, refused) = (memory.peak(), memory.refused());
-        // Frees the instance slot and flushes the last partial log line.
-        drop(store);
-
+        let mut finished_instance = None;
         let failure = match end {
-            End::Returned(Ok(())) => None,
+            End::Returned(Ok(proxy)) => {
+                finished_instance = Some(proxy);
+                None
+            }
             End::Returned(Err(_)) if refused => {
                 Some(InvocationError::OutOfMemory(self.limits.memory_bytes))
             }
@@ -448,6 +647,25 @@ impl GuestRun {
             };
             status = Some(error.status().as_u16());
             let _ = tx.send(Err(error));
+        }
+
+        // Only an instance that finished a request cleanly is reused: after a
+        // trap, a timeout or a broken limit its state cannot be trusted.
+        match (&self.kept, finished_instance) {
+            (Some(kept), Some(proxy)) if outcome == Outcome::Ok => {
+                let state = store.data();
+                state.stdout.finish();
+                state.stderr.finish();
+                let kept_instance = KeptInstance {
+                    store,
+                    proxy,
+                    idle_since: Instant::now(),
+                    served: self.served.saturating_add(1),
+                };
+                kept.put(kept_instance, &self.lifecycle);
+            }
+            // Frees the instance slot and flushes the last partial log line.
+            _ => drop(store),
         }
 
         self.reports.finished(
@@ -551,14 +769,58 @@ fn classify_guest_error(error: wasmtime::Error) -> InvocationError {
 
 /// Instances running on the node, and the switch that ends them all when
 /// the node shuts down.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Lifecycle {
     in_flight: AtomicUsize,
     idle: tokio::sync::Notify,
     pub(crate) kill: CancellationToken,
+    /// Pool slots: instances running plus kept idle ones may not exceed it.
+    pub(crate) max_instances: usize,
+    /// Idle kept instances, over every reused function.
+    kept: AtomicUsize,
+    /// Every reused function's kept instances, to free a slot when the pool
+    /// is full. Entries of unloaded functions are pruned as they are found.
+    kept_sets: Mutex<Vec<Weak<KeptInstances>>>,
 }
 
 impl Lifecycle {
+    pub(crate) fn new(max_instances: usize) -> Self {
+        Self {
+            max_instances,
+            ..Self::default()
+        }
+    }
+
+    fn register(&self, kept: &Arc<KeptInstances>) {
+        let mut sets = self.kept_sets.lock().unwrap_or_else(|p| p.into_inner());
+        sets.retain(|set| set.strong_count() > 0);
+        sets.push(Arc::downgrade(kept));
+    }
+
+    /// Idle kept instances on the node.
+    pub(crate) fn kept(&self) -> usize {
+        self.kept.load(Ordering::Acquire)
+    }
+
+    /// Drops the longest-idle kept instance (of any function) when running
+    /// and kept instances fill every pool slot, so a new instance can start.
+    fn make_room(&self) {
+        if self.kept() == 0 || self.in_flight() + self.kept() < self.max_instances {
+            return;
+        }
+        let sets: Vec<Arc<KeptInstances>> = {
+            let sets = self.kept_sets.lock().unwrap_or_else(|p| p.into_inner());
+            sets.iter().filter_map(Weak::upgrade).collect()
+        };
+        let oldest = sets
+            .iter()
+            .filter_map(|set| set.oldest_idle_since().map(|since| (since, set)))
+            .min_by_key(|(since, _)| *since);
+        if let Some((_, set)) = oldest {
+            drop(set.take_oldest(self));
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }

@@ -133,6 +133,22 @@ impl GuestOutput {
         })))
     }
 
+    /// Ends the current invocation's output (a last partial line is still a
+    /// line) and starts `labels`'s, with a fresh byte allowance: for a kept
+    /// instance that serves one request after another.
+    pub(crate) fn rebind(&self, labels: Arc<RequestLabels>, max_bytes: usize) {
+        let mut splitter = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        splitter.emit();
+        splitter.labels = labels;
+        splitter.bytes_left = max_bytes;
+        splitter.truncated = false;
+    }
+
+    /// Emits the last partial line of the current invocation.
+    pub(crate) fn finish(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).emit();
+    }
+
     fn write(&self, bytes: &[u8]) {
         // A poisoned lock means a sink panicked mid-line; keep logging.
         let mut splitter = self.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -32,6 +32,19 @@ impl MemoryMeter {
         }
     }
 
+    /// Starts measuring a new invocation on a kept instance: its peak starts
+    /// at what the instance already holds.
+    pub(crate) fn start_invocation(&mut self, limit: usize) {
+        self.limit = limit;
+        self.peak = self.current;
+        self.refused = false;
+    }
+
+    /// Linear memory the instance holds now, in bytes.
+    pub(crate) fn current(&self) -> usize {
+        self.current
+    }
+
     /// Most linear memory the instance held at once, in bytes.
     pub(crate) fn peak(&self) -> usize {
         self.peak

@@ -20,7 +20,8 @@ pub use ledger::{
     UsageRow, UsageStore, billed_ms,
 };
 pub use model::{
-    FunctionConfig, FunctionLimits, FunctionRecord, LogRecord, NewLogLine, VersionRecord,
+    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LogRecord, NewLogLine,
+    VersionRecord,
 };
 
 /// What can go wrong in the state layer.

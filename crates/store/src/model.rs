@@ -13,6 +13,55 @@ pub struct FunctionConfig {
     /// Resource limits of each invocation.
     #[serde(default)]
     pub limits: FunctionLimits,
+    /// Concurrency, queueing and instance reuse.
+    #[serde(default)]
+    pub scaling: FunctionScaling,
+}
+
+/// How a function scales: its concurrency limits, the queue in front of
+/// them, and whether instances are reused. Versions deployed before scaling
+/// settings existed read back with the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionScaling {
+    /// Most invocations running at once; `None`: as many as the node allows.
+    pub max_concurrency: Option<u32>,
+    /// Invocations always available to this function, carved out of the
+    /// node's capacity (and its memory budget) so other functions cannot
+    /// take them.
+    pub reserved_concurrency: u32,
+    /// Requests that may wait for a free slot when the function is at its
+    /// limit; 0 refuses the excess at once with 429.
+    pub max_queued: u32,
+    /// Longest a queued request waits before it gets 429, in milliseconds.
+    pub queue_timeout_ms: u64,
+    /// Keep instances and reuse them, one request at a time (the hot tier),
+    /// so an expensive initialisation is paid once per instance instead of
+    /// once per request. State then survives between requests: only for
+    /// functions written for it.
+    pub reuse: bool,
+}
+
+impl FunctionScaling {
+    /// Default queue length: absorbs a short burst without piling up.
+    pub const DEFAULT_MAX_QUEUED: u32 = 100;
+    /// Default queue wait: 1 s, short enough that a client retrying after
+    /// `Retry-After` does better than waiting longer.
+    pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 1000;
+    /// Longest queue wait a function may ask for.
+    pub const MAX_QUEUE_TIMEOUT_MS: u64 = 60_000;
+}
+
+impl Default for FunctionScaling {
+    fn default() -> Self {
+        Self {
+            max_concurrency: None,
+            reserved_concurrency: 0,
+            max_queued: Self::DEFAULT_MAX_QUEUED,
+            queue_timeout_ms: Self::DEFAULT_QUEUE_TIMEOUT_MS,
+            reuse: false,
+        }
+    }
 }
 
 /// Resource limits of one function's invocations. Versions deployed before

@@ -66,7 +66,11 @@ impl Node {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--max-instances", "200"])
+            .args(if flags.contains(&"--max-instances") {
+                &[][..]
+            } else {
+                &["--max-instances", "200"][..]
+            })
             .args(flags)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
@@ -178,6 +182,35 @@ impl Node {
             );
             (records.len() == count).then_some(records)
         })
+    }
+
+    /// The node process's resident memory, in bytes (Linux).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the node's /proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .expect("a VmRSS line");
+        kib * 1024
+    }
+
+    /// The files the node process has mapped into memory (Linux).
+    pub fn mapped_files(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.child.id()))
+            .expect("the node's /proc maps")
+    }
+
+    /// One function's row of `mayfly status --json`'s scaling table.
+    pub fn scaling_status(&self, function: &str) -> Value {
+        let status = self.admin_json("/v1/status");
+        status["scaling"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["function"] == function))
+            .cloned()
+            .unwrap_or_else(|| panic!("no scaling row for {function}: {status}"))
     }
 
     /// Sends SIGTERM without waiting.

@@ -7,5 +7,6 @@
 mod common;
 mod deploy;
 mod limits;
+mod scaling;
 mod serve;
 mod usage;

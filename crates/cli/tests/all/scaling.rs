@@ -1,0 +1,315 @@
+//! Scaling: concurrency limits and throttling, the queue, bursts, the hot
+//! tier's instance reuse, and keep-alive taking functions back to cold.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use crate::common::{Node, agent, eventually};
+
+/// Sends `count` GETs of `path` at once (threads released together) and
+/// returns each (status, Retry-After, body).
+fn burst(node: &Node, path: &str, count: usize) -> Vec<(u16, Option<String>, String)> {
+    let barrier = Arc::new(Barrier::new(count));
+    let threads: Vec<_> = (0..count)
+        .map(|_| {
+            let url = format!("{}{path}", node.gateway);
+            let barrier = barrier.clone();
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let agent = agent();
+                    barrier.wait();
+                    let mut response = agent.get(&url).call().expect("gateway answers");
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap_or("").to_string());
+                    let body = response.body_mut().read_to_string().unwrap_or_default();
+                    (response.status().as_u16(), retry_after, body)
+                })
+                .expect("thread starts")
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Starts `count` GETs of `path` in the background.
+fn start_requests(node: &Node, path: &str, count: usize) -> Vec<thread::JoinHandle<u16>> {
+    (0..count)
+        .map(|_| {
+            let url = format!("{}{path}", node.gateway);
+            thread::spawn(move || agent().get(&url).call().unwrap().status().as_u16())
+        })
+        .collect()
+}
+
+fn running(node: &Node, function: &str) -> u64 {
+    node.scaling_status(function)["running"].as_u64().unwrap()
+}
+
+#[test]
+fn a_burst_of_1000_concurrent_requests_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        dir.path(),
+        &["--max-instances", "1000", "--memory-budget", "1000000"],
+    );
+    node.deploy_with("sleepy", "hostile", &["/sleep"], &["--memory", "16"]);
+    let answers = burst(&node, "/sleep?ms=50", 1000);
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(status, ..)| *status != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let records = node.await_usage_records("sleepy", 1000);
+    assert!(records.iter().all(|r| r["outcome"] == "ok"));
+}
+
+#[test]
+fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy_with(
+        "limited",
+        "hostile",
+        &["/sleep"],
+        &["--max-concurrency", "10", "--max-queued", "0"],
+    );
+    // Ten long requests take every slot...
+    let holders = start_requests(&node, "/sleep?ms=3000", 10);
+    eventually(Duration::from_secs(30), "10 running", || {
+        (running(&node, "limited") == 10).then_some(())
+    });
+    // ...so each of twenty more is refused at once, with Retry-After.
+    let answers = burst(&node, "/sleep?ms=1", 20);
+    for (status, retry_after, body) in &answers {
+        assert_eq!(*status, 429, "{body}");
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert!(body.contains("concurrency limit"), "{body}");
+    }
+    for holder in holders {
+        assert_eq!(holder.join().unwrap(), 200);
+    }
+    // Throttled requests are in the ledger, billed nothing, and counted.
+    let records = node.await_usage_records("limited", 30);
+    let throttled: Vec<_> = records
+        .iter()
+        .filter(|r| r["outcome"] == "throttled")
+        .collect();
+    assert_eq!(throttled.len(), 20);
+    assert!(
+        throttled
+            .iter()
+            .all(|r| r["billed_ms"] == 0 && r["status"] == 429)
+    );
+    let metrics = agent()
+        .get(format!("{}/metrics", node.admin))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("mayfly_throttles_total{function=\"limited\"} 20"),
+        "{metrics}"
+    );
+    // Free again: the next request is served.
+    assert_eq!(node.get("/sleep?ms=1").0, 200);
+}
+
+#[test]
+fn queued_requests_are_served_when_slots_free_up_or_refused_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy_with(
+        "queued",
+        "hostile",
+        &["/sleep"],
+        &[
+            "--max-concurrency",
+            "2",
+            "--max-queued",
+            "10",
+            "--queue-timeout",
+            "30s",
+        ],
+    );
+    let holders = start_requests(&node, "/sleep?ms=1000", 2);
+    eventually(Duration::from_secs(30), "2 running", || {
+        (running(&node, "queued") == 2).then_some(())
+    });
+    let waiters = start_requests(&node, "/sleep?ms=10", 5);
+    eventually(Duration::from_secs(30), "5 queued", || {
+        (node.scaling_status("queued")["queued"] == 5).then_some(())
+    });
+    for request in holders.into_iter().chain(waiters) {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    let metrics = agent()
+        .get(format!("{}/metrics", node.admin))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("mayfly_queue_wait_seconds_count{function=\"queued\"} 5"),
+        "{metrics}"
+    );
+
+    // A queue wait shorter than the running requests ends in 429.
+    node.deploy_with(
+        "queued",
+        "hostile",
+        &["/sleep"],
+        &[
+            "--max-concurrency",
+            "1",
+            "--max-queued",
+            "10",
+            "--queue-timeout",
+            "200ms",
+        ],
+    );
+    let holder = start_requests(&node, "/sleep?ms=2000", 1);
+    eventually(Duration::from_secs(30), "1 running", || {
+        (running(&node, "queued") == 1).then_some(())
+    });
+    let (status, body) = node.get("/sleep?ms=1");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("queue timeout"), "{body}");
+    assert_eq!(holder.into_iter().next().unwrap().join().unwrap(), 200);
+}
+
+/// `instance=<id> served=<n>` from the stateful guest.
+fn instance_of(body: &str) -> (String, u64) {
+    let mut instance = String::new();
+    let mut served = 0;
+    for field in body.split_whitespace() {
+        if let Some(id) = field.strip_prefix("instance=") {
+            instance = id.to_string();
+        } else if let Some(n) = field.strip_prefix("served=") {
+            served = n.parse().unwrap();
+        }
+    }
+    (instance, served)
+}
+
+fn init_lines(node: &Node, function: &str) -> usize {
+    let lines = node.admin_json(&format!("/v1/functions/{function}/logs?tail=1000"));
+    lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["line"] == "init")
+        .count()
+}
+
+#[test]
+fn a_reused_function_initialises_once_per_instance_and_its_pool_shrinks_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--keep-alive", "2s"]);
+    node.deploy_with("hot", "stateful", &["/hot"], &["--reuse", "--memory", "64"]);
+    node.deploy_with("fresh", "stateful", &["/fresh"], &[]);
+
+    // One request at a time: one instance serves them all, initialised once.
+    let mut seen = HashSet::new();
+    for expected in 1..=10 {
+        let (status, body) = node.get("/hot");
+        assert_eq!(status, 200, "{body}");
+        let (instance, served) = instance_of(&body);
+        assert_eq!(served, expected, "{body}");
+        seen.insert(instance);
+    }
+    assert_eq!(seen.len(), 1);
+    eventually(Duration::from_secs(10), "one init line", || {
+        (init_lines(&node, "hot") == 1).then_some(())
+    });
+    // Without reuse, every request pays the initialisation.
+    for _ in 0..3 {
+        let (_, body) = node.get("/fresh");
+        assert_eq!(instance_of(&body).1, 1, "{body}");
+    }
+    eventually(Duration::from_secs(10), "three init lines", || {
+        (init_lines(&node, "fresh") == 3).then_some(())
+    });
+
+    // Concurrent requests need more instances: the pool grows, and each new
+    // instance initialises once.
+    let rss_before_burst = node.rss_bytes();
+    for (status, _, body) in burst(&node, "/hot?ms=500", 4) {
+        assert_eq!(status, 200, "{body}");
+        seen.insert(instance_of(&body).0);
+    }
+    assert!(seen.len() >= 2, "4 concurrent requests ran on {seen:?}");
+    eventually(Duration::from_secs(10), "one init per instance", || {
+        (init_lines(&node, "hot") == seen.len()).then_some(())
+    });
+    let hot = node.scaling_status("hot");
+    assert_eq!(hot["tier"], "hot", "{hot}");
+    let kept = hot["kept"].as_u64().unwrap();
+    assert_eq!(kept as usize, seen.len(), "{hot}");
+    // Each kept instance holds the 16 MiB its initialisation touched.
+    let rss_hot = node.rss_bytes();
+    assert!(
+        rss_hot >= rss_before_burst + (kept - 1) * (12 << 20),
+        "RSS {rss_before_burst} -> {rss_hot} with {kept} kept instances"
+    );
+
+    // Idle past the 2 s keep-alive: the pool is empty and the function cold,
+    // and the instances' memory is given back to the OS.
+    eventually(Duration::from_secs(30), "hot back to cold", || {
+        let hot = node.scaling_status("hot");
+        (hot["tier"] == "cold" && hot["kept"] == 0).then_some(())
+    });
+    let rss_cold = node.rss_bytes();
+    assert!(
+        rss_cold + kept * (12 << 20) <= rss_hot,
+        "RSS {rss_hot} -> {rss_cold} after dropping {kept} instances of 16 MiB"
+    );
+    // The next request starts a new instance (cold, initialised again).
+    let (_, body) = node.get("/hot");
+    assert_eq!(instance_of(&body).1, 1, "{body}");
+}
+
+#[test]
+fn after_the_keep_alive_a_function_is_cold_and_its_code_unmapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--keep-alive", "1s"]);
+    node.deploy("hello", "hello", &["/hello"]);
+    let artifacts = dir.path().join("blobs/artifacts");
+    let artifact = std::fs::read_dir(&artifacts)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    assert_eq!(node.get("/hello").0, 200);
+    assert_eq!(node.scaling_status("hello")["tier"], "warm");
+    assert!(
+        node.mapped_files().contains(&artifact),
+        "the artifact is mapped while warm"
+    );
+
+    eventually(Duration::from_secs(30), "hello back to cold", || {
+        (node.scaling_status("hello")["tier"] == "cold").then_some(())
+    });
+    assert!(
+        !node.mapped_files().contains(&artifact),
+        "the artifact is unmapped once cold"
+    );
+    // The next request loads it again: a cold start, in the ledger too.
+    assert_eq!(node.get("/hello").0, 200);
+    let records = node.await_usage_records("hello", 2);
+    assert_eq!(records[0]["cold"], false, "deploy left it warm");
+    assert_eq!(records[1]["cold"], true, "{:?}", records[1]);
+}

@@ -1,0 +1,110 @@
+//! Keep-alive and pre-warm policies.
+
+use std::time::Duration;
+
+/// What a policy decided after an invocation ended: measured from that end,
+/// the function is unloaded (cold) for `prewarm`, then loaded (warm) for
+/// `keep_alive`, then unloaded again until the next invocation.
+///
+/// `prewarm == 0` means: stay loaded from the end of the invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    /// How long after the end of an invocation the function is loaded again.
+    pub prewarm: Duration,
+    /// How long it then stays loaded, waiting for the next invocation.
+    pub keep_alive: Duration,
+}
+
+impl Windows {
+    /// Whether the function is loaded `idle` after the end of the last
+    /// invocation.
+    pub fn is_warm_after(&self, idle: Duration) -> bool {
+        idle >= self.prewarm && idle < self.prewarm.saturating_add(self.keep_alive)
+    }
+
+    /// How long the function is loaded within the first `idle` after the end
+    /// of the last invocation: the memory-time it is kept warm (wasted
+    /// unless the next invocation arrives in the window).
+    pub fn loaded_within(&self, idle: Duration) -> Duration {
+        let end = self.prewarm.saturating_add(self.keep_alive).min(idle);
+        end.saturating_sub(self.prewarm)
+    }
+}
+
+/// A node-wide keep-alive policy: makes one [`FunctionKeepAlive`] per
+/// function.
+pub trait KeepAlivePolicy: Send + Sync {
+    /// A short name for tables and metrics, e.g. `fixed-10m` or `hybrid`.
+    fn name(&self) -> String;
+
+    /// The state of a newly deployed (or newly seen) function.
+    fn new_function(&self) -> Box<dyn FunctionKeepAlive>;
+}
+
+/// One function's keep-alive state. Called by the autoscaler on every
+/// invocation, so both methods must be cheap (no allocation in steady
+/// state).
+pub trait FunctionKeepAlive: Send + Sync {
+    /// An invocation started `idle` after the previous one ended. Not called
+    /// for the first invocation, nor when invocations overlap.
+    fn record_idle(&mut self, idle: Duration);
+
+    /// The windows to apply from the end of the invocation that just ended.
+    fn windows(&self) -> Windows;
+}
+
+/// The baseline: stay loaded for a fixed time after every invocation, as
+/// AWS Lambda and OpenWhisk do (10 minutes by default).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedKeepAlive {
+    /// How long a function stays loaded after its last invocation.
+    pub keep_alive: Duration,
+}
+
+impl FixedKeepAlive {
+    /// The baseline's default: 10 minutes.
+    pub const DEFAULT: Duration = Duration::from_secs(600);
+}
+
+impl Default for FixedKeepAlive {
+    fn default() -> Self {
+        Self {
+            keep_alive: Self::DEFAULT,
+        }
+    }
+}
+
+impl KeepAlivePolicy for FixedKeepAlive {
+    fn name(&self) -> String {
+        format!("fixed-{}", humanize(self.keep_alive))
+    }
+
+    fn new_function(&self) -> Box<dyn FunctionKeepAlive> {
+        Box::new(*self)
+    }
+}
+
+impl FunctionKeepAlive for FixedKeepAlive {
+    fn record_idle(&mut self, _idle: Duration) {}
+
+    fn windows(&self) -> Windows {
+        Windows {
+            prewarm: Duration::ZERO,
+            keep_alive: self.keep_alive,
+        }
+    }
+}
+
+/// `90s` → `90s`, `600s` → `10m`, `7200s` → `2h`: short labels for tables.
+pub(crate) fn humanize(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    if duration.subsec_nanos() != 0 || secs == 0 {
+        format!("{}ms", duration.as_millis())
+    } else if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
