@@ -462,6 +462,22 @@ mod tests {
         Arc::from(text)
     }
 
+    /// Starts a request that has to queue, and returns once it is queued.
+    async fn queue_one(
+        admission: &Arc<Admission>,
+        function: &Arc<str>,
+    ) -> tokio::task::JoinHandle<Result<Permit, Throttled>> {
+        let queued_before = admission.usage(function).queued;
+        let waiter = {
+            let (admission, function) = (admission.clone(), function.clone());
+            tokio::spawn(async move { admission.acquire(&function, Duration::from_secs(30)).await })
+        };
+        while admission.usage(function).queued == queued_before {
+            tokio::task::yield_now().await;
+        }
+        waiter
+    }
+
     #[tokio::test]
     async fn excess_over_the_function_limit_is_refused_without_a_queue() {
         let admission = Admission::new(100, 1 << 40);
@@ -483,15 +499,7 @@ mod tests {
         admission.configure("f", limits(1, 0, 5)).unwrap();
         let f = name("f");
         let first = admission.acquire(&f, Duration::ZERO).await.unwrap();
-        let waiter = {
-            let admission = admission.clone();
-            let f = f.clone();
-            tokio::spawn(async move { admission.acquire(&f, Duration::from_secs(30)).await })
-        };
-        // Wait until it is queued, then free the slot.
-        while admission.usage("f").queued == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = queue_one(&admission, &f).await;
         drop(first);
         let second = waiter.await.unwrap().unwrap();
         assert_eq!(admission.usage("f").running, 1);
@@ -556,14 +564,7 @@ mod tests {
         admission.configure("f", limits(1, 1, 5)).unwrap();
         let f = name("f");
         let running = admission.acquire(&f, Duration::ZERO).await.unwrap();
-        let waiter = {
-            let admission = admission.clone();
-            let f = f.clone();
-            tokio::spawn(async move { admission.acquire(&f, Duration::from_secs(30)).await })
-        };
-        while admission.usage("f").queued == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = queue_one(&admission, &f).await;
         admission.remove("f");
         assert_eq!(waiter.await.unwrap().err(), Some(Throttled::Gone));
         drop(running);

@@ -184,6 +184,17 @@ impl Node {
         })
     }
 
+    /// The node's Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        agent()
+            .get(format!("{}/metrics", self.admin))
+            .call()
+            .expect("metrics answer")
+            .body_mut()
+            .read_to_string()
+            .expect("metrics text")
+    }
+
     /// The node process's resident memory, in bytes (Linux).
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

@@ -109,13 +109,7 @@ fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
             .iter()
             .all(|r| r["billed_ms"] == 0 && r["status"] == 429)
     );
-    let metrics = agent()
-        .get(format!("{}/metrics", node.admin))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = node.metrics();
     assert!(
         metrics.contains("mayfly_throttles_total{function=\"limited\"} 20"),
         "{metrics}"
@@ -152,13 +146,7 @@ fn queued_requests_are_served_when_slots_free_up_or_refused_after_the_wait() {
     for request in holders.into_iter().chain(waiters) {
         assert_eq!(request.join().unwrap(), 200);
     }
-    let metrics = agent()
-        .get(format!("{}/metrics", node.admin))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = node.metrics();
     assert!(
         metrics.contains("mayfly_queue_wait_seconds_count{function=\"queued\"} 5"),
         "{metrics}"

@@ -118,13 +118,7 @@ fn every_invocation_leaves_exactly_one_record() {
     );
 
     // Prometheus metrics on the admin port.
-    let metrics = crate::common::agent()
-        .get(format!("{}/metrics", node.admin))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = node.metrics();
     for needle in [
         "mayfly_invocations_total{function=\"hello\",outcome=\"ok\"} 24",
         "mayfly_invocations_total{function=\"trap\",outcome=\"error\"} 6",
