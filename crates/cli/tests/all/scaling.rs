@@ -301,3 +301,38 @@ fn after_the_keep_alive_a_function_is_cold_and_its_code_unmapped() {
     assert_eq!(records[0]["cold"], false, "deploy left it warm");
     assert_eq!(records[1]["cold"], true, "{:?}", records[1]);
 }
+
+#[test]
+fn under_memory_pressure_idle_functions_are_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 MB of budget and a keep-alive far longer than the test: only
+    // memory pressure can take a function back to cold here.
+    let node = Node::start_with(dir.path(), &["--memory-budget", "200", "--keep-alive", "1h"]);
+    node.deploy_with("hot", "stateful", &["/hot"], &["--reuse", "--memory", "32"]);
+    node.deploy_with("big", "hostile", &["/sleep"], &["--memory", "190"]);
+    assert_eq!(node.get("/hot").0, 200);
+    assert_eq!(node.scaling_status("hot")["tier"], "hot");
+
+    // A 190 MB invocation plus the hot function's kept 16 MiB instance is
+    // over the budget: the idle hot function goes.
+    let big = start_requests(&node, "/sleep?ms=3000", 1);
+    eventually(Duration::from_secs(30), "hot evicted", || {
+        (node.scaling_status("hot")["tier"] == "cold").then_some(())
+    });
+    assert!(
+        node.metrics().contains("mayfly_unloads_memory_total 1"),
+        "{}",
+        node.metrics()
+    );
+    // The running function is never evicted under its request.
+    assert_eq!(big.into_iter().next().unwrap().join().unwrap(), 200);
+    // A second 190 MB invocation while one runs would break the budget: it
+    // waits out its 1 s queue timeout and gets 429.
+    let big = start_requests(&node, "/sleep?ms=5000", 1);
+    eventually(Duration::from_secs(30), "big running", || {
+        (running(&node, "big") == 1).then_some(())
+    });
+    let (status, body) = node.get("/sleep?ms=1");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(big.into_iter().next().unwrap().join().unwrap(), 200);
+}
