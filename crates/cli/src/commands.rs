@@ -14,6 +14,9 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
     let client = AdminClient::new(admin_url);
     match command {
         Command::Serve(_) => unreachable!("serve runs a node, it is not a client verb"),
+        Command::Simulate(_) => {
+            unreachable!("simulate runs locally, it is not a client verb")
+        }
         Command::Deploy {
             name,
             component,

@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod serve;
+mod simulate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,6 +94,9 @@ enum Command {
     Status,
     /// Show usage and cost from the node's ledger.
     Usage(UsageArgs),
+    /// Replay an invocation trace (Azure 2021 CSV or synthetic) against
+    /// keep-alive policies: cold starts against memory kept warm for nothing.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Per-function limits given at deploy; the node's defaults apply to those
@@ -180,7 +184,7 @@ struct ServeArgs {
     memory_budget: Option<u64>,
     /// Keep-alive policy: `hybrid` (histogram of idle times, after "Serverless
     /// in the Wild") or a fixed time such as `10m` or `fixed:30s`.
-    #[arg(long, env = "MAYFLY_KEEP_ALIVE", default_value = "10m")]
+    #[arg(long, env = "MAYFLY_KEEP_ALIVE", default_value = "hybrid")]
     keep_alive: String,
     /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -195,6 +199,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Simulate(args) => simulate::run(args, cli.json),
         command => commands::run(&cli.admin_url, cli.json, command),
     };
     match result {

@@ -108,3 +108,52 @@ pub(crate) fn humanize(duration: Duration) -> String {
         format!("{secs}s")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn windows_are_half_open() {
+        let windows = Windows {
+            prewarm: secs(60),
+            keep_alive: secs(30),
+        };
+        assert!(!windows.is_warm_after(secs(59)));
+        assert!(windows.is_warm_after(secs(60)));
+        assert!(windows.is_warm_after(secs(89)));
+        assert!(!windows.is_warm_after(secs(90)));
+        assert_eq!(windows.loaded_within(secs(59)), Duration::ZERO);
+        assert_eq!(windows.loaded_within(secs(75)), secs(15));
+        assert_eq!(windows.loaded_within(secs(3600)), secs(30));
+    }
+
+    #[test]
+    fn fixed_keep_alive_ignores_idle_times() {
+        let policy = FixedKeepAlive {
+            keep_alive: secs(300),
+        };
+        assert_eq!(policy.name(), "fixed-5m");
+        let mut function = policy.new_function();
+        for idle in [secs(1), secs(299), secs(301), secs(86_400)] {
+            function.record_idle(idle);
+            let windows = function.windows();
+            assert_eq!(windows.prewarm, Duration::ZERO);
+            assert_eq!(windows.keep_alive, secs(300));
+        }
+        assert!(function.windows().is_warm_after(secs(299)));
+        assert!(!function.windows().is_warm_after(secs(300)));
+    }
+
+    #[test]
+    fn labels_are_short() {
+        assert_eq!(humanize(secs(90)), "90s");
+        assert_eq!(humanize(secs(600)), "10m");
+        assert_eq!(humanize(secs(7200)), "2h");
+        assert_eq!(humanize(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -203,8 +203,7 @@ mod tests {
 
     #[test]
     fn reads_the_azure_sample() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces/Azure2021_200.csv");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/Azure2021_200.csv");
         let traces = read_azure2021_file(&path).unwrap();
         assert_eq!(traces.len(), 31);
         let invocations: usize = traces.iter().map(|t| t.invocations.len()).sum();

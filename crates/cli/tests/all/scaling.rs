@@ -307,7 +307,10 @@ fn under_memory_pressure_idle_functions_are_evicted() {
     let dir = tempfile::tempdir().unwrap();
     // 200 MB of budget and a keep-alive far longer than the test: only
     // memory pressure can take a function back to cold here.
-    let node = Node::start_with(dir.path(), &["--memory-budget", "200", "--keep-alive", "1h"]);
+    let node = Node::start_with(
+        dir.path(),
+        &["--memory-budget", "200", "--keep-alive", "1h"],
+    );
     node.deploy_with("hot", "stateful", &["/hot"], &["--reuse", "--memory", "32"]);
     node.deploy_with("big", "hostile", &["/sleep"], &["--memory", "190"]);
     assert_eq!(node.get("/hot").0, 200);
@@ -335,4 +338,59 @@ fn under_memory_pressure_idle_functions_are_evicted() {
     let (status, body) = node.get("/sleep?ms=1");
     assert_eq!(status, 429, "{body}");
     assert_eq!(big.into_iter().next().unwrap().join().unwrap(), 200);
+}
+
+fn simulate(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("simulate")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_simulator_compares_policies_on_a_trace_and_names_bad_lines() {
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scaling/data/Azure2021_200.csv"
+    );
+    let (ok, stdout, stderr) = simulate(&["--trace", sample, "--json"]);
+    assert!(ok, "{stderr}");
+    let results: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(results["invocations"], 199, "{stdout}");
+    let rows = results["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{stdout}");
+    assert!(rows.iter().all(|r| r["invocations"] == 199), "{stdout}");
+
+    let (ok, stdout, stderr) = simulate(&[
+        "--synthetic",
+        "--functions",
+        "300",
+        "--duration",
+        "6h",
+        "--policy",
+        "10m",
+        "--policy",
+        "hybrid",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("| fixed-10m |") && stdout.contains("| hybrid |"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "app,func,end_timestamp,duration\na,f,1.5,0.5\na,f,soon,0.5\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = simulate(&["--trace", bad.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("line 3"), "{stderr}");
 }
