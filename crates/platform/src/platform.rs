@@ -961,7 +961,9 @@ fn spawn_autoscaler(platform: &Arc<Platform>) {
             let Some(platform) = weak.upgrade() else {
                 return;
             };
-            platform.autoscale();
+            // Dropping kept instances and unmapping code are syscalls that
+            // add up for a large pool: keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || platform.autoscale()).await;
         }
     });
 }
