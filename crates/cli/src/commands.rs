@@ -311,21 +311,24 @@ fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     }
     if let Some(functions) = status["scaling"].as_array().filter(|f| !f.is_empty()) {
         println!(
-            "\n{:<24} {:<5} {:>7} {:>5} {:>6} {:>10}",
-            "FUNCTION", "TIER", "RUNNING", "KEPT", "QUEUED", "IDLE"
+            "\n{:<24} {:<5} {:>7} {:>5} {:>6} {:>10} {:>6} {:>9}",
+            "FUNCTION", "TIER", "RUNNING", "KEPT", "QUEUED", "IDLE", "COLD", "THROTTLED"
         );
         for function in functions {
             let idle = function["idle_seconds"]
                 .as_f64()
                 .map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"));
             println!(
-                "{:<24} {:<5} {:>7} {:>5} {:>6} {:>10}",
+                "{:<24} {:<5} {:>7} {:>5} {:>6} {:>10} {:>6} {:>9}",
                 function["function"].as_str().unwrap_or("?"),
                 function["tier"].as_str().unwrap_or("?"),
-                function["running"],
-                function["kept"],
-                function["queued"],
-                idle
+                // serde_json's Display ignores width: pad the text instead.
+                function["running"].to_string(),
+                function["kept"].to_string(),
+                function["queued"].to_string(),
+                idle,
+                function["cold_starts"].to_string(),
+                function["throttled"].to_string(),
             );
         }
     }

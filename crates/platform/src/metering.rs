@@ -411,6 +411,11 @@ impl FunctionMeter {
         });
     }
 
+    /// Cold starts and throttled requests of the function since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.metrics.cold_starts.get(), self.metrics.throttles.get())
+    }
+
     /// Sets the function's tier gauge and its instance count.
     pub fn set_tiers(&self, tier: i64, instances: i64) {
         self.metrics.tier.set(tier);

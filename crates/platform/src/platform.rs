@@ -201,6 +201,10 @@ pub struct FunctionScalingStatus {
     /// Seconds since the function's last invocation ended (absent while
     /// running).
     pub idle_seconds: Option<f64>,
+    /// Requests that had to load the function first, since the node started.
+    pub cold_starts: u64,
+    /// Requests refused with 429, since the node started.
+    pub throttled: u64,
 }
 
 /// What a deploy did.
@@ -615,6 +619,7 @@ impl Platform {
             .values()
             .map(|deployed| {
                 let usage = self.admission.usage(&deployed.name);
+                let (cold_starts, throttled) = deployed.meter.counts();
                 FunctionScalingStatus {
                     function: deployed.name.clone(),
                     tier: deployed.tier.name(),
@@ -622,6 +627,8 @@ impl Platform {
                     kept: deployed.tier.get().map_or(0, |f| f.kept_instances()),
                     queued: usage.queued,
                     idle_seconds: deployed.activity.idle_for().map(|d| d.as_secs_f64()),
+                    cold_starts,
+                    throttled,
                 }
             })
             .collect();

@@ -109,6 +109,9 @@ fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
             .iter()
             .all(|r| r["billed_ms"] == 0 && r["status"] == 429)
     );
+    assert_eq!(node.scaling_status("limited")["throttled"], 20);
+    let (ok, status, _) = node.cli(&["status"]);
+    assert!(ok && status.contains("THROTTLED"), "{status}");
     let metrics = node.metrics();
     assert!(
         metrics.contains("mayfly_throttles_total{function=\"limited\"} 20"),
