@@ -26,7 +26,8 @@ burst=target/$($smoke && echo debug || echo release)/examples/burst
 
 # The budget is a promise per running invocation (16 MB each here), not an
 # allocation: make room for the whole burst whatever this machine's RAM.
-. bench/node.sh --max-instances 1000 --memory-budget 1000000
+serve_flags=(--max-instances 1000 --memory-budget 1000000)
+. bench/node.sh
 MAYFLY_ADMIN_URL=$admin "$MAYFLY_BIN" deploy sleepy guests/target/wasm32-wasip2/release/hostile.wasm \
   --route /sleep --memory 16 >/dev/null
 

@@ -1,9 +1,10 @@
 # Sourced by the bench scripts: starts `$MAYFLY_BIN serve` on ephemeral
-# ports with a throw-away data directory (extra serve flags as arguments),
+# ports with a throw-away data directory (extra serve flags in the array
+# `serve_flags`; not "$@", which a sourced file shares with its caller),
 # sets $pid, $gateway and $admin, and stops the node on exit.
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-RUST_LOG=warn "$MAYFLY_BIN" serve --data-dir "$work/data" "$@" \
+RUST_LOG=warn "$MAYFLY_BIN" serve --data-dir "$work/data" ${serve_flags[@]+"${serve_flags[@]}"} \
   --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 1 300); do
