@@ -82,8 +82,9 @@ fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
         &["/sleep"],
         &["--max-concurrency", "10", "--max-queued", "0"],
     );
-    // Ten long requests take every slot...
-    let holders = start_requests(&node, "/sleep?ms=3000", 10);
+    // Ten long requests take every slot (long enough to outlast the rest of
+    // the test on a loaded machine)...
+    let holders = start_requests(&node, "/sleep?ms=6000", 10);
     eventually(Duration::from_secs(30), "10 running", || {
         (running(&node, "limited") == 10).then_some(())
     });
@@ -138,7 +139,7 @@ fn queued_requests_are_served_when_slots_free_up_or_refused_after_the_wait() {
             "30s",
         ],
     );
-    let holders = start_requests(&node, "/sleep?ms=1000", 2);
+    let holders = start_requests(&node, "/sleep?ms=3000", 2);
     eventually(Duration::from_secs(30), "2 running", || {
         (running(&node, "queued") == 2).then_some(())
     });
@@ -169,7 +170,7 @@ fn queued_requests_are_served_when_slots_free_up_or_refused_after_the_wait() {
             "200ms",
         ],
     );
-    let holder = start_requests(&node, "/sleep?ms=2000", 1);
+    let holder = start_requests(&node, "/sleep?ms=4000", 1);
     eventually(Duration::from_secs(30), "1 running", || {
         (running(&node, "queued") == 1).then_some(())
     });
@@ -321,7 +322,7 @@ fn under_memory_pressure_idle_functions_are_evicted() {
 
     // A 190 MB invocation plus the hot function's kept 16 MiB instance is
     // over the budget: the idle hot function goes.
-    let big = start_requests(&node, "/sleep?ms=3000", 1);
+    let big = start_requests(&node, "/sleep?ms=6000", 1);
     eventually(Duration::from_secs(30), "hot evicted", || {
         (node.scaling_status("hot")["tier"] == "cold").then_some(())
     });
