@@ -175,6 +175,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_instances: u32,
     /// Most invocations running at once over all functions (default: --max-instances).
+    /// Flags override the config file's `[scaling]` table.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrency: Option<u32>,
     /// Memory the node may give functions, in MB: running invocations count
@@ -184,8 +185,9 @@ struct ServeArgs {
     memory_budget: Option<u64>,
     /// Keep-alive policy: `hybrid` (histogram of idle times, after "Serverless
     /// in the Wild") or a fixed time such as `10m` or `fixed:30s`.
-    #[arg(long, env = "MAYFLY_KEEP_ALIVE", default_value = "hybrid")]
-    keep_alive: String,
+    /// [default: hybrid, or `[scaling] keep_alive` in the config file]
+    #[arg(long, env = "MAYFLY_KEEP_ALIVE")]
+    keep_alive: Option<String>,
     /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context as _;
-use mayfly_platform::config::NodeFile;
+use mayfly_platform::config::{NodeFile, ScalingFile};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,16 +30,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut node = NodeConfig::new(&args.data_dir);
     node.runtime.max_instances = args.max_instances;
-    node.scaling = scaling_config(&args)?;
     let default_file = args.data_dir.join("node.toml");
     let file = match &args.config {
-        Some(path) => Some(NodeFile::load(path)?),
-        None if default_file.exists() => Some(NodeFile::load(&default_file)?),
-        None => None,
+        Some(path) => NodeFile::load(path)?,
+        None if default_file.exists() => NodeFile::load(&default_file)?,
+        None => NodeFile::default(),
     };
-    if let Some(file) = file {
-        node.prices = file.prices;
-    }
+    node.scaling = scaling_config(&args, &file.scaling)?;
+    node.prices = file.prices;
     let config = ServeConfig {
         node,
         gateway_addr: args.listen,
@@ -78,29 +76,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The node's scaling settings from its flags.
-fn scaling_config(args: &ServeArgs) -> anyhow::Result<ScalingConfig> {
+/// The node's scaling settings: flags first, then the config file's
+/// `[scaling]` table, then the defaults.
+fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<ScalingConfig> {
     let mut scaling = ScalingConfig::new(args.max_instances);
-    let policy = mayfly_scaling::parse_policy(&args.keep_alive)
-        .with_context(|| format!("--keep-alive {}", args.keep_alive))?;
+    let keep_alive = args
+        .keep_alive
+        .as_deref()
+        .or(file.keep_alive.as_deref())
+        .unwrap_or("hybrid");
+    let policy = mayfly_scaling::parse_policy(keep_alive)
+        .with_context(|| format!("keep-alive policy `{keep_alive}`"))?;
     // A fixed keep-alive is applied within a quarter of its length (so a
     // short one, as tests use, is not stretched by a whole tick); the
     // hybrid policy works in minutes and needs no more than one pass a second.
-    let fixed = args.keep_alive.trim_start_matches("fixed:");
+    let fixed = keep_alive.trim_start_matches("fixed:");
     if let Ok(keep_alive) = humantime::parse_duration(fixed) {
         scaling.tick = (keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     }
     scaling.keep_alive = Arc::from(policy);
-    if let Some(max) = args.max_concurrency {
+    if let Some(max) = args.max_concurrency.or(file.max_concurrency) {
         if max > args.max_instances {
             anyhow::bail!(
-                "--max-concurrency {max} is over --max-instances {}: every running invocation needs an instance slot",
+                "max concurrency {max} is over --max-instances {}: every running invocation needs an instance slot",
                 args.max_instances
             );
         }
         scaling.max_concurrency = max;
     }
-    if let Some(mb) = args.memory_budget {
+    if let Some(mb) = args.memory_budget.or(file.memory_budget_mb) {
         scaling.memory_budget_bytes = mb.saturating_mul(1 << 20);
     }
     Ok(scaling)

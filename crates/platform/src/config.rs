@@ -14,12 +14,33 @@ use serde::{Deserialize, Serialize};
 /// per_million_requests = 0.20
 /// per_gb_second = 0.0000166667
 /// per_cpu_second = 0.0
+///
+/// [scaling]
+/// keep_alive = "hybrid"        # or a fixed time: "10m", "fixed:30s"
+/// max_concurrency = 1000
+/// memory_budget_mb = 16384
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeFile {
     /// Prices used to turn usage into cost.
     pub prices: PriceList,
+    /// Node-wide scaling settings; `mayfly serve` flags override them.
+    pub scaling: ScalingFile,
+}
+
+/// The `[scaling]` table: what `mayfly serve --keep-alive`,
+/// `--max-concurrency` and `--memory-budget` set, for nodes configured by
+/// file. Absent keys take the flag's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalingFile {
+    /// Keep-alive policy: `hybrid` or a fixed time.
+    pub keep_alive: Option<String>,
+    /// Invocations running at once over all functions.
+    pub max_concurrency: Option<u32>,
+    /// Memory the node may give functions, in MB.
+    pub memory_budget_mb: Option<u64>,
 }
 
 impl NodeFile {
@@ -34,6 +55,16 @@ impl NodeFile {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let file: NodeFile = toml::from_str(text)?;
         file.prices.check()?;
+        if let Some(policy) = &file.scaling.keep_alive {
+            mayfly_scaling::parse_policy(policy)
+                .map_err(|e| anyhow::anyhow!("[scaling] keep_alive: {e}"))?;
+        }
+        if file.scaling.max_concurrency == Some(0) {
+            anyhow::bail!("[scaling] max_concurrency is 0: give at least 1");
+        }
+        if file.scaling.memory_budget_mb == Some(0) {
+            anyhow::bail!("[scaling] memory_budget_mb is 0: give at least 1");
+        }
         Ok(file)
     }
 }
@@ -134,6 +165,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("per_million_requests"), "{error}");
+    }
+
+    #[test]
+    fn the_scaling_table_is_read_and_checked() {
+        let file = NodeFile::parse(
+            "[scaling]\nkeep_alive = \"fixed:30s\"\nmax_concurrency = 50\nmemory_budget_mb = 2048\n",
+        )
+        .unwrap();
+        assert_eq!(file.scaling.keep_alive.as_deref(), Some("fixed:30s"));
+        assert_eq!(file.scaling.max_concurrency, Some(50));
+        assert_eq!(file.scaling.memory_budget_mb, Some(2048));
+        let error = NodeFile::parse("[scaling]\nkeep_alive = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("keep_alive"), "{error}");
+        let error = NodeFile::parse("[scaling]\nkeepalive = \"10m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("keepalive") && error.contains("line 2"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -398,3 +398,46 @@ fn the_simulator_compares_policies_on_a_trace_and_names_bad_lines() {
     let (ok, _, stderr) = simulate(&["--trace", bad.to_str().unwrap()]);
     assert!(!ok && stderr.contains("line 3"), "{stderr}");
 }
+
+#[test]
+fn the_config_file_sets_the_node_scaling_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[scaling]\nkeep_alive = \"fixed:1s\"\nmax_concurrency = 7\n",
+    )
+    .unwrap();
+    let node = Node::start(dir.path());
+    let status = node.admin_json("/v1/status");
+    assert_eq!(status["keep_alive_policy"], "fixed-1s", "{status}");
+    let (ok, _, stderr) = node.cli(&[
+        "deploy",
+        "hello",
+        crate::common::guest("hello").to_str().unwrap(),
+        "--max-concurrency",
+        "8",
+    ]);
+    assert!(!ok && stderr.contains("give 1 to 7"), "{stderr}");
+    node.stop();
+
+    let node = Node::start_with(dir.path(), &["--keep-alive", "hybrid"]);
+    assert_eq!(node.admin_json("/v1/status")["keep_alive_policy"], "hybrid");
+    node.stop();
+
+    std::fs::write(
+        dir.path().join("node.toml"),
+        "[scaling]\nkeep_alive = \"soon\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("keep_alive"),
+        "{stderr}"
+    );
+}
