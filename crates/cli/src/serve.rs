@@ -87,13 +87,11 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
         .unwrap_or("hybrid");
     let policy = mayfly_scaling::parse_policy(keep_alive)
         .with_context(|| format!("keep-alive policy `{keep_alive}`"))?;
-    // A fixed keep-alive is applied within a quarter of its length (so a
-    // short one, as tests use, is not stretched by a whole tick); the
-    // hybrid policy works in minutes and needs no more than one pass a second.
-    let fixed = keep_alive.trim_start_matches("fixed:");
-    if let Ok(keep_alive) = humantime::parse_duration(fixed) {
-        scaling.tick = (keep_alive / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    }
+    // Windows are applied within a quarter of the policy's step, so a short
+    // one (as tests use) is not stretched by a whole tick; one pass a second
+    // is plenty for minutes.
+    scaling.tick =
+        (policy.resolution() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     scaling.keep_alive = Arc::from(policy);
     if let Some(max) = args.max_concurrency.or(file.max_concurrency) {
         if max > args.max_instances {

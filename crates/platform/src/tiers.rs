@@ -14,7 +14,7 @@
 //! evicts the least valuable warm and hot entries when the node's memory
 //! budget is exceeded.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,15 +111,17 @@ impl Tier {
 /// Milliseconds are plenty for keep-alive decisions and fit in an atomic.
 type Millis = u64;
 
-const NEVER: Millis = u64::MAX;
-
 /// A function's invocation activity, shared by all its versions: running
 /// count, the end of its last invocation, and its keep-alive policy state.
 pub struct Activity {
     origin: Instant,
     running: AtomicU32,
-    /// When the function last became idle (ms since `origin`), or `NEVER`.
+    /// When the function last became idle (ms since `origin`): the end of
+    /// its last invocation, or its deploy (or the node's start) before any.
     last_end: AtomicU64,
+    /// Whether an invocation has ended: only then is the time to the next
+    /// one an idle time between invocations that the policy should learn.
+    invoked: AtomicBool,
     /// The policy's windows from that moment: prewarm and keep-alive, in ms.
     prewarm: AtomicU64,
     keep_alive: AtomicU64,
@@ -133,16 +135,15 @@ impl Activity {
     pub fn new(policy: &dyn KeepAlivePolicy, origin: Instant) -> Self {
         let state = policy.new_function();
         let windows = state.windows();
-        let activity = Self {
+        Self {
             origin,
             running: AtomicU32::new(0),
-            last_end: AtomicU64::new(NEVER),
+            last_end: AtomicU64::new(millis(origin.elapsed())),
+            invoked: AtomicBool::new(false),
             prewarm: AtomicU64::new(millis(windows.prewarm)),
             keep_alive: AtomicU64::new(millis(windows.keep_alive)),
             policy: Mutex::new(state),
-        };
-        activity.last_end.store(activity.now(), Ordering::Release);
-        activity
+        }
     }
 
     fn now(&self) -> Millis {
@@ -156,10 +157,10 @@ impl Activity {
         if self.running.fetch_add(1, Ordering::AcqRel) != 0 {
             return;
         }
-        let last_end = self.last_end.load(Ordering::Acquire);
-        if last_end == NEVER {
+        if !self.invoked.load(Ordering::Acquire) {
             return;
         }
+        let last_end = self.last_end.load(Ordering::Acquire);
         let idle = Duration::from_millis(self.now().saturating_sub(last_end));
         let mut policy = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         policy.record_idle(idle);
@@ -175,6 +176,7 @@ impl Activity {
     pub fn finished(&self) {
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.last_end.store(self.now(), Ordering::Release);
+            self.invoked.store(true, Ordering::Release);
         }
     }
 
@@ -209,7 +211,7 @@ impl Activity {
 }
 
 fn millis(duration: Duration) -> Millis {
-    u64::try_from(duration.as_millis()).unwrap_or(NEVER - 1)
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Counts one running invocation in its function's activity until dropped.
@@ -257,6 +259,50 @@ mod tests {
         assert!(activity.should_be_warm());
         std::thread::sleep(Duration::from_millis(250));
         assert!(!activity.should_be_warm());
+    }
+
+    /// Counts the idle times it is given.
+    #[derive(Default)]
+    struct Counting(std::sync::Arc<AtomicU32>);
+
+    impl KeepAlivePolicy for Counting {
+        fn name(&self) -> String {
+            "counting".into()
+        }
+        fn new_function(&self) -> Box<dyn FunctionKeepAlive> {
+            Box::new(Counting(self.0.clone()))
+        }
+        fn resolution(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    impl FunctionKeepAlive for Counting {
+        fn record_idle(&mut self, _idle: Duration) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn windows(&self) -> Windows {
+            Windows {
+                prewarm: Duration::ZERO,
+                keep_alive: Duration::from_secs(1),
+            }
+        }
+    }
+
+    #[test]
+    fn only_gaps_between_invocations_are_idle_times() {
+        let policy = Counting::default();
+        let activity = Arc::new(Activity::new(&policy, Instant::now()));
+        // Deploy to first call: not an idle time the policy should learn.
+        drop(Running::start(&activity));
+        assert_eq!(policy.0.load(Ordering::Relaxed), 0);
+        // Overlapping calls: one idle period ends, once.
+        let first = Running::start(&activity);
+        let second = Running::start(&activity);
+        drop((first, second));
+        assert_eq!(policy.0.load(Ordering::Relaxed), 1);
+        drop(Running::start(&activity));
+        assert_eq!(policy.0.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -133,6 +133,21 @@ impl Default for HybridHistogram {
 }
 
 impl HybridHistogram {
+    /// The default policy scaled to bins of `bin_width` instead of a
+    /// minute: the range stays 240 bins and the fallback keep-alive 10 bins.
+    /// For functions that cycle in seconds, and for end-to-end tests of
+    /// pre-warming that cannot wait for minutes.
+    pub fn with_bin_width(bin_width: Duration) -> Self {
+        let default = Self::default();
+        let bins = u32::try_from(default.bins()).unwrap_or(u32::MAX);
+        Self {
+            bin_width,
+            range: bin_width.saturating_mul(bins),
+            fallback_keep_alive: bin_width.saturating_mul(10),
+            ..default
+        }
+    }
+
     /// Number of bins: the range in whole bins, at least one.
     fn bins(&self) -> usize {
         let width = self.bin_width.as_nanos().max(1);
@@ -152,11 +167,18 @@ impl HybridHistogram {
 
 impl KeepAlivePolicy for HybridHistogram {
     fn name(&self) -> String {
-        if self.fallback_keep_alive == Self::default().fallback_keep_alive {
+        let default = Self::default();
+        if self.bin_width != default.bin_width {
+            format!("hybrid-{}", humanize(self.bin_width))
+        } else if self.fallback_keep_alive == default.fallback_keep_alive {
             "hybrid".to_owned()
         } else {
             format!("hybrid-fallback-{}", humanize(self.fallback_keep_alive))
         }
+    }
+
+    fn resolution(&self) -> Duration {
+        self.bin_width
     }
 
     fn new_function(&self) -> Box<dyn FunctionKeepAlive> {

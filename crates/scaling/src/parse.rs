@@ -23,9 +23,12 @@ pub enum PolicyError {
         /// Why it does not parse.
         source: humantime::DurationError,
     },
+    /// `hybrid:0s`: a histogram needs bins of some width.
+    #[error("`hybrid:<bin width>` needs a bin width above zero, such as `hybrid:1s`")]
+    ZeroBin,
     /// Neither a policy name nor a duration.
     #[error(
-        "unknown keep-alive policy `{text}`: give `hybrid`, `fixed` (10 minutes), `fixed:<duration>` or a duration such as `10m`"
+        "unknown keep-alive policy `{text}`: give `hybrid`, `hybrid:<bin width>`, `fixed` (10 minutes), `fixed:<duration>` or a duration such as `10m`"
     )]
     Unknown {
         /// The policy as given.
@@ -36,6 +39,7 @@ pub enum PolicyError {
 /// Parses a keep-alive policy:
 ///
 /// - `hybrid`: [`HybridHistogram::default()`];
+/// - `hybrid:<bin width>`: [`HybridHistogram::with_bin_width`] (`hybrid:1s`);
 /// - `fixed`: [`FixedKeepAlive`] for 10 minutes;
 /// - `fixed:<duration>` or just `<duration>` (`10m`, `90s`, `500ms`, `1h
 ///   30m`): [`FixedKeepAlive`] for that long.
@@ -46,6 +50,13 @@ pub fn parse_policy(text: &str) -> Result<Box<dyn KeepAlivePolicy>, PolicyError>
     }
     if text.eq_ignore_ascii_case("hybrid") {
         return Ok(Box::new(HybridHistogram::default()));
+    }
+    if let Some(bin) = text.strip_prefix("hybrid:") {
+        let bin_width = duration(bin.trim())?;
+        if bin_width.is_zero() {
+            return Err(PolicyError::ZeroBin);
+        }
+        return Ok(Box::new(HybridHistogram::with_bin_width(bin_width)));
     }
     if text.eq_ignore_ascii_case("fixed") {
         return Ok(Box::new(FixedKeepAlive::default()));
@@ -64,12 +75,16 @@ pub fn parse_policy(text: &str) -> Result<Box<dyn KeepAlivePolicy>, PolicyError>
 }
 
 fn fixed(text: &str) -> Result<Box<dyn KeepAlivePolicy>, PolicyError> {
-    let keep_alive: Duration =
-        humantime::parse_duration(text).map_err(|source| PolicyError::BadDuration {
-            text: text.to_owned(),
-            source,
-        })?;
-    Ok(Box::new(FixedKeepAlive { keep_alive }))
+    Ok(Box::new(FixedKeepAlive {
+        keep_alive: duration(text)?,
+    }))
+}
+
+fn duration(text: &str) -> Result<Duration, PolicyError> {
+    humantime::parse_duration(text).map_err(|source| PolicyError::BadDuration {
+        text: text.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -78,6 +93,23 @@ mod tests {
 
     fn name(text: &str) -> String {
         parse_policy(text).unwrap().name()
+    }
+
+    #[test]
+    fn hybrid_takes_a_bin_width() {
+        assert_eq!(name("hybrid:1s"), "hybrid-1s");
+        assert_eq!(
+            parse_policy("hybrid:1s").unwrap().resolution(),
+            Duration::from_secs(1)
+        );
+        assert!(matches!(
+            parse_policy("hybrid:0s"),
+            Err(PolicyError::ZeroBin)
+        ));
+        assert!(matches!(
+            parse_policy("hybrid:soon"),
+            Err(PolicyError::BadDuration { .. })
+        ));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub trait KeepAlivePolicy: Send + Sync {
 
     /// The state of a newly deployed (or newly seen) function.
     fn new_function(&self) -> Box<dyn FunctionKeepAlive>;
+
+    /// The finest time step of the windows this policy sets: the node
+    /// applies them at least four times per step.
+    fn resolution(&self) -> Duration;
 }
 
 /// One function's keep-alive state. Called by the autoscaler on every
@@ -81,6 +85,10 @@ impl KeepAlivePolicy for FixedKeepAlive {
 
     fn new_function(&self) -> Box<dyn FunctionKeepAlive> {
         Box::new(*self)
+    }
+
+    fn resolution(&self) -> Duration {
+        self.keep_alive
     }
 }
 

@@ -441,3 +441,37 @@ fn the_config_file_sets_the_node_scaling_and_flags_override_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_hybrid_policy_learns_a_period_unloads_between_calls_and_prewarms_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    // One-second bins: the policy of the paper, in seconds instead of minutes.
+    let node = Node::start_with(dir.path(), &["--keep-alive", "hybrid:1s"]);
+    node.deploy("periodic", "hello", &["/periodic"]);
+    // A call every 2.5 s: idle times of ~2.5 s fall in the 2 s bin, so once
+    // 10 are recorded the function is unloaded after each call, pre-warmed
+    // 1.8 s later (the bin's start less 10%) and kept until 3.3 s (its end
+    // plus 10%): the next call finds it loaded, with 0.7 s of margin.
+    let period = Duration::from_millis(2500);
+    let start = std::time::Instant::now();
+    for i in 0..14 {
+        let next = start + period * i;
+        thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+        assert_eq!(node.get("/periodic").0, 200);
+    }
+    let metrics = node.metrics();
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    assert!(count("mayfly_unloads_keep_alive_total ") >= 2, "{metrics}");
+    assert!(count("mayfly_prewarms_total ") >= 2, "{metrics}");
+    // Unloaded between calls, yet the calls after the pattern was learned
+    // were served warm.
+    let records = node.await_usage_records("periodic", 14);
+    for record in &records[11..] {
+        assert_eq!(record["cold"], false, "{record}");
+    }
+}
