@@ -5,7 +5,6 @@ use std::io::Write;
 use anyhow::Context as _;
 use mayfly_platform::config::{NodeFile, ScalingFile};
 use std::sync::Arc;
-use std::time::Duration;
 
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use tracing_subscriber::EnvFilter;
@@ -79,7 +78,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// The node's scaling settings: flags first, then the config file's
 /// `[scaling]` table, then the defaults.
 fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<ScalingConfig> {
-    let mut scaling = ScalingConfig::new(args.max_instances);
     let keep_alive = args
         .keep_alive
         .as_deref()
@@ -87,12 +85,7 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
         .unwrap_or("hybrid");
     let policy = mayfly_scaling::parse_policy(keep_alive)
         .with_context(|| format!("keep-alive policy `{keep_alive}`"))?;
-    // Windows are applied within a quarter of the policy's step, so a short
-    // one (as tests use) is not stretched by a whole tick; one pass a second
-    // is plenty for minutes.
-    scaling.tick =
-        (policy.resolution() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    scaling.keep_alive = Arc::from(policy);
+    let mut scaling = ScalingConfig::new(args.max_instances).with_keep_alive(Arc::from(policy));
     if let Some(max) = args.max_concurrency.or(file.max_concurrency) {
         if max > args.max_instances {
             anyhow::bail!(

@@ -79,12 +79,24 @@ impl ScalingConfig {
     /// memory in `mayfly simulate`), every instance slot usable, and the
     /// machine's physical memory as the budget.
     pub fn new(max_instances: u32) -> Self {
+        let policy: Arc<dyn KeepAlivePolicy> = Arc::new(HybridHistogram::default());
         Self {
-            keep_alive: Arc::new(HybridHistogram::default()),
+            keep_alive: policy.clone(),
             max_concurrency: max_instances,
             memory_budget_bytes: physical_memory().unwrap_or(8 << 30),
             tick: Duration::from_secs(1),
         }
+        .with_keep_alive(policy)
+    }
+
+    /// Uses `policy`, with the autoscaler ticking four times per step of
+    /// the policy's windows (so a short keep-alive, as tests use, is not
+    /// stretched by a whole tick), between 50 ms and once a second.
+    pub fn with_keep_alive(mut self, policy: Arc<dyn KeepAlivePolicy>) -> Self {
+        self.tick =
+            (policy.resolution() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        self.keep_alive = policy;
+        self
     }
 }
 
@@ -850,7 +862,7 @@ impl Platform {
         let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
         let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(Admitted {
             meter: function.meter.clone(),
-            _held: std::sync::Mutex::new(Some((permit, running))),
+            held: std::sync::Mutex::new(Some((permit, running))),
         });
         loaded
             .handle(request, labels, &function.limits, logs, reports)
@@ -941,7 +953,7 @@ impl Platform {
 /// done (or when the request is refused before a guest runs).
 struct Admitted {
     meter: Arc<FunctionMeter>,
-    _held: std::sync::Mutex<Option<(Permit, Running)>>,
+    held: std::sync::Mutex<Option<(Permit, Running)>>,
 }
 
 impl mayfly_runtime::ReportSink for Admitted {
@@ -952,7 +964,7 @@ impl mayfly_runtime::ReportSink for Admitted {
     fn finished(&self, labels: &RequestLabels, report: mayfly_runtime::InvocationReport) {
         self.meter.finished(labels, report);
         // Free the slot now: the sink itself may outlive the guest a little.
-        drop(self._held.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.held.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
