@@ -7,10 +7,9 @@
 //! Each task installs what it needs (the wasm32-wasip2 target) so that it
 //! works on a fresh machine.
 
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
@@ -101,16 +100,33 @@ fn demo() -> anyhow::Result<()> {
         .arg("serve")
         .arg("--data-dir")
         .arg(&data_dir)
+        .stdout(Stdio::piped())
         .spawn()
         .context("cannot start mayfly serve")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect("127.0.0.1:8081").is_err() {
-        if Instant::now() > deadline || node.try_wait()?.is_some() {
-            let _ = node.kill();
-            bail!("mayfly serve did not start (are ports 8080/8081 free?)");
+    // The node prints its two listening addresses once both ports are bound;
+    // waiting for them (not just for port 8081 to answer) keeps an older node
+    // still holding the ports from being mistaken for this one.
+    let stdout = node.stdout.take().context("mayfly serve's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listening = 0;
+    while listening < 2 {
+        match lines.next() {
+            Some(Ok(line)) => {
+                println!("{line}");
+                listening += usize::from(line.contains("listening on"));
+            }
+            _ => {
+                let _ = node.kill();
+                bail!("mayfly serve did not start (are ports 8080/8081 free?)");
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    // Keep passing the node's output on (and its pipe open).
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|line| println!("{line}"))
+    });
     for (name, file, route) in DEMO_FUNCTIONS {
         run(Command::new(&mayfly)
             .args(["deploy", name])
