@@ -656,7 +656,7 @@ impl Platform {
             .by_name
             .values()
             .filter_map(|deployed| deployed.tier.get())
-            .map(|f| f.code_bytes() as u64 + f.kept_memory_bytes())
+            .map(|function| function.resident_bytes())
             .sum()
     }
 
@@ -669,26 +669,29 @@ impl Platform {
         let mut evictable = Vec::new();
         for deployed in catalog.by_name.values() {
             let activity = &deployed.activity;
+            // One snapshot of the activity for every decision below.
             let windows = activity.windows();
             let idle = activity.idle_for();
-            let warm_now = activity.should_be_warm();
+            let warm_now = idle.is_none_or(|idle| windows.is_warm_after(idle));
+            let loaded = deployed.tier.get();
             if !warm_now {
                 if deployed.tier.unload() {
                     self.metrics.node.unloads_keep_alive.inc();
                 }
-            } else if windows.prewarm > Duration::ZERO && deployed.tier.get().is_none() {
+            } else if windows.prewarm > Duration::ZERO && loaded.is_none() {
                 // The policy expects the next call soon: load it before.
                 self.prewarm(deployed.clone());
             }
-            if let Some(function) = deployed.tier.get() {
+            let mut kept = 0;
+            if let Some(function) = loaded.filter(|_| warm_now) {
                 function.reap_kept(windows.prewarm.saturating_add(windows.keep_alive));
-                let bytes = function.code_bytes() as u64 + function.kept_memory_bytes();
+                kept = function.kept_instances();
+                let bytes = function.resident_bytes();
                 resident += bytes;
                 if let Some(idle) = idle {
                     evictable.push((eviction_order(idle, bytes), bytes, deployed.clone()));
                 }
             }
-            let kept = deployed.tier.get().map_or(0, |f| f.kept_instances());
             deployed.meter.set_tiers(
                 deployed.tier.name().gauge(),
                 i64::from(activity.running()) + kept as i64,

@@ -219,6 +219,7 @@ pub struct Function {
     pre: ProxyPre<InvocationState>,
     lifecycle: Arc<Lifecycle>,
     kept: Option<Arc<KeptInstances>>,
+    /// Size of the compiled code image, mapped from the artifact while loaded.
     code_bytes: usize,
 }
 
@@ -249,12 +250,6 @@ impl Function {
         }
     }
 
-    /// Size of the function's compiled code image, mapped from its artifact
-    /// while the function is loaded.
-    pub fn code_bytes(&self) -> usize {
-        self.code_bytes
-    }
-
     /// Whether this function keeps and reuses its instances.
     pub fn reuses_instances(&self) -> bool {
         self.kept.is_some()
@@ -266,8 +261,14 @@ impl Function {
     }
 
     /// Linear memory held by the idle kept instances, in bytes.
-    pub fn kept_memory_bytes(&self) -> u64 {
+    fn kept_memory_bytes(&self) -> u64 {
         self.kept.as_ref().map_or(0, |kept| kept.memory_bytes())
+    }
+
+    /// Memory the loaded function holds between requests: its mapped code
+    /// and its kept instances' linear memory, in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        self.code_bytes as u64 + self.kept_memory_bytes()
     }
 
     /// Drops the kept instances that have been idle for `idle` or longer
