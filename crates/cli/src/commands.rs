@@ -65,6 +65,15 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
     }
 }
 
+/// The settings given on the command line; those left out take the node's
+/// defaults.
+fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Map<String, Value> {
+    settings
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), value?)))
+        .collect()
+}
+
 fn deploy(
     client: &AdminClient,
     json: bool,
@@ -76,42 +85,32 @@ fn deploy(
 ) -> anyhow::Result<()> {
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
-    let mut given = serde_json::Map::new();
-    if let Some(memory) = limits.memory {
-        given.insert("memory_mb".into(), memory.into());
-    }
-    if let Some(timeout) = limits.timeout {
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        given.insert("timeout_ms".into(), ms.into());
-    }
-    for (key, value) in [
-        ("max_request_bytes", limits.max_request_bytes),
-        ("max_response_bytes", limits.max_response_bytes),
-        ("max_log_bytes", limits.max_log_bytes),
-    ] {
-        if let Some(value) = value {
-            given.insert(key.into(), value.into());
-        }
-    }
-    let mut scale = serde_json::Map::new();
-    for (key, value) in [
-        ("max_concurrency", scaling.max_concurrency),
-        ("reserved_concurrency", scaling.reserved_concurrency),
-        ("max_queued", scaling.max_queued),
-    ] {
-        if let Some(value) = value {
-            scale.insert(key.into(), value.into());
-        }
-    }
-    if let Some(wait) = scaling.queue_timeout {
-        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        scale.insert("queue_timeout_ms".into(), ms.into());
-    }
-    if scaling.reuse {
-        scale.insert("reuse".into(), true.into());
-    }
+    let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let limits = given([
+        ("memory_mb", limits.memory.map(Value::from)),
+        ("timeout_ms", limits.timeout.map(ms)),
+        (
+            "max_request_bytes",
+            limits.max_request_bytes.map(Value::from),
+        ),
+        (
+            "max_response_bytes",
+            limits.max_response_bytes.map(Value::from),
+        ),
+        ("max_log_bytes", limits.max_log_bytes.map(Value::from)),
+    ]);
+    let scale = given([
+        ("max_concurrency", scaling.max_concurrency.map(Value::from)),
+        (
+            "reserved_concurrency",
+            scaling.reserved_concurrency.map(Value::from),
+        ),
+        ("max_queued", scaling.max_queued.map(Value::from)),
+        ("queue_timeout_ms", scaling.queue_timeout.map(ms)),
+        ("reuse", scaling.reuse.then_some(Value::Bool(true))),
+    ]);
     let config = serde_json::to_vec(
-        &serde_json::json!({ "routes": routes, "limits": given, "scaling": scale }),
+        &serde_json::json!({ "routes": routes, "limits": limits, "scaling": scale }),
     )?;
     let outcome: Value = client.post_multipart(
         &format!("/v1/functions/{}/versions", segment(name)),
