@@ -108,6 +108,35 @@ impl AdminClient {
             .context("invalid request")?;
         self.agent.run(request).map_err(|e| self.unreachable(e))
     }
+
+    /// Sends a request and fails unless the answer is 2xx.
+    pub fn send_checked(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<Response<ureq::Body>> {
+        check(self.send_raw(method, path, headers, body)?)
+    }
+
+    /// Sends a request and reads its 2xx answer as JSON.
+    pub fn send_json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<T> {
+        read_json(self.send_raw(method, path, headers, body)?)
+    }
+
+    /// Posts `value` as a JSON body and reads the 2xx answer as JSON.
+    pub fn post_json<T: DeserializeOwned>(&self, path: &str, value: &Value) -> anyhow::Result<T> {
+        let body = serde_json::to_vec(value)?;
+        let headers = [("content-type".to_string(), "application/json".to_string())];
+        self.send_json("POST", path, &headers, Some(&body))
+    }
 }
 
 /// Turns a non-2xx answer into an error carrying the API's message.
@@ -126,10 +155,14 @@ pub fn check(mut response: Response<ureq::Body>) -> anyhow::Result<Response<ureq
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or(text);
+    if message.trim().is_empty() {
+        return Err(anyhow!("the admin API answered HTTP {status}"));
+    }
     Err(anyhow!("{message} (HTTP {status})"))
 }
 
-fn read_json<T: DeserializeOwned>(response: Response<ureq::Body>) -> anyhow::Result<T> {
+/// Reads a 2xx answer as JSON, or turns another status into an error.
+pub fn read_json<T: DeserializeOwned>(response: Response<ureq::Body>) -> anyhow::Result<T> {
     let mut response = check(response)?;
     response
         .body_mut()

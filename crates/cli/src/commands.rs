@@ -1,6 +1,6 @@
 //! The verbs that talk to a node's admin API.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -8,7 +8,8 @@ use mayfly_store::{FunctionRecord, LogRecord};
 use serde_json::Value;
 
 use crate::client::{AdminClient, check};
-use crate::{Command, LimitArgs, ScalingArgs, UsageArgs};
+use crate::events;
+use crate::{Command, DeployArgs, InvokeArgs, UsageArgs};
 
 pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> {
     let client = AdminClient::new(admin_url);
@@ -17,39 +18,9 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
         Command::Simulate(_) => {
             unreachable!("simulate runs locally, it is not a client verb")
         }
-        Command::Deploy {
-            name,
-            component,
-            routes,
-            limits,
-            scaling,
-        } => deploy(&client, json, &name, &component, routes, &limits, &scaling),
+        Command::Deploy(args) => deploy(&client, json, &args),
         Command::List => list(&client, json),
-        Command::Invoke {
-            name,
-            data,
-            data_file,
-            path,
-            method,
-            headers,
-        } => {
-            let body = match (data, data_file) {
-                (Some(data), _) => Some(data.into_bytes()),
-                (None, Some(file)) if file.as_os_str() == "-" => {
-                    let mut bytes = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut bytes)
-                        .context("cannot read the body from stdin")?;
-                    Some(bytes)
-                }
-                (None, Some(file)) => Some(
-                    std::fs::read(&file)
-                        .with_context(|| format!("cannot read {}", file.display()))?,
-                ),
-                (None, None) => None,
-            };
-            invoke(&client, json, &name, body, &path, method, &headers)
-        }
+        Command::Invoke(args) => invoke(&client, json, &args),
         Command::Logs { name, follow, tail } => logs(&client, json, &name, follow, tail),
         Command::Delete { name } => {
             client.delete(&format!("/v1/functions/{}", segment(&name)))?;
@@ -62,6 +33,11 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
         }
         Command::Status => status(&client, json),
         Command::Usage(args) => usage(&client, json, &args),
+        Command::Object { command } => events::object(&client, json, command),
+        Command::Kv { command } => events::kv(&client, json, command),
+        Command::Queue { command } => events::queue(&client, json, command),
+        Command::Trigger { command } => events::trigger(&client, json, command),
+        Command::Dlq { command } => events::dlq(&client, json, command),
     }
 }
 
@@ -74,15 +50,15 @@ fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Ma
         .collect()
 }
 
-fn deploy(
-    client: &AdminClient,
-    json: bool,
-    name: &str,
-    component: &std::path::Path,
-    routes: Vec<String>,
-    limits: &LimitArgs,
-    scaling: &ScalingArgs,
-) -> anyhow::Result<()> {
+fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result<()> {
+    let DeployArgs {
+        name,
+        component,
+        routes,
+        triggers,
+        limits,
+        scaling,
+    } = args;
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
     let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -112,13 +88,16 @@ fn deploy(
     let config = serde_json::to_vec(
         &serde_json::json!({ "routes": routes, "limits": limits, "scaling": scale }),
     )?;
-    let outcome: Value = client.post_multipart(
-        &format!("/v1/functions/{}/versions", segment(name)),
-        &[
-            ("component", "application/wasm", &wasm),
-            ("config", "application/json", &config),
-        ],
-    )?;
+    let triggers_json = serde_json::to_vec(triggers)?;
+    let mut parts: Vec<(&str, &str, &[u8])> = vec![
+        ("component", "application/wasm", &wasm),
+        ("config", "application/json", &config),
+    ];
+    if !triggers.is_empty() {
+        parts.push(("triggers", "application/json", &triggers_json));
+    }
+    let outcome: Value =
+        client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)?;
     if json {
         println!("{outcome}");
         return Ok(());
@@ -147,6 +126,9 @@ fn deploy(
         println!("no routes: call it with `mayfly invoke {name}`");
     } else {
         println!("routes: {routes}");
+    }
+    if !triggers.is_empty() {
+        events::print_deployed_triggers(&outcome, triggers)?;
     }
     Ok(())
 }
@@ -177,17 +159,14 @@ fn list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn invoke(
-    client: &AdminClient,
-    json: bool,
-    name: &str,
-    body: Option<Vec<u8>>,
-    path: &str,
-    method: Option<String>,
-    headers: &[String],
-) -> anyhow::Result<()> {
-    let method = method.unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
-    let headers = headers
+fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result<()> {
+    let body = match (&args.data, &args.data_file) {
+        (Some(data), _) => Some(data.clone().into_bytes()),
+        (None, Some(file)) => Some(events::read_file(file)?),
+        (None, None) => None,
+    };
+    let headers = args
+        .headers
         .iter()
         .map(|header| {
             header
@@ -196,6 +175,22 @@ fn invoke(
                 .with_context(|| format!("header `{header}` is not `Name: value`"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let (name, path) = (&args.name, &args.path);
+    if args.delivery.async_invoke {
+        return events::invoke_async(
+            client,
+            json,
+            name,
+            body.as_deref(),
+            path,
+            &headers,
+            &args.delivery,
+        );
+    }
+    let method = args
+        .method
+        .clone()
+        .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
     let query = format!(
         "/v1/functions/{}/invoke?path={}&method={}",
         segment(name),
@@ -437,14 +432,15 @@ fn csv_field(text: &str) -> String {
     }
 }
 
-fn format_time(ms: i64) -> String {
+/// A time in ms since the epoch as RFC 3339 with milliseconds.
+pub(crate) fn format_time(ms: i64) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// Percent-encodes `value` for a URL: RFC 3986 unreserved characters and
 /// those in `keep` pass through.
-fn percent_encode(value: &str, keep: &[u8]) -> String {
+pub(crate) fn percent_encode(value: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
@@ -457,6 +453,6 @@ fn percent_encode(value: &str, keep: &[u8]) -> String {
 }
 
 /// A function name as one URL path segment.
-fn segment(name: &str) -> String {
+pub(crate) fn segment(name: &str) -> String {
     percent_encode(name, b"")
 }

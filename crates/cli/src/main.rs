@@ -3,6 +3,7 @@
 
 mod client;
 mod commands;
+mod events;
 mod serve;
 mod simulate;
 
@@ -39,41 +40,12 @@ enum Command {
     /// Run a node: the HTTP gateway and the admin API.
     Serve(ServeArgs),
     /// Deploy a component as a new version of a function.
-    Deploy {
-        /// Function name (lower-case letters, digits, `-`, `_`).
-        name: String,
-        /// The component: a .wasm built for wasm32-wasip2 exporting wasi:http/incoming-handler.
-        component: PathBuf,
-        /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
-        #[arg(long = "route", short = 'r')]
-        routes: Vec<String>,
-        #[command(flatten)]
-        limits: LimitArgs,
-        #[command(flatten)]
-        scaling: ScalingArgs,
-    },
+    Deploy(DeployArgs),
     /// List deployed functions.
     List,
-    /// Invoke a function directly and print its response body.
-    Invoke {
-        /// Function name.
-        name: String,
-        /// Request body.
-        #[arg(long, short = 'd', conflicts_with = "data_file")]
-        data: Option<String>,
-        /// Read the request body from a file (`-` for stdin).
-        #[arg(long)]
-        data_file: Option<PathBuf>,
-        /// Path (and query) the function sees.
-        #[arg(long, default_value = "/")]
-        path: String,
-        /// HTTP method (default: POST with a body, GET without).
-        #[arg(long, short = 'X')]
-        method: Option<String>,
-        /// Request header as `Name: value`; repeat for more.
-        #[arg(long = "header", short = 'H')]
-        headers: Vec<String>,
-    },
+    /// Invoke a function directly and print its response body (or, with
+    /// --async, queue the invocation and print its event id).
+    Invoke(InvokeArgs),
     /// Print a function's log lines.
     Logs {
         /// Function name.
@@ -97,6 +69,76 @@ enum Command {
     /// Replay an invocation trace (Azure 2021 CSV or synthetic) against
     /// keep-alive policies: cold starts against memory kept warm for nothing.
     Simulate(simulate::SimulateArgs),
+    /// Store, fetch and list objects in the node's buckets.
+    Object {
+        #[command(subcommand)]
+        command: events::ObjectCommand,
+    },
+    /// Get, set and list keys in the node's key-value store.
+    Kv {
+        #[command(subcommand)]
+        command: events::KvCommand,
+    },
+    /// Send, receive and acknowledge messages in the node's queues.
+    Queue {
+        #[command(subcommand)]
+        command: events::QueueCommand,
+    },
+    /// Attach event sources (schedules, objects, KV, queues) to functions.
+    Trigger {
+        #[command(subcommand)]
+        command: events::TriggerCommand,
+    },
+    /// Inspect, redrive and purge a function's dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: events::DlqCommand,
+    },
+}
+
+/// `mayfly deploy`: the component and its configuration.
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// Function name (lower-case letters, digits, `-`, `_`).
+    name: String,
+    /// The component: a .wasm built for wasm32-wasip2 exporting wasi:http/incoming-handler.
+    component: PathBuf,
+    /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
+    #[arg(long = "route", short = 'r')]
+    routes: Vec<String>,
+    /// Event trigger to attach: `schedule:<expr>` (`schedule:@every 30s`,
+    /// `schedule:*/5 * * * *`), `object:<bucket>[/<prefix>]`,
+    /// `kv:<bucket>[/<prefix>]` or `queue:<name>`; repeat for more.
+    #[arg(long = "trigger", value_name = "SPEC", value_parser = events::parse_trigger_spec)]
+    triggers: Vec<events::TriggerSpec>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    scaling: ScalingArgs,
+}
+
+/// `mayfly invoke`: the request to send.
+#[derive(Debug, Args)]
+struct InvokeArgs {
+    /// Function name.
+    name: String,
+    /// Request body.
+    #[arg(long, short = 'd', conflicts_with = "data_file")]
+    data: Option<String>,
+    /// Read the request body from a file (`-` for stdin).
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Path (and query) the function sees.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// HTTP method (default: POST with a body, GET without; --async always POSTs).
+    #[arg(long, short = 'X', conflicts_with = "async_invoke")]
+    method: Option<String>,
+    /// Request header as `Name: value`; repeat for more.
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    #[command(flatten)]
+    delivery: events::AsyncArgs,
 }
 
 /// Per-function limits given at deploy; the node's defaults apply to those
@@ -220,5 +262,53 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn deploy_takes_trigger_specs() {
+        let cli = Cli::try_parse_from([
+            "mayfly",
+            "deploy",
+            "f",
+            "f.wasm",
+            "--trigger",
+            "schedule:@every 30s",
+            "--trigger",
+            "queue:orders",
+        ])
+        .unwrap();
+        let Command::Deploy(args) = cli.command else {
+            panic!("not deploy")
+        };
+        assert_eq!(args.triggers.len(), 2);
+        let error = Cli::try_parse_from(["mayfly", "deploy", "f", "f.wasm", "--trigger", "x:y"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown trigger kind `x`"), "{error}");
+    }
+
+    #[test]
+    fn async_options_need_async() {
+        assert!(Cli::try_parse_from(["mayfly", "invoke", "f", "--max-attempts", "2"]).is_err());
+        assert!(Cli::try_parse_from(["mayfly", "invoke", "f", "--async", "-X", "GET"]).is_err());
+        let cli = Cli::try_parse_from(["mayfly", "invoke", "f", "--async", "--max-attempts", "2"])
+            .unwrap();
+        let Command::Invoke(args) = cli.command else {
+            panic!("not invoke")
+        };
+        assert!(args.delivery.async_invoke);
+        assert_eq!(args.delivery.max_attempts, Some(2));
     }
 }

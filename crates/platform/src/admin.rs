@@ -19,6 +19,9 @@ use serde::Deserialize;
 
 use crate::platform::{Platform, PlatformError, now_ms};
 
+mod events;
+pub use events::{MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
+
 /// The admin API's routes over `platform`.
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
     Router::new()
@@ -39,6 +42,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/usage/records", get(usage_records))
         .route("/metrics", get(metrics))
+        .merge(events::routes())
         .fallback(not_found)
         .with_state(platform)
 }
@@ -70,6 +74,11 @@ impl From<PlatformError> for ApiError {
             PlatformError::Deploy(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
             PlatformError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             PlatformError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            PlatformError::Missing(_) => (StatusCode::NOT_FOUND, "not_found"),
+            PlatformError::PreconditionFailed(_) => {
+                (StatusCode::PRECONDITION_FAILED, "precondition_failed")
+            }
+            PlatformError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {
@@ -145,6 +154,7 @@ async fn deploy(
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
     let mut component: Option<Bytes> = None;
     let mut config = FunctionConfig::default();
+    let mut triggers = Vec::new();
     while let Some(field) = multipart
         .next_field()
         .await
@@ -162,6 +172,14 @@ async fn deploy(
                     ApiError::bad_request(format!("the `config` part is not valid: {e}"))
                 })?;
             }
+            "triggers" => {
+                triggers = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "the `triggers` part is not valid: {e}; send a JSON array of trigger \
+                         specs like [{{\"source\": {{\"kind\": \"queue\", \"queue\": \"orders\"}}}}]"
+                    ))
+                })?;
+            }
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unexpected part `{other}`: {usage}"
@@ -171,7 +189,7 @@ async fn deploy(
     }
     let component =
         component.ok_or_else(|| ApiError::bad_request(format!("no `component` part: {usage}")))?;
-    let outcome = platform.deploy(&name, component, config).await?;
+    let outcome = platform.deploy(&name, component, config, triggers).await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }
 
@@ -184,6 +202,13 @@ struct InvokeQuery {
     /// Method the function sees.
     #[serde(default = "post_method")]
     method: String,
+    /// Queue the invocation as an event and answer 202 at once.
+    #[serde(default, rename = "async")]
+    asynchronous: bool,
+    /// Asynchronous only: deliveries in all before the dead-letter queue.
+    max_attempts: Option<u32>,
+    /// Asynchronous only: wait before the second attempt, in ms.
+    backoff_ms: Option<u64>,
 }
 
 fn root_path() -> String {
@@ -210,6 +235,9 @@ async fn invoke(
         .get(&name)
         .cloned()
         .ok_or(PlatformError::NotFound(name))?;
+    if query.asynchronous {
+        return invoke_async(&platform, &function, query, &headers, body).await;
+    }
     let method = Method::from_bytes(query.method.as_bytes())
         .map_err(|_| ApiError::bad_request(format!("invalid method `{}`", query.method)))?;
     if !query.path.starts_with('/') {
@@ -227,6 +255,51 @@ async fn invoke(
     *request.headers_mut() = headers;
     let response = platform.invoke(&function, request, "invoke").await;
     Ok(response.map(Body::new))
+}
+
+/// `POST /v1/functions/{name}/invoke?async=true`: stores the invocation as
+/// a `dev.mayfly.invoke` event (delivered at least once, retried, then
+/// dead-lettered) and answers 202 with its id once it is durable.
+async fn invoke_async(
+    platform: &Platform,
+    function: &crate::catalog::Deployed,
+    query: InvokeQuery,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    if !query.path.starts_with('/') || query.path.parse::<Uri>().is_err() {
+        return Err(ApiError::bad_request(format!(
+            "invalid path `{}`: it must start with `/`",
+            query.path
+        )));
+    }
+    let limit = function.limits.max_request_bytes;
+    let data = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map_err(|e| {
+            PlatformError::TooLarge(format!(
+                "cannot read the event data: {e} (the function takes at most {limit} bytes)"
+            ))
+        })?
+        .to_bytes();
+    let defaults = mayfly_store::RetryPolicy::default();
+    let retry = mayfly_store::RetryPolicy {
+        max_attempts: query.max_attempts.unwrap_or(defaults.max_attempts),
+        backoff_ms: query.backoff_ms.unwrap_or(defaults.backoff_ms),
+    };
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let event_id = platform
+        .invoke_async(&function.name, query.path, content_type, data, retry)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"event_id": event_id})),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]

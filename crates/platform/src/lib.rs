@@ -10,6 +10,7 @@ pub mod admin;
 pub mod admission;
 pub mod catalog;
 pub mod config;
+pub mod events;
 pub mod gateway;
 pub mod ledger;
 pub mod logs;

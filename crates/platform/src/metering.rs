@@ -80,6 +80,8 @@ pub struct Metrics {
     pub node: NodeMetrics,
     /// The ledger writer's metrics.
     pub ledger: LedgerMetrics,
+    /// Event delivery metrics.
+    pub(crate) events: crate::events::EventMetrics,
 }
 
 /// Node-wide counters.
@@ -260,7 +262,9 @@ impl Metrics {
             ledger.failed_commits.clone(),
         );
 
+        let events = crate::events::EventMetrics::register(&mut registry);
         Self {
+            events,
             registry,
             invocations,
             duration,

@@ -16,14 +16,15 @@ use mayfly_runtime::{
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
     BlobDir, BlobKind, BlobStore, Digest, EmbeddedLedger, EmbeddedStore, FunctionConfig,
-    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, StoreError, StoredUsage,
-    UsageQuery, UsageRow, UsageStore, VersionRecord,
+    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, RetryPolicy, StoreError,
+    StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
 };
 use serde::Serialize;
 
 use crate::admission::{Admission, Permit, SlotLimits, Throttled};
 use crate::catalog::{Catalog, Deployed};
 use crate::config::PriceList;
+use crate::events::{EVENT_ERROR_EXCERPT, EventBody, EventHub, EventOutcome};
 use crate::ledger::Ledger;
 use crate::logs::LogHub;
 use crate::metering::{FunctionMeter, Metrics};
@@ -137,6 +138,15 @@ pub enum PlatformError {
     /// The change conflicts with what is deployed.
     #[error("{0}")]
     Conflict(String),
+    /// Something other than a function was not found; the message names it.
+    #[error("{0}")]
+    Missing(String),
+    /// A compare-and-swap condition did not hold.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// A body over its limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// A fault of the node.
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
@@ -147,6 +157,7 @@ impl From<StoreError> for PlatformError {
         match error {
             StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
             StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
+            StoreError::PreconditionFailed(message) => PlatformError::PreconditionFailed(message),
             other => PlatformError::Internal(other.into()),
         }
     }
@@ -247,6 +258,7 @@ pub struct Platform {
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
+    events: EventHub,
     config: NodeConfig,
     started: Instant,
 }
@@ -277,7 +289,10 @@ impl Platform {
                 .context("cannot start the ledger writer")?,
         );
 
+        let events = EventHub::open(&data_dir, metrics.events.clone())
+            .with_context(|| format!("cannot open the event store in {}", data_dir.display()))?;
         let platform = Arc::new(Self {
+            events,
             runtime,
             registry: store.clone(),
             blobs,
@@ -306,6 +321,7 @@ impl Platform {
         platform.catalog.store(Arc::new(Catalog::new(deployed)));
         platform.count_functions();
         spawn_autoscaler(&platform);
+        platform.events.start(&platform).await?;
         Ok(platform)
     }
 
@@ -441,8 +457,12 @@ impl Platform {
         name: &str,
         wasm: Bytes,
         config: FunctionConfig,
+        triggers: Vec<TriggerSpec>,
     ) -> Result<DeployOutcome, PlatformError> {
         validate_name(name)?;
+        for spec in &triggers {
+            crate::events::check_trigger(spec)?;
+        }
         validate_limits(&config.limits, self.config.runtime.max_instance_memory)
             .map_err(PlatformError::BadRequest)?;
         validate_scaling(&config.scaling, self.config.scaling.max_concurrency)
@@ -540,6 +560,10 @@ impl Platform {
         let next = self.catalog.load().with(deployed);
         self.catalog.store(Arc::new(next));
         self.count_functions();
+        for spec in triggers {
+            self.events.add_trigger(name, spec).await?;
+        }
+        self.events.sync_workers();
         tracing::info!(
             function = name,
             version = version.version,
@@ -569,6 +593,7 @@ impl Platform {
         }
         self.metrics.remove_function(name);
         self.count_functions();
+        self.events.remove_function(name).await?;
         tracing::info!(function = name, "deleted");
         Ok(())
     }
@@ -786,23 +811,12 @@ impl Platform {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let request_id = uuid::Uuid::now_v7().simple().to_string();
-        let queue_timeout = Duration::from_millis(function.scaling.queue_timeout_ms);
-        let admitted = Instant::now();
-        let result = match self.admission.acquire(&function.key, queue_timeout).await {
+        let result = match self.admit(function, &request_id, trigger).await {
             Ok(permit) => {
-                if !permit.waited.is_zero() {
-                    function.meter.queued(permit.waited);
-                }
                 self.run(function, request, request_id.clone(), trigger, permit)
                     .await
             }
             Err(throttled) => {
-                function.meter.throttled(
-                    &request_id,
-                    function.version,
-                    trigger,
-                    admitted.elapsed(),
-                );
                 let mut response = text_response(
                     http::StatusCode::TOO_MANY_REQUESTS,
                     format!("{}: {throttled}; retry later\n", function.name),
@@ -826,6 +840,79 @@ impl Platform {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
+    }
+
+    /// Takes an admission slot for one invocation, waiting in the
+    /// function's queue if it is full; a refusal is metered as throttled.
+    async fn admit(
+        &self,
+        function: &Deployed,
+        request_id: &str,
+        trigger: &'static str,
+    ) -> Result<Permit, Throttled> {
+        let queue_timeout = Duration::from_millis(function.scaling.queue_timeout_ms);
+        let admitted = Instant::now();
+        match self.admission.acquire(&function.key, queue_timeout).await {
+            Ok(permit) => {
+                if !permit.waited.is_zero() {
+                    function.meter.queued(permit.waited);
+                }
+                Ok(permit)
+            }
+            Err(throttled) => {
+                function
+                    .meter
+                    .throttled(request_id, function.version, trigger, admitted.elapsed());
+                Err(throttled)
+            }
+        }
+    }
+
+    /// Delivers one event: runs `request` like [`Platform::invoke`] and
+    /// reads the whole response, so the event counts as delivered only when
+    /// the guest answered 2xx and finished its body cleanly.
+    pub(crate) async fn deliver_event(
+        &self,
+        function: &Deployed,
+        request: http::Request<EventBody>,
+        trigger: &'static str,
+    ) -> EventOutcome {
+        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let Ok(permit) = self.admit(function, &request_id, trigger).await else {
+            return EventOutcome::Throttled;
+        };
+        let response = match self
+            .run(function, request, request_id, trigger, permit)
+            .await
+        {
+            Ok(response) => response,
+            Err((status, message)) => return EventOutcome::Failed(format!("{status}: {message}")),
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        // Only the start of a failure's body is kept, for the dead letter.
+        let mut excerpt = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        let room = EVENT_ERROR_EXCERPT.saturating_sub(excerpt.len());
+                        excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                Err(error) => {
+                    return EventOutcome::Failed(format!(
+                        "{status}, then the response body failed: {error}"
+                    ));
+                }
+            }
+        }
+        if status.is_success() {
+            EventOutcome::Delivered
+        } else {
+            let text = String::from_utf8_lossy(&excerpt);
+            EventOutcome::Failed(format!("{status}: {}", text.trim()))
+        }
     }
 
     /// Runs an admitted request: loads the function if it is cold, then
@@ -878,6 +965,41 @@ impl Platform {
             })
     }
 
+    /// The node's event stores, triggers and dead-letter queues.
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// Attaches a trigger to a deployed function.
+    pub async fn add_trigger(
+        &self,
+        function: &str,
+        spec: TriggerSpec,
+    ) -> Result<(Trigger, bool), PlatformError> {
+        if !self.catalog.load().by_name.contains_key(function) {
+            return Err(PlatformError::NotFound(function.to_string()));
+        }
+        self.events.add_trigger(function, spec).await
+    }
+
+    /// Queues an asynchronous invocation of a deployed function; returns the
+    /// event id once it is durable.
+    pub async fn invoke_async(
+        &self,
+        function: &str,
+        path: String,
+        content_type: Option<String>,
+        data: Bytes,
+        retry: RetryPolicy,
+    ) -> Result<String, PlatformError> {
+        if !self.catalog.load().by_name.contains_key(function) {
+            return Err(PlatformError::NotFound(function.to_string()));
+        }
+        self.events
+            .invoke_async(function, path, content_type, data, retry)
+            .await
+    }
+
     /// The node's metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> Result<String, PlatformError> {
         self.metrics
@@ -888,6 +1010,10 @@ impl Platform {
             .node
             .instances_in_flight
             .set(i64::try_from(self.runtime.in_flight()).unwrap_or(i64::MAX));
+        match self.events.depths() {
+            Ok(depths) => self.metrics.events.set_depths(&depths),
+            Err(error) => tracing::warn!("cannot count event queues: {error}"),
+        }
         self.metrics
             .encode()
             .map_err(|e| PlatformError::Internal(anyhow::anyhow!("cannot encode metrics: {e}")))
@@ -928,6 +1054,9 @@ impl Platform {
     /// (outcome `killed`), then makes every usage record and log line
     /// durable and stops the writers.
     pub async fn close(&self, deadline: tokio::time::Instant) {
+        // Event workers stop claiming at once; the deliveries still running
+        // end below (or at the kill) and the workers record their results.
+        self.events.stop();
         if tokio::time::timeout_at(deadline, self.runtime.idle())
             .await
             .is_err()
@@ -938,6 +1067,9 @@ impl Platform {
             );
             self.runtime.kill_all().await;
         }
+        self.events
+            .join(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
         let ledger = self.ledger.clone();
         let logs = self.logs.clone();
         let closed = tokio::task::spawn_blocking(move || {

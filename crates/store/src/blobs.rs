@@ -63,6 +63,8 @@ pub enum BlobKind {
     Component,
     /// A compiled artifact for one engine configuration.
     Artifact,
+    /// The bytes of a stored object (object buckets).
+    Object,
 }
 
 impl BlobKind {
@@ -70,6 +72,7 @@ impl BlobKind {
         match self {
             BlobKind::Component => "components",
             BlobKind::Artifact => "artifacts",
+            BlobKind::Object => "objects",
         }
     }
 }
@@ -84,7 +87,7 @@ impl BlobDir {
     /// Opens (creating if needed) the blob folders under `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for kind in [BlobKind::Component, BlobKind::Artifact] {
+        for kind in [BlobKind::Component, BlobKind::Artifact, BlobKind::Object] {
             fs::create_dir_all(root.join(kind.folder()))?;
         }
         Ok(Self { root })
@@ -92,6 +95,15 @@ impl BlobDir {
 
     fn path(&self, kind: BlobKind, key: &Digest) -> PathBuf {
         self.root.join(kind.folder()).join(key.hex())
+    }
+
+    /// Removes a blob; absent is not an error. The caller makes sure nothing
+    /// refers to it any more.
+    pub fn remove(&self, kind: BlobKind, key: &Digest) -> Result<()> {
+        match fs::remove_file(self.path(kind, key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -10,11 +10,19 @@
 
 mod blobs;
 mod embedded;
+mod embedded_events;
+mod events;
 mod ledger;
 mod model;
 
 pub use blobs::{BlobDir, BlobKind, Digest};
 pub use embedded::EmbeddedStore;
+pub use embedded_events::EmbeddedEvents;
+pub use events::{
+    AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, KvCondition,
+    KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore, QueueRef, QueueStats,
+    RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec, TriggerStore,
+};
 pub use ledger::{
     EmbeddedLedger, GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord,
     UsageRow, UsageStore, billed_ms,
@@ -39,6 +47,9 @@ pub enum StoreError {
         /// The function that serves it now.
         owner: String,
     },
+    /// A compare-and-swap condition did not hold.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
     /// The database failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),

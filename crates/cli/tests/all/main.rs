@@ -6,6 +6,7 @@
 
 mod common;
 mod deploy;
+mod events;
 mod limits;
 mod scaling;
 mod serve;

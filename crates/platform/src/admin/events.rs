@@ -1,0 +1,543 @@
+//! Admin endpoints of the event stores: object buckets, KV buckets,
+//! queues, triggers and dead-letter queues.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use base64::Engine as _;
+use bytes::Bytes;
+use mayfly_store::{DeadLetter, Delivery, KvCondition, TriggerSpec};
+use serde::Deserialize;
+
+use super::{ApiError, ApiResult};
+use crate::platform::{Platform, PlatformError};
+
+/// Largest object: 64 MiB, stored whole.
+pub const MAX_OBJECT_BYTES: usize = 64 << 20;
+/// Largest KV value: 1 MiB, as NATS KV allows by default.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Largest queue message: 256 KiB, as SQS allows.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 10;
+/// Largest batch request body.
+const MAX_BATCH_BYTES: usize = 32 << 20;
+
+/// The event stores' routes.
+pub(super) fn routes() -> Router<Arc<Platform>> {
+    Router::new()
+        .route("/v1/buckets", get(object_buckets))
+        .route("/v1/buckets/{bucket}/objects", get(object_list))
+        .route(
+            "/v1/buckets/{bucket}/objects/{*key}",
+            get(object_get)
+                .put(object_put)
+                .delete(object_delete)
+                .layer(DefaultBodyLimit::max(MAX_OBJECT_BYTES)),
+        )
+        .route("/v1/kv", get(kv_buckets))
+        .route("/v1/kv/{bucket}", get(kv_list))
+        .route(
+            "/v1/kv/{bucket}/{*key}",
+            get(kv_get)
+                .put(kv_put)
+                .delete(kv_delete)
+                .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES)),
+        )
+        .route("/v1/queues", get(queues))
+        .route(
+            "/v1/queues/{queue}/messages",
+            post(send).layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES)),
+        )
+        .route(
+            "/v1/queues/{queue}/batch",
+            post(send_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BYTES)),
+        )
+        .route("/v1/queues/{queue}/receive", post(receive))
+        .route("/v1/queues/{queue}/messages/{receipt}", delete(ack))
+        .route("/v1/triggers", get(all_triggers))
+        .route("/v1/triggers/{id}", delete(remove_trigger))
+        .route(
+            "/v1/functions/{name}/triggers",
+            get(function_triggers).post(add_trigger),
+        )
+        .route("/v1/functions/{name}/dlq", get(dlq_list).delete(dlq_purge))
+        .route("/v1/functions/{name}/dlq/redrive", post(dlq_redrive))
+        .route("/v1/functions/{name}/dlq/{id}", get(dlq_show))
+}
+
+/// `?prefix=&after=&limit=` of listings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// The page size: 1000 by default, at most 10,000.
+    fn limit(&self) -> usize {
+        self.limit.unwrap_or(1000).clamp(1, 10_000)
+    }
+}
+
+fn query<T>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The key after the last one of a full page, for the next request.
+fn next_after<T>(items: &[T], limit: usize, key: impl Fn(&T) -> &str) -> Option<String> {
+    (items.len() == limit)
+        .then(|| items.last().map(|item| key(item).to_string()))
+        .flatten()
+}
+
+// ---- objects ----
+
+async fn object_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
+    let buckets = platform.events().object_buckets().await?;
+    let rows: Vec<_> = buckets
+        .into_iter()
+        .map(|b| serde_json::json!({"bucket": b.bucket, "objects": b.entries, "bytes": b.bytes}))
+        .collect();
+    Ok(Json(rows).into_response())
+}
+
+async fn object_list(
+    State(platform): State<Arc<Platform>>,
+    Path(bucket): Path<String>,
+    list: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let list = query(list)?;
+    let limit = list.limit();
+    let objects = platform
+        .events()
+        .object_list(&bucket, list.prefix, list.after, limit)
+        .await?;
+    let next = next_after(&objects, limit, |o| &o.key);
+    Ok(Json(serde_json::json!({"objects": objects, "next": next})).into_response())
+}
+
+async fn object_put(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let content_type =
+        content_type(&headers).unwrap_or_else(|| "application/octet-stream".to_string());
+    let meta = platform
+        .events()
+        .object_put(&bucket, &key, body, content_type)
+        .await?;
+    Ok(Json(meta).into_response())
+}
+
+async fn object_get(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+    method: Method,
+) -> ApiResult<Response> {
+    let (meta, path) = platform.events().object_get(&bucket, &key).await?;
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        // A delete racing this read removed the file: the object is gone.
+        Bytes::from(tokio::fs::read(&path).await.map_err(|_| {
+            PlatformError::Missing(format!("no object `{key}` in bucket `{bucket}`"))
+        })?)
+    };
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&meta.content_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&meta.etag) {
+        headers.insert(header::ETAG, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
+    Ok(response)
+}
+
+async fn object_delete(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    platform.events().object_delete(&bucket, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- KV ----
+
+async fn kv_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
+    let buckets = platform.events().kv_buckets().await?;
+    let rows: Vec<_> = buckets
+        .into_iter()
+        .map(|b| serde_json::json!({"bucket": b.bucket, "keys": b.entries, "bytes": b.bytes}))
+        .collect();
+    Ok(Json(rows).into_response())
+}
+
+async fn kv_list(
+    State(platform): State<Arc<Platform>>,
+    Path(bucket): Path<String>,
+    list: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let list = query(list)?;
+    let limit = list.limit();
+    let keys = platform
+        .events()
+        .kv_list(&bucket, list.prefix, list.after, limit)
+        .await?;
+    let next = next_after(&keys, limit, |k| &k.key);
+    Ok(Json(serde_json::json!({"keys": keys, "next": next})).into_response())
+}
+
+/// The compare-and-swap condition of `If-Match: <revision>` or
+/// `If-None-Match: *`.
+fn kv_condition(headers: &HeaderMap) -> ApiResult<KvCondition> {
+    let text = |name| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map(|s| s.trim().trim_matches('"').to_string()))
+    };
+    match (text(header::IF_MATCH), text(header::IF_NONE_MATCH)) {
+        (None, None) => Ok(KvCondition::Any),
+        (None, Some(Ok(star))) if star == "*" => Ok(KvCondition::Absent),
+        (Some(Ok(revision)), None) => revision.parse().map(KvCondition::Revision).map_err(|_| {
+            ApiError::bad_request(format!(
+                "If-Match is `{revision}`: give the revision number the write expects"
+            ))
+        }),
+        _ => Err(ApiError::bad_request(
+            "use `If-Match: <revision>` (write only that revision) or `If-None-Match: *` \
+             (create only), not both",
+        )),
+    }
+}
+
+async fn kv_get(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let entry = platform.events().kv_get(&bucket, &key).await?;
+    let mut response = Bytes::from(entry.value).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", entry.revision)) {
+        headers.insert(header::ETAG, etag);
+    }
+    Ok(response)
+}
+
+async fn kv_put(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let condition = kv_condition(&headers)?;
+    let revision = platform
+        .events()
+        .kv_put(&bucket, &key, body, condition)
+        .await?;
+    Ok(
+        Json(serde_json::json!({"bucket": bucket, "key": key, "revision": revision}))
+            .into_response(),
+    )
+}
+
+async fn kv_delete(
+    State(platform): State<Arc<Platform>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    let condition = kv_condition(&headers)?;
+    platform
+        .events()
+        .kv_delete(&bucket, &key, condition)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- queues ----
+
+async fn queues(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
+    Ok(Json(platform.events().queues().await?).into_response())
+}
+
+async fn send(
+    State(platform): State<Arc<Platform>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let ids = platform
+        .events()
+        .send(&queue, vec![(content_type(&headers), body.to_vec())])
+        .await?;
+    let id = ids.first().map(i64::to_string);
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"queue": queue, "id": id})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    messages: Vec<serde_json::Value>,
+}
+
+async fn send_batch(
+    State(platform): State<Arc<Platform>>,
+    Path(queue): Path<String>,
+    batch: Result<Json<Batch>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(batch) = batch.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{}: send JSON like {{\"messages\": [{{\"order\": 1}}, \"text\"]}}",
+            e.body_text()
+        ))
+    })?;
+    let messages = batch
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                Some("application/json".to_string()),
+                m.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    let ids = platform.events().send(&queue, messages).await?;
+    let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"queue": queue, "ids": ids})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveQuery {
+    max: Option<usize>,
+    visibility: Option<String>,
+}
+
+/// Longest visibility timeout: 12 hours, as SQS allows.
+const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
+
+async fn receive(
+    State(platform): State<Arc<Platform>>,
+    Path(queue): Path<String>,
+    receive: Result<Query<ReceiveQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let receive = query(receive)?;
+    let max = receive.max.unwrap_or(10);
+    if !(1..=1000).contains(&max) {
+        return Err(ApiError::bad_request(format!(
+            "`max` is {max}: receive 1 to 1000 messages at a time"
+        )));
+    }
+    let visibility_ms = match &receive.visibility {
+        None => 30_000,
+        Some(text) => humantime::parse_duration(text)
+            .ok()
+            .map(|d| d.as_millis() as u64)
+            .filter(|ms| (1..=MAX_VISIBILITY_MS).contains(ms))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`visibility` is `{text}`: give a duration like 30s or 5m, at most 12h"
+                ))
+            })?,
+    };
+    let messages = platform
+        .events()
+        .receive(&queue, max, visibility_ms)
+        .await?;
+    let messages: Vec<_> = messages.iter().map(message_json).collect();
+    Ok(Json(serde_json::json!({"messages": messages})).into_response())
+}
+
+/// A received message: its body as text when it is UTF-8, else base64.
+fn message_json(delivery: &Delivery) -> serde_json::Value {
+    let mut json = serde_json::json!({
+        "id": delivery.id.to_string(),
+        "receipt": delivery.receipt(),
+        "event_id": delivery.event.id,
+        "content_type": delivery.event.content_type,
+        "attempts": delivery.attempt,
+        "sent_ms": delivery.enqueued_ms,
+    });
+    add_body(&mut json, &delivery.event.data);
+    json
+}
+
+fn add_body(json: &mut serde_json::Value, data: &[u8]) {
+    if let Some(fields) = json.as_object_mut() {
+        match std::str::from_utf8(data) {
+            Ok(text) => fields.insert("body".into(), text.into()),
+            Err(_) => fields.insert(
+                "body_base64".into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(data)
+                    .into(),
+            ),
+        };
+    }
+}
+
+async fn ack(
+    State(platform): State<Arc<Platform>>,
+    Path((queue, receipt)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    platform.events().ack(&queue, &receipt).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- triggers ----
+
+async fn all_triggers(State(platform): State<Arc<Platform>>) -> Response {
+    Json(platform.events().triggers(None)).into_response()
+}
+
+async fn function_triggers(
+    State(platform): State<Arc<Platform>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    if !platform.catalog().by_name.contains_key(&name) {
+        return Err(PlatformError::NotFound(name).into());
+    }
+    Ok(Json(platform.events().triggers(Some(&name))).into_response())
+}
+
+async fn add_trigger(
+    State(platform): State<Arc<Platform>>,
+    Path(name): Path<String>,
+    spec: Result<Json<TriggerSpec>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(spec) = spec.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{}: send a trigger like {{\"source\": {{\"kind\": \"schedule\", \"schedule\": \
+             \"*/5 * * * *\"}}}}; kinds are schedule, object, kv and queue",
+            e.body_text()
+        ))
+    })?;
+    let (trigger, created) = platform.add_trigger(&name, spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(trigger)).into_response())
+}
+
+async fn remove_trigger(
+    State(platform): State<Arc<Platform>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not a trigger id")))?;
+    platform.events().remove_trigger(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- dead letters ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<usize>,
+    id: Option<i64>,
+}
+
+async fn dlq_list(
+    State(platform): State<Arc<Platform>>,
+    Path(name): Path<String>,
+    dlq: Result<Query<DlqQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let dlq = query(dlq)?;
+    let limit = dlq.limit.unwrap_or(100).clamp(1, 10_000);
+    let letters = platform
+        .events()
+        .dead_letters(&name, dlq.after, limit)
+        .await?;
+    Ok(Json(letters).into_response())
+}
+
+async fn dlq_show(
+    State(platform): State<Arc<Platform>>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not a dead-letter id")))?;
+    let letter: DeadLetter = platform.events().dead_letter(&name, id).await?;
+    let mut json = serde_json::to_value(&letter)
+        .map_err(|e| PlatformError::Internal(anyhow::anyhow!("cannot encode: {e}")))?;
+    add_body(&mut json, letter.data.as_deref().unwrap_or_default());
+    Ok(Json(json).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redrive {
+    #[serde(default)]
+    ids: Option<Vec<i64>>,
+}
+
+async fn dlq_redrive(
+    State(platform): State<Arc<Platform>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let redrive: Redrive = if body.iter().all(u8::is_ascii_whitespace) {
+        Redrive::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "{e}: send {{\"ids\": [1, 2]}}, or nothing to redrive every dead letter"
+            ))
+        })?
+    };
+    let ids = redrive.ids.filter(|ids| !ids.is_empty());
+    let moved = platform.events().redrive(&name, ids).await?;
+    Ok(Json(serde_json::json!({"redriven": moved})).into_response())
+}
+
+async fn dlq_purge(
+    State(platform): State<Arc<Platform>>,
+    Path(name): Path<String>,
+    dlq: Result<Query<DlqQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let dlq = query(dlq)?;
+    let purged = platform
+        .events()
+        .purge_dead(&name, dlq.id.map(|id| vec![id]))
+        .await?;
+    Ok(Json(serde_json::json!({"purged": purged})).into_response())
+}

@@ -1,0 +1,479 @@
+//! The dispatcher: one worker per function inbox and per queue trigger,
+//! each claiming events in batches, delivering them concurrently as
+//! CloudEvents, and settling the results in the same transaction as its
+//! next claim.
+//!
+//! Workers are independent: a slow or failing function fills only its own
+//! worker's slots and retry schedule, never another's.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use mayfly_store::{Delivery, EventQueue, QueueRef, RetryPolicy, Settlement, Trigger};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rand::Rng as _;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{EventBody, EventOutcome};
+use crate::platform::{Platform, now_ms};
+
+/// Inbox deliveries running at once per function, unless its
+/// `max_concurrency` is lower.
+const INBOX_CONCURRENCY: usize = 32;
+/// Events an inbox worker claims at once.
+const INBOX_BATCH: usize = 32;
+/// Wait before retrying an event whose function was at its limit.
+const THROTTLED_DELAY_MS: u64 = 1000;
+/// Longest a worker sleeps without looking at its queue; a backstop for
+/// messages made visible by something it was not told about.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Added to a function's timeout and queue wait to lease an event: a
+/// delivery that outlives its lease may be handed out twice, so the lease
+/// outlasts any invocation. A crash releases leases at the next start.
+const LEASE_MARGIN_MS: u64 = 30_000;
+
+/// Characters CloudEvents' binary mode percent-encodes in header values:
+/// outside printable ASCII, plus space, `"` and `%`.
+const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    function: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabel {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    /// A named queue, or `@<function>` for a function's inbox.
+    queue: String,
+}
+
+/// Delivery metrics.
+#[derive(Clone)]
+pub(crate) struct EventMetrics {
+    deliveries: Family<DeliveryLabels, Counter>,
+    latency: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    depth: Family<QueueLabel, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~4.6 h in powers of two: from an idle queue to a long
+    // backlog or a retry schedule.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 25))
+}
+
+impl EventMetrics {
+    /// Registers the metrics in `registry`.
+    pub(crate) fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            deliveries: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            depth: Family::default(),
+        };
+        registry.register(
+            "event_queue_depth",
+            "Events and messages stored per queue (`@<function>`: a function's inbox)",
+            metrics.depth.clone(),
+        );
+        registry.register(
+            "event_deliveries",
+            "Event delivery attempts by result (delivered, retried, dead, throttled)",
+            metrics.deliveries.clone(),
+        );
+        registry.register(
+            "event_latency_seconds",
+            "From an event being stored to its delivery being acknowledged",
+            metrics.latency.clone(),
+        );
+        metrics
+    }
+
+    /// Sets the depth gauges from a fresh count (queues now empty drop out).
+    pub(crate) fn set_depths(&self, depths: &[(QueueRef, u64)]) {
+        self.depth.clear();
+        for (queue, depth) in depths {
+            let queue = match queue {
+                QueueRef::Named(name) => name.clone(),
+                QueueRef::Inbox(function) => format!("@{function}"),
+            };
+            self.depth
+                .get_or_create(&QueueLabel { queue })
+                .set(i64::try_from(*depth).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn count(&self, function: &str, result: &'static str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                function: function.to_string(),
+                result,
+            })
+            .inc();
+    }
+}
+
+/// What a worker consumes and how.
+#[derive(Debug, Clone)]
+pub(crate) struct Consumer {
+    queue: QueueRef,
+    function: String,
+    batch: usize,
+    concurrency: Option<usize>,
+    /// The trigger's retry policy; inbox events carry their own.
+    retry: RetryPolicy,
+    /// The queue trigger consuming (none for an inbox).
+    trigger_id: Option<i64>,
+}
+
+impl Consumer {
+    /// A function's inbox.
+    pub(crate) fn inbox(function: &str) -> Self {
+        Self {
+            queue: QueueRef::Inbox(function.to_string()),
+            function: function.to_string(),
+            batch: INBOX_BATCH,
+            concurrency: None,
+            retry: RetryPolicy::default(),
+            trigger_id: None,
+        }
+    }
+
+    /// A queue trigger.
+    pub(crate) fn queue(trigger: &Trigger, queue: &str, batch: u32, concurrency: u32) -> Self {
+        Self {
+            queue: QueueRef::Named(queue.to_string()),
+            function: trigger.function.clone(),
+            batch: batch as usize,
+            concurrency: Some(concurrency as usize),
+            retry: trigger.spec.retry,
+            trigger_id: Some(trigger.id),
+        }
+    }
+}
+
+/// A worker: claims, delivers and settles until stopped, then lets its
+/// running deliveries finish and records their results.
+pub(crate) async fn run(
+    platform: Weak<Platform>,
+    consumer: Consumer,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let (done_tx, mut done) = mpsc::unbounded_channel::<Settlement>();
+    let mut settled: Vec<Settlement> = Vec::new();
+    let mut running = 0usize;
+    // After a claim came back short, the worker claims again only when
+    // something changed: a delivery ended (it may unblock an ordered
+    // event), a write woke it, or the next stored message became visible.
+    let mut drained = false;
+    let mut recheck_at = tokio::time::Instant::now();
+    loop {
+        let Some(node) = platform.upgrade() else {
+            return;
+        };
+        let stopping = stop.is_cancelled();
+        let Some(function) = node.catalog().by_name.get(&consumer.function).cloned() else {
+            return;
+        };
+        let concurrency = consumer.concurrency.unwrap_or_else(|| {
+            function
+                .scaling
+                .max_concurrency
+                .map_or(INBOX_CONCURRENCY, |max| {
+                    (max as usize).min(INBOX_CONCURRENCY)
+                })
+        });
+        let free = concurrency.saturating_sub(running);
+        // Claim in batches: when nothing runs, or a batch's worth of slots
+        // is free.
+        let refill =
+            free > 0 && !drained && (running == 0 || free >= consumer.batch.min(concurrency));
+        let want = if stopping || !refill {
+            0
+        } else {
+            free.min(consumer.batch)
+        };
+        if want > 0 || !settled.is_empty() {
+            let lease_ms = function.limits.timeout.as_millis() as u64
+                + function.scaling.queue_timeout_ms
+                + LEASE_MARGIN_MS;
+            let store = node.events().store.clone();
+            let queue = consumer.queue.clone();
+            let batch = std::mem::take(&mut settled);
+            let result = tokio::task::spawn_blocking(move || {
+                let claimed = store.settle_and_claim(&batch, &queue, want, lease_ms);
+                (batch, claimed)
+            })
+            .await;
+            match result {
+                Ok((_, Ok(claimed))) => {
+                    if claimed.len() < want {
+                        drained = true;
+                        recheck_at = next_due(&node, &consumer.queue).await;
+                    }
+                    for delivery in claimed {
+                        running += 1;
+                        let done = done_tx.clone();
+                        let node = node.clone();
+                        let consumer = consumer.clone();
+                        tokio::spawn(async move {
+                            let settlement = deliver(&node, &consumer, delivery).await;
+                            let _ = done.send(settlement);
+                        });
+                    }
+                }
+                Ok((batch, Err(error))) => {
+                    tracing::error!(queue = ?consumer.queue, "cannot claim events: {error}");
+                    settled = batch;
+                    drained = true;
+                    recheck_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+                Err(error) => {
+                    tracing::error!(queue = ?consumer.queue, "event worker failed: {error}");
+                    drained = true;
+                    recheck_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+        if stopping && running == 0 && settled.is_empty() {
+            return;
+        }
+        drop(node);
+        tokio::select! {
+            Some(settlement) = done.recv() => {
+                running -= 1;
+                settled.push(settlement);
+                while let Ok(settlement) = done.try_recv() {
+                    running -= 1;
+                    settled.push(settlement);
+                }
+                drained = false;
+            }
+            () = wake.notified(), if !stopping => drained = false,
+            () = tokio::time::sleep_until(recheck_at), if drained && !stopping => drained = false,
+            () = stop.cancelled(), if !stopping => {}
+        }
+    }
+}
+
+/// When the worker should look again after draining its queue: when the
+/// next stored message becomes visible (a retry's backoff, a received
+/// message's visibility), at most [`IDLE_POLL`] from now. A message visible
+/// already but not handed out waits behind an older one with its ordering
+/// key: the older one's settlement wakes the worker.
+async fn next_due(node: &Platform, queue: &QueueRef) -> tokio::time::Instant {
+    let store = node.events().store.clone();
+    let queue = queue.clone();
+    let next = tokio::task::spawn_blocking(move || store.next_visible(&queue)).await;
+    let now = tokio::time::Instant::now();
+    match next {
+        Ok(Ok(Some(at_ms))) if at_ms > now_ms() => {
+            let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
+            now + Duration::from_millis(wait).min(IDLE_POLL)
+        }
+        _ => now + IDLE_POLL,
+    }
+}
+
+/// Delivers one event and decides what becomes of it.
+async fn deliver(node: &Platform, consumer: &Consumer, delivery: Delivery) -> Settlement {
+    let metrics = &node.events().metrics;
+    let function_name = &consumer.function;
+    let Some(function) = node.catalog().by_name.get(function_name).cloned() else {
+        // Deleted meanwhile; its inbox goes with it, a queue's message
+        // waits for another consumer.
+        return Settlement::Postpone {
+            id: delivery.id,
+            attempt: delivery.attempt,
+            delay_ms: THROTTLED_DELAY_MS,
+        };
+    };
+    let retry = delivery.retry.unwrap_or(consumer.retry);
+    let outcome = match cloud_event_request(&delivery) {
+        Ok(request) => {
+            node.deliver_event(&function, request, trigger_label(&delivery.event.ty))
+                .await
+        }
+        Err(error) => EventOutcome::Failed(format!("cannot build the request: {error}")),
+    };
+    match outcome {
+        EventOutcome::Delivered => {
+            metrics.count(function_name, "delivered");
+            let waited_ms = now_ms().saturating_sub(delivery.enqueued_ms).max(0);
+            metrics
+                .latency
+                .get_or_create(&super::dispatch::FunctionLabel {
+                    function: function_name.clone(),
+                })
+                .observe(waited_ms as f64 / 1000.0);
+            Settlement::Ack {
+                id: delivery.id,
+                attempt: delivery.attempt,
+            }
+        }
+        EventOutcome::Throttled => {
+            metrics.count(function_name, "throttled");
+            Settlement::Postpone {
+                id: delivery.id,
+                attempt: delivery.attempt,
+                delay_ms: jitter(THROTTLED_DELAY_MS),
+            }
+        }
+        EventOutcome::Failed(error) if delivery.attempt >= retry.max_attempts => {
+            metrics.count(function_name, "dead");
+            tracing::warn!(
+                function = %function_name,
+                event = %delivery.event.id,
+                "event failed its last attempt ({}), moved to the dead-letter queue: {error}",
+                delivery.attempt
+            );
+            Settlement::Dead {
+                id: delivery.id,
+                attempt: delivery.attempt,
+                function: function_name.clone(),
+                retry,
+                trigger_id: delivery.trigger_id.or(consumer.trigger_id),
+                error,
+            }
+        }
+        EventOutcome::Failed(error) => {
+            metrics.count(function_name, "retried");
+            Settlement::Retry {
+                id: delivery.id,
+                attempt: delivery.attempt,
+                delay_ms: backoff(retry.backoff_ms, delivery.attempt),
+                error,
+            }
+        }
+    }
+}
+
+/// Exponential backoff after `attempt` failed: `base`, then doubling, at
+/// most [`RetryPolicy::MAX_BACKOFF_MS`], with jitter so that events that
+/// failed together do not all come back together.
+pub(crate) fn backoff(base_ms: u64, attempt: u32) -> u64 {
+    let doublings = attempt.saturating_sub(1).min(30);
+    jitter(
+        base_ms
+            .saturating_mul(1u64 << doublings)
+            .min(RetryPolicy::MAX_BACKOFF_MS),
+    )
+}
+
+/// A random wait between half of `ms` and `ms` ("equal jitter": spread
+/// out, yet never much shorter than asked).
+fn jitter(ms: u64) -> u64 {
+    if ms < 2 {
+        return ms;
+    }
+    rand::rng().random_range(ms / 2..=ms)
+}
+
+/// The ledger's trigger label of an event type.
+fn trigger_label(ty: &str) -> &'static str {
+    match ty.strip_prefix("dev.mayfly.").unwrap_or(ty) {
+        "schedule" => "schedule",
+        "kv.put" | "kv.delete" => "kv",
+        "object.created" | "object.deleted" => "object",
+        "queue.message" => "queue",
+        "invoke" => "async",
+        _ => "event",
+    }
+}
+
+/// The event as an HTTP request in CloudEvents binary content mode.
+fn cloud_event_request(delivery: &Delivery) -> Result<http::Request<EventBody>, http::Error> {
+    let event = &delivery.event;
+    let escaped = |text: &str| utf8_percent_encode(text, HEADER_ESCAPES).to_string();
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(delivery.path.as_deref().unwrap_or("/"))
+        // wasi:http hands guests an authority; events have no client, so
+        // they come from the node itself.
+        .header(http::header::HOST, "localhost")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", escaped(&event.id))
+        .header("ce-source", escaped(&event.source))
+        .header("ce-type", escaped(&event.ty))
+        .header("ce-time", rfc3339_millis(event.time_ms))
+        .header("mayfly-attempt", delivery.attempt.to_string());
+    if let Some(subject) = &event.subject {
+        request = request.header("ce-subject", escaped(subject));
+    }
+    if let Some(content_type) = &event.content_type {
+        request = request.header(http::header::CONTENT_TYPE, content_type.as_str());
+    }
+    request.body(
+        Full::new(Bytes::from(event.data.clone()))
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+/// RFC 3339 with milliseconds, in UTC.
+pub(crate) fn rfc3339_millis(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        for attempt in 1..=5u32 {
+            let full = 100u64 << (attempt - 1);
+            let delay = backoff(100, attempt);
+            assert!(
+                (full / 2..=full).contains(&delay),
+                "attempt {attempt}: {delay}"
+            );
+        }
+        assert!(backoff(60_000, 40) <= RetryPolicy::MAX_BACKOFF_MS);
+    }
+
+    #[test]
+    fn headers_follow_the_binary_content_mode() {
+        let delivery = Delivery {
+            id: 7,
+            attempt: 2,
+            event: mayfly_store::CloudEvent {
+                id: "e1".into(),
+                ty: "dev.mayfly.kv.put".into(),
+                source: "/kv/b".into(),
+                subject: Some("dir/naïve key".into()),
+                time_ms: 1_700_000_000_123,
+                content_type: Some("text/plain".into()),
+                data: b"v".to_vec(),
+            },
+            path: None,
+            trigger_id: Some(1),
+            retry: None,
+            enqueued_ms: 0,
+        };
+        let request = cloud_event_request(&delivery).unwrap();
+        let header = |name: &str| request.headers()[name].to_str().unwrap().to_string();
+        assert_eq!(header("ce-specversion"), "1.0");
+        assert_eq!(header("ce-subject"), "dir/na%C3%AFve%20key");
+        assert_eq!(header("ce-time"), "2023-11-14T22:13:20.123Z");
+        assert_eq!(header("mayfly-attempt"), "2");
+        assert_eq!(header("content-type"), "text/plain");
+        assert_eq!(request.uri(), "/");
+        assert_eq!(trigger_label("dev.mayfly.object.deleted"), "object");
+    }
+}

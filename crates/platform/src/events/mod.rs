@@ -1,0 +1,685 @@
+//! Events: the KV, object and queue stores users write to, the triggers
+//! that watch them, and the dispatcher that delivers their events to
+//! functions as CloudEvents.
+//!
+//! Every event is stored before anyone is told it was accepted (the stores
+//! write a change and its events in one transaction), and leaves the store
+//! only when a delivery is acknowledged (2xx) or after its last attempt, into
+//! the function's dead-letter queue: delivery is at least once, across
+//! crashes.
+
+mod dispatch;
+pub mod schedule;
+mod scheduler;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use mayfly_store::{
+    AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EmbeddedEvents, EventQueue,
+    InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef,
+    QueueStats, RetryPolicy, Trigger, TriggerSource, TriggerSpec, TriggerStore,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::platform::{Platform, PlatformError};
+use schedule::Schedule;
+
+pub(crate) use dispatch::EventMetrics;
+
+/// Request body of an event delivery.
+pub(crate) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// Bytes of a failed delivery's response kept as its error.
+pub(crate) const EVENT_ERROR_EXCERPT: usize = 256;
+
+/// How one delivery attempt went.
+#[derive(Debug)]
+pub(crate) enum EventOutcome {
+    /// The function answered 2xx: acknowledged.
+    Delivered,
+    /// The function failed, with why.
+    Failed(String),
+    /// The function was at its concurrency limit: nothing ran.
+    Throttled,
+}
+
+/// Largest batch a single `send` may carry.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest bucket or queue name.
+const MAX_NAME: usize = 63;
+/// Longest key, in bytes.
+const MAX_KEY: usize = 1024;
+
+/// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`.
+pub fn check_name(what: &str, name: &str) -> Result<(), PlatformError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(PlatformError::BadRequest(format!(
+            "invalid {what} name `{}`: use 1 to {MAX_NAME} lower-case letters, digits, `-`, `_` \
+             or `.`",
+            name.escape_debug()
+        )))
+    }
+}
+
+/// Checks a KV or object key: 1 to 1024 bytes of UTF-8 with no control
+/// characters.
+pub fn check_key(key: &str) -> Result<(), PlatformError> {
+    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
+        return Err(PlatformError::BadRequest(format!(
+            "invalid key `{}`: use 1 to {MAX_KEY} bytes of UTF-8 without control characters",
+            key.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a prefix or suffix filter (may be empty).
+fn check_filter(what: &str, text: &str) -> Result<(), PlatformError> {
+    if text.len() > MAX_KEY || text.chars().any(char::is_control) {
+        return Err(PlatformError::BadRequest(format!(
+            "invalid {what} `{}`: at most {MAX_KEY} bytes, no control characters",
+            text.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a trigger spec before it is stored.
+pub fn check_trigger(spec: &TriggerSpec) -> Result<(), PlatformError> {
+    match &spec.source {
+        TriggerSource::Schedule { schedule } => {
+            Schedule::parse(schedule).map_err(|e| PlatformError::BadRequest(e.to_string()))?;
+        }
+        TriggerSource::Object {
+            bucket,
+            prefix,
+            suffix,
+            events,
+        } => {
+            check_name("bucket", bucket)?;
+            check_filter("prefix", prefix)?;
+            check_filter("suffix", suffix)?;
+            if events.is_empty() {
+                return Err(PlatformError::BadRequest(
+                    "`events` is empty: list `created`, `deleted` or both".into(),
+                ));
+            }
+        }
+        TriggerSource::Kv { bucket, prefix } => {
+            check_name("bucket", bucket)?;
+            check_filter("prefix", prefix)?;
+        }
+        TriggerSource::Queue {
+            queue,
+            batch_size,
+            max_concurrency,
+        } => {
+            check_name("queue", queue)?;
+            if !(1..=1000).contains(batch_size) || !(1..=1000).contains(max_concurrency) {
+                return Err(PlatformError::BadRequest(format!(
+                    "`batch_size` is {batch_size} and `max_concurrency` {max_concurrency}: \
+                     each must be 1 to 1000"
+                )));
+            }
+        }
+    }
+    check_retry(&spec.retry)
+}
+
+/// Checks a retry policy.
+pub fn check_retry(retry: &RetryPolicy) -> Result<(), PlatformError> {
+    if !(1..=RetryPolicy::MAX_ATTEMPTS).contains(&retry.max_attempts)
+        || retry.backoff_ms > RetryPolicy::MAX_BACKOFF_MS
+    {
+        return Err(PlatformError::BadRequest(format!(
+            "retry: `max_attempts` is {} and `backoff_ms` {}: attempts must be 1 to {}, the \
+             backoff at most {} ms",
+            retry.max_attempts,
+            retry.backoff_ms,
+            RetryPolicy::MAX_ATTEMPTS,
+            RetryPolicy::MAX_BACKOFF_MS
+        )));
+    }
+    Ok(())
+}
+
+/// Who consumes a queue: a function's inbox, or a queue trigger.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum WorkerKey {
+    Inbox(String),
+    Trigger(i64),
+}
+
+/// A running consumer: its wake-up signal, and how to stop it.
+struct Worker {
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The node's event stores, triggers and dispatcher.
+pub struct EventHub {
+    store: Arc<EmbeddedEvents>,
+    /// Every trigger, refreshed after each change: which workers should run
+    /// and whom a write wakes are read from here without touching SQLite.
+    triggers: ArcSwap<Vec<Trigger>>,
+    workers: Mutex<HashMap<WorkerKey, Worker>>,
+    /// Wakes the scheduler when schedules change.
+    schedules_changed: Arc<Notify>,
+    shutdown: CancellationToken,
+    platform: OnceLock<Weak<Platform>>,
+    scheduler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Delivery counters and latency.
+    pub(crate) metrics: EventMetrics,
+}
+
+impl EventHub {
+    /// Opens the event database and object files under `data_dir`.
+    pub(crate) fn open(data_dir: &std::path::Path, metrics: EventMetrics) -> anyhow::Result<Self> {
+        let objects = mayfly_store::BlobDir::open(data_dir.join("blobs"))?;
+        let store = Arc::new(EmbeddedEvents::open(&data_dir.join("events.db"), objects)?);
+        let triggers = store.triggers(None)?;
+        Ok(Self {
+            store,
+            triggers: ArcSwap::from_pointee(triggers),
+            workers: Mutex::default(),
+            schedules_changed: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
+            platform: OnceLock::new(),
+            scheduler: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    /// Starts delivering: deliveries a previous run left leased are released
+    /// (it crashed or was stopped mid-delivery), then the scheduler and one
+    /// worker per inbox and queue trigger start.
+    pub(crate) async fn start(&self, platform: &Arc<Platform>) -> anyhow::Result<()> {
+        let _ = self.platform.set(Arc::downgrade(platform));
+        let store = self.store.clone();
+        let released = tokio::task::spawn_blocking(move || store.release_leases()).await??;
+        if released > 0 {
+            tracing::info!("{released} events in flight at the last stop will be delivered again");
+        }
+        let task = tokio::spawn(scheduler::run(Arc::downgrade(platform)));
+        *self.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        self.sync_workers();
+        Ok(())
+    }
+
+    fn platform(&self) -> Option<Arc<Platform>> {
+        self.platform.get().and_then(Weak::upgrade)
+    }
+
+    /// Starts the workers that should run and stops those that should not:
+    /// one per deployed function (its inbox) and one per queue trigger.
+    pub(crate) fn sync_workers(&self) {
+        let Some(platform) = self.platform() else {
+            return;
+        };
+        let catalog = platform.catalog();
+        let mut wanted: HashMap<WorkerKey, dispatch::Consumer> = HashMap::new();
+        for name in catalog.by_name.keys() {
+            wanted.insert(
+                WorkerKey::Inbox(name.clone()),
+                dispatch::Consumer::inbox(name),
+            );
+        }
+        for trigger in self.triggers.load().iter() {
+            if let TriggerSource::Queue {
+                queue,
+                batch_size,
+                max_concurrency,
+            } = &trigger.spec.source
+                && catalog.by_name.contains_key(&trigger.function)
+            {
+                wanted.insert(
+                    WorkerKey::Trigger(trigger.id),
+                    dispatch::Consumer::queue(trigger, queue, *batch_size, *max_concurrency),
+                );
+            }
+        }
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|key, worker| {
+            let keep = wanted.contains_key(key) && !worker.task.is_finished();
+            if !keep {
+                worker.stop.cancel();
+            }
+            keep
+        });
+        for (key, consumer) in wanted {
+            if workers.contains_key(&key) {
+                continue;
+            }
+            let wake = Arc::new(Notify::new());
+            let stop = self.shutdown.child_token();
+            let task = tokio::spawn(dispatch::run(
+                Arc::downgrade(&platform),
+                consumer,
+                wake.clone(),
+                stop.clone(),
+            ));
+            workers.insert(key, Worker { wake, stop, task });
+        }
+    }
+
+    fn wake(&self, key: &WorkerKey) {
+        if let Some(worker) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            worker.wake.notify_one();
+        }
+    }
+
+    /// Wakes the inboxes of functions whose `kind` triggers watch `target`.
+    fn wake_watchers(&self, kind: &str, target: &str) {
+        let triggers = self.triggers.load();
+        for trigger in triggers.iter() {
+            if trigger.spec.source.kind() == kind && trigger.spec.source.target() == target {
+                let key = match kind {
+                    "queue" => WorkerKey::Trigger(trigger.id),
+                    _ => WorkerKey::Inbox(trigger.function.clone()),
+                };
+                self.wake(&key);
+            }
+        }
+    }
+
+    async fn refresh_triggers(&self) -> Result<(), PlatformError> {
+        let store = self.store.clone();
+        let triggers = blocking(move || store.triggers(None)).await?;
+        self.triggers.store(Arc::new(triggers));
+        self.schedules_changed.notify_one();
+        self.sync_workers();
+        Ok(())
+    }
+
+    /// Stops the scheduler and tells every worker to stop claiming; each
+    /// lets its running deliveries end and records their results.
+    pub(crate) fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the workers and the scheduler to finish, until `deadline`
+    /// at most (events whose results were not recorded are delivered again
+    /// at the next start).
+    pub(crate) async fn join(&self, deadline: tokio::time::Instant) {
+        let mut tasks: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, worker)| worker.task)
+            .collect();
+        if let Some(task) = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            tasks.push(task);
+        }
+        if tokio::time::timeout_at(deadline, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "event workers still busy at shutdown: their events will be redelivered"
+            );
+        }
+    }
+
+    // ---- triggers ----
+
+    /// Attaches a trigger to `function` (which the caller checked exists);
+    /// an identical one is returned instead, with `false`.
+    pub async fn add_trigger(
+        &self,
+        function: &str,
+        spec: TriggerSpec,
+    ) -> Result<(Trigger, bool), PlatformError> {
+        check_trigger(&spec)?;
+        let store = self.store.clone();
+        let function = function.to_string();
+        let added = blocking(move || store.add_trigger(&function, &spec)).await?;
+        self.refresh_triggers().await?;
+        Ok(added)
+    }
+
+    /// Triggers of one function, or all.
+    pub fn triggers(&self, function: Option<&str>) -> Vec<Trigger> {
+        self.triggers
+            .load()
+            .iter()
+            .filter(|t| function.is_none_or(|f| t.function == f))
+            .cloned()
+            .collect()
+    }
+
+    /// Detaches a trigger.
+    pub async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
+        let store = self.store.clone();
+        if !blocking(move || store.remove_trigger(id)).await? {
+            return Err(PlatformError::Missing(format!(
+                "no trigger {id}: see `mayfly trigger list`"
+            )));
+        }
+        self.refresh_triggers().await
+    }
+
+    /// Forgets a deleted function's triggers, pending events and dead
+    /// letters.
+    pub(crate) async fn remove_function(&self, function: &str) -> Result<(), PlatformError> {
+        let store = self.store.clone();
+        let name = function.to_string();
+        blocking(move || store.remove_function(&name)).await?;
+        self.refresh_triggers().await
+    }
+
+    // ---- KV ----
+
+    /// The value under `key`.
+    pub async fn kv_get(&self, bucket: &str, key: &str) -> Result<KvEntry, PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        blocking(move || store.kv_get(&b, &k))
+            .await?
+            .ok_or_else(|| PlatformError::Missing(format!("no key `{key}` in bucket `{bucket}`")))
+    }
+
+    /// Writes a value if `condition` holds; returns its revision.
+    pub async fn kv_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+        condition: KvCondition,
+    ) -> Result<u64, PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let revision = blocking(move || store.kv_put(&b, &k, &value, condition)).await?;
+        self.wake_watchers("kv", bucket);
+        Ok(revision)
+    }
+
+    /// Deletes a key if `condition` holds.
+    pub async fn kv_delete(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: KvCondition,
+    ) -> Result<(), PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        if !blocking(move || store.kv_delete(&b, &k, condition)).await? {
+            return Err(PlatformError::Missing(format!(
+                "no key `{key}` in bucket `{bucket}`"
+            )));
+        }
+        self.wake_watchers("kv", bucket);
+        Ok(())
+    }
+
+    /// Keys of a bucket by prefix, paged.
+    pub async fn kv_list(
+        &self,
+        bucket: &str,
+        prefix: String,
+        after: String,
+        limit: usize,
+    ) -> Result<Vec<KvKey>, PlatformError> {
+        check_name("bucket", bucket)?;
+        let (store, b) = (self.store.clone(), bucket.to_string());
+        blocking(move || store.kv_list(&b, &prefix, &after, limit)).await
+    }
+
+    /// KV buckets and their sizes.
+    pub async fn kv_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
+        let store = self.store.clone();
+        blocking(move || store.kv_buckets()).await
+    }
+
+    // ---- objects ----
+
+    /// Stores an object.
+    pub async fn object_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Bytes,
+        content_type: String,
+    ) -> Result<ObjectMeta, PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let meta = blocking(move || store.object_put(&b, &k, &bytes, &content_type)).await?;
+        self.wake_watchers("object", bucket);
+        Ok(meta)
+    }
+
+    /// An object's metadata and the file holding its bytes.
+    pub async fn object_get(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<(ObjectMeta, PathBuf), PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        blocking(move || store.object_get(&b, &k))
+            .await?
+            .ok_or_else(|| {
+                PlatformError::Missing(format!("no object `{key}` in bucket `{bucket}`"))
+            })
+    }
+
+    /// Deletes an object.
+    pub async fn object_delete(&self, bucket: &str, key: &str) -> Result<(), PlatformError> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        if !blocking(move || store.object_delete(&b, &k)).await? {
+            return Err(PlatformError::Missing(format!(
+                "no object `{key}` in bucket `{bucket}`"
+            )));
+        }
+        self.wake_watchers("object", bucket);
+        Ok(())
+    }
+
+    /// Objects of a bucket by prefix, paged.
+    pub async fn object_list(
+        &self,
+        bucket: &str,
+        prefix: String,
+        after: String,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>, PlatformError> {
+        check_name("bucket", bucket)?;
+        let (store, b) = (self.store.clone(), bucket.to_string());
+        blocking(move || store.object_list(&b, &prefix, &after, limit)).await
+    }
+
+    /// Object buckets and their sizes.
+    pub async fn object_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
+        let store = self.store.clone();
+        blocking(move || store.object_buckets()).await
+    }
+
+    // ---- queues ----
+
+    /// Stores messages on a queue, durably, in one write.
+    pub async fn send(
+        &self,
+        queue: &str,
+        messages: Vec<(Option<String>, Vec<u8>)>,
+    ) -> Result<Vec<i64>, PlatformError> {
+        check_name("queue", queue)?;
+        if messages.len() > MAX_BATCH {
+            return Err(PlatformError::BadRequest(format!(
+                "{} messages in one batch: send at most {MAX_BATCH} at a time",
+                messages.len()
+            )));
+        }
+        let (store, q) = (self.store.clone(), queue.to_string());
+        let ids = blocking(move || store.send(&q, &messages)).await?;
+        self.wake_watchers("queue", queue);
+        Ok(ids)
+    }
+
+    /// Hands out messages to a user's consumer.
+    pub async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        visibility_ms: u64,
+    ) -> Result<Vec<Delivery>, PlatformError> {
+        check_name("queue", queue)?;
+        let (store, q) = (self.store.clone(), queue.to_string());
+        blocking(move || store.receive(&q, max, visibility_ms)).await
+    }
+
+    /// Acknowledges a received message by its receipt (`<id>.<attempt>`).
+    pub async fn ack(&self, queue: &str, receipt: &str) -> Result<(), PlatformError> {
+        check_name("queue", queue)?;
+        let parsed = receipt
+            .split_once('.')
+            .and_then(|(id, attempt)| Some((id.parse().ok()?, attempt.parse().ok()?)));
+        let Some((id, attempt)) = parsed else {
+            return Err(PlatformError::BadRequest(format!(
+                "`{}` is not a receipt: pass the `receipt` field of a received message",
+                receipt.escape_debug()
+            )));
+        };
+        let (store, q) = (self.store.clone(), queue.to_string());
+        match blocking(move || store.ack(&q, id, attempt)).await? {
+            AckOutcome::Acked => Ok(()),
+            AckOutcome::Stale => Err(PlatformError::Conflict(format!(
+                "receipt {receipt} is stale: the message became visible again and was received \
+                 anew; process it under its new receipt"
+            ))),
+            AckOutcome::Gone => Err(PlatformError::Missing(format!(
+                "no message {id} on queue `{queue}` (already acknowledged?)"
+            ))),
+        }
+    }
+
+    /// Named queues and their counts.
+    pub async fn queues(&self) -> Result<Vec<QueueStats>, PlatformError> {
+        let store = self.store.clone();
+        blocking(move || store.queues()).await
+    }
+
+    /// Events and messages stored, by queue (inboxes included).
+    pub(crate) fn depths(&self) -> Result<Vec<(QueueRef, u64)>, PlatformError> {
+        Ok(self.store.depths()?)
+    }
+
+    // ---- asynchronous invocation ----
+
+    /// Stores an asynchronous invocation of `function` in its inbox and
+    /// returns the event id.
+    pub async fn invoke_async(
+        &self,
+        function: &str,
+        path: String,
+        content_type: Option<String>,
+        data: Bytes,
+        retry: RetryPolicy,
+    ) -> Result<String, PlatformError> {
+        check_retry(&retry)?;
+        let event = InboxEvent {
+            event: CloudEvent {
+                id: uuid::Uuid::now_v7().simple().to_string(),
+                ty: "dev.mayfly.invoke".into(),
+                source: format!("/functions/{function}"),
+                subject: None,
+                time_ms: crate::platform::now_ms(),
+                content_type,
+                data: data.to_vec(),
+            },
+            path: Some(path),
+            trigger_id: None,
+            retry,
+        };
+        let id = event.event.id.clone();
+        let (store, f) = (self.store.clone(), function.to_string());
+        blocking(move || store.enqueue(&f, &event)).await?;
+        self.wake(&WorkerKey::Inbox(function.to_string()));
+        Ok(id)
+    }
+
+    // ---- dead letters ----
+
+    /// A function's dead letters, paged.
+    pub async fn dead_letters(
+        &self,
+        function: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, PlatformError> {
+        let (store, f) = (self.store.clone(), function.to_string());
+        blocking(move || store.dead_letters(&f, after, limit)).await
+    }
+
+    /// One dead letter with its data.
+    pub async fn dead_letter(&self, function: &str, id: i64) -> Result<DeadLetter, PlatformError> {
+        let (store, f) = (self.store.clone(), function.to_string());
+        blocking(move || store.dead_letter(&f, id))
+            .await?
+            .ok_or_else(|| {
+                PlatformError::Missing(format!(
+                    "no dead letter {id} for `{function}`: see `mayfly dlq list {function}`"
+                ))
+            })
+    }
+
+    /// Sends dead letters back to the function's inbox.
+    pub async fn redrive(
+        &self,
+        function: &str,
+        ids: Option<Vec<i64>>,
+    ) -> Result<usize, PlatformError> {
+        let (store, f) = (self.store.clone(), function.to_string());
+        let moved = blocking(move || store.redrive(&f, ids.as_deref())).await?;
+        self.wake(&WorkerKey::Inbox(function.to_string()));
+        Ok(moved)
+    }
+
+    /// Deletes dead letters.
+    pub async fn purge_dead(
+        &self,
+        function: &str,
+        ids: Option<Vec<i64>>,
+    ) -> Result<usize, PlatformError> {
+        let (store, f) = (self.store.clone(), function.to_string());
+        blocking(move || store.purge_dead(&f, ids.as_deref())).await
+    }
+}
+
+/// Runs a store call off the async workers: SQLite calls block.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> mayfly_store::Result<T> + Send + 'static,
+) -> Result<T, PlatformError> {
+    Ok(tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??)
+}

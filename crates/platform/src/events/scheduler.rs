@@ -1,0 +1,102 @@
+//! The scheduler: fires schedule triggers into their functions' inboxes.
+//!
+//! A firing and the trigger's new "last fired" time are one transaction,
+//! so a crash never fires a slot twice nor loses one; after downtime a
+//! missed run fires once (the slot that was missed first), not once per
+//! missed slot.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use mayfly_store::{CloudEvent, TriggerSource, TriggerStore};
+
+use super::schedule::Schedule;
+use super::{WorkerKey, dispatch::rfc3339_millis};
+use crate::platform::{Platform, now_ms};
+
+/// Longest the scheduler sleeps; schedule changes wake it earlier.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Runs until the node shuts down.
+pub(crate) async fn run(platform: Weak<Platform>) {
+    // Parsed once per expression rather than on every pass.
+    let mut parsed: HashMap<String, Option<Schedule>> = HashMap::new();
+    loop {
+        let Some(node) = platform.upgrade() else {
+            return;
+        };
+        let hub = node.events();
+        if hub.shutdown.is_cancelled() {
+            return;
+        }
+        let now = now_ms();
+        let mut next_wake = now.saturating_add(MAX_SLEEP.as_millis() as i64);
+        let mut fired = false;
+        for trigger in hub.triggers.load().iter() {
+            let TriggerSource::Schedule { schedule } = &trigger.spec.source else {
+                continue;
+            };
+            let Some(schedule) = parsed
+                .entry(schedule.clone())
+                .or_insert_with(|| Schedule::parse(schedule).ok())
+            else {
+                continue;
+            };
+            let mut last = trigger.last_fired_ms.unwrap_or(trigger.created_ms);
+            if let Some(slot) = schedule.due(last, now) {
+                let event = CloudEvent {
+                    id: uuid::Uuid::now_v7().simple().to_string(),
+                    ty: "dev.mayfly.schedule".into(),
+                    source: format!("/schedules/{}", trigger.id),
+                    subject: None,
+                    time_ms: slot,
+                    content_type: Some("application/json".into()),
+                    data: serde_json::json!({
+                        "schedule": schedule.as_str(),
+                        "scheduled_time": rfc3339_millis(slot),
+                    })
+                    .to_string()
+                    .into_bytes(),
+                };
+                let store = hub.store.clone();
+                let firing = trigger.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || store.fire_schedule(&firing, &event, now))
+                        .await;
+                match result {
+                    Ok(Ok(_)) => {
+                        fired = true;
+                        last = now;
+                        hub.wake(&WorkerKey::Inbox(trigger.function.clone()));
+                    }
+                    Ok(Err(error)) => {
+                        tracing::error!(trigger = trigger.id, "cannot fire schedule: {error}")
+                    }
+                    Err(error) => {
+                        tracing::error!(trigger = trigger.id, "cannot fire schedule: {error}")
+                    }
+                }
+            }
+            if let Some(next) = schedule.next_after(last.max(now)) {
+                next_wake = next_wake.min(next);
+            }
+        }
+        if fired {
+            // Pick up the new "last fired" times.
+            if let Err(error) = hub.refresh_triggers().await {
+                tracing::error!("cannot reload triggers: {error}");
+            }
+            continue;
+        }
+        let wait = Duration::from_millis(u64::try_from(next_wake - now_ms()).unwrap_or(0));
+        let shutdown = hub.shutdown.clone();
+        let changed = hub.schedules_changed.clone();
+        drop(node);
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(MAX_SLEEP)) => {}
+            () = changed.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,1139 @@
+//! The embedded event store: `<data dir>/events.db` (SQLite) for KV, object
+//! metadata, queues, inboxes, triggers and dead letters, and blob files for
+//! object bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use crate::embedded::{migrate, open_connection};
+use crate::events::*;
+use crate::{BlobDir, BlobKind, BlobStore, Digest, Result, StoreError};
+
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE triggers (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        function      TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        target        TEXT NOT NULL,
+        spec          TEXT NOT NULL,
+        created_ms    INTEGER NOT NULL,
+        last_fired_ms INTEGER
+    );
+    CREATE INDEX triggers_by_target ON triggers (kind, target);
+    CREATE INDEX triggers_by_function ON triggers (function);
+
+    CREATE TABLE kv (
+        bucket     TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        value      BLOB NOT NULL,
+        revision   INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (bucket, key)
+    ) WITHOUT ROWID;
+    -- One counter for every KV revision: a re-created key never reuses one.
+    CREATE TABLE kv_revision (only INTEGER PRIMARY KEY CHECK (only = 0), last INTEGER NOT NULL);
+    INSERT INTO kv_revision VALUES (0, 0);
+
+    CREATE TABLE objects (
+        bucket       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        size         INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        modified_ms  INTEGER NOT NULL,
+        PRIMARY KEY (bucket, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX objects_by_digest ON objects (digest);
+
+    -- Named queues' messages and functions' inboxes ('@' || function).
+    -- AUTOINCREMENT: ids never go back, so id order is commit order.
+    CREATE TABLE messages (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue         TEXT NOT NULL,
+        event_id      TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        subject       TEXT,
+        time_ms       INTEGER NOT NULL,
+        content_type  TEXT,
+        data          BLOB NOT NULL,
+        path          TEXT,
+        order_key     TEXT,
+        trigger_id    INTEGER,
+        max_attempts  INTEGER,
+        backoff_ms    INTEGER,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        visible_at_ms INTEGER NOT NULL,
+        leased        INTEGER NOT NULL DEFAULT 0,
+        last_error    TEXT,
+        enqueued_ms   INTEGER NOT NULL
+    );
+    CREATE INDEX messages_visible ON messages (queue, visible_at_ms, id);
+    CREATE INDEX messages_ordered ON messages (queue, order_key, id) WHERE order_key IS NOT NULL;
+    CREATE INDEX messages_leased ON messages (leased) WHERE leased = 1;
+
+    CREATE TABLE dead_letters (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        function     TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        type         TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        subject      TEXT,
+        time_ms      INTEGER NOT NULL,
+        content_type TEXT,
+        data         BLOB NOT NULL,
+        path         TEXT,
+        order_key    TEXT,
+        trigger_id   INTEGER,
+        max_attempts INTEGER NOT NULL,
+        backoff_ms   INTEGER NOT NULL,
+        attempts     INTEGER NOT NULL,
+        last_error   TEXT NOT NULL,
+        died_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX dead_by_function ON dead_letters (function, id);
+"#];
+
+/// Columns of `messages` read into a [`Delivery`], in [`delivery`]'s order.
+const DELIVERY_COLUMNS: &str = "id, attempts, event_id, type, source, \
+     COALESCE(subject, CASE WHEN substr(queue, 1, 1) = '@' THEN NULL ELSE CAST(id AS TEXT) END), \
+     time_ms, content_type, data, path, trigger_id, max_attempts, backoff_ms, enqueued_ms";
+
+const DEAD_COLUMNS: &str = "id, event_id, type, source, subject, time_ms, content_type, \
+     length(data), attempts, last_error, died_ms, trigger_id";
+
+/// KV, objects, queues, inboxes, triggers and dead letters on SQLite.
+///
+/// Two connections: `writes` (synchronous=FULL) for everything acknowledged
+/// to a user, which must survive a power loss once answered; `dispatch`
+/// (synchronous=NORMAL) for the dispatcher's claims and settlements, which
+/// a crash may only roll back into a redelivery. WAL lets them interleave.
+pub struct EmbeddedEvents {
+    writes: Mutex<Connection>,
+    dispatch: Mutex<Connection>,
+    objects: BlobDir,
+}
+
+impl EmbeddedEvents {
+    /// Opens or creates the database at `path`, with object bytes in
+    /// `objects`.
+    pub fn open(path: &Path, objects: BlobDir) -> Result<Self> {
+        let writes = open_connection(path)?;
+        migrate(&writes, MIGRATIONS)?;
+        let dispatch = open_connection(path)?;
+        dispatch.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Self {
+            writes: Mutex::new(writes),
+            dispatch: Mutex::new(dispatch),
+            objects,
+        })
+    }
+
+    fn writes(&self) -> MutexGuard<'_, Connection> {
+        // Every change runs in a transaction that rolls back on drop, so a
+        // panic under the lock leaves nothing half done.
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dispatch(&self) -> MutexGuard<'_, Connection> {
+        self.dispatch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A write transaction that takes the lock up front: a deferred one could
+/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
+/// retry.
+fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>> {
+    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn new_event_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_u32(value: i64) -> u32 {
+    u32::try_from(value).unwrap_or(if value < 0 { 0 } else { u32::MAX })
+}
+
+fn inbox(function: &str) -> String {
+    format!("@{function}")
+}
+
+fn queue_name(queue: &QueueRef) -> String {
+    match queue {
+        QueueRef::Named(name) => name.clone(),
+        QueueRef::Inbox(function) => inbox(function),
+    }
+}
+
+/// `key >= prefix` bounds the index scan; `substr` keeps only the prefix's
+/// keys (a LIKE pattern would need escaping of `%` and `_`).
+const PREFIX_FILTER: &str = "key >= ?2 AND substr(key, 1, length(?2)) = ?2 AND key > ?3";
+
+fn delivery(row: &Row<'_>) -> rusqlite::Result<Delivery> {
+    let max_attempts: Option<i64> = row.get(11)?;
+    let backoff_ms: Option<i64> = row.get(12)?;
+    Ok(Delivery {
+        id: row.get(0)?,
+        attempt: to_u32(row.get(1)?),
+        event: CloudEvent {
+            id: row.get(2)?,
+            ty: row.get(3)?,
+            source: row.get(4)?,
+            subject: row.get(5)?,
+            time_ms: row.get(6)?,
+            content_type: row.get(7)?,
+            data: row.get(8)?,
+        },
+        path: row.get(9)?,
+        trigger_id: row.get(10)?,
+        retry: max_attempts.map(|max| RetryPolicy {
+            max_attempts: to_u32(max),
+            backoff_ms: to_u64(backoff_ms.unwrap_or(0)),
+        }),
+        enqueued_ms: row.get(13)?,
+    })
+}
+
+fn dead_letter(row: &Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        ty: row.get(2)?,
+        source: row.get(3)?,
+        subject: row.get(4)?,
+        time_ms: row.get(5)?,
+        content_type: row.get(6)?,
+        size: to_u64(row.get(7)?),
+        attempts: to_u32(row.get(8)?),
+        last_error: row.get(9)?,
+        died_ms: row.get(10)?,
+        trigger_id: row.get(11)?,
+        data: None,
+    })
+}
+
+fn trigger(row: &Row<'_>) -> rusqlite::Result<(i64, String, String, i64, Option<i64>)> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+fn decode_trigger(
+    (id, function, spec, created_ms, last_fired_ms): (i64, String, String, i64, Option<i64>),
+) -> Result<Trigger> {
+    let spec = serde_json::from_str(&spec)
+        .map_err(|e| StoreError::Corrupt(format!("trigger {id} has an unreadable spec: {e}")))?;
+    Ok(Trigger {
+        id,
+        function,
+        spec,
+        created_ms,
+        last_fired_ms,
+    })
+}
+
+/// Triggers of `kind` watching `target`, read inside the writing
+/// transaction so the events match the triggers at commit time.
+fn watchers(tx: &Transaction<'_>, kind: &str, target: &str) -> Result<Vec<Trigger>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT id, function, spec, created_ms, last_fired_ms FROM triggers \
+         WHERE kind = ?1 AND target = ?2",
+    )?;
+    let rows = statement
+        .query_map(params![kind, target], trigger)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(decode_trigger).collect()
+}
+
+fn insert_inbox(
+    tx: &Transaction<'_>,
+    function: &str,
+    event: &InboxEvent,
+    order_key: Option<&str>,
+    now: i64,
+) -> Result<i64> {
+    let e = &event.event;
+    tx.prepare_cached(
+        "INSERT INTO messages (queue, event_id, type, source, subject, time_ms, content_type, \
+         data, path, order_key, trigger_id, max_attempts, backoff_ms, visible_at_ms, enqueued_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+    )?
+    .execute(params![
+        inbox(function),
+        e.id,
+        e.ty,
+        e.source,
+        e.subject,
+        e.time_ms,
+        e.content_type,
+        e.data,
+        event.path,
+        order_key,
+        event.trigger_id,
+        event.retry.max_attempts,
+        to_i64(event.retry.backoff_ms),
+        now,
+    ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Emits one event per matching trigger, in the caller's transaction.
+fn emit(
+    tx: &Transaction<'_>,
+    triggers: &[Trigger],
+    event: &CloudEvent,
+    order_key: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    for trigger in triggers {
+        let inbox_event = InboxEvent {
+            // Each function gets its own copy with its own id, so retries of
+            // one never look like duplicates of another.
+            event: CloudEvent {
+                id: new_event_id(),
+                ..event.clone()
+            },
+            path: None,
+            trigger_id: Some(trigger.id),
+            retry: trigger.spec.retry,
+        };
+        insert_inbox(tx, &trigger.function, &inbox_event, order_key, now)?;
+    }
+    Ok(())
+}
+
+fn kv_event(bucket: &str, key: &str, put: Option<&[u8]>, now: i64) -> CloudEvent {
+    CloudEvent {
+        id: String::new(),
+        ty: if put.is_some() {
+            "dev.mayfly.kv.put"
+        } else {
+            "dev.mayfly.kv.delete"
+        }
+        .into(),
+        source: format!("/kv/{bucket}"),
+        subject: Some(key.to_string()),
+        time_ms: now,
+        content_type: put.map(|_| "application/octet-stream".to_string()),
+        data: put.unwrap_or_default().to_vec(),
+    }
+}
+
+fn kv_watchers(tx: &Transaction<'_>, bucket: &str, key: &str) -> Result<Vec<Trigger>> {
+    let mut triggers = watchers(tx, "kv", bucket)?;
+    triggers.retain(|t| match &t.spec.source {
+        TriggerSource::Kv { prefix, .. } => key.starts_with(prefix.as_str()),
+        _ => false,
+    });
+    Ok(triggers)
+}
+
+fn check_kv_condition(
+    tx: &Transaction<'_>,
+    bucket: &str,
+    key: &str,
+    condition: KvCondition,
+) -> Result<Option<u64>> {
+    let current: Option<i64> = tx
+        .prepare_cached("SELECT revision FROM kv WHERE bucket = ?1 AND key = ?2")?
+        .query_row(params![bucket, key], |row| row.get(0))
+        .optional()?;
+    let current = current.map(to_u64);
+    match (condition, current) {
+        (KvCondition::Any, _) => Ok(current),
+        (KvCondition::Absent, None) => Ok(None),
+        (KvCondition::Absent, Some(revision)) => Err(StoreError::PreconditionFailed(format!(
+            "`{key}` exists (revision {revision})"
+        ))),
+        (KvCondition::Revision(wanted), Some(revision)) if wanted == revision => Ok(current),
+        (KvCondition::Revision(wanted), Some(revision)) => Err(StoreError::PreconditionFailed(
+            format!("`{key}` is at revision {revision}, not {wanted}"),
+        )),
+        (KvCondition::Revision(wanted), None) => Err(StoreError::PreconditionFailed(format!(
+            "`{key}` does not exist (expected revision {wanted})"
+        ))),
+    }
+}
+
+impl KvStore for EmbeddedEvents {
+    fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>> {
+        let conn = self.writes();
+        let entry = conn
+            .prepare_cached(
+                "SELECT value, revision, updated_ms FROM kv WHERE bucket = ?1 AND key = ?2",
+            )?
+            .query_row(params![bucket, key], |row| {
+                Ok(KvEntry {
+                    value: row.get(0)?,
+                    revision: to_u64(row.get(1)?),
+                    updated_ms: row.get(2)?,
+                })
+            })
+            .optional()?;
+        Ok(entry)
+    }
+
+    fn kv_put(&self, bucket: &str, key: &str, value: &[u8], condition: KvCondition) -> Result<u64> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        check_kv_condition(&tx, bucket, key, condition)?;
+        let now = now_ms();
+        let revision: i64 = tx.query_row(
+            "UPDATE kv_revision SET last = last + 1 RETURNING last",
+            [],
+            |row| row.get(0),
+        )?;
+        tx.prepare_cached(
+            "INSERT INTO kv (bucket, key, value, revision, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value, \
+             revision = excluded.revision, updated_ms = excluded.updated_ms",
+        )?
+        .execute(params![bucket, key, value, revision, now])?;
+        let triggers = kv_watchers(&tx, bucket, key)?;
+        let order_key = format!("{bucket}\0{key}");
+        emit(
+            &tx,
+            &triggers,
+            &kv_event(bucket, key, Some(value), now),
+            Some(&order_key),
+            now,
+        )?;
+        tx.commit()?;
+        Ok(to_u64(revision))
+    }
+
+    fn kv_delete(&self, bucket: &str, key: &str, condition: KvCondition) -> Result<bool> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        if check_kv_condition(&tx, bucket, key, condition)?.is_none() {
+            return Ok(false);
+        }
+        let now = now_ms();
+        tx.prepare_cached("DELETE FROM kv WHERE bucket = ?1 AND key = ?2")?
+            .execute(params![bucket, key])?;
+        let triggers = kv_watchers(&tx, bucket, key)?;
+        let order_key = format!("{bucket}\0{key}");
+        emit(
+            &tx,
+            &triggers,
+            &kv_event(bucket, key, None, now),
+            Some(&order_key),
+            now,
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn kv_list(&self, bucket: &str, prefix: &str, after: &str, limit: usize) -> Result<Vec<KvKey>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT key, revision, length(value), updated_ms FROM kv \
+             WHERE bucket = ?1 AND {PREFIX_FILTER} ORDER BY key LIMIT ?4"
+        ))?;
+        let keys = statement
+            .query_map(
+                params![bucket, prefix, after, to_i64(limit as u64)],
+                |row| {
+                    Ok(KvKey {
+                        key: row.get(0)?,
+                        revision: to_u64(row.get(1)?),
+                        size: to_u64(row.get(2)?),
+                        updated_ms: row.get(3)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(keys)
+    }
+
+    fn kv_buckets(&self) -> Result<Vec<BucketStats>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(
+            "SELECT bucket, COUNT(*), TOTAL(length(value)) FROM kv GROUP BY bucket ORDER BY bucket",
+        )?;
+        let buckets = statement
+            .query_map([], bucket_stats)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(buckets)
+    }
+}
+
+fn bucket_stats(row: &Row<'_>) -> rusqlite::Result<BucketStats> {
+    let bytes: f64 = row.get(2)?;
+    Ok(BucketStats {
+        bucket: row.get(0)?,
+        entries: to_u64(row.get(1)?),
+        bytes: bytes as u64,
+    })
+}
+
+fn object_meta(bucket: &str, key: &str, row: &Row<'_>) -> rusqlite::Result<(ObjectMeta, String)> {
+    let digest: String = row.get(0)?;
+    Ok((
+        ObjectMeta {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            size: to_u64(row.get(1)?),
+            etag: format!("\"{digest}\""),
+            content_type: row.get(2)?,
+            modified_ms: row.get(3)?,
+        },
+        digest,
+    ))
+}
+
+fn object_event(meta: &ObjectMeta, change: ObjectChange, now: i64) -> Result<CloudEvent> {
+    let (ty, name) = match change {
+        ObjectChange::Created => ("dev.mayfly.object.created", "created"),
+        ObjectChange::Deleted => ("dev.mayfly.object.deleted", "deleted"),
+    };
+    let mut data = serde_json::to_value(meta)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode object metadata: {e}")))?;
+    if let Some(fields) = data.as_object_mut() {
+        fields.insert("event".into(), name.into());
+    }
+    Ok(CloudEvent {
+        id: String::new(),
+        ty: ty.into(),
+        source: format!("/buckets/{}", meta.bucket),
+        subject: Some(meta.key.clone()),
+        time_ms: now,
+        content_type: Some("application/json".into()),
+        data: data.to_string().into_bytes(),
+    })
+}
+
+fn object_watchers(
+    tx: &Transaction<'_>,
+    bucket: &str,
+    key: &str,
+    change: ObjectChange,
+) -> Result<Vec<Trigger>> {
+    let mut triggers = watchers(tx, "object", bucket)?;
+    triggers.retain(|t| match &t.spec.source {
+        TriggerSource::Object {
+            prefix,
+            suffix,
+            events,
+            ..
+        } => {
+            key.starts_with(prefix.as_str())
+                && key.ends_with(suffix.as_str())
+                && events.contains(&change)
+        }
+        _ => false,
+    });
+    Ok(triggers)
+}
+
+impl EmbeddedEvents {
+    /// Removes the blob of `digest` if no object refers to it any more.
+    /// Called under the write lock after the change committed (a rolled
+    /// back change still needs its file), so a concurrent put of the same
+    /// bytes either sees the file or writes it again.
+    fn collect_blob(&self, conn: &Connection, digest: &str) -> Result<()> {
+        let used: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM objects WHERE digest = ?1)")?
+            .query_row([digest], |row| row.get(0))?;
+        if !used {
+            self.objects
+                .remove(BlobKind::Object, &Digest::parse(digest)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl ObjectStore for EmbeddedEvents {
+    fn object_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: &[u8],
+        content_type: &str,
+    ) -> Result<ObjectMeta> {
+        // The bytes are written (and synced) before the lock: large uploads
+        // do not hold up other writers.
+        let digest = self.objects.put(BlobKind::Object, bytes)?;
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        // A delete of another object with the same bytes may have removed
+        // the file between the write above and the lock.
+        self.objects.put_keyed(BlobKind::Object, &digest, bytes)?;
+        let previous: Option<String> = tx
+            .prepare_cached("SELECT digest FROM objects WHERE bucket = ?1 AND key = ?2")?
+            .query_row(params![bucket, key], |row| row.get(0))
+            .optional()?;
+        let now = now_ms();
+        tx.prepare_cached(
+            "INSERT INTO objects (bucket, key, digest, size, content_type, modified_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (bucket, key) DO UPDATE SET \
+             digest = excluded.digest, size = excluded.size, \
+             content_type = excluded.content_type, modified_ms = excluded.modified_ms",
+        )?
+        .execute(params![
+            bucket,
+            key,
+            digest.hex(),
+            to_i64(bytes.len() as u64),
+            content_type,
+            now
+        ])?;
+        let meta = ObjectMeta {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            size: bytes.len() as u64,
+            etag: format!("\"{}\"", digest.hex()),
+            content_type: content_type.to_string(),
+            modified_ms: now,
+        };
+        let triggers = object_watchers(&tx, bucket, key, ObjectChange::Created)?;
+        emit(
+            &tx,
+            &triggers,
+            &object_event(&meta, ObjectChange::Created, now)?,
+            None,
+            now,
+        )?;
+        tx.commit()?;
+        if let Some(previous) = previous.filter(|p| p != digest.hex()) {
+            self.collect_blob(&conn, &previous)?;
+        }
+        Ok(meta)
+    }
+
+    fn object_get(&self, bucket: &str, key: &str) -> Result<Option<(ObjectMeta, PathBuf)>> {
+        let found = {
+            let conn = self.writes();
+            conn.prepare_cached(
+                "SELECT digest, size, content_type, modified_ms FROM objects \
+                 WHERE bucket = ?1 AND key = ?2",
+            )?
+            .query_row(params![bucket, key], |row| object_meta(bucket, key, row))
+            .optional()?
+        };
+        let Some((meta, digest)) = found else {
+            return Ok(None);
+        };
+        let path = self
+            .objects
+            .local_path(BlobKind::Object, &Digest::parse(&digest)?)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("the bytes of object {bucket}/{key} are missing"))
+            })?;
+        Ok(Some((meta, path)))
+    }
+
+    fn object_delete(&self, bucket: &str, key: &str) -> Result<bool> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let found = tx
+            .prepare_cached(
+                "DELETE FROM objects WHERE bucket = ?1 AND key = ?2 \
+                 RETURNING digest, size, content_type, modified_ms",
+            )?
+            .query_row(params![bucket, key], |row| object_meta(bucket, key, row))
+            .optional()?;
+        let Some((mut meta, digest)) = found else {
+            return Ok(false);
+        };
+        let now = now_ms();
+        meta.modified_ms = now;
+        let triggers = object_watchers(&tx, bucket, key, ObjectChange::Deleted)?;
+        emit(
+            &tx,
+            &triggers,
+            &object_event(&meta, ObjectChange::Deleted, now)?,
+            None,
+            now,
+        )?;
+        tx.commit()?;
+        self.collect_blob(&conn, &digest)?;
+        Ok(true)
+    }
+
+    fn object_list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT digest, size, content_type, modified_ms, key FROM objects \
+             WHERE bucket = ?1 AND {PREFIX_FILTER} ORDER BY key LIMIT ?4"
+        ))?;
+        let objects = statement
+            .query_map(
+                params![bucket, prefix, after, to_i64(limit as u64)],
+                |row| {
+                    let key: String = row.get(4)?;
+                    object_meta(bucket, &key, row).map(|(meta, _)| meta)
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(objects)
+    }
+
+    fn object_buckets(&self) -> Result<Vec<BucketStats>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(
+            "SELECT bucket, COUNT(*), TOTAL(size) FROM objects GROUP BY bucket ORDER BY bucket",
+        )?;
+        let buckets = statement
+            .query_map([], bucket_stats)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(buckets)
+    }
+}
+
+/// A message (`m`) that no older message with its ordering key waits
+/// before: only those may be handed out.
+const FIRST_OF_ITS_KEY: &str = "(order_key IS NULL OR NOT EXISTS (SELECT 1 FROM messages AS p \
+     WHERE p.queue = m.queue AND p.order_key = m.order_key AND p.id < m.id))";
+
+/// Claims up to `max` visible messages of `queue`, leased until
+/// `now + lease_ms`. `node` marks the lease as the dispatcher's (released
+/// at start-up) rather than a user's `receive`.
+fn claim(
+    tx: &Transaction<'_>,
+    queue: &str,
+    max: usize,
+    lease_ms: u64,
+    node: bool,
+    now: i64,
+) -> Result<Vec<Delivery>> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    // A message whose ordering key has an older message still stored waits
+    // for it: per-key commit order survives retries and concurrency.
+    let mut statement = tx.prepare_cached(&format!(
+        "UPDATE messages SET attempts = attempts + 1, visible_at_ms = ?3, leased = ?4 \
+         WHERE id IN (SELECT id FROM messages AS m WHERE queue = ?1 AND visible_at_ms <= ?2 \
+           AND {FIRST_OF_ITS_KEY} ORDER BY visible_at_ms, id LIMIT ?5) \
+         RETURNING {DELIVERY_COLUMNS}"
+    ))?;
+    let lease_until = now.saturating_add(to_i64(lease_ms));
+    let mut claimed = statement
+        .query_map(
+            params![queue, now, lease_until, node, to_i64(max as u64)],
+            delivery,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    claimed.sort_by_key(|d| d.id);
+    Ok(claimed)
+}
+
+fn settle(tx: &Transaction<'_>, settlement: &Settlement, now: i64) -> Result<()> {
+    match settlement {
+        Settlement::Ack { id, attempt } => {
+            tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND attempts = ?2")?
+                .execute(params![id, attempt])?;
+        }
+        Settlement::Retry {
+            id,
+            attempt,
+            delay_ms,
+            error,
+        } => {
+            tx.prepare_cached(
+                "UPDATE messages SET visible_at_ms = ?3, leased = 0, last_error = ?4 \
+                 WHERE id = ?1 AND attempts = ?2",
+            )?
+            .execute(params![
+                id,
+                attempt,
+                now.saturating_add(to_i64(*delay_ms)),
+                error
+            ])?;
+        }
+        Settlement::Postpone {
+            id,
+            attempt,
+            delay_ms,
+        } => {
+            tx.prepare_cached(
+                "UPDATE messages SET visible_at_ms = ?3, leased = 0, attempts = attempts - 1 \
+                 WHERE id = ?1 AND attempts = ?2",
+            )?
+            .execute(params![id, attempt, now.saturating_add(to_i64(*delay_ms))])?;
+        }
+        Settlement::Dead {
+            id,
+            attempt,
+            function,
+            retry,
+            trigger_id,
+            error,
+        } => {
+            let moved = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letters (function, event_id, type, source, subject, \
+                     time_ms, content_type, data, path, order_key, trigger_id, max_attempts, \
+                     backoff_ms, attempts, last_error, died_ms) \
+                     SELECT ?3, event_id, type, source, \
+                       COALESCE(subject, CASE WHEN substr(queue, 1, 1) = '@' THEN NULL \
+                                         ELSE CAST(id AS TEXT) END), \
+                       time_ms, content_type, data, path, order_key, COALESCE(trigger_id, ?8), \
+                       ?4, ?5, attempts, ?6, ?7 \
+                     FROM messages WHERE id = ?1 AND attempts = ?2",
+                )?
+                .execute(params![
+                    id,
+                    attempt,
+                    function,
+                    retry.max_attempts,
+                    to_i64(retry.backoff_ms),
+                    error,
+                    now,
+                    trigger_id
+                ])?;
+            if moved > 0 {
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+                    .execute([id])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl EventQueue for EmbeddedEvents {
+    fn send(&self, queue: &str, messages: &[(Option<String>, Vec<u8>)]) -> Result<Vec<i64>> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let now = now_ms();
+        let source = format!("/queues/{queue}");
+        let mut ids = Vec::with_capacity(messages.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (queue, event_id, type, source, time_ms, content_type, \
+                 data, visible_at_ms, enqueued_ms) \
+                 VALUES (?1, ?2, 'dev.mayfly.queue.message', ?3, ?4, ?5, ?6, ?4, ?4)",
+            )?;
+            for (content_type, data) in messages {
+                insert.execute(params![
+                    queue,
+                    new_event_id(),
+                    source,
+                    now,
+                    content_type,
+                    data
+                ])?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let claimed = claim(&tx, queue, max, visibility_ms, false, now_ms())?;
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let current: Option<i64> = tx
+            .prepare_cached("SELECT attempts FROM messages WHERE id = ?1 AND queue = ?2")?
+            .query_row(params![id, queue], |row| row.get(0))
+            .optional()?;
+        let outcome = match current {
+            None => AckOutcome::Gone,
+            Some(current) if to_u32(current) != attempt => AckOutcome::Stale,
+            Some(_) => {
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+                    .execute([id])?;
+                AckOutcome::Acked
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn queues(&self) -> Result<Vec<QueueStats>> {
+        let conn = self.writes();
+        let now = now_ms();
+        let mut statement = conn.prepare_cached(
+            "SELECT queue, COUNT(*), TOTAL(visible_at_ms > ?1 AND attempts > 0) FROM messages \
+             WHERE substr(queue, 1, 1) != '@' GROUP BY queue ORDER BY queue",
+        )?;
+        let queues = statement
+            .query_map([now], |row| {
+                let in_flight: f64 = row.get(2)?;
+                Ok(QueueStats {
+                    queue: row.get(0)?,
+                    messages: to_u64(row.get(1)?),
+                    in_flight: in_flight as u64,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(queues)
+    }
+
+    fn enqueue(&self, function: &str, event: &InboxEvent) -> Result<i64> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let id = insert_inbox(&tx, function, event, None, now_ms())?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn settle_and_claim(
+        &self,
+        settled: &[Settlement],
+        queue: &QueueRef,
+        max: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<Delivery>> {
+        let mut conn = self.dispatch();
+        let tx = write_tx(&mut conn)?;
+        let now = now_ms();
+        for settlement in settled {
+            settle(&tx, settlement, now)?;
+        }
+        let claimed = claim(&tx, &queue_name(queue), max, lease_ms, true, now)?;
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    fn next_visible(&self, queue: &QueueRef) -> Result<Option<i64>> {
+        let conn = self.dispatch();
+        let next = conn
+            .prepare_cached(&format!(
+                "SELECT MIN(visible_at_ms) FROM messages AS m WHERE queue = ?1 \
+                 AND {FIRST_OF_ITS_KEY}"
+            ))?
+            .query_row([queue_name(queue)], |row| row.get(0))?;
+        Ok(next)
+    }
+
+    fn release_leases(&self) -> Result<usize> {
+        let mut conn = self.dispatch();
+        let tx = write_tx(&mut conn)?;
+        let released = tx.execute(
+            "UPDATE messages SET leased = 0, visible_at_ms = ?1 WHERE leased = 1",
+            [now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(released)
+    }
+
+    fn depths(&self) -> Result<Vec<(QueueRef, u64)>> {
+        let conn = self.dispatch();
+        let mut statement =
+            conn.prepare_cached("SELECT queue, COUNT(*) FROM messages GROUP BY queue")?;
+        let depths = statement
+            .query_map([], |row| {
+                let queue: String = row.get(0)?;
+                let queue = match queue.strip_prefix('@') {
+                    Some(function) => QueueRef::Inbox(function.to_string()),
+                    None => QueueRef::Named(queue),
+                };
+                Ok((queue, to_u64(row.get(1)?)))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(depths)
+    }
+
+    fn dead_letters(&self, function: &str, after: i64, limit: usize) -> Result<Vec<DeadLetter>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT {DEAD_COLUMNS} FROM dead_letters WHERE function = ?1 AND id > ?2 \
+             ORDER BY id LIMIT ?3"
+        ))?;
+        let letters = statement
+            .query_map(params![function, after, to_i64(limit as u64)], dead_letter)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(letters)
+    }
+
+    fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>> {
+        let conn = self.writes();
+        let letter = conn
+            .prepare_cached(&format!(
+                "SELECT {DEAD_COLUMNS}, data FROM dead_letters WHERE function = ?1 AND id = ?2"
+            ))?
+            .query_row(params![function, id], |row| {
+                let mut letter = dead_letter(row)?;
+                letter.data = Some(row.get(12)?);
+                Ok(letter)
+            })
+            .optional()?;
+        Ok(letter)
+    }
+
+    fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let now = now_ms();
+        let mut moved = 0;
+        for id in selected_dead(&tx, function, ids)? {
+            moved += tx
+                .prepare_cached(
+                    "INSERT INTO messages (queue, event_id, type, source, subject, time_ms, \
+                     content_type, data, path, order_key, trigger_id, max_attempts, backoff_ms, \
+                     visible_at_ms, enqueued_ms) \
+                     SELECT ?2, event_id, type, source, subject, time_ms, content_type, data, \
+                       path, order_key, trigger_id, max_attempts, backoff_ms, ?3, ?3 \
+                     FROM dead_letters WHERE id = ?1",
+                )?
+                .execute(params![id, inbox(function), now])?;
+            tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
+                .execute([id])?;
+        }
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let mut purged = 0;
+        for id in selected_dead(&tx, function, ids)? {
+            purged += tx
+                .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?
+                .execute([id])?;
+        }
+        tx.commit()?;
+        Ok(purged)
+    }
+}
+
+/// The ids of `function`'s dead letters among `ids` (all when `None`), so a
+/// caller can never reach another function's letters by id.
+fn selected_dead(tx: &Transaction<'_>, function: &str, ids: Option<&[i64]>) -> Result<Vec<i64>> {
+    let mut statement =
+        tx.prepare_cached("SELECT id FROM dead_letters WHERE function = ?1 ORDER BY id")?;
+    let mut all = statement
+        .query_map([function], |row| row.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if let Some(ids) = ids {
+        all.retain(|id| ids.contains(id));
+    }
+    Ok(all)
+}
+
+impl TriggerStore for EmbeddedEvents {
+    fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)> {
+        let text = serde_json::to_string(spec)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode trigger: {e}")))?;
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let existing = tx
+            .prepare_cached(
+                "SELECT id, function, spec, created_ms, last_fired_ms FROM triggers \
+                 WHERE function = ?1 AND spec = ?2",
+            )?
+            .query_row(params![function, text], trigger)
+            .optional()?;
+        if let Some(existing) = existing {
+            return Ok((decode_trigger(existing)?, false));
+        }
+        let now = now_ms();
+        let last_fired = matches!(spec.source, TriggerSource::Schedule { .. }).then_some(now);
+        tx.prepare_cached(
+            "INSERT INTO triggers (function, kind, target, spec, created_ms, last_fired_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            function,
+            spec.source.kind(),
+            spec.source.target(),
+            text,
+            now,
+            last_fired
+        ])?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok((
+            Trigger {
+                id,
+                function: function.to_string(),
+                spec: spec.clone(),
+                created_ms: now,
+                last_fired_ms: last_fired,
+            },
+            true,
+        ))
+    }
+
+    fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>> {
+        let conn = self.writes();
+        let mut statement = conn.prepare_cached(
+            "SELECT id, function, spec, created_ms, last_fired_ms FROM triggers \
+             WHERE ?1 IS NULL OR function = ?1 ORDER BY id",
+        )?;
+        let rows = statement
+            .query_map([function], trigger)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(decode_trigger).collect()
+    }
+
+    fn remove_trigger(&self, id: i64) -> Result<bool> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let removed = tx.execute("DELETE FROM triggers WHERE id = ?1", [id])? > 0;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    fn remove_function(&self, function: &str) -> Result<()> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        tx.execute("DELETE FROM triggers WHERE function = ?1", [function])?;
+        tx.execute("DELETE FROM messages WHERE queue = ?1", [inbox(function)])?;
+        tx.execute("DELETE FROM dead_letters WHERE function = ?1", [function])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn fire_schedule(&self, trigger: &Trigger, event: &CloudEvent, fired_ms: i64) -> Result<bool> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        let updated = tx
+            .prepare_cached("UPDATE triggers SET last_fired_ms = ?2 WHERE id = ?1")?
+            .execute(params![trigger.id, fired_ms])?;
+        if updated == 0 {
+            return Ok(false);
+        }
+        let inbox_event = InboxEvent {
+            event: event.clone(),
+            path: None,
+            trigger_id: Some(trigger.id),
+            retry: trigger.spec.retry,
+        };
+        insert_inbox(&tx, &trigger.function, &inbox_event, None, fired_ms)?;
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests;
