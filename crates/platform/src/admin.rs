@@ -293,6 +293,7 @@ async fn invoke_async(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let event_id = platform
+        .events()
         .invoke_async(&function.name, query.path, content_type, data, retry)
         .await?;
     Ok((

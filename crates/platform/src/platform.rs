@@ -16,8 +16,8 @@ use mayfly_runtime::{
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
     BlobDir, BlobKind, BlobStore, Digest, EmbeddedLedger, EmbeddedStore, FunctionConfig,
-    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, RetryPolicy, StoreError,
-    StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
+    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, StoreError, StoredUsage,
+    Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
 };
 use serde::Serialize;
 
@@ -980,24 +980,6 @@ impl Platform {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.events.add_trigger(function, spec).await
-    }
-
-    /// Queues an asynchronous invocation of a deployed function; returns the
-    /// event id once it is durable.
-    pub async fn invoke_async(
-        &self,
-        function: &str,
-        path: String,
-        content_type: Option<String>,
-        data: Bytes,
-        retry: RetryPolicy,
-    ) -> Result<String, PlatformError> {
-        if !self.catalog.load().by_name.contains_key(function) {
-            return Err(PlatformError::NotFound(function.to_string()));
-        }
-        self.events
-            .invoke_async(function, path, content_type, data, retry)
-            .await
     }
 
     /// The node's metrics in the OpenMetrics text format.

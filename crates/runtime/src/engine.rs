@@ -19,8 +19,14 @@ use crate::validate::{self, CompiledComponent, DeployError};
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Bytes of each pool slot's memory and tables kept resident between
-/// instances (see `linear_memory_keep_resident`).
-const KEEP_RESIDENT_BYTES: usize = 64 * 1024;
+/// instances (see `linear_memory_keep_resident`) when the kernel can tell
+/// which pages a request dirtied (PAGEMAP_SCAN): 2 MiB covers what a typical
+/// Rust guest touches per request, its shadow stack (the first 1 MiB)
+/// included, so resetting a slot needs no `madvise` at all.
+const KEEP_RESIDENT_SCANNED: usize = 2 << 20;
+/// Without PAGEMAP_SCAN the whole kept region is memset on every reset, so
+/// keep it small.
+const KEEP_RESIDENT_UNSCANNED: usize = 64 * 1024;
 
 /// Node-wide settings of the runtime, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -57,6 +63,11 @@ impl Runtime {
     /// interruption), links the host interfaces, and starts the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
         let mut pool = PoolingAllocationConfig::new();
+        let keep_resident = if PoolingAllocationConfig::is_pagemap_scan_available() {
+            KEEP_RESIDENT_SCANNED
+        } else {
+            KEEP_RESIDENT_UNSCANNED
+        };
         // A Rust wasm32-wasip2 component holds a handful of core instances
         // (the program plus the shims that wit-component generates), each
         // with at most a few tables, so size those pools with headroom.
@@ -68,9 +79,13 @@ impl Runtime {
             .max_memory_size(config.max_instance_memory)
             // Reset the first pages of a slot with memset instead of madvise:
             // it saves a syscall and the TLB shootdown it causes on every
-            // request, and costs at most this much resident memory per slot.
-            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-            .table_keep_resident(KEEP_RESIDENT_BYTES);
+            // request (an IPI to every other core), and costs at most this
+            // much resident memory per slot. PAGEMAP_SCAN (Linux 6.7+) finds
+            // the pages a request dirtied, so only those are reset.
+            // Measured with bench/events.sh: 9.6k → 19.5–22k events/s.
+            .linear_memory_keep_resident(keep_resident)
+            .table_keep_resident(keep_resident)
+            .pagemap_scan(wasmtime::Enabled::Auto);
 
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)

@@ -187,6 +187,20 @@ fn queue_name(queue: &QueueRef) -> String {
 /// keys (a LIKE pattern would need escaping of `%` and `_`).
 const PREFIX_FILTER: &str = "key >= ?2 AND substr(key, 1, length(?2)) = ?2 AND key > ?3";
 
+/// Runs a (cached) statement and maps every row.
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let found = statement
+        .query_map(params, map)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(found)
+}
+
 fn delivery(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     let max_attempts: Option<i64> = row.get(11)?;
     let backoff_ms: Option<i64> = row.get(12)?;
@@ -257,14 +271,14 @@ fn decode_trigger(
 /// Triggers of `kind` watching `target`, read inside the writing
 /// transaction so the events match the triggers at commit time.
 fn watchers(tx: &Transaction<'_>, kind: &str, target: &str) -> Result<Vec<Trigger>> {
-    let mut statement = tx.prepare_cached(
+    let found = rows(
+        tx,
         "SELECT id, function, spec, created_ms, last_fired_ms FROM triggers \
          WHERE kind = ?1 AND target = ?2",
+        params![kind, target],
+        trigger,
     )?;
-    let rows = statement
-        .query_map(params![kind, target], trigger)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(decode_trigger).collect()
+    found.into_iter().map(decode_trigger).collect()
 }
 
 fn insert_inbox(
@@ -448,34 +462,33 @@ impl KvStore for EmbeddedEvents {
 
     fn kv_list(&self, bucket: &str, prefix: &str, after: &str, limit: usize) -> Result<Vec<KvKey>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT key, revision, length(value), updated_ms FROM kv \
+        let keys = rows(
+            &conn,
+            &format!(
+                "SELECT key, revision, length(value), updated_ms FROM kv \
              WHERE bucket = ?1 AND {PREFIX_FILTER} ORDER BY key LIMIT ?4"
-        ))?;
-        let keys = statement
-            .query_map(
-                params![bucket, prefix, after, to_i64(limit as u64)],
-                |row| {
-                    Ok(KvKey {
-                        key: row.get(0)?,
-                        revision: to_u64(row.get(1)?),
-                        size: to_u64(row.get(2)?),
-                        updated_ms: row.get(3)?,
-                    })
-                },
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            ),
+            params![bucket, prefix, after, to_i64(limit as u64)],
+            |row| {
+                Ok(KvKey {
+                    key: row.get(0)?,
+                    revision: to_u64(row.get(1)?),
+                    size: to_u64(row.get(2)?),
+                    updated_ms: row.get(3)?,
+                })
+            },
+        )?;
         Ok(keys)
     }
 
     fn kv_buckets(&self) -> Result<Vec<BucketStats>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(
+        let buckets = rows(
+            &conn,
             "SELECT bucket, COUNT(*), TOTAL(length(value)) FROM kv GROUP BY bucket ORDER BY bucket",
+            [],
+            bucket_stats,
         )?;
-        let buckets = statement
-            .query_map([], bucket_stats)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(buckets)
     }
 }
@@ -681,30 +694,29 @@ impl ObjectStore for EmbeddedEvents {
         limit: usize,
     ) -> Result<Vec<ObjectMeta>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT digest, size, content_type, modified_ms, key FROM objects \
+        let objects = rows(
+            &conn,
+            &format!(
+                "SELECT digest, size, content_type, modified_ms, key FROM objects \
              WHERE bucket = ?1 AND {PREFIX_FILTER} ORDER BY key LIMIT ?4"
-        ))?;
-        let objects = statement
-            .query_map(
-                params![bucket, prefix, after, to_i64(limit as u64)],
-                |row| {
-                    let key: String = row.get(4)?;
-                    object_meta(bucket, &key, row).map(|(meta, _)| meta)
-                },
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            ),
+            params![bucket, prefix, after, to_i64(limit as u64)],
+            |row| {
+                let key: String = row.get(4)?;
+                object_meta(bucket, &key, row).map(|(meta, _)| meta)
+            },
+        )?;
         Ok(objects)
     }
 
     fn object_buckets(&self) -> Result<Vec<BucketStats>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(
+        let buckets = rows(
+            &conn,
             "SELECT bucket, COUNT(*), TOTAL(size) FROM objects GROUP BY bucket ORDER BY bucket",
+            [],
+            bucket_stats,
         )?;
-        let buckets = statement
-            .query_map([], bucket_stats)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(buckets)
     }
 }
@@ -730,19 +742,18 @@ fn claim(
     }
     // A message whose ordering key has an older message still stored waits
     // for it: per-key commit order survives retries and concurrency.
-    let mut statement = tx.prepare_cached(&format!(
-        "UPDATE messages SET attempts = attempts + 1, visible_at_ms = ?3, leased = ?4 \
-         WHERE id IN (SELECT id FROM messages AS m WHERE queue = ?1 AND visible_at_ms <= ?2 \
-           AND {FIRST_OF_ITS_KEY} ORDER BY visible_at_ms, id LIMIT ?5) \
-         RETURNING {DELIVERY_COLUMNS}"
-    ))?;
     let lease_until = now.saturating_add(to_i64(lease_ms));
-    let mut claimed = statement
-        .query_map(
-            params![queue, now, lease_until, node, to_i64(max as u64)],
-            delivery,
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut claimed = rows(
+        tx,
+        &format!(
+            "UPDATE messages SET attempts = attempts + 1, visible_at_ms = ?3, leased = ?4 \
+             WHERE id IN (SELECT id FROM messages AS m WHERE queue = ?1 AND visible_at_ms <= ?2 \
+               AND {FIRST_OF_ITS_KEY} ORDER BY visible_at_ms, id LIMIT ?5) \
+             RETURNING {DELIVERY_COLUMNS}"
+        ),
+        params![queue, now, lease_until, node, to_i64(max as u64)],
+        delivery,
+    )?;
     claimed.sort_by_key(|d| d.id);
     Ok(claimed)
 }
@@ -880,20 +891,20 @@ impl EventQueue for EmbeddedEvents {
     fn queues(&self) -> Result<Vec<QueueStats>> {
         let conn = self.writes();
         let now = now_ms();
-        let mut statement = conn.prepare_cached(
+        let queues = rows(
+            &conn,
             "SELECT queue, COUNT(*), TOTAL(visible_at_ms > ?1 AND attempts > 0) FROM messages \
              WHERE substr(queue, 1, 1) != '@' GROUP BY queue ORDER BY queue",
-        )?;
-        let queues = statement
-            .query_map([now], |row| {
+            [now],
+            |row| {
                 let in_flight: f64 = row.get(2)?;
                 Ok(QueueStats {
                     queue: row.get(0)?,
                     messages: to_u64(row.get(1)?),
                     in_flight: in_flight as u64,
                 })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            },
+        )?;
         Ok(queues)
     }
 
@@ -947,30 +958,32 @@ impl EventQueue for EmbeddedEvents {
 
     fn depths(&self) -> Result<Vec<(QueueRef, u64)>> {
         let conn = self.dispatch();
-        let mut statement =
-            conn.prepare_cached("SELECT queue, COUNT(*) FROM messages GROUP BY queue")?;
-        let depths = statement
-            .query_map([], |row| {
+        rows(
+            &conn,
+            "SELECT queue, COUNT(*) FROM messages GROUP BY queue",
+            [],
+            |row| {
                 let queue: String = row.get(0)?;
                 let queue = match queue.strip_prefix('@') {
                     Some(function) => QueueRef::Inbox(function.to_string()),
                     None => QueueRef::Named(queue),
                 };
                 Ok((queue, to_u64(row.get(1)?)))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(depths)
+            },
+        )
     }
 
     fn dead_letters(&self, function: &str, after: i64, limit: usize) -> Result<Vec<DeadLetter>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT {DEAD_COLUMNS} FROM dead_letters WHERE function = ?1 AND id > ?2 \
+        let letters = rows(
+            &conn,
+            &format!(
+                "SELECT {DEAD_COLUMNS} FROM dead_letters WHERE function = ?1 AND id > ?2 \
              ORDER BY id LIMIT ?3"
-        ))?;
-        let letters = statement
-            .query_map(params![function, after, to_i64(limit as u64)], dead_letter)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            ),
+            params![function, after, to_i64(limit as u64)],
+            dead_letter,
+        )?;
         Ok(letters)
     }
 
@@ -1029,11 +1042,12 @@ impl EventQueue for EmbeddedEvents {
 /// The ids of `function`'s dead letters among `ids` (all when `None`), so a
 /// caller can never reach another function's letters by id.
 fn selected_dead(tx: &Transaction<'_>, function: &str, ids: Option<&[i64]>) -> Result<Vec<i64>> {
-    let mut statement =
-        tx.prepare_cached("SELECT id FROM dead_letters WHERE function = ?1 ORDER BY id")?;
-    let mut all = statement
-        .query_map([function], |row| row.get::<_, i64>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut all = rows(
+        tx,
+        "SELECT id FROM dead_letters WHERE function = ?1 ORDER BY id",
+        [function],
+        |row| row.get::<_, i64>(0),
+    )?;
     if let Some(ids) = ids {
         all.retain(|id| ids.contains(id));
     }
@@ -1086,14 +1100,14 @@ impl TriggerStore for EmbeddedEvents {
 
     fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>> {
         let conn = self.writes();
-        let mut statement = conn.prepare_cached(
+        let found = rows(
+            &conn,
             "SELECT id, function, spec, created_ms, last_fired_ms FROM triggers \
              WHERE ?1 IS NULL OR function = ?1 ORDER BY id",
+            [function],
+            trigger,
         )?;
-        let rows = statement
-            .query_map([function], trigger)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows.into_iter().map(decode_trigger).collect()
+        found.into_iter().map(decode_trigger).collect()
     }
 
     fn remove_trigger(&self, id: i64) -> Result<bool> {

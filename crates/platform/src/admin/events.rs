@@ -107,15 +107,30 @@ fn next_after<T>(items: &[T], limit: usize, key: impl Fn(&T) -> &str) -> Option<
         .flatten()
 }
 
+/// One page of a listing: `{"<name>": [...], "next": <key> | null}`.
+fn page<T: serde::Serialize>(name: &str, items: Vec<T>, next: Option<String>) -> Response {
+    let mut body = serde_json::Map::new();
+    body.insert(name.into(), serde_json::json!(items));
+    body.insert("next".into(), serde_json::json!(next));
+    Json(body).into_response()
+}
+
+/// Buckets with their sizes; `entries` names what they hold.
+fn bucket_rows(buckets: Vec<mayfly_store::BucketStats>, entries: &str) -> Response {
+    let rows: Vec<_> = buckets
+        .into_iter()
+        .map(|b| serde_json::json!({"bucket": b.bucket, entries: b.entries, "bytes": b.bytes}))
+        .collect();
+    Json(rows).into_response()
+}
+
 // ---- objects ----
 
 async fn object_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
-    let buckets = platform.events().object_buckets().await?;
-    let rows: Vec<_> = buckets
-        .into_iter()
-        .map(|b| serde_json::json!({"bucket": b.bucket, "objects": b.entries, "bytes": b.bytes}))
-        .collect();
-    Ok(Json(rows).into_response())
+    Ok(bucket_rows(
+        platform.events().object_buckets().await?,
+        "objects",
+    ))
 }
 
 async fn object_list(
@@ -130,7 +145,7 @@ async fn object_list(
         .object_list(&bucket, list.prefix, list.after, limit)
         .await?;
     let next = next_after(&objects, limit, |o| &o.key);
-    Ok(Json(serde_json::json!({"objects": objects, "next": next})).into_response())
+    Ok(page("objects", objects, next))
 }
 
 async fn object_put(
@@ -185,12 +200,7 @@ async fn object_delete(
 // ---- KV ----
 
 async fn kv_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
-    let buckets = platform.events().kv_buckets().await?;
-    let rows: Vec<_> = buckets
-        .into_iter()
-        .map(|b| serde_json::json!({"bucket": b.bucket, "keys": b.entries, "bytes": b.bytes}))
-        .collect();
-    Ok(Json(rows).into_response())
+    Ok(bucket_rows(platform.events().kv_buckets().await?, "keys"))
 }
 
 async fn kv_list(
@@ -205,7 +215,7 @@ async fn kv_list(
         .kv_list(&bucket, list.prefix, list.after, limit)
         .await?;
     let next = next_after(&keys, limit, |k| &k.key);
-    Ok(Json(serde_json::json!({"keys": keys, "next": next})).into_response())
+    Ok(page("keys", keys, next))
 }
 
 /// The compare-and-swap condition of `If-Match: <revision>` or
