@@ -1300,7 +1300,12 @@ fn dlq_show(client: &AdminClient, json: bool, function: &str, id: u64) -> anyhow
     print_fields(&fields);
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
-    out.write_all(&body_bytes(&letter)?)?;
+    let body = body_bytes(&letter)?;
+    out.write_all(&body)?;
+    // End the terminal line; the data itself is printed as stored.
+    if !body.ends_with(b"\n") {
+        writeln!(out)?;
+    }
     out.flush()?;
     Ok(())
 }
