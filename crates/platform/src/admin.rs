@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::platform::{Platform, PlatformError, now_ms};
 
 mod events;
-pub use events::{MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
+pub use events::{MAX_ASYNC_BYTES, MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 
 /// The admin API's routes over `platform`.
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
@@ -273,7 +273,12 @@ async fn invoke_async(
             query.path
         )));
     }
-    let limit = function.limits.max_request_bytes;
+    // The event is stored whole: cap it like a queue message batch rather
+    // than at the function's (streamed) request limit.
+    let limit = function
+        .limits
+        .max_request_bytes
+        .min(events::MAX_ASYNC_BYTES as u64);
     let data = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
@@ -392,6 +397,7 @@ impl Follower {
 
 /// `GET /metrics`: the node's metrics for Prometheus.
 async fn metrics(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
+    platform.refresh_event_depths().await;
     let text = platform.metrics_text()?;
     Ok((
         [(

@@ -886,6 +886,11 @@ impl Platform {
             .await
         {
             Ok(response) => response,
+            // 503 is the node's doing (no free instance slot, or the kill at
+            // shutdown), not the event's: it is not an attempt.
+            Err((status, message)) if status == http::StatusCode::SERVICE_UNAVAILABLE => {
+                return EventOutcome::NotRun(message);
+            }
             Err((status, message)) => return EventOutcome::Failed(format!("{status}: {message}")),
         };
         let status = response.status();
@@ -976,10 +981,22 @@ impl Platform {
         function: &str,
         spec: TriggerSpec,
     ) -> Result<(Trigger, bool), PlatformError> {
+        // Under the change lock, so a delete cannot slip in between the
+        // check and the write and leave a trigger without its function.
+        let _change = self.changes.lock().await;
         if !self.catalog.load().by_name.contains_key(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.events.add_trigger(function, spec).await
+    }
+
+    /// Counts the event queues for the depth gauges, off the async workers
+    /// (a SQLite query that may wait for a claim to commit).
+    pub async fn refresh_event_depths(&self) {
+        match self.events.depths().await {
+            Ok(depths) => self.metrics.events.set_depths(&depths),
+            Err(error) => tracing::warn!("cannot count event queues: {error}"),
+        }
     }
 
     /// The node's metrics in the OpenMetrics text format.
@@ -992,10 +1009,6 @@ impl Platform {
             .node
             .instances_in_flight
             .set(i64::try_from(self.runtime.in_flight()).unwrap_or(i64::MAX));
-        match self.events.depths() {
-            Ok(depths) => self.metrics.events.set_depths(&depths),
-            Err(error) => tracing::warn!("cannot count event queues: {error}"),
-        }
         self.metrics
             .encode()
             .map_err(|e| PlatformError::Internal(anyhow::anyhow!("cannot encode metrics: {e}")))

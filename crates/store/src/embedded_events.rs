@@ -1049,7 +1049,8 @@ fn selected_dead(tx: &Transaction<'_>, function: &str, ids: Option<&[i64]>) -> R
         |row| row.get::<_, i64>(0),
     )?;
     if let Some(ids) = ids {
-        all.retain(|id| ids.contains(id));
+        let wanted: std::collections::HashSet<&i64> = ids.iter().collect();
+        all.retain(|id| wanted.contains(id));
     }
     Ok(all)
 }
@@ -1132,8 +1133,10 @@ impl TriggerStore for EmbeddedEvents {
         let mut conn = self.writes();
         let tx = write_tx(&mut conn)?;
         let updated = tx
-            .prepare_cached("UPDATE triggers SET last_fired_ms = ?2 WHERE id = ?1")?
-            .execute(params![trigger.id, fired_ms])?;
+            .prepare_cached(
+                "UPDATE triggers SET last_fired_ms = ?2 WHERE id = ?1 AND last_fired_ms IS ?3",
+            )?
+            .execute(params![trigger.id, fired_ms, trigger.last_fired_ms])?;
         if updated == 0 {
             return Ok(false);
         }

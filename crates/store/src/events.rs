@@ -503,6 +503,7 @@ pub trait TriggerStore: Send + Sync {
     fn remove_function(&self, function: &str) -> Result<()>;
     /// Stores a schedule's event in its function's inbox and records
     /// `fired_ms` as its last run, in one transaction; `false` if the
-    /// trigger is gone.
+    /// trigger is gone or fired since `trigger` was read (its
+    /// `last_fired_ms` changed), so a slot never fires twice.
     fn fire_schedule(&self, trigger: &Trigger, event: &CloudEvent, fired_ms: i64) -> Result<bool>;
 }

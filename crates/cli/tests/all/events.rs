@@ -645,7 +645,60 @@ fn the_stores_answer_and_refuse_like_their_contract_says() {
             .contains("prefx"),
         "{answer}"
     );
+    let oversized = format!("{{\"messages\": [1, \"{}\"]}}", "x".repeat(300 << 10));
+    let (status, answer) = admin(
+        &node,
+        "POST",
+        "/v1/queues/q/batch",
+        &[("content-type", "application/json")],
+        oversized.as_bytes(),
+    );
+    assert_eq!(status, 413, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("message 1"),
+        "{answer}"
+    );
+    let (status, _) = admin(
+        &node,
+        "POST",
+        "/v1/functions/f/dlq/redrive",
+        &[],
+        br#"{"ids": []}"#,
+    );
+    assert_eq!(status, 400);
     let big = vec![b'x'; (1 << 20) + 1];
     let (status, _) = admin(&node, "PUT", "/v1/kv/b/big", &[], &big);
     assert_eq!(status, 413);
+}
+
+#[test]
+fn an_event_cut_off_by_shutdown_is_not_an_attempt_and_runs_again_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--shutdown-grace", "200ms"]);
+    node.deploy("long", "events", &[]);
+    // One attempt allowed: if the kill at shutdown counted, it would die.
+    let id = invoke_async(&node, "long", "&max_attempts=1", "sleep:3000");
+    await_delivery(&node, "long", |e| e.get("id") == id);
+    node.stop();
+
+    let node = Node::start(dir.path());
+    eventually(
+        Duration::from_secs(30),
+        "the event delivered after restart",
+        || {
+            node.usage_records(Some("long"))
+                .iter()
+                .any(|r| r["trigger"] == "async" && r["outcome"] == "ok")
+                .then_some(())
+        },
+    );
+    assert!(dead_letters(&node, "long").is_empty());
+    let attempts: Vec<String> = deliveries(&node, "long")
+        .iter()
+        .map(|e| e.get("attempt").to_string())
+        .collect();
+    assert_eq!(attempts, ["1", "1"], "the cut-off run was given back");
 }

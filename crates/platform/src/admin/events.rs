@@ -23,6 +23,8 @@ pub const MAX_OBJECT_BYTES: usize = 64 << 20;
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest queue message: 256 KiB, as SQS allows.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 10;
+/// Largest asynchronous invocation payload: 6 MiB, stored whole.
+pub const MAX_ASYNC_BYTES: usize = 6 << 20;
 /// Largest batch request body.
 const MAX_BATCH_BYTES: usize = 32 << 20;
 
@@ -315,7 +317,8 @@ async fn send(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Batch {
-    messages: Vec<serde_json::Value>,
+    /// Kept as the JSON text sent: no tree to build and serialise again.
+    messages: Vec<Box<serde_json::value::RawValue>>,
 }
 
 async fn send_batch(
@@ -329,13 +332,25 @@ async fn send_batch(
             e.body_text()
         ))
     })?;
+    if let Some((index, big)) = batch
+        .messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.get().len() > MAX_MESSAGE_BYTES)
+    {
+        return Err(PlatformError::TooLarge(format!(
+            "message {index} of the batch is {} bytes: a message holds at most {MAX_MESSAGE_BYTES}",
+            big.get().len()
+        ))
+        .into());
+    }
     let messages = batch
         .messages
         .iter()
         .map(|m| {
             (
                 Some("application/json".to_string()),
-                m.to_string().into_bytes(),
+                m.get().as_bytes().to_vec(),
             )
         })
         .collect();
@@ -534,7 +549,12 @@ async fn dlq_redrive(
             ))
         })?
     };
-    let ids = redrive.ids.filter(|ids| !ids.is_empty());
+    if redrive.ids.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::bad_request(
+            "`ids` is empty: list the dead letters to redrive, or send no body to redrive all",
+        ));
+    }
+    let ids = redrive.ids;
     let moved = platform.events().redrive(&name, ids).await?;
     Ok(Json(serde_json::json!({"redriven": moved})).into_response())
 }

@@ -91,7 +91,7 @@ impl EventMetrics {
         );
         registry.register(
             "event_deliveries",
-            "Event delivery attempts by result (delivered, retried, dead, throttled)",
+            "Event delivery attempts by result (delivered, retried, dead, throttled, postponed)",
             metrics.deliveries.clone(),
         );
         registry.register(
@@ -186,17 +186,39 @@ pub(crate) async fn run(
             return;
         };
         let stopping = stop.is_cancelled();
-        let Some(function) = node.catalog().by_name.get(&consumer.function).cloned() else {
+        let function = node.catalog().by_name.get(&consumer.function).cloned();
+        let trigger_gone = consumer
+            .trigger_id
+            .is_some_and(|id| !node.events().has_trigger(id));
+        let Some(function) = function.filter(|_| !trigger_gone) else {
+            // Deleted: let running deliveries end, record what finished (a
+            // named queue's acks must not be lost to a redelivery), stop.
+            if running > 0 {
+                drop(node);
+                if let Some(settlement) = done.recv().await {
+                    running -= 1;
+                    settled.push(settlement);
+                }
+                continue;
+            }
+            if !settled.is_empty() {
+                let store = node.events().store.clone();
+                let queue = consumer.queue.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    store.settle_and_claim(&settled, &queue, 0, 0)
+                })
+                .await;
+            }
             return;
         };
-        let concurrency = consumer.concurrency.unwrap_or_else(|| {
-            function
-                .scaling
-                .max_concurrency
-                .map_or(INBOX_CONCURRENCY, |max| {
-                    (max as usize).min(INBOX_CONCURRENCY)
-                })
-        });
+        // Never more than the function itself may run: the excess would
+        // only wait in admission and be postponed.
+        let function_limit = function.scaling.max_concurrency.map(|max| max as usize);
+        let concurrency = consumer
+            .concurrency
+            .unwrap_or(INBOX_CONCURRENCY)
+            .min(function_limit.unwrap_or(usize::MAX))
+            .max(1);
         let free = concurrency.saturating_sub(running);
         // Claim in batches: when nothing runs, or a batch's worth of slots
         // is free.
@@ -227,14 +249,22 @@ pub(crate) async fn run(
                     }
                     for delivery in claimed {
                         running += 1;
-                        let done = done_tx.clone();
+                        let mut report = Report {
+                            done: done_tx.clone(),
+                            unsettled: Some((delivery.id, delivery.attempt)),
+                        };
                         let node = node.clone();
                         let consumer = consumer.clone();
                         tokio::spawn(async move {
                             let settlement = deliver(&node, &consumer, delivery).await;
-                            let _ = done.send(settlement);
+                            report.send(settlement);
                         });
                     }
+                }
+                Ok((_, Err(error))) if stopping => {
+                    // Leases are released at the next start; nothing to wait for.
+                    tracing::warn!(queue = ?consumer.queue, "cannot record results at shutdown: {error}");
+                    return;
                 }
                 Ok((batch, Err(error))) => {
                     tracing::error!(queue = ?consumer.queue, "cannot claim events: {error}");
@@ -270,6 +300,33 @@ pub(crate) async fn run(
     }
 }
 
+/// Hands a delivery's settlement back to its worker, exactly once: if the
+/// delivery task ends without one (a panic), the event is postponed, so
+/// the worker's count of running deliveries stays right.
+struct Report {
+    done: mpsc::UnboundedSender<Settlement>,
+    unsettled: Option<(i64, u32)>,
+}
+
+impl Report {
+    fn send(&mut self, settlement: Settlement) {
+        self.unsettled = None;
+        let _ = self.done.send(settlement);
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some((id, attempt)) = self.unsettled.take() {
+            let _ = self.done.send(Settlement::Postpone {
+                id,
+                attempt,
+                delay_ms: THROTTLED_DELAY_MS,
+            });
+        }
+    }
+}
+
 /// When the worker should look again after draining its queue: when the
 /// next stored message becomes visible (a retry's backoff, a received
 /// message's visibility), at most [`IDLE_POLL`] from now. A message visible
@@ -290,7 +347,7 @@ async fn next_due(node: &Platform, queue: &QueueRef) -> tokio::time::Instant {
 }
 
 /// Delivers one event and decides what becomes of it.
-async fn deliver(node: &Platform, consumer: &Consumer, delivery: Delivery) -> Settlement {
+async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -> Settlement {
     let metrics = &node.events().metrics;
     let function_name = &consumer.function;
     let Some(function) = node.catalog().by_name.get(function_name).cloned() else {
@@ -303,7 +360,10 @@ async fn deliver(node: &Platform, consumer: &Consumer, delivery: Delivery) -> Se
         };
     };
     let retry = delivery.retry.unwrap_or(consumer.retry);
-    let outcome = match cloud_event_request(&delivery) {
+    // The data moves into the request; a dead letter is copied from the
+    // stored row, not from here.
+    let data = std::mem::take(&mut delivery.event.data);
+    let outcome = match cloud_event_request(&delivery, data) {
         Ok(request) => {
             node.deliver_event(&function, request, trigger_label(&delivery.event.ty))
                 .await
@@ -327,6 +387,15 @@ async fn deliver(node: &Platform, consumer: &Consumer, delivery: Delivery) -> Se
         }
         EventOutcome::Throttled => {
             metrics.count(function_name, "throttled");
+            Settlement::Postpone {
+                id: delivery.id,
+                attempt: delivery.attempt,
+                delay_ms: jitter(THROTTLED_DELAY_MS),
+            }
+        }
+        EventOutcome::NotRun(reason) => {
+            metrics.count(function_name, "postponed");
+            tracing::debug!(function = %function_name, "event postponed: {reason}");
             Settlement::Postpone {
                 id: delivery.id,
                 attempt: delivery.attempt,
@@ -396,7 +465,10 @@ fn trigger_label(ty: &str) -> &'static str {
 }
 
 /// The event as an HTTP request in CloudEvents binary content mode.
-fn cloud_event_request(delivery: &Delivery) -> Result<http::Request<EventBody>, http::Error> {
+fn cloud_event_request(
+    delivery: &Delivery,
+    data: Vec<u8>,
+) -> Result<http::Request<EventBody>, http::Error> {
     let event = &delivery.event;
     let escaped = |text: &str| utf8_percent_encode(text, HEADER_ESCAPES).to_string();
     let mut request = http::Request::builder()
@@ -418,7 +490,7 @@ fn cloud_event_request(delivery: &Delivery) -> Result<http::Request<EventBody>, 
         request = request.header(http::header::CONTENT_TYPE, content_type.as_str());
     }
     request.body(
-        Full::new(Bytes::from(event.data.clone()))
+        Full::new(Bytes::from(data))
             .map_err(|never| match never {})
             .boxed(),
     )
@@ -466,7 +538,7 @@ mod tests {
             retry: None,
             enqueued_ms: 0,
         };
-        let request = cloud_event_request(&delivery).unwrap();
+        let request = cloud_event_request(&delivery, b"v".to_vec()).unwrap();
         let header = |name: &str| request.headers()[name].to_str().unwrap().to_string();
         assert_eq!(header("ce-specversion"), "1.0");
         assert_eq!(header("ce-subject"), "dir/na%C3%AFve%20key");

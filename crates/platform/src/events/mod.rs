@@ -46,6 +46,9 @@ pub(crate) enum EventOutcome {
     Failed(String),
     /// The function was at its concurrency limit: nothing ran.
     Throttled,
+    /// The node could not run it (no free instance slot, or it is shutting
+    /// down): not the event's fault, so not an attempt.
+    NotRun(String),
 }
 
 /// Largest batch a single `send` may carry.
@@ -176,6 +179,9 @@ pub struct EventHub {
     /// and whom a write wakes are read from here without touching SQLite.
     triggers: ArcSwap<Vec<Trigger>>,
     workers: Mutex<HashMap<WorkerKey, Worker>>,
+    /// Serialises reloading the trigger cache, so an older read never
+    /// replaces a newer one.
+    reload: tokio::sync::Mutex<()>,
     /// Wakes the scheduler when schedules change.
     schedules_changed: Arc<Notify>,
     shutdown: CancellationToken,
@@ -195,6 +201,7 @@ impl EventHub {
             store,
             triggers: ArcSwap::from_pointee(triggers),
             workers: Mutex::default(),
+            reload: tokio::sync::Mutex::new(()),
             schedules_changed: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
             platform: OnceLock::new(),
@@ -229,6 +236,9 @@ impl EventHub {
         let Some(platform) = self.platform() else {
             return;
         };
+        // Under the lock, so two calls cannot undo each other with older
+        // snapshots.
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         let catalog = platform.catalog();
         let mut wanted: HashMap<WorkerKey, dispatch::Consumer> = HashMap::new();
         for name in catalog.by_name.keys() {
@@ -251,7 +261,6 @@ impl EventHub {
                 );
             }
         }
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|key, worker| {
             let keep = wanted.contains_key(key) && !worker.task.is_finished();
             if !keep {
@@ -301,6 +310,7 @@ impl EventHub {
     }
 
     async fn refresh_triggers(&self) -> Result<(), PlatformError> {
+        let _reload = self.reload.lock().await;
         let store = self.store.clone();
         let triggers = blocking(move || store.triggers(None)).await?;
         self.triggers.store(Arc::new(triggers));
@@ -359,6 +369,11 @@ impl EventHub {
         let added = blocking(move || store.add_trigger(&function, &spec)).await?;
         self.refresh_triggers().await?;
         Ok(added)
+    }
+
+    /// Whether trigger `id` is still attached.
+    pub(crate) fn has_trigger(&self, id: i64) -> bool {
+        self.triggers.load().iter().any(|t| t.id == id)
     }
 
     /// Triggers of one function, or all.
@@ -589,8 +604,9 @@ impl EventHub {
     }
 
     /// Events and messages stored, by queue (inboxes included).
-    pub(crate) fn depths(&self) -> Result<Vec<(QueueRef, u64)>, PlatformError> {
-        Ok(self.store.depths()?)
+    pub(crate) async fn depths(&self) -> Result<Vec<(QueueRef, u64)>, PlatformError> {
+        let store = self.store.clone();
+        blocking(move || store.depths()).await
     }
 
     // ---- asynchronous invocation ----

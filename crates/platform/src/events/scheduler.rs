@@ -65,11 +65,13 @@ pub(crate) async fn run(platform: Weak<Platform>) {
                     tokio::task::spawn_blocking(move || store.fire_schedule(&firing, &event, now))
                         .await;
                 match result {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(true)) => {
                         fired = true;
                         last = now;
                         hub.wake(&WorkerKey::Inbox(trigger.function.clone()));
                     }
+                    // Removed, or fired since this copy was read: reload.
+                    Ok(Ok(false)) => fired = true,
                     Ok(Err(error)) => {
                         tracing::error!(trigger = trigger.id, "cannot fire schedule: {error}")
                     }
@@ -86,6 +88,9 @@ pub(crate) async fn run(platform: Weak<Platform>) {
             // Pick up the new "last fired" times.
             if let Err(error) = hub.refresh_triggers().await {
                 tracing::error!("cannot reload triggers: {error}");
+                // The stale copy cannot fire twice (each firing checks the
+                // last one), but do not spin on it.
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             continue;
         }
