@@ -33,9 +33,14 @@ const INBOX_CONCURRENCY: usize = 32;
 const INBOX_BATCH: usize = 32;
 /// Wait before retrying an event whose function was at its limit.
 const THROTTLED_DELAY_MS: u64 = 1000;
-/// Longest a worker sleeps without looking at its queue; a backstop for
-/// messages made visible by something it was not told about.
-const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Longest a worker with messages waiting (a retry's backoff, a received
+/// message's visibility) sleeps before it looks again, in case the clock
+/// jumped. A worker with an empty queue sleeps until a write wakes it: every
+/// way a message arrives is in this process, and thousands of idle
+/// functions must not poll the database.
+const IDLE_POLL: Duration = Duration::from_secs(60);
+/// Wait before trying again after the store failed.
+const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Added to a function's timeout and queue wait to lease an event: a
 /// delivery that outlives its lease may be handed out twice, so the lease
 /// outlasts any invocation. A crash releases leases at the next start.
@@ -180,7 +185,7 @@ pub(crate) async fn run(
     // something changed: a delivery ended (it may unblock an ordered
     // event), a write woke it, or the next stored message became visible.
     let mut drained = false;
-    let mut recheck_at = tokio::time::Instant::now();
+    let mut recheck_at: Option<tokio::time::Instant> = None;
     loop {
         let Some(node) = platform.upgrade() else {
             return;
@@ -270,12 +275,12 @@ pub(crate) async fn run(
                     tracing::error!(queue = ?consumer.queue, "cannot claim events: {error}");
                     settled = batch;
                     drained = true;
-                    recheck_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                    recheck_at = Some(tokio::time::Instant::now() + ERROR_BACKOFF);
                 }
                 Err(error) => {
                     tracing::error!(queue = ?consumer.queue, "event worker failed: {error}");
                     drained = true;
-                    recheck_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                    recheck_at = Some(tokio::time::Instant::now() + ERROR_BACKOFF);
                 }
             }
         }
@@ -294,7 +299,9 @@ pub(crate) async fn run(
                 drained = false;
             }
             () = wake.notified(), if !stopping => drained = false,
-            () = tokio::time::sleep_until(recheck_at), if drained && !stopping => drained = false,
+            () = sleep_until(recheck_at), if drained && recheck_at.is_some() && !stopping => {
+                drained = false;
+            }
             () = stop.cancelled(), if !stopping => {}
         }
     }
@@ -328,21 +335,28 @@ impl Drop for Report {
 }
 
 /// When the worker should look again after draining its queue: when the
-/// next stored message becomes visible (a retry's backoff, a received
-/// message's visibility), at most [`IDLE_POLL`] from now. A message visible
-/// already but not handed out waits behind an older one with its ordering
-/// key: the older one's settlement wakes the worker.
-async fn next_due(node: &Platform, queue: &QueueRef) -> tokio::time::Instant {
+/// next stored message becomes visible (at most [`IDLE_POLL`] from now), or
+/// `None` when the queue is empty and only a wake-up can bring work.
+async fn next_due(node: &Platform, queue: &QueueRef) -> Option<tokio::time::Instant> {
     let store = node.events().store.clone();
     let queue = queue.clone();
     let next = tokio::task::spawn_blocking(move || store.next_visible(&queue)).await;
     let now = tokio::time::Instant::now();
     match next {
-        Ok(Ok(Some(at_ms))) if at_ms > now_ms() => {
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(at_ms))) => {
             let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
-            now + Duration::from_millis(wait).min(IDLE_POLL)
+            Some(now + Duration::from_millis(wait).min(IDLE_POLL))
         }
-        _ => now + IDLE_POLL,
+        _ => Some(now + ERROR_BACKOFF),
+    }
+}
+
+/// Sleeps until `at`; forever for `None` (the caller guards the branch).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -159,10 +159,28 @@ pub fn check_retry(retry: &RetryPolicy) -> Result<(), PlatformError> {
 }
 
 /// Who consumes a queue: a function's inbox, or a queue trigger.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum WorkerKey {
-    Inbox(String),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerKey<'a> {
+    Inbox(&'a str),
     Trigger(i64),
+}
+
+/// The running workers, by what they consume. Kept in two maps so that
+/// checking a function's inbox worker needs no allocation: with thousands
+/// of functions, every deploy walks them all.
+#[derive(Default)]
+struct Workers {
+    inboxes: HashMap<String, Worker>,
+    triggers: HashMap<i64, Worker>,
+}
+
+impl Workers {
+    fn get(&self, key: WorkerKey<'_>) -> Option<&Worker> {
+        match key {
+            WorkerKey::Inbox(function) => self.inboxes.get(function),
+            WorkerKey::Trigger(id) => self.triggers.get(&id),
+        }
+    }
 }
 
 /// A running consumer: its wake-up signal, and how to stop it.
@@ -178,7 +196,7 @@ pub struct EventHub {
     /// Every trigger, refreshed after each change: which workers should run
     /// and whom a write wakes are read from here without touching SQLite.
     triggers: ArcSwap<Vec<Trigger>>,
-    workers: Mutex<HashMap<WorkerKey, Worker>>,
+    workers: Mutex<Workers>,
     /// Serialises reloading the trigger cache, so an older read never
     /// replaces a newer one.
     reload: tokio::sync::Mutex<()>,
@@ -240,51 +258,66 @@ impl EventHub {
         // snapshots.
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         let catalog = platform.catalog();
-        let mut wanted: HashMap<WorkerKey, dispatch::Consumer> = HashMap::new();
-        for name in catalog.by_name.keys() {
-            wanted.insert(
-                WorkerKey::Inbox(name.clone()),
-                dispatch::Consumer::inbox(name),
-            );
-        }
-        for trigger in self.triggers.load().iter() {
-            if let TriggerSource::Queue {
-                queue,
-                batch_size,
-                max_concurrency,
-            } = &trigger.spec.source
-                && catalog.by_name.contains_key(&trigger.function)
-            {
-                wanted.insert(
-                    WorkerKey::Trigger(trigger.id),
-                    dispatch::Consumer::queue(trigger, queue, *batch_size, *max_concurrency),
-                );
-            }
-        }
-        workers.retain(|key, worker| {
-            let keep = wanted.contains_key(key) && !worker.task.is_finished();
+        let triggers = self.triggers.load();
+        let queue_triggers = || {
+            triggers
+                .iter()
+                .filter_map(|trigger| match &trigger.spec.source {
+                    TriggerSource::Queue {
+                        queue,
+                        batch_size,
+                        max_concurrency,
+                    } if catalog.by_name.contains_key(&trigger.function) => {
+                        Some((trigger, queue, *batch_size, *max_concurrency))
+                    }
+                    _ => None,
+                })
+        };
+        let keep = |worker: &Worker, wanted: bool| {
+            let keep = wanted && !worker.task.is_finished();
             if !keep {
                 worker.stop.cancel();
             }
             keep
-        });
-        for (key, consumer) in wanted {
-            if workers.contains_key(&key) {
-                continue;
+        };
+        workers
+            .inboxes
+            .retain(|name, worker| keep(worker, catalog.by_name.contains_key(name)));
+        let wanted: std::collections::HashSet<i64> =
+            queue_triggers().map(|(trigger, ..)| trigger.id).collect();
+        workers
+            .triggers
+            .retain(|id, worker| keep(worker, wanted.contains(id)));
+        for name in catalog.by_name.keys() {
+            if !workers.inboxes.contains_key(name) {
+                let worker = self.spawn_worker(&platform, dispatch::Consumer::inbox(name));
+                workers.inboxes.insert(name.clone(), worker);
             }
-            let wake = Arc::new(Notify::new());
-            let stop = self.shutdown.child_token();
-            let task = tokio::spawn(dispatch::run(
-                Arc::downgrade(&platform),
-                consumer,
-                wake.clone(),
-                stop.clone(),
-            ));
-            workers.insert(key, Worker { wake, stop, task });
+        }
+        for (trigger, queue, batch_size, max_concurrency) in queue_triggers() {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                workers.triggers.entry(trigger.id)
+            {
+                let consumer =
+                    dispatch::Consumer::queue(trigger, queue, batch_size, max_concurrency);
+                slot.insert(self.spawn_worker(&platform, consumer));
+            }
         }
     }
 
-    fn wake(&self, key: &WorkerKey) {
+    fn spawn_worker(&self, platform: &Arc<Platform>, consumer: dispatch::Consumer) -> Worker {
+        let wake = Arc::new(Notify::new());
+        let stop = self.shutdown.child_token();
+        let task = tokio::spawn(dispatch::run(
+            Arc::downgrade(platform),
+            consumer,
+            wake.clone(),
+            stop.clone(),
+        ));
+        Worker { wake, stop, task }
+    }
+
+    fn wake(&self, key: WorkerKey<'_>) {
         if let Some(worker) = self
             .workers
             .lock()
@@ -300,11 +333,10 @@ impl EventHub {
         let triggers = self.triggers.load();
         for trigger in triggers.iter() {
             if trigger.spec.source.kind() == kind && trigger.spec.source.target() == target {
-                let key = match kind {
+                self.wake(match kind {
                     "queue" => WorkerKey::Trigger(trigger.id),
-                    _ => WorkerKey::Inbox(trigger.function.clone()),
-                };
-                self.wake(&key);
+                    _ => WorkerKey::Inbox(&trigger.function),
+                });
             }
         }
     }
@@ -329,13 +361,12 @@ impl EventHub {
     /// at most (events whose results were not recorded are delivered again
     /// at the next start).
     pub(crate) async fn join(&self, deadline: tokio::time::Instant) {
-        let mut tasks: Vec<_> = self
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, worker)| worker.task)
-            .collect();
+        let mut tasks: Vec<_> = {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            let inboxes = std::mem::take(&mut workers.inboxes).into_values();
+            let triggers = std::mem::take(&mut workers.triggers).into_values();
+            inboxes.chain(triggers).map(|worker| worker.task).collect()
+        };
         if let Some(task) = self
             .scheduler
             .lock()
@@ -639,7 +670,7 @@ impl EventHub {
         let id = event.event.id.clone();
         let (store, f) = (self.store.clone(), function.to_string());
         blocking(move || store.enqueue(&f, &event)).await?;
-        self.wake(&WorkerKey::Inbox(function.to_string()));
+        self.wake(WorkerKey::Inbox(function));
         Ok(id)
     }
 
@@ -676,7 +707,7 @@ impl EventHub {
     ) -> Result<usize, PlatformError> {
         let (store, f) = (self.store.clone(), function.to_string());
         let moved = blocking(move || store.redrive(&f, ids.as_deref())).await?;
-        self.wake(&WorkerKey::Inbox(function.to_string()));
+        self.wake(WorkerKey::Inbox(function));
         Ok(moved)
     }
 

@@ -68,7 +68,7 @@ pub(crate) async fn run(platform: Weak<Platform>) {
                     Ok(Ok(true)) => {
                         fired = true;
                         last = now;
-                        hub.wake(&WorkerKey::Inbox(trigger.function.clone()));
+                        hub.wake(WorkerKey::Inbox(&trigger.function));
                     }
                     // Removed, or fired since this copy was read: reload.
                     Ok(Ok(false)) => fired = true,
