@@ -43,6 +43,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_listen,
         shutdown_grace: args.shutdown_grace,
     };
+    // Listen for SIGTERM before telling anyone the node is up: a signal
+    // that arrives between the "listening" lines and the handler would
+    // otherwise kill the process unclean (seen in a test under CPU load).
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
     let running = RunningNode::start(config).await?;
 
     // Scripts and tests read these two lines to find the ports.
@@ -68,7 +73,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "node ready"
     );
 
-    wait_for_signal().await?;
+    wait_for_signal(terminate).await?;
     tracing::info!("shutting down: finishing in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
@@ -101,9 +106,7 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
     Ok(scaling)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
+async fn wait_for_signal(mut terminate: tokio::signal::unix::Signal) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminate.recv() => {}
         result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,

@@ -500,7 +500,11 @@ impl Platform {
         if compiled {
             self.compile_and_store(wasm.clone(), &artifact).await?;
         }
-        let function = self.load(&artifact, config.scaling.reuse).await?;
+        // Load once to prove the artifact works on this engine, then let it
+        // go: a deployed function stays cold (on disk) until its first
+        // request, so thousands of idle functions cost no memory, and
+        // loading takes well under a millisecond when it is called.
+        drop(self.load(&artifact, config.scaling.reuse).await?);
 
         let _change = self.changes.lock().await;
         // Checked under the change lock, so no other deploy can take the
@@ -551,7 +555,7 @@ impl Platform {
             artifact,
             routes,
             &config,
-            Tier::warm(function),
+            Tier::default(),
         );
         // The old version goes cold now: running requests keep their copy.
         if let Some(previous) = previous {

@@ -1,7 +1,8 @@
 //! Execution tiers and keep-alive: when a function is loaded in memory and
 //! when it goes back to disk.
 //!
-//! - *cold*: only the compiled artifact on disk;
+//! - *cold*: only the compiled artifact on disk (where a deploy leaves a
+//!   function: idle functions cost no memory);
 //! - *warm*: the artifact mapped and pre-linked ([`Function`]): a fresh
 //!   instance per request;
 //! - *hot*: a warm function deployed with `reuse = true` that keeps idle
@@ -54,14 +55,6 @@ pub struct Tier {
 }
 
 impl Tier {
-    /// A tier already holding `function` (just deployed).
-    pub fn warm(function: Function) -> Self {
-        Self {
-            loaded: ArcSwapOption::from_pointee(function),
-            loading: tokio::sync::Mutex::new(()),
-        }
-    }
-
     /// The loaded function, if the version is warm or hot.
     pub fn get(&self) -> Option<Arc<Function>> {
         self.loaded.load_full()
