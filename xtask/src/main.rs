@@ -2,7 +2,9 @@
 //!
 //! - `guests`: build the guest components in `guests/` (wasm32-wasip2);
 //! - `demo`: build everything, start a node with the demo functions deployed;
-//! - `test`: build the guests and run the whole test suite.
+//! - `test`: build the guests and run the whole test suite;
+//! - `bench`: measure Mayfly and its peers side by side (`--smoke`,
+//!   `--no-install`; see `bench.rs`).
 //!
 //! Each task installs what it needs (the wasm32-wasip2 target) so that it
 //! works on a fresh machine.
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
+
+mod bench;
 
 /// The demo functions: (name, guest file, route).
 const DEMO_FUNCTIONS: &[(&str, &str, &str)] = &[
@@ -28,8 +32,11 @@ fn main() -> anyhow::Result<()> {
         "guests" => build_guests().map(drop),
         "demo" => demo(),
         "test" => test(&rest),
+        "bench" => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <guests|demo|test> [cargo test args]");
+            eprintln!(
+                "usage: cargo xtask <guests|demo|test|bench> [cargo test args | --smoke --no-install]"
+            );
             bail!("unknown task `{task}`")
         }
     }
