@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use crate::embedded::{migrate, open_connection};
+use crate::embedded::{migrate, now_ms, open_connection};
 use crate::events::*;
 use crate::{BlobDir, BlobKind, BlobStore, Digest, Result, StoreError};
 
@@ -147,13 +147,6 @@ impl EmbeddedEvents {
 /// retry.
 fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>> {
     Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn new_event_id() -> String {
@@ -338,8 +331,21 @@ fn emit(
     Ok(())
 }
 
-fn kv_event(bucket: &str, key: &str, put: Option<&[u8]>, now: i64) -> CloudEvent {
-    CloudEvent {
+/// Emits a KV change (`put`: the new value; `None`: a delete) to the
+/// triggers watching its key, ordered per key, in the caller's transaction.
+fn emit_kv_change(
+    tx: &Transaction<'_>,
+    bucket: &str,
+    key: &str,
+    put: Option<&[u8]>,
+    now: i64,
+) -> Result<()> {
+    let mut triggers = watchers(tx, "kv", bucket)?;
+    triggers.retain(|t| match &t.spec.source {
+        TriggerSource::Kv { prefix, .. } => key.starts_with(prefix.as_str()),
+        _ => false,
+    });
+    let event = CloudEvent {
         id: String::new(),
         ty: if put.is_some() {
             "dev.mayfly.kv.put"
@@ -352,16 +358,9 @@ fn kv_event(bucket: &str, key: &str, put: Option<&[u8]>, now: i64) -> CloudEvent
         time_ms: now,
         content_type: put.map(|_| "application/octet-stream".to_string()),
         data: put.unwrap_or_default().to_vec(),
-    }
-}
-
-fn kv_watchers(tx: &Transaction<'_>, bucket: &str, key: &str) -> Result<Vec<Trigger>> {
-    let mut triggers = watchers(tx, "kv", bucket)?;
-    triggers.retain(|t| match &t.spec.source {
-        TriggerSource::Kv { prefix, .. } => key.starts_with(prefix.as_str()),
-        _ => false,
-    });
-    Ok(triggers)
+    };
+    let order_key = format!("{bucket}\0{key}");
+    emit(tx, &triggers, &event, Some(&order_key), now)
 }
 
 fn check_kv_condition(
@@ -425,15 +424,7 @@ impl KvStore for EmbeddedEvents {
              revision = excluded.revision, updated_ms = excluded.updated_ms",
         )?
         .execute(params![bucket, key, value, revision, now])?;
-        let triggers = kv_watchers(&tx, bucket, key)?;
-        let order_key = format!("{bucket}\0{key}");
-        emit(
-            &tx,
-            &triggers,
-            &kv_event(bucket, key, Some(value), now),
-            Some(&order_key),
-            now,
-        )?;
+        emit_kv_change(&tx, bucket, key, Some(value), now)?;
         tx.commit()?;
         Ok(to_u64(revision))
     }
@@ -447,15 +438,7 @@ impl KvStore for EmbeddedEvents {
         let now = now_ms();
         tx.prepare_cached("DELETE FROM kv WHERE bucket = ?1 AND key = ?2")?
             .execute(params![bucket, key])?;
-        let triggers = kv_watchers(&tx, bucket, key)?;
-        let order_key = format!("{bucket}\0{key}");
-        emit(
-            &tx,
-            &triggers,
-            &kv_event(bucket, key, None, now),
-            Some(&order_key),
-            now,
-        )?;
+        emit_kv_change(&tx, bucket, key, None, now)?;
         tx.commit()?;
         Ok(true)
     }
@@ -509,7 +492,7 @@ fn object_meta(bucket: &str, key: &str, row: &Row<'_>) -> rusqlite::Result<(Obje
             bucket: bucket.to_string(),
             key: key.to_string(),
             size: to_u64(row.get(1)?),
-            etag: format!("\"{digest}\""),
+            etag: etag(&digest),
             content_type: row.get(2)?,
             modified_ms: row.get(3)?,
         },
@@ -517,34 +500,16 @@ fn object_meta(bucket: &str, key: &str, row: &Row<'_>) -> rusqlite::Result<(Obje
     ))
 }
 
-fn object_event(meta: &ObjectMeta, change: ObjectChange, now: i64) -> Result<CloudEvent> {
-    let (ty, name) = match change {
-        ObjectChange::Created => ("dev.mayfly.object.created", "created"),
-        ObjectChange::Deleted => ("dev.mayfly.object.deleted", "deleted"),
-    };
-    let mut data = serde_json::to_value(meta)
-        .map_err(|e| StoreError::Corrupt(format!("cannot encode object metadata: {e}")))?;
-    if let Some(fields) = data.as_object_mut() {
-        fields.insert("event".into(), name.into());
-    }
-    Ok(CloudEvent {
-        id: String::new(),
-        ty: ty.into(),
-        source: format!("/buckets/{}", meta.bucket),
-        subject: Some(meta.key.clone()),
-        time_ms: now,
-        content_type: Some("application/json".into()),
-        data: data.to_string().into_bytes(),
-    })
-}
-
-fn object_watchers(
+/// Emits an object change to the triggers watching its key, in the
+/// caller's transaction; the data is the object's metadata.
+fn emit_object_change(
     tx: &Transaction<'_>,
-    bucket: &str,
-    key: &str,
+    meta: &ObjectMeta,
     change: ObjectChange,
-) -> Result<Vec<Trigger>> {
-    let mut triggers = watchers(tx, "object", bucket)?;
+    now: i64,
+) -> Result<()> {
+    let key = meta.key.as_str();
+    let mut triggers = watchers(tx, "object", &meta.bucket)?;
     triggers.retain(|t| match &t.spec.source {
         TriggerSource::Object {
             prefix,
@@ -558,7 +523,30 @@ fn object_watchers(
         }
         _ => false,
     });
-    Ok(triggers)
+    let (ty, name) = match change {
+        ObjectChange::Created => ("dev.mayfly.object.created", "created"),
+        ObjectChange::Deleted => ("dev.mayfly.object.deleted", "deleted"),
+    };
+    let mut data = serde_json::to_value(meta)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode object metadata: {e}")))?;
+    if let Some(fields) = data.as_object_mut() {
+        fields.insert("event".into(), name.into());
+    }
+    let event = CloudEvent {
+        id: String::new(),
+        ty: ty.into(),
+        source: format!("/buckets/{}", meta.bucket),
+        subject: Some(meta.key.clone()),
+        time_ms: now,
+        content_type: Some("application/json".into()),
+        data: data.to_string().into_bytes(),
+    };
+    emit(tx, &triggers, &event, None, now)
+}
+
+/// An object's HTTP entity tag: its quoted SHA-256.
+fn etag(digest_hex: &str) -> String {
+    format!("\"{digest_hex}\"")
 }
 
 impl EmbeddedEvents {
@@ -617,18 +605,11 @@ impl ObjectStore for EmbeddedEvents {
             bucket: bucket.to_string(),
             key: key.to_string(),
             size: bytes.len() as u64,
-            etag: format!("\"{}\"", digest.hex()),
+            etag: etag(digest.hex()),
             content_type: content_type.to_string(),
             modified_ms: now,
         };
-        let triggers = object_watchers(&tx, bucket, key, ObjectChange::Created)?;
-        emit(
-            &tx,
-            &triggers,
-            &object_event(&meta, ObjectChange::Created, now)?,
-            None,
-            now,
-        )?;
+        emit_object_change(&tx, &meta, ObjectChange::Created, now)?;
         tx.commit()?;
         if let Some(previous) = previous.filter(|p| p != digest.hex()) {
             self.collect_blob(&conn, &previous)?;
@@ -673,14 +654,7 @@ impl ObjectStore for EmbeddedEvents {
         };
         let now = now_ms();
         meta.modified_ms = now;
-        let triggers = object_watchers(&tx, bucket, key, ObjectChange::Deleted)?;
-        emit(
-            &tx,
-            &triggers,
-            &object_event(&meta, ObjectChange::Deleted, now)?,
-            None,
-            now,
-        )?;
+        emit_object_change(&tx, &meta, ObjectChange::Deleted, now)?;
         tx.commit()?;
         self.collect_blob(&conn, &digest)?;
         Ok(true)

@@ -390,7 +390,7 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
             let waited_ms = now_ms().saturating_sub(delivery.enqueued_ms).max(0);
             metrics
                 .latency
-                .get_or_create(&super::dispatch::FunctionLabel {
+                .get_or_create(&FunctionLabel {
                     function: function_name.clone(),
                 })
                 .observe(waited_ms as f64 / 1000.0);
