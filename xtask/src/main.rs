@@ -136,6 +136,7 @@ fn demo() -> anyhow::Result<()> {
     });
     for (name, file, route) in DEMO_FUNCTIONS {
         run(Command::new(&mayfly)
+            .env("MAYFLY_DATA_DIR", &data_dir)
             .args(["deploy", name])
             .arg(wasm_dir.join(file))
             .args(["--route", route]))?;
@@ -144,10 +145,12 @@ fn demo() -> anyhow::Result<()> {
         "\nMayfly is serving the demo functions (Ctrl-C to stop):\n\
          \n  curl localhost:8080/hello\
          \n  curl -d 'round trip' localhost:8080/echo\
-         \n  curl localhost:8080/logs && {m} logs logs\
          \n  curl -i localhost:8080/trap\
+         \n  export MAYFLY_DATA_DIR={d}   # the CLI finds the admin token there\
+         \n  curl localhost:8080/logs && {m} logs logs\
          \n  {m} list\n  {m} status\n",
-        m = mayfly.display()
+        m = mayfly.display(),
+        d = data_dir.display()
     );
     let status = node.wait()?;
     if !status.success() {

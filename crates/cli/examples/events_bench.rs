@@ -3,7 +3,7 @@
 //! the node drains it (events/s); then sends messages one at a time and
 //! reads the node's end-to-end latency histogram (stored → acknowledged).
 //!
-//! Usage: `events_bench <admin url> <function> <messages> <latency samples>`
+//! Usage: `MAYFLY_TOKEN=<token> events_bench <admin url> <function> <messages> <latency samples>`
 
 #![allow(missing_docs)]
 
@@ -20,9 +20,18 @@ fn agent() -> ureq::Agent {
         .new_agent()
 }
 
+/// `Bearer $MAYFLY_TOKEN`: the admin API wants a token.
+fn bearer() -> String {
+    format!(
+        "Bearer {}",
+        std::env::var("MAYFLY_TOKEN").unwrap_or_default()
+    )
+}
+
 fn post_json(agent: &ureq::Agent, url: &str, body: &Value) -> anyhow::Result<Value> {
     let mut response = agent
         .post(url)
+        .header("authorization", bearer())
         .header("content-type", "application/json")
         .send(body.to_string())
         .with_context(|| format!("POST {url}"))?;
@@ -37,6 +46,7 @@ fn post_json(agent: &ureq::Agent, url: &str, body: &Value) -> anyhow::Result<Val
 fn metrics(agent: &ureq::Agent, admin: &str) -> anyhow::Result<String> {
     Ok(agent
         .get(format!("{admin}/metrics"))
+        .header("authorization", bearer())
         .call()?
         .body_mut()
         .with_config()
@@ -171,6 +181,7 @@ fn main() -> anyhow::Result<()> {
     for n in 0..samples {
         let mut response = agent
             .post(format!("{admin}/v1/queues/bench/messages"))
+            .header("authorization", bearer())
             .send(n.to_string())?;
         if !response.status().is_success() {
             bail!(

@@ -11,10 +11,12 @@ const MAX_JSON_BYTES: u64 = 64 << 20;
 pub struct AdminClient {
     base: String,
     agent: ureq::Agent,
+    /// `Bearer <token>`, sent with every request when known.
+    authorization: Option<String>,
 }
 
 impl AdminClient {
-    pub fn new(base: &str) -> Self {
+    pub fn new(base: &str, token: Option<String>) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -22,6 +24,14 @@ impl AdminClient {
         Self {
             base: base.trim_end_matches('/').to_string(),
             agent,
+            authorization: token.map(|token| format!("Bearer {}", token.trim())),
+        }
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
         }
     }
 
@@ -39,8 +49,7 @@ impl AdminClient {
 
     pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let response = self
-            .agent
-            .get(self.url(path))
+            .auth(self.agent.get(self.url(path)))
             .call()
             .map_err(|e| self.unreachable(e))?;
         read_json(response)
@@ -48,8 +57,7 @@ impl AdminClient {
 
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {
         let response = self
-            .agent
-            .delete(self.url(path))
+            .auth(self.agent.delete(self.url(path)))
             .call()
             .map_err(|e| self.unreachable(e))?;
         check(response).map(drop)
@@ -78,8 +86,7 @@ impl AdminClient {
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         let response = self
-            .agent
-            .post(self.url(path))
+            .auth(self.agent.post(self.url(path)))
             .header(
                 "content-type",
                 format!("multipart/form-data; boundary={boundary}"),
@@ -100,6 +107,9 @@ impl AdminClient {
         let mut request = ureq::http::Request::builder()
             .method(method)
             .uri(self.url(path));
+        if let Some(value) = &self.authorization {
+            request = request.header("authorization", value);
+        }
         for (name, value) in headers {
             request = request.header(name, value);
         }

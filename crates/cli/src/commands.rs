@@ -11,8 +11,13 @@ use crate::client::{AdminClient, check};
 use crate::events;
 use crate::{Command, DeployArgs, InvokeArgs, UsageArgs};
 
-pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> {
-    let client = AdminClient::new(admin_url);
+pub fn run(
+    admin_url: &str,
+    token: Option<String>,
+    json: bool,
+    command: Command,
+) -> anyhow::Result<()> {
+    let client = AdminClient::new(admin_url, token);
     match command {
         Command::Serve(_) => unreachable!("serve runs a node, it is not a client verb"),
         Command::Simulate(_) => {
@@ -38,6 +43,9 @@ pub fn run(admin_url: &str, json: bool, command: Command) -> anyhow::Result<()> 
         Command::Queue { command } => events::queue(&client, json, command),
         Command::Trigger { command } => events::trigger(&client, json, command),
         Command::Dlq { command } => events::dlq(&client, json, command),
+        Command::Secret { command } => crate::secrets::run(&client, json, command),
+        Command::Token { command } => crate::access::token(&client, json, command),
+        Command::Audit(args) => crate::access::audit(&client, json, &args),
     }
 }
 
@@ -58,6 +66,7 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
         triggers,
         limits,
         scaling,
+        grants,
     } = args;
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
@@ -85,9 +94,24 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
         ("queue_timeout_ms", scaling.queue_timeout.map(ms)),
         ("reuse", scaling.reuse.then_some(Value::Bool(true))),
     ]);
-    let config = serde_json::to_vec(
-        &serde_json::json!({ "routes": routes, "limits": limits, "scaling": scale }),
-    )?;
+    let variables: serde_json::Map<String, Value> = grants
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "routes": routes,
+        "limits": limits,
+        "scaling": scale,
+        "grants": {
+            "kv": grants.kv,
+            "objects": grants.objects,
+            "queues": grants.queues,
+            "outbound": grants.outbound,
+            "secrets": grants.secrets,
+        },
+        "variables": variables,
+    }))?;
     let triggers_json = serde_json::to_vec(triggers)?;
     let mut parts: Vec<(&str, &str, &[u8])> = vec![
         ("component", "application/wasm", &wasm),

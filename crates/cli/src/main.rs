@@ -1,9 +1,11 @@
 //! The `mayfly` command: runs a node (`serve`) and drives one through its
 //! admin API (every other verb).
 
+mod access;
 mod client;
 mod commands;
 mod events;
+mod secrets;
 mod serve;
 mod simulate;
 
@@ -32,6 +34,11 @@ struct Cli {
         default_value = "http://127.0.0.1:8081"
     )]
     admin_url: String,
+
+    /// Bearer token for the admin API [default: the node's first admin
+    /// token, read from `<MAYFLY_DATA_DIR or .mayfly>/admin.token`].
+    #[arg(long, global = true, env = "MAYFLY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -100,6 +107,19 @@ enum Command {
         #[command(subcommand)]
         command: events::DlqCommand,
     },
+    /// Set, list and delete secrets (encrypted at rest, never shown again;
+    /// functions read them through wasi:config) and rotate the master key.
+    Secret {
+        #[command(subcommand)]
+        command: secrets::SecretCommand,
+    },
+    /// Create, list and revoke admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: access::TokenCommand,
+    },
+    /// Show the audit log: who did what to the node, and when.
+    Audit(access::AuditArgs),
 }
 
 /// `mayfly deploy`: the component and its configuration.
@@ -121,6 +141,48 @@ struct DeployArgs {
     limits: LimitArgs,
     #[command(flatten)]
     scaling: ScalingArgs,
+    #[command(flatten)]
+    grants: GrantArgs,
+}
+
+/// What the function may reach beyond its sandbox; nothing unless granted.
+#[derive(Debug, Args)]
+struct GrantArgs {
+    /// KV bucket it may open through wasi:keyvalue; repeat for more.
+    #[arg(long = "kv", value_name = "BUCKET")]
+    kv: Vec<String>,
+    /// Object bucket its per-invocation credential may use; repeat for more.
+    #[arg(long = "object-bucket", value_name = "BUCKET")]
+    objects: Vec<String>,
+    /// Queue its per-invocation credential may send to; repeat for more.
+    #[arg(long = "send-queue", value_name = "QUEUE")]
+    queues: Vec<String>,
+    /// Outbound HTTP origin it may call: `https://api.example.com`,
+    /// `https://*.example.com`, `http://10.0.0.5:8080` or a CIDR such as
+    /// `http://10.0.0.0/8` (private addresses only when listed); repeat for more.
+    #[arg(long = "outbound", value_name = "ORIGIN")]
+    outbound: Vec<String>,
+    /// Secret it may read through wasi:config (`mayfly secret set` first); repeat for more.
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// Variable it reads through wasi:config, as KEY=VALUE; repeat for more.
+    #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_variable)]
+    variables: Vec<(String, String)>,
+}
+
+fn parse_credential_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(12 * 3600) {
+        return Err(format!("{text} is outside 1s to 12h"));
+    }
+    Ok(ttl)
+}
+
+fn parse_variable(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }
 
 /// `mayfly invoke`: the request to send.
@@ -216,9 +278,11 @@ struct ServeArgs {
     /// Address of the public HTTP gateway.
     #[arg(long, env = "MAYFLY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Address of the admin API.
+    /// Address of the admin API; off loopback it needs --tls-cert and --tls-key, or --insecure.
     #[arg(long, env = "MAYFLY_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     admin_listen: SocketAddr,
+    #[command(flatten)]
+    tls: serve::AdminTlsArgs,
     /// Most function instances alive at once (running and kept).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_instances: u32,
@@ -239,6 +303,10 @@ struct ServeArgs {
     /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// How long a function's per-invocation credential (wasi:config key
+    /// `mayfly.credential`) stays valid, from 1s to 12h.
+    #[arg(long, default_value = "5m", value_parser = parse_credential_ttl)]
+    credential_ttl: Duration,
     /// The node's config file (TOML, e.g. a `[prices]` table); default
     /// `<data-dir>/node.toml` when it exists.
     #[arg(long, env = "MAYFLY_CONFIG")]
@@ -250,7 +318,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
-        command => commands::run(&cli.admin_url, cli.json, command),
+        command => commands::run(
+            &cli.admin_url,
+            access::resolve_token(cli.token),
+            cli.json,
+            command,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

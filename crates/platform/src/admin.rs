@@ -19,7 +19,11 @@ use serde::Deserialize;
 
 use crate::platform::{Platform, PlatformError, now_ms};
 
+mod auth;
 mod events;
+#[cfg(test)]
+mod fuzz_tests;
+mod secrets;
 pub use events::{MAX_ASYNC_BYTES, MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 
 /// The admin API's routes over `platform`.
@@ -43,7 +47,13 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .route("/v1/usage/records", get(usage_records))
         .route("/metrics", get(metrics))
         .merge(events::routes())
+        .merge(auth::routes())
+        .merge(secrets::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            platform.clone(),
+            auth::gate,
+        ))
         .with_state(platform)
 }
 
@@ -253,6 +263,8 @@ async fn invoke(
         .body(body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string()))))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     *request.headers_mut() = headers;
+    // The caller's admin token is for the node, never for the function.
+    request.headers_mut().remove(http::header::AUTHORIZATION);
     let response = platform.invoke(&function, request, "invoke").await;
     Ok(response.map(Body::new))
 }

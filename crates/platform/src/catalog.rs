@@ -36,6 +36,8 @@ pub struct Deployed {
     /// Running invocations and keep-alive state, shared by all versions of
     /// the function.
     pub activity: Arc<Activity>,
+    /// What its invocations may reach beyond the sandbox (its grants).
+    pub caps: Arc<mayfly_runtime::Capabilities>,
 }
 
 /// Every deployed function, by name and by route.

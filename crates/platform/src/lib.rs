@@ -8,6 +8,8 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
+mod capabilities;
 pub mod catalog;
 pub mod config;
 pub mod events;
@@ -17,7 +19,9 @@ pub mod logs;
 pub mod metering;
 mod platform;
 pub mod routes;
+pub mod secrets;
 pub mod tiers;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +47,8 @@ pub struct ServeConfig {
     pub admin_addr: SocketAddr,
     /// How long in-flight requests may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Serve the admin API over HTTPS with this identity (plain HTTP if `None`).
+    pub admin_tls: Option<tls::TlsFiles>,
 }
 
 /// A node serving its gateway and admin API.
@@ -53,6 +59,8 @@ pub struct RunningNode {
     pub gateway_addr: SocketAddr,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
+    /// Whether the admin API speaks HTTPS.
+    pub admin_tls: bool,
     shutdown: tokio::sync::watch::Sender<bool>,
     shutdown_grace: Duration,
     gateway: JoinHandle<()>,
@@ -62,6 +70,12 @@ pub struct RunningNode {
 impl RunningNode {
     /// Opens the node's state and starts serving.
     pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+        // Bad certificate files fail before anything is bound or opened.
+        let admin_tls = config
+            .admin_tls
+            .as_ref()
+            .map(tls::TlsFiles::server_config)
+            .transpose()?;
         let gateway_listener = TcpListener::bind(config.gateway_addr)
             .await
             .with_context(|| format!("cannot listen for the gateway on {}", config.gateway_addr))?;
@@ -86,22 +100,33 @@ impl RunningNode {
             let stop = async move {
                 let _ = admin_shutdown.changed().await;
             };
-            if let Err(error) = axum::serve(admin_listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!("admin API stopped: {error}");
-            }
+            let Some(tls) = admin_tls else {
+                if let Err(error) = axum::serve(admin_listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!("admin API stopped: {error}");
+                }
+                return;
+            };
+            tls::serve(admin_listener, tls, router, stop).await;
         });
         Ok(Self {
             platform,
             gateway_addr,
             admin_addr,
+            admin_tls: config.admin_tls.is_some(),
             shutdown,
             shutdown_grace: config.shutdown_grace,
             gateway,
             admin,
         })
+    }
+
+    /// The admin API's base URL, `https://` when it serves TLS.
+    pub fn admin_url(&self) -> String {
+        let scheme = if self.admin_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.admin_addr)
     }
 
     /// Stops accepting, lets in-flight invocations finish within the grace

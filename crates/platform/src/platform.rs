@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub prices: PriceList,
     /// Concurrency, memory budget and keep-alive.
     pub scaling: ScalingConfig,
+    /// How long a function's per-invocation credential stays valid.
+    pub credential_ttl: Duration,
 }
 
 /// How the node scales functions.
@@ -118,6 +120,7 @@ impl NodeConfig {
             max_component_bytes: 64 << 20,
             prices: PriceList::default(),
             scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
+            credential_ttl: crate::auth::DEFAULT_CREDENTIAL_TTL,
         }
     }
 }
@@ -259,6 +262,14 @@ pub struct Platform {
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
     events: EventHub,
+    /// This node, for the capabilities its functions hold.
+    me: std::sync::Weak<Self>,
+    /// wasi:keyvalue over the node's KV store, shared by every function.
+    keyvalue: Arc<dyn mayfly_runtime::KeyValueBackend>,
+    /// Secrets, sealed under the node's master key.
+    secrets: Arc<crate::secrets::Secrets>,
+    /// Admin API tokens, function credentials and the audit log.
+    auth: Arc<crate::auth::Auth>,
     config: NodeConfig,
     started: Instant,
 }
@@ -291,8 +302,21 @@ impl Platform {
 
         let events = EventHub::open(&data_dir, metrics.events.clone())
             .with_context(|| format!("cannot open the event store in {}", data_dir.display()))?;
-        let platform = Arc::new(Self {
+        let secrets = Arc::new(crate::secrets::Secrets::open(&data_dir)?);
+        let signing = secrets.clone();
+        let auth = Arc::new(crate::auth::Auth::open(
+            &data_dir,
+            Box::new(move || signing.signing_key()),
+            config.credential_ttl,
+        )?);
+        let platform = Arc::new_cyclic(|me: &std::sync::Weak<Self>| Self {
+            me: me.clone(),
+            keyvalue: Arc::new(crate::capabilities::NodeKeyValue {
+                platform: me.clone(),
+            }),
             events,
+            secrets,
+            auth,
             runtime,
             registry: store.clone(),
             blobs,
@@ -395,7 +419,16 @@ impl Platform {
                 ))
             })
             .clone();
+        let caps =
+            crate::capabilities::capabilities(&self.me, &self.keyvalue, &name, version, config)
+                .unwrap_or_else(|error| {
+                    // Grants are checked at deploy; a stored one that no longer
+                    // parses (an older binary's syntax) grants nothing.
+                    tracing::warn!(function = %name, "outbound grants ignored: {error}");
+                    mayfly_runtime::Capabilities::none()
+                });
         Arc::new(Deployed {
+            caps,
             key: Arc::from(name.as_str()),
             name,
             version,
@@ -467,6 +500,7 @@ impl Platform {
             .map_err(PlatformError::BadRequest)?;
         validate_scaling(&config.scaling, self.config.scaling.max_concurrency)
             .map_err(PlatformError::BadRequest)?;
+        crate::capabilities::check_grants(&config)?;
         if wasm.len() > self.config.max_component_bytes {
             return Err(PlatformError::BadRequest(format!(
                 "the component is {} bytes, over this node's limit of {} bytes",
@@ -964,7 +998,14 @@ impl Platform {
             held: std::sync::Mutex::new(Some((permit, running))),
         });
         loaded
-            .handle(request, labels, &function.limits, logs, reports)
+            .handle(
+                request,
+                labels,
+                function.caps.clone(),
+                &function.limits,
+                logs,
+                reports,
+            )
             .await
             .map_err(|error| {
                 if matches!(error, InvocationError::RequestTooLarge(_)) {
@@ -972,6 +1013,16 @@ impl Platform {
                 }
                 (error.status(), error.to_string())
             })
+    }
+
+    /// The node's secrets.
+    pub fn secrets(&self) -> &Arc<crate::secrets::Secrets> {
+        &self.secrets
+    }
+
+    /// Tokens, credentials and the audit log.
+    pub fn auth(&self) -> &Arc<crate::auth::Auth> {
+        &self.auth
     }
 
     /// The node's event stores, triggers and dead-letter queues.
@@ -1250,7 +1301,7 @@ pub fn text_response(
 }
 
 /// Function names appear in URLs, routes and file names: keep them simple.
-fn validate_name(name: &str) -> Result<(), PlatformError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), PlatformError> {
     let valid = (1..=63).contains(&name.len())
         && name
             .bytes()

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
 use mayfly_runtime::{
-    InvocationLimits, InvocationReport, LogSink, LogStream, ReportSink, RequestLabels, Runtime,
-    RuntimeConfig,
+    Capabilities, InvocationLimits, InvocationReport, LogSink, LogStream, ReportSink,
+    RequestLabels, Runtime, RuntimeConfig,
 };
 
 struct Discard;
@@ -71,6 +71,7 @@ fn invoke(c: &mut Criterion) {
     let limits = InvocationLimits::default();
     let logs: Arc<dyn LogSink> = Arc::new(Discard);
     let reports: Arc<dyn ReportSink> = Arc::new(Discard);
+    let caps = Capabilities::none();
 
     c.bench_function("instantiate+handle hello", |b| {
         b.iter(|| {
@@ -83,6 +84,7 @@ fn invoke(c: &mut Criterion) {
                     .handle(
                         request,
                         labels.clone(),
+                        caps.clone(),
                         &limits,
                         logs.clone(),
                         reports.clone(),

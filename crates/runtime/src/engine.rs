@@ -10,6 +10,7 @@ use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::caps;
 use crate::invoke::{Function, InvocationState, Lifecycle};
 use crate::validate::{self, CompiledComponent, DeployError};
 
@@ -60,7 +61,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the engine (Cranelift, async, pooling allocator, epoch
-    /// interruption), links the host interfaces, and starts the epoch ticker.
+    /// interruption), links the host interfaces (WASI, wasi:http and the
+    /// [`crate::CAPABILITY_INTERFACES`]), and starts the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
         let mut pool = PoolingAllocationConfig::new();
         let keep_resident = if PoolingAllocationConfig::is_pagemap_scan_available() {
@@ -97,6 +99,8 @@ impl Runtime {
             .context("failed to link the WASI interfaces")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .context("failed to link the wasi:http interfaces")?;
+        caps::add_to_linker(&mut linker, InvocationState::caps_view)
+            .context("failed to link the wasi:keyvalue and wasi:config interfaces")?;
 
         let fingerprint = engine_fingerprint(&engine);
         spawn_epoch_ticker(&engine)?;
@@ -200,4 +204,24 @@ fn spawn_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
         })
         .context("failed to start the epoch ticker thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_wasi_http_and_the_capability_interfaces_together() {
+        // Two bindings defining the same interface, or a capability binding
+        // at odds with the WIT, would fail here rather than at a deploy.
+        let config = RuntimeConfig {
+            max_instances: 2,
+            max_instance_memory: 16 << 20,
+        };
+        let runtime = Runtime::new(&config).unwrap();
+        assert!(matches!(
+            runtime.compile(b"\0asm\x01\0\0\0"),
+            Err(DeployError::CoreModule)
+        ));
+    }
 }

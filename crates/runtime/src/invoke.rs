@@ -17,9 +17,10 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
+use crate::caps::{Capabilities, CapsView};
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
-use crate::outbound::DenyAllOutbound;
+use crate::outbound::OutboundHooks;
 
 /// The response a guest produced. Its body streams from the guest, which may
 /// still be running while the caller sends it.
@@ -186,8 +187,33 @@ pub(crate) struct InvocationState {
     stderr: GuestOutput,
     http: WasiHttpCtx,
     table: ResourceTable,
-    outbound: DenyAllOutbound,
+    /// What this invocation may reach; replaced when a kept instance serves
+    /// the next request.
+    caps: Arc<Capabilities>,
+    /// Outbound HTTP under `caps.outbound`, refusals logged to `stderr`.
+    outbound: OutboundHooks,
     memory: MemoryMeter,
+}
+
+impl InvocationState {
+    /// The part of the state the wasi:keyvalue and wasi:config host uses.
+    pub(crate) fn caps_view(&mut self) -> CapsView<'_> {
+        CapsView {
+            caps: &self.caps,
+            table: &mut self.table,
+            stderr: &self.stderr,
+        }
+    }
+}
+
+/// Outbound HTTP hooks for `caps`, explaining each refused request in the
+/// invocation's stderr log.
+fn outbound_hooks(caps: &Capabilities, stderr: &GuestOutput) -> OutboundHooks {
+    let stderr = stderr.clone();
+    OutboundHooks::new(
+        caps.outbound.clone(),
+        Box::new(move |message| stderr.host_line(&format!("mayfly: {message}"))),
+    )
 }
 
 impl WasiView for InvocationState {
@@ -292,13 +318,15 @@ impl Function {
     /// function reuses them) and returns the guest's response as soon as its
     /// head is ready. The guest keeps running in its own task while the body
     /// streams, bounded by `limits.timeout`; failures after the head was sent
-    /// are logged and end the body early. When the guest is done, `reports`
+    /// are logged and end the body early. The guest reaches what `caps`
+    /// grants and nothing more. When the guest is done, `reports`
     /// receives what it used and how it ended; a request refused before the
     /// guest ran (too large) produces no report.
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
         labels: Arc<RequestLabels>,
+        caps: Arc<Capabilities>,
         limits: &InvocationLimits,
         logs: Arc<dyn LogSink>,
         reports: Arc<dyn ReportSink>,
@@ -338,9 +366,11 @@ impl Function {
                 state.stdout.rebind(labels.clone(), limits.max_log_bytes);
                 state.stderr.rebind(labels.clone(), limits.max_log_bytes);
                 state.memory.start_invocation(limits.memory_bytes);
+                state.outbound = outbound_hooks(&caps, &state.stderr);
+                state.caps = caps;
                 (store, Some(kept.proxy), kept.served)
             }
-            None => (self.new_store(&labels, limits, logs), None, 0),
+            None => (self.new_store(&labels, caps, limits, logs), None, 0),
         };
         // Yield to the async runtime at every epoch tick so a busy guest
         // never starves other requests on the same worker thread.
@@ -397,6 +427,7 @@ impl Function {
     fn new_store(
         &self,
         labels: &Arc<RequestLabels>,
+        caps: Arc<Capabilities>,
         limits: &InvocationLimits,
         logs: Arc<dyn LogSink>,
     ) -> Store<InvocationState> {
@@ -417,11 +448,12 @@ impl Function {
                 .stdout(stdout.clone())
                 .stderr(stderr.clone())
                 .build(),
+            outbound: outbound_hooks(&caps, &stderr),
+            caps,
             stdout,
             stderr,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            outbound: DenyAllOutbound,
             memory: MemoryMeter::new(limits.memory_bytes),
         };
         let mut store = Store::new(self.pre.engine(), state);

@@ -5,10 +5,13 @@
 //! one fresh instance per request. It knows nothing about storage, routing or
 //! the admin API: the platform crate above it decides where artifacts live and
 //! which function a request reaches. Host capabilities reach guests through
-//! small traits ([`LogSink`] for stdout/stderr) so that embedded and cluster
-//! back-ends plug in from above.
+//! small traits ([`LogSink`] for stdout/stderr, [`KeyValueBackend`] and
+//! [`ConfigSource`] behind wasi:keyvalue and wasi:config) so that embedded
+//! and cluster back-ends plug in from above; what each function may reach is
+//! its [`Capabilities`].
 
 mod body;
+mod caps;
 mod engine;
 mod invoke;
 mod logs;
@@ -16,11 +19,13 @@ mod meter;
 mod outbound;
 mod validate;
 
+pub use caps::{Capabilities, ConfigSource, KeyValueBackend};
 pub use engine::{Runtime, RuntimeConfig};
 pub use invoke::{
     Function, InvocationError, InvocationLimits, InvocationReport, InvocationResponse, Outcome,
     ReportSink, RequestLabels,
 };
 pub use logs::{LogSink, LogStream};
-pub use validate::{CompiledComponent, DeployError, HOST_INTERFACES};
+pub use outbound::OutboundPolicy;
+pub use validate::{CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

@@ -85,12 +85,35 @@ impl LineSplitter {
         }
         if self.truncated {
             self.emit();
-            self.sink.line(
-                &self.labels,
-                self.stream,
-                "[mayfly] log output truncated: this invocation reached its log limit",
-            );
+            self.truncation_marker();
         }
+    }
+
+    fn truncation_marker(&self) {
+        self.sink.line(
+            &self.labels,
+            self.stream,
+            "[mayfly] log output truncated: this invocation reached its log limit",
+        );
+    }
+
+    /// A whole line from the host. It ends any partial guest line first (so
+    /// the two never merge) and counts toward the cap, so a guest that
+    /// provokes host lines in a loop cannot flood the log either.
+    fn host_line(&mut self, line: &str) {
+        if self.truncated {
+            return;
+        }
+        self.emit();
+        let cost = line.len() + 1;
+        if cost > self.bytes_left {
+            self.bytes_left = 0;
+            self.truncated = true;
+            self.truncation_marker();
+            return;
+        }
+        self.bytes_left -= cost;
+        self.sink.line(&self.labels, self.stream, line);
     }
 
     fn emit(&mut self) {
@@ -142,6 +165,23 @@ impl GuestOutput {
         splitter.labels = labels;
         splitter.bytes_left = max_bytes;
         splitter.truncated = false;
+    }
+
+    /// Writes one line on behalf of the host (a refused capability, say), so
+    /// it shows up in the function's own log next to its output. `line` must
+    /// not contain newlines: escape guest-controlled text in it.
+    pub(crate) fn host_line(&self, line: &str) {
+        let mut splitter = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        splitter.host_line(line);
+    }
+
+    /// Who is writing now: the invocation this stream is bound to.
+    pub(crate) fn labels(&self) -> Arc<RequestLabels> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .labels
+            .clone()
     }
 
     /// Emits the last partial line of the current invocation.
@@ -263,6 +303,22 @@ mod tests {
         let lines = sink.0.lock().unwrap();
         assert_eq!(lines[0], "stdout:abc");
         assert_eq!(lines[1], "stdout:de");
+        assert!(lines[2].contains("truncated"));
+        assert_eq!(lines.len(), 3);
+    }
+
+    #[test]
+    fn host_lines_end_a_partial_line_and_count_toward_the_cap() {
+        let sink = Arc::new(Collect::default());
+        let out = output(&sink, 24);
+        out.write(b"partial");
+        out.host_line("mayfly: denied");
+        out.host_line("mayfly: denied again");
+        out.host_line("mayfly: dropped");
+        drop(out);
+        let lines = sink.0.lock().unwrap();
+        assert_eq!(lines[0], "stdout:partial");
+        assert_eq!(lines[1], "stdout:mayfly: denied");
         assert!(lines[2].contains("truncated"));
         assert_eq!(lines.len(), 3);
     }

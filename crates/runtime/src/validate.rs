@@ -49,6 +49,17 @@ pub const HOST_INTERFACES: &[&str] = &[
     "wasi:http/outgoing-handler",
 ];
 
+/// The capability interfaces the host links, by exact name: WASI drafts
+/// whose versions are not semver-compatible with one another, so only this
+/// version of each is accepted. As with [`HOST_INTERFACES`], linking grants
+/// nothing: each function reaches only the buckets and values granted to it.
+pub const CAPABILITY_INTERFACES: &[&str] = &[
+    "wasi:keyvalue/store@0.2.0-draft",
+    "wasi:keyvalue/atomics@0.2.0-draft",
+    "wasi:keyvalue/batch@0.2.0-draft",
+    "wasi:config/store@0.2.0-draft",
+];
+
 /// Why an upload cannot be deployed. Every variant but [`DeployError::Internal`]
 /// is the uploader's to fix, and its message says how.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +100,9 @@ pub enum DeployError {
     #[error(
         "the component imports interfaces this host does not provide: {}; a function may \
          import only WASI 0.2 interfaces of the wasi:http/proxy world and wasi:cli, \
-         wasi:clocks, wasi:filesystem, wasi:io, wasi:random and wasi:sockets",
-        .0.join(", ")
+         wasi:clocks, wasi:filesystem, wasi:io, wasi:random and wasi:sockets, plus {}",
+        .0.join(", "),
+        CAPABILITY_INTERFACES.join(", ")
     )]
     UnsupportedImports(Vec<String>),
     /// The imports are known by name but their types do not match the host's.
@@ -158,7 +170,7 @@ pub(crate) fn compile(
         .collect();
     let unsupported: Vec<String> = imports
         .iter()
-        .filter(|name| !HOST_INTERFACES.iter().any(|host| is_wasi_02(name, host)))
+        .filter(|name| !is_host_interface(name))
         .cloned()
         .collect();
     if !unsupported.is_empty() {
@@ -177,6 +189,12 @@ pub(crate) fn compile(
     Ok(CompiledComponent { artifact, imports })
 }
 
+/// Whether the host links the interface `name` (with its version).
+fn is_host_interface(name: &str) -> bool {
+    HOST_INTERFACES.iter().any(|host| is_wasi_02(name, host))
+        || CAPABILITY_INTERFACES.contains(&name)
+}
+
 /// Whether `name` is `interface` at some WASI 0.2.x version.
 fn is_wasi_02(name: &str, interface: &str) -> bool {
     name.strip_prefix(interface)
@@ -186,7 +204,7 @@ fn is_wasi_02(name: &str, interface: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_wasi_02;
+    use super::{is_host_interface, is_wasi_02};
 
     #[test]
     fn interface_versions() {
@@ -199,5 +217,18 @@ mod tests {
             "wasi:http/types"
         ));
         assert!(!is_wasi_02("wasi:http/types@0.2.0-rc", "wasi:http/types"));
+    }
+
+    #[test]
+    fn capability_interfaces_match_their_exact_draft() {
+        assert!(is_host_interface("wasi:http/outgoing-handler@0.2.6"));
+        assert!(is_host_interface("wasi:keyvalue/store@0.2.0-draft"));
+        assert!(is_host_interface("wasi:keyvalue/atomics@0.2.0-draft"));
+        assert!(is_host_interface("wasi:keyvalue/batch@0.2.0-draft"));
+        assert!(is_host_interface("wasi:config/store@0.2.0-draft"));
+        assert!(!is_host_interface("wasi:keyvalue/store@0.2.0-draft2"));
+        assert!(!is_host_interface("wasi:keyvalue/watcher@0.2.0-draft"));
+        assert!(!is_host_interface("wasi:config/store@0.2.0-rc.1"));
+        assert!(!is_host_interface("wasi:keyvalue/store@0.2.1"));
     }
 }

@@ -8,13 +8,16 @@
 //! SQLite database ([`EmbeddedStore`]), a separate SQLite ledger
 //! ([`EmbeddedLedger`]) and blob files ([`BlobDir`]).
 
+mod auth;
 mod blobs;
 mod embedded;
 mod embedded_events;
 mod events;
 mod ledger;
 mod model;
+mod secrets;
 
+pub use auth::{AuditEntry, AuthStore, EmbeddedAuth, TokenRecord};
 pub use blobs::{BlobDir, BlobKind, Digest};
 pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
@@ -28,9 +31,10 @@ pub use ledger::{
     UsageRow, UsageStore, billed_ms,
 };
 pub use model::{
-    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LogRecord, NewLogLine,
+    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, Grants, LogRecord, NewLogLine,
     VersionRecord,
 };
+pub use secrets::{EmbeddedSecrets, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 
 /// What can go wrong in the state layer.
 #[derive(Debug, thiserror::Error)]

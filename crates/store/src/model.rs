@@ -16,6 +16,39 @@ pub struct FunctionConfig {
     /// Concurrency, queueing and instance reuse.
     #[serde(default)]
     pub scaling: FunctionScaling,
+    /// What the function may reach beyond its sandbox.
+    #[serde(default)]
+    pub grants: Grants,
+    /// Variables the function reads through wasi:config.
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
+}
+
+/// What a function may reach beyond its sandbox. Deny by default: a
+/// function gets exactly what is listed here. Versions deployed before
+/// grants existed read back with none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grants {
+    /// KV buckets it may open through wasi:keyvalue (and reach with its
+    /// per-invocation credential).
+    pub kv: Vec<String>,
+    /// Object buckets its credential may read and write.
+    pub objects: Vec<String>,
+    /// Queues its credential may send to.
+    pub queues: Vec<String>,
+    /// Outbound HTTP allow-list: `https://api.example.com`,
+    /// `https://*.example.com`, `http://10.0.0.5:8080`, `http://10.0.0.0/8`.
+    pub outbound: Vec<String>,
+    /// Secrets it may read through wasi:config, by name.
+    pub secrets: Vec<String>,
+}
+
+impl Grants {
+    /// Whether nothing is granted.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// How a function scales: its concurrency limits, the queue in front of

@@ -108,7 +108,7 @@ fn deploy_hello_once(bench: &Bench, binary: &Path, data: &Path) -> anyhow::Resul
         },
     )?;
     let component = read(&bench.hello)?;
-    Admin::new(&node.admin).deploy("hello", &component, Some("/hello"))?;
+    Admin::new(&node.admin, &node.token).deploy("hello", &component, Some("/hello"))?;
     Ok(())
 }
 
@@ -129,7 +129,7 @@ fn mayfly_cold(bench: &Bench) -> anyhow::Result<MayflyFigures> {
             flags: &["--keep-alive", "1s"],
         },
     )?;
-    let admin = Admin::new(&node.admin);
+    let admin = Admin::new(&node.admin, &node.token);
     let hello = read(&bench.hello)?;
     let names: Vec<String> = (0..bench.profile.cold_runs)
         .map(|i| format!("cold{i}"))

@@ -99,7 +99,7 @@ fn one_run(bench: &Bench, hello: &[u8], figures: &mut Figures) -> anyhow::Result
         },
     )?;
     let started = Instant::now();
-    let deploys = deploy_all(&node.admin, hello, n)?;
+    let deploys = deploy_all(&node.admin, &node.token, hello, n)?;
     let wall = started.elapsed();
     figures.per_function.push(micros(wall) / n as f64);
     figures.deploy_p50.push(quantile(&deploys, 0.50));
@@ -114,7 +114,7 @@ fn one_run(bench: &Bench, hello: &[u8], figures: &mut Figures) -> anyhow::Result
     });
     node.process.check_running()?;
     figures.rss.push(node.process.memory_bytes("VmRSS")? as f64);
-    figures.tiers = tier_counts(&Admin::new(&node.admin))?;
+    figures.tiers = tier_counts(&Admin::new(&node.admin, &node.token))?;
 
     let sample = sample(n, bench.profile.density_sample, SEED);
     figures.sampled = sample.len();
@@ -136,7 +136,7 @@ fn one_run(bench: &Bench, hello: &[u8], figures: &mut Figures) -> anyhow::Result
 
 /// Deploys f0..f{n-1}, each a distinct variant of hello routed at `/f<i>`,
 /// from a few threads; returns each deploy call's latency in µs.
-fn deploy_all(admin_url: &str, hello: &[u8], n: usize) -> anyhow::Result<Vec<f64>> {
+fn deploy_all(admin_url: &str, token: &str, hello: &[u8], n: usize) -> anyhow::Result<Vec<f64>> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error = Mutex::new(None);
@@ -144,7 +144,7 @@ fn deploy_all(admin_url: &str, hello: &[u8], n: usize) -> anyhow::Result<Vec<f64
     std::thread::scope(|scope| {
         for _ in 0..DEPLOY_THREADS {
             scope.spawn(|| {
-                let admin = Admin::new(admin_url);
+                let admin = Admin::new(admin_url, token);
                 let mut mine = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);

@@ -45,9 +45,10 @@ fn measure(bench: &Bench) -> anyhow::Result<Figures> {
                 flags: &[],
             },
         )?;
-        Admin::new(&node.admin).deploy("sink", &hello, None)?;
+        Admin::new(&node.admin, &node.token).deploy("sink", &hello, None)?;
         let text = output(
             command(&bench.events_bench)
+                .env("MAYFLY_TOKEN", &node.token)
                 .arg(&node.admin)
                 .arg("sink")
                 .arg(bench.profile.events.to_string())

@@ -20,6 +20,8 @@ pub struct Node {
     pub gateway: String,
     /// Base URL of the admin API.
     pub admin: String,
+    /// The node's admin token, from its data directory.
+    pub token: String,
 }
 
 /// How to start a node.
@@ -84,10 +86,15 @@ impl Node {
                 }
             }
         }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .context("mayfly serve wrote no admin.token")?
+            .trim()
+            .to_string();
         Ok(Self {
             process,
             gateway: gateway.unwrap_or_default(),
             admin: admin.unwrap_or_default(),
+            token,
         })
     }
 }
@@ -96,6 +103,7 @@ impl Node {
 pub struct Admin {
     agent: ureq::Agent,
     base: String,
+    authorization: String,
 }
 
 /// What a deploy answered.
@@ -105,8 +113,8 @@ pub struct Deployed {
 }
 
 impl Admin {
-    /// A client of the admin API at `base`.
-    pub fn new(base: &str) -> Self {
+    /// A client of the admin API at `base`, presenting `token`.
+    pub fn new(base: &str, token: &str) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // Deploys compile with Cranelift; on a busy 2-core machine with
@@ -117,6 +125,7 @@ impl Admin {
         Self {
             agent,
             base: base.to_string(),
+            authorization: format!("Bearer {token}"),
         }
     }
 
@@ -152,6 +161,7 @@ impl Admin {
         let mut response = self
             .agent
             .post(&url)
+            .header("authorization", &self.authorization)
             .header(
                 "content-type",
                 format!("multipart/form-data; boundary={boundary}"),
@@ -176,6 +186,7 @@ impl Admin {
         let mut response = self
             .agent
             .get(&url)
+            .header("authorization", &self.authorization)
             .call()
             .with_context(|| format!("GET {url}"))?;
         let status = response.status();

@@ -193,7 +193,7 @@ impl System {
             )?;
             let bytes = std::fs::read(files.component)
                 .with_context(|| format!("cannot read {}", files.component.display()))?;
-            Admin::new(&node.admin).deploy("hello", &bytes, Some("/hello"))?;
+            Admin::new(&node.admin, &node.token).deploy("hello", &bytes, Some("/hello"))?;
             let url = format!("{}/hello", node.gateway);
             let mut process = node.process;
             wait_for_200(&url, Instant::now(), &mut process, Duration::from_secs(60))?;

@@ -51,6 +51,8 @@ pub struct Node {
     pub gateway: String,
     /// `http://127.0.0.1:<port>` of the admin API.
     pub admin: String,
+    /// The node's first admin token, from its data directory.
+    pub token: String,
 }
 
 impl Node {
@@ -89,10 +91,15 @@ impl Node {
         };
         let gateway = address("gateway listening on ");
         let admin = address("admin API listening on ");
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("the node wrote its admin token")
+            .trim()
+            .to_string();
         Node {
             child,
             gateway,
             admin,
+            token,
         }
     }
 
@@ -101,6 +108,7 @@ impl Node {
         let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
             .args(args)
             .env("MAYFLY_ADMIN_URL", &self.admin)
+            .env("MAYFLY_TOKEN", &self.token)
             .output()
             .expect("mayfly runs");
         (
@@ -127,10 +135,16 @@ impl Node {
         assert!(ok, "deploy {name} failed: {stdout}{stderr}");
     }
 
+    /// `Bearer <admin token>`, for the authorization header.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
     /// GETs an admin API path and parses the JSON answer.
     pub fn admin_json(&self, path: &str) -> Value {
         let mut response = agent()
             .get(format!("{}{path}", self.admin))
+            .header("authorization", self.bearer())
             .call()
             .expect("admin API answers");
         response.body_mut().read_json().expect("JSON answer")
@@ -188,6 +202,7 @@ impl Node {
     pub fn metrics(&self) -> String {
         agent()
             .get(format!("{}/metrics", self.admin))
+            .header("authorization", self.bearer())
             .call()
             .expect("metrics answer")
             .body_mut()

@@ -37,6 +37,7 @@ fn upload(node: &Node, name: &str, wasm: &[u8]) -> (u16, String) {
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     let mut response = agent()
         .post(format!("{}/v1/functions/{name}/versions", node.admin))
+        .header("authorization", node.bearer())
         .header(
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -119,6 +120,7 @@ fn bad_names_routes_and_requests_get_clear_errors() {
 
     let mut response = agent()
         .post(format!("{}/v1/functions/x/versions", node.admin))
+        .header("authorization", node.bearer())
         .header("content-type", "application/json")
         .send("{}")
         .unwrap();

@@ -64,7 +64,8 @@ fn admin(
 ) -> (u16, Value) {
     let mut request = ureq::http::Request::builder()
         .method(method)
-        .uri(format!("{}{path}", node.admin));
+        .uri(format!("{}{path}", node.admin))
+        .header("authorization", node.bearer());
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -541,6 +542,7 @@ fn the_stores_answer_and_refuse_like_their_contract_says() {
     assert_eq!(status, 200);
     let response = agent()
         .get(format!("{}/v1/buckets/docs/objects/a/b.txt", node.admin))
+        .header("authorization", node.bearer())
         .call()
         .unwrap();
     assert_eq!(response.headers()["content-type"], "text/plain");

@@ -9,5 +9,6 @@ mod deploy;
 mod events;
 mod limits;
 mod scaling;
+mod security;
 mod serve;
 mod usage;

@@ -162,6 +162,7 @@ fn logs_follow_streams_new_lines() {
     let mut follower = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
         .args(["logs", "logs", "--follow"])
         .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", &node.token)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -211,4 +212,275 @@ fn component_written_for_other_wasi_http_hosts_runs_unchanged() {
         node.get("/compat/x"),
         (200, "compat guest saw /compat/x\n".to_string())
     );
+}
+
+/// A `mayfly serve` on an admin address of the test's choosing (`Node`
+/// always puts the admin API on loopback).
+struct Exposed {
+    child: std::process::Child,
+    /// The admin URL as printed, e.g. `https://0.0.0.0:41234`.
+    printed_admin: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    token: Option<String>,
+}
+
+impl Exposed {
+    fn start(data_dir: &std::path::Path, flags: &[&str]) -> Exposed {
+        use std::io::BufRead as _;
+        let mut child = serve_command(data_dir, flags)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let collected = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut stderr = collected.lock().unwrap();
+                stderr.push_str(&line);
+                stderr.push('\n');
+            }
+        });
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut address = |prefix: &str| {
+            let line = match lines.next() {
+                Some(line) => line.unwrap(),
+                None => {
+                    let _ = child.wait();
+                    panic!("mayfly serve exited: {}", stderr.lock().unwrap());
+                }
+            };
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .to_string()
+        };
+        address("gateway listening on ");
+        let printed_admin = address("admin API listening on ");
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .ok()
+            .map(|token| token.trim().to_string());
+        Exposed {
+            child,
+            printed_admin,
+            stderr,
+            token,
+        }
+    }
+
+    /// The admin URL to connect to: the wildcard address reached over loopback.
+    fn admin(&self) -> String {
+        self.printed_admin.replace("0.0.0.0", "127.0.0.1")
+    }
+
+    /// `GET /v1/status` answers: 200, or 401 with a JSON error should the
+    /// bearer-token gate (still settling) want more than the node's own
+    /// `admin.token`. Either way the admin API itself answered.
+    fn assert_status_answers(&self, agent: &ureq::Agent) {
+        let mut request = agent.get(format!("{}/v1/status", self.admin()));
+        if let Some(token) = &self.token {
+            request = request.header("authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.body_mut().read_json().unwrap();
+        assert!(
+            status == 200 || (status == 401 && body["error"]["message"].is_string()),
+            "{status}: {body}"
+        );
+    }
+
+    /// SIGTERM, then the process must exit 0 (graceful shutdown).
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let status = wait_with_deadline(&mut self.child).expect("mayfly serve stops on SIGTERM");
+        assert!(status.success(), "exited with {status}: {}", self.stderr());
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Exposed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_command(data_dir: &std::path::Path, flags: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"));
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0", "--max-instances", "50"])
+        .args(flags)
+        .env("RUST_LOG", "error")
+        .env_remove("MAYFLY_TLS_CERT")
+        .env_remove("MAYFLY_TLS_KEY");
+    command
+}
+
+fn wait_with_deadline(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Runs `mayfly serve` expecting it to refuse to start; returns its stderr.
+fn refused(data_dir: &std::path::Path, flags: &[&str]) -> String {
+    let mut child = serve_command(data_dir, flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_deadline(&mut child);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = status.unwrap_or_else(|| panic!("mayfly serve {flags:?} kept running"));
+    assert!(
+        !status.success(),
+        "mayfly serve {flags:?} started: {stderr}"
+    );
+    stderr
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as PEM:
+/// (certificate file, key file, certificate DER).
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, signing_key.serialize_pem()).unwrap();
+    (cert_file, key_file, cert.der().to_vec())
+}
+
+#[test]
+fn admin_api_off_loopback_without_tls_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let stderr = refused(&data_dir, &["--admin-listen", "0.0.0.0:0"]);
+    assert!(
+        stderr.contains("the admin API would listen on 0.0.0.0:0 without TLS")
+            && stderr.contains("--tls-cert and --tls-key")
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    assert!(!data_dir.exists(), "refused before touching the data dir");
+
+    // Unreadable TLS files are named.
+    let (cert, key, _) = self_signed(dir.path());
+    let missing = dir.path().join("missing.pem");
+    let flags = |cert: &std::path::Path, key: &std::path::Path| {
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        refused(
+            &data_dir,
+            &[
+                "--admin-listen",
+                "0.0.0.0:0",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ],
+        )
+    };
+    let stderr = flags(&missing, &key);
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+    let stderr = flags(&cert, &missing);
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+    // A key file holding a certificate is not a key.
+    let stderr = flags(&cert, &cert);
+    assert!(
+        stderr.contains(&format!("private key from {}", cert.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn admin_api_serves_https_off_loopback_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = self_signed(dir.path());
+    let node = Exposed::start(
+        &dir.path().join("data"),
+        &[
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        node.printed_admin.starts_with("https://0.0.0.0:"),
+        "{}",
+        node.printed_admin
+    );
+
+    let trusting = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+                    ureq::tls::Certificate::from_der(&der).to_owned(),
+                ]))
+                .build(),
+        )
+        .build()
+        .new_agent();
+    node.assert_status_answers(&trusting);
+
+    // A client that does not trust the certificate gets no answer, and
+    // neither does plain HTTP.
+    let error = crate::common::agent()
+        .get(format!("{}/v1/status", node.admin()))
+        .call()
+        .unwrap_err();
+    assert!(
+        matches!(error, ureq::Error::Tls(_) | ureq::Error::Rustls(_)),
+        "{error:?}"
+    );
+    let plain = node.admin().replace("https://", "http://");
+    assert!(
+        crate::common::agent()
+            .get(format!("{plain}/v1/status"))
+            .call()
+            .is_err()
+    );
+    node.stop();
+}
+
+#[test]
+fn admin_api_serves_plain_http_off_loopback_with_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Exposed::start(
+        &dir.path().join("data"),
+        &["--admin-listen", "0.0.0.0:0", "--insecure"],
+    );
+    assert!(
+        node.printed_admin.starts_with("http://0.0.0.0:"),
+        "{}",
+        node.printed_admin
+    );
+    node.assert_status_answers(&crate::common::agent());
+    eventually(Duration::from_secs(10), "the --insecure warning", || {
+        node.stderr().contains("warning: --insecure").then_some(())
+    });
+    node.stop();
 }

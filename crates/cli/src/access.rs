@@ -1,0 +1,160 @@
+//! Access to the admin API: which token the CLI presents, the `token`
+//! verbs and the audit log.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::AdminClient;
+use crate::commands::format_time;
+
+/// The file in a node's data directory holding its first admin token.
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// The token to present: `--token`/`MAYFLY_TOKEN` if given, else the admin
+/// token a local node wrote to its data directory (`MAYFLY_DATA_DIR`, or
+/// `.mayfly` as `mayfly serve` defaults to), so the CLI works out of the box
+/// next to the node it started.
+pub fn resolve_token(given: Option<String>) -> Option<String> {
+    if let Some(token) = given.filter(|t| !t.trim().is_empty()) {
+        return Some(token);
+    }
+    let data_dir = std::env::var_os("MAYFLY_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".mayfly"));
+    std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|token| token.trim().to_string())
+        .filter(|token| !token.is_empty())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once and never shown again.
+    Create {
+        /// What the token is for (shown in lists and the audit log).
+        #[arg(long)]
+        name: String,
+        /// admin, deploy, invoke or read; repeat for more.
+        #[arg(long = "scope", required = true, value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Limit the token to this function; repeat for more (default: all).
+        #[arg(long = "function", value_name = "NAME")]
+        functions: Vec<String>,
+    },
+    /// List tokens (ids, names, scopes; never the tokens themselves).
+    List,
+    /// Revoke a token: it is refused from the next request on.
+    Revoke {
+        /// The token's id (`tok_…`), as `mayfly token list` shows it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// How many of the latest entries to show.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            name,
+            scopes,
+            functions,
+        } => {
+            let body = json!({ "name": name, "scopes": scopes, "functions": functions });
+            let created: Value = client.post_json("/v1/tokens", &body)?;
+            if json {
+                println!("{created}");
+            } else {
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "created {} ({}); the token above is shown only once",
+                    created["id"].as_str().unwrap_or_default(),
+                    list(&created["scopes"])
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::List => {
+            let tokens: Vec<Value> = client.get_json("/v1/tokens")?;
+            if json {
+                println!("{}", Value::from(tokens));
+                return Ok(());
+            }
+            println!(
+                "{:<21} {:<24} {:<22} {:<16} {:<19} STATE",
+                "ID", "NAME", "SCOPES", "FUNCTIONS", "CREATED"
+            );
+            for token in tokens {
+                let functions = list(&token["functions"]);
+                println!(
+                    "{:<21} {:<24} {:<22} {:<16} {:<19} {}",
+                    token["id"].as_str().unwrap_or_default(),
+                    token["name"].as_str().unwrap_or_default(),
+                    list(&token["scopes"]),
+                    if functions.is_empty() {
+                        "*".into()
+                    } else {
+                        functions
+                    },
+                    format_time(token["created_at_ms"].as_i64().unwrap_or(0)),
+                    if token["revoked_at_ms"].is_null() {
+                        "live"
+                    } else {
+                        "revoked"
+                    }
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            client.delete(&format!("/v1/tokens/{}", crate::commands::segment(&id)))?;
+            if json {
+                println!("{}", json!({ "revoked": id }));
+            } else {
+                println!("revoked {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn audit(client: &AdminClient, json: bool, args: &AuditArgs) -> anyhow::Result<()> {
+    let entries: Vec<Value> = client.get_json(&format!("/v1/audit?limit={}", args.limit))?;
+    if json {
+        println!("{}", Value::from(entries));
+        return Ok(());
+    }
+    for entry in entries {
+        let detail = entry["detail"]
+            .as_str()
+            .map(|d| format!("  {d}"))
+            .unwrap_or_default();
+        println!(
+            "{}  {}  {}  {}{detail}",
+            format_time(entry["ts_ms"].as_i64().unwrap_or(0)),
+            entry["status"],
+            entry["actor"].as_str().unwrap_or_default(),
+            entry["action"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+fn list(value: &Value) -> String {
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}

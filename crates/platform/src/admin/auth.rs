@@ -1,0 +1,177 @@
+//! The admin API's gate (bearer tokens, scopes, audit) and the token and
+//! audit endpoints.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use serde::Deserialize;
+
+use super::{ApiError, ApiResult};
+use crate::auth::{AuthError, Scope, authorize, is_admin_action};
+use crate::platform::{Platform, PlatformError};
+
+pub(super) fn routes() -> Router<Arc<Platform>> {
+    Router::new()
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/audit", get(audit))
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        let (status, code) = match error {
+            AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        };
+        ApiError {
+            status,
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Authenticates and authorizes every admin request, and audits refused
+/// requests and admin actions. The audit record is written before the
+/// answer leaves, so an acknowledged action is always in the log.
+pub(super) async fn gate(
+    State(platform): State<Arc<Platform>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let action = format!("{method} {path}");
+    let auth = platform.auth();
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = match auth
+        .authenticate(authorization)
+        .and_then(|principal| authorize(&principal, &method, &path).map(|()| principal))
+    {
+        Ok(principal) => principal,
+        Err(error) => {
+            let actor = match auth.authenticate(authorization) {
+                Ok(principal) => principal.actor(),
+                Err(_) => "anonymous".to_string(),
+            };
+            let error = ApiError::from(error);
+            record(
+                &platform,
+                actor,
+                action,
+                error.status,
+                Some(error.message.clone()),
+            )
+            .await;
+            return error.into_response();
+        }
+    };
+    let actor = principal.actor();
+    request.extensions_mut().insert(principal);
+    let response = next.run(request).await;
+    if is_admin_action(&method, &path) {
+        record(&platform, actor, action, response.status(), None).await;
+    }
+    response
+}
+
+async fn record(
+    platform: &Arc<Platform>,
+    actor: String,
+    action: String,
+    status: StatusCode,
+    detail: Option<String>,
+) {
+    if let Err(error) = platform
+        .auth()
+        .record(actor, action, status.as_u16(), detail)
+        .await
+    {
+        tracing::error!("cannot write the audit log: {error}");
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    scopes: Vec<String>,
+    #[serde(default)]
+    functions: Vec<String>,
+}
+
+async fn create_token(
+    State(platform): State<Arc<Platform>>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let new: NewToken = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be JSON {{\"name\": …, \"scopes\": [\"read\", …], \"functions\": \
+             [optional]}}: {e}"
+        ))
+    })?;
+    let scopes = new
+        .scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad_request)?;
+    let (record, token) = platform
+        .auth()
+        .create_token(&new.name, scopes, new.functions)
+        .await?;
+    let mut body = serde_json::to_value(&record).map_err(|e| PlatformError::Internal(e.into()))?;
+    body["token"] = serde_json::Value::String(token);
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_tokens(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(platform.auth().tokens().await?))
+}
+
+async fn revoke_token(
+    State(platform): State<Arc<Platform>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    platform.auth().revoke_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    platform: &Arc<Platform>,
+    query: AuditQuery,
+) -> Result<Vec<mayfly_store::AuditEntry>, PlatformError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    // Without `after`, the latest entries; with it, the ones that follow.
+    platform
+        .auth()
+        .audit(query.after, limit, query.after == 0)
+        .await
+}
+
+async fn audit(
+    State(platform): State<Arc<Platform>>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::bad_request(format!("bad query: {e} (use ?after=<id>&limit=<n>)"))
+    })?;
+    Ok(Json(audit_list(&platform, query).await?))
+}

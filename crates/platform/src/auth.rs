@@ -1,0 +1,744 @@
+//! Who may use the admin API, and what they did.
+//!
+//! Two kinds of caller present a bearer token:
+//! - people and tools, with an **API token** (`mf_…`, 256 random bits)
+//!   carrying scopes — `admin`, `deploy`, `invoke`, `read` — optionally
+//!   limited to named functions. Tokens are shown once and stored as
+//!   SHA-256 hashes; the live ones are kept in memory, so checking one costs
+//!   a hash and a map lookup.
+//! - functions, with a **per-invocation credential** (`mfc1.…`): minted by
+//!   the node when a guest reads `mayfly.credential` through wasi:config,
+//!   signed with HMAC-SHA256 under a key derived from the node's master key,
+//!   valid for a few minutes, and good only for the KV buckets, object
+//!   buckets and queues granted to that function.
+//!
+//! Every admin action and every refused request is written to the audit
+//! log before the answer leaves.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use http::Method;
+use mayfly_store::{AuditEntry, AuthStore, EmbeddedAuth, Grants, TokenRecord};
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::platform::{PlatformError, now_ms};
+
+/// Name of the file in the data directory holding the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// How long a per-invocation credential is valid unless the node says
+/// otherwise: long enough for any invocation (at most 15 minutes run time
+/// is allowed, but almost all finish in seconds), short enough that a
+/// leaked one soon stops working.
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(5 * 60);
+
+const TOKEN_PREFIX: &str = "mf_";
+const CREDENTIAL_PREFIX: &str = "mfc1.";
+
+/// What a token may do. `admin` may do everything; the others are exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Everything, including tokens, secrets and the audit log.
+    Admin,
+    /// Deploy and delete functions, attach triggers, manage dead letters.
+    Deploy,
+    /// Invoke functions and write the data that triggers them (queues, KV,
+    /// objects).
+    Invoke,
+    /// Read state: functions, logs, usage, metrics, stores.
+    Read,
+}
+
+impl Scope {
+    /// Every scope, in the order they are listed.
+    pub const ALL: [Scope; 4] = [Scope::Admin, Scope::Deploy, Scope::Invoke, Scope::Read];
+
+    /// The scope's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Deploy => "deploy",
+            Scope::Invoke => "invoke",
+            Scope::Read => "read",
+        }
+    }
+
+    /// Parses a scope name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == name)
+            .ok_or_else(|| format!("unknown scope `{name}`: use admin, deploy, invoke or read"))
+    }
+}
+
+/// A live API token, as the node checks it.
+#[derive(Debug)]
+pub struct TokenGrant {
+    /// Public id (`tok_…`).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// Functions it is limited to; empty: all.
+    pub functions: Vec<String>,
+}
+
+/// The claims of a per-invocation credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// The function it was minted for.
+    #[serde(rename = "fn")]
+    pub function: String,
+    /// Its version.
+    #[serde(rename = "ver")]
+    pub version: u64,
+    /// Expiry, in ms since the Unix epoch.
+    #[serde(rename = "exp")]
+    pub expires_ms: i64,
+    /// KV buckets it reaches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv: Vec<String>,
+    /// Object buckets it reaches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<String>,
+    /// Queues it may send to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<String>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A person or tool with an API token.
+    Token(Arc<TokenGrant>),
+    /// A function, with its per-invocation credential.
+    Function(Arc<Credential>),
+}
+
+impl Principal {
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Token(token) => format!("{} ({})", token.id, token.name),
+            Principal::Function(credential) => format!(
+                "function {} v{} (credential)",
+                credential.function, credential.version
+            ),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No usable token: 401.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token without the right: 403.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// What a request needs, from its method and path.
+#[derive(Debug, PartialEq, Eq)]
+struct Need<'a> {
+    scope: Scope,
+    /// The function the request acts on, if any.
+    function: Option<&'a str>,
+    /// A store a function's credential may reach, if the request is one.
+    data: Option<Data<'a>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Data<'a> {
+    Kv(&'a str),
+    Object(&'a str),
+    QueueSend(&'a str),
+}
+
+/// Classifies an admin API request. Unknown paths need `read` for reads and
+/// `deploy` for writes, so a route added later is never open by mistake.
+fn need<'a>(method: &Method, path: &'a str) -> Need<'a> {
+    let reading = method == Method::GET || method == Method::HEAD;
+    let default = if reading { Scope::Read } else { Scope::Deploy };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (scope, function, data) = match segments.as_slice() {
+        ["v1", "tokens" | "secrets" | "audit", ..] => (Scope::Admin, None, None),
+        ["v1", "functions", name, "invoke"] => (Scope::Invoke, Some(*name), None),
+        ["v1", "functions", name, ..] => (default, Some(*name), None),
+        ["v1", "kv", bucket, ..] => (
+            if reading { Scope::Read } else { Scope::Invoke },
+            None,
+            Some(Data::Kv(bucket)),
+        ),
+        ["v1", "buckets", bucket, ..] => (
+            if reading { Scope::Read } else { Scope::Invoke },
+            None,
+            Some(Data::Object(bucket)),
+        ),
+        ["v1", "queues", queue, "messages" | "batch"] if method == Method::POST => {
+            (Scope::Invoke, None, Some(Data::QueueSend(queue)))
+        }
+        ["v1", "queues", _, ..] if !reading => (Scope::Invoke, None, None),
+        _ => (default, None, None),
+    };
+    Need {
+        scope,
+        function,
+        data,
+    }
+}
+
+/// Whether an admin request is an action worth auditing when it succeeds:
+/// every change to the node's configuration. Data-plane traffic (invokes,
+/// queue, KV and object writes) is metered and logged elsewhere and would
+/// drown the log; refused requests are always audited.
+pub fn is_admin_action(method: &Method, path: &str) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return false;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    !matches!(
+        segments.as_slice(),
+        ["v1", "functions", _, "invoke"] | ["v1", "kv" | "buckets" | "queues", ..]
+    )
+}
+
+/// Checks that `principal` may make this request.
+pub fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(), AuthError> {
+    let need = need(method, path);
+    match principal {
+        Principal::Token(token) => {
+            if token.scopes.contains(&Scope::Admin) {
+                return Ok(());
+            }
+            if !token.scopes.contains(&need.scope) {
+                return Err(AuthError::Forbidden(format!(
+                    "token {} has scope {} but {method} {path} needs `{}`: create a token with \
+                     `mayfly token create --scope {}`",
+                    token.id,
+                    scope_list(&token.scopes),
+                    need.scope.as_str(),
+                    need.scope.as_str()
+                )));
+            }
+            if token.functions.is_empty() {
+                return Ok(());
+            }
+            match need.function {
+                Some(function) if token.functions.iter().any(|f| f == function) => Ok(()),
+                Some(function) => Err(AuthError::Forbidden(format!(
+                    "token {} is limited to function(s) {} and cannot act on `{function}`",
+                    token.id,
+                    token.functions.join(", ")
+                ))),
+                None => Err(AuthError::Forbidden(format!(
+                    "token {} is limited to function(s) {}; {method} {path} is not about one \
+                     function",
+                    token.id,
+                    token.functions.join(", ")
+                ))),
+            }
+        }
+        Principal::Function(credential) => {
+            let granted = match need.data {
+                Some(Data::Kv(bucket)) => credential.kv.iter().any(|b| b == bucket),
+                Some(Data::Object(bucket)) => credential.objects.iter().any(|b| b == bucket),
+                Some(Data::QueueSend(queue)) => credential.queues.iter().any(|q| q == queue),
+                None => false,
+            };
+            if granted {
+                Ok(())
+            } else {
+                Err(AuthError::Forbidden(format!(
+                    "the credential of function `{}` cannot {method} {path}: a function's \
+                     credential reaches only the KV buckets, object buckets and queues granted \
+                     to it",
+                    credential.function
+                )))
+            }
+        }
+    }
+}
+
+fn scope_list(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+/// Where the credential signing key comes from (the node's secrets).
+pub type SigningKey = Box<dyn Fn() -> [u8; 32] + Send + Sync>;
+
+/// Tokens, credentials and the audit log of one node.
+pub struct Auth {
+    store: Arc<dyn AuthStore>,
+    /// Live tokens by hash.
+    tokens: ArcSwap<HashMap<String, Arc<TokenGrant>>>,
+    /// The node's credential signing key, read at each use so a master key
+    /// rotation takes effect at once (credentials signed before it stop
+    /// verifying, which their short life makes harmless).
+    signing_key: SigningKey,
+    credential_ttl: Duration,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("tokens", &self.tokens.load().len())
+            .field("credential_ttl", &self.credential_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// Opens `<data_dir>/auth.db`. On first start (no token exists yet) it
+    /// creates an admin token and writes it to `<data_dir>/admin.token`,
+    /// readable by the node's user only, where the CLI finds it.
+    pub fn open(
+        data_dir: &Path,
+        signing_key: SigningKey,
+        credential_ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        let store: Arc<dyn AuthStore> = Arc::new(
+            EmbeddedAuth::open(&data_dir.join("auth.db"))
+                .context("cannot open the token database")?,
+        );
+        let auth = Self {
+            store,
+            tokens: ArcSwap::default(),
+            signing_key,
+            credential_ttl,
+        };
+        if auth.store.tokens()?.is_empty() {
+            let (record, token) = auth.new_token("admin (first start)", &[Scope::Admin], &[])?;
+            write_private_file(&data_dir.join(ADMIN_TOKEN_FILE), token.as_bytes())?;
+            tracing::info!(token = %record.id, "created the admin token in {ADMIN_TOKEN_FILE}");
+        }
+        auth.reload()?;
+        Ok(auth)
+    }
+
+    fn reload(&self) -> anyhow::Result<()> {
+        let live = self
+            .store
+            .tokens()?
+            .into_iter()
+            .filter(|token| token.revoked_at_ms.is_none())
+            .map(|token| {
+                let scopes = token
+                    .scopes
+                    .iter()
+                    .filter_map(|s| Scope::parse(s).ok())
+                    .collect();
+                let grant = TokenGrant {
+                    id: token.id,
+                    name: token.name,
+                    scopes,
+                    functions: token.functions,
+                };
+                (token.hash, Arc::new(grant))
+            })
+            .collect();
+        self.tokens.store(Arc::new(live));
+        Ok(())
+    }
+
+    fn new_token(
+        &self,
+        name: &str,
+        scopes: &[Scope],
+        functions: &[String],
+    ) -> anyhow::Result<(TokenRecord, String)> {
+        let token = format!(
+            "{TOKEN_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+        );
+        let record = TokenRecord {
+            id: format!("tok_{}", hex::encode(random_bytes::<8>())),
+            name: name.to_string(),
+            hash: hash_token(&token),
+            scopes: scopes.iter().map(|s| s.as_str().to_string()).collect(),
+            functions: functions.to_vec(),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        self.store.create_token(&record)?;
+        Ok((record, token))
+    }
+
+    /// Who presents `authorization` (the header's value).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let Some(header) = authorization else {
+            return Err(AuthError::Unauthenticated(
+                "this endpoint needs a bearer token (`authorization: Bearer <token>`); the node \
+                 wrote its first admin token to admin.token in its data directory"
+                    .into(),
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                AuthError::Unauthenticated(
+                    "the authorization header must be `Bearer <token>`".into(),
+                )
+            })?;
+        if token.starts_with(CREDENTIAL_PREFIX) {
+            return self
+                .verify_credential(token, now_ms())
+                .map(|c| Principal::Function(Arc::new(c)));
+        }
+        self.tokens
+            .load()
+            .get(&hash_token(token))
+            .map(|grant| Principal::Token(grant.clone()))
+            .ok_or_else(|| {
+                AuthError::Unauthenticated(
+                    "the token is not valid (unknown or revoked): create one with `mayfly token \
+                     create`"
+                        .into(),
+                )
+            })
+    }
+
+    /// Creates a token and returns its record and the token itself (shown
+    /// once, never stored).
+    pub async fn create_token(
+        self: &Arc<Self>,
+        name: &str,
+        scopes: Vec<Scope>,
+        functions: Vec<String>,
+    ) -> Result<(TokenRecord, String), PlatformError> {
+        if scopes.is_empty() {
+            return Err(PlatformError::BadRequest(
+                "give at least one scope: admin, deploy, invoke or read".into(),
+            ));
+        }
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(PlatformError::BadRequest(
+                "a token name is 1 to 128 printable characters".into(),
+            ));
+        }
+        for function in &functions {
+            crate::platform::validate_name(function)?;
+        }
+        let auth = self.clone();
+        let name = name.to_string();
+        let created = blocking(move || {
+            let created = auth.new_token(&name, &scopes, &functions)?;
+            auth.reload()?;
+            Ok(created)
+        })
+        .await?;
+        Ok(created)
+    }
+
+    /// Revokes the token `id`; it is refused from the next request on.
+    pub async fn revoke_token(self: &Arc<Self>, id: &str) -> Result<(), PlatformError> {
+        let auth = self.clone();
+        let id_owned = id.to_string();
+        let revoked = blocking(move || {
+            let revoked = auth.store.revoke_token(&id_owned)?;
+            auth.reload()?;
+            Ok(revoked)
+        })
+        .await?;
+        if revoked {
+            Ok(())
+        } else {
+            Err(PlatformError::NotFound(format!(
+                "no live token `{id}`: list them with `mayfly token list`"
+            )))
+        }
+    }
+
+    /// Every token (revoked ones too), without the tokens themselves.
+    pub async fn tokens(self: &Arc<Self>) -> Result<Vec<TokenRecord>, PlatformError> {
+        let auth = self.clone();
+        blocking(move || Ok(auth.store.tokens()?)).await
+    }
+
+    /// Records an admin action durably.
+    pub async fn record(
+        self: &Arc<Self>,
+        actor: String,
+        action: String,
+        status: u16,
+        detail: Option<String>,
+    ) -> Result<(), PlatformError> {
+        let auth = self.clone();
+        blocking(move || {
+            auth.store
+                .append_audit(&actor, &action, status, detail.as_deref())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Audit entries after `after` (or the latest `limit` with `latest`).
+    pub async fn audit(
+        self: &Arc<Self>,
+        after: i64,
+        limit: usize,
+        latest: bool,
+    ) -> Result<Vec<AuditEntry>, PlatformError> {
+        let auth = self.clone();
+        blocking(move || Ok(auth.store.audit(after, limit, latest)?)).await
+    }
+
+    /// A credential for one invocation of `function` at `version`, good for
+    /// its granted buckets and queues until the node's credential lifetime
+    /// runs out.
+    pub fn mint_credential(
+        &self,
+        function: &str,
+        version: u64,
+        grants: &Grants,
+    ) -> Result<String, AuthError> {
+        let ttl_ms = i64::try_from(self.credential_ttl.as_millis()).unwrap_or(i64::MAX);
+        let claims = Credential {
+            function: function.to_string(),
+            version,
+            expires_ms: now_ms().saturating_add(ttl_ms),
+            kv: grants.kv.clone(),
+            objects: grants.objects.clone(),
+            queues: grants.queues.clone(),
+        };
+        self.sign(&claims)
+    }
+
+    fn mac(&self) -> Result<Hmac<Sha256>, AuthError> {
+        Hmac::<Sha256>::new_from_slice(&(self.signing_key)()).map_err(|e| {
+            AuthError::Unauthenticated(format!("the node cannot check credentials: {e}"))
+        })
+    }
+
+    fn sign(&self, claims: &Credential) -> Result<String, AuthError> {
+        // Serializing a struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(claims).unwrap_or_default();
+        let signed = format!("{CREDENTIAL_PREFIX}{}", URL_SAFE_NO_PAD.encode(json));
+        let mut mac = self.mac()?;
+        mac.update(signed.as_bytes());
+        let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        Ok(format!("{signed}.{tag}"))
+    }
+
+    fn verify_credential(&self, token: &str, now_ms: i64) -> Result<Credential, AuthError> {
+        let invalid = || {
+            AuthError::Unauthenticated(
+                "the function credential is not valid: it was altered or not issued by this node"
+                    .into(),
+            )
+        };
+        let (signed, tag) = token.rsplit_once('.').ok_or_else(invalid)?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
+        let mut mac = self.mac()?;
+        mac.update(signed.as_bytes());
+        // Constant-time comparison.
+        mac.verify_slice(&tag).map_err(|_| invalid())?;
+        let payload = signed.strip_prefix(CREDENTIAL_PREFIX).ok_or_else(invalid)?;
+        let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| invalid())?;
+        let claims: Credential = serde_json::from_slice(&json).map_err(|_| invalid())?;
+        if claims.expires_ms <= now_ms {
+            return Err(AuthError::Unauthenticated(format!(
+                "the credential of function `{}` expired {} ms ago: credentials live {}; read a \
+                 fresh one from wasi:config key `mayfly.credential`",
+                claims.function,
+                now_ms - claims.expires_ms,
+                humantime::format_duration(self.credential_ttl)
+            )));
+        }
+        Ok(claims)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, PlatformError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))?
+        .map_err(PlatformError::Internal)
+}
+
+/// Writes `bytes` to a new file readable and writable by its owner only
+/// (0600), durably. An existing file is replaced.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temp: PathBuf = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .with_context(|| format!("cannot create {}", temp.display()))?;
+    file.write_all(bytes)?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(scopes: &[Scope], functions: &[&str]) -> Principal {
+        Principal::Token(Arc::new(TokenGrant {
+            id: "tok_1".into(),
+            name: "t".into(),
+            scopes: scopes.to_vec(),
+            functions: functions.iter().map(|f| f.to_string()).collect(),
+        }))
+    }
+
+    #[test]
+    fn scopes_guard_the_routes_they_name() {
+        let read = token(&[Scope::Read], &[]);
+        assert!(authorize(&read, &Method::GET, "/v1/functions").is_ok());
+        assert!(authorize(&read, &Method::GET, "/metrics").is_ok());
+        let error = authorize(&read, &Method::POST, "/v1/functions/a/versions").unwrap_err();
+        assert!(error.to_string().contains("needs `deploy`"), "{error}");
+        assert!(authorize(&read, &Method::GET, "/v1/tokens").is_err());
+        assert!(authorize(&read, &Method::GET, "/v1/audit").is_err());
+        let invoke = token(&[Scope::Invoke], &[]);
+        assert!(authorize(&invoke, &Method::POST, "/v1/functions/a/invoke").is_ok());
+        assert!(authorize(&invoke, &Method::POST, "/v1/queues/q/messages").is_ok());
+        assert!(authorize(&invoke, &Method::DELETE, "/v1/functions/a").is_err());
+        let deploy = token(&[Scope::Deploy], &[]);
+        assert!(authorize(&deploy, &Method::DELETE, "/v1/triggers/3").is_ok());
+        assert!(authorize(&deploy, &Method::PUT, "/v1/secrets/x").is_err());
+        let admin = token(&[Scope::Admin], &[]);
+        assert!(authorize(&admin, &Method::PUT, "/v1/secrets/x").is_ok());
+        // Unknown routes still need a scope.
+        assert!(authorize(&invoke, &Method::POST, "/v2/anything").is_err());
+    }
+
+    #[test]
+    fn a_function_limited_token_acts_on_its_functions_only() {
+        let limited = token(&[Scope::Deploy, Scope::Read], &["a"]);
+        assert!(authorize(&limited, &Method::POST, "/v1/functions/a/versions").is_ok());
+        assert!(authorize(&limited, &Method::GET, "/v1/functions/a/logs").is_ok());
+        let error = authorize(&limited, &Method::POST, "/v1/functions/b/versions").unwrap_err();
+        assert!(error.to_string().contains("cannot act on `b`"), "{error}");
+        assert!(authorize(&limited, &Method::GET, "/v1/kv/orders").is_err());
+    }
+
+    fn auth(ttl: Duration) -> (tempfile::TempDir, Auth) {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::open(dir.path(), Box::new(|| [7; 32]), ttl).unwrap();
+        (dir, auth)
+    }
+
+    #[test]
+    fn first_start_writes_a_private_admin_token_that_authenticates() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (dir, auth) = auth(DEFAULT_CREDENTIAL_TTL);
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let token = std::fs::read_to_string(&path).unwrap();
+        let principal = auth
+            .authenticate(Some(&format!("Bearer {}", token.trim())))
+            .unwrap();
+        assert!(matches!(principal, Principal::Token(t) if t.scopes == [Scope::Admin]));
+        // The token itself is nowhere in the database.
+        let db = std::fs::read(dir.path().join("auth.db")).unwrap();
+        let wal = std::fs::read(dir.path().join("auth.db-wal")).unwrap_or_default();
+        let needle = token.trim().as_bytes();
+        for bytes in [db, wal] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+        // A second start keeps the first token and writes no new one.
+        drop(auth);
+        let again = Auth::open(dir.path(), Box::new(|| [7; 32]), DEFAULT_CREDENTIAL_TTL).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), token);
+        assert!(
+            again
+                .authenticate(Some(&format!("Bearer {}", token.trim())))
+                .is_ok()
+        );
+        assert!(again.authenticate(None).is_err());
+        assert!(again.authenticate(Some("Bearer mf_nope")).is_err());
+        assert!(again.authenticate(Some("Basic abc")).is_err());
+    }
+
+    #[test]
+    fn credentials_are_scoped_signed_and_expire() {
+        let (_dir, auth) = auth(Duration::from_secs(60));
+        let grants = Grants {
+            kv: vec!["orders".into()],
+            queues: vec!["out".into()],
+            ..Grants::default()
+        };
+        let credential = auth.mint_credential("a", 3, &grants).unwrap();
+        let principal = auth
+            .authenticate(Some(&format!("Bearer {credential}")))
+            .unwrap();
+        assert!(authorize(&principal, &Method::PUT, "/v1/kv/orders/k1").is_ok());
+        assert!(authorize(&principal, &Method::POST, "/v1/queues/out/messages").is_ok());
+        assert!(authorize(&principal, &Method::GET, "/v1/kv/other/k1").is_err());
+        assert!(authorize(&principal, &Method::POST, "/v1/functions/a/invoke").is_err());
+        assert!(authorize(&principal, &Method::POST, "/v1/queues/out/receive").is_err());
+
+        // Any change to the claims breaks the signature.
+        let (signed, tag) = credential.rsplit_once('.').unwrap();
+        let payload = signed.strip_prefix(CREDENTIAL_PREFIX).unwrap();
+        let mut claims: Credential =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims.function = "b".into();
+        let forged = format!(
+            "{CREDENTIAL_PREFIX}{}.{tag}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert!(
+            auth.authenticate(Some(&format!("Bearer {forged}")))
+                .is_err()
+        );
+        // Another node's key does not verify it.
+        let (_other_dir, other) = {
+            let dir = tempfile::tempdir().unwrap();
+            let other =
+                Auth::open(dir.path(), Box::new(|| [8; 32]), Duration::from_secs(60)).unwrap();
+            (dir, other)
+        };
+        assert!(
+            other
+                .authenticate(Some(&format!("Bearer {credential}")))
+                .is_err()
+        );
+        // Expiry.
+        let error = auth
+            .verify_credential(&credential, now_ms() + 61_000)
+            .unwrap_err();
+        assert!(error.to_string().contains("expired"), "{error}");
+    }
+}

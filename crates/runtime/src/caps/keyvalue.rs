@@ -1,0 +1,468 @@
+//! wasi:keyvalue (store, atomics, batch) over a [`KeyValueBackend`], limited
+//! to the buckets granted to the function.
+//!
+//! [`KeyValueBackend`]: super::KeyValueBackend
+
+use wasmtime::component::{Resource, ResourceTableError};
+
+use super::CapsView;
+use super::bindings::wasi::keyvalue::store::{self, KeyResponse};
+use super::bindings::wasi::keyvalue::{atomics, batch};
+
+/// An open bucket: its name, checked against the grants on every call.
+/// (`pub` only because the generated bindings re-export it.)
+pub struct Bucket {
+    name: String,
+}
+
+/// A failed key-value call: an error for the guest, or a trap when the guest
+/// passed a handle that is not its own.
+pub enum KvError {
+    /// Returned to the guest as the interface's `error`.
+    Guest(store::Error),
+    /// Ends the guest with this trap.
+    Trap(wasmtime::Error),
+}
+
+impl From<ResourceTableError> for KvError {
+    fn from(error: ResourceTableError) -> Self {
+        KvError::Trap(wasmtime::Error::new(error))
+    }
+}
+
+impl KvError {
+    /// A failure of the backend, passed on to the guest.
+    fn backend(bucket: &str, error: anyhow::Error) -> Self {
+        tracing::warn!(bucket, "wasi:keyvalue backend error: {error:#}");
+        KvError::Guest(store::Error::Other(format!("{error:#}")))
+    }
+}
+
+impl CapsView<'_> {
+    /// The name of an open bucket, if the function may still use it: grants
+    /// are the current invocation's, and a kept instance may hold a bucket
+    /// opened by an earlier one.
+    fn granted(&self, bucket: &Resource<Bucket>) -> Result<&str, KvError> {
+        let name = self.table.get(bucket)?.name.as_str();
+        if self.caps.kv_buckets.contains(name) {
+            Ok(name)
+        } else {
+            self.deny_bucket("use", name);
+            Err(KvError::Guest(store::Error::AccessDenied))
+        }
+    }
+
+    fn deny_bucket(&self, action: &str, name: &str) {
+        self.deny(&format!(
+            "wasi:keyvalue {action}({name:?}) denied: bucket not granted to this function \
+             (deploy with --kv {})",
+            name.escape_debug()
+        ));
+    }
+}
+
+impl store::Host for CapsView<'_> {
+    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        if !self.caps.kv_buckets.contains(&identifier) {
+            self.deny_bucket("open", &identifier);
+            return Err(KvError::Guest(store::Error::AccessDenied));
+        }
+        Ok(self.table.push(Bucket { name: identifier })?)
+    }
+
+    fn convert_error(&mut self, error: KvError) -> wasmtime::Result<store::Error> {
+        match error {
+            KvError::Guest(error) => Ok(error),
+            KvError::Trap(trap) => Err(trap),
+        }
+    }
+}
+
+impl store::HostBucket for CapsView<'_> {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .get(name, &key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .set(name, &key, value)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .delete(name, &key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .exists(name, &key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<KeyResponse, KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        let (keys, cursor) = backend
+            .list_keys(name, cursor.unwrap_or(0))
+            .await
+            .map_err(|e| KvError::backend(name, e))?;
+        Ok(KeyResponse { keys, cursor })
+    }
+
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for CapsView<'_> {
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .increment(name, &key, delta)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+}
+
+/// Batches are key-by-key calls on the backend: the interface promises no
+/// atomicity, and a local store gains nothing from a round trip saved.
+impl batch::Host for CapsView<'_> {
+    async fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<(String, Vec<u8>)>>, KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        let mut pairs = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value = backend
+                .get(name, &key)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+            pairs.push(value.map(|value| (key, value)));
+        }
+        Ok(pairs)
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        for (key, value) in key_values {
+            backend
+                .set(name, &key, value)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(&bucket)?;
+        let backend = &self.caps.keyvalue;
+        for key in keys {
+            backend
+                .delete(name, &key)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    use wasmtime::component::ResourceTable;
+
+    use super::*;
+    use crate::caps::tests::{Lines, stderr};
+    use crate::caps::{Capabilities, KeyValueBackend};
+    use crate::outbound::OutboundPolicy;
+
+    /// Buckets in memory; lists two keys per page so paging is exercised.
+    #[derive(Default)]
+    struct Memory(Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>);
+
+    const PAGE: usize = 2;
+
+    impl Memory {
+        fn with<R>(&self, bucket: &str, f: impl FnOnce(&mut BTreeMap<String, Vec<u8>>) -> R) -> R {
+            let mut buckets = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            f(buckets.entry(bucket.to_string()).or_default())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl KeyValueBackend for Memory {
+        async fn get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            Ok(self.with(bucket, |b| b.get(key).cloned()))
+        }
+        async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+            if key.is_empty() {
+                anyhow::bail!("empty key");
+            }
+            self.with(bucket, |b| b.insert(key.to_string(), value));
+            Ok(())
+        }
+        async fn delete(&self, bucket: &str, key: &str) -> anyhow::Result<()> {
+            self.with(bucket, |b| b.remove(key));
+            Ok(())
+        }
+        async fn exists(&self, bucket: &str, key: &str) -> anyhow::Result<bool> {
+            Ok(self.with(bucket, |b| b.contains_key(key)))
+        }
+        async fn list_keys(
+            &self,
+            bucket: &str,
+            cursor: u64,
+        ) -> anyhow::Result<(Vec<String>, Option<u64>)> {
+            let skip = usize::try_from(cursor)?;
+            Ok(self.with(bucket, |b| {
+                let keys: Vec<String> = b.keys().skip(skip).take(PAGE).cloned().collect();
+                let next = skip + keys.len();
+                let more = next < b.len();
+                (keys, more.then_some(next as u64))
+            }))
+        }
+        async fn increment(&self, bucket: &str, key: &str, delta: u64) -> anyhow::Result<u64> {
+            self.with(bucket, |b| {
+                let current = match b.get(key) {
+                    Some(value) => std::str::from_utf8(value)?.parse::<u64>()?,
+                    None => 0,
+                };
+                let new = current
+                    .checked_add(delta)
+                    .ok_or_else(|| anyhow::anyhow!("overflow"))?;
+                b.insert(key.to_string(), new.to_string().into_bytes());
+                Ok(new)
+            })
+        }
+    }
+
+    struct Fixture {
+        caps: Capabilities,
+        table: ResourceTable,
+        lines: Arc<Lines>,
+        stderr: crate::logs::GuestOutput,
+    }
+
+    impl Fixture {
+        fn granting(buckets: &[&str]) -> Self {
+            let lines = Arc::new(Lines::default());
+            Self {
+                caps: Capabilities {
+                    kv_buckets: buckets.iter().map(|b| b.to_string()).collect(),
+                    keyvalue: Arc::new(Memory::default()),
+                    config: Capabilities::none().config.clone(),
+                    outbound: Arc::new(OutboundPolicy::deny_all()),
+                },
+                table: ResourceTable::new(),
+                stderr: stderr(&lines),
+                lines,
+            }
+        }
+
+        fn view(&mut self) -> CapsView<'_> {
+            CapsView {
+                caps: &self.caps,
+                table: &mut self.table,
+                stderr: &self.stderr,
+            }
+        }
+    }
+
+    fn guest_error<T: std::fmt::Debug>(result: Result<T, KvError>) -> store::Error {
+        match result {
+            Err(KvError::Guest(error)) => error,
+            Err(KvError::Trap(trap)) => panic!("trapped: {trap:#}"),
+            Ok(value) => panic!("succeeded: {value:?}"),
+        }
+    }
+
+    fn ok<T>(result: Result<T, KvError>) -> T {
+        match result {
+            Ok(value) => value,
+            Err(KvError::Guest(error)) => panic!("failed: {error:?}"),
+            Err(KvError::Trap(trap)) => panic!("trapped: {trap:#}"),
+        }
+    }
+
+    fn handle(bucket: &Resource<Bucket>) -> Resource<Bucket> {
+        Resource::new_borrow(bucket.rep())
+    }
+
+    #[tokio::test]
+    async fn opening_an_ungranted_bucket_is_denied_and_logged() {
+        let mut fixture = Fixture::granting(&["orders"]);
+        let mut kv = fixture.view();
+        let error = guest_error(store::Host::open(&mut kv, "payroll".into()).await);
+        assert!(matches!(error, store::Error::AccessDenied));
+        ok(store::Host::open(&mut kv, "orders".into()).await);
+        assert_eq!(
+            fixture.lines.take(),
+            [
+                "mayfly: wasi:keyvalue open(\"payroll\") denied: bucket not granted to this \
+                 function (deploy with --kv payroll)"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn get_set_delete_exists() {
+        use store::HostBucket as B;
+        let mut fixture = Fixture::granting(&["orders"]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        assert_eq!(ok(B::get(&mut kv, handle(&bucket), "a".into()).await), None);
+        ok(B::set(&mut kv, handle(&bucket), "a".into(), b"1".to_vec()).await);
+        assert_eq!(
+            ok(B::get(&mut kv, handle(&bucket), "a".into()).await),
+            Some(b"1".to_vec())
+        );
+        assert!(ok(B::exists(&mut kv, handle(&bucket), "a".into()).await));
+        ok(B::delete(&mut kv, handle(&bucket), "a".into()).await);
+        assert!(!ok(B::exists(&mut kv, handle(&bucket), "a".into()).await));
+
+        // A backend failure reaches the guest as `other`, with its message.
+        let error = guest_error(B::set(&mut kv, handle(&bucket), String::new(), vec![]).await);
+        assert!(matches!(error, store::Error::Other(message) if message == "empty key"));
+
+        B::drop(&mut kv, bucket).await.expect("drops");
+        assert!(kv.table.is_empty());
+    }
+
+    #[tokio::test]
+    async fn list_keys_follows_the_cursor() {
+        use store::HostBucket as B;
+        let mut fixture = Fixture::granting(&["orders"]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        for key in ["e", "a", "d", "b", "c"] {
+            ok(B::set(&mut kv, handle(&bucket), key.into(), vec![]).await);
+        }
+        let mut pages = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = ok(B::list_keys(&mut kv, handle(&bucket), cursor).await);
+            pages.push(page.keys);
+            cursor = page.cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(pages, [vec!["a", "b"], vec!["c", "d"], vec!["e"]]);
+    }
+
+    #[tokio::test]
+    async fn increment_counts_from_zero() {
+        let mut fixture = Fixture::granting(&["counters"]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "counters".into()).await);
+        let mut results = Vec::new();
+        for by in [5, 2, u64::MAX] {
+            results
+                .push(atomics::Host::increment(&mut kv, handle(&bucket), "hits".into(), by).await);
+        }
+        let mut results = results.into_iter();
+        assert_eq!(results.next().map(ok), Some(5));
+        assert_eq!(results.next().map(ok), Some(7));
+        let error = guest_error(results.next().expect("three results"));
+        assert!(matches!(error, store::Error::Other(message) if message == "overflow"));
+    }
+
+    #[tokio::test]
+    async fn batches() {
+        let mut fixture = Fixture::granting(&["orders"]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        let pairs = vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b".into(), b"2".to_vec()),
+        ];
+        ok(batch::Host::set_many(&mut kv, handle(&bucket), pairs).await);
+        let keys = vec!["a".to_string(), "missing".into(), "b".into()];
+        let got = ok(batch::Host::get_many(&mut kv, handle(&bucket), keys.clone()).await);
+        assert_eq!(
+            got,
+            [
+                Some(("a".to_string(), b"1".to_vec())),
+                None,
+                Some(("b".to_string(), b"2".to_vec()))
+            ]
+        );
+        ok(batch::Host::delete_many(&mut kv, handle(&bucket), keys.clone()).await);
+        let got = ok(batch::Host::get_many(&mut kv, handle(&bucket), keys).await);
+        assert_eq!(got, [None, None, None]);
+    }
+
+    #[tokio::test]
+    async fn a_bucket_whose_grant_is_gone_is_denied() {
+        use store::HostBucket as B;
+        let mut fixture = Fixture::granting(&["orders"]);
+        let bucket = ok(store::Host::open(&mut fixture.view(), "orders".into()).await);
+        // A kept instance's next request may carry different grants.
+        fixture.caps.kv_buckets = BTreeSet::new();
+        let error = guest_error(B::get(&mut fixture.view(), handle(&bucket), "a".into()).await);
+        assert!(matches!(error, store::Error::AccessDenied));
+        assert_eq!(fixture.lines.take().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stale_handle_traps() {
+        use store::HostBucket as B;
+        let mut fixture = Fixture::granting(&["orders"]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        let stale = handle(&bucket);
+        B::drop(&mut kv, bucket).await.expect("drops");
+        let result = B::get(&mut kv, stale, "a".into()).await;
+        assert!(matches!(result, Err(KvError::Trap(_))));
+    }
+}

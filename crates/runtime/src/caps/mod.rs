@@ -1,0 +1,237 @@
+//! What a function may reach beyond its sandbox: key-value buckets
+//! (wasi:keyvalue), configuration values and secrets (wasi:config) and
+//! outbound HTTP.
+//!
+//! Least privilege: linking these interfaces grants nothing. Each deployed
+//! version carries its [`Capabilities`], and every call is checked against
+//! them; a refusal is the interface's own error plus a `mayfly:` line in the
+//! invocation's stderr log, so the function's author sees what to grant.
+//! Storage lives above this crate, behind [`KeyValueBackend`] and
+//! [`ConfigSource`].
+
+mod config;
+mod keyvalue;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker, ResourceTable};
+
+use crate::logs::GuestOutput;
+use crate::outbound::OutboundPolicy;
+
+/// Host bindings of `wit/`: the WASI drafts Mayfly implements.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "mayfly:host/capabilities",
+        imports: {
+            // Host calls await the platform's stores (SQLite runs off the
+            // async runtime). Only a bad resource handle traps.
+            "wasi:config": async,
+            default: async | trappable,
+        },
+        with: {
+            "wasi:keyvalue/store.bucket": super::keyvalue::Bucket,
+        },
+        trappable_error_type: {
+            "wasi:keyvalue/store.error" => super::keyvalue::KvError,
+        },
+    });
+}
+
+/// What one function may reach beyond its sandbox; built by the platform per
+/// deployed version and shared by its invocations.
+pub struct Capabilities {
+    /// KV buckets the function may open through wasi:keyvalue (its grants).
+    pub kv_buckets: BTreeSet<String>,
+    /// Where granted buckets live.
+    pub keyvalue: Arc<dyn KeyValueBackend>,
+    /// Variables and granted secrets, read through wasi:config.
+    pub config: Arc<dyn ConfigSource>,
+    /// Outbound HTTP allow-list.
+    pub outbound: Arc<OutboundPolicy>,
+}
+
+impl fmt::Debug for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Capabilities")
+            .field("kv_buckets", &self.kv_buckets)
+            .field("outbound", &self.outbound)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capabilities {
+    /// Nothing granted: no buckets, empty config, deny-all outbound.
+    pub fn none() -> Arc<Self> {
+        Arc::new(Self {
+            kv_buckets: BTreeSet::new(),
+            keyvalue: Arc::new(NoBuckets),
+            config: Arc::new(EmptyConfig),
+            outbound: Arc::new(OutboundPolicy::deny_all()),
+        })
+    }
+}
+
+/// Where key-value buckets live. The host checks grants before calling it,
+/// so it only ever sees buckets the function may use.
+#[async_trait::async_trait]
+pub trait KeyValueBackend: Send + Sync {
+    /// The value of `key`, or `None` if it is not set.
+    async fn get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Sets `key` to `value`, replacing any previous value.
+    async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()>;
+    /// Removes `key`; an absent key is not an error.
+    async fn delete(&self, bucket: &str, key: &str) -> anyhow::Result<()>;
+    /// Whether `key` is set.
+    async fn exists(&self, bucket: &str, key: &str) -> anyhow::Result<bool>;
+    /// Keys in order, `cursor` = how many keys were already returned; returns
+    /// the next page and the cursor of the page after it (None at the end).
+    async fn list_keys(
+        &self,
+        bucket: &str,
+        cursor: u64,
+    ) -> anyhow::Result<(Vec<String>, Option<u64>)>;
+    /// Adds `delta` to the key's value read as a decimal u64 (absent = 0),
+    /// atomically; returns the new value.
+    async fn increment(&self, bucket: &str, key: &str, delta: u64) -> anyhow::Result<u64>;
+}
+
+/// The configuration values and secrets one function sees.
+#[async_trait::async_trait]
+pub trait ConfigSource: Send + Sync {
+    /// The value of `key`: Ok(None) if it is not set; Err(message) when it
+    /// exists but the function may not read it (the message says how to
+    /// grant it).
+    async fn get(&self, key: &str) -> Result<Option<String>, String>;
+    /// Every value the function may read.
+    async fn get_all(&self) -> Result<Vec<(String, String)>, String>;
+}
+
+/// The backend of [`Capabilities::none`]: no bucket is ever granted, so it is
+/// never reached; it fails rather than pretend to store anything.
+struct NoBuckets;
+
+#[async_trait::async_trait]
+impl KeyValueBackend for NoBuckets {
+    async fn get(&self, _: &str, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Err(no_buckets())
+    }
+    async fn set(&self, _: &str, _: &str, _: Vec<u8>) -> anyhow::Result<()> {
+        Err(no_buckets())
+    }
+    async fn delete(&self, _: &str, _: &str) -> anyhow::Result<()> {
+        Err(no_buckets())
+    }
+    async fn exists(&self, _: &str, _: &str) -> anyhow::Result<bool> {
+        Err(no_buckets())
+    }
+    async fn list_keys(&self, _: &str, _: u64) -> anyhow::Result<(Vec<String>, Option<u64>)> {
+        Err(no_buckets())
+    }
+    async fn increment(&self, _: &str, _: &str, _: u64) -> anyhow::Result<u64> {
+        Err(no_buckets())
+    }
+}
+
+fn no_buckets() -> anyhow::Error {
+    anyhow::anyhow!("no key-value store is configured")
+}
+
+/// The config of [`Capabilities::none`]: nothing is set.
+struct EmptyConfig;
+
+#[async_trait::async_trait]
+impl ConfigSource for EmptyConfig {
+    async fn get(&self, _: &str) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+    async fn get_all(&self) -> Result<Vec<(String, String)>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// What the capability host functions of one invocation work with: borrowed
+/// from the store's data for the length of one call.
+pub(crate) struct CapsView<'a> {
+    pub(crate) caps: &'a Capabilities,
+    pub(crate) table: &'a mut ResourceTable,
+    /// The invocation's stderr, where refusals are explained.
+    pub(crate) stderr: &'a GuestOutput,
+}
+
+impl CapsView<'_> {
+    /// Explains a refusal in the invocation's log and the node's.
+    fn deny(&self, line: &str) {
+        let labels = self.stderr.labels();
+        tracing::warn!(
+            function = %labels.function,
+            version = labels.version,
+            request_id = %labels.request_id,
+            "{line}"
+        );
+        self.stderr.host_line(&format!("mayfly: {line}"));
+    }
+}
+
+struct HasCaps;
+
+impl HasData for HasCaps {
+    type Data<'a> = CapsView<'a>;
+}
+
+/// Links wasi:keyvalue (store, atomics, batch) and wasi:config (store).
+pub(crate) fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> CapsView<'_>,
+) -> wasmtime::Result<()> {
+    use bindings::wasi::{config, keyvalue};
+    keyvalue::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    keyvalue::atomics::add_to_linker::<T, HasCaps>(linker, view)?;
+    keyvalue::batch::add_to_linker::<T, HasCaps>(linker, view)?;
+    config::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Shared fixtures for the capability host tests.
+
+    use std::sync::{Arc, Mutex};
+
+    use crate::invoke::RequestLabels;
+    use crate::logs::{GuestOutput, LogSink, LogStream};
+
+    /// Collects the lines written to a stream.
+    #[derive(Default)]
+    pub(crate) struct Lines(pub(crate) Mutex<Vec<String>>);
+
+    impl LogSink for Lines {
+        fn line(&self, _: &RequestLabels, _: LogStream, line: &str) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(line.to_string());
+        }
+    }
+
+    impl Lines {
+        pub(crate) fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
+
+    /// A stderr stream writing into `lines`.
+    pub(crate) fn stderr(lines: &Arc<Lines>) -> GuestOutput {
+        let labels = Arc::new(RequestLabels {
+            function: "f".into(),
+            version: 1,
+            request_id: "r".into(),
+            trigger: "http",
+            cold_start: false,
+        });
+        GuestOutput::new(labels, lines.clone(), LogStream::Stderr, 1 << 20)
+    }
+}

@@ -1,0 +1,291 @@
+//! Admin API tokens and the audit log, in their own SQLite file
+//! (`<data>/auth.db`), so security records never share a write lock with
+//! the request path's stores.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+use crate::embedded::{migrate, now_ms, open_connection};
+
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        -- SHA-256 of the token: the token itself is shown once and never stored.
+        hash        TEXT NOT NULL UNIQUE,
+        scopes      TEXT NOT NULL,
+        functions   TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        revoked_ms  INTEGER
+    );
+
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms   INTEGER NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        status  INTEGER NOT NULL,
+        detail  TEXT
+    );
+"#];
+
+/// A stored admin API token: everything but the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public identifier, e.g. `tok_3f9a…`; safe to show and log.
+    pub id: String,
+    /// What the token is for, as its creator named it.
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    #[serde(skip_serializing)]
+    pub hash: String,
+    /// Scopes granted: `admin`, `deploy`, `invoke`, `read`.
+    pub scopes: Vec<String>,
+    /// Functions the token may act on; empty means every function.
+    pub functions: Vec<String>,
+    /// When it was created (ms since the Unix epoch).
+    pub created_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// One recorded admin action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, increasing.
+    pub id: i64,
+    /// When it happened (ms since the Unix epoch).
+    pub ts_ms: i64,
+    /// Who: a token id and name, a function's credential, or `anonymous`.
+    pub actor: String,
+    /// What: method and path, e.g. `POST /v1/functions/hello/versions`.
+    pub action: String,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// More about the result (an error message), if any.
+    pub detail: Option<String>,
+}
+
+/// Tokens and the audit log.
+pub trait AuthStore: Send + Sync {
+    /// Stores a new token.
+    fn create_token(&self, token: &TokenRecord) -> Result<()>;
+    /// Every token, revoked ones included, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Revokes a token; false if there is no live token with that id.
+    fn revoke_token(&self, id: &str) -> Result<bool>;
+    /// Appends an entry to the audit log, durably, and returns its id.
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        status: u16,
+        detail: Option<&str>,
+    ) -> Result<i64>;
+    /// Entries newer than `after`, oldest first, at most `limit`; with
+    /// `latest`, the last `limit` entries instead.
+    fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>>;
+}
+
+/// [`AuthStore`] in a SQLite file.
+pub struct EmbeddedAuth {
+    conn: Mutex<Connection>,
+}
+
+impl EmbeddedAuth {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = open_connection(path)?;
+        migrate(&conn, MIGRATIONS)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (every
+        // write is one transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let list = |text: String| -> Vec<String> {
+        text.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        hash: row.get(2)?,
+        scopes: list(row.get(3)?),
+        functions: list(row.get(4)?),
+        created_at_ms: row.get(5)?,
+        revoked_at_ms: row.get(6)?,
+    })
+}
+
+impl AuthStore for EmbeddedAuth {
+    fn create_token(&self, token: &TokenRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO tokens (id, name, hash, scopes, functions, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                token.id,
+                token.name,
+                token.hash,
+                token.scopes.join(","),
+                token.functions.join(","),
+                token.created_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let mut statement = conn.prepare_cached(
+            "SELECT id, name, hash, scopes, functions, created_ms, revoked_ms
+             FROM tokens ORDER BY created_ms, id",
+        )?;
+        let tokens = statement
+            .query_map([], token_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(tokens)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![id, now_ms()],
+        )?;
+        Ok(changed > 0)
+    }
+
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        status: u16,
+        detail: Option<&str>,
+    ) -> Result<i64> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO audit (ts_ms, actor, action, status, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms(), actor, action, status, detail],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>> {
+        let conn = self.conn();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = if latest {
+            "SELECT * FROM (SELECT id, ts_ms, actor, action, status, detail FROM audit
+              WHERE id > ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id"
+        } else {
+            "SELECT id, ts_ms, actor, action, status, detail FROM audit
+             WHERE id > ?1 ORDER BY id LIMIT ?2"
+        };
+        let mut statement = conn.prepare_cached(sql)?;
+        let entries = statement
+            .query_map(params![after, limit], |row| {
+                Ok(AuditEntry {
+                    id: row.get(0)?,
+                    ts_ms: row.get(1)?,
+                    actor: row.get(2)?,
+                    action: row.get(3)?,
+                    status: row.get(4)?,
+                    detail: row.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(entries)
+    }
+}
+
+impl EmbeddedAuth {
+    /// The token with `id`, if any.
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, name, hash, scopes, functions, created_ms, revoked_ms
+                 FROM tokens WHERE id = ?1",
+                [id],
+                token_row,
+            )
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(id: &str, hash: &str) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            name: "ci".into(),
+            hash: hash.into(),
+            scopes: vec!["deploy".into(), "read".into()],
+            functions: vec!["a".into()],
+            created_at_ms: 1,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_revoke_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedAuth::open(&dir.path().join("auth.db")).unwrap();
+        store.create_token(&token("tok_1", "h1")).unwrap();
+        assert!(
+            store.create_token(&token("tok_2", "h1")).is_err(),
+            "hashes are unique"
+        );
+        let tokens = store.tokens().unwrap();
+        assert_eq!(tokens, vec![token("tok_1", "h1")]);
+        assert!(store.revoke_token("tok_1").unwrap());
+        assert!(!store.revoke_token("tok_1").unwrap(), "already revoked");
+        assert!(
+            store
+                .token("tok_1")
+                .unwrap()
+                .unwrap()
+                .revoked_at_ms
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn audit_pages_forward_and_shows_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.db");
+        let store = EmbeddedAuth::open(&path).unwrap();
+        for status in [200, 403, 201] {
+            store
+                .append_audit("tok_1 (ci)", "POST /v1/x", status, None)
+                .unwrap();
+        }
+        drop(store);
+        let store = EmbeddedAuth::open(&path).unwrap();
+        let all = store.audit(0, 10, false).unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.status).collect::<Vec<_>>(),
+            [200, 403, 201]
+        );
+        let latest = store.audit(0, 2, true).unwrap();
+        assert_eq!(
+            latest.iter().map(|e| e.status).collect::<Vec<_>>(),
+            [403, 201]
+        );
+        assert_eq!(store.audit(all[1].id, 10, false).unwrap().len(), 1);
+    }
+}
