@@ -17,4 +17,4 @@ gateway=$(sed -n 's/^gateway listening on //p' "$work/out")
 admin=$(sed -n 's/^admin API listening on //p' "$work/out")
 [ -n "$gateway" ] && [ -n "$admin" ] || { echo "mayfly serve did not start" >&2; cat "$work/err" >&2; exit 1; }
 export MAYFLY_TOKEN
-MAYFLY_TOKEN=$(cat "$work/data/admin.token")
+MAYFLY_TOKEN=$(cat "$work/data/admin.token" 2>/dev/null || true)

@@ -15,10 +15,14 @@ const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The token to present: `--token`/`MAYFLY_TOKEN` if given, else the admin
 /// token a local node wrote to its data directory (`MAYFLY_DATA_DIR`, or
 /// `.mayfly` as `mayfly serve` defaults to), so the CLI works out of the box
-/// next to the node it started.
-pub fn resolve_token(given: Option<String>) -> Option<String> {
+/// next to the node it started. That file's token is only ever sent to a
+/// node on this machine (a loopback admin URL).
+pub fn resolve_token(given: Option<String>, admin_url: &str) -> Option<String> {
     if let Some(token) = given.filter(|t| !t.trim().is_empty()) {
         return Some(token);
+    }
+    if !is_loopback_url(admin_url) {
+        return None;
     }
     let data_dir = std::env::var_os("MAYFLY_DATA_DIR")
         .map(PathBuf::from)
@@ -27,6 +31,22 @@ pub fn resolve_token(given: Option<String>) -> Option<String> {
         .ok()
         .map(|token| token.trim().to_string())
         .filter(|token| !token.is_empty())
+}
+
+/// Whether `url`'s host is this machine.
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,4 +177,27 @@ fn list(value: &Value) -> String {
                 .join(",")
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn only_local_admin_urls_get_the_local_token() {
+        for url in [
+            "http://127.0.0.1:8081",
+            "http://localhost:8081/",
+            "https://[::1]:8081",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8081",
+            "https://admin.example.com",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 }

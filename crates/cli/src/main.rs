@@ -320,7 +320,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(args, cli.json),
         command => commands::run(
             &cli.admin_url,
-            access::resolve_token(cli.token),
+            access::resolve_token(cli.token, &cli.admin_url),
             cli.json,
             command,
         ),

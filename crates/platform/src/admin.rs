@@ -50,11 +50,71 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(auth::routes())
         .merge(secrets::routes())
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
             platform.clone(),
             auth::gate,
         ))
         .with_state(platform)
+}
+
+/// Gives the answers axum makes itself (a 405 without a body, a path
+/// parameter that is not UTF-8, ...) the admin API's error envelope.
+/// Found by the fuzz tests.
+async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
+    let status = response.status();
+    // An invocation answers with the function's own response, whatever
+    // its status.
+    if method == Method::POST && uri.path().ends_with("/invoke") {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let (code, message) = if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allowed = parts
+            .headers
+            .get(http::header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        (
+            "method_not_allowed",
+            format!("{method} is not allowed on {}: use {allowed}", uri.path()),
+        )
+    } else {
+        let text = axum::body::to_bytes(body, 64 << 10)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::NOT_FOUND => "not_found",
+            s if s.is_server_error() => "internal",
+            _ => "bad_request",
+        };
+        let message = if text.is_empty() {
+            status
+                .canonical_reason()
+                .unwrap_or("request failed")
+                .to_string()
+        } else {
+            text
+        };
+        (code, message)
+    };
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    let mut fixed = (status, axum::Json(body)).into_response();
+    if let Some(allow) = parts.headers.get(http::header::ALLOW) {
+        fixed
+            .headers_mut()
+            .insert(http::header::ALLOW, allow.clone());
+    }
+    fixed
 }
 
 /// An error answer of the admin API.
@@ -156,6 +216,7 @@ async fn delete_function(
 async fn deploy(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let usage = "send multipart/form-data with a `component` part holding the .wasm file and an \
@@ -199,6 +260,12 @@ async fn deploy(
     }
     let component =
         component.ok_or_else(|| ApiError::bad_request(format!("no `component` part: {usage}")))?;
+    let live = match platform.function(&name).await {
+        Ok((function, _)) => Some(function.live.config),
+        Err(PlatformError::NotFound(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
+    crate::auth::check_deploy(&principal, live.as_ref(), &config, !triggers.is_empty())?;
     let outcome = platform.deploy(&name, component, config, triggers).await?;
     Ok((StatusCode::CREATED, Json(outcome)))
 }

@@ -26,7 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use http::Method;
-use mayfly_store::{AuditEntry, AuthStore, EmbeddedAuth, Grants, TokenRecord};
+use mayfly_store::{AuditEntry, AuthStore, EmbeddedAuth, FunctionConfig, Grants, TokenRecord};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -273,12 +273,132 @@ pub fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(
     }
 }
 
+/// Checks what a deploy would grant against who deploys. Granting a
+/// secret is an admin's decision (a deploy token could otherwise deploy a
+/// function that hands out every secret); a token limited to functions
+/// may only redeploy within what the live version already has — grants and
+/// routes — and may not attach triggers (another source's events).
+pub fn check_deploy(
+    principal: &Principal,
+    live: Option<&FunctionConfig>,
+    new: &FunctionConfig,
+    adds_triggers: bool,
+) -> Result<(), AuthError> {
+    let token = match principal {
+        Principal::Token(token) => token,
+        Principal::Function(credential) => {
+            return Err(AuthError::Forbidden(format!(
+                "the credential of function `{}` cannot deploy",
+                credential.function
+            )));
+        }
+    };
+    if token.scopes.contains(&Scope::Admin) {
+        return Ok(());
+    }
+    let empty = FunctionConfig::default();
+    let live = live.unwrap_or(&empty);
+    let widened = |name: &str, new: &[String], live: &[String]| {
+        new.iter()
+            .find(|item| !live.contains(item))
+            .map(|item| format!("{name} `{item}`"))
+    };
+    if let Some(what) = widened("secret", &new.grants.secrets, &live.grants.secrets) {
+        return Err(AuthError::Forbidden(format!(
+            "granting {what} needs an admin token (token {} has scope {}); once an admin has \
+             deployed it, later deploys may keep it",
+            token.id,
+            scope_list(&token.scopes)
+        )));
+    }
+    if token.functions.is_empty() {
+        return Ok(());
+    }
+    let widening = [
+        widened("KV bucket", &new.grants.kv, &live.grants.kv),
+        widened("object bucket", &new.grants.objects, &live.grants.objects),
+        widened("queue", &new.grants.queues, &live.grants.queues),
+        widened(
+            "outbound origin",
+            &new.grants.outbound,
+            &live.grants.outbound,
+        ),
+        widened("route", &new.routes, &live.routes),
+    ];
+    if let Some(what) = widening.into_iter().flatten().next() {
+        return Err(AuthError::Forbidden(format!(
+            "token {} is limited to function(s) {} and may not add {what}: deploy that with a \
+             token not limited to functions",
+            token.id,
+            token.functions.join(", ")
+        )));
+    }
+    if adds_triggers {
+        return check_add_trigger(principal);
+    }
+    Ok(())
+}
+
+/// Whether `principal` may attach a trigger: a trigger routes another
+/// source's events to the function, so tokens limited to functions may not.
+pub fn check_add_trigger(principal: &Principal) -> Result<(), AuthError> {
+    match principal {
+        Principal::Token(token) if token.functions.is_empty() => Ok(()),
+        Principal::Token(token) => Err(AuthError::Forbidden(format!(
+            "token {} is limited to function(s) {} and may not attach triggers",
+            token.id,
+            token.functions.join(", ")
+        ))),
+        Principal::Function(credential) => Err(AuthError::Forbidden(format!(
+            "the credential of function `{}` cannot attach triggers",
+            credential.function
+        ))),
+    }
+}
+
+/// Narrows a credential to what its function is granted now: a redeploy
+/// that drops a grant, or deleting the function, takes effect at once
+/// rather than when the credential expires.
+pub fn narrow_to_live(credential: &Credential, live: Option<&Grants>) -> Credential {
+    let keep = |claimed: &[String], live: Option<&Vec<String>>| -> Vec<String> {
+        claimed
+            .iter()
+            .filter(|item| live.is_some_and(|live| live.contains(item)))
+            .cloned()
+            .collect()
+    };
+    Credential {
+        kv: keep(&credential.kv, live.map(|g| &g.kv)),
+        objects: keep(&credential.objects, live.map(|g| &g.objects)),
+        queues: keep(&credential.queues, live.map(|g| &g.queues)),
+        ..credential.clone()
+    }
+}
+
 fn scope_list(scopes: &[Scope]) -> String {
     scopes
         .iter()
         .map(|s| s.as_str())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A new token and the record that stores it (hashed).
+fn new_token(name: &str, scopes: &[Scope], functions: &[String]) -> (TokenRecord, String) {
+    let token = format!(
+        "{TOKEN_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+    );
+    let record = TokenRecord {
+        id: format!("tok_{}", hex::encode(random_bytes::<8>())),
+        name: name.to_string(),
+        hash: hash_token(&token),
+        scopes: scopes.iter().map(|s| s.as_str().to_string()).collect(),
+        functions: functions.to_vec(),
+        created_at_ms: now_ms(),
+        revoked_at_ms: None,
+    };
+    (record, token)
 }
 
 fn hash_token(token: &str) -> String {
@@ -335,8 +455,12 @@ impl Auth {
             credential_ttl,
         };
         if auth.store.tokens()?.is_empty() {
-            let (record, token) = auth.new_token("admin (first start)", &[Scope::Admin], &[])?;
+            // The file first: a crash between the two steps then leaves a
+            // token file nobody honours (rewritten on the next start), never
+            // a stored token nobody holds (which would lock everyone out).
+            let (record, token) = new_token("admin (first start)", &[Scope::Admin], &[]);
             write_private_file(&data_dir.join(ADMIN_TOKEN_FILE), token.as_bytes())?;
+            auth.store.create_token(&record)?;
             tracing::info!(token = %record.id, "created the admin token in {ADMIN_TOKEN_FILE}");
         }
         auth.reload()?;
@@ -366,29 +490,6 @@ impl Auth {
             .collect();
         self.tokens.store(Arc::new(live));
         Ok(())
-    }
-
-    fn new_token(
-        &self,
-        name: &str,
-        scopes: &[Scope],
-        functions: &[String],
-    ) -> anyhow::Result<(TokenRecord, String)> {
-        let token = format!(
-            "{TOKEN_PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(random_bytes::<32>())
-        );
-        let record = TokenRecord {
-            id: format!("tok_{}", hex::encode(random_bytes::<8>())),
-            name: name.to_string(),
-            hash: hash_token(&token),
-            scopes: scopes.iter().map(|s| s.as_str().to_string()).collect(),
-            functions: functions.to_vec(),
-            created_at_ms: now_ms(),
-            revoked_at_ms: None,
-        };
-        self.store.create_token(&record)?;
-        Ok((record, token))
     }
 
     /// Who presents `authorization` (the header's value).
@@ -451,9 +552,10 @@ impl Auth {
         let auth = self.clone();
         let name = name.to_string();
         let created = blocking(move || {
-            let created = auth.new_token(&name, &scopes, &functions)?;
+            let (record, token) = new_token(&name, &scopes, &functions);
+            auth.store.create_token(&record)?;
             auth.reload()?;
-            Ok(created)
+            Ok((record, token))
         })
         .await?;
         Ok(created)

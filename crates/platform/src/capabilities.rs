@@ -110,13 +110,7 @@ impl KeyValueBackend for NodeKeyValue {
     }
 
     async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
-        if value.len() > crate::admin::MAX_VALUE_BYTES {
-            anyhow::bail!(
-                "the value is {} bytes, over the KV limit of {} bytes",
-                value.len(),
-                crate::admin::MAX_VALUE_BYTES
-            );
-        }
+        check_value_size(&value)?;
         self.platform()?
             .events()
             .kv_put(bucket, key, Bytes::from(value), KvCondition::Any)
@@ -205,6 +199,48 @@ impl KeyValueBackend for NodeKeyValue {
         }
         anyhow::bail!("`{key}` changed too often to increment; try again")
     }
+
+    async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        current: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> anyhow::Result<bool> {
+        check_value_size(&new)?;
+        let platform = self.platform()?;
+        let events = platform.events();
+        // Compare the value, then write only if its revision is the one read.
+        let condition = match (events.kv_get(bucket, key).await, current) {
+            (Ok(entry), Some(expected)) if entry.value == expected => {
+                KvCondition::Revision(entry.revision)
+            }
+            (Err(PlatformError::Missing(_)), None) => KvCondition::Absent,
+            (Ok(_), _) | (Err(PlatformError::Missing(_)), Some(_)) => return Ok(false),
+            (Err(error), _) => return Err(error.into()),
+        };
+        match events
+            .kv_put(bucket, key, Bytes::from(new), condition)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Another writer got there first.
+            Err(PlatformError::PreconditionFailed(_)) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// Refuses values over the KV limit.
+fn check_value_size(value: &[u8]) -> anyhow::Result<()> {
+    if value.len() > crate::admin::MAX_VALUE_BYTES {
+        anyhow::bail!(
+            "the value is {} bytes, over the KV limit of {} bytes",
+            value.len(),
+            crate::admin::MAX_VALUE_BYTES
+        );
+    }
+    Ok(())
 }
 
 /// wasi:config for one function version: its variables, the secrets it was

@@ -38,6 +38,8 @@ pub struct Deployed {
     pub activity: Arc<Activity>,
     /// What its invocations may reach beyond the sandbox (its grants).
     pub caps: Arc<mayfly_runtime::Capabilities>,
+    /// Its grants as deployed; a function credential is narrowed to them.
+    pub grants: mayfly_store::Grants,
 }
 
 /// Every deployed function, by name and by route.

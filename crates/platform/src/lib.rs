@@ -100,16 +100,17 @@ impl RunningNode {
             let stop = async move {
                 let _ = admin_shutdown.changed().await;
             };
-            let Some(tls) = admin_tls else {
-                if let Err(error) = axum::serve(admin_listener, router)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!("admin API stopped: {error}");
+            match admin_tls {
+                Some(tls) => tls::serve(admin_listener, tls, router, stop).await,
+                None => {
+                    if let Err(error) = axum::serve(admin_listener, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
+                        tracing::error!("admin API stopped: {error}");
+                    }
                 }
-                return;
-            };
-            tls::serve(admin_listener, tls, router, stop).await;
+            }
         });
         Ok(Self {
             platform,

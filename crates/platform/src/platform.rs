@@ -429,6 +429,7 @@ impl Platform {
                 });
         Arc::new(Deployed {
             caps,
+            grants: config.grants.clone(),
             key: Arc::from(name.as_str()),
             name,
             version,

@@ -93,6 +93,9 @@ pub struct Secrets {
     /// rotated here); `None` when it was given (environment or
     /// [`Secrets::open_with_key`]).
     key_dir: Option<PathBuf>,
+    /// The credential signing key of the current master key, outside the
+    /// lock: checking a credential never waits for a rotation's reseal.
+    signing: arc_swap::ArcSwap<Zeroizing<[u8; 32]>>,
 }
 
 impl fmt::Debug for Secrets {
@@ -421,6 +424,7 @@ impl Secrets {
         keys.others.clear();
         let secrets = Self {
             store,
+            signing: arc_swap::ArcSwap::from_pointee(Zeroizing::new(*keys.current.signing)),
             keys: RwLock::new(keys),
             key_dir,
         };
@@ -448,7 +452,7 @@ impl Secrets {
     /// when the master key is rotated, so a leaked master key stops
     /// minting credentials; a caller that keeps a copy keeps the old one.
     pub fn signing_key(&self) -> [u8; 32] {
-        *self.keys().current.signing
+        **self.signing.load_full()
     }
 
     /// Stores `value` as a new version of `name`. Values must be UTF-8
@@ -583,6 +587,8 @@ impl Secrets {
         };
         keys.current = next;
         keys.others.clear();
+        self.signing
+            .store(Arc::new(Zeroizing::new(*keys.current.signing)));
         let key_path = dir.join(MASTER_KEY_FILE);
         std::fs::rename(&next_path, &key_path)
             .map_err(anyhow::Error::from)
@@ -736,22 +742,29 @@ fn read_key_file(path: &Path) -> anyhow::Result<Option<Zeroizing<[u8; 32]>>> {
 /// Creates a key file (mode 0600, never over an existing file) holding the
 /// key as hex, durably.
 fn write_key_file(path: &Path, key: &[u8; 32]) -> anyhow::Result<()> {
+    if path.exists() {
+        bail!("{} already exists", path.display());
+    }
+    // Written under a temporary name and linked into place only once it is
+    // whole and on disk: a crash never leaves a truncated key file that
+    // would stop the next start.
+    let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+        .open(&temp)
+        .with_context(|| format!("cannot create {}", temp.display()))?;
     let mut text = Zeroizing::new([0u8; 65]);
     hex::encode_to_slice(key, &mut text[..64]).map_err(|_| anyhow!("cannot encode the key"))?;
     text[64] = b'\n';
     let written = file.write_all(&text[..]).and_then(|()| file.sync_all());
-    if let Err(error) = written {
-        // A half-written key file would stop the next start.
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(error).with_context(|| format!("cannot write {}", path.display()));
-    }
+    drop(file);
+    // hard_link, unlike rename, refuses to replace an existing file.
+    let linked = written.and_then(|()| std::fs::hard_link(&temp, path));
+    let _ = std::fs::remove_file(&temp);
+    linked.with_context(|| format!("cannot write {}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     sync_dir(dir)
 }

@@ -91,6 +91,9 @@ pub(crate) async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     let acceptor = TlsAcceptor::from(config);
     let graceful = GracefulShutdown::new();
+    // Handshakes still under way when shutdown begins are dropped rather
+    // than waited for: they have no request in flight.
+    let closing = tokio_util::sync::CancellationToken::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let service = TowerToHyperService::new(router);
     loop {
@@ -114,19 +117,23 @@ pub(crate) async fn serve(
         let service = service.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let closing = closing.clone();
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!("admin API TLS handshake failed: {error}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("admin API TLS handshake timed out");
-                        return;
-                    }
-                };
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let Some(handshake) = closing.run_until_cancelled(handshake).await else {
+                return;
+            };
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!("admin API TLS handshake failed: {error}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("admin API TLS handshake timed out");
+                    return;
+                }
+            };
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
@@ -136,5 +143,6 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
+    closing.cancel();
     graceful.shutdown().await;
 }

@@ -101,6 +101,9 @@ impl Runtime {
             .context("failed to link the wasi:http interfaces")?;
         caps::add_to_linker(&mut linker, InvocationState::caps_view)
             .context("failed to link the wasi:keyvalue and wasi:config interfaces")?;
+        caps::add_compat_to_linker(&mut linker, InvocationState::caps_view).context(
+            "failed to link the other versions of the wasi:keyvalue and wasi:config interfaces",
+        )?;
 
         let fingerprint = engine_fingerprint(&engine);
         spawn_epoch_ticker(&engine)?;

@@ -419,6 +419,18 @@ fn cidr(network: IpAddr, prefix: &str) -> Result<Cidr, String> {
             "`/{prefix}` leaves host bits set: did you mean {shown}/{prefix}?"
         ));
     }
+    // Blocks wider than the widest private range (10/8, fc00::/7) grant
+    // much of the Internet's private space at once; and an IPv6 block over
+    // the IPv4-mapped range (::ffff:0:0/96) would grant IPv4 addresses
+    // through their mapped form.
+    let widest = if network.is_ipv4() { 8 } else { 7 };
+    let maps_ipv4 = cidr.contains(IpAddr::V6(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()));
+    if prefix < widest || (network.is_ipv6() && maps_ipv4) {
+        return Err(format!(
+            "`{network}/{prefix}` is too wide a block (IPv4 at most /8, IPv6 at most /7 and not \
+             over ::ffff:0:0/96): list the networks the function needs (least privilege)"
+        ));
+    }
     Ok(cidr)
 }
 
@@ -1091,6 +1103,10 @@ mod tests {
             ("http://10.0.0.0/33", "prefix length"),
             ("http://0.0.0.0/0", "every address"),
             ("http://[::]/0", "every address"),
+            ("http://0.0.0.0/1", "too wide"),
+            ("http://[::]/1", "too wide"),
+            ("http://[::]/7", "too wide"),
+            ("http://[::ffff:0:0]/96", "too wide"),
             ("https://exa mple.com", "not a valid host name"),
             ("https://-bad.example.com", "not a valid host name"),
             ("https://a..example.com", "not a valid host name"),

@@ -50,14 +50,22 @@ pub const HOST_INTERFACES: &[&str] = &[
 ];
 
 /// The capability interfaces the host links, by exact name: WASI drafts
-/// whose versions are not semver-compatible with one another, so only this
-/// version of each is accepted. As with [`HOST_INTERFACES`], linking grants
-/// nothing: each function reaches only the buckets and values granted to it.
+/// whose versions are not semver-compatible with one another, so only these
+/// versions are accepted: the drafts' own, and those other hosts ship
+/// (wasi:config 0.2.0-rc.1 in wasmtime-wasi-config; 0.2.0-draft-2024-09-27
+/// and wasi:keyvalue 0.2.0-draft2 in Spin 3). Every version reaches the same
+/// grants and stores. As with [`HOST_INTERFACES`], linking grants nothing:
+/// each function reaches only the buckets and values granted to it.
 pub const CAPABILITY_INTERFACES: &[&str] = &[
     "wasi:keyvalue/store@0.2.0-draft",
     "wasi:keyvalue/atomics@0.2.0-draft",
     "wasi:keyvalue/batch@0.2.0-draft",
     "wasi:config/store@0.2.0-draft",
+    "wasi:keyvalue/store@0.2.0-draft2",
+    "wasi:keyvalue/atomics@0.2.0-draft2",
+    "wasi:keyvalue/batch@0.2.0-draft2",
+    "wasi:config/store@0.2.0-rc.1",
+    "wasi:config/store@0.2.0-draft-2024-09-27",
 ];
 
 /// Why an upload cannot be deployed. Every variant but [`DeployError::Internal`]
@@ -226,9 +234,24 @@ mod tests {
         assert!(is_host_interface("wasi:keyvalue/atomics@0.2.0-draft"));
         assert!(is_host_interface("wasi:keyvalue/batch@0.2.0-draft"));
         assert!(is_host_interface("wasi:config/store@0.2.0-draft"));
-        assert!(!is_host_interface("wasi:keyvalue/store@0.2.0-draft2"));
         assert!(!is_host_interface("wasi:keyvalue/watcher@0.2.0-draft"));
-        assert!(!is_host_interface("wasi:config/store@0.2.0-rc.1"));
         assert!(!is_host_interface("wasi:keyvalue/store@0.2.1"));
+        assert!(!is_host_interface("wasi:keyvalue/store@0.2.0-draft3"));
+        assert!(!is_host_interface("wasi:config/store@0.2.0-rc.2"));
+        assert!(!is_host_interface("wasi:config/store@0.2.0"));
+    }
+
+    #[test]
+    fn other_hosts_draft_versions_are_accepted() {
+        // Spin 3's wasi:keyvalue and wasi:config, wasmtime-wasi-config's.
+        assert!(is_host_interface("wasi:keyvalue/store@0.2.0-draft2"));
+        assert!(is_host_interface("wasi:keyvalue/atomics@0.2.0-draft2"));
+        assert!(is_host_interface("wasi:keyvalue/batch@0.2.0-draft2"));
+        assert!(is_host_interface(
+            "wasi:config/store@0.2.0-draft-2024-09-27"
+        ));
+        assert!(is_host_interface("wasi:config/store@0.2.0-rc.1"));
+        // Only what the host implements: draft2's watcher is an export.
+        assert!(!is_host_interface("wasi:keyvalue/watcher@0.2.0-draft2"));
     }
 }

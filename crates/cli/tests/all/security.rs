@@ -319,15 +319,16 @@ fn tokens_carry_scopes_and_revoked_ones_stop_working() {
     let (read_id, read) = create_token(&node, &["read"], &[]);
     let (status, _) = admin(&node, "GET", "/v1/functions", Some(&read), b"");
     assert_eq!(status, 200);
-    let deploy_as = |token: &str, name: &str| {
+    let deploy_as = |token: &str, name: &str, flags: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_mayfly"))
             .args(["deploy", name, hello])
+            .args(flags)
             .env("MAYFLY_ADMIN_URL", &node.admin)
             .env("MAYFLY_TOKEN", token)
             .output()
             .unwrap()
     };
-    let output = deploy_as(&read, "a");
+    let output = deploy_as(&read, "a", &[]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -337,12 +338,32 @@ fn tokens_carry_scopes_and_revoked_ones_stop_working() {
     let (status, _) = admin(&node, "GET", "/v1/secrets", Some(&read), b"");
     assert_eq!(status, 403, "secrets are for admins");
 
-    // A deploy token limited to function `a` deploys `a`, not `b`.
+    // A deploy token limited to function `a` deploys `a`, not `b`, and
+    // cannot widen what `a` reaches.
     let (_, deploy_a) = create_token(&node, &["deploy"], &["a"]);
-    assert!(deploy_as(&deploy_a, "a").status.success());
-    let output = deploy_as(&deploy_a, "b");
+    assert!(deploy_as(&deploy_a, "a", &[]).status.success());
+    let output = deploy_as(&deploy_a, "b", &[]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("403"));
+    let output = deploy_as(&deploy_a, "a", &["--kv", "payments"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("403") && stderr.contains("payments"),
+        "{stderr}"
+    );
+    // Granting a secret is an admin's call, even for an unlimited deploy token.
+    let (_, deployer) = create_token(&node, &["deploy"], &[]);
+    assert!(
+        deploy_as(&deployer, "c", &["--kv", "payments"])
+            .status
+            .success()
+    );
+    let output = deploy_as(&deployer, "c", &["--secret", "db_password"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("403") && stderr.contains("admin"),
+        "{stderr}"
+    );
 
     // Revoked: refused from the next request on.
     let (ok, stdout, stderr) = node.cli(&["token", "revoke", &read_id]);
@@ -379,7 +400,7 @@ fn tokens_carry_scopes_and_revoked_ones_stop_working() {
 #[test]
 fn a_function_credential_acts_only_for_that_function_and_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start_with(dir.path(), &["--credential-ttl", "3s"]);
+    let node = Node::start_with(dir.path(), &["--credential-ttl", "10s"]);
     node.deploy_with(
         "alpha",
         "caps",
@@ -410,8 +431,13 @@ fn a_function_credential_acts_only_for_that_function_and_expires() {
     let (status, _) = admin(&node, "PUT", "/v1/kv/alpha-data/k", Some(&forged), b"x");
     assert_eq!(status, 401);
 
+    // A redeploy that drops a grant takes it from live credentials at once.
+    node.deploy_with("alpha", "caps", &[], &["--send-queue", "alpha-out"]);
+    assert_eq!(as_alpha("GET", "/v1/kv/alpha-data/k"), 403);
+    assert_eq!(as_alpha("POST", "/v1/queues/alpha-out/messages"), 201);
+
     // Expired: refused once its lifetime is over.
-    let answer = eventually(Duration::from_secs(30), "the credential to expire", || {
+    let answer = eventually(Duration::from_secs(60), "the credential to expire", || {
         let (status, answer) = admin(&node, "GET", "/v1/kv/alpha-data/k", Some(&credential), b"");
         (status == 401).then_some(answer)
     });

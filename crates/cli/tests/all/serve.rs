@@ -452,10 +452,7 @@ fn admin_api_serves_https_off_loopback_with_a_certificate() {
         .get(format!("{}/v1/status", node.admin()))
         .call()
         .unwrap_err();
-    assert!(
-        matches!(error, ureq::Error::Tls(_) | ureq::Error::Rustls(_)),
-        "{error:?}"
-    );
+    assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
     let plain = node.admin().replace("https://", "http://");
     assert!(
         crate::common::agent()

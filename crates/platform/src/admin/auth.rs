@@ -13,7 +13,7 @@ use axum::routing::{delete, get};
 use serde::Deserialize;
 
 use super::{ApiError, ApiResult};
-use crate::auth::{AuthError, Scope, authorize, is_admin_action};
+use crate::auth::{AuthError, Principal, Scope, authorize, is_admin_action, narrow_to_live};
 use crate::platform::{Platform, PlatformError};
 
 pub(super) fn routes() -> Router<Arc<Platform>> {
@@ -47,7 +47,7 @@ pub(super) async fn gate(
 ) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let action = format!("{method} {path}");
+    let action = format!("{method} {}", truncated(&path));
     let auth = platform.auth();
     let authorization = request
         .headers()
@@ -75,13 +75,67 @@ pub(super) async fn gate(
             return error.into_response();
         }
     };
+    // A credential reaches what its function is granted now, not when it
+    // was minted.
+    let principal = match principal {
+        Principal::Function(credential) => {
+            let live = platform
+                .catalog()
+                .by_name
+                .get(&credential.function)
+                .map(|deployed| deployed.grants.clone());
+            let narrowed = narrow_to_live(&credential, live.as_ref());
+            if let Err(error) = authorize(
+                &Principal::Function(Arc::new(narrowed.clone())),
+                &method,
+                &path,
+            ) {
+                let error = ApiError::from(error);
+                let actor = Principal::Function(credential).actor();
+                record(
+                    &platform,
+                    actor,
+                    action,
+                    error.status,
+                    Some(error.message.clone()),
+                )
+                .await;
+                return error.into_response();
+            }
+            Principal::Function(Arc::new(narrowed))
+        }
+        token => token,
+    };
     let actor = principal.actor();
     request.extensions_mut().insert(principal);
-    let response = next.run(request).await;
-    if is_admin_action(&method, &path) {
-        record(&platform, actor, action, response.status(), None).await;
+    // Run the action and its audit record in their own task: a client that
+    // hangs up mid-request drops this future, but an action that goes on
+    // (the store work runs on blocking threads) is still recorded.
+    let audited = is_admin_action(&method, &path);
+    let task = tokio::spawn(async move {
+        let response = next.run(request).await;
+        if audited {
+            record(&platform, actor, action, response.status(), None).await;
+        }
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(error) => ApiError::from(PlatformError::Internal(anyhow::anyhow!(
+            "the admin request failed: {error}"
+        )))
+        .into_response(),
     }
-    response
+}
+
+/// A path as the audit log keeps it: at most 512 bytes, so refused requests
+/// with huge paths cannot balloon the log.
+fn truncated(path: &str) -> &str {
+    let mut end = path.len().min(512);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
 }
 
 async fn record(

@@ -460,6 +460,7 @@ async fn function_triggers(
 async fn add_trigger(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     spec: Result<Json<TriggerSpec>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(spec) = spec.map_err(|e| {
@@ -469,6 +470,7 @@ async fn add_trigger(
             e.body_text()
         ))
     })?;
+    crate::auth::check_add_trigger(&principal)?;
     let (trigger, created) = platform.add_trigger(&name, spec).await?;
     let status = if created {
         StatusCode::CREATED

@@ -9,7 +9,7 @@
 //! each property also stops drawing new cases after a wall-time budget, so a
 //! slow machine runs fewer cases rather than a longer suite.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -153,7 +153,9 @@ where
     let deadline = Instant::now() + BUDGET;
     let failed = Cell::new(false);
     let ran = Cell::new(0u32);
-    let mut runner = TestRunner::new(config());
+    let config = config();
+    let wanted = config.cases.min(32);
+    let mut runner = TestRunner::new(config);
     let result = runner.run(&strategy, |case| {
         if !failed.get() && Instant::now() > deadline {
             return Ok(());
@@ -166,7 +168,7 @@ where
     }
     // Far fewer cases than asked means the budget is too tight to test much.
     assert!(
-        ran.get() >= 32,
+        ran.get() >= wanted,
         "only {} cases ran in {BUDGET:?}",
         ran.get()
     );
@@ -198,9 +200,6 @@ fn check_answer(
         return Ok(());
     }
     let text = String::from_utf8_lossy(&body);
-    if known_gap(status, content_type, &text) {
-        return Ok(());
-    }
     prop_assert!(
         content_type.starts_with("application/json"),
         "{status} error with content type {content_type:?}: {text}"
@@ -214,18 +213,6 @@ fn check_answer(
         "{status} error without a code and message: {text}"
     );
     Ok(())
-}
-
-/// Answers axum makes itself, before any admin handler runs, that do not
-/// carry the envelope yet: a 405 with an empty body, and the plain-text 400
-/// of a path parameter that is not UTF-8 after percent-decoding. Found by
-/// these tests; the fix is a `map_response` layer on the admin router that
-/// wraps such answers. Delete this once the router has it.
-fn known_gap(status: StatusCode, content_type: &str, text: &str) -> bool {
-    (status == StatusCode::METHOD_NOT_ALLOWED && text.is_empty())
-        || (status == StatusCode::BAD_REQUEST
-            && content_type.starts_with("text/plain")
-            && text.starts_with("Invalid URL: Invalid UTF-8"))
 }
 
 // ---- requests ----

@@ -1,5 +1,7 @@
-//! wasi:keyvalue (store, atomics, batch) over a [`KeyValueBackend`], limited
-//! to the buckets granted to the function.
+//! wasi:keyvalue over a [`KeyValueBackend`], limited to the buckets granted
+//! to the function: the grant checks and backend calls every version shares,
+//! and the 0.2.0-draft interfaces (store, atomics, batch) over them. The
+//! 0.2.0-draft2 interfaces are in `keyvalue_draft2.rs`.
 //!
 //! [`KeyValueBackend`]: super::KeyValueBackend
 
@@ -15,11 +17,14 @@ pub struct Bucket {
     name: String,
 }
 
-/// A failed key-value call: an error for the guest, or a trap when the guest
-/// passed a handle that is not its own.
+/// A failed key-value call, whatever the interface version: an error for the
+/// guest (each version turns it into its own `error`), or a trap when the
+/// guest passed a handle that is not its own.
 pub enum KvError {
-    /// Returned to the guest as the interface's `error`.
-    Guest(store::Error),
+    /// The bucket is not granted: `access-denied`.
+    AccessDenied,
+    /// Any other failure: `other(message)`.
+    Other(String),
     /// Ends the guest with this trap.
     Trap(wasmtime::Error),
 }
@@ -32,24 +37,45 @@ impl From<ResourceTableError> for KvError {
 
 impl KvError {
     /// A failure of the backend, passed on to the guest.
-    fn backend(bucket: &str, error: anyhow::Error) -> Self {
+    pub(super) fn backend(bucket: &str, error: anyhow::Error) -> Self {
         tracing::warn!(bucket, "wasi:keyvalue backend error: {error:#}");
-        KvError::Guest(store::Error::Other(format!("{error:#}")))
+        KvError::Other(format!("{error:#}"))
+    }
+
+    /// This error as one version's `error` type, built with `denied` or
+    /// `other`; a trap stays a trap.
+    pub(super) fn into_guest<E>(
+        self,
+        denied: E,
+        other: impl FnOnce(String) -> E,
+    ) -> wasmtime::Result<E> {
+        match self {
+            KvError::AccessDenied => Ok(denied),
+            KvError::Other(message) => Ok(other(message)),
+            KvError::Trap(trap) => Err(trap),
+        }
     }
 }
 
+/// The calls every version makes: grant checks, then the backend.
 impl CapsView<'_> {
-    /// The name of an open bucket, if the function may still use it: grants
-    /// are the current invocation's, and a kept instance may hold a bucket
-    /// opened by an earlier one.
-    fn granted(&self, bucket: &Resource<Bucket>) -> Result<&str, KvError> {
-        let name = self.table.get(bucket)?.name.as_str();
+    /// Whether the function may use the bucket `name`; a refusal is logged.
+    /// Grants are the current invocation's: a kept instance may hold a
+    /// handle from an earlier one.
+    pub(super) fn check_grant(&self, name: &str) -> Result<(), KvError> {
         if self.caps.kv_buckets.contains(name) {
-            Ok(name)
+            Ok(())
         } else {
             self.deny_bucket("use", name);
-            Err(KvError::Guest(store::Error::AccessDenied))
+            Err(KvError::AccessDenied)
         }
+    }
+
+    /// The name of an open bucket, if the function may still use it.
+    pub(super) fn granted(&self, bucket: &Resource<Bucket>) -> Result<&str, KvError> {
+        let name = self.table.get(bucket)?.name.as_str();
+        self.check_grant(name)?;
+        Ok(name)
     }
 
     fn deny_bucket(&self, action: &str, name: &str) {
@@ -59,22 +85,148 @@ impl CapsView<'_> {
             name.escape_debug()
         ));
     }
-}
 
-impl store::Host for CapsView<'_> {
-    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+    pub(super) fn open_bucket(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
         if !self.caps.kv_buckets.contains(&identifier) {
             self.deny_bucket("open", &identifier);
-            return Err(KvError::Guest(store::Error::AccessDenied));
+            return Err(KvError::AccessDenied);
         }
         Ok(self.table.push(Bucket { name: identifier })?)
     }
 
-    fn convert_error(&mut self, error: KvError) -> wasmtime::Result<store::Error> {
-        match error {
-            KvError::Guest(error) => Ok(error),
-            KvError::Trap(trap) => Err(trap),
+    pub(super) fn close_bucket(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+
+    pub(super) async fn kv_get(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .get(name, key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    pub(super) async fn kv_set(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .set(name, key, value)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    pub(super) async fn kv_delete(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+    ) -> Result<(), KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .delete(name, key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    pub(super) async fn kv_exists(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+    ) -> Result<bool, KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .exists(name, key)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    /// A page of keys from `cursor` (keys already returned) and the cursor
+    /// of the next page, `None` after the last.
+    pub(super) async fn kv_list_keys(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        cursor: u64,
+    ) -> Result<(Vec<String>, Option<u64>), KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        backend
+            .list_keys(name, cursor)
+            .await
+            .map_err(|e| KvError::backend(name, e))
+    }
+
+    /// Batches are key-by-key calls on the backend: the interfaces promise no
+    /// atomicity, and a local store gains nothing from a round trip saved.
+    pub(super) async fn kv_get_many(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<Vec<(String, Option<Vec<u8>>)>, KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        let mut pairs = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value = backend
+                .get(name, &key)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+            pairs.push((key, value));
         }
+        Ok(pairs)
+    }
+
+    pub(super) async fn kv_set_many(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        for (key, value) in key_values {
+            backend
+                .set(name, &key, value)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn kv_delete_many(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Result<(), KvError> {
+        let name = self.granted(bucket)?;
+        let backend = &self.caps.keyvalue;
+        for key in keys {
+            backend
+                .delete(name, &key)
+                .await
+                .map_err(|e| KvError::backend(name, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl store::Host for CapsView<'_> {
+    async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        self.open_bucket(identifier)
+    }
+
+    fn convert_error(&mut self, error: KvError) -> wasmtime::Result<store::Error> {
+        error.into_guest(store::Error::AccessDenied, store::Error::Other)
     }
 }
 
@@ -84,12 +236,7 @@ impl store::HostBucket for CapsView<'_> {
         bucket: Resource<Bucket>,
         key: String,
     ) -> Result<Option<Vec<u8>>, KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        backend
-            .get(name, &key)
-            .await
-            .map_err(|e| KvError::backend(name, e))
+        self.kv_get(&bucket, &key).await
     }
 
     async fn set(
@@ -98,30 +245,15 @@ impl store::HostBucket for CapsView<'_> {
         key: String,
         value: Vec<u8>,
     ) -> Result<(), KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        backend
-            .set(name, &key, value)
-            .await
-            .map_err(|e| KvError::backend(name, e))
+        self.kv_set(&bucket, &key, value).await
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> Result<(), KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        backend
-            .delete(name, &key)
-            .await
-            .map_err(|e| KvError::backend(name, e))
+        self.kv_delete(&bucket, &key).await
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> Result<bool, KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        backend
-            .exists(name, &key)
-            .await
-            .map_err(|e| KvError::backend(name, e))
+        self.kv_exists(&bucket, &key).await
     }
 
     async fn list_keys(
@@ -129,18 +261,12 @@ impl store::HostBucket for CapsView<'_> {
         bucket: Resource<Bucket>,
         cursor: Option<u64>,
     ) -> Result<KeyResponse, KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        let (keys, cursor) = backend
-            .list_keys(name, cursor.unwrap_or(0))
-            .await
-            .map_err(|e| KvError::backend(name, e))?;
+        let (keys, cursor) = self.kv_list_keys(&bucket, cursor.unwrap_or(0)).await?;
         Ok(KeyResponse { keys, cursor })
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
-        self.table.delete(bucket)?;
-        Ok(())
+        self.close_bucket(bucket)
     }
 }
 
@@ -160,25 +286,17 @@ impl atomics::Host for CapsView<'_> {
     }
 }
 
-/// Batches are key-by-key calls on the backend: the interface promises no
-/// atomicity, and a local store gains nothing from a round trip saved.
 impl batch::Host for CapsView<'_> {
     async fn get_many(
         &mut self,
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<Vec<Option<(String, Vec<u8>)>>, KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        let mut pairs = Vec::with_capacity(keys.len());
-        for key in keys {
-            let value = backend
-                .get(name, &key)
-                .await
-                .map_err(|e| KvError::backend(name, e))?;
-            pairs.push(value.map(|value| (key, value)));
-        }
-        Ok(pairs)
+        let pairs = self.kv_get_many(&bucket, keys).await?;
+        Ok(pairs
+            .into_iter()
+            .map(|(key, value)| value.map(|value| (key, value)))
+            .collect())
     }
 
     async fn set_many(
@@ -186,15 +304,7 @@ impl batch::Host for CapsView<'_> {
         bucket: Resource<Bucket>,
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Result<(), KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        for (key, value) in key_values {
-            backend
-                .set(name, &key, value)
-                .await
-                .map_err(|e| KvError::backend(name, e))?;
-        }
-        Ok(())
+        self.kv_set_many(&bucket, key_values).await
     }
 
     async fn delete_many(
@@ -202,20 +312,12 @@ impl batch::Host for CapsView<'_> {
         bucket: Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<(), KvError> {
-        let name = self.granted(&bucket)?;
-        let backend = &self.caps.keyvalue;
-        for key in keys {
-            backend
-                .delete(name, &key)
-                .await
-                .map_err(|e| KvError::backend(name, e))?;
-        }
-        Ok(())
+        self.kv_delete_many(&bucket, keys).await
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::{Arc, Mutex};
 
@@ -228,7 +330,7 @@ mod tests {
 
     /// Buckets in memory; lists two keys per page so paging is exercised.
     #[derive(Default)]
-    struct Memory(Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>);
+    pub(crate) struct Memory(Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>);
 
     const PAGE: usize = 2;
 
@@ -284,17 +386,34 @@ mod tests {
                 Ok(new)
             })
         }
+        async fn compare_and_swap(
+            &self,
+            bucket: &str,
+            key: &str,
+            current: Option<&[u8]>,
+            new: Vec<u8>,
+        ) -> anyhow::Result<bool> {
+            Ok(self.with(bucket, |b| {
+                let swap = b.get(key).map(Vec::as_slice) == current;
+                if swap {
+                    b.insert(key.to_string(), new);
+                }
+                swap
+            }))
+        }
     }
 
-    struct Fixture {
-        caps: Capabilities,
-        table: ResourceTable,
-        lines: Arc<Lines>,
+    /// A view over the in-memory backend granting some buckets, with its
+    /// stderr lines.
+    pub(crate) struct Fixture {
+        pub(crate) caps: Capabilities,
+        pub(crate) table: ResourceTable,
+        pub(crate) lines: Arc<Lines>,
         stderr: crate::logs::GuestOutput,
     }
 
     impl Fixture {
-        fn granting(buckets: &[&str]) -> Self {
+        pub(crate) fn granting(buckets: &[&str]) -> Self {
             let lines = Arc::new(Lines::default());
             Self {
                 caps: Capabilities {
@@ -309,7 +428,7 @@ mod tests {
             }
         }
 
-        fn view(&mut self) -> CapsView<'_> {
+        pub(crate) fn view(&mut self) -> CapsView<'_> {
             CapsView {
                 caps: &self.caps,
                 table: &mut self.table,
@@ -318,24 +437,28 @@ mod tests {
         }
     }
 
+    /// The error a call returned to the guest, as 0.2.0-draft's `error`.
     fn guest_error<T: std::fmt::Debug>(result: Result<T, KvError>) -> store::Error {
         match result {
-            Err(KvError::Guest(error)) => error,
-            Err(KvError::Trap(trap)) => panic!("trapped: {trap:#}"),
+            Err(error) => error
+                .into_guest(store::Error::AccessDenied, store::Error::Other)
+                .unwrap_or_else(|trap| panic!("trapped: {trap:#}")),
             Ok(value) => panic!("succeeded: {value:?}"),
         }
     }
 
-    fn ok<T>(result: Result<T, KvError>) -> T {
+    pub(crate) fn ok<T>(result: Result<T, KvError>) -> T {
         match result {
             Ok(value) => value,
-            Err(KvError::Guest(error)) => panic!("failed: {error:?}"),
+            Err(KvError::AccessDenied) => panic!("failed: access denied"),
+            Err(KvError::Other(message)) => panic!("failed: {message}"),
             Err(KvError::Trap(trap)) => panic!("trapped: {trap:#}"),
         }
     }
 
-    fn handle(bucket: &Resource<Bucket>) -> Resource<Bucket> {
-        Resource::new_borrow(bucket.rep())
+    /// A borrow of an owned handle, as the guest passes it.
+    pub(crate) fn handle<T: 'static>(owned: &Resource<T>) -> Resource<T> {
+        Resource::new_borrow(owned.rep())
     }
 
     #[tokio::test]

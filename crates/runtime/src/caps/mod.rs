@@ -11,6 +11,7 @@
 
 mod config;
 mod keyvalue;
+mod keyvalue_draft2;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -21,7 +22,8 @@ use wasmtime::component::{HasData, Linker, ResourceTable};
 use crate::logs::GuestOutput;
 use crate::outbound::OutboundPolicy;
 
-/// Host bindings of `wit/`: the WASI drafts Mayfly implements.
+/// Host bindings of `wit/`: the WASI drafts Mayfly implements, at the
+/// versions of their own repositories.
 mod bindings {
     wasmtime::component::bindgen!({
         path: "wit",
@@ -37,6 +39,28 @@ mod bindings {
         },
         trappable_error_type: {
             "wasi:keyvalue/store.error" => super::keyvalue::KvError,
+        },
+    });
+}
+
+/// Host bindings of `wit/compat/`: other versions of the same drafts, as
+/// other hosts ship them (wasi:config 0.2.0-rc.1 in wasmtime-wasi-config,
+/// 0.2.0-draft-2024-09-27 and wasi:keyvalue 0.2.0-draft2 in Spin 3). Each is
+/// a thin adapter over the same grants and stores.
+mod compat {
+    wasmtime::component::bindgen!({
+        path: "wit/compat",
+        world: "mayfly:compat/capabilities",
+        imports: {
+            "wasi:config": async,
+            default: async | trappable,
+        },
+        with: {
+            "wasi:keyvalue/store@0.2.0-draft2.bucket": super::keyvalue::Bucket,
+            "wasi:keyvalue/atomics@0.2.0-draft2.cas": super::keyvalue_draft2::Cas,
+        },
+        trappable_error_type: {
+            "wasi:keyvalue/store@0.2.0-draft2.error" => super::keyvalue::KvError,
         },
     });
 }
@@ -97,6 +121,16 @@ pub trait KeyValueBackend: Send + Sync {
     /// Adds `delta` to the key's value read as a decimal u64 (absent = 0),
     /// atomically; returns the new value.
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> anyhow::Result<u64>;
+    /// Sets `key` to `new` only if it still holds `current` (`None`: only if
+    /// it is absent), atomically; returns whether it did. A key that changed
+    /// is `Ok(false)`, not an error.
+    async fn compare_and_swap(
+        &self,
+        bucket: &str,
+        key: &str,
+        current: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> anyhow::Result<bool>;
 }
 
 /// The configuration values and secrets one function sees.
@@ -132,6 +166,15 @@ impl KeyValueBackend for NoBuckets {
         Err(no_buckets())
     }
     async fn increment(&self, _: &str, _: &str, _: u64) -> anyhow::Result<u64> {
+        Err(no_buckets())
+    }
+    async fn compare_and_swap(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<&[u8]>,
+        _: Vec<u8>,
+    ) -> anyhow::Result<bool> {
         Err(no_buckets())
     }
 }
@@ -182,7 +225,8 @@ impl HasData for HasCaps {
     type Data<'a> = CapsView<'a>;
 }
 
-/// Links wasi:keyvalue (store, atomics, batch) and wasi:config (store).
+/// Links wasi:keyvalue (store, atomics, batch) and wasi:config (store) at
+/// their 0.2.0-draft versions.
 pub(crate) fn add_to_linker<T: Send + 'static>(
     linker: &mut Linker<T>,
     view: fn(&mut T) -> CapsView<'_>,
@@ -192,6 +236,22 @@ pub(crate) fn add_to_linker<T: Send + 'static>(
     keyvalue::atomics::add_to_linker::<T, HasCaps>(linker, view)?;
     keyvalue::batch::add_to_linker::<T, HasCaps>(linker, view)?;
     config::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    Ok(())
+}
+
+/// Links the other versions other hosts ship: wasi:keyvalue 0.2.0-draft2
+/// (store, atomics, batch), wasi:config 0.2.0-rc.1 and
+/// 0.2.0-draft-2024-09-27 (store).
+pub(crate) fn add_compat_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> CapsView<'_>,
+) -> wasmtime::Result<()> {
+    use compat::wasi::keyvalue;
+    keyvalue::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    keyvalue::atomics::add_to_linker::<T, HasCaps>(linker, view)?;
+    keyvalue::batch::add_to_linker::<T, HasCaps>(linker, view)?;
+    compat::wasi::config0_2_0_rc_1::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    compat::wasi::config0_2_0_draft_2024_09_27::store::add_to_linker::<T, HasCaps>(linker, view)?;
     Ok(())
 }
 
