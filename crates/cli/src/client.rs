@@ -1,9 +1,12 @@
 //! A small blocking client of the admin API.
 
-use anyhow::{Context as _, anyhow};
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow, bail};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use ureq::http::Response;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
 /// Largest JSON answer read from the admin API.
 const MAX_JSON_BYTES: u64 = 64 << 20;
@@ -16,16 +19,20 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(base: &str, token: Option<String>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
-        Self {
-            base: base.trim_end_matches('/').to_string(),
-            agent,
-            authorization: token.map(|token| format!("Bearer {}", token.trim())),
+    /// `ca_cert`: a PEM file of certificates to trust for `https://`
+    /// besides Mozilla's roots (a private CA, or the node's self-signed
+    /// certificate).
+    pub fn new(base: &str, token: Option<String>, ca_cert: Option<&Path>) -> anyhow::Result<Self> {
+        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        if let Some(path) = ca_cert {
+            let roots = roots_with(path)?;
+            config = config.tls_config(TlsConfig::builder().root_certs(roots).build());
         }
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            agent: config.build().new_agent(),
+            authorization: token.map(|token| format!("Bearer {}", token.trim())),
+        })
     }
 
     fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -40,6 +47,14 @@ impl AdminClient {
     }
 
     fn unreachable(&self, error: ureq::Error) -> anyhow::Error {
+        // rustls's errors reach here wrapped in io::Error.
+        if self.base.starts_with("https://") && error.to_string().contains("certificate") {
+            return anyhow!(
+                "TLS to the admin API at {} failed: {error} (is its certificate from a \
+                 private CA or self-signed? pass --ca-cert <PEM> or set MAYFLY_CA_CERT)",
+                self.base
+            );
+        }
         anyhow!(
             "cannot reach the admin API at {}: {error} (is `mayfly serve` running? set \
              --admin-url or MAYFLY_ADMIN_URL to point elsewhere)",
@@ -180,4 +195,27 @@ pub fn read_json<T: DeserializeOwned>(response: Response<ureq::Body>) -> anyhow:
         .limit(MAX_JSON_BYTES)
         .read_json()
         .context("the admin API answered with unexpected JSON")
+}
+
+/// Mozilla's roots (what ureq trusts by default) and the certificates in
+/// the PEM file at `path`.
+fn roots_with(path: &Path) -> anyhow::Result<RootCerts> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        let item = item.with_context(|| format!("bad PEM in {}", path.display()))?;
+        if let PemItem::Certificate(cert) = item {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        bail!("no PEM certificate in {}", path.display());
+    }
+    certs.extend(
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|cert| Certificate::from_der(cert)),
+    );
+    Ok(RootCerts::from(certs))
 }

@@ -14,10 +14,11 @@ use crate::{Command, DeployArgs, InvokeArgs, UsageArgs};
 pub fn run(
     admin_url: &str,
     token: Option<String>,
+    ca_cert: Option<&std::path::Path>,
     json: bool,
     command: Command,
 ) -> anyhow::Result<()> {
-    let client = AdminClient::new(admin_url, token);
+    let client = AdminClient::new(admin_url, token, ca_cert)?;
     match command {
         Command::Serve(_) => unreachable!("serve runs a node, it is not a client verb"),
         Command::Simulate(_) => {

@@ -40,6 +40,11 @@ struct Cli {
     #[arg(long, global = true, env = "MAYFLY_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
+    /// PEM certificate(s) to trust for an https:// admin URL besides
+    /// Mozilla's roots: a private CA or the node's self-signed certificate.
+    #[arg(long, global = true, env = "MAYFLY_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
+
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -321,6 +326,7 @@ fn main() -> ExitCode {
         command => commands::run(
             &cli.admin_url,
             access::resolve_token(cli.token, &cli.admin_url),
+            cli.ca_cert.as_deref(),
             cli.json,
             command,
         ),

@@ -13,6 +13,8 @@ use crate::platform::{Platform, PlatformError};
 /// wasi:config key under which a function reads its per-invocation
 /// credential (minted on read, so functions that never ask pay nothing).
 pub const CREDENTIAL_KEY: &str = "mayfly.credential";
+/// wasi:config key holding the admin API's URL, where the credential works.
+pub const API_URL_KEY: &str = "mayfly.api_url";
 
 /// Keys listed per page of wasi:keyvalue `list-keys`.
 const LIST_PAGE: usize = 1000;
@@ -68,14 +70,15 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
                 "variable name `{key}` must be 1 to 128 printable characters"
             )));
         }
-        if key == CREDENTIAL_KEY || config.grants.secrets.contains(key) {
+        if key.starts_with("mayfly.") {
             return Err(bad(format!(
-                "variable `{key}` would hide {}: rename it",
-                if key == CREDENTIAL_KEY {
-                    "the function's credential".to_string()
-                } else {
-                    format!("the granted secret `{key}`")
-                }
+                "variable `{key}`: names starting with `mayfly.` are the node's \
+                 (`{CREDENTIAL_KEY}`, `{API_URL_KEY}`): rename it"
+            )));
+        }
+        if config.grants.secrets.contains(key) {
+            return Err(bad(format!(
+                "variable `{key}` would hide the granted secret `{key}`: rename it"
             )));
         }
         if value.len() > 64 * 1024 {
@@ -281,6 +284,9 @@ impl ConfigSource for FunctionConfigSource {
                 .mint_credential(&self.function, self.version, &self.config.grants)
                 .map(Some)
                 .map_err(|e| e.to_string());
+        }
+        if key == API_URL_KEY {
+            return Ok(self.platform()?.api_url().map(str::to_string));
         }
         if let Some(value) = self.config.variables.get(key) {
             return Ok(Some(value.clone()));

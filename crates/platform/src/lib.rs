@@ -88,6 +88,14 @@ impl RunningNode {
 
         let gateway_addr = gateway_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
+        // Where a function calls back with its credential: this machine's
+        // address when the API listens on every interface.
+        let mut callback = admin_addr;
+        if callback.ip().is_unspecified() {
+            callback.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let scheme = if admin_tls.is_some() { "https" } else { "http" };
+        platform.set_api_url(format!("{scheme}://{callback}"));
         let gateway = tokio::spawn(gateway::serve(
             platform.clone(),
             gateway_listener,

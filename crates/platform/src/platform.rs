@@ -270,6 +270,9 @@ pub struct Platform {
     secrets: Arc<crate::secrets::Secrets>,
     /// Admin API tokens, function credentials and the audit log.
     auth: Arc<crate::auth::Auth>,
+    /// The admin API's URL, once it listens: functions read it through
+    /// wasi:config to call back with their credential.
+    api_url: std::sync::OnceLock<String>,
     config: NodeConfig,
     started: Instant,
 }
@@ -317,6 +320,7 @@ impl Platform {
             events,
             secrets,
             auth,
+            api_url: std::sync::OnceLock::new(),
             runtime,
             registry: store.clone(),
             blobs,
@@ -1024,6 +1028,16 @@ impl Platform {
     /// Tokens, credentials and the audit log.
     pub fn auth(&self) -> &Arc<crate::auth::Auth> {
         &self.auth
+    }
+
+    /// Records where the admin API listens (once; later calls are ignored).
+    pub fn set_api_url(&self, url: String) {
+        let _ = self.api_url.set(url);
+    }
+
+    /// The admin API's URL, if the node serves one.
+    pub fn api_url(&self) -> Option<&str> {
+        self.api_url.get().map(String::as_str)
     }
 
     /// The node's event stores, triggers and dead-letter queues.

@@ -411,6 +411,9 @@ fn a_function_credential_acts_only_for_that_function_and_expires() {
     let (status, credential) = call(&node, "alpha", "/config/get?key=mayfly.credential");
     assert_eq!(status, 200, "{credential}");
     let credential = credential.trim().to_string();
+    // It knows where to use it.
+    let (status, api) = call(&node, "alpha", "/config/get?key=mayfly.api_url");
+    assert_eq!((status, api.as_str()), (200, node.admin.as_str()));
 
     let as_alpha = |method: &str, path: &str| admin(&node, method, path, Some(&credential), b"x").0;
     assert_eq!(as_alpha("PUT", "/v1/kv/alpha-data/k"), 200);

@@ -446,6 +446,44 @@ fn admin_api_serves_https_off_loopback_with_a_certificate() {
         .new_agent();
     node.assert_status_answers(&trusting);
 
+    // The `mayfly` verbs trust it with --ca-cert (or MAYFLY_CA_CERT).
+    let token = node.token.clone().expect("the node wrote admin.token");
+    let mayfly = |args: &[&str], ca_cert_env: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"));
+        command
+            .args(args)
+            .env("MAYFLY_ADMIN_URL", node.admin())
+            .env("MAYFLY_TOKEN", &token)
+            .env_remove("MAYFLY_CA_CERT");
+        if let Some(path) = ca_cert_env {
+            command.env("MAYFLY_CA_CERT", path);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = mayfly(&["list", "--ca-cert", cert.to_str().unwrap()], None);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("no functions deployed"), "{stdout}");
+    let (ok, stdout, stderr) = mayfly(&["--json", "list"], Some(&cert));
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "[]");
+    // Without it the certificate is refused, and the error says how to trust it.
+    let (ok, _, stderr) = mayfly(&["list"], None);
+    assert!(
+        !ok && stderr.contains("certificate") && stderr.contains("--ca-cert"),
+        "{stderr}"
+    );
+    // A --ca-cert that is not a certificate is named.
+    let (ok, _, stderr) = mayfly(&["list", "--ca-cert", key.to_str().unwrap()], None);
+    assert!(
+        !ok && stderr.contains(&format!("no PEM certificate in {}", key.display())),
+        "{stderr}"
+    );
+
     // A client that does not trust the certificate gets no answer, and
     // neither does plain HTTP.
     let error = crate::common::agent()
