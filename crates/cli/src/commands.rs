@@ -1,6 +1,7 @@
 //! The verbs that talk to a node's admin API.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -9,7 +10,7 @@ use serde_json::Value;
 
 use crate::client::{AdminClient, check};
 use crate::events;
-use crate::{Command, DeployArgs, InvokeArgs, UsageArgs};
+use crate::{Command, DeployArgs, GrantArgs, InvokeArgs, LimitArgs, ScalingArgs, UsageArgs};
 
 pub fn run(
     admin_url: &str,
@@ -24,7 +25,8 @@ pub fn run(
         Command::Simulate(_) => {
             unreachable!("simulate runs locally, it is not a client verb")
         }
-        Command::Deploy(args) => deploy(&client, json, &args),
+        Command::New(_) => unreachable!("new runs locally, it is not a client verb"),
+        Command::Deploy(args) => deploy(&client, json, args),
         Command::List => list(&client, json),
         Command::Invoke(args) => invoke(&client, json, &args),
         Command::Logs { name, follow, tail } => logs(&client, json, &name, follow, tail),
@@ -59,18 +61,35 @@ fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Ma
         .collect()
 }
 
-fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result<()> {
-    let DeployArgs {
-        name,
-        component,
+/// One function's deploy, from `mayfly deploy NAME COMPONENT --flags` or
+/// from a manifest: both send it with [`send_deploy`].
+#[derive(Debug)]
+pub struct FunctionDeploy {
+    /// Function name.
+    pub name: String,
+    /// The component file.
+    pub component: PathBuf,
+    /// Routes as the user wrote them.
+    pub routes: Vec<String>,
+    /// Triggers to attach (an identical one is not attached twice).
+    pub triggers: Vec<events::TriggerSpec>,
+    /// Limits; those left out take the node's defaults.
+    pub limits: LimitArgs,
+    /// Scaling settings; likewise.
+    pub scaling: ScalingArgs,
+    /// Grants and variables.
+    pub grants: GrantArgs,
+}
+
+/// The `config` part of a deploy: what was given; the node fills in the rest.
+pub fn config_json(deploy: &FunctionDeploy) -> Value {
+    let FunctionDeploy {
         routes,
-        triggers,
         limits,
         scaling,
         grants,
-    } = args;
-    let wasm = std::fs::read(component)
-        .with_context(|| format!("cannot read the component {}", component.display()))?;
+        ..
+    } = deploy;
     let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let limits = given([
         ("memory_mb", limits.memory.map(Value::from)),
@@ -100,7 +119,7 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
         .iter()
         .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
         .collect();
-    let config = serde_json::to_vec(&serde_json::json!({
+    serde_json::json!({
         "routes": routes,
         "limits": limits,
         "scaling": scale,
@@ -112,7 +131,22 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
             "secrets": grants.secrets,
         },
         "variables": variables,
-    }))?;
+    })
+}
+
+/// Uploads the component with its config and triggers; returns the node's
+/// answer (the version, `compiled`, and `unchanged` when the live version
+/// was the same component and config, so none was created).
+pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Result<Value> {
+    let FunctionDeploy {
+        name,
+        component,
+        triggers,
+        ..
+    } = deploy;
+    let wasm = std::fs::read(component)
+        .with_context(|| format!("cannot read the component {}", component.display()))?;
+    let config = serde_json::to_vec(&config_json(deploy))?;
     let triggers_json = serde_json::to_vec(triggers)?;
     let mut parts: Vec<(&str, &str, &[u8])> = vec![
         ("component", "application/wasm", &wasm),
@@ -121,12 +155,80 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
     if !triggers.is_empty() {
         parts.push(("triggers", "application/json", &triggers_json));
     }
-    let outcome: Value =
-        client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)?;
+    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)
+}
+
+/// `mayfly deploy`: NAME and COMPONENT with flags, or neither to apply the
+/// manifest.
+fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<()> {
+    let DeployArgs {
+        name,
+        component,
+        manifest,
+        routes,
+        triggers,
+        limits,
+        scaling,
+        grants,
+    } = args;
+    // Clap refuses --manifest with NAME.
+    let (name, component) = match (name, component) {
+        (Some(name), Some(component)) => (name, component),
+        (None, None) => {
+            let flags_given = !routes.is_empty()
+                || !triggers.is_empty()
+                || limits.memory.is_some()
+                || limits.timeout.is_some()
+                || limits.max_request_bytes.is_some()
+                || limits.max_response_bytes.is_some()
+                || limits.max_log_bytes.is_some()
+                || scaling.max_concurrency.is_some()
+                || scaling.reserved_concurrency.is_some()
+                || scaling.max_queued.is_some()
+                || scaling.queue_timeout.is_some()
+                || scaling.reuse
+                || !grants.kv.is_empty()
+                || !grants.objects.is_empty()
+                || !grants.queues.is_empty()
+                || !grants.outbound.is_empty()
+                || !grants.secrets.is_empty()
+                || !grants.variables.is_empty();
+            if flags_given {
+                bail!(
+                    "routes, triggers, limits and grants given as flags need NAME and \
+                     COMPONENT (`mayfly deploy NAME COMPONENT --route /x`); to deploy a \
+                     manifest, set them in its [functions.<name>] tables"
+                );
+            }
+            let path = manifest.unwrap_or_else(|| PathBuf::from(crate::manifest::DEFAULT_PATH));
+            return crate::manifest::apply(client, json, &path);
+        }
+        (Some(name), None) => bail!(
+            "`mayfly deploy {name}` needs the component too: `mayfly deploy {name} \
+             path/to/{name}.wasm`; or give neither NAME nor COMPONENT to deploy every \
+             function in {}",
+            crate::manifest::DEFAULT_PATH
+        ),
+        (None, Some(component)) => bail!(
+            "`mayfly deploy` needs a function NAME before the component {}",
+            component.display()
+        ),
+    };
+    let deploy = FunctionDeploy {
+        name,
+        component,
+        routes,
+        triggers,
+        limits,
+        scaling,
+        grants,
+    };
+    let outcome = send_deploy(client, &deploy)?;
     if json {
         println!("{outcome}");
         return Ok(());
     }
+    let FunctionDeploy { name, triggers, .. } = &deploy;
     let routes = outcome["config"]["routes"]
         .as_array()
         .map(|routes| {
@@ -137,16 +239,23 @@ fn deploy(client: &AdminClient, json: bool, args: &DeployArgs) -> anyhow::Result
                 .join(", ")
         })
         .unwrap_or_default();
-    println!(
-        "deployed {name} version {} ({}{})",
-        outcome["version"],
-        outcome["digest"].as_str().unwrap_or("?"),
-        if outcome["compiled"] == Value::Bool(true) {
-            ", compiled"
-        } else {
-            ", cached artifact"
-        }
-    );
+    if outcome["unchanged"] == Value::Bool(true) {
+        println!(
+            "{name} version {} is live with this component and config already: unchanged",
+            outcome["version"]
+        );
+    } else {
+        println!(
+            "deployed {name} version {} ({}{})",
+            outcome["version"],
+            outcome["digest"].as_str().unwrap_or("?"),
+            if outcome["compiled"] == Value::Bool(true) {
+                ", compiled"
+            } else {
+                ", cached artifact"
+            }
+        );
+    }
     if routes.is_empty() {
         println!("no routes: call it with `mayfly invoke {name}`");
     } else {

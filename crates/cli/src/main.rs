@@ -5,6 +5,8 @@ mod access;
 mod client;
 mod commands;
 mod events;
+mod manifest;
+mod new;
 mod secrets;
 mod serve;
 mod simulate;
@@ -57,7 +59,8 @@ struct Cli {
 enum Command {
     /// Run a node: the HTTP gateway and the admin API.
     Serve(ServeArgs),
-    /// Deploy a component as a new version of a function.
+    /// Deploy a component as a new version of a function; with no NAME and
+    /// COMPONENT, build and deploy every function in ./mayfly.toml.
     Deploy(DeployArgs),
     /// List deployed functions.
     List,
@@ -84,6 +87,9 @@ enum Command {
     Status,
     /// Show usage and cost from the node's ledger.
     Usage(UsageArgs),
+    /// Create a function project (Rust, wasm32-wasip2) with a mayfly.toml,
+    /// ready to build, test and deploy.
+    New(new::NewArgs),
     /// Replay an invocation trace (Azure 2021 CSV or synthetic) against
     /// keep-alive policies: cold starts against memory kept warm for nothing.
     Simulate(simulate::SimulateArgs),
@@ -127,13 +133,19 @@ enum Command {
     Audit(access::AuditArgs),
 }
 
-/// `mayfly deploy`: the component and its configuration.
+/// `mayfly deploy`: the component and its configuration, or a manifest.
 #[derive(Debug, Args)]
 struct DeployArgs {
-    /// Function name (lower-case letters, digits, `-`, `_`).
-    name: String,
+    /// Function name (lower-case letters, digits, `-`, `_`). Leave NAME and
+    /// COMPONENT out to build and deploy every function in ./mayfly.toml;
+    /// an unchanged function gets no new version.
+    name: Option<String>,
     /// The component: a .wasm built for wasm32-wasip2 exporting wasi:http/incoming-handler.
-    component: PathBuf,
+    component: Option<PathBuf>,
+    /// The manifest to apply when NAME and COMPONENT are left out
+    /// [default: mayfly.toml in this folder].
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    manifest: Option<PathBuf>,
     /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
     #[arg(long = "route", short = 'r')]
     routes: Vec<String>,
@@ -323,6 +335,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
+        Command::New(args) => new::run(&args, cli.json),
         command => commands::run(
             &cli.admin_url,
             access::resolve_token(cli.token, &cli.admin_url),

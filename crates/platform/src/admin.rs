@@ -267,7 +267,13 @@ async fn deploy(
     };
     crate::auth::check_deploy(&principal, live.as_ref(), &config, !triggers.is_empty())?;
     let outcome = platform.deploy(&name, component, config, triggers).await?;
-    Ok((StatusCode::CREATED, Json(outcome)))
+    // Nothing was created when the live version was deployed again.
+    let status = if outcome.unchanged {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(outcome)))
 }
 
 #[derive(Debug, Deserialize)]

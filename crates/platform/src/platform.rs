@@ -241,6 +241,9 @@ pub struct DeployOutcome {
     pub version: VersionRecord,
     /// Whether the component was compiled (false: its artifact was cached).
     pub compiled: bool,
+    /// Whether the upload was the live version's component and config
+    /// again, so no version was created: `version` is the live one.
+    pub unchanged: bool,
 }
 
 /// The node: its state, runtime and catalog.
@@ -533,7 +536,19 @@ impl Platform {
             }
         }
 
+        let config = FunctionConfig {
+            routes: routes.iter().map(Route::to_string).collect(),
+            ..config
+        };
         let digest = Digest::of(&wasm);
+        // Re-applying what is live (a manifest deployed again) changes
+        // nothing: answered before compiling or loading anything.
+        {
+            let _change = self.changes.lock().await;
+            if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
+                return self.keep_live(name, live, triggers).await;
+            }
+        }
         let artifact = self.artifact_key(&digest);
         let compiled = !self.artifact_cached(&artifact);
         if compiled {
@@ -546,6 +561,10 @@ impl Platform {
         drop(self.load(&artifact, config.scaling.reuse).await?);
 
         let _change = self.changes.lock().await;
+        // An identical deploy may have landed while this one compiled.
+        if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
+            return self.keep_live(name, live, triggers).await;
+        }
         // Checked under the change lock, so no other deploy can take the
         // reservation between this check and the store write.
         let previous = self.catalog.load().by_name.get(name).cloned();
@@ -555,10 +574,6 @@ impl Platform {
             .map_err(PlatformError::BadRequest)?;
         let blobs = self.blobs.clone();
         let registry = self.registry.clone();
-        let config = FunctionConfig {
-            routes: routes.iter().map(Route::to_string).collect(),
-            ..config
-        };
         let stored_config = config.clone();
         let function_name = name.to_string();
         let stored = tokio::task::spawn_blocking(move || {
@@ -613,7 +628,59 @@ impl Platform {
             compiled,
             "deployed"
         );
-        Ok(DeployOutcome { version, compiled })
+        Ok(DeployOutcome {
+            version,
+            compiled,
+            unchanged: false,
+        })
+    }
+
+    /// The live version of `name` when it already is `digest` with `config`
+    /// (routes normalised), so deploying them again would change nothing.
+    /// Called under the change lock.
+    async fn unchanged_live(
+        &self,
+        name: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+    ) -> Result<Option<VersionRecord>, PlatformError> {
+        // Only a function the catalog serves: one that failed to load at
+        // start is deployed afresh.
+        let Some(serving) = self.catalog.load().by_name.get(name).map(|f| f.version) else {
+            return Ok(None);
+        };
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let record = tokio::task::spawn_blocking(move || registry.function(&owned))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let digest = digest.to_string();
+        Ok(record.map(|record| record.live).filter(|live| {
+            live.version == serving && live.digest == digest && live.config == *config
+        }))
+    }
+
+    /// Answers a deploy that changes nothing with the live version; its
+    /// triggers are still attached (an identical one is not attached twice).
+    /// Called under the change lock.
+    async fn keep_live(
+        &self,
+        name: &str,
+        live: VersionRecord,
+        triggers: Vec<TriggerSpec>,
+    ) -> Result<DeployOutcome, PlatformError> {
+        if !triggers.is_empty() {
+            for spec in triggers {
+                self.events.add_trigger(name, spec).await?;
+            }
+            self.events.sync_workers();
+        }
+        tracing::info!(function = name, version = live.version, "deploy unchanged");
+        Ok(DeployOutcome {
+            version: live,
+            compiled: false,
+            unchanged: true,
+        })
     }
 
     /// Deletes a function: its routes stop serving at once.

@@ -8,6 +8,8 @@ mod common;
 mod deploy;
 mod events;
 mod limits;
+mod manifest;
+mod new;
 mod scaling;
 mod security;
 mod serve;

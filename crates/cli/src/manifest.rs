@@ -1,0 +1,603 @@
+//! `mayfly.toml`: a declarative description of one or more functions, which
+//! `mayfly deploy` (with no NAME and COMPONENT) builds and applies.
+//!
+//! ```toml
+//! [functions.hello]                  # the table key is the function name
+//! component = "target/wasm32-wasip2/release/hello.wasm"   # relative to this file
+//! build = "cargo build --release --target wasm32-wasip2"  # optional
+//! routes = ["/hello"]
+//! triggers = ["schedule:@every 1m"]
+//! [functions.hello.grants]
+//! kv = ["cache"]
+//! [functions.hello.variables]
+//! greeting = "hi"
+//! ```
+//!
+//! Each function becomes exactly the deploy request `mayfly deploy NAME
+//! COMPONENT --flags` sends (`commands::send_deploy`), so the node cannot
+//! tell them apart; deploying an unchanged function again creates no
+//! version.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use crate::client::AdminClient;
+use crate::commands::{FunctionDeploy, send_deploy};
+use crate::events;
+use crate::{GrantArgs, LimitArgs, ScalingArgs};
+
+/// The manifest `mayfly deploy` reads when given no NAME and COMPONENT.
+pub const DEFAULT_PATH: &str = "mayfly.toml";
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    /// Functions by name.
+    #[serde(default)]
+    functions: BTreeMap<String, Spanned<FunctionEntry>>,
+}
+
+/// One `[functions.<name>]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionEntry {
+    component: Spanned<String>,
+    build: Option<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    memory_mb: Option<u32>,
+    timeout: Option<Spanned<String>>,
+    max_request_bytes: Option<u64>,
+    max_response_bytes: Option<u64>,
+    max_log_bytes: Option<u64>,
+    max_concurrency: Option<u32>,
+    reserved_concurrency: Option<u32>,
+    max_queued: Option<u32>,
+    queue_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    reuse: bool,
+    #[serde(default)]
+    triggers: Vec<Spanned<String>>,
+    #[serde(default)]
+    grants: GrantsEntry,
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+}
+
+/// `[functions.<name>.grants]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsEntry {
+    #[serde(default)]
+    kv: Vec<String>,
+    #[serde(default)]
+    objects: Vec<String>,
+    #[serde(default)]
+    queues: Vec<String>,
+    #[serde(default)]
+    outbound: Vec<String>,
+    #[serde(default)]
+    secrets: Vec<String>,
+}
+
+/// A parsed manifest: its functions in the order the file lists them.
+#[derive(Debug)]
+pub struct Manifest {
+    /// The folder the manifest's paths are relative to (and builds run in).
+    pub dir: PathBuf,
+    /// Its functions.
+    pub functions: Vec<ManifestFunction>,
+}
+
+/// One function of a manifest, its paths resolved.
+#[derive(Debug)]
+pub struct ManifestFunction {
+    /// Shell command run in the manifest's folder before deploying.
+    pub build: Option<String>,
+    /// The deploy, as `mayfly deploy NAME COMPONENT --flags` would send it.
+    pub deploy: FunctionDeploy,
+}
+
+/// A manifest error located in the file: `mayfly.toml line 3, column 1: …`
+/// and the offending line.
+#[derive(Debug)]
+struct Located {
+    file: String,
+    line: usize,
+    column: usize,
+    source_line: String,
+    message: String,
+}
+
+impl Located {
+    fn new(file: &Path, text: &str, span: Range<usize>, message: String) -> Self {
+        let start = span.start.min(text.len());
+        let before = text.get(..start).unwrap_or("");
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text
+            .get(start..)
+            .and_then(|rest| rest.find('\n'))
+            .map_or(text.len(), |i| start + i);
+        Self {
+            file: file.display().to_string(),
+            line: before.matches('\n').count() + 1,
+            column: text.get(line_start..start).unwrap_or("").chars().count() + 1,
+            source_line: text
+                .get(line_start..line_end)
+                .unwrap_or("")
+                .trim_end()
+                .to_string(),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} line {}, column {}: {}\n{:>5} | {}",
+            self.file, self.line, self.column, self.message, self.line, self.source_line
+        )
+    }
+}
+
+impl std::error::Error for Located {}
+
+impl Manifest {
+    /// Reads and parses the manifest at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            if path == Path::new(DEFAULT_PATH) {
+                format!(
+                    "cannot read {DEFAULT_PATH} in this folder: deploy with \
+                     `mayfly deploy NAME COMPONENT`, give `--manifest PATH`, or start a \
+                     project with `mayfly new`"
+                )
+            } else {
+                format!("cannot read the manifest {}", path.display())
+            }
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses manifest `text`, read from `path` (named in errors; its
+    /// folder is where relative paths start).
+    pub fn parse(path: &Path, text: &str) -> anyhow::Result<Self> {
+        let file: ManifestFile = toml::from_str(text).map_err(|error| match error.span() {
+            Some(span) => anyhow::Error::new(Located::new(
+                path,
+                text,
+                span,
+                error.message().trim_end().to_string(),
+            )),
+            None => anyhow::anyhow!("{}: {}", path.display(), error.message().trim_end()),
+        })?;
+        if file.functions.is_empty() {
+            bail!(
+                "{}: no functions: describe one in a `[functions.<name>]` table with at least \
+                 `component = \"path/to/fn.wasm\"`",
+                path.display()
+            );
+        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut entries: Vec<(String, Spanned<FunctionEntry>)> =
+            file.functions.into_iter().collect();
+        entries.sort_by_key(|(_, entry)| entry.span().start);
+        let functions = entries
+            .into_iter()
+            .map(|(name, entry)| function(path, text, &dir, name, entry.into_inner()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self { dir, functions })
+    }
+}
+
+/// Turns one table into the deploy it describes.
+fn function(
+    path: &Path,
+    text: &str,
+    dir: &Path,
+    name: String,
+    entry: FunctionEntry,
+) -> anyhow::Result<ManifestFunction> {
+    let located = |span: Range<usize>, message: String| {
+        anyhow::Error::new(Located::new(path, text, span, message))
+    };
+    let duration = |value: Option<Spanned<String>>, key: &str| {
+        value
+            .map(|value| {
+                humantime::parse_duration(value.get_ref()).map_err(|error| {
+                    located(
+                        value.span(),
+                        format!(
+                            "function `{name}`: `{key}` is not a duration such as \"30s\" or \
+                             \"500ms\": {error}"
+                        ),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let timeout = duration(entry.timeout, "timeout")?;
+    let queue_timeout = duration(entry.queue_timeout, "queue_timeout")?;
+    let triggers = entry
+        .triggers
+        .into_iter()
+        .map(|spec| {
+            events::parse_trigger_spec(spec.get_ref()).map_err(|error| {
+                located(
+                    spec.span(),
+                    format!(
+                        "function `{name}`: trigger `{}` is not valid: {error}",
+                        spec.get_ref()
+                    ),
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if entry.component.get_ref().trim().is_empty() {
+        return Err(located(
+            entry.component.span(),
+            format!("function `{name}`: `component` is empty; give the path of its .wasm"),
+        ));
+    }
+    let component = dir.join(entry.component.into_inner());
+    let build = entry.build.filter(|command| !command.trim().is_empty());
+    Ok(ManifestFunction {
+        build,
+        deploy: FunctionDeploy {
+            name,
+            component,
+            routes: entry.routes,
+            triggers,
+            limits: LimitArgs {
+                memory: entry.memory_mb,
+                timeout,
+                max_request_bytes: entry.max_request_bytes,
+                max_response_bytes: entry.max_response_bytes,
+                max_log_bytes: entry.max_log_bytes,
+            },
+            scaling: ScalingArgs {
+                max_concurrency: entry.max_concurrency,
+                reserved_concurrency: entry.reserved_concurrency,
+                max_queued: entry.max_queued,
+                queue_timeout,
+                reuse: entry.reuse,
+            },
+            grants: GrantArgs {
+                kv: entry.grants.kv,
+                objects: entry.grants.objects,
+                queues: entry.grants.queues,
+                outbound: entry.grants.outbound,
+                secrets: entry.grants.secrets,
+                variables: entry.variables.into_iter().collect(),
+            },
+        },
+    })
+}
+
+/// `mayfly deploy` with no NAME and COMPONENT: builds what the manifest at
+/// `path` asks to, then deploys each of its functions, one line each.
+pub fn apply(client: &AdminClient, json: bool, path: &Path) -> anyhow::Result<()> {
+    let manifest = Manifest::load(path)?;
+    build(&manifest)?;
+    // Every component must exist before anything is deployed.
+    for function in &manifest.functions {
+        let FunctionDeploy {
+            name, component, ..
+        } = &function.deploy;
+        if !component.is_file() {
+            bail!(
+                "function `{name}`: the component {} does not exist{}",
+                component.display(),
+                if function.build.is_some() {
+                    " after its build: check `component` in the manifest"
+                } else {
+                    ": build it first, or give the function a `build` command"
+                }
+            );
+        }
+    }
+    for function in &manifest.functions {
+        let name = &function.deploy.name;
+        let outcome = send_deploy(client, &function.deploy)
+            .with_context(|| format!("deploying `{name}` failed"))?;
+        if json {
+            println!("{outcome}");
+        } else {
+            println!("{}", summary(name, &outcome));
+        }
+    }
+    Ok(())
+}
+
+/// Runs each function's build command (an identical command once) in the
+/// manifest's folder, its output streaming to stderr so stdout stays the
+/// deploy's answer.
+fn build(manifest: &Manifest) -> anyhow::Result<()> {
+    let mut done = HashSet::new();
+    for function in &manifest.functions {
+        let Some(command) = &function.build else {
+            continue;
+        };
+        let name = &function.deploy.name;
+        if !done.insert(command.as_str()) {
+            continue;
+        }
+        eprintln!("{name}: building with `{command}`");
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&manifest.dir)
+            .stdout(std::io::stderr())
+            .status()
+            .with_context(|| format!("cannot run the build of `{name}` (`{command}`)"))?;
+        if !status.success() {
+            bail!("the build of `{name}` (`{command}`) failed: {status}; nothing was deployed");
+        }
+    }
+    Ok(())
+}
+
+/// One line per function: `hello: version 3 (unchanged)` or
+/// `hello: version 4 deployed, routes /hello`.
+fn summary(name: &str, outcome: &Value) -> String {
+    let version = &outcome["version"];
+    if outcome["unchanged"] == Value::Bool(true) {
+        return format!("{name}: version {version} (unchanged)");
+    }
+    let routes: Vec<&str> = outcome["config"]["routes"]
+        .as_array()
+        .map(|routes| routes.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if routes.is_empty() {
+        format!("{name}: version {version} deployed, no routes")
+    } else {
+        format!(
+            "{name}: version {version} deployed, routes {}",
+            routes.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn secs(s: u64) -> Option<Duration> {
+        Some(Duration::from_secs(s))
+    }
+
+    const FULL: &str = r#"
+# mayfly.toml — paths are relative to this file's directory
+[functions.hello]
+component = "target/wasm32-wasip2/release/hello.wasm"
+build = "cargo build --release --target wasm32-wasip2"
+routes = ["/hello"]
+memory_mb = 128
+timeout = "30s"
+max_request_bytes = 16777216
+max_response_bytes = 16777216
+max_log_bytes = 1048576
+max_concurrency = 100
+reserved_concurrency = 0
+max_queued = 100
+queue_timeout = "1s"
+reuse = false
+triggers = ["schedule:@every 1m", "queue:orders"]
+[functions.hello.grants]
+kv = ["cache"]
+objects = []
+queues = []
+outbound = ["https://api.example.com"]
+secrets = ["db_password"]
+[functions.hello.variables]
+greeting = "hi"
+
+[functions.another]
+component = "/abs/another.wasm"
+"#;
+
+    fn parse(text: &str) -> anyhow::Result<Manifest> {
+        Manifest::parse(Path::new("project/mayfly.toml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn the_full_example_parses() {
+        let manifest = parse(FULL).unwrap();
+        assert_eq!(manifest.dir, Path::new("project"));
+        let names: Vec<&str> = manifest
+            .functions
+            .iter()
+            .map(|f| f.deploy.name.as_str())
+            .collect();
+        assert_eq!(names, ["hello", "another"], "in the file's order");
+        let hello = &manifest.functions[0];
+        assert_eq!(
+            hello.build.as_deref(),
+            Some("cargo build --release --target wasm32-wasip2")
+        );
+        let deploy = &hello.deploy;
+        assert_eq!(
+            deploy.component,
+            Path::new("project/target/wasm32-wasip2/release/hello.wasm")
+        );
+        assert_eq!(deploy.routes, ["/hello"]);
+        assert_eq!(
+            deploy.triggers,
+            [
+                events::parse_trigger_spec("schedule:@every 1m").unwrap(),
+                events::parse_trigger_spec("queue:orders").unwrap(),
+            ]
+        );
+        let limits = &deploy.limits;
+        assert_eq!(limits.memory, Some(128));
+        assert_eq!(limits.timeout, secs(30));
+        assert_eq!(limits.max_request_bytes, Some(16_777_216));
+        assert_eq!(limits.max_response_bytes, Some(16_777_216));
+        assert_eq!(limits.max_log_bytes, Some(1_048_576));
+        let scaling = &deploy.scaling;
+        assert_eq!(scaling.max_concurrency, Some(100));
+        assert_eq!(scaling.reserved_concurrency, Some(0));
+        assert_eq!(scaling.max_queued, Some(100));
+        assert_eq!(scaling.queue_timeout, secs(1));
+        assert!(!scaling.reuse);
+        let grants = &deploy.grants;
+        assert_eq!(grants.kv, ["cache"]);
+        assert!(grants.objects.is_empty() && grants.queues.is_empty());
+        assert_eq!(grants.outbound, ["https://api.example.com"]);
+        assert_eq!(grants.secrets, ["db_password"]);
+        assert_eq!(
+            grants.variables,
+            [("greeting".to_string(), "hi".to_string())]
+        );
+
+        let another = &manifest.functions[1];
+        assert_eq!(another.build, None);
+        assert_eq!(another.deploy.component, Path::new("/abs/another.wasm"));
+        assert!(another.deploy.routes.is_empty() && another.deploy.triggers.is_empty());
+        assert_eq!(another.deploy.limits.memory, None);
+        assert_eq!(another.deploy.scaling.queue_timeout, None);
+    }
+
+    #[test]
+    fn the_same_config_as_the_flags() {
+        // The manifest and `mayfly deploy NAME COMPONENT --flags` send the
+        // same config part.
+        let manifest = parse(FULL).unwrap();
+        let config = crate::commands::config_json(&manifest.functions[0].deploy);
+        assert_eq!(
+            config,
+            serde_json::json!({
+                "routes": ["/hello"],
+                "limits": {
+                    "memory_mb": 128,
+                    "timeout_ms": 30000,
+                    "max_request_bytes": 16777216,
+                    "max_response_bytes": 16777216,
+                    "max_log_bytes": 1048576,
+                },
+                "scaling": {
+                    "max_concurrency": 100,
+                    "reserved_concurrency": 0,
+                    "max_queued": 100,
+                    "queue_timeout_ms": 1000,
+                },
+                "grants": {
+                    "kv": ["cache"],
+                    "objects": [],
+                    "queues": [],
+                    "outbound": ["https://api.example.com"],
+                    "secrets": ["db_password"],
+                },
+                "variables": {"greeting": "hi"},
+            })
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_is_named_with_its_line() {
+        let message =
+            error("[functions.hello]\ncomponent = \"hello.wasm\"\nrotues = [\"/hello\"]\n");
+        assert!(message.contains("rotues"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+        assert!(message.contains("project/mayfly.toml"), "{message}");
+        assert!(message.contains("routes"), "the valid keys: {message}");
+    }
+
+    #[test]
+    fn an_unknown_grant_is_named_with_its_line() {
+        let message = error(
+            "[functions.hello]\ncomponent = \"hello.wasm\"\n\n[functions.hello.grants]\n\
+             kv = [\"cache\"]\nbuckets = [\"b\"]\n",
+        );
+        assert!(message.contains("buckets"), "{message}");
+        assert!(message.contains("line 6"), "{message}");
+        let message = error("[function.hello]\ncomponent = \"hello.wasm\"\n");
+        assert!(message.contains("function"), "{message}");
+        assert!(message.contains("line 1"), "{message}");
+        let message = error(
+            "[functions.hello]\ncomponent = \"hello.wasm\"\n[functions.hello.variables]\n\
+             port = 8080\n",
+        );
+        assert!(message.contains("line 4"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_trigger_spec_is_named_with_its_line() {
+        let message = error(
+            "[functions.hello]\ncomponent = \"hello.wasm\"\n\
+             triggers = [\"queue:orders\",\n  \"cron:*/5 * * * *\"]\n",
+        );
+        assert!(message.contains("cron:*/5 * * * *"), "{message}");
+        assert!(message.contains("unknown trigger kind `cron`"), "{message}");
+        assert!(message.contains("function `hello`"), "{message}");
+        assert!(message.contains("line 4"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_named_with_its_line() {
+        let message =
+            error("[functions.hello]\ncomponent = \"hello.wasm\"\ntimeout = \"thirty\"\n");
+        assert!(message.contains("`timeout`"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn missing_pieces_are_explained() {
+        let message = error("");
+        assert!(message.contains("no functions"), "{message}");
+        let message = error("[functions.hello]\nroutes = [\"/hello\"]\n");
+        assert!(message.contains("component"), "{message}");
+    }
+
+    #[test]
+    fn relative_paths_start_at_the_manifest() {
+        let text = "[functions.a]\ncomponent = \"a.wasm\"\n\
+                    [functions.b]\ncomponent = \"../b/b.wasm\"\n";
+        let here = Manifest::parse(Path::new("mayfly.toml"), text).unwrap();
+        assert_eq!(here.dir, Path::new("."));
+        assert_eq!(here.functions[0].deploy.component, Path::new("./a.wasm"));
+        let there = Manifest::parse(Path::new("/srv/app/mayfly.toml"), text).unwrap();
+        assert_eq!(there.dir, Path::new("/srv/app"));
+        assert_eq!(
+            there.functions[0].deploy.component,
+            Path::new("/srv/app/a.wasm")
+        );
+        assert_eq!(
+            there.functions[1].deploy.component,
+            Path::new("/srv/app/../b/b.wasm")
+        );
+    }
+
+    #[test]
+    fn summaries() {
+        let unchanged = serde_json::json!({"version": 3, "unchanged": true});
+        assert_eq!(summary("hello", &unchanged), "hello: version 3 (unchanged)");
+        let deployed = serde_json::json!({
+            "version": 4, "unchanged": false, "config": {"routes": ["/hello", "/hi"]}
+        });
+        assert_eq!(
+            summary("hello", &deployed),
+            "hello: version 4 deployed, routes /hello, /hi"
+        );
+    }
+}

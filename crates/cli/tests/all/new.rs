@@ -1,0 +1,229 @@
+//! `mayfly new`: projects from templates that build, pass their own tests
+//! and serve on a node.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::common::{Node, eventually, guests};
+
+const TEMPLATES: [&str; 4] = ["http", "cron", "object", "queue"];
+
+/// Runs `mayfly <args>` in `dir`; returns (success, stdout, stderr).
+fn mayfly(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("mayfly runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn new_writes_a_project_for_every_template() {
+    let dir = tempfile::tempdir().unwrap();
+    for template in TEMPLATES {
+        let name = format!("my-{template}");
+        let (ok, stdout, stderr) = mayfly(dir.path(), &["new", &name, "--template", template]);
+        assert!(ok, "{stdout}{stderr}");
+        assert!(stdout.contains(&format!("created {name}")), "{stdout}");
+        let project = dir.path().join(&name);
+        for file in [
+            "Cargo.toml",
+            ".gitignore",
+            "mayfly.toml",
+            "README.md",
+            "src/lib.rs",
+            "src/wasi_http.rs",
+        ] {
+            assert!(project.join(file).is_file(), "{template}: no {file}");
+        }
+        let cargo = read(project.join("Cargo.toml"));
+        assert!(cargo.contains(&format!("name = \"{name}\"")), "{cargo}");
+        assert!(cargo.contains("crate-type = [\"cdylib\"]"), "{cargo}");
+        assert!(cargo.contains("wasip2 = \"1\""), "{cargo}");
+        assert!(cargo.contains("\n[workspace]\n"), "{cargo}");
+        let manifest = read(project.join("mayfly.toml"));
+        let crate_name = name.replace('-', "_");
+        let wiring = match template {
+            "http" => format!("routes = [\"/{name}\"]"),
+            "cron" => "triggers = [\"schedule:@every 1m\"]".to_string(),
+            "object" => format!("triggers = [\"object:{name}-uploads\"]"),
+            _ => format!("triggers = [\"queue:{name}-jobs\"]"),
+        };
+        let expected = format!(
+            "[functions.{name}]\n\
+             component = \"target/wasm32-wasip2/release/{crate_name}.wasm\"\n\
+             build = \"cargo build --release --target wasm32-wasip2\"\n\
+             {wiring}\n"
+        );
+        assert!(manifest.contains(&expected), "{manifest}");
+        assert_eq!(read(project.join(".gitignore")), "target/\n");
+        let readme = read(project.join("README.md"));
+        assert!(!readme.contains("{{"), "{readme}");
+        assert!(readme.contains("cargo test"), "{readme}");
+    }
+
+    // --dir, and an existing empty folder is fine.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, stdout, stderr) = mayfly(
+        dir.path(),
+        &["new", "other", "--dir", empty.to_str().unwrap(), "--json"],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let created: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(created["template"], "http");
+    assert!(read(empty.join("mayfly.toml")).contains("[functions.other]"));
+}
+
+#[test]
+fn new_refuses_bad_names_and_existing_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["Hello", "9lives", "a.b", "../x", ""] {
+        let (ok, _, stderr) = mayfly(dir.path(), &["new", bad]);
+        assert!(!ok, "{bad:?} was accepted");
+        assert!(
+            stderr.contains(&format!("invalid function name `{bad}`")),
+            "{stderr}"
+        );
+    }
+    let (ok, _, stderr) = mayfly(dir.path(), &["new", "f", "--template", "lambda"]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid value 'lambda'"), "{stderr}");
+    let long = "a".repeat(60);
+    let (ok, _, stderr) = mayfly(dir.path(), &["new", &long, "--template", "object"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("too long for the object template"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // An existing folder with anything in it is left alone.
+    let taken = dir.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("notes.txt"), "mine").unwrap();
+    let (ok, _, stderr) = mayfly(dir.path(), &["new", "taken"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("already exists and is not empty"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = mayfly(
+        dir.path(),
+        &[
+            "new",
+            "f",
+            "--dir",
+            taken.join("notes.txt").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("is not a folder"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&taken).unwrap().collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(read(taken.join("notes.txt")), "mine");
+}
+
+/// Runs cargo in `project` with the shared target folder; panics on failure.
+fn cargo(project: &Path, target_dir: &Path, args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(project)
+        .args(args)
+        // The generated project pins no versions: take the crates the
+        // guests already downloaded, so this needs no network.
+        .arg("--offline")
+        .env("CARGO_TARGET_DIR", target_dir)
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "cargo {args:?} in {} failed:\n{}{}",
+        project.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Slow (a few seconds a template once the dependencies are built): every
+/// template builds for wasm32-wasip2 and passes its own tests on the host;
+/// the http one then serves on a node.
+#[test]
+fn new_projects_build_pass_their_tests_and_serve() {
+    // Built under the workspace's target/ so later runs reuse it.
+    let target_dir: PathBuf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/new-template");
+    // The guests' build downloads wasip2, which the projects need too.
+    guests();
+    std::fs::create_dir_all(&target_dir).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for template in TEMPLATES {
+        let name = format!("new-{template}");
+        let (ok, stdout, stderr) = mayfly(dir.path(), &["new", &name, "--template", template]);
+        assert!(ok, "{stdout}{stderr}");
+        let project = dir.path().join(&name);
+        // The project's own target/ is the shared one, so the component
+        // lands where its mayfly.toml says.
+        std::os::unix::fs::symlink(&target_dir, project.join("target")).unwrap();
+        let started = Instant::now();
+        cargo(
+            &project,
+            &target_dir,
+            &["build", "--release", "--target", "wasm32-wasip2"],
+        );
+        let built = started.elapsed();
+        let output = cargo(&project, &target_dir, &["test"]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("test result: ok.") && !stdout.contains("running 0 tests"),
+            "{stdout}"
+        );
+        eprintln!(
+            "{template}: built in {built:?}, tested in {:?}",
+            started.elapsed() - built
+        );
+    }
+
+    // As a new user would: `mayfly deploy` in the project reads its
+    // mayfly.toml, runs its build command and deploys.
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("deploy")
+        .current_dir(dir.path().join("new-http"))
+        .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", &node.token)
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("new-http: version 1 deployed"), "{stdout}");
+    assert_eq!(node.get("/new-http"), (200, "Hello, world!\n".to_string()));
+    assert_eq!(
+        node.get("/new-http/Ada"),
+        (200, "Hello, Ada!\n".to_string())
+    );
+    let (status, body, _) = node.request("POST", "/new-http", b"echo me");
+    assert_eq!((status, body.as_slice()), (200, &b"echo me"[..]));
+    eventually(Duration::from_secs(10), "the request's log line", || {
+        let (ok, logs, stderr) = node.cli(&["logs", "new-http"]);
+        assert!(ok, "{stderr}");
+        logs.contains("GET /new-http/Ada -> 200").then_some(())
+    });
+}
