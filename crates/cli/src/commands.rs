@@ -26,6 +26,7 @@ pub fn run(
             unreachable!("simulate runs locally, it is not a client verb")
         }
         Command::New(_) => unreachable!("new runs locally, it is not a client verb"),
+        Command::Dev(_) => unreachable!("dev runs a node, it is not a client verb"),
         Command::Deploy(args) => deploy(&client, json, args),
         Command::List => list(&client, json),
         Command::Invoke(args) => invoke(&client, json, &args),
@@ -40,6 +41,7 @@ pub fn run(
             Ok(())
         }
         Command::Status => status(&client, json),
+        Command::Versions { name } => versions(&client, json, &name),
         Command::Usage(args) => usage(&client, json, &args),
         Command::Object { command } => events::object(&client, json, command),
         Command::Kv { command } => events::kv(&client, json, command),
@@ -567,6 +569,49 @@ fn csv_field(text: &str) -> String {
 }
 
 /// A time in ms since the epoch as RFC 3339 with milliseconds.
+/// `mayfly versions <fn>`: every immutable version, newest first.
+fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> {
+    let function: Value = client.get_json(&format!("/v1/functions/{}", segment(name)))?;
+    if json {
+        println!("{}", function["versions"]);
+        return Ok(());
+    }
+    let live = function["live"]["version"].as_u64();
+    let mut versions = function["versions"].as_array().cloned().unwrap_or_default();
+    versions.sort_by_key(|v| std::cmp::Reverse(v["version"].as_u64()));
+    println!(
+        "{:<8} {:<14} {:<19} {:<5} ROUTES",
+        "VERSION", "DIGEST", "CREATED", "LIVE"
+    );
+    for version in versions {
+        let number = version["version"].as_u64();
+        let digest = version["digest"].as_str().unwrap_or_default();
+        let digest = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let routes = version["config"]["routes"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<8} {:<14} {:<19} {:<5} {}",
+            number.map(|n| n.to_string()).unwrap_or_default(),
+            digest.get(..12).unwrap_or(digest),
+            format_time(version["created_at_ms"].as_i64().unwrap_or(0)),
+            if number == live { "*" } else { "" },
+            if routes.is_empty() {
+                "-".to_string()
+            } else {
+                routes
+            }
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn format_time(ms: i64) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()

@@ -4,6 +4,7 @@
 mod access;
 mod client;
 mod commands;
+mod dev;
 mod events;
 mod manifest;
 mod new;
@@ -59,6 +60,9 @@ struct Cli {
 enum Command {
     /// Run a node: the HTTP gateway and the admin API.
     Serve(ServeArgs),
+    /// Run a local node with ./mayfly.toml's functions, rebuild and redeploy
+    /// them when their sources change, and print their logs as they arrive.
+    Dev(dev::DevArgs),
     /// Deploy a component as a new version of a function; with no NAME and
     /// COMPONENT, build and deploy every function in ./mayfly.toml.
     Deploy(DeployArgs),
@@ -77,6 +81,11 @@ enum Command {
         /// How many of the latest lines to print first.
         #[arg(long, default_value_t = 100)]
         tail: usize,
+    },
+    /// List a function's versions: number, digest, when, and which is live.
+    Versions {
+        /// Function name.
+        name: String,
     },
     /// Delete a function and stop serving its routes.
     Delete {
@@ -334,6 +343,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),
         command => commands::run(

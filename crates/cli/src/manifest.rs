@@ -291,8 +291,13 @@ fn function(
 /// `mayfly deploy` with no NAME and COMPONENT: builds what the manifest at
 /// `path` asks to, then deploys each of its functions, one line each.
 pub fn apply(client: &AdminClient, json: bool, path: &Path) -> anyhow::Result<()> {
-    let manifest = Manifest::load(path)?;
-    build(&manifest)?;
+    apply_manifest(client, json, &Manifest::load(path)?)
+}
+
+/// Builds and deploys a loaded manifest through `client` (`mayfly deploy`
+/// and `mayfly dev`); a failed build deploys nothing.
+pub fn apply_manifest(client: &AdminClient, json: bool, manifest: &Manifest) -> anyhow::Result<()> {
+    build(manifest)?;
     // Every component must exist before anything is deployed.
     for function in &manifest.functions {
         let FunctionDeploy {

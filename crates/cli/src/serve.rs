@@ -69,12 +69,7 @@ impl AdminTlsArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mayfly-worker")
@@ -162,7 +157,21 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
     Ok(scaling)
 }
 
-async fn wait_for_signal(mut terminate: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+/// The node's own logs go to stderr, filtered by `RUST_LOG` or else
+/// `default_filter` (`mayfly serve`: info; `mayfly dev`: warn).
+pub(crate) fn init_tracing(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Waits for SIGTERM (`terminate`, subscribed before the node starts) or Ctrl-C.
+pub(crate) async fn wait_for_signal(
+    mut terminate: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminate.recv() => {}
         result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,

@@ -6,6 +6,7 @@
 
 mod common;
 mod deploy;
+mod dev;
 mod events;
 mod limits;
 mod manifest;

@@ -174,6 +174,19 @@ fn a_manifest_deploys_its_functions_and_reapplying_it_changes_nothing() {
     assert_eq!(versions(&node, "hello"), (2, Value::from(2)));
     assert_eq!(node.get("/hi").0, 200);
     assert_eq!(node.get("/hello").0, 404);
+    // `mayfly versions` lists both, newest first, the live one marked.
+    let (ok, listing, stderr) = node.cli(&["versions", "hello"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<&str> = listing.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{listing}");
+    assert!(
+        rows[0].starts_with('2') && rows[0].contains('*') && rows[0].contains("/hi"),
+        "{listing}"
+    );
+    assert!(
+        rows[1].starts_with('1') && !rows[1].contains('*'),
+        "{listing}"
+    );
 
     // A typo is refused with the key and its line; nothing is deployed,
     // not even the function before it.

@@ -67,7 +67,7 @@ fn new_writes_a_project_for_every_template() {
              {wiring}\n"
         );
         assert!(manifest.contains(&expected), "{manifest}");
-        assert_eq!(read(project.join(".gitignore")), "target/\n");
+        assert_eq!(read(project.join(".gitignore")), "target/\n.mayfly-dev/\n");
         let readme = read(project.join("README.md"));
         assert!(!readme.contains("{{"), "{readme}");
         assert!(readme.contains("cargo test"), "{readme}");
