@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::client::{AdminClient, check};
 use crate::events;
-use crate::{Command, DeployArgs, GrantArgs, InvokeArgs, LimitArgs, ScalingArgs, UsageArgs};
+use crate::{
+    AliasCommand, Command, DeployArgs, GrantArgs, InvokeArgs, LimitArgs, ScalingArgs, UsageArgs,
+};
 
 pub fn run(
     admin_url: &str,
@@ -41,7 +43,43 @@ pub fn run(
             Ok(())
         }
         Command::Status => status(&client, json),
-        Command::Versions { name } => versions(&client, json, &name),
+        Command::Versions {
+            name,
+            delete: Some(version),
+        } => {
+            client.delete(&format!(
+                "/v1/functions/{}/versions/{version}",
+                segment(&name)
+            ))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"function": name, "deleted_version": version})
+                );
+            } else {
+                println!("deleted version {version} of {name}");
+            }
+            Ok(())
+        }
+        Command::Versions { name, delete: None } => versions(&client, json, &name),
+        Command::Alias { command } => alias(&client, json, command),
+        Command::Rollback { name } => {
+            let answer: Value = client.post_json(
+                &format!("/v1/functions/{}/rollback", segment(&name)),
+                &serde_json::json!({}),
+            )?;
+            if json {
+                println!("{answer}");
+            } else {
+                println!(
+                    "{}: {} -> {}",
+                    answer["alias"].as_str().unwrap_or("live"),
+                    answer["from"],
+                    answer["version"]
+                );
+            }
+            Ok(())
+        }
         Command::Usage(args) => usage(&client, json, &args),
         Command::Object { command } => events::object(&client, json, command),
         Command::Kv { command } => events::kv(&client, json, command),
@@ -327,12 +365,15 @@ fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result
         .method
         .clone()
         .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
-    let query = format!(
+    let mut query = format!(
         "/v1/functions/{}/invoke?path={}&method={}",
         segment(name),
         percent_encode(path, b"/"),
         percent_encode(&method, b"")
     );
+    if let Some(alias) = &args.alias {
+        query.push_str(&format!("&alias={}", percent_encode(alias, b"")));
+    }
     let mut response = client.send_raw("POST", &query, &headers, body.as_deref())?;
     let status = response.status();
     // A missing function is the API's error, not the function's response.
@@ -569,19 +610,148 @@ fn csv_field(text: &str) -> String {
 }
 
 /// A time in ms since the epoch as RFC 3339 with milliseconds.
-/// `mayfly versions <fn>`: every immutable version, newest first.
+/// `mayfly alias set|list|delete`.
+fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Result<()> {
+    match command {
+        AliasCommand::Set {
+            name,
+            alias,
+            to,
+            canary,
+        } => {
+            let mut body = serde_json::json!({"version": to});
+            if let Some((canary, percent)) = canary {
+                body["canary"] = serde_json::json!({"version": canary, "weight_percent": percent});
+            }
+            let body = serde_json::to_vec(&body)?;
+            let headers = [("content-type".to_string(), "application/json".to_string())];
+            let answer: Value = client.send_json(
+                "PUT",
+                &format!(
+                    "/v1/functions/{}/aliases/{}",
+                    segment(&name),
+                    segment(&alias)
+                ),
+                &headers,
+                Some(&body),
+            )?;
+            if json {
+                println!("{answer}");
+            } else {
+                println!("{name} {}", alias_summary(&answer));
+            }
+            Ok(())
+        }
+        AliasCommand::List { name } => {
+            let aliases: Vec<Value> =
+                client.get_json(&format!("/v1/functions/{}/aliases", segment(&name)))?;
+            if json {
+                println!("{}", Value::from(aliases));
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>7}  {:<16} {:>8}  UPDATED",
+                "ALIAS", "VERSION", "CANARY", "PREVIOUS"
+            );
+            for alias in aliases {
+                let canary = match alias["canary"].as_object() {
+                    Some(canary) => format!(
+                        "{} ({}%)",
+                        canary["version"],
+                        canary["weight_percent"].as_f64().unwrap_or(0.0)
+                    ),
+                    None => "-".to_string(),
+                };
+                println!(
+                    "{:<16} {:>7}  {:<16} {:>8}  {}",
+                    alias["alias"].as_str().unwrap_or_default(),
+                    alias["version"],
+                    canary,
+                    alias["previous_version"]
+                        .as_u64()
+                        .map_or("-".to_string(), |v| v.to_string()),
+                    format_time(alias["updated_at_ms"].as_i64().unwrap_or(0))
+                );
+            }
+            Ok(())
+        }
+        AliasCommand::Delete { name, alias } => {
+            client.delete(&format!(
+                "/v1/functions/{}/aliases/{}",
+                segment(&name),
+                segment(&alias)
+            ))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"function": name, "deleted_alias": alias})
+                );
+            } else {
+                println!("deleted alias {alias} of {name}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `live: 7 (canary 8 at 10%)` for an alias as the API shows it.
+fn alias_summary(alias: &Value) -> String {
+    let mut text = format!(
+        "{}: {}",
+        alias["alias"].as_str().unwrap_or_default(),
+        alias["version"]
+    );
+    if let Some(canary) = alias["canary"].as_object() {
+        text.push_str(&format!(
+            " (canary {} at {}%)",
+            canary["version"],
+            canary["weight_percent"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    text
+}
+
+/// The aliases pointing at `version`, for the versions table: `*live` for
+/// the live one, `live(canary 10%)` for a canary, other names as they are.
+fn aliases_of(aliases: &[Value], version: Option<u64>) -> String {
+    let mut names = Vec::new();
+    for alias in aliases {
+        let name = alias["alias"].as_str().unwrap_or_default();
+        if alias["version"].as_u64() == version {
+            names.push(if name == "live" {
+                "*live".to_string()
+            } else {
+                name.to_string()
+            });
+        }
+        if alias["canary"]["version"].as_u64() == version {
+            names.push(format!(
+                "{name}(canary {}%)",
+                alias["canary"]["weight_percent"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    if names.is_empty() {
+        "-".to_string()
+    } else {
+        names.join(",")
+    }
+}
+
+/// `mayfly versions <fn>`: every immutable version, newest first, with the
+/// aliases that point at it.
 fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> {
     let function: Value = client.get_json(&format!("/v1/functions/{}", segment(name)))?;
     if json {
         println!("{}", function["versions"]);
         return Ok(());
     }
-    let live = function["live"]["version"].as_u64();
+    let aliases = function["aliases"].as_array().cloned().unwrap_or_default();
     let mut versions = function["versions"].as_array().cloned().unwrap_or_default();
     versions.sort_by_key(|v| std::cmp::Reverse(v["version"].as_u64()));
     println!(
-        "{:<8} {:<14} {:<19} {:<5} ROUTES",
-        "VERSION", "DIGEST", "CREATED", "LIVE"
+        "{:<8} {:<14} {:<19} {:<24} ROUTES",
+        "VERSION", "DIGEST", "CREATED", "ALIASES"
     );
     for version in versions {
         let number = version["version"].as_u64();
@@ -597,11 +767,11 @@ fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> 
             })
             .unwrap_or_default();
         println!(
-            "{:<8} {:<14} {:<19} {:<5} {}",
+            "{:<8} {:<14} {:<19} {:<24} {}",
             number.map(|n| n.to_string()).unwrap_or_default(),
             digest.get(..12).unwrap_or(digest),
             format_time(version["created_at_ms"].as_i64().unwrap_or(0)),
-            if number == live { "*" } else { "" },
+            aliases_of(&aliases, number),
             if routes.is_empty() {
                 "-".to_string()
             } else {

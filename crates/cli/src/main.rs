@@ -82,8 +82,24 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         tail: usize,
     },
-    /// List a function's versions: number, digest, when, and which is live.
+    /// List a function's versions: number, digest, when, and the aliases
+    /// that point at each (`*live` marks the live one); or delete one.
     Versions {
+        /// Function name.
+        name: String,
+        /// Delete this version instead (refused while an alias points at it).
+        #[arg(long, value_name = "VERSION")]
+        delete: Option<u64>,
+    },
+    /// Point a function's aliases (`live`, or names of your own) at
+    /// versions, optionally splitting traffic with a canary.
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
+    },
+    /// Move a function's `live` alias back to its previous version, at once
+    /// and without recompiling.
+    Rollback {
         /// Function name.
         name: String,
     },
@@ -140,6 +156,57 @@ enum Command {
     },
     /// Show the audit log: who did what to the node, and when.
     Audit(access::AuditArgs),
+}
+
+/// `mayfly alias`: a function's named pointers to versions.
+#[derive(Debug, Subcommand)]
+enum AliasCommand {
+    /// Point ALIAS at VERSION (moving `live` moves the function's routes,
+    /// triggers and invokes); `--canary 8=10%` sends 10% of its requests,
+    /// chosen by request id, to version 8.
+    Set {
+        /// Function name.
+        name: String,
+        /// Alias name: `live` or 1 to 32 of `a-z`, `0-9`, `-`, `_`.
+        alias: String,
+        /// The version it points at.
+        #[arg(value_name = "VERSION")]
+        to: u64,
+        /// A canary taking a share of the alias's traffic, as
+        /// `<version>=<percent>%` (more than 0, less than 100).
+        #[arg(long, value_name = "VERSION=PERCENT%", value_parser = parse_canary)]
+        canary: Option<(u64, f64)>,
+    },
+    /// List a function's aliases, their versions and canaries.
+    List {
+        /// Function name.
+        name: String,
+    },
+    /// Delete an alias (not `live`).
+    Delete {
+        /// Function name.
+        name: String,
+        /// Alias name.
+        alias: String,
+    },
+}
+
+/// `8=10%` (or `8=10`): a canary version and its weight in percent.
+fn parse_canary(text: &str) -> Result<(u64, f64), String> {
+    let usage = || format!("`{text}` is not <version>=<percent>%, e.g. 8=10%");
+    let (version, percent) = text.split_once('=').ok_or_else(usage)?;
+    let version = version.trim().parse().map_err(|_| usage())?;
+    let percent = percent.trim();
+    let percent: f64 = percent
+        .strip_suffix('%')
+        .unwrap_or(percent)
+        .trim()
+        .parse()
+        .map_err(|_| usage())?;
+    if !percent.is_finite() {
+        return Err(usage());
+    }
+    Ok((version, percent))
 }
 
 /// `mayfly deploy`: the component and its configuration, or a manifest.
@@ -231,6 +298,9 @@ struct InvokeArgs {
     /// Request header as `Name: value`; repeat for more.
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
+    /// The alias to invoke [default: live].
+    #[arg(long, conflicts_with = "async_invoke")]
+    alias: Option<String>,
     #[command(flatten)]
     delivery: events::AsyncArgs,
 }
@@ -337,6 +407,11 @@ struct ServeArgs {
     /// `<data-dir>/node.toml` when it exists.
     #[arg(long, env = "MAYFLY_CONFIG")]
     config: Option<PathBuf>,
+    /// Versions each function keeps: after a deploy, older ones no alias
+    /// points at are deleted.
+    #[arg(long, default_value_t = mayfly_platform::DEFAULT_KEEP_VERSIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    keep_versions: usize,
 }
 
 fn main() -> ExitCode {
@@ -405,6 +480,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("unknown trigger kind `x`"), "{error}");
+    }
+
+    #[test]
+    fn alias_set_takes_a_canary() {
+        let cli = Cli::try_parse_from([
+            "mayfly", "alias", "set", "f", "live", "7", "--canary", "8=12.5%",
+        ])
+        .unwrap();
+        let Command::Alias {
+            command: super::AliasCommand::Set { to, canary, .. },
+        } = cli.command
+        else {
+            panic!("not alias set")
+        };
+        assert_eq!((to, canary), (7, Some((8, 12.5))));
+        assert!(super::parse_canary("8").is_err());
+        assert!(super::parse_canary("x=1%").is_err());
+        assert_eq!(super::parse_canary("8=10"), Ok((8, 10.0)));
     }
 
     #[test]

@@ -82,6 +82,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
     let mut node = NodeConfig::new(&args.data_dir);
     node.credential_ttl = args.credential_ttl;
+    node.keep_versions = args.keep_versions;
     node.runtime.max_instances = args.max_instances;
     let default_file = args.data_dir.join("node.toml");
     let file = match &args.config {

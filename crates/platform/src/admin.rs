@@ -24,6 +24,7 @@ mod events;
 #[cfg(test)]
 mod fuzz_tests;
 mod secrets;
+mod versions;
 pub use events::{MAX_ASYNC_BYTES, MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 
 /// The admin API's routes over `platform`.
@@ -49,6 +50,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(events::routes())
         .merge(auth::routes())
         .merge(secrets::routes())
+        .merge(versions::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
@@ -195,11 +197,13 @@ async fn get_function(
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let (function, versions) = platform.function(&name).await?;
+    let aliases = platform.aliases(&name).await?;
     Ok(Json(serde_json::json!({
         "name": function.name,
         "created_at_ms": function.created_at_ms,
         "live": function.live,
         "versions": versions,
+        "aliases": aliases.iter().map(versions::alias_json).collect::<Vec<_>>(),
     })))
 }
 
@@ -292,6 +296,8 @@ struct InvokeQuery {
     max_attempts: Option<u32>,
     /// Asynchronous only: wait before the second attempt, in ms.
     backoff_ms: Option<u64>,
+    /// The alias to invoke (default `live`).
+    alias: Option<String>,
 }
 
 fn root_path() -> String {
@@ -302,8 +308,9 @@ fn post_method() -> String {
     "POST".into()
 }
 
-/// `POST /v1/functions/{name}/invoke?path=/x&method=GET`: runs the function
-/// directly, whatever its routes, and answers with its response.
+/// `POST /v1/functions/{name}/invoke?path=/x&method=GET&alias=live`: runs
+/// the function's alias (default `live`, split by its canary like a routed
+/// request) directly, whatever its routes, and answers with its response.
 async fn invoke(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -312,14 +319,27 @@ async fn invoke(
     body: Body,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let function = platform
+    let served = platform
         .catalog()
         .by_name
         .get(&name)
         .cloned()
-        .ok_or(PlatformError::NotFound(name))?;
+        .ok_or_else(|| PlatformError::NotFound(name.clone()))?;
+    let alias = query.alias.as_deref().unwrap_or(mayfly_store::LIVE_ALIAS);
+    let Some(target) = served.alias(alias) else {
+        crate::platform::validate_alias(alias)?;
+        return Err(PlatformError::Missing(format!(
+            "function `{name}` has no alias `{alias}`: see `mayfly alias list {name}`"
+        ))
+        .into());
+    };
     if query.asynchronous {
-        return invoke_async(&platform, &function, query, &headers, body).await;
+        if alias != mayfly_store::LIVE_ALIAS {
+            return Err(ApiError::bad_request(
+                "an asynchronous invocation goes to the `live` alias: leave `alias` out",
+            ));
+        }
+        return invoke_async(&platform, &target.deployed, query, &headers, body).await;
     }
     let method = Method::from_bytes(query.method.as_bytes())
         .map_err(|_| ApiError::bad_request(format!("invalid method `{}`", query.method)))?;
@@ -338,7 +358,7 @@ async fn invoke(
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
-    let response = platform.invoke(&function, request, "invoke").await;
+    let response = platform.invoke(target, request, "invoke").await;
     Ok(response.map(Body::new))
 }
 

@@ -1,34 +1,42 @@
-//! What the node serves: an immutable snapshot of deployed functions and
-//! their routes, swapped atomically on every change so the request path
-//! reads it without a lock.
+//! What the node serves: an immutable snapshot of deployed functions, the
+//! versions their aliases point at, and their routes, swapped atomically on
+//! every change so the request path reads it without a lock.
+//!
+//! Each version in service (the `live` alias's, a canary's, a named
+//! alias's) has one [`Deployed`] entry with its own tier, artifact and
+//! capabilities; a function's aliases are [`Target`]s over them. A switch
+//! (deploy, alias set, rollback) builds a new [`Served`] and swaps the
+//! snapshot: requests already running hold an `Arc` of the version they
+//! started on and finish there, new ones see the new version.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use mayfly_runtime::InvocationLimits;
-use mayfly_store::{Digest, FunctionScaling};
+use mayfly_store::{Digest, FunctionScaling, LIVE_ALIAS, WEIGHT_SCALE_BP};
 
 use crate::metering::FunctionMeter;
 use crate::routes::{Route, RouteTable};
 use crate::tiers::{Activity, Tier};
 
-/// One function's serving version.
+/// One version of a function in service.
 pub struct Deployed {
     /// Function name.
     pub name: String,
     /// The name as the admission controller's key.
     pub key: Arc<str>,
-    /// The version that serves requests.
+    /// The version this entry runs.
     pub version: u64,
+    /// `version` as the value of the `x-mayfly-version` response header,
+    /// made once rather than per request.
+    pub version_header: http::HeaderValue,
     /// Cache key of the compiled artifact.
     pub artifact: Digest,
-    /// Routes to this function.
-    pub routes: Vec<Route>,
     /// Limits of each invocation.
     pub limits: InvocationLimits,
     /// Concurrency, queueing and reuse settings.
     pub scaling: FunctionScaling,
-    /// Turns the function's invocations into usage records and metrics.
+    /// Turns the version's invocations into usage records and metrics.
     pub meter: Arc<FunctionMeter>,
     /// The version's tier: its loaded, pre-linked function when warm or
     /// hot (filled on deploy or by the first request after it went cold).
@@ -42,18 +50,114 @@ pub struct Deployed {
     pub grants: mayfly_store::Grants,
 }
 
+/// A canary on an alias: the version that gets a share of its traffic.
+pub struct Canary {
+    /// The canary version.
+    pub deployed: Arc<Deployed>,
+    /// Its share, in basis points (`1..10_000`).
+    pub weight_bp: u32,
+}
+
+/// What an alias serves: a version, and maybe a canary taking a share.
+pub struct Target {
+    /// The alias's version.
+    pub deployed: Arc<Deployed>,
+    /// The canary, if the alias splits its traffic.
+    pub canary: Option<Canary>,
+}
+
+impl Target {
+    /// The version that serves the request `request_id`: the canary when
+    /// the id's bucket falls below its weight, so the same id (a retry)
+    /// always lands on the same version. Without a canary: one branch.
+    #[inline]
+    pub fn pick(&self, request_id: &str) -> &Arc<Deployed> {
+        match &self.canary {
+            None => &self.deployed,
+            Some(canary) if split_bucket(request_id) < canary.weight_bp => &canary.deployed,
+            Some(_) => &self.deployed,
+        }
+    }
+
+    /// The versions this target may run: its own, then its canary's.
+    pub fn versions(&self) -> impl Iterator<Item = &Arc<Deployed>> {
+        std::iter::once(&self.deployed).chain(self.canary.as_ref().map(|c| &c.deployed))
+    }
+}
+
+/// A request id's place in `0..10_000`: a stable hash (FNV-1a, then a
+/// 64-bit finaliser so every bit of the id moves the low bits), the same on
+/// every node and every run.
+pub fn split_bucket(request_id: &str) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in request_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // MurmurHash3's fmix64.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
+    (hash % u64::from(WEIGHT_SCALE_BP)) as u32
+}
+
+/// One function as the node serves it: its aliases and its routes.
+pub struct Served {
+    /// Function name.
+    pub name: String,
+    /// The function's routes: those of its `live` version.
+    pub routes: Vec<Route>,
+    /// The `live` alias: what routes, triggers and the admin invoke reach.
+    pub live: Target,
+    /// The other aliases, by name.
+    pub aliases: HashMap<String, Target>,
+}
+
+impl Served {
+    /// The alias `name` (`live` included).
+    pub fn alias(&self, name: &str) -> Option<&Target> {
+        if name == LIVE_ALIAS {
+            Some(&self.live)
+        } else {
+            self.aliases.get(name)
+        }
+    }
+
+    /// Every version in service, each once: live's first.
+    pub fn versions(&self) -> Vec<&Arc<Deployed>> {
+        let mut versions: Vec<&Arc<Deployed>> = Vec::new();
+        for deployed in self
+            .live
+            .versions()
+            .chain(self.aliases.values().flat_map(Target::versions))
+        {
+            if !versions.iter().any(|v| v.version == deployed.version) {
+                versions.push(deployed);
+            }
+        }
+        versions
+    }
+
+    /// The entry of `version`, if it is in service.
+    pub fn version(&self, version: u64) -> Option<&Arc<Deployed>> {
+        self.versions().into_iter().find(|v| v.version == version)
+    }
+}
+
 /// Every deployed function, by name and by route.
 #[derive(Default)]
 pub struct Catalog {
     /// Functions by name.
-    pub by_name: HashMap<String, Arc<Deployed>>,
+    pub by_name: HashMap<String, Arc<Served>>,
     /// Functions by route.
-    pub routes: RouteTable<Arc<Deployed>>,
+    pub routes: RouteTable<Arc<Served>>,
 }
 
 impl Catalog {
     /// Builds a catalog from a set of functions.
-    pub fn new(functions: impl IntoIterator<Item = Arc<Deployed>>) -> Self {
+    pub fn new(functions: impl IntoIterator<Item = Arc<Served>>) -> Self {
         let mut catalog = Self::default();
         for function in functions {
             for route in &function.routes {
@@ -65,7 +169,7 @@ impl Catalog {
     }
 
     /// A new catalog with `function` added or replacing the one of that name.
-    pub fn with(&self, function: Arc<Deployed>) -> Self {
+    pub fn with(&self, function: Arc<Served>) -> Self {
         let name = function.name.clone();
         let others = self.by_name.values().filter(|f| f.name != name).cloned();
         Self::new(others.chain([function]))
@@ -74,5 +178,37 @@ impl Catalog {
     /// A new catalog without the function `name`.
     pub fn without(&self, name: &str) -> Self {
         Self::new(self.by_name.values().filter(|f| f.name != name).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_is_deterministic() {
+        for id in ["a", "split-1", "0190b4c2a3f47c3e9d8e5b1f2a3c4d5e", ""] {
+            assert_eq!(split_bucket(id), split_bucket(id));
+            assert!(split_bucket(id) < WEIGHT_SCALE_BP);
+        }
+        // Pinned: the same id maps to the same bucket on every node and
+        // release, so a retry keeps its version across a restart.
+        assert_eq!(split_bucket("split-1"), 1416);
+        assert_eq!(split_bucket("split-2"), 6975);
+        assert_eq!(split_bucket(""), 4342);
+    }
+
+    #[test]
+    fn ten_percent_of_ids_go_to_a_ten_percent_canary() {
+        let count = |ids: &mut dyn Iterator<Item = String>| {
+            ids.filter(|id| split_bucket(id) < 1000).count()
+        };
+        // Binomial(10 000, 0.1): sd 30; ±5 sd.
+        let sequential = count(&mut (0..10_000).map(|i| format!("split-{i}")));
+        assert!((850..=1150).contains(&sequential), "{sequential}");
+        let generated = count(&mut (0..10_000).map(|_| uuid::Uuid::now_v7().simple().to_string()));
+        assert!((850..=1150).contains(&generated), "{generated}");
+        let numbers = count(&mut (0..10_000).map(|i| i.to_string()));
+        assert!((850..=1150).contains(&numbers), "{numbers}");
     }
 }

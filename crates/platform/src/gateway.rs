@@ -74,7 +74,7 @@ async fn route(
         .lookup(host, request.uri().path())
         .cloned();
     match function {
-        Some(function) => platform.invoke(&function, request, "http").await,
+        Some(function) => platform.invoke(&function.live, request, "http").await,
         None => text_response(
             http::StatusCode::NOT_FOUND,
             "no function serves this path: deploy one with `mayfly deploy <name> <file.wasm> --route <prefix>`\n",

@@ -32,8 +32,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform::{
-    DeployOutcome, FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER,
-    ScalingConfig, Status, physical_memory, text_response,
+    DEFAULT_KEEP_VERSIONS, DeployOutcome, FunctionScalingStatus, NodeConfig, Platform,
+    PlatformError, REQUEST_ID_HEADER, ScalingConfig, Status, VERSION_HEADER, physical_memory,
+    text_response,
 };
 
 /// Where a node listens and how it stops.

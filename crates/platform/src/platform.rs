@@ -15,14 +15,15 @@ use mayfly_runtime::{
 };
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
-    BlobDir, BlobKind, BlobStore, Digest, EmbeddedLedger, EmbeddedStore, FunctionConfig,
-    FunctionLimits, FunctionRecord, FunctionScaling, LogStore, Registry, StoreError, StoredUsage,
-    Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
+    AliasRecord, BlobDir, BlobKind, BlobStore, CanaryRecord, Digest, EmbeddedLedger, EmbeddedStore,
+    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore,
+    Registry, StoreError, StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore,
+    VersionRecord, WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
 
 use crate::admission::{Admission, Permit, SlotLimits, Throttled};
-use crate::catalog::{Catalog, Deployed};
+use crate::catalog::{Canary, Catalog, Deployed, Served, Target};
 use crate::config::PriceList;
 use crate::events::{EVENT_ERROR_EXCERPT, EventBody, EventHub, EventOutcome};
 use crate::ledger::Ledger;
@@ -31,8 +32,17 @@ use crate::metering::{FunctionMeter, Metrics};
 use crate::routes::Route;
 use crate::tiers::{Activity, Running, Tier, TierName, eviction_order};
 
-/// Header carrying the request id back to the client.
+/// Header carrying the request id back to the client. A request that
+/// brings one (1 to 64 of `[A-Za-z0-9._-]`) keeps it, so a retry carrying
+/// the same id lands on the same version of a split alias.
 pub const REQUEST_ID_HEADER: &str = "x-mayfly-request-id";
+
+/// Header telling the client which version served its request.
+pub const VERSION_HEADER: &str = "x-mayfly-version";
+
+/// Default number of versions a function keeps (besides those an alias
+/// points at).
+pub const DEFAULT_KEEP_VERSIONS: usize = 10;
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -49,6 +59,9 @@ pub struct NodeConfig {
     pub scaling: ScalingConfig,
     /// How long a function's per-invocation credential stays valid.
     pub credential_ttl: Duration,
+    /// Versions each function keeps after a deploy: the newest ones, plus
+    /// any an alias points at (at least 1).
+    pub keep_versions: usize,
 }
 
 /// How the node scales functions.
@@ -121,6 +134,7 @@ impl NodeConfig {
             prices: PriceList::default(),
             scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
             credential_ttl: crate::auth::DEFAULT_CREDENTIAL_TTL,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
         }
     }
 }
@@ -160,6 +174,8 @@ impl From<StoreError> for PlatformError {
         match error {
             StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
             StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
+            StoreError::VersionNotFound { .. } => PlatformError::Missing(error.to_string()),
+            StoreError::Conflict(message) => PlatformError::Conflict(message),
             StoreError::PreconditionFailed(message) => PlatformError::PreconditionFailed(message),
             other => PlatformError::Internal(other.into()),
         }
@@ -345,57 +361,180 @@ impl Platform {
 
         let registry = platform.registry.clone();
         let records = tokio::task::spawn_blocking(move || registry.functions()).await??;
-        let mut deployed = Vec::with_capacity(records.len());
+        let mut served = Vec::with_capacity(records.len());
         for record in records {
-            deployed.push(platform.restore(record).await?);
+            served.push(platform.restore(record).await?);
         }
-        platform.catalog.store(Arc::new(Catalog::new(deployed)));
+        platform.catalog.store(Arc::new(Catalog::new(served)));
         platform.count_functions();
         spawn_autoscaler(&platform);
         platform.events.start(&platform).await?;
         Ok(platform)
     }
 
-    /// Rebuilds a function's catalog entry at start-up, compiling only if its
-    /// artifact is missing.
-    async fn restore(self: &Arc<Self>, record: FunctionRecord) -> anyhow::Result<Arc<Deployed>> {
-        let digest = Digest::parse(&record.live.digest)?;
-        let artifact = self.artifact_key(&digest);
-        if !self.artifact_cached(&artifact) {
-            let wasm = self
-                .blobs
-                .get(BlobKind::Component, &digest)?
-                .with_context(|| {
-                    format!("component {digest} of function {} is missing", record.name)
-                })?;
-            self.compile_and_store(Bytes::from(wasm), &artifact)
+    /// Rebuilds a function's catalog entry at start-up (every version an
+    /// alias points at), compiling only the artifacts that are missing.
+    async fn restore(self: &Arc<Self>, record: FunctionRecord) -> anyhow::Result<Arc<Served>> {
+        let name = record.name.clone();
+        let registry = self.registry.clone();
+        let owned = name.clone();
+        let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned)).await??;
+        let mut in_service: Vec<u64> = aliases
+            .iter()
+            .flat_map(|a| std::iter::once(a.version).chain(a.canary.map(|c| c.version)))
+            .collect();
+        in_service.sort_unstable();
+        in_service.dedup();
+        for version in in_service {
+            let stored = if version == record.live.version {
+                Some(record.live.clone())
+            } else {
+                let registry = self.registry.clone();
+                let owned = name.clone();
+                tokio::task::spawn_blocking(move || registry.version(&owned, version)).await??
+            };
+            let stored = stored.with_context(|| {
+                format!("an alias of {name} points at version {version}, which is missing")
+            })?;
+            self.ensure_artifact(&stored)
                 .await
-                .with_context(|| format!("cannot recompile function {}", record.name))?;
+                .with_context(|| format!("cannot recompile function {name} v{version}"))?;
         }
-        let routes = parse_routes(&record.live.config.routes)
-            .map_err(|e| anyhow::anyhow!("stored routes of {} are invalid: {e}", record.name))?;
         let config = &record.live.config;
         if let Err(error) = self
             .admission
-            .configure(&record.name, slot_limits(config, &self.config.scaling))
+            .configure(&name, slot_limits(config, &self.config.scaling))
         {
             // The node was restarted with less capacity: serve the function
             // without its reservation rather than not at all.
-            tracing::warn!(function = %record.name, "reservation dropped: {error}");
+            tracing::warn!(function = %name, "reservation dropped: {error}");
             let mut unreserved = config.clone();
             unreserved.scaling.reserved_concurrency = 0;
             self.admission
-                .configure(&record.name, slot_limits(&unreserved, &self.config.scaling))
+                .configure(&name, slot_limits(&unreserved, &self.config.scaling))
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
-        Ok(self.deployed(
-            record.name,
-            record.live.version,
-            artifact,
+        Ok(self.build_served(&name, None).await?)
+    }
+
+    /// Makes sure the compiled artifact of `version` is on disk, compiling
+    /// its stored component if not (a changed engine, a lost file).
+    async fn ensure_artifact(&self, version: &VersionRecord) -> Result<(), PlatformError> {
+        let digest = Digest::parse(&version.digest)?;
+        let artifact = self.artifact_key(&digest);
+        if self.artifact_cached(&artifact) {
+            return Ok(());
+        }
+        let blobs = self.blobs.clone();
+        let key = digest.clone();
+        let wasm = tokio::task::spawn_blocking(move || blobs.get(BlobKind::Component, &key))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??
+            .ok_or_else(|| {
+                PlatformError::Internal(anyhow::anyhow!(
+                    "component {digest} of function {} v{} is missing",
+                    version.function,
+                    version.version
+                ))
+            })?;
+        self.compile_and_store(Bytes::from(wasm), &artifact).await
+    }
+
+    /// The function `name` as the store has it now: a [`Served`] with a
+    /// [`Deployed`] entry per version its aliases point at. Entries of
+    /// `prior` (the function as served until now) are reused for the
+    /// versions still in service, so they keep their tier (no reload).
+    async fn build_served(
+        &self,
+        name: &str,
+        prior: Option<&Served>,
+    ) -> Result<Arc<Served>, PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let (aliases, versions) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+        let mut made: std::collections::HashMap<u64, Arc<Deployed>> =
+            std::collections::HashMap::new();
+        let mut entry = |version: u64| -> Result<Arc<Deployed>, PlatformError> {
+            if let Some(deployed) = made.get(&version) {
+                return Ok(deployed.clone());
+            }
+            let deployed = match prior.and_then(|prior| prior.version(version)) {
+                Some(deployed) => deployed.clone(),
+                None => {
+                    let record = versions.iter().find(|v| v.version == version).ok_or_else(
+                        || {
+                            PlatformError::Internal(anyhow::anyhow!(
+                                "an alias of {name} points at version {version}, which is missing"
+                            ))
+                        },
+                    )?;
+                    let digest = Digest::parse(&record.digest)?;
+                    self.deployed(
+                        name.to_string(),
+                        version,
+                        self.artifact_key(&digest),
+                        &record.config,
+                        Tier::default(),
+                    )
+                }
+            };
+            made.insert(version, deployed.clone());
+            Ok(deployed)
+        };
+        let mut live = None;
+        let mut named = std::collections::HashMap::new();
+        for alias in aliases {
+            let canary = match alias.canary {
+                Some(canary) => Some(Canary {
+                    deployed: entry(canary.version)?,
+                    weight_bp: canary.weight_bp,
+                }),
+                None => None,
+            };
+            let target = Target {
+                deployed: entry(alias.version)?,
+                canary,
+            };
+            if alias.alias == LIVE_ALIAS {
+                live = Some((target, alias.version));
+            } else {
+                named.insert(alias.alias, target);
+            }
+        }
+        let (live, live_version) = live.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let routes = versions
+            .iter()
+            .find(|v| v.version == live_version)
+            .map(|v| parse_routes(&v.config.routes))
+            .transpose()
+            .map_err(|e| {
+                PlatformError::Internal(anyhow::anyhow!("stored routes of {name} are invalid: {e}"))
+            })?
+            .unwrap_or_default();
+        Ok(Arc::new(Served {
+            name: name.to_string(),
             routes,
-            config,
-            Tier::default(),
-        ))
+            live,
+            aliases: named,
+        }))
+    }
+
+    /// Puts `served` in the catalog in place of `prior`, then sends the
+    /// versions no longer in service cold (running requests keep theirs).
+    fn swap_in(&self, served: Arc<Served>, prior: Option<&Served>) {
+        let next = self.catalog.load().with(served.clone());
+        self.catalog.store(Arc::new(next));
+        if let Some(prior) = prior {
+            for old in prior.versions() {
+                if served.version(old.version).is_none() {
+                    old.tier.unload();
+                }
+            }
+        }
     }
 
     /// A catalog entry, with its meter and the function's activity.
@@ -404,7 +543,6 @@ impl Platform {
         name: String,
         version: u64,
         artifact: Digest,
-        routes: Vec<Route>,
         config: &FunctionConfig,
         tier: Tier,
     ) -> Arc<Deployed> {
@@ -440,8 +578,8 @@ impl Platform {
             key: Arc::from(name.as_str()),
             name,
             version,
+            version_header: http::HeaderValue::from(version),
             artifact,
-            routes,
             limits: invocation_limits(&config.limits),
             scaling: config.scaling.clone(),
             meter: Arc::new(meter),
@@ -586,38 +724,17 @@ impl Platform {
             Ok(version) => version,
             Err(error) => {
                 // Nothing changed: the previous version's limits apply again.
-                match &previous {
-                    Some(previous) => {
-                        let _ = self.admission.configure(
-                            name,
-                            slot_limits_of(
-                                &previous.scaling,
-                                &previous.limits,
-                                &self.config.scaling,
-                            ),
-                        );
-                    }
-                    None => self.admission.remove(name),
-                }
+                self.restore_admission(name, previous.as_deref());
                 return Err(error.into());
             }
         };
 
-        let deployed = self.deployed(
-            name.to_string(),
-            version.version,
-            artifact,
-            routes,
-            &config,
-            Tier::default(),
-        );
-        // The old version goes cold now: running requests keep their copy.
-        if let Some(previous) = previous {
-            previous.tier.unload();
-        }
-        let next = self.catalog.load().with(deployed);
-        self.catalog.store(Arc::new(next));
+        // The old live version goes cold now (unless an alias still
+        // serves it): running requests keep their copy.
+        let served = self.build_served(name, previous.as_deref()).await?;
+        self.swap_in(served, previous.as_deref());
         self.count_functions();
+        self.retain_versions(name).await;
         for spec in triggers {
             self.events.add_trigger(name, spec).await?;
         }
@@ -635,6 +752,37 @@ impl Platform {
         })
     }
 
+    /// Puts back the admission limits of the live version of `prior` (or
+    /// removes the function's when there was none) after a change failed.
+    fn restore_admission(&self, name: &str, prior: Option<&Served>) {
+        match prior {
+            Some(prior) => {
+                let live = &prior.live.deployed;
+                let _ = self.admission.configure(
+                    name,
+                    slot_limits_of(&live.scaling, &live.limits, &self.config.scaling),
+                );
+            }
+            None => self.admission.remove(name),
+        }
+    }
+
+    /// Deletes the versions of `name` beyond the node's retention that no
+    /// alias points at. A failure is logged: the deploy itself succeeded.
+    async fn retain_versions(&self, name: &str) {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let keep = self.config.keep_versions.max(1);
+        match tokio::task::spawn_blocking(move || registry.prune_versions(&owned, keep)).await {
+            Ok(Ok(pruned)) if !pruned.is_empty() => {
+                tracing::info!(function = name, ?pruned, "old versions deleted (retention)");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(function = name, "retention failed: {error}"),
+            Err(error) => tracing::warn!(function = name, "retention failed: {error}"),
+        }
+    }
+
     /// The live version of `name` when it already is `digest` with `config`
     /// (routes normalised), so deploying them again would change nothing.
     /// Called under the change lock.
@@ -646,7 +794,13 @@ impl Platform {
     ) -> Result<Option<VersionRecord>, PlatformError> {
         // Only a function the catalog serves: one that failed to load at
         // start is deployed afresh.
-        let Some(serving) = self.catalog.load().by_name.get(name).map(|f| f.version) else {
+        let Some(serving) = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .map(|f| f.live.deployed.version)
+        else {
             return Ok(None);
         };
         let registry = self.registry.clone();
@@ -699,7 +853,9 @@ impl Platform {
         self.catalog.store(Arc::new(next));
         self.admission.remove(name);
         if let Some(removed) = removed {
-            removed.tier.unload();
+            for version in removed.versions() {
+                version.tier.unload();
+            }
         }
         self.metrics.remove_function(name);
         self.count_functions();
@@ -730,6 +886,224 @@ impl Platform {
         .map_err(|e| PlatformError::Internal(e.into()))??;
         let record = record.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
         Ok((record, versions))
+    }
+
+    /// A function's aliases, `live` first.
+    pub async fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        if aliases.is_empty() {
+            return Err(PlatformError::NotFound(name.to_string()));
+        }
+        Ok(aliases)
+    }
+
+    /// Points `alias` of `name` at `version`, with an optional canary taking
+    /// `weight_bp` basis points of its traffic. Moving `live` makes the
+    /// version's routes the function's (409 on a conflict, changing
+    /// nothing) and records the version it left. The catalog is switched
+    /// before this returns; nothing is recompiled unless the version's
+    /// artifact is missing from disk.
+    pub async fn set_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+    ) -> Result<AliasRecord, PlatformError> {
+        validate_alias(alias)?;
+        if let Some(canary) = canary {
+            if canary.weight_bp == 0 || canary.weight_bp >= WEIGHT_SCALE_BP {
+                return Err(PlatformError::BadRequest(format!(
+                    "the canary weight is {}%: give more than 0% and less than 100%",
+                    f64::from(canary.weight_bp) / 100.0
+                )));
+            }
+            if canary.version == version {
+                return Err(PlatformError::BadRequest(format!(
+                    "the canary is version {version}, the alias's own version: give another one"
+                )));
+            }
+        }
+        let _change = self.changes.lock().await;
+        self.switch_alias(name, alias, version, canary).await
+    }
+
+    /// Moves `live` of `name` back to its previous version (or, if it has
+    /// none left, the newest one below it), clearing any canary. Returns
+    /// the new `live` and the version it left.
+    pub async fn rollback(&self, name: &str) -> Result<(AliasRecord, u64), PlatformError> {
+        let _change = self.changes.lock().await;
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let (aliases, versions) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+        let live = aliases
+            .into_iter()
+            .find(|a| a.alias == LIVE_ALIAS)
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
+        let Some(target) = rollback_target(&live, &numbers) else {
+            return Err(PlatformError::Conflict(format!(
+                "nothing to roll back to: `{name}` is live at version {} and has no earlier \
+                 version (see `mayfly versions {name}`)",
+                live.version
+            )));
+        };
+        let record = self.switch_alias(name, LIVE_ALIAS, target, None).await?;
+        tracing::info!(
+            function = name,
+            from = live.version,
+            to = target,
+            "rolled back"
+        );
+        Ok((record, live.version))
+    }
+
+    /// Moves an alias, under the change lock: checks the versions and
+    /// their artifacts before anything is stored, then stores the move and
+    /// swaps the catalog.
+    async fn switch_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+    ) -> Result<AliasRecord, PlatformError> {
+        let prior = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let mut live_config = None;
+        for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
+            let registry = self.registry.clone();
+            let owned = name.to_string();
+            let record = tokio::task::spawn_blocking(move || registry.version(&owned, wanted))
+                .await
+                .map_err(|e| PlatformError::Internal(e.into()))??
+                .ok_or_else(|| StoreError::VersionNotFound {
+                    function: name.to_string(),
+                    version: wanted,
+                })?;
+            // A version already in service has its artifact loaded or on disk.
+            if prior.version(wanted).is_none() {
+                self.ensure_artifact(&record).await?;
+            }
+            if wanted == version && alias == LIVE_ALIAS {
+                live_config = Some(record.config);
+            }
+        }
+        if let Some(config) = &live_config {
+            // The routes are checked (again) by the store, in its transaction.
+            let routes = parse_routes(&config.routes).map_err(|e| {
+                PlatformError::Internal(anyhow::anyhow!("stored routes of {name} are invalid: {e}"))
+            })?;
+            let catalog = self.catalog.load();
+            for route in &routes {
+                if let Some(owner) = catalog
+                    .routes
+                    .get_exact(route)
+                    .map(|f| f.name.as_str())
+                    .filter(|owner| *owner != name)
+                {
+                    return Err(PlatformError::Conflict(format!(
+                        "route `{route}` of version {version} is already served by function \
+                         `{owner}`"
+                    )));
+                }
+            }
+            self.admission
+                .configure(name, slot_limits(config, &self.config.scaling))
+                .map_err(PlatformError::BadRequest)?;
+        }
+        let registry = self.registry.clone();
+        let (owned, alias_name) = (name.to_string(), alias.to_string());
+        let stored = tokio::task::spawn_blocking(move || {
+            registry.set_alias(&owned, &alias_name, version, canary)
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()));
+        let record = match stored {
+            Ok(Ok(record)) => record,
+            Ok(Err(error)) => {
+                if live_config.is_some() {
+                    self.restore_admission(name, Some(&prior));
+                }
+                return Err(error.into());
+            }
+            Err(error) => {
+                if live_config.is_some() {
+                    self.restore_admission(name, Some(&prior));
+                }
+                return Err(error);
+            }
+        };
+        let served = self.build_served(name, Some(&prior)).await?;
+        self.swap_in(served, Some(&prior));
+        tracing::info!(
+            function = name,
+            alias,
+            version,
+            canary = ?canary,
+            "alias set"
+        );
+        Ok(record)
+    }
+
+    /// Deletes a named alias of `name` (`live` cannot be deleted).
+    pub async fn delete_alias(&self, name: &str, alias: &str) -> Result<(), PlatformError> {
+        validate_alias(alias)?;
+        if alias == LIVE_ALIAS {
+            return Err(PlatformError::BadRequest(format!(
+                "the `{LIVE_ALIAS}` alias cannot be deleted: it is what `{name}`'s routes serve; \
+                 move it with `mayfly alias set` or delete the function"
+            )));
+        }
+        let _change = self.changes.lock().await;
+        let prior = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let registry = self.registry.clone();
+        let (owned, alias_name) = (name.to_string(), alias.to_string());
+        let existed =
+            tokio::task::spawn_blocking(move || registry.delete_alias(&owned, &alias_name))
+                .await
+                .map_err(|e| PlatformError::Internal(e.into()))??;
+        if !existed {
+            return Err(PlatformError::Missing(format!(
+                "function `{name}` has no alias `{alias}`: see `mayfly alias list {name}`"
+            )));
+        }
+        let served = self.build_served(name, Some(&prior)).await?;
+        self.swap_in(served, Some(&prior));
+        tracing::info!(function = name, alias, "alias deleted");
+        Ok(())
+    }
+
+    /// Deletes one version of `name`; refused (409, naming them) while an
+    /// alias or canary points at it.
+    pub async fn delete_version(&self, name: &str, version: u64) -> Result<(), PlatformError> {
+        let _change = self.changes.lock().await;
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || registry.delete_version(&owned, version))
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        tracing::info!(function = name, version, "version deleted");
+        Ok(())
     }
 
     /// The node's counters.
@@ -764,7 +1138,8 @@ impl Platform {
         let mut functions: Vec<FunctionScalingStatus> = catalog
             .by_name
             .values()
-            .map(|deployed| {
+            .map(|served| {
+                let deployed = &served.live.deployed;
                 let usage = self.admission.usage(&deployed.name);
                 let (cold_starts, throttled) = deployed.meter.counts();
                 FunctionScalingStatus {
@@ -790,6 +1165,7 @@ impl Platform {
             .load()
             .by_name
             .values()
+            .flat_map(|served| served.versions())
             .filter_map(|deployed| deployed.tier.get())
             .map(|function| function.resident_bytes())
             .sum()
@@ -802,18 +1178,28 @@ impl Platform {
         let catalog = self.catalog.load_full();
         let mut resident = 0u64;
         let mut evictable = Vec::new();
-        for deployed in catalog.by_name.values() {
+        for (served, deployed) in catalog
+            .by_name
+            .values()
+            .flat_map(|served| served.versions().into_iter().map(move |d| (served, d)))
+        {
             let activity = &deployed.activity;
             // One snapshot of the activity for every decision below.
             let windows = activity.windows();
             let idle = activity.idle_for();
             let warm_now = idle.is_none_or(|idle| windows.is_warm_after(idle));
             let loaded = deployed.tier.get();
+            // Only what live serves is pre-warmed: a named alias's version
+            // loads on its first request.
+            let serves_live = served
+                .live
+                .versions()
+                .any(|v| v.version == deployed.version);
             if !warm_now {
                 if deployed.tier.unload() {
                     self.metrics.node.unloads_keep_alive.inc();
                 }
-            } else if windows.prewarm > Duration::ZERO && loaded.is_none() {
+            } else if windows.prewarm > Duration::ZERO && loaded.is_none() && serves_live {
                 // The policy expects the next call soon: load it before.
                 self.prewarm(deployed.clone());
             }
@@ -827,10 +1213,12 @@ impl Platform {
                     evictable.push((eviction_order(idle, bytes), bytes, deployed.clone()));
                 }
             }
-            deployed.meter.set_tiers(
-                deployed.tier.name().gauge(),
-                i64::from(activity.running()) + kept as i64,
-            );
+            if Arc::ptr_eq(deployed, &served.live.deployed) {
+                deployed.meter.set_tiers(
+                    deployed.tier.name().gauge(),
+                    i64::from(activity.running()) + kept as i64,
+                );
+            }
         }
 
         // Under memory pressure, the least valuable idle entries go first.
@@ -907,12 +1295,14 @@ impl Platform {
             .map_err(PlatformError::Internal)
     }
 
-    /// Runs `request` through `function` and always produces a response:
-    /// the guest's, or an error response with a short body. `trigger` says
-    /// what started it (`http`, `invoke`, …) for the usage record.
+    /// Runs `request` through the version of `target` (an alias) that its
+    /// request id picks, and always produces a response: the guest's, or an
+    /// error response with a short body. `trigger` says what started it
+    /// (`http`, `invoke`, …) for the usage record. The response carries the
+    /// request id and the version that served it.
     pub async fn invoke<B>(
         &self,
-        function: &Deployed,
+        target: &Target,
         request: http::Request<B>,
         trigger: &'static str,
     ) -> http::Response<HyperOutgoingBody>
@@ -920,7 +1310,13 @@ impl Platform {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .filter(|id| valid_request_id(id))
+            .map_or_else(new_request_id, str::to_string);
+        let function: &Deployed = target.pick(&request_id);
         let result = match self.admit(function, &request_id, trigger).await {
             Ok(permit) => {
                 self.run(function, request, request_id.clone(), trigger, permit)
@@ -949,6 +1345,9 @@ impl Platform {
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
+        response
+            .headers_mut()
+            .insert(VERSION_HEADER, function.version_header.clone());
         response
     }
 
@@ -983,11 +1382,12 @@ impl Platform {
     /// the guest answered 2xx and finished its body cleanly.
     pub(crate) async fn deliver_event(
         &self,
-        function: &Deployed,
+        target: &Target,
         request: http::Request<EventBody>,
         trigger: &'static str,
     ) -> EventOutcome {
-        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let request_id = new_request_id();
+        let function: &Deployed = target.pick(&request_id);
         let Ok(permit) = self.admit(function, &request_id, trigger).await else {
             return EventOutcome::Throttled;
         };
@@ -1382,6 +1782,43 @@ pub fn text_response(
     response
 }
 
+/// A new request id: a UUIDv7 in hex, so ids sort by time.
+fn new_request_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Whether a request id a client sent is one to keep: 1 to 64 of
+/// `[A-Za-z0-9._-]` (safe in headers, logs and the ledger).
+pub(crate) fn valid_request_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Alias names: 1 to 32 lower-case letters, digits, `-` or `_`.
+pub(crate) fn validate_alias(alias: &str) -> Result<(), PlatformError> {
+    let valid = (1..=32).contains(&alias.len())
+        && alias
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(PlatformError::BadRequest(format!(
+            "invalid alias name `{alias}`: use 1 to 32 lower-case letters, digits, `-` or `_`"
+        )))
+    }
+}
+
+/// Where a rollback of `live` goes: its previous version if that still
+/// exists, else the newest version below it.
+fn rollback_target(live: &AliasRecord, versions: &[u64]) -> Option<u64> {
+    live.previous_version
+        .filter(|previous| *previous != live.version && versions.contains(previous))
+        .or_else(|| versions.iter().copied().filter(|v| *v < live.version).max())
+}
+
 /// Function names appear in URLs, routes and file names: keep them simple.
 pub(crate) fn validate_name(name: &str) -> Result<(), PlatformError> {
     let valid = (1..=63).contains(&name.len())
@@ -1408,4 +1845,47 @@ fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
         }
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(version: u64, previous: Option<u64>) -> AliasRecord {
+        AliasRecord {
+            function: "f".into(),
+            alias: LIVE_ALIAS.into(),
+            version,
+            canary: None,
+            previous_version: previous,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_rollback_goes_to_the_previous_version_or_the_newest_below() {
+        assert_eq!(rollback_target(&live(7, Some(6)), &[5, 6, 7]), Some(6));
+        // After a rollback the previous one is the version left: back again.
+        assert_eq!(rollback_target(&live(6, Some(7)), &[5, 6, 7]), Some(7));
+        // The previous version is gone (retention, delete): the newest below.
+        assert_eq!(rollback_target(&live(7, Some(3)), &[5, 6, 7]), Some(6));
+        assert_eq!(rollback_target(&live(7, None), &[2, 7, 9]), Some(2));
+        assert_eq!(rollback_target(&live(1, None), &[1, 2]), None);
+        assert_eq!(rollback_target(&live(1, Some(1)), &[1]), None);
+    }
+
+    #[test]
+    fn request_ids_and_alias_names_are_checked() {
+        assert!(valid_request_id("retry-1.a_B"));
+        assert!(valid_request_id(&"a".repeat(64)));
+        assert!(!valid_request_id(&"a".repeat(65)));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("a b"));
+        assert!(!valid_request_id("é"));
+        assert!(validate_alias("beta-2_x").is_ok());
+        assert!(validate_alias(&"a".repeat(32)).is_ok());
+        for bad in ["", "Beta", "a.b", "a/b", &"a".repeat(33)] {
+            assert!(validate_alias(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -7,13 +7,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    Digest, FunctionConfig, FunctionRecord, LogRecord, LogStore, NewLogLine, Registry, Result,
-    StoreError, VersionRecord,
+    AliasRecord, CanaryRecord, Digest, FunctionConfig, FunctionRecord, LIVE_ALIAS, LogRecord,
+    LogStore, NewLogLine, Registry, Result, StoreError, VersionRecord,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many have run. Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE functions (
         name          TEXT PRIMARY KEY,
         live_version  INTEGER NOT NULL,
@@ -42,7 +43,26 @@ const MIGRATIONS: &[&str] = &[r#"
         line       TEXT NOT NULL
     );
     CREATE INDEX logs_by_function ON logs (function, id);
-"#];
+"#,
+    // Aliases: names pointing at versions, with an optional weighted canary.
+    // The `live` row replaces `functions.live_version` as the one record of
+    // what serves a function's routes.
+    r#"
+    CREATE TABLE aliases (
+        function         TEXT NOT NULL,
+        alias            TEXT NOT NULL,
+        version          INTEGER NOT NULL,
+        canary_version   INTEGER NULL,
+        canary_weight_bp INTEGER NOT NULL DEFAULT 0,
+        previous_version INTEGER NULL,
+        updated_ms       INTEGER NOT NULL,
+        PRIMARY KEY (function, alias)
+    );
+    INSERT INTO aliases (function, alias, version, updated_ms)
+        SELECT name, 'live', live_version, created_at_ms FROM functions;
+    ALTER TABLE functions DROP COLUMN live_version;
+"#,
+];
 
 /// Registry and log store in `<data dir>/mayfly.db`.
 ///
@@ -139,7 +159,137 @@ fn read_version(
 
 const FUNCTION_QUERY: &str = "
     SELECT f.name, f.created_at_ms, v.version, v.digest, v.config, v.created_at_ms
-    FROM functions f JOIN versions v ON v.function = f.name AND v.version = f.live_version";
+    FROM functions f
+    JOIN aliases a ON a.function = f.name AND a.alias = 'live'
+    JOIN versions v ON v.function = f.name AND v.version = a.version";
+
+const ALIAS_COLUMNS: &str =
+    "function, alias, version, canary_version, canary_weight_bp, previous_version, updated_ms";
+
+fn alias_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AliasRecord> {
+    let canary: Option<i64> = row.get(3)?;
+    let weight: i64 = row.get(4)?;
+    let previous: Option<i64> = row.get(5)?;
+    Ok(AliasRecord {
+        function: row.get(0)?,
+        alias: row.get(1)?,
+        version: row.get::<_, i64>(2)? as u64,
+        canary: canary.map(|version| CanaryRecord {
+            version: version as u64,
+            weight_bp: u32::try_from(weight).unwrap_or(0),
+        }),
+        previous_version: previous.map(|v| v as u64),
+        updated_at_ms: row.get(6)?,
+    })
+}
+
+fn read_alias(
+    tx: &rusqlite::Connection,
+    function: &str,
+    alias: &str,
+) -> Result<Option<AliasRecord>> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {ALIAS_COLUMNS} FROM aliases WHERE function = ?1 AND alias = ?2"),
+            params![function, alias],
+            alias_row,
+        )
+        .optional()?)
+}
+
+fn read_aliases(conn: &rusqlite::Connection, function: &str) -> Result<Vec<AliasRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ALIAS_COLUMNS} FROM aliases WHERE function = ?1
+         ORDER BY alias != 'live', alias"
+    ))?;
+    let rows = stmt.query_map(params![function], alias_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn version_exists(tx: &rusqlite::Connection, function: &str, version: u64) -> Result<bool> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM versions WHERE function = ?1 AND version = ?2",
+            params![function, version as i64],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Makes `routes` the routes of `function`, refusing any another function
+/// serves. Runs inside the caller's transaction.
+fn replace_routes(tx: &rusqlite::Connection, function: &str, routes: &[String]) -> Result<()> {
+    for route in routes {
+        let owner: Option<String> = tx
+            .query_row(
+                "SELECT function FROM routes WHERE route = ?1 AND function != ?2",
+                params![route, function],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(owner) = owner {
+            return Err(StoreError::RouteTaken {
+                route: route.clone(),
+                owner,
+            });
+        }
+    }
+    tx.execute("DELETE FROM routes WHERE function = ?1", params![function])?;
+    for route in routes {
+        tx.execute(
+            "INSERT INTO routes (route, function) VALUES (?1, ?2)",
+            params![route, function],
+        )?;
+    }
+    Ok(())
+}
+
+/// Points `alias` at `version` inside the caller's transaction; when the
+/// version changes, the one it left becomes its previous version.
+fn write_alias(
+    tx: &rusqlite::Connection,
+    function: &str,
+    alias: &str,
+    version: u64,
+    canary: Option<CanaryRecord>,
+    now: i64,
+) -> Result<AliasRecord> {
+    let previous_version = match read_alias(tx, function, alias)? {
+        Some(current) if current.version != version => Some(current.version),
+        Some(current) => current.previous_version,
+        None => None,
+    };
+    tx.execute(
+        "INSERT INTO aliases
+             (function, alias, version, canary_version, canary_weight_bp, previous_version,
+              updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (function, alias) DO UPDATE SET
+             version = excluded.version,
+             canary_version = excluded.canary_version,
+             canary_weight_bp = excluded.canary_weight_bp,
+             previous_version = excluded.previous_version,
+             updated_ms = excluded.updated_ms",
+        params![
+            function,
+            alias,
+            version as i64,
+            canary.map(|c| c.version as i64),
+            canary.map_or(0, |c| i64::from(c.weight_bp)),
+            previous_version.map(|v| v as i64),
+            now
+        ],
+    )?;
+    Ok(AliasRecord {
+        function: function.to_string(),
+        alias: alias.to_string(),
+        version,
+        canary,
+        previous_version,
+        updated_at_ms: now,
+    })
+}
 
 type FunctionRow = (String, i64, i64, String, String, i64);
 
@@ -177,22 +327,6 @@ impl Registry for EmbeddedStore {
         let mut conn = self.meta();
         let tx = conn.transaction()?;
 
-        for route in &config.routes {
-            let owner: Option<String> = tx
-                .query_row(
-                    "SELECT function FROM routes WHERE route = ?1 AND function != ?2",
-                    params![route, function],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            if let Some(owner) = owner {
-                return Err(StoreError::RouteTaken {
-                    route: route.clone(),
-                    owner,
-                });
-            }
-        }
-
         let previous: Option<i64> = tx
             .query_row(
                 "SELECT MAX(version) FROM versions WHERE function = ?1",
@@ -202,23 +336,18 @@ impl Registry for EmbeddedStore {
             .optional()?
             .flatten();
         let version = previous.unwrap_or(0) + 1;
+        replace_routes(&tx, function, &config.routes)?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, config, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![function, version, digest.to_string(), config_json, now],
         )?;
         tx.execute(
-            "INSERT INTO functions (name, live_version, created_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET live_version = excluded.live_version",
-            params![function, version, now],
+            "INSERT INTO functions (name, created_at_ms) VALUES (?1, ?2)
+             ON CONFLICT (name) DO NOTHING",
+            params![function, now],
         )?;
-        tx.execute("DELETE FROM routes WHERE function = ?1", params![function])?;
-        for route in &config.routes {
-            tx.execute(
-                "INSERT INTO routes (route, function) VALUES (?1, ?2)",
-                params![route, function],
-            )?;
-        }
+        write_alias(&tx, function, LIVE_ALIAS, version as u64, None, now)?;
         tx.commit()?;
 
         Ok(VersionRecord {
@@ -277,8 +406,176 @@ impl Registry for EmbeddedStore {
         let deleted = tx.execute("DELETE FROM functions WHERE name = ?1", params![name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", params![name])?;
         tx.execute("DELETE FROM routes WHERE function = ?1", params![name])?;
+        tx.execute("DELETE FROM aliases WHERE function = ?1", params![name])?;
         tx.commit()?;
         Ok(deleted > 0)
+    }
+
+    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>> {
+        let conn = self.meta();
+        let row = conn
+            .query_row(
+                "SELECT function, version, digest, config, created_at_ms FROM versions
+                 WHERE function = ?1 AND version = ?2",
+                params![function, version as i64],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(function, version, digest, config, created)| {
+            read_version(function, version, digest, config, created)
+        })
+        .transpose()
+    }
+
+    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>> {
+        read_aliases(&self.meta(), function)
+    }
+
+    fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+    ) -> Result<AliasRecord> {
+        let now = now_ms();
+        let mut conn = self.meta();
+        let tx = conn.transaction()?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM functions WHERE name = ?1",
+                params![function],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !exists {
+            return Err(StoreError::FunctionNotFound(function.to_string()));
+        }
+        for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
+            if !version_exists(&tx, function, wanted)? {
+                return Err(StoreError::VersionNotFound {
+                    function: function.to_string(),
+                    version: wanted,
+                });
+            }
+        }
+        if alias == LIVE_ALIAS {
+            let config: String = tx.query_row(
+                "SELECT config FROM versions WHERE function = ?1 AND version = ?2",
+                params![function, version as i64],
+                |row| row.get(0),
+            )?;
+            let config: FunctionConfig = serde_json::from_str(&config).map_err(|e| {
+                StoreError::Corrupt(format!("config of {function} v{version}: {e}"))
+            })?;
+            replace_routes(&tx, function, &config.routes)?;
+        }
+        let record = write_alias(&tx, function, alias, version, canary, now)?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool> {
+        if alias == LIVE_ALIAS {
+            return Err(StoreError::Conflict(format!(
+                "the `{LIVE_ALIAS}` alias of `{function}` cannot be deleted: it is what the \
+                 function's routes serve; delete the function instead"
+            )));
+        }
+        let conn = self.meta();
+        let deleted = conn.execute(
+            "DELETE FROM aliases WHERE function = ?1 AND alias = ?2",
+            params![function, alias],
+        )?;
+        Ok(deleted > 0)
+    }
+
+    fn delete_version(&self, function: &str, version: u64) -> Result<()> {
+        let mut conn = self.meta();
+        let tx = conn.transaction()?;
+        if !version_exists(&tx, function, version)? {
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM functions WHERE name = ?1",
+                    params![function],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            return Err(if exists {
+                StoreError::VersionNotFound {
+                    function: function.to_string(),
+                    version,
+                }
+            } else {
+                StoreError::FunctionNotFound(function.to_string())
+            });
+        }
+        let holders: Vec<String> = read_aliases(&tx, function)?
+            .into_iter()
+            .filter(|alias| alias.points_at(version))
+            .map(|alias| {
+                if alias.version == version {
+                    alias.alias
+                } else {
+                    format!("{} (canary)", alias.alias)
+                }
+            })
+            .collect();
+        if !holders.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "version {version} of `{function}` is in use by alias(es) {}: point them at \
+                 another version first (`mayfly alias set`)",
+                holders.join(", ")
+            )));
+        }
+        tx.execute(
+            "DELETE FROM versions WHERE function = ?1 AND version = ?2",
+            params![function, version as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>> {
+        let mut conn = self.meta();
+        let tx = conn.transaction()?;
+        let aliases = read_aliases(&tx, function)?;
+        let old: Vec<u64> = {
+            let mut stmt = tx.prepare(
+                "SELECT version FROM versions WHERE function = ?1
+                 ORDER BY version DESC LIMIT -1 OFFSET ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![function, i64::try_from(keep).unwrap_or(i64::MAX)],
+                |row| row.get::<_, i64>(0),
+            )?;
+            rows.map(|row| row.map(|v| v as u64))
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut pruned = Vec::new();
+        for version in old {
+            if aliases.iter().any(|alias| alias.points_at(version)) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM versions WHERE function = ?1 AND version = ?2",
+                params![function, version as i64],
+            )?;
+            pruned.push(version);
+        }
+        tx.commit()?;
+        pruned.sort_unstable();
+        Ok(pruned)
     }
 }
 
@@ -421,6 +718,158 @@ mod tests {
                 .version,
             1
         );
+    }
+
+    fn canary(version: u64, weight_bp: u32) -> Option<CanaryRecord> {
+        Some(CanaryRecord { version, weight_bp })
+    }
+
+    #[test]
+    fn aliases_round_trip_and_record_the_previous_version() {
+        let (_dir, store) = store();
+        let d = Digest::of(b"x");
+        store.create_version("f", &d, &config(&["/a"])).unwrap();
+        let live = &store.aliases("f").unwrap()[0];
+        assert_eq!((live.alias.as_str(), live.version), ("live", 1));
+        assert_eq!(live.previous_version, None);
+        store.create_version("f", &d, &config(&["/b"])).unwrap();
+        store.create_version("f", &d, &config(&["/c"])).unwrap();
+        let live = &store.aliases("f").unwrap()[0];
+        assert_eq!((live.version, live.previous_version), (3, Some(2)));
+
+        // A canary on live; the version stays, so does previous_version.
+        let set = store.set_alias("f", "live", 3, canary(2, 1000)).unwrap();
+        assert_eq!(set.canary, canary(2, 1000));
+        assert_eq!(set.previous_version, Some(2));
+        // A named alias, then live moved back: routes follow live.
+        store.set_alias("f", "beta", 1, None).unwrap();
+        let moved = store.set_alias("f", "live", 1, None).unwrap();
+        assert_eq!((moved.version, moved.previous_version), (1, Some(3)));
+        assert_eq!(moved.canary, None);
+        let f = store.function("f").unwrap().unwrap();
+        assert_eq!(f.live.version, 1);
+        assert_eq!(f.live.config.routes, ["/a"]);
+        store.create_version("g", &d, &config(&["/c"])).unwrap();
+
+        let aliases = store.aliases("f").unwrap();
+        let names: Vec<&str> = aliases.iter().map(|a| a.alias.as_str()).collect();
+        assert_eq!(names, ["live", "beta"]);
+        assert_eq!(aliases, store.aliases("f").unwrap());
+
+        // Unknown versions and functions change nothing.
+        let err = store.set_alias("f", "live", 9, None).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::VersionNotFound { version: 9, .. }
+        ));
+        let err = store.set_alias("f", "beta", 1, canary(9, 10)).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::VersionNotFound { version: 9, .. }
+        ));
+        let err = store.set_alias("nope", "live", 1, None).unwrap_err();
+        assert!(matches!(err, StoreError::FunctionNotFound(_)));
+        // Live to a version whose route another function took: refused.
+        let err = store.set_alias("f", "live", 3, None).unwrap_err();
+        assert!(matches!(err, StoreError::RouteTaken { ref owner, .. } if owner == "g"));
+        assert_eq!(store.aliases("f").unwrap(), aliases);
+        assert_eq!(store.function("f").unwrap().unwrap().live.version, 1);
+
+        assert!(matches!(
+            store.delete_alias("f", "live"),
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(store.delete_alias("f", "beta").unwrap());
+        assert!(!store.delete_alias("f", "beta").unwrap());
+        // A deploy moves live and clears its canary.
+        store.set_alias("f", "live", 1, canary(2, 5000)).unwrap();
+        store.create_version("f", &d, &config(&["/a"])).unwrap();
+        let live = &store.aliases("f").unwrap()[0];
+        assert_eq!((live.version, live.previous_version), (4, Some(1)));
+        assert_eq!(live.canary, None);
+        assert!(store.delete_function("f").unwrap());
+        assert!(store.aliases("f").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_aliased_version_cannot_be_deleted() {
+        let (_dir, store) = store();
+        let d = Digest::of(b"x");
+        for _ in 0..4 {
+            store.create_version("f", &d, &config(&[])).unwrap();
+        }
+        store.set_alias("f", "beta", 1, canary(2, 100)).unwrap();
+        let message = |err: StoreError| match err {
+            StoreError::Conflict(message) => message,
+            other => panic!("{other}"),
+        };
+        assert!(message(store.delete_version("f", 4).unwrap_err()).contains("live"));
+        assert!(message(store.delete_version("f", 1).unwrap_err()).contains("beta"));
+        assert!(message(store.delete_version("f", 2).unwrap_err()).contains("beta (canary)"));
+        store.delete_version("f", 3).unwrap();
+        assert!(matches!(
+            store.delete_version("f", 3),
+            Err(StoreError::VersionNotFound { version: 3, .. })
+        ));
+        assert!(matches!(
+            store.delete_version("g", 1),
+            Err(StoreError::FunctionNotFound(_))
+        ));
+        let left: Vec<u64> = store
+            .versions("f")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(left, [4, 2, 1]);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_every_aliased_version() {
+        let (_dir, store) = store();
+        let d = Digest::of(b"x");
+        for _ in 0..3 {
+            store.create_version("f", &d, &config(&[])).unwrap();
+        }
+        store.set_alias("f", "beta", 1, None).unwrap();
+        for _ in 0..3 {
+            store.create_version("f", &d, &config(&[])).unwrap();
+        }
+        store.set_alias("f", "live", 6, canary(2, 500)).unwrap();
+        assert_eq!(store.prune_versions("f", 2).unwrap(), [3, 4]);
+        let left: Vec<u64> = store
+            .versions("f")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(left, [6, 5, 2, 1]);
+        assert!(store.prune_versions("f", 2).unwrap().is_empty());
+        // Version numbers are never reused.
+        assert_eq!(
+            store.create_version("f", &d, &config(&[])).unwrap().version,
+            7
+        );
+        assert!(store.prune_versions("nope", 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_live_version_survives_the_alias_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mayfly.db");
+        {
+            let conn = open_connection(&path).unwrap();
+            migrate(&conn, &MIGRATIONS[..1]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO functions VALUES ('f', 2, 5);
+                 INSERT INTO versions VALUES ('f', 1, 'd', '{}', 1), ('f', 2, 'd', '{}', 2);",
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        let f = store.function("f").unwrap().unwrap();
+        assert_eq!((f.live.version, f.created_at_ms), (2, 5));
+        assert_eq!(store.aliases("f").unwrap()[0].alias, "live");
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub use ledger::{
     UsageRow, UsageStore, billed_ms,
 };
 pub use model::{
-    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, Grants, LogRecord, NewLogLine,
-    VersionRecord,
+    AliasRecord, CanaryRecord, FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling,
+    Grants, LIVE_ALIAS, LogRecord, NewLogLine, VersionRecord, WEIGHT_SCALE_BP,
 };
 pub use secrets::{EmbeddedSecrets, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 
@@ -51,6 +51,18 @@ pub enum StoreError {
         /// The function that serves it now.
         owner: String,
     },
+    /// The named version of a function does not exist.
+    #[error("function `{function}` has no version {version}: see `mayfly versions {function}`")]
+    VersionNotFound {
+        /// Function name.
+        function: String,
+        /// The missing version.
+        version: u64,
+    },
+    /// The change is refused because of the state it would change (an
+    /// aliased version, nothing to roll back to); the message says why.
+    #[error("{0}")]
+    Conflict(String),
     /// A compare-and-swap condition did not hold.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
@@ -75,7 +87,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Registry: Send + Sync {
     /// Records a new version of `function` (creating the function on its first
     /// deploy) with the next version number, and makes it the function's live
-    /// version. Fails with [`StoreError::RouteTaken`] if another function
+    /// version: the `live` alias moves to it, its canary is cleared and the
+    /// version it left is recorded as its previous one. Fails with [`StoreError::RouteTaken`] if another function
     /// serves one of the routes; then nothing changes.
     fn create_version(
         &self,
@@ -93,9 +106,44 @@ pub trait Registry: Send + Sync {
     /// Every version of a function, newest first.
     fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
 
-    /// Deletes a function with all its versions and routes. Returns whether
-    /// it existed.
+    /// Deletes a function with all its versions, aliases and routes.
+    /// Returns whether it existed.
     fn delete_function(&self, name: &str) -> Result<bool>;
+
+    /// One version of a function, if it exists.
+    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
+
+    /// A function's aliases: `live` first, then the others by name. Empty
+    /// when the function does not exist.
+    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
+
+    /// Points `alias` of `function` at `version`, with `canary` (or none),
+    /// creating the alias if needed. When the version changes, the one it
+    /// left becomes `previous_version`. Moving `live` makes the version's
+    /// routes the function's routes: [`StoreError::RouteTaken`] if another
+    /// function serves one of them. Fails with
+    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`];
+    /// on any error nothing changes.
+    fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+    ) -> Result<AliasRecord>;
+
+    /// Deletes a named alias; returns whether it existed. `live` cannot be
+    /// deleted ([`StoreError::Conflict`]).
+    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
+
+    /// Deletes one version. Refused with [`StoreError::Conflict`], naming
+    /// the aliases, while any alias or canary points at it.
+    fn delete_version(&self, function: &str, version: u64) -> Result<()>;
+
+    /// Deletes the versions beyond the `keep` newest that no alias (or
+    /// canary) points at; returns their numbers. Blobs are left alone: they
+    /// are content-addressed and may be shared.
+    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
 }
 
 /// Durable guest log lines.

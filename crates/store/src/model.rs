@@ -162,6 +162,47 @@ pub struct FunctionRecord {
     pub live: VersionRecord,
 }
 
+/// The alias every deployed function has: what its routes, triggers and
+/// the admin invoke reach. A deploy moves it to the new version.
+pub const LIVE_ALIAS: &str = "live";
+
+/// Basis points in one whole: a canary weight is `0..=10_000`.
+pub const WEIGHT_SCALE_BP: u32 = 10_000;
+
+/// A canary on an alias: a share of the alias's traffic goes to another
+/// version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryRecord {
+    /// The version that gets the share.
+    pub version: u64,
+    /// The share, in basis points (1/100 of a percent), `1..10_000`.
+    pub weight_bp: u32,
+}
+
+/// A name pointing at one version of a function, optionally with a canary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// Function name.
+    pub function: String,
+    /// Alias name: 1 to 32 of `[a-z0-9-_]`; `live` always exists.
+    pub alias: String,
+    /// The version it points at.
+    pub version: u64,
+    /// A share of its traffic that goes to another version.
+    pub canary: Option<CanaryRecord>,
+    /// The version it pointed at before its last move, if any.
+    pub previous_version: Option<u64>,
+    /// When it last changed (ms since the Unix epoch).
+    pub updated_at_ms: i64,
+}
+
+impl AliasRecord {
+    /// Whether this alias (its version or its canary) points at `version`.
+    pub fn points_at(&self, version: u64) -> bool {
+        self.version == version || self.canary.is_some_and(|c| c.version == version)
+    }
+}
+
 /// A guest log line on its way to the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewLogLine {

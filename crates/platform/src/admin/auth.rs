@@ -76,14 +76,21 @@ pub(super) async fn gate(
         }
     };
     // A credential reaches what its function is granted now, not when it
-    // was minted.
+    // was minted: its version's grants while that version is in service
+    // (a canary's may differ from live's), else live's.
     let principal = match principal {
         Principal::Function(credential) => {
             let live = platform
                 .catalog()
                 .by_name
                 .get(&credential.function)
-                .map(|deployed| deployed.grants.clone());
+                .map(|served| {
+                    served
+                        .version(credential.version)
+                        .unwrap_or(&served.live.deployed)
+                        .grants
+                        .clone()
+                });
             let narrowed = narrow_to_live(&credential, live.as_ref());
             if let Err(error) = authorize(
                 &Principal::Function(Arc::new(narrowed.clone())),

@@ -218,7 +218,12 @@ pub(crate) async fn run(
         };
         // Never more than the function itself may run: the excess would
         // only wait in admission and be postponed.
-        let function_limit = function.scaling.max_concurrency.map(|max| max as usize);
+        let live = &function.live;
+        let function_limit = live
+            .deployed
+            .scaling
+            .max_concurrency
+            .map(|max| max as usize);
         let concurrency = consumer
             .concurrency
             .unwrap_or(INBOX_CONCURRENCY)
@@ -235,8 +240,12 @@ pub(crate) async fn run(
             free.min(consumer.batch)
         };
         if want > 0 || !settled.is_empty() {
-            let lease_ms = function.limits.timeout.as_millis() as u64
-                + function.scaling.queue_timeout_ms
+            // Long enough for whichever version of a split alias runs it.
+            let lease_ms = live
+                .versions()
+                .map(|v| v.limits.timeout.as_millis() as u64 + v.scaling.queue_timeout_ms)
+                .max()
+                .unwrap_or(0)
                 + LEASE_MARGIN_MS;
             let store = node.events().store.clone();
             let queue = consumer.queue.clone();
@@ -379,7 +388,7 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
     let data = std::mem::take(&mut delivery.event.data);
     let outcome = match cloud_event_request(&delivery, data) {
         Ok(request) => {
-            node.deliver_event(&function, request, trigger_label(&delivery.event.ty))
+            node.deliver_event(&function.live, request, trigger_label(&delivery.event.ty))
                 .await
         }
         Err(error) => EventOutcome::Failed(format!("cannot build the request: {error}")),
