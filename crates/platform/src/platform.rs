@@ -609,6 +609,19 @@ impl Platform {
         Digest::derive(&[digest.hex(), self.runtime.fingerprint()])
     }
 
+    /// The first of `routes` another function serves now, and its owner: a
+    /// cheap early check (the store re-checks inside its transaction).
+    fn route_taken(&self, name: &str, routes: &[Route]) -> Option<(Route, String)> {
+        let catalog = self.catalog.load();
+        routes.iter().find_map(|route| {
+            catalog
+                .routes
+                .get_exact(route)
+                .filter(|served| served.name != name)
+                .map(|served| (route.clone(), served.name.clone()))
+        })
+    }
+
     /// Compiles `wasm` off the async runtime and stores its artifact.
     async fn compile_and_store(&self, wasm: Bytes, artifact: &Digest) -> Result<(), PlatformError> {
         let runtime = self.runtime.clone();
@@ -655,23 +668,11 @@ impl Platform {
             )));
         }
         let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
-        // An early, cheap check so a conflicting deploy does not compile;
-        // the store re-checks inside its transaction. The snapshot guard is
-        // dropped before compiling rather than held across it.
-        {
-            let catalog = self.catalog.load();
-            for route in &routes {
-                if let Some(owner) = catalog
-                    .routes
-                    .get_exact(route)
-                    .map(|f| f.name.as_str())
-                    .filter(|owner| *owner != name)
-                {
-                    return Err(PlatformError::Conflict(format!(
-                        "route `{route}` is already served by function `{owner}`"
-                    )));
-                }
-            }
+        // So a conflicting deploy does not compile.
+        if let Some((route, owner)) = self.route_taken(name, &routes) {
+            return Err(PlatformError::Conflict(format!(
+                "route `{route}` is already served by function `{owner}`"
+            )));
         }
 
         let config = FunctionConfig {
@@ -1007,19 +1008,11 @@ impl Platform {
             let routes = parse_routes(&config.routes).map_err(|e| {
                 PlatformError::Internal(anyhow::anyhow!("stored routes of {name} are invalid: {e}"))
             })?;
-            let catalog = self.catalog.load();
-            for route in &routes {
-                if let Some(owner) = catalog
-                    .routes
-                    .get_exact(route)
-                    .map(|f| f.name.as_str())
-                    .filter(|owner| *owner != name)
-                {
-                    return Err(PlatformError::Conflict(format!(
-                        "route `{route}` of version {version} is already served by function \
-                         `{owner}`"
-                    )));
-                }
+            if let Some((route, owner)) = self.route_taken(name, &routes) {
+                return Err(PlatformError::Conflict(format!(
+                    "route `{route}` of version {version} is already served by function \
+                     `{owner}`"
+                )));
             }
             self.admission
                 .configure(name, slot_limits(config, &self.config.scaling))

@@ -206,6 +206,17 @@ fn read_aliases(conn: &rusqlite::Connection, function: &str) -> Result<Vec<Alias
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+fn function_exists(tx: &rusqlite::Connection, function: &str) -> Result<bool> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM functions WHERE name = ?1",
+            params![function],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 fn version_exists(tx: &rusqlite::Connection, function: &str, version: u64) -> Result<bool> {
     Ok(tx
         .query_row(
@@ -449,15 +460,7 @@ impl Registry for EmbeddedStore {
         let now = now_ms();
         let mut conn = self.meta();
         let tx = conn.transaction()?;
-        let exists = tx
-            .query_row(
-                "SELECT 1 FROM functions WHERE name = ?1",
-                params![function],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if !exists {
+        if !function_exists(&tx, function)? {
             return Err(StoreError::FunctionNotFound(function.to_string()));
         }
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
@@ -503,15 +506,7 @@ impl Registry for EmbeddedStore {
         let mut conn = self.meta();
         let tx = conn.transaction()?;
         if !version_exists(&tx, function, version)? {
-            let exists = tx
-                .query_row(
-                    "SELECT 1 FROM functions WHERE name = ?1",
-                    params![function],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-            return Err(if exists {
+            return Err(if function_exists(&tx, function)? {
                 StoreError::VersionNotFound {
                     function: function.to_string(),
                     version,
