@@ -31,7 +31,7 @@ use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::platform::{PlatformError, now_ms};
+use crate::platform::{PlatformError, blocking, now_ms};
 
 /// Name of the file in the data directory holding the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -128,6 +128,11 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// Whether the caller may do everything (an `admin` token).
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Principal::Token(token) if token.scopes.contains(&Scope::Admin))
+    }
+
     /// How the audit log names the caller.
     pub fn actor(&self) -> String {
         match self {
@@ -293,7 +298,7 @@ pub fn check_deploy(
             )));
         }
     };
-    if token.scopes.contains(&Scope::Admin) {
+    if principal.is_admin() {
         return Ok(());
     }
     let empty = FunctionConfig::default();
@@ -555,7 +560,7 @@ impl Auth {
             let (record, token) = new_token(&name, &scopes, &functions);
             auth.store.create_token(&record)?;
             auth.reload()?;
-            Ok((record, token))
+            anyhow::Ok((record, token))
         })
         .await?;
         Ok(created)
@@ -568,7 +573,7 @@ impl Auth {
         let revoked = blocking(move || {
             let revoked = auth.store.revoke_token(&id_owned)?;
             auth.reload()?;
-            Ok(revoked)
+            anyhow::Ok(revoked)
         })
         .await?;
         if revoked {
@@ -583,7 +588,7 @@ impl Auth {
     /// Every token (revoked ones too), without the tokens themselves.
     pub async fn tokens(self: &Arc<Self>) -> Result<Vec<TokenRecord>, PlatformError> {
         let auth = self.clone();
-        blocking(move || Ok(auth.store.tokens()?)).await
+        blocking(move || auth.store.tokens()).await
     }
 
     /// Records an admin action durably.
@@ -598,7 +603,7 @@ impl Auth {
         blocking(move || {
             auth.store
                 .append_audit(&actor, &action, status, detail.as_deref())?;
-            Ok(())
+            anyhow::Ok(())
         })
         .await
     }
@@ -611,7 +616,7 @@ impl Auth {
         latest: bool,
     ) -> Result<Vec<AuditEntry>, PlatformError> {
         let auth = self.clone();
-        blocking(move || Ok(auth.store.audit(after, limit, latest)?)).await
+        blocking(move || auth.store.audit(after, limit, latest)).await
     }
 
     /// A credential for one invocation of `function` at `version`, good for
@@ -678,15 +683,6 @@ impl Auth {
         }
         Ok(claims)
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> Result<T, PlatformError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))?
-        .map_err(PlatformError::Internal)
 }
 
 /// Writes `bytes` to a new file readable and writable by its owner only

@@ -1,12 +1,12 @@
 //! What a deployed function may reach beyond its sandbox, built from its
 //! grants: the runtime's [`Capabilities`] backed by the node's stores.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use mayfly_runtime::{Capabilities, ConfigSource, KeyValueBackend, OutboundPolicy};
-use mayfly_store::{FunctionConfig, KvCondition};
+use mayfly_store::{FunctionConfig, Grants, KvCondition};
 
 use crate::platform::{Platform, PlatformError};
 
@@ -39,8 +39,8 @@ pub(crate) fn capabilities(
             platform: platform.clone(),
             function: function.to_string(),
             version,
-            config: config.clone(),
-            secrets: config.grants.secrets.iter().cloned().collect(),
+            grants: config.grants.clone(),
+            variables: config.variables.clone(),
         }),
         outbound: Arc::new(outbound),
     }))
@@ -252,8 +252,8 @@ struct FunctionConfigSource {
     platform: Weak<Platform>,
     function: String,
     version: u64,
-    config: FunctionConfig,
-    secrets: BTreeSet<String>,
+    grants: Grants,
+    variables: BTreeMap<String, String>,
 }
 
 impl FunctionConfigSource {
@@ -281,17 +281,17 @@ impl ConfigSource for FunctionConfigSource {
             let platform = self.platform()?;
             return platform
                 .auth()
-                .mint_credential(&self.function, self.version, &self.config.grants)
+                .mint_credential(&self.function, self.version, &self.grants)
                 .map(Some)
                 .map_err(|e| e.to_string());
         }
         if key == API_URL_KEY {
             return Ok(self.platform()?.api_url().map(str::to_string));
         }
-        if let Some(value) = self.config.variables.get(key) {
+        if let Some(value) = self.variables.get(key) {
             return Ok(Some(value.clone()));
         }
-        if self.secrets.contains(key) {
+        if self.grants.secrets.iter().any(|s| s == key) {
             return self.secret(key).await;
         }
         // Not a variable and not granted: say so if it is a secret, so the
@@ -314,12 +314,11 @@ impl ConfigSource for FunctionConfigSource {
 
     async fn get_all(&self) -> Result<Vec<(String, String)>, String> {
         let mut all: Vec<(String, String)> = self
-            .config
             .variables
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for name in &self.secrets {
+        for name in &self.grants.secrets {
             if let Some(value) = self.secret(name).await? {
                 all.push((name.clone(), value));
             }

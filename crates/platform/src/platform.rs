@@ -182,6 +182,26 @@ impl From<StoreError> for PlatformError {
     }
 }
 
+impl From<anyhow::Error> for PlatformError {
+    fn from(error: anyhow::Error) -> Self {
+        PlatformError::Internal(error)
+    }
+}
+
+/// Runs a blocking call (SQLite, files) off the async workers.
+pub(crate) async fn blocking<T, E>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, PlatformError>
+where
+    T: Send + 'static,
+    E: Into<PlatformError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))?
+        .map_err(Into::into)
+}
+
 /// A snapshot of the node's state for `mayfly status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -427,9 +447,8 @@ impl Platform {
         }
         let blobs = self.blobs.clone();
         let key = digest.clone();
-        let wasm = tokio::task::spawn_blocking(move || blobs.get(BlobKind::Component, &key))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??
+        let wasm = blocking(move || blobs.get(BlobKind::Component, &key))
+            .await?
             .ok_or_else(|| {
                 PlatformError::Internal(anyhow::anyhow!(
                     "component {digest} of function {} v{} is missing",
@@ -451,11 +470,10 @@ impl Platform {
     ) -> Result<Arc<Served>, PlatformError> {
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let (aliases, versions) = tokio::task::spawn_blocking(move || {
+        let (aliases, versions) = blocking(move || {
             Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
         })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??;
+        .await?;
         let mut made: std::collections::HashMap<u64, Arc<Deployed>> =
             std::collections::HashMap::new();
         let mut entry = |version: u64| -> Result<Arc<Deployed>, PlatformError> {
@@ -609,6 +627,16 @@ impl Platform {
         Digest::derive(&[digest.hex(), self.runtime.fingerprint()])
     }
 
+    /// The function `name` as it is served now.
+    fn served(&self, name: &str) -> Result<Arc<Served>, PlatformError> {
+        self.catalog
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))
+    }
+
     /// The first of `routes` another function serves now, and its owner: a
     /// cheap early check (the store re-checks inside its transaction).
     fn route_taken(&self, name: &str, routes: &[Route]) -> Option<(Route, String)> {
@@ -625,17 +653,11 @@ impl Platform {
     /// Compiles `wasm` off the async runtime and stores its artifact.
     async fn compile_and_store(&self, wasm: Bytes, artifact: &Digest) -> Result<(), PlatformError> {
         let runtime = self.runtime.clone();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let compiled = blocking(move || runtime.compile(&wasm)).await?;
         self.metrics.node.compilations.inc();
         let blobs = self.blobs.clone();
         let key = artifact.clone();
-        tokio::task::spawn_blocking(move || {
-            blobs.put_keyed(BlobKind::Artifact, &key, &compiled.artifact)
-        })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??;
+        blocking(move || blobs.put_keyed(BlobKind::Artifact, &key, &compiled.artifact)).await?;
         Ok(())
     }
 
@@ -806,9 +828,7 @@ impl Platform {
         };
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let record = tokio::task::spawn_blocking(move || registry.function(&owned))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let record = blocking(move || registry.function(&owned)).await?;
         let digest = digest.to_string();
         Ok(record.map(|record| record.live).filter(|live| {
             live.version == serving && live.digest == digest && live.config == *config
@@ -843,9 +863,7 @@ impl Platform {
         let _change = self.changes.lock().await;
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let existed = tokio::task::spawn_blocking(move || registry.delete_function(&owned))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let existed = blocking(move || registry.delete_function(&owned)).await?;
         if !existed {
             return Err(PlatformError::NotFound(name.to_string()));
         }
@@ -868,9 +886,7 @@ impl Platform {
     /// Every function with its live version.
     pub async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
         let registry = self.registry.clone();
-        Ok(tokio::task::spawn_blocking(move || registry.functions())
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??)
+        blocking(move || registry.functions()).await
     }
 
     /// One function and all its versions, newest first.
@@ -880,11 +896,10 @@ impl Platform {
     ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let (record, versions) = tokio::task::spawn_blocking(move || {
+        let (record, versions) = blocking(move || {
             Ok::<_, StoreError>((registry.function(&owned)?, registry.versions(&owned)?))
         })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??;
+        .await?;
         let record = record.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
         Ok((record, versions))
     }
@@ -893,9 +908,7 @@ impl Platform {
     pub async fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, PlatformError> {
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let aliases = blocking(move || registry.aliases(&owned)).await?;
         if aliases.is_empty() {
             return Err(PlatformError::NotFound(name.to_string()));
         }
@@ -940,11 +953,10 @@ impl Platform {
         let _change = self.changes.lock().await;
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let (aliases, versions) = tokio::task::spawn_blocking(move || {
+        let (aliases, versions) = blocking(move || {
             Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
         })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??;
+        .await?;
         let live = aliases
             .into_iter()
             .find(|a| a.alias == LIVE_ALIAS)
@@ -977,20 +989,13 @@ impl Platform {
         version: u64,
         canary: Option<CanaryRecord>,
     ) -> Result<AliasRecord, PlatformError> {
-        let prior = self
-            .catalog
-            .load()
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let prior = self.served(name)?;
         let mut live_config = None;
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
             let registry = self.registry.clone();
             let owned = name.to_string();
-            let record = tokio::task::spawn_blocking(move || registry.version(&owned, wanted))
-                .await
-                .map_err(|e| PlatformError::Internal(e.into()))??
+            let record = blocking(move || registry.version(&owned, wanted))
+                .await?
                 .ok_or_else(|| StoreError::VersionNotFound {
                     function: name.to_string(),
                     version: wanted,
@@ -1062,19 +1067,10 @@ impl Platform {
             )));
         }
         let _change = self.changes.lock().await;
-        let prior = self
-            .catalog
-            .load()
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let prior = self.served(name)?;
         let registry = self.registry.clone();
         let (owned, alias_name) = (name.to_string(), alias.to_string());
-        let existed =
-            tokio::task::spawn_blocking(move || registry.delete_alias(&owned, &alias_name))
-                .await
-                .map_err(|e| PlatformError::Internal(e.into()))??;
+        let existed = blocking(move || registry.delete_alias(&owned, &alias_name)).await?;
         if !existed {
             return Err(PlatformError::Missing(format!(
                 "function `{name}` has no alias `{alias}`: see `mayfly alias list {name}`"
@@ -1092,9 +1088,7 @@ impl Platform {
         let _change = self.changes.lock().await;
         let registry = self.registry.clone();
         let owned = name.to_string();
-        tokio::task::spawn_blocking(move || registry.delete_version(&owned, version))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))??;
+        blocking(move || registry.delete_version(&owned, version)).await?;
         tracing::info!(function = name, version, "version deleted");
         Ok(())
     }
@@ -1552,11 +1546,7 @@ impl Platform {
     /// Usage in a time window, grouped.
     pub async fn usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>, PlatformError> {
         let usage = self.usage.clone();
-        Ok(
-            tokio::task::spawn_blocking(move || usage.usage_summary(&query))
-                .await
-                .map_err(|e| PlatformError::Internal(e.into()))??,
-        )
+        blocking(move || usage.usage_summary(&query)).await
     }
 
     /// Usage records after `after_seq`, oldest first.
@@ -1567,11 +1557,7 @@ impl Platform {
         limit: usize,
     ) -> Result<Vec<StoredUsage>, PlatformError> {
         let usage = self.usage.clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            usage.usage_records(function.as_deref(), after_seq, limit)
-        })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??)
+        blocking(move || usage.usage_records(function.as_deref(), after_seq, limit)).await
     }
 
     /// The last step of a shutdown, once the servers stopped accepting:

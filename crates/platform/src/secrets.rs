@@ -615,9 +615,7 @@ impl Secrets {
         call: impl FnOnce(&Secrets) -> Result<T, PlatformError> + Send + 'static,
     ) -> Result<T, PlatformError> {
         let secrets = self.clone();
-        tokio::task::spawn_blocking(move || call(&secrets))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))?
+        crate::platform::blocking(move || call(&secrets)).await
     }
 }
 

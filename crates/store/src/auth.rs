@@ -3,13 +3,13 @@
 //! the request path's stores.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::embedded::{migrate, now_ms, open_connection};
+use crate::embedded::{LockedDb, now_ms};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE tokens (
@@ -93,23 +93,19 @@ pub trait AuthStore: Send + Sync {
 
 /// [`AuthStore`] in a SQLite file.
 pub struct EmbeddedAuth {
-    conn: Mutex<Connection>,
+    db: LockedDb,
 }
 
 impl EmbeddedAuth {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = open_connection(path)?;
-        migrate(&conn, MIGRATIONS)?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            db: LockedDb::open(path, MIGRATIONS)?,
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (every
-        // write is one transaction), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.db.lock()
     }
 }
 

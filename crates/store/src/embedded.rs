@@ -110,6 +110,42 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// A stored integer from a `u64` (SQLite integers are signed; saturates).
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A `u64` from a stored integer (a negative one, never written, reads 0).
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// A write transaction that takes the lock up front: a deferred one could
+/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
+/// retry.
+pub(crate) fn write_tx(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
+    Ok(conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+}
+
+/// One SQLite connection behind a mutex: the small stores (tokens and
+/// audit, secrets) that see few writes and need no second connection.
+pub(crate) struct LockedDb(std::sync::Mutex<Connection>);
+
+impl LockedDb {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<Self> {
+        let conn = open_connection(path)?;
+        migrate(&conn, migrations)?;
+        Ok(Self(std::sync::Mutex::new(conn)))
+    }
+
+    /// The connection. Every change is one transaction that rolls back on
+    /// drop, so a lock poisoned by a panic still guards a consistent file.
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Applies the `migrations` this database has not run yet, each in its own
 /// transaction; `PRAGMA user_version` counts those applied.
 pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<()> {
@@ -137,6 +173,20 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The columns `function, version, digest, config, created_at_ms` of a
+/// `versions` row, for [`read_version`].
+type VersionColumns = (String, i64, String, String, i64);
+
+fn version_columns(row: &rusqlite::Row<'_>) -> rusqlite::Result<VersionColumns> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
 }
 
 fn read_version(
@@ -395,15 +445,7 @@ impl Registry for EmbeddedStore {
             "SELECT function, version, digest, config, created_at_ms FROM versions
              WHERE function = ?1 ORDER BY version DESC",
         )?;
-        let rows = stmt.query_map(params![name], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            ))
-        })?;
+        let rows = stmt.query_map(params![name], version_columns)?;
         rows.map(|row| {
             let (function, version, digest, config, created) = row?;
             read_version(function, version, digest, config, created)
@@ -429,15 +471,7 @@ impl Registry for EmbeddedStore {
                 "SELECT function, version, digest, config, created_at_ms FROM versions
                  WHERE function = ?1 AND version = ?2",
                 params![function, version as i64],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                    ))
-                },
+                version_columns,
             )
             .optional()?;
         row.map(|(function, version, digest, config, created)| {

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::embedded::{migrate, now_ms, open_connection};
+use crate::embedded::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
 use crate::events::*;
 use crate::{BlobDir, BlobKind, BlobStore, Digest, Result, StoreError};
 
@@ -142,23 +142,8 @@ impl EmbeddedEvents {
     }
 }
 
-/// A write transaction that takes the lock up front: a deferred one could
-/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
-/// retry.
-fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>> {
-    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
-}
-
 fn new_event_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }
 
 fn to_u32(value: i64) -> u32 {

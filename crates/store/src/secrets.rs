@@ -7,13 +7,12 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 
 use crate::Result;
-use crate::embedded::{migrate, now_ms, open_connection};
+use crate::embedded::{LockedDb, now_ms, to_i64, to_u64, write_tx};
 
 const MIGRATIONS: &[&str] = &[r#"
     -- The latest version of each secret only: a replaced value is not kept.
@@ -123,39 +122,20 @@ pub trait SecretStore: Send + Sync {
 
 /// [`SecretStore`] in a SQLite file (WAL, synchronous=FULL).
 pub struct EmbeddedSecrets {
-    conn: Mutex<Connection>,
+    db: LockedDb,
 }
 
 impl EmbeddedSecrets {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = open_connection(path)?;
-        migrate(&conn, MIGRATIONS)?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            db: LockedDb::open(path, MIGRATIONS)?,
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // Every change is one transaction that rolls back on drop, so a
-        // panic under the lock leaves nothing half done.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.db.lock()
     }
-}
-
-/// A write transaction that takes the lock up front: a deferred one could
-/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
-/// retry.
-fn write_tx(conn: &mut Connection) -> Result<Transaction<'_>> {
-    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 const SECRET_COLUMNS: &str =

@@ -53,66 +53,13 @@ pub(super) async fn gate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let principal = match auth
-        .authenticate(authorization)
-        .and_then(|principal| authorize(&principal, &method, &path).map(|()| principal))
-    {
-        Ok(principal) => principal,
-        Err(error) => {
-            let actor = match auth.authenticate(authorization) {
-                Ok(principal) => principal.actor(),
-                Err(_) => "anonymous".to_string(),
-            };
-            let error = ApiError::from(error);
-            record(
-                &platform,
-                actor,
-                action,
-                error.status,
-                Some(error.message.clone()),
-            )
-            .await;
-            return error.into_response();
-        }
+    let principal = match auth.authenticate(authorization) {
+        Ok(principal) => current_grants(&platform, principal),
+        Err(error) => return refuse(&platform, "anonymous".into(), action, error).await,
     };
-    // A credential reaches what its function is granted now, not when it
-    // was minted: its version's grants while that version is in service
-    // (a canary's may differ from live's), else live's.
-    let principal = match principal {
-        Principal::Function(credential) => {
-            let live = platform
-                .catalog()
-                .by_name
-                .get(&credential.function)
-                .map(|served| {
-                    served
-                        .version(credential.version)
-                        .unwrap_or(&served.live.deployed)
-                        .grants
-                        .clone()
-                });
-            let narrowed = narrow_to_live(&credential, live.as_ref());
-            if let Err(error) = authorize(
-                &Principal::Function(Arc::new(narrowed.clone())),
-                &method,
-                &path,
-            ) {
-                let error = ApiError::from(error);
-                let actor = Principal::Function(credential).actor();
-                record(
-                    &platform,
-                    actor,
-                    action,
-                    error.status,
-                    Some(error.message.clone()),
-                )
-                .await;
-                return error.into_response();
-            }
-            Principal::Function(Arc::new(narrowed))
-        }
-        token => token,
-    };
+    if let Err(error) = authorize(&principal, &method, &path) {
+        return refuse(&platform, principal.actor(), action, error).await;
+    }
     let actor = principal.actor();
     request.extensions_mut().insert(principal);
     // Run the action and its audit record in their own task: a client that
@@ -133,6 +80,46 @@ pub(super) async fn gate(
         )))
         .into_response(),
     }
+}
+
+/// A credential reaches what its function is granted now, not when it was
+/// minted: its version's grants while that version is in service (a
+/// canary's may differ from live's), else live's. Tokens pass unchanged.
+fn current_grants(platform: &Platform, principal: Principal) -> Principal {
+    let Principal::Function(credential) = principal else {
+        return principal;
+    };
+    let grants = platform
+        .catalog()
+        .by_name
+        .get(&credential.function)
+        .map(|served| {
+            served
+                .version(credential.version)
+                .unwrap_or(&served.live.deployed)
+                .grants
+                .clone()
+        });
+    Principal::Function(Arc::new(narrow_to_live(&credential, grants.as_ref())))
+}
+
+/// Answers a refused request, after recording the refusal.
+async fn refuse(
+    platform: &Arc<Platform>,
+    actor: String,
+    action: String,
+    error: AuthError,
+) -> Response {
+    let error = ApiError::from(error);
+    record(
+        platform,
+        actor,
+        action,
+        error.status,
+        Some(error.message.clone()),
+    )
+    .await;
+    error.into_response()
 }
 
 /// A path as the audit log keeps it: at most 512 bytes, so refused requests

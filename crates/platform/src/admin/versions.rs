@@ -103,6 +103,9 @@ async fn check_versions(
     name: &str,
     versions: &[u64],
 ) -> ApiResult<()> {
+    if principal.is_admin() {
+        return Ok(());
+    }
     let (function, stored) = platform.function(name).await?;
     for wanted in versions {
         if let Some(version) = stored.iter().find(|v| v.version == *wanted) {

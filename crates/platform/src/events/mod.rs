@@ -26,7 +26,7 @@ use mayfly_store::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{Platform, PlatformError, blocking};
 use schedule::Schedule;
 
 pub(crate) use dispatch::EventMetrics;
@@ -720,13 +720,4 @@ impl EventHub {
         let (store, f) = (self.store.clone(), function.to_string());
         blocking(move || store.purge_dead(&f, ids.as_deref())).await
     }
-}
-
-/// Runs a store call off the async workers: SQLite calls block.
-async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> mayfly_store::Result<T> + Send + 'static,
-) -> Result<T, PlatformError> {
-    Ok(tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))??)
 }
