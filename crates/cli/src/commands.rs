@@ -618,10 +618,14 @@ fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Res
             alias,
             to,
             canary,
+            auto,
         } => {
             let mut body = serde_json::json!({"version": to});
             if let Some((canary, percent)) = canary {
                 body["canary"] = serde_json::json!({"version": canary, "weight_percent": percent});
+                if let Some(auto) = auto.to_json() {
+                    body["canary"]["auto"] = auto;
+                }
             }
             let body = serde_json::to_vec(&body)?;
             let headers = [("content-type".to_string(), "application/json".to_string())];
@@ -650,20 +654,13 @@ fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Res
                 return Ok(());
             }
             println!(
-                "{:<16} {:>7}  {:<16} {:>8}  UPDATED",
+                "{:<16} {:>7}  {:<36} {:>8}  UPDATED",
                 "ALIAS", "VERSION", "CANARY", "PREVIOUS"
             );
             for alias in aliases {
-                let canary = match alias["canary"].as_object() {
-                    Some(canary) => format!(
-                        "{} ({}%)",
-                        canary["version"],
-                        canary["weight_percent"].as_f64().unwrap_or(0.0)
-                    ),
-                    None => "-".to_string(),
-                };
+                let canary = canary_text(&alias["canary"]).unwrap_or_else(|| "-".to_string());
                 println!(
-                    "{:<16} {:>7}  {:<16} {:>8}  {}",
+                    "{:<16} {:>7}  {:<36} {:>8}  {}",
                     alias["alias"].as_str().unwrap_or_default(),
                     alias["version"],
                     canary,
@@ -701,14 +698,67 @@ fn alias_summary(alias: &Value) -> String {
         alias["alias"].as_str().unwrap_or_default(),
         alias["version"]
     );
-    if let Some(canary) = alias["canary"].as_object() {
-        text.push_str(&format!(
-            " (canary {} at {}%)",
-            canary["version"],
-            canary["weight_percent"].as_f64().unwrap_or(0.0)
-        ));
+    if let Some(canary) = canary_text(&alias["canary"]) {
+        text.push_str(&format!(" (canary {canary})"));
     }
     text
+}
+
+/// A canary as `8 at 10%`, with an automatic one's thresholds and how far
+/// it has been judged: `8 at 10%, auto 37/100 judged, 0 errors`.
+fn canary_text(canary: &Value) -> Option<String> {
+    let canary = canary.as_object()?;
+    let mut text = format!(
+        "{} at {}%",
+        canary["version"],
+        canary["weight_percent"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(auto) = canary.get("auto").and_then(Value::as_object) {
+        let requests = auto["requests"].as_u64().unwrap_or(0);
+        match canary.get("progress").and_then(Value::as_object) {
+            Some(progress) => text.push_str(&format!(
+                ", auto {}/{requests} judged, {} errors",
+                progress["requests"].as_u64().unwrap_or(0),
+                progress["errors"].as_u64().unwrap_or(0)
+            )),
+            None => text.push_str(&format!(", auto over {requests}")),
+        }
+    }
+    Some(text)
+}
+
+/// Prints a function's alias moves, newest first.
+fn print_history(history: &[Value]) {
+    if history.is_empty() {
+        return;
+    }
+    println!("\nALIAS MOVES (newest first)");
+    println!(
+        "{:<24} {:<12} {:<14} {:<13} DETAIL",
+        "WHEN", "ALIAS", "MOVE", "CAUSE"
+    );
+    for moved in history {
+        let to = moved["version"].as_u64().unwrap_or(0);
+        let step = match moved["from_version"].as_u64() {
+            Some(from) if from != to => format!("{from} -> {to}"),
+            _ => to.to_string(),
+        };
+        let mut detail = moved["detail"].as_str().unwrap_or_default().to_string();
+        if let Some(canary) = canary_text(&moved["canary"]) {
+            detail = format!(
+                "canary {canary}{}{detail}",
+                if detail.is_empty() { "" } else { "; " }
+            );
+        }
+        println!(
+            "{:<24} {:<12} {:<14} {:<13} {}",
+            format_time(moved["at_ms"].as_i64().unwrap_or(0)),
+            moved["alias"].as_str().unwrap_or_default(),
+            step,
+            moved["cause"].as_str().unwrap_or_default(),
+            if detail.is_empty() { "-" } else { &detail }
+        );
+    }
 }
 
 /// The aliases pointing at `version`, for the versions table: `*live` for
@@ -779,6 +829,7 @@ fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> 
             }
         );
     }
+    print_history(function["history"].as_array().map_or(&[], Vec::as_slice));
     Ok(())
 }
 

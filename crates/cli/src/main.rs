@@ -163,7 +163,10 @@ enum Command {
 enum AliasCommand {
     /// Point ALIAS at VERSION (moving `live` moves the function's routes,
     /// triggers and invokes); `--canary 8=10%` sends 10% of its requests,
-    /// chosen by request id, to version 8.
+    /// chosen by request id, to version 8. With `--auto` the canary
+    /// promotes itself once it has served `--auto-requests` requests within
+    /// `--max-error-rate` and `--max-p99`, and rolls itself back as soon as
+    /// it cannot; `mayfly versions` shows each automatic move.
     Set {
         /// Function name.
         name: String,
@@ -176,6 +179,8 @@ enum AliasCommand {
         /// `<version>=<percent>%` (more than 0, less than 100).
         #[arg(long, value_name = "VERSION=PERCENT%", value_parser = parse_canary)]
         canary: Option<(u64, f64)>,
+        #[command(flatten)]
+        auto: AutoCanaryArgs,
     },
     /// List a function's aliases, their versions and canaries.
     List {
@@ -191,21 +196,64 @@ enum AliasCommand {
     },
 }
 
+/// Thresholds of an automatic canary (`mayfly alias set --canary … --auto`).
+#[derive(Debug, Args)]
+struct AutoCanaryArgs {
+    /// Let the canary promote or roll back itself.
+    #[arg(long, requires = "canary")]
+    auto: bool,
+    /// Requests of the canary to judge it over [default: 100].
+    #[arg(long, value_name = "N", requires = "auto")]
+    auto_requests: Option<u32>,
+    /// Highest share of the canary's requests that may fail (trap, timeout,
+    /// out of memory or 5xx), e.g. `1%` [default: 1%].
+    #[arg(long, value_name = "PERCENT%", requires = "auto", value_parser = parse_percent)]
+    max_error_rate: Option<f64>,
+    /// Highest p99 wall time of the canary, e.g. `250ms` [default: twice
+    /// the alias's own version's p99 meanwhile, plus 10 ms].
+    #[arg(long, value_name = "DURATION", requires = "auto", value_parser = humantime::parse_duration)]
+    max_p99: Option<std::time::Duration>,
+}
+
+impl AutoCanaryArgs {
+    /// The `auto` object of the alias API, if `--auto` was given.
+    fn to_json(&self) -> Option<serde_json::Value> {
+        if !self.auto {
+            return None;
+        }
+        let mut auto = serde_json::json!({});
+        if let Some(requests) = self.auto_requests {
+            auto["requests"] = requests.into();
+        }
+        if let Some(percent) = self.max_error_rate {
+            auto["max_error_percent"] = percent.into();
+        }
+        if let Some(p99) = self.max_p99 {
+            auto["max_p99_ms"] = u64::try_from(p99.as_millis()).unwrap_or(u64::MAX).into();
+        }
+        Some(auto)
+    }
+}
+
+/// `1%` (or `1`): a percentage.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let trimmed = text.trim();
+    trimmed
+        .strip_suffix('%')
+        .unwrap_or(trimmed)
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|percent| percent.is_finite())
+        .ok_or_else(|| format!("`{text}` is not a percentage, e.g. 1% or 0.5%"))
+}
+
 /// `8=10%` (or `8=10`): a canary version and its weight in percent.
 fn parse_canary(text: &str) -> Result<(u64, f64), String> {
     let usage = || format!("`{text}` is not <version>=<percent>%, e.g. 8=10%");
     let (version, percent) = text.split_once('=').ok_or_else(usage)?;
     let version = version.trim().parse().map_err(|_| usage())?;
-    let percent = percent.trim();
-    let percent: f64 = percent
-        .strip_suffix('%')
-        .unwrap_or(percent)
-        .trim()
-        .parse()
-        .map_err(|_| usage())?;
-    if !percent.is_finite() {
-        return Err(usage());
-    }
+    let percent = parse_percent(percent).map_err(|_| usage())?;
     Ok((version, percent))
 }
 
@@ -498,6 +546,34 @@ mod tests {
         assert!(super::parse_canary("8").is_err());
         assert!(super::parse_canary("x=1%").is_err());
         assert_eq!(super::parse_canary("8=10"), Ok((8, 10.0)));
+        // Thresholds need --auto, which needs a canary.
+        let auto = |extra: &[&str]| {
+            let mut args = vec!["mayfly", "alias", "set", "f", "live", "7"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(auto(&["--auto"]).is_err());
+        assert!(auto(&["--canary", "8=10%", "--max-p99", "250ms"]).is_err());
+        let cli = auto(&[
+            "--canary",
+            "8=10%",
+            "--auto",
+            "--max-p99",
+            "250ms",
+            "--max-error-rate",
+            "0.5%",
+        ])
+        .unwrap();
+        let Command::Alias {
+            command: super::AliasCommand::Set { auto, .. },
+        } = cli.command
+        else {
+            panic!("not alias set")
+        };
+        assert_eq!(
+            auto.to_json(),
+            Some(serde_json::json!({"max_error_percent": 0.5, "max_p99_ms": 250}))
+        );
     }
 
     #[test]

@@ -192,18 +192,23 @@ async fn list_functions(State(platform): State<Arc<Platform>>) -> ApiResult<impl
     Ok(Json(platform.functions().await?))
 }
 
+/// Alias moves shown with a function, newest first.
+const FUNCTION_HISTORY_SHOWN: usize = 50;
+
 async fn get_function(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let (function, versions) = platform.function(&name).await?;
     let aliases = platform.aliases(&name).await?;
+    let history = platform.alias_moves(&name, FUNCTION_HISTORY_SHOWN).await?;
     Ok(Json(serde_json::json!({
         "name": function.name,
         "created_at_ms": function.created_at_ms,
         "live": function.live,
         "versions": versions,
-        "aliases": aliases.iter().map(versions::alias_json).collect::<Vec<_>>(),
+        "aliases": aliases.iter().map(|a| versions::alias_json(&platform, a)).collect::<Vec<_>>(),
+        "history": history.iter().map(versions::move_json).collect::<Vec<_>>(),
     })))
 }
 

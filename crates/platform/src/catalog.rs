@@ -16,6 +16,7 @@ use mayfly_runtime::InvocationLimits;
 use mayfly_store::{Digest, FunctionScaling, LIVE_ALIAS, WEIGHT_SCALE_BP};
 
 use crate::metering::FunctionMeter;
+use crate::rollout::{Observed, Rollout};
 use crate::routes::{Route, RouteTable};
 use crate::tiers::{Activity, Tier};
 
@@ -56,6 +57,8 @@ pub struct Canary {
     pub deployed: Arc<Deployed>,
     /// Its share, in basis points (`1..10_000`).
     pub weight_bp: u32,
+    /// For an automatic canary, the rollout judging it.
+    pub rollout: Option<Arc<Rollout>>,
 }
 
 /// What an alias serves: a version, and maybe a canary taking a share.
@@ -70,12 +73,21 @@ impl Target {
     /// The version that serves the request `request_id`: the canary when
     /// the id's bucket falls below its weight, so the same id (a retry)
     /// always lands on the same version. Without a canary: one branch.
+    /// With an automatic canary, also the rollout that records the result.
     #[inline]
-    pub fn pick(&self, request_id: &str) -> &Arc<Deployed> {
-        match &self.canary {
-            None => &self.deployed,
-            Some(canary) if split_bucket(request_id) < canary.weight_bp => &canary.deployed,
-            Some(_) => &self.deployed,
+    pub fn pick(&self, request_id: &str) -> (&Arc<Deployed>, Option<Observed>) {
+        let Some(canary) = &self.canary else {
+            return (&self.deployed, None);
+        };
+        let to_canary = split_bucket(request_id) < canary.weight_bp;
+        let observed = canary.rollout.as_ref().map(|rollout| Observed {
+            rollout: rollout.clone(),
+            canary: to_canary,
+        });
+        if to_canary {
+            (&canary.deployed, observed)
+        } else {
+            (&self.deployed, observed)
         }
     }
 

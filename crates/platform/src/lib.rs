@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod logs;
 pub mod metering;
 mod platform;
+pub mod rollout;
 pub mod routes;
 pub mod secrets;
 pub mod tiers;

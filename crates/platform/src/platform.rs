@@ -17,8 +17,8 @@ use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
     AliasRecord, BlobDir, BlobKind, BlobStore, CanaryRecord, Digest, EmbeddedLedger, EmbeddedStore,
     FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore,
-    Registry, StoreError, StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore,
-    VersionRecord, WEIGHT_SCALE_BP,
+    MoveCause, Registry, StoreError, StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow,
+    UsageStore, VersionRecord, WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
 
@@ -300,6 +300,8 @@ pub struct Platform {
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
+    /// Automatic canaries being judged.
+    rollouts: crate::rollout::Rollouts,
     events: EventHub,
     /// This node, for the capabilities its functions hold.
     me: std::sync::Weak<Self>,
@@ -351,6 +353,7 @@ impl Platform {
             Box::new(move || signing.signing_key()),
             config.credential_ttl,
         )?);
+        let (rollouts, verdicts) = crate::rollout::Rollouts::new();
         let platform = Arc::new_cyclic(|me: &std::sync::Weak<Self>| Self {
             me: me.clone(),
             keyvalue: Arc::new(crate::capabilities::NodeKeyValue {
@@ -375,6 +378,7 @@ impl Platform {
             ),
             activities: std::sync::Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
+            rollouts,
             config,
             started: Instant::now(),
         });
@@ -388,6 +392,7 @@ impl Platform {
         platform.catalog.store(Arc::new(Catalog::new(served)));
         platform.count_functions();
         spawn_autoscaler(&platform);
+        spawn_verdicts(&platform, verdicts);
         platform.events.start(&platform).await?;
         Ok(platform)
     }
@@ -505,11 +510,25 @@ impl Platform {
         };
         let mut live = None;
         let mut named = std::collections::HashMap::new();
+        let judged: Vec<String> = aliases
+            .iter()
+            .filter(|a| a.canary.is_some_and(|c| c.auto.is_some()))
+            .map(|a| a.alias.clone())
+            .collect();
         for alias in aliases {
             let canary = match alias.canary {
                 Some(canary) => Some(Canary {
                     deployed: entry(canary.version)?,
                     weight_bp: canary.weight_bp,
+                    rollout: canary.auto.map(|policy| {
+                        self.rollouts.rollout(
+                            name,
+                            &alias.alias,
+                            alias.version,
+                            canary.version,
+                            policy,
+                        )
+                    }),
                 }),
                 None => None,
             };
@@ -523,6 +542,8 @@ impl Platform {
                 named.insert(alias.alias, target);
             }
         }
+        let judged: Vec<&str> = judged.iter().map(String::as_str).collect();
+        self.rollouts.retain(name, &judged);
         let (live, live_version) = live.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
         let routes = versions
             .iter()
@@ -871,6 +892,7 @@ impl Platform {
         let next = self.catalog.load().without(name);
         self.catalog.store(Arc::new(next));
         self.admission.remove(name);
+        self.rollouts.retain(name, &[]);
         if let Some(removed) = removed {
             for version in removed.versions() {
                 version.tier.unload();
@@ -943,7 +965,8 @@ impl Platform {
             }
         }
         let _change = self.changes.lock().await;
-        self.switch_alias(name, alias, version, canary).await
+        self.switch_alias(name, alias, version, canary, MoveCause::Set, "")
+            .await
     }
 
     /// Moves `live` of `name` back to its previous version (or, if it has
@@ -969,7 +992,9 @@ impl Platform {
                 live.version
             )));
         };
-        let record = self.switch_alias(name, LIVE_ALIAS, target, None).await?;
+        let record = self
+            .switch_alias(name, LIVE_ALIAS, target, None, MoveCause::Rollback, "")
+            .await?;
         tracing::info!(
             function = name,
             from = live.version,
@@ -988,6 +1013,8 @@ impl Platform {
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        cause: MoveCause,
+        detail: &str,
     ) -> Result<AliasRecord, PlatformError> {
         let prior = self.served(name)?;
         let mut live_config = None;
@@ -1024,9 +1051,10 @@ impl Platform {
                 .map_err(PlatformError::BadRequest)?;
         }
         let registry = self.registry.clone();
-        let (owned, alias_name) = (name.to_string(), alias.to_string());
+        let (owned, alias_name, detail_text) =
+            (name.to_string(), alias.to_string(), detail.to_string());
         let stored = tokio::task::spawn_blocking(move || {
-            registry.set_alias(&owned, &alias_name, version, canary)
+            registry.set_alias(&owned, &alias_name, version, canary, cause, &detail_text)
         })
         .await
         .map_err(|e| PlatformError::Internal(e.into()));
@@ -1052,9 +1080,95 @@ impl Platform {
             alias,
             version,
             canary = ?canary,
+            cause = cause.as_str(),
             "alias set"
         );
         Ok(record)
+    }
+
+    /// Applies an automatic canary's verdict, if the alias still has that
+    /// canary (a user may have moved it meanwhile): promotion points the
+    /// alias at the canary, rollback takes the canary out. The move is
+    /// recorded with its figures and written to the function's log.
+    async fn apply_verdict(&self, verdict: crate::rollout::Verdict) {
+        let crate::rollout::Verdict {
+            function: name,
+            alias,
+            stable_version,
+            canary_version,
+            promote,
+            detail,
+        } = verdict;
+        let _change = self.changes.lock().await;
+        let current = match self.aliases(&name).await {
+            Ok(aliases) => aliases.into_iter().find(|a| a.alias == alias),
+            Err(_) => None,
+        };
+        let still_judged = current.is_some_and(|current| {
+            current.version == stable_version
+                && current
+                    .canary
+                    .is_some_and(|c| c.version == canary_version && c.auto.is_some())
+        });
+        if !still_judged {
+            return;
+        }
+        let (version, cause, verb) = if promote {
+            (canary_version, MoveCause::AutoPromote, "promoted")
+        } else {
+            (stable_version, MoveCause::AutoRollback, "rolled back")
+        };
+        let line = match self
+            .switch_alias(&name, &alias, version, None, cause, &detail)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(function = %name, alias, canary_version, %detail, "canary {verb}");
+                format!("mayfly: canary version {canary_version} on `{alias}` {verb}: {detail}")
+            }
+            Err(error) => {
+                // A passing failure (a busy database) is judged again on the
+                // next invocation, so it does not strand the canary; a
+                // refusal (a route another function took) waits for the user.
+                if matches!(error, PlatformError::Internal(_)) {
+                    self.rollouts.reopen(&name, &alias, canary_version);
+                }
+                tracing::warn!(function = %name, alias, canary_version, "canary not {verb}: {error}");
+                format!(
+                    "mayfly: canary version {canary_version} on `{alias}` should be {verb} \
+                     ({detail}) but the move failed: {error}"
+                )
+            }
+        };
+        let labels = RequestLabels {
+            function: name,
+            version: canary_version,
+            request_id: "-".to_string(),
+            trigger: "rollout",
+            cold_start: false,
+        };
+        mayfly_runtime::LogSink::line(
+            self.logs.as_ref(),
+            &labels,
+            mayfly_runtime::LogStream::Stderr,
+            &line,
+        );
+    }
+
+    /// Where the automatic canary on `alias` of `name` stands, if it has one.
+    pub fn rollout_progress(&self, name: &str, alias: &str) -> Option<crate::rollout::Progress> {
+        self.rollouts.progress(name, alias)
+    }
+
+    /// The last `limit` moves of `name`'s aliases, newest first.
+    pub async fn alias_moves(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<mayfly_store::AliasMove>, PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        blocking(move || registry.alias_moves(&owned, limit)).await
     }
 
     /// Deletes a named alias of `name` (`live` cannot be deleted).
@@ -1303,10 +1417,12 @@ impl Platform {
             .and_then(|value| value.to_str().ok())
             .filter(|id| valid_request_id(id))
             .map_or_else(new_request_id, str::to_string);
-        let function: &Deployed = target.pick(&request_id);
+        let (function, observed) = target.pick(&request_id);
+        let function: &Deployed = function;
         let result = match self.admit(function, &request_id, trigger).await {
             Ok(permit) => {
-                self.run(function, request, request_id.clone(), trigger, permit)
+                let admitted = Admitted::new(function, permit, observed);
+                self.run(function, request, request_id.clone(), trigger, admitted)
                     .await
             }
             Err(throttled) => {
@@ -1374,12 +1490,14 @@ impl Platform {
         trigger: &'static str,
     ) -> EventOutcome {
         let request_id = new_request_id();
-        let function: &Deployed = target.pick(&request_id);
+        let (function, observed) = target.pick(&request_id);
+        let function: &Deployed = function;
         let Ok(permit) = self.admit(function, &request_id, trigger).await else {
             return EventOutcome::Throttled;
         };
+        let admitted = Admitted::new(function, permit, observed);
         let response = match self
-            .run(function, request, request_id, trigger, permit)
+            .run(function, request, request_id, trigger, admitted)
             .await
         {
             Ok(response) => response,
@@ -1426,13 +1544,13 @@ impl Platform {
         request: http::Request<B>,
         request_id: String,
         trigger: &'static str,
-        permit: Permit,
+        admitted: Admitted,
     ) -> Result<http::Response<HyperOutgoingBody>, (http::StatusCode, String)>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let running = Running::start(&function.activity);
+        admitted.hold(Running::start(&function.activity));
         let loaded = function
             .tier
             .get_or_load(async || self.load(&function.artifact, function.scaling.reuse).await)
@@ -1452,10 +1570,7 @@ impl Platform {
             cold_start,
         });
         let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
-        let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(Admitted {
-            meter: function.meter.clone(),
-            held: std::sync::Mutex::new(Some((permit, running))),
-        });
+        let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(admitted);
         loaded
             .handle(
                 request,
@@ -1595,11 +1710,32 @@ impl Platform {
 }
 
 /// One admitted invocation's report sink: forwards to the function's meter
-/// and gives back the admission slot and activity count when the guest is
-/// done (or when the request is refused before a guest runs).
+/// (and to the rollout judging its version, if any) and gives back the
+/// admission slot and activity count when the guest is done (or when the
+/// request is refused before a guest runs).
 struct Admitted {
     meter: Arc<FunctionMeter>,
-    held: std::sync::Mutex<Option<(Permit, Running)>>,
+    observed: Option<crate::rollout::Observed>,
+    held: std::sync::Mutex<(Option<Permit>, Option<Running>)>,
+}
+
+impl Admitted {
+    fn new(
+        function: &Deployed,
+        permit: Permit,
+        observed: Option<crate::rollout::Observed>,
+    ) -> Self {
+        Self {
+            meter: function.meter.clone(),
+            observed,
+            held: std::sync::Mutex::new((Some(permit), None)),
+        }
+    }
+
+    /// Holds the function's running count until the guest is done too.
+    fn hold(&self, running: Running) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(running);
+    }
 }
 
 impl mayfly_runtime::ReportSink for Admitted {
@@ -1608,10 +1744,31 @@ impl mayfly_runtime::ReportSink for Admitted {
     }
 
     fn finished(&self, labels: &RequestLabels, report: mayfly_runtime::InvocationReport) {
+        if let Some(observed) = &self.observed {
+            observed.record(&report);
+        }
         self.meter.finished(labels, report);
         // Free the slot now: the sink itself may outlive the guest a little.
-        drop(self.held.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(held);
     }
+}
+
+/// Applies automatic canaries' verdicts, one at a time, while the node
+/// lives.
+fn spawn_verdicts(
+    platform: &Arc<Platform>,
+    mut verdicts: tokio::sync::mpsc::UnboundedReceiver<crate::rollout::Verdict>,
+) {
+    let weak = Arc::downgrade(platform);
+    tokio::spawn(async move {
+        while let Some(verdict) = verdicts.recv().await {
+            let Some(platform) = weak.upgrade() else {
+                return;
+            };
+            platform.apply_verdict(verdict).await;
+        }
+    });
 }
 
 /// Starts the autoscaler: one pass per tick while the node lives.

@@ -7,8 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    AliasRecord, CanaryRecord, Digest, FunctionConfig, FunctionRecord, LIVE_ALIAS, LogRecord,
-    LogStore, NewLogLine, Registry, Result, StoreError, VersionRecord,
+    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, FunctionConfig, FunctionRecord,
+    LIVE_ALIAS, LogRecord, LogStore, MoveCause, NewLogLine, Registry, Result, StoreError,
+    VersionRecord,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
@@ -62,7 +63,27 @@ const MIGRATIONS: &[&str] = &[
         SELECT name, 'live', live_version, created_at_ms FROM functions;
     ALTER TABLE functions DROP COLUMN live_version;
 "#,
+    // Progressive delivery: a canary's policy, and every alias move with
+    // its cause (the history `mayfly versions` shows).
+    r#"
+    ALTER TABLE aliases ADD COLUMN canary_auto TEXT NULL;
+    CREATE TABLE alias_moves (
+        id               INTEGER PRIMARY KEY,
+        function         TEXT NOT NULL,
+        alias            TEXT NOT NULL,
+        at_ms            INTEGER NOT NULL,
+        from_version     INTEGER NULL,
+        version          INTEGER NOT NULL,
+        canary           TEXT NULL,
+        cause            TEXT NOT NULL,
+        detail           TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX alias_moves_by_function ON alias_moves (function, id);
+"#,
 ];
+
+/// Alias moves kept per function; older ones are dropped as new ones come.
+const ALIAS_MOVES_KEPT: i64 = 200;
 
 /// Registry and log store in `<data dir>/mayfly.db`.
 ///
@@ -213,23 +234,45 @@ const FUNCTION_QUERY: &str = "
     JOIN aliases a ON a.function = f.name AND a.alias = 'live'
     JOIN versions v ON v.function = f.name AND v.version = a.version";
 
-const ALIAS_COLUMNS: &str =
-    "function, alias, version, canary_version, canary_weight_bp, previous_version, updated_ms";
+const ALIAS_COLUMNS: &str = "function, alias, version, canary_version, canary_weight_bp, \
+                             previous_version, updated_ms, canary_auto";
 
 fn alias_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AliasRecord> {
     let canary: Option<i64> = row.get(3)?;
     let weight: i64 = row.get(4)?;
     let previous: Option<i64> = row.get(5)?;
+    let auto: Option<String> = row.get(7)?;
+    // A policy this binary cannot read leaves a plain canary: it still
+    // serves its share, and nothing moves by itself.
+    let auto = auto.and_then(|json| serde_json::from_str::<CanaryPolicy>(&json).ok());
     Ok(AliasRecord {
         function: row.get(0)?,
         alias: row.get(1)?,
-        version: row.get::<_, i64>(2)? as u64,
+        version: to_u64(row.get(2)?),
         canary: canary.map(|version| CanaryRecord {
-            version: version as u64,
+            version: to_u64(version),
             weight_bp: u32::try_from(weight).unwrap_or(0),
+            auto,
         }),
-        previous_version: previous.map(|v| v as u64),
+        previous_version: previous.map(to_u64),
         updated_at_ms: row.get(6)?,
+    })
+}
+
+fn alias_move_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AliasMove> {
+    let from: Option<i64> = row.get(3)?;
+    let canary: Option<String> = row.get(5)?;
+    let cause: String = row.get(6)?;
+    Ok(AliasMove {
+        function: row.get(0)?,
+        alias: row.get(1)?,
+        at_ms: row.get(2)?,
+        from_version: from.map(to_u64),
+        version: to_u64(row.get(4)?),
+        canary: canary.and_then(|json| serde_json::from_str(&json).ok()),
+        // Written by this code only; an unknown name reads as a manual set.
+        cause: MoveCause::parse(&cause).unwrap_or(MoveCause::Set),
+        detail: row.get(7)?,
     })
 }
 
@@ -306,41 +349,83 @@ fn replace_routes(tx: &rusqlite::Connection, function: &str, routes: &[String]) 
     Ok(())
 }
 
-/// Points `alias` at `version` inside the caller's transaction; when the
-/// version changes, the one it left becomes its previous version.
-fn write_alias(
-    tx: &rusqlite::Connection,
-    function: &str,
-    alias: &str,
+/// JSON of a plain struct of numbers (whose serialisation cannot fail).
+fn plain_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// How an alias moves, for [`write_alias`].
+struct AliasWrite<'a> {
+    function: &'a str,
+    alias: &'a str,
     version: u64,
     canary: Option<CanaryRecord>,
-    now: i64,
-) -> Result<AliasRecord> {
-    let previous_version = match read_alias(tx, function, alias)? {
+    cause: MoveCause,
+    detail: &'a str,
+}
+
+/// Points an alias at a version inside the caller's transaction and adds
+/// the move to its history; when the version changes, the one it left
+/// becomes its previous version.
+fn write_alias(tx: &rusqlite::Connection, write: AliasWrite<'_>, now: i64) -> Result<AliasRecord> {
+    let AliasWrite {
+        function,
+        alias,
+        version,
+        canary,
+        cause,
+        detail,
+    } = write;
+    let current = read_alias(tx, function, alias)?;
+    let previous_version = match &current {
         Some(current) if current.version != version => Some(current.version),
         Some(current) => current.previous_version,
         None => None,
     };
+    let auto = canary.and_then(|c| c.auto).map(|auto| plain_json(&auto));
     tx.execute(
         "INSERT INTO aliases
              (function, alias, version, canary_version, canary_weight_bp, previous_version,
-              updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+              updated_ms, canary_auto)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (function, alias) DO UPDATE SET
              version = excluded.version,
              canary_version = excluded.canary_version,
              canary_weight_bp = excluded.canary_weight_bp,
              previous_version = excluded.previous_version,
-             updated_ms = excluded.updated_ms",
+             updated_ms = excluded.updated_ms,
+             canary_auto = excluded.canary_auto",
         params![
             function,
             alias,
-            version as i64,
-            canary.map(|c| c.version as i64),
+            to_i64(version),
+            canary.map(|c| to_i64(c.version)),
             canary.map_or(0, |c| i64::from(c.weight_bp)),
-            previous_version.map(|v| v as i64),
-            now
+            previous_version.map(to_i64),
+            now,
+            auto,
         ],
+    )?;
+    tx.execute(
+        "INSERT INTO alias_moves
+             (function, alias, at_ms, from_version, version, canary, cause, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            function,
+            alias,
+            now,
+            current.map(|c| to_i64(c.version)),
+            to_i64(version),
+            canary.map(|c| plain_json(&c)),
+            cause.as_str(),
+            detail,
+        ],
+    )?;
+    tx.execute(
+        "DELETE FROM alias_moves WHERE function = ?1 AND id <= (
+             SELECT id FROM alias_moves WHERE function = ?1
+             ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        params![function, ALIAS_MOVES_KEPT],
     )?;
     Ok(AliasRecord {
         function: function.to_string(),
@@ -386,7 +471,7 @@ impl Registry for EmbeddedStore {
             serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let now = now_ms();
         let mut conn = self.meta();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
 
         let previous: Option<i64> = tx
             .query_row(
@@ -408,7 +493,15 @@ impl Registry for EmbeddedStore {
              ON CONFLICT (name) DO NOTHING",
             params![function, now],
         )?;
-        write_alias(&tx, function, LIVE_ALIAS, version as u64, None, now)?;
+        let write = AliasWrite {
+            function,
+            alias: LIVE_ALIAS,
+            version: to_u64(version),
+            canary: None,
+            cause: MoveCause::Deploy,
+            detail: "",
+        };
+        write_alias(&tx, write, now)?;
         tx.commit()?;
 
         Ok(VersionRecord {
@@ -455,11 +548,12 @@ impl Registry for EmbeddedStore {
 
     fn delete_function(&self, name: &str) -> Result<bool> {
         let mut conn = self.meta();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
         let deleted = tx.execute("DELETE FROM functions WHERE name = ?1", params![name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", params![name])?;
         tx.execute("DELETE FROM routes WHERE function = ?1", params![name])?;
         tx.execute("DELETE FROM aliases WHERE function = ?1", params![name])?;
+        tx.execute("DELETE FROM alias_moves WHERE function = ?1", params![name])?;
         tx.commit()?;
         Ok(deleted > 0)
     }
@@ -490,10 +584,12 @@ impl Registry for EmbeddedStore {
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        cause: MoveCause,
+        detail: &str,
     ) -> Result<AliasRecord> {
         let now = now_ms();
         let mut conn = self.meta();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
         if !function_exists(&tx, function)? {
             return Err(StoreError::FunctionNotFound(function.to_string()));
         }
@@ -516,9 +612,30 @@ impl Registry for EmbeddedStore {
             })?;
             replace_routes(&tx, function, &config.routes)?;
         }
-        let record = write_alias(&tx, function, alias, version, canary, now)?;
+        let write = AliasWrite {
+            function,
+            alias,
+            version,
+            canary,
+            cause,
+            detail,
+        };
+        let record = write_alias(&tx, write, now)?;
         tx.commit()?;
         Ok(record)
+    }
+
+    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>> {
+        let conn = self.meta();
+        let mut stmt = conn.prepare_cached(
+            "SELECT function, alias, at_ms, from_version, version, canary, cause, detail
+             FROM alias_moves WHERE function = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            params![function, i64::try_from(limit).unwrap_or(i64::MAX)],
+            alias_move_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn delete_alias(&self, function: &str, alias: &str) -> Result<bool> {
@@ -538,7 +655,7 @@ impl Registry for EmbeddedStore {
 
     fn delete_version(&self, function: &str, version: u64) -> Result<()> {
         let mut conn = self.meta();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
         if !version_exists(&tx, function, version)? {
             return Err(if function_exists(&tx, function)? {
                 StoreError::VersionNotFound {
@@ -577,7 +694,7 @@ impl Registry for EmbeddedStore {
 
     fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>> {
         let mut conn = self.meta();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
         let aliases = read_aliases(&tx, function)?;
         let old: Vec<u64> = {
             let mut stmt = tx.prepare(
@@ -627,7 +744,7 @@ const LOG_COLUMNS: &str = "id, ts_ms, function, version, request_id, stream, lin
 impl LogStore for EmbeddedStore {
     fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64> {
         let mut conn = self.logs();
-        let tx = conn.transaction()?;
+        let tx = write_tx(&mut conn)?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO logs (ts_ms, function, version, request_id, stream, line)
@@ -750,7 +867,11 @@ mod tests {
     }
 
     fn canary(version: u64, weight_bp: u32) -> Option<CanaryRecord> {
-        Some(CanaryRecord { version, weight_bp })
+        Some(CanaryRecord {
+            version,
+            weight_bp,
+            auto: None,
+        })
     }
 
     #[test]
@@ -767,12 +888,18 @@ mod tests {
         assert_eq!((live.version, live.previous_version), (3, Some(2)));
 
         // A canary on live; the version stays, so does previous_version.
-        let set = store.set_alias("f", "live", 3, canary(2, 1000)).unwrap();
+        let set = store
+            .set_alias("f", "live", 3, canary(2, 1000), MoveCause::Set, "")
+            .unwrap();
         assert_eq!(set.canary, canary(2, 1000));
         assert_eq!(set.previous_version, Some(2));
         // A named alias, then live moved back: routes follow live.
-        store.set_alias("f", "beta", 1, None).unwrap();
-        let moved = store.set_alias("f", "live", 1, None).unwrap();
+        store
+            .set_alias("f", "beta", 1, None, MoveCause::Set, "")
+            .unwrap();
+        let moved = store
+            .set_alias("f", "live", 1, None, MoveCause::Set, "")
+            .unwrap();
         assert_eq!((moved.version, moved.previous_version), (1, Some(3)));
         assert_eq!(moved.canary, None);
         let f = store.function("f").unwrap().unwrap();
@@ -786,20 +913,28 @@ mod tests {
         assert_eq!(aliases, store.aliases("f").unwrap());
 
         // Unknown versions and functions change nothing.
-        let err = store.set_alias("f", "live", 9, None).unwrap_err();
+        let err = store
+            .set_alias("f", "live", 9, None, MoveCause::Set, "")
+            .unwrap_err();
         assert!(matches!(
             err,
             StoreError::VersionNotFound { version: 9, .. }
         ));
-        let err = store.set_alias("f", "beta", 1, canary(9, 10)).unwrap_err();
+        let err = store
+            .set_alias("f", "beta", 1, canary(9, 10), MoveCause::Set, "")
+            .unwrap_err();
         assert!(matches!(
             err,
             StoreError::VersionNotFound { version: 9, .. }
         ));
-        let err = store.set_alias("nope", "live", 1, None).unwrap_err();
+        let err = store
+            .set_alias("nope", "live", 1, None, MoveCause::Set, "")
+            .unwrap_err();
         assert!(matches!(err, StoreError::FunctionNotFound(_)));
         // Live to a version whose route another function took: refused.
-        let err = store.set_alias("f", "live", 3, None).unwrap_err();
+        let err = store
+            .set_alias("f", "live", 3, None, MoveCause::Set, "")
+            .unwrap_err();
         assert!(matches!(err, StoreError::RouteTaken { ref owner, .. } if owner == "g"));
         assert_eq!(store.aliases("f").unwrap(), aliases);
         assert_eq!(store.function("f").unwrap().unwrap().live.version, 1);
@@ -811,13 +946,74 @@ mod tests {
         assert!(store.delete_alias("f", "beta").unwrap());
         assert!(!store.delete_alias("f", "beta").unwrap());
         // A deploy moves live and clears its canary.
-        store.set_alias("f", "live", 1, canary(2, 5000)).unwrap();
+        store
+            .set_alias("f", "live", 1, canary(2, 5000), MoveCause::Set, "")
+            .unwrap();
         store.create_version("f", &d, &config(&["/a"])).unwrap();
         let live = &store.aliases("f").unwrap()[0];
         assert_eq!((live.version, live.previous_version), (4, Some(1)));
         assert_eq!(live.canary, None);
         assert!(store.delete_function("f").unwrap());
         assert!(store.aliases("f").unwrap().is_empty());
+        assert!(store.alias_moves("f", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn every_alias_move_is_kept_with_its_cause_and_policy() {
+        let (_dir, store) = store();
+        let d = Digest::of(b"x");
+        store.create_version("f", &d, &config(&[])).unwrap();
+        store.create_version("f", &d, &config(&[])).unwrap();
+        let policy = CanaryPolicy {
+            requests: 200,
+            max_error_bp: 100,
+            max_p99_ms: Some(250),
+        };
+        let auto = Some(CanaryRecord {
+            version: 2,
+            weight_bp: 1000,
+            auto: Some(policy),
+        });
+        store
+            .set_alias("f", "live", 1, auto, MoveCause::Set, "")
+            .unwrap();
+        // The policy survives a read back.
+        assert_eq!(store.aliases("f").unwrap()[0].canary, auto);
+        store
+            .set_alias(
+                "f",
+                "live",
+                2,
+                None,
+                MoveCause::AutoPromote,
+                "200 requests, 0 errors",
+            )
+            .unwrap();
+        let moves = store.alias_moves("f", 10).unwrap();
+        let summary: Vec<(MoveCause, Option<u64>, u64)> = moves
+            .iter()
+            .map(|m| (m.cause, m.from_version, m.version))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (MoveCause::AutoPromote, Some(1), 2),
+                (MoveCause::Set, Some(2), 1),
+                (MoveCause::Deploy, Some(1), 2),
+                (MoveCause::Deploy, None, 1),
+            ]
+        );
+        assert_eq!(moves[0].detail, "200 requests, 0 errors");
+        assert_eq!(moves[1].canary, auto);
+        assert_eq!(store.alias_moves("f", 1).unwrap().len(), 1);
+        // The history is bounded per function.
+        for _ in 0..ALIAS_MOVES_KEPT + 5 {
+            store
+                .set_alias("f", "live", 1, None, MoveCause::Set, "")
+                .unwrap();
+        }
+        let kept = store.alias_moves("f", 1000).unwrap().len() as i64;
+        assert_eq!(kept, ALIAS_MOVES_KEPT);
     }
 
     #[test]
@@ -827,7 +1023,9 @@ mod tests {
         for _ in 0..4 {
             store.create_version("f", &d, &config(&[])).unwrap();
         }
-        store.set_alias("f", "beta", 1, canary(2, 100)).unwrap();
+        store
+            .set_alias("f", "beta", 1, canary(2, 100), MoveCause::Set, "")
+            .unwrap();
         let message = |err: StoreError| match err {
             StoreError::Conflict(message) => message,
             other => panic!("{other}"),
@@ -860,11 +1058,15 @@ mod tests {
         for _ in 0..3 {
             store.create_version("f", &d, &config(&[])).unwrap();
         }
-        store.set_alias("f", "beta", 1, None).unwrap();
+        store
+            .set_alias("f", "beta", 1, None, MoveCause::Set, "")
+            .unwrap();
         for _ in 0..3 {
             store.create_version("f", &d, &config(&[])).unwrap();
         }
-        store.set_alias("f", "live", 6, canary(2, 500)).unwrap();
+        store
+            .set_alias("f", "live", 6, canary(2, 500), MoveCause::Set, "")
+            .unwrap();
         assert_eq!(store.prune_versions("f", 2).unwrap(), [3, 4]);
         let left: Vec<u64> = store
             .versions("f")

@@ -31,8 +31,9 @@ pub use ledger::{
     UsageRow, UsageStore, billed_ms,
 };
 pub use model::{
-    AliasRecord, CanaryRecord, FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling,
-    Grants, LIVE_ALIAS, LogRecord, NewLogLine, VersionRecord, WEIGHT_SCALE_BP,
+    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, FunctionConfig, FunctionLimits,
+    FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, LogRecord, MoveCause, NewLogLine,
+    VersionRecord, WEIGHT_SCALE_BP,
 };
 pub use secrets::{EmbeddedSecrets, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 
@@ -124,13 +125,20 @@ pub trait Registry: Send + Sync {
     /// function serves one of them. Fails with
     /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`];
     /// on any error nothing changes.
+    /// The move is added to the alias's history with `cause` and `detail`.
     fn set_alias(
         &self,
         function: &str,
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        cause: MoveCause,
+        detail: &str,
     ) -> Result<AliasRecord>;
+
+    /// The last `limit` moves of `function`'s aliases (deploys, sets,
+    /// rollbacks, automatic canary decisions), newest first.
+    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
 
     /// Deletes a named alias; returns whether it existed. `live` cannot be
     /// deleted ([`StoreError::Conflict`]).

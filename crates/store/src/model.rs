@@ -177,6 +177,89 @@ pub struct CanaryRecord {
     pub version: u64,
     /// The share, in basis points (1/100 of a percent), `1..10_000`.
     pub weight_bp: u32,
+    /// Progressive delivery: when set, the canary promotes itself or rolls
+    /// itself back once it has been judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<CanaryPolicy>,
+}
+
+/// How an automatic canary is judged: over its first `requests`
+/// invocations, its error rate and p99 latency must stay within bounds for
+/// it to be promoted; as soon as they cannot, it is rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryPolicy {
+    /// Invocations of the canary to judge it over (`1..=100_000`).
+    pub requests: u32,
+    /// Most errors allowed, in basis points of `requests`: an error is a
+    /// trap, timeout, out-of-memory or a 5xx answer.
+    pub max_error_bp: u32,
+    /// Highest p99 wall time allowed, in milliseconds. `None`: at most
+    /// twice the alias's own version's p99 over the same time, plus 10 ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ms: Option<u32>,
+}
+
+/// Why an alias moved: the user's doing or the node's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveCause {
+    /// A deploy made the new version `live`.
+    Deploy,
+    /// `mayfly alias set`.
+    Set,
+    /// `mayfly rollback`.
+    Rollback,
+    /// An automatic canary met its thresholds and took all the traffic.
+    AutoPromote,
+    /// An automatic canary broke a threshold and was taken out.
+    AutoRollback,
+}
+
+impl MoveCause {
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deploy => "deploy",
+            Self::Set => "set",
+            Self::Rollback => "rollback",
+            Self::AutoPromote => "auto-promote",
+            Self::AutoRollback => "auto-rollback",
+        }
+    }
+
+    /// The cause named `name`, as [`MoveCause::as_str`] writes it.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Deploy,
+            Self::Set,
+            Self::Rollback,
+            Self::AutoPromote,
+            Self::AutoRollback,
+        ]
+        .into_iter()
+        .find(|cause| cause.as_str() == name)
+    }
+}
+
+/// One move of an alias: where it pointed afterwards and why it moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasMove {
+    /// Function name.
+    pub function: String,
+    /// Alias name.
+    pub alias: String,
+    /// When (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// The version it pointed at before, if it existed.
+    pub from_version: Option<u64>,
+    /// The version it points at after the move.
+    pub version: u64,
+    /// Its canary after the move.
+    pub canary: Option<CanaryRecord>,
+    /// Who moved it.
+    pub cause: MoveCause,
+    /// For automatic moves, the figures that decided it.
+    pub detail: String,
 }
 
 /// A name pointing at one version of a function, optionally with a canary.

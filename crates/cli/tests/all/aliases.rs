@@ -204,3 +204,173 @@ fn aliased_versions_are_kept_and_the_rest_retained_up_to_the_limit() {
     let listing: Value = node.admin_json("/v1/functions/k");
     assert_eq!(listing["live"]["version"], 4);
 }
+
+/// The `live` alias of `function`: (version, canary version if any).
+fn live_of(node: &Node, function: &str) -> (u64, Option<u64>) {
+    let aliases = node.admin_json(&format!("/v1/functions/{function}/aliases"));
+    let live = &aliases[0];
+    assert_eq!(live["alias"], "live");
+    (
+        live["version"].as_u64().unwrap(),
+        live["canary"]["version"].as_u64(),
+    )
+}
+
+/// Sends requests to `route` until `live` has no canary left; returns the
+/// statuses seen per version.
+fn drive_until_judged(node: &Node, function: &str, route: &str, tag: &str) -> Vec<(u16, u64)> {
+    let mut seen = Vec::new();
+    let mut i = 0;
+    eventually(Duration::from_secs(60), "the canary's verdict", || {
+        for _ in 0..10 {
+            seen.push(get_as(node, route, &format!("{tag}-{i}")));
+            i += 1;
+        }
+        live_of(node, function).1.is_none().then_some(())
+    });
+    seen
+}
+
+#[test]
+fn an_automatic_canary_rolls_back_a_failing_version_and_promotes_a_healthy_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    deploy(&node, "c", "hello", "/c");
+    deploy(&node, "c", "trap", "/c");
+    deploy(&node, "c", "echo", "/c");
+
+    // Version 2 traps on every request: 1 error is all 5% of 20 allows, so
+    // the second one rolls it back, long before its 20 requests.
+    let (ok, stdout, stderr) = node.cli(&[
+        "alias",
+        "set",
+        "c",
+        "live",
+        "1",
+        "--canary",
+        "2=50%",
+        "--auto",
+        "--auto-requests",
+        "20",
+        "--max-error-rate",
+        "5%",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("auto"), "{stdout}");
+    let seen = drive_until_judged(&node, "c", "/c", "failing");
+    assert_eq!(live_of(&node, "c"), (1, None));
+    let failed = seen.iter().filter(|(status, _)| *status == 500).count();
+    // The verdict came at the second error; a request or two may reach the
+    // canary while the move is being stored.
+    assert!(
+        (2..20).contains(&failed),
+        "errors served by the canary: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|&(status, version)| (status == 500) == (version == 2))
+    );
+    // Every new request is served by version 1 at once.
+    for i in 0..20 {
+        assert_eq!(
+            get_as(&node, "/c", &format!("after-rollback-{i}")),
+            (200, 1)
+        );
+    }
+
+    // Version 3 answers every request: after 30 of them within the
+    // thresholds it takes all the traffic.
+    let (ok, stdout, stderr) = node.cli(&[
+        "alias",
+        "set",
+        "c",
+        "live",
+        "1",
+        "--canary",
+        "3=50%",
+        "--auto",
+        "--auto-requests",
+        "30",
+        "--max-p99",
+        "5s",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let seen = drive_until_judged(&node, "c", "/c", "healthy");
+    assert!(seen.iter().all(|(status, _)| *status == 200), "{seen:?}");
+    assert_eq!(live_of(&node, "c"), (3, None));
+    for i in 0..20 {
+        assert_eq!(get_as(&node, "/c", &format!("after-promote-{i}")), (200, 3));
+    }
+    // The old version is one rollback away, as after a deploy.
+    let aliases = node.admin_json("/v1/functions/c/aliases");
+    assert_eq!(aliases[0]["previous_version"], 1);
+
+    // Both automatic moves are in the history, with their figures, and in
+    // the function's log.
+    let history = node.admin_json("/v1/functions/c")["history"].clone();
+    let causes: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            "auto-promote",
+            "set",
+            "auto-rollback",
+            "set",
+            "deploy",
+            "deploy",
+            "deploy"
+        ]
+    );
+    assert!(
+        history[2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2 errors in"),
+        "{history}"
+    );
+    assert!(
+        history[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("0 errors in 30 requests"),
+        "{history}"
+    );
+    let (ok, listing, stderr) = node.cli(&["versions", "c"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        listing.contains("auto-rollback") && listing.contains("auto-promote"),
+        "{listing}"
+    );
+    // The log writer commits in batches: poll.
+    eventually(
+        Duration::from_secs(10),
+        "the canary lines in the log",
+        || {
+            let (ok, logs, _) = node.cli(&["logs", "c"]);
+            (ok && logs.contains("canary version 2 on `live` rolled back")
+                && logs.contains("canary version 3 on `live` promoted"))
+            .then_some(())
+        },
+    );
+
+    // Thresholds are checked before anything changes.
+    let (ok, _, stderr) = node.cli(&[
+        "alias",
+        "set",
+        "c",
+        "live",
+        "3",
+        "--canary",
+        "1=10%",
+        "--auto",
+        "--auto-requests",
+        "0",
+    ]);
+    assert!(!ok && stderr.contains("auto.requests"), "{stderr}");
+    assert_eq!(live_of(&node, "c"), (3, None));
+}

@@ -177,8 +177,14 @@ fn a_manifest_deploys_its_functions_and_reapplying_it_changes_nothing() {
     // `mayfly versions` lists both, newest first, the live one marked.
     let (ok, listing, stderr) = node.cli(&["versions", "hello"]);
     assert!(ok, "{stderr}");
-    let rows: Vec<&str> = listing.lines().skip(1).collect();
+    // The versions table ends at the blank line before the alias moves.
+    let rows: Vec<&str> = listing
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .collect();
     assert_eq!(rows.len(), 2, "{listing}");
+    assert!(listing.contains("1 -> 2") && listing.contains("deploy"), "{listing}");
     assert!(
         rows[0].starts_with('2') && rows[0].contains('*') && rows[0].contains("/hi"),
         "{listing}"

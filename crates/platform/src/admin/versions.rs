@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use mayfly_store::{AliasRecord, CanaryRecord, WEIGHT_SCALE_BP};
+use mayfly_store::{AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, WEIGHT_SCALE_BP};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -32,17 +32,48 @@ pub(super) fn routes() -> Router<Arc<Platform>> {
         )
 }
 
-/// An alias as the API shows it: the weight in percent.
-pub(super) fn alias_json(alias: &AliasRecord) -> Value {
+/// A canary as the API shows it: the weight (and the error budget) in
+/// percent.
+fn canary_json(canary: &CanaryRecord) -> Value {
+    serde_json::json!({
+        "version": canary.version,
+        "weight_percent": f64::from(canary.weight_bp) / 100.0,
+        "auto": canary.auto.map(|auto| serde_json::json!({
+            "requests": auto.requests,
+            "max_error_percent": f64::from(auto.max_error_bp) / 100.0,
+            "max_p99_ms": auto.max_p99_ms,
+        })),
+    })
+}
+
+/// An alias as the API shows it; an automatic canary also shows how far
+/// this node has judged it.
+pub(super) fn alias_json(platform: &Platform, alias: &AliasRecord) -> Value {
+    let mut canary = alias.canary.as_ref().map(canary_json);
+    if let Some(canary) = &mut canary
+        && let Some(progress) = platform.rollout_progress(&alias.function, &alias.alias)
+    {
+        canary["progress"] = serde_json::json!(progress);
+    }
     serde_json::json!({
         "alias": alias.alias,
         "version": alias.version,
-        "canary": alias.canary.map(|canary| serde_json::json!({
-            "version": canary.version,
-            "weight_percent": f64::from(canary.weight_bp) / 100.0,
-        })),
+        "canary": canary,
         "previous_version": alias.previous_version,
         "updated_at_ms": alias.updated_at_ms,
+    })
+}
+
+/// One alias move as the API shows it.
+pub(super) fn move_json(moved: &AliasMove) -> Value {
+    serde_json::json!({
+        "alias": moved.alias,
+        "at_ms": moved.at_ms,
+        "from_version": moved.from_version,
+        "version": moved.version,
+        "canary": moved.canary.as_ref().map(canary_json),
+        "cause": moved.cause.as_str(),
+        "detail": moved.detail,
     })
 }
 
@@ -52,7 +83,8 @@ async fn list(
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let aliases = platform.aliases(&name).await?;
-    Ok(Json(aliases.iter().map(alias_json).collect::<Vec<_>>()))
+    let shown: Vec<Value> = aliases.iter().map(|a| alias_json(&platform, a)).collect();
+    Ok(Json(shown))
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,29 +100,91 @@ struct SetAlias {
 struct CanarySpec {
     version: u64,
     weight_percent: f64,
+    #[serde(default)]
+    auto: Option<AutoSpec>,
 }
 
+/// An automatic canary's thresholds; every field has a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoSpec {
+    #[serde(default = "default_auto_requests")]
+    requests: u32,
+    #[serde(default = "default_max_error_percent")]
+    max_error_percent: f64,
+    #[serde(default)]
+    max_p99_ms: Option<u32>,
+}
+
+fn default_auto_requests() -> u32 {
+    100
+}
+
+fn default_max_error_percent() -> f64 {
+    1.0
+}
+
+/// Most invocations an automatic canary may be judged over: its window is
+/// kept in memory.
+const MAX_AUTO_REQUESTS: u32 = 100_000;
+
+/// Highest p99 limit accepted: one hour, the longest timeout.
+const MAX_P99_LIMIT_MS: u32 = 3_600_000;
+
 const SET_USAGE: &str = "send JSON like {\"version\": 7} or {\"version\": 7, \"canary\": \
-                         {\"version\": 8, \"weight_percent\": 10}}";
+                         {\"version\": 8, \"weight_percent\": 10, \"auto\": {\"requests\": \
+                         100, \"max_error_percent\": 1, \"max_p99_ms\": 250}}}";
+
+/// A percentage with at most two decimals in basis points, if it is one
+/// (`0..=100`).
+fn percent_bp(percent: f64) -> Option<u32> {
+    let scaled = percent * 100.0;
+    let bp = scaled.round();
+    let valid = percent.is_finite()
+        && (0.0..=f64::from(WEIGHT_SCALE_BP)).contains(&bp)
+        && (scaled - bp).abs() < 1e-6;
+    valid.then_some(bp as u32)
+}
+
+impl AutoSpec {
+    fn policy(&self) -> Result<CanaryPolicy, ApiError> {
+        if !(1..=MAX_AUTO_REQUESTS).contains(&self.requests) {
+            return Err(ApiError::bad_request(format!(
+                "auto.requests is {}: judge the canary over 1 to {MAX_AUTO_REQUESTS} requests",
+                self.requests
+            )));
+        }
+        let max_error_bp = percent_bp(self.max_error_percent).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "auto.max_error_percent is {}: give 0 to 100, with at most two decimals",
+                self.max_error_percent
+            ))
+        })?;
+        if let Some(limit) = self.max_p99_ms
+            && !(1..=MAX_P99_LIMIT_MS).contains(&limit)
+        {
+            return Err(ApiError::bad_request(format!(
+                "auto.max_p99_ms is {limit}: give 1 to {MAX_P99_LIMIT_MS} milliseconds, or \
+                 leave it out to compare with the alias's own version"
+            )));
+        }
+        Ok(CanaryPolicy {
+            requests: self.requests,
+            max_error_bp,
+            max_p99_ms: self.max_p99_ms,
+        })
+    }
+}
 
 /// A weight in percent (more than 0, less than 100, at most two decimals)
 /// in basis points.
 fn weight_bp(percent: f64) -> Result<u32, ApiError> {
-    let scaled = percent * 100.0;
-    let bp = scaled.round();
-    let valid = percent.is_finite()
-        && bp >= 1.0
-        && bp < f64::from(WEIGHT_SCALE_BP)
-        && percent > 0.0
-        && percent < 100.0
-        && (scaled - bp).abs() < 1e-6;
-    if valid {
-        Ok(bp as u32)
-    } else {
-        Err(ApiError::bad_request(format!(
+    match percent_bp(percent) {
+        Some(bp) if bp > 0 && bp < WEIGHT_SCALE_BP => Ok(bp),
+        _ => Err(ApiError::bad_request(format!(
             "the canary weight is {percent}%: give more than 0 and less than 100, with at most \
              two decimals (e.g. 10 or 0.5)"
-        )))
+        ))),
     }
 }
 
@@ -135,6 +229,7 @@ async fn set(
         Some(canary) => Some(CanaryRecord {
             version: canary.version,
             weight_bp: weight_bp(canary.weight_percent)?,
+            auto: canary.auto.as_ref().map(AutoSpec::policy).transpose()?,
         }),
         None => None,
     };
@@ -145,7 +240,7 @@ async fn set(
     let record = platform
         .set_alias(&name, &alias, body.version, canary)
         .await?;
-    Ok(Json(alias_json(&record)))
+    Ok(Json(alias_json(&platform, &record)))
 }
 
 /// `DELETE /v1/functions/{name}/aliases/{alias}`; `live` cannot go.

@@ -1,0 +1,482 @@
+//! Progressive delivery: an automatic canary judges itself.
+//!
+//! While an alias has a canary with a [`CanaryPolicy`], every invocation of
+//! either side is recorded here (wall time, and for the canary whether it
+//! failed). Once the canary has run `requests` times it is promoted if its
+//! error rate and p99 stayed within bounds; it is rolled back as soon as
+//! its errors exceed what the whole window allows, without waiting for the
+//! rest. The verdict goes to the platform, which moves the alias under its
+//! change lock and records the move with the figures that decided it.
+//!
+//! The window lives in memory: a restarted node judges the canary afresh.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mayfly_runtime::{InvocationReport, Outcome};
+use mayfly_store::{CanaryPolicy, WEIGHT_SCALE_BP};
+use tokio::sync::mpsc;
+
+/// Fewest invocations of the alias's own version that make a baseline p99
+/// for a policy without `max_p99_ms`; with fewer, latency is not judged.
+const MIN_BASELINE_SAMPLES: usize = 20;
+
+/// Baseline rule for a policy without `max_p99_ms`: the canary's p99 may be
+/// at most this many times the stable version's...
+const BASELINE_FACTOR: u64 = 2;
+
+/// ...plus this slack, so a sub-millisecond function is not judged on noise.
+const BASELINE_SLACK_US: u64 = 10_000;
+
+/// What a rollout decided, for the platform to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Function name.
+    pub function: String,
+    /// The alias the canary is on.
+    pub alias: String,
+    /// The alias's own version when the rollout started.
+    pub stable_version: u64,
+    /// The canary version.
+    pub canary_version: u64,
+    /// Promote (the canary takes all traffic) or roll back (it takes none).
+    pub promote: bool,
+    /// The figures that decided it, for the history and the logs.
+    pub detail: String,
+}
+
+/// Invocations seen since the rollout started.
+#[derive(Default)]
+struct Window {
+    /// Wall time of each finished canary invocation, in microseconds.
+    canary_wall_us: Vec<u64>,
+    /// How many of them failed.
+    canary_errors: u32,
+    /// Wall times of the stable version's latest invocations (a ring).
+    stable_wall_us: Vec<u64>,
+    /// Invocations of the stable version seen, for the ring's position.
+    stable_seen: usize,
+}
+
+/// One automatic canary being judged.
+pub struct Rollout {
+    function: String,
+    alias: String,
+    stable_version: u64,
+    canary_version: u64,
+    policy: CanaryPolicy,
+    window: Mutex<Window>,
+    decided: AtomicBool,
+    verdicts: mpsc::UnboundedSender<Verdict>,
+}
+
+/// How far a rollout has got, for the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    /// Canary invocations judged so far.
+    pub requests: usize,
+    /// How many of them failed.
+    pub errors: u32,
+    /// Whether a verdict has been reached.
+    pub decided: bool,
+}
+
+impl Rollout {
+    /// Records one finished invocation of the canary (`canary`) or of the
+    /// alias's own version, and sends the verdict once it is reached.
+    /// Invocations the node ended at shutdown are not the version's doing
+    /// and are not counted.
+    pub fn record(&self, canary: bool, report: &InvocationReport) {
+        if report.outcome == Outcome::Killed || self.decided.load(Ordering::Relaxed) {
+            return;
+        }
+        let wall_us = u64::try_from(report.wall.as_micros()).unwrap_or(u64::MAX);
+        let verdict = {
+            let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            if canary {
+                window.canary_wall_us.push(wall_us);
+                if failed(report) {
+                    window.canary_errors += 1;
+                }
+                judge(&self.policy, &window)
+            } else {
+                // Keep as many of the stable version's latest as the window
+                // judges, so its p99 covers the same stretch of time.
+                let capacity = self.policy.requests.max(100) as usize;
+                let at = window.stable_seen % capacity;
+                if window.stable_wall_us.len() < capacity {
+                    window.stable_wall_us.push(wall_us);
+                } else {
+                    window.stable_wall_us[at] = wall_us;
+                }
+                window.stable_seen += 1;
+                None
+            }
+        };
+        if let Some((promote, detail)) = verdict {
+            // One verdict per rollout, however many invocations race here.
+            if self.decided.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let _ = self.verdicts.send(Verdict {
+                function: self.function.clone(),
+                alias: self.alias.clone(),
+                stable_version: self.stable_version,
+                canary_version: self.canary_version,
+                promote,
+                detail,
+            });
+        }
+    }
+
+    /// How far it has got.
+    pub fn progress(&self) -> Progress {
+        let window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        Progress {
+            requests: window.canary_wall_us.len(),
+            errors: window.canary_errors,
+            decided: self.decided.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Lets the rollout reach a verdict again: the last one could not be
+    /// applied (the move failed), so the next invocation re-judges it.
+    fn reopen(&self) {
+        self.decided.store(false, Ordering::Release);
+    }
+
+    fn matches(&self, stable_version: u64, canary_version: u64, policy: &CanaryPolicy) -> bool {
+        self.stable_version == stable_version
+            && self.canary_version == canary_version
+            && self.policy == *policy
+    }
+}
+
+/// An error, for a canary: anything but a clean answer below 500.
+fn failed(report: &InvocationReport) -> bool {
+    report.outcome != Outcome::Ok || report.status.is_none_or(|status| status >= 500)
+}
+
+/// The 99th percentile (nearest rank) of `samples`, in microseconds.
+fn p99(samples: &[u64]) -> Option<u64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = (sorted.len() * 99).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}
+
+/// The verdict the window supports, if any: `(promote, detail)`.
+fn judge(policy: &CanaryPolicy, window: &Window) -> Option<(bool, String)> {
+    let seen = window.canary_wall_us.len();
+    let errors = window.canary_errors;
+    let allowed =
+        u64::from(policy.requests) * u64::from(policy.max_error_bp) / u64::from(WEIGHT_SCALE_BP);
+    let max_percent = f64::from(policy.max_error_bp) / 100.0;
+    if u64::from(errors) > allowed {
+        return Some((
+            false,
+            format!(
+                "{errors} errors in {seen} requests: more than the {allowed} that {max_percent}% \
+                 of {} allows",
+                policy.requests
+            ),
+        ));
+    }
+    if seen < policy.requests as usize {
+        return None;
+    }
+    let canary_p99 = p99(&window.canary_wall_us).unwrap_or(0);
+    let errors_text = format!(
+        "{errors} errors in {seen} requests ({:.2}% <= {max_percent}%)",
+        f64::from(errors) * 100.0 / seen as f64
+    );
+    let limit = match policy.max_p99_ms {
+        Some(max) => Some((u64::from(max) * 1000, format!("the limit {max} ms"))),
+        None if window.stable_wall_us.len() >= MIN_BASELINE_SAMPLES => {
+            let baseline = p99(&window.stable_wall_us).unwrap_or(0);
+            Some((
+                baseline * BASELINE_FACTOR + BASELINE_SLACK_US,
+                format!(
+                    "{BASELINE_FACTOR} x the stable version's p99 {} + {}",
+                    ms(baseline),
+                    ms(BASELINE_SLACK_US)
+                ),
+            ))
+        }
+        None => None,
+    };
+    Some(match limit {
+        Some((limit_us, limit_text)) if canary_p99 > limit_us => (
+            false,
+            format!(
+                "p99 {} over {limit_text} = {}; {errors_text}",
+                ms(canary_p99),
+                ms(limit_us)
+            ),
+        ),
+        Some((limit_us, limit_text)) => (
+            true,
+            format!(
+                "{errors_text}; p99 {} within {limit_text} = {}",
+                ms(canary_p99),
+                ms(limit_us)
+            ),
+        ),
+        None => (
+            true,
+            format!(
+                "{errors_text}; p99 {} (not judged: the stable version served fewer than \
+                 {MIN_BASELINE_SAMPLES} requests meanwhile)",
+                ms(canary_p99)
+            ),
+        ),
+    })
+}
+
+/// The node's automatic canaries, by function and alias.
+pub struct Rollouts {
+    active: Mutex<HashMap<(String, String), Arc<Rollout>>>,
+    verdicts: mpsc::UnboundedSender<Verdict>,
+}
+
+impl Rollouts {
+    /// An empty set, and the receiving end of its verdicts.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Verdict>) {
+        let (verdicts, receiver) = mpsc::unbounded_channel();
+        let rollouts = Self {
+            active: Mutex::default(),
+            verdicts,
+        };
+        (rollouts, receiver)
+    }
+
+    /// The rollout of `alias` of `function` for this canary: the running
+    /// one if the alias still has the same versions and policy (so a
+    /// catalog rebuild keeps its window), else a new one.
+    pub fn rollout(
+        &self,
+        function: &str,
+        alias: &str,
+        stable_version: u64,
+        canary_version: u64,
+        policy: CanaryPolicy,
+    ) -> Arc<Rollout> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (function.to_string(), alias.to_string());
+        if let Some(running) = active.get(&key)
+            && running.matches(stable_version, canary_version, &policy)
+        {
+            return running.clone();
+        }
+        let rollout = Arc::new(Rollout {
+            function: function.to_string(),
+            alias: alias.to_string(),
+            stable_version,
+            canary_version,
+            policy,
+            window: Mutex::default(),
+            decided: AtomicBool::new(false),
+            verdicts: self.verdicts.clone(),
+        });
+        active.insert(key, rollout.clone());
+        rollout
+    }
+
+    /// Forgets the rollouts of `function` except those on `keep` aliases.
+    pub fn retain(&self, function: &str, keep: &[&str]) {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.retain(|(name, alias), _| name != function || keep.contains(&alias.as_str()));
+    }
+
+    /// Re-opens the rollout of `canary_version` on `alias` of `function`
+    /// after its verdict could not be applied.
+    pub fn reopen(&self, function: &str, alias: &str, canary_version: u64) {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rollout) = active.get(&(function.to_string(), alias.to_string()))
+            && rollout.canary_version == canary_version
+        {
+            rollout.reopen();
+        }
+    }
+
+    /// How far the rollout on `alias` of `function` has got, if it has one.
+    pub fn progress(&self, function: &str, alias: &str) -> Option<Progress> {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active
+            .get(&(function.to_string(), alias.to_string()))
+            .map(|rollout| rollout.progress())
+    }
+}
+
+/// One invocation's link to the rollout judging its version.
+#[derive(Clone)]
+pub struct Observed {
+    /// The rollout.
+    pub rollout: Arc<Rollout>,
+    /// Whether the invocation ran the canary (else the alias's version).
+    pub canary: bool,
+}
+
+impl Observed {
+    /// Records the finished invocation.
+    pub fn record(&self, report: &InvocationReport) {
+        self.rollout.record(self.canary, report);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn report(wall_ms: u64, outcome: Outcome, status: u16) -> InvocationReport {
+        InvocationReport {
+            started_at: SystemTime::now(),
+            wall: Duration::from_millis(wall_ms),
+            cpu: Duration::ZERO,
+            peak_memory_bytes: 0,
+            outcome,
+            status: Some(status),
+        }
+    }
+
+    fn policy(requests: u32, max_error_bp: u32, max_p99_ms: Option<u32>) -> CanaryPolicy {
+        CanaryPolicy {
+            requests,
+            max_error_bp,
+            max_p99_ms,
+        }
+    }
+
+    fn judged(policy: CanaryPolicy) -> (Rollouts, mpsc::UnboundedReceiver<Verdict>, Arc<Rollout>) {
+        let (rollouts, verdicts) = Rollouts::new();
+        let rollout = rollouts.rollout("f", "live", 1, 2, policy);
+        (rollouts, verdicts, rollout)
+    }
+
+    #[test]
+    fn a_healthy_canary_is_promoted_after_its_window_and_only_once() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(100, 100, Some(50)));
+        for i in 0..99 {
+            // One error in 100 is within 1%; 4xx is the client's doing.
+            let status = if i == 5 {
+                500
+            } else if i == 6 {
+                404
+            } else {
+                200
+            };
+            rollout.record(true, &report(3, Outcome::Ok, status));
+        }
+        assert!(verdicts.try_recv().is_err(), "judged before the window");
+        rollout.record(true, &report(3, Outcome::Ok, 200));
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(verdict.promote, "{}", verdict.detail);
+        assert_eq!((verdict.stable_version, verdict.canary_version), (1, 2));
+        assert!(
+            verdict.detail.contains("1 errors in 100"),
+            "{}",
+            verdict.detail
+        );
+        rollout.record(true, &report(3, Outcome::Ok, 200));
+        assert!(verdicts.try_recv().is_err(), "a second verdict");
+        assert!(rollout.progress().decided);
+    }
+
+    #[test]
+    fn errors_beyond_the_budget_roll_back_without_waiting_for_the_window() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(200, 100, None));
+        rollout.record(true, &report(1, Outcome::Error, 500));
+        rollout.record(true, &report(1, Outcome::Timeout, 504));
+        assert!(
+            verdicts.try_recv().is_err(),
+            "2 errors of 200 are within 1%"
+        );
+        rollout.record(true, &report(1, Outcome::Ok, 503));
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(!verdict.promote);
+        assert!(
+            verdict.detail.contains("3 errors in 3 requests"),
+            "{}",
+            verdict.detail
+        );
+        // Killed at shutdown: not counted.
+        let (_rollouts, mut verdicts, rollout) = rollout_zero();
+        rollout.record(true, &report(1, Outcome::Killed, 500));
+        assert!(verdicts.try_recv().is_err());
+        assert_eq!(rollout.progress().requests, 0);
+    }
+
+    fn rollout_zero() -> (Rollouts, mpsc::UnboundedReceiver<Verdict>, Arc<Rollout>) {
+        judged(policy(10, 0, None))
+    }
+
+    #[test]
+    fn a_slow_canary_is_rolled_back_against_a_limit_or_the_baseline() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(50, 100, Some(20)));
+        for _ in 0..50 {
+            rollout.record(true, &report(30, Outcome::Ok, 200));
+        }
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(!verdict.promote);
+        assert!(
+            verdict.detail.contains("p99 30.0 ms over the limit 20 ms"),
+            "{}",
+            verdict.detail
+        );
+
+        // Baseline: stable at 5 ms allows 2 x 5 + 10 = 20 ms.
+        let (_rollouts, mut verdicts, rollout) = judged(policy(50, 100, None));
+        for _ in 0..100 {
+            rollout.record(false, &report(5, Outcome::Ok, 200));
+        }
+        for _ in 0..50 {
+            rollout.record(true, &report(19, Outcome::Ok, 200));
+        }
+        assert!(verdicts.try_recv().unwrap().promote);
+        let (_rollouts, mut verdicts, rollout) = judged(policy(50, 100, None));
+        for _ in 0..100 {
+            rollout.record(false, &report(5, Outcome::Ok, 200));
+        }
+        for _ in 0..50 {
+            rollout.record(true, &report(25, Outcome::Ok, 200));
+        }
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(!verdict.promote, "{}", verdict.detail);
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_window_and_a_new_canary_starts_afresh() {
+        let (rollouts, _verdicts) = Rollouts::new();
+        let p = policy(10, 0, None);
+        let first = rollouts.rollout("f", "live", 1, 2, p);
+        first.record(true, &report(1, Outcome::Ok, 200));
+        let again = rollouts.rollout("f", "live", 1, 2, p);
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = rollouts.rollout("f", "live", 1, 3, p);
+        assert_eq!(other.progress().requests, 0);
+        assert_eq!(rollouts.progress("f", "live").unwrap().requests, 0);
+        rollouts.retain("f", &[]);
+        assert!(rollouts.progress("f", "live").is_none());
+    }
+
+    #[test]
+    fn p99_is_the_nearest_rank() {
+        let samples: Vec<u64> = (1..=100).collect();
+        assert_eq!(p99(&samples), Some(99));
+        assert_eq!(p99(&[7]), Some(7));
+        assert_eq!(p99(&[]), None);
+        let samples: Vec<u64> = (1..=1000).collect();
+        assert_eq!(p99(&samples), Some(990));
+    }
+}
