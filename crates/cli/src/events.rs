@@ -220,6 +220,10 @@ pub struct TriggerAddArgs {
     /// Wait before retrying a failed delivery, e.g. 1s (node default 1s).
     #[arg(long, value_parser = humantime::parse_duration)]
     backoff: Option<Duration>,
+    /// The function's alias that gets the events (default `live`); it must
+    /// exist, and cannot be deleted while the trigger is attached.
+    #[arg(long)]
+    alias: Option<String>,
 }
 
 /// `mayfly dlq …`: events that failed every delivery.
@@ -353,6 +357,9 @@ pub struct TriggerSpec {
     /// Retry settings, when any were given.
     #[serde(skip_serializing_if = "Option::is_none")]
     retry: Option<Retry>,
+    /// The alias it delivers to, when not `live`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alias: Option<String>,
 }
 
 /// Parses the compact `--trigger` form of `mayfly deploy`:
@@ -403,6 +410,7 @@ pub fn parse_trigger_spec(text: &str) -> Result<TriggerSpec, String> {
     Ok(TriggerSpec {
         source,
         retry: None,
+        alias: None,
     })
 }
 
@@ -1066,7 +1074,11 @@ impl TriggerAddArgs {
                 );
             }
         }
-        Ok(TriggerSpec { source, retry })
+        Ok(TriggerSpec {
+            source,
+            retry,
+            alias: self.alias,
+        })
     }
 }
 
@@ -1083,7 +1095,10 @@ fn trigger_add(client: &AdminClient, json: bool, args: TriggerAddArgs) -> anyhow
         println!("{trigger}");
         return Ok(());
     }
-    let (kind, what) = describe_source(&trigger["source"]);
+    let (kind, mut what) = describe_source(&trigger["source"]);
+    if let Some(alias) = trigger["alias"].as_str() {
+        what.push_str(&format!(" -> {alias}"));
+    }
     if created {
         println!(
             "added trigger {} to {function}: {kind} {what}",
@@ -1119,7 +1134,10 @@ fn trigger_list(client: &AdminClient, json: bool, function: Option<&str>) -> any
         "ID", "FUNCTION", "KIND", "WHAT"
     );
     for trigger in &triggers {
-        let (kind, what) = describe_source(&trigger["source"]);
+        let (kind, mut what) = describe_source(&trigger["source"]);
+        if let Some(alias) = trigger["alias"].as_str() {
+            what.push_str(&format!(" -> {alias}"));
+        }
         println!(
             "{:<8} {:<24} {:<9} {:<40} {}",
             text(&trigger["id"]),

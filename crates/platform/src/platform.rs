@@ -697,6 +697,7 @@ impl Platform {
         validate_name(name)?;
         for spec in &triggers {
             crate::events::check_trigger(spec)?;
+            self.check_trigger_alias(name, spec)?;
         }
         validate_limits(&config.limits, self.config.runtime.max_instance_memory)
             .map_err(PlatformError::BadRequest)?;
@@ -1182,6 +1183,20 @@ impl Platform {
         }
         let _change = self.changes.lock().await;
         let prior = self.served(name)?;
+        let aimed: Vec<String> = self
+            .events
+            .triggers(Some(name))
+            .iter()
+            .filter(|t| t.spec.alias.as_deref() == Some(alias))
+            .map(|t| t.id.to_string())
+            .collect();
+        if !aimed.is_empty() {
+            return Err(PlatformError::Conflict(format!(
+                "alias `{alias}` of `{name}` receives the events of trigger(s) {}: remove them \
+                 first (`mayfly trigger remove <id>`)",
+                aimed.join(", ")
+            )));
+        }
         let registry = self.registry.clone();
         let (owned, alias_name) = (name.to_string(), alias.to_string());
         let existed = blocking(move || registry.delete_alias(&owned, &alias_name)).await?;
@@ -1626,7 +1641,27 @@ impl Platform {
         if !self.catalog.load().by_name.contains_key(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
+        self.check_trigger_alias(function, &spec)?;
         self.events.add_trigger(function, spec).await
+    }
+
+    /// Refuses a trigger aimed at an alias the function does not have.
+    fn check_trigger_alias(&self, name: &str, spec: &TriggerSpec) -> Result<(), PlatformError> {
+        let Some(alias) = spec.alias.as_deref().filter(|a| *a != LIVE_ALIAS) else {
+            return Ok(());
+        };
+        let catalog = self.catalog.load();
+        if catalog
+            .by_name
+            .get(name)
+            .is_some_and(|served| served.alias(alias).is_some())
+        {
+            return Ok(());
+        }
+        Err(PlatformError::BadRequest(format!(
+            "function `{name}` has no alias `{alias}`: create it first with `mayfly alias set \
+             {name} {alias} <version>`, or leave the alias out to deliver to `live`"
+        )))
     }
 
     /// Counts the event queues for the depth gauges, off the async workers

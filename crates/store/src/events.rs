@@ -138,6 +138,9 @@ pub struct TriggerSpec {
     /// What happens when a delivery fails.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// The alias of the function it delivers to; `live` when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
 }
 
 /// A trigger attached to a function.

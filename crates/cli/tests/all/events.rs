@@ -704,3 +704,61 @@ fn an_event_cut_off_by_shutdown_is_not_an_attempt_and_runs_again_after_restart()
         .collect();
     assert_eq!(attempts, ["1", "1"], "the cut-off run was given back");
 }
+
+/// The version that logged the delivery whose body is `body`, once it did.
+fn delivered_by(node: &Node, function: &str, body: &str) -> u64 {
+    eventually(Duration::from_secs(30), "the delivery", || {
+        let lines = node.admin_json(&format!("/v1/functions/{function}/logs?tail=1000"));
+        lines.as_array()?.iter().find_map(|line| {
+            let text = line["line"].as_str()?;
+            (text.starts_with("event ") && text.ends_with(&format!("body={body}")))
+                .then(|| line["version"].as_u64())
+                .flatten()
+        })
+    })
+}
+
+#[test]
+fn a_trigger_delivers_to_the_alias_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("t", "events", &[]);
+    node.deploy_with("t", "events", &[], &["--var", "edition=2"]);
+
+    // An alias that does not exist is refused, saying how to make it.
+    let (ok, _, stderr) = node.cli(&["trigger", "add", "t", "--queue", "jobs", "--alias", "beta"]);
+    assert!(
+        !ok && stderr.contains("mayfly alias set t beta"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) = node.cli(&["alias", "set", "t", "beta", "1"]);
+    assert!(ok, "{stderr}");
+    for source in [["--queue", "jobs"], ["--kv", "settings"]] {
+        let (ok, stdout, stderr) = node.cli(&[
+            "trigger", "add", "t", source[0], source[1], "--alias", "beta",
+        ]);
+        assert!(ok && stdout.contains("-> beta"), "{stdout}{stderr}");
+    }
+    // A queue trigger and an inbox (KV) trigger reach version 1 through
+    // `beta`; an asynchronous invoke still reaches `live` (version 2).
+    send(&node, "jobs", "for-beta");
+    let (ok, _, stderr) = node.cli(&["kv", "set", "settings", "k", "kv-for-beta"]);
+    assert!(ok, "{stderr}");
+    invoke_async(&node, "t", "", "for-live");
+    assert_eq!(delivered_by(&node, "t", "for-beta"), 1);
+    assert_eq!(delivered_by(&node, "t", "kv-for-beta"), 1);
+    assert_eq!(delivered_by(&node, "t", "for-live"), 2);
+
+    // Moving the alias moves the trigger's deliveries.
+    let (ok, _, stderr) = node.cli(&["alias", "set", "t", "beta", "2"]);
+    assert!(ok, "{stderr}");
+    send(&node, "jobs", "after-move");
+    assert_eq!(delivered_by(&node, "t", "after-move"), 2);
+
+    // The alias cannot go while a trigger delivers to it.
+    let (ok, _, stderr) = node.cli(&["alias", "delete", "t", "beta"]);
+    assert!(!ok && stderr.contains("trigger remove"), "{stderr}");
+    let (ok, listing, _) = node.cli(&["trigger", "list", "t"]);
+    assert!(ok && listing.matches("-> beta").count() == 2, "{listing}");
+}

@@ -184,7 +184,10 @@ fn a_manifest_deploys_its_functions_and_reapplying_it_changes_nothing() {
         .take_while(|line| !line.is_empty())
         .collect();
     assert_eq!(rows.len(), 2, "{listing}");
-    assert!(listing.contains("1 -> 2") && listing.contains("deploy"), "{listing}");
+    assert!(
+        listing.contains("1 -> 2") && listing.contains("deploy"),
+        "{listing}"
+    );
     assert!(
         rows[0].starts_with('2') && rows[0].contains('*') && rows[0].contains("/hi"),
         "{listing}"

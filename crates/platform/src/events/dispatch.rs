@@ -142,6 +142,9 @@ pub(crate) struct Consumer {
     retry: RetryPolicy,
     /// The queue trigger consuming (none for an inbox).
     trigger_id: Option<i64>,
+    /// The alias a queue trigger delivers to (`live` when `None`); inbox
+    /// events follow the alias of the trigger that produced them.
+    alias: Option<String>,
 }
 
 impl Consumer {
@@ -154,6 +157,7 @@ impl Consumer {
             concurrency: None,
             retry: RetryPolicy::default(),
             trigger_id: None,
+            alias: None,
         }
     }
 
@@ -166,6 +170,7 @@ impl Consumer {
             concurrency: Some(concurrency as usize),
             retry: trigger.spec.retry,
             trigger_id: Some(trigger.id),
+            alias: trigger.spec.alias.clone(),
         }
     }
 }
@@ -386,12 +391,25 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
     // The data moves into the request; a dead letter is copied from the
     // stored row, not from here.
     let data = std::mem::take(&mut delivery.event.data);
-    let outcome = match cloud_event_request(&delivery, data) {
-        Ok(request) => {
-            node.deliver_event(&function.live, request, trigger_label(&delivery.event.ty))
+    let alias = match (&consumer.alias, delivery.trigger_id) {
+        (Some(alias), _) => Some(alias.clone()),
+        (None, Some(trigger)) => node.events().trigger_alias(trigger),
+        (None, None) => None,
+    };
+    let target = match alias.as_deref() {
+        None => Some(&function.live),
+        Some(alias) => function.alias(alias),
+    };
+    let outcome = match (target, cloud_event_request(&delivery, data)) {
+        (Some(target), Ok(request)) => {
+            node.deliver_event(target, request, trigger_label(&delivery.event.ty))
                 .await
         }
-        Err(error) => EventOutcome::Failed(format!("cannot build the request: {error}")),
+        (None, _) => EventOutcome::Failed(format!(
+            "function `{function_name}` has no alias `{}` any more",
+            alias.unwrap_or_default()
+        )),
+        (_, Err(error)) => EventOutcome::Failed(format!("cannot build the request: {error}")),
     };
     match outcome {
         EventOutcome::Delivered => {

@@ -138,6 +138,9 @@ pub fn check_trigger(spec: &TriggerSpec) -> Result<(), PlatformError> {
             }
         }
     }
+    if let Some(alias) = &spec.alias {
+        crate::platform::validate_alias(alias)?;
+    }
     check_retry(&spec.retry)
 }
 
@@ -392,14 +395,27 @@ impl EventHub {
     pub async fn add_trigger(
         &self,
         function: &str,
-        spec: TriggerSpec,
+        mut spec: TriggerSpec,
     ) -> Result<(Trigger, bool), PlatformError> {
         check_trigger(&spec)?;
+        // `live` is the default: stored as none, so the two forms are one
+        // trigger.
+        spec.alias = spec.alias.filter(|alias| alias != mayfly_store::LIVE_ALIAS);
         let store = self.store.clone();
         let function = function.to_string();
         let added = blocking(move || store.add_trigger(&function, &spec)).await?;
         self.refresh_triggers().await?;
         Ok(added)
+    }
+
+    /// The alias trigger `id` delivers to, if not `live` (and it is still
+    /// attached).
+    pub(crate) fn trigger_alias(&self, id: i64) -> Option<String> {
+        self.triggers
+            .load()
+            .iter()
+            .find(|t| t.id == id)
+            .and_then(|t| t.spec.alias.clone())
     }
 
     /// Whether trigger `id` is still attached.

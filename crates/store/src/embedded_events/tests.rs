@@ -76,6 +76,7 @@ fn kv_spec(bucket: &str, prefix: &str) -> TriggerSpec {
             prefix: prefix.into(),
         },
         retry: RetryPolicy::default(),
+        alias: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn schedule_spec(schedule: &str) -> TriggerSpec {
             schedule: schedule.into(),
         },
         retry: RetryPolicy::default(),
+        alias: None,
     }
 }
 
@@ -394,6 +396,7 @@ fn kv_trigger_delivers_puts_and_deletes_under_its_prefix() {
             max_attempts: 7,
             backoff_ms: 50,
         },
+        alias: None,
     };
     let (trigger, created) = store.add_trigger("f", &spec).unwrap();
     assert!(created);
@@ -757,6 +760,7 @@ fn object_triggers_filter_by_prefix_suffix_and_change() {
             events: vec![ObjectChange::Deleted],
         },
         retry: RetryPolicy::default(),
+        alias: None,
     };
     let everything: TriggerSpec =
         serde_json::from_str(r#"{"source":{"kind":"object","bucket":"b"}}"#).unwrap();
@@ -1536,6 +1540,7 @@ fn trigger_spec_json_defaults() {
                 max_attempts: 3,
                 backoff_ms: 1000,
             },
+            alias: None,
         }
     );
     assert_eq!(spec.source.kind(), "queue");
@@ -1558,6 +1563,7 @@ fn trigger_spec_json_defaults() {
                 max_attempts: 5,
                 backoff_ms: 1000,
             },
+            alias: None,
         }
     );
     let spec: TriggerSpec =
