@@ -1436,9 +1436,15 @@ impl Platform {
         let function: &Deployed = function;
         let result = match self.admit(function, &request_id, trigger).await {
             Ok(permit) => {
-                let admitted = Admitted::new(function, permit, observed);
-                self.run(function, request, request_id.clone(), trigger, admitted)
-                    .await
+                self.run(
+                    function,
+                    request,
+                    request_id.clone(),
+                    trigger,
+                    permit,
+                    observed,
+                )
+                .await
             }
             Err(throttled) => {
                 let mut response = text_response(
@@ -1510,9 +1516,8 @@ impl Platform {
         let Ok(permit) = self.admit(function, &request_id, trigger).await else {
             return EventOutcome::Throttled;
         };
-        let admitted = Admitted::new(function, permit, observed);
         let response = match self
-            .run(function, request, request_id, trigger, admitted)
+            .run(function, request, request_id, trigger, permit, observed)
             .await
         {
             Ok(response) => response,
@@ -1559,13 +1564,14 @@ impl Platform {
         request: http::Request<B>,
         request_id: String,
         trigger: &'static str,
-        admitted: Admitted,
+        permit: Permit,
+        observed: Option<crate::rollout::Observed>,
     ) -> Result<http::Response<HyperOutgoingBody>, (http::StatusCode, String)>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        admitted.hold(Running::start(&function.activity));
+        let running = Running::start(&function.activity);
         let loaded = function
             .tier
             .get_or_load(async || self.load(&function.artifact, function.scaling.reuse).await)
@@ -1585,7 +1591,11 @@ impl Platform {
             cold_start,
         });
         let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
-        let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(admitted);
+        let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(Admitted {
+            meter: function.meter.clone(),
+            observed,
+            held: std::sync::Mutex::new(Some((permit, running))),
+        });
         loaded
             .handle(
                 request,
@@ -1751,26 +1761,7 @@ impl Platform {
 struct Admitted {
     meter: Arc<FunctionMeter>,
     observed: Option<crate::rollout::Observed>,
-    held: std::sync::Mutex<(Option<Permit>, Option<Running>)>,
-}
-
-impl Admitted {
-    fn new(
-        function: &Deployed,
-        permit: Permit,
-        observed: Option<crate::rollout::Observed>,
-    ) -> Self {
-        Self {
-            meter: function.meter.clone(),
-            observed,
-            held: std::sync::Mutex::new((Some(permit), None)),
-        }
-    }
-
-    /// Holds the function's running count until the guest is done too.
-    fn hold(&self, running: Running) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(running);
-    }
+    held: std::sync::Mutex<Option<(Permit, Running)>>,
 }
 
 impl mayfly_runtime::ReportSink for Admitted {
@@ -1784,8 +1775,7 @@ impl mayfly_runtime::ReportSink for Admitted {
         }
         self.meter.finished(labels, report);
         // Free the slot now: the sink itself may outlive the guest a little.
-        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
-        drop(held);
+        drop(self.held.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
