@@ -141,6 +141,7 @@ async fn dev(
         started_ms: now_ms(),
         stopping: AtomicBool::new(false),
         followed: Mutex::new(HashSet::new()),
+        builds: manifest::Builds::default(),
     });
     let looping = Arc::clone(&session);
     std::thread::Builder::new()
@@ -150,6 +151,9 @@ async fn dev(
 
     let signal = crate::serve::wait_for_signal(terminate).await;
     session.stopping.store(true, Ordering::SeqCst);
+    // A build in its own process group hears no terminal Ctrl-C, and
+    // nothing hears a SIGTERM sent to `mayfly dev` alone: end it here.
+    session.builds.terminate();
     eprintln!("mayfly dev: stopping the node");
     running.shutdown().await;
     signal
@@ -170,6 +174,8 @@ struct Session {
     stopping: AtomicBool,
     /// Functions whose logs are being followed.
     followed: Mutex<HashSet<String>>,
+    /// The build running now, ended when the session stops.
+    builds: manifest::Builds,
 }
 
 impl Session {
@@ -203,7 +209,7 @@ impl Session {
                 return;
             }
         };
-        let result = manifest::apply_manifest(&self.client, false, &manifest);
+        let result = manifest::apply_manifest(&self.client, false, &manifest, Some(&self.builds));
         // Follow even after a failure: a function deployed earlier, or in a
         // later round, is found by its follower's retries.
         for function in &manifest.functions {

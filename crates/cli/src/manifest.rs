@@ -291,13 +291,21 @@ fn function(
 /// `mayfly deploy` with no NAME and COMPONENT: builds what the manifest at
 /// `path` asks to, then deploys each of its functions, one line each.
 pub fn apply(client: &AdminClient, json: bool, path: &Path) -> anyhow::Result<()> {
-    apply_manifest(client, json, &Manifest::load(path)?)
+    apply_manifest(client, json, &Manifest::load(path)?, None)
 }
 
 /// Builds and deploys a loaded manifest through `client` (`mayfly deploy`
 /// and `mayfly dev`); a failed build deploys nothing.
-pub fn apply_manifest(client: &AdminClient, json: bool, manifest: &Manifest) -> anyhow::Result<()> {
-    build(manifest)?;
+/// `builds`: run build commands in their own process group, recorded
+/// there so a stopping `mayfly dev` can end them (`None`: the caller's
+/// group, so a terminal's Ctrl-C reaches them as it reaches `mayfly`).
+pub fn apply_manifest(
+    client: &AdminClient,
+    json: bool,
+    manifest: &Manifest,
+    builds: Option<&Builds>,
+) -> anyhow::Result<()> {
+    build(manifest, builds)?;
     // Every component must exist before anything is deployed.
     for function in &manifest.functions {
         let FunctionDeploy {
@@ -331,7 +339,32 @@ pub fn apply_manifest(client: &AdminClient, json: bool, manifest: &Manifest) -> 
 /// Runs each function's build command (an identical command once) in the
 /// manifest's folder, its output streaming to stderr so stdout stays the
 /// deploy's answer.
-fn build(manifest: &Manifest) -> anyhow::Result<()> {
+/// The build command running for a `mayfly dev` session, if any.
+#[derive(Default)]
+pub struct Builds {
+    running: std::sync::Mutex<Option<u32>>,
+}
+
+impl Builds {
+    /// Sends SIGTERM to the running build's process group (the shell and
+    /// the cargo it started). `kill(1)` rather than a libc binding: the CLI
+    /// has no other use for one, and it runs once per session.
+    pub fn terminate(&self) {
+        let running = *self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(group) = running {
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{group}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+
+    fn set(&self, pid: Option<u32>) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+    }
+}
+
+fn build(manifest: &Manifest, builds: Option<&Builds>) -> anyhow::Result<()> {
     let mut done = HashSet::new();
     for function in &manifest.functions {
         let Some(command) = &function.build else {
@@ -342,13 +375,28 @@ fn build(manifest: &Manifest) -> anyhow::Result<()> {
             continue;
         }
         eprintln!("{name}: building with `{command}`");
-        let status = Command::new("sh")
+        let mut shell = Command::new("sh");
+        shell
             .arg("-c")
             .arg(command)
             .current_dir(&manifest.dir)
-            .stdout(std::io::stderr())
-            .status()
+            .stdout(std::io::stderr());
+        if builds.is_some() {
+            std::os::unix::process::CommandExt::process_group(&mut shell, 0);
+        }
+        let mut child = shell
+            .spawn()
             .with_context(|| format!("cannot run the build of `{name}` (`{command}`)"))?;
+        if let Some(builds) = builds {
+            // Its own group: the group id is the shell's pid.
+            builds.set(Some(child.id()));
+        }
+        let status = child.wait();
+        if let Some(builds) = builds {
+            builds.set(None);
+        }
+        let status = status
+            .with_context(|| format!("cannot wait for the build of `{name}` (`{command}`)"))?;
         if !status.success() {
             bail!("the build of `{name}` (`{command}`) failed: {status}; nothing was deployed");
         }

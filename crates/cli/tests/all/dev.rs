@@ -266,3 +266,64 @@ fn dev_serves_rebuilds_on_change_and_prints_logs() {
         started.elapsed()
     );
 }
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+#[test]
+fn stopping_dev_ends_a_running_build() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        guests().join("hello.wasm"),
+        project.path().join("hello.wasm"),
+    )
+    .unwrap();
+    // A build that would outlive the test; its duration is unique to it.
+    let marker = format!("sleep 3000.{}", std::process::id());
+    std::fs::write(
+        project.path().join("mayfly.toml"),
+        format!(
+            "[functions.slow]\ncomponent = \"hello.wasm\"\nbuild = \"{marker}\"\n\
+             routes = [\"/slow\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut dev = Dev::start(project.path(), project.path());
+    dev.wait_for(0, Duration::from_secs(30), "the build", |_, line| {
+        line.contains("building with")
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_with(&marker) == 0 {
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGTERM to `mayfly dev` alone, as a process manager sends it.
+    let pid = dev.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = dev.child.wait().unwrap();
+    assert!(status.success(), "{status}:\n{}", dev.transcript());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_with(&marker) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the build outlived mayfly dev:\n{}",
+            dev.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
