@@ -342,25 +342,38 @@ pub fn apply_manifest(
 /// The build command running for a `mayfly dev` session, if any.
 #[derive(Default)]
 pub struct Builds {
-    running: std::sync::Mutex<Option<u32>>,
+    state: std::sync::Mutex<BuildState>,
+}
+
+#[derive(Default)]
+struct BuildState {
+    /// Process group of the running build (its shell's pid).
+    running: Option<u32>,
+    /// Set by [`Builds::terminate`]: no build starts after it.
+    stopped: bool,
 }
 
 impl Builds {
-    /// Sends SIGTERM to the running build's process group (the shell and
-    /// the cargo it started). `kill(1)` rather than a libc binding: the CLI
-    /// has no other use for one, and it runs once per session.
+    /// Ends the running build, and refuses any later one: sends SIGTERM,
+    /// then SIGCONT (a background job stopped by the terminal only sees a
+    /// signal once continued), to the build's process group (the shell and
+    /// the cargo it started). `kill(1)` rather than a libc binding: the
+    /// CLI has no other use for one, and it runs once per session.
     pub fn terminate(&self) {
-        let running = *self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(group) = running {
-            let _ = Command::new("kill")
-                .args(["-TERM", "--", &format!("-{group}")])
-                .stderr(std::process::Stdio::null())
-                .status();
+        let mut state = self.lock();
+        state.stopped = true;
+        if let Some(group) = state.running {
+            for signal in ["-TERM", "-CONT"] {
+                let _ = Command::new("kill")
+                    .args([signal, "--", &format!("-{group}")])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
     }
 
-    fn set(&self, pid: Option<u32>) {
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+    fn lock(&self) -> std::sync::MutexGuard<'_, BuildState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -381,19 +394,28 @@ fn build(manifest: &Manifest, builds: Option<&Builds>) -> anyhow::Result<()> {
             .arg(command)
             .current_dir(&manifest.dir)
             .stdout(std::io::stderr());
-        if builds.is_some() {
-            std::os::unix::process::CommandExt::process_group(&mut shell, 0);
+        let mut child = match builds {
+            None => shell.spawn(),
+            Some(builds) => {
+                // Its own group (the group id is the shell's pid), without the
+                // terminal's stdin, which a background group may not read.
+                std::os::unix::process::CommandExt::process_group(&mut shell, 0);
+                shell.stdin(std::process::Stdio::null());
+                // Spawned under the lock, so a stop either sees this build or
+                // is seen by it.
+                let mut state = builds.lock();
+                if state.stopped {
+                    bail!("stopping: the build of `{name}` was not started");
+                }
+                let child = shell.spawn();
+                state.running = child.as_ref().ok().map(std::process::Child::id);
+                child
+            }
         }
-        let mut child = shell
-            .spawn()
-            .with_context(|| format!("cannot run the build of `{name}` (`{command}`)"))?;
-        if let Some(builds) = builds {
-            // Its own group: the group id is the shell's pid.
-            builds.set(Some(child.id()));
-        }
+        .with_context(|| format!("cannot run the build of `{name}` (`{command}`)"))?;
         let status = child.wait();
         if let Some(builds) = builds {
-            builds.set(None);
+            builds.lock().running = None;
         }
         let status = status
             .with_context(|| format!("cannot wait for the build of `{name}` (`{command}`)"))?;

@@ -1087,12 +1087,14 @@ impl Platform {
         Ok(record)
     }
 
-    /// Applies an automatic canary's verdict, if the alias still has that
-    /// canary (a user may have moved it meanwhile): promotion points the
+    /// Applies an automatic canary's verdict, if the rollout that reached
+    /// it still judges the alias and the alias still has that canary (a
+    /// user may have moved or re-set it meanwhile): promotion points the
     /// alias at the canary, rollback takes the canary out. The move is
     /// recorded with its figures and written to the function's log.
     async fn apply_verdict(&self, verdict: crate::rollout::Verdict) {
         let crate::rollout::Verdict {
+            rollout_id,
             function: name,
             alias,
             stable_version,
@@ -1101,9 +1103,17 @@ impl Platform {
             detail,
         } = verdict;
         let _change = self.changes.lock().await;
+        if !self.rollouts.is_current(&name, &alias, rollout_id) {
+            return;
+        }
         let current = match self.aliases(&name).await {
             Ok(aliases) => aliases.into_iter().find(|a| a.alias == alias),
-            Err(_) => None,
+            Err(PlatformError::NotFound(_)) => None,
+            Err(error) => {
+                tracing::warn!(function = %name, alias, "canary verdict postponed: {error}");
+                self.reopen_rollout_later(&name, &alias, rollout_id);
+                return;
+            }
         };
         let still_judged = current.is_some_and(|current| {
             current.version == stable_version
@@ -1132,7 +1142,7 @@ impl Platform {
                 // next invocation, so it does not strand the canary; a
                 // refusal (a route another function took) waits for the user.
                 if matches!(error, PlatformError::Internal(_)) {
-                    self.rollouts.reopen(&name, &alias, canary_version);
+                    self.reopen_rollout_later(&name, &alias, rollout_id);
                 }
                 tracing::warn!(function = %name, alias, canary_version, "canary not {verb}: {error}");
                 format!(
@@ -1154,6 +1164,18 @@ impl Platform {
             mayfly_runtime::LogStream::Stderr,
             &line,
         );
+    }
+
+    /// Lets rollout `id` reach its verdict again after a second, so a
+    /// failure that persists is retried once a second, not per request.
+    fn reopen_rollout_later(&self, name: &str, alias: &str, id: u64) {
+        let (me, name, alias) = (self.me.clone(), name.to_string(), alias.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(platform) = me.upgrade() {
+                platform.rollouts.reopen(&name, &alias, id);
+            }
+        });
     }
 
     /// Where the automatic canary on `alias` of `name` stands, if it has one.
@@ -1766,6 +1788,9 @@ struct Admitted {
 
 impl mayfly_runtime::ReportSink for Admitted {
     fn started(&self, labels: &RequestLabels) {
+        if let Some(observed) = &self.observed {
+            observed.started();
+        }
         self.meter.started(labels);
     }
 

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mayfly_runtime::{InvocationReport, Outcome};
 use mayfly_store::{CanaryPolicy, WEIGHT_SCALE_BP};
@@ -33,6 +33,9 @@ const BASELINE_SLACK_US: u64 = 10_000;
 /// What a rollout decided, for the platform to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// The rollout that reached it: applied only while that rollout is the
+    /// alias's current one (not after the user re-set the canary).
+    pub rollout_id: u64,
     /// Function name.
     pub function: String,
     /// The alias the canary is on.
@@ -58,10 +61,17 @@ struct Window {
     stable_wall_us: Vec<u64>,
     /// Invocations of the stable version seen, for the ring's position.
     stable_seen: usize,
+    /// Canary invocations started (finished ones included).
+    canary_started: u64,
+    /// Once the window is full: how many had started by then. Promotion
+    /// waits until all of those finished, so a slow failure (a hang that
+    /// ends in a timeout) is judged before, not after, the verdict.
+    settle_at: Option<u64>,
 }
 
 /// One automatic canary being judged.
 pub struct Rollout {
+    id: u64,
     function: String,
     alias: String,
     stable_version: u64,
@@ -100,7 +110,15 @@ impl Rollout {
                 if failed(report) {
                     window.canary_errors += 1;
                 }
-                judge(&self.policy, &window)
+                match judge(&self.policy, &window) {
+                    Some((true, detail)) => {
+                        let finished = window.canary_wall_us.len() as u64;
+                        let started = window.canary_started.max(finished);
+                        let needed = *window.settle_at.get_or_insert(started);
+                        (finished >= needed).then_some((true, detail))
+                    }
+                    other => other,
+                }
             } else {
                 // Keep as many of the stable version's latest as the window
                 // judges, so its p99 covers the same stretch of time.
@@ -121,6 +139,7 @@ impl Rollout {
                 return;
             }
             let _ = self.verdicts.send(Verdict {
+                rollout_id: self.id,
                 function: self.function.clone(),
                 alias: self.alias.clone(),
                 stable_version: self.stable_version,
@@ -128,6 +147,16 @@ impl Rollout {
                 promote,
                 detail,
             });
+        }
+    }
+
+    /// Notes that an invocation of the canary (`canary`) started.
+    pub fn started(&self, canary: bool) {
+        if canary && !self.decided.load(Ordering::Relaxed) {
+            self.window
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .canary_started += 1;
         }
     }
 
@@ -154,9 +183,14 @@ impl Rollout {
     }
 }
 
-/// An error, for a canary: anything but a clean answer below 500.
+/// An error, for a canary: a trap, timeout, out-of-memory or 5xx. A 4xx
+/// (a body over the limit included) is the client's doing.
 fn failed(report: &InvocationReport) -> bool {
-    report.outcome != Outcome::Ok || report.status.is_none_or(|status| status >= 500)
+    match report.status {
+        Some(status) if (400..500).contains(&status) => false,
+        Some(status) => report.outcome != Outcome::Ok || status >= 500,
+        None => true,
+    }
 }
 
 /// The 99th percentile (nearest rank) of `samples`, in microseconds.
@@ -244,6 +278,7 @@ fn judge(policy: &CanaryPolicy, window: &Window) -> Option<(bool, String)> {
 
 /// The node's automatic canaries, by function and alias.
 pub struct Rollouts {
+    next_id: AtomicU64,
     active: Mutex<HashMap<(String, String), Arc<Rollout>>>,
     verdicts: mpsc::UnboundedSender<Verdict>,
 }
@@ -253,6 +288,7 @@ impl Rollouts {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<Verdict>) {
         let (verdicts, receiver) = mpsc::unbounded_channel();
         let rollouts = Self {
+            next_id: AtomicU64::new(1),
             active: Mutex::default(),
             verdicts,
         };
@@ -260,8 +296,9 @@ impl Rollouts {
     }
 
     /// The rollout of `alias` of `function` for this canary: the running
-    /// one if the alias still has the same versions and policy (so a
-    /// catalog rebuild keeps its window), else a new one.
+    /// one if the alias still has the same versions and policy and it has
+    /// not decided (so a catalog rebuild keeps its window), else a new one
+    /// (so re-setting a canary whose verdict was refused judges it again).
     pub fn rollout(
         &self,
         function: &str,
@@ -274,10 +311,12 @@ impl Rollouts {
         let key = (function.to_string(), alias.to_string());
         if let Some(running) = active.get(&key)
             && running.matches(stable_version, canary_version, &policy)
+            && !running.decided.load(Ordering::Acquire)
         {
             return running.clone();
         }
         let rollout = Arc::new(Rollout {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             function: function.to_string(),
             alias: alias.to_string(),
             stable_version,
@@ -297,12 +336,20 @@ impl Rollouts {
         active.retain(|(name, alias), _| name != function || keep.contains(&alias.as_str()));
     }
 
-    /// Re-opens the rollout of `canary_version` on `alias` of `function`
-    /// after its verdict could not be applied.
-    pub fn reopen(&self, function: &str, alias: &str, canary_version: u64) {
+    /// Whether rollout `id` is still the one judging `alias` of `function`.
+    pub fn is_current(&self, function: &str, alias: &str, id: u64) -> bool {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active
+            .get(&(function.to_string(), alias.to_string()))
+            .is_some_and(|rollout| rollout.id == id)
+    }
+
+    /// Re-opens rollout `id` of `alias` of `function` after its verdict
+    /// could not be applied, so its next invocation judges it again.
+    pub fn reopen(&self, function: &str, alias: &str, id: u64) {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rollout) = active.get(&(function.to_string(), alias.to_string()))
-            && rollout.canary_version == canary_version
+            && rollout.id == id
         {
             rollout.reopen();
         }
@@ -330,6 +377,11 @@ impl Observed {
     /// Records the finished invocation.
     pub fn record(&self, report: &InvocationReport) {
         self.rollout.record(self.canary, report);
+    }
+
+    /// Notes that the invocation started.
+    pub fn started(&self) {
+        self.rollout.started(self.canary);
     }
 }
 
@@ -463,11 +515,46 @@ mod tests {
         first.record(true, &report(1, Outcome::Ok, 200));
         let again = rollouts.rollout("f", "live", 1, 2, p);
         assert!(Arc::ptr_eq(&first, &again));
+        assert!(rollouts.is_current("f", "live", first.id));
+        // A decided rollout (say its move was refused) is not reused: the
+        // same canary set again is judged afresh.
+        first.decided.store(true, Ordering::Release);
+        let fresh = rollouts.rollout("f", "live", 1, 2, p);
+        assert!(!Arc::ptr_eq(&first, &fresh));
+        assert!(!rollouts.is_current("f", "live", first.id));
         let other = rollouts.rollout("f", "live", 1, 3, p);
         assert_eq!(other.progress().requests, 0);
         assert_eq!(rollouts.progress("f", "live").unwrap().requests, 0);
         rollouts.retain("f", &[]);
         assert!(rollouts.progress("f", "live").is_none());
+    }
+
+    #[test]
+    fn promotion_waits_for_the_invocations_started_before_the_window_filled() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(100, 0, None));
+        for _ in 0..101 {
+            rollout.started(true);
+        }
+        for _ in 0..100 {
+            rollout.record(true, &report(2, Outcome::Ok, 200));
+        }
+        assert!(
+            verdicts.try_recv().is_err(),
+            "promoted with one still running"
+        );
+        // The straggler hangs until its timeout: that is a failure.
+        rollout.record(true, &report(30_000, Outcome::Timeout, 504));
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(!verdict.promote, "{}", verdict.detail);
+    }
+
+    #[test]
+    fn client_errors_are_not_the_canarys() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(3, 0, None));
+        rollout.record(true, &report(1, Outcome::Error, 413));
+        rollout.record(true, &report(1, Outcome::Ok, 404));
+        rollout.record(true, &report(1, Outcome::Ok, 200));
+        assert!(verdicts.try_recv().unwrap().promote);
     }
 
     #[test]
