@@ -1088,10 +1088,12 @@ impl Platform {
     }
 
     /// Applies an automatic canary's verdict, if the rollout that reached
-    /// it still judges the alias and the alias still has that canary (a
-    /// user may have moved or re-set it meanwhile): promotion points the
-    /// alias at the canary, rollback takes the canary out. The move is
-    /// recorded with its figures and written to the function's log.
+    /// it still judges the alias (a user may have moved or re-set it
+    /// meanwhile): promotion points the alias at the canary, rollback takes
+    /// the canary out. The move is recorded with its figures and written to
+    /// the function's log. Every catalog rebuild, under the change lock
+    /// held here, keeps a rollout only while its alias has that canary and
+    /// policy, so "current" needs no store read.
     async fn apply_verdict(&self, verdict: crate::rollout::Verdict) {
         let crate::rollout::Verdict {
             rollout_id,
@@ -1104,24 +1106,6 @@ impl Platform {
         } = verdict;
         let _change = self.changes.lock().await;
         if !self.rollouts.is_current(&name, &alias, rollout_id) {
-            return;
-        }
-        let current = match self.aliases(&name).await {
-            Ok(aliases) => aliases.into_iter().find(|a| a.alias == alias),
-            Err(PlatformError::NotFound(_)) => None,
-            Err(error) => {
-                tracing::warn!(function = %name, alias, "canary verdict postponed: {error}");
-                self.reopen_rollout_later(&name, &alias, rollout_id);
-                return;
-            }
-        };
-        let still_judged = current.is_some_and(|current| {
-            current.version == stable_version
-                && current
-                    .canary
-                    .is_some_and(|c| c.version == canary_version && c.auto.is_some())
-        });
-        if !still_judged {
             return;
         }
         let (version, cause, verb) = if promote {

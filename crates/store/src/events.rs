@@ -498,7 +498,7 @@ pub trait TriggerStore: Send + Sync {
     /// Attaches a trigger; an identical one already attached to the function
     /// is returned instead, with `false`.
     fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)>;
-    /// Triggers of one function, or of all.
+    /// Triggers of one function, or of all, in id order.
     fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>>;
     /// Detaches a trigger; returns whether it existed.
     fn remove_trigger(&self, id: i64) -> Result<bool>;

@@ -142,9 +142,6 @@ pub(crate) struct Consumer {
     retry: RetryPolicy,
     /// The queue trigger consuming (none for an inbox).
     trigger_id: Option<i64>,
-    /// The alias a queue trigger delivers to (`live` when `None`); inbox
-    /// events follow the alias of the trigger that produced them.
-    alias: Option<String>,
 }
 
 impl Consumer {
@@ -157,7 +154,6 @@ impl Consumer {
             concurrency: None,
             retry: RetryPolicy::default(),
             trigger_id: None,
-            alias: None,
         }
     }
 
@@ -170,7 +166,6 @@ impl Consumer {
             concurrency: Some(concurrency as usize),
             retry: trigger.spec.retry,
             trigger_id: Some(trigger.id),
-            alias: trigger.spec.alias.clone(),
         }
     }
 }
@@ -391,11 +386,12 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
     // The data moves into the request; a dead letter is copied from the
     // stored row, not from here.
     let data = std::mem::take(&mut delivery.event.data);
-    let alias = match (&consumer.alias, delivery.trigger_id) {
-        (Some(alias), _) => Some(alias.clone()),
-        (None, Some(trigger)) => node.events().trigger_alias(trigger),
-        (None, None) => None,
-    };
+    // The alias of the trigger behind the delivery: the queue trigger
+    // consuming, or the one that produced an inbox event (`live` if none).
+    let alias = consumer
+        .trigger_id
+        .or(delivery.trigger_id)
+        .and_then(|trigger| node.events().trigger_alias(trigger));
     let target = match alias.as_deref() {
         None => Some(&function.live),
         Some(alias) => function.alias(alias),

@@ -408,19 +408,23 @@ impl EventHub {
         Ok(added)
     }
 
+    /// `read` of attached trigger `id`, if it is attached: a binary search,
+    /// as the cache is in id order (it is read per delivery).
+    fn with_trigger<T>(&self, id: i64, read: impl FnOnce(&Trigger) -> T) -> Option<T> {
+        let triggers = self.triggers.load();
+        let at = triggers.binary_search_by_key(&id, |t| t.id).ok()?;
+        Some(read(&triggers[at]))
+    }
+
     /// The alias trigger `id` delivers to, if not `live` (and it is still
     /// attached).
     pub(crate) fn trigger_alias(&self, id: i64) -> Option<String> {
-        self.triggers
-            .load()
-            .iter()
-            .find(|t| t.id == id)
-            .and_then(|t| t.spec.alias.clone())
+        self.with_trigger(id, |t| t.spec.alias.clone()).flatten()
     }
 
     /// Whether trigger `id` is still attached.
     pub(crate) fn has_trigger(&self, id: i64) -> bool {
-        self.triggers.load().iter().any(|t| t.id == id)
+        self.with_trigger(id, |_| ()).is_some()
     }
 
     /// Triggers of one function, or all.
