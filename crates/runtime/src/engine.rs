@@ -11,6 +11,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::caps;
+use crate::fair::GuestPool;
 use crate::invoke::{Function, InvocationState, Lifecycle};
 use crate::validate::{self, CompiledComponent, DeployError};
 
@@ -107,11 +108,13 @@ impl Runtime {
 
         let fingerprint = engine_fingerprint(&engine);
         spawn_epoch_ticker(&engine)?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let pool = GuestPool::new(threads).context("failed to start the guest thread pool")?;
         Ok(Arc::new(Self {
             engine,
             linker,
             fingerprint,
-            lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize)),
+            lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize, pool)),
         }))
     }
 

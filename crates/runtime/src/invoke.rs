@@ -18,6 +18,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
 use crate::caps::{Capabilities, CapsView};
+use crate::fair::{FIRST_SLICE_TICKS, GuestPool};
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
 use crate::outbound::OutboundHooks;
@@ -193,6 +194,9 @@ pub(crate) struct InvocationState {
     /// Outbound HTTP under `caps.outbound`, refusals logged to `stderr`.
     outbound: OutboundHooks,
     memory: MemoryMeter,
+    /// Set by the epoch callback when the guest's slice ends: the current
+    /// invocation is CPU-bound and moves to the guest pool (see `fair`).
+    slice_spent: Arc<AtomicBool>,
 }
 
 impl InvocationState {
@@ -372,9 +376,10 @@ impl Function {
             }
             None => (self.new_store(&labels, caps, limits, logs), None, 0),
         };
-        // Yield to the async runtime at every epoch tick so a busy guest
-        // never starves other requests on the same worker thread.
-        store.epoch_deadline_async_yield_and_update(1);
+        // A fresh slice: the guest runs in the foreground until it ends.
+        let slice_spent = Arc::new(AtomicBool::new(false));
+        store.data_mut().slice_spent = slice_spent.clone();
+        store.set_epoch_deadline(FIRST_SLICE_TICKS);
 
         let (response_tx, response_rx) = tokio::sync::oneshot::channel();
         let incoming = store
@@ -408,12 +413,17 @@ impl Function {
         };
         guest.reports.started(&guest.labels);
         let in_flight = InFlight::enter(&self.lifecycle);
-        tokio::spawn(async move {
-            guest
-                .run(store, proxy, incoming, outparam, response_rx, head_tx)
-                .await;
-            drop(in_flight);
-        });
+        let task_labels = guest.labels.clone();
+        self.lifecycle.pool.spawn(
+            Box::pin(async move {
+                guest
+                    .run(store, proxy, incoming, outparam, response_rx, head_tx)
+                    .await;
+                drop(in_flight);
+            }),
+            task_labels,
+            slice_spent,
+        );
 
         match head_rx.await {
             Ok(head) => head,
@@ -455,9 +465,17 @@ impl Function {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             memory: MemoryMeter::new(limits.memory_bytes),
+            slice_spent: Arc::default(),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
+        // At every epoch tick the guest yields to the async runtime, so a
+        // busy guest never holds a worker thread for more than a tick; the
+        // first time, it also marks the invocation as CPU-bound.
+        store.epoch_deadline_callback(|context| {
+            context.data().slice_spent.store(true, Ordering::Release);
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
         store
     }
 }
@@ -800,9 +818,8 @@ fn classify_guest_error(error: wasmtime::Error) -> InvocationError {
     }
 }
 
-/// Instances running on the node, and the switch that ends them all when
-/// the node shuts down.
-#[derive(Default)]
+/// Instances running on the node, the pool that runs CPU-bound ones, and
+/// the switch that ends them all when the node shuts down.
 pub(crate) struct Lifecycle {
     in_flight: AtomicUsize,
     idle: tokio::sync::Notify,
@@ -814,13 +831,20 @@ pub(crate) struct Lifecycle {
     /// Every reused function's kept instances, to free a slot when the pool
     /// is full. Entries of unloaded functions are pruned as they are found.
     kept_sets: Mutex<Vec<Weak<KeptInstances>>>,
+    /// Where guests go once their first slice is spent.
+    pool: GuestPool,
 }
 
 impl Lifecycle {
-    pub(crate) fn new(max_instances: usize) -> Self {
+    pub(crate) fn new(max_instances: usize, pool: GuestPool) -> Self {
         Self {
+            in_flight: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+            kill: CancellationToken::new(),
             max_instances,
-            ..Self::default()
+            kept: AtomicUsize::new(0),
+            kept_sets: Mutex::default(),
+            pool,
         }
     }
 

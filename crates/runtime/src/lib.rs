@@ -13,6 +13,7 @@
 mod body;
 mod caps;
 mod engine;
+mod fair;
 mod invoke;
 mod logs;
 mod meter;

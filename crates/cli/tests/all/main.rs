@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod dev;
 mod events;
+mod fairness;
 mod limits;
 mod manifest;
 mod new;
