@@ -404,7 +404,12 @@ fn the_data_directory_and_its_files_are_private_to_the_node_user() {
     node.stop();
 
     // A data directory from an older node: opened up, then tightened.
+    // (Its key files were 0600 already, and a node refuses a key that is
+    // not: those stay as they were.)
     for (path, _) in modes(&data_dir) {
+        if path.extension().is_some_and(|e| e == "key") {
+            continue;
+        }
         let mode = if path.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
