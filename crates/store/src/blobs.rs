@@ -85,9 +85,10 @@ const KINDS: [BlobKind; 3] = [BlobKind::Component, BlobKind::Artifact, BlobKind:
 /// Prefix of the temporary files a write renames into place.
 const TEMP_PREFIX: &str = ".tmp-";
 
-/// Suffix of the file holding the SHA-256 of a checked blob's bytes
-/// (see [`BlobStore::put_checked`]).
-const CHECKSUM_SUFFIX: &str = ".sha256";
+/// Folder (beside the kinds' folders) of the files holding the SHA-256 of
+/// checked blobs' bytes (see [`BlobStore::put_checked`]), one folder per
+/// kind, so a kind's folder holds nothing but its blobs.
+const CHECKSUMS: &str = "checksums";
 
 /// What identifies one state of a file on disk: any write, truncation or
 /// replacement changes at least one of these (the change time cannot be set
@@ -133,6 +134,7 @@ impl BlobDir {
         let root = root.into();
         for kind in KINDS {
             fs::create_dir_all(root.join(kind.folder()))?;
+            fs::create_dir_all(root.join(CHECKSUMS).join(kind.folder()))?;
         }
         Ok(Self {
             root,
@@ -147,8 +149,9 @@ impl BlobDir {
 
     fn checksum_path(&self, kind: BlobKind, key: &Digest) -> PathBuf {
         self.root
+            .join(CHECKSUMS)
             .join(kind.folder())
-            .join(format!("{}{CHECKSUM_SUFFIX}", key.hex()))
+            .join(key.hex())
     }
 
     /// Removes a blob; absent is not an error. The caller makes sure nothing
@@ -171,8 +174,14 @@ impl BlobDir {
     /// process's write in progress would lose its file.
     pub fn sweep_temp_files(&self) -> Result<usize> {
         let mut removed = 0;
-        for kind in KINDS {
-            for entry in fs::read_dir(self.root.join(kind.folder()))? {
+        let folders = KINDS.iter().flat_map(|kind| {
+            [
+                self.root.join(kind.folder()),
+                self.root.join(CHECKSUMS).join(kind.folder()),
+            ]
+        });
+        for folder in folders {
+            for entry in fs::read_dir(folder)? {
                 let entry = entry?;
                 let temporary = entry
                     .file_name()
