@@ -511,6 +511,16 @@ impl Platform {
                     artifact.key
                 ))
             })?;
+        // Components are stored under their digest: one whose bytes do not
+        // match it is damaged too, and compiling it would store wrong code
+        // under a trusted checksum.
+        if Digest::of(&wasm) != artifact.component {
+            return Err(PlatformError::Internal(anyhow::anyhow!(
+                "component {} is damaged on disk (its bytes no longer match their digest): \
+                 deploy the function again",
+                artifact.component
+            )));
+        }
         self.compile_and_store(Bytes::from(wasm), &artifact.key)
             .await
     }
