@@ -261,6 +261,18 @@ fn a_full_disk_answers_507_leaves_no_temp_files_and_recovers_without_a_restart()
     assert_eq!(status, 507, "{body}");
     assert!(body.contains("disk is full"), "{body}");
     assert_eq!(temp_files(&disk.0), Vec::<PathBuf>::new());
+    let (ok, stdout, stderr) = node.cli(&[
+        "deploy",
+        "echo",
+        crate::common::guest("echo").to_str().unwrap(),
+        "--route",
+        "/echo",
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("disk is full"), "{stderr}");
+    assert_eq!(temp_files(&disk.0), Vec::<PathBuf>::new());
+    // Functions already deployed keep serving.
+    assert_eq!(node.get("/hello").0, 200);
 
     // Space comes back: the node recovers by itself.
     std::fs::remove_file(&filler).unwrap();
@@ -270,6 +282,8 @@ fn a_full_disk_answers_507_leaves_no_temp_files_and_recovers_without_a_restart()
     });
     assert_eq!(status, 200, "{body}");
     assert_eq!(admin_put(&node, "/v1/kv/settings/mode", b"y").0, 200);
+    node.deploy("echo", "echo", &["/echo"]);
+    assert_eq!(node.request("POST", "/echo", b"back").1, b"back");
     assert_eq!(node.get("/hello").0, 200);
     drop(node);
     drop(disk);
