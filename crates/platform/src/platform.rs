@@ -2145,6 +2145,21 @@ fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_full_disk_is_insufficient_storage_however_it_is_reported() {
+        let io = StoreError::from(std::io::Error::from_raw_os_error(28));
+        let wrapped = anyhow::Error::from(StoreError::from(std::io::Error::from_raw_os_error(28)))
+            .context("cannot write the audit log");
+        for error in [PlatformError::from(io), PlatformError::from(wrapped)] {
+            assert!(
+                matches!(&error, PlatformError::InsufficientStorage(m) if m.contains("disk is full")),
+                "{error}"
+            );
+        }
+        let other = PlatformError::from(StoreError::from(std::io::Error::from_raw_os_error(5)));
+        assert!(matches!(other, PlatformError::Internal(_)));
+    }
+
     fn live(version: u64, previous: Option<u64>) -> AliasRecord {
         AliasRecord {
             function: "f".into(),
