@@ -151,6 +151,9 @@ impl From<PlatformError> for ApiError {
                 (StatusCode::PRECONDITION_FAILED, "precondition_failed")
             }
             PlatformError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            PlatformError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

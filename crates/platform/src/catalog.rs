@@ -20,6 +20,17 @@ use crate::rollout::{Observed, Rollout};
 use crate::routes::{Route, RouteTable};
 use crate::tiers::{Activity, Tier};
 
+/// A compiled artifact and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// Cache key of the artifact: the component digest and the engine
+    /// fingerprint.
+    pub key: Digest,
+    /// Digest of the stored component it is compiled from, to compile it
+    /// again when the artifact is damaged or lost.
+    pub component: Digest,
+}
+
 /// One version of a function in service.
 pub struct Deployed {
     /// Function name.
@@ -31,8 +42,8 @@ pub struct Deployed {
     /// `version` as the value of the `x-mayfly-version` response header,
     /// made once rather than per request.
     pub version_header: http::HeaderValue,
-    /// Cache key of the compiled artifact.
-    pub artifact: Digest,
+    /// Its compiled artifact, and the component to compile it again from.
+    pub artifact: Artifact,
     /// Limits of each invocation.
     pub limits: InvocationLimits,
     /// Concurrency, queueing and reuse settings.

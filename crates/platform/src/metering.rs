@@ -91,6 +91,9 @@ pub struct NodeMetrics {
     pub compilations: Counter,
     /// Deploys and restarts that found the compiled artifact on disk.
     pub artifact_cache_hits: Counter,
+    /// Compiled artifacts found damaged or unloadable and compiled again
+    /// from their component.
+    pub artifact_recompiles: Counter,
     /// Invocations started.
     pub invocations: Counter,
     /// Invocations that did not end `ok`.
@@ -207,6 +210,11 @@ impl Metrics {
             "artifact_cache_hits",
             "Compiled artifacts found on disk instead of compiling",
             node.artifact_cache_hits.clone(),
+        );
+        registry.register(
+            "artifact_recompiles",
+            "Compiled artifacts found damaged (checksum mismatch) or unloadable, compiled again",
+            node.artifact_recompiles.clone(),
         );
         registry.register(
             "node_invocations",

@@ -23,7 +23,7 @@ use mayfly_store::{
 use serde::Serialize;
 
 use crate::admission::{Admission, Permit, SlotLimits, Throttled};
-use crate::catalog::{Canary, Catalog, Deployed, Served, Target};
+use crate::catalog::{Artifact, Canary, Catalog, Deployed, Served, Target};
 use crate::config::PriceList;
 use crate::events::{EVENT_ERROR_EXCERPT, EventBody, EventHub, EventOutcome};
 use crate::ledger::Ledger;
@@ -164,14 +164,27 @@ pub enum PlatformError {
     /// A body over its limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The node's disk is full: nothing can be stored until space is freed
+    /// (507 Insufficient Storage). Ends by itself when there is room again.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// A fault of the node.
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
 
+/// The answer to a write refused because the disk is full.
+fn disk_full(error: impl std::fmt::Display) -> PlatformError {
+    PlatformError::InsufficientStorage(format!(
+        "the node's disk is full, so it cannot store this ({error}): free space on the \
+         filesystem of its data directory; writes resume by themselves once there is room"
+    ))
+}
+
 impl From<StoreError> for PlatformError {
     fn from(error: StoreError) -> Self {
         match error {
+            error if error.is_disk_full() => disk_full(error),
             StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
             StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
             StoreError::VersionNotFound { .. } => PlatformError::Missing(error.to_string()),
@@ -184,6 +197,9 @@ impl From<StoreError> for PlatformError {
 
 impl From<anyhow::Error> for PlatformError {
     fn from(error: anyhow::Error) -> Self {
+        if mayfly_store::is_disk_full(error.as_ref()) {
+            return disk_full(format!("{error:#}"));
+        }
         PlatformError::Internal(error)
     }
 }
@@ -316,6 +332,9 @@ pub struct Platform {
     api_url: std::sync::OnceLock<String>,
     config: NodeConfig,
     started: Instant,
+    /// The data directory's lock, held for the node's life: a second node
+    /// on the same directory refuses to start.
+    _data_dir: mayfly_store::DataDir,
 }
 
 impl Platform {
@@ -324,13 +343,26 @@ impl Platform {
     /// engine) are compiled here, so requests never compile.
     pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        // Locked before anything in it is opened or swept.
+        let held = mayfly_store::DataDir::open(&data_dir).map_err(|error| match error {
+            StoreError::InUse(message) => anyhow::anyhow!(message),
+            other => anyhow::Error::new(other)
+                .context(format!("cannot open data directory {}", data_dir.display())),
+        })?;
         let store = Arc::new(
             EmbeddedStore::open(&data_dir.join("mayfly.db"))
                 .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
         );
-        let blobs: Arc<dyn BlobStore> = Arc::new(BlobDir::open(data_dir.join("blobs"))?);
+        let blob_dir = BlobDir::open(data_dir.join("blobs"))?;
+        // Writes this node never finished (a crash): nobody else can be
+        // writing them, the directory is locked.
+        let swept = blob_dir
+            .sweep_temp_files()
+            .context("cannot remove unfinished blob writes")?;
+        if swept > 0 {
+            tracing::info!(files = swept, "removed unfinished blob writes");
+        }
+        let blobs: Arc<dyn BlobStore> = Arc::new(blob_dir);
         let usage: Arc<dyn UsageStore> = Arc::new(
             EmbeddedLedger::open(&data_dir.join("ledger.db")).with_context(|| {
                 format!("cannot open the usage ledger in {}", data_dir.display())
@@ -353,6 +385,11 @@ impl Platform {
             Box::new(move || signing.signing_key()),
             config.credential_ttl,
         )?);
+        // Every store is open, its files created: make them the node
+        // user's alone (a directory of an older node was 0755/0644).
+        held.restrict_permissions().with_context(|| {
+            format!("cannot restrict the permissions of {}", data_dir.display())
+        })?;
         let (rollouts, verdicts) = crate::rollout::Rollouts::new();
         let platform = Arc::new_cyclic(|me: &std::sync::Weak<Self>| Self {
             me: me.clone(),
@@ -381,6 +418,7 @@ impl Platform {
             rollouts,
             config,
             started: Instant::now(),
+            _data_dir: held,
         });
 
         let registry = platform.registry.clone();
@@ -442,26 +480,74 @@ impl Platform {
         Ok(self.build_served(&name, None).await?)
     }
 
-    /// Makes sure the compiled artifact of `version` is on disk, compiling
-    /// its stored component if not (a changed engine, a lost file).
+    /// Makes sure the compiled artifact of `version` is on disk with its
+    /// checksum, compiling its stored component if not (a changed engine,
+    /// a lost file, an artifact of a node that wrote no checksums). Cheap
+    /// when it is there: its bytes are verified when it is loaded.
     async fn ensure_artifact(&self, version: &VersionRecord) -> Result<(), PlatformError> {
         let digest = Digest::parse(&version.digest)?;
         let artifact = self.artifact_key(&digest);
         if self.artifact_cached(&artifact) {
             return Ok(());
         }
+        self.recompile(&Artifact {
+            key: artifact,
+            component: digest,
+        })
+        .await
+    }
+
+    /// Compiles an artifact again from its stored component and stores it
+    /// in place of whatever was there.
+    async fn recompile(&self, artifact: &Artifact) -> Result<(), PlatformError> {
         let blobs = self.blobs.clone();
-        let key = digest.clone();
+        let key = artifact.component.clone();
         let wasm = blocking(move || blobs.get(BlobKind::Component, &key))
             .await?
             .ok_or_else(|| {
                 PlatformError::Internal(anyhow::anyhow!(
-                    "component {digest} of function {} v{} is missing",
-                    version.function,
-                    version.version
+                    "component {} of artifact {} is missing from the data directory",
+                    artifact.component,
+                    artifact.key
                 ))
             })?;
-        self.compile_and_store(Bytes::from(wasm), &artifact).await
+        // Components are stored under their digest: one whose bytes do not
+        // match it is damaged too, and compiling it would store wrong code
+        // under a trusted checksum.
+        if Digest::of(&wasm) != artifact.component {
+            return Err(PlatformError::Internal(anyhow::anyhow!(
+                "component {} is damaged on disk (its bytes no longer match their digest): \
+                 deploy the function again",
+                artifact.component
+            )));
+        }
+        self.compile_and_store(Bytes::from(wasm), &artifact.key)
+            .await
+    }
+
+    /// Whether the artifact under `key` is on disk and its bytes match its
+    /// checksum (hashed once per file state, see
+    /// [`BlobStore::verified_path`]); counts a cache hit when it is. A
+    /// damaged one is reported and counted, for the caller to recompile.
+    async fn artifact_verified(&self, key: &Digest) -> Result<bool, PlatformError> {
+        let blobs = self.blobs.clone();
+        let owned = key.clone();
+        match blocking(move || blobs.verified_path(BlobKind::Artifact, &owned)).await {
+            Ok(Some(_)) => {
+                self.metrics.node.artifact_cache_hits.inc();
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(PlatformError::Internal(error)) => {
+                tracing::error!(
+                    artifact = %key,
+                    "compiled artifact damaged, compiling it again from its component: {error:#}"
+                );
+                self.metrics.node.artifact_recompiles.inc();
+                Ok(false)
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// The function `name` as the store has it now: a [`Served`] with a
@@ -499,7 +585,10 @@ impl Platform {
                     self.deployed(
                         name.to_string(),
                         version,
-                        self.artifact_key(&digest),
+                        Artifact {
+                            key: self.artifact_key(&digest),
+                            component: digest,
+                        },
                         &record.config,
                         Tier::default(),
                     )
@@ -581,7 +670,7 @@ impl Platform {
         &self,
         name: String,
         version: u64,
-        artifact: Digest,
+        artifact: Artifact,
         config: &FunctionConfig,
         tier: Tier,
     ) -> Arc<Deployed> {
@@ -632,12 +721,10 @@ impl Platform {
         self.metrics.node.functions.set(count as i64);
     }
 
-    /// Whether the artifact is on disk; counts a cache hit when it is.
+    /// Whether the artifact is on disk with its checksum (not hashed:
+    /// see [`Platform::artifact_verified`]); counts a cache hit when it is.
     fn artifact_cached(&self, artifact: &Digest) -> bool {
-        let cached = self
-            .blobs
-            .local_path(BlobKind::Artifact, artifact)
-            .is_some();
+        let cached = self.blobs.has_checked(BlobKind::Artifact, artifact);
         if cached {
             self.metrics.node.artifact_cache_hits.inc();
         }
@@ -678,7 +765,7 @@ impl Platform {
         self.metrics.node.compilations.inc();
         let blobs = self.blobs.clone();
         let key = artifact.clone();
-        blocking(move || blobs.put_keyed(BlobKind::Artifact, &key, &compiled.artifact)).await?;
+        blocking(move || blobs.put_checked(BlobKind::Artifact, &key, &compiled.artifact)).await?;
         Ok(())
     }
 
@@ -729,19 +816,31 @@ impl Platform {
         {
             let _change = self.changes.lock().await;
             if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
+                // Nothing to change, but the artifact it runs must be
+                // sound: a redeploy is how an operator heals a function.
+                let key = self.artifact_key(&digest);
+                if !self.artifact_verified(&key).await? {
+                    self.compile_and_store(wasm.clone(), &key).await?;
+                }
                 return self.keep_live(name, live, triggers).await;
             }
         }
-        let artifact = self.artifact_key(&digest);
-        let compiled = !self.artifact_cached(&artifact);
+        let artifact = Artifact {
+            key: self.artifact_key(&digest),
+            component: digest.clone(),
+        };
+        let compiled = !self.artifact_verified(&artifact.key).await?;
         if compiled {
-            self.compile_and_store(wasm.clone(), &artifact).await?;
+            self.compile_and_store(wasm.clone(), &artifact.key).await?;
         }
         // Load once to prove the artifact works on this engine, then let it
         // go: a deployed function stays cold (on disk) until its first
         // request, so thousands of idle functions cost no memory, and
         // loading takes well under a millisecond when it is called.
-        drop(self.load(&artifact, config.scaling.reuse).await?);
+        drop(
+            self.load_verified(&artifact.key, config.scaling.reuse)
+                .await?,
+        );
 
         let _change = self.changes.lock().await;
         // An identical deploy may have landed while this one compiled.
@@ -1403,18 +1502,43 @@ impl Platform {
         &self.logs
     }
 
-    async fn load(&self, artifact: &Digest, reuse: bool) -> Result<Function, PlatformError> {
-        let path = self
-            .blobs
-            .local_path(BlobKind::Artifact, artifact)
-            .ok_or_else(|| {
-                PlatformError::Internal(anyhow::anyhow!("artifact {artifact} is missing"))
-            })?;
+    /// Loads a function's artifact. One that is missing, damaged (its
+    /// bytes do not match their checksum) or that the engine refuses is
+    /// compiled again from the stored component, once, and loaded: damaged
+    /// code is never run (it could crash the whole node), and the function
+    /// serves again without an operator.
+    async fn load(&self, artifact: &Artifact, reuse: bool) -> Result<Function, PlatformError> {
+        match self.load_verified(&artifact.key, reuse).await {
+            Ok(function) => return Ok(function),
+            Err(PlatformError::InsufficientStorage(message)) => {
+                return Err(PlatformError::InsufficientStorage(message));
+            }
+            Err(error) => {
+                tracing::error!(
+                    artifact = %artifact.key,
+                    component = %artifact.component,
+                    "compiled artifact unusable, compiling it again from its component: {error}"
+                );
+                self.metrics.node.artifact_recompiles.inc();
+            }
+        }
+        self.recompile(artifact).await?;
+        self.load_verified(&artifact.key, reuse).await
+    }
+
+    /// Loads the artifact under `key` if its bytes match their checksum;
+    /// fails (without loading anything) if it is missing or damaged.
+    async fn load_verified(&self, key: &Digest, reuse: bool) -> Result<Function, PlatformError> {
+        let blobs = self.blobs.clone();
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.load_artifact(&path, reuse))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))?
-            .map_err(PlatformError::Internal)
+        let owned = key.clone();
+        blocking(move || {
+            let path = blobs
+                .verified_path(BlobKind::Artifact, &owned)?
+                .ok_or_else(|| anyhow::anyhow!("artifact {owned} is missing"))?;
+            runtime.load_artifact(&path, reuse)
+        })
+        .await
     }
 
     /// Runs `request` through the version of `target` (an alias) that its
@@ -2020,6 +2144,21 @@ fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_insufficient_storage_however_it_is_reported() {
+        let io = StoreError::from(std::io::Error::from_raw_os_error(28));
+        let wrapped = anyhow::Error::from(StoreError::from(std::io::Error::from_raw_os_error(28)))
+            .context("cannot write the audit log");
+        for error in [PlatformError::from(io), PlatformError::from(wrapped)] {
+            assert!(
+                matches!(&error, PlatformError::InsufficientStorage(m) if m.contains("disk is full")),
+                "{error}"
+            );
+        }
+        let other = PlatformError::from(StoreError::from(std::io::Error::from_raw_os_error(5)));
+        assert!(matches!(other, PlatformError::Internal(_)));
+    }
 
     fn live(version: u64, previous: Option<u64>) -> AliasRecord {
         AliasRecord {

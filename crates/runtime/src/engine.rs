@@ -136,12 +136,19 @@ impl Runtime {
     /// so resident memory grows only with the code a function runs. With
     /// `reuse`, the function keeps its instances between requests (the hot
     /// tier).
+    ///
+    /// The bytes are run as machine code: the caller must have checked them
+    /// against the checksum recorded when they were written (the platform
+    /// loads only through `BlobStore::verified_path`), since a damaged
+    /// artifact can crash the whole process rather than fail to load.
     pub fn load_artifact(&self, path: &Path, reuse: bool) -> anyhow::Result<Function> {
         // SAFETY: artifacts are only ever written by `Runtime::compile` into
-        // the node's own data directory (never uploaded by users), and the
-        // engine fingerprint in their cache key guarantees they were produced
-        // with compatible settings; wasmtime additionally checks its own
-        // version and settings header before using the code.
+        // the node's own data directory (never uploaded by users), their
+        // bytes are verified against the SHA-256 recorded when they were
+        // written before they get here, and the engine fingerprint in their
+        // cache key guarantees they were produced with compatible settings;
+        // wasmtime additionally checks its own version and settings header
+        // before using the code.
         #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
         let component = unsafe { Component::deserialize_file(&self.engine, path) }
             .with_context(|| format!("failed to load artifact {}", path.display()))?;

@@ -10,6 +10,7 @@
 
 mod auth;
 mod blobs;
+mod data_dir;
 mod embedded;
 mod embedded_events;
 mod events;
@@ -19,6 +20,7 @@ mod secrets;
 
 pub use auth::{AuditEntry, AuthStore, EmbeddedAuth, TokenRecord};
 pub use blobs::{BlobDir, BlobKind, Digest};
+pub use data_dir::{DataDir, is_disk_full};
 pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
 pub use events::{
@@ -76,6 +78,18 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The data directory is held by another process; the message names it
+    /// and says what to do.
+    #[error("{0}")]
+    InUse(String),
+}
+
+impl StoreError {
+    /// Whether this failed because the disk (or the user's quota) is full:
+    /// a condition that ends by itself once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        is_disk_full(self)
+    }
 }
 
 /// Result of state-layer operations.
@@ -189,4 +203,22 @@ pub trait BlobStore: Send + Sync {
 
     /// A local file holding the blob, for memory-mapping; `None` if absent.
     fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<std::path::PathBuf>;
+
+    /// Stores `bytes` under a key the caller derived, with a checksum of
+    /// them that [`BlobStore::verified_path`] checks, replacing whatever
+    /// was stored under `key` (a damaged copy included). For blobs that
+    /// are trusted when read back, such as compiled artifacts.
+    fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
+
+    /// Whether a blob stored with [`BlobStore::put_checked`] is present
+    /// with its checksum. Cheap (no hashing): for start-up, where every
+    /// function's artifact is looked at.
+    fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool;
+
+    /// A local file holding a blob stored with [`BlobStore::put_checked`]
+    /// whose bytes match their checksum; `None` if the blob or its
+    /// checksum is absent, [`StoreError::Corrupt`] if they differ.
+    /// Each state of a file is hashed once per process: later calls cost a
+    /// `stat` until the file changes.
+    fn verified_path(&self, kind: BlobKind, key: &Digest) -> Result<Option<std::path::PathBuf>>;
 }

@@ -239,6 +239,11 @@ impl Node {
             .unwrap_or_else(|| panic!("no scaling row for {function}: {status}"))
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn terminate(&self) {
         let pid = self.child.id().to_string();

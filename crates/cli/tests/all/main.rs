@@ -16,4 +16,5 @@ mod new;
 mod scaling;
 mod security;
 mod serve;
+mod storage_faults;
 mod usage;

@@ -39,7 +39,9 @@ impl From<AuthError> for ApiError {
 
 /// Authenticates and authorizes every admin request, and audits refused
 /// requests and admin actions. The audit record is written before the
-/// answer leaves, so an acknowledged action is always in the log.
+/// answer leaves, so an acknowledged action is always in the log; when it
+/// cannot be written (a full disk) the request is answered with that error
+/// instead (fail closed), never as if it had been recorded.
 pub(super) async fn gate(
     State(platform): State<Arc<Platform>>,
     mut request: Request,
@@ -68,8 +70,11 @@ pub(super) async fn gate(
     let audited = is_admin_action(&method, &path);
     let task = tokio::spawn(async move {
         let response = next.run(request).await;
-        if audited {
-            record(&platform, actor, action, response.status(), None).await;
+        if audited
+            && let Err(error) = record(&platform, actor, action, response.status(), None).await
+        {
+            // The action ran, but no record of it exists: not acknowledged.
+            return unrecorded(error);
         }
         response
     });
@@ -111,15 +116,37 @@ async fn refuse(
     error: AuthError,
 ) -> Response {
     let error = ApiError::from(error);
-    record(
+    if let Err(unrecorded_error) = record(
         platform,
         actor,
         action,
         error.status,
         Some(error.message.clone()),
     )
-    .await;
+    .await
+    {
+        return unrecorded(unrecorded_error);
+    }
     error.into_response()
+}
+
+/// The answer to a request whose audit record could not be written: 507
+/// when the disk is full, else 503, saying so.
+fn unrecorded(error: PlatformError) -> Response {
+    let (status, code) = match error {
+        PlatformError::InsufficientStorage(_) => {
+            (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    ApiError {
+        status,
+        code,
+        message: format!(
+            "the node cannot write its audit log, so it answers no admin request: {error}"
+        ),
+    }
+    .into_response()
 }
 
 /// A path as the audit log keeps it: at most 512 bytes, so refused requests
@@ -138,14 +165,15 @@ async fn record(
     action: String,
     status: StatusCode,
     detail: Option<String>,
-) {
-    if let Err(error) = platform
+) -> Result<(), PlatformError> {
+    let recorded = platform
         .auth()
         .record(actor, action, status.as_u16(), detail)
-        .await
-    {
+        .await;
+    if let Err(error) = &recorded {
         tracing::error!("cannot write the audit log: {error}");
     }
+    recorded
 }
 
 #[derive(Debug, Deserialize)]
