@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod dev;
 mod events;
+mod hygiene;
 mod limits;
 mod manifest;
 mod new;
