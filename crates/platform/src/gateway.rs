@@ -66,8 +66,8 @@ pub async fn serve(
 }
 
 /// Routes a request by its normalised host and path (see
-/// [`normalize_host`] and [`normalize_path`]); a request whose host or path
-/// cannot be read one way only is answered 400.
+/// [`normalize_host`] and [`normalize_path`]); a request whose host is
+/// ambiguous or whose path is malformed is answered 400.
 ///
 /// The guest sees the normalised path (the query, method, headers and body
 /// are passed on untouched): it must see the path the request was routed
