@@ -38,8 +38,17 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         )
         .route(
             "/v1/functions/{name}/versions",
-            post(deploy).layer(DefaultBodyLimit::max(
-                max_upload_bytes.saturating_add(64 * 1024),
+            post(
+                move |state: State<Arc<Platform>>,
+                      name: Path<String>,
+                      principal: axum::Extension<crate::auth::Principal>,
+                      multipart: Result<
+                    Multipart,
+                    axum::extract::multipart::MultipartRejection,
+                >| deploy(state, name, principal, multipart, max_upload_bytes),
+            )
+            .layer(DefaultBodyLimit::max(
+                max_upload_bytes.saturating_add(DEPLOY_CONFIG_ALLOWANCE),
             )),
         )
         .route("/v1/functions/{name}/invoke", post(invoke))
@@ -99,7 +108,18 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
             s if s.is_server_error() => "internal",
             _ => "bad_request",
         };
-        let message = if text.is_empty() {
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // axum's own body-limit answer says only "length limit
+            // exceeded".
+            format!(
+                "the request body is over this endpoint's size limit ({}): send a smaller one",
+                if text.is_empty() {
+                    "too large"
+                } else {
+                    text.as_str()
+                }
+            )
+        } else if text.is_empty() {
             status
                 .canonical_reason()
                 .unwrap_or("request failed")
@@ -119,6 +139,9 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
     fixed
 }
 
+/// Room for a deploy's `config` and `triggers` parts beside the component.
+const DEPLOY_CONFIG_ALLOWANCE: usize = 64 * 1024;
+
 /// An error answer of the admin API.
 struct ApiError {
     status: StatusCode,
@@ -132,6 +155,22 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
             message: message.into(),
+        }
+    }
+
+    /// An extractor's rejection with `status`: 413 when the body went over
+    /// the route's limit (`DefaultBodyLimit`), saying `too_large` so that
+    /// the client learns that a smaller body would pass; anything else is
+    /// the client's malformed request (400).
+    fn rejected(status: StatusCode, message: impl Into<String>) -> Self {
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Self {
+                status,
+                code: "too_large",
+                message: message.into(),
+            }
+        } else {
+            Self::bad_request(message)
         }
     }
 }
@@ -230,10 +269,30 @@ async fn deploy(
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    max_upload_bytes: usize,
 ) -> ApiResult<impl IntoResponse> {
     let usage = "send multipart/form-data with a `component` part holding the .wasm file and an \
                  optional `config` part holding JSON like {\"routes\": [\"/hello\"], \
                  \"limits\": {\"memory_mb\": 128, \"timeout_ms\": 30000}}";
+    // Over the body limit, multer and axum say only "length limit
+    // exceeded": name the limit, and answer 413 rather than 400.
+    let upload_error = |error: axum::extract::multipart::MultipartError, what: String| {
+        let status = error.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::rejected(
+                status,
+                format!(
+                    "the upload is over this node's limit: a component may be at most {} \
+                     ({max_upload_bytes} bytes), with {} KiB more for the other parts; make the \
+                     component smaller (build with --release, strip debug info)",
+                    humansize_mib(max_upload_bytes),
+                    DEPLOY_CONFIG_ALLOWANCE / 1024
+                ),
+            )
+        } else {
+            ApiError::bad_request(format!("{what}: {error}"))
+        }
+    };
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
     let mut component: Option<Bytes> = None;
     let mut config = FunctionConfig::default();
@@ -241,13 +300,13 @@ async fn deploy(
     while let Some(field) = multipart
         .next_field()
         .await
-        .map_err(|e| ApiError::bad_request(format!("malformed upload: {e}")))?
+        .map_err(|e| upload_error(e, "malformed upload".to_string()))?
     {
         let part = field.name().unwrap_or_default().to_string();
         let bytes = field
             .bytes()
             .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read part `{part}`: {e}")))?;
+            .map_err(|e| upload_error(e, format!("cannot read part `{part}`")))?;
         match part.as_str() {
             "component" => component = Some(bytes),
             "config" => {
@@ -290,6 +349,16 @@ async fn deploy(
         StatusCode::CREATED
     };
     Ok((status, Json(outcome)))
+}
+
+/// `bytes` as MiB for a message (`64 MiB`, `1.5 MiB`).
+fn humansize_mib(bytes: usize) -> String {
+    let mib = bytes as f64 / f64::from(1 << 20);
+    if mib.fract() == 0.0 {
+        format!("{mib} MiB")
+    } else {
+        format!("{mib:.1} MiB")
+    }
 }
 
 #[derive(Debug, Deserialize)]

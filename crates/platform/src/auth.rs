@@ -104,6 +104,13 @@ pub struct Credential {
     /// Its version.
     #[serde(rename = "ver")]
     pub version: u64,
+    /// Which function of that name: its creation time (ms since the Unix
+    /// epoch, as the store records it). A function deleted and deployed
+    /// again under the same name is another function, and the credentials
+    /// of the old one must not reach the new one's data. Credentials minted
+    /// before this claim existed read 0 and match no function.
+    #[serde(rename = "gen", default)]
+    pub generation: i64,
     /// Expiry, in ms since the Unix epoch.
     #[serde(rename = "exp")]
     pub expires_ms: i64,
@@ -363,8 +370,25 @@ pub fn check_add_trigger(principal: &Principal) -> Result<(), AuthError> {
 
 /// Narrows a credential to what its function is granted now: a redeploy
 /// that drops a grant, or deleting the function, takes effect at once
-/// rather than when the credential expires.
-pub fn narrow_to_live(credential: &Credential, live: Option<&Grants>) -> Credential {
+/// rather than when the credential expires. `live` is the function of that
+/// name now, if any: its generation (creation time) and grants. A
+/// credential minted for an earlier function of the same name (deleted,
+/// then deployed again) is refused.
+pub fn narrow_to_live(
+    credential: &Credential,
+    live: Option<(i64, &Grants)>,
+) -> Result<Credential, AuthError> {
+    if let Some((generation, _)) = live
+        && generation != credential.generation
+    {
+        return Err(AuthError::Unauthenticated(format!(
+            "the credential was minted for an earlier function `{}` that has since been deleted; \
+             the function of that name now is another one: read a fresh credential from \
+             wasi:config key `mayfly.credential` inside it",
+            credential.function
+        )));
+    }
+    let live = live.map(|(_, grants)| grants);
     let keep = |claimed: &[String], live: Option<&Vec<String>>| -> Vec<String> {
         claimed
             .iter()
@@ -372,12 +396,12 @@ pub fn narrow_to_live(credential: &Credential, live: Option<&Grants>) -> Credent
             .cloned()
             .collect()
     };
-    Credential {
+    Ok(Credential {
         kv: keep(&credential.kv, live.map(|g| &g.kv)),
         objects: keep(&credential.objects, live.map(|g| &g.objects)),
         queues: keep(&credential.queues, live.map(|g| &g.queues)),
         ..credential.clone()
-    }
+    })
 }
 
 fn scope_list(scopes: &[Scope]) -> String {
@@ -621,10 +645,12 @@ impl Auth {
 
     /// A credential for one invocation of `function` at `version`, good for
     /// its granted buckets and queues until the node's credential lifetime
-    /// runs out.
+    /// runs out, and only while the function created at `generation` (ms
+    /// since the Unix epoch) is the one of that name.
     pub fn mint_credential(
         &self,
         function: &str,
+        generation: i64,
         version: u64,
         grants: &Grants,
     ) -> Result<String, AuthError> {
@@ -632,6 +658,7 @@ impl Auth {
         let claims = Credential {
             function: function.to_string(),
             version,
+            generation,
             expires_ms: now_ms().saturating_add(ttl_ms),
             kv: grants.kv.clone(),
             objects: grants.objects.clone(),
@@ -797,7 +824,7 @@ mod tests {
             queues: vec!["out".into()],
             ..Grants::default()
         };
-        let credential = auth.mint_credential("a", 3, &grants).unwrap();
+        let credential = auth.mint_credential("a", 1_000, 3, &grants).unwrap();
         let principal = auth
             .authenticate(Some(&format!("Bearer {credential}")))
             .unwrap();
@@ -838,5 +865,48 @@ mod tests {
             .verify_credential(&credential, now_ms() + 61_000)
             .unwrap_err();
         assert!(error.to_string().contains("expired"), "{error}");
+    }
+
+    #[test]
+    fn a_credential_does_not_reach_a_recreated_function_of_the_same_name() {
+        let (_dir, auth) = auth(Duration::from_secs(60));
+        let grants = Grants {
+            kv: vec!["orders".into()],
+            ..Grants::default()
+        };
+        let credential = auth.mint_credential("a", 1_000, 1, &grants).unwrap();
+        let Principal::Function(claims) = auth
+            .authenticate(Some(&format!("Bearer {credential}")))
+            .unwrap()
+        else {
+            panic!("a credential authenticates as a function");
+        };
+        assert_eq!(claims.generation, 1_000);
+        // The function it was minted for: its grants, narrowed to live's.
+        let narrowed = narrow_to_live(&claims, Some((1_000, &grants))).unwrap();
+        assert_eq!(narrowed.kv, ["orders"]);
+        // Deleted: reaches nothing.
+        assert!(narrow_to_live(&claims, None).unwrap().kv.is_empty());
+        // Deleted and deployed again with the same name and grants: refused.
+        let error = narrow_to_live(&claims, Some((2_000, &grants))).unwrap_err();
+        assert!(matches!(error, AuthError::Unauthenticated(_)), "{error}");
+        assert!(
+            error.to_string().contains("earlier function `a`"),
+            "{error}"
+        );
+        // The generation is signed: changing it breaks the signature.
+        let (signed, tag) = credential.rsplit_once('.').unwrap();
+        let payload = signed.strip_prefix(CREDENTIAL_PREFIX).unwrap();
+        let mut forged: Credential =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        forged.generation = 2_000;
+        let forged = format!(
+            "{CREDENTIAL_PREFIX}{}.{tag}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap())
+        );
+        assert!(
+            auth.authenticate(Some(&format!("Bearer {forged}")))
+                .is_err()
+        );
     }
 }

@@ -28,6 +28,7 @@ pub(crate) fn capabilities(
     platform: &Weak<Platform>,
     keyvalue: &Arc<dyn KeyValueBackend>,
     function: &str,
+    generation: i64,
     version: u64,
     config: &FunctionConfig,
 ) -> Result<Arc<Capabilities>, String> {
@@ -38,6 +39,7 @@ pub(crate) fn capabilities(
         config: Arc::new(FunctionConfigSource {
             platform: platform.clone(),
             function: function.to_string(),
+            generation,
             version,
             grants: config.grants.clone(),
             variables: config.variables.clone(),
@@ -251,6 +253,8 @@ fn check_value_size(value: &[u8]) -> anyhow::Result<()> {
 struct FunctionConfigSource {
     platform: Weak<Platform>,
     function: String,
+    /// The function's creation time, bound into its credentials.
+    generation: i64,
     version: u64,
     grants: Grants,
     variables: BTreeMap<String, String>,
@@ -281,7 +285,7 @@ impl ConfigSource for FunctionConfigSource {
             let platform = self.platform()?;
             return platform
                 .auth()
-                .mint_credential(&self.function, self.version, &self.grants)
+                .mint_credential(&self.function, self.generation, self.version, &self.grants)
                 .map(Some)
                 .map_err(|e| e.to_string());
         }

@@ -39,6 +39,10 @@ pub struct Deployed {
     pub key: Arc<str>,
     /// The version this entry runs.
     pub version: u64,
+    /// Which function of this name it belongs to: the function's creation
+    /// time, which its credentials carry (a function deleted and deployed
+    /// again is another one).
+    pub generation: i64,
     /// `version` as the value of the `x-mayfly-version` response header,
     /// made once rather than per request.
     pub version_header: http::HeaderValue,

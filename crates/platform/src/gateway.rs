@@ -1,5 +1,6 @@
 //! The public HTTP gateway: routes each request to a function.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use mayfly_runtime::HyperOutgoingBody;
 use tokio::net::TcpListener;
 
 use crate::platform::{Platform, text_response};
+use crate::routes::{normalize_host, normalize_path};
 
 /// Serves `listener` until `shutdown` fires, then lets open requests finish
 /// for up to `grace`.
@@ -63,35 +65,117 @@ pub async fn serve(
     }
 }
 
+/// Routes a request by its normalised host and path (see
+/// [`normalize_host`] and [`normalize_path`]); a request whose host is
+/// ambiguous or whose path is malformed is answered 400.
+///
+/// The guest sees the normalised path (the query, method, headers and body
+/// are passed on untouched): it must see the path the request was routed
+/// by, or a guest that checks its own prefixes (`/public/...` is open) could
+/// be sent `/public/../admin` by a route for `/admin` and misjudge it. This
+/// is what users of Workers (whose URL parser resolves dot segments) and
+/// Spin expect. An already normal path (nearly every request) is neither
+/// copied nor rebuilt.
 async fn route(
     platform: &Platform,
-    request: http::Request<Incoming>,
+    mut request: http::Request<Incoming>,
 ) -> http::Response<HyperOutgoingBody> {
-    let host = request_host(&request);
-    let function = platform
-        .catalog()
-        .routes
-        .lookup(host, request.uri().path())
-        .cloned();
-    match function {
-        Some(function) => platform.invoke(&function.live, request, "http").await,
-        None => text_response(
+    let bad_request =
+        |message: String| text_response(http::StatusCode::BAD_REQUEST, format!("{message}\n"));
+    let (function, normalised) = {
+        let host = match request_host(&request) {
+            Ok(host) => host,
+            Err(message) => return bad_request(message),
+        };
+        let path = match normalize_path(request.uri().path()) {
+            Ok(path) => path,
+            Err(message) => {
+                return bad_request(format!("the request path is not valid: {message}"));
+            }
+        };
+        let function = platform
+            .catalog()
+            .routes
+            .lookup(host.as_deref(), &path)
+            .cloned();
+        let normalised = match path {
+            Cow::Owned(path) => Some(path),
+            Cow::Borrowed(_) => None,
+        };
+        (function, normalised)
+    };
+    let Some(function) = function else {
+        return text_response(
             http::StatusCode::NOT_FOUND,
             "no function serves this path: deploy one with `mayfly deploy <name> <file.wasm> --route <prefix>`\n",
-        ),
+        );
+    };
+    if let Some(path) = normalised {
+        let uri = request.uri();
+        let path_and_query = match uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let mut parts = uri.clone().into_parts();
+        match path_and_query.parse() {
+            Ok(path_and_query) => parts.path_and_query = Some(path_and_query),
+            Err(error) => return bad_request(format!("the request path is not valid: {error}")),
+        }
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(error) => return bad_request(format!("the request path is not valid: {error}")),
+        }
     }
+    platform.invoke(&function.live, request, "http").await
 }
 
-/// The request's host name without port: from the URI (HTTP/2, absolute
-/// form) or the Host header.
-fn request_host<B>(request: &http::Request<B>) -> Option<&str> {
-    if let Some(host) = request.uri().host() {
-        return Some(host);
+/// The request's host name, normalised (lower case, no port, no trailing
+/// dot), from the URI (HTTP/2, absolute form) or the Host header; `None`
+/// when the request names none. Two Host headers, or a Host header naming
+/// another host than the URI, are an error: which one routes would depend
+/// on who reads the request (a proxy in front may have used the other).
+fn request_host<B>(request: &http::Request<B>) -> Result<Option<Cow<'_, str>>, String> {
+    let mut headers = request.headers().get_all(http::header::HOST).iter();
+    let header = headers.next();
+    if headers.next().is_some() {
+        return Err("the request has more than one Host header: send exactly one".to_string());
     }
-    let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
-    if host.starts_with('[') {
+    let header = match header.map(|value| value.to_str()) {
+        None => None,
+        Some(Ok(value)) => Some(host_of_authority(value)),
+        Some(Err(_)) => {
+            return Err("the Host header is not valid: send an ASCII host name".to_string());
+        }
+    };
+    let Some(uri_host) = request.uri().host() else {
+        return Ok(header.map(normalize_host));
+    };
+    // `Uri::host` keeps an IPv6 literal's brackets; the header's host does not.
+    let uri_host = uri_host
+        .strip_prefix('[')
+        .and_then(|literal| literal.strip_suffix(']'))
+        .unwrap_or(uri_host);
+    let uri_host = normalize_host(uri_host);
+    if let Some(header) = header
+        && normalize_host(header) != uri_host
+    {
+        return Err(format!(
+            "the Host header names `{}` but the request's URI names `{uri_host}`: send one host",
+            header.escape_debug()
+        ));
+    }
+    Ok(Some(uri_host))
+}
+
+/// The host name of an authority (`name:port`, `[v6]:port`), without port.
+fn host_of_authority(authority: &str) -> &str {
+    if let Some(literal) = authority.strip_prefix('[') {
         // An IPv6 literal: `[::1]:8080`.
-        return host.split_once(']').map(|(literal, _)| &literal[1..]);
+        return literal
+            .split_once(']')
+            .map_or(literal, |(literal, _)| literal);
     }
-    Some(host.split_once(':').map_or(host, |(name, _)| name))
+    authority
+        .split_once(':')
+        .map_or(authority, |(name, _)| name)
 }

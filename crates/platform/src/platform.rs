@@ -561,10 +561,17 @@ impl Platform {
     ) -> Result<Arc<Served>, PlatformError> {
         let registry = self.registry.clone();
         let owned = name.to_string();
-        let (aliases, versions) = blocking(move || {
-            Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
+        let (aliases, versions, function) = blocking(move || {
+            Ok::<_, StoreError>((
+                registry.aliases(&owned)?,
+                registry.versions(&owned)?,
+                registry.function(&owned)?,
+            ))
         })
         .await?;
+        let generation = function
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?
+            .created_at_ms;
         let mut made: std::collections::HashMap<u64, Arc<Deployed>> =
             std::collections::HashMap::new();
         let mut entry = |version: u64| -> Result<Arc<Deployed>, PlatformError> {
@@ -584,6 +591,7 @@ impl Platform {
                     let digest = Digest::parse(&record.digest)?;
                     self.deployed(
                         name.to_string(),
+                        generation,
                         version,
                         Artifact {
                             key: self.artifact_key(&digest),
@@ -669,6 +677,7 @@ impl Platform {
     fn deployed(
         &self,
         name: String,
+        generation: i64,
         version: u64,
         artifact: Artifact,
         config: &FunctionConfig,
@@ -692,20 +701,27 @@ impl Platform {
                 ))
             })
             .clone();
-        let caps =
-            crate::capabilities::capabilities(&self.me, &self.keyvalue, &name, version, config)
-                .unwrap_or_else(|error| {
-                    // Grants are checked at deploy; a stored one that no longer
-                    // parses (an older binary's syntax) grants nothing.
-                    tracing::warn!(function = %name, "outbound grants ignored: {error}");
-                    mayfly_runtime::Capabilities::none()
-                });
+        let caps = crate::capabilities::capabilities(
+            &self.me,
+            &self.keyvalue,
+            &name,
+            generation,
+            version,
+            config,
+        )
+        .unwrap_or_else(|error| {
+            // Grants are checked at deploy; a stored one that no longer
+            // parses (an older binary's syntax) grants nothing.
+            tracing::warn!(function = %name, "outbound grants ignored: {error}");
+            mayfly_runtime::Capabilities::none()
+        });
         Arc::new(Deployed {
             caps,
             grants: config.grants.clone(),
             key: Arc::from(name.as_str()),
             name,
             version,
+            generation,
             version_header: http::HeaderValue::from(version),
             artifact,
             limits: invocation_limits(&config.limits),
@@ -798,6 +814,7 @@ impl Platform {
                 self.config.max_component_bytes
             )));
         }
+        validate_routes(&config.routes).map_err(PlatformError::BadRequest)?;
         let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
         // So a conflicting deploy does not compile.
         if let Some((route, owner)) = self.route_taken(name, &routes) {
@@ -2130,6 +2147,36 @@ pub(crate) fn validate_name(name: &str) -> Result<(), PlatformError> {
     }
 }
 
+/// Most routes one function may have. A function serves a handful of
+/// prefixes (and everything below each); thousands would make every deploy
+/// and catalog rebuild slow and are a mistake or an attack. Lambda allows
+/// one function URL, Workers 1,000 routes per zone for all scripts.
+pub const MAX_ROUTES: usize = 64;
+/// Longest route as written, in bytes: a host name (at most 253) and a path
+/// prefix with room to spare.
+pub const MAX_ROUTE_BYTES: usize = 1024;
+
+/// Checks the number and length of a deploy's routes before they are
+/// parsed (parsing many routes costs time and memory of its own).
+fn validate_routes(routes: &[String]) -> Result<(), String> {
+    if routes.len() > MAX_ROUTES {
+        return Err(format!(
+            "the function has {} routes: give at most {MAX_ROUTES} (one route serves its \
+             prefix and everything below it, so a common prefix can replace many)",
+            routes.len()
+        ));
+    }
+    if let Some(long) = routes.iter().find(|route| route.len() > MAX_ROUTE_BYTES) {
+        let start: String = long.chars().take(40).collect();
+        return Err(format!(
+            "the route starting `{}` is {} bytes long: give at most {MAX_ROUTE_BYTES} bytes",
+            start.escape_debug(),
+            long.len()
+        ));
+    }
+    Ok(())
+}
+
 fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
     let mut parsed: Vec<Route> = Vec::with_capacity(routes.len());
     for text in routes {
@@ -2193,8 +2240,23 @@ mod tests {
         assert!(!valid_request_id("é"));
         assert!(validate_alias("beta-2_x").is_ok());
         assert!(validate_alias(&"a".repeat(32)).is_ok());
-        for bad in ["", "Beta", "a.b", "a/b", &"a".repeat(33)] {
+        for bad in ["", "Beta", "a.b", "a/b", ".", "..", &"a".repeat(33)] {
             assert!(validate_alias(bad).is_err(), "{bad}");
         }
+        for bad in [".", "..", "a.b"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes_are_bounded_in_number_and_length() {
+        let routes = |n: usize| (0..n).map(|i| format!("/r{i}")).collect::<Vec<_>>();
+        assert!(validate_routes(&routes(MAX_ROUTES)).is_ok());
+        let error = validate_routes(&routes(MAX_ROUTES + 1)).unwrap_err();
+        assert!(error.contains("at most 64"), "{error}");
+        let long = format!("/{}", "a".repeat(MAX_ROUTE_BYTES));
+        let error = validate_routes(&[long]).unwrap_err();
+        assert!(error.contains("at most 1024 bytes"), "{error}");
+        assert!(validate_routes(&[format!("/{}", "a".repeat(MAX_ROUTE_BYTES - 1))]).is_ok());
     }
 }

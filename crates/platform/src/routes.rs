@@ -1,6 +1,7 @@
 //! HTTP routes: parsing what users write, and matching requests by host and
 //! longest path prefix.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -59,8 +60,18 @@ impl Route {
                 "route `{text}` may not contain spaces, `?`, `#` or a `*` other than a trailing `/*`"
             ));
         }
-        if path.split('/').any(|segment| segment == "..") {
-            return Err(format!("route `{text}` may not contain `..`"));
+        // Requests are matched on their normalised path, so a route is
+        // normalised the same way: `%41` is `A`, and a `.` or `..` segment
+        // (also spelt `%2e`) could never match anything.
+        let path =
+            decode_unreserved(path).map_err(|e| format!("route `{text}` has {e}: {hint}"))?;
+        if path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        {
+            return Err(format!(
+                "route `{text}` may not contain `.` or `..` segments"
+            ));
         }
         let trimmed = path.trim_end_matches('/');
         let prefix = if trimmed.is_empty() {
@@ -82,6 +93,131 @@ impl fmt::Display for Route {
             None => f.write_str(&self.prefix),
         }
     }
+}
+
+/// Normalises a request's host name (from the Host header or the URI's
+/// authority, without port) for routing: lower case, and without the one
+/// trailing dot of a fully qualified name (`Example.COM.` is
+/// `example.com`), as browsers and DNS treat them as the same name.
+/// Allocates only when something changes.
+pub fn normalize_host(host: &str) -> Cow<'_, str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Normalises a request path (without query) before routing, as RFC 3986
+/// §6.2.2 describes: percent-escapes of unreserved characters are decoded
+/// (`%41` is `A`, `%2e` is `.`), the hex digits of the other escapes are
+/// upper-cased, and `.` and `..` segments are resolved (§5.2.4), so
+/// `/a/../b` and `/a/%2e%2e/b` are `/b`. Nothing else changes (`//`
+/// stays). A `..` that would climb above the root, or a malformed escape,
+/// is an error saying so: such a request is answered 400. Allocates only
+/// when the path changes, so the usual path costs one scan.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, String> {
+    let has_dots = path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+    if !has_dots && !path.contains('%') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let decoded = decode_unreserved(path)?;
+    let resolved = remove_dot_segments(&decoded)?;
+    Ok(match resolved {
+        Some(resolved) => Cow::Owned(resolved),
+        None if decoded == path => Cow::Borrowed(path),
+        None => Cow::Owned(decoded.into_owned()),
+    })
+}
+
+/// Decodes the percent-escapes of unreserved characters (RFC 3986 §2.3) and
+/// upper-cases the hex digits of the others. Written by hand because the
+/// `percent-encoding` crate decodes every escape, and decoding `%2F` (a `/`
+/// inside a segment) or `%00` would change what the path means.
+fn decode_unreserved(path: &str) -> Result<Cow<'_, str>, String> {
+    if !path.contains('%') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            // Copy up to the next escape in one piece (keeps UTF-8 whole).
+            let next = path[i..].find('%').map_or(path.len(), |n| i + n);
+            out.push_str(&path[i..next]);
+            i = next;
+            continue;
+        }
+        let hex = |b: u8| char::from(b).to_digit(16);
+        let (Some(high), Some(low)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            let end = path.len().min(i + 3);
+            return Err(format!(
+                "a malformed percent-escape `{}`: `%` must be followed by two hex digits",
+                path.get(i..end).unwrap_or("%").escape_debug()
+            ));
+        };
+        // Both digits are below 16, so the byte fits.
+        let byte = (high * 16 + low) as u8;
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(bytes[i + 1].to_ascii_uppercase()));
+            out.push(char::from(bytes[i + 2].to_ascii_uppercase()));
+        }
+        i += 3;
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Resolves `.` and `..` segments of an absolute path (RFC 3986 §5.2.4);
+/// `None` when it has none. Unlike §5.2.4, which drops a `..` at the root,
+/// climbing above the root is an error: no client of ours means it, and
+/// quietly serving `/` instead would hide a probe.
+fn remove_dot_segments(path: &str) -> Result<Option<String>, String> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Ok(None);
+    };
+    if !rest
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Ok(None);
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in rest.split('/') {
+        trailing_slash = false;
+        match segment {
+            "." => trailing_slash = true,
+            ".." => {
+                if kept.pop().is_none() {
+                    return Err(
+                        "a `..` segment that climbs above the root: send the path without it"
+                            .to_string(),
+                    );
+                }
+                trailing_slash = true;
+            }
+            segment => kept.push(segment),
+        }
+    }
+    let mut resolved = String::with_capacity(path.len());
+    for segment in &kept {
+        resolved.push('/');
+        resolved.push_str(segment);
+    }
+    if trailing_slash || resolved.is_empty() {
+        resolved.push('/');
+    }
+    Ok(Some(resolved))
 }
 
 /// Routes to targets, matched per request without scanning every route: a
@@ -170,12 +306,16 @@ mod tests {
         assert_eq!(parse("/*"), "/");
         assert_eq!(parse("Example.COM/api"), "example.com/api");
         assert_eq!(parse("example.com"), "example.com/");
+        assert_eq!(parse("/%41pi/%2f"), "/Api/%2F");
         for bad in [
             "",
             "/a b",
             "/a?x",
             "/a/*/b",
             "/a/../b",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/a/%zz",
             "bad host/x",
             "/a//b",
             ".x.com/a",
@@ -209,5 +349,75 @@ mod tests {
         table.insert(&Route::parse("/hello").unwrap(), ());
         assert!(table.lookup(None, "/").is_none());
         assert!(table.lookup(None, "/hellothere").is_none());
+    }
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        let norm = |path| normalize_path(path).map(Cow::into_owned);
+        for (raw, want) in [
+            ("/", "/"),
+            ("/api/x", "/api/x"),
+            ("/a/../b", "/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/%2e%2e/b", "/b"),
+            ("/a/%2E%2e/b", "/b"),
+            ("/%2e/a", "/a"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/..", "/"),
+            ("/%41pi", "/Api"),
+            ("/%7e%2d%5F", "/~-_"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/a%00", "/a%00"),
+            ("/a//b", "/a//b"),
+            ("/a//../b", "/a/b"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/a/...", "/a/..."),
+            ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
+        ] {
+            assert_eq!(norm(raw).as_deref(), Ok(want), "{raw:?}");
+        }
+        // Unchanged paths are not copied.
+        assert!(matches!(normalize_path("/api/v1/x"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            normalize_path("/.well-known"),
+            Ok(Cow::Borrowed(_))
+        ));
+        for bad in [
+            "/..",
+            "/a/../..",
+            "/%2e%2e",
+            "/a/%2E%2E/%2e%2e/x",
+            "/%",
+            "/%4",
+            "/%zz",
+            "/%4g",
+        ] {
+            let error = normalize_path(bad).unwrap_err();
+            assert!(
+                error.contains("..") || error.contains("percent"),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalised_before_routing() {
+        assert_eq!(normalize_host("shop.test"), "shop.test");
+        assert!(matches!(normalize_host("shop.test"), Cow::Borrowed(_)));
+        assert_eq!(normalize_host("shop.test."), "shop.test");
+        assert_eq!(normalize_host("SHOP.Test."), "shop.test");
+        let mut table = RouteTable::default();
+        table.insert(&Route::parse("shop.test/api").unwrap(), 1);
+        table.insert(&Route::parse("/").unwrap(), 0);
+        let at = |host: &str, path: &str| {
+            let path = normalize_path(path).unwrap();
+            table.lookup(Some(&normalize_host(host)), &path).copied()
+        };
+        assert_eq!(at("shop.test.", "/api"), Some(1));
+        assert_eq!(at("SHOP.TEST.", "/x/../api/y"), Some(1));
+        assert_eq!(at("shop.test", "/%61pi"), Some(1));
+        assert_eq!(at("shop.test", "/api/../x"), Some(0));
     }
 }

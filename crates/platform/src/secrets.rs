@@ -619,8 +619,16 @@ impl Secrets {
     }
 }
 
-/// Checks a secret's name: 1–128 characters of `[A-Za-z0-9_.-]`.
+/// Checks a secret's name: 1–128 characters of `[A-Za-z0-9_.-]`, but not
+/// `.` or `..` (path segments that clients resolve, so `/v1/secrets/..`
+/// would never reach the secret).
 pub fn check_secret_name(name: &str) -> Result<(), PlatformError> {
+    if name == "." || name == ".." {
+        return Err(PlatformError::BadRequest(format!(
+            "invalid secret name `{name}`: `.` and `..` are path segments, not names; use \
+             letters, digits, `_`, `.` or `-`"
+        )));
+    }
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_CHARS
         && name
@@ -854,7 +862,7 @@ mod tests {
     async fn secrets_refuse_bad_names_and_values() {
         let dir = tempfile::tempdir().unwrap();
         let secrets = open_env(dir.path(), KEY_A, None).unwrap();
-        for name in ["", "a/b", "a b", "é", &"x".repeat(129)] {
+        for name in ["", "a/b", "a b", "é", ".", "..", &"x".repeat(129)] {
             let error = secrets.set(name, b"v").await.unwrap_err();
             assert!(
                 matches!(error, PlatformError::BadRequest(_)),
@@ -863,6 +871,7 @@ mod tests {
         }
         secrets.set(&"x".repeat(128), b"v").await.unwrap();
         secrets.set("A-z_0.9", b"v").await.unwrap();
+        secrets.set("...", b"v").await.unwrap();
         let error = secrets.set("bin", &[0xff, 0xfe]).await.unwrap_err();
         assert!(error.to_string().contains("UTF-8"), "{error}");
         let big = vec![b'a'; MAX_SECRET_BYTES + 1];

@@ -55,8 +55,11 @@ pub(super) async fn gate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let principal = match auth.authenticate(authorization) {
-        Ok(principal) => current_grants(&platform, principal),
+    let principal = match auth
+        .authenticate(authorization)
+        .and_then(|principal| current_grants(&platform, principal))
+    {
+        Ok(principal) => principal,
         Err(error) => return refuse(&platform, "anonymous".into(), action, error).await,
     };
     if let Err(error) = authorize(&principal, &method, &path) {
@@ -89,23 +92,23 @@ pub(super) async fn gate(
 
 /// A credential reaches what its function is granted now, not when it was
 /// minted: its version's grants while that version is in service (a
-/// canary's may differ from live's), else live's. Tokens pass unchanged.
-fn current_grants(platform: &Platform, principal: Principal) -> Principal {
+/// canary's may differ from live's), else live's; and nothing of a function
+/// of the same name created after it (refused). Tokens pass unchanged.
+fn current_grants(platform: &Platform, principal: Principal) -> Result<Principal, AuthError> {
     let Principal::Function(credential) = principal else {
-        return principal;
+        return Ok(principal);
     };
-    let grants = platform
-        .catalog()
-        .by_name
-        .get(&credential.function)
-        .map(|served| {
-            served
-                .version(credential.version)
-                .unwrap_or(&served.live.deployed)
-                .grants
-                .clone()
-        });
-    Principal::Function(Arc::new(narrow_to_live(&credential, grants.as_ref())))
+    let catalog = platform.catalog();
+    let live = catalog.by_name.get(&credential.function).map(|served| {
+        let deployed = served
+            .version(credential.version)
+            .unwrap_or(&served.live.deployed);
+        (deployed.generation, &deployed.grants)
+    });
+    Ok(Principal::Function(Arc::new(narrow_to_live(
+        &credential,
+        live,
+    )?)))
 }
 
 /// Answers a refused request, after recording the refusal.

@@ -327,10 +327,13 @@ async fn send_batch(
     batch: Result<Json<Batch>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(batch) = batch.map_err(|e| {
-        ApiError::bad_request(format!(
-            "{}: send JSON like {{\"messages\": [{{\"order\": 1}}, \"text\"]}}",
-            e.body_text()
-        ))
+        ApiError::rejected(
+            e.status(),
+            format!(
+                "{}: send JSON like {{\"messages\": [{{\"order\": 1}}, \"text\"]}}",
+                e.body_text()
+            ),
+        )
     })?;
     if let Some((index, big)) = batch
         .messages
@@ -464,11 +467,14 @@ async fn add_trigger(
     spec: Result<Json<TriggerSpec>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(spec) = spec.map_err(|e| {
-        ApiError::bad_request(format!(
-            "{}: send a trigger like {{\"source\": {{\"kind\": \"schedule\", \"schedule\": \
+        ApiError::rejected(
+            e.status(),
+            format!(
+                "{}: send a trigger like {{\"source\": {{\"kind\": \"schedule\", \"schedule\": \
              \"*/5 * * * *\"}}}}; kinds are schedule, object, kv and queue",
-            e.body_text()
-        ))
+                e.body_text()
+            ),
+        )
     })?;
     crate::auth::check_add_trigger(&principal)?;
     let (trigger, created) = platform.add_trigger(&name, spec).await?;

@@ -223,8 +223,8 @@ async fn set(
     axum::Extension(principal): axum::Extension<Principal>,
     body: Result<Json<SetAlias>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(body) =
-        body.map_err(|e| ApiError::bad_request(format!("{}: {SET_USAGE}", e.body_text())))?;
+    let Json(body) = body
+        .map_err(|e| ApiError::rejected(e.status(), format!("{}: {SET_USAGE}", e.body_text())))?;
     let canary = match &body.canary {
         Some(canary) => Some(CanaryRecord {
             version: canary.version,

@@ -58,8 +58,17 @@ const MAX_NAME: usize = 63;
 /// Longest key, in bytes.
 const MAX_KEY: usize = 1024;
 
-/// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`.
+/// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`, but not `.`
+/// or `..`: those are path segments that clients and proxies resolve
+/// (`/v1/kv/../x` is `/v1/x`), so such a bucket could be written but never
+/// reached again by its URL.
 pub fn check_name(what: &str, name: &str) -> Result<(), PlatformError> {
+    if name == "." || name == ".." {
+        return Err(PlatformError::BadRequest(format!(
+            "invalid {what} name `{name}`: `.` and `..` are path segments, not names; use \
+             lower-case letters, digits, `-`, `_` or `.`"
+        )));
+    }
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
@@ -739,5 +748,24 @@ impl EventHub {
     ) -> Result<usize, PlatformError> {
         let (store, f) = (self.store.clone(), function.to_string());
         blocking(move || store.purge_dead(&f, ids.as_deref())).await
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_not_names() {
+        for good in ["orders", "a.b", "...", "v1.2", "a_b-c"] {
+            assert!(check_name("bucket", good).is_ok(), "{good}");
+        }
+        for bad in [".", "..", "", "A", "a/b", &"a".repeat(64)] {
+            let error = check_name("queue", bad).unwrap_err();
+            assert!(
+                error.to_string().contains("invalid queue name"),
+                "{bad}: {error}"
+            );
+        }
     }
 }
