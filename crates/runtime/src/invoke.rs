@@ -202,7 +202,13 @@ impl InvocationState {
             caps: &self.caps,
             table: &mut self.table,
             stderr: &self.stderr,
+            memory: &mut self.memory,
         }
+    }
+
+    /// The memory meter and the resource table, for charging host memory.
+    pub(crate) fn host_parts(&mut self) -> (&mut MemoryMeter, &mut ResourceTable) {
+        (&mut self.memory, &mut self.table)
     }
 }
 
@@ -366,6 +372,8 @@ impl Function {
                 state.stdout.rebind(labels.clone(), limits.max_log_bytes);
                 state.stderr.rebind(labels.clone(), limits.max_log_bytes);
                 state.memory.start_invocation(limits.memory_bytes);
+                // Handles left by the last invocation count from the start.
+                crate::host_limits::recount(&mut state.memory, &mut state.table);
                 state.outbound = outbound_hooks(&caps, &state.stderr);
                 state.caps = caps;
                 (store, Some(kept.proxy), kept.served)
@@ -453,11 +461,16 @@ impl Function {
             stdout,
             stderr,
             http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(crate::host_limits::MAX_TABLE_ENTRIES);
+                table
+            },
             memory: MemoryMeter::new(limits.memory_bytes),
         };
         let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|state| &mut state.memory);
+        // The meter, with host memory recounted before it refuses a growth.
+        store.limiter(|state| state);
         store
     }
 }

@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod dev;
 mod events;
+mod host_limits;
 mod limits;
 mod manifest;
 mod new;
