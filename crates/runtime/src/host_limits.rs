@@ -135,12 +135,14 @@ fn charge(state: &mut InvocationState, bytes: usize) -> wasmtime::Result<()> {
         return Ok(());
     }
     meter.refuse();
-    Err(wasmtime::format_err!(
+    let message = format!(
         "wasi:http fields would take the function past its memory limit of {} MiB \
          ({} KiB already held in header fields on the host): drop fields it no longer needs",
         meter.limit() >> 20,
         meter.host() >> 10
-    ))
+    );
+    state.explain(&message);
+    Err(wasmtime::Error::msg(message))
 }
 
 /// A `fields` result as the guest sees it: a header error is its value, any

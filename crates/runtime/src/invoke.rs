@@ -210,6 +210,12 @@ impl InvocationState {
     pub(crate) fn host_parts(&mut self) -> (&mut MemoryMeter, &mut ResourceTable) {
         (&mut self.memory, &mut self.table)
     }
+
+    /// Explains a host refusal in the invocation's stderr log, where the
+    /// function's author looks.
+    pub(crate) fn explain(&self, message: &str) {
+        self.stderr.host_line(&format!("mayfly: {message}"));
+    }
 }
 
 /// Outbound HTTP hooks for `caps`, explaining each refused request in the
@@ -371,9 +377,9 @@ impl Function {
                 let state = store.data_mut();
                 state.stdout.rebind(labels.clone(), limits.max_log_bytes);
                 state.stderr.rebind(labels.clone(), limits.max_log_bytes);
-                state.memory.start_invocation(limits.memory_bytes);
                 // Handles left by the last invocation count from the start.
                 crate::host_limits::recount(&mut state.memory, &mut state.table);
+                state.memory.start_invocation(limits.memory_bytes);
                 state.outbound = outbound_hooks(&caps, &state.stderr);
                 state.caps = caps;
                 (store, Some(kept.proxy), kept.served)

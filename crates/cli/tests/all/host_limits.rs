@@ -80,6 +80,19 @@ fn a_flood_of_http_fields_ends_oom_and_the_node_stays_small() {
         "the peak is the real one, host bytes included, up to the limit: {flood}"
     );
 
+    // Its author is told why.
+    let logs = crate::common::eventually(Duration::from_secs(30), "the refusal", || {
+        let (ok, logs, _) = node.cli(&["logs", "hostile", "--tail", "100"]);
+        (ok && logs.contains("memory limit of 16 MiB")).then_some(logs)
+    });
+    assert!(logs.contains("wasi:http fields"), "{logs}");
+
+    // Small handles are bounded by count: the store's resource table is
+    // full long before 20,000 empty fields (each a table entry).
+    let (status, _, id) = node.request("GET", "/fields?n=20000&kib=0", b"");
+    assert_eq!(status, 500);
+    assert_eq!(record(&node, "hostile", &id)["outcome"], "error");
+
     // The node is fine, and so is the function.
     let (status, body, _) = node.request("GET", "/fields?n=10&kib=1", b"");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
