@@ -626,6 +626,45 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn batches_are_capped_and_their_results_fit_the_memory_limit() {
+        let mut fixture = Fixture::granting(&["orders"]);
+        fixture.memory = crate::meter::MemoryMeter::new(4 << 20);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        let big = vec![b'v'; 1 << 20];
+        ok(store::HostBucket::set(&mut kv, handle(&bucket), "big".into(), big).await);
+
+        let too_many = vec!["big".to_string(); MAX_BATCH_KEYS + 1];
+        for result in [
+            batch::Host::get_many(&mut kv, handle(&bucket), too_many.clone())
+                .await
+                .map(drop),
+            batch::Host::delete_many(&mut kv, handle(&bucket), too_many.clone()).await,
+        ] {
+            let store::Error::Other(message) = guest_error(result) else {
+                panic!("not `other`");
+            };
+            assert!(message.contains("1001 keys"), "{message}");
+        }
+        let pairs = too_many.into_iter().map(|key| (key, Vec::new())).collect();
+        let refused = batch::Host::set_many(&mut kv, handle(&bucket), pairs).await;
+        assert!(matches!(guest_error(refused), store::Error::Other(_)));
+
+        // Three 1 MiB values fit a 4 MiB limit; five do not.
+        let three = vec!["big".to_string(); 3];
+        ok(batch::Host::get_many(&mut kv, handle(&bucket), three).await);
+        let five = vec!["big".to_string(); 5];
+        let refused = batch::Host::get_many(&mut kv, handle(&bucket), five).await;
+        let store::Error::Other(message) = guest_error(refused) else {
+            panic!("not `other`");
+        };
+        assert!(message.contains("memory limit of 4 MiB"), "{message}");
+        assert!(fixture.lines.take().iter().any(|l| l.contains("get-many")));
+        // The peak counts the largest result the host built.
+        assert!(fixture.memory.peak() >= 3 << 20);
+    }
+
+    #[tokio::test]
     async fn a_bucket_whose_grant_is_gone_is_denied() {
         use store::HostBucket as B;
         let mut fixture = Fixture::granting(&["orders"]);
