@@ -377,8 +377,11 @@ impl Function {
                 let state = store.data_mut();
                 state.stdout.rebind(labels.clone(), limits.max_log_bytes);
                 state.stderr.rebind(labels.clone(), limits.max_log_bytes);
-                // Handles left by the last invocation count from the start.
-                crate::host_limits::recount(&mut state.memory, &mut state.table);
+                // Handles left by the last invocation count from the start
+                // (nothing to recount if nothing was charged).
+                if state.memory.host() > 0 {
+                    crate::host_limits::recount(&mut state.memory, &mut state.table);
+                }
                 state.memory.start_invocation(limits.memory_bytes);
                 state.outbound = outbound_hooks(&caps, &state.stderr);
                 state.caps = caps;

@@ -642,7 +642,9 @@ pub(crate) struct OutboundHooks {
     on_denied: DeniedSink,
     /// [`MAX_OUTBOUND_IN_FLIGHT`] slots, one held per request from before it
     /// connects until its connection ends (hooks are made per invocation).
-    slots: Arc<tokio::sync::Semaphore>,
+    /// Made on the first request: most invocations make none, and the hooks
+    /// are built on the request path.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl OutboundHooks {
@@ -655,7 +657,7 @@ impl OutboundHooks {
         Self {
             policy,
             on_denied: Arc::from(on_denied),
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND_IN_FLIGHT)),
+            slots: None,
         }
     }
 }
@@ -683,7 +685,10 @@ impl WasiHttpHooks for OutboundHooks {
     ) -> ResponseFuture {
         let policy = Arc::clone(&self.policy);
         let on_denied = Arc::clone(&self.on_denied);
-        let slots = Arc::clone(&self.slots);
+        let slots =
+            Arc::clone(self.slots.get_or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND_IN_FLIGHT))
+            }));
         Box::new(async move {
             // Waits while the invocation has its maximum in flight (the
             // invocation's timeout bounds the wait). The semaphore is never
