@@ -192,7 +192,10 @@ fn kv_get_many(query: &Query) -> Answer {
     let keys = vec![query.require("key")?.to_string(); n];
     let values = batch::get_many(&bucket, &keys)?;
     let bytes: usize = values.iter().flatten().map(|(_, value)| value.len()).sum();
-    Ok(Reply::new(200, format!("values={} bytes={bytes}\n", values.len())))
+    Ok(Reply::new(
+        200,
+        format!("values={} bytes={bytes}\n", values.len()),
+    ))
 }
 
 fn config_get(query: &Query) -> Answer {

@@ -28,7 +28,10 @@ pub(crate) fn fields(query: &str, response_out: ResponseOutparam) {
             }
         }
     }
-    respond(response_out, &format!("holding {} fields of {kib} KiB\n", held.len()));
+    respond(
+        response_out,
+        &format!("holding {} fields of {kib} KiB\n", held.len()),
+    );
     drop(held);
 }
 
