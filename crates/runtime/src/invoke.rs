@@ -206,7 +206,19 @@ impl InvocationState {
             caps: &self.caps,
             table: &mut self.table,
             stderr: &self.stderr,
+            memory: &mut self.memory,
         }
+    }
+
+    /// The memory meter and the resource table, for charging host memory.
+    pub(crate) fn host_parts(&mut self) -> (&mut MemoryMeter, &mut ResourceTable) {
+        (&mut self.memory, &mut self.table)
+    }
+
+    /// Explains a host refusal in the invocation's stderr log, where the
+    /// function's author looks.
+    pub(crate) fn explain(&self, message: &str) {
+        self.stderr.host_line(&format!("mayfly: {message}"));
     }
 }
 
@@ -369,6 +381,11 @@ impl Function {
                 let state = store.data_mut();
                 state.stdout.rebind(labels.clone(), limits.max_log_bytes);
                 state.stderr.rebind(labels.clone(), limits.max_log_bytes);
+                // Handles left by the last invocation count from the start
+                // (nothing to recount if nothing was charged).
+                if state.memory.host() > 0 {
+                    crate::host_limits::recount(&mut state.memory, &mut state.table);
+                }
                 state.memory.start_invocation(limits.memory_bytes);
                 state.outbound = outbound_hooks(&caps, &state.stderr);
                 state.caps = caps;
@@ -463,12 +480,17 @@ impl Function {
             stdout,
             stderr,
             http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(crate::host_limits::MAX_TABLE_ENTRIES);
+                table
+            },
             memory: MemoryMeter::new(limits.memory_bytes),
             slice_spent: Arc::default(),
         };
         let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|state| &mut state.memory);
+        // The meter, with host memory recounted before it refuses a growth.
+        store.limiter(|state| state);
         // At every epoch tick the guest yields to the async runtime, so a
         // busy guest never holds a worker thread for more than a tick; the
         // first time, it also marks the invocation as CPU-bound.

@@ -14,6 +14,7 @@ mod body;
 mod caps;
 mod engine;
 mod fair;
+mod host_limits;
 mod invoke;
 mod logs;
 mod meter;
@@ -27,6 +28,6 @@ pub use invoke::{
     ReportSink, RequestLabels,
 };
 pub use logs::{LogSink, LogStream};
-pub use outbound::OutboundPolicy;
+pub use outbound::{MAX_OUTBOUND_IN_FLIGHT, OutboundPolicy};
 pub use validate::{CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

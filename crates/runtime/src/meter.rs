@@ -9,15 +9,26 @@ use std::time::{Duration, Instant};
 use wasmtime::ResourceLimiter;
 
 /// Enforces the function's memory limit over all of an instance's linear
-/// memories together, and remembers the peak and whether a growth was refused.
+/// memories together with the host memory held on its behalf, and remembers
+/// the peak and whether a growth was refused.
 ///
 /// wasmtime's `StoreLimits` caps each memory on its own and keeps no peak; a
 /// function's memory limit is what all its memories may use together, and
 /// billing needs the peak, so this limiter is written here.
+///
+/// Host memory counts too: bytes the host keeps for the guest (wasi:http
+/// `fields`) are charged with [`charge_host`](Self::charge_host), and
+/// buffers the host builds for one call (a wasi:keyvalue `get-many` result)
+/// are checked with [`fits_transient`](Self::fits_transient). Otherwise a
+/// guest with a 16 MiB limit could make the node hold gigabytes.
 #[derive(Debug)]
 pub(crate) struct MemoryMeter {
     limit: usize,
+    /// Linear memory, all memories together.
     current: usize,
+    /// Host memory held for the guest (an upper bound between
+    /// reconciliations, see [`set_host`](Self::set_host)).
+    host: usize,
     peak: usize,
     refused: bool,
 }
@@ -27,6 +38,7 @@ impl MemoryMeter {
         Self {
             limit,
             current: 0,
+            host: 0,
             peak: 0,
             refused: false,
         }
@@ -36,16 +48,81 @@ impl MemoryMeter {
     /// at what the instance already holds.
     pub(crate) fn start_invocation(&mut self, limit: usize) {
         self.limit = limit;
-        self.peak = self.current;
+        self.peak = self.current.saturating_add(self.host);
         self.refused = false;
     }
 
-    /// Linear memory the instance holds now, in bytes.
+    /// The function's memory limit, in bytes.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Linear and host memory together, in bytes.
+    fn total(&self) -> usize {
+        self.current.saturating_add(self.host)
+    }
+
+    /// Charges `bytes` of host memory kept for the guest; false (and nothing
+    /// charged) if that would break the limit. The caller decides whether
+    /// that ends the guest ([`refuse`](Self::refuse)).
+    pub(crate) fn charge_host(&mut self, bytes: usize) -> bool {
+        let total = self.total().saturating_add(bytes);
+        if total > self.limit {
+            return false;
+        }
+        self.host += bytes;
+        self.peak = self.peak.max(total);
+        true
+    }
+
+    /// Sets the host memory held for the guest to what was counted: charges
+    /// only add up, so the host recounts what is really held when the sum
+    /// reaches the limit (the guest may have dropped some of it).
+    pub(crate) fn set_host(&mut self, bytes: usize) {
+        self.host = bytes;
+        self.peak = self.peak.max(self.total());
+    }
+
+    /// Host memory charged to the guest, in bytes.
+    pub(crate) fn host(&self) -> usize {
+        self.host
+    }
+
+    /// Whether a host buffer of `bytes`, held only for the length of one
+    /// call, fits under the limit beside what the guest holds; if it does, it
+    /// counts toward the peak.
+    pub(crate) fn fits_transient(&mut self, bytes: usize) -> bool {
+        let total = self.total().saturating_add(bytes);
+        if total > self.limit {
+            return false;
+        }
+        self.peak = self.peak.max(total);
+        true
+    }
+
+    /// Whether growing a linear memory from `current` to `desired` bytes
+    /// stays within the limit.
+    pub(crate) fn growth_fits(&self, current: usize, desired: usize) -> bool {
+        self.current
+            .saturating_sub(current)
+            .saturating_add(desired)
+            .saturating_add(self.host)
+            <= self.limit
+    }
+
+    /// Records that the guest was refused memory: its invocation ends `oom`.
+    pub(crate) fn refuse(&mut self) {
+        self.refused = true;
+    }
+
+    /// Linear memory the instance holds now, in bytes (host memory not
+    /// included: this is what a kept instance keeps mapped).
     pub(crate) fn current(&self) -> usize {
         self.current
     }
 
-    /// Most linear memory the instance held at once, in bytes.
+    /// Most memory the invocation held at once, linear and host together, in
+    /// bytes.
     pub(crate) fn peak(&self) -> usize {
         self.peak
     }
@@ -65,14 +142,15 @@ impl ResourceLimiter for MemoryMeter {
     ) -> wasmtime::Result<bool> {
         // Called for each memory's initial size too (current = 0), so the
         // running total covers everything the instance maps.
-        let total = self.current.saturating_sub(current).saturating_add(desired);
+        let linear = self.current.saturating_sub(current).saturating_add(desired);
+        let total = linear.saturating_add(self.host);
         if total > self.limit || maximum.is_some_and(|max| desired > max) {
             // Growth fails inside the guest (memory.grow returns -1): the
             // guest's allocator sees out-of-memory, as on a real machine.
             self.refused = true;
             return Ok(false);
         }
-        self.current = total;
+        self.current = linear;
         self.peak = self.peak.max(total);
         Ok(true)
     }
@@ -156,6 +234,32 @@ mod tests {
         assert!(!meter.memory_growing(MIB, MIB + 65536, None).unwrap());
         assert!(meter.refused());
         assert_eq!(meter.peak(), 4 * MIB);
+    }
+
+    #[test]
+    fn host_memory_counts_against_the_limit_and_the_peak() {
+        let mut meter = MemoryMeter::new(4 * MIB);
+        assert!(meter.memory_growing(0, 2 * MIB, None).unwrap());
+        assert!(meter.charge_host(MIB));
+        assert_eq!(meter.peak(), 3 * MIB);
+        // Linear growth now meets the host bytes at the limit.
+        assert!(
+            !meter
+                .memory_growing(2 * MIB, 3 * MIB + 65536, None)
+                .unwrap()
+        );
+        assert!(meter.refused());
+        assert!(!meter.charge_host(MIB + 1));
+        assert!(!meter.fits_transient(MIB + 1));
+        assert!(meter.fits_transient(MIB));
+        assert_eq!(meter.peak(), 4 * MIB);
+        // A recount that finds the host bytes dropped frees the room.
+        meter.set_host(0);
+        assert!(meter.charge_host(2 * MIB));
+        assert_eq!(meter.host(), 2 * MIB);
+        meter.start_invocation(8 * MIB);
+        assert_eq!(meter.peak(), 4 * MIB);
+        assert!(!meter.refused());
     }
 
     #[test]

@@ -68,6 +68,12 @@ const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(60);
 /// Guest-set timeouts are capped here, so deadline arithmetic cannot overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Outbound requests one invocation may have in flight (connecting or
+/// connected) at once; further ones wait for a slot, as Workers' six
+/// simultaneous connections do. Without a bound one invocation opened 1,000
+/// connections and took every file descriptor of the node.
+pub const MAX_OUTBOUND_IN_FLIGHT: usize = 16;
+
 /// A function's outbound HTTP allow-list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboundPolicy {
@@ -104,6 +110,17 @@ impl OutboundPolicy {
     fn refusal(&self, target: &Target, addrs: &[SocketAddr]) -> Option<String> {
         addrs.iter().find_map(|addr| {
             let ip = addr.ip().to_canonical();
+            if reaches_the_node(ip) {
+                // Never granted (see `parse_entry`), whatever a name says.
+                let what = match &target.host {
+                    Host::Name(name) => format!("{name} resolves to {ip}"),
+                    Host::Ip(_) => format!("{ip} is the address"),
+                };
+                return Some(format!(
+                    "{what}, the unspecified address, which reaches the node itself; \
+                     it cannot be granted"
+                ));
+            }
             let kind = non_public(ip)?;
             let as_ip = Target {
                 scheme: target.scheme,
@@ -326,9 +343,19 @@ fn parse_entry(raw: &str) -> Result<Entry, String> {
     };
 
     let host = match (prefix, host) {
+        (None, HostPattern::Ip(ip)) if reaches_the_node(ip) => {
+            return Err(unspecified_refusal(ip));
+        }
         (None, HostPattern::Ip(ip)) => HostPattern::Ip(ip.to_canonical()),
         (None, host) => host,
-        (Some(prefix), HostPattern::Ip(network)) => HostPattern::Cidr(cidr(network, prefix)?),
+        (Some(prefix), HostPattern::Ip(network)) => {
+            let block = cidr(network, prefix)?;
+            let unspecified = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+            if reaches_the_node(network) || block.contains(unspecified) {
+                return Err(unspecified_refusal(network));
+            }
+            HostPattern::Cidr(block)
+        }
         (Some(path), _) => {
             return Err(format!(
                 "a path (`/{path}`) is not allowed: a grant names a host, and the function \
@@ -337,6 +364,30 @@ fn parse_entry(raw: &str) -> Result<Entry, String> {
         }
     };
     Ok(Entry { scheme, host, port })
+}
+
+/// Whether connecting to `ip` reaches the node itself whatever it looks
+/// like: the unspecified address (`0.0.0.0`, `::`) and the rest of "this
+/// network" (`0.0.0.0/8`) are taken as the local host by Linux, so a grant
+/// of `http://0.0.0.0:P` would reach the node's loopback services.
+fn reaches_the_node(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => ip.octets()[0] == 0,
+        IpAddr::V6(ip) => ip.is_unspecified(),
+    }
+}
+
+/// Why a grant of `ip` (or a block starting there) is refused.
+fn unspecified_refusal(ip: IpAddr) -> String {
+    let shown = match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!(
+        "{shown} is the unspecified address (\"this host\"): connecting to it reaches the \
+         node's own loopback services, so it cannot be granted; grant the address of the \
+         service the function needs instead"
+    )
 }
 
 impl From<IpAddr> for HostPattern {
@@ -589,6 +640,11 @@ type DeniedSink = Arc<dyn Fn(String) + Send + Sync>;
 pub(crate) struct OutboundHooks {
     policy: Arc<OutboundPolicy>,
     on_denied: DeniedSink,
+    /// [`MAX_OUTBOUND_IN_FLIGHT`] slots, one held per request from before it
+    /// connects until its connection ends (hooks are made per invocation).
+    /// Made on the first request: most invocations make none, and the hooks
+    /// are built on the request path.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl OutboundHooks {
@@ -601,6 +657,7 @@ impl OutboundHooks {
         Self {
             policy,
             on_denied: Arc::from(on_denied),
+            slots: None,
         }
     }
 }
@@ -628,8 +685,25 @@ impl WasiHttpHooks for OutboundHooks {
     ) -> ResponseFuture {
         let policy = Arc::clone(&self.policy);
         let on_denied = Arc::clone(&self.on_denied);
+        let slots =
+            Arc::clone(self.slots.get_or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND_IN_FLIGHT))
+            }));
         Box::new(async move {
+            // Waits while the invocation has its maximum in flight (the
+            // invocation's timeout bounds the wait). The semaphore is never
+            // closed.
+            let slot = slots.acquire_owned().await.map_err(|_| {
+                Error::InternalError(Some("the outbound request slots are closed".into()))
+            })?;
             let (response, io) = send(&policy, &*on_denied, request, options).await?;
+            // The connection lives as long as `io` (wasi:http drops it with
+            // the response), and so does the slot.
+            let io = async move {
+                let done = io.await;
+                drop(slot);
+                done
+            };
             Ok((response, Box::new(io) as IoFuture))
         })
     }
@@ -1111,6 +1185,16 @@ mod tests {
             ("https://-bad.example.com", "not a valid host name"),
             ("https://a..example.com", "not a valid host name"),
             ("http://999.1.1.1", "not a valid IPv4 address"),
+            // The unspecified address reaches the node's own loopback services.
+            ("http://0.0.0.0:8080", "unspecified address"),
+            ("http://0.0.0.0", "unspecified address"),
+            ("http://0.1.2.3:*", "unspecified address"),
+            ("http://0.0.0.0/8", "unspecified address"),
+            ("http://0.0.0.0/8:*", "unspecified address"),
+            ("http://0.5.0.0/16", "unspecified address"),
+            ("http://[::]:8080", "unspecified address"),
+            ("http://[::ffff:0.0.0.0]:8080", "unspecified address"),
+            ("http://[::]/96", "unspecified address"),
         ];
         for (raw, needle) in cases {
             let err =
@@ -1120,6 +1204,20 @@ mod tests {
             assert!(err.contains(needle), "{raw}: {err}");
             assert!(err.contains("scheme://host[:port]"), "{raw}: {err}");
         }
+    }
+
+    #[test]
+    fn outbound_unspecified_targets_are_refused_even_when_resolved() {
+        // Grants that would otherwise cover a name's answer.
+        let p = policy(&["http://svc.example.org:8080", "http://127.0.0.0/8:8080"]);
+        let named = target("http://svc.example.org:8080/");
+        for ip in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), 8080);
+            let reason = p.refusal(&named, &[addr]).expect(ip);
+            assert!(reason.contains("unspecified address"), "{ip}: {reason}");
+        }
+        let loopback = SocketAddr::new(ip("127.0.0.1"), 8080);
+        assert_eq!(p.refusal(&named, &[loopback]), None);
     }
 
     #[test]

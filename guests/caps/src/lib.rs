@@ -9,6 +9,8 @@
 //! - `GET /kv/list?bucket=B`: every key, one a line, following the cursors;
 //! - `POST /kv/batch?bucket=B`: sets the body's `k=v` lines with one set-many,
 //!   reads them back with one get-many and answers the `k=v` lines it got;
+//! - `GET /kv/get-many?bucket=B&key=K&n=N`: one get-many naming key K N
+//!   times; 200 with `values=<n> bytes=<n>`;
 //! - `GET /config/get?key=K`: 200 with the value, 404 if it is not set;
 //! - `GET /config/all`: every value as sorted `k=v` lines;
 //! - `GET /fetch?url=U`: an outbound GET of U; 200 with `status=<n>\n<body>`,
@@ -99,6 +101,7 @@ fn route(request: &IncomingRequest) -> Answer {
         "/kv/incr" if get => kv_incr(&query),
         "/kv/list" if get => kv_list(&query),
         "/kv/batch" if matches!(method, Method::Post) => kv_batch(&query, &read_body(request)?),
+        "/kv/get-many" if get => kv_get_many(&query),
         "/config/get" if get => config_get(&query),
         "/config/all" if get => config_all(),
         "/fetch" if get => fetch(query.require("url")?),
@@ -178,6 +181,21 @@ fn kv_batch(query: &Query, body: &[u8]) -> Answer {
         lines.push(b'\n');
     }
     Ok(Reply::new(200, lines))
+}
+
+fn kv_get_many(query: &Query) -> Answer {
+    let bucket = open(query)?;
+    let n = query
+        .require("n")?
+        .parse()
+        .map_err(|_| Reply::new(400, "`n` is not a number\n"))?;
+    let keys = vec![query.require("key")?.to_string(); n];
+    let values = batch::get_many(&bucket, &keys)?;
+    let bytes: usize = values.iter().flatten().map(|(_, value)| value.len()).sum();
+    Ok(Reply::new(
+        200,
+        format!("values={} bytes={bytes}\n", values.len()),
+    ))
 }
 
 fn config_get(query: &Query) -> Answer {

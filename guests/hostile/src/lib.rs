@@ -6,7 +6,11 @@
 //! - `/loop` spins forever, `/oom` allocates until it aborts, `/recurse`
 //!   overflows the stack, `/endless` streams a body that never ends;
 //! - `/flood?lines=N`, `/sleep?ms=N` and `/alloc?mb=N` misbehave within a
-//!   bound and then answer 200, so limits just above them can be tested too.
+//!   bound and then answer 200, so limits just above them can be tested too;
+//! - `/fields` and `/fanout` spend host memory and connections (see
+//!   `host_limits.rs`).
+
+mod host_limits;
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -58,6 +62,8 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                 respond(response_out, &format!("allocated {mb} MiB\n"));
                 black_box(&chunks);
             }
+            "/fields" => host_limits::fields(query, response_out),
+            "/fanout" => host_limits::fanout(query, response_out),
             // Anything else: a short usage line.
             _ => respond(
                 response_out,

@@ -10,6 +10,7 @@ mod deploy;
 mod dev;
 mod events;
 mod fairness;
+mod host_limits;
 mod hygiene;
 mod limits;
 mod manifest;

@@ -90,10 +90,12 @@ mod tests {
                 let mut caps = Capabilities::none();
                 Arc::get_mut(&mut caps).expect("not shared").config = Arc::new(Source);
                 let mut table = ResourceTable::new();
+                let mut memory = crate::meter::MemoryMeter::new(1 << 20);
                 let mut view = CapsView {
                     caps: &caps,
                     table: &mut table,
                     stderr: &stderr,
+                    memory: &mut memory,
                 };
 
                 let greeting = Host::get(&mut view, "greeting".into()).await;

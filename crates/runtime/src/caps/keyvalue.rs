@@ -11,6 +11,10 @@ use super::CapsView;
 use super::bindings::wasi::keyvalue::store::{self, KeyResponse};
 use super::bindings::wasi::keyvalue::{atomics, batch};
 
+/// Keys one `get-many`, `set-many` or `delete-many` may name: each is a
+/// backend call, and the guest can ask again for the next batch.
+pub(crate) const MAX_BATCH_KEYS: usize = 1000;
+
 /// An open bucket: its name, checked against the grants on every call.
 /// (`pub` only because the generated bindings re-export it.)
 pub struct Bucket {
@@ -169,22 +173,66 @@ impl CapsView<'_> {
 
     /// Batches are key-by-key calls on the backend: the interfaces promise no
     /// atomicity, and a local store gains nothing from a round trip saved.
+    ///
+    /// A batch names at most [`MAX_BATCH_KEYS`] keys, and its result is built
+    /// on the host only as far as the function's memory limit leaves room
+    /// for it: the same 1 MiB key asked for 1,500 times would otherwise make
+    /// the node hold 1.5 GiB for a 16 MiB function.
     pub(super) async fn kv_get_many(
         &mut self,
         bucket: &Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<Vec<(String, Option<Vec<u8>>)>, KvError> {
-        let name = self.granted(bucket)?;
-        let backend = &self.caps.keyvalue;
+        self.check_batch("get-many", keys.len())?;
+        let name = self.granted(bucket)?.to_string();
+        let backend = self.caps.keyvalue.clone();
         let mut pairs = Vec::with_capacity(keys.len());
+        let mut bytes = 0usize;
         for key in keys {
             let value = backend
-                .get(name, &key)
+                .get(&name, &key)
                 .await
-                .map_err(|e| KvError::backend(name, e))?;
+                .map_err(|e| KvError::backend(&name, e))?;
+            bytes = bytes
+                .saturating_add(key.len())
+                .saturating_add(value.as_ref().map_or(0, Vec::len));
+            if !self.result_fits(bytes) {
+                let limit = self.memory.limit() >> 20;
+                return Err(self.refuse(format!(
+                    "wasi:keyvalue get-many on bucket {name:?} refused: its result reached                      {bytes} bytes, more than this function's memory limit of {limit} MiB                      leaves room for; ask for fewer keys at a time"
+                )));
+            }
             pairs.push((key, value));
         }
         Ok(pairs)
+    }
+
+    /// Refuses a batch of more than [`MAX_BATCH_KEYS`] keys.
+    fn check_batch(&self, call: &str, keys: usize) -> Result<(), KvError> {
+        if keys <= MAX_BATCH_KEYS {
+            return Ok(());
+        }
+        Err(self.refuse(format!(
+            "wasi:keyvalue {call} refused: it names {keys} keys, more than the limit of              {MAX_BATCH_KEYS} per call; split it into smaller batches"
+        )))
+    }
+
+    /// Whether a result of `bytes` built on the host fits beside what the
+    /// guest holds (counted toward its peak memory if it does).
+    fn result_fits(&mut self, bytes: usize) -> bool {
+        if self.memory.fits_transient(bytes) {
+            return true;
+        }
+        // Charges for dropped wasi:http fields may be stale: recount once.
+        crate::host_limits::recount(self.memory, self.table);
+        self.memory.fits_transient(bytes)
+    }
+
+    /// Explains a refused call in the logs and returns it as the guest's
+    /// error.
+    fn refuse(&self, message: String) -> KvError {
+        self.deny(&message);
+        KvError::Other(message)
     }
 
     pub(super) async fn kv_set_many(
@@ -192,6 +240,14 @@ impl CapsView<'_> {
         bucket: &Resource<Bucket>,
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Result<(), KvError> {
+        self.check_batch("set-many", key_values.len())?;
+        // The batch was copied out of the guest's memory: it counts toward
+        // the peak while the host holds it.
+        let bytes = key_values
+            .iter()
+            .map(|(key, value)| key.len().saturating_add(value.len()))
+            .fold(0, usize::saturating_add);
+        self.result_fits(bytes);
         let name = self.granted(bucket)?;
         let backend = &self.caps.keyvalue;
         for (key, value) in key_values {
@@ -208,6 +264,7 @@ impl CapsView<'_> {
         bucket: &Resource<Bucket>,
         keys: Vec<String>,
     ) -> Result<(), KvError> {
+        self.check_batch("delete-many", keys.len())?;
         let name = self.granted(bucket)?;
         let backend = &self.caps.keyvalue;
         for key in keys {
@@ -410,6 +467,7 @@ pub(crate) mod tests {
         pub(crate) table: ResourceTable,
         pub(crate) lines: Arc<Lines>,
         stderr: crate::logs::GuestOutput,
+        pub(crate) memory: crate::meter::MemoryMeter,
     }
 
     impl Fixture {
@@ -425,6 +483,7 @@ pub(crate) mod tests {
                 table: ResourceTable::new(),
                 stderr: stderr(&lines),
                 lines,
+                memory: crate::meter::MemoryMeter::new(64 << 20),
             }
         }
 
@@ -433,6 +492,7 @@ pub(crate) mod tests {
                 caps: &self.caps,
                 table: &mut self.table,
                 stderr: &self.stderr,
+                memory: &mut self.memory,
             }
         }
     }
@@ -563,6 +623,45 @@ pub(crate) mod tests {
         ok(batch::Host::delete_many(&mut kv, handle(&bucket), keys.clone()).await);
         let got = ok(batch::Host::get_many(&mut kv, handle(&bucket), keys).await);
         assert_eq!(got, [None, None, None]);
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped_and_their_results_fit_the_memory_limit() {
+        let mut fixture = Fixture::granting(&["orders"]);
+        fixture.memory = crate::meter::MemoryMeter::new(4 << 20);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, "orders".into()).await);
+        let big = vec![b'v'; 1 << 20];
+        ok(store::HostBucket::set(&mut kv, handle(&bucket), "big".into(), big).await);
+
+        let too_many = vec!["big".to_string(); MAX_BATCH_KEYS + 1];
+        for result in [
+            batch::Host::get_many(&mut kv, handle(&bucket), too_many.clone())
+                .await
+                .map(drop),
+            batch::Host::delete_many(&mut kv, handle(&bucket), too_many.clone()).await,
+        ] {
+            let store::Error::Other(message) = guest_error(result) else {
+                panic!("not `other`");
+            };
+            assert!(message.contains("1001 keys"), "{message}");
+        }
+        let pairs = too_many.into_iter().map(|key| (key, Vec::new())).collect();
+        let refused = batch::Host::set_many(&mut kv, handle(&bucket), pairs).await;
+        assert!(matches!(guest_error(refused), store::Error::Other(_)));
+
+        // Three 1 MiB values fit a 4 MiB limit; five do not.
+        let three = vec!["big".to_string(); 3];
+        ok(batch::Host::get_many(&mut kv, handle(&bucket), three).await);
+        let five = vec!["big".to_string(); 5];
+        let refused = batch::Host::get_many(&mut kv, handle(&bucket), five).await;
+        let store::Error::Other(message) = guest_error(refused) else {
+            panic!("not `other`");
+        };
+        assert!(message.contains("memory limit of 4 MiB"), "{message}");
+        assert!(fixture.lines.take().iter().any(|l| l.contains("get-many")));
+        // The peak counts the largest result the host built.
+        assert!(fixture.memory.peak() >= 3 << 20);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 
 use crate::logs::GuestOutput;
+use crate::meter::MemoryMeter;
 use crate::outbound::OutboundPolicy;
 
 /// Host bindings of `wit/`: the WASI drafts Mayfly implements, at the
@@ -203,6 +204,9 @@ pub(crate) struct CapsView<'a> {
     pub(crate) table: &'a mut ResourceTable,
     /// The invocation's stderr, where refusals are explained.
     pub(crate) stderr: &'a GuestOutput,
+    /// The invocation's memory meter: results the host builds for the guest
+    /// must fit in what its limit leaves.
+    pub(crate) memory: &'a mut MemoryMeter,
 }
 
 impl CapsView<'_> {
