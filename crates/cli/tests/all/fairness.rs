@@ -75,3 +75,44 @@ fn spinning_guests_of_one_function_do_not_starve_another() {
     node.terminate();
     drop(spinners);
 }
+
+#[test]
+fn guests_flooding_stdout_do_not_starve_another_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Arc::new(Node::start(dir.path()));
+    node.deploy("hello", "hello", &["/hello"]);
+    node.deploy_with(
+        "flooder",
+        "hostile",
+        &["/flood"],
+        &["--timeout", "120s", "--max-concurrency", "8"],
+    );
+    assert_eq!(node.get("/hello").0, 200);
+    let baseline = hello_p99(&node, 300);
+    // Each writes lines as fast as it can, far past its log byte limit.
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let node = node.clone();
+            std::thread::spawn(move || {
+                let _ = agent()
+                    .get(format!("{}/flood?lines=100000000000", node.gateway))
+                    .call();
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(60), "the flooders to run", || {
+        let running = node.scaling_status("flooder")["running"].as_u64()?;
+        (running >= 4).then_some(())
+    });
+    let loaded = hello_p99(&node, 300);
+    let ratio = loaded.as_secs_f64() / baseline.as_secs_f64();
+    eprintln!(
+        "fairness: hello p99 {baseline:?} alone, {loaded:?} ({ratio:.1}x) beside 4 stdout floods"
+    );
+    assert!(
+        loaded <= baseline * 20 + Duration::from_millis(100),
+        "hello starved by 4 stdout floods: p99 {baseline:?} alone, {loaded:?} beside them"
+    );
+    node.terminate();
+    drop(flooders);
+}
