@@ -8,6 +8,9 @@ use anyhow::Context as _;
 use mayfly_platform::config::{NodeFile, ScalingFile};
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use mayfly_platform::connections::{self, ConnectionLimits, ListenerLimits};
 use mayfly_platform::tls::TlsFiles;
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use tracing_subscriber::EnvFilter;
@@ -68,6 +71,79 @@ impl AdminTlsArgs {
     }
 }
 
+/// Timeouts and caps of the node's connections (both listeners).
+#[derive(Debug, clap::Args)]
+pub struct ConnectionArgs {
+    /// Time a client has to send a whole request head (or TLS handshake)
+    /// once it starts; slower clients are disconnected.
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    header_timeout: Duration,
+    /// Time a connection may stay open with no request in flight (new, or
+    /// kept alive between requests).
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    idle_timeout: Duration,
+    /// Time from a request's head to the last byte of its body, separate
+    /// from the function's timeout; past it the body read fails.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    body_timeout: Duration,
+    /// Most connections the gateway holds; at the cap the oldest idle one is
+    /// closed for a new one, which is refused (503) if all are busy.
+    #[arg(long, default_value_t = connections::DEFAULT_GATEWAY_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections: usize,
+    /// Most connections the admin API holds, apart from the gateway's.
+    #[arg(long, default_value_t = connections::DEFAULT_ADMIN_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    admin_max_connections: usize,
+}
+
+impl ConnectionArgs {
+    /// Both listeners' limits, the caps lowered to fit `open_files`.
+    fn limits(&self, open_files: u64) -> ListenerLimits {
+        let gateway = ConnectionLimits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections,
+        };
+        let mut limits = ListenerLimits {
+            gateway,
+            admin: ConnectionLimits {
+                max_connections: self.admin_max_connections,
+                ..gateway
+            },
+        };
+        if let Some(note) = limits.fit_open_files(open_files) {
+            tracing::warn!("{note}");
+        }
+        limits
+    }
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() || duration > Duration::from_secs(24 * 3600) {
+        return Err("give a time from 1ms to 24h, e.g. 10s".to_string());
+    }
+    Ok(duration)
+}
+
+/// Raises this process's soft open-file limit to its hard limit (each
+/// connection is a file descriptor, and the usual soft limit of 1024 is
+/// far below the connection caps) and returns the limit now in force.
+fn raise_open_files() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            let soft = rlimit::Resource::NOFILE
+                .get()
+                .map_or(1024, |(soft, _)| soft);
+            tracing::warn!("cannot raise the open-file limit above {soft}: {error}");
+            soft
+        }
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -80,6 +156,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
+    let connections = args.connections.limits(raise_open_files());
     let mut node = NodeConfig::new(&args.data_dir);
     node.credential_ttl = args.credential_ttl;
     node.keep_versions = args.keep_versions;
@@ -98,6 +175,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_listen,
         shutdown_grace: args.shutdown_grace,
         admin_tls,
+        connections,
     };
     // Listen for SIGTERM before telling anyone the node is up: a signal
     // that arrives between the "listening" lines and the handler would
