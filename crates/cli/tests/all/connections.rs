@@ -257,3 +257,65 @@ fn big_idle_flood_measured() {
     admin_answers(&node, "the admin API after the flood");
     println!("big flood: hello answered {recovered:?} after the flood closed");
 }
+
+/// Sends `head` and `partial` body bytes, then stalls; returns what the
+/// node sent until it closed the connection, and how long that took.
+fn stalled_body(to: SocketAddr, head: &str, partial: &[u8]) -> (String, Duration) {
+    let mut stream = TcpStream::connect(to).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(partial).unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == ErrorKind::ConnectionReset => break,
+            Err(error) => panic!(
+                "the node kept a stalled body open for {:?}: {error}; got {:?}",
+                started.elapsed(),
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    }
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn a_stalled_request_body_ends_at_the_body_timeout_not_the_function_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--body-timeout", "2s"]);
+    // The function may run for 10 minutes; the body timeout is the node's.
+    node.deploy_with("echo", "echo", &["/echo"], &["--timeout", "10m"]);
+    let gateway = addr(&node.gateway);
+
+    // A declared length streams to the guest, which answers at once and
+    // then waits for the rest of the body: the read fails, the response is
+    // cut short and the connection closed.
+    let (answer, took) = stalled_body(
+        gateway,
+        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n",
+        b"0123456789",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    println!("stalled body (content-length): connection closed after {took:?}");
+
+    // A chunked body is read by the node before the guest runs: the
+    // client gets the reason.
+    let (answer, took) = stalled_body(
+        gateway,
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"a\r\n0123456789\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("read timeout"), "{answer}");
+    println!("stalled body (chunked): 400 and closed after {took:?}");
+    assert_eq!(node.get("/echo").0, 200);
+}
