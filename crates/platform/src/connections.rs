@@ -429,7 +429,8 @@ pub(crate) async fn serve<H, S, B>(
     });
     let builder = Arc::new(builder(&limits));
     let tasks = TaskTracker::new();
-    let refusal = refusal(name, limits.max_connections);
+    let refusal: Arc<[u8]> = refusal(name, limits.max_connections).into();
+    let refusing = Arc::new(AtomicU32::new(0));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -446,9 +447,7 @@ pub(crate) async fn serve<H, S, B>(
         };
         let Some((id, conn)) = listener_state.admit() else {
             if handshake.plain() {
-                // Best effort, never waiting: a client that reads gets a
-                // reason, one that does not just sees the close.
-                let _ = stream.try_write(&refusal);
+                refuse(stream, &refusal, &refusing);
             }
             continue;
         };
@@ -513,6 +512,37 @@ pub(crate) async fn serve<H, S, B>(
         }
         None => tasks.wait().await,
     }
+}
+
+/// Refusals being delivered at once, at most; past that a refused
+/// connection is just closed.
+const MAX_REFUSING: u32 = 64;
+/// How long a refused client gets to read its 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Tells a refused plain-HTTP client why and closes its connection. The
+/// request it already sent is read and dropped for a moment after the
+/// answer: closing a socket with unread input sends a reset, which makes
+/// the client's kernel discard the answer before the client reads it.
+fn refuse(stream: TcpStream, refusal: &Arc<[u8]>, refusing: &Arc<AtomicU32>) {
+    if refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let (refusal, refusing) = (refusal.clone(), refusing.clone());
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut stream = stream;
+            stream.write_all(&refusal).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? > 0 {}
+            io::Result::Ok(())
+        })
+        .await;
+        refusing.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// The answer a plain-HTTP client gets when the listener is full.

@@ -319,3 +319,44 @@ fn a_stalled_request_body_ends_at_the_body_timeout_not_the_function_timeout() {
     println!("stalled body (chunked): 400 and closed after {took:?}");
     assert_eq!(node.get("/echo").0, 200);
 }
+
+#[test]
+fn a_full_gateway_of_busy_connections_refuses_with_a_503_and_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--max-connections", "3"]);
+    node.deploy("hello", "hello", &["/hello"]);
+    node.deploy("sleepy", "hostile", &["/sleep"]);
+    let gateway = addr(&node.gateway);
+
+    // Three connections with a request in flight each fill the gateway.
+    let busy: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut stream = TcpStream::connect(gateway).unwrap();
+            stream
+                .write_all(b"GET /sleep?ms=20000 HTTP/1.1\r\nhost: x\r\n\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    // Until their requests are running, a new connection would push them
+    // out as idle ones.
+    eventually(Duration::from_secs(30), "three sleeping requests", || {
+        (node.scaling_status("sleepy")["running"] == 3).then_some(())
+    });
+    let refusal = eventually(Duration::from_secs(30), "a refusal at the cap", || {
+        let mut stream = TcpStream::connect(gateway).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let _ = stream.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer.starts_with("HTTP/1.1 503").then_some(answer)
+    });
+    assert!(
+        refusal.contains("limit of 3 connections") && refusal.contains("retry later"),
+        "{refusal}"
+    );
+    // Once the busy connections end, the gateway serves again.
+    drop(busy);
+    hello_answers(&node, "hello after the busy connections closed");
+}
