@@ -145,15 +145,17 @@ impl ListenerLimits {
 }
 
 /// A listener's hyper connection builder: HTTP/1.1 and HTTP/2 with a timer.
-fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own HTTP/1 head timer runs from the moment a connection waits
-    // for a head, idle or not; the watchdog below does the precise job,
-    // and hyper's is a backstop no shorter than the idle timeout.
+    // hyper's own HTTP/1 head timer is switched off (it defaults to 30 s
+    // once a timer is set): it runs from the moment a connection waits for
+    // a head, so it would also end idle kept-alive connections, and it
+    // allocates a timer per request. The watchdog below does the job for
+    // both protocols.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout.max(limits.header_timeout));
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -427,7 +429,7 @@ pub(crate) async fn serve<H, S, B>(
         open: Mutex::new(Table::default()),
         last_warning: AtomicU64::new(0),
     });
-    let builder = Arc::new(builder(&limits));
+    let builder = Arc::new(builder());
     let tasks = TaskTracker::new();
     let refusal: Arc<[u8]> = refusal(name, limits.max_connections).into();
     let refusing = Arc::new(AtomicU32::new(0));
