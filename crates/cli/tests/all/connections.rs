@@ -360,3 +360,58 @@ fn a_full_gateway_of_busy_connections_refuses_with_a_503_and_a_reason() {
     drop(busy);
     hello_answers(&node, "hello after the busy connections closed");
 }
+
+#[test]
+fn idle_and_kept_alive_connections_close_at_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        dir.path(),
+        &["--idle-timeout", "2s", "--header-timeout", "1s"],
+    );
+    node.deploy("hello", "hello", &["/hello"]);
+    let started = Instant::now();
+    let mut silent = Client::connect(addr(&node.gateway), b"").unwrap();
+    let mut silent_admin = Client::connect(addr(&node.admin), b"").unwrap();
+    // An HTTP/2 client that sends its preface and no request: the header
+    // timeout applies as to a slow HTTP/1 head.
+    let mut h2 = Client::connect(
+        addr(&node.gateway),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(30), "idle connections closed", || {
+        // Each polled every time, so each close is timed.
+        let closed = [
+            silent.poll_closed(started),
+            silent_admin.poll_closed(started),
+            h2.poll_closed(started),
+        ];
+        closed.iter().all(|closed| *closed).then_some(())
+    });
+    // A kept-alive connection after one answered request.
+    let mut kept = TcpStream::connect(addr(&node.gateway)).unwrap();
+    kept.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let n = kept.read(&mut buffer).unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let kept_since = Instant::now();
+    // Read to the end: the rest of the body, then the close.
+    while kept.read(&mut buffer).unwrap() > 0 {}
+    let kept_closed = kept_since.elapsed();
+
+    println!(
+        "idle timeout 2s: silent gateway connection closed after {:?}, admin {:?}, HTTP/2 preface \
+         only (header timeout 1s) {:?}, kept-alive after its answer {kept_closed:?}",
+        silent.closed.unwrap(),
+        silent_admin.closed.unwrap(),
+        h2.closed.unwrap()
+    );
+}
