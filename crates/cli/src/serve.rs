@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use mayfly_platform::config::{NodeFile, ScalingFile};
+use mayfly_platform::config::{ConnectionsFile, NodeFile, ScalingFile};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -71,61 +71,80 @@ impl AdminTlsArgs {
     }
 }
 
-/// Timeouts and caps of the node's connections (both listeners).
+/// Timeouts and caps of the node's connections (both listeners). Flags
+/// override the config file's `[connections]` table.
 #[derive(Debug, clap::Args)]
 pub struct ConnectionArgs {
     /// Time a client has to send a whole request head (or TLS handshake)
-    /// once it starts; slower clients are disconnected.
-    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
-    header_timeout: Duration,
+    /// once it starts; slower clients are disconnected. [default: 10s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    header_timeout: Option<Duration>,
     /// Time a connection may stay open with no request in flight (new, or
-    /// kept alive between requests).
-    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
-    idle_timeout: Duration,
+    /// kept alive between requests). [default: 60s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    idle_timeout: Option<Duration>,
     /// Time from a request's head to the last byte of its body, separate
-    /// from the function's timeout; past it the body read fails.
-    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
-    body_timeout: Duration,
+    /// from the function's timeout; past it the body read fails. [default: 60s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    body_timeout: Option<Duration>,
     /// Most connections the gateway holds; at the cap the oldest idle one is
-    /// closed for a new one, which is refused (503) if all are busy.
-    #[arg(long, default_value_t = connections::DEFAULT_GATEWAY_MAX_CONNECTIONS,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
-    max_connections: usize,
-    /// Most connections the admin API holds, apart from the gateway's.
-    #[arg(long, default_value_t = connections::DEFAULT_ADMIN_MAX_CONNECTIONS,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
-    admin_max_connections: usize,
+    /// closed for a new one, which is refused (503) if all are busy. [default: 10000]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections: Option<usize>,
+    /// Most connections the admin API holds, apart from the gateway's. [default: 256]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    admin_max_connections: Option<usize>,
 }
 
 impl ConnectionArgs {
-    /// Both listeners' limits, the caps lowered to fit `open_files`.
-    fn limits(&self, open_files: u64) -> ListenerLimits {
+    /// Both listeners' limits (flags, then `file`, then the defaults), the
+    /// caps lowered to fit `open_files`.
+    fn limits(&self, file: &ConnectionsFile, open_files: u64) -> anyhow::Result<ListenerLimits> {
+        let timeout = |flag: Option<Duration>, key: &Option<String>, default: Duration| {
+            match (flag, key) {
+                (Some(flag), _) => Ok(flag),
+                // Checked when the file was read; the message is for safety.
+                (None, Some(text)) => connections::parse_timeout(text)
+                    .map_err(|e| anyhow::anyhow!("[connections] `{text}`: {e}")),
+                (None, None) => Ok(default),
+            }
+        };
         let gateway = ConnectionLimits {
-            header_timeout: self.header_timeout,
-            idle_timeout: self.idle_timeout,
-            body_timeout: self.body_timeout,
-            max_connections: self.max_connections,
+            header_timeout: timeout(
+                self.header_timeout,
+                &file.header_timeout,
+                connections::DEFAULT_HEADER_TIMEOUT,
+            )?,
+            idle_timeout: timeout(
+                self.idle_timeout,
+                &file.idle_timeout,
+                connections::DEFAULT_IDLE_TIMEOUT,
+            )?,
+            body_timeout: timeout(
+                self.body_timeout,
+                &file.body_timeout,
+                connections::DEFAULT_BODY_TIMEOUT,
+            )?,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(connections::DEFAULT_GATEWAY_MAX_CONNECTIONS),
         };
         let mut limits = ListenerLimits {
             gateway,
             admin: ConnectionLimits {
-                max_connections: self.admin_max_connections,
+                max_connections: self
+                    .admin_max_connections
+                    .or(file.admin_max_connections)
+                    .unwrap_or(connections::DEFAULT_ADMIN_MAX_CONNECTIONS),
                 ..gateway
             },
         };
         if let Some(note) = limits.fit_open_files(open_files) {
             tracing::warn!("{note}");
         }
-        limits
+        Ok(limits)
     }
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if duration.is_zero() || duration > Duration::from_secs(24 * 3600) {
-        return Err("give a time from 1ms to 24h, e.g. 10s".to_string());
-    }
-    Ok(duration)
 }
 
 /// Raises this process's soft open-file limit to its hard limit (each
@@ -156,7 +175,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
-    let connections = args.connections.limits(raise_open_files());
     let mut node = NodeConfig::new(&args.data_dir);
     node.credential_ttl = args.credential_ttl;
     node.keep_versions = args.keep_versions;
@@ -169,6 +187,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     node.scaling = scaling_config(&args, &file.scaling)?;
     node.prices = file.prices;
+    let connections = args
+        .connections
+        .limits(&file.connections, raise_open_files())?;
     let config = ServeConfig {
         node,
         gateway_addr: args.listen,
@@ -262,6 +283,8 @@ pub(crate) async fn wait_for_signal(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::time::Duration;
+
     use clap::Parser as _;
 
     use crate::{Cli, Command};
@@ -307,6 +330,27 @@ mod tests {
         let files = admin_tls(&tls).unwrap().unwrap();
         assert_eq!(files.cert.to_str(), Some("c.pem"));
         assert_eq!(files.key.to_str(), Some("k.pem"));
+    }
+
+    #[test]
+    fn connection_flags_override_the_file_which_overrides_the_defaults() {
+        let cli = Cli::try_parse_from(["mayfly", "serve", "--header-timeout", "1s"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let file = super::ConnectionsFile {
+            header_timeout: Some("3s".into()),
+            idle_timeout: Some("5s".into()),
+            admin_max_connections: Some(7),
+            ..Default::default()
+        };
+        let limits = args.connections.limits(&file, 1 << 20).unwrap();
+        assert_eq!(limits.gateway.header_timeout, Duration::from_secs(1));
+        assert_eq!(limits.admin.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.gateway.body_timeout, Duration::from_secs(60));
+        assert_eq!(limits.gateway.max_connections, 10_000);
+        assert_eq!(limits.admin.max_connections, 7);
+        assert!(Cli::try_parse_from(["mayfly", "serve", "--idle-timeout", "0s"]).is_err());
     }
 
     #[test]

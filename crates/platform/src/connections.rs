@@ -63,6 +63,15 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often at most a listener warns that it is at its cap.
 const WARN_EVERY_MS: u64 = 10_000;
 
+/// Reads a timeout such as `10s` or `500ms`: from 1 ms to 24 h.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() || duration > Duration::from_secs(24 * 3600) {
+        return Err("give a time from 1ms to 24h, e.g. 10s".to_string());
+    }
+    Ok(duration)
+}
+
 /// How long a listener's connections may take and how many it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
