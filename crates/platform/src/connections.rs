@@ -185,6 +185,7 @@ struct Conn {
     idle_since: AtomicU64,
     head_since: AtomicU64,
     evicted: AtomicBool,
+    /// Wakes the watchdog when the listener pushes the connection out.
     wake: Notify,
 }
 
@@ -204,7 +205,6 @@ impl Conn {
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
             self.head_since.store(self.now(), Ordering::Relaxed);
-            self.wake.notify_one();
         }
     }
 }
@@ -226,7 +226,6 @@ impl Drop for InFlight {
         if conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             conn.head_since.store(NONE, Ordering::Relaxed);
             conn.idle_since.store(conn.now(), Ordering::Relaxed);
-            conn.wake.notify_one();
         }
     }
 }
@@ -241,28 +240,37 @@ enum Ended {
 
 /// Resolves when the connection must close: idle or head timeout passed
 /// with no request in flight, or the listener pushed it out.
+///
+/// Requests and reads do not wake it (that would cost two task wake-ups per
+/// request): it looks at the connection at least every `tick`, the shorter
+/// of the two timeouts, and otherwise sleeps until the deadline the state
+/// it saw implies. A head or an idle spell that starts after a look has a
+/// deadline at least `tick` away, so the next look still comes before it
+/// and every close is on time.
 async fn watchdog(conn: &Conn, limits: &ConnectionLimits) -> Ended {
-    let sleep = tokio::time::sleep(limits.idle_timeout);
+    let tick = limits.header_timeout.min(limits.idle_timeout);
+    let sleep = tokio::time::sleep(tick);
     tokio::pin!(sleep);
     loop {
         if conn.evicted.load(Ordering::Relaxed) {
             return Ended::Evicted;
         }
-        if conn.in_flight.load(Ordering::Relaxed) > 0 {
-            conn.wake.notified().await;
-            continue;
+        let now = Instant::now();
+        let mut wake = now + tick;
+        if conn.in_flight.load(Ordering::Relaxed) == 0 {
+            let head = conn.head_since.load(Ordering::Relaxed);
+            let (deadline, why) = if head == NONE {
+                let idle = conn.idle_since.load(Ordering::Relaxed);
+                (conn.at(idle) + limits.idle_timeout, Ended::Idle)
+            } else {
+                (conn.at(head) + limits.header_timeout, Ended::Header)
+            };
+            if now >= deadline {
+                return why;
+            }
+            wake = wake.min(deadline);
         }
-        let head = conn.head_since.load(Ordering::Relaxed);
-        let (deadline, why) = if head == NONE {
-            let idle = conn.idle_since.load(Ordering::Relaxed);
-            (conn.at(idle) + limits.idle_timeout, Ended::Idle)
-        } else {
-            (conn.at(head) + limits.header_timeout, Ended::Header)
-        };
-        if Instant::now() >= deadline {
-            return why;
-        }
-        sleep.as_mut().reset(deadline);
+        sleep.as_mut().reset(wake);
         tokio::select! {
             () = &mut sleep => {}
             () = conn.wake.notified() => {}
