@@ -113,7 +113,8 @@ impl RunningNode {
         // The admin API is served like the gateway (not by `axum::serve`,
         // which has no header timeout or cap), on its own listener with its
         // own cap so that a flooded gateway leaves it reachable. It waits
-        // for its connections without a grace: `shutdown` bounds that.
+        // for its connections without a grace of its own: `shutdown` below
+        // gives it a second (`logs --follow` streams never end by themselves).
         let service = TowerToHyperService::new(admin::router(platform.clone(), max_upload));
         let admin_shutdown = shutdown.clone();
         let admin = tokio::spawn(async move {
