@@ -121,6 +121,7 @@ async fn dev(
         admin_addr: admin_listen,
         shutdown_grace: SHUTDOWN_GRACE,
         admin_tls: None,
+        connections: Default::default(),
     };
     let running = RunningNode::start(config).await?;
     let gateway = format!("http://{}", running.gateway_addr);

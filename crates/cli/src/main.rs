@@ -460,6 +460,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = mayfly_platform::DEFAULT_KEEP_VERSIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     keep_versions: usize,
+    #[command(flatten)]
+    connections: serve::ConnectionArgs,
 }
 
 fn main() -> ExitCode {

@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use mayfly_platform::config::{NodeFile, ScalingFile};
+use mayfly_platform::config::{ConnectionsFile, NodeFile, ScalingFile};
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use mayfly_platform::connections::{self, ConnectionLimits, ListenerLimits};
 use mayfly_platform::tls::TlsFiles;
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use tracing_subscriber::EnvFilter;
@@ -68,6 +71,98 @@ impl AdminTlsArgs {
     }
 }
 
+/// Timeouts and caps of the node's connections (both listeners). Flags
+/// override the config file's `[connections]` table.
+#[derive(Debug, clap::Args)]
+pub struct ConnectionArgs {
+    /// Time a client has to send a whole request head (or TLS handshake)
+    /// once it starts; slower clients are disconnected. [default: 10s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    header_timeout: Option<Duration>,
+    /// Time a connection may stay open with no request in flight (new, or
+    /// kept alive between requests). [default: 60s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    idle_timeout: Option<Duration>,
+    /// Time from a request's head to the last byte of its body, separate
+    /// from the function's timeout; past it the body read fails. [default: 60s]
+    #[arg(long, value_parser = connections::parse_timeout)]
+    body_timeout: Option<Duration>,
+    /// Most connections the gateway holds; at the cap the oldest idle one is
+    /// closed for a new one, which is refused (503) if all are busy. [default: 10000]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_connections: Option<usize>,
+    /// Most connections the admin API holds, apart from the gateway's. [default: 256]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    admin_max_connections: Option<usize>,
+}
+
+impl ConnectionArgs {
+    /// Both listeners' limits (flags, then `file`, then the defaults), the
+    /// caps lowered to fit `open_files`.
+    fn limits(&self, file: &ConnectionsFile, open_files: u64) -> anyhow::Result<ListenerLimits> {
+        let timeout = |flag: Option<Duration>, key: &Option<String>, default: Duration| {
+            match (flag, key) {
+                (Some(flag), _) => Ok(flag),
+                // Checked when the file was read; the message is for safety.
+                (None, Some(text)) => connections::parse_timeout(text)
+                    .map_err(|e| anyhow::anyhow!("[connections] `{text}`: {e}")),
+                (None, None) => Ok(default),
+            }
+        };
+        let gateway = ConnectionLimits {
+            header_timeout: timeout(
+                self.header_timeout,
+                &file.header_timeout,
+                connections::DEFAULT_HEADER_TIMEOUT,
+            )?,
+            idle_timeout: timeout(
+                self.idle_timeout,
+                &file.idle_timeout,
+                connections::DEFAULT_IDLE_TIMEOUT,
+            )?,
+            body_timeout: timeout(
+                self.body_timeout,
+                &file.body_timeout,
+                connections::DEFAULT_BODY_TIMEOUT,
+            )?,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(connections::DEFAULT_GATEWAY_MAX_CONNECTIONS),
+        };
+        let mut limits = ListenerLimits {
+            gateway,
+            admin: ConnectionLimits {
+                max_connections: self
+                    .admin_max_connections
+                    .or(file.admin_max_connections)
+                    .unwrap_or(connections::DEFAULT_ADMIN_MAX_CONNECTIONS),
+                ..gateway
+            },
+        };
+        if let Some(note) = limits.fit_open_files(open_files) {
+            tracing::warn!("{note}");
+        }
+        Ok(limits)
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit (each
+/// connection is a file descriptor, and the usual soft limit of 1024 is
+/// far below the connection caps) and returns the limit now in force.
+fn raise_open_files() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            let soft = rlimit::Resource::NOFILE
+                .get()
+                .map_or(1024, |(soft, _)| soft);
+            tracing::warn!("cannot raise the open-file limit above {soft}: {error}");
+            soft
+        }
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,12 +187,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     node.scaling = scaling_config(&args, &file.scaling)?;
     node.prices = file.prices;
+    let connections = args
+        .connections
+        .limits(&file.connections, raise_open_files())?;
     let config = ServeConfig {
         node,
         gateway_addr: args.listen,
         admin_addr: args.admin_listen,
         shutdown_grace: args.shutdown_grace,
         admin_tls,
+        connections,
     };
     // Listen for SIGTERM before telling anyone the node is up: a signal
     // that arrives between the "listening" lines and the handler would
@@ -184,6 +283,8 @@ pub(crate) async fn wait_for_signal(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::time::Duration;
+
     use clap::Parser as _;
 
     use crate::{Cli, Command};
@@ -229,6 +330,27 @@ mod tests {
         let files = admin_tls(&tls).unwrap().unwrap();
         assert_eq!(files.cert.to_str(), Some("c.pem"));
         assert_eq!(files.key.to_str(), Some("k.pem"));
+    }
+
+    #[test]
+    fn connection_flags_override_the_file_which_overrides_the_defaults() {
+        let cli = Cli::try_parse_from(["mayfly", "serve", "--header-timeout", "1s"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let file = super::ConnectionsFile {
+            header_timeout: Some("3s".into()),
+            idle_timeout: Some("5s".into()),
+            admin_max_connections: Some(7),
+            ..Default::default()
+        };
+        let limits = args.connections.limits(&file, 1 << 20).unwrap();
+        assert_eq!(limits.gateway.header_timeout, Duration::from_secs(1));
+        assert_eq!(limits.admin.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.gateway.body_timeout, Duration::from_secs(60));
+        assert_eq!(limits.gateway.max_connections, 10_000);
+        assert_eq!(limits.admin.max_connections, 7);
+        assert!(Cli::try_parse_from(["mayfly", "serve", "--idle-timeout", "0s"]).is_err());
     }
 
     #[test]

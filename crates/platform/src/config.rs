@@ -19,6 +19,13 @@ use serde::{Deserialize, Serialize};
 /// keep_alive = "hybrid"        # or a fixed time: "10m", "fixed:30s"
 /// max_concurrency = 1000
 /// memory_budget_mb = 16384
+///
+/// [connections]
+/// header_timeout = "10s"
+/// idle_timeout = "60s"
+/// body_timeout = "60s"
+/// max_connections = 10000      # the gateway's
+/// admin_max_connections = 256
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +34,8 @@ pub struct NodeFile {
     pub prices: PriceList,
     /// Node-wide scaling settings; `mayfly serve` flags override them.
     pub scaling: ScalingFile,
+    /// Timeouts and caps of the listeners; `mayfly serve` flags override them.
+    pub connections: ConnectionsFile,
 }
 
 /// The `[scaling]` table: what `mayfly serve --keep-alive`,
@@ -55,6 +64,7 @@ impl NodeFile {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let file: NodeFile = toml::from_str(text)?;
         file.prices.check()?;
+        file.connections.check()?;
         if let Some(policy) = &file.scaling.keep_alive {
             mayfly_scaling::parse_policy(policy)
                 .map_err(|e| anyhow::anyhow!("[scaling] keep_alive: {e}"))?;
@@ -141,6 +151,48 @@ impl PriceList {
     }
 }
 
+/// The `[connections]` table: what `mayfly serve --header-timeout`,
+/// `--idle-timeout`, `--body-timeout`, `--max-connections` and
+/// `--admin-max-connections` set. Absent keys take the flag's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsFile {
+    /// Time to send a whole request head once started, e.g. "10s".
+    pub header_timeout: Option<String>,
+    /// Time a connection may stay open with no request in flight.
+    pub idle_timeout: Option<String>,
+    /// Time from a request's head to the last byte of its body.
+    pub body_timeout: Option<String>,
+    /// Connections the gateway holds at once.
+    pub max_connections: Option<usize>,
+    /// Connections the admin API holds at once.
+    pub admin_max_connections: Option<usize>,
+}
+
+impl ConnectionsFile {
+    fn check(&self) -> anyhow::Result<()> {
+        for (key, value) in [
+            ("header_timeout", &self.header_timeout),
+            ("idle_timeout", &self.idle_timeout),
+            ("body_timeout", &self.body_timeout),
+        ] {
+            if let Some(value) = value {
+                crate::connections::parse_timeout(value)
+                    .map_err(|e| anyhow::anyhow!("[connections] {key} = \"{value}\": {e}"))?;
+            }
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("admin_max_connections", self.admin_max_connections),
+        ] {
+            if value == Some(0) {
+                anyhow::bail!("[connections] {key} is 0: give at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +268,22 @@ mod tests {
         assert!((cost.compute - 0.01).abs() < 1e-12);
         assert!((cost.cpu - 2.0).abs() < 1e-12);
         assert!((cost.total - 2.41).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_connections_table_is_read_and_checked() {
+        let file =
+            NodeFile::parse("[connections]\nheader_timeout = \"5s\"\nmax_connections = 100\n")
+                .unwrap();
+        assert_eq!(file.connections.header_timeout.as_deref(), Some("5s"));
+        assert_eq!(file.connections.max_connections, Some(100));
+        let error = NodeFile::parse("[connections]\nidle_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("idle_timeout"), "{error}");
+        let error = NodeFile::parse("[connections]\nadmin_max_connections = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin_max_connections is 0"), "{error}");
     }
 }

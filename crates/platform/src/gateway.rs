@@ -5,64 +5,39 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use mayfly_runtime::HyperOutgoingBody;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use crate::connections::{self, ConnectionLimits, Plain, TimedBody};
 use crate::platform::{Platform, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
-/// Serves `listener` until `shutdown` fires, then lets open requests finish
-/// for up to `grace`.
+/// Serves `listener` until `shutdown` is cancelled, then lets open requests
+/// finish for up to `grace`. Connections are held to `limits` (timeouts and
+/// a cap, see [`connections`]).
 pub async fn serve(
     platform: Arc<Platform>,
     listener: TcpListener,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off
-                        // instead of spinning on the same error.
-                        tracing::warn!("gateway accept failed: {error}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let platform = platform.clone();
-                let service = service_fn(move |request| {
-                    let platform = platform.clone();
-                    async move { Ok::<_, Infallible>(route(&platform, request).await) }
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!("gateway connection ended: {error}");
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("gateway: requests still open after the {grace:?} grace period");
-    }
+    let service = service_fn(move |request| {
+        let platform = platform.clone();
+        async move { Ok::<_, Infallible>(route(&platform, request).await) }
+    });
+    connections::serve(
+        "gateway",
+        listener,
+        limits,
+        Plain,
+        service,
+        shutdown,
+        Some(grace),
+    )
+    .await;
 }
 
 /// Routes a request by its normalised host and path (see
@@ -78,7 +53,7 @@ pub async fn serve(
 /// copied nor rebuilt.
 async fn route(
     platform: &Platform,
-    mut request: http::Request<Incoming>,
+    mut request: http::Request<TimedBody>,
 ) -> http::Response<HyperOutgoingBody> {
     let bad_request =
         |message: String| text_response(http::StatusCode::BAD_REQUEST, format!("{message}\n"));

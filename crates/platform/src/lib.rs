@@ -12,6 +12,7 @@ pub mod auth;
 mod capabilities;
 pub mod catalog;
 pub mod config;
+pub mod connections;
 pub mod events;
 pub mod gateway;
 pub mod ledger;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -51,6 +53,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Serve the admin API over HTTPS with this identity (plain HTTP if `None`).
     pub admin_tls: Option<tls::TlsFiles>,
+    /// Timeouts and connection caps of the gateway and the admin API.
+    pub connections: connections::ListenerLimits,
 }
 
 /// A node serving its gateway and admin API.
@@ -63,7 +67,7 @@ pub struct RunningNode {
     pub admin_addr: SocketAddr,
     /// Whether the admin API speaks HTTPS.
     pub admin_tls: bool,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
     shutdown_grace: Duration,
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
@@ -86,7 +90,7 @@ impl RunningNode {
             .with_context(|| format!("cannot listen for the admin API on {}", config.admin_addr))?;
         let max_upload = config.node.max_component_bytes;
         let platform = Platform::open(config.node).await?;
-        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let shutdown = tokio_util::sync::CancellationToken::new();
 
         let gateway_addr = gateway_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
@@ -98,27 +102,41 @@ impl RunningNode {
         }
         let scheme = if admin_tls.is_some() { "https" } else { "http" };
         platform.set_api_url(format!("{scheme}://{callback}"));
+        let limits = config.connections;
         let gateway = tokio::spawn(gateway::serve(
             platform.clone(),
             gateway_listener,
-            shutdown_rx.clone(),
+            limits.gateway,
+            shutdown.clone(),
             config.shutdown_grace,
         ));
-        let router = admin::router(platform.clone(), max_upload);
-        let mut admin_shutdown = shutdown_rx;
+        // The admin API is served like the gateway (not by `axum::serve`,
+        // which has no header timeout or cap), on its own listener with its
+        // own cap so that a flooded gateway leaves it reachable. It waits
+        // for its connections without a grace of its own: `shutdown` below
+        // gives it a second (`logs --follow` streams never end by themselves).
+        let service = TowerToHyperService::new(admin::router(platform.clone(), max_upload));
+        let admin_shutdown = shutdown.clone();
         let admin = tokio::spawn(async move {
-            let stop = async move {
-                let _ = admin_shutdown.changed().await;
-            };
+            let (name, listener, limits) = ("admin API", admin_listener, limits.admin);
             match admin_tls {
-                Some(tls) => tls::serve(admin_listener, tls, router, stop).await,
+                Some(tls) => {
+                    let tls = tls::Tls::new(tls);
+                    connections::serve(name, listener, limits, tls, service, admin_shutdown, None)
+                        .await;
+                }
                 None => {
-                    if let Err(error) = axum::serve(admin_listener, router)
-                        .with_graceful_shutdown(stop)
-                        .await
-                    {
-                        tracing::error!("admin API stopped: {error}");
-                    }
+                    let plain = connections::Plain;
+                    connections::serve(
+                        name,
+                        listener,
+                        limits,
+                        plain,
+                        service,
+                        admin_shutdown,
+                        None,
+                    )
+                    .await;
                 }
             }
         });
@@ -145,7 +163,7 @@ impl RunningNode {
     /// record and log line is durable.
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let _ = self.gateway.await;
         // The admin API may hold `logs --follow` streams open forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;

@@ -1,22 +1,21 @@
 //! HTTPS for the admin API: loading a PEM certificate and key into a
-//! rustls server configuration, and an accept loop that serves an axum
-//! router over TLS with the same graceful shutdown as the plain listener.
+//! rustls server configuration, and the TLS handshake the admin listener
+//! runs on each connection (the accept loop, timeouts and cap are
+//! [`crate::connections`]'s, shared with the plain listeners).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::server::TlsStream;
+
+use crate::connections::{Handshake, TrackedIo};
 
 /// A client gets this long to finish its TLS handshake, so connections that
 /// never send a ClientHello do not pile up.
@@ -79,70 +78,28 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` completes, then
-/// stops accepting and waits for open connections, as `axum::serve`'s
-/// graceful shutdown does for plain HTTP.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    router: Router,
-    shutdown: impl Future<Output = ()>,
-) {
-    let mut shutdown = std::pin::pin!(shutdown);
-    let acceptor = TlsAcceptor::from(config);
-    let graceful = GracefulShutdown::new();
-    // Handshakes still under way when shutdown begins are dropped rather
-    // than waited for: they have no request in flight.
-    let closing = tokio_util::sync::CancellationToken::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let service = TowerToHyperService::new(router);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off
-                    // instead of spinning on the same error.
-                    tracing::warn!("admin API accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        // The handshake runs in the connection's own task: a slow client
-        // must not hold up the accept loop.
-        let acceptor = acceptor.clone();
-        let service = service.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let closing = closing.clone();
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-            let Some(handshake) = closing.run_until_cancelled(handshake).await else {
-                return;
-            };
-            let stream = match handshake {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    tracing::debug!("admin API TLS handshake failed: {error}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("admin API TLS handshake timed out");
-                    return;
-                }
-            };
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!("admin API connection ended: {error}");
-            }
-        });
+/// The admin API's TLS handshake, run inside each connection's task (a
+/// slow client must not hold up the accept loop) and bounded by the
+/// listener's header timeout as well as [`HANDSHAKE_TIMEOUT`].
+#[derive(Clone)]
+pub(crate) struct Tls(pub(crate) TlsAcceptor);
+
+impl Tls {
+    pub(crate) fn new(config: Arc<ServerConfig>) -> Self {
+        Self(TlsAcceptor::from(config))
     }
-    drop(listener);
-    closing.cancel();
-    graceful.shutdown().await;
+}
+
+impl Handshake for Tls {
+    type Io = TlsStream<TrackedIo<TcpStream>>;
+
+    async fn handshake(&self, stream: TrackedIo<TcpStream>) -> std::io::Result<Self::Io> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.0.accept(stream))
+            .await
+            .map_err(|_| std::io::Error::other("the TLS handshake timed out"))?
+    }
+
+    fn plain(&self) -> bool {
+        false
+    }
 }

@@ -6,6 +6,7 @@
 
 mod aliases;
 mod common;
+mod connections;
 mod deploy;
 mod dev;
 mod events;
