@@ -143,6 +143,9 @@ impl From<PlatformError> for ApiError {
             PlatformError::Deploy(mayfly_runtime::DeployError::Internal(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
+            PlatformError::Deploy(mayfly_runtime::DeployError::Busy { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "busy")
+            }
             PlatformError::Deploy(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
             PlatformError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             PlatformError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -226,6 +229,7 @@ async fn deploy(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+    client_gone: Option<axum::Extension<auth::ClientGone>>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let usage = "send multipart/form-data with a `component` part holding the .wasm file and an \
@@ -279,7 +283,12 @@ async fn deploy(
         };
         crate::auth::check_deploy(&principal, live.as_ref(), &config, !triggers.is_empty())?;
     }
-    let outcome = platform.deploy(&name, component, config, triggers).await?;
+    let gone = client_gone
+        .map(|axum::Extension(gone)| gone.0)
+        .unwrap_or_default();
+    let outcome = platform
+        .deploy_unless_gone(&name, component, config, triggers, &gone)
+        .await?;
     // Nothing was created when the live version was deployed again.
     let status = if outcome.unchanged {
         StatusCode::OK

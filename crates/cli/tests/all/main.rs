@@ -12,6 +12,7 @@ mod events;
 mod limits;
 mod manifest;
 mod new;
+mod retention;
 mod scaling;
 mod security;
 mod serve;
