@@ -788,8 +788,11 @@ impl LogStore for EmbeddedStore {
 
     fn prune_logs(&self, keep: usize) -> Result<usize> {
         let conn = self.logs();
+        // By count, not by id: ids are global, so "newest id minus keep"
+        // would let one function's flood push out every other's lines even
+        // when per-function retention keeps the table small.
         let removed = conn.execute(
-            "DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?1",
+            "DELETE FROM logs WHERE id <= (SELECT id FROM logs ORDER BY id DESC LIMIT 1 OFFSET ?1)",
             params![keep as i64],
         )?;
         Ok(removed)
