@@ -93,7 +93,7 @@ fn a_log_flood_leaves_other_functions_logs_readable() {
         });
     }
     eprintln!(
-        "the flooder wrote {} lines; it keeps {} of them",
+        "the flooder wrote {} lines; a 10,000-line tail of it shows {}",
         newest - first,
         log_ids(&node, "flooder", 10_000).len()
     );
