@@ -29,6 +29,9 @@ pub fn run(
         }
         Command::New(_) => unreachable!("new runs locally, it is not a client verb"),
         Command::Dev(_) => unreachable!("dev runs a node, it is not a client verb"),
+        Command::CompileWorker(_) => {
+            unreachable!("compile-worker runs locally, it is not a client verb")
+        }
         Command::Deploy(args) => deploy(&client, json, args),
         Command::List => list(&client, json),
         Command::Invoke(args) => invoke(&client, json, &args),

@@ -60,6 +60,10 @@ struct Cli {
 enum Command {
     /// Run a node: the HTTP gateway and the admin API.
     Serve(ServeArgs),
+    /// Compiles one component from stdin within resource limits (the
+    /// node's own child process; not for people).
+    #[command(hide = true)]
+    CompileWorker(serve::CompileWorkerArgs),
     /// Run a local node with ./mayfly.toml's functions, rebuild and redeploy
     /// them when their sources change, and print their logs as they arrive.
     Dev(dev::DevArgs),
@@ -462,12 +466,24 @@ struct ServeArgs {
     keep_versions: usize,
     #[command(flatten)]
     connections: serve::ConnectionArgs,
+    /// Longest a deploy's compile may take (e.g. 60s, 2m); longer ones are
+    /// refused as too large or pathological.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    compile_timeout: Duration,
+    /// Most memory a deploy's compile may use, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(64..))]
+    compile_memory: u64,
+    /// Compiles running at once; more deploys wait (up to --compile-timeout).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    compile_concurrency: u32,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::CompileWorker(args) => serve::compile_worker(&args),
         Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),

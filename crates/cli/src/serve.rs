@@ -13,6 +13,7 @@ use std::time::Duration;
 use mayfly_platform::connections::{self, ConnectionLimits, ListenerLimits};
 use mayfly_platform::tls::TlsFiles;
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
+use mayfly_runtime::{CompileLimits, Compiler};
 use tracing_subscriber::EnvFilter;
 
 use crate::ServeArgs;
@@ -179,6 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     node.credential_ttl = args.credential_ttl;
     node.keep_versions = args.keep_versions;
     node.runtime.max_instances = args.max_instances;
+    node.compiler = Arc::new(compiler(&args, &node)?);
     let default_file = args.data_dir.join("node.toml");
     let file = match &args.config {
         Some(path) => NodeFile::load(path)?,
@@ -228,6 +230,69 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: finishing in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Compiles in child processes of this very binary (`/proc/self/exe`,
+/// which stays the running binary even if the file is replaced by an
+/// upgrade), each bounded by the `--compile-*` flags.
+fn compiler(args: &ServeArgs, node: &NodeConfig) -> anyhow::Result<Compiler> {
+    let program = if std::path::Path::new("/proc/self/exe").exists() {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().context("cannot find the mayfly binary for compile workers")?
+    };
+    let limits = CompileLimits {
+        concurrency: args.compile_concurrency as usize,
+        timeout: args.compile_timeout,
+        memory_bytes: args.compile_memory << 20,
+    };
+    Ok(Compiler::worker(
+        program,
+        vec!["compile-worker".into()],
+        node.runtime.clone(),
+        limits,
+    ))
+}
+
+/// `mayfly compile-worker`'s flags, as [`Compiler::worker`] passes them.
+#[derive(Debug, clap::Args)]
+pub struct CompileWorkerArgs {
+    /// This process's RLIMIT_CPU.
+    #[arg(long)]
+    cpu_seconds: u64,
+    /// The node's largest instance memory (part of the engine's settings).
+    #[arg(long)]
+    max_instance_memory: usize,
+}
+
+/// `mayfly compile-worker`: limits its CPU time, then compiles the
+/// component on stdin and writes the answer to stdout. The node spawns it,
+/// and kills it at its deadline, over its memory budget, or when the
+/// deploy is abandoned.
+pub fn compile_worker(args: &CompileWorkerArgs) -> anyhow::Result<()> {
+    mayfly_runtime::run_worker(
+        args.max_instance_memory,
+        || limit_compile_worker(args),
+        std::io::stdin().lock(),
+        std::io::BufWriter::new(std::io::stdout().lock()),
+    )
+}
+
+/// Sets the compile worker's CPU time limit: a backstop, as the node kills
+/// it at its deadline (and when its resident memory passes the budget,
+/// which the node watches: see `mayfly_runtime::Compiler`).
+fn limit_compile_worker(args: &CompileWorkerArgs) -> anyhow::Result<()> {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    // SIGXCPU at the soft limit, SIGKILL a second later.
+    setrlimit(
+        Resource::Cpu,
+        Rlimit {
+            current: Some(args.cpu_seconds),
+            maximum: Some(args.cpu_seconds.saturating_add(1)),
+        },
+    )
+    .context("cannot limit the compile worker's CPU time")?;
     Ok(())
 }
 

@@ -42,10 +42,13 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
                 move |state: State<Arc<Platform>>,
                       name: Path<String>,
                       principal: axum::Extension<crate::auth::Principal>,
+                      client_gone: Option<axum::Extension<auth::ClientGone>>,
                       multipart: Result<
                     Multipart,
                     axum::extract::multipart::MultipartRejection,
-                >| deploy(state, name, principal, multipart, max_upload_bytes),
+                >| {
+                    deploy(state, name, principal, client_gone, multipart, max_upload_bytes)
+                },
             )
             .layer(DefaultBodyLimit::max(
                 max_upload_bytes.saturating_add(DEPLOY_CONFIG_ALLOWANCE),
@@ -182,6 +185,9 @@ impl From<PlatformError> for ApiError {
             PlatformError::Deploy(mayfly_runtime::DeployError::Internal(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
+            PlatformError::Deploy(mayfly_runtime::DeployError::Busy { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "busy")
+            }
             PlatformError::Deploy(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
             PlatformError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             PlatformError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -268,6 +274,7 @@ async fn deploy(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+    client_gone: Option<axum::Extension<auth::ClientGone>>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
     max_upload_bytes: usize,
 ) -> ApiResult<impl IntoResponse> {
@@ -341,7 +348,12 @@ async fn deploy(
         };
         crate::auth::check_deploy(&principal, live.as_ref(), &config, !triggers.is_empty())?;
     }
-    let outcome = platform.deploy(&name, component, config, triggers).await?;
+    let gone = client_gone
+        .map(|axum::Extension(gone)| gone.0)
+        .unwrap_or_default();
+    let outcome = platform
+        .deploy_unless_gone(&name, component, config, triggers, &gone)
+        .await?;
     // Nothing was created when the live version was deployed again.
     let status = if outcome.unchanged {
         StatusCode::OK

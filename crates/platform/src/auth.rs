@@ -13,7 +13,12 @@
 //!   buckets and queues granted to that function.
 //!
 //! Every admin action and every refused request is written to the audit
-//! log before the answer leaves.
+//! log before the answer leaves, except that anonymous refusals (no or an
+//! unknown token) are rate-limited: the first [`ANONYMOUS_ROWS_PER_WINDOW`]
+//! of each [`ANONYMOUS_WINDOW`] get a row each, the rest one row with
+//! their count (so a flood of unauthenticated requests cannot grow
+//! `auth.db` without bound). The log keeps [`AUDIT_KEEP_DAYS`] days and at
+//! most [`AUDIT_KEEP_ROWS`] rows.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,19 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// is allowed, but almost all finish in seconds), short enough that a
 /// leaked one soon stops working.
 pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// How the audit log names a caller without a valid token.
+pub const ANONYMOUS: &str = "anonymous";
+/// Anonymous refusals recorded one row each per window; more are counted.
+pub const ANONYMOUS_ROWS_PER_WINDOW: u64 = 20;
+/// The window of [`ANONYMOUS_ROWS_PER_WINDOW`].
+pub const ANONYMOUS_WINDOW: Duration = Duration::from_secs(60);
+/// Audit rows older than this many days are deleted.
+pub const AUDIT_KEEP_DAYS: i64 = 90;
+/// At most this many audit rows are kept (the oldest go first).
+pub const AUDIT_KEEP_ROWS: u64 = 1_000_000;
+/// Audit rows written between two prunes.
+const AUDIT_PRUNE_EVERY: u64 = 1_000;
 
 const TOKEN_PREFIX: &str = "mf_";
 const CREDENTIAL_PREFIX: &str = "mfc1.";
@@ -453,6 +471,77 @@ pub struct Auth {
     /// verifying, which their short life makes harmless).
     signing_key: SigningKey,
     credential_ttl: Duration,
+    /// Anonymous refusals in the current window.
+    anonymous: std::sync::Mutex<AnonymousRefusals>,
+    /// Rows written since the last prune.
+    since_prune: std::sync::atomic::AtomicU64,
+}
+
+/// Anonymous refusals of the current window: how many got a row, and how
+/// many were only counted.
+#[derive(Debug)]
+struct AnonymousRefusals {
+    window: Duration,
+    started: std::time::Instant,
+    started_ms: i64,
+    written: u64,
+    counted: u64,
+}
+
+/// What to write for one anonymous refusal.
+#[derive(Debug, PartialEq, Eq)]
+enum Anonymous {
+    /// Its own row, after a summary of the last window's counted ones.
+    Write { summary: Option<String> },
+    /// Nothing now: it is counted into the window's summary.
+    Count,
+}
+
+impl AnonymousRefusals {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            started: std::time::Instant::now(),
+            started_ms: now_ms(),
+            written: 0,
+            counted: 0,
+        }
+    }
+
+    /// Starts a new window if the current one is over, returning the
+    /// summary of the refusals it only counted.
+    fn roll(&mut self, now: std::time::Instant, now_ms: i64) -> Option<String> {
+        if now.duration_since(self.started) < self.window {
+            return None;
+        }
+        let summary = (self.counted > 0).then(|| {
+            format!(
+                "{} more unauthenticated requests were refused from {} to {} (ms since the \
+                 epoch) and not recorded one by one: the first {ANONYMOUS_ROWS_PER_WINDOW} of \
+                 each {}s are",
+                self.counted,
+                self.started_ms,
+                now_ms,
+                self.window.as_secs()
+            )
+        });
+        self.started = now;
+        self.started_ms = now_ms;
+        self.written = 0;
+        self.counted = 0;
+        summary
+    }
+
+    fn admit(&mut self, now: std::time::Instant, now_ms: i64) -> Anonymous {
+        let summary = self.roll(now, now_ms);
+        if self.written < ANONYMOUS_ROWS_PER_WINDOW {
+            self.written += 1;
+            Anonymous::Write { summary }
+        } else {
+            self.counted += 1;
+            Anonymous::Count
+        }
+    }
 }
 
 impl std::fmt::Debug for Auth {
@@ -482,7 +571,10 @@ impl Auth {
             tokens: ArcSwap::default(),
             signing_key,
             credential_ttl,
+            anonymous: std::sync::Mutex::new(AnonymousRefusals::new(ANONYMOUS_WINDOW)),
+            since_prune: std::sync::atomic::AtomicU64::new(0),
         };
+        auth.prune_audit();
         if auth.store.tokens()?.is_empty() {
             // The file first: a crash between the two steps then leaves a
             // token file nobody honours (rewritten on the next start), never
@@ -615,7 +707,9 @@ impl Auth {
         blocking(move || auth.store.tokens()).await
     }
 
-    /// Records an admin action durably.
+    /// Records an admin action durably. Anonymous refusals beyond
+    /// [`ANONYMOUS_ROWS_PER_WINDOW`] a window are only counted (and
+    /// written as one row with the count when the window is over).
     pub async fn record(
         self: &Arc<Self>,
         actor: String,
@@ -623,13 +717,55 @@ impl Auth {
         status: u16,
         detail: Option<String>,
     ) -> Result<(), PlatformError> {
+        let (now, now_ms) = (std::time::Instant::now(), now_ms());
+        let summary = {
+            let mut anonymous = self
+                .anonymous
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if actor == ANONYMOUS {
+                match anonymous.admit(now, now_ms) {
+                    Anonymous::Write { summary } => summary,
+                    Anonymous::Count => return Ok(()),
+                }
+            } else {
+                anonymous.roll(now, now_ms)
+            }
+        };
         let auth = self.clone();
         blocking(move || {
+            if let Some(summary) = summary {
+                auth.store.append_audit(
+                    ANONYMOUS,
+                    "refused requests (counted)",
+                    401,
+                    Some(&summary),
+                )?;
+            }
             auth.store
                 .append_audit(&actor, &action, status, detail.as_deref())?;
+            let written = auth
+                .since_prune
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if written + 1 >= AUDIT_PRUNE_EVERY {
+                auth.since_prune
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                auth.prune_audit();
+            }
             anyhow::Ok(())
         })
         .await
+    }
+
+    /// Deletes audit rows past retention (age and count); a failure is
+    /// logged and retried at the next prune.
+    fn prune_audit(&self) {
+        let before = now_ms().saturating_sub(AUDIT_KEEP_DAYS * 24 * 3600 * 1000);
+        match self.store.prune_audit(before, AUDIT_KEEP_ROWS) {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "pruned audit rows past retention"),
+            Err(error) => tracing::warn!("cannot prune the audit log: {error}"),
+        }
     }
 
     /// Audit entries after `after` (or the latest `limit` with `latest`).
@@ -743,6 +879,55 @@ mod tests {
             scopes: scopes.to_vec(),
             functions: functions.iter().map(|f| f.to_string()).collect(),
         }))
+    }
+
+    #[test]
+    fn anonymous_refusals_past_the_window_quota_are_counted() {
+        let start = std::time::Instant::now();
+        let mut refusals = AnonymousRefusals::new(Duration::from_secs(60));
+        refusals.started = start;
+        for _ in 0..ANONYMOUS_ROWS_PER_WINDOW {
+            assert_eq!(refusals.admit(start, 0), Anonymous::Write { summary: None });
+        }
+        for _ in 0..500 {
+            assert_eq!(refusals.admit(start, 0), Anonymous::Count);
+        }
+        // The next window starts with a summary of the counted ones.
+        let later = start + Duration::from_secs(61);
+        let Anonymous::Write {
+            summary: Some(summary),
+        } = refusals.admit(later, 61_000)
+        else {
+            panic!("no summary");
+        };
+        assert!(summary.starts_with("500 more unauthenticated"), "{summary}");
+        assert_eq!(refusals.roll(later, 61_000), None);
+        // Nothing counted: no summary.
+        let much_later = later + Duration::from_secs(61);
+        assert_eq!(
+            refusals.admit(much_later, 122_000),
+            Anonymous::Write { summary: None }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_anonymous_flood_writes_a_bounded_number_of_rows() {
+        let (_dir, auth) = auth(Duration::from_secs(60));
+        let auth = Arc::new(auth);
+        let before = auth.audit(0, 10_000, false).await.unwrap().len();
+        for _ in 0..1_000 {
+            auth.record(ANONYMOUS.into(), "GET /v1/functions".into(), 401, None)
+                .await
+                .unwrap();
+        }
+        // Authenticated actions are all written.
+        for _ in 0..5 {
+            auth.record("tok_1 (ci)".into(), "POST /v1/x".into(), 200, None)
+                .await
+                .unwrap();
+        }
+        let rows = auth.audit(0, 10_000, false).await.unwrap().len() - before;
+        assert_eq!(rows as u64, ANONYMOUS_ROWS_PER_WINDOW + 5);
     }
 
     #[test]

@@ -20,8 +20,14 @@ const BATCH_LINES: usize = 4_096;
 /// How long the first line of a batch waits for others to share its
 /// transaction (and how late `logs --follow` may see it).
 const GATHER_INTERVAL: Duration = Duration::from_millis(10);
-/// Lines kept in the store; older ones are pruned.
+/// Lines kept in the store over all functions; older ones are pruned.
 const KEEP_LINES: usize = 200_000;
+/// Lines kept per function, so one function's flood cannot erase the
+/// others' logs (with these, it takes 10 functions flooding at once to
+/// reach [`KEEP_LINES`]).
+const KEEP_FUNCTION_LINES: usize = 20_000;
+/// Bytes of log text kept per function (lines are up to 16 KiB each).
+const KEEP_FUNCTION_BYTES: u64 = 8 << 20;
 
 /// What a writer thread (logs, ledger) receives: an item to store, or the
 /// order to store everything queued before it and stop.
@@ -161,12 +167,34 @@ pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
 }
 
 /// The log writer's batch: lines stored in one transaction, and the count
-/// since the last prune.
+/// since the last prune (over all functions, and per function).
 struct LogBatch<'a> {
     lines: Vec<NewLogLine>,
     store: &'a dyn LogStore,
     newest: tokio::sync::watch::Sender<i64>,
     since_prune: usize,
+    /// Lines and bytes each function logged since its last prune.
+    since_function_prune: std::collections::HashMap<String, (usize, u64)>,
+}
+
+impl LogBatch<'_> {
+    /// Prunes the functions that logged a tenth of their retention since
+    /// they were last pruned (so pruning costs little per line).
+    fn prune_functions(&mut self) {
+        let store = self.store;
+        self.since_function_prune
+            .retain(|function, &mut (lines, bytes)| {
+                if lines < KEEP_FUNCTION_LINES / 10 && bytes < KEEP_FUNCTION_BYTES / 10 {
+                    return true;
+                }
+                if let Err(error) =
+                    store.prune_function_logs(function, KEEP_FUNCTION_LINES, KEEP_FUNCTION_BYTES)
+                {
+                    tracing::warn!(function, "failed to prune old log lines: {error}");
+                }
+                false
+            });
+    }
 }
 
 impl Batch<NewLogLine> for LogBatch<'_> {
@@ -176,6 +204,17 @@ impl Batch<NewLogLine> for LogBatch<'_> {
 
     fn store(&mut self, closing: bool) {
         if !self.lines.is_empty() {
+            for line in &self.lines {
+                let (lines, bytes) = match self.since_function_prune.get_mut(&line.function) {
+                    Some(counts) => counts,
+                    None => self
+                        .since_function_prune
+                        .entry(line.function.clone())
+                        .or_default(),
+                };
+                *lines += 1;
+                *bytes += line.line.len() as u64;
+            }
             match self.store.append_logs(&self.lines) {
                 Ok(last) => {
                     self.newest.send_replace(last);
@@ -186,6 +225,9 @@ impl Batch<NewLogLine> for LogBatch<'_> {
             }
             self.since_prune += self.lines.len();
             self.lines.clear();
+            if !closing {
+                self.prune_functions();
+            }
         }
         if !closing && self.since_prune >= KEEP_LINES / 10 {
             self.since_prune = 0;
@@ -206,6 +248,7 @@ fn write_batches(
         store,
         newest,
         since_prune: 0,
+        since_function_prune: std::collections::HashMap::new(),
     };
     run_writer(&queue, GATHER_INTERVAL, BATCH_LINES, &mut batch);
 }

@@ -21,6 +21,7 @@ use mayfly_store::{
     UsageStore, VersionRecord, WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Permit, SlotLimits, Throttled};
 use crate::catalog::{Artifact, Canary, Catalog, Deployed, Served, Target};
@@ -62,6 +63,10 @@ pub struct NodeConfig {
     /// Versions each function keeps after a deploy: the newest ones, plus
     /// any an alias points at (at least 1).
     pub keep_versions: usize,
+    /// Compiles uploads within the node's bounds (time, memory, how many
+    /// at once): in-process by default, in a child process for `mayfly
+    /// serve`.
+    pub compiler: Arc<mayfly_runtime::Compiler>,
 }
 
 /// How the node scales functions.
@@ -135,6 +140,9 @@ impl NodeConfig {
             scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
             credential_ttl: crate::auth::DEFAULT_CREDENTIAL_TTL,
             keep_versions: DEFAULT_KEEP_VERSIONS,
+            compiler: Arc::new(mayfly_runtime::Compiler::in_process(
+                mayfly_runtime::CompileLimits::default(),
+            )),
         }
     }
 }
@@ -776,8 +784,7 @@ impl Platform {
 
     /// Compiles `wasm` off the async runtime and stores its artifact.
     async fn compile_and_store(&self, wasm: Bytes, artifact: &Digest) -> Result<(), PlatformError> {
-        let runtime = self.runtime.clone();
-        let compiled = blocking(move || runtime.compile(&wasm)).await?;
+        let compiled = self.config.compiler.compile(&self.runtime, wasm).await?;
         self.metrics.node.compilations.inc();
         let blobs = self.blobs.clone();
         let key = artifact.clone();
@@ -796,6 +803,21 @@ impl Platform {
         wasm: Bytes,
         config: FunctionConfig,
         triggers: Vec<TriggerSpec>,
+    ) -> Result<DeployOutcome, PlatformError> {
+        self.deploy_unless_gone(name, wasm, config, triggers, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Platform::deploy`], given up while compiling (the compile stopped,
+    /// its worker killed) once `gone` is cancelled: the uploader hung up.
+    /// Later steps run to the end, so the store and catalog stay in step.
+    pub async fn deploy_unless_gone(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        config: FunctionConfig,
+        triggers: Vec<TriggerSpec>,
+        gone: &CancellationToken,
     ) -> Result<DeployOutcome, PlatformError> {
         validate_name(name)?;
         for spec in &triggers {
@@ -848,7 +870,15 @@ impl Platform {
         };
         let compiled = !self.artifact_verified(&artifact.key).await?;
         if compiled {
-            self.compile_and_store(wasm.clone(), &artifact.key).await?;
+            tokio::select! {
+                stored = self.compile_and_store(wasm.clone(), &artifact.key) => stored?,
+                () = gone.cancelled() => {
+                    tracing::info!(function = name, "deploy abandoned while compiling: its client went away");
+                    return Err(PlatformError::BadRequest(
+                        "the deploy was abandoned: its client went away while it compiled".into(),
+                    ));
+                }
+            }
         }
         // Load once to prove the artifact works on this engine, then let it
         // go: a deployed function stays cold (on disk) until its first

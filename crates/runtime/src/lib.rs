@@ -12,6 +12,7 @@
 
 mod body;
 mod caps;
+mod compiler;
 mod engine;
 mod fair;
 mod host_limits;
@@ -22,6 +23,7 @@ mod outbound;
 mod validate;
 
 pub use caps::{Capabilities, ConfigSource, KeyValueBackend};
+pub use compiler::{CompileLimits, Compiler, WorkerArgs, run_worker};
 pub use engine::{Runtime, RuntimeConfig};
 pub use invoke::{
     Function, InvocationError, InvocationLimits, InvocationReport, InvocationResponse, Outcome,

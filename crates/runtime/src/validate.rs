@@ -70,7 +70,7 @@ pub const CAPABILITY_INTERFACES: &[&str] = &[
 
 /// Why an upload cannot be deployed. Every variant but [`DeployError::Internal`]
 /// is the uploader's to fix, and its message says how.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum DeployError {
     /// The bytes are not WebAssembly at all.
@@ -116,6 +116,37 @@ pub enum DeployError {
     /// The imports are known by name but their types do not match the host's.
     #[error("the component's imports do not match the host's interfaces: {0}")]
     Link(String),
+    /// Compiling took longer than the node allows.
+    #[error(
+        "compiling took more than {}s, this node's limit; the component is too large or \
+         pathological: make it smaller (fewer or smaller functions)",
+        .limit_secs
+    )]
+    TooSlow {
+        /// The node's compile time limit, in seconds.
+        limit_secs: u64,
+    },
+    /// Compiling needed more memory than the node allows.
+    #[error(
+        "compiling needed more than {} MiB, this node's limit; the component is too large or \
+         pathological: make it smaller (fewer or smaller functions)",
+        .limit_mib
+    )]
+    TooMuchMemory {
+        /// The node's compile memory limit, in MiB.
+        limit_mib: u64,
+    },
+    /// Every compile slot stayed busy for as long as a deploy may wait.
+    #[error(
+        "{running} compilations are running (this node's limit) and none finished within \
+         {waited_secs}s: try the deploy again later"
+    )]
+    Busy {
+        /// Compilations the node runs at once.
+        running: usize,
+        /// How long this deploy waited, in seconds.
+        waited_secs: u64,
+    },
     /// A fault of the node, not of the upload.
     #[error("internal error while compiling: {0}")]
     Internal(String),
@@ -130,7 +161,7 @@ fn display_list(items: &[String]) -> String {
 }
 
 /// A validated component and its compiled, serialized form.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CompiledComponent {
     /// Native code and metadata for this engine, to be stored as the
     /// function's artifact and loaded with [`crate::Runtime::load_artifact`].

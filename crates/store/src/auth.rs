@@ -89,6 +89,9 @@ pub trait AuthStore: Send + Sync {
     /// Entries newer than `after`, oldest first, at most `limit`; with
     /// `latest`, the last `limit` entries instead.
     fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>>;
+    /// Deletes entries written before `before_ms` and the oldest beyond
+    /// the newest `keep_rows`; returns how many went.
+    fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize>;
 }
 
 /// [`AuthStore`] in a SQLite file.
@@ -204,6 +207,15 @@ impl AuthStore for EmbeddedAuth {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(entries)
     }
+
+    fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize> {
+        // Ids only grow, so "beyond the newest N" is an id bound.
+        let removed = self.conn().execute(
+            "DELETE FROM audit WHERE ts_ms < ?1 OR id <= (SELECT MAX(id) FROM audit) - ?2",
+            params![before_ms, i64::try_from(keep_rows).unwrap_or(i64::MAX)],
+        )?;
+        Ok(removed)
+    }
 }
 
 impl EmbeddedAuth {
@@ -258,6 +270,24 @@ mod tests {
                 .revoked_at_ms
                 .is_some()
         );
+    }
+
+    #[test]
+    fn audit_is_pruned_by_age_and_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedAuth::open(&dir.path().join("auth.db")).unwrap();
+        for _ in 0..10 {
+            store
+                .append_audit("anonymous", "GET /v1/x", 401, None)
+                .unwrap();
+        }
+        assert_eq!(store.prune_audit(0, 4).unwrap(), 6);
+        let left = store.audit(0, 100, false).unwrap();
+        assert_eq!(left.len(), 4);
+        assert_eq!(left[0].id, 7);
+        // Everything is older than "after the epoch's end".
+        assert_eq!(store.prune_audit(i64::MAX, 100).unwrap(), 4);
+        assert!(store.audit(0, 100, false).unwrap().is_empty());
     }
 
     #[test]

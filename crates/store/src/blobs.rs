@@ -310,6 +310,137 @@ impl BlobStore for BlobDir {
     }
 }
 
+impl BlobDir {
+    /// A writer for a blob of `kind` whose bytes arrive in pieces (an
+    /// upload streamed from the network): they go to a temporary file in
+    /// the kind's folder, hashed on the way, so no more than a piece is
+    /// ever in memory. [`BlobWriter::finish`] and then [`BlobDir::commit`]
+    /// put the file in place under its digest.
+    pub fn writer(&self, kind: BlobKind) -> Result<BlobWriter> {
+        let dir = self.root.join(kind.folder());
+        let tmp = stream_temp_path(&dir);
+        let file = fs::File::create(&tmp)?;
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp: Temp(Some(tmp)),
+            dir,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Moves a finished blob into place under its digest (replacing an
+    /// identical file is harmless), durably.
+    pub fn commit(&self, staged: &mut StagedBlob) -> Result<()> {
+        let Some(tmp) = staged.tmp.0.take() else {
+            return Ok(());
+        };
+        let path = staged.dir.join(staged.digest.hex());
+        if let Err(error) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(error.into());
+        }
+        fs::File::open(&staged.dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// A temporary file's path, removed on drop unless taken.
+#[derive(Debug)]
+struct Temp(Option<PathBuf>);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// A blob being written piece by piece: see [`BlobDir::writer`]. Dropped
+/// unfinished, it removes its temporary file.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: Option<fs::File>,
+    tmp: Temp,
+    dir: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Syncs the bytes to disk and returns the blob, ready for
+    /// [`BlobDir::commit`].
+    pub fn finish(mut self) -> Result<StagedBlob> {
+        if let Some(file) = self.file.take() {
+            file.sync_all()?;
+        }
+        Ok(StagedBlob {
+            digest: Digest(hex::encode(std::mem::take(&mut self.hasher).finalize())),
+            size: self.size,
+            tmp: Temp(self.tmp.0.take()),
+            dir: std::mem::take(&mut self.dir),
+        })
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the blob is finished"))?;
+        let written = file.write(bytes)?;
+        self.hasher.update(&bytes[..written]);
+        self.size += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), Write::flush)
+    }
+}
+
+/// A blob written to disk but not yet in place: see [`BlobDir::commit`].
+/// Dropped uncommitted, it removes its temporary file.
+#[derive(Debug)]
+pub struct StagedBlob {
+    digest: Digest,
+    size: u64,
+    tmp: Temp,
+    dir: PathBuf,
+}
+
+impl StagedBlob {
+    /// The digest of its bytes.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// How many bytes it holds.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A fresh temporary file path in `dir` for a streamed blob. The `.tmp-`
+/// prefix is the one every temporary blob file has (so a sweep at start
+/// finds those a crash left); `stream-` keeps them apart from
+/// [`write_atomically`]'s.
+fn stream_temp_path(dir: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        ".tmp-stream-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// Writes to a temporary file, syncs it, and renames it into place, so a
 /// crash leaves either no file or the whole file, never a torn one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -471,6 +602,42 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_streamed_blob_lands_under_its_digest_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobDir::open(dir.path()).unwrap();
+        let mut writer = blobs.writer(BlobKind::Object).unwrap();
+        writer.write_all(b"hel").unwrap();
+        writer.write_all(b"lo").unwrap();
+        assert_eq!(writer.size(), 5);
+        let mut staged = writer.finish().unwrap();
+        assert_eq!(staged.digest(), &Digest::of(b"hello"));
+        assert_eq!(staged.size(), 5);
+        blobs.commit(&mut staged).unwrap();
+        assert_eq!(
+            blobs
+                .get(BlobKind::Object, &Digest::of(b"hello"))
+                .unwrap()
+                .as_deref(),
+            Some(&b"hello"[..])
+        );
+        let names = || -> Vec<String> {
+            fs::read_dir(dir.path().join("objects"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(), [Digest::of(b"hello").hex()]);
+
+        // Abandoned before or after finishing: the temp file goes.
+        let mut writer = blobs.writer(BlobKind::Object).unwrap();
+        writer.write_all(b"partial").unwrap();
+        drop(writer);
+        let staged = blobs.writer(BlobKind::Object).unwrap().finish().unwrap();
+        drop(staged);
+        assert_eq!(names(), [Digest::of(b"hello").hex()]);
     }
 
     #[test]

@@ -788,11 +788,39 @@ impl LogStore for EmbeddedStore {
 
     fn prune_logs(&self, keep: usize) -> Result<usize> {
         let conn = self.logs();
+        // By count, not by id: ids are global, so "newest id minus keep"
+        // would let one function's flood push out every other's lines even
+        // when per-function retention keeps the table small.
         let removed = conn.execute(
-            "DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?1",
+            "DELETE FROM logs WHERE id <= (SELECT id FROM logs ORDER BY id DESC LIMIT 1 OFFSET ?1)",
             params![keep as i64],
         )?;
         Ok(removed)
+    }
+
+    fn prune_function_logs(
+        &self,
+        function: &str,
+        keep_lines: usize,
+        keep_bytes: u64,
+    ) -> Result<usize> {
+        let conn = self.logs();
+        // Both walk the function's newest lines by (function, id), the
+        // index's order: the first at most `keep_lines` of them.
+        let by_lines = conn.execute(
+            "DELETE FROM logs WHERE function = ?1 AND id <= (
+                SELECT id FROM logs WHERE function = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![function, to_i64(keep_lines as u64)],
+        )?;
+        let by_bytes = conn.execute(
+            "DELETE FROM logs WHERE function = ?1 AND id <= (
+                SELECT id FROM (
+                    SELECT id, SUM(length(CAST(line AS BLOB))) OVER (ORDER BY id DESC) AS kept
+                    FROM logs WHERE function = ?1)
+                WHERE kept > ?2 ORDER BY id DESC LIMIT 1)",
+            params![function, to_i64(keep_bytes)],
+        )?;
+        Ok(by_lines + by_bytes)
     }
 }
 
@@ -1122,5 +1150,35 @@ mod tests {
         assert_eq!(tail[1].id, last);
         assert!(store.logs_after("f", last, 10).unwrap().is_empty());
         assert_eq!(store.prune_logs(1).unwrap(), 4);
+    }
+
+    #[test]
+    fn function_logs_are_pruned_per_function_by_lines_and_bytes() {
+        let (_dir, store) = store();
+        let line = |function: &str, text: String| NewLogLine {
+            ts_ms: 1,
+            function: function.into(),
+            version: 1,
+            request_id: "r".into(),
+            stream: "stdout".into(),
+            line: text,
+        };
+        store.append_logs(&[line("quiet", "kept".into())]).unwrap();
+        let flood: Vec<_> = (0..100).map(|n| line("loud", format!("{n:09}"))).collect();
+        store.append_logs(&flood).unwrap();
+
+        // 100 lines of 9 bytes; keep 10 lines.
+        assert_eq!(store.prune_function_logs("loud", 10, 1 << 20).unwrap(), 90);
+        let loud = store.logs_tail("loud", 1000).unwrap();
+        assert_eq!(loud.len(), 10);
+        assert_eq!(loud[0].line.line, "000000090");
+        // 45 bytes keep the newest 5 lines.
+        assert_eq!(store.prune_function_logs("loud", 10, 45).unwrap(), 5);
+        let loud = store.logs_tail("loud", 1000).unwrap();
+        assert_eq!(loud.len(), 5);
+        assert_eq!(loud[0].line.line, "000000095");
+        // Another function's lines are untouched.
+        assert_eq!(store.logs_tail("quiet", 10).unwrap().len(), 1);
+        assert_eq!(store.prune_function_logs("quiet", 10, 1 << 20).unwrap(), 0);
     }
 }

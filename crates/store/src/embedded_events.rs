@@ -535,6 +535,55 @@ fn etag(digest_hex: &str) -> String {
 }
 
 impl EmbeddedEvents {
+    /// Records `key` as the object of `digest` (its bytes put in place by
+    /// `place`, under the write lock) and emits its change event.
+    fn record_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        digest: &Digest,
+        size: u64,
+        content_type: &str,
+        place: impl FnOnce() -> Result<()>,
+    ) -> Result<ObjectMeta> {
+        let mut conn = self.writes();
+        let tx = write_tx(&mut conn)?;
+        place()?;
+        let previous: Option<String> = tx
+            .prepare_cached("SELECT digest FROM objects WHERE bucket = ?1 AND key = ?2")?
+            .query_row(params![bucket, key], |row| row.get(0))
+            .optional()?;
+        let now = now_ms();
+        tx.prepare_cached(
+            "INSERT INTO objects (bucket, key, digest, size, content_type, modified_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (bucket, key) DO UPDATE SET \
+             digest = excluded.digest, size = excluded.size, \
+             content_type = excluded.content_type, modified_ms = excluded.modified_ms",
+        )?
+        .execute(params![
+            bucket,
+            key,
+            digest.hex(),
+            to_i64(size),
+            content_type,
+            now
+        ])?;
+        let meta = ObjectMeta {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            size,
+            etag: etag(digest.hex()),
+            content_type: content_type.to_string(),
+            modified_ms: now,
+        };
+        emit_object_change(&tx, &meta, ObjectChange::Created, now)?;
+        tx.commit()?;
+        if let Some(previous) = previous.filter(|p| p != digest.hex()) {
+            self.collect_blob(&conn, &previous)?;
+        }
+        Ok(meta)
+    }
+
     /// Removes the blob of `digest` if no object refers to it any more.
     /// Called under the write lock after the change committed (a rolled
     /// back change still needs its file), so a concurrent put of the same
@@ -562,44 +611,38 @@ impl ObjectStore for EmbeddedEvents {
         // The bytes are written (and synced) before the lock: large uploads
         // do not hold up other writers.
         let digest = self.objects.put(BlobKind::Object, bytes)?;
-        let mut conn = self.writes();
-        let tx = write_tx(&mut conn)?;
-        // A delete of another object with the same bytes may have removed
-        // the file between the write above and the lock.
-        self.objects.put_keyed(BlobKind::Object, &digest, bytes)?;
-        let previous: Option<String> = tx
-            .prepare_cached("SELECT digest FROM objects WHERE bucket = ?1 AND key = ?2")?
-            .query_row(params![bucket, key], |row| row.get(0))
-            .optional()?;
-        let now = now_ms();
-        tx.prepare_cached(
-            "INSERT INTO objects (bucket, key, digest, size, content_type, modified_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (bucket, key) DO UPDATE SET \
-             digest = excluded.digest, size = excluded.size, \
-             content_type = excluded.content_type, modified_ms = excluded.modified_ms",
-        )?
-        .execute(params![
+        self.record_object(
             bucket,
             key,
-            digest.hex(),
-            to_i64(bytes.len() as u64),
+            &digest,
+            bytes.len() as u64,
             content_type,
-            now
-        ])?;
-        let meta = ObjectMeta {
-            bucket: bucket.to_string(),
-            key: key.to_string(),
-            size: bytes.len() as u64,
-            etag: etag(digest.hex()),
-            content_type: content_type.to_string(),
-            modified_ms: now,
-        };
-        emit_object_change(&tx, &meta, ObjectChange::Created, now)?;
-        tx.commit()?;
-        if let Some(previous) = previous.filter(|p| p != digest.hex()) {
-            self.collect_blob(&conn, &previous)?;
-        }
-        Ok(meta)
+            || {
+                // A delete of another object with the same bytes may have
+                // removed the file between the write above and the lock.
+                self.objects.put_keyed(BlobKind::Object, &digest, bytes)
+            },
+        )
+    }
+
+    fn object_writer(&self) -> Result<crate::BlobWriter> {
+        self.objects.writer(BlobKind::Object)
+    }
+
+    fn object_put_staged(
+        &self,
+        bucket: &str,
+        key: &str,
+        mut staged: crate::StagedBlob,
+        content_type: &str,
+    ) -> Result<ObjectMeta> {
+        let digest = staged.digest().clone();
+        let size = staged.size();
+        // Moved into place under the lock, so a delete of another object
+        // with the same bytes cannot remove the file in between.
+        self.record_object(bucket, key, &digest, size, content_type, || {
+            self.objects.commit(&mut staged)
+        })
     }
 
     fn object_get(&self, bucket: &str, key: &str) -> Result<Option<(ObjectMeta, PathBuf)>> {

@@ -428,6 +428,18 @@ pub trait ObjectStore: Send + Sync {
         bytes: &[u8],
         content_type: &str,
     ) -> Result<ObjectMeta>;
+    /// A writer for an object's bytes as they arrive (an upload streamed
+    /// to disk, never whole in memory); store them with
+    /// [`ObjectStore::object_put_staged`].
+    fn object_writer(&self) -> Result<crate::BlobWriter>;
+    /// Stores the bytes `staged` under `key`, replacing what was there.
+    fn object_put_staged(
+        &self,
+        bucket: &str,
+        key: &str,
+        staged: crate::StagedBlob,
+        content_type: &str,
+    ) -> Result<ObjectMeta>;
     /// An object's metadata and a file holding its bytes.
     fn object_get(
         &self,

@@ -19,7 +19,7 @@ mod model;
 mod secrets;
 
 pub use auth::{AuditEntry, AuthStore, EmbeddedAuth, TokenRecord};
-pub use blobs::{BlobDir, BlobKind, Digest};
+pub use blobs::{BlobDir, BlobKind, BlobWriter, Digest, StagedBlob};
 pub use data_dir::{DataDir, is_disk_full};
 pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
@@ -185,6 +185,16 @@ pub trait LogStore: Send + Sync {
 
     /// Deletes the oldest lines so at most `keep` remain.
     fn prune_logs(&self, keep: usize) -> Result<usize>;
+
+    /// Deletes `function`'s oldest lines so at most `keep_lines` of them
+    /// remain, holding at most `keep_bytes` of text: one function's flood
+    /// never erases another's lines.
+    fn prune_function_logs(
+        &self,
+        function: &str,
+        keep_lines: usize,
+        keep_bytes: u64,
+    ) -> Result<usize>;
 }
 
 /// Immutable content-addressed bytes: uploaded components and compiled

@@ -210,6 +210,11 @@ impl Node {
             .expect("metrics text")
     }
 
+    /// The node process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The node process's resident memory, in bytes (Linux).
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -237,11 +242,6 @@ impl Node {
             .and_then(|rows| rows.iter().find(|row| row["function"] == function))
             .cloned()
             .unwrap_or_else(|| panic!("no scaling row for {function}: {status}"))
-    }
-
-    /// The node's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Sends SIGTERM without waiting.

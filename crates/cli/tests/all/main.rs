@@ -16,6 +16,7 @@ mod hygiene;
 mod limits;
 mod manifest;
 mod new;
+mod retention;
 mod scaling;
 mod security;
 mod serve;

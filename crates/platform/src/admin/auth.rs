@@ -67,6 +67,11 @@ pub(super) async fn gate(
     }
     let actor = principal.actor();
     request.extensions_mut().insert(principal);
+    // Cancelled when this future ends or is dropped (the client hung up),
+    // for the work worth stopping then (a deploy's compile).
+    let gone = ClientGone::default();
+    let _gone_on_drop = gone.0.clone().drop_guard();
+    request.extensions_mut().insert(gone);
     // Run the action and its audit record in their own task: a client that
     // hangs up mid-request drops this future, but an action that goes on
     // (the store work runs on blocking threads) is still recorded.
@@ -89,6 +94,12 @@ pub(super) async fn gate(
         .into_response(),
     }
 }
+
+/// Cancelled once the client of an admin request is gone (or its answer
+/// left): the action itself runs on in its own task, so the handler learns
+/// of a hang-up only through this.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ClientGone(pub(super) tokio_util::sync::CancellationToken);
 
 /// A credential reaches what its function is granted now, not when it was
 /// minted: its version's grants while that version is in service (a

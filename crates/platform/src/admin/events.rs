@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::{ApiError, ApiResult};
 use crate::platform::{Platform, PlatformError};
 
-/// Largest object: 64 MiB, stored whole.
+/// Largest object: 64 MiB (streamed to and from disk, never held whole).
 pub const MAX_OBJECT_BYTES: usize = 64 << 20;
 /// Largest KV value: 1 MiB, as NATS KV allows by default.
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -154,13 +154,26 @@ async fn object_put(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
     let content_type =
         content_type(&headers).unwrap_or_else(|| "application/octet-stream".to_string());
+    let max = MAX_OBJECT_BYTES as u64;
+    // A declared length over the limit is refused before reading a byte.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max) {
+        return Err(PlatformError::TooLarge(format!(
+            "the object is larger than {max} bytes, the most one object may hold: split it \
+             into several objects"
+        ))
+        .into());
+    }
     let meta = platform
         .events()
-        .object_put(&bucket, &key, body, content_type)
+        .object_put_stream(&bucket, &key, body.into_data_stream(), max, content_type)
         .await?;
     Ok(Json(meta).into_response())
 }
@@ -172,12 +185,16 @@ async fn object_get(
 ) -> ApiResult<Response> {
     let (meta, path) = platform.events().object_get(&bucket, &key).await?;
     let body = if method == Method::HEAD {
-        Bytes::new()
+        axum::body::Body::empty()
     } else {
-        // A delete racing this read removed the file: the object is gone.
-        Bytes::from(tokio::fs::read(&path).await.map_err(|_| {
+        // A delete racing this open removed the file: the object is gone.
+        // Once open, the file stays readable whatever happens to its name.
+        let file = tokio::fs::File::open(&path).await.map_err(|_| {
             PlatformError::Missing(format!("no object `{key}` in bucket `{bucket}`"))
-        })?)
+        })?;
+        // Streamed: a reader holds one chunk in memory, however slow it
+        // reads (whole-object reads let 12 slow readers take 650 MB).
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024))
     };
     let mut response = body.into_response();
     let headers = response.headers_mut();

@@ -550,6 +550,63 @@ impl EventHub {
         Ok(meta)
     }
 
+    /// Stores an object whose bytes arrive as `body` (an upload): they are
+    /// streamed to a temporary file, hashed on the way, and moved into
+    /// place once complete, so memory holds a few chunks, never the whole
+    /// object. More than `max_bytes` is refused (413) and nothing is
+    /// stored; so is a body that fails midway.
+    pub async fn object_put_stream<E: std::fmt::Display>(
+        &self,
+        bucket: &str,
+        key: &str,
+        mut body: impl futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        max_bytes: u64,
+        content_type: String,
+    ) -> Result<ObjectMeta, PlatformError> {
+        use futures::StreamExt as _;
+        use std::io::Write as _;
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        // One blocking task writes what the request's task reads; the
+        // small channel makes a slow disk slow the upload down rather than
+        // pile chunks up in memory.
+        let (chunks, mut incoming) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let store = self.store.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut writer = store.object_writer()?;
+            while let Some(chunk) = incoming.blocking_recv() {
+                writer.write_all(&chunk)?;
+            }
+            anyhow::Ok(writer.finish()?)
+        });
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            // Returning early drops `chunks`: the writer stops, and its
+            // unfinished or uncommitted file is removed.
+            let chunk = chunk.map_err(|e| {
+                PlatformError::BadRequest(format!("the upload broke off: {e}; send it again"))
+            })?;
+            size += chunk.len() as u64;
+            if size > max_bytes {
+                return Err(PlatformError::TooLarge(format!(
+                    "the object is larger than {max_bytes} bytes, the most one object may \
+                     hold: split it into several objects"
+                )));
+            }
+            if chunks.send(chunk).await.is_err() {
+                break; // the writer failed: its error is below
+            }
+        }
+        drop(chunks);
+        let staged = writer
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))??;
+        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let meta = blocking(move || store.object_put_staged(&b, &k, staged, &content_type)).await?;
+        self.wake_watchers("object", bucket);
+        Ok(meta)
+    }
+
     /// An object's metadata and the file holding its bytes.
     pub async fn object_get(
         &self,
