@@ -22,6 +22,7 @@ fn admission() -> (Arc<Admission>, Arc<str>) {
             reserved: 0,
             memory_bytes: 128 << 20,
             max_queued: 100,
+            burst_percent: 100,
         };
         admission
             .configure(&format!("function-{i:02}"), limits)

@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod logs;
 pub mod metering;
 mod platform;
+mod preread;
 pub mod rollout;
 pub mod routes;
 pub mod secrets;
@@ -33,8 +34,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform::{
-    DEFAULT_KEEP_VERSIONS, DeployOutcome, FunctionScalingStatus, NodeConfig, Platform,
-    PlatformError, REQUEST_ID_HEADER, ScalingConfig, Status, VERSION_HEADER, physical_memory,
+    DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome, FunctionScalingStatus, NodeConfig, Platform,
+    CLIENT_REQUEST_ID_HEADER, PlatformError, REQUEST_ID_HEADER, ScalingConfig, Status, VERSION_HEADER,
+    physical_memory,
     text_response,
 };
 
