@@ -425,8 +425,10 @@ impl State {
         }
         let shared_capacity = u64::from(self.max_concurrency.saturating_sub(self.reserved_total));
         let slot_share = (shared_capacity * percent / 100).max(1);
-        let shared_memory =
-            u128::from(self.memory_budget.saturating_sub(self.reserved_memory_total));
+        let shared_memory = u128::from(
+            self.memory_budget
+                .saturating_sub(self.reserved_memory_total),
+        );
         let memory_share = shared_memory * u128::from(percent) / 100;
         let memory_after = u128::from(shared_running + 1) * u128::from(slots.limits.memory_bytes);
         shared_running < slot_share && memory_after <= memory_share

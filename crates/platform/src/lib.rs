@@ -34,10 +34,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform::{
-    DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome, FunctionScalingStatus, NodeConfig, Platform,
-    CLIENT_REQUEST_ID_HEADER, PlatformError, REQUEST_ID_HEADER, ScalingConfig, Status, VERSION_HEADER,
-    physical_memory,
-    text_response,
+    CLIENT_REQUEST_ID_HEADER, DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome,
+    FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, ScalingConfig,
+    Status, VERSION_HEADER, physical_memory, text_response,
 };
 
 /// Where a node listens and how it stops.

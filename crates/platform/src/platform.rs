@@ -1519,7 +1519,9 @@ impl Platform {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         if let Some(value) = client_id.and_then(|id| http::HeaderValue::from_str(&id).ok()) {
-            response.headers_mut().insert(CLIENT_REQUEST_ID_HEADER, value);
+            response
+                .headers_mut()
+                .insert(CLIENT_REQUEST_ID_HEADER, value);
         }
         response
             .headers_mut()

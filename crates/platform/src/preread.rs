@@ -212,7 +212,10 @@ mod tests {
     #[tokio::test]
     async fn an_empty_body_is_not_touched() {
         let request = preread(
-            request(Full::new(Bytes::new()).map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} })),
+            request(
+                Full::new(Bytes::new())
+                    .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+            ),
             Duration::from_secs(5),
         )
         .await

@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod dev;
 mod events;
+mod isolation_ids;
 mod limits;
 mod manifest;
 mod new;
