@@ -39,27 +39,30 @@ fn fifty_requests_with_one_client_id_are_fifty_ledger_records() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
     node.deploy("f", "hello", &["/f"]);
-    let mut node_ids = HashSet::new();
-    for _ in 0..50 {
-        let (status, _, request_id, client_id) = get_tagged(&node, "/f", "retry-1");
-        assert_eq!(status, 200);
-        // The node's id is fresh every time; the client's comes back beside it.
-        assert_eq!(request_id.len(), 32, "{request_id}");
-        assert_ne!(request_id, "retry-1");
-        assert_eq!(client_id, "retry-1");
-        node_ids.insert(request_id);
-    }
-    assert_eq!(node_ids.len(), 50);
-    let records = node.await_usage_records("f", 50);
-    let recorded: HashSet<&str> = records
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap())
+    let answers: Vec<_> = (0..50)
+        .map(|_| get_tagged(&node, "/f", "retry-1"))
         .collect();
-    assert_eq!(recorded, node_ids.iter().map(String::as_str).collect());
+    // Fifty invocations, fifty records, however the client tagged them.
+    let records = node.await_usage_records("f", 50);
     assert!(
         records.iter().all(|r| r["client_request_id"] == "retry-1"),
         "{records:?}"
     );
+    let recorded: HashSet<&str> = records
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    // The node's id is fresh every time and names the record; the client's
+    // comes back beside it.
+    let mut node_ids = HashSet::new();
+    for (status, _, request_id, client_id) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(request_id.len(), 32, "{request_id}");
+        assert_eq!(client_id, "retry-1");
+        assert!(recorded.contains(request_id.as_str()), "{request_id}");
+        node_ids.insert(request_id.clone());
+    }
+    assert_eq!(node_ids.len(), 50);
 }
 
 #[test]
@@ -70,24 +73,20 @@ fn the_same_client_id_on_two_functions_gives_records_for_both() {
     node.deploy("b", "hello", &["/b"]);
     assert_eq!(get_tagged(&node, "/a", "shared-id").0, 200);
     assert_eq!(get_tagged(&node, "/b", "shared-id").0, 200);
+    let a = node.await_usage_records("a", 1);
+    let b = node.await_usage_records("b", 1);
+    assert_eq!(a[0]["client_request_id"], "shared-id");
+    assert_eq!(b[0]["client_request_id"], "shared-id");
     // The newer header works too, and wins over the older one.
     let response = agent()
         .get(format!("{}/b", node.gateway))
-        .header("x-mayfly-client-request-id", "shared-id")
+        .header("x-mayfly-client-request-id", "other-id")
         .header("x-mayfly-request-id", "ignored")
         .call()
         .unwrap();
-    assert_eq!(
-        response.headers()["x-mayfly-client-request-id"],
-        "shared-id"
-    );
-    let a = node.await_usage_records("a", 1);
+    assert_eq!(response.headers()["x-mayfly-client-request-id"], "other-id");
     let b = node.await_usage_records("b", 2);
-    assert_eq!(a[0]["client_request_id"], "shared-id");
-    assert!(
-        b.iter().all(|r| r["client_request_id"] == "shared-id"),
-        "{b:?}"
-    );
+    assert_eq!(b[1]["client_request_id"], "other-id");
 }
 
 /// The `live` alias of `function`: (version, canary version, canary
