@@ -336,10 +336,13 @@ const LEDGER_MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_by_function ON usage (function, seq);
 "#,
     // 2: the client's correlation id gets its own column, and the ledger's
-    // identity is (function, request id): request ids are minted by the
+    // identity is (request id, function): request ids are minted by the
     // node now, and an old client-chosen id still in the data can no longer
-    // swallow another function's record. SQLite cannot drop a column's
-    // UNIQUE constraint in place, so the table is rebuilt (seq kept).
+    // swallow another function's record. The request id leads the key so
+    // time-ordered ids (UUIDv7) still append at the end of the index, as
+    // before, rather than into one spot per function. SQLite cannot drop a
+    // column's UNIQUE constraint in place, so the table is rebuilt (seq
+    // kept).
     r#"
     CREATE TABLE usage_v2 (
         seq               INTEGER PRIMARY KEY,
@@ -357,7 +360,7 @@ const LEDGER_MIGRATIONS: &[&str] = &[
         outcome           TEXT NOT NULL,
         cold              INTEGER NOT NULL,
         status            INTEGER,
-        UNIQUE (function, request_id)
+        UNIQUE (request_id, function)
     ) STRICT;
     INSERT INTO usage_v2 (seq, request_id, client_request_id, function, version, trigger,
         start_ms, wall_us, cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome,
@@ -537,7 +540,7 @@ impl UsageStore for EmbeddedLedger {
                      cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status, \
                      client_request_id) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
-                 ON CONFLICT (function, request_id) DO NOTHING",
+                 ON CONFLICT (request_id, function) DO NOTHING",
             )?;
             for r in records {
                 inserted += stmt.execute(params![
