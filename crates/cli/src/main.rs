@@ -381,7 +381,10 @@ struct LimitArgs {
 /// Per-function scaling settings given at deploy.
 #[derive(Debug, Args)]
 struct ScalingArgs {
-    /// Most invocations running at once (default: as many as the node allows).
+    /// Most invocations running at once. Default: up to a quarter of the
+    /// node's shared (unreserved) concurrency and memory, so one flooded
+    /// function leaves room for the rest (`[scaling] function_share_percent`
+    /// in node.toml); set it to let this function burst up to the value.
     #[arg(long, value_name = "N")]
     max_concurrency: Option<u32>,
     /// Invocations kept for this function alone, out of the node's capacity.

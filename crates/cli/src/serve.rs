@@ -316,6 +316,9 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
         }
         scaling.max_concurrency = max;
     }
+    if let Some(percent) = file.function_share_percent {
+        scaling.function_share_percent = percent;
+    }
     if let Some(mb) = args.memory_budget.or(file.memory_budget_mb) {
         scaling.memory_budget_bytes = mb.saturating_mul(1 << 20);
     }

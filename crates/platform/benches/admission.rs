@@ -22,6 +22,8 @@ fn admission() -> (Arc<Admission>, Arc<str>) {
             reserved: 0,
             memory_bytes: 128 << 20,
             max_queued: 100,
+            // The default share, so its check is measured.
+            burst_percent: mayfly_platform::DEFAULT_FUNCTION_SHARE_PERCENT,
         };
         admission
             .configure(&format!("function-{i:02}"), limits)

@@ -22,6 +22,7 @@ fn records() -> Vec<UsageRecord> {
             let wall_us = 300 + (i as u64 * 7919) % 5_000;
             UsageRecord {
                 request_id: uuid::Uuid::now_v7().simple().to_string(),
+                client_request_id: None,
                 function: format!("function-{:02}", i % 16),
                 version: 1,
                 trigger: "http".into(),

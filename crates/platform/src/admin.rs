@@ -47,7 +47,14 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
                     Multipart,
                     axum::extract::multipart::MultipartRejection,
                 >| {
-                    deploy(state, name, principal, client_gone, multipart, max_upload_bytes)
+                    deploy(
+                        state,
+                        name,
+                        principal,
+                        client_gone,
+                        multipart,
+                        max_upload_bytes,
+                    )
                 },
             )
             .layer(DefaultBodyLimit::max(

@@ -4,9 +4,14 @@
 //! Every request takes a [`Permit`] before its guest runs and gives it back
 //! when the guest is done. A function may run up to its `max_concurrency`;
 //! its first `reserved_concurrency` slots (and their memory) are its own,
-//! the rest come from the node's shared capacity and memory budget. Over a
-//! limit, a request waits in the function's queue (at most `max_queued`, for
-//! at most `queue_timeout`) and is then refused: the caller answers `429`.
+//! the rest come from the node's shared capacity and memory budget. Of
+//! those shared slots and that shared memory, a function that did not ask
+//! for a `max_concurrency` of its own may hold only its burst share
+//! ([`SlotLimits::burst_percent`], by default a quarter): one function
+//! flooding the node with slow requests leaves the rest to the others. Over
+//! a limit, a request waits in the function's queue (at most `max_queued`,
+//! for at most `queue_timeout`) and is then refused: the caller answers
+//! `429`.
 //!
 //! One mutex guards all counters: it is held for a few hundred nanoseconds
 //! per acquire and release and never across guest code. Granting a freed
@@ -30,6 +35,10 @@ pub struct SlotLimits {
     pub memory_bytes: u64,
     /// Requests that may wait for a slot.
     pub max_queued: u32,
+    /// Most of the node's shared (unreserved) slots, and of its shared
+    /// memory, this function may hold at once, in percent. Always at least
+    /// one invocation; 100 lets it take all of them.
+    pub burst_percent: u32,
 }
 
 /// Why a request was not admitted.
@@ -307,6 +316,7 @@ impl State {
     fn try_grant(&mut self, function: &str) -> Option<Grant> {
         let shared_capacity = self.max_concurrency - self.reserved_total;
         let shared_memory = self.memory_budget - self.reserved_memory_total;
+        let within_share = self.within_share(self.functions.get(function)?);
         let slots = self.functions.get_mut(function)?;
         if slots.deleted || slots.running >= slots.limits.max_concurrency {
             return None;
@@ -320,6 +330,7 @@ impl State {
             }
         } else if self.shared_in_use < shared_capacity
             && self.shared_memory_in_use + memory <= shared_memory
+            && within_share
         {
             self.shared_in_use += 1;
             self.shared_memory_in_use += memory;
@@ -399,7 +410,28 @@ impl State {
         slots.reserved_in_use < slots.limits.reserved
             || (self.shared_in_use < self.max_concurrency - self.reserved_total
                 && self.shared_memory_in_use + slots.limits.memory_bytes
-                    <= self.memory_budget - self.reserved_memory_total)
+                    <= self.memory_budget - self.reserved_memory_total
+                && self.within_share(slots))
+    }
+
+    /// Whether one more shared slot keeps the function within its burst
+    /// share of the shared slots and memory. Its first shared invocation
+    /// always is, so a share smaller than one invocation still serves.
+    fn within_share(&self, slots: &Slots) -> bool {
+        let percent = u64::from(slots.limits.burst_percent);
+        let shared_running = u64::from(slots.running.saturating_sub(slots.reserved_in_use));
+        if percent >= 100 || shared_running == 0 {
+            return true;
+        }
+        let shared_capacity = u64::from(self.max_concurrency.saturating_sub(self.reserved_total));
+        let slot_share = (shared_capacity * percent / 100).max(1);
+        let shared_memory = u128::from(
+            self.memory_budget
+                .saturating_sub(self.reserved_memory_total),
+        );
+        let memory_share = shared_memory * u128::from(percent) / 100;
+        let memory_after = u128::from(shared_running + 1) * u128::from(slots.limits.memory_bytes);
+        shared_running < slot_share && memory_after <= memory_share
     }
 }
 
@@ -455,6 +487,14 @@ mod tests {
             reserved,
             memory_bytes: 128 * MB,
             max_queued: queued,
+            burst_percent: 100,
+        }
+    }
+
+    fn shared(percent: u32) -> SlotLimits {
+        SlotLimits {
+            burst_percent: percent,
+            ..limits(1000, 0, 0)
         }
     }
 
@@ -556,6 +596,60 @@ mod tests {
         }
         assert!(admission.acquire(&f, Duration::ZERO).await.is_err());
         assert_eq!(admission.memory_in_use(), 512 * MB);
+    }
+
+    #[tokio::test]
+    async fn a_function_takes_at_most_its_burst_share_of_shared_slots() {
+        // Node of 20, 4 reserved by r: 16 shared, a quarter is 4.
+        let admission = Admission::new(20, 1 << 40);
+        admission.configure("f", shared(25)).unwrap();
+        admission.configure("g", shared(25)).unwrap();
+        admission.configure("r", limits(10, 4, 0)).unwrap();
+        let (f, g) = (name("f"), name("g"));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(admission.acquire(&f, Duration::ZERO).await.unwrap());
+        }
+        assert_eq!(
+            admission.acquire(&f, Duration::ZERO).await.err(),
+            Some(Throttled::QueueFull)
+        );
+        // The flood leaves the others their room.
+        for _ in 0..4 {
+            held.push(admission.acquire(&g, Duration::ZERO).await.unwrap());
+        }
+        // A waiter of f gets a slot only when f's own share frees up.
+        let admission2 = Admission::new(20, 1 << 40);
+        let mut queued = shared(25);
+        queued.max_queued = 5;
+        admission2.configure("f", queued).unwrap();
+        admission2.configure("g", shared(100)).unwrap();
+        let mut fs = Vec::new();
+        for _ in 0..5 {
+            fs.push(admission2.acquire(&f, Duration::ZERO).await.unwrap());
+        }
+        let waiter = queue_one(&admission2, &f).await;
+        let g1 = admission2.acquire(&g, Duration::ZERO).await.unwrap();
+        drop(g1);
+        assert_eq!(admission2.usage("f").queued, 1, "f went over its share");
+        drop(fs.pop());
+        assert!(waiter.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_burst_share_bounds_shared_memory_but_always_allows_one() {
+        // 1024 MB of budget, 128 MB each: a quarter is two invocations.
+        let admission = Admission::new(1000, 1024 * MB);
+        admission.configure("f", shared(25)).unwrap();
+        let f = name("f");
+        let _one = admission.acquire(&f, Duration::ZERO).await.unwrap();
+        let _two = admission.acquire(&f, Duration::ZERO).await.unwrap();
+        assert!(admission.acquire(&f, Duration::ZERO).await.is_err());
+        // A share smaller than one invocation still runs one.
+        let admission = Admission::new(1000, 256 * MB);
+        admission.configure("f", shared(10)).unwrap();
+        let _one = admission.acquire(&f, Duration::ZERO).await.unwrap();
+        assert!(admission.acquire(&f, Duration::ZERO).await.is_err());
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 /// keep_alive = "hybrid"        # or a fixed time: "10m", "fixed:30s"
 /// max_concurrency = 1000
 /// memory_budget_mb = 16384
+/// function_share_percent = 25  # of the shared slots and memory, per function
 ///
 /// [connections]
 /// header_timeout = "10s"
@@ -50,6 +51,10 @@ pub struct ScalingFile {
     pub max_concurrency: Option<u32>,
     /// Memory the node may give functions, in MB.
     pub memory_budget_mb: Option<u64>,
+    /// Most of the node's shared slots and memory one function may hold
+    /// at once unless it sets its own `max_concurrency`, in percent (1 to
+    /// 100; default 25).
+    pub function_share_percent: Option<u32>,
 }
 
 impl NodeFile {
@@ -74,6 +79,14 @@ impl NodeFile {
         }
         if file.scaling.memory_budget_mb == Some(0) {
             anyhow::bail!("[scaling] memory_budget_mb is 0: give at least 1");
+        }
+        if let Some(percent) = file.scaling.function_share_percent
+            && !(1..=100).contains(&percent)
+        {
+            anyhow::bail!(
+                "[scaling] function_share_percent is {percent}: give 1 to 100 (the percent of the \
+                 node's shared concurrency and memory one function may take)"
+            );
         }
         Ok(file)
     }
@@ -228,6 +241,15 @@ mod tests {
         assert_eq!(file.scaling.keep_alive.as_deref(), Some("fixed:30s"));
         assert_eq!(file.scaling.max_concurrency, Some(50));
         assert_eq!(file.scaling.memory_budget_mb, Some(2048));
+        assert_eq!(file.scaling.function_share_percent, None);
+        let file = NodeFile::parse("[scaling]\nfunction_share_percent = 50\n").unwrap();
+        assert_eq!(file.scaling.function_share_percent, Some(50));
+        for bad in [0, 101] {
+            let error = NodeFile::parse(&format!("[scaling]\nfunction_share_percent = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("function_share_percent"), "{error}");
+        }
         let error = NodeFile::parse("[scaling]\nkeep_alive = \"sometimes\"\n")
             .unwrap_err()
             .to_string();

@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod logs;
 pub mod metering;
 mod platform;
+mod preread;
 pub mod rollout;
 pub mod routes;
 pub mod secrets;
@@ -35,9 +36,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use platform::{
-    DEFAULT_KEEP_VERSIONS, DeployOutcome, FunctionScalingStatus, NodeConfig, Platform,
-    PlatformError, REQUEST_ID_HEADER, ScalingConfig, Status, VERSION_HEADER, physical_memory,
-    text_response,
+    CLIENT_REQUEST_ID_HEADER, DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome,
+    FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, ScalingConfig,
+    Status, VERSION_HEADER, physical_memory, text_response,
 };
 
 /// Where a node listens and how it stops.

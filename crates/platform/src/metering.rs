@@ -400,7 +400,15 @@ impl FunctionMeter {
 
     /// A request was refused with 429 after `waited`: it gets a usage
     /// record (outcome `throttled`, nothing billed) and counts in metrics.
-    pub fn throttled(&self, request_id: &str, version: u64, trigger: &str, waited: Duration) {
+    /// `client_request_id` is the correlation id the client sent, if any.
+    pub fn throttled(
+        &self,
+        request_id: &str,
+        client_request_id: Option<&str>,
+        version: u64,
+        trigger: &str,
+        waited: Duration,
+    ) {
         let metrics = &self.metrics;
         metrics.throttled.inc();
         metrics.throttles.inc();
@@ -408,6 +416,7 @@ impl FunctionMeter {
         let started_at = SystemTime::now().checked_sub(waited).unwrap_or(UNIX_EPOCH);
         self.ledger.record(UsageRecord {
             request_id: request_id.to_string(),
+            client_request_id: client_request_id.map(str::to_string),
             function: self.function.clone(),
             version,
             trigger: trigger.to_string(),
@@ -451,6 +460,19 @@ impl ReportSink for FunctionMeter {
     }
 
     fn finished(&self, labels: &RequestLabels, report: InvocationReport) {
+        self.finished_for(labels, report, None);
+    }
+}
+
+impl FunctionMeter {
+    /// Meters a finished invocation whose client sent the correlation id
+    /// `client_request_id` (kept in the usage record beside the node's id).
+    pub fn finished_for(
+        &self,
+        labels: &RequestLabels,
+        report: InvocationReport,
+        client_request_id: Option<&str>,
+    ) {
         let metrics = &self.metrics;
         metrics.in_flight.dec();
         metrics.invocations[outcome_index(report.outcome)].inc();
@@ -462,6 +484,7 @@ impl ReportSink for FunctionMeter {
         let wall_us = u64::try_from(report.wall.as_micros()).unwrap_or(u64::MAX);
         self.ledger.record(UsageRecord {
             request_id: labels.request_id.clone(),
+            client_request_id: client_request_id.map(str::to_string),
             function: labels.function.clone(),
             version: labels.version,
             trigger: labels.trigger.to_string(),

@@ -33,10 +33,24 @@ use crate::metering::{FunctionMeter, Metrics};
 use crate::routes::Route;
 use crate::tiers::{Activity, Running, Tier, TierName, eviction_order};
 
-/// Header carrying the request id back to the client. A request that
-/// brings one (1 to 64 of `[A-Za-z0-9._-]`) keeps it, so a retry carrying
-/// the same id lands on the same version of a split alias.
+/// Header carrying the invocation's request id back to the client: always
+/// minted by the node (a UUIDv7 in hex), unique per invocation, the id of
+/// its usage record and log lines, like Lambda's `x-amzn-RequestId`.
 pub const REQUEST_ID_HEADER: &str = "x-mayfly-request-id";
+
+/// Header of the client's own correlation id (1 to 64 of
+/// `[A-Za-z0-9._-]`). A request may bring one (here, or in
+/// [`REQUEST_ID_HEADER`] as older clients do); it is echoed back in this
+/// header, kept in the usage record as `client_request_id`, and pins the
+/// version of a split alias so a retry lands where the first try did. It is
+/// never the invocation's identity: replays are separate invocations.
+pub const CLIENT_REQUEST_ID_HEADER: &str = "x-mayfly-client-request-id";
+
+/// Share of the node's shared (unreserved) slots and memory that one
+/// function may hold at once unless it sets its own `max_concurrency`, in
+/// percent: a function flooded with slow requests leaves three quarters of
+/// the node to the others. `[scaling] function_share_percent` changes it.
+pub const DEFAULT_FUNCTION_SHARE_PERCENT: u32 = 25;
 
 /// Header telling the client which version served its request.
 pub const VERSION_HEADER: &str = "x-mayfly-version";
@@ -76,6 +90,10 @@ pub struct ScalingConfig {
     pub keep_alive: Arc<dyn KeepAlivePolicy>,
     /// Invocations running at once on the node, over every function.
     pub max_concurrency: u32,
+    /// Share of the node's shared slots and memory, in percent, that one
+    /// function without a `max_concurrency` of its own may hold at once
+    /// (see [`DEFAULT_FUNCTION_SHARE_PERCENT`]).
+    pub function_share_percent: u32,
     /// Memory the node may promise to running invocations (each counts its
     /// configured limit) and keep in warm and hot functions, in bytes.
     pub memory_budget_bytes: u64,
@@ -88,6 +106,7 @@ impl std::fmt::Debug for ScalingConfig {
         f.debug_struct("ScalingConfig")
             .field("keep_alive", &self.keep_alive.name())
             .field("max_concurrency", &self.max_concurrency)
+            .field("function_share_percent", &self.function_share_percent)
             .field("memory_budget_bytes", &self.memory_budget_bytes)
             .field("tick", &self.tick)
             .finish()
@@ -97,13 +116,15 @@ impl std::fmt::Debug for ScalingConfig {
 impl ScalingConfig {
     /// The defaults for a node of `max_instances`: the hybrid-histogram
     /// keep-alive (fewer cold starts than a fixed 10 minutes for less idle
-    /// memory in `mayfly simulate`), every instance slot usable, and the
+    /// memory in `mayfly simulate`), every instance slot usable, a quarter
+    /// of them (and of the memory) for any one function by default, and the
     /// machine's physical memory as the budget.
     pub fn new(max_instances: u32) -> Self {
         let policy: Arc<dyn KeepAlivePolicy> = Arc::new(HybridHistogram::default());
         Self {
             keep_alive: policy.clone(),
             max_concurrency: max_instances,
+            function_share_percent: DEFAULT_FUNCTION_SHARE_PERCENT,
             memory_budget_bytes: physical_memory().unwrap_or(8 << 30),
             tick: Duration::from_secs(1),
         }
@@ -1589,10 +1610,11 @@ impl Platform {
     }
 
     /// Runs `request` through the version of `target` (an alias) that its
-    /// request id picks, and always produces a response: the guest's, or an
-    /// error response with a short body. `trigger` says what started it
-    /// (`http`, `invoke`, …) for the usage record. The response carries the
-    /// request id and the version that served it.
+    /// client id (else its fresh request id) picks, and always produces a
+    /// response: the guest's, or an error response with a short body.
+    /// `trigger` says what started it (`http`, `invoke`, …) for the usage
+    /// record. The response carries the node's request id, the client's id
+    /// if it sent one, and the version that served it.
     pub async fn invoke<B>(
         &self,
         target: &Target,
@@ -1600,26 +1622,47 @@ impl Platform {
         trigger: &'static str,
     ) -> http::Response<HyperOutgoingBody>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let request_id = request
-            .headers()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .filter(|id| valid_request_id(id))
-            .map_or_else(new_request_id, str::to_string);
-        let (function, observed) = target.pick(&request_id);
+        let request_id = new_request_id();
+        let client_id = client_request_id(request.headers());
+        let (function, observed) = target.pick(client_id.as_deref().unwrap_or(&request_id));
+        // A replayed client id runs and is billed, but only its first
+        // invocation is judged by an automatic canary.
+        let observed = match (observed, client_id.as_deref()) {
+            (Some(observed), Some(id)) if !observed.first_sight(id) => None,
+            (observed, _) => observed,
+        };
         let function: &Deployed = function;
-        let result = match self.admit(function, &request_id, trigger).await {
+        // The start of the body arrives before a slot is taken, so a client
+        // trickling its body holds no slot meanwhile (see `preread`).
+        let request = match crate::preread::preread(request, function.limits.timeout).await {
+            Ok(request) => request,
+            Err(error) => {
+                let (status, message) = error.response();
+                let mut response = text_response(status, format!("{message}\n"));
+                if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                return response;
+            }
+        };
+        let result = match self
+            .admit(function, &request_id, client_id.as_deref(), trigger)
+            .await
+        {
             Ok(permit) => {
                 self.run(
                     function,
                     request,
-                    request_id.clone(),
-                    trigger,
-                    permit,
-                    observed,
+                    Invocation {
+                        request_id: request_id.clone(),
+                        client_id: client_id.clone(),
+                        trigger,
+                        permit,
+                        observed,
+                    },
                 )
                 .await
             }
@@ -1646,6 +1689,11 @@ impl Platform {
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
+        if let Some(value) = client_id.and_then(|id| http::HeaderValue::from_str(&id).ok()) {
+            response
+                .headers_mut()
+                .insert(CLIENT_REQUEST_ID_HEADER, value);
+        }
         response
             .headers_mut()
             .insert(VERSION_HEADER, function.version_header.clone());
@@ -1658,6 +1706,7 @@ impl Platform {
         &self,
         function: &Deployed,
         request_id: &str,
+        client_id: Option<&str>,
         trigger: &'static str,
     ) -> Result<Permit, Throttled> {
         let queue_timeout = Duration::from_millis(function.scaling.queue_timeout_ms);
@@ -1670,9 +1719,13 @@ impl Platform {
                 Ok(permit)
             }
             Err(throttled) => {
-                function
-                    .meter
-                    .throttled(request_id, function.version, trigger, admitted.elapsed());
+                function.meter.throttled(
+                    request_id,
+                    client_id,
+                    function.version,
+                    trigger,
+                    admitted.elapsed(),
+                );
                 Err(throttled)
             }
         }
@@ -1690,13 +1743,17 @@ impl Platform {
         let request_id = new_request_id();
         let (function, observed) = target.pick(&request_id);
         let function: &Deployed = function;
-        let Ok(permit) = self.admit(function, &request_id, trigger).await else {
+        let Ok(permit) = self.admit(function, &request_id, None, trigger).await else {
             return EventOutcome::Throttled;
         };
-        let response = match self
-            .run(function, request, request_id, trigger, permit, observed)
-            .await
-        {
+        let invocation = Invocation {
+            request_id,
+            client_id: None,
+            trigger,
+            permit,
+            observed,
+        };
+        let response = match self.run(function, request, invocation).await {
             Ok(response) => response,
             // 503 is the node's doing (no free instance slot, or the kill at
             // shutdown), not the event's: it is not an attempt.
@@ -1739,15 +1796,19 @@ impl Platform {
         &self,
         function: &Deployed,
         request: http::Request<B>,
-        request_id: String,
-        trigger: &'static str,
-        permit: Permit,
-        observed: Option<crate::rollout::Observed>,
+        invocation: Invocation,
     ) -> Result<http::Response<HyperOutgoingBody>, (http::StatusCode, String)>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        let Invocation {
+            request_id,
+            client_id,
+            trigger,
+            permit,
+            observed,
+        } = invocation;
         let running = Running::start(&function.activity);
         let loaded = function
             .tier
@@ -1770,6 +1831,7 @@ impl Platform {
         let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
         let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(Admitted {
             meter: function.meter.clone(),
+            client_id,
             observed,
             held: std::sync::Mutex::new(Some((permit, running))),
         });
@@ -1937,6 +1999,8 @@ impl Platform {
 /// request is refused before a guest runs).
 struct Admitted {
     meter: Arc<FunctionMeter>,
+    /// The client's correlation id, for the usage record.
+    client_id: Option<String>,
     observed: Option<crate::rollout::Observed>,
     held: std::sync::Mutex<Option<(Permit, Running)>>,
 }
@@ -1953,7 +2017,8 @@ impl mayfly_runtime::ReportSink for Admitted {
         if let Some(observed) = &self.observed {
             observed.record(&report);
         }
-        self.meter.finished(labels, report);
+        self.meter
+            .finished_for(labels, report, self.client_id.as_deref());
         // Free the slot now: the sink itself may outlive the guest a little.
         drop(self.held.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
@@ -2010,6 +2075,13 @@ fn slot_limits_of(
         reserved: scaling.reserved_concurrency,
         memory_bytes: limits.memory_bytes as u64,
         max_queued: scaling.max_queued,
+        // A function that asked for its concurrency gets it; one that did
+        // not bursts up to the node's default share.
+        burst_percent: if scaling.max_concurrency.is_some() {
+            100
+        } else {
+            node.function_share_percent
+        },
     }
 }
 
@@ -2121,6 +2193,29 @@ pub fn text_response(
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// One admitted invocation on its way to [`Platform::run`]: its ids, what
+/// started it, its admission slot and the rollout judging it, if any.
+struct Invocation {
+    request_id: String,
+    client_id: Option<String>,
+    trigger: &'static str,
+    permit: Permit,
+    observed: Option<crate::rollout::Observed>,
+}
+
+/// The client's correlation id, if the request brings a valid one: from
+/// [`CLIENT_REQUEST_ID_HEADER`], else from [`REQUEST_ID_HEADER`] (where
+/// clients sent it before the node minted every id). An invalid one is
+/// ignored, as before.
+fn client_request_id(headers: &http::HeaderMap) -> Option<String> {
+    [CLIENT_REQUEST_ID_HEADER, REQUEST_ID_HEADER]
+        .into_iter()
+        .find_map(|name| headers.get(name))
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| valid_request_id(id))
+        .map(str::to_string)
 }
 
 /// A new request id: a UUIDv7 in hex, so ids sort by time.

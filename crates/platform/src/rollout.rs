@@ -9,8 +9,17 @@
 //! change lock and records the move with the figures that decided it.
 //!
 //! The window lives in memory: a restarted node judges the canary afresh.
+//!
+//! The judge counts distinct invocations. A request the client tagged with a
+//! correlation id (`x-mayfly-client-request-id`) keeps its version on a
+//! retry, so anyone can replay one id that lands on the canary as often as
+//! they like; such replays still run and are billed, but only the first
+//! invocation per client id on each side counts towards the verdict.
+//! Otherwise 50 replays of one canary-bound id would promote a canary, and a
+//! few slow replays would roll back a healthy one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +76,14 @@ struct Window {
     /// waits until all of those finished, so a slow failure (a hang that
     /// ends in a timeout) is judged before, not after, the verdict.
     settle_at: Option<u64>,
+    /// Client ids (hashed) of the canary invocations judged so far: at most
+    /// the window's worth plus those running when it filled.
+    canary_clients: HashSet<u64>,
+    /// Client ids (hashed) of the stable invocations judged lately, oldest
+    /// first, as many as the stable ring holds: an id whose sample left the
+    /// ring may count again.
+    stable_clients: HashSet<u64>,
+    stable_client_order: VecDeque<u64>,
 }
 
 /// One automatic canary being judged.
@@ -80,6 +97,9 @@ pub struct Rollout {
     window: Mutex<Window>,
     decided: AtomicBool,
     verdicts: mpsc::UnboundedSender<Verdict>,
+    /// Keyed hashing of client ids, so the sets hold 8 bytes per id and a
+    /// client cannot craft ids that collide.
+    client_ids: RandomState,
 }
 
 /// How far a rollout has got, for the API.
@@ -122,7 +142,7 @@ impl Rollout {
             } else {
                 // Keep as many of the stable version's latest as the window
                 // judges, so its p99 covers the same stretch of time.
-                let capacity = self.policy.requests.max(100) as usize;
+                let capacity = self.stable_capacity();
                 let at = window.stable_seen % capacity;
                 if window.stable_wall_us.len() < capacity {
                     window.stable_wall_us.push(wall_us);
@@ -148,6 +168,36 @@ impl Rollout {
                 detail,
             });
         }
+    }
+
+    /// Whether an invocation the client tagged with `client_id` may be
+    /// judged: only the first one per id (and side) does, so replaying an id
+    /// cannot steer the verdict. Call it before [`Rollout::started`], and
+    /// leave a `false` invocation out of the rollout altogether.
+    pub fn first_sight(&self, canary: bool, client_id: &str) -> bool {
+        if self.decided.load(Ordering::Relaxed) {
+            return false;
+        }
+        let key = self.client_ids.hash_one(client_id);
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if canary {
+            return window.canary_clients.insert(key);
+        }
+        if !window.stable_clients.insert(key) {
+            return false;
+        }
+        window.stable_client_order.push_back(key);
+        if window.stable_client_order.len() > self.stable_capacity()
+            && let Some(oldest) = window.stable_client_order.pop_front()
+        {
+            window.stable_clients.remove(&oldest);
+        }
+        true
+    }
+
+    /// How many of the stable version's latest invocations are kept.
+    fn stable_capacity(&self) -> usize {
+        self.policy.requests.max(100) as usize
     }
 
     /// Notes that an invocation of the canary (`canary`) started.
@@ -325,6 +375,7 @@ impl Rollouts {
             window: Mutex::default(),
             decided: AtomicBool::new(false),
             verdicts: self.verdicts.clone(),
+            client_ids: RandomState::new(),
         });
         active.insert(key, rollout.clone());
         rollout
@@ -382,6 +433,12 @@ impl Observed {
     /// Notes that the invocation started.
     pub fn started(&self) {
         self.rollout.started(self.canary);
+    }
+
+    /// Whether the invocation, which the client tagged with `client_id`,
+    /// may be judged (see [`Rollout::first_sight`]).
+    pub fn first_sight(&self, client_id: &str) -> bool {
+        self.rollout.first_sight(self.canary, client_id)
     }
 }
 
@@ -555,6 +612,51 @@ mod tests {
         rollout.record(true, &report(1, Outcome::Ok, 404));
         rollout.record(true, &report(1, Outcome::Ok, 200));
         assert!(verdicts.try_recv().unwrap().promote);
+    }
+
+    #[test]
+    fn replays_of_one_client_id_count_once() {
+        // 50 replays of one canary-bound id do not fill a window of 20...
+        let (_rollouts, mut verdicts, rollout) = judged(policy(20, 0, Some(50)));
+        for _ in 0..50 {
+            if rollout.first_sight(true, "replayed") {
+                rollout.started(true);
+                rollout.record(true, &report(1, Outcome::Ok, 200));
+            }
+        }
+        assert!(verdicts.try_recv().is_err(), "promoted by replays");
+        assert_eq!(rollout.progress().requests, 1);
+        // ...nor do 8 slow ones roll a window of 5 back; distinct ids count.
+        let (_rollouts, mut verdicts, rollout) = judged(policy(5, 0, Some(50)));
+        for _ in 0..8 {
+            if rollout.first_sight(true, "slow") {
+                rollout.record(true, &report(900, Outcome::Ok, 200));
+            }
+        }
+        assert!(verdicts.try_recv().is_err(), "rolled back by replays");
+        for i in 0..4 {
+            assert!(rollout.first_sight(true, &format!("fresh-{i}")));
+            rollout.record(true, &report(1, Outcome::Ok, 200));
+        }
+        assert_eq!(rollout.progress().requests, 5);
+        assert!(verdicts.try_recv().is_ok());
+        // Decided: nothing is judged any more.
+        assert!(!rollout.first_sight(true, "late"));
+    }
+
+    #[test]
+    fn a_stable_client_id_counts_again_once_its_sample_left_the_ring() {
+        let (_rollouts, _verdicts, rollout) = judged(policy(10, 0, None));
+        assert!(rollout.first_sight(false, "a"));
+        assert!(!rollout.first_sight(false, "a"));
+        // The stable ring keeps 100: after 100 other ids, `a` is forgotten.
+        for i in 0..100 {
+            assert!(rollout.first_sight(false, &format!("other-{i}")));
+        }
+        assert!(rollout.first_sight(false, "a"));
+        let window = rollout.window.lock().unwrap();
+        assert_eq!(window.stable_client_order.len(), 100);
+        assert_eq!(window.stable_clients.len(), 100);
     }
 
     #[test]

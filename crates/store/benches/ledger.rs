@@ -68,6 +68,7 @@ impl Records {
         };
         UsageRecord {
             request_id,
+            client_request_id: None,
             function: format!("function-{function:02}"),
             version: 1 + (random >> 50) % 3,
             trigger: if random & 1 == 0 { "http" } else { "invoke" }.into(),

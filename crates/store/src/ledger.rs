@@ -70,8 +70,15 @@ impl std::fmt::Display for Outcome {
 /// One invocation's usage: one row of the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// Unique per invocation (32 hex chars, a time-ordered UUID v7).
+    /// Unique per invocation (32 hex chars, a time-ordered UUID v7), always
+    /// minted by the node: the ledger's identity for the record, together
+    /// with the function.
     pub request_id: String,
+    /// The correlation id the client sent (`x-mayfly-client-request-id`),
+    /// if any. Kept for the client's own bookkeeping only: many records
+    /// may share one, and it never deduplicates anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     /// Function name.
     pub function: String,
     /// Version that ran.
@@ -280,9 +287,10 @@ pub struct StoredUsage {
 /// Appended in batches by one background writer (group commit), never per
 /// request.
 pub trait UsageStore: Send + Sync {
-    /// Appends records in one transaction. A record whose request id is
-    /// already in the ledger is skipped, so a record can never be counted
-    /// twice. Returns how many were new.
+    /// Appends records in one transaction. A record whose function and
+    /// (node-minted) request id are already in the ledger is skipped, so the
+    /// writer retrying a commit that had in fact landed can never count a
+    /// record twice. Returns how many were new.
     fn append_usage(&self, records: &[UsageRecord]) -> Result<usize>;
 
     /// Usage in the query's window, grouped; rows ordered by group key
@@ -305,7 +313,8 @@ pub trait UsageStore: Send + Sync {
 /// Ledger schema migrations, applied in order; `PRAGMA user_version` of
 /// `ledger.db` counts them. Append only: never edit a migration that has
 /// shipped.
-const LEDGER_MIGRATIONS: &[&str] = &[r#"
+const LEDGER_MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE usage (
         seq               INTEGER PRIMARY KEY,
         request_id        TEXT NOT NULL UNIQUE,
@@ -325,7 +334,46 @@ const LEDGER_MIGRATIONS: &[&str] = &[r#"
     -- Summaries scan a time window; listings page one function by seq.
     CREATE INDEX usage_by_start ON usage (start_ms);
     CREATE INDEX usage_by_function ON usage (function, seq);
-"#];
+"#,
+    // 2: the client's correlation id gets its own column, and the ledger's
+    // identity is (request id, function): request ids are minted by the
+    // node now, and an old client-chosen id still in the data can no longer
+    // swallow another function's record. The request id leads the key so
+    // time-ordered ids (UUIDv7) still append at the end of the index, as
+    // before, rather than into one spot per function. SQLite cannot drop a
+    // column's UNIQUE constraint in place, so the table is rebuilt (seq
+    // kept).
+    r#"
+    CREATE TABLE usage_v2 (
+        seq               INTEGER PRIMARY KEY,
+        request_id        TEXT NOT NULL,
+        client_request_id TEXT,
+        function          TEXT NOT NULL,
+        version           INTEGER NOT NULL,
+        trigger           TEXT NOT NULL,
+        start_ms          INTEGER NOT NULL,
+        wall_us           INTEGER NOT NULL,
+        cpu_us            INTEGER NOT NULL,
+        peak_memory_bytes INTEGER NOT NULL,
+        memory_limit_mb   INTEGER NOT NULL,
+        billed_ms         INTEGER NOT NULL,
+        outcome           TEXT NOT NULL,
+        cold              INTEGER NOT NULL,
+        status            INTEGER,
+        UNIQUE (request_id, function)
+    ) STRICT;
+    INSERT INTO usage_v2 (seq, request_id, client_request_id, function, version, trigger,
+        start_ms, wall_us, cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome,
+        cold, status)
+    SELECT seq, request_id, NULL, function, version, trigger, start_ms, wall_us, cpu_us,
+        peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status
+    FROM usage;
+    DROP TABLE usage;
+    ALTER TABLE usage_v2 RENAME TO usage;
+    CREATE INDEX usage_by_start ON usage (start_ms);
+    CREATE INDEX usage_by_function ON usage (function, seq);
+"#,
+];
 
 /// The embedded ledger: its own SQLite database file (e.g.
 /// `<data dir>/ledger.db`), separate from the metadata and log database so
@@ -372,7 +420,8 @@ fn total_to_u64(total: f64) -> u64 {
 }
 
 const RECORD_COLUMNS: &str = "seq, request_id, function, version, trigger, start_ms, wall_us, \
-     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status";
+     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status, \
+     client_request_id";
 
 fn read_records(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredUsage>> {
     let mut records = Vec::new();
@@ -402,6 +451,7 @@ fn read_records(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredUsage>> {
                 status: row
                     .get::<_, Option<i64>>(13)?
                     .map(|s| saturate(s, u16::MAX)),
+                client_request_id: row.get(14)?,
             },
         });
     }
@@ -487,9 +537,10 @@ impl UsageStore for EmbeddedLedger {
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO usage (request_id, function, version, trigger, start_ms, wall_us, \
-                     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-                 ON CONFLICT (request_id) DO NOTHING",
+                     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status, \
+                     client_request_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                 ON CONFLICT (request_id, function) DO NOTHING",
             )?;
             for r in records {
                 inserted += stmt.execute(params![
@@ -506,6 +557,7 @@ impl UsageStore for EmbeddedLedger {
                     r.outcome.as_str(),
                     r.cold,
                     r.status,
+                    r.client_request_id,
                 ])?;
             }
         }
@@ -591,6 +643,7 @@ mod tests {
     fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
         UsageRecord {
             request_id: format!("{id:032x}"),
+            client_request_id: None,
             function: function.into(),
             version,
             trigger: "http".into(),
@@ -788,6 +841,81 @@ mod tests {
         let stored = ledger.usage_records(None, 0, 10).unwrap();
         assert_eq!(stored[0].record, batch[0]);
         assert_eq!(stored[5].record, new);
+    }
+
+    #[test]
+    fn the_same_request_id_on_two_functions_is_two_records() {
+        let (_dir, ledger) = ledger();
+        let a = record(1, "a", 1, T0);
+        let b = record(1, "b", 1, T0);
+        assert_eq!(ledger.append_usage(&[a.clone(), b.clone()]).unwrap(), 2);
+        // The writer's retry of the same batch still adds nothing.
+        assert_eq!(ledger.append_usage(&[a, b]).unwrap(), 0);
+        assert_eq!(ledger.usage_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_client_id_is_kept_and_never_deduplicates() {
+        let (_dir, ledger) = ledger();
+        let batch: Vec<UsageRecord> = (1..=50)
+            .map(|i| UsageRecord {
+                client_request_id: Some("retry-1".into()),
+                ..record(i, "f", 1, T0)
+            })
+            .collect();
+        assert_eq!(ledger.append_usage(&batch).unwrap(), 50);
+        let stored = ledger.usage_records(None, 0, 100).unwrap();
+        assert_eq!(stored.len(), 50);
+        assert!(
+            stored
+                .iter()
+                .all(|s| s.record.client_request_id.as_deref() == Some("retry-1"))
+        );
+        let json = serde_json::to_value(&stored[0]).unwrap();
+        assert_eq!(json["client_request_id"], "retry-1");
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_migrated_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            // The ledger as the first schema left it.
+            let raw = Connection::open(&path).unwrap();
+            migrate(&raw, &LEDGER_MIGRATIONS[..1]).unwrap();
+            raw.execute(
+                "INSERT INTO usage (request_id, function, version, trigger, start_ms, wall_us, \
+                     cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, \
+                     status) VALUES ('shared', 'a', 1, 'http', ?1, 1500, 700, 1048576, 128, 2, \
+                     'ok', 0, 200)",
+                [T0],
+            )
+            .unwrap();
+        }
+        let ledger = EmbeddedLedger::open(&path).unwrap();
+        let stored = ledger.usage_records(None, 0, 10).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].record.request_id, "shared");
+        assert_eq!(stored[0].record.client_request_id, None);
+        // The old id no longer blocks another function's record...
+        let mut other = record(9, "b", 1, T0);
+        other.request_id = "shared".into();
+        assert_eq!(ledger.append_usage(&[other]).unwrap(), 1);
+        // ...and new records keep counting after the old seq.
+        assert_eq!(ledger.append_usage(&[record(10, "a", 1, T0)]).unwrap(), 1);
+        let seqs: Vec<i64> = ledger
+            .usage_records(None, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|s| s.seq)
+            .collect();
+        assert_eq!(seqs.len(), 3);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, LEDGER_MIGRATIONS.len() as i64);
     }
 
     #[test]

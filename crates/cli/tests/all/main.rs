@@ -13,6 +13,7 @@ mod events;
 mod fairness;
 mod host_limits;
 mod hygiene;
+mod isolation_ids;
 mod limits;
 mod manifest;
 mod new;

@@ -56,7 +56,14 @@ fn a_burst_of_1000_concurrent_requests_all_succeed() {
         dir.path(),
         &["--max-instances", "1000", "--memory-budget", "1000000"],
     );
-    node.deploy_with("sleepy", "hostile", &["/sleep"], &["--memory", "16"]);
+    // The whole node for one function: by default it may take only its
+    // share (a quarter), so it asks for the node's concurrency.
+    node.deploy_with(
+        "sleepy",
+        "hostile",
+        &["/sleep"],
+        &["--memory", "16", "--max-concurrency", "1000"],
+    );
     let answers = burst(&node, "/sleep?ms=50", 1000);
     let failed: Vec<_> = answers
         .iter()
