@@ -28,6 +28,8 @@ pub(crate) const PREREAD_BYTES: u64 = 64 * 1024;
 pub(crate) enum PrereadError {
     /// It did not arrive within the time given.
     Timeout(Duration),
+    /// The node's body timeout ran out while the body was still arriving.
+    BodyTimeout,
     /// The body failed (the client reset the stream, a malformed chunk).
     Failed(String),
 }
@@ -43,6 +45,12 @@ impl PrereadError {
                      (the function's timeout bounds the wait)",
                     humantime::format_duration(*deadline)
                 ),
+            ),
+            PrereadError::BodyTimeout => (
+                http::StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within the node's body timeout: \
+                 send it without pauses"
+                    .to_string(),
             ),
             PrereadError::Failed(error) => (
                 http::StatusCode::BAD_REQUEST,
@@ -99,7 +107,14 @@ where
                     frames.push_back(frame);
                 }
                 Some(Err(error)) => {
-                    return Err(PrereadError::Failed(format!("{}", error.into())));
+                    return Err(match error.into() {
+                        // The node's body timeout (see `connections`) ran
+                        // out first: that is a timeout, not a bad body.
+                        wasmtime_wasi_http::Error::ConnectionReadTimeout => {
+                            PrereadError::BodyTimeout
+                        }
+                        other => PrereadError::Failed(format!("{other}")),
+                    });
                 }
             }
         }

@@ -319,7 +319,12 @@ impl BlobDir {
     pub fn writer(&self, kind: BlobKind) -> Result<BlobWriter> {
         let dir = self.root.join(kind.folder());
         let tmp = stream_temp_path(&dir);
-        let file = fs::File::create(&tmp)?;
+        // 0600 like every blob: the node's alone.
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         Ok(BlobWriter {
             file: Some(file),
             tmp: Temp(Some(tmp)),
@@ -606,6 +611,7 @@ mod tests {
 
     #[test]
     fn a_streamed_blob_lands_under_its_digest_and_leaves_no_temp_file() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobDir::open(dir.path()).unwrap();
         let mut writer = blobs.writer(BlobKind::Object).unwrap();
@@ -630,6 +636,11 @@ mod tests {
                 .collect()
         };
         assert_eq!(names(), [Digest::of(b"hello").hex()]);
+        let mode = fs::metadata(blobs.path(BlobKind::Object, &Digest::of(b"hello")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "a streamed blob is private");
 
         // Abandoned before or after finishing: the temp file goes.
         let mut writer = blobs.writer(BlobKind::Object).unwrap();

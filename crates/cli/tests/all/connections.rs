@@ -296,27 +296,35 @@ fn a_stalled_request_body_ends_at_the_body_timeout_not_the_function_timeout() {
     node.deploy_with("echo", "echo", &["/echo"], &["--timeout", "10m"]);
     let gateway = addr(&node.gateway);
 
-    // A declared length streams to the guest, which answers at once and
-    // then waits for the rest of the body: the read fails, the response is
-    // cut short and the connection closed.
+    // A body larger than what the node reads before admission streams its
+    // rest to the guest, which answers at once and then waits for the
+    // rest: the read fails, the response is cut short and the connection
+    // closed.
+    let partial = vec![b'x'; 80 * 1024];
     let (answer, took) = stalled_body(
         gateway,
-        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n",
-        b"0123456789",
+        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n",
+        &partial,
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    println!("stalled body (content-length): connection closed after {took:?}");
+    println!("stalled body (streamed to the guest): connection closed after {took:?}");
 
-    // A chunked body is read by the node before the guest runs: the
-    // client gets the reason.
-    let (answer, took) = stalled_body(
-        gateway,
+    // A small body is read by the node before the guest runs, chunked or
+    // not: the client gets a 408 with the reason.
+    for head in [
         "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
-        b"a\r\n0123456789\r\n",
-    );
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(answer.contains("read timeout"), "{answer}");
-    println!("stalled body (chunked): 400 and closed after {took:?}");
+        "POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n",
+    ] {
+        let partial: &[u8] = if head.contains("chunked") {
+            b"a\r\n0123456789\r\n"
+        } else {
+            b"0123456789"
+        };
+        let (answer, took) = stalled_body(gateway, head, partial);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("body timeout"), "{answer}");
+        println!("stalled small body: 408 and closed after {took:?}");
+    }
     assert_eq!(node.get("/echo").0, 200);
 }
 
