@@ -251,7 +251,11 @@ fn a_reused_function_initialises_once_per_instance_and_its_pool_shrinks_when_idl
     eventually(Duration::from_secs(10), "one init per instance", || {
         (init_lines(&node, "hot") == seen.len()).then_some(())
     });
-    let hot = node.scaling_status("hot");
+    // An instance goes back to the pool just after its answer is sent.
+    let hot = eventually(Duration::from_secs(10), "every instance kept", || {
+        let hot = node.scaling_status("hot");
+        (hot["running"] == 0).then_some(hot)
+    });
     assert_eq!(hot["tier"], "hot", "{hot}");
     let kept = hot["kept"].as_u64().unwrap();
     assert_eq!(kept as usize, seen.len(), "{hot}");
