@@ -265,7 +265,7 @@ pub(crate) mod tests {
 
     use std::sync::{Arc, Mutex};
 
-    use crate::invoke::RequestLabels;
+    use crate::labels::RequestLabels;
     use crate::logs::{GuestOutput, LogSink, LogStream};
 
     /// Collects the lines written to a stream.
