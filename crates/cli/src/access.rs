@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::client::AdminClient;
-use crate::commands::format_time;
+use crate::output::format_time;
 
 /// The file in a node's data directory holding its first admin token.
 const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -133,7 +133,7 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
             Ok(())
         }
         TokenCommand::Revoke { id } => {
-            client.delete(&format!("/v1/tokens/{}", crate::commands::segment(&id)))?;
+            client.delete(&format!("/v1/tokens/{}", crate::client::segment(&id)))?;
             if json {
                 println!("{}", json!({ "revoked": id }));
             } else {

@@ -1,6 +1,8 @@
-//! A small blocking client of the admin API.
+//! A small blocking client of the admin API, and the encoding of its URL
+//! paths and query strings.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::de::DeserializeOwned;
@@ -218,4 +220,87 @@ fn roots_with(path: &Path) -> anyhow::Result<RootCerts> {
             .map(|cert| Certificate::from_der(cert)),
     );
     Ok(RootCerts::from(certs))
+}
+
+/// Items asked for per page when listing objects, keys and dead letters.
+pub(crate) const PAGE: usize = 1000;
+
+/// Percent-encodes `value` for a URL: RFC 3986 unreserved characters and
+/// those in `keep` pass through.
+pub(crate) fn percent_encode(value: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A function name as one URL path segment.
+pub(crate) fn segment(name: &str) -> String {
+    percent_encode(name, b"")
+}
+
+/// A key as URL path segments: `/` stays a separator, everything else that
+/// is not unreserved is percent-encoded, and `.`/`..` segments are encoded
+/// so that nothing on the way normalises them away.
+pub(crate) fn key_path(key: &str) -> String {
+    key.split('/')
+        .map(|part| match part {
+            "." => "%2E".to_string(),
+            ".." => "%2E%2E".to_string(),
+            part => percent_encode(part, b""),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A query string (`?a=1&b=2`) of the given parameters, or nothing.
+pub(crate) fn query(params: &[(&str, Option<String>)]) -> String {
+    let pairs: Vec<String> = params
+        .iter()
+        .filter_map(|(name, value)| {
+            let value = value.as_deref()?;
+            Some(format!("{name}={}", percent_encode(value, b"/")))
+        })
+        .collect();
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", pairs.join("&"))
+    }
+}
+
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_slashes_and_encode_the_rest() {
+        assert_eq!(key_path("a/b c/d.txt"), "a/b%20c/d.txt");
+        assert_eq!(key_path("x?y#z%"), "x%3Fy%23z%25");
+        assert_eq!(key_path("é/+&="), "%C3%A9/%2B%26%3D");
+        assert_eq!(key_path("a/../b/./c"), "a/%2E%2E/b/%2E/c");
+        assert_eq!(key_path("..."), "...");
+    }
+
+    #[test]
+    fn queries_skip_missing_values_and_encode_the_rest() {
+        assert_eq!(query(&[("a", None)]), "");
+        assert_eq!(
+            query(&[
+                ("prefix", Some("in/a b&".into())),
+                ("after", None),
+                ("limit", Some("10".into()))
+            ]),
+            "?prefix=in/a%20b%26&limit=10"
+        );
+    }
 }

@@ -2,17 +2,17 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use mayfly_store::{FunctionRecord, LogRecord};
 use serde_json::Value;
 
-use crate::client::{AdminClient, check};
+use crate::args::{AliasCommand, Command, InvokeArgs, UsageArgs};
+use crate::body::read_file;
+use crate::client::{AdminClient, check, percent_encode, segment};
+use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
 use crate::events;
-use crate::{
-    AliasCommand, Command, DeployArgs, GrantArgs, InvokeArgs, LimitArgs, ScalingArgs, UsageArgs,
-};
+use crate::output::format_time;
 
 pub fn run(
     admin_url: &str,
@@ -84,121 +84,15 @@ pub fn run(
             Ok(())
         }
         Command::Usage(args) => usage(&client, json, &args),
-        Command::Object { command } => events::object(&client, json, command),
-        Command::Kv { command } => events::kv(&client, json, command),
-        Command::Queue { command } => events::queue(&client, json, command),
-        Command::Trigger { command } => events::trigger(&client, json, command),
-        Command::Dlq { command } => events::dlq(&client, json, command),
+        Command::Object { command } => events::objects::run(&client, json, command),
+        Command::Kv { command } => events::kv::run(&client, json, command),
+        Command::Queue { command } => events::queues::run(&client, json, command),
+        Command::Trigger { command } => events::triggers::run(&client, json, command),
+        Command::Dlq { command } => events::dlq::run(&client, json, command),
         Command::Secret { command } => crate::secrets::run(&client, json, command),
         Command::Token { command } => crate::access::token(&client, json, command),
         Command::Audit(args) => crate::access::audit(&client, json, &args),
     }
-}
-
-/// The settings given on the command line; those left out take the node's
-/// defaults.
-fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Map<String, Value> {
-    settings
-        .into_iter()
-        .filter_map(|(key, value)| Some((key.to_string(), value?)))
-        .collect()
-}
-
-/// One function's deploy, from `mayfly deploy NAME COMPONENT --flags` or
-/// from a manifest: both send it with [`send_deploy`].
-#[derive(Debug)]
-pub struct FunctionDeploy {
-    /// Function name.
-    pub name: String,
-    /// The component file.
-    pub component: PathBuf,
-    /// Routes as the user wrote them.
-    pub routes: Vec<String>,
-    /// Triggers to attach (an identical one is not attached twice).
-    pub triggers: Vec<events::TriggerSpec>,
-    /// Limits; those left out take the node's defaults.
-    pub limits: LimitArgs,
-    /// Scaling settings; likewise.
-    pub scaling: ScalingArgs,
-    /// Grants and variables.
-    pub grants: GrantArgs,
-}
-
-/// The `config` part of a deploy: what was given; the node fills in the rest.
-pub fn config_json(deploy: &FunctionDeploy) -> Value {
-    let FunctionDeploy {
-        routes,
-        limits,
-        scaling,
-        grants,
-        ..
-    } = deploy;
-    let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let limits = given([
-        ("memory_mb", limits.memory.map(Value::from)),
-        ("timeout_ms", limits.timeout.map(ms)),
-        (
-            "max_request_bytes",
-            limits.max_request_bytes.map(Value::from),
-        ),
-        (
-            "max_response_bytes",
-            limits.max_response_bytes.map(Value::from),
-        ),
-        ("max_log_bytes", limits.max_log_bytes.map(Value::from)),
-    ]);
-    let scale = given([
-        ("max_concurrency", scaling.max_concurrency.map(Value::from)),
-        (
-            "reserved_concurrency",
-            scaling.reserved_concurrency.map(Value::from),
-        ),
-        ("max_queued", scaling.max_queued.map(Value::from)),
-        ("queue_timeout_ms", scaling.queue_timeout.map(ms)),
-        ("reuse", scaling.reuse.then_some(Value::Bool(true))),
-    ]);
-    let variables: serde_json::Map<String, Value> = grants
-        .variables
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-        .collect();
-    serde_json::json!({
-        "routes": routes,
-        "limits": limits,
-        "scaling": scale,
-        "grants": {
-            "kv": grants.kv,
-            "objects": grants.objects,
-            "queues": grants.queues,
-            "outbound": grants.outbound,
-            "secrets": grants.secrets,
-        },
-        "variables": variables,
-    })
-}
-
-/// Uploads the component with its config and triggers; returns the node's
-/// answer (the version, `compiled`, and `unchanged` when the live version
-/// was the same component and config, so none was created).
-pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Result<Value> {
-    let FunctionDeploy {
-        name,
-        component,
-        triggers,
-        ..
-    } = deploy;
-    let wasm = std::fs::read(component)
-        .with_context(|| format!("cannot read the component {}", component.display()))?;
-    let config = serde_json::to_vec(&config_json(deploy))?;
-    let triggers_json = serde_json::to_vec(triggers)?;
-    let mut parts: Vec<(&str, &str, &[u8])> = vec![
-        ("component", "application/wasm", &wasm),
-        ("config", "application/json", &config),
-    ];
-    if !triggers.is_empty() {
-        parts.push(("triggers", "application/json", &triggers_json));
-    }
-    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)
 }
 
 /// `mayfly deploy`: NAME and COMPONENT with flags, or neither to apply the
@@ -305,7 +199,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         println!("routes: {routes}");
     }
     if !triggers.is_empty() {
-        events::print_deployed_triggers(&outcome, triggers)?;
+        events::triggers::print_deployed_triggers(&outcome, triggers)?;
     }
     Ok(())
 }
@@ -339,7 +233,7 @@ fn list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
 fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result<()> {
     let body = match (&args.data, &args.data_file) {
         (Some(data), _) => Some(data.clone().into_bytes()),
-        (None, Some(file)) => Some(events::read_file(file)?),
+        (None, Some(file)) => Some(read_file(file)?),
         (None, None) => None,
     };
     let headers = args
@@ -354,7 +248,7 @@ fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (name, path) = (&args.name, &args.path);
     if args.delivery.async_invoke {
-        return events::invoke_async(
+        return events::invoke_async::run(
             client,
             json,
             name,
@@ -834,28 +728,4 @@ fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> 
     }
     print_history(function["history"].as_array().map_or(&[], Vec::as_slice));
     Ok(())
-}
-
-pub(crate) fn format_time(ms: i64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
-}
-
-/// Percent-encodes `value` for a URL: RFC 3986 unreserved characters and
-/// those in `keep` pass through.
-pub(crate) fn percent_encode(value: &str, keep: &[u8]) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// A function name as one URL path segment.
-pub(crate) fn segment(name: &str) -> String {
-    percent_encode(name, b"")
 }

@@ -24,8 +24,7 @@ use anyhow::{Context as _, bail};
 use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
 use mayfly_store::LogRecord;
 
-use crate::client::AdminClient;
-use crate::commands::segment;
+use crate::client::{AdminClient, segment};
 use crate::manifest::{self, Manifest};
 
 /// The data directory's name, next to the manifest, unless --data-dir.
@@ -501,7 +500,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::{Cli, Command};
+    use crate::args::{Cli, Command};
 
     #[test]
     fn flags_and_defaults() {

@@ -30,9 +30,8 @@ use serde_json::Value;
 use toml::Spanned;
 
 use crate::client::AdminClient;
-use crate::commands::{FunctionDeploy, send_deploy};
-use crate::events;
-use crate::{GrantArgs, LimitArgs, ScalingArgs};
+use crate::deploy::{FunctionDeploy, GrantArgs, LimitArgs, ScalingArgs, send_deploy};
+use crate::events::triggers::parse_trigger_spec;
 
 /// The manifest `mayfly deploy` reads when given no NAME and COMPONENT.
 pub const DEFAULT_PATH: &str = "mayfly.toml";
@@ -236,7 +235,7 @@ fn function(
         .triggers
         .into_iter()
         .map(|spec| {
-            events::parse_trigger_spec(spec.get_ref()).map_err(|error| {
+            parse_trigger_spec(spec.get_ref()).map_err(|error| {
                 located(
                     spec.span(),
                     format!(
@@ -519,8 +518,8 @@ component = "/abs/another.wasm"
         assert_eq!(
             deploy.triggers,
             [
-                events::parse_trigger_spec("schedule:@every 1m").unwrap(),
-                events::parse_trigger_spec("queue:orders").unwrap(),
+                parse_trigger_spec("schedule:@every 1m").unwrap(),
+                parse_trigger_spec("queue:orders").unwrap(),
             ]
         );
         let limits = &deploy.limits;
@@ -558,7 +557,7 @@ component = "/abs/another.wasm"
         // The manifest and `mayfly deploy NAME COMPONENT --flags` send the
         // same config part.
         let manifest = parse(FULL).unwrap();
-        let config = crate::commands::config_json(&manifest.functions[0].deploy);
+        let config = crate::deploy::config_json(&manifest.functions[0].deploy);
         assert_eq!(
             config,
             serde_json::json!({

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::Value;
 
-use crate::client::{AdminClient, read_json};
-use crate::commands::{format_time, segment};
+use crate::client::{AdminClient, read_json, segment};
+use crate::output::format_time;
 
 /// `mayfly secret …`.
 #[derive(Debug, Subcommand)]

@@ -16,7 +16,76 @@ use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use mayfly_runtime::{CompileLimits, Compiler};
 use tracing_subscriber::EnvFilter;
 
-use crate::ServeArgs;
+/// `mayfly serve`: where the node keeps its state, what it listens on and
+/// its node-wide limits.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Folder holding all of the node's state (database and blobs).
+    #[arg(long, env = "MAYFLY_DATA_DIR", default_value = ".mayfly")]
+    pub data_dir: PathBuf,
+    /// Address of the public HTTP gateway.
+    #[arg(long, env = "MAYFLY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the admin API; off loopback it needs --tls-cert and --tls-key, or --insecure.
+    #[arg(long, env = "MAYFLY_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: AdminTlsArgs,
+    /// Most function instances alive at once (running and kept).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_instances: u32,
+    /// Most invocations running at once over all functions (default: --max-instances).
+    /// Flags override the config file's `[scaling]` table.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrency: Option<u32>,
+    /// Memory the node may give functions, in MB: running invocations count
+    /// their configured memory, warm and hot functions what they hold
+    /// (default: the machine's physical memory).
+    #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_budget: Option<u64>,
+    /// Keep-alive policy: `hybrid` (histogram of idle times, after "Serverless
+    /// in the Wild") or a fixed time such as `10m` or `fixed:30s`.
+    /// [default: hybrid, or `[scaling] keep_alive` in the config file]
+    #[arg(long, env = "MAYFLY_KEEP_ALIVE")]
+    pub keep_alive: Option<String>,
+    /// How long in-flight requests may finish after SIGTERM (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// How long a function's per-invocation credential (wasi:config key
+    /// `mayfly.credential`) stays valid, from 1s to 12h.
+    #[arg(long, default_value = "5m", value_parser = parse_credential_ttl)]
+    pub credential_ttl: Duration,
+    /// The node's config file (TOML, e.g. a `[prices]` table); default
+    /// `<data-dir>/node.toml` when it exists.
+    #[arg(long, env = "MAYFLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Versions each function keeps: after a deploy, older ones no alias
+    /// points at are deleted.
+    #[arg(long, default_value_t = mayfly_platform::DEFAULT_KEEP_VERSIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub keep_versions: usize,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
+    /// Longest a deploy's compile may take (e.g. 60s, 2m); longer ones are
+    /// refused as too large or pathological.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub compile_timeout: Duration,
+    /// Most memory a deploy's compile may use, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(64..))]
+    pub compile_memory: u64,
+    /// Compiles running at once; more deploys wait (up to --compile-timeout).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub compile_concurrency: u32,
+}
+
+fn parse_credential_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(12 * 3600) {
+        return Err(format!("{text} is outside 1s to 12h"));
+    }
+    Ok(ttl)
+}
 
 /// How the admin API may be reached from off the machine.
 #[derive(Debug, clap::Args)]
@@ -355,7 +424,7 @@ mod tests {
 
     use clap::Parser as _;
 
-    use crate::{Cli, Command};
+    use crate::args::{Cli, Command};
 
     /// The admin TLS decision for `mayfly serve <flags>`.
     fn admin_tls(flags: &[&str]) -> anyhow::Result<Option<super::TlsFiles>> {

@@ -100,7 +100,7 @@ impl Runtime {
             .context("failed to link the WASI interfaces")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .context("failed to link the wasi:http interfaces")?;
-        crate::host_limits::add_to_linker(&mut linker)
+        crate::limiter::add_to_linker(&mut linker)
             .context("failed to meter the wasi:http fields")?;
         caps::add_to_linker(&mut linker, InvocationState::caps_view)
             .context("failed to link the wasi:keyvalue and wasi:config interfaces")?;

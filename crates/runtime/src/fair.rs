@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
 
-use crate::invoke::RequestLabels;
+use crate::labels::RequestLabels;
 
 /// Epoch ticks a guest may run in the foreground before it moves to the
 /// guest pool. The deadline counts from the current epoch, so the first

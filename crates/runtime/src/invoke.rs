@@ -19,6 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
 use crate::caps::{Capabilities, CapsView};
 use crate::fair::{FIRST_SLICE_TICKS, GuestPool};
+use crate::labels::RequestLabels;
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
 use crate::outbound::OutboundHooks;
@@ -26,21 +27,6 @@ use crate::outbound::OutboundHooks;
 /// The response a guest produced. Its body streams from the guest, which may
 /// still be running while the caller sends it.
 pub type InvocationResponse = http::Response<HyperOutgoingBody>;
-
-/// Who an invocation is, for its log lines and usage report.
-#[derive(Debug, Clone)]
-pub struct RequestLabels {
-    /// Function name.
-    pub function: String,
-    /// Function version serving the request.
-    pub version: u64,
-    /// Request id, unique per invocation and returned to the client.
-    pub request_id: String,
-    /// What started the invocation: `http`, `invoke`, …
-    pub trigger: &'static str,
-    /// Whether this invocation had to load the function from disk first.
-    pub cold_start: bool,
-}
 
 /// Limits applied to one invocation.
 #[derive(Debug, Clone)]

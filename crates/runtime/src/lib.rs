@@ -17,6 +17,8 @@ mod engine;
 mod fair;
 mod host_limits;
 mod invoke;
+mod labels;
+mod limiter;
 mod logs;
 mod meter;
 mod outbound;
@@ -27,8 +29,9 @@ pub use compiler::{CompileLimits, Compiler, WorkerArgs, run_worker};
 pub use engine::{Runtime, RuntimeConfig};
 pub use invoke::{
     Function, InvocationError, InvocationLimits, InvocationReport, InvocationResponse, Outcome,
-    ReportSink, RequestLabels,
+    ReportSink,
 };
+pub use labels::RequestLabels;
 pub use logs::{LogSink, LogStream};
 pub use outbound::{MAX_OUTBOUND_IN_FLIGHT, OutboundPolicy};
 pub use validate::{CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES};

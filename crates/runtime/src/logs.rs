@@ -15,7 +15,7 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
-use crate::invoke::RequestLabels;
+use crate::labels::RequestLabels;
 
 /// Which guest stream a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

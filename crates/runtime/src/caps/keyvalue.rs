@@ -5,61 +5,16 @@
 //!
 //! [`KeyValueBackend`]: super::KeyValueBackend
 
-use wasmtime::component::{Resource, ResourceTableError};
+use wasmtime::component::Resource;
 
 use super::CapsView;
 use super::bindings::wasi::keyvalue::store::{self, KeyResponse};
 use super::bindings::wasi::keyvalue::{atomics, batch};
+use super::resources::{Bucket, KvError};
 
 /// Keys one `get-many`, `set-many` or `delete-many` may name: each is a
 /// backend call, and the guest can ask again for the next batch.
 pub(crate) const MAX_BATCH_KEYS: usize = 1000;
-
-/// An open bucket: its name, checked against the grants on every call.
-/// (`pub` only because the generated bindings re-export it.)
-pub struct Bucket {
-    name: String,
-}
-
-/// A failed key-value call, whatever the interface version: an error for the
-/// guest (each version turns it into its own `error`), or a trap when the
-/// guest passed a handle that is not its own.
-pub enum KvError {
-    /// The bucket is not granted: `access-denied`.
-    AccessDenied,
-    /// Any other failure: `other(message)`.
-    Other(String),
-    /// Ends the guest with this trap.
-    Trap(wasmtime::Error),
-}
-
-impl From<ResourceTableError> for KvError {
-    fn from(error: ResourceTableError) -> Self {
-        KvError::Trap(wasmtime::Error::new(error))
-    }
-}
-
-impl KvError {
-    /// A failure of the backend, passed on to the guest.
-    pub(super) fn backend(bucket: &str, error: anyhow::Error) -> Self {
-        tracing::warn!(bucket, "wasi:keyvalue backend error: {error:#}");
-        KvError::Other(format!("{error:#}"))
-    }
-
-    /// This error as one version's `error` type, built with `denied` or
-    /// `other`; a trap stays a trap.
-    pub(super) fn into_guest<E>(
-        self,
-        denied: E,
-        other: impl FnOnce(String) -> E,
-    ) -> wasmtime::Result<E> {
-        match self {
-            KvError::AccessDenied => Ok(denied),
-            KvError::Other(message) => Ok(other(message)),
-            KvError::Trap(trap) => Err(trap),
-        }
-    }
-}
 
 /// The calls every version makes: grant checks, then the backend.
 impl CapsView<'_> {

@@ -14,19 +14,11 @@ use super::CapsView;
 use super::compat::wasi::keyvalue::atomics::{self, CasError};
 use super::compat::wasi::keyvalue::batch;
 use super::compat::wasi::keyvalue::store::{self, KeyResponse};
-use super::keyvalue::{Bucket, KvError};
+use super::resources::{Bucket, Cas, KvError};
 
 /// Tries of a signed `increment` that keeps losing its compare-and-swap to
 /// other writers.
 const INCREMENT_ATTEMPTS: usize = 64;
-
-/// A compare-and-swap in progress: the key and the value it read.
-/// (`pub` only because the generated bindings re-export it.)
-pub struct Cas {
-    bucket: String,
-    key: String,
-    current: Option<Vec<u8>>,
-}
 
 impl CapsView<'_> {
     /// Adds a signed `delta` to the decimal number at `key` (absent = 0) with

@@ -12,6 +12,7 @@
 mod config;
 mod keyvalue;
 mod keyvalue_draft2;
+mod resources;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -36,10 +37,10 @@ mod bindings {
             default: async | trappable,
         },
         with: {
-            "wasi:keyvalue/store.bucket": super::keyvalue::Bucket,
+            "wasi:keyvalue/store.bucket": super::resources::Bucket,
         },
         trappable_error_type: {
-            "wasi:keyvalue/store.error" => super::keyvalue::KvError,
+            "wasi:keyvalue/store.error" => super::resources::KvError,
         },
     });
 }
@@ -57,11 +58,11 @@ mod compat {
             default: async | trappable,
         },
         with: {
-            "wasi:keyvalue/store@0.2.0-draft2.bucket": super::keyvalue::Bucket,
-            "wasi:keyvalue/atomics@0.2.0-draft2.cas": super::keyvalue_draft2::Cas,
+            "wasi:keyvalue/store@0.2.0-draft2.bucket": super::resources::Bucket,
+            "wasi:keyvalue/atomics@0.2.0-draft2.cas": super::resources::Cas,
         },
         trappable_error_type: {
-            "wasi:keyvalue/store@0.2.0-draft2.error" => super::keyvalue::KvError,
+            "wasi:keyvalue/store@0.2.0-draft2.error" => super::resources::KvError,
         },
     });
 }
@@ -265,7 +266,7 @@ pub(crate) mod tests {
 
     use std::sync::{Arc, Mutex};
 
-    use crate::invoke::RequestLabels;
+    use crate::labels::RequestLabels;
     use crate::logs::{GuestOutput, LogSink, LogStream};
 
     /// Collects the lines written to a stream.

@@ -1,0 +1,225 @@
+//! What a deploy is: the flags of `mayfly deploy`, and one function's
+//! component, routes, triggers, limits and grants as the admin API takes
+//! them, whether given as flags or by a manifest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::Value;
+
+use crate::client::{AdminClient, segment};
+use crate::events::triggers::{TriggerSpec, parse_trigger_spec};
+
+/// `mayfly deploy`: the component and its configuration, or a manifest.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Function name (lower-case letters, digits, `-`, `_`). Leave NAME and
+    /// COMPONENT out to build and deploy every function in ./mayfly.toml;
+    /// an unchanged function gets no new version.
+    pub name: Option<String>,
+    /// The component: a .wasm built for wasm32-wasip2 exporting wasi:http/incoming-handler.
+    pub component: Option<PathBuf>,
+    /// The manifest to apply when NAME and COMPONENT are left out
+    /// [default: mayfly.toml in this folder].
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub manifest: Option<PathBuf>,
+    /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
+    #[arg(long = "route", short = 'r')]
+    pub routes: Vec<String>,
+    /// Event trigger to attach: `schedule:<expr>` (`schedule:@every 30s`,
+    /// `schedule:*/5 * * * *`), `object:<bucket>[/<prefix>]`,
+    /// `kv:<bucket>[/<prefix>]` or `queue:<name>`; repeat for more.
+    #[arg(long = "trigger", value_name = "SPEC", value_parser = parse_trigger_spec)]
+    pub triggers: Vec<TriggerSpec>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub scaling: ScalingArgs,
+    #[command(flatten)]
+    pub grants: GrantArgs,
+}
+
+/// What the function may reach beyond its sandbox; nothing unless granted.
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// KV bucket it may open through wasi:keyvalue; repeat for more.
+    #[arg(long = "kv", value_name = "BUCKET")]
+    pub kv: Vec<String>,
+    /// Object bucket its per-invocation credential may use; repeat for more.
+    #[arg(long = "object-bucket", value_name = "BUCKET")]
+    pub objects: Vec<String>,
+    /// Queue its per-invocation credential may send to; repeat for more.
+    #[arg(long = "send-queue", value_name = "QUEUE")]
+    pub queues: Vec<String>,
+    /// Outbound HTTP origin it may call: `https://api.example.com`,
+    /// `https://*.example.com`, `http://10.0.0.5:8080` or a CIDR such as
+    /// `http://10.0.0.0/8` (private addresses only when listed); repeat for more.
+    #[arg(long = "outbound", value_name = "ORIGIN")]
+    pub outbound: Vec<String>,
+    /// Secret it may read through wasi:config (`mayfly secret set` first); repeat for more.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
+    /// Variable it reads through wasi:config, as KEY=VALUE; repeat for more.
+    #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_variable)]
+    pub variables: Vec<(String, String)>,
+}
+
+fn parse_variable(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
+}
+
+/// Per-function limits given at deploy; the node's defaults apply to those
+/// left out.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Memory limit in MB (default 128); also the memory billed.
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<u32>,
+    /// Longest an invocation may run, e.g. 30s or 500ms (default 30s, at most 15m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Largest request body in bytes (default 16 MiB); larger requests get 413.
+    #[arg(long, value_name = "BYTES")]
+    pub max_request_bytes: Option<u64>,
+    /// Largest response body in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_response_bytes: Option<u64>,
+    /// Bytes of stdout and of stderr kept per invocation (default 1 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_log_bytes: Option<u64>,
+}
+
+/// Per-function scaling settings given at deploy.
+#[derive(Debug, Args)]
+pub struct ScalingArgs {
+    /// Most invocations running at once. Default: up to a quarter of the
+    /// node's shared (unreserved) concurrency and memory, so one flooded
+    /// function leaves room for the rest (`[scaling] function_share_percent`
+    /// in node.toml); set it to let this function burst up to the value.
+    #[arg(long, value_name = "N")]
+    pub max_concurrency: Option<u32>,
+    /// Invocations kept for this function alone, out of the node's capacity.
+    #[arg(long, value_name = "N")]
+    pub reserved_concurrency: Option<u32>,
+    /// Requests that may wait when the function is at its limit (default 100; 0: refuse at once with 429).
+    #[arg(long, value_name = "N")]
+    pub max_queued: Option<u32>,
+    /// Longest a request waits in the queue before 429, e.g. 1s (default 1s, at most 1m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub queue_timeout: Option<Duration>,
+    /// Keep instances and reuse them one request at a time (hot tier): the
+    /// function's initialisation runs once per instance, not per request.
+    #[arg(long)]
+    pub reuse: bool,
+}
+
+/// The settings given on the command line; those left out take the node's
+/// defaults.
+fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Map<String, Value> {
+    settings
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), value?)))
+        .collect()
+}
+
+/// One function's deploy, from `mayfly deploy NAME COMPONENT --flags` or
+/// from a manifest: both send it with [`send_deploy`].
+#[derive(Debug)]
+pub struct FunctionDeploy {
+    /// Function name.
+    pub name: String,
+    /// The component file.
+    pub component: PathBuf,
+    /// Routes as the user wrote them.
+    pub routes: Vec<String>,
+    /// Triggers to attach (an identical one is not attached twice).
+    pub triggers: Vec<TriggerSpec>,
+    /// Limits; those left out take the node's defaults.
+    pub limits: LimitArgs,
+    /// Scaling settings; likewise.
+    pub scaling: ScalingArgs,
+    /// Grants and variables.
+    pub grants: GrantArgs,
+}
+
+/// The `config` part of a deploy: what was given; the node fills in the rest.
+pub fn config_json(deploy: &FunctionDeploy) -> Value {
+    let FunctionDeploy {
+        routes,
+        limits,
+        scaling,
+        grants,
+        ..
+    } = deploy;
+    let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let limits = given([
+        ("memory_mb", limits.memory.map(Value::from)),
+        ("timeout_ms", limits.timeout.map(ms)),
+        (
+            "max_request_bytes",
+            limits.max_request_bytes.map(Value::from),
+        ),
+        (
+            "max_response_bytes",
+            limits.max_response_bytes.map(Value::from),
+        ),
+        ("max_log_bytes", limits.max_log_bytes.map(Value::from)),
+    ]);
+    let scale = given([
+        ("max_concurrency", scaling.max_concurrency.map(Value::from)),
+        (
+            "reserved_concurrency",
+            scaling.reserved_concurrency.map(Value::from),
+        ),
+        ("max_queued", scaling.max_queued.map(Value::from)),
+        ("queue_timeout_ms", scaling.queue_timeout.map(ms)),
+        ("reuse", scaling.reuse.then_some(Value::Bool(true))),
+    ]);
+    let variables: serde_json::Map<String, Value> = grants
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+        .collect();
+    serde_json::json!({
+        "routes": routes,
+        "limits": limits,
+        "scaling": scale,
+        "grants": {
+            "kv": grants.kv,
+            "objects": grants.objects,
+            "queues": grants.queues,
+            "outbound": grants.outbound,
+            "secrets": grants.secrets,
+        },
+        "variables": variables,
+    })
+}
+
+/// Uploads the component with its config and triggers; returns the node's
+/// answer (the version, `compiled`, and `unchanged` when the live version
+/// was the same component and config, so none was created).
+pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Result<Value> {
+    let FunctionDeploy {
+        name,
+        component,
+        triggers,
+        ..
+    } = deploy;
+    let wasm = std::fs::read(component)
+        .with_context(|| format!("cannot read the component {}", component.display()))?;
+    let config = serde_json::to_vec(&config_json(deploy))?;
+    let triggers_json = serde_json::to_vec(triggers)?;
+    let mut parts: Vec<(&str, &str, &[u8])> = vec![
+        ("component", "application/wasm", &wasm),
+        ("config", "application/json", &config),
+    ];
+    if !triggers.is_empty() {
+        parts.push(("triggers", "application/json", &triggers_json));
+    }
+    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)
+}

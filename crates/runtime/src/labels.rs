@@ -1,0 +1,17 @@
+//! The names of one invocation, shared by its log lines, its usage report
+//! and the guest pool's per-function turns.
+
+/// Who an invocation is, for its log lines and usage report.
+#[derive(Debug, Clone)]
+pub struct RequestLabels {
+    /// Function name.
+    pub function: String,
+    /// Function version serving the request.
+    pub version: u64,
+    /// Request id, unique per invocation and returned to the client.
+    pub request_id: String,
+    /// What started the invocation: `http`, `invoke`, …
+    pub trigger: &'static str,
+    /// Whether this invocation had to load the function from disk first.
+    pub cold_start: bool,
+}
