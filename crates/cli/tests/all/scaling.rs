@@ -221,6 +221,11 @@ fn a_reused_function_initialises_once_per_instance_and_its_pool_shrinks_when_idl
     // One request at a time: one instance serves them all, initialised once.
     let mut seen = HashSet::new();
     for expected in 1..=10 {
+        // One at a time: the last instance is back in the pool (it goes
+        // back just after its answer is sent).
+        eventually(Duration::from_secs(10), "the instance back", || {
+            (node.scaling_status("hot")["running"] == 0).then_some(())
+        });
         let (status, body) = node.get("/hot");
         assert_eq!(status, 200, "{body}");
         let (instance, served) = instance_of(&body);
