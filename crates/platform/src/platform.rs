@@ -15,10 +15,10 @@ use mayfly_runtime::{
 };
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
-    AliasRecord, BlobDir, BlobKind, BlobStore, CanaryRecord, Digest, EmbeddedLedger, EmbeddedStore,
-    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore,
-    MoveCause, Registry, StoreError, StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow,
-    UsageStore, VersionRecord, WEIGHT_SCALE_BP,
+    AliasRecord, BlobKind, BlobStore, CanaryRecord, Digest, FunctionConfig, FunctionLimits,
+    FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore, MoveCause, Registry, StoreError,
+    StoredUsage, Stores, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
+    WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -361,62 +361,46 @@ pub struct Platform {
     api_url: std::sync::OnceLock<String>,
     config: NodeConfig,
     started: Instant,
-    /// The data directory's lock, held for the node's life: a second node
-    /// on the same directory refuses to start.
-    _data_dir: mayfly_store::DataDir,
+    /// The stores, held for the node's life: for the embedded back-end
+    /// this holds the data directory's lock, so a second node on the same
+    /// directory refuses to start.
+    _stores: Stores,
 }
 
 impl Platform {
-    /// Opens the node's state in `config.data_dir` and builds the catalog.
-    /// Artifacts missing from disk (new data directory layout, changed
-    /// engine) are compiled here, so requests never compile.
-    pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+    /// Starts the node over `stores` (e.g. `Stores::sqlite(&config.data_dir)`)
+    /// and builds the catalog. Artifacts missing from the blob store (new
+    /// data directory layout, changed engine) are compiled here, so
+    /// requests never compile. The node's own files (master key, admin
+    /// token) are kept in `config.data_dir`.
+    pub async fn open(config: NodeConfig, stores: Stores) -> anyhow::Result<Arc<Self>> {
         let data_dir = config.data_dir.clone();
-        // Locked before anything in it is opened or swept.
-        let held = mayfly_store::DataDir::open(&data_dir).map_err(|error| match error {
-            StoreError::InUse(message) => anyhow::anyhow!(message),
-            other => anyhow::Error::new(other)
-                .context(format!("cannot open data directory {}", data_dir.display())),
-        })?;
-        let store = Arc::new(
-            EmbeddedStore::open(&data_dir.join("mayfly.db"))
-                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
-        );
-        let blob_dir = BlobDir::open(data_dir.join("blobs"))?;
-        // Writes this node never finished (a crash): nobody else can be
-        // writing them, the directory is locked.
-        let swept = blob_dir
-            .sweep_temp_files()
-            .context("cannot remove unfinished blob writes")?;
-        if swept > 0 {
-            tracing::info!(files = swept, "removed unfinished blob writes");
-        }
-        let blobs: Arc<dyn BlobStore> = Arc::new(blob_dir);
-        let usage: Arc<dyn UsageStore> = Arc::new(
-            EmbeddedLedger::open(&data_dir.join("ledger.db")).with_context(|| {
-                format!("cannot open the usage ledger in {}", data_dir.display())
-            })?,
-        );
+        let store = stores.registry.clone();
+        let blobs = stores.blobs.clone();
+        let usage = stores.usage.clone();
         let runtime = Runtime::new(&config.runtime)?;
-        let logs = LogHub::start(store.clone()).context("cannot start the log writer")?;
+        let logs = LogHub::start(stores.logs.clone()).context("cannot start the log writer")?;
         let metrics = Metrics::new();
         let ledger = Arc::new(
             Ledger::start(usage.clone(), metrics.ledger.clone())
                 .context("cannot start the ledger writer")?,
         );
 
-        let events = EventHub::open(&data_dir, metrics.events.clone())
-            .with_context(|| format!("cannot open the event store in {}", data_dir.display()))?;
-        let secrets = Arc::new(crate::secrets::Secrets::open(&data_dir)?);
+        let events = EventHub::open(&stores, metrics.events.clone())?;
+        let secrets = Arc::new(crate::secrets::Secrets::open(
+            stores.secrets.clone(),
+            &data_dir,
+        )?);
         let signing = secrets.clone();
         let auth = Arc::new(crate::auth::Auth::open(
+            stores.auth.clone(),
             &data_dir,
             Box::new(move || signing.signing_key()),
             config.credential_ttl,
         )?);
         // Every store is open, its files created: make them the node
         // user's alone (a directory of an older node was 0755/0644).
-        held.restrict_permissions().with_context(|| {
+        stores.restrict_permissions().with_context(|| {
             format!("cannot restrict the permissions of {}", data_dir.display())
         })?;
         let (rollouts, verdicts) = crate::rollout::Rollouts::new();
@@ -430,9 +414,9 @@ impl Platform {
             auth,
             api_url: std::sync::OnceLock::new(),
             runtime,
-            registry: store.clone(),
+            registry: store,
             blobs,
-            log_store: store,
+            log_store: stores.logs.clone(),
             logs,
             usage,
             ledger,
@@ -447,7 +431,7 @@ impl Platform {
             rollouts,
             config,
             started: Instant::now(),
-            _data_dir: held,
+            _stores: stores,
         });
 
         let registry = platform.registry.clone();

@@ -1,10 +1,11 @@
-//! The embedded back-end: one SQLite database in the data directory.
+//! The registry and the log store in `<data dir>/mayfly.db`.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
 
 use crate::{
     AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, FunctionConfig, FunctionRecord,
@@ -117,83 +118,6 @@ impl EmbeddedStore {
     fn logs(&self) -> MutexGuard<'_, Connection> {
         self.logs.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Opens a connection with the settings every Mayfly database uses.
-pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // WAL: readers never block the writer. synchronous=FULL: a deploy that
-    // returned is on disk even after a power loss.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
-}
-
-/// A stored integer from a `u64` (SQLite integers are signed; saturates).
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A `u64` from a stored integer (a negative one, never written, reads 0).
-pub(crate) fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-/// A write transaction that takes the lock up front: a deferred one could
-/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
-/// retry.
-pub(crate) fn write_tx(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
-    Ok(conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
-}
-
-/// One SQLite connection behind a mutex: the small stores (tokens and
-/// audit, secrets) that see few writes and need no second connection.
-pub(crate) struct LockedDb(std::sync::Mutex<Connection>);
-
-impl LockedDb {
-    /// Opens (creating if needed) the database at `path` and migrates it.
-    pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<Self> {
-        let conn = open_connection(path)?;
-        migrate(&conn, migrations)?;
-        Ok(Self(std::sync::Mutex::new(conn)))
-    }
-
-    /// The connection. Every change is one transaction that rolls back on
-    /// drop, so a lock poisoned by a panic still guards a consistent file.
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Applies the `migrations` this database has not run yet, each in its own
-/// transaction; `PRAGMA user_version` counts those applied.
-pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<()> {
-    let applied: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
-    if applied > migrations.len() {
-        return Err(StoreError::Corrupt(format!(
-            "the database schema is version {applied}, newer than this binary knows \
-             ({}): use a newer mayfly",
-            migrations.len()
-        )));
-    }
-    for (index, migration) in migrations.iter().enumerate().skip(applied) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(migration)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-/// Milliseconds since the Unix epoch, the store's clock.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The columns `function, version, digest, config, created_at_ms` of a
@@ -827,6 +751,7 @@ impl LogStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::*;
 
     fn store() -> (tempfile::TempDir, EmbeddedStore) {
         let dir = tempfile::tempdir().unwrap();

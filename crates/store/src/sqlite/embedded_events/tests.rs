@@ -1,5 +1,6 @@
 //! Tests of the embedded event store.
 use super::*;
+use crate::*;
 
 use std::time::{Duration, Instant};
 

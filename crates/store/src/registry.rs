@@ -1,6 +1,9 @@
-//! The records the state layer keeps.
+//! The registry contract: functions, their immutable versions, aliases
+//! with their canaries, and the history of alias moves.
 
 use serde::{Deserialize, Serialize};
+
+use crate::{Digest, Result};
 
 /// A function's deploy-time configuration, stored with each version and
 /// immutable once deployed.
@@ -286,29 +289,75 @@ impl AliasRecord {
     }
 }
 
-/// A guest log line on its way to the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewLogLine {
-    /// When the line was written (ms since the Unix epoch).
-    pub ts_ms: i64,
-    /// Function name.
-    pub function: String,
-    /// Function version.
-    pub version: u64,
-    /// The invocation's request id.
-    pub request_id: String,
-    /// `stdout` or `stderr`.
-    pub stream: String,
-    /// The line, without its newline.
-    pub line: String,
-}
+/// Functions and their immutable versions.
+///
+/// Called from the admin path (deploy, list, delete) and at start-up, never
+/// per request: the platform keeps what requests need in memory.
+pub trait Registry: Send + Sync {
+    /// Records a new version of `function` (creating the function on its first
+    /// deploy) with the next version number, and makes it the function's live
+    /// version: the `live` alias moves to it, its canary is cleared and the
+    /// version it left is recorded as its previous one. Fails with [`StoreError::RouteTaken`] if another function
+    /// serves one of the routes; then nothing changes.
+    fn create_version(
+        &self,
+        function: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+    ) -> Result<VersionRecord>;
 
-/// A stored guest log line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogRecord {
-    /// Position in the node's log, increasing.
-    pub id: i64,
-    /// The line and its labels.
-    #[serde(flatten)]
-    pub line: NewLogLine,
+    /// One function with its live version.
+    fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
+
+    /// Every function with its live version, by name.
+    fn functions(&self) -> Result<Vec<FunctionRecord>>;
+
+    /// Every version of a function, newest first.
+    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
+
+    /// Deletes a function with all its versions, aliases and routes.
+    /// Returns whether it existed.
+    fn delete_function(&self, name: &str) -> Result<bool>;
+
+    /// One version of a function, if it exists.
+    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
+
+    /// A function's aliases: `live` first, then the others by name. Empty
+    /// when the function does not exist.
+    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
+
+    /// Points `alias` of `function` at `version`, with `canary` (or none),
+    /// creating the alias if needed. When the version changes, the one it
+    /// left becomes `previous_version`. Moving `live` makes the version's
+    /// routes the function's routes: [`StoreError::RouteTaken`] if another
+    /// function serves one of them. Fails with
+    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`];
+    /// on any error nothing changes.
+    /// The move is added to the alias's history with `cause` and `detail`.
+    fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+        cause: MoveCause,
+        detail: &str,
+    ) -> Result<AliasRecord>;
+
+    /// The last `limit` moves of `function`'s aliases (deploys, sets,
+    /// rollbacks, automatic canary decisions), newest first.
+    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
+
+    /// Deletes a named alias; returns whether it existed. `live` cannot be
+    /// deleted ([`StoreError::Conflict`]).
+    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
+
+    /// Deletes one version. Refused with [`StoreError::Conflict`], naming
+    /// the aliases, while any alias or canary points at it.
+    fn delete_version(&self, function: &str, version: u64) -> Result<()>;
+
+    /// Deletes the versions beyond the `keep` newest that no alias (or
+    /// canary) points at; returns their numbers. Blobs are left alone: they
+    /// are content-addressed and may be shared.
+    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
 }
