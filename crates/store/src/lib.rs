@@ -37,9 +37,9 @@ pub use events::{
 };
 pub use logs::{LogRecord, LogStore, NewLogLine};
 pub use registry::{
-    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, FunctionConfig, FunctionLimits,
-    FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry, VersionRecord,
-    WEIGHT_SCALE_BP,
+    ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, FunctionConfig,
+    FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,
+    VersionRecord, WEIGHT_SCALE_BP,
 };
 pub use secrets::{Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};

@@ -165,6 +165,9 @@ pub struct FunctionRecord {
     pub live: VersionRecord,
 }
 
+/// Alias moves kept per function; older ones are dropped as new ones come.
+pub const ALIAS_MOVES_KEPT: i64 = 200;
+
 /// The alias every deployed function has: what its routes, triggers and
 /// the admin invoke reach. A deploy moves it to the new version.
 pub const LIVE_ALIAS: &str = "live";
