@@ -15,10 +15,10 @@ use mayfly_runtime::{
 };
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
-    AliasRecord, BlobKind, BlobStore, CanaryRecord, Digest, FunctionConfig, FunctionLimits,
-    FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore, MoveCause, Registry, StoreError,
-    StoredUsage, Stores, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
-    WEIGHT_SCALE_BP,
+    AliasRecord, BlobKind, BlobStore, CanaryRecord, Digest, Expected, FunctionConfig,
+    FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore, MoveCause, Registry,
+    StoreError, StoredUsage, Stores, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore,
+    VersionRecord, WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -217,7 +217,9 @@ impl From<StoreError> for PlatformError {
             StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
             StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
             StoreError::VersionNotFound { .. } => PlatformError::Missing(error.to_string()),
-            StoreError::Conflict(message) => PlatformError::Conflict(message),
+            StoreError::Conflict(message) | StoreError::Stale(message) => {
+                PlatformError::Conflict(message)
+            }
             StoreError::PreconditionFailed(message) => PlatformError::PreconditionFailed(message),
             other => PlatformError::Internal(other.into()),
         }
@@ -912,7 +914,15 @@ impl Platform {
         let function_name = name.to_string();
         let stored = tokio::task::spawn_blocking(move || {
             blobs.put(BlobKind::Component, &wasm)?;
-            registry.create_version(&function_name, &digest, &stored_config)
+            // The store refuses the deploy if `live` moved since this read
+            // (another node deployed meanwhile).
+            let live = registry.function(&function_name)?.map(|f| f.live.version);
+            registry.create_version(
+                &function_name,
+                &digest,
+                &stored_config,
+                Expected::seen(live),
+            )
         })
         .await
         .map_err(|e| PlatformError::Internal(e.into()))?;
@@ -1117,8 +1127,24 @@ impl Platform {
             }
         }
         let _change = self.changes.lock().await;
-        self.switch_alias(name, alias, version, canary, MoveCause::Set, "")
-            .await
+        // Where this node sees the alias: the store refuses the move if it
+        // has moved since.
+        let seen = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .and_then(|served| served.alias(alias).map(|target| target.deployed.version));
+        self.switch_alias(
+            name,
+            alias,
+            version,
+            canary,
+            Expected::seen(seen),
+            MoveCause::Set,
+            "",
+        )
+        .await
     }
 
     /// Moves `live` of `name` back to its previous version (or, if it has
@@ -1145,7 +1171,15 @@ impl Platform {
             )));
         };
         let record = self
-            .switch_alias(name, LIVE_ALIAS, target, None, MoveCause::Rollback, "")
+            .switch_alias(
+                name,
+                LIVE_ALIAS,
+                target,
+                None,
+                Expected::Version(live.version),
+                MoveCause::Rollback,
+                "",
+            )
             .await?;
         tracing::info!(
             function = name,
@@ -1158,13 +1192,16 @@ impl Platform {
 
     /// Moves an alias, under the change lock: checks the versions and
     /// their artifacts before anything is stored, then stores the move and
-    /// swaps the catalog.
+    /// swaps the catalog. `expected` is where the caller saw the alias;
+    /// the store refuses the move if it has moved since.
+    #[allow(clippy::too_many_arguments)]
     async fn switch_alias(
         &self,
         name: &str,
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        expected: Expected,
         cause: MoveCause,
         detail: &str,
     ) -> Result<AliasRecord, PlatformError> {
@@ -1206,7 +1243,15 @@ impl Platform {
         let (owned, alias_name, detail_text) =
             (name.to_string(), alias.to_string(), detail.to_string());
         let stored = tokio::task::spawn_blocking(move || {
-            registry.set_alias(&owned, &alias_name, version, canary, cause, &detail_text)
+            registry.set_alias(
+                &owned,
+                &alias_name,
+                version,
+                canary,
+                expected,
+                cause,
+                &detail_text,
+            )
         })
         .await
         .map_err(|e| PlatformError::Internal(e.into()));
@@ -1265,7 +1310,16 @@ impl Platform {
             (stable_version, MoveCause::AutoRollback, "rolled back")
         };
         let line = match self
-            .switch_alias(&name, &alias, version, None, cause, &detail)
+            .switch_alias(
+                &name,
+                &alias,
+                version,
+                None,
+                // The version the judged alias pointed at.
+                Expected::Version(stable_version),
+                cause,
+                &detail,
+            )
             .await
         {
             Ok(_) => {

@@ -37,7 +37,7 @@ pub use events::{
 };
 pub use logs::{LogRecord, LogStore, NewLogLine};
 pub use registry::{
-    ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, FunctionConfig,
+    ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,
     FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,
     VersionRecord, WEIGHT_SCALE_BP,
 };
@@ -76,6 +76,11 @@ pub enum StoreError {
     /// aliased version, nothing to roll back to); the message says why.
     #[error("{0}")]
     Conflict(String),
+    /// A compare-and-swap write of the registry was refused: what it
+    /// expected changed since the caller read it (another deploy or alias
+    /// move landed first). Read again and retry.
+    #[error("{0}")]
+    Stale(String),
     /// A compare-and-swap condition did not hold.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(doc)]
+use crate::StoreError;
 use crate::{Digest, Result};
 
 /// A function's deploy-time configuration, stored with each version and
@@ -165,6 +167,27 @@ pub struct FunctionRecord {
     pub live: VersionRecord,
 }
 
+/// What a compare-and-swap write of an alias expects it to point at now.
+/// The store checks it in the write's own transaction and refuses the
+/// write with [`crate::StoreError::Stale`] when it does not hold, so two
+/// nodes (or two requests) that read the same state cannot both move it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// No check: write whatever is there.
+    Any,
+    /// The alias does not exist (for `live`: the function does not).
+    Absent,
+    /// The alias points at this version.
+    Version(u64),
+}
+
+impl Expected {
+    /// What a reader saw: the version an alias pointed at, if it existed.
+    pub fn seen(version: Option<u64>) -> Self {
+        version.map_or(Self::Absent, Self::Version)
+    }
+}
+
 /// Alias moves kept per function; older ones are dropped as new ones come.
 pub const ALIAS_MOVES_KEPT: i64 = 200;
 
@@ -301,12 +324,15 @@ pub trait Registry: Send + Sync {
     /// deploy) with the next version number, and makes it the function's live
     /// version: the `live` alias moves to it, its canary is cleared and the
     /// version it left is recorded as its previous one. Fails with [`StoreError::RouteTaken`] if another function
-    /// serves one of the routes; then nothing changes.
+    /// serves one of the routes, and with [`StoreError::Stale`] if `live`
+    /// is not where `expected_live` says (another deploy or move landed
+    /// since the caller looked); then nothing changes.
     fn create_version(
         &self,
         function: &str,
         digest: &Digest,
         config: &FunctionConfig,
+        expected_live: Expected,
     ) -> Result<VersionRecord>;
 
     /// One function with its live version.
@@ -334,15 +360,18 @@ pub trait Registry: Send + Sync {
     /// left becomes `previous_version`. Moving `live` makes the version's
     /// routes the function's routes: [`StoreError::RouteTaken`] if another
     /// function serves one of them. Fails with
-    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`];
-    /// on any error nothing changes.
+    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`],
+    /// and with [`StoreError::Stale`] if the alias is not where `expected`
+    /// says; on any error nothing changes.
     /// The move is added to the alias's history with `cause` and `detail`.
+    #[allow(clippy::too_many_arguments)]
     fn set_alias(
         &self,
         function: &str,
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        expected: Expected,
         cause: MoveCause,
         detail: &str,
     ) -> Result<AliasRecord>;

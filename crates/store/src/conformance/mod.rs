@@ -90,6 +90,8 @@ macro_rules! conformance_suite {
                 every_alias_move_is_kept_with_its_cause_and_policy,
                 an_aliased_version_cannot_be_deleted,
                 retention_keeps_the_newest_and_every_aliased_version,
+                a_deploy_over_a_live_version_it_did_not_see_is_refused,
+                an_alias_move_from_a_stale_read_is_refused_and_changes_nothing,
             }
             logs {
                 logs_tail_and_follow,

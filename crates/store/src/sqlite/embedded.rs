@@ -9,9 +9,9 @@ use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
 use crate::registry::ALIAS_MOVES_KEPT;
 
 use crate::{
-    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, FunctionConfig, FunctionRecord,
-    LIVE_ALIAS, LogRecord, LogStore, MoveCause, NewLogLine, Registry, Result, StoreError,
-    VersionRecord,
+    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, Expected, FunctionConfig,
+    FunctionRecord, LIVE_ALIAS, LogRecord, LogStore, MoveCause, NewLogLine, Registry, Result,
+    StoreError, VersionRecord,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
@@ -212,6 +212,35 @@ fn read_alias(
         .optional()?)
 }
 
+/// Fails with [`StoreError::Stale`] unless `alias` of `function` is where
+/// `expected` says, read in the writing transaction.
+fn check_expected(
+    tx: &rusqlite::Connection,
+    function: &str,
+    alias: &str,
+    expected: Expected,
+) -> Result<()> {
+    let current = match expected {
+        Expected::Any => return Ok(()),
+        _ => read_alias(tx, function, alias)?.map(|record| record.version),
+    };
+    if Expected::seen(current) == expected {
+        return Ok(());
+    }
+    let now = match current {
+        Some(version) => format!("points at version {version}"),
+        None => "does not exist".to_string(),
+    };
+    let then = match expected {
+        Expected::Version(version) => format!("version {version}"),
+        _ => "nothing".to_string(),
+    };
+    Err(StoreError::Stale(format!(
+        "alias `{alias}` of `{function}` changed while this change was prepared: it {now}, not \
+         {then}; look again (`mayfly versions {function}`) and retry"
+    )))
+}
+
 fn read_aliases(conn: &rusqlite::Connection, function: &str) -> Result<Vec<AliasRecord>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ALIAS_COLUMNS} FROM aliases WHERE function = ?1
@@ -388,12 +417,14 @@ impl Registry for EmbeddedStore {
         function: &str,
         digest: &Digest,
         config: &FunctionConfig,
+        expected_live: Expected,
     ) -> Result<VersionRecord> {
         let config_json =
             serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let now = now_ms();
         let mut conn = self.meta();
         let tx = write_tx(&mut conn)?;
+        check_expected(&tx, function, LIVE_ALIAS, expected_live)?;
 
         let previous: Option<i64> = tx
             .query_row(
@@ -506,6 +537,7 @@ impl Registry for EmbeddedStore {
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        expected: Expected,
         cause: MoveCause,
         detail: &str,
     ) -> Result<AliasRecord> {
@@ -515,6 +547,7 @@ impl Registry for EmbeddedStore {
         if !function_exists(&tx, function)? {
             return Err(StoreError::FunctionNotFound(function.to_string()));
         }
+        check_expected(&tx, function, alias, expected)?;
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
             if !version_exists(&tx, function, wanted)? {
                 return Err(StoreError::VersionNotFound {

@@ -170,4 +170,3 @@ impl SecretStore for EmbeddedSecrets {
         Ok(rewritten)
     }
 }
-
