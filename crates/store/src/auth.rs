@@ -63,4 +63,9 @@ pub trait AuthStore: Send + Sync {
     /// Deletes entries written before `before_ms` and the oldest beyond
     /// the newest `keep_rows`; returns how many went.
     fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize>;
+
+    /// Token changes from now on, whoever made them: a node subscribes and
+    /// reloads its live tokens on each, so a revocation elsewhere takes
+    /// effect here.
+    fn watch(&self) -> crate::ChangeFeed<crate::TokenChange>;
 }

@@ -17,6 +17,7 @@
 
 mod auth;
 mod blobs;
+mod changes;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod events;
@@ -29,6 +30,7 @@ mod usage;
 
 pub use auth::{AuditEntry, AuthStore, TokenRecord};
 pub use blobs::{BlobKind, BlobStore, Digest};
+pub use changes::{ChangeFeed, RegistryChange, SecretChange, TokenChange, TriggerChange};
 pub use events::{
     AckOutcome, BucketChange, BucketStats, CloudEvent, DeadLetter, Delivery, EventKind, EventQueue,
     InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore,

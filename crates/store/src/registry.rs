@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(doc)]
 use crate::StoreError;
-use crate::{Digest, Result};
+use crate::{ChangeFeed, Digest, RegistryChange, Result};
 
 /// A function's deploy-time configuration, stored with each version and
 /// immutable once deployed.
@@ -392,4 +392,10 @@ pub trait Registry: Send + Sync {
     /// canary) points at; returns their numbers. Blobs are left alone: they
     /// are content-addressed and may be shared.
     fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
+
+    /// Changes to functions from now on, whoever made them (see
+    /// [`crate::changes`]): a node subscribes at start-up and rebuilds a
+    /// function's catalog entry on each, so a deploy or alias move on
+    /// another node reaches it.
+    fn watch(&self) -> ChangeFeed<RegistryChange>;
 }

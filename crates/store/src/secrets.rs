@@ -97,4 +97,9 @@ pub trait SecretStore: Send + Sync {
         &self,
         reseal: &mut dyn FnMut(&SealedSecret) -> Result<Option<Sealed>>,
     ) -> Result<usize>;
+
+    /// Secret changes from now on, whoever made them: a node subscribes and
+    /// drops what it derived from a changed secret (the wasi:config values
+    /// of the functions granted it).
+    fn watch(&self) -> crate::ChangeFeed<crate::SecretChange>;
 }

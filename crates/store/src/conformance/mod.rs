@@ -18,6 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod auth;
+pub mod changes;
 pub mod events;
 pub mod logs;
 pub mod registry;
@@ -151,6 +152,12 @@ macro_rules! conformance_suite {
             }
             auth {
                 audit_is_pruned_by_age_and_by_count,
+            }
+            changes {
+                registry_changes_name_the_function,
+                trigger_changes_name_the_trigger,
+                token_changes_name_the_token,
+                secret_changes_name_the_secret,
             }
             secrets {
                 secrets_versions_increase_and_survive_reopen,

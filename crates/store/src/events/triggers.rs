@@ -155,4 +155,9 @@ pub trait TriggerStore: Send + Sync {
     /// trigger is gone or fired since `trigger` was read (its
     /// `last_fired_ms` changed), so a slot never fires twice.
     fn fire_schedule(&self, trigger: &Trigger, event: &CloudEvent, fired_ms: i64) -> Result<bool>;
+
+    /// Changes to triggers from now on, whoever made them: a node
+    /// subscribes and reloads its trigger cache (which workers run, which
+    /// schedules it fires) on each.
+    fn watch(&self) -> crate::ChangeFeed<crate::TriggerChange>;
 }

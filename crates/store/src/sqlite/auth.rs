@@ -8,7 +8,8 @@ use std::sync::MutexGuard;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{LockedDb, now_ms};
-use crate::{AuditEntry, AuthStore, Result, TokenRecord};
+use crate::changes::Feed;
+use crate::{AuditEntry, AuthStore, ChangeFeed, Result, TokenChange, TokenRecord};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE tokens (
@@ -35,6 +36,7 @@ const MIGRATIONS: &[&str] = &[r#"
 /// [`AuthStore`] in a SQLite file.
 pub struct EmbeddedAuth {
     db: LockedDb,
+    changes: Feed<TokenChange>,
 }
 
 impl EmbeddedAuth {
@@ -42,6 +44,7 @@ impl EmbeddedAuth {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(Self {
             db: LockedDb::open(path, MIGRATIONS)?,
+            changes: Feed::new(),
         })
     }
 
@@ -82,6 +85,9 @@ impl AuthStore for EmbeddedAuth {
                 token.created_at_ms
             ],
         )?;
+        self.changes.emit(TokenChange::Created {
+            id: token.id.clone(),
+        });
         Ok(())
     }
 
@@ -102,7 +108,15 @@ impl AuthStore for EmbeddedAuth {
             "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
             params![id, now_ms()],
         )?;
+        if changed > 0 {
+            self.changes
+                .emit(TokenChange::Revoked { id: id.to_string() });
+        }
         Ok(changed > 0)
+    }
+
+    fn watch(&self) -> ChangeFeed<TokenChange> {
+        self.changes.subscribe()
     }
 
     fn append_audit(

@@ -6,7 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use crate::changes::Feed;
 use crate::registry::ALIAS_MOVES_KEPT;
+use crate::{ChangeFeed, RegistryChange};
 
 use crate::{
     AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, Expected, FunctionConfig,
@@ -92,6 +94,7 @@ const MIGRATIONS: &[&str] = &[
 pub struct EmbeddedStore {
     meta: Mutex<Connection>,
     logs: Mutex<Connection>,
+    changes: Feed<RegistryChange>,
 }
 
 impl EmbeddedStore {
@@ -104,6 +107,7 @@ impl EmbeddedStore {
         Ok(Self {
             meta: Mutex::new(meta),
             logs: Mutex::new(logs),
+            changes: Feed::new(),
         })
     }
 
@@ -456,6 +460,9 @@ impl Registry for EmbeddedStore {
         };
         write_alias(&tx, write, now)?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
 
         Ok(VersionRecord {
             function: function.to_string(),
@@ -508,6 +515,11 @@ impl Registry for EmbeddedStore {
         tx.execute("DELETE FROM aliases WHERE function = ?1", params![name])?;
         tx.execute("DELETE FROM alias_moves WHERE function = ?1", params![name])?;
         tx.commit()?;
+        if deleted > 0 {
+            self.changes.emit(RegistryChange::Deleted {
+                function: name.to_string(),
+            });
+        }
         Ok(deleted > 0)
     }
 
@@ -577,6 +589,9 @@ impl Registry for EmbeddedStore {
         };
         let record = write_alias(&tx, write, now)?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
         Ok(record)
     }
 
@@ -605,6 +620,11 @@ impl Registry for EmbeddedStore {
             "DELETE FROM aliases WHERE function = ?1 AND alias = ?2",
             params![function, alias],
         )?;
+        if deleted > 0 {
+            self.changes.emit(RegistryChange::Changed {
+                function: function.to_string(),
+            });
+        }
         Ok(deleted > 0)
     }
 
@@ -644,6 +664,9 @@ impl Registry for EmbeddedStore {
             params![function, version as i64],
         )?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
         Ok(())
     }
 
@@ -675,8 +698,17 @@ impl Registry for EmbeddedStore {
             pruned.push(version);
         }
         tx.commit()?;
+        if !pruned.is_empty() {
+            self.changes.emit(RegistryChange::Changed {
+                function: function.to_string(),
+            });
+        }
         pruned.sort_unstable();
         Ok(pruned)
+    }
+
+    fn watch(&self) -> ChangeFeed<RegistryChange> {
+        self.changes.subscribe()
     }
 }
 

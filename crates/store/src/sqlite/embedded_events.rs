@@ -9,9 +9,10 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use super::BlobDir;
 use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
-use crate::BucketChange;
+use crate::changes::Feed;
 use crate::events::*;
 use crate::{BlobKind, BlobStore, Digest, Result, StoreError};
+use crate::{BucketChange, ChangeFeed, TriggerChange};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE triggers (
@@ -116,6 +117,7 @@ pub struct EmbeddedEvents {
     writes: Mutex<Connection>,
     dispatch: Mutex<Connection>,
     objects: BlobDir,
+    trigger_changes: Feed<TriggerChange>,
 }
 
 impl EmbeddedEvents {
@@ -130,6 +132,7 @@ impl EmbeddedEvents {
             writes: Mutex::new(writes),
             dispatch: Mutex::new(dispatch),
             objects,
+            trigger_changes: Feed::new(),
         })
     }
 
@@ -1029,6 +1032,10 @@ impl TriggerStore for EmbeddedEvents {
         ])?;
         let id = tx.last_insert_rowid();
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::Added {
+            id,
+            function: function.to_string(),
+        });
         Ok((
             Trigger {
                 id,
@@ -1058,6 +1065,9 @@ impl TriggerStore for EmbeddedEvents {
         let tx = write_tx(&mut conn)?;
         let removed = tx.execute("DELETE FROM triggers WHERE id = ?1", [id])? > 0;
         tx.commit()?;
+        if removed {
+            self.trigger_changes.emit(TriggerChange::Removed { id });
+        }
         Ok(removed)
     }
 
@@ -1068,6 +1078,9 @@ impl TriggerStore for EmbeddedEvents {
         tx.execute("DELETE FROM messages WHERE queue = ?1", [inbox(function)])?;
         tx.execute("DELETE FROM dead_letters WHERE function = ?1", [function])?;
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::FunctionRemoved {
+            function: function.to_string(),
+        });
         Ok(())
     }
 
@@ -1090,7 +1103,15 @@ impl TriggerStore for EmbeddedEvents {
         };
         insert_inbox(&tx, &trigger.function, &inbox_event, None, fired_ms)?;
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::Fired {
+            id: trigger.id,
+            fired_ms,
+        });
         Ok(true)
+    }
+
+    fn watch(&self) -> ChangeFeed<TriggerChange> {
+        self.trigger_changes.subscribe()
     }
 }
 

@@ -5,7 +5,10 @@ use std::path::Path;
 use rusqlite::{OptionalExtension, Row, params};
 
 use super::{LockedDb, now_ms, to_i64, to_u64, write_tx};
-use crate::{Result, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
+use crate::changes::Feed;
+use crate::{
+    ChangeFeed, Result, Sealed, SealedSecret, SecretChange, SecretMeta, SecretPut, SecretStore,
+};
 
 const MIGRATIONS: &[&str] = &[r#"
     -- The latest version of each secret only: a replaced value is not kept.
@@ -28,6 +31,7 @@ const MIGRATIONS: &[&str] = &[r#"
 /// [`SecretStore`] in a SQLite file (WAL, synchronous=FULL).
 pub struct EmbeddedSecrets {
     db: LockedDb,
+    changes: Feed<SecretChange>,
 }
 
 impl EmbeddedSecrets {
@@ -35,6 +39,7 @@ impl EmbeddedSecrets {
     pub fn open(path: &Path) -> Result<Self> {
         Ok(Self {
             db: LockedDb::open(path, MIGRATIONS)?,
+            changes: Feed::new(),
         })
     }
 
@@ -93,6 +98,10 @@ impl SecretStore for EmbeddedSecrets {
             ],
         )?;
         tx.commit()?;
+        self.changes.emit(SecretChange::Put {
+            name: name.to_string(),
+            version: to_u64(version),
+        });
         Ok(SecretPut {
             version: to_u64(version),
             created: created_at_ms.is_none(),
@@ -131,6 +140,11 @@ impl SecretStore for EmbeddedSecrets {
         let deleted = self
             .conn()
             .execute("DELETE FROM secrets WHERE name = ?1", [name])?;
+        if deleted > 0 {
+            self.changes.emit(SecretChange::Deleted {
+                name: name.to_string(),
+            });
+        }
         Ok(deleted > 0)
     }
 
@@ -167,6 +181,13 @@ impl SecretStore for EmbeddedSecrets {
             rewritten += 1;
         }
         tx.commit()?;
+        if rewritten > 0 {
+            self.changes.emit(SecretChange::Resealed);
+        }
         Ok(rewritten)
+    }
+
+    fn watch(&self) -> ChangeFeed<SecretChange> {
+        self.changes.subscribe()
     }
 }
