@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::sqlite::DataDir;
 use crate::{
     AuthStore, BlobStore, EventQueue, KvStore, LogStore, ObjectStore, Registry, Result,
     SecretStore, TriggerStore, UsageStore,
@@ -39,19 +38,19 @@ pub struct Stores {
     pub secrets: Arc<dyn SecretStore>,
     /// The data directory this node holds, for a back-end kept on local
     /// disk: its lock lives as long as any copy of the bundle.
-    local: Option<Arc<DataDir>>,
+    local: Option<Arc<dyn LocalDir>>,
+}
+
+/// A data directory a back-end keeps on this machine and holds (locks)
+/// while its stores are open.
+pub(crate) trait LocalDir: Send + Sync {
+    /// The directory.
+    fn path(&self) -> &Path;
+    /// Makes everything in it private to the node's user.
+    fn restrict_permissions(&self) -> Result<()>;
 }
 
 impl Stores {
-    /// The embedded back-end in `data_dir`: locks the directory (another
-    /// node holding it is [`crate::StoreError::InUse`]), then opens
-    /// `mayfly.db`, `blobs/` (removing writes a crash left unfinished),
-    /// `ledger.db`, `events.db`, `secrets.db` and `auth.db`, creating what
-    /// is missing. Each failure says which store could not be opened.
-    pub fn sqlite(data_dir: &Path) -> Result<Self> {
-        crate::sqlite::open_stores(data_dir)
-    }
-
     /// A bundle of the given handles; `local` is the data directory the
     /// back-end holds, if it keeps its state on this machine.
     #[allow(clippy::too_many_arguments)]
@@ -63,7 +62,7 @@ impl Stores {
         events: EventHandles,
         auth: Arc<dyn AuthStore>,
         secrets: Arc<dyn SecretStore>,
-        local: Option<DataDir>,
+        local: Option<Arc<dyn LocalDir>>,
     ) -> Self {
         Self {
             registry,
@@ -76,17 +75,17 @@ impl Stores {
             triggers: events.triggers,
             auth,
             secrets,
-            local: local.map(Arc::new),
+            local,
         }
     }
 
     /// The local data directory the stores live in, if any.
     pub fn data_dir(&self) -> Option<&Path> {
-        self.local.as_deref().map(DataDir::path)
+        self.local.as_deref().map(LocalDir::path)
     }
 
     /// Makes every file and folder of the local data directory private to
-    /// the node's user (see [`DataDir::restrict_permissions`]); nothing for
+    /// the node's user (see [`crate::DataDir::restrict_permissions`]); nothing for
     /// a back-end without one. Called once the node has written its own
     /// files there too (keys, the admin token).
     pub fn restrict_permissions(&self) -> Result<()> {

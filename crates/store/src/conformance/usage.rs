@@ -3,12 +3,12 @@
 
 use super::*;
 
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 86_400_000;
+pub(crate) const HOUR: i64 = 3_600_000;
+pub(crate) const DAY: i64 = 86_400_000;
 /// 2025-01-01T00:00:00Z.
-const T0: i64 = 1_735_689_600_000;
+pub(crate) const T0: i64 = 1_735_689_600_000;
 
-fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
+pub(crate) fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
     UsageRecord {
         request_id: format!("{id:032x}"),
         client_request_id: None,
@@ -27,7 +27,7 @@ fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
     }
 }
 
-fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
+pub(crate) fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
     UsageQuery {
         from_ms,
         to_ms,
@@ -37,7 +37,7 @@ fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
 }
 
 /// Five records over two functions, two versions, two hours and two days.
-fn fixture() -> Vec<UsageRecord> {
+pub(crate) fn fixture() -> Vec<UsageRecord> {
     let mut a1 = record(1, "a", 1, T0);
     a1.cold = true;
     let mut a2 = record(2, "a", 2, T0 + HOUR - 1);

@@ -89,15 +89,13 @@ impl CloudEvent {
         data: Vec<u8>,
         now_ms: i64,
     ) -> Self {
-        Self {
-            id: new_event_id(),
-            ty: EventKind::QueueMessage.cloud_event_type().into(),
-            source: format!("/queues/{queue}"),
-            subject: None,
-            time_ms: now_ms,
+        Self::fresh(
+            EventKind::QueueMessage,
+            format!("/queues/{queue}"),
             content_type,
             data,
-        }
+            now_ms,
+        )
     }
 
     /// A schedule trigger's firing for the slot `slot_ms`; `scheduled_time`
@@ -126,10 +124,22 @@ impl CloudEvent {
         data: Vec<u8>,
         now_ms: i64,
     ) -> Self {
+        let source = format!("/functions/{function}");
+        Self::fresh(EventKind::AsyncInvoke, source, content_type, data, now_ms)
+    }
+
+    /// A new event of `kind` with a fresh id and no subject.
+    fn fresh(
+        kind: EventKind,
+        source: String,
+        content_type: Option<String>,
+        data: Vec<u8>,
+        now_ms: i64,
+    ) -> Self {
         Self {
             id: new_event_id(),
-            ty: EventKind::AsyncInvoke.cloud_event_type().into(),
-            source: format!("/functions/{function}"),
+            ty: kind.cloud_event_type().into(),
+            source,
             subject: None,
             time_ms: now_ms,
             content_type,

@@ -416,12 +416,8 @@ mod tests {
         assert_eq!(back, stored);
     }
     use super::*;
+    use crate::conformance::usage::{DAY, T0, fixture, query, record};
     use crate::*;
-
-    const HOUR: i64 = 3_600_000;
-    const DAY: i64 = 86_400_000;
-    /// 2025-01-01T00:00:00Z.
-    const T0: i64 = 1_735_689_600_000;
 
     fn ledger() -> (tempfile::TempDir, EmbeddedLedger) {
         let dir = tempfile::tempdir().unwrap();
@@ -429,53 +425,7 @@ mod tests {
         (dir, ledger)
     }
 
-    fn record(id: u32, function: &str, version: u64, start_ms: i64) -> UsageRecord {
-        UsageRecord {
-            request_id: format!("{id:032x}"),
-            client_request_id: None,
-            function: function.into(),
-            version,
-            trigger: "http".into(),
-            start_ms,
-            wall_us: 1_500,
-            cpu_us: 700,
-            peak_memory_bytes: 1 << 20,
-            memory_limit_mb: 128,
-            billed_ms: billed_ms(1_500),
-            outcome: Outcome::Ok,
-            cold: false,
-            status: Some(200),
-        }
-    }
-
-    fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
-        UsageQuery {
-            from_ms,
-            to_ms,
-            group_by,
-            function: None,
-        }
-    }
-
     /// Five records over two functions, two versions, two hours and two days.
-    fn fixture() -> Vec<UsageRecord> {
-        let mut a1 = record(1, "a", 1, T0);
-        a1.cold = true;
-        let mut a2 = record(2, "a", 2, T0 + HOUR - 1);
-        a2.outcome = Outcome::Timeout;
-        a2.status = Some(504);
-        a2.wall_us = 10_000_000;
-        a2.billed_ms = billed_ms(a2.wall_us);
-        let a3 = record(3, "a", 2, T0 + HOUR);
-        let mut b1 = record(4, "b", 1, T0 + 2 * HOUR);
-        b1.outcome = Outcome::Error;
-        b1.status = None;
-        b1.memory_limit_mb = 1024;
-        b1.cold = true;
-        let b2 = record(5, "b", 1, T0 + DAY);
-        vec![a1, a2, a3, b1, b2]
-    }
-
     fn fixture_ledger() -> (tempfile::TempDir, EmbeddedLedger, Vec<UsageRecord>) {
         let (dir, ledger) = ledger();
         let records = fixture();

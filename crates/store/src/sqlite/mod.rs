@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-use crate::stores::EventHandles;
+use crate::stores::{EventHandles, LocalDir};
 use crate::{AuthStore, Result, SecretStore, StoreError, Stores};
 
 pub use auth::EmbeddedAuth;
@@ -129,9 +129,19 @@ pub fn open_secrets(data_dir: &Path) -> Result<Arc<dyn SecretStore>> {
 /// Name of the secrets database in the data directory.
 pub const SECRETS_DB: &str = "secrets.db";
 
-/// [`Stores::sqlite`]: the lock first, then every store, in the order a
-/// node has always opened them.
-pub(crate) fn open_stores(data_dir: &Path) -> Result<Stores> {
+impl Stores {
+    /// The embedded back-end in `data_dir`: locks the directory (another
+    /// node holding it is [`StoreError::InUse`]), then opens `mayfly.db`,
+    /// `blobs/` (removing writes a crash left unfinished), `ledger.db`,
+    /// `events.db`, `secrets.db` and `auth.db`, creating what is missing,
+    /// in the order a node has always opened them. Each failure says which
+    /// store could not be opened.
+    pub fn sqlite(data_dir: &Path) -> Result<Self> {
+        open_stores(data_dir)
+    }
+}
+
+fn open_stores(data_dir: &Path) -> Result<Stores> {
     // Locked before anything in it is opened or swept.
     let held = DataDir::open(data_dir).map_err(|error| match error {
         StoreError::InUse(message) => StoreError::InUse(message),
@@ -178,6 +188,16 @@ pub(crate) fn open_stores(data_dir: &Path) -> Result<Stores> {
         EventHandles::of(Arc::new(events)),
         auth,
         secrets,
-        Some(held),
+        Some(Arc::new(held)),
     ))
+}
+
+impl LocalDir for DataDir {
+    fn path(&self) -> &Path {
+        DataDir::path(self)
+    }
+
+    fn restrict_permissions(&self) -> Result<()> {
+        DataDir::restrict_permissions(self)
+    }
 }
