@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
-use mayfly_store::LogRecord;
+use mayfly_store::{LogRecord, Stores};
 
 use crate::client::{AdminClient, segment};
 use crate::manifest::{self, Manifest};
@@ -122,7 +122,7 @@ async fn dev(
         admin_tls: None,
         connections: Default::default(),
     };
-    let running = RunningNode::start(config).await?;
+    let running = RunningNode::start(config, || Stores::sqlite(&data_dir)).await?;
     let gateway = format!("http://{}", running.gateway_addr);
     {
         // The same two lines as `mayfly serve`; scripts and tests read them.

@@ -14,6 +14,7 @@ use mayfly_platform::connections::{self, ConnectionLimits, ListenerLimits};
 use mayfly_platform::tls::TlsFiles;
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
 use mayfly_runtime::{CompileLimits, Compiler};
+use mayfly_store::Stores;
 use tracing_subscriber::EnvFilter;
 
 /// `mayfly serve`: where the node keeps its state, what it listens on and
@@ -274,7 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // otherwise kill the process unclean (seen in a test under CPU load).
     let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
-    let running = RunningNode::start(config).await?;
+    let running = RunningNode::start(config, || Stores::sqlite(&args.data_dir)).await?;
 
     // Scripts and tests read these two lines to find the ports.
     let mut stdout = std::io::stdout().lock();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use mayfly_platform::ledger::Ledger;
 use mayfly_platform::metering::Metrics;
-use mayfly_store::{EmbeddedLedger, Outcome, UsageRecord, UsageStore, billed_ms};
+use mayfly_store::{Outcome, Stores, UsageRecord, UsageStore, billed_ms};
 
 const RECORDS: usize = 50_000;
 
@@ -48,8 +48,7 @@ fn pipeline(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let dir = tempfile::tempdir().unwrap();
-                let store: Arc<dyn UsageStore> =
-                    Arc::new(EmbeddedLedger::open(&dir.path().join("ledger.db")).unwrap());
+                let store: Arc<dyn UsageStore> = Stores::sqlite(dir.path()).unwrap().usage;
                 let ledger = Ledger::start(store.clone(), Metrics::new().ledger.clone()).unwrap();
                 (dir, store, ledger, records())
             },

@@ -31,7 +31,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use http::Method;
-use mayfly_store::{AuditEntry, AuthStore, EmbeddedAuth, FunctionConfig, Grants, TokenRecord};
+use mayfly_store::{AuditEntry, AuthStore, FunctionConfig, Grants, TokenRecord};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -554,18 +554,15 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// Opens `<data_dir>/auth.db`. On first start (no token exists yet) it
+    /// Opens the token store `store` of the node in `data_dir`. On first start (no token exists yet) it
     /// creates an admin token and writes it to `<data_dir>/admin.token`,
     /// readable by the node's user only, where the CLI finds it.
     pub fn open(
+        store: Arc<dyn AuthStore>,
         data_dir: &Path,
         signing_key: SigningKey,
         credential_ttl: Duration,
     ) -> anyhow::Result<Self> {
-        let store: Arc<dyn AuthStore> = Arc::new(
-            EmbeddedAuth::open(&data_dir.join("auth.db"))
-                .context("cannot open the token database")?,
-        );
         let auth = Self {
             store,
             tokens: ArcSwap::default(),
@@ -964,7 +961,13 @@ mod tests {
 
     fn auth(ttl: Duration) -> (tempfile::TempDir, Auth) {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::open(dir.path(), Box::new(|| [7; 32]), ttl).unwrap();
+        let auth = Auth::open(
+            mayfly_store::sqlite::open_auth(dir.path()).unwrap(),
+            dir.path(),
+            Box::new(|| [7; 32]),
+            ttl,
+        )
+        .unwrap();
         (dir, auth)
     }
 
@@ -989,7 +992,13 @@ mod tests {
         }
         // A second start keeps the first token and writes no new one.
         drop(auth);
-        let again = Auth::open(dir.path(), Box::new(|| [7; 32]), DEFAULT_CREDENTIAL_TTL).unwrap();
+        let again = Auth::open(
+            mayfly_store::sqlite::open_auth(dir.path()).unwrap(),
+            dir.path(),
+            Box::new(|| [7; 32]),
+            DEFAULT_CREDENTIAL_TTL,
+        )
+        .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), token);
         assert!(
             again
@@ -1036,8 +1045,13 @@ mod tests {
         // Another node's key does not verify it.
         let (_other_dir, other) = {
             let dir = tempfile::tempdir().unwrap();
-            let other =
-                Auth::open(dir.path(), Box::new(|| [8; 32]), Duration::from_secs(60)).unwrap();
+            let other = Auth::open(
+                mayfly_store::sqlite::open_auth(dir.path()).unwrap(),
+                dir.path(),
+                Box::new(|| [8; 32]),
+                Duration::from_secs(60),
+            )
+            .unwrap();
             (dir, other)
         };
         assert!(

@@ -28,6 +28,8 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use mayfly_store::{StoreError, Stores};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -75,8 +77,13 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Opens the node's state and starts serving.
-    pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
+    /// Binds the listeners, opens the node's state with `open_stores`
+    /// (e.g. `|| Stores::sqlite(&data_dir)`; called once the listeners are
+    /// bound, so a bad address opens nothing) and starts serving.
+    pub async fn start(
+        config: ServeConfig,
+        open_stores: impl FnOnce() -> Result<Stores, StoreError> + Send,
+    ) -> anyhow::Result<Self> {
         // Bad certificate files fail before anything is bound or opened.
         let admin_tls = config
             .admin_tls
@@ -90,7 +97,7 @@ impl RunningNode {
             .await
             .with_context(|| format!("cannot listen for the admin API on {}", config.admin_addr))?;
         let max_upload = config.node.max_component_bytes;
-        let platform = Platform::open(config.node).await?;
+        let platform = Platform::open(config.node, open_stores()?).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
 
         let gateway_addr = gateway_listener.local_addr()?;

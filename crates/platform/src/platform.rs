@@ -15,10 +15,10 @@ use mayfly_runtime::{
 };
 use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::{
-    AliasRecord, BlobDir, BlobKind, BlobStore, CanaryRecord, Digest, EmbeddedLedger, EmbeddedStore,
-    FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore,
-    MoveCause, Registry, StoreError, StoredUsage, Trigger, TriggerSpec, UsageQuery, UsageRow,
-    UsageStore, VersionRecord, WEIGHT_SCALE_BP,
+    AliasRecord, BlobKind, BlobStore, CanaryRecord, Digest, Expected, FunctionConfig,
+    FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS, LogStore, MoveCause, Registry,
+    StoreError, StoredUsage, Stores, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore,
+    VersionRecord, WEIGHT_SCALE_BP,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -217,7 +217,9 @@ impl From<StoreError> for PlatformError {
             StoreError::FunctionNotFound(name) => PlatformError::NotFound(name),
             StoreError::RouteTaken { .. } => PlatformError::Conflict(error.to_string()),
             StoreError::VersionNotFound { .. } => PlatformError::Missing(error.to_string()),
-            StoreError::Conflict(message) => PlatformError::Conflict(message),
+            StoreError::Conflict(message) | StoreError::Stale(message) => {
+                PlatformError::Conflict(message)
+            }
             StoreError::PreconditionFailed(message) => PlatformError::PreconditionFailed(message),
             other => PlatformError::Internal(other.into()),
         }
@@ -361,62 +363,46 @@ pub struct Platform {
     api_url: std::sync::OnceLock<String>,
     config: NodeConfig,
     started: Instant,
-    /// The data directory's lock, held for the node's life: a second node
-    /// on the same directory refuses to start.
-    _data_dir: mayfly_store::DataDir,
+    /// The stores, held for the node's life: for the embedded back-end
+    /// this holds the data directory's lock, so a second node on the same
+    /// directory refuses to start.
+    _stores: Stores,
 }
 
 impl Platform {
-    /// Opens the node's state in `config.data_dir` and builds the catalog.
-    /// Artifacts missing from disk (new data directory layout, changed
-    /// engine) are compiled here, so requests never compile.
-    pub async fn open(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+    /// Starts the node over `stores` (e.g. `Stores::sqlite(&config.data_dir)`)
+    /// and builds the catalog. Artifacts missing from the blob store (new
+    /// data directory layout, changed engine) are compiled here, so
+    /// requests never compile. The node's own files (master key, admin
+    /// token) are kept in `config.data_dir`.
+    pub async fn open(config: NodeConfig, stores: Stores) -> anyhow::Result<Arc<Self>> {
         let data_dir = config.data_dir.clone();
-        // Locked before anything in it is opened or swept.
-        let held = mayfly_store::DataDir::open(&data_dir).map_err(|error| match error {
-            StoreError::InUse(message) => anyhow::anyhow!(message),
-            other => anyhow::Error::new(other)
-                .context(format!("cannot open data directory {}", data_dir.display())),
-        })?;
-        let store = Arc::new(
-            EmbeddedStore::open(&data_dir.join("mayfly.db"))
-                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
-        );
-        let blob_dir = BlobDir::open(data_dir.join("blobs"))?;
-        // Writes this node never finished (a crash): nobody else can be
-        // writing them, the directory is locked.
-        let swept = blob_dir
-            .sweep_temp_files()
-            .context("cannot remove unfinished blob writes")?;
-        if swept > 0 {
-            tracing::info!(files = swept, "removed unfinished blob writes");
-        }
-        let blobs: Arc<dyn BlobStore> = Arc::new(blob_dir);
-        let usage: Arc<dyn UsageStore> = Arc::new(
-            EmbeddedLedger::open(&data_dir.join("ledger.db")).with_context(|| {
-                format!("cannot open the usage ledger in {}", data_dir.display())
-            })?,
-        );
+        let store = stores.registry.clone();
+        let blobs = stores.blobs.clone();
+        let usage = stores.usage.clone();
         let runtime = Runtime::new(&config.runtime)?;
-        let logs = LogHub::start(store.clone()).context("cannot start the log writer")?;
+        let logs = LogHub::start(stores.logs.clone()).context("cannot start the log writer")?;
         let metrics = Metrics::new();
         let ledger = Arc::new(
             Ledger::start(usage.clone(), metrics.ledger.clone())
                 .context("cannot start the ledger writer")?,
         );
 
-        let events = EventHub::open(&data_dir, metrics.events.clone())
-            .with_context(|| format!("cannot open the event store in {}", data_dir.display()))?;
-        let secrets = Arc::new(crate::secrets::Secrets::open(&data_dir)?);
+        let events = EventHub::open(&stores, metrics.events.clone())?;
+        let secrets = Arc::new(crate::secrets::Secrets::open(
+            stores.secrets.clone(),
+            &data_dir,
+        )?);
         let signing = secrets.clone();
         let auth = Arc::new(crate::auth::Auth::open(
+            stores.auth.clone(),
             &data_dir,
             Box::new(move || signing.signing_key()),
             config.credential_ttl,
         )?);
         // Every store is open, its files created: make them the node
         // user's alone (a directory of an older node was 0755/0644).
-        held.restrict_permissions().with_context(|| {
+        stores.restrict_permissions().with_context(|| {
             format!("cannot restrict the permissions of {}", data_dir.display())
         })?;
         let (rollouts, verdicts) = crate::rollout::Rollouts::new();
@@ -430,9 +416,9 @@ impl Platform {
             auth,
             api_url: std::sync::OnceLock::new(),
             runtime,
-            registry: store.clone(),
+            registry: store,
             blobs,
-            log_store: store,
+            log_store: stores.logs.clone(),
             logs,
             usage,
             ledger,
@@ -447,7 +433,7 @@ impl Platform {
             rollouts,
             config,
             started: Instant::now(),
-            _data_dir: held,
+            _stores: stores,
         });
 
         let registry = platform.registry.clone();
@@ -928,7 +914,15 @@ impl Platform {
         let function_name = name.to_string();
         let stored = tokio::task::spawn_blocking(move || {
             blobs.put(BlobKind::Component, &wasm)?;
-            registry.create_version(&function_name, &digest, &stored_config)
+            // The store refuses the deploy if `live` moved since this read
+            // (another node deployed meanwhile).
+            let live = registry.function(&function_name)?.map(|f| f.live.version);
+            registry.create_version(
+                &function_name,
+                &digest,
+                &stored_config,
+                Expected::seen(live),
+            )
         })
         .await
         .map_err(|e| PlatformError::Internal(e.into()))?;
@@ -1133,8 +1127,24 @@ impl Platform {
             }
         }
         let _change = self.changes.lock().await;
-        self.switch_alias(name, alias, version, canary, MoveCause::Set, "")
-            .await
+        // Where this node sees the alias: the store refuses the move if it
+        // has moved since.
+        let seen = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .and_then(|served| served.alias(alias).map(|target| target.deployed.version));
+        self.switch_alias(
+            name,
+            alias,
+            version,
+            canary,
+            Expected::seen(seen),
+            MoveCause::Set,
+            "",
+        )
+        .await
     }
 
     /// Moves `live` of `name` back to its previous version (or, if it has
@@ -1161,7 +1171,15 @@ impl Platform {
             )));
         };
         let record = self
-            .switch_alias(name, LIVE_ALIAS, target, None, MoveCause::Rollback, "")
+            .switch_alias(
+                name,
+                LIVE_ALIAS,
+                target,
+                None,
+                Expected::Version(live.version),
+                MoveCause::Rollback,
+                "",
+            )
             .await?;
         tracing::info!(
             function = name,
@@ -1174,13 +1192,16 @@ impl Platform {
 
     /// Moves an alias, under the change lock: checks the versions and
     /// their artifacts before anything is stored, then stores the move and
-    /// swaps the catalog.
+    /// swaps the catalog. `expected` is where the caller saw the alias;
+    /// the store refuses the move if it has moved since.
+    #[allow(clippy::too_many_arguments)]
     async fn switch_alias(
         &self,
         name: &str,
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        expected: Expected,
         cause: MoveCause,
         detail: &str,
     ) -> Result<AliasRecord, PlatformError> {
@@ -1222,7 +1243,15 @@ impl Platform {
         let (owned, alias_name, detail_text) =
             (name.to_string(), alias.to_string(), detail.to_string());
         let stored = tokio::task::spawn_blocking(move || {
-            registry.set_alias(&owned, &alias_name, version, canary, cause, &detail_text)
+            registry.set_alias(
+                &owned,
+                &alias_name,
+                version,
+                canary,
+                expected,
+                cause,
+                &detail_text,
+            )
         })
         .await
         .map_err(|e| PlatformError::Internal(e.into()));
@@ -1281,7 +1310,16 @@ impl Platform {
             (stable_version, MoveCause::AutoRollback, "rolled back")
         };
         let line = match self
-            .switch_alias(&name, &alias, version, None, cause, &detail)
+            .switch_alias(
+                &name,
+                &alias,
+                version,
+                None,
+                // The version the judged alias pointed at.
+                Expected::Version(stable_version),
+                cause,
+                &detail,
+            )
             .await
         {
             Ok(_) => {

@@ -35,7 +35,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac as _};
-use mayfly_store::{EmbeddedSecrets, Sealed, SealedSecret, SecretPut, SecretStore, StoreError};
+use mayfly_store::{Sealed, SealedSecret, SecretPut, SecretStore, StoreError};
 use rand::RngCore as _;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -262,8 +262,9 @@ impl Secrets {
     /// `master.key`, created if absent. Finishes a rotation that stopped
     /// half-way. Fails, saying what to do, on a malformed key, a key file
     /// others may read, or secrets sealed under a key it was not given.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(store: Arc<dyn SecretStore>, data_dir: &Path) -> anyhow::Result<Self> {
         Self::open_keys(
+            store,
             data_dir,
             env_key(MASTER_KEY_ENV)?,
             env_key(PREVIOUS_MASTER_KEY_ENV)?,
@@ -273,20 +274,20 @@ impl Secrets {
     /// Opens with a master key given by the caller, as with
     /// `MAYFLY_MASTER_KEY`: the environment and `master.key` are ignored and
     /// [`Secrets::rotate`] refuses.
-    pub fn open_with_key(data_dir: &Path, key: &[u8; 32]) -> anyhow::Result<Self> {
-        Self::open_keys(data_dir, Some(Zeroizing::new(*key)), None)
+    pub fn open_with_key(
+        store: Arc<dyn SecretStore>,
+        data_dir: &Path,
+        key: &[u8; 32],
+    ) -> anyhow::Result<Self> {
+        Self::open_keys(store, data_dir, Some(Zeroizing::new(*key)), None)
     }
 
     fn open_keys(
+        store: Arc<dyn SecretStore>,
         data_dir: &Path,
         current: Option<Zeroizing<[u8; 32]>>,
         previous: Option<Zeroizing<[u8; 32]>>,
     ) -> anyhow::Result<Self> {
-        let path = data_dir.join(SECRETS_DB);
-        let store: Arc<dyn SecretStore> = Arc::new(
-            EmbeddedSecrets::open(&path)
-                .with_context(|| format!("cannot open the secrets in {}", path.display()))?,
-        );
         match current {
             Some(current) => {
                 let given_previous = previous.is_some();
@@ -789,9 +790,14 @@ mod tests {
     const KEY_A: [u8; 32] = [0xa1; 32];
     const KEY_B: [u8; 32] = [0xb2; 32];
 
+    /// The secrets database in `dir`, opened anew.
+    fn store(dir: &Path) -> Arc<dyn SecretStore> {
+        mayfly_store::sqlite::open_secrets(dir).unwrap()
+    }
+
     /// Opens with the key file, whatever the test process's environment.
     fn open_file(dir: &Path) -> anyhow::Result<Arc<Secrets>> {
-        Secrets::open_keys(dir, None, None).map(Arc::new)
+        Secrets::open_keys(store(dir), dir, None, None).map(Arc::new)
     }
 
     fn open_env(
@@ -799,8 +805,13 @@ mod tests {
         key: [u8; 32],
         previous: Option<[u8; 32]>,
     ) -> anyhow::Result<Arc<Secrets>> {
-        Secrets::open_keys(dir, Some(Zeroizing::new(key)), previous.map(Zeroizing::new))
-            .map(Arc::new)
+        Secrets::open_keys(
+            store(dir),
+            dir,
+            Some(Zeroizing::new(key)),
+            previous.map(Zeroizing::new),
+        )
+        .map(Arc::new)
     }
 
     async fn reveal(secrets: &Arc<Secrets>, name: &str) -> Option<String> {
@@ -1116,9 +1127,14 @@ mod tests {
         assert_eq!(reveal(&secrets, "s").await.as_deref(), Some("value"));
         drop(secrets);
 
-        let error = Secrets::open_keys(dir.path(), None, Some(Zeroizing::new(KEY_A)))
-            .unwrap_err()
-            .to_string();
+        let error = Secrets::open_keys(
+            store(dir.path()),
+            dir.path(),
+            None,
+            Some(Zeroizing::new(KEY_A)),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains(MASTER_KEY_ENV), "{error}");
     }
 }

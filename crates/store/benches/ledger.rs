@@ -9,7 +9,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use mayfly_store::{EmbeddedLedger, Outcome, UsageRecord, UsageStore, billed_ms};
+use mayfly_store::sqlite::EmbeddedLedger;
+use mayfly_store::{Outcome, UsageRecord, UsageStore, billed_ms};
 
 /// Makes records the way the platform will: time-ordered UUID v7 request
 /// ids, a few dozen functions with a skewed mix, mostly successful HTTP

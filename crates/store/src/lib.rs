@@ -1,43 +1,55 @@
-//! Mayfly's state layer: the function registry, the log store, the usage
-//! ledger and content-addressed blobs.
+//! Mayfly's state layer: the contracts the node keeps its state behind, and
+//! the embedded back-end that implements them.
 //!
-//! The platform talks to state only through the traits defined here
-//! ([`Registry`], [`LogStore`], [`UsageStore`], [`BlobStore`]), so the
-//! cluster back-end can replace the embedded one without touching the request
-//! path. The embedded back-end keeps everything in one data directory: a
-//! SQLite database ([`EmbeddedStore`]), a separate SQLite ledger
-//! ([`EmbeddedLedger`]) and blob files ([`BlobDir`]).
+//! One file per contract, each with its records: [`Registry`]
+//! (`registry.rs`), [`LogStore`] (`logs.rs`), [`BlobStore`] (`blobs.rs`),
+//! [`UsageStore`] (`usage.rs`), the event stores [`KvStore`],
+//! [`ObjectStore`], [`EventQueue`] and [`TriggerStore`] (`events/`, with the
+//! event semantics every back-end shares: [`EventKind`], CloudEvent
+//! building and trigger matching), [`AuthStore`] (`auth.rs`) and
+//! [`SecretStore`] (`secrets.rs`). [`Stores`] bundles one handle of each;
+//! the platform receives it and names no back-end.
+//!
+//! The embedded back-end (`sqlite/`, built by [`Stores::sqlite`]) keeps
+//! everything in one data directory: SQLite databases and blob files. A
+//! cluster back-end implements the same traits and passes the same
+//! [`conformance`] suite.
 
 mod auth;
 mod blobs;
-mod data_dir;
-mod embedded;
-mod embedded_events;
+mod changes;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod events;
-mod ledger;
-mod model;
+mod logs;
+mod registry;
 mod secrets;
+pub mod sqlite;
+mod stores;
+mod usage;
 
-pub use auth::{AuditEntry, AuthStore, EmbeddedAuth, TokenRecord};
-pub use blobs::{BlobDir, BlobKind, BlobWriter, Digest, StagedBlob};
-pub use data_dir::{DataDir, is_disk_full};
-pub use embedded::EmbeddedStore;
-pub use embedded_events::EmbeddedEvents;
+pub use auth::{AuditEntry, AuthStore, TokenRecord};
+pub use blobs::{BlobKind, BlobStore, Digest};
+pub use changes::{ChangeFeed, RegistryChange, SecretChange, TokenChange, TriggerChange};
 pub use events::{
-    AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, KvCondition,
-    KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore, QueueRef, QueueStats,
-    RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec, TriggerStore,
+    AckOutcome, BucketChange, BucketStats, CloudEvent, DeadLetter, Delivery, EventKind, EventQueue,
+    InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore,
+    QueueRef, QueueStats, RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec,
+    TriggerStore, new_event_id,
 };
-pub use ledger::{
-    EmbeddedLedger, GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord,
-    UsageRow, UsageStore, billed_ms,
-};
-pub use model::{
-    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, FunctionConfig, FunctionLimits,
-    FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, LogRecord, MoveCause, NewLogLine,
+pub use logs::{LogRecord, LogStore, NewLogLine};
+pub use registry::{
+    ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,
+    FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,
     VersionRecord, WEIGHT_SCALE_BP,
 };
-pub use secrets::{EmbeddedSecrets, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
+pub use secrets::{Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
+pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};
+pub use stores::Stores;
+pub use usage::{
+    GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord, UsageRow, UsageStore,
+    billed_ms,
+};
 
 /// What can go wrong in the state layer.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +78,11 @@ pub enum StoreError {
     /// aliased version, nothing to roll back to); the message says why.
     #[error("{0}")]
     Conflict(String),
+    /// A compare-and-swap write of the registry was refused: what it
+    /// expected changed since the caller read it (another deploy or alias
+    /// move landed first). Read again and retry.
+    #[error("{0}")]
+    Stale(String),
     /// A compare-and-swap condition did not hold.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
@@ -82,9 +99,26 @@ pub enum StoreError {
     /// and says what to do.
     #[error("{0}")]
     InUse(String),
+    /// A store could not be opened: `context` says which, `source` why.
+    #[error("{context}")]
+    Open {
+        /// Which store, e.g. `cannot open the usage ledger in /var/lib/mayfly`.
+        context: String,
+        /// What failed.
+        #[source]
+        source: Box<StoreError>,
+    },
 }
 
 impl StoreError {
+    /// This error with `context` saying what was being done.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Self::Open {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
     /// Whether this failed because the disk (or the user's quota) is full:
     /// a condition that ends by itself once space is freed.
     pub fn is_disk_full(&self) -> bool {
@@ -94,141 +128,3 @@ impl StoreError {
 
 /// Result of state-layer operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// Functions and their immutable versions.
-///
-/// Called from the admin path (deploy, list, delete) and at start-up, never
-/// per request: the platform keeps what requests need in memory.
-pub trait Registry: Send + Sync {
-    /// Records a new version of `function` (creating the function on its first
-    /// deploy) with the next version number, and makes it the function's live
-    /// version: the `live` alias moves to it, its canary is cleared and the
-    /// version it left is recorded as its previous one. Fails with [`StoreError::RouteTaken`] if another function
-    /// serves one of the routes; then nothing changes.
-    fn create_version(
-        &self,
-        function: &str,
-        digest: &Digest,
-        config: &FunctionConfig,
-    ) -> Result<VersionRecord>;
-
-    /// One function with its live version.
-    fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
-
-    /// Every function with its live version, by name.
-    fn functions(&self) -> Result<Vec<FunctionRecord>>;
-
-    /// Every version of a function, newest first.
-    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
-
-    /// Deletes a function with all its versions, aliases and routes.
-    /// Returns whether it existed.
-    fn delete_function(&self, name: &str) -> Result<bool>;
-
-    /// One version of a function, if it exists.
-    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
-
-    /// A function's aliases: `live` first, then the others by name. Empty
-    /// when the function does not exist.
-    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
-
-    /// Points `alias` of `function` at `version`, with `canary` (or none),
-    /// creating the alias if needed. When the version changes, the one it
-    /// left becomes `previous_version`. Moving `live` makes the version's
-    /// routes the function's routes: [`StoreError::RouteTaken`] if another
-    /// function serves one of them. Fails with
-    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`];
-    /// on any error nothing changes.
-    /// The move is added to the alias's history with `cause` and `detail`.
-    fn set_alias(
-        &self,
-        function: &str,
-        alias: &str,
-        version: u64,
-        canary: Option<CanaryRecord>,
-        cause: MoveCause,
-        detail: &str,
-    ) -> Result<AliasRecord>;
-
-    /// The last `limit` moves of `function`'s aliases (deploys, sets,
-    /// rollbacks, automatic canary decisions), newest first.
-    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
-
-    /// Deletes a named alias; returns whether it existed. `live` cannot be
-    /// deleted ([`StoreError::Conflict`]).
-    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
-
-    /// Deletes one version. Refused with [`StoreError::Conflict`], naming
-    /// the aliases, while any alias or canary points at it.
-    fn delete_version(&self, function: &str, version: u64) -> Result<()>;
-
-    /// Deletes the versions beyond the `keep` newest that no alias (or
-    /// canary) points at; returns their numbers. Blobs are left alone: they
-    /// are content-addressed and may be shared.
-    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
-}
-
-/// Durable guest log lines.
-///
-/// Appends come in batches from a background writer, never from the guest's
-/// own write path.
-pub trait LogStore: Send + Sync {
-    /// Appends lines in order; returns the id given to the last one.
-    fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64>;
-
-    /// Lines of `function` with an id above `after_id`, oldest first, at most
-    /// `limit`.
-    fn logs_after(&self, function: &str, after_id: i64, limit: usize) -> Result<Vec<LogRecord>>;
-
-    /// The last `limit` lines of `function`, oldest first.
-    fn logs_tail(&self, function: &str, limit: usize) -> Result<Vec<LogRecord>>;
-
-    /// Deletes the oldest lines so at most `keep` remain.
-    fn prune_logs(&self, keep: usize) -> Result<usize>;
-
-    /// Deletes `function`'s oldest lines so at most `keep_lines` of them
-    /// remain, holding at most `keep_bytes` of text: one function's flood
-    /// never erases another's lines.
-    fn prune_function_logs(
-        &self,
-        function: &str,
-        keep_lines: usize,
-        keep_bytes: u64,
-    ) -> Result<usize>;
-}
-
-/// Immutable content-addressed bytes: uploaded components and compiled
-/// artifacts.
-pub trait BlobStore: Send + Sync {
-    /// Stores `bytes` under their digest (a no-op if already present) and
-    /// returns it. Durable when it returns.
-    fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest>;
-
-    /// Stores `bytes` under a key the caller derived (e.g. an artifact keyed
-    /// by component digest and engine settings).
-    fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
-
-    /// The bytes under `key`, if present.
-    fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>>;
-
-    /// A local file holding the blob, for memory-mapping; `None` if absent.
-    fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<std::path::PathBuf>;
-
-    /// Stores `bytes` under a key the caller derived, with a checksum of
-    /// them that [`BlobStore::verified_path`] checks, replacing whatever
-    /// was stored under `key` (a damaged copy included). For blobs that
-    /// are trusted when read back, such as compiled artifacts.
-    fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
-
-    /// Whether a blob stored with [`BlobStore::put_checked`] is present
-    /// with its checksum. Cheap (no hashing): for start-up, where every
-    /// function's artifact is looked at.
-    fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool;
-
-    /// A local file holding a blob stored with [`BlobStore::put_checked`]
-    /// whose bytes match their checksum; `None` if the blob or its
-    /// checksum is absent, [`StoreError::Corrupt`] if they differ.
-    /// Each state of a file is hashed once per process: later calls cost a
-    /// `stat` until the file changes.
-    fn verified_path(&self, kind: BlobKind, key: &Digest) -> Result<Option<std::path::PathBuf>>;
-}

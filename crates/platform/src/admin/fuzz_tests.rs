@@ -80,7 +80,8 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut node = NodeConfig::new(dir.path());
         node.max_component_bytes = MAX_UPLOAD;
-        let platform = runtime.block_on(Platform::open(node)).unwrap();
+        let stores = mayfly_store::Stores::sqlite(dir.path()).unwrap();
+        let platform = runtime.block_on(Platform::open(node, stores)).unwrap();
         let router = super::router(platform.clone(), MAX_UPLOAD);
         let token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()

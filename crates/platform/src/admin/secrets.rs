@@ -137,7 +137,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn secrets_api_sets_lists_deletes_and_never_returns_values() {
         let dir = tempfile::tempdir().unwrap();
-        let platform = Platform::open(NodeConfig::new(dir.path())).await.unwrap();
+        let stores = mayfly_store::Stores::sqlite(dir.path()).unwrap();
+        let platform = Platform::open(NodeConfig::new(dir.path()), stores)
+            .await
+            .unwrap();
         let router = routes().with_state(platform);
         let put = |name: &str, value: &str| {
             let (router, path, value) = (router.clone(), format!("/v1/secrets/{name}"), value);

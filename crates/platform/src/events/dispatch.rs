@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use mayfly_store::{Delivery, EventQueue, QueueRef, RetryPolicy, Settlement, Trigger};
+use mayfly_store::{Delivery, QueueRef, RetryPolicy, Settlement, Trigger};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -207,7 +207,7 @@ pub(crate) async fn run(
                 continue;
             }
             if !settled.is_empty() {
-                let store = node.events().store.clone();
+                let store = node.events().queue_store();
                 let queue = consumer.queue.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     store.settle_and_claim(&settled, &queue, 0, 0)
@@ -247,7 +247,7 @@ pub(crate) async fn run(
                 .max()
                 .unwrap_or(0)
                 + LEASE_MARGIN_MS;
-            let store = node.events().store.clone();
+            let store = node.events().queue_store();
             let queue = consumer.queue.clone();
             let batch = std::mem::take(&mut settled);
             let result = tokio::task::spawn_blocking(move || {
@@ -347,7 +347,7 @@ impl Drop for Report {
 /// next stored message becomes visible (at most [`IDLE_POLL`] from now), or
 /// `None` when the queue is empty and only a wake-up can bring work.
 async fn next_due(node: &Platform, queue: &QueueRef) -> Option<tokio::time::Instant> {
-    let store = node.events().store.clone();
+    let store = node.events().queue_store();
     let queue = queue.clone();
     let next = tokio::task::spawn_blocking(move || store.next_visible(&queue)).await;
     let now = tokio::time::Instant::now();
@@ -491,14 +491,7 @@ fn jitter(ms: u64) -> u64 {
 
 /// The ledger's trigger label of an event type.
 fn trigger_label(ty: &str) -> &'static str {
-    match ty.strip_prefix("dev.mayfly.").unwrap_or(ty) {
-        "schedule" => "schedule",
-        "kv.put" | "kv.delete" => "kv",
-        "object.created" | "object.deleted" => "object",
-        "queue.message" => "queue",
-        "invoke" => "async",
-        _ => "event",
-    }
+    mayfly_store::EventKind::ledger_label_of(ty)
 }
 
 /// The event as an HTTP request in CloudEvents binary content mode.

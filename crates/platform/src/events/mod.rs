@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use mayfly_store::{
-    AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EmbeddedEvents, EventQueue,
-    InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef,
-    QueueStats, RetryPolicy, Trigger, TriggerSource, TriggerSpec, TriggerStore,
+    AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, KvCondition,
+    KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef, QueueStats, RetryPolicy, Stores,
+    Trigger, TriggerSource, TriggerSpec, TriggerStore,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -204,7 +204,10 @@ struct Worker {
 
 /// The node's event stores, triggers and dispatcher.
 pub struct EventHub {
-    store: Arc<EmbeddedEvents>,
+    kv: Arc<dyn KvStore>,
+    objects: Arc<dyn ObjectStore>,
+    queues: Arc<dyn EventQueue>,
+    triggers_store: Arc<dyn TriggerStore>,
     /// Every trigger, refreshed after each change: which workers should run
     /// and whom a write wakes are read from here without touching SQLite.
     triggers: ArcSwap<Vec<Trigger>>,
@@ -222,13 +225,14 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Opens the event database and object files under `data_dir`.
-    pub(crate) fn open(data_dir: &std::path::Path, metrics: EventMetrics) -> anyhow::Result<Self> {
-        let objects = mayfly_store::BlobDir::open(data_dir.join("blobs"))?;
-        let store = Arc::new(EmbeddedEvents::open(&data_dir.join("events.db"), objects)?);
-        let triggers = store.triggers(None)?;
+    /// The hub over the event stores of `stores`, with their triggers read.
+    pub(crate) fn open(stores: &Stores, metrics: EventMetrics) -> anyhow::Result<Self> {
+        let triggers = stores.triggers.triggers(None)?;
         Ok(Self {
-            store,
+            kv: stores.kv.clone(),
+            objects: stores.objects.clone(),
+            queues: stores.queues.clone(),
+            triggers_store: stores.triggers.clone(),
             triggers: ArcSwap::from_pointee(triggers),
             workers: Mutex::default(),
             reload: tokio::sync::Mutex::new(()),
@@ -245,7 +249,7 @@ impl EventHub {
     /// worker per inbox and queue trigger start.
     pub(crate) async fn start(&self, platform: &Arc<Platform>) -> anyhow::Result<()> {
         let _ = self.platform.set(Arc::downgrade(platform));
-        let store = self.store.clone();
+        let store = self.queues.clone();
         let released = tokio::task::spawn_blocking(move || store.release_leases()).await??;
         if released > 0 {
             tracing::info!("{released} events in flight at the last stop will be delivered again");
@@ -254,6 +258,16 @@ impl EventHub {
         *self.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.sync_workers();
         Ok(())
+    }
+
+    /// The queue store, for the dispatcher's claims and settlements.
+    pub(crate) fn queue_store(&self) -> Arc<dyn EventQueue> {
+        self.queues.clone()
+    }
+
+    /// The trigger store, for the scheduler's firings.
+    pub(crate) fn trigger_store(&self) -> Arc<dyn TriggerStore> {
+        self.triggers_store.clone()
     }
 
     fn platform(&self) -> Option<Arc<Platform>> {
@@ -355,7 +369,7 @@ impl EventHub {
 
     async fn refresh_triggers(&self) -> Result<(), PlatformError> {
         let _reload = self.reload.lock().await;
-        let store = self.store.clone();
+        let store = self.triggers_store.clone();
         let triggers = blocking(move || store.triggers(None)).await?;
         self.triggers.store(Arc::new(triggers));
         self.schedules_changed.notify_one();
@@ -410,7 +424,7 @@ impl EventHub {
         // `live` is the default: stored as none, so the two forms are one
         // trigger.
         spec.alias = spec.alias.filter(|alias| alias != mayfly_store::LIVE_ALIAS);
-        let store = self.store.clone();
+        let store = self.triggers_store.clone();
         let function = function.to_string();
         let added = blocking(move || store.add_trigger(&function, &spec)).await?;
         self.refresh_triggers().await?;
@@ -448,7 +462,7 @@ impl EventHub {
 
     /// Detaches a trigger.
     pub async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
-        let store = self.store.clone();
+        let store = self.triggers_store.clone();
         if !blocking(move || store.remove_trigger(id)).await? {
             return Err(PlatformError::Missing(format!(
                 "no trigger {id}: see `mayfly trigger list`"
@@ -460,7 +474,7 @@ impl EventHub {
     /// Forgets a deleted function's triggers, pending events and dead
     /// letters.
     pub(crate) async fn remove_function(&self, function: &str) -> Result<(), PlatformError> {
-        let store = self.store.clone();
+        let store = self.triggers_store.clone();
         let name = function.to_string();
         blocking(move || store.remove_function(&name)).await?;
         self.refresh_triggers().await
@@ -472,7 +486,7 @@ impl EventHub {
     pub async fn kv_get(&self, bucket: &str, key: &str) -> Result<KvEntry, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
         blocking(move || store.kv_get(&b, &k))
             .await?
             .ok_or_else(|| PlatformError::Missing(format!("no key `{key}` in bucket `{bucket}`")))
@@ -488,7 +502,7 @@ impl EventHub {
     ) -> Result<u64, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
         let revision = blocking(move || store.kv_put(&b, &k, &value, condition)).await?;
         self.wake_watchers("kv", bucket);
         Ok(revision)
@@ -503,7 +517,7 @@ impl EventHub {
     ) -> Result<(), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
         if !blocking(move || store.kv_delete(&b, &k, condition)).await? {
             return Err(PlatformError::Missing(format!(
                 "no key `{key}` in bucket `{bucket}`"
@@ -522,13 +536,13 @@ impl EventHub {
         limit: usize,
     ) -> Result<Vec<KvKey>, PlatformError> {
         check_name("bucket", bucket)?;
-        let (store, b) = (self.store.clone(), bucket.to_string());
+        let (store, b) = (self.kv.clone(), bucket.to_string());
         blocking(move || store.kv_list(&b, &prefix, &after, limit)).await
     }
 
     /// KV buckets and their sizes.
     pub async fn kv_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
-        let store = self.store.clone();
+        let store = self.kv.clone();
         blocking(move || store.kv_buckets()).await
     }
 
@@ -544,7 +558,7 @@ impl EventHub {
     ) -> Result<ObjectMeta, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
         let meta = blocking(move || store.object_put(&b, &k, &bytes, &content_type)).await?;
         self.wake_watchers("object", bucket);
         Ok(meta)
@@ -571,7 +585,7 @@ impl EventHub {
         // small channel makes a slow disk slow the upload down rather than
         // pile chunks up in memory.
         let (chunks, mut incoming) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let store = self.store.clone();
+        let store = self.objects.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let mut writer = store.object_writer()?;
             while let Some(chunk) = incoming.blocking_recv() {
@@ -601,7 +615,7 @@ impl EventHub {
         let staged = writer
             .await
             .map_err(|e| PlatformError::Internal(e.into()))??;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
         let meta = blocking(move || store.object_put_staged(&b, &k, staged, &content_type)).await?;
         self.wake_watchers("object", bucket);
         Ok(meta)
@@ -615,7 +629,7 @@ impl EventHub {
     ) -> Result<(ObjectMeta, PathBuf), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
         blocking(move || store.object_get(&b, &k))
             .await?
             .ok_or_else(|| {
@@ -627,7 +641,7 @@ impl EventHub {
     pub async fn object_delete(&self, bucket: &str, key: &str) -> Result<(), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.store.clone(), bucket.to_string(), key.to_string());
+        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
         if !blocking(move || store.object_delete(&b, &k)).await? {
             return Err(PlatformError::Missing(format!(
                 "no object `{key}` in bucket `{bucket}`"
@@ -646,13 +660,13 @@ impl EventHub {
         limit: usize,
     ) -> Result<Vec<ObjectMeta>, PlatformError> {
         check_name("bucket", bucket)?;
-        let (store, b) = (self.store.clone(), bucket.to_string());
+        let (store, b) = (self.objects.clone(), bucket.to_string());
         blocking(move || store.object_list(&b, &prefix, &after, limit)).await
     }
 
     /// Object buckets and their sizes.
     pub async fn object_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
-        let store = self.store.clone();
+        let store = self.objects.clone();
         blocking(move || store.object_buckets()).await
     }
 
@@ -671,7 +685,7 @@ impl EventHub {
                 messages.len()
             )));
         }
-        let (store, q) = (self.store.clone(), queue.to_string());
+        let (store, q) = (self.queues.clone(), queue.to_string());
         let ids = blocking(move || store.send(&q, &messages)).await?;
         self.wake_watchers("queue", queue);
         Ok(ids)
@@ -685,7 +699,7 @@ impl EventHub {
         visibility_ms: u64,
     ) -> Result<Vec<Delivery>, PlatformError> {
         check_name("queue", queue)?;
-        let (store, q) = (self.store.clone(), queue.to_string());
+        let (store, q) = (self.queues.clone(), queue.to_string());
         blocking(move || store.receive(&q, max, visibility_ms)).await
     }
 
@@ -701,7 +715,7 @@ impl EventHub {
                 receipt.escape_debug()
             )));
         };
-        let (store, q) = (self.store.clone(), queue.to_string());
+        let (store, q) = (self.queues.clone(), queue.to_string());
         match blocking(move || store.ack(&q, id, attempt)).await? {
             AckOutcome::Acked => Ok(()),
             AckOutcome::Stale => Err(PlatformError::Conflict(format!(
@@ -716,13 +730,13 @@ impl EventHub {
 
     /// Named queues and their counts.
     pub async fn queues(&self) -> Result<Vec<QueueStats>, PlatformError> {
-        let store = self.store.clone();
+        let store = self.queues.clone();
         blocking(move || store.queues()).await
     }
 
     /// Events and messages stored, by queue (inboxes included).
     pub(crate) async fn depths(&self) -> Result<Vec<(QueueRef, u64)>, PlatformError> {
-        let store = self.store.clone();
+        let store = self.queues.clone();
         blocking(move || store.depths()).await
     }
 
@@ -740,21 +754,18 @@ impl EventHub {
     ) -> Result<String, PlatformError> {
         check_retry(&retry)?;
         let event = InboxEvent {
-            event: CloudEvent {
-                id: uuid::Uuid::now_v7().simple().to_string(),
-                ty: "dev.mayfly.invoke".into(),
-                source: format!("/functions/{function}"),
-                subject: None,
-                time_ms: crate::platform::now_ms(),
+            event: CloudEvent::async_invoke(
+                function,
                 content_type,
-                data: data.to_vec(),
-            },
+                data.to_vec(),
+                crate::platform::now_ms(),
+            ),
             path: Some(path),
             trigger_id: None,
             retry,
         };
         let id = event.event.id.clone();
-        let (store, f) = (self.store.clone(), function.to_string());
+        let (store, f) = (self.queues.clone(), function.to_string());
         blocking(move || store.enqueue(&f, &event)).await?;
         self.wake(WorkerKey::Inbox(function));
         Ok(id)
@@ -769,13 +780,13 @@ impl EventHub {
         after: i64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, PlatformError> {
-        let (store, f) = (self.store.clone(), function.to_string());
+        let (store, f) = (self.queues.clone(), function.to_string());
         blocking(move || store.dead_letters(&f, after, limit)).await
     }
 
     /// One dead letter with its data.
     pub async fn dead_letter(&self, function: &str, id: i64) -> Result<DeadLetter, PlatformError> {
-        let (store, f) = (self.store.clone(), function.to_string());
+        let (store, f) = (self.queues.clone(), function.to_string());
         blocking(move || store.dead_letter(&f, id))
             .await?
             .ok_or_else(|| {
@@ -791,7 +802,7 @@ impl EventHub {
         function: &str,
         ids: Option<Vec<i64>>,
     ) -> Result<usize, PlatformError> {
-        let (store, f) = (self.store.clone(), function.to_string());
+        let (store, f) = (self.queues.clone(), function.to_string());
         let moved = blocking(move || store.redrive(&f, ids.as_deref())).await?;
         self.wake(WorkerKey::Inbox(function));
         Ok(moved)
@@ -803,7 +814,7 @@ impl EventHub {
         function: &str,
         ids: Option<Vec<i64>>,
     ) -> Result<usize, PlatformError> {
-        let (store, f) = (self.store.clone(), function.to_string());
+        let (store, f) = (self.queues.clone(), function.to_string());
         blocking(move || store.purge_dead(&f, ids.as_deref())).await
     }
 }

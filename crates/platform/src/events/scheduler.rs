@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::Duration;
 
-use mayfly_store::{CloudEvent, TriggerSource, TriggerStore};
+use mayfly_store::{CloudEvent, TriggerSource};
 
 use super::schedule::Schedule;
 use super::{WorkerKey, dispatch::rfc3339_millis};
@@ -45,21 +45,9 @@ pub(crate) async fn run(platform: Weak<Platform>) {
             };
             let mut last = trigger.last_fired_ms.unwrap_or(trigger.created_ms);
             if let Some(slot) = schedule.due(last, now) {
-                let event = CloudEvent {
-                    id: uuid::Uuid::now_v7().simple().to_string(),
-                    ty: "dev.mayfly.schedule".into(),
-                    source: format!("/schedules/{}", trigger.id),
-                    subject: None,
-                    time_ms: slot,
-                    content_type: Some("application/json".into()),
-                    data: serde_json::json!({
-                        "schedule": schedule.as_str(),
-                        "scheduled_time": rfc3339_millis(slot),
-                    })
-                    .to_string()
-                    .into_bytes(),
-                };
-                let store = hub.store.clone();
+                let event =
+                    CloudEvent::schedule(trigger, schedule.as_str(), slot, &rfc3339_millis(slot));
+                let store = hub.trigger_store();
                 let firing = trigger.clone();
                 let result =
                     tokio::task::spawn_blocking(move || store.fire_schedule(&firing, &event, now))

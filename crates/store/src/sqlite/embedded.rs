@@ -1,15 +1,19 @@
-//! The embedded back-end: one SQLite database in the data directory.
+//! The registry and the log store in `<data dir>/mayfly.db`.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use crate::changes::Feed;
+use crate::registry::ALIAS_MOVES_KEPT;
+use crate::{ChangeFeed, RegistryChange};
+
 use crate::{
-    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, FunctionConfig, FunctionRecord,
-    LIVE_ALIAS, LogRecord, LogStore, MoveCause, NewLogLine, Registry, Result, StoreError,
-    VersionRecord,
+    AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Digest, Expected, FunctionConfig,
+    FunctionRecord, LIVE_ALIAS, LogRecord, LogStore, MoveCause, NewLogLine, Registry, Result,
+    StoreError, VersionRecord,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
@@ -82,9 +86,6 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
-/// Alias moves kept per function; older ones are dropped as new ones come.
-const ALIAS_MOVES_KEPT: i64 = 200;
-
 /// Registry and log store in `<data dir>/mayfly.db`.
 ///
 /// Metadata and logs use separate connections so that a burst of log writes
@@ -93,6 +94,7 @@ const ALIAS_MOVES_KEPT: i64 = 200;
 pub struct EmbeddedStore {
     meta: Mutex<Connection>,
     logs: Mutex<Connection>,
+    changes: Feed<RegistryChange>,
 }
 
 impl EmbeddedStore {
@@ -105,6 +107,7 @@ impl EmbeddedStore {
         Ok(Self {
             meta: Mutex::new(meta),
             logs: Mutex::new(logs),
+            changes: Feed::new(),
         })
     }
 
@@ -117,83 +120,6 @@ impl EmbeddedStore {
     fn logs(&self) -> MutexGuard<'_, Connection> {
         self.logs.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Opens a connection with the settings every Mayfly database uses.
-pub(crate) fn open_connection(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // WAL: readers never block the writer. synchronous=FULL: a deploy that
-    // returned is on disk even after a power loss.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
-}
-
-/// A stored integer from a `u64` (SQLite integers are signed; saturates).
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A `u64` from a stored integer (a negative one, never written, reads 0).
-pub(crate) fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-/// A write transaction that takes the lock up front: a deferred one could
-/// fail with SQLITE_BUSY when upgrading, which the busy timeout cannot
-/// retry.
-pub(crate) fn write_tx(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
-    Ok(conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
-}
-
-/// One SQLite connection behind a mutex: the small stores (tokens and
-/// audit, secrets) that see few writes and need no second connection.
-pub(crate) struct LockedDb(std::sync::Mutex<Connection>);
-
-impl LockedDb {
-    /// Opens (creating if needed) the database at `path` and migrates it.
-    pub(crate) fn open(path: &Path, migrations: &[&str]) -> Result<Self> {
-        let conn = open_connection(path)?;
-        migrate(&conn, migrations)?;
-        Ok(Self(std::sync::Mutex::new(conn)))
-    }
-
-    /// The connection. Every change is one transaction that rolls back on
-    /// drop, so a lock poisoned by a panic still guards a consistent file.
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Applies the `migrations` this database has not run yet, each in its own
-/// transaction; `PRAGMA user_version` counts those applied.
-pub(crate) fn migrate(conn: &Connection, migrations: &[&str]) -> Result<()> {
-    let applied: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
-    if applied > migrations.len() {
-        return Err(StoreError::Corrupt(format!(
-            "the database schema is version {applied}, newer than this binary knows \
-             ({}): use a newer mayfly",
-            migrations.len()
-        )));
-    }
-    for (index, migration) in migrations.iter().enumerate().skip(applied) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(migration)?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-/// Milliseconds since the Unix epoch, the store's clock.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The columns `function, version, digest, config, created_at_ms` of a
@@ -288,6 +214,35 @@ fn read_alias(
             alias_row,
         )
         .optional()?)
+}
+
+/// Fails with [`StoreError::Stale`] unless `alias` of `function` is where
+/// `expected` says, read in the writing transaction.
+fn check_expected(
+    tx: &rusqlite::Connection,
+    function: &str,
+    alias: &str,
+    expected: Expected,
+) -> Result<()> {
+    let current = match expected {
+        Expected::Any => return Ok(()),
+        _ => read_alias(tx, function, alias)?.map(|record| record.version),
+    };
+    if Expected::seen(current) == expected {
+        return Ok(());
+    }
+    let now = match current {
+        Some(version) => format!("points at version {version}"),
+        None => "does not exist".to_string(),
+    };
+    let then = match expected {
+        Expected::Version(version) => format!("version {version}"),
+        _ => "nothing".to_string(),
+    };
+    Err(StoreError::Stale(format!(
+        "alias `{alias}` of `{function}` changed while this change was prepared: it {now}, not \
+         {then}; look again (`mayfly versions {function}`) and retry"
+    )))
 }
 
 fn read_aliases(conn: &rusqlite::Connection, function: &str) -> Result<Vec<AliasRecord>> {
@@ -466,12 +421,14 @@ impl Registry for EmbeddedStore {
         function: &str,
         digest: &Digest,
         config: &FunctionConfig,
+        expected_live: Expected,
     ) -> Result<VersionRecord> {
         let config_json =
             serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let now = now_ms();
         let mut conn = self.meta();
         let tx = write_tx(&mut conn)?;
+        check_expected(&tx, function, LIVE_ALIAS, expected_live)?;
 
         let previous: Option<i64> = tx
             .query_row(
@@ -503,6 +460,9 @@ impl Registry for EmbeddedStore {
         };
         write_alias(&tx, write, now)?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
 
         Ok(VersionRecord {
             function: function.to_string(),
@@ -555,6 +515,11 @@ impl Registry for EmbeddedStore {
         tx.execute("DELETE FROM aliases WHERE function = ?1", params![name])?;
         tx.execute("DELETE FROM alias_moves WHERE function = ?1", params![name])?;
         tx.commit()?;
+        if deleted > 0 {
+            self.changes.emit(RegistryChange::Deleted {
+                function: name.to_string(),
+            });
+        }
         Ok(deleted > 0)
     }
 
@@ -584,6 +549,7 @@ impl Registry for EmbeddedStore {
         alias: &str,
         version: u64,
         canary: Option<CanaryRecord>,
+        expected: Expected,
         cause: MoveCause,
         detail: &str,
     ) -> Result<AliasRecord> {
@@ -593,6 +559,7 @@ impl Registry for EmbeddedStore {
         if !function_exists(&tx, function)? {
             return Err(StoreError::FunctionNotFound(function.to_string()));
         }
+        check_expected(&tx, function, alias, expected)?;
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
             if !version_exists(&tx, function, wanted)? {
                 return Err(StoreError::VersionNotFound {
@@ -622,6 +589,9 @@ impl Registry for EmbeddedStore {
         };
         let record = write_alias(&tx, write, now)?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
         Ok(record)
     }
 
@@ -650,6 +620,11 @@ impl Registry for EmbeddedStore {
             "DELETE FROM aliases WHERE function = ?1 AND alias = ?2",
             params![function, alias],
         )?;
+        if deleted > 0 {
+            self.changes.emit(RegistryChange::Changed {
+                function: function.to_string(),
+            });
+        }
         Ok(deleted > 0)
     }
 
@@ -689,6 +664,9 @@ impl Registry for EmbeddedStore {
             params![function, version as i64],
         )?;
         tx.commit()?;
+        self.changes.emit(RegistryChange::Changed {
+            function: function.to_string(),
+        });
         Ok(())
     }
 
@@ -720,8 +698,17 @@ impl Registry for EmbeddedStore {
             pruned.push(version);
         }
         tx.commit()?;
+        if !pruned.is_empty() {
+            self.changes.emit(RegistryChange::Changed {
+                function: function.to_string(),
+            });
+        }
         pruned.sort_unstable();
         Ok(pruned)
+    }
+
+    fn watch(&self) -> ChangeFeed<RegistryChange> {
+        self.changes.subscribe()
     }
 }
 
@@ -827,290 +814,7 @@ impl LogStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn store() -> (tempfile::TempDir, EmbeddedStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("mayfly.db")).unwrap();
-        (dir, store)
-    }
-
-    fn config(routes: &[&str]) -> FunctionConfig {
-        FunctionConfig {
-            routes: routes.iter().map(|r| r.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn versions_increase_and_the_newest_is_live() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        assert_eq!(
-            store
-                .create_version("f", &d, &config(&["/a"]))
-                .unwrap()
-                .version,
-            1
-        );
-        assert_eq!(
-            store
-                .create_version("f", &d, &config(&["/b"]))
-                .unwrap()
-                .version,
-            2
-        );
-        let f = store.function("f").unwrap().unwrap();
-        assert_eq!(f.live.version, 2);
-        assert_eq!(f.live.config.routes, ["/b"]);
-        assert_eq!(store.versions("f").unwrap().len(), 2);
-        // The old route was released with the new version.
-        store.create_version("g", &d, &config(&["/a"])).unwrap();
-    }
-
-    #[test]
-    fn a_taken_route_changes_nothing() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        store.create_version("f", &d, &config(&["/a"])).unwrap();
-        let err = store.create_version("g", &d, &config(&["/a"])).unwrap_err();
-        assert!(matches!(err, StoreError::RouteTaken { ref owner, .. } if owner == "f"));
-        assert!(store.function("g").unwrap().is_none());
-    }
-
-    #[test]
-    fn delete_removes_versions_and_routes() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        store.create_version("f", &d, &config(&["/a"])).unwrap();
-        assert!(store.delete_function("f").unwrap());
-        assert!(!store.delete_function("f").unwrap());
-        assert!(store.functions().unwrap().is_empty());
-        assert_eq!(
-            store
-                .create_version("g", &d, &config(&["/a"]))
-                .unwrap()
-                .version,
-            1
-        );
-    }
-
-    fn canary(version: u64, weight_bp: u32) -> Option<CanaryRecord> {
-        Some(CanaryRecord {
-            version,
-            weight_bp,
-            auto: None,
-        })
-    }
-
-    #[test]
-    fn aliases_round_trip_and_record_the_previous_version() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        store.create_version("f", &d, &config(&["/a"])).unwrap();
-        let live = &store.aliases("f").unwrap()[0];
-        assert_eq!((live.alias.as_str(), live.version), ("live", 1));
-        assert_eq!(live.previous_version, None);
-        store.create_version("f", &d, &config(&["/b"])).unwrap();
-        store.create_version("f", &d, &config(&["/c"])).unwrap();
-        let live = &store.aliases("f").unwrap()[0];
-        assert_eq!((live.version, live.previous_version), (3, Some(2)));
-
-        // A canary on live; the version stays, so does previous_version.
-        let set = store
-            .set_alias("f", "live", 3, canary(2, 1000), MoveCause::Set, "")
-            .unwrap();
-        assert_eq!(set.canary, canary(2, 1000));
-        assert_eq!(set.previous_version, Some(2));
-        // A named alias, then live moved back: routes follow live.
-        store
-            .set_alias("f", "beta", 1, None, MoveCause::Set, "")
-            .unwrap();
-        let moved = store
-            .set_alias("f", "live", 1, None, MoveCause::Set, "")
-            .unwrap();
-        assert_eq!((moved.version, moved.previous_version), (1, Some(3)));
-        assert_eq!(moved.canary, None);
-        let f = store.function("f").unwrap().unwrap();
-        assert_eq!(f.live.version, 1);
-        assert_eq!(f.live.config.routes, ["/a"]);
-        store.create_version("g", &d, &config(&["/c"])).unwrap();
-
-        let aliases = store.aliases("f").unwrap();
-        let names: Vec<&str> = aliases.iter().map(|a| a.alias.as_str()).collect();
-        assert_eq!(names, ["live", "beta"]);
-        assert_eq!(aliases, store.aliases("f").unwrap());
-
-        // Unknown versions and functions change nothing.
-        let err = store
-            .set_alias("f", "live", 9, None, MoveCause::Set, "")
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::VersionNotFound { version: 9, .. }
-        ));
-        let err = store
-            .set_alias("f", "beta", 1, canary(9, 10), MoveCause::Set, "")
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::VersionNotFound { version: 9, .. }
-        ));
-        let err = store
-            .set_alias("nope", "live", 1, None, MoveCause::Set, "")
-            .unwrap_err();
-        assert!(matches!(err, StoreError::FunctionNotFound(_)));
-        // Live to a version whose route another function took: refused.
-        let err = store
-            .set_alias("f", "live", 3, None, MoveCause::Set, "")
-            .unwrap_err();
-        assert!(matches!(err, StoreError::RouteTaken { ref owner, .. } if owner == "g"));
-        assert_eq!(store.aliases("f").unwrap(), aliases);
-        assert_eq!(store.function("f").unwrap().unwrap().live.version, 1);
-
-        assert!(matches!(
-            store.delete_alias("f", "live"),
-            Err(StoreError::Conflict(_))
-        ));
-        assert!(store.delete_alias("f", "beta").unwrap());
-        assert!(!store.delete_alias("f", "beta").unwrap());
-        // A deploy moves live and clears its canary.
-        store
-            .set_alias("f", "live", 1, canary(2, 5000), MoveCause::Set, "")
-            .unwrap();
-        store.create_version("f", &d, &config(&["/a"])).unwrap();
-        let live = &store.aliases("f").unwrap()[0];
-        assert_eq!((live.version, live.previous_version), (4, Some(1)));
-        assert_eq!(live.canary, None);
-        assert!(store.delete_function("f").unwrap());
-        assert!(store.aliases("f").unwrap().is_empty());
-        assert!(store.alias_moves("f", 10).unwrap().is_empty());
-    }
-
-    #[test]
-    fn every_alias_move_is_kept_with_its_cause_and_policy() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        store.create_version("f", &d, &config(&[])).unwrap();
-        store.create_version("f", &d, &config(&[])).unwrap();
-        let policy = CanaryPolicy {
-            requests: 200,
-            max_error_bp: 100,
-            max_p99_ms: Some(250),
-        };
-        let auto = Some(CanaryRecord {
-            version: 2,
-            weight_bp: 1000,
-            auto: Some(policy),
-        });
-        store
-            .set_alias("f", "live", 1, auto, MoveCause::Set, "")
-            .unwrap();
-        // The policy survives a read back.
-        assert_eq!(store.aliases("f").unwrap()[0].canary, auto);
-        store
-            .set_alias(
-                "f",
-                "live",
-                2,
-                None,
-                MoveCause::AutoPromote,
-                "200 requests, 0 errors",
-            )
-            .unwrap();
-        let moves = store.alias_moves("f", 10).unwrap();
-        let summary: Vec<(MoveCause, Option<u64>, u64)> = moves
-            .iter()
-            .map(|m| (m.cause, m.from_version, m.version))
-            .collect();
-        assert_eq!(
-            summary,
-            [
-                (MoveCause::AutoPromote, Some(1), 2),
-                (MoveCause::Set, Some(2), 1),
-                (MoveCause::Deploy, Some(1), 2),
-                (MoveCause::Deploy, None, 1),
-            ]
-        );
-        assert_eq!(moves[0].detail, "200 requests, 0 errors");
-        assert_eq!(moves[1].canary, auto);
-        assert_eq!(store.alias_moves("f", 1).unwrap().len(), 1);
-        // The history is bounded per function.
-        for _ in 0..ALIAS_MOVES_KEPT + 5 {
-            store
-                .set_alias("f", "live", 1, None, MoveCause::Set, "")
-                .unwrap();
-        }
-        let kept = store.alias_moves("f", 1000).unwrap().len() as i64;
-        assert_eq!(kept, ALIAS_MOVES_KEPT);
-    }
-
-    #[test]
-    fn an_aliased_version_cannot_be_deleted() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        for _ in 0..4 {
-            store.create_version("f", &d, &config(&[])).unwrap();
-        }
-        store
-            .set_alias("f", "beta", 1, canary(2, 100), MoveCause::Set, "")
-            .unwrap();
-        let message = |err: StoreError| match err {
-            StoreError::Conflict(message) => message,
-            other => panic!("{other}"),
-        };
-        assert!(message(store.delete_version("f", 4).unwrap_err()).contains("live"));
-        assert!(message(store.delete_version("f", 1).unwrap_err()).contains("beta"));
-        assert!(message(store.delete_version("f", 2).unwrap_err()).contains("beta (canary)"));
-        store.delete_version("f", 3).unwrap();
-        assert!(matches!(
-            store.delete_version("f", 3),
-            Err(StoreError::VersionNotFound { version: 3, .. })
-        ));
-        assert!(matches!(
-            store.delete_version("g", 1),
-            Err(StoreError::FunctionNotFound(_))
-        ));
-        let left: Vec<u64> = store
-            .versions("f")
-            .unwrap()
-            .iter()
-            .map(|v| v.version)
-            .collect();
-        assert_eq!(left, [4, 2, 1]);
-    }
-
-    #[test]
-    fn retention_keeps_the_newest_and_every_aliased_version() {
-        let (_dir, store) = store();
-        let d = Digest::of(b"x");
-        for _ in 0..3 {
-            store.create_version("f", &d, &config(&[])).unwrap();
-        }
-        store
-            .set_alias("f", "beta", 1, None, MoveCause::Set, "")
-            .unwrap();
-        for _ in 0..3 {
-            store.create_version("f", &d, &config(&[])).unwrap();
-        }
-        store
-            .set_alias("f", "live", 6, canary(2, 500), MoveCause::Set, "")
-            .unwrap();
-        assert_eq!(store.prune_versions("f", 2).unwrap(), [3, 4]);
-        let left: Vec<u64> = store
-            .versions("f")
-            .unwrap()
-            .iter()
-            .map(|v| v.version)
-            .collect();
-        assert_eq!(left, [6, 5, 2, 1]);
-        assert!(store.prune_versions("f", 2).unwrap().is_empty());
-        // Version numbers are never reused.
-        assert_eq!(
-            store.create_version("f", &d, &config(&[])).unwrap().version,
-            7
-        );
-        assert!(store.prune_versions("nope", 1).unwrap().is_empty());
-    }
+    use crate::*;
 
     #[test]
     fn the_live_version_survives_the_alias_migration() {
@@ -1129,56 +833,5 @@ mod tests {
         let f = store.function("f").unwrap().unwrap();
         assert_eq!((f.live.version, f.created_at_ms), (2, 5));
         assert_eq!(store.aliases("f").unwrap()[0].alias, "live");
-    }
-
-    #[test]
-    fn logs_tail_and_follow() {
-        let (_dir, store) = store();
-        let line = |n: u32| NewLogLine {
-            ts_ms: 1,
-            function: "f".into(),
-            version: 1,
-            request_id: "r".into(),
-            stream: "stdout".into(),
-            line: format!("line {n}"),
-        };
-        let last = store
-            .append_logs(&(0..5).map(line).collect::<Vec<_>>())
-            .unwrap();
-        let tail = store.logs_tail("f", 2).unwrap();
-        assert_eq!(tail[0].line.line, "line 3");
-        assert_eq!(tail[1].id, last);
-        assert!(store.logs_after("f", last, 10).unwrap().is_empty());
-        assert_eq!(store.prune_logs(1).unwrap(), 4);
-    }
-
-    #[test]
-    fn function_logs_are_pruned_per_function_by_lines_and_bytes() {
-        let (_dir, store) = store();
-        let line = |function: &str, text: String| NewLogLine {
-            ts_ms: 1,
-            function: function.into(),
-            version: 1,
-            request_id: "r".into(),
-            stream: "stdout".into(),
-            line: text,
-        };
-        store.append_logs(&[line("quiet", "kept".into())]).unwrap();
-        let flood: Vec<_> = (0..100).map(|n| line("loud", format!("{n:09}"))).collect();
-        store.append_logs(&flood).unwrap();
-
-        // 100 lines of 9 bytes; keep 10 lines.
-        assert_eq!(store.prune_function_logs("loud", 10, 1 << 20).unwrap(), 90);
-        let loud = store.logs_tail("loud", 1000).unwrap();
-        assert_eq!(loud.len(), 10);
-        assert_eq!(loud[0].line.line, "000000090");
-        // 45 bytes keep the newest 5 lines.
-        assert_eq!(store.prune_function_logs("loud", 10, 45).unwrap(), 5);
-        let loud = store.logs_tail("loud", 1000).unwrap();
-        assert_eq!(loud.len(), 5);
-        assert_eq!(loud[0].line.line, "000000095");
-        // Another function's lines are untouched.
-        assert_eq!(store.logs_tail("quiet", 10).unwrap().len(), 1);
-        assert_eq!(store.prune_function_logs("quiet", 10, 1 << 20).unwrap(), 0);
     }
 }

@@ -1,6 +1,11 @@
-//! The records the state layer keeps.
+//! The registry contract: functions, their immutable versions, aliases
+//! with their canaries, and the history of alias moves.
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(doc)]
+use crate::StoreError;
+use crate::{ChangeFeed, Digest, RegistryChange, Result};
 
 /// A function's deploy-time configuration, stored with each version and
 /// immutable once deployed.
@@ -162,6 +167,30 @@ pub struct FunctionRecord {
     pub live: VersionRecord,
 }
 
+/// What a compare-and-swap write of an alias expects it to point at now.
+/// The store checks it in the write's own transaction and refuses the
+/// write with [`crate::StoreError::Stale`] when it does not hold, so two
+/// nodes (or two requests) that read the same state cannot both move it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// No check: write whatever is there.
+    Any,
+    /// The alias does not exist (for `live`: the function does not).
+    Absent,
+    /// The alias points at this version.
+    Version(u64),
+}
+
+impl Expected {
+    /// What a reader saw: the version an alias pointed at, if it existed.
+    pub fn seen(version: Option<u64>) -> Self {
+        version.map_or(Self::Absent, Self::Version)
+    }
+}
+
+/// Alias moves kept per function; older ones are dropped as new ones come.
+pub const ALIAS_MOVES_KEPT: i64 = 200;
+
 /// The alias every deployed function has: what its routes, triggers and
 /// the admin invoke reach. A deploy moves it to the new version.
 pub const LIVE_ALIAS: &str = "live";
@@ -286,29 +315,87 @@ impl AliasRecord {
     }
 }
 
-/// A guest log line on its way to the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewLogLine {
-    /// When the line was written (ms since the Unix epoch).
-    pub ts_ms: i64,
-    /// Function name.
-    pub function: String,
-    /// Function version.
-    pub version: u64,
-    /// The invocation's request id.
-    pub request_id: String,
-    /// `stdout` or `stderr`.
-    pub stream: String,
-    /// The line, without its newline.
-    pub line: String,
-}
+/// Functions and their immutable versions.
+///
+/// Called from the admin path (deploy, list, delete) and at start-up, never
+/// per request: the platform keeps what requests need in memory.
+pub trait Registry: Send + Sync {
+    /// Records a new version of `function` (creating the function on its first
+    /// deploy) with the next version number, and makes it the function's live
+    /// version: the `live` alias moves to it, its canary is cleared and the
+    /// version it left is recorded as its previous one. Fails with [`StoreError::RouteTaken`] if another function
+    /// serves one of the routes, and with [`StoreError::Stale`] if `live`
+    /// is not where `expected_live` says (another deploy or move landed
+    /// since the caller looked); then nothing changes.
+    fn create_version(
+        &self,
+        function: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+        expected_live: Expected,
+    ) -> Result<VersionRecord>;
 
-/// A stored guest log line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogRecord {
-    /// Position in the node's log, increasing.
-    pub id: i64,
-    /// The line and its labels.
-    #[serde(flatten)]
-    pub line: NewLogLine,
+    /// One function with its live version.
+    fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
+
+    /// Every function with its live version, by name.
+    fn functions(&self) -> Result<Vec<FunctionRecord>>;
+
+    /// Every version of a function, newest first.
+    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
+
+    /// Deletes a function with all its versions, aliases and routes.
+    /// Returns whether it existed.
+    fn delete_function(&self, name: &str) -> Result<bool>;
+
+    /// One version of a function, if it exists.
+    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
+
+    /// A function's aliases: `live` first, then the others by name. Empty
+    /// when the function does not exist.
+    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
+
+    /// Points `alias` of `function` at `version`, with `canary` (or none),
+    /// creating the alias if needed. When the version changes, the one it
+    /// left becomes `previous_version`. Moving `live` makes the version's
+    /// routes the function's routes: [`StoreError::RouteTaken`] if another
+    /// function serves one of them. Fails with
+    /// [`StoreError::FunctionNotFound`] or [`StoreError::VersionNotFound`],
+    /// and with [`StoreError::Stale`] if the alias is not where `expected`
+    /// says; on any error nothing changes.
+    /// The move is added to the alias's history with `cause` and `detail`.
+    #[allow(clippy::too_many_arguments)]
+    fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+        expected: Expected,
+        cause: MoveCause,
+        detail: &str,
+    ) -> Result<AliasRecord>;
+
+    /// The last `limit` moves of `function`'s aliases (deploys, sets,
+    /// rollbacks, automatic canary decisions), newest first.
+    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
+
+    /// Deletes a named alias; returns whether it existed. `live` cannot be
+    /// deleted ([`StoreError::Conflict`]).
+    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
+
+    /// Deletes one version. Refused with [`StoreError::Conflict`], naming
+    /// the aliases, while any alias or canary points at it.
+    fn delete_version(&self, function: &str, version: u64) -> Result<()>;
+
+    /// Deletes the versions beyond the `keep` newest that no alias (or
+    /// canary) points at; returns their numbers. Blobs are left alone: they
+    /// are content-addressed and may be shared.
+    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
+
+    /// Changes to functions from now on, whoever made them (see
+    /// [`crate::changes`]): a node subscribes at start-up and rebuilds a
+    /// function's catalog entry on each, so a deploy or alias move on
+    /// another node reaches it.
+    fn watch(&self) -> ChangeFeed<RegistryChange>;
 }

@@ -1,23 +1,12 @@
-//! Tests of the embedded event store.
-use super::*;
+//! The event contracts: [`KvStore`], [`ObjectStore`], [`EventQueue`] and
+//! [`TriggerStore`], and the events a change causes.
+#![allow(missing_docs)] // Each case's name says what it checks.
 
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
-fn open(dir: &Path) -> EmbeddedEvents {
-    EmbeddedEvents::open(
-        &dir.join("events.db"),
-        BlobDir::open(dir.join("blobs")).unwrap(),
-    )
-    .unwrap()
-}
-
-fn store() -> (tempfile::TempDir, EmbeddedEvents) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    (dir, store)
-}
+use super::*;
 
 fn inbox_of(function: &str) -> QueueRef {
     QueueRef::Inbox(function.to_string())
@@ -25,8 +14,9 @@ fn inbox_of(function: &str) -> QueueRef {
 
 /// Claims up to 10 events of `function`'s inbox for a minute, settling
 /// `settled` first.
-fn claim_inbox(store: &EmbeddedEvents, settled: &[Settlement], function: &str) -> Vec<Delivery> {
+fn claim_inbox(store: &Stores, settled: &[Settlement], function: &str) -> Vec<Delivery> {
     store
+        .queues
         .settle_and_claim(settled, &inbox_of(function), 10, 60_000)
         .unwrap()
 }
@@ -122,17 +112,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Blob files in `<dir>/blobs/objects`, temporary files left out.
-fn object_files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("blobs").join("objects"))
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.starts_with(".tmp"))
-        .collect();
-    names.sort();
-    names
-}
-
 fn is_precondition_failed<T: std::fmt::Debug>(result: Result<T>) -> bool {
     matches!(result, Err(StoreError::PreconditionFailed(_)))
 }
@@ -149,39 +128,64 @@ fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).unwrap()
 }
 
+// ---------------------------------------------------------------- queues
+
+fn messages(texts: &[&str]) -> Vec<(Option<String>, Vec<u8>)> {
+    texts
+        .iter()
+        .map(|t| (Some("text/plain".to_string()), t.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Receives from `queue` until something comes, for up to five seconds.
+fn receive_within(store: &Stores, queue: &str) -> Vec<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = store.queues.receive(queue, 10, 60_000).unwrap();
+        if !got.is_empty() || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 // ---------------------------------------------------------------- KV
 
-#[test]
-fn kv_put_and_get_round_trip() {
-    let (_dir, store) = store();
+pub fn kv_put_and_get_round_trip<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let before = now();
-    let revision = store.kv_put("b", "k", b"value", KvCondition::Any).unwrap();
-    let entry = store.kv_get("b", "k").unwrap().unwrap();
+    let revision = store
+        .kv
+        .kv_put("b", "k", b"value", KvCondition::Any)
+        .unwrap();
+    let entry = store.kv.kv_get("b", "k").unwrap().unwrap();
     assert_eq!(entry.value, b"value");
     assert_eq!(entry.revision, revision);
     assert!(entry.updated_ms >= before && entry.updated_ms <= now());
-    assert!(store.kv_get("b", "missing").unwrap().is_none());
-    assert!(store.kv_get("other", "k").unwrap().is_none());
+    assert!(store.kv.kv_get("b", "missing").unwrap().is_none());
+    assert!(store.kv.kv_get("other", "k").unwrap().is_none());
 
     // Overwrite, and an empty value.
-    let second = store.kv_put("b", "k", b"", KvCondition::Any).unwrap();
-    let entry = store.kv_get("b", "k").unwrap().unwrap();
+    let second = store.kv.kv_put("b", "k", b"", KvCondition::Any).unwrap();
+    let entry = store.kv.kv_get("b", "k").unwrap().unwrap();
     assert!(entry.value.is_empty());
     assert_eq!(entry.revision, second);
 }
 
-#[test]
-fn kv_revisions_increase_across_keys_and_are_never_reused() {
-    let (_dir, store) = store();
+pub fn kv_revisions_increase_across_keys_and_are_never_reused<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let mut seen = vec![
-        store.kv_put("b", "a", b"1", KvCondition::Any).unwrap(),
-        store.kv_put("b", "b", b"1", KvCondition::Any).unwrap(),
-        store.kv_put("c", "a", b"1", KvCondition::Any).unwrap(),
-        store.kv_put("b", "a", b"2", KvCondition::Any).unwrap(),
+        store.kv.kv_put("b", "a", b"1", KvCondition::Any).unwrap(),
+        store.kv.kv_put("b", "b", b"1", KvCondition::Any).unwrap(),
+        store.kv.kv_put("c", "a", b"1", KvCondition::Any).unwrap(),
+        store.kv.kv_put("b", "a", b"2", KvCondition::Any).unwrap(),
     ];
-    assert!(store.kv_delete("b", "a", KvCondition::Any).unwrap());
-    assert!(store.kv_get("b", "a").unwrap().is_none());
-    let recreated = store.kv_put("b", "a", b"3", KvCondition::Absent).unwrap();
+    assert!(store.kv.kv_delete("b", "a", KvCondition::Any).unwrap());
+    assert!(store.kv.kv_get("b", "a").unwrap().is_none());
+    let recreated = store
+        .kv
+        .kv_put("b", "a", b"3", KvCondition::Absent)
+        .unwrap();
     seen.push(recreated);
     assert!(
         seen.windows(2).all(|w| w[0] < w[1]),
@@ -189,174 +193,185 @@ fn kv_revisions_increase_across_keys_and_are_never_reused() {
     );
     assert!(seen[0] >= 1);
     // A compare-and-swap with the revision from before the delete fails.
-    assert!(is_precondition_failed(store.kv_put(
+    assert!(is_precondition_failed(store.kv.kv_put(
         "b",
         "a",
         b"4",
         KvCondition::Revision(seen[3])
     )));
-    assert_eq!(store.kv_get("b", "a").unwrap().unwrap().value, b"3");
+    assert_eq!(store.kv.kv_get("b", "a").unwrap().unwrap().value, b"3");
 }
 
-#[test]
-fn kv_compare_and_swap_by_revision() {
-    let (_dir, store) = store();
-    let r1 = store.kv_put("b", "k", b"one", KvCondition::Any).unwrap();
+pub fn kv_compare_and_swap_by_revision<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let r1 = store.kv.kv_put("b", "k", b"one", KvCondition::Any).unwrap();
     let r2 = store
+        .kv
         .kv_put("b", "k", b"two", KvCondition::Revision(r1))
         .unwrap();
     assert!(r2 > r1);
 
     // The old revision no longer matches: nothing changes.
     let err = store
+        .kv
         .kv_put("b", "k", b"three", KvCondition::Revision(r1))
         .unwrap_err();
     assert!(matches!(err, StoreError::PreconditionFailed(_)), "{err:?}");
-    let entry = store.kv_get("b", "k").unwrap().unwrap();
+    let entry = store.kv.kv_get("b", "k").unwrap().unwrap();
     assert_eq!(entry.value, b"two");
     assert_eq!(entry.revision, r2);
 
     // A revision for a key that does not exist fails too.
-    assert!(is_precondition_failed(store.kv_put(
+    assert!(is_precondition_failed(store.kv.kv_put(
         "b",
         "new",
         b"x",
         KvCondition::Revision(r2)
     )));
-    assert!(store.kv_get("b", "new").unwrap().is_none());
+    assert!(store.kv.kv_get("b", "new").unwrap().is_none());
 
     // The following write still gets a larger revision.
     let r3 = store
+        .kv
         .kv_put("b", "k", b"three", KvCondition::Revision(r2))
         .unwrap();
     assert!(r3 > r2);
 }
 
-#[test]
-fn kv_put_if_absent() {
-    let (_dir, store) = store();
+pub fn kv_put_if_absent<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let r1 = store
+        .kv
         .kv_put("b", "k", b"first", KvCondition::Absent)
         .unwrap();
-    assert!(is_precondition_failed(store.kv_put(
+    assert!(is_precondition_failed(store.kv.kv_put(
         "b",
         "k",
         b"second",
         KvCondition::Absent
     )));
-    let entry = store.kv_get("b", "k").unwrap().unwrap();
+    let entry = store.kv.kv_get("b", "k").unwrap().unwrap();
     assert_eq!(entry.value, b"first");
     assert_eq!(entry.revision, r1);
     // Same key in another bucket is absent there.
     store
+        .kv
         .kv_put("c", "k", b"other", KvCondition::Absent)
         .unwrap();
 }
 
-#[test]
-fn kv_delete_with_conditions() {
-    let (_dir, store) = store();
-    let r1 = store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+pub fn kv_delete_with_conditions<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let r1 = store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
 
-    assert!(is_precondition_failed(store.kv_delete(
+    assert!(is_precondition_failed(store.kv.kv_delete(
         "b",
         "k",
         KvCondition::Revision(r1 + 100)
     )));
-    assert!(store.kv_get("b", "k").unwrap().is_some());
-    assert!(is_precondition_failed(store.kv_delete(
+    assert!(store.kv.kv_get("b", "k").unwrap().is_some());
+    assert!(is_precondition_failed(store.kv.kv_delete(
         "b",
         "k",
         KvCondition::Absent
     )));
-    assert!(store.kv_get("b", "k").unwrap().is_some());
+    assert!(store.kv.kv_get("b", "k").unwrap().is_some());
 
     assert!(
         store
+            .kv
             .kv_delete("b", "k", KvCondition::Revision(r1))
             .unwrap()
     );
-    assert!(store.kv_get("b", "k").unwrap().is_none());
-    assert!(!store.kv_delete("b", "k", KvCondition::Any).unwrap());
-    assert!(is_precondition_failed(store.kv_delete(
+    assert!(store.kv.kv_get("b", "k").unwrap().is_none());
+    assert!(!store.kv.kv_delete("b", "k", KvCondition::Any).unwrap());
+    assert!(is_precondition_failed(store.kv.kv_delete(
         "b",
         "k",
         KvCondition::Revision(r1)
     )));
 }
 
-#[test]
-fn kv_list_by_prefix_with_paging() {
-    let (_dir, store) = store();
+pub fn kv_list_by_prefix_with_paging<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     for key in ["a/1", "a/2", "a/3", "a/30", "ab", "b/1", "a", "é/1"] {
         store
+            .kv
             .kv_put("b", key, key.as_bytes(), KvCondition::Any)
             .unwrap();
     }
     store
+        .kv
         .kv_put("other", "a/9", b"x", KvCondition::Any)
         .unwrap();
 
-    let all = store.kv_list("b", "", "", 100).unwrap();
+    let all = store.kv.kv_list("b", "", "", 100).unwrap();
     assert_eq!(
         keys(&all),
         ["a", "a/1", "a/2", "a/3", "a/30", "ab", "b/1", "é/1"]
     );
 
-    let first = store.kv_list("b", "a/", "", 2).unwrap();
+    let first = store.kv.kv_list("b", "a/", "", 2).unwrap();
     assert_eq!(keys(&first), ["a/1", "a/2"]);
-    let second = store.kv_list("b", "a/", &first[1].key, 2).unwrap();
+    let second = store.kv.kv_list("b", "a/", &first[1].key, 2).unwrap();
     assert_eq!(keys(&second), ["a/3", "a/30"]);
-    let third = store.kv_list("b", "a/", &second[1].key, 2).unwrap();
+    let third = store.kv.kv_list("b", "a/", &second[1].key, 2).unwrap();
     assert!(third.is_empty());
 
     // Size and revision of each key.
-    let entry = store.kv_get("b", "a/30").unwrap().unwrap();
+    let entry = store.kv.kv_get("b", "a/30").unwrap().unwrap();
     let listed = &second[1];
     assert_eq!(listed.size, 4);
     assert_eq!(listed.revision, entry.revision);
     assert_eq!(listed.updated_ms, entry.updated_ms);
 
-    assert_eq!(keys(&store.kv_list("b", "é", "", 10).unwrap()), ["é/1"]);
-    assert!(store.kv_list("b", "a/", "", 0).unwrap().is_empty());
-    assert!(store.kv_list("b", "zz", "", 10).unwrap().is_empty());
-    assert!(store.kv_list("none", "", "", 10).unwrap().is_empty());
+    assert_eq!(keys(&store.kv.kv_list("b", "é", "", 10).unwrap()), ["é/1"]);
+    assert!(store.kv.kv_list("b", "a/", "", 0).unwrap().is_empty());
+    assert!(store.kv.kv_list("b", "zz", "", 10).unwrap().is_empty());
+    assert!(store.kv.kv_list("none", "", "", 10).unwrap().is_empty());
     // `after` before the prefix's range changes nothing.
     assert_eq!(
-        keys(&store.kv_list("b", "a/3", "0", 10).unwrap()),
+        keys(&store.kv.kv_list("b", "a/3", "0", 10).unwrap()),
         ["a/3", "a/30"]
     );
 }
 
-#[test]
-fn kv_list_prefix_is_literal() {
-    let (_dir, store) = store();
+pub fn kv_list_prefix_is_literal<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     for key in ["a%b", "a%c", "axb", "a_b", "aXb", "a/b", "a\\b", "abc"] {
-        store.kv_put("b", key, b"1", KvCondition::Any).unwrap();
+        store.kv.kv_put("b", key, b"1", KvCondition::Any).unwrap();
     }
     // As LIKE patterns, `a%` would match everything and `a_` most keys.
     assert_eq!(
-        keys(&store.kv_list("b", "a%", "", 10).unwrap()),
+        keys(&store.kv.kv_list("b", "a%", "", 10).unwrap()),
         ["a%b", "a%c"]
     );
-    assert_eq!(keys(&store.kv_list("b", "a_", "", 10).unwrap()), ["a_b"]);
-    assert_eq!(keys(&store.kv_list("b", "a/", "", 10).unwrap()), ["a/b"]);
-    assert_eq!(keys(&store.kv_list("b", "a\\", "", 10).unwrap()), ["a\\b"]);
-    assert_eq!(keys(&store.kv_list("b", "a%", "a%b", 10).unwrap()), ["a%c"]);
-    assert!(store.kv_list("b", "%", "", 10).unwrap().is_empty());
-    assert!(store.kv_list("b", "_", "", 10).unwrap().is_empty());
+    assert_eq!(keys(&store.kv.kv_list("b", "a_", "", 10).unwrap()), ["a_b"]);
+    assert_eq!(keys(&store.kv.kv_list("b", "a/", "", 10).unwrap()), ["a/b"]);
+    assert_eq!(
+        keys(&store.kv.kv_list("b", "a\\", "", 10).unwrap()),
+        ["a\\b"]
+    );
+    assert_eq!(
+        keys(&store.kv.kv_list("b", "a%", "a%b", 10).unwrap()),
+        ["a%c"]
+    );
+    assert!(store.kv.kv_list("b", "%", "", 10).unwrap().is_empty());
+    assert!(store.kv.kv_list("b", "_", "", 10).unwrap().is_empty());
 }
 
-#[test]
-fn kv_buckets_count_keys_and_bytes() {
-    let (_dir, store) = store();
-    assert!(store.kv_buckets().unwrap().is_empty());
-    store.kv_put("b", "x", b"12345", KvCondition::Any).unwrap();
-    store.kv_put("b", "y", b"123", KvCondition::Any).unwrap();
-    store.kv_put("a", "x", b"", KvCondition::Any).unwrap();
-    store.kv_put("b", "x", b"1", KvCondition::Any).unwrap();
+pub fn kv_buckets_count_keys_and_bytes<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    assert!(store.kv.kv_buckets().unwrap().is_empty());
+    store
+        .kv
+        .kv_put("b", "x", b"12345", KvCondition::Any)
+        .unwrap();
+    store.kv.kv_put("b", "y", b"123", KvCondition::Any).unwrap();
+    store.kv.kv_put("a", "x", b"", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "x", b"1", KvCondition::Any).unwrap();
     assert_eq!(
-        store.kv_buckets().unwrap(),
+        store.kv.kv_buckets().unwrap(),
         [
             BucketStats {
                 bucket: "a".into(),
@@ -370,10 +385,10 @@ fn kv_buckets_count_keys_and_bytes() {
             },
         ]
     );
-    store.kv_delete("a", "x", KvCondition::Any).unwrap();
-    store.kv_delete("b", "y", KvCondition::Any).unwrap();
+    store.kv.kv_delete("a", "x", KvCondition::Any).unwrap();
+    store.kv.kv_delete("b", "y", KvCondition::Any).unwrap();
     assert_eq!(
-        store.kv_buckets().unwrap(),
+        store.kv.kv_buckets().unwrap(),
         [BucketStats {
             bucket: "b".into(),
             entries: 1,
@@ -384,9 +399,8 @@ fn kv_buckets_count_keys_and_bytes() {
 
 // ---------------------------------------------------------------- KV triggers
 
-#[test]
-fn kv_trigger_delivers_puts_and_deletes_under_its_prefix() {
-    let (_dir, store) = store();
+pub fn kv_trigger_delivers_puts_and_deletes_under_its_prefix<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let spec = TriggerSpec {
         source: TriggerSource::Kv {
             bucket: "b".into(),
@@ -398,32 +412,41 @@ fn kv_trigger_delivers_puts_and_deletes_under_its_prefix() {
         },
         alias: None,
     };
-    let (trigger, created) = store.add_trigger("f", &spec).unwrap();
+    let (trigger, created) = store.triggers.add_trigger("f", &spec).unwrap();
     assert!(created);
 
     let before = now();
     store
+        .kv
         .kv_put("b", "p/x", b"hello", KvCondition::Any)
         .unwrap();
     store
+        .kv
         .kv_put("b", "q/x", b"outside", KvCondition::Any)
         .unwrap();
     store
+        .kv
         .kv_put("b", "p", b"prefix only", KvCondition::Any)
         .unwrap();
     store
+        .kv
         .kv_put("c", "p/x", b"other bucket", KvCondition::Any)
         .unwrap();
     // A failed write emits nothing, nor does deleting a missing key.
-    assert!(is_precondition_failed(store.kv_put(
+    assert!(is_precondition_failed(store.kv.kv_put(
         "b",
         "p/x",
         b"nope",
         KvCondition::Absent
     )));
-    assert!(!store.kv_delete("b", "p/missing", KvCondition::Any).unwrap());
-    store.kv_put("b", "p/y", b"y", KvCondition::Any).unwrap();
-    assert!(store.kv_delete("b", "p/x", KvCondition::Any).unwrap());
+    assert!(
+        !store
+            .kv
+            .kv_delete("b", "p/missing", KvCondition::Any)
+            .unwrap()
+    );
+    store.kv.kv_put("b", "p/y", b"y", KvCondition::Any).unwrap();
+    assert!(store.kv.kv_delete("b", "p/x", KvCondition::Any).unwrap());
 
     // p/x's put and p/y's put first (p/x's delete waits for its put).
     let got = claim_inbox(&store, &[], "f");
@@ -452,30 +475,34 @@ fn kv_trigger_delivers_puts_and_deletes_under_its_prefix() {
     assert!(delete.event.data.is_empty());
 
     assert!(claim_inbox(&store, &[ack(delete)], "f").is_empty());
-    assert_eq!(store.next_visible(&inbox_of("f")).unwrap(), None);
+    assert_eq!(store.queues.next_visible(&inbox_of("f")).unwrap(), None);
     // Nobody else got anything.
     assert!(claim_inbox(&store, &[], "g").is_empty());
 }
 
-#[test]
-fn kv_trigger_prefix_is_literal() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "a_")).unwrap();
-    store.kv_put("b", "ab", b"1", KvCondition::Any).unwrap();
-    store.kv_put("b", "a%", b"1", KvCondition::Any).unwrap();
-    store.kv_put("b", "a_1", b"1", KvCondition::Any).unwrap();
+pub fn kv_trigger_prefix_is_literal<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store
+        .triggers
+        .add_trigger("f", &kv_spec("b", "a_"))
+        .unwrap();
+    store.kv.kv_put("b", "ab", b"1", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "a%", b"1", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "a_1", b"1", KvCondition::Any).unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].event.subject.as_deref(), Some("a_1"));
 }
 
-#[test]
-fn kv_events_are_delivered_one_at_a_time_per_key() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    store.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
-    store.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
-    store.kv_put("b", "other", b"1", KvCondition::Any).unwrap();
+pub fn kv_events_are_delivered_one_at_a_time_per_key<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    store.kv.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
+    store
+        .kv
+        .kv_put("b", "other", b"1", KvCondition::Any)
+        .unwrap();
 
     let got = claim_inbox(&store, &[], "f");
     let seen: Vec<(Option<&str>, &[u8])> = got
@@ -494,15 +521,14 @@ fn kv_events_are_delivered_one_at_a_time_per_key() {
     assert_eq!(got[0].event.data, b"2");
     assert_eq!(got[0].attempt, 1);
     assert!(claim_inbox(&store, &[ack(&got[0]), ack(other)], "f").is_empty());
-    assert!(store.depths().unwrap().is_empty());
+    assert!(store.queues.depths().unwrap().is_empty());
 }
 
-#[test]
-fn a_retried_kv_event_still_blocks_later_ones_of_its_key() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    store.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
-    store.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
+pub fn a_retried_kv_event_still_blocks_later_ones_of_its_key<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    store.kv.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
 
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1, "{got:?}");
@@ -521,7 +547,7 @@ fn a_retried_kv_event_still_blocks_later_ones_of_its_key() {
     assert!(claim_inbox(&store, &[retry(&first, 60_000)], "f").is_empty());
 
     // A retry is not a lease: restarting the dispatcher does not hand it out.
-    store.release_leases().unwrap();
+    store.queues.release_leases().unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert!(got.is_empty(), "{got:?}");
 
@@ -542,15 +568,14 @@ fn a_retried_kv_event_still_blocks_later_ones_of_its_key() {
     let got = claim_inbox(&store, &[dead(&got[0], "f", "gave up")], "f");
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].event.data, b"2");
-    assert_eq!(store.dead_letters("f", 0, 10).unwrap().len(), 1);
+    assert_eq!(store.queues.dead_letters("f", 0, 10).unwrap().len(), 1);
 }
 
-#[test]
-fn next_visible_ignores_events_waiting_behind_their_key() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    store.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
-    store.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
+pub fn next_visible_ignores_events_waiting_behind_their_key<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    store.kv.kv_put("b", "k", b"1", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "k", b"2", KvCondition::Any).unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     let before = now();
@@ -558,19 +583,18 @@ fn next_visible_ignores_events_waiting_behind_their_key() {
     // Nothing can be claimed before the retried head of `k` is due, so the
     // dispatcher should sleep until then rather than poll at once (or at
     // its idle interval, which delays a short backoff).
-    let next = store.next_visible(&inbox_of("f")).unwrap().unwrap();
+    let next = store.queues.next_visible(&inbox_of("f")).unwrap().unwrap();
     assert!(
         next >= before + 60_000,
         "next visible at {next}, before {before}"
     );
 }
 
-#[test]
-fn every_watching_function_gets_its_own_copy() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    store.add_trigger("g", &kv_spec("b", "k")).unwrap();
-    store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+pub fn every_watching_function_gets_its_own_copy<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    store.triggers.add_trigger("g", &kv_spec("b", "k")).unwrap();
+    store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
     let f = claim_inbox(&store, &[], "f");
     let g = claim_inbox(&store, &[], "g");
     assert_eq!((f.len(), g.len()), (1, 1));
@@ -579,110 +603,16 @@ fn every_watching_function_gets_its_own_copy() {
     assert_ne!(f[0].trigger_id, g[0].trigger_id);
 }
 
-#[test]
-fn a_removed_kv_trigger_emits_nothing() {
-    let (_dir, store) = store();
-    let (trigger, _) = store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    assert!(store.remove_trigger(trigger.id).unwrap());
-    store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+pub fn a_removed_kv_trigger_emits_nothing<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let (trigger, _) = store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    assert!(store.triggers.remove_trigger(trigger.id).unwrap());
+    store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
     assert!(claim_inbox(&store, &[], "f").is_empty());
 }
 
-// ---------------------------------------------------------------- objects
-
-#[test]
-fn object_put_and_get() {
-    let (dir, store) = store();
-    let before = now();
-    let meta = store
-        .object_put("pics", "cat.png", b"meow", "image/png")
-        .unwrap();
-    let hex = sha256_hex(b"meow");
-    assert_eq!(meta.bucket, "pics");
-    assert_eq!(meta.key, "cat.png");
-    assert_eq!(meta.size, 4);
-    assert_eq!(meta.etag, format!("\"{hex}\""));
-    assert_eq!(meta.content_type, "image/png");
-    assert!(meta.modified_ms >= before && meta.modified_ms <= now());
-
-    let (got, path) = store.object_get("pics", "cat.png").unwrap().unwrap();
-    assert_eq!(got, meta);
-    assert_eq!(std::fs::read(&path).unwrap(), b"meow");
-    assert_eq!(path, dir.path().join("blobs").join("objects").join(&hex));
-
-    assert!(store.object_get("pics", "dog.png").unwrap().is_none());
-    assert!(store.object_get("other", "cat.png").unwrap().is_none());
-    assert!(!store.object_delete("pics", "dog.png").unwrap());
-
-    // Empty objects are objects too.
-    let empty = store
-        .object_put("pics", "empty", b"", "text/plain")
-        .unwrap();
-    assert_eq!(empty.size, 0);
-    let (_, path) = store.object_get("pics", "empty").unwrap().unwrap();
-    assert!(std::fs::read(path).unwrap().is_empty());
-}
-
-#[test]
-fn objects_with_the_same_bytes_share_a_blob() {
-    let (dir, store) = store();
-    let hex = sha256_hex(b"same bytes");
-    store
-        .object_put("a", "one", b"same bytes", "text/plain")
-        .unwrap();
-    store
-        .object_put("b", "two", b"same bytes", "application/json")
-        .unwrap();
-    assert_eq!(object_files(dir.path()), std::slice::from_ref(&hex));
-    let (_, p1) = store.object_get("a", "one").unwrap().unwrap();
-    let (m2, p2) = store.object_get("b", "two").unwrap().unwrap();
-    assert_eq!(p1, p2);
-    assert_eq!(m2.content_type, "application/json");
-
-    assert!(store.object_delete("a", "one").unwrap());
-    assert_eq!(object_files(dir.path()), std::slice::from_ref(&hex));
-    assert!(store.object_get("a", "one").unwrap().is_none());
-    let (_, path) = store.object_get("b", "two").unwrap().unwrap();
-    assert_eq!(std::fs::read(path).unwrap(), b"same bytes");
-
-    assert!(store.object_delete("b", "two").unwrap());
-    assert!(object_files(dir.path()).is_empty());
-    assert!(!store.object_delete("b", "two").unwrap());
-}
-
-#[test]
-fn overwriting_an_object_collects_its_old_blob_when_unused() {
-    let (dir, store) = store();
-    let (old, new) = (sha256_hex(b"old"), sha256_hex(b"new"));
-    store.object_put("b", "k", b"old", "text/plain").unwrap();
-    let meta = store.object_put("b", "k", b"new", "text/html").unwrap();
-    assert_eq!(meta.etag, format!("\"{new}\""));
-    assert_eq!(object_files(dir.path()), std::slice::from_ref(&new));
-    let (got, path) = store.object_get("b", "k").unwrap().unwrap();
-    assert_eq!(got.size, 3);
-    assert_eq!(got.content_type, "text/html");
-    assert_eq!(std::fs::read(path).unwrap(), b"new");
-
-    // Rewriting the same bytes keeps the blob.
-    store.object_put("b", "k", b"new", "text/plain").unwrap();
-    assert_eq!(object_files(dir.path()), std::slice::from_ref(&new));
-
-    // An old blob another key still uses stays.
-    store.object_put("b", "k2", b"new", "text/plain").unwrap();
-    store.object_put("b", "k", b"old", "text/plain").unwrap();
-    let mut both = vec![old.clone(), new.clone()];
-    both.sort();
-    assert_eq!(object_files(dir.path()), both);
-    let (_, path) = store.object_get("b", "k2").unwrap().unwrap();
-    assert_eq!(std::fs::read(path).unwrap(), b"new");
-
-    store.object_put("b", "k2", b"old", "text/plain").unwrap();
-    assert_eq!(object_files(dir.path()), [old]);
-}
-
-#[test]
-fn object_list_by_prefix_with_paging() {
-    let (_dir, store) = store();
+pub fn object_list_by_prefix_with_paging<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     for key in [
         "img/a.png",
         "img/b.png",
@@ -693,33 +623,47 @@ fn object_list_by_prefix_with_paging() {
         "doc/a",
     ] {
         store
+            .objects
             .object_put("b", key, key.as_bytes(), "text/plain")
             .unwrap();
     }
     store
+        .objects
         .object_put("other", "img/z.png", b"z", "text/plain")
         .unwrap();
 
-    let page = store.object_list("b", "img/", "", 2).unwrap();
+    let page = store.objects.object_list("b", "img/", "", 2).unwrap();
     assert_eq!(object_keys(&page), ["img/a.png", "img/b.png"]);
     assert_eq!(page[0].size, 9);
     assert_eq!(page[0].etag, format!("\"{}\"", sha256_hex(b"img/a.png")));
     assert_eq!(page[0].bucket, "b");
     assert_eq!(page[0].content_type, "text/plain");
-    let page = store.object_list("b", "img/", "img/b.png", 2).unwrap();
+    let page = store
+        .objects
+        .object_list("b", "img/", "img/b.png", 2)
+        .unwrap();
     assert_eq!(object_keys(&page), ["img/c.jpg"]);
     assert_eq!(
-        object_keys(&store.object_list("b", "img%", "", 10).unwrap()),
+        object_keys(&store.objects.object_list("b", "img%", "", 10).unwrap()),
         ["img%x"]
     );
     assert_eq!(
-        object_keys(&store.object_list("b", "img_", "", 10).unwrap()),
+        object_keys(&store.objects.object_list("b", "img_", "", 10).unwrap()),
         ["img_y"]
     );
-    assert_eq!(store.object_list("b", "", "", 100).unwrap().len(), 7);
-    assert!(store.object_list("none", "", "", 100).unwrap().is_empty());
+    assert_eq!(
+        store.objects.object_list("b", "", "", 100).unwrap().len(),
+        7
+    );
+    assert!(
+        store
+            .objects
+            .object_list("none", "", "", 100)
+            .unwrap()
+            .is_empty()
+    );
 
-    let buckets = store.object_buckets().unwrap();
+    let buckets = store.objects.object_buckets().unwrap();
     let total: u64 = [
         "img/a.png",
         "img/b.png",
@@ -749,9 +693,8 @@ fn object_list_by_prefix_with_paging() {
     );
 }
 
-#[test]
-fn object_triggers_filter_by_prefix_suffix_and_change() {
-    let (_dir, store) = store();
+pub fn object_triggers_filter_by_prefix_suffix_and_change<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let deletes = TriggerSpec {
         source: TriggerSource::Object {
             bucket: "b".into(),
@@ -764,19 +707,23 @@ fn object_triggers_filter_by_prefix_suffix_and_change() {
     };
     let everything: TriggerSpec =
         serde_json::from_str(r#"{"source":{"kind":"object","bucket":"b"}}"#).unwrap();
-    let (deletes_trigger, _) = store.add_trigger("f", &deletes).unwrap();
-    let (everything_trigger, _) = store.add_trigger("g", &everything).unwrap();
+    let (deletes_trigger, _) = store.triggers.add_trigger("f", &deletes).unwrap();
+    let (everything_trigger, _) = store.triggers.add_trigger("g", &everything).unwrap();
 
     store
+        .objects
         .object_put("b", "img/a.png", b"png!", "image/png")
         .unwrap();
     store
+        .objects
         .object_put("b", "img/a.jpg", b"jpg", "image/jpeg")
         .unwrap();
     store
+        .objects
         .object_put("b", "doc/a.png", b"doc", "image/png")
         .unwrap();
     store
+        .objects
         .object_put("c", "img/a.png", b"c", "image/png")
         .unwrap();
     assert!(claim_inbox(&store, &[], "f").is_empty());
@@ -798,10 +745,10 @@ fn object_triggers_filter_by_prefix_suffix_and_change() {
     assert_eq!(data["etag"], format!("\"{}\"", sha256_hex(b"png!")));
     assert_eq!(data["event"], "created");
 
-    assert!(store.object_delete("b", "img/a.jpg").unwrap());
-    assert!(store.object_delete("b", "doc/a.png").unwrap());
+    assert!(store.objects.object_delete("b", "img/a.jpg").unwrap());
+    assert!(store.objects.object_delete("b", "doc/a.png").unwrap());
     assert!(claim_inbox(&store, &[], "f").is_empty());
-    assert!(store.object_delete("b", "img/a.png").unwrap());
+    assert!(store.objects.object_delete("b", "img/a.png").unwrap());
 
     let deleted = claim_inbox(&store, &[], "f");
     assert_eq!(deleted.len(), 1, "{deleted:?}");
@@ -821,25 +768,16 @@ fn object_triggers_filter_by_prefix_suffix_and_change() {
     assert_eq!(types, ["dev.mayfly.object.deleted"; 3]);
 }
 
-// ---------------------------------------------------------------- queues
-
-fn messages(texts: &[&str]) -> Vec<(Option<String>, Vec<u8>)> {
-    texts
-        .iter()
-        .map(|t| (Some("text/plain".to_string()), t.as_bytes().to_vec()))
-        .collect()
-}
-
-#[test]
-fn queue_send_receive_ack() {
-    let (_dir, store) = store();
+pub fn queue_send_receive_ack<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let ids = store
+        .queues
         .send("q", &messages(&["one", "two", "three"]))
         .unwrap();
     assert_eq!(ids.len(), 3);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
 
-    let got = store.receive("q", 2, 60_000).unwrap();
+    let got = store.queues.receive("q", 2, 60_000).unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].id, ids[0]);
     assert_eq!(got[0].attempt, 1);
@@ -854,20 +792,29 @@ fn queue_send_receive_ack() {
     assert_eq!(got[0].trigger_id, None);
     assert_ne!(got[0].event.id, got[1].event.id);
 
-    let rest = store.receive("q", 10, 60_000).unwrap();
+    let rest = store.queues.receive("q", 10, 60_000).unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].id, ids[2]);
-    assert!(store.receive("q", 10, 60_000).unwrap().is_empty());
-    assert!(store.receive("other", 10, 60_000).unwrap().is_empty());
+    assert!(store.queues.receive("q", 10, 60_000).unwrap().is_empty());
+    assert!(
+        store
+            .queues
+            .receive("other", 10, 60_000)
+            .unwrap()
+            .is_empty()
+    );
 
-    assert_eq!(store.ack("q", ids[0], 1).unwrap(), AckOutcome::Acked);
-    assert_eq!(store.ack("q", ids[0], 1).unwrap(), AckOutcome::Gone);
+    assert_eq!(store.queues.ack("q", ids[0], 1).unwrap(), AckOutcome::Acked);
+    assert_eq!(store.queues.ack("q", ids[0], 1).unwrap(), AckOutcome::Gone);
     // A receipt is only good on its own queue.
-    assert_eq!(store.ack("other", ids[1], 1).unwrap(), AckOutcome::Gone);
-    assert_eq!(store.ack("q", ids[1], 2).unwrap(), AckOutcome::Stale);
-    assert_eq!(store.ack("q", ids[1], 1).unwrap(), AckOutcome::Acked);
     assert_eq!(
-        store.queues().unwrap(),
+        store.queues.ack("other", ids[1], 1).unwrap(),
+        AckOutcome::Gone
+    );
+    assert_eq!(store.queues.ack("q", ids[1], 2).unwrap(), AckOutcome::Stale);
+    assert_eq!(store.queues.ack("q", ids[1], 1).unwrap(), AckOutcome::Acked);
+    assert_eq!(
+        store.queues.queues().unwrap(),
         [QueueStats {
             queue: "q".into(),
             messages: 1,
@@ -876,23 +823,10 @@ fn queue_send_receive_ack() {
     );
 }
 
-/// Receives from `queue` until something comes, for up to five seconds.
-fn receive_within(store: &EmbeddedEvents, queue: &str) -> Vec<Delivery> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = store.receive(queue, 10, 60_000).unwrap();
-        if !got.is_empty() || Instant::now() > deadline {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-#[test]
-fn an_expired_visibility_redelivers_with_the_next_attempt() {
-    let (_dir, store) = store();
-    let ids = store.send("q", &[(None, b"m".to_vec())]).unwrap();
-    let first = store.receive("q", 10, 1).unwrap();
+pub fn an_expired_visibility_redelivers_with_the_next_attempt<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let ids = store.queues.send("q", &[(None, b"m".to_vec())]).unwrap();
+    let first = store.queues.receive("q", 10, 1).unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
     assert_eq!(first[0].event.content_type, None);
@@ -907,29 +841,29 @@ fn an_expired_visibility_redelivers_with_the_next_attempt() {
     assert_eq!(again[0].event.subject, Some(ids[0].to_string()));
     assert_eq!(again[0].event.data, b"m");
 
-    assert_eq!(store.ack("q", ids[0], 1).unwrap(), AckOutcome::Stale);
-    assert_eq!(store.queues().unwrap()[0].messages, 1);
-    assert_eq!(store.ack("q", ids[0], 2).unwrap(), AckOutcome::Acked);
-    assert!(store.queues().unwrap().is_empty());
+    assert_eq!(store.queues.ack("q", ids[0], 1).unwrap(), AckOutcome::Stale);
+    assert_eq!(store.queues.queues().unwrap()[0].messages, 1);
+    assert_eq!(store.queues.ack("q", ids[0], 2).unwrap(), AckOutcome::Acked);
+    assert!(store.queues.queues().unwrap().is_empty());
 }
 
-#[test]
-fn queue_stats_count_messages_and_in_flight_but_not_inboxes() {
-    let (_dir, store) = store();
-    assert!(store.queues().unwrap().is_empty());
-    store.send("b", &messages(&["1", "2", "3"])).unwrap();
-    store.send("a", &messages(&["1"])).unwrap();
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
-    store.add_trigger("g", &kv_spec("kv", "")).unwrap();
-    store.kv_put("kv", "k", b"v", KvCondition::Any).unwrap();
-    store.receive("b", 2, 60_000).unwrap();
+pub fn queue_stats_count_messages_and_in_flight_but_not_inboxes<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    assert!(store.queues.queues().unwrap().is_empty());
+    store.queues.send("b", &messages(&["1", "2", "3"])).unwrap();
+    store.queues.send("a", &messages(&["1"])).unwrap();
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+    store.triggers.add_trigger("g", &kv_spec("kv", "")).unwrap();
+    store.kv.kv_put("kv", "k", b"v", KvCondition::Any).unwrap();
+    store.queues.receive("b", 2, 60_000).unwrap();
     // A dispatcher's claim of a named queue counts as in flight too.
     store
+        .queues
         .settle_and_claim(&[], &QueueRef::Named("a".into()), 10, 60_000)
         .unwrap();
 
     assert_eq!(
-        store.queues().unwrap(),
+        store.queues.queues().unwrap(),
         [
             QueueStats {
                 queue: "a".into(),
@@ -944,7 +878,7 @@ fn queue_stats_count_messages_and_in_flight_but_not_inboxes() {
         ]
     );
 
-    let mut depths = store.depths().unwrap();
+    let mut depths = store.queues.depths().unwrap();
     depths.sort_by_key(|(q, _)| format!("{q:?}"));
     assert_eq!(
         depths,
@@ -957,17 +891,17 @@ fn queue_stats_count_messages_and_in_flight_but_not_inboxes() {
     );
 }
 
-#[test]
-fn receive_does_not_reach_inboxes() {
-    let (_dir, store) = store();
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
-    assert!(store.receive("f", 10, 60_000).unwrap().is_empty());
+pub fn receive_does_not_reach_inboxes<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+    assert!(store.queues.receive("f", 10, 60_000).unwrap().is_empty());
     // And the dispatcher's inbox claim does not take named queue messages.
-    store.send("f", &messages(&["m"])).unwrap();
+    store.queues.send("f", &messages(&["m"])).unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event.id, "e1");
     let named = store
+        .queues
         .settle_and_claim(&[], &QueueRef::Named("f".into()), 10, 60_000)
         .unwrap();
     assert_eq!(named.len(), 1);
@@ -976,10 +910,12 @@ fn receive_does_not_reach_inboxes() {
 
 // ---------------------------------------------------------------- dispatcher
 
-#[test]
-fn enqueued_events_keep_their_attributes() {
-    let (_dir, store) = store();
-    let id = store.enqueue("f", &inbox_event("e1", b"payload")).unwrap();
+pub fn enqueued_events_keep_their_attributes<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let id = store
+        .queues
+        .enqueue("f", &inbox_event("e1", b"payload"))
+        .unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     let d = &got[0];
@@ -997,40 +933,41 @@ fn enqueued_events_keep_their_attributes() {
     );
     assert!(d.enqueued_ms <= now());
     // max is honoured.
-    store.enqueue("f", &inbox_event("e2", b"")).unwrap();
-    store.enqueue("f", &inbox_event("e3", b"")).unwrap();
+    store.queues.enqueue("f", &inbox_event("e2", b"")).unwrap();
+    store.queues.enqueue("f", &inbox_event("e3", b"")).unwrap();
     let got = store
+        .queues
         .settle_and_claim(&[ack(d)], &inbox_of("f"), 1, 60_000)
         .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event.id, "e2");
     assert!(
         store
+            .queues
             .settle_and_claim(&[], &inbox_of("f"), 0, 60_000)
             .unwrap()
             .is_empty()
     );
 }
 
-#[test]
-fn a_retry_hides_the_event_until_its_delay() {
-    let (_dir, store) = store();
-    assert_eq!(store.next_visible(&inbox_of("f")).unwrap(), None);
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
-    let next = store.next_visible(&inbox_of("f")).unwrap().unwrap();
+pub fn a_retry_hides_the_event_until_its_delay<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    assert_eq!(store.queues.next_visible(&inbox_of("f")).unwrap(), None);
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+    let next = store.queues.next_visible(&inbox_of("f")).unwrap().unwrap();
     assert!(next <= now());
 
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     let before = now();
     assert!(claim_inbox(&store, &[retry(&got[0], 60_000)], "f").is_empty());
-    let next = store.next_visible(&inbox_of("f")).unwrap().unwrap();
+    let next = store.queues.next_visible(&inbox_of("f")).unwrap().unwrap();
     assert!(next >= before + 60_000, "{next} vs {before}");
     // Still stored.
-    assert_eq!(store.depths().unwrap(), [(inbox_of("f"), 1)]);
+    assert_eq!(store.queues.depths().unwrap(), [(inbox_of("f"), 1)]);
 
     // With no delay it comes back at once, as attempt 2.
-    store.enqueue("g", &inbox_event("e2", b"y")).unwrap();
+    store.queues.enqueue("g", &inbox_event("e2", b"y")).unwrap();
     let got = claim_inbox(&store, &[], "g");
     let again = claim_inbox(&store, &[retry(&got[0], 0)], "g");
     assert_eq!(again.len(), 1);
@@ -1038,10 +975,9 @@ fn a_retry_hides_the_event_until_its_delay() {
     assert_eq!(again[0].event.id, "e2");
 }
 
-#[test]
-fn a_postpone_does_not_count_the_attempt() {
-    let (_dir, store) = store();
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+pub fn a_postpone_does_not_count_the_attempt<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got[0].attempt, 1);
     let again = claim_inbox(&store, &[postpone(&got[0], 0)], "f");
@@ -1054,14 +990,14 @@ fn a_postpone_does_not_count_the_attempt() {
 
     // A postpone with a delay hides it.
     assert!(claim_inbox(&store, &[postpone(&fourth[0], 60_000)], "f").is_empty());
-    assert!(store.next_visible(&inbox_of("f")).unwrap().unwrap() > now() + 30_000);
+    assert!(store.queues.next_visible(&inbox_of("f")).unwrap().unwrap() > now() + 30_000);
 }
 
-#[test]
-fn dead_letters_can_be_read_redriven_and_purged() {
-    let (_dir, store) = store();
-    let (trigger, _) = store.add_trigger("f", &kv_spec("b", "")).unwrap();
+pub fn dead_letters_can_be_read_redriven_and_purged<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let (trigger, _) = store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
     store
+        .kv
         .kv_put("b", "k", b"the value", KvCondition::Any)
         .unwrap();
     let got = claim_inbox(&store, &[], "f");
@@ -1071,9 +1007,9 @@ fn dead_letters_can_be_read_redriven_and_purged() {
 
     let before = now();
     assert!(claim_inbox(&store, &[dead(&original, "f", "it broke")], "f").is_empty());
-    assert!(store.depths().unwrap().is_empty());
+    assert!(store.queues.depths().unwrap().is_empty());
 
-    let letters = store.dead_letters("f", 0, 10).unwrap();
+    let letters = store.queues.dead_letters("f", 0, 10).unwrap();
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
     assert_eq!(letter.event_id, original.event.id);
@@ -1088,21 +1024,27 @@ fn dead_letters_can_be_read_redriven_and_purged() {
     assert_eq!(letter.trigger_id, Some(trigger.id));
     assert_eq!(letter.data, None);
 
-    let full = store.dead_letter("f", letter.id).unwrap().unwrap();
+    let full = store.queues.dead_letter("f", letter.id).unwrap().unwrap();
     assert_eq!(full.data.as_deref(), Some(&b"the value"[..]));
     assert_eq!(DeadLetter { data: None, ..full }, *letter);
-    assert!(store.dead_letter("g", letter.id).unwrap().is_none());
-    assert!(store.dead_letters("g", 0, 10).unwrap().is_empty());
-    assert!(store.dead_letters("f", letter.id, 10).unwrap().is_empty());
+    assert!(store.queues.dead_letter("g", letter.id).unwrap().is_none());
+    assert!(store.queues.dead_letters("g", 0, 10).unwrap().is_empty());
+    assert!(
+        store
+            .queues
+            .dead_letters("f", letter.id, 10)
+            .unwrap()
+            .is_empty()
+    );
     // Another function cannot redrive or purge it.
-    assert_eq!(store.redrive("g", Some(&[letter.id])).unwrap(), 0);
-    assert_eq!(store.purge_dead("g", None).unwrap(), 0);
-    assert_eq!(store.dead_letters("f", 0, 10).unwrap().len(), 1);
+    assert_eq!(store.queues.redrive("g", Some(&[letter.id])).unwrap(), 0);
+    assert_eq!(store.queues.purge_dead("g", None).unwrap(), 0);
+    assert_eq!(store.queues.dead_letters("f", 0, 10).unwrap().len(), 1);
 
     // Redrive: back in the inbox with the same event id, attempt 1, and
     // the retry policy the dead settlement gave it.
-    assert_eq!(store.redrive("f", Some(&[letter.id])).unwrap(), 1);
-    assert!(store.dead_letters("f", 0, 10).unwrap().is_empty());
+    assert_eq!(store.queues.redrive("f", Some(&[letter.id])).unwrap(), 1);
+    assert!(store.queues.dead_letters("f", 0, 10).unwrap().is_empty());
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     let redriven = &got[0];
@@ -1121,35 +1063,48 @@ fn dead_letters_can_be_read_redriven_and_purged() {
 
     // Dead again, then purged.
     assert!(claim_inbox(&store, &[dead(redriven, "f", "again")], "f").is_empty());
-    let letters = store.dead_letters("f", 0, 10).unwrap();
+    let letters = store.queues.dead_letters("f", 0, 10).unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].attempts, 1);
     assert_eq!(letters[0].last_error, "again");
     assert_eq!(
         store
+            .queues
             .purge_dead("f", Some(&[letters[0].id + 1000]))
             .unwrap(),
         0
     );
-    assert_eq!(store.purge_dead("f", Some(&[letters[0].id])).unwrap(), 1);
-    assert!(store.dead_letters("f", 0, 10).unwrap().is_empty());
-    assert!(store.dead_letter("f", letters[0].id).unwrap().is_none());
+    assert_eq!(
+        store
+            .queues
+            .purge_dead("f", Some(&[letters[0].id]))
+            .unwrap(),
+        1
+    );
+    assert!(store.queues.dead_letters("f", 0, 10).unwrap().is_empty());
+    assert!(
+        store
+            .queues
+            .dead_letter("f", letters[0].id)
+            .unwrap()
+            .is_none()
+    );
 }
 
-#[test]
-fn redrive_and_purge_all_and_paging() {
-    let (_dir, store) = store();
+pub fn redrive_and_purge_all_and_paging<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     for i in 0..3 {
         store
+            .queues
             .enqueue("f", &inbox_event(&format!("e{i}"), b"x"))
             .unwrap();
     }
     let got = claim_inbox(&store, &[], "f");
     let dead_all: Vec<Settlement> = got.iter().map(|d| dead(d, "f", "x")).collect();
     claim_inbox(&store, &dead_all, "f");
-    let page = store.dead_letters("f", 0, 2).unwrap();
+    let page = store.queues.dead_letters("f", 0, 2).unwrap();
     assert_eq!(page.len(), 2);
-    let rest = store.dead_letters("f", page[1].id, 2).unwrap();
+    let rest = store.queues.dead_letters("f", page[1].id, 2).unwrap();
     assert_eq!(rest.len(), 1);
     let order: Vec<&str> = page
         .iter()
@@ -1158,24 +1113,24 @@ fn redrive_and_purge_all_and_paging() {
         .collect();
     assert_eq!(order, ["e0", "e1", "e2"]);
 
-    assert_eq!(store.redrive("f", None).unwrap(), 3);
+    assert_eq!(store.queues.redrive("f", None).unwrap(), 3);
     let got = claim_inbox(&store, &[], "f");
     let ids: Vec<&str> = got.iter().map(|d| d.event.id.as_str()).collect();
     assert_eq!(ids, ["e0", "e1", "e2"]);
     let dead_all: Vec<Settlement> = got.iter().map(|d| dead(d, "f", "x")).collect();
     claim_inbox(&store, &dead_all, "f");
-    assert_eq!(store.purge_dead("f", None).unwrap(), 3);
-    assert!(store.dead_letters("f", 0, 10).unwrap().is_empty());
+    assert_eq!(store.queues.purge_dead("f", None).unwrap(), 3);
+    assert!(store.queues.dead_letters("f", 0, 10).unwrap().is_empty());
 }
 
-#[test]
-fn a_dead_named_queue_message_keeps_its_subject() {
-    let (_dir, store) = store();
+pub fn a_dead_named_queue_message_keeps_its_subject<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let queue_spec: TriggerSpec =
         serde_json::from_str(r#"{"source":{"kind":"queue","queue":"q"}}"#).unwrap();
-    let (trigger, _) = store.add_trigger("f", &queue_spec).unwrap();
-    let ids = store.send("q", &messages(&["m"])).unwrap();
+    let (trigger, _) = store.triggers.add_trigger("f", &queue_spec).unwrap();
+    let ids = store.queues.send("q", &messages(&["m"])).unwrap();
     let got = store
+        .queues
         .settle_and_claim(&[], &QueueRef::Named("q".into()), 10, 60_000)
         .unwrap();
     assert_eq!(got[0].trigger_id, None);
@@ -1189,10 +1144,11 @@ fn a_dead_named_queue_message_keeps_its_subject() {
         error: "no".into(),
     };
     store
+        .queues
         .settle_and_claim(&[settlement], &QueueRef::Named("q".into()), 10, 60_000)
         .unwrap();
-    assert!(store.queues().unwrap().is_empty());
-    let letters = store.dead_letters("f", 0, 10).unwrap();
+    assert!(store.queues.queues().unwrap().is_empty());
+    let letters = store.queues.dead_letters("f", 0, 10).unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].subject, Some(ids[0].to_string()));
     assert_eq!(letters[0].event_id, got[0].event.id);
@@ -1200,7 +1156,7 @@ fn a_dead_named_queue_message_keeps_its_subject() {
     assert_eq!(letters[0].trigger_id, Some(trigger.id));
 
     // Redriven, it goes to the function's inbox, subject and all.
-    assert_eq!(store.redrive("f", None).unwrap(), 1);
+    assert_eq!(store.queues.redrive("f", None).unwrap(), 1);
     let got = claim_inbox(&store, &[], "f");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event.id, letters[0].event_id);
@@ -1208,14 +1164,13 @@ fn a_dead_named_queue_message_keeps_its_subject() {
     assert_eq!(got[0].event.data, b"m");
     assert_eq!(got[0].trigger_id, Some(trigger.id));
     assert_eq!(got[0].retry, Some(RetryPolicy::default()));
-    assert!(store.queues().unwrap().is_empty());
+    assert!(store.queues.queues().unwrap().is_empty());
 }
 
-#[test]
-fn a_dead_inbox_event_keeps_its_own_trigger() {
-    let (_dir, store) = store();
-    let (trigger, _) = store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+pub fn a_dead_inbox_event_keeps_its_own_trigger<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let (trigger, _) = store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
     let got = claim_inbox(&store, &[], "f");
     let settlement = Settlement::Dead {
         id: got[0].id,
@@ -1226,14 +1181,13 @@ fn a_dead_inbox_event_keeps_its_own_trigger() {
         error: "no".into(),
     };
     claim_inbox(&store, &[settlement], "f");
-    let letters = store.dead_letters("f", 0, 10).unwrap();
+    let letters = store.queues.dead_letters("f", 0, 10).unwrap();
     assert_eq!(letters[0].trigger_id, Some(trigger.id));
 }
 
-#[test]
-fn a_stale_settlement_does_nothing() {
-    let (_dir, store) = store();
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+pub fn a_stale_settlement_does_nothing<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
     let got = claim_inbox(&store, &[], "f");
     let d = got[0].clone();
     assert_eq!(d.attempt, 1);
@@ -1256,8 +1210,8 @@ fn a_stale_settlement_does_nothing() {
         dead(&older, "f", "x"),
     ];
     assert!(claim_inbox(&store, &settled, "f").is_empty());
-    assert!(store.dead_letters("f", 0, 10).unwrap().is_empty());
-    assert_eq!(store.depths().unwrap(), [(inbox_of("f"), 1)]);
+    assert!(store.queues.dead_letters("f", 0, 10).unwrap().is_empty());
+    assert_eq!(store.queues.depths().unwrap(), [(inbox_of("f"), 1)]);
 
     // The current attempt still settles it.
     let again = claim_inbox(&store, &[retry(&d, 0)], "f");
@@ -1265,25 +1219,25 @@ fn a_stale_settlement_does_nothing() {
     assert_eq!(again[0].attempt, 2);
     // And the old receipt no longer does.
     assert!(claim_inbox(&store, &[ack(&d)], "f").is_empty());
-    assert_eq!(store.depths().unwrap(), [(inbox_of("f"), 1)]);
+    assert_eq!(store.queues.depths().unwrap(), [(inbox_of("f"), 1)]);
     assert!(claim_inbox(&store, &[ack(&again[0])], "f").is_empty());
-    assert!(store.depths().unwrap().is_empty());
+    assert!(store.queues.depths().unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------- leases
 
-#[test]
-fn release_leases_frees_the_dispatchers_claims_only() {
-    let (_dir, store) = store();
-    store.enqueue("f", &inbox_event("e1", b"x")).unwrap();
-    store.enqueue("f", &inbox_event("e2", b"y")).unwrap();
-    store.send("q", &messages(&["user"])).unwrap();
-    store.send("t", &messages(&["triggered"])).unwrap();
-    store.enqueue("g", &inbox_event("e3", b"z")).unwrap();
+pub fn release_leases_frees_the_dispatchers_claims_only<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.queues.enqueue("f", &inbox_event("e1", b"x")).unwrap();
+    store.queues.enqueue("f", &inbox_event("e2", b"y")).unwrap();
+    store.queues.send("q", &messages(&["user"])).unwrap();
+    store.queues.send("t", &messages(&["triggered"])).unwrap();
+    store.queues.enqueue("g", &inbox_event("e3", b"z")).unwrap();
 
     let hour = 3_600_000;
     assert_eq!(
         store
+            .queues
             .settle_and_claim(&[], &inbox_of("f"), 10, hour)
             .unwrap()
             .len(),
@@ -1291,25 +1245,28 @@ fn release_leases_frees_the_dispatchers_claims_only() {
     );
     assert_eq!(
         store
+            .queues
             .settle_and_claim(&[], &QueueRef::Named("t".into()), 10, hour)
             .unwrap()
             .len(),
         1
     );
     let got = store
+        .queues
         .settle_and_claim(&[], &inbox_of("g"), 10, hour)
         .unwrap();
     // g's event was retried with a backoff: not a lease.
     assert!(
         store
+            .queues
             .settle_and_claim(&[retry(&got[0], hour)], &inbox_of("g"), 10, hour)
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store.receive("q", 10, hour).unwrap().len(), 1);
+    assert_eq!(store.queues.receive("q", 10, hour).unwrap().len(), 1);
     assert!(claim_inbox(&store, &[], "f").is_empty());
 
-    assert_eq!(store.release_leases().unwrap(), 3);
+    assert_eq!(store.queues.release_leases().unwrap(), 3);
 
     let again = claim_inbox(&store, &[], "f");
     let ids: Vec<&str> = again.iter().map(|d| d.event.id.as_str()).collect();
@@ -1317,15 +1274,16 @@ fn release_leases_frees_the_dispatchers_claims_only() {
     assert!(again.iter().all(|d| d.attempt == 2));
     assert_eq!(
         store
+            .queues
             .settle_and_claim(&[], &QueueRef::Named("t".into()), 10, hour)
             .unwrap()
             .len(),
         1
     );
     assert!(claim_inbox(&store, &[], "g").is_empty());
-    assert!(store.receive("q", 10, 60_000).unwrap().is_empty());
+    assert!(store.queues.receive("q", 10, 60_000).unwrap().is_empty());
     assert_eq!(
-        store.queues().unwrap()[0],
+        store.queues.queues().unwrap()[0],
         QueueStats {
             queue: "q".into(),
             messages: 1,
@@ -1336,37 +1294,40 @@ fn release_leases_frees_the_dispatchers_claims_only() {
 
 // ---------------------------------------------------------------- durability
 
-#[test]
-fn everything_survives_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+pub fn everything_survives_a_reopen<B: Backend>(backend: &B) {
+    let place = backend.place();
     let (revision, trigger, message_ids) = {
-        let store = open(dir.path());
-        let (trigger, _) = store.add_trigger("f", &kv_spec("b", "")).unwrap();
-        let revision = store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+        let store = backend.open(&place);
+        let (trigger, _) = store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+        let revision = store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
         store
+            .objects
             .object_put("o", "obj", b"bytes", "text/plain")
             .unwrap();
-        store.enqueue("g", &inbox_event("e1", b"x")).unwrap();
-        let message_ids = store.send("q", &messages(&["1", "2"])).unwrap();
+        store.queues.enqueue("g", &inbox_event("e1", b"x")).unwrap();
+        let message_ids = store.queues.send("q", &messages(&["1", "2"])).unwrap();
         // One received (in flight) and one dead letter.
-        store.receive("q", 1, 3_600_000).unwrap();
-        store.enqueue("h", &inbox_event("dead", b"d")).unwrap();
+        store.queues.receive("q", 1, 3_600_000).unwrap();
+        store
+            .queues
+            .enqueue("h", &inbox_event("dead", b"d"))
+            .unwrap();
         let got = claim_inbox(&store, &[], "h");
         claim_inbox(&store, &[dead(&got[0], "h", "x")], "h");
         (revision, trigger, message_ids)
     };
 
-    let store = open(dir.path());
-    let entry = store.kv_get("b", "k").unwrap().unwrap();
+    let store = backend.open(&place);
+    let entry = store.kv.kv_get("b", "k").unwrap().unwrap();
     assert_eq!(
         (entry.value.as_slice(), entry.revision),
         (&b"v"[..], revision)
     );
-    assert!(store.kv_put("b", "k2", b"", KvCondition::Any).unwrap() > revision);
-    let (meta, path) = store.object_get("o", "obj").unwrap().unwrap();
+    assert!(store.kv.kv_put("b", "k2", b"", KvCondition::Any).unwrap() > revision);
+    let (meta, path) = store.objects.object_get("o", "obj").unwrap().unwrap();
     assert_eq!(meta.size, 5);
     assert_eq!(std::fs::read(path).unwrap(), b"bytes");
-    assert_eq!(store.triggers(None).unwrap(), [trigger]);
+    assert_eq!(store.triggers.triggers(None).unwrap(), [trigger]);
 
     let f = claim_inbox(&store, &[], "f");
     let subjects: Vec<Option<&str>> = f.iter().map(|d| d.event.subject.as_deref()).collect();
@@ -1376,40 +1337,39 @@ fn everything_survives_a_reopen() {
     assert_eq!(g[0].event, event("e1", b"x"));
 
     assert_eq!(
-        store.queues().unwrap(),
+        store.queues.queues().unwrap(),
         [QueueStats {
             queue: "q".into(),
             messages: 2,
             in_flight: 1
         }]
     );
-    let q = store.receive("q", 10, 60_000).unwrap();
+    let q = store.queues.receive("q", 10, 60_000).unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].id, message_ids[1]);
     assert_eq!(
-        store.ack("q", message_ids[0], 1).unwrap(),
+        store.queues.ack("q", message_ids[0], 1).unwrap(),
         AckOutcome::Acked
     );
 
-    let letters = store.dead_letters("h", 0, 10).unwrap();
+    let letters = store.queues.dead_letters("h", 0, 10).unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].event_id, "dead");
 }
 
 // ---------------------------------------------------------------- triggers
 
-#[test]
-fn add_trigger_returns_an_identical_one() {
-    let (_dir, store) = store();
+pub fn add_trigger_returns_an_identical_one<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let before = now();
-    let (first, created) = store.add_trigger("f", &kv_spec("b", "p")).unwrap();
+    let (first, created) = store.triggers.add_trigger("f", &kv_spec("b", "p")).unwrap();
     assert!(created);
     assert_eq!(first.function, "f");
     assert_eq!(first.spec, kv_spec("b", "p"));
     assert!(first.created_ms >= before);
     assert_eq!(first.last_fired_ms, None);
 
-    let (same, created) = store.add_trigger("f", &kv_spec("b", "p")).unwrap();
+    let (same, created) = store.triggers.add_trigger("f", &kv_spec("b", "p")).unwrap();
     assert!(!created);
     assert_eq!(same, first);
 
@@ -1418,83 +1378,90 @@ fn add_trigger_returns_an_identical_one() {
         r#"{"retry":{"backoff_ms":1000},"source":{"prefix":"p","bucket":"b","kind":"kv"}}"#,
     )
     .unwrap();
-    let (same, created) = store.add_trigger("f", &spelled).unwrap();
+    let (same, created) = store.triggers.add_trigger("f", &spelled).unwrap();
     assert!(!created);
     assert_eq!(same.id, first.id);
 
-    let (other_prefix, created) = store.add_trigger("f", &kv_spec("b", "q")).unwrap();
+    let (other_prefix, created) = store.triggers.add_trigger("f", &kv_spec("b", "q")).unwrap();
     assert!(created);
     assert_ne!(other_prefix.id, first.id);
-    let (other_function, created) = store.add_trigger("g", &kv_spec("b", "p")).unwrap();
+    let (other_function, created) = store.triggers.add_trigger("g", &kv_spec("b", "p")).unwrap();
     assert!(created);
     let mut other_retry = kv_spec("b", "p");
     other_retry.retry.max_attempts = 9;
-    let (_, created) = store.add_trigger("f", &other_retry).unwrap();
+    let (_, created) = store.triggers.add_trigger("f", &other_retry).unwrap();
     assert!(created);
 
-    assert_eq!(store.triggers(Some("f")).unwrap().len(), 3);
+    assert_eq!(store.triggers.triggers(Some("f")).unwrap().len(), 3);
     assert_eq!(
-        store.triggers(Some("g")).unwrap(),
+        store.triggers.triggers(Some("g")).unwrap(),
         std::slice::from_ref(&other_function)
     );
-    assert_eq!(store.triggers(Some("nobody")).unwrap(), []);
-    let all = store.triggers(None).unwrap();
+    assert_eq!(store.triggers.triggers(Some("nobody")).unwrap(), []);
+    let all = store.triggers.triggers(None).unwrap();
     assert_eq!(all.len(), 4);
     assert_eq!(all[0], first);
     assert!(all.windows(2).all(|w| w[0].id < w[1].id));
 
-    assert!(store.remove_trigger(first.id).unwrap());
-    assert!(!store.remove_trigger(first.id).unwrap());
-    assert_eq!(store.triggers(None).unwrap().len(), 3);
-    assert!(!store.triggers(Some("f")).unwrap().contains(&first));
+    assert!(store.triggers.remove_trigger(first.id).unwrap());
+    assert!(!store.triggers.remove_trigger(first.id).unwrap());
+    assert_eq!(store.triggers.triggers(None).unwrap().len(), 3);
+    assert!(!store.triggers.triggers(Some("f")).unwrap().contains(&first));
     // Re-adding after removal creates a new one.
-    let (again, created) = store.add_trigger("f", &kv_spec("b", "p")).unwrap();
+    let (again, created) = store.triggers.add_trigger("f", &kv_spec("b", "p")).unwrap();
     assert!(created);
     assert!(again.id > first.id);
 }
 
-#[test]
-fn remove_function_removes_only_its_own_state() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
-    let (g_trigger, _) = store.add_trigger("g", &kv_spec("b", "")).unwrap();
+pub fn remove_function_removes_only_its_own_state<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
+    let (g_trigger, _) = store.triggers.add_trigger("g", &kv_spec("b", "")).unwrap();
     for function in ["f", "g"] {
-        store.enqueue(function, &inbox_event("dead", b"d")).unwrap();
+        store
+            .queues
+            .enqueue(function, &inbox_event("dead", b"d"))
+            .unwrap();
         let got = store
+            .queues
             .settle_and_claim(&[], &inbox_of(function), 1, 60_000)
             .unwrap();
         assert_eq!(got[0].event.id, "dead", "{got:?}");
         store
+            .queues
             .settle_and_claim(&[dead(&got[0], function, "x")], &inbox_of(function), 0, 0)
             .unwrap();
     }
-    store.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "k", b"v", KvCondition::Any).unwrap();
     store
+        .queues
         .send("f", &messages(&["named queue called f"]))
         .unwrap();
 
-    store.remove_function("f").unwrap();
-    assert!(store.triggers(Some("f")).unwrap().is_empty());
-    assert!(store.dead_letters("f", 0, 10).unwrap().is_empty());
+    store.triggers.remove_function("f").unwrap();
+    assert!(store.triggers.triggers(Some("f")).unwrap().is_empty());
+    assert!(store.queues.dead_letters("f", 0, 10).unwrap().is_empty());
     assert!(claim_inbox(&store, &[], "f").is_empty());
-    assert_eq!(store.next_visible(&inbox_of("f")).unwrap(), None);
+    assert_eq!(store.queues.next_visible(&inbox_of("f")).unwrap(), None);
 
-    assert_eq!(store.triggers(Some("g")).unwrap(), [g_trigger]);
-    assert_eq!(store.dead_letters("g", 0, 10).unwrap().len(), 1);
+    assert_eq!(store.triggers.triggers(Some("g")).unwrap(), [g_trigger]);
+    assert_eq!(store.queues.dead_letters("g", 0, 10).unwrap().len(), 1);
     assert_eq!(claim_inbox(&store, &[], "g").len(), 1);
     // A named queue that happens to share the name is not an inbox.
-    assert_eq!(store.queues().unwrap()[0].messages, 1);
+    assert_eq!(store.queues.queues().unwrap()[0].messages, 1);
 
     // No more events for f.
-    store.kv_put("b", "k", b"v2", KvCondition::Any).unwrap();
+    store.kv.kv_put("b", "k", b"v2", KvCondition::Any).unwrap();
     assert!(claim_inbox(&store, &[], "f").is_empty());
 }
 
-#[test]
-fn fire_schedule_stores_the_event_and_the_run() {
-    let (_dir, store) = store();
+pub fn fire_schedule_stores_the_event_and_the_run<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let before = now();
-    let (trigger, created) = store.add_trigger("f", &schedule_spec("@every 1m")).unwrap();
+    let (trigger, created) = store
+        .triggers
+        .add_trigger("f", &schedule_spec("@every 1m"))
+        .unwrap();
     assert!(created);
     let created_at = trigger.last_fired_ms.unwrap();
     assert!(created_at >= before && created_at <= now());
@@ -1502,9 +1469,14 @@ fn fire_schedule_stores_the_event_and_the_run() {
 
     let fired = now();
     let tick = event("tick-1", b"");
-    assert!(store.fire_schedule(&trigger, &tick, fired).unwrap());
+    assert!(
+        store
+            .triggers
+            .fire_schedule(&trigger, &tick, fired)
+            .unwrap()
+    );
     assert_eq!(
-        store.triggers(Some("f")).unwrap()[0].last_fired_ms,
+        store.triggers.triggers(Some("f")).unwrap()[0].last_fired_ms,
         Some(fired)
     );
     let got = claim_inbox(&store, &[], "f");
@@ -1514,91 +1486,20 @@ fn fire_schedule_stores_the_event_and_the_run() {
     assert_eq!(got[0].retry, Some(RetryPolicy::default()));
     assert_eq!(got[0].enqueued_ms, fired);
 
-    assert!(store.remove_trigger(trigger.id).unwrap());
+    assert!(store.triggers.remove_trigger(trigger.id).unwrap());
     assert!(
         !store
+            .triggers
             .fire_schedule(&trigger, &event("tick-2", b""), fired + 1)
             .unwrap()
     );
     assert!(claim_inbox(&store, &[ack(&got[0])], "f").is_empty());
-    assert!(store.depths().unwrap().is_empty());
+    assert!(store.queues.depths().unwrap().is_empty());
 }
 
-#[test]
-fn trigger_spec_json_defaults() {
-    let spec: TriggerSpec =
-        serde_json::from_str(r#"{"source":{"kind":"queue","queue":"q"}}"#).unwrap();
-    assert_eq!(
-        spec,
-        TriggerSpec {
-            source: TriggerSource::Queue {
-                queue: "q".into(),
-                batch_size: 10,
-                max_concurrency: 16,
-            },
-            retry: RetryPolicy {
-                max_attempts: 3,
-                backoff_ms: 1000,
-            },
-            alias: None,
-        }
-    );
-    assert_eq!(spec.source.kind(), "queue");
-    assert_eq!(spec.source.target(), "q");
-
-    let spec: TriggerSpec = serde_json::from_str(
-        r#"{"source":{"kind":"object","bucket":"b"},"retry":{"max_attempts":5}}"#,
-    )
-    .unwrap();
-    assert_eq!(
-        spec,
-        TriggerSpec {
-            source: TriggerSource::Object {
-                bucket: "b".into(),
-                prefix: String::new(),
-                suffix: String::new(),
-                events: vec![ObjectChange::Created, ObjectChange::Deleted],
-            },
-            retry: RetryPolicy {
-                max_attempts: 5,
-                backoff_ms: 1000,
-            },
-            alias: None,
-        }
-    );
-    let spec: TriggerSpec =
-        serde_json::from_str(r#"{"source":{"kind":"schedule","schedule":"@daily"}}"#).unwrap();
-    assert_eq!(spec.source.kind(), "schedule");
-    assert_eq!(spec.source.target(), "");
-    let spec: TriggerSpec =
-        serde_json::from_str(r#"{"source":{"kind":"kv","bucket":"b"}}"#).unwrap();
-    assert_eq!(spec, kv_spec("b", ""));
-    assert_eq!(spec.source.target(), "b");
-}
-
-#[test]
-fn trigger_spec_json_rejects_unknown_fields() {
-    for text in [
-        r#"{"source":{"kind":"kv","bucket":"b","prefx":"x"}}"#,
-        r#"{"source":{"kind":"kv","bucket":"b"},"retyr":{}}"#,
-        r#"{"source":{"kind":"kv","bucket":"b"},"retry":{"max_attempt":5}}"#,
-        r#"{"source":{"kind":"queue","queue":"q","batchsize":1}}"#,
-        r#"{"source":{"kind":"object","bucket":"b","events":["updated"]}}"#,
-        r#"{"source":{"kind":"cron","schedule":"@daily"}}"#,
-        r#"{"source":{"bucket":"b"}}"#,
-        r#"{"retry":{}}"#,
-    ] {
-        assert!(
-            serde_json::from_str::<TriggerSpec>(text).is_err(),
-            "accepted {text}"
-        );
-    }
-}
-
-#[test]
-fn trigger_json_round_trips() {
-    let (_dir, store) = store();
-    let (trigger, _) = store.add_trigger("f", &kv_spec("b", "p")).unwrap();
+pub fn trigger_json_round_trips<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    let (trigger, _) = store.triggers.add_trigger("f", &kv_spec("b", "p")).unwrap();
     let text = serde_json::to_string(&trigger).unwrap();
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(value["source"]["kind"], "kv");
@@ -1611,10 +1512,9 @@ fn trigger_json_round_trips() {
 
 // ---------------------------------------------------------------- concurrency
 
-#[test]
-fn concurrent_writes_and_claims_keep_per_key_order() {
-    let (_dir, store) = store();
-    store.add_trigger("f", &kv_spec("b", "")).unwrap();
+pub fn concurrent_writes_and_claims_keep_per_key_order<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
+    store.triggers.add_trigger("f", &kv_spec("b", "")).unwrap();
     const PER_KEY: usize = 40;
     const KEYS: [&str; 3] = ["x", "y", "z"];
     let mut seen: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
@@ -1623,6 +1523,7 @@ fn concurrent_writes_and_claims_keep_per_key_order() {
             for i in 0..PER_KEY {
                 for key in KEYS {
                     store
+                        .kv
                         .kv_put("b", key, i.to_string().as_bytes(), KvCondition::Any)
                         .unwrap();
                 }
@@ -1634,6 +1535,7 @@ fn concurrent_writes_and_claims_keep_per_key_order() {
         while total < PER_KEY * KEYS.len() {
             assert!(Instant::now() < deadline, "only {total} events arrived");
             let got = store
+                .queues
                 .settle_and_claim(&settled, &inbox_of("f"), 4, 60_000)
                 .unwrap();
             if got.is_empty() {
@@ -1657,6 +1559,7 @@ fn concurrent_writes_and_claims_keep_per_key_order() {
             }
         }
         store
+            .queues
             .settle_and_claim(&settled, &inbox_of("f"), 0, 60_000)
             .unwrap();
         writer.join().unwrap();
@@ -1665,22 +1568,21 @@ fn concurrent_writes_and_claims_keep_per_key_order() {
     for key in KEYS {
         assert_eq!(seen[key], expected, "order of {key}");
     }
-    assert!(store.depths().unwrap().is_empty());
+    assert!(store.queues.depths().unwrap().is_empty());
 }
 
-#[test]
-fn concurrent_receivers_never_share_a_message() {
-    let (_dir, store) = store();
+pub fn concurrent_receivers_never_share_a_message<B: Backend>(backend: &B) {
+    let (_place, store) = fresh(backend);
     let texts: Vec<String> = (0..200).map(|i| i.to_string()).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut sent = store.send("q", &messages(&refs)).unwrap();
+    let mut sent = store.queues.send("q", &messages(&refs)).unwrap();
     let mut received: Vec<i64> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 scope.spawn(|| {
                     let mut mine = Vec::new();
                     loop {
-                        let got = store.receive("q", 7, 60_000).unwrap();
+                        let got = store.queues.receive("q", 7, 60_000).unwrap();
                         if got.is_empty() {
                             return mine;
                         }

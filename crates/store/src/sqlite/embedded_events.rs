@@ -7,9 +7,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::embedded::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use super::BlobDir;
+use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use crate::changes::Feed;
 use crate::events::*;
-use crate::{BlobDir, BlobKind, BlobStore, Digest, Result, StoreError};
+use crate::{BlobKind, BlobStore, Digest, Result, StoreError};
+use crate::{BucketChange, ChangeFeed, TriggerChange};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE triggers (
@@ -114,6 +117,7 @@ pub struct EmbeddedEvents {
     writes: Mutex<Connection>,
     dispatch: Mutex<Connection>,
     objects: BlobDir,
+    trigger_changes: Feed<TriggerChange>,
 }
 
 impl EmbeddedEvents {
@@ -128,6 +132,7 @@ impl EmbeddedEvents {
             writes: Mutex::new(writes),
             dispatch: Mutex::new(dispatch),
             objects,
+            trigger_changes: Feed::new(),
         })
     }
 
@@ -140,10 +145,6 @@ impl EmbeddedEvents {
     fn dispatch(&self) -> MutexGuard<'_, Connection> {
         self.dispatch.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn new_event_id() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
 }
 
 fn to_u32(value: i64) -> u32 {
@@ -291,61 +292,16 @@ fn insert_inbox(
     Ok(tx.last_insert_rowid())
 }
 
-/// Emits one event per matching trigger, in the caller's transaction.
-fn emit(
-    tx: &Transaction<'_>,
-    triggers: &[Trigger],
-    event: &CloudEvent,
-    order_key: Option<&str>,
-    now: i64,
-) -> Result<()> {
-    for trigger in triggers {
-        let inbox_event = InboxEvent {
-            // Each function gets its own copy with its own id, so retries of
-            // one never look like duplicates of another.
-            event: CloudEvent {
-                id: new_event_id(),
-                ..event.clone()
-            },
-            path: None,
-            trigger_id: Some(trigger.id),
-            retry: trigger.spec.retry,
-        };
-        insert_inbox(tx, &trigger.function, &inbox_event, order_key, now)?;
+/// Stores the events `change` produces in the inboxes of the triggers
+/// watching it, read inside the caller's (writing) transaction so the
+/// events match the triggers at commit time.
+fn emit(tx: &Transaction<'_>, change: BucketChange<'_>, now: i64) -> Result<()> {
+    let watching = watchers(tx, change.trigger_kind(), change.bucket())?;
+    let order_key = change.order_key();
+    for (trigger, event) in change.fan_out(&watching, now)? {
+        insert_inbox(tx, &trigger.function, &event, order_key.as_deref(), now)?;
     }
     Ok(())
-}
-
-/// Emits a KV change (`put`: the new value; `None`: a delete) to the
-/// triggers watching its key, ordered per key, in the caller's transaction.
-fn emit_kv_change(
-    tx: &Transaction<'_>,
-    bucket: &str,
-    key: &str,
-    put: Option<&[u8]>,
-    now: i64,
-) -> Result<()> {
-    let mut triggers = watchers(tx, "kv", bucket)?;
-    triggers.retain(|t| match &t.spec.source {
-        TriggerSource::Kv { prefix, .. } => key.starts_with(prefix.as_str()),
-        _ => false,
-    });
-    let event = CloudEvent {
-        id: String::new(),
-        ty: if put.is_some() {
-            "dev.mayfly.kv.put"
-        } else {
-            "dev.mayfly.kv.delete"
-        }
-        .into(),
-        source: format!("/kv/{bucket}"),
-        subject: Some(key.to_string()),
-        time_ms: now,
-        content_type: put.map(|_| "application/octet-stream".to_string()),
-        data: put.unwrap_or_default().to_vec(),
-    };
-    let order_key = format!("{bucket}\0{key}");
-    emit(tx, &triggers, &event, Some(&order_key), now)
 }
 
 fn check_kv_condition(
@@ -409,7 +365,15 @@ impl KvStore for EmbeddedEvents {
              revision = excluded.revision, updated_ms = excluded.updated_ms",
         )?
         .execute(params![bucket, key, value, revision, now])?;
-        emit_kv_change(&tx, bucket, key, Some(value), now)?;
+        emit(
+            &tx,
+            BucketChange::Kv {
+                bucket,
+                key,
+                value: Some(value),
+            },
+            now,
+        )?;
         tx.commit()?;
         Ok(to_u64(revision))
     }
@@ -423,7 +387,15 @@ impl KvStore for EmbeddedEvents {
         let now = now_ms();
         tx.prepare_cached("DELETE FROM kv WHERE bucket = ?1 AND key = ?2")?
             .execute(params![bucket, key])?;
-        emit_kv_change(&tx, bucket, key, None, now)?;
+        emit(
+            &tx,
+            BucketChange::Kv {
+                bucket,
+                key,
+                value: None,
+            },
+            now,
+        )?;
         tx.commit()?;
         Ok(true)
     }
@@ -485,50 +457,6 @@ fn object_meta(bucket: &str, key: &str, row: &Row<'_>) -> rusqlite::Result<(Obje
     ))
 }
 
-/// Emits an object change to the triggers watching its key, in the
-/// caller's transaction; the data is the object's metadata.
-fn emit_object_change(
-    tx: &Transaction<'_>,
-    meta: &ObjectMeta,
-    change: ObjectChange,
-    now: i64,
-) -> Result<()> {
-    let key = meta.key.as_str();
-    let mut triggers = watchers(tx, "object", &meta.bucket)?;
-    triggers.retain(|t| match &t.spec.source {
-        TriggerSource::Object {
-            prefix,
-            suffix,
-            events,
-            ..
-        } => {
-            key.starts_with(prefix.as_str())
-                && key.ends_with(suffix.as_str())
-                && events.contains(&change)
-        }
-        _ => false,
-    });
-    let (ty, name) = match change {
-        ObjectChange::Created => ("dev.mayfly.object.created", "created"),
-        ObjectChange::Deleted => ("dev.mayfly.object.deleted", "deleted"),
-    };
-    let mut data = serde_json::to_value(meta)
-        .map_err(|e| StoreError::Corrupt(format!("cannot encode object metadata: {e}")))?;
-    if let Some(fields) = data.as_object_mut() {
-        fields.insert("event".into(), name.into());
-    }
-    let event = CloudEvent {
-        id: String::new(),
-        ty: ty.into(),
-        source: format!("/buckets/{}", meta.bucket),
-        subject: Some(meta.key.clone()),
-        time_ms: now,
-        content_type: Some("application/json".into()),
-        data: data.to_string().into_bytes(),
-    };
-    emit(tx, &triggers, &event, None, now)
-}
-
 /// An object's HTTP entity tag: its quoted SHA-256.
 fn etag(digest_hex: &str) -> String {
     format!("\"{digest_hex}\"")
@@ -576,7 +504,14 @@ impl EmbeddedEvents {
             content_type: content_type.to_string(),
             modified_ms: now,
         };
-        emit_object_change(&tx, &meta, ObjectChange::Created, now)?;
+        emit(
+            &tx,
+            BucketChange::Object {
+                meta: &meta,
+                change: ObjectChange::Created,
+            },
+            now,
+        )?;
         tx.commit()?;
         if let Some(previous) = previous.filter(|p| p != digest.hex()) {
             self.collect_blob(&conn, &previous)?;
@@ -682,7 +617,14 @@ impl ObjectStore for EmbeddedEvents {
         };
         let now = now_ms();
         meta.modified_ms = now;
-        emit_object_change(&tx, &meta, ObjectChange::Deleted, now)?;
+        emit(
+            &tx,
+            BucketChange::Object {
+                meta: &meta,
+                change: ObjectChange::Deleted,
+            },
+            now,
+        )?;
         tx.commit()?;
         self.collect_blob(&conn, &digest)?;
         Ok(true)
@@ -838,21 +780,22 @@ impl EventQueue for EmbeddedEvents {
         let mut conn = self.writes();
         let tx = write_tx(&mut conn)?;
         let now = now_ms();
-        let source = format!("/queues/{queue}");
         let mut ids = Vec::with_capacity(messages.len());
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (queue, event_id, type, source, time_ms, content_type, \
                  data, visible_at_ms, enqueued_ms) \
-                 VALUES (?1, ?2, 'dev.mayfly.queue.message', ?3, ?4, ?5, ?6, ?4, ?4)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?5, ?5)",
             )?;
             for (content_type, data) in messages {
+                let event = CloudEvent::queue_message(queue, content_type.clone(), Vec::new(), now);
                 insert.execute(params![
                     queue,
-                    new_event_id(),
-                    source,
-                    now,
-                    content_type,
+                    event.id,
+                    event.ty,
+                    event.source,
+                    event.time_ms,
+                    event.content_type,
                     data
                 ])?;
                 ids.push(tx.last_insert_rowid());
@@ -1089,6 +1032,10 @@ impl TriggerStore for EmbeddedEvents {
         ])?;
         let id = tx.last_insert_rowid();
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::Added {
+            id,
+            function: function.to_string(),
+        });
         Ok((
             Trigger {
                 id,
@@ -1118,6 +1065,9 @@ impl TriggerStore for EmbeddedEvents {
         let tx = write_tx(&mut conn)?;
         let removed = tx.execute("DELETE FROM triggers WHERE id = ?1", [id])? > 0;
         tx.commit()?;
+        if removed {
+            self.trigger_changes.emit(TriggerChange::Removed { id });
+        }
         Ok(removed)
     }
 
@@ -1128,6 +1078,9 @@ impl TriggerStore for EmbeddedEvents {
         tx.execute("DELETE FROM messages WHERE queue = ?1", [inbox(function)])?;
         tx.execute("DELETE FROM dead_letters WHERE function = ?1", [function])?;
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::FunctionRemoved {
+            function: function.to_string(),
+        });
         Ok(())
     }
 
@@ -1150,7 +1103,15 @@ impl TriggerStore for EmbeddedEvents {
         };
         insert_inbox(&tx, &trigger.function, &inbox_event, None, fired_ms)?;
         tx.commit()?;
+        self.trigger_changes.emit(TriggerChange::Fired {
+            id: trigger.id,
+            fired_ms,
+        });
         Ok(true)
+    }
+
+    fn watch(&self) -> ChangeFeed<TriggerChange> {
+        self.trigger_changes.subscribe()
     }
 }
 
