@@ -8,7 +8,9 @@ use bytes::Bytes;
 use mayfly_runtime::{Capabilities, ConfigSource, KeyValueBackend, OutboundPolicy};
 use mayfly_store::{FunctionConfig, Grants, KvCondition};
 
-use crate::platform::{Platform, PlatformError};
+use crate::error::PlatformError;
+use crate::platform::Platform;
+use crate::validate::{MAX_VALUE_BYTES, check_name, check_secret_name};
 
 /// wasi:config key under which a function reads its per-invocation
 /// credential (minted on read, so functions that never ask pay nothing).
@@ -59,11 +61,11 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         ("queue", &config.grants.queues),
     ] {
         for name in names {
-            crate::events::check_name(kind, name)?;
+            check_name(kind, name)?;
         }
     }
     for name in &config.grants.secrets {
-        crate::secrets::check_secret_name(name)
+        check_secret_name(name)
             .map_err(|e| PlatformError::BadRequest(format!("secret grant: {e}")))?;
     }
     for (key, value) in &config.variables {
@@ -238,11 +240,11 @@ impl KeyValueBackend for NodeKeyValue {
 
 /// Refuses values over the KV limit.
 fn check_value_size(value: &[u8]) -> anyhow::Result<()> {
-    if value.len() > crate::admin::MAX_VALUE_BYTES {
+    if value.len() > MAX_VALUE_BYTES {
         anyhow::bail!(
             "the value is {} bytes, over the KV limit of {} bytes",
             value.len(),
-            crate::admin::MAX_VALUE_BYTES
+            MAX_VALUE_BYTES
         );
     }
     Ok(())

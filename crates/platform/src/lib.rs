@@ -11,8 +11,10 @@ pub mod admission;
 pub mod auth;
 mod capabilities;
 pub mod catalog;
+mod clock;
 pub mod config;
 pub mod connections;
+pub mod error;
 pub mod events;
 pub mod gateway;
 pub mod ledger;
@@ -25,6 +27,7 @@ pub mod routes;
 pub mod secrets;
 pub mod tiers;
 pub mod tls;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +38,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use config::{
+    DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, NodeConfig, ScalingConfig,
+    physical_memory,
+};
+pub use error::PlatformError;
 pub use platform::{
-    CLIENT_REQUEST_ID_HEADER, DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome,
-    FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, ScalingConfig,
-    Status, VERSION_HEADER, physical_memory, text_response,
+    CLIENT_REQUEST_ID_HEADER, DeployOutcome, FunctionScalingStatus, Platform, REQUEST_ID_HEADER,
+    Status, VERSION_HEADER, text_response,
 };
 
 /// Where a node listens and how it stops.

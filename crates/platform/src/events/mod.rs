@@ -9,6 +9,7 @@
 //! crashes.
 
 mod dispatch;
+pub(crate) mod metrics;
 pub mod schedule;
 mod scheduler;
 
@@ -26,10 +27,12 @@ use mayfly_store::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::platform::{Platform, PlatformError, blocking};
-use schedule::Schedule;
+use crate::clock::now_ms;
+use crate::error::{PlatformError, blocking};
+use crate::platform::Platform;
+use crate::validate::{MAX_BATCH, check_key, check_name, check_retry, check_trigger};
 
-pub(crate) use dispatch::EventMetrics;
+use metrics::EventMetrics;
 
 /// Request body of an event delivery.
 pub(crate) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
@@ -49,125 +52,6 @@ pub(crate) enum EventOutcome {
     /// The node could not run it (no free instance slot, or it is shutting
     /// down): not the event's fault, so not an attempt.
     NotRun(String),
-}
-
-/// Largest batch a single `send` may carry.
-pub const MAX_BATCH: usize = 10_000;
-/// Longest bucket or queue name.
-const MAX_NAME: usize = 63;
-/// Longest key, in bytes.
-const MAX_KEY: usize = 1024;
-
-/// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`, but not `.`
-/// or `..`: those are path segments that clients and proxies resolve
-/// (`/v1/kv/../x` is `/v1/x`), so such a bucket could be written but never
-/// reached again by its URL.
-pub fn check_name(what: &str, name: &str) -> Result<(), PlatformError> {
-    if name == "." || name == ".." {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid {what} name `{name}`: `.` and `..` are path segments, not names; use \
-             lower-case letters, digits, `-`, `_` or `.`"
-        )));
-    }
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
-    if valid {
-        Ok(())
-    } else {
-        Err(PlatformError::BadRequest(format!(
-            "invalid {what} name `{}`: use 1 to {MAX_NAME} lower-case letters, digits, `-`, `_` \
-             or `.`",
-            name.escape_debug()
-        )))
-    }
-}
-
-/// Checks a KV or object key: 1 to 1024 bytes of UTF-8 with no control
-/// characters.
-pub fn check_key(key: &str) -> Result<(), PlatformError> {
-    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid key `{}`: use 1 to {MAX_KEY} bytes of UTF-8 without control characters",
-            key.escape_debug()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a prefix or suffix filter (may be empty).
-fn check_filter(what: &str, text: &str) -> Result<(), PlatformError> {
-    if text.len() > MAX_KEY || text.chars().any(char::is_control) {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid {what} `{}`: at most {MAX_KEY} bytes, no control characters",
-            text.escape_debug()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a trigger spec before it is stored.
-pub fn check_trigger(spec: &TriggerSpec) -> Result<(), PlatformError> {
-    match &spec.source {
-        TriggerSource::Schedule { schedule } => {
-            Schedule::parse(schedule).map_err(|e| PlatformError::BadRequest(e.to_string()))?;
-        }
-        TriggerSource::Object {
-            bucket,
-            prefix,
-            suffix,
-            events,
-        } => {
-            check_name("bucket", bucket)?;
-            check_filter("prefix", prefix)?;
-            check_filter("suffix", suffix)?;
-            if events.is_empty() {
-                return Err(PlatformError::BadRequest(
-                    "`events` is empty: list `created`, `deleted` or both".into(),
-                ));
-            }
-        }
-        TriggerSource::Kv { bucket, prefix } => {
-            check_name("bucket", bucket)?;
-            check_filter("prefix", prefix)?;
-        }
-        TriggerSource::Queue {
-            queue,
-            batch_size,
-            max_concurrency,
-        } => {
-            check_name("queue", queue)?;
-            if !(1..=1000).contains(batch_size) || !(1..=1000).contains(max_concurrency) {
-                return Err(PlatformError::BadRequest(format!(
-                    "`batch_size` is {batch_size} and `max_concurrency` {max_concurrency}: \
-                     each must be 1 to 1000"
-                )));
-            }
-        }
-    }
-    if let Some(alias) = &spec.alias {
-        crate::platform::validate_alias(alias)?;
-    }
-    check_retry(&spec.retry)
-}
-
-/// Checks a retry policy.
-pub fn check_retry(retry: &RetryPolicy) -> Result<(), PlatformError> {
-    if !(1..=RetryPolicy::MAX_ATTEMPTS).contains(&retry.max_attempts)
-        || retry.backoff_ms > RetryPolicy::MAX_BACKOFF_MS
-    {
-        return Err(PlatformError::BadRequest(format!(
-            "retry: `max_attempts` is {} and `backoff_ms` {}: attempts must be 1 to {}, the \
-             backoff at most {} ms",
-            retry.max_attempts,
-            retry.backoff_ms,
-            RetryPolicy::MAX_ATTEMPTS,
-            RetryPolicy::MAX_BACKOFF_MS
-        )));
-    }
-    Ok(())
 }
 
 /// Who consumes a queue: a function's inbox, or a queue trigger.
@@ -745,7 +629,7 @@ impl EventHub {
                 ty: "dev.mayfly.invoke".into(),
                 source: format!("/functions/{function}"),
                 subject: None,
-                time_ms: crate::platform::now_ms(),
+                time_ms: now_ms(),
                 content_type,
                 data: data.to_vec(),
             },
@@ -805,24 +689,5 @@ impl EventHub {
     ) -> Result<usize, PlatformError> {
         let (store, f) = (self.store.clone(), function.to_string());
         blocking(move || store.purge_dead(&f, ids.as_deref())).await
-    }
-}
-
-#[cfg(test)]
-mod name_tests {
-    use super::*;
-
-    #[test]
-    fn dot_segments_are_not_names() {
-        for good in ["orders", "a.b", "...", "v1.2", "a_b-c"] {
-            assert!(check_name("bucket", good).is_ok(), "{good}");
-        }
-        for bad in [".", "..", "", "A", "a/b", &"a".repeat(64)] {
-            let error = check_name("queue", bad).unwrap_err();
-            assert!(
-                error.to_string().contains("invalid queue name"),
-                "{bad}: {error}"
-            );
-        }
     }
 }

@@ -13,7 +13,8 @@ use mayfly_store::{CloudEvent, TriggerSource, TriggerStore};
 
 use super::schedule::Schedule;
 use super::{WorkerKey, dispatch::rfc3339_millis};
-use crate::platform::{Platform, now_ms};
+use crate::clock::now_ms;
+use crate::platform::Platform;
 
 /// Longest the scheduler sleeps; schedule changes wake it earlier.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
