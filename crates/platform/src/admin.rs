@@ -385,7 +385,7 @@ async fn invoke(
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
-    let response = platform.invoke(target, request, "invoke").await;
+    let response = platform.invoker().invoke(target, request, "invoke").await;
     Ok(response.map(Body::new))
 }
 

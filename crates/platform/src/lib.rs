@@ -4,19 +4,23 @@
 //!
 //! A request enters [`gateway`], is matched against the [`catalog::Catalog`]
 //! (an immutable snapshot swapped on every deploy, read without locks) and
-//! runs in a fresh instance through [`Platform::invoke`].
+//! runs in a fresh instance through [`Invoker::invoke`].
 
 pub mod admin;
 pub mod admission;
+mod artifacts;
 pub mod auth;
+mod autoscale;
 mod capabilities;
 pub mod catalog;
 mod clock;
 pub mod config;
 pub mod connections;
+mod deployments;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod invoker;
 pub mod ledger;
 pub mod logs;
 pub mod metering;
@@ -25,6 +29,7 @@ mod preread;
 pub mod rollout;
 pub mod routes;
 pub mod secrets;
+mod status;
 pub mod tiers;
 pub mod tls;
 pub mod validate;
@@ -42,11 +47,13 @@ pub use config::{
     DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, NodeConfig, ScalingConfig,
     physical_memory,
 };
+pub use deployments::DeployOutcome;
 pub use error::PlatformError;
-pub use platform::{
-    CLIENT_REQUEST_ID_HEADER, DeployOutcome, FunctionScalingStatus, Platform, REQUEST_ID_HEADER,
-    Status, VERSION_HEADER, text_response,
+pub use invoker::{
+    CLIENT_REQUEST_ID_HEADER, Invoker, REQUEST_ID_HEADER, VERSION_HEADER, text_response,
 };
+pub use platform::Platform;
+pub use status::{FunctionScalingStatus, Status};
 
 /// Where a node listens and how it stops.
 #[derive(Debug, Clone)]
@@ -112,7 +119,7 @@ impl RunningNode {
         platform.set_api_url(format!("{scheme}://{callback}"));
         let limits = config.connections;
         let gateway = tokio::spawn(gateway::serve(
-            platform.clone(),
+            platform.invoker().clone(),
             gateway_listener,
             limits.gateway,
             shutdown.clone(),

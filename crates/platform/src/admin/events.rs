@@ -504,7 +504,7 @@ async fn remove_trigger(
     let id = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not a trigger id")))?;
-    platform.events().remove_trigger(id).await?;
+    platform.remove_trigger(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
