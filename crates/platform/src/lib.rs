@@ -18,6 +18,7 @@ pub mod config;
 pub mod connections;
 mod deployments;
 pub mod error;
+pub mod event_metrics;
 pub mod events;
 pub mod gateway;
 pub mod invoker;
@@ -28,6 +29,7 @@ mod platform;
 mod preread;
 pub mod rollout;
 pub mod routes;
+pub mod schedule;
 pub mod secrets;
 mod status;
 pub mod tiers;
@@ -47,7 +49,7 @@ pub use config::{
     DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, NodeConfig, ScalingConfig,
     physical_memory,
 };
-pub use deployments::DeployOutcome;
+pub use deployments::deploy::DeployOutcome;
 pub use error::PlatformError;
 pub use invoker::{
     CLIENT_REQUEST_ID_HEADER, Invoker, REQUEST_ID_HEADER, VERSION_HEADER, text_response,

@@ -7,8 +7,8 @@
 use mayfly_store::{FunctionLimits, FunctionScaling, RetryPolicy, TriggerSource, TriggerSpec};
 
 use crate::error::PlatformError;
-use crate::events::schedule::Schedule;
 use crate::routes::Route;
+use crate::schedule::Schedule;
 
 // ---- body and value limits ----
 

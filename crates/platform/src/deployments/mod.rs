@@ -6,7 +6,7 @@
 //! catalog that the invoker reads.
 
 mod aliases;
-mod deploy;
+pub(crate) mod deploy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,8 +35,6 @@ use crate::rollout::Rollouts;
 use crate::routes::Route;
 use crate::tiers::{Activity, Tier};
 use crate::validate::parse_routes;
-
-pub use deploy::DeployOutcome;
 
 /// The node's deployed functions as the store and the catalog hold them,
 /// and every change to them.

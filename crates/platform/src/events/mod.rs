@@ -9,8 +9,6 @@
 //! crashes.
 
 mod dispatch;
-pub(crate) mod metrics;
-pub mod schedule;
 mod scheduler;
 pub(crate) mod workers;
 
@@ -32,7 +30,7 @@ use crate::clock::now_ms;
 use crate::error::{PlatformError, blocking};
 use crate::validate::{MAX_BATCH, check_key, check_name, check_retry, check_trigger};
 
-use metrics::EventMetrics;
+use crate::event_metrics::EventMetrics;
 
 /// Who consumes a queue: a function's inbox, or a queue trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

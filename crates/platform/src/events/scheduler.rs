@@ -12,9 +12,9 @@ use std::time::Duration;
 use mayfly_store::{CloudEvent, TriggerSource, TriggerStore};
 
 use super::dispatch::rfc3339_millis;
-use super::schedule::Schedule;
 use super::{EventHub, WorkerKey};
 use crate::clock::now_ms;
+use crate::schedule::Schedule;
 
 /// Longest the scheduler sleeps; schedule changes wake it earlier.
 const MAX_SLEEP: Duration = Duration::from_secs(60);

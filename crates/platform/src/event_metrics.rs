@@ -81,7 +81,7 @@ impl EventMetrics {
     }
 
     /// Counts one delivery attempt of `function` by its result.
-    pub(super) fn count(&self, function: &str, result: &'static str) {
+    pub(crate) fn count(&self, function: &str, result: &'static str) {
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 function: function.to_string(),
@@ -91,7 +91,7 @@ impl EventMetrics {
     }
 
     /// Records how long an acknowledged event of `function` waited.
-    pub(super) fn observe_latency(&self, function: &str, seconds: f64) {
+    pub(crate) fn observe_latency(&self, function: &str, seconds: f64) {
         self.latency
             .get_or_create(&FunctionLabel {
                 function: function.to_string(),
