@@ -1,7 +1,7 @@
 //! The node: [`Platform`] opens the node's state, wires its parts
 //! together and starts their background tasks, and is what the admin API
 //! and the CLI hold. The parts do the work: the [`Invoker`] runs requests,
-//! [`Deployments`] changes what is served, the [`EventHub`] holds the
+//! `Deployments` changes what is served, the [`EventHub`] holds the
 //! event stores, and the autoscaler, the verdict task and the event
 //! workers run on handles of their own, never on the node itself.
 

@@ -1,6 +1,6 @@
-//! Everything that changes what the node serves: deploys
-//! ([`deploy`](self::deploy)), alias moves, rollbacks and automatic
-//! canaries' verdicts ([`aliases`](self::aliases)). [`Deployments`] keeps
+//! Everything that changes what the node serves: deploys and deletes
+//! (`deploy.rs`), alias moves, rollbacks and automatic canaries' verdicts
+//! (`aliases.rs`). [`Deployments`] keeps
 //! the store and the catalog in step under one change lock, building each
 //! function's [`Served`] entry from the store and swapping it into the
 //! catalog that the invoker reads.
