@@ -17,15 +17,18 @@ use http_body_util::BodyExt;
 use mayfly_store::{FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow};
 use serde::Deserialize;
 
-use crate::platform::{Platform, PlatformError, now_ms};
+use self::error::{ApiError, ApiResult};
+use crate::clock::now_ms;
+use crate::error::PlatformError;
+use crate::platform::Platform;
 
 mod auth;
+mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
 mod secrets;
 mod versions;
-pub use events::{MAX_ASYNC_BYTES, MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 
 /// The admin API's routes over `platform`.
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
@@ -151,82 +154,6 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
 
 /// Room for a deploy's `config` and `triggers` parts beside the component.
 const DEPLOY_CONFIG_ALLOWANCE: usize = 64 * 1024;
-
-/// An error answer of the admin API.
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_request",
-            message: message.into(),
-        }
-    }
-
-    /// An extractor's rejection with `status`: 413 when the body went over
-    /// the route's limit (`DefaultBodyLimit`), saying `too_large` so that
-    /// the client learns that a smaller body would pass; anything else is
-    /// the client's malformed request (400).
-    fn rejected(status: StatusCode, message: impl Into<String>) -> Self {
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            Self {
-                status,
-                code: "too_large",
-                message: message.into(),
-            }
-        } else {
-            Self::bad_request(message)
-        }
-    }
-}
-
-impl From<PlatformError> for ApiError {
-    fn from(error: PlatformError) -> Self {
-        let (status, code) = match &error {
-            PlatformError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            PlatformError::Deploy(mayfly_runtime::DeployError::Internal(_)) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-            }
-            PlatformError::Deploy(mayfly_runtime::DeployError::Busy { .. }) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "busy")
-            }
-            PlatformError::Deploy(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
-            PlatformError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            PlatformError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            PlatformError::Missing(_) => (StatusCode::NOT_FOUND, "not_found"),
-            PlatformError::PreconditionFailed(_) => {
-                (StatusCode::PRECONDITION_FAILED, "precondition_failed")
-            }
-            PlatformError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            PlatformError::InsufficientStorage(_) => {
-                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
-            }
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        if status.is_server_error() {
-            tracing::error!("admin API: {error}");
-        }
-        Self {
-            status,
-            code,
-            message: error.to_string(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
-    }
-}
-
-type ApiResult<T> = Result<T, ApiError>;
 
 async fn not_found(uri: Uri) -> ApiError {
     ApiError {
@@ -427,7 +354,7 @@ async fn invoke(
         .ok_or_else(|| PlatformError::NotFound(name.clone()))?;
     let alias = query.alias.as_deref().unwrap_or(mayfly_store::LIVE_ALIAS);
     let Some(target) = served.alias(alias) else {
-        crate::platform::validate_alias(alias)?;
+        crate::validate::validate_alias(alias)?;
         return Err(PlatformError::Missing(format!(
             "function `{name}` has no alias `{alias}`: see `mayfly alias list {name}`"
         ))
@@ -458,7 +385,7 @@ async fn invoke(
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
-    let response = platform.invoke(target, request, "invoke").await;
+    let response = platform.invoker().invoke(target, request, "invoke").await;
     Ok(response.map(Body::new))
 }
 
@@ -483,7 +410,7 @@ async fn invoke_async(
     let limit = function
         .limits
         .max_request_bytes
-        .min(events::MAX_ASYNC_BYTES as u64);
+        .min(crate::validate::MAX_ASYNC_BYTES as u64);
     let data = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await

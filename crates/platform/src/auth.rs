@@ -36,7 +36,8 @@ use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::platform::{PlatformError, blocking, now_ms};
+use crate::clock::now_ms;
+use crate::error::{PlatformError, blocking};
 
 /// Name of the file in the data directory holding the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -665,7 +666,7 @@ impl Auth {
             ));
         }
         for function in &functions {
-            crate::platform::validate_name(function)?;
+            crate::validate::validate_name(function)?;
         }
         let auth = self.clone();
         let name = name.to_string();

@@ -2,13 +2,17 @@
 //! grants: the runtime's [`Capabilities`] backed by the node's stores.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use mayfly_runtime::{Capabilities, ConfigSource, KeyValueBackend, OutboundPolicy};
-use mayfly_store::{FunctionConfig, Grants, KvCondition};
+use mayfly_store::{FunctionConfig, Grants, KvCondition, KvEntry, StoreError};
 
-use crate::platform::{Platform, PlatformError};
+use crate::auth::Auth;
+use crate::error::PlatformError;
+use crate::events::EventHub;
+use crate::secrets::Secrets;
+use crate::validate::{MAX_VALUE_BYTES, check_key, check_name, check_secret_name};
 
 /// wasi:config key under which a function reads its per-invocation
 /// credential (minted on read, so functions that never ask pay nothing).
@@ -21,12 +25,23 @@ const LIST_PAGE: usize = 1000;
 /// Attempts of an `increment` that keeps losing its compare-and-swap.
 const INCREMENT_ATTEMPTS: usize = 64;
 
+/// What the node lends its functions' capabilities.
+pub(crate) struct NodeServices {
+    /// wasi:keyvalue over the node's KV store, shared by every function.
+    pub(crate) keyvalue: Arc<dyn KeyValueBackend>,
+    /// Secrets that functions are granted.
+    pub(crate) secrets: Arc<Secrets>,
+    /// Mints the functions' credentials.
+    pub(crate) auth: Arc<Auth>,
+    /// The admin API's URL, once it listens.
+    pub(crate) api_url: Arc<OnceLock<String>>,
+}
+
 /// Builds the capabilities of `function` at `version` from its config.
 /// Fails (with a message for the deployer) if its outbound allow-list does
 /// not parse.
 pub(crate) fn capabilities(
-    platform: &Weak<Platform>,
-    keyvalue: &Arc<dyn KeyValueBackend>,
+    services: &Arc<NodeServices>,
     function: &str,
     generation: i64,
     version: u64,
@@ -35,9 +50,9 @@ pub(crate) fn capabilities(
     let outbound = OutboundPolicy::parse(&config.grants.outbound)?;
     Ok(Arc::new(Capabilities {
         kv_buckets: config.grants.kv.iter().cloned().collect(),
-        keyvalue: keyvalue.clone(),
+        keyvalue: services.keyvalue.clone(),
         config: Arc::new(FunctionConfigSource {
-            platform: platform.clone(),
+            services: services.clone(),
             function: function.to_string(),
             generation,
             version,
@@ -59,11 +74,11 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         ("queue", &config.grants.queues),
     ] {
         for name in names {
-            crate::events::check_name(kind, name)?;
+            check_name(kind, name)?;
         }
     }
     for name in &config.grants.secrets {
-        crate::secrets::check_secret_name(name)
+        check_secret_name(name)
             .map_err(|e| PlatformError::BadRequest(format!("secret grant: {e}")))?;
     }
     for (key, value) in &config.variables {
@@ -91,49 +106,72 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
 }
 
 /// wasi:keyvalue over the node's KV store. Buckets a function was not
-/// granted never get here: the runtime refuses to open them.
+/// granted never get here: the runtime refuses to open them. Absence and a
+/// lost compare-and-swap are told apart from the store's answers; other
+/// failures reach the guest as the node words them.
 pub(crate) struct NodeKeyValue {
-    pub(crate) platform: Weak<Platform>,
+    hub: Arc<EventHub>,
 }
 
 impl NodeKeyValue {
-    fn platform(&self) -> anyhow::Result<Arc<Platform>> {
-        self.platform
-            .upgrade()
-            .ok_or_else(|| anyhow::anyhow!("the node is shutting down"))
+    /// wasi:keyvalue over `hub`'s KV store (whose writes fire KV triggers).
+    pub(crate) fn new(hub: Arc<EventHub>) -> Self {
+        Self { hub }
     }
+
+    /// The entry under `key`, if any, after checking the names.
+    async fn entry(&self, bucket: &str, key: &str) -> anyhow::Result<Option<KvEntry>> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        self.hub.kv_entry(bucket, key).await.map_err(failure)
+    }
+
+    /// Writes `value` if `condition` holds: `false` when another writer
+    /// got there first.
+    async fn write(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+        condition: KvCondition,
+    ) -> anyhow::Result<bool> {
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        match self.hub.kv_write(bucket, key, value, condition).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::PreconditionFailed(_)) => Ok(false),
+            Err(error) => Err(failure(error)),
+        }
+    }
+}
+
+/// A store failure as the guest sees it: in the node's words.
+fn failure(error: StoreError) -> anyhow::Error {
+    PlatformError::from(error).into()
 }
 
 #[async_trait::async_trait]
 impl KeyValueBackend for NodeKeyValue {
     async fn get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        match self.platform()?.events().kv_get(bucket, key).await {
-            Ok(entry) => Ok(Some(entry.value)),
-            Err(PlatformError::Missing(_)) => Ok(None),
-            Err(error) => Err(error.into()),
-        }
+        Ok(self.entry(bucket, key).await?.map(|entry| entry.value))
     }
 
     async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
         check_value_size(&value)?;
-        self.platform()?
-            .events()
-            .kv_put(bucket, key, Bytes::from(value), KvCondition::Any)
+        self.write(bucket, key, Bytes::from(value), KvCondition::Any)
             .await?;
         Ok(())
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> anyhow::Result<()> {
-        match self
-            .platform()?
-            .events()
-            .kv_delete(bucket, key, KvCondition::Any)
+        check_name("bucket", bucket)?;
+        check_key(key)?;
+        // Deleting a missing key is not an error in wasi:keyvalue.
+        self.hub
+            .kv_remove(bucket, key, KvCondition::Any)
             .await
-        {
-            // Deleting a missing key is not an error in wasi:keyvalue.
-            Ok(()) | Err(PlatformError::Missing(_)) => Ok(()),
-            Err(error) => Err(error.into()),
-        }
+            .map_err(failure)?;
+        Ok(())
     }
 
     async fn exists(&self, bucket: &str, key: &str) -> anyhow::Result<bool> {
@@ -151,8 +189,7 @@ impl KeyValueBackend for NodeKeyValue {
         // API's key-based paging.
         let skip = usize::try_from(cursor).unwrap_or(usize::MAX);
         let keys = self
-            .platform()?
-            .events()
+            .hub
             .kv_list(
                 bucket,
                 String::new(),
@@ -172,11 +209,9 @@ impl KeyValueBackend for NodeKeyValue {
     }
 
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> anyhow::Result<u64> {
-        let platform = self.platform()?;
-        let events = platform.events();
         for _ in 0..INCREMENT_ATTEMPTS {
-            let (current, condition) = match events.kv_get(bucket, key).await {
-                Ok(entry) => {
+            let (current, condition) = match self.entry(bucket, key).await? {
+                Some(entry) => {
                     let text = std::str::from_utf8(&entry.value).unwrap_or("");
                     let number: u64 = text.trim().parse().map_err(|_| {
                         anyhow::anyhow!(
@@ -186,21 +221,18 @@ impl KeyValueBackend for NodeKeyValue {
                     })?;
                     (number, KvCondition::Revision(entry.revision))
                 }
-                Err(PlatformError::Missing(_)) => (0, KvCondition::Absent),
-                Err(error) => return Err(error.into()),
+                None => (0, KvCondition::Absent),
             };
             let next = current
                 .checked_add(delta)
                 .ok_or_else(|| anyhow::anyhow!("incrementing `{key}` would overflow a u64"))?;
-            match events
-                .kv_put(bucket, key, Bytes::from(next.to_string()), condition)
-                .await
+            if self
+                .write(bucket, key, Bytes::from(next.to_string()), condition)
+                .await?
             {
-                Ok(_) => return Ok(next),
-                // Another writer got there first: read again.
-                Err(PlatformError::PreconditionFailed(_)) => continue,
-                Err(error) => return Err(error.into()),
+                return Ok(next);
             }
+            // Another writer got there first: read again.
         }
         anyhow::bail!("`{key}` changed too often to increment; try again")
     }
@@ -213,36 +245,26 @@ impl KeyValueBackend for NodeKeyValue {
         new: Vec<u8>,
     ) -> anyhow::Result<bool> {
         check_value_size(&new)?;
-        let platform = self.platform()?;
-        let events = platform.events();
         // Compare the value, then write only if its revision is the one read.
-        let condition = match (events.kv_get(bucket, key).await, current) {
-            (Ok(entry), Some(expected)) if entry.value == expected => {
+        let condition = match (self.entry(bucket, key).await?, current) {
+            (Some(entry), Some(expected)) if entry.value == expected => {
                 KvCondition::Revision(entry.revision)
             }
-            (Err(PlatformError::Missing(_)), None) => KvCondition::Absent,
-            (Ok(_), _) | (Err(PlatformError::Missing(_)), Some(_)) => return Ok(false),
-            (Err(error), _) => return Err(error.into()),
+            (None, None) => KvCondition::Absent,
+            (Some(_), _) | (None, Some(_)) => return Ok(false),
         };
-        match events
-            .kv_put(bucket, key, Bytes::from(new), condition)
-            .await
-        {
-            Ok(_) => Ok(true),
-            // Another writer got there first.
-            Err(PlatformError::PreconditionFailed(_)) => Ok(false),
-            Err(error) => Err(error.into()),
-        }
+        // False when another writer got there first.
+        self.write(bucket, key, Bytes::from(new), condition).await
     }
 }
 
 /// Refuses values over the KV limit.
 fn check_value_size(value: &[u8]) -> anyhow::Result<()> {
-    if value.len() > crate::admin::MAX_VALUE_BYTES {
+    if value.len() > MAX_VALUE_BYTES {
         anyhow::bail!(
             "the value is {} bytes, over the KV limit of {} bytes",
             value.len(),
-            crate::admin::MAX_VALUE_BYTES
+            MAX_VALUE_BYTES
         );
     }
     Ok(())
@@ -251,7 +273,7 @@ fn check_value_size(value: &[u8]) -> anyhow::Result<()> {
 /// wasi:config for one function version: its variables, the secrets it was
 /// granted, and its credential.
 struct FunctionConfigSource {
-    platform: Weak<Platform>,
+    services: Arc<NodeServices>,
     function: String,
     /// The function's creation time, bound into its credentials.
     generation: i64,
@@ -261,16 +283,10 @@ struct FunctionConfigSource {
 }
 
 impl FunctionConfigSource {
-    fn platform(&self) -> Result<Arc<Platform>, String> {
-        self.platform
-            .upgrade()
-            .ok_or_else(|| "the node is shutting down".to_string())
-    }
-
     async fn secret(&self, name: &str) -> Result<Option<String>, String> {
-        let platform = self.platform()?;
-        let value = platform
-            .secrets()
+        let value = self
+            .services
+            .secrets
             .reveal(name)
             .await
             .map_err(|e| format!("cannot read secret `{name}`: {e}"))?;
@@ -282,15 +298,15 @@ impl FunctionConfigSource {
 impl ConfigSource for FunctionConfigSource {
     async fn get(&self, key: &str) -> Result<Option<String>, String> {
         if key == CREDENTIAL_KEY {
-            let platform = self.platform()?;
-            return platform
-                .auth()
+            return self
+                .services
+                .auth
                 .mint_credential(&self.function, self.generation, self.version, &self.grants)
                 .map(Some)
                 .map_err(|e| e.to_string());
         }
         if key == API_URL_KEY {
-            return Ok(self.platform()?.api_url().map(str::to_string));
+            return Ok(self.services.api_url.get().cloned());
         }
         if let Some(value) = self.variables.get(key) {
             return Ok(Some(value.clone()));
@@ -301,9 +317,9 @@ impl ConfigSource for FunctionConfigSource {
         // Not a variable and not granted: say so if it is a secret, so the
         // function's author learns what to grant (the attempt is logged by
         // the runtime).
-        let platform = self.platform()?;
-        let exists = platform
-            .secrets()
+        let exists = self
+            .services
+            .secrets
             .exists(key)
             .await
             .map_err(|e| format!("cannot look up `{key}`: {e}"))?;

@@ -1,7 +1,12 @@
-//! The node's config file (`node.toml`) and the price list it carries.
+//! The node's settings: [`NodeConfig`] (what `Platform::open` is given)
+//! and the config file (`node.toml`) with the price list it carries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use mayfly_runtime::RuntimeConfig;
+use mayfly_scaling::{HybridHistogram, KeepAlivePolicy};
 use mayfly_store::UsageRow;
 use serde::{Deserialize, Serialize};
 
@@ -203,6 +208,127 @@ impl ConnectionsFile {
             }
         }
         Ok(())
+    }
+}
+
+// ---- the node's settings ----
+
+/// Share of the node's shared (unreserved) slots and memory that one
+/// function may hold at once unless it sets its own `max_concurrency`, in
+/// percent: a function flooded with slow requests leaves three quarters of
+/// the node to the others. `[scaling] function_share_percent` changes it.
+pub const DEFAULT_FUNCTION_SHARE_PERCENT: u32 = 25;
+
+/// Default number of versions a function keeps (besides those an alias
+/// points at).
+pub const DEFAULT_KEEP_VERSIONS: usize = 10;
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Folder holding all of the node's state.
+    pub data_dir: PathBuf,
+    /// Runtime (engine and instance pool) settings.
+    pub runtime: RuntimeConfig,
+    /// Largest component accepted for deploy, in bytes.
+    pub max_component_bytes: usize,
+    /// Prices that turn usage into cost.
+    pub prices: PriceList,
+    /// Concurrency, memory budget and keep-alive.
+    pub scaling: ScalingConfig,
+    /// How long a function's per-invocation credential stays valid.
+    pub credential_ttl: Duration,
+    /// Versions each function keeps after a deploy: the newest ones, plus
+    /// any an alias points at (at least 1).
+    pub keep_versions: usize,
+    /// Compiles uploads within the node's bounds (time, memory, how many
+    /// at once): in-process by default, in a child process for `mayfly
+    /// serve`.
+    pub compiler: Arc<mayfly_runtime::Compiler>,
+}
+
+/// How the node scales functions.
+#[derive(Clone)]
+pub struct ScalingConfig {
+    /// Keep-alive and pre-warm policy of every function.
+    pub keep_alive: Arc<dyn KeepAlivePolicy>,
+    /// Invocations running at once on the node, over every function.
+    pub max_concurrency: u32,
+    /// Share of the node's shared slots and memory, in percent, that one
+    /// function without a `max_concurrency` of its own may hold at once
+    /// (see [`DEFAULT_FUNCTION_SHARE_PERCENT`]).
+    pub function_share_percent: u32,
+    /// Memory the node may promise to running invocations (each counts its
+    /// configured limit) and keep in warm and hot functions, in bytes.
+    pub memory_budget_bytes: u64,
+    /// How often the autoscaler applies keep-alive windows and the budget.
+    pub tick: Duration,
+}
+
+impl std::fmt::Debug for ScalingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScalingConfig")
+            .field("keep_alive", &self.keep_alive.name())
+            .field("max_concurrency", &self.max_concurrency)
+            .field("function_share_percent", &self.function_share_percent)
+            .field("memory_budget_bytes", &self.memory_budget_bytes)
+            .field("tick", &self.tick)
+            .finish()
+    }
+}
+
+impl ScalingConfig {
+    /// The defaults for a node of `max_instances`: the hybrid-histogram
+    /// keep-alive (fewer cold starts than a fixed 10 minutes for less idle
+    /// memory in `mayfly simulate`), every instance slot usable, a quarter
+    /// of them (and of the memory) for any one function by default, and the
+    /// machine's physical memory as the budget.
+    pub fn new(max_instances: u32) -> Self {
+        let policy: Arc<dyn KeepAlivePolicy> = Arc::new(HybridHistogram::default());
+        Self {
+            keep_alive: policy.clone(),
+            max_concurrency: max_instances,
+            function_share_percent: DEFAULT_FUNCTION_SHARE_PERCENT,
+            memory_budget_bytes: physical_memory().unwrap_or(8 << 30),
+            tick: Duration::from_secs(1),
+        }
+        .with_keep_alive(policy)
+    }
+
+    /// Uses `policy`, with the autoscaler ticking four times per step of
+    /// the policy's windows (so a short keep-alive, as tests use, is not
+    /// stretched by a whole tick), between 50 ms and once a second.
+    pub fn with_keep_alive(mut self, policy: Arc<dyn KeepAlivePolicy>) -> Self {
+        self.tick =
+            (policy.resolution() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        self.keep_alive = policy;
+        self
+    }
+}
+
+/// The machine's physical memory, from `/proc/meminfo` (Linux).
+pub fn physical_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl NodeConfig {
+    /// Defaults for a node keeping its state in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            runtime: RuntimeConfig::default(),
+            max_component_bytes: 64 << 20,
+            prices: PriceList::default(),
+            scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
+            credential_ttl: crate::auth::DEFAULT_CREDENTIAL_TTL,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            compiler: Arc::new(mayfly_runtime::Compiler::in_process(
+                mayfly_runtime::CompileLimits::default(),
+            )),
+        }
     }
 }
 

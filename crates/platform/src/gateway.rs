@@ -11,22 +11,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{self, ConnectionLimits, Plain, TimedBody};
-use crate::platform::{Platform, text_response};
+use crate::invoker::{Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
 /// Serves `listener` until `shutdown` is cancelled, then lets open requests
 /// finish for up to `grace`. Connections are held to `limits` (timeouts and
 /// a cap, see [`connections`]).
 pub async fn serve(
-    platform: Arc<Platform>,
+    invoker: Arc<Invoker>,
     listener: TcpListener,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
     let service = service_fn(move |request| {
-        let platform = platform.clone();
-        async move { Ok::<_, Infallible>(route(&platform, request).await) }
+        let invoker = invoker.clone();
+        async move { Ok::<_, Infallible>(route(&invoker, request).await) }
     });
     connections::serve(
         "gateway",
@@ -52,7 +52,7 @@ pub async fn serve(
 /// Spin expect. An already normal path (nearly every request) is neither
 /// copied nor rebuilt.
 async fn route(
-    platform: &Platform,
+    invoker: &Invoker,
     mut request: http::Request<TimedBody>,
 ) -> http::Response<HyperOutgoingBody> {
     let bad_request =
@@ -68,7 +68,7 @@ async fn route(
                 return bad_request(format!("the request path is not valid: {message}"));
             }
         };
-        let function = platform
+        let function = invoker
             .catalog()
             .routes
             .lookup(host.as_deref(), &path)
@@ -101,7 +101,7 @@ async fn route(
             Err(error) => return bad_request(format!("the request path is not valid: {error}")),
         }
     }
-    platform.invoke(&function.live, request, "http").await
+    invoker.invoke(&function.live, request, "http").await
 }
 
 /// The request's host name, normalised (lower case, no port, no trailing

@@ -4,17 +4,24 @@
 //!
 //! A request enters [`gateway`], is matched against the [`catalog::Catalog`]
 //! (an immutable snapshot swapped on every deploy, read without locks) and
-//! runs in a fresh instance through [`Platform::invoke`].
+//! runs in a fresh instance through [`Invoker::invoke`].
 
 pub mod admin;
 pub mod admission;
+mod artifacts;
 pub mod auth;
+mod autoscale;
 mod capabilities;
 pub mod catalog;
+mod clock;
 pub mod config;
 pub mod connections;
+mod deployments;
+pub mod error;
+pub mod event_metrics;
 pub mod events;
 pub mod gateway;
+pub mod invoker;
 pub mod ledger;
 pub mod logs;
 pub mod metering;
@@ -22,9 +29,12 @@ mod platform;
 mod preread;
 pub mod rollout;
 pub mod routes;
+pub mod schedule;
 pub mod secrets;
+mod status;
 pub mod tiers;
 pub mod tls;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,11 +47,17 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use platform::{
-    CLIENT_REQUEST_ID_HEADER, DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, DeployOutcome,
-    FunctionScalingStatus, NodeConfig, Platform, PlatformError, REQUEST_ID_HEADER, ScalingConfig,
-    Status, VERSION_HEADER, physical_memory, text_response,
+pub use config::{
+    DEFAULT_FUNCTION_SHARE_PERCENT, DEFAULT_KEEP_VERSIONS, NodeConfig, ScalingConfig,
+    physical_memory,
 };
+pub use deployments::deploy::DeployOutcome;
+pub use error::PlatformError;
+pub use invoker::{
+    CLIENT_REQUEST_ID_HEADER, Invoker, REQUEST_ID_HEADER, VERSION_HEADER, text_response,
+};
+pub use platform::Platform;
+pub use status::{FunctionScalingStatus, Status};
 
 /// Where a node listens and how it stops.
 #[derive(Debug, Clone)]
@@ -112,7 +128,7 @@ impl RunningNode {
         platform.set_api_url(format!("{scheme}://{callback}"));
         let limits = config.connections;
         let gateway = tokio::spawn(gateway::serve(
-            platform.clone(),
+            platform.invoker().clone(),
             gateway_listener,
             limits.gateway,
             shutdown.clone(),

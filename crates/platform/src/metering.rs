@@ -81,7 +81,7 @@ pub struct Metrics {
     /// The ledger writer's metrics.
     pub ledger: LedgerMetrics,
     /// Event delivery metrics.
-    pub(crate) events: crate::events::EventMetrics,
+    pub(crate) events: crate::event_metrics::EventMetrics,
 }
 
 /// Node-wide counters.
@@ -270,7 +270,7 @@ impl Metrics {
             ledger.failed_commits.clone(),
         );
 
-        let events = crate::events::EventMetrics::register(&mut registry);
+        let events = crate::event_metrics::EventMetrics::register(&mut registry);
         Self {
             events,
             registry,

@@ -5,7 +5,7 @@
 //! failed). Once the canary has run `requests` times it is promoted if its
 //! error rate and p99 stayed within bounds; it is rolled back as soon as
 //! its errors exceed what the whole window allows, without waiting for the
-//! rest. The verdict goes to the platform, which moves the alias under its
+//! rest. The verdict goes to `Deployments`, which moves the alias under its
 //! change lock and records the move with the figures that decided it.
 //!
 //! The window lives in memory: a restarted node judges the canary afresh.
@@ -39,7 +39,7 @@ const BASELINE_FACTOR: u64 = 2;
 /// ...plus this slack, so a sub-millisecond function is not judged on noise.
 const BASELINE_SLACK_US: u64 = 10_000;
 
-/// What a rollout decided, for the platform to apply.
+/// What a rollout decided, for `Deployments` to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     /// The rollout that reached it: applied only while that rollout is the

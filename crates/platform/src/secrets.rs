@@ -41,7 +41,8 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
-use crate::platform::PlatformError;
+use crate::error::PlatformError;
+use crate::validate::{MAX_SECRET_BYTES, check_secret_name};
 
 /// Environment variable holding the master key (64 hex characters or base64
 /// of 32 bytes); when set, `master.key` is not used.
@@ -55,10 +56,6 @@ pub const MASTER_KEY_FILE: &str = "master.key";
 const NEXT_KEY_FILE: &str = "master.key.next";
 /// The secrets database in the data directory.
 const SECRETS_DB: &str = "secrets.db";
-/// Largest secret value: 64 KiB (certificates fit, files do not).
-pub const MAX_SECRET_BYTES: usize = 64 << 10;
-/// Longest secret name.
-pub const MAX_NAME_CHARS: usize = 128;
 
 const ROTATE_FROM_ENV: &str = "the master key comes from MAYFLY_MASTER_KEY, so the node cannot \
      replace it: to rotate, restart the node with the new key in MAYFLY_MASTER_KEY and the old \
@@ -616,36 +613,8 @@ impl Secrets {
         call: impl FnOnce(&Secrets) -> Result<T, PlatformError> + Send + 'static,
     ) -> Result<T, PlatformError> {
         let secrets = self.clone();
-        crate::platform::blocking(move || call(&secrets)).await
+        crate::error::blocking(move || call(&secrets)).await
     }
-}
-
-/// Checks a secret's name: 1–128 characters of `[A-Za-z0-9_.-]`, but not
-/// `.` or `..` (path segments that clients resolve, so `/v1/secrets/..`
-/// would never reach the secret).
-pub fn check_secret_name(name: &str) -> Result<(), PlatformError> {
-    if name == "." || name == ".." {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid secret name `{name}`: `.` and `..` are path segments, not names; use \
-             letters, digits, `_`, `.` or `-`"
-        )));
-    }
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME_CHARS
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if valid {
-        return Ok(());
-    }
-    let shown = if name.chars().count() <= MAX_NAME_CHARS {
-        format!(" `{name}`")
-    } else {
-        String::new()
-    };
-    Err(PlatformError::BadRequest(format!(
-        "invalid secret name{shown}: use 1–{MAX_NAME_CHARS} letters, digits, `_`, `.` or `-`"
-    )))
 }
 
 fn check_value(value: &[u8]) -> Result<(), PlatformError> {

@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult};
 use crate::auth::{AuthError, Principal, Scope, authorize, is_admin_action, narrow_to_live};
-use crate::platform::{Platform, PlatformError};
+use crate::error::PlatformError;
+use crate::platform::Platform;
 
 pub(super) fn routes() -> Router<Arc<Platform>> {
     Router::new()

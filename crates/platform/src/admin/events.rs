@@ -14,17 +14,11 @@ use bytes::Bytes;
 use mayfly_store::{DeadLetter, Delivery, KvCondition, TriggerSpec};
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult};
-use crate::platform::{Platform, PlatformError};
+use super::error::{ApiError, ApiResult};
+use crate::error::PlatformError;
+use crate::platform::Platform;
+use crate::validate::{MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 
-/// Largest object: 64 MiB (streamed to and from disk, never held whole).
-pub const MAX_OBJECT_BYTES: usize = 64 << 20;
-/// Largest KV value: 1 MiB, as NATS KV allows by default.
-pub const MAX_VALUE_BYTES: usize = 1 << 20;
-/// Largest queue message: 256 KiB, as SQS allows.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 10;
-/// Largest asynchronous invocation payload: 6 MiB, stored whole.
-pub const MAX_ASYNC_BYTES: usize = 6 << 20;
 /// Largest batch request body.
 const MAX_BATCH_BYTES: usize = 32 << 20;
 
@@ -510,7 +504,7 @@ async fn remove_trigger(
     let id = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not a trigger id")))?;
-    platform.events().remove_trigger(id).await?;
+    platform.remove_trigger(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -12,9 +12,10 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 
-use super::{ApiError, ApiResult};
-use crate::platform::{Platform, PlatformError};
-use crate::secrets::MAX_SECRET_BYTES;
+use super::error::{ApiError, ApiResult};
+use crate::error::PlatformError;
+use crate::platform::Platform;
+use crate::validate::MAX_SECRET_BYTES;
 
 /// The secrets' routes.
 pub(super) fn routes() -> Router<Arc<Platform>> {

@@ -14,7 +14,7 @@ use mayfly_store::{AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, WEIGHT_SC
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult};
 use crate::auth::Principal;
 use crate::platform::Platform;
 
@@ -233,7 +233,7 @@ async fn set(
         }),
         None => None,
     };
-    crate::platform::validate_alias(&alias)?;
+    crate::validate::validate_alias(&alias)?;
     let mut versions = vec![body.version];
     versions.extend(canary.map(|c| c.version));
     check_versions(&platform, &principal, &name, &versions).await?;

@@ -6,25 +6,21 @@
 //! Workers are independent: a slow or failing function fills only its own
 //! worker's slots and retry schedule, never another's.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mayfly_store::{Delivery, QueueRef, RetryPolicy, Settlement, Trigger};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use rand::Rng as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{EventBody, EventOutcome};
-use crate::platform::{Platform, now_ms};
+use super::EventHub;
+use crate::catalog::{Deployed, Target};
+use crate::clock::now_ms;
+use crate::invoker::{AdmittedInvocation, Invoker, new_request_id};
 
 /// Inbox deliveries running at once per function, unless its
 /// `max_concurrency` is lower.
@@ -50,85 +46,30 @@ const LEASE_MARGIN_MS: u64 = 30_000;
 /// outside printable ASCII, plus space, `"` and `%`.
 const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeliveryLabels {
-    function: String,
-    result: &'static str,
+/// Request body of an event delivery.
+pub(super) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// Bytes of a failed delivery's response kept as its error.
+const EVENT_ERROR_EXCERPT: usize = 256;
+
+/// How one delivery attempt went.
+#[derive(Debug)]
+enum EventOutcome {
+    /// The function answered 2xx: acknowledged.
+    Delivered,
+    /// The function failed, with why.
+    Failed(String),
+    /// The function was at its concurrency limit: nothing ran.
+    Throttled,
+    /// The node could not run it (no free instance slot, or it is shutting
+    /// down): not the event's fault, so not an attempt.
+    NotRun(String),
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FunctionLabel {
-    function: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct QueueLabel {
-    /// A named queue, or `@<function>` for a function's inbox.
-    queue: String,
-}
-
-/// Delivery metrics.
-#[derive(Clone)]
-pub(crate) struct EventMetrics {
-    deliveries: Family<DeliveryLabels, Counter>,
-    latency: Family<FunctionLabel, Histogram, fn() -> Histogram>,
-    depth: Family<QueueLabel, Gauge>,
-}
-
-fn latency_histogram() -> Histogram {
-    // 0.5 ms to ~4.6 h in powers of two: from an idle queue to a long
-    // backlog or a retry schedule.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 25))
-}
-
-impl EventMetrics {
-    /// Registers the metrics in `registry`.
-    pub(crate) fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            deliveries: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
-            depth: Family::default(),
-        };
-        registry.register(
-            "event_queue_depth",
-            "Events and messages stored per queue (`@<function>`: a function's inbox)",
-            metrics.depth.clone(),
-        );
-        registry.register(
-            "event_deliveries",
-            "Event delivery attempts by result (delivered, retried, dead, throttled, postponed)",
-            metrics.deliveries.clone(),
-        );
-        registry.register(
-            "event_latency_seconds",
-            "From an event being stored to its delivery being acknowledged",
-            metrics.latency.clone(),
-        );
-        metrics
-    }
-
-    /// Sets the depth gauges from a fresh count (queues now empty drop out).
-    pub(crate) fn set_depths(&self, depths: &[(QueueRef, u64)]) {
-        self.depth.clear();
-        for (queue, depth) in depths {
-            let queue = match queue {
-                QueueRef::Named(name) => name.clone(),
-                QueueRef::Inbox(function) => format!("@{function}"),
-            };
-            self.depth
-                .get_or_create(&QueueLabel { queue })
-                .set(i64::try_from(*depth).unwrap_or(i64::MAX));
-        }
-    }
-
-    fn count(&self, function: &str, result: &'static str) {
-        self.deliveries
-            .get_or_create(&DeliveryLabels {
-                function: function.to_string(),
-                result,
-            })
-            .inc();
-    }
+/// What every worker delivers through: the event stores and the invoker.
+pub(super) struct Dispatcher {
+    pub(super) hub: Arc<EventHub>,
+    pub(super) invoker: Arc<Invoker>,
 }
 
 /// What a worker consumes and how.
@@ -172,8 +113,8 @@ impl Consumer {
 
 /// A worker: claims, delivers and settles until stopped, then lets its
 /// running deliveries finish and records their results.
-pub(crate) async fn run(
-    platform: Weak<Platform>,
+pub(super) async fn run(
+    node: Arc<Dispatcher>,
     consumer: Consumer,
     wake: Arc<Notify>,
     stop: CancellationToken,
@@ -187,19 +128,20 @@ pub(crate) async fn run(
     let mut drained = false;
     let mut recheck_at: Option<tokio::time::Instant> = None;
     loop {
-        let Some(node) = platform.upgrade() else {
-            return;
-        };
         let stopping = stop.is_cancelled();
-        let function = node.catalog().by_name.get(&consumer.function).cloned();
+        let function = node
+            .invoker
+            .catalog()
+            .by_name
+            .get(&consumer.function)
+            .cloned();
         let trigger_gone = consumer
             .trigger_id
-            .is_some_and(|id| !node.events().has_trigger(id));
+            .is_some_and(|id| !node.hub.has_trigger(id));
         let Some(function) = function.filter(|_| !trigger_gone) else {
             // Deleted: let running deliveries end, record what finished (a
             // named queue's acks must not be lost to a redelivery), stop.
             if running > 0 {
-                drop(node);
                 if let Some(settlement) = done.recv().await {
                     running -= 1;
                     settled.push(settlement);
@@ -207,7 +149,7 @@ pub(crate) async fn run(
                 continue;
             }
             if !settled.is_empty() {
-                let store = node.events().queue_store();
+                let store = node.hub.queue_store();
                 let queue = consumer.queue.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     store.settle_and_claim(&settled, &queue, 0, 0)
@@ -247,7 +189,7 @@ pub(crate) async fn run(
                 .max()
                 .unwrap_or(0)
                 + LEASE_MARGIN_MS;
-            let store = node.events().queue_store();
+            let store = node.hub.queue_store();
             let queue = consumer.queue.clone();
             let batch = std::mem::take(&mut settled);
             let result = tokio::task::spawn_blocking(move || {
@@ -296,7 +238,6 @@ pub(crate) async fn run(
         if stopping && running == 0 && settled.is_empty() {
             return;
         }
-        drop(node);
         tokio::select! {
             Some(settlement) = done.recv() => {
                 running -= 1;
@@ -346,8 +287,8 @@ impl Drop for Report {
 /// When the worker should look again after draining its queue: when the
 /// next stored message becomes visible (at most [`IDLE_POLL`] from now), or
 /// `None` when the queue is empty and only a wake-up can bring work.
-async fn next_due(node: &Platform, queue: &QueueRef) -> Option<tokio::time::Instant> {
-    let store = node.events().queue_store();
+async fn next_due(node: &Dispatcher, queue: &QueueRef) -> Option<tokio::time::Instant> {
+    let store = node.hub.queue_store();
     let queue = queue.clone();
     let next = tokio::task::spawn_blocking(move || store.next_visible(&queue)).await;
     let now = tokio::time::Instant::now();
@@ -370,10 +311,10 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Delivers one event and decides what becomes of it.
-async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -> Settlement {
-    let metrics = &node.events().metrics;
+async fn deliver(node: &Dispatcher, consumer: &Consumer, mut delivery: Delivery) -> Settlement {
+    let metrics = &node.hub.metrics;
     let function_name = &consumer.function;
-    let Some(function) = node.catalog().by_name.get(function_name).cloned() else {
+    let Some(function) = node.invoker.catalog().by_name.get(function_name).cloned() else {
         // Deleted meanwhile; its inbox goes with it, a queue's message
         // waits for another consumer.
         return Settlement::Postpone {
@@ -391,15 +332,20 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
     let alias = consumer
         .trigger_id
         .or(delivery.trigger_id)
-        .and_then(|trigger| node.events().trigger_alias(trigger));
+        .and_then(|trigger| node.hub.trigger_alias(trigger));
     let target = match alias.as_deref() {
         None => Some(&function.live),
         Some(alias) => function.alias(alias),
     };
     let outcome = match (target, cloud_event_request(&delivery, data)) {
         (Some(target), Ok(request)) => {
-            node.deliver_event(target, request, trigger_label(&delivery.event.ty))
-                .await
+            run_to_completion(
+                &node.invoker,
+                target,
+                request,
+                trigger_label(&delivery.event.ty),
+            )
+            .await
         }
         (None, _) => EventOutcome::Failed(format!(
             "function `{function_name}` has no alias `{}` any more",
@@ -411,12 +357,7 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
         EventOutcome::Delivered => {
             metrics.count(function_name, "delivered");
             let waited_ms = now_ms().saturating_sub(delivery.enqueued_ms).max(0);
-            metrics
-                .latency
-                .get_or_create(&FunctionLabel {
-                    function: function_name.clone(),
-                })
-                .observe(waited_ms as f64 / 1000.0);
+            metrics.observe_latency(function_name, waited_ms as f64 / 1000.0);
             Settlement::Ack {
                 id: delivery.id,
                 attempt: delivery.attempt,
@@ -465,6 +406,64 @@ async fn deliver(node: &Platform, consumer: &Consumer, mut delivery: Delivery) -
                 error,
             }
         }
+    }
+}
+
+/// Delivers one event: runs `request` through `invoker` like
+/// [`Invoker::invoke`] and reads the whole response, so the event counts as
+/// delivered only when the guest answered 2xx and finished its body cleanly.
+async fn run_to_completion(
+    invoker: &Invoker,
+    target: &Target,
+    request: http::Request<EventBody>,
+    trigger: &'static str,
+) -> EventOutcome {
+    let request_id = new_request_id();
+    let (function, observed) = target.pick(&request_id);
+    let function: &Deployed = function;
+    let Ok(permit) = invoker.admit(function, &request_id, None, trigger).await else {
+        return EventOutcome::Throttled;
+    };
+    let invocation = AdmittedInvocation {
+        request_id,
+        client_id: None,
+        trigger,
+        permit,
+        observed,
+    };
+    let response = match invoker.run(function, request, invocation).await {
+        Ok(response) => response,
+        // 503 is the node's doing (no free instance slot, or the kill at
+        // shutdown), not the event's: it is not an attempt.
+        Err((status, message)) if status == http::StatusCode::SERVICE_UNAVAILABLE => {
+            return EventOutcome::NotRun(message);
+        }
+        Err((status, message)) => return EventOutcome::Failed(format!("{status}: {message}")),
+    };
+    let status = response.status();
+    let mut body = response.into_body();
+    // Only the start of a failure's body is kept, for the dead letter.
+    let mut excerpt = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = EVENT_ERROR_EXCERPT.saturating_sub(excerpt.len());
+                    excerpt.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Err(error) => {
+                return EventOutcome::Failed(format!(
+                    "{status}, then the response body failed: {error}"
+                ));
+            }
+        }
+    }
+    if status.is_success() {
+        EventOutcome::Delivered
+    } else {
+        let text = String::from_utf8_lossy(&excerpt);
+        EventOutcome::Failed(format!("{status}: {}", text.trim()))
     }
 }
 

@@ -9,166 +9,28 @@
 //! crashes.
 
 mod dispatch;
-pub mod schedule;
 mod scheduler;
+pub(crate) mod workers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use mayfly_store::{
     AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, KvCondition,
-    KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef, QueueStats, RetryPolicy, Stores,
-    Trigger, TriggerSource, TriggerSpec, TriggerStore,
+    KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef, QueueStats, RetryPolicy,
+    StoreError, Stores, Trigger, TriggerSpec, TriggerStore,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::platform::{Platform, PlatformError, blocking};
-use schedule::Schedule;
+use crate::clock::now_ms;
+use crate::error::{PlatformError, blocking};
+use crate::validate::{MAX_BATCH, check_key, check_name, check_retry, check_trigger};
 
-pub(crate) use dispatch::EventMetrics;
-
-/// Request body of an event delivery.
-pub(crate) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
-
-/// Bytes of a failed delivery's response kept as its error.
-pub(crate) const EVENT_ERROR_EXCERPT: usize = 256;
-
-/// How one delivery attempt went.
-#[derive(Debug)]
-pub(crate) enum EventOutcome {
-    /// The function answered 2xx: acknowledged.
-    Delivered,
-    /// The function failed, with why.
-    Failed(String),
-    /// The function was at its concurrency limit: nothing ran.
-    Throttled,
-    /// The node could not run it (no free instance slot, or it is shutting
-    /// down): not the event's fault, so not an attempt.
-    NotRun(String),
-}
-
-/// Largest batch a single `send` may carry.
-pub const MAX_BATCH: usize = 10_000;
-/// Longest bucket or queue name.
-const MAX_NAME: usize = 63;
-/// Longest key, in bytes.
-const MAX_KEY: usize = 1024;
-
-/// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`, but not `.`
-/// or `..`: those are path segments that clients and proxies resolve
-/// (`/v1/kv/../x` is `/v1/x`), so such a bucket could be written but never
-/// reached again by its URL.
-pub fn check_name(what: &str, name: &str) -> Result<(), PlatformError> {
-    if name == "." || name == ".." {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid {what} name `{name}`: `.` and `..` are path segments, not names; use \
-             lower-case letters, digits, `-`, `_` or `.`"
-        )));
-    }
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
-    if valid {
-        Ok(())
-    } else {
-        Err(PlatformError::BadRequest(format!(
-            "invalid {what} name `{}`: use 1 to {MAX_NAME} lower-case letters, digits, `-`, `_` \
-             or `.`",
-            name.escape_debug()
-        )))
-    }
-}
-
-/// Checks a KV or object key: 1 to 1024 bytes of UTF-8 with no control
-/// characters.
-pub fn check_key(key: &str) -> Result<(), PlatformError> {
-    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid key `{}`: use 1 to {MAX_KEY} bytes of UTF-8 without control characters",
-            key.escape_debug()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a prefix or suffix filter (may be empty).
-fn check_filter(what: &str, text: &str) -> Result<(), PlatformError> {
-    if text.len() > MAX_KEY || text.chars().any(char::is_control) {
-        return Err(PlatformError::BadRequest(format!(
-            "invalid {what} `{}`: at most {MAX_KEY} bytes, no control characters",
-            text.escape_debug()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a trigger spec before it is stored.
-pub fn check_trigger(spec: &TriggerSpec) -> Result<(), PlatformError> {
-    match &spec.source {
-        TriggerSource::Schedule { schedule } => {
-            Schedule::parse(schedule).map_err(|e| PlatformError::BadRequest(e.to_string()))?;
-        }
-        TriggerSource::Object {
-            bucket,
-            prefix,
-            suffix,
-            events,
-        } => {
-            check_name("bucket", bucket)?;
-            check_filter("prefix", prefix)?;
-            check_filter("suffix", suffix)?;
-            if events.is_empty() {
-                return Err(PlatformError::BadRequest(
-                    "`events` is empty: list `created`, `deleted` or both".into(),
-                ));
-            }
-        }
-        TriggerSource::Kv { bucket, prefix } => {
-            check_name("bucket", bucket)?;
-            check_filter("prefix", prefix)?;
-        }
-        TriggerSource::Queue {
-            queue,
-            batch_size,
-            max_concurrency,
-        } => {
-            check_name("queue", queue)?;
-            if !(1..=1000).contains(batch_size) || !(1..=1000).contains(max_concurrency) {
-                return Err(PlatformError::BadRequest(format!(
-                    "`batch_size` is {batch_size} and `max_concurrency` {max_concurrency}: \
-                     each must be 1 to 1000"
-                )));
-            }
-        }
-    }
-    if let Some(alias) = &spec.alias {
-        crate::platform::validate_alias(alias)?;
-    }
-    check_retry(&spec.retry)
-}
-
-/// Checks a retry policy.
-pub fn check_retry(retry: &RetryPolicy) -> Result<(), PlatformError> {
-    if !(1..=RetryPolicy::MAX_ATTEMPTS).contains(&retry.max_attempts)
-        || retry.backoff_ms > RetryPolicy::MAX_BACKOFF_MS
-    {
-        return Err(PlatformError::BadRequest(format!(
-            "retry: `max_attempts` is {} and `backoff_ms` {}: attempts must be 1 to {}, the \
-             backoff at most {} ms",
-            retry.max_attempts,
-            retry.backoff_ms,
-            RetryPolicy::MAX_ATTEMPTS,
-            RetryPolicy::MAX_BACKOFF_MS
-        )));
-    }
-    Ok(())
-}
+use crate::event_metrics::EventMetrics;
 
 /// Who consumes a queue: a function's inbox, or a queue trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,7 +80,6 @@ pub struct EventHub {
     /// Wakes the scheduler when schedules change.
     schedules_changed: Arc<Notify>,
     shutdown: CancellationToken,
-    platform: OnceLock<Weak<Platform>>,
     scheduler: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Delivery counters and latency.
     pub(crate) metrics: EventMetrics,
@@ -238,26 +99,9 @@ impl EventHub {
             reload: tokio::sync::Mutex::new(()),
             schedules_changed: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
-            platform: OnceLock::new(),
             scheduler: Mutex::new(None),
             metrics,
         })
-    }
-
-    /// Starts delivering: deliveries a previous run left leased are released
-    /// (it crashed or was stopped mid-delivery), then the scheduler and one
-    /// worker per inbox and queue trigger start.
-    pub(crate) async fn start(&self, platform: &Arc<Platform>) -> anyhow::Result<()> {
-        let _ = self.platform.set(Arc::downgrade(platform));
-        let store = self.queues.clone();
-        let released = tokio::task::spawn_blocking(move || store.release_leases()).await??;
-        if released > 0 {
-            tracing::info!("{released} events in flight at the last stop will be delivered again");
-        }
-        let task = tokio::spawn(scheduler::run(Arc::downgrade(platform)));
-        *self.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        self.sync_workers();
-        Ok(())
     }
 
     /// The queue store, for the dispatcher's claims and settlements.
@@ -268,79 +112,6 @@ impl EventHub {
     /// The trigger store, for the scheduler's firings.
     pub(crate) fn trigger_store(&self) -> Arc<dyn TriggerStore> {
         self.triggers_store.clone()
-    }
-
-    fn platform(&self) -> Option<Arc<Platform>> {
-        self.platform.get().and_then(Weak::upgrade)
-    }
-
-    /// Starts the workers that should run and stops those that should not:
-    /// one per deployed function (its inbox) and one per queue trigger.
-    pub(crate) fn sync_workers(&self) {
-        let Some(platform) = self.platform() else {
-            return;
-        };
-        // Under the lock, so two calls cannot undo each other with older
-        // snapshots.
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        let catalog = platform.catalog();
-        let triggers = self.triggers.load();
-        let queue_triggers = || {
-            triggers
-                .iter()
-                .filter_map(|trigger| match &trigger.spec.source {
-                    TriggerSource::Queue {
-                        queue,
-                        batch_size,
-                        max_concurrency,
-                    } if catalog.by_name.contains_key(&trigger.function) => {
-                        Some((trigger, queue, *batch_size, *max_concurrency))
-                    }
-                    _ => None,
-                })
-        };
-        let keep = |worker: &Worker, wanted: bool| {
-            let keep = wanted && !worker.task.is_finished();
-            if !keep {
-                worker.stop.cancel();
-            }
-            keep
-        };
-        workers
-            .inboxes
-            .retain(|name, worker| keep(worker, catalog.by_name.contains_key(name)));
-        let wanted: std::collections::HashSet<i64> =
-            queue_triggers().map(|(trigger, ..)| trigger.id).collect();
-        workers
-            .triggers
-            .retain(|id, worker| keep(worker, wanted.contains(id)));
-        for name in catalog.by_name.keys() {
-            if !workers.inboxes.contains_key(name) {
-                let worker = self.spawn_worker(&platform, dispatch::Consumer::inbox(name));
-                workers.inboxes.insert(name.clone(), worker);
-            }
-        }
-        for (trigger, queue, batch_size, max_concurrency) in queue_triggers() {
-            if let std::collections::hash_map::Entry::Vacant(slot) =
-                workers.triggers.entry(trigger.id)
-            {
-                let consumer =
-                    dispatch::Consumer::queue(trigger, queue, batch_size, max_concurrency);
-                slot.insert(self.spawn_worker(&platform, consumer));
-            }
-        }
-    }
-
-    fn spawn_worker(&self, platform: &Arc<Platform>, consumer: dispatch::Consumer) -> Worker {
-        let wake = Arc::new(Notify::new());
-        let stop = self.shutdown.child_token();
-        let task = tokio::spawn(dispatch::run(
-            Arc::downgrade(platform),
-            consumer,
-            wake.clone(),
-            stop.clone(),
-        ));
-        Worker { wake, stop, task }
     }
 
     fn wake(&self, key: WorkerKey<'_>) {
@@ -373,7 +144,6 @@ impl EventHub {
         let triggers = blocking(move || store.triggers(None)).await?;
         self.triggers.store(Arc::new(triggers));
         self.schedules_changed.notify_one();
-        self.sync_workers();
         Ok(())
     }
 
@@ -381,34 +151,6 @@ impl EventHub {
     /// lets its running deliveries end and records their results.
     pub(crate) fn stop(&self) {
         self.shutdown.cancel();
-    }
-
-    /// Waits for the workers and the scheduler to finish, until `deadline`
-    /// at most (events whose results were not recorded are delivered again
-    /// at the next start).
-    pub(crate) async fn join(&self, deadline: tokio::time::Instant) {
-        let mut tasks: Vec<_> = {
-            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-            let inboxes = std::mem::take(&mut workers.inboxes).into_values();
-            let triggers = std::mem::take(&mut workers.triggers).into_values();
-            inboxes.chain(triggers).map(|worker| worker.task).collect()
-        };
-        if let Some(task) = self
-            .scheduler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            tasks.push(task);
-        }
-        if tokio::time::timeout_at(deadline, futures::future::join_all(tasks))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "event workers still busy at shutdown: their events will be redelivered"
-            );
-        }
     }
 
     // ---- triggers ----
@@ -486,10 +228,21 @@ impl EventHub {
     pub async fn kv_get(&self, bucket: &str, key: &str) -> Result<KvEntry, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        blocking(move || store.kv_get(&b, &k))
+        self.kv_entry(bucket, key)
             .await?
             .ok_or_else(|| PlatformError::Missing(format!("no key `{key}` in bucket `{bucket}`")))
+    }
+
+    /// The entry under `key` of a checked bucket and key, if there is one,
+    /// with the store's own error: for callers that tell absence and
+    /// failure apart themselves (wasi:keyvalue).
+    pub(crate) async fn kv_entry(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<KvEntry>, StoreError> {
+        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
+        offload(move || store.kv_get(&b, &k)).await
     }
 
     /// Writes a value if `condition` holds; returns its revision.
@@ -502,8 +255,21 @@ impl EventHub {
     ) -> Result<u64, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
+        Ok(self.kv_write(bucket, key, value, condition).await?)
+    }
+
+    /// Writes a value under a checked bucket and key if `condition` holds
+    /// (else [`StoreError::PreconditionFailed`]), wakes the bucket's
+    /// watchers, and returns the new revision.
+    pub(crate) async fn kv_write(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+        condition: KvCondition,
+    ) -> Result<u64, StoreError> {
         let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        let revision = blocking(move || store.kv_put(&b, &k, &value, condition)).await?;
+        let revision = offload(move || store.kv_put(&b, &k, &value, condition)).await?;
         self.wake_watchers("kv", bucket);
         Ok(revision)
     }
@@ -517,14 +283,28 @@ impl EventHub {
     ) -> Result<(), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        if !blocking(move || store.kv_delete(&b, &k, condition)).await? {
+        if !self.kv_remove(bucket, key, condition).await? {
             return Err(PlatformError::Missing(format!(
                 "no key `{key}` in bucket `{bucket}`"
             )));
         }
-        self.wake_watchers("kv", bucket);
         Ok(())
+    }
+
+    /// Deletes a key of a checked bucket if `condition` holds, waking the
+    /// bucket's watchers; `false` when there was no such key.
+    pub(crate) async fn kv_remove(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: KvCondition,
+    ) -> Result<bool, StoreError> {
+        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
+        let removed = offload(move || store.kv_delete(&b, &k, condition)).await?;
+        if removed {
+            self.wake_watchers("kv", bucket);
+        }
+        Ok(removed)
     }
 
     /// Keys of a bucket by prefix, paged.
@@ -754,12 +534,7 @@ impl EventHub {
     ) -> Result<String, PlatformError> {
         check_retry(&retry)?;
         let event = InboxEvent {
-            event: CloudEvent::async_invoke(
-                function,
-                content_type,
-                data.to_vec(),
-                crate::platform::now_ms(),
-            ),
+            event: CloudEvent::async_invoke(function, content_type, data.to_vec(), now_ms()),
             path: Some(path),
             trigger_id: None,
             retry,
@@ -819,21 +594,11 @@ impl EventHub {
     }
 }
 
-#[cfg(test)]
-mod name_tests {
-    use super::*;
-
-    #[test]
-    fn dot_segments_are_not_names() {
-        for good in ["orders", "a.b", "...", "v1.2", "a_b-c"] {
-            assert!(check_name("bucket", good).is_ok(), "{good}");
-        }
-        for bad in [".", "..", "", "A", "a/b", &"a".repeat(64)] {
-            let error = check_name("queue", bad).unwrap_err();
-            assert!(
-                error.to_string().contains("invalid queue name"),
-                "{bad}: {error}"
-            );
-        }
-    }
+/// Runs a store call off the async workers, keeping the store's own error.
+async fn offload<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|error| StoreError::Io(std::io::Error::other(error)))?
 }

@@ -6,27 +6,24 @@
 //! missed slot.
 
 use std::collections::HashMap;
-use std::sync::Weak;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mayfly_store::{CloudEvent, TriggerSource};
 
-use super::schedule::Schedule;
-use super::{WorkerKey, dispatch::rfc3339_millis};
-use crate::platform::{Platform, now_ms};
+use super::dispatch::rfc3339_millis;
+use super::{EventHub, WorkerKey};
+use crate::clock::now_ms;
+use crate::schedule::Schedule;
 
 /// Longest the scheduler sleeps; schedule changes wake it earlier.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// Runs until the node shuts down.
-pub(crate) async fn run(platform: Weak<Platform>) {
+pub(super) async fn run(hub: Arc<EventHub>) {
     // Parsed once per expression rather than on every pass.
     let mut parsed: HashMap<String, Option<Schedule>> = HashMap::new();
     loop {
-        let Some(node) = platform.upgrade() else {
-            return;
-        };
-        let hub = node.events();
         if hub.shutdown.is_cancelled() {
             return;
         }
@@ -85,7 +82,6 @@ pub(crate) async fn run(platform: Weak<Platform>) {
         let wait = Duration::from_millis(u64::try_from(next_wake - now_ms()).unwrap_or(0));
         let shutdown = hub.shutdown.clone();
         let changed = hub.schedules_changed.clone();
-        drop(node);
         tokio::select! {
             () = tokio::time::sleep(wait.min(MAX_SLEEP)) => {}
             () = changed.notified() => {}

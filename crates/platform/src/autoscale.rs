@@ -1,0 +1,156 @@
+//! The autoscaler: once per tick it applies every function's keep-alive
+//! windows (unload what expired, pre-warm what the policy expects soon,
+//! shrink hot pools), then the memory budget (evict the least valuable
+//! idle versions), and refreshes the tier metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::artifacts::Artifacts;
+use crate::catalog::{Catalog, Deployed};
+use crate::metering::NodeMetrics;
+use crate::tiers::eviction_order;
+
+/// Scales the catalog's functions between the tiers.
+pub(crate) struct Autoscaler {
+    catalog: Arc<ArcSwap<Catalog>>,
+    /// Loads what is pre-warmed.
+    artifacts: Arc<Artifacts>,
+    /// The memory budget and what running invocations hold of it.
+    admission: Arc<Admission>,
+    metrics: NodeMetrics,
+}
+
+impl Autoscaler {
+    /// An autoscaler over `catalog`.
+    pub(crate) fn new(
+        catalog: Arc<ArcSwap<Catalog>>,
+        artifacts: Arc<Artifacts>,
+        admission: Arc<Admission>,
+        metrics: NodeMetrics,
+    ) -> Self {
+        Self {
+            catalog,
+            artifacts,
+            admission,
+            metrics,
+        }
+    }
+
+    /// Runs one pass per `tick` until `stop` is cancelled.
+    pub(crate) fn spawn(self: Arc<Self>, tick: Duration, stop: CancellationToken) {
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                // Dropping kept instances and unmapping code are syscalls that
+                // add up for a large pool: keep them off the async workers.
+                let autoscaler = self.clone();
+                let _ = tokio::task::spawn_blocking(move || autoscaler.pass()).await;
+            }
+        });
+    }
+
+    /// One pass of the autoscaler: applies every function's keep-alive
+    /// windows (unload, pre-warm, shrink hot pools), then the memory
+    /// budget, and refreshes the tier metrics.
+    pub(crate) fn pass(self: &Arc<Self>) {
+        let catalog = self.catalog.load_full();
+        let mut resident = 0u64;
+        let mut evictable = Vec::new();
+        for (served, deployed) in catalog
+            .by_name
+            .values()
+            .flat_map(|served| served.versions().into_iter().map(move |d| (served, d)))
+        {
+            let activity = &deployed.activity;
+            // One snapshot of the activity for every decision below.
+            let windows = activity.windows();
+            let idle = activity.idle_for();
+            let warm_now = idle.is_none_or(|idle| windows.is_warm_after(idle));
+            let loaded = deployed.tier.get();
+            // Only what live serves is pre-warmed: a named alias's version
+            // loads on its first request.
+            let serves_live = served
+                .live
+                .versions()
+                .any(|v| v.version == deployed.version);
+            if !warm_now {
+                if deployed.tier.unload() {
+                    self.metrics.unloads_keep_alive.inc();
+                }
+            } else if windows.prewarm > Duration::ZERO && loaded.is_none() && serves_live {
+                // The policy expects the next call soon: load it before.
+                self.prewarm(deployed.clone());
+            }
+            let mut kept = 0;
+            if let Some(function) = loaded.filter(|_| warm_now) {
+                function.reap_kept(windows.prewarm.saturating_add(windows.keep_alive));
+                kept = function.kept_instances();
+                let bytes = function.resident_bytes();
+                resident += bytes;
+                if let Some(idle) = idle {
+                    evictable.push((eviction_order(idle, bytes), bytes, deployed.clone()));
+                }
+            }
+            if Arc::ptr_eq(deployed, &served.live.deployed) {
+                deployed.meter.set_tiers(
+                    deployed.tier.name().gauge(),
+                    i64::from(activity.running()) + kept as i64,
+                );
+            }
+        }
+
+        // Under memory pressure, the least valuable idle entries go first.
+        let budget = self.admission.memory_budget();
+        let mut used = resident + self.admission.memory_in_use();
+        if used > budget {
+            evictable.sort_by_key(|(order, _, _)| *order);
+            for (_, bytes, deployed) in evictable {
+                if used <= budget {
+                    break;
+                }
+                if deployed.tier.unload() {
+                    self.metrics.unloads_memory.inc();
+                    used = used.saturating_sub(bytes);
+                }
+            }
+        }
+        self.metrics
+            .resident_memory
+            .set(i64::try_from(resident).unwrap_or(i64::MAX));
+    }
+
+    /// Loads a cold function ahead of its predicted next invocation.
+    fn prewarm(self: &Arc<Self>, deployed: Arc<Deployed>) {
+        let autoscaler = self.clone();
+        tokio::spawn(async move {
+            let loaded = deployed
+                .tier
+                .get_or_load(async || {
+                    autoscaler
+                        .artifacts
+                        .load(&deployed.artifact, deployed.scaling.reuse)
+                        .await
+                })
+                .await;
+            match loaded {
+                Ok((_, true)) => {
+                    autoscaler.metrics.prewarms.inc();
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(function = %deployed.name, "pre-warm failed: {error}");
+                }
+            }
+        });
+    }
+}

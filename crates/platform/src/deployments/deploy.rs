@@ -1,0 +1,356 @@
+//! Deploys and deletes: validate and compile before anything is stored,
+//! then store the version and switch the catalog under the change lock.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mayfly_store::{
+    BlobKind, Digest, Expected, FunctionConfig, FunctionRecord, LIVE_ALIAS, StoreError, Trigger,
+    TriggerSpec, VersionRecord,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{Deployments, slot_limits};
+use crate::capabilities::check_grants;
+use crate::catalog::Artifact;
+use crate::error::{PlatformError, blocking};
+use crate::routes::Route;
+use crate::validate::{
+    check_trigger, parse_routes, validate_limits, validate_name, validate_routes, validate_scaling,
+};
+
+/// What a deploy did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployOutcome {
+    /// The new version.
+    #[serde(flatten)]
+    pub version: VersionRecord,
+    /// Whether the component was compiled (false: its artifact was cached).
+    pub compiled: bool,
+    /// Whether the upload was the live version's component and config
+    /// again, so no version was created: `version` is the live one.
+    pub unchanged: bool,
+}
+
+impl Deployments {
+    /// Deploys `wasm` as a new version of `name` with `config` (routes as
+    /// the user wrote them, and limits).
+    ///
+    /// Validation and compilation happen before anything is stored, so a
+    /// rejected upload leaves the node exactly as it was.
+    pub(crate) async fn deploy(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        config: FunctionConfig,
+        triggers: Vec<TriggerSpec>,
+    ) -> Result<DeployOutcome, PlatformError> {
+        self.deploy_unless_gone(name, wasm, config, triggers, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Deployments::deploy`], given up while compiling (the compile stopped,
+    /// its worker killed) once `gone` is cancelled: the uploader hung up.
+    /// Later steps run to the end, so the store and catalog stay in step.
+    pub(crate) async fn deploy_unless_gone(
+        &self,
+        name: &str,
+        wasm: Bytes,
+        config: FunctionConfig,
+        triggers: Vec<TriggerSpec>,
+        gone: &CancellationToken,
+    ) -> Result<DeployOutcome, PlatformError> {
+        validate_name(name)?;
+        for spec in &triggers {
+            check_trigger(spec)?;
+            self.check_trigger_alias(name, spec)?;
+        }
+        validate_limits(&config.limits, self.config.runtime.max_instance_memory)
+            .map_err(PlatformError::BadRequest)?;
+        validate_scaling(&config.scaling, self.config.scaling.max_concurrency)
+            .map_err(PlatformError::BadRequest)?;
+        check_grants(&config)?;
+        if wasm.len() > self.config.max_component_bytes {
+            return Err(PlatformError::BadRequest(format!(
+                "the component is {} bytes, over this node's limit of {} bytes",
+                wasm.len(),
+                self.config.max_component_bytes
+            )));
+        }
+        validate_routes(&config.routes).map_err(PlatformError::BadRequest)?;
+        let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
+        // So a conflicting deploy does not compile.
+        if let Some((route, owner)) = self.route_taken(name, &routes) {
+            return Err(PlatformError::Conflict(format!(
+                "route `{route}` is already served by function `{owner}`"
+            )));
+        }
+
+        let config = FunctionConfig {
+            routes: routes.iter().map(Route::to_string).collect(),
+            ..config
+        };
+        let digest = Digest::of(&wasm);
+        // Re-applying what is live (a manifest deployed again) changes
+        // nothing: answered before compiling or loading anything.
+        {
+            let _change = self.changes.lock().await;
+            if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
+                // Nothing to change, but the artifact it runs must be
+                // sound: a redeploy is how an operator heals a function.
+                let key = self.artifacts.key(&digest);
+                if !self.artifacts.verified(&key).await? {
+                    self.artifacts.compile_and_store(wasm.clone(), &key).await?;
+                }
+                return self.keep_live(name, live, triggers).await;
+            }
+        }
+        let artifact = Artifact {
+            key: self.artifacts.key(&digest),
+            component: digest.clone(),
+        };
+        let compiled = !self.artifacts.verified(&artifact.key).await?;
+        if compiled {
+            tokio::select! {
+                stored = self.artifacts.compile_and_store(wasm.clone(), &artifact.key) => stored?,
+                () = gone.cancelled() => {
+                    tracing::info!(function = name, "deploy abandoned while compiling: its client went away");
+                    return Err(PlatformError::BadRequest(
+                        "the deploy was abandoned: its client went away while it compiled".into(),
+                    ));
+                }
+            }
+        }
+        // Load once to prove the artifact works on this engine, then let it
+        // go: a deployed function stays cold (on disk) until its first
+        // request, so thousands of idle functions cost no memory, and
+        // loading takes well under a millisecond when it is called.
+        drop(
+            self.artifacts
+                .load_verified(&artifact.key, config.scaling.reuse)
+                .await?,
+        );
+
+        let _change = self.changes.lock().await;
+        // An identical deploy may have landed while this one compiled.
+        if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
+            return self.keep_live(name, live, triggers).await;
+        }
+        // Checked under the change lock, so no other deploy can take the
+        // reservation between this check and the store write.
+        let previous = self.catalog.load().by_name.get(name).cloned();
+        let slots = slot_limits(&config, &self.config.scaling);
+        self.admission
+            .configure(name, slots)
+            .map_err(PlatformError::BadRequest)?;
+        let blobs = self.blobs.clone();
+        let registry = self.registry.clone();
+        let stored_config = config.clone();
+        let function_name = name.to_string();
+        let stored = tokio::task::spawn_blocking(move || {
+            blobs.put(BlobKind::Component, &wasm)?;
+            // The store refuses the deploy if `live` moved since this read
+            // (another node deployed meanwhile).
+            let live = registry.function(&function_name)?.map(|f| f.live.version);
+            registry.create_version(
+                &function_name,
+                &digest,
+                &stored_config,
+                Expected::seen(live),
+            )
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))?;
+        let version = match stored {
+            Ok(version) => version,
+            Err(error) => {
+                // Nothing changed: the previous version's limits apply again.
+                self.restore_admission(name, previous.as_deref());
+                return Err(error.into());
+            }
+        };
+
+        // The old live version goes cold now (unless an alias still
+        // serves it): running requests keep their copy.
+        let served = self.build_served(name, previous.as_deref()).await?;
+        self.swap_in(served, previous.as_deref());
+        self.count_functions();
+        self.retain_versions(name).await;
+        for spec in triggers {
+            self.events.add_trigger(name, spec).await?;
+        }
+        self.workers.sync();
+        tracing::info!(
+            function = name,
+            version = version.version,
+            compiled,
+            "deployed"
+        );
+        Ok(DeployOutcome {
+            version,
+            compiled,
+            unchanged: false,
+        })
+    }
+
+    /// The live version of `name` when it already is `digest` with `config`
+    /// (routes normalised), so deploying them again would change nothing.
+    /// Called under the change lock.
+    async fn unchanged_live(
+        &self,
+        name: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+    ) -> Result<Option<VersionRecord>, PlatformError> {
+        // Only a function the catalog serves: one that failed to load at
+        // start is deployed afresh.
+        let Some(serving) = self
+            .catalog
+            .load()
+            .by_name
+            .get(name)
+            .map(|f| f.live.deployed.version)
+        else {
+            return Ok(None);
+        };
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let record = blocking(move || registry.function(&owned)).await?;
+        let digest = digest.to_string();
+        Ok(record.map(|record| record.live).filter(|live| {
+            live.version == serving && live.digest == digest && live.config == *config
+        }))
+    }
+
+    /// Answers a deploy that changes nothing with the live version; its
+    /// triggers are still attached (an identical one is not attached twice).
+    /// Called under the change lock.
+    async fn keep_live(
+        &self,
+        name: &str,
+        live: VersionRecord,
+        triggers: Vec<TriggerSpec>,
+    ) -> Result<DeployOutcome, PlatformError> {
+        if !triggers.is_empty() {
+            for spec in triggers {
+                self.events.add_trigger(name, spec).await?;
+            }
+            self.workers.sync();
+        }
+        tracing::info!(function = name, version = live.version, "deploy unchanged");
+        Ok(DeployOutcome {
+            version: live,
+            compiled: false,
+            unchanged: true,
+        })
+    }
+
+    /// Deletes the versions of `name` beyond the node's retention that no
+    /// alias points at. A failure is logged: the deploy itself succeeded.
+    async fn retain_versions(&self, name: &str) {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let keep = self.config.keep_versions.max(1);
+        match tokio::task::spawn_blocking(move || registry.prune_versions(&owned, keep)).await {
+            Ok(Ok(pruned)) if !pruned.is_empty() => {
+                tracing::info!(function = name, ?pruned, "old versions deleted (retention)");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(function = name, "retention failed: {error}"),
+            Err(error) => tracing::warn!(function = name, "retention failed: {error}"),
+        }
+    }
+
+    /// Deletes a function: its routes stop serving at once.
+    pub(crate) async fn delete(&self, name: &str) -> Result<(), PlatformError> {
+        let _change = self.changes.lock().await;
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let existed = blocking(move || registry.delete_function(&owned)).await?;
+        if !existed {
+            return Err(PlatformError::NotFound(name.to_string()));
+        }
+        let removed = self.catalog.load().by_name.get(name).cloned();
+        let next = self.catalog.load().without(name);
+        self.catalog.store(Arc::new(next));
+        self.admission.remove(name);
+        self.rollouts.retain(name, &[]);
+        if let Some(removed) = removed {
+            for version in removed.versions() {
+                version.tier.unload();
+            }
+        }
+        self.metrics.remove_function(name);
+        self.count_functions();
+        self.events.remove_function(name).await?;
+        self.workers.sync();
+        tracing::info!(function = name, "deleted");
+        Ok(())
+    }
+
+    /// Every function with its live version.
+    pub(crate) async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
+        let registry = self.registry.clone();
+        blocking(move || registry.functions()).await
+    }
+
+    /// One function and all its versions, newest first.
+    pub(crate) async fn function(
+        &self,
+        name: &str,
+    ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let (record, versions) = blocking(move || {
+            Ok::<_, StoreError>((registry.function(&owned)?, registry.versions(&owned)?))
+        })
+        .await?;
+        let record = record.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        Ok((record, versions))
+    }
+
+    /// Attaches a trigger to a deployed function.
+    pub(crate) async fn add_trigger(
+        &self,
+        function: &str,
+        spec: TriggerSpec,
+    ) -> Result<(Trigger, bool), PlatformError> {
+        // Under the change lock, so a delete cannot slip in between the
+        // check and the write and leave a trigger without its function.
+        let _change = self.changes.lock().await;
+        if !self.catalog.load().by_name.contains_key(function) {
+            return Err(PlatformError::NotFound(function.to_string()));
+        }
+        self.check_trigger_alias(function, &spec)?;
+        let added = self.events.add_trigger(function, spec).await?;
+        self.workers.sync();
+        Ok(added)
+    }
+
+    /// Detaches trigger `id` and stops its worker, if it had one.
+    pub(crate) async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
+        self.events.remove_trigger(id).await?;
+        self.workers.sync();
+        Ok(())
+    }
+
+    /// Refuses a trigger aimed at an alias the function does not have.
+    fn check_trigger_alias(&self, name: &str, spec: &TriggerSpec) -> Result<(), PlatformError> {
+        let Some(alias) = spec.alias.as_deref().filter(|a| *a != LIVE_ALIAS) else {
+            return Ok(());
+        };
+        let catalog = self.catalog.load();
+        if catalog
+            .by_name
+            .get(name)
+            .is_some_and(|served| served.alias(alias).is_some())
+        {
+            return Ok(());
+        }
+        Err(PlatformError::BadRequest(format!(
+            "function `{name}` has no alias `{alias}`: create it first with `mayfly alias set \
+             {name} {alias} <version>`, or leave the alias out to deliver to `live`"
+        )))
+    }
+}

@@ -1,0 +1,446 @@
+//! Everything that changes what the node serves: deploys and deletes
+//! (`deploy.rs`), alias moves, rollbacks and automatic canaries' verdicts
+//! (`aliases.rs`). [`Deployments`] keeps
+//! the store and the catalog in step under one change lock, building each
+//! function's [`Served`] entry from the store and swapping it into the
+//! catalog that the invoker reads.
+
+mod aliases;
+pub(crate) mod deploy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use mayfly_runtime::InvocationLimits;
+use mayfly_store::{
+    BlobStore, Digest, FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS,
+    Registry, StoreError,
+};
+
+use crate::admission::{Admission, SlotLimits};
+use crate::artifacts::Artifacts;
+use crate::capabilities::{NodeServices, capabilities};
+use crate::catalog::{Artifact, Canary, Catalog, Deployed, Served, Target};
+use crate::config::{NodeConfig, ScalingConfig};
+use crate::error::{PlatformError, blocking};
+use crate::events::EventHub;
+use crate::events::workers::EventWorkers;
+use crate::ledger::Ledger;
+use crate::logs::LogHub;
+use crate::metering::{FunctionMeter, Metrics};
+use crate::rollout::Rollouts;
+use crate::routes::Route;
+use crate::tiers::{Activity, Tier};
+use crate::validate::parse_routes;
+
+/// The node's deployed functions as the store and the catalog hold them,
+/// and every change to them.
+pub(crate) struct Deployments {
+    registry: Arc<dyn Registry>,
+    /// Components, stored at deploy.
+    blobs: Arc<dyn BlobStore>,
+    artifacts: Arc<Artifacts>,
+    /// What the invoker serves; written only here, under `changes`.
+    catalog: Arc<ArcSwap<Catalog>>,
+    admission: Arc<Admission>,
+    /// Function activity by name, kept across versions (and deletes, so a
+    /// redeploy keeps its history).
+    activities: Mutex<HashMap<String, Arc<Activity>>>,
+    /// Serialises changes to the catalog so two deploys cannot interleave
+    /// their store writes and catalog swaps. Never held by requests.
+    changes: tokio::sync::Mutex<()>,
+    /// Automatic canaries being judged.
+    rollouts: Rollouts,
+    /// Triggers, attached at deploy and dropped with their function.
+    events: Arc<EventHub>,
+    /// The event workers, started and stopped as functions and triggers
+    /// come and go.
+    workers: Arc<EventWorkers>,
+    metrics: Arc<Metrics>,
+    ledger: Arc<Ledger>,
+    /// Where rollout verdicts are logged, in the function's log.
+    logs: Arc<LogHub>,
+    /// What each version's capabilities are built over.
+    services: Arc<NodeServices>,
+    config: NodeConfig,
+    started: Instant,
+}
+
+/// The handles [`Deployments`] works with.
+pub(crate) struct DeploymentParts {
+    pub(crate) registry: Arc<dyn Registry>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) artifacts: Arc<Artifacts>,
+    pub(crate) catalog: Arc<ArcSwap<Catalog>>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) rollouts: Rollouts,
+    pub(crate) events: Arc<EventHub>,
+    pub(crate) workers: Arc<EventWorkers>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) logs: Arc<LogHub>,
+    pub(crate) services: Arc<NodeServices>,
+    pub(crate) config: NodeConfig,
+    pub(crate) started: Instant,
+}
+
+impl Deployments {
+    /// Deployments over `parts`, with an empty catalog until
+    /// [`Deployments::restore_all`].
+    pub(crate) fn new(parts: DeploymentParts) -> Self {
+        let DeploymentParts {
+            registry,
+            blobs,
+            artifacts,
+            catalog,
+            admission,
+            rollouts,
+            events,
+            workers,
+            metrics,
+            ledger,
+            logs,
+            services,
+            config,
+            started,
+        } = parts;
+        Self {
+            registry,
+            blobs,
+            artifacts,
+            catalog,
+            admission,
+            activities: Mutex::default(),
+            changes: tokio::sync::Mutex::new(()),
+            rollouts,
+            events,
+            workers,
+            metrics,
+            ledger,
+            logs,
+            services,
+            config,
+            started,
+        }
+    }
+
+    /// Builds the catalog from the store at start-up, compiling only the
+    /// artifacts that are missing, so requests never compile.
+    pub(crate) async fn restore_all(&self) -> anyhow::Result<()> {
+        let registry = self.registry.clone();
+        let records = tokio::task::spawn_blocking(move || registry.functions()).await??;
+        let mut served = Vec::with_capacity(records.len());
+        for record in records {
+            served.push(self.restore(record).await?);
+        }
+        self.catalog.store(Arc::new(Catalog::new(served)));
+        self.count_functions();
+        Ok(())
+    }
+
+    /// Rebuilds a function's catalog entry at start-up (every version an
+    /// alias points at), compiling only the artifacts that are missing.
+    pub(super) async fn restore(&self, record: FunctionRecord) -> anyhow::Result<Arc<Served>> {
+        let name = record.name.clone();
+        let registry = self.registry.clone();
+        let owned = name.clone();
+        let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned)).await??;
+        let mut in_service: Vec<u64> = aliases
+            .iter()
+            .flat_map(|a| std::iter::once(a.version).chain(a.canary.map(|c| c.version)))
+            .collect();
+        in_service.sort_unstable();
+        in_service.dedup();
+        for version in in_service {
+            let stored = if version == record.live.version {
+                Some(record.live.clone())
+            } else {
+                let registry = self.registry.clone();
+                let owned = name.clone();
+                tokio::task::spawn_blocking(move || registry.version(&owned, version)).await??
+            };
+            let stored = stored.with_context(|| {
+                format!("an alias of {name} points at version {version}, which is missing")
+            })?;
+            self.artifacts
+                .ensure(&stored)
+                .await
+                .with_context(|| format!("cannot recompile function {name} v{version}"))?;
+        }
+        let config = &record.live.config;
+        if let Err(error) = self
+            .admission
+            .configure(&name, slot_limits(config, &self.config.scaling))
+        {
+            // The node was restarted with less capacity: serve the function
+            // without its reservation rather than not at all.
+            tracing::warn!(function = %name, "reservation dropped: {error}");
+            let mut unreserved = config.clone();
+            unreserved.scaling.reserved_concurrency = 0;
+            self.admission
+                .configure(&name, slot_limits(&unreserved, &self.config.scaling))
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(self.build_served(&name, None).await?)
+    }
+
+    /// The function `name` as the store has it now: a [`Served`] with a
+    /// [`Deployed`] entry per version its aliases point at. Entries of
+    /// `prior` (the function as served until now) are reused for the
+    /// versions still in service, so they keep their tier (no reload).
+    pub(super) async fn build_served(
+        &self,
+        name: &str,
+        prior: Option<&Served>,
+    ) -> Result<Arc<Served>, PlatformError> {
+        let registry = self.registry.clone();
+        let owned = name.to_string();
+        let (aliases, versions, function) = blocking(move || {
+            Ok::<_, StoreError>((
+                registry.aliases(&owned)?,
+                registry.versions(&owned)?,
+                registry.function(&owned)?,
+            ))
+        })
+        .await?;
+        let generation = function
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))?
+            .created_at_ms;
+        let mut made: std::collections::HashMap<u64, Arc<Deployed>> =
+            std::collections::HashMap::new();
+        let mut entry = |version: u64| -> Result<Arc<Deployed>, PlatformError> {
+            if let Some(deployed) = made.get(&version) {
+                return Ok(deployed.clone());
+            }
+            let deployed = match prior.and_then(|prior| prior.version(version)) {
+                Some(deployed) => deployed.clone(),
+                None => {
+                    let record = versions.iter().find(|v| v.version == version).ok_or_else(
+                        || {
+                            PlatformError::Internal(anyhow::anyhow!(
+                                "an alias of {name} points at version {version}, which is missing"
+                            ))
+                        },
+                    )?;
+                    let digest = Digest::parse(&record.digest)?;
+                    self.deployed(
+                        name.to_string(),
+                        generation,
+                        version,
+                        Artifact {
+                            key: self.artifacts.key(&digest),
+                            component: digest,
+                        },
+                        &record.config,
+                        Tier::default(),
+                    )
+                }
+            };
+            made.insert(version, deployed.clone());
+            Ok(deployed)
+        };
+        let mut live = None;
+        let mut named = std::collections::HashMap::new();
+        let judged: Vec<String> = aliases
+            .iter()
+            .filter(|a| a.canary.is_some_and(|c| c.auto.is_some()))
+            .map(|a| a.alias.clone())
+            .collect();
+        for alias in aliases {
+            let canary = match alias.canary {
+                Some(canary) => Some(Canary {
+                    deployed: entry(canary.version)?,
+                    weight_bp: canary.weight_bp,
+                    rollout: canary.auto.map(|policy| {
+                        self.rollouts.rollout(
+                            name,
+                            &alias.alias,
+                            alias.version,
+                            canary.version,
+                            policy,
+                        )
+                    }),
+                }),
+                None => None,
+            };
+            let target = Target {
+                deployed: entry(alias.version)?,
+                canary,
+            };
+            if alias.alias == LIVE_ALIAS {
+                live = Some((target, alias.version));
+            } else {
+                named.insert(alias.alias, target);
+            }
+        }
+        let judged: Vec<&str> = judged.iter().map(String::as_str).collect();
+        self.rollouts.retain(name, &judged);
+        let (live, live_version) = live.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
+        let routes = versions
+            .iter()
+            .find(|v| v.version == live_version)
+            .map(|v| parse_routes(&v.config.routes))
+            .transpose()
+            .map_err(|e| {
+                PlatformError::Internal(anyhow::anyhow!("stored routes of {name} are invalid: {e}"))
+            })?
+            .unwrap_or_default();
+        Ok(Arc::new(Served {
+            name: name.to_string(),
+            routes,
+            live,
+            aliases: named,
+        }))
+    }
+
+    /// Puts `served` in the catalog in place of `prior`, then sends the
+    /// versions no longer in service cold (running requests keep theirs).
+    pub(super) fn swap_in(&self, served: Arc<Served>, prior: Option<&Served>) {
+        let next = self.catalog.load().with(served.clone());
+        self.catalog.store(Arc::new(next));
+        if let Some(prior) = prior {
+            for old in prior.versions() {
+                if served.version(old.version).is_none() {
+                    old.tier.unload();
+                }
+            }
+        }
+    }
+
+    /// A catalog entry, with its meter and the function's activity.
+    fn deployed(
+        &self,
+        name: String,
+        generation: i64,
+        version: u64,
+        artifact: Artifact,
+        config: &FunctionConfig,
+        tier: Tier,
+    ) -> Arc<Deployed> {
+        let meter = FunctionMeter::new(
+            name.clone(),
+            config.limits.memory_mb,
+            self.metrics.function(&name),
+            self.ledger.clone(),
+        );
+        let activity = self
+            .activities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(Activity::new(
+                    self.config.scaling.keep_alive.as_ref(),
+                    self.started,
+                ))
+            })
+            .clone();
+        let caps = capabilities(&self.services, &name, generation, version, config).unwrap_or_else(
+            |error| {
+                // Grants are checked at deploy; a stored one that no longer
+                // parses (an older binary's syntax) grants nothing.
+                tracing::warn!(function = %name, "outbound grants ignored: {error}");
+                mayfly_runtime::Capabilities::none()
+            },
+        );
+        Arc::new(Deployed {
+            caps,
+            grants: config.grants.clone(),
+            key: Arc::from(name.as_str()),
+            name,
+            version,
+            generation,
+            version_header: http::HeaderValue::from(version),
+            artifact,
+            limits: invocation_limits(&config.limits),
+            scaling: config.scaling.clone(),
+            meter: Arc::new(meter),
+            tier,
+            activity,
+        })
+    }
+
+    /// Sets the gauge of deployed functions.
+    pub(super) fn count_functions(&self) {
+        let count = self.catalog.load().by_name.len();
+        self.metrics.node.functions.set(count as i64);
+    }
+
+    /// The function `name` as it is served now.
+    pub(super) fn served(&self, name: &str) -> Result<Arc<Served>, PlatformError> {
+        self.catalog
+            .load()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PlatformError::NotFound(name.to_string()))
+    }
+
+    /// The first of `routes` another function serves now, and its owner: a
+    /// cheap early check (the store re-checks inside its transaction).
+    pub(super) fn route_taken(&self, name: &str, routes: &[Route]) -> Option<(Route, String)> {
+        let catalog = self.catalog.load();
+        routes.iter().find_map(|route| {
+            catalog
+                .routes
+                .get_exact(route)
+                .filter(|served| served.name != name)
+                .map(|served| (route.clone(), served.name.clone()))
+        })
+    }
+
+    /// Puts back the admission limits of the live version of `prior` (or
+    /// removes the function's when there was none) after a change failed.
+    pub(super) fn restore_admission(&self, name: &str, prior: Option<&Served>) {
+        match prior {
+            Some(prior) => {
+                let live = &prior.live.deployed;
+                let _ = self.admission.configure(
+                    name,
+                    slot_limits_of(&live.scaling, &live.limits, &self.config.scaling),
+                );
+            }
+            None => self.admission.remove(name),
+        }
+    }
+}
+
+/// Admission limits for a function's configuration on this node.
+pub(super) fn slot_limits(config: &FunctionConfig, node: &ScalingConfig) -> SlotLimits {
+    slot_limits_of(&config.scaling, &invocation_limits(&config.limits), node)
+}
+
+/// Admission limits for a function's scaling and runtime limits.
+pub(super) fn slot_limits_of(
+    scaling: &FunctionScaling,
+    limits: &InvocationLimits,
+    node: &ScalingConfig,
+) -> SlotLimits {
+    SlotLimits {
+        max_concurrency: scaling.max_concurrency.unwrap_or(node.max_concurrency),
+        reserved: scaling.reserved_concurrency,
+        memory_bytes: limits.memory_bytes as u64,
+        max_queued: scaling.max_queued,
+        // A function that asked for its concurrency gets it; one that did
+        // not bursts up to the node's default share.
+        burst_percent: if scaling.max_concurrency.is_some() {
+            100
+        } else {
+            node.function_share_percent
+        },
+    }
+}
+
+/// The runtime's limits for a function's configured ones.
+fn invocation_limits(limits: &FunctionLimits) -> InvocationLimits {
+    InvocationLimits {
+        memory_bytes: (limits.memory_mb as usize) << 20,
+        timeout: Duration::from_millis(limits.timeout_ms),
+        max_log_bytes: usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX),
+        max_request_bytes: limits.max_request_bytes,
+        max_response_bytes: limits.max_response_bytes,
+    }
+}
