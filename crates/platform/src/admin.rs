@@ -171,7 +171,7 @@ async fn status(State(platform): State<Arc<Platform>>) -> impl IntoResponse {
 }
 
 async fn list_functions(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(platform.functions().await?))
+    Ok(Json(platform.deployments().functions().await?))
 }
 
 /// Alias moves shown with a function, newest first.
@@ -181,9 +181,12 @@ async fn get_function(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let (function, versions) = platform.function(&name).await?;
-    let aliases = platform.aliases(&name).await?;
-    let history = platform.alias_moves(&name, FUNCTION_HISTORY_SHOWN).await?;
+    let (function, versions) = platform.deployments().function(&name).await?;
+    let aliases = platform.deployments().aliases(&name).await?;
+    let history = platform
+        .deployments()
+        .alias_moves(&name, FUNCTION_HISTORY_SHOWN)
+        .await?;
     Ok(Json(serde_json::json!({
         "name": function.name,
         "created_at_ms": function.created_at_ms,
@@ -198,7 +201,7 @@ async fn delete_function(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    platform.delete(&name).await?;
+    platform.deployments().delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -275,7 +278,7 @@ async fn deploy(
     // What the caller may grant depends on what is live, unless it may
     // grant anything.
     if !principal.is_admin() {
-        let live = match platform.function(&name).await {
+        let live = match platform.deployments().function(&name).await {
             Ok((function, _)) => Some(function.live.config),
             Err(PlatformError::NotFound(_)) => None,
             Err(error) => return Err(error.into()),
@@ -286,6 +289,7 @@ async fn deploy(
         .map(|axum::Extension(gone)| gone.0)
         .unwrap_or_default();
     let outcome = platform
+        .deployments()
         .deploy_unless_gone(&name, component, config, triggers, &gone)
         .await?;
     // Nothing was created when the live version was deployed again.

@@ -10,12 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use mayfly_runtime::Runtime;
-use mayfly_store::{
-    AliasMove, AliasRecord, CanaryRecord, FunctionConfig, FunctionRecord, LogStore, StoredUsage,
-    Stores, Trigger, TriggerSpec, UsageQuery, UsageRow, UsageStore, VersionRecord,
-};
+use mayfly_store::{LogStore, StoredUsage, Stores, UsageQuery, UsageRow, UsageStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
@@ -25,7 +21,6 @@ use crate::autoscale::Autoscaler;
 use crate::capabilities::{NodeKeyValue, NodeServices};
 use crate::catalog::Catalog;
 use crate::config::{NodeConfig, PriceList};
-use crate::deployments::deploy::DeployOutcome;
 use crate::deployments::{DeploymentParts, Deployments};
 use crate::error::{PlatformError, blocking};
 use crate::events::EventHub;
@@ -34,7 +29,7 @@ use crate::invoker::Invoker;
 use crate::ledger::Ledger;
 use crate::logs::LogHub;
 use crate::metering::Metrics;
-use crate::rollout::{Progress, Rollouts};
+use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
 use crate::status::{Status, resident_memory, scaling_status};
 
@@ -196,118 +191,10 @@ impl Platform {
         self.invoker.catalog()
     }
 
-    /// Deploys `wasm` as a new version of `name` with `config` (routes as
-    /// the user wrote them, and limits).
-    ///
-    /// Validation and compilation happen before anything is stored, so a
-    /// rejected upload leaves the node exactly as it was.
-    pub async fn deploy(
-        &self,
-        name: &str,
-        wasm: Bytes,
-        config: FunctionConfig,
-        triggers: Vec<TriggerSpec>,
-    ) -> Result<DeployOutcome, PlatformError> {
-        self.deployments.deploy(name, wasm, config, triggers).await
-    }
-
-    /// [`Platform::deploy`], given up while compiling (the compile stopped,
-    /// its worker killed) once `gone` is cancelled: the uploader hung up.
-    /// Later steps run to the end, so the store and catalog stay in step.
-    pub async fn deploy_unless_gone(
-        &self,
-        name: &str,
-        wasm: Bytes,
-        config: FunctionConfig,
-        triggers: Vec<TriggerSpec>,
-        gone: &CancellationToken,
-    ) -> Result<DeployOutcome, PlatformError> {
-        self.deployments
-            .deploy_unless_gone(name, wasm, config, triggers, gone)
-            .await
-    }
-
-    /// Deletes a function: its routes stop serving at once.
-    pub async fn delete(&self, name: &str) -> Result<(), PlatformError> {
-        self.deployments.delete(name).await
-    }
-
-    /// Every function with its live version.
-    pub async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
-        self.deployments.functions().await
-    }
-
-    /// One function and all its versions, newest first.
-    pub async fn function(
-        &self,
-        name: &str,
-    ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
-        self.deployments.function(name).await
-    }
-
-    /// A function's aliases, `live` first.
-    pub async fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, PlatformError> {
-        self.deployments.aliases(name).await
-    }
-
-    /// Points `alias` of `name` at `version`, with an optional canary taking
-    /// `weight_bp` basis points of its traffic; the catalog is switched
-    /// before this returns.
-    pub async fn set_alias(
-        &self,
-        name: &str,
-        alias: &str,
-        version: u64,
-        canary: Option<CanaryRecord>,
-    ) -> Result<AliasRecord, PlatformError> {
-        self.deployments
-            .set_alias(name, alias, version, canary)
-            .await
-    }
-
-    /// Moves `live` of `name` back to its previous version, clearing any
-    /// canary. Returns the new `live` and the version it left.
-    pub async fn rollback(&self, name: &str) -> Result<(AliasRecord, u64), PlatformError> {
-        self.deployments.rollback(name).await
-    }
-
-    /// Where the automatic canary on `alias` of `name` stands, if it has one.
-    pub fn rollout_progress(&self, name: &str, alias: &str) -> Option<Progress> {
-        self.deployments.rollout_progress(name, alias)
-    }
-
-    /// The last `limit` moves of `name`'s aliases, newest first.
-    pub async fn alias_moves(
-        &self,
-        name: &str,
-        limit: usize,
-    ) -> Result<Vec<AliasMove>, PlatformError> {
-        self.deployments.alias_moves(name, limit).await
-    }
-
-    /// Deletes a named alias of `name` (`live` cannot be deleted).
-    pub async fn delete_alias(&self, name: &str, alias: &str) -> Result<(), PlatformError> {
-        self.deployments.delete_alias(name, alias).await
-    }
-
-    /// Deletes one version of `name`; refused (409, naming them) while an
-    /// alias or canary points at it.
-    pub async fn delete_version(&self, name: &str, version: u64) -> Result<(), PlatformError> {
-        self.deployments.delete_version(name, version).await
-    }
-
-    /// Attaches a trigger to a deployed function.
-    pub async fn add_trigger(
-        &self,
-        function: &str,
-        spec: TriggerSpec,
-    ) -> Result<(Trigger, bool), PlatformError> {
-        self.deployments.add_trigger(function, spec).await
-    }
-
-    /// Detaches trigger `id`.
-    pub async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
-        self.deployments.remove_trigger(id).await
+    /// Deploys, deletes, aliases, rollouts and triggers: the one writer of
+    /// the catalog, for the admin API.
+    pub(crate) fn deployments(&self) -> &Deployments {
+        &self.deployments
     }
 
     /// The node's counters.

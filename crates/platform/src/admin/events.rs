@@ -488,7 +488,7 @@ async fn add_trigger(
         )
     })?;
     crate::auth::check_add_trigger(&principal)?;
-    let (trigger, created) = platform.add_trigger(&name, spec).await?;
+    let (trigger, created) = platform.deployments().add_trigger(&name, spec).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -504,7 +504,7 @@ async fn remove_trigger(
     let id = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not a trigger id")))?;
-    platform.remove_trigger(id).await?;
+    platform.deployments().remove_trigger(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -51,7 +51,9 @@ fn canary_json(canary: &CanaryRecord) -> Value {
 pub(super) fn alias_json(platform: &Platform, alias: &AliasRecord) -> Value {
     let mut canary = alias.canary.as_ref().map(canary_json);
     if let Some(canary) = &mut canary
-        && let Some(progress) = platform.rollout_progress(&alias.function, &alias.alias)
+        && let Some(progress) = platform
+            .deployments()
+            .rollout_progress(&alias.function, &alias.alias)
     {
         canary["progress"] = serde_json::json!(progress);
     }
@@ -82,7 +84,7 @@ async fn list(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let aliases = platform.aliases(&name).await?;
+    let aliases = platform.deployments().aliases(&name).await?;
     let shown: Vec<Value> = aliases.iter().map(|a| alias_json(&platform, a)).collect();
     Ok(Json(shown))
 }
@@ -200,7 +202,7 @@ async fn check_versions(
     if principal.is_admin() {
         return Ok(());
     }
-    let (function, stored) = platform.function(name).await?;
+    let (function, stored) = platform.deployments().function(name).await?;
     for wanted in versions {
         if let Some(version) = stored.iter().find(|v| v.version == *wanted) {
             crate::auth::check_deploy(
@@ -238,6 +240,7 @@ async fn set(
     versions.extend(canary.map(|c| c.version));
     check_versions(&platform, &principal, &name, &versions).await?;
     let record = platform
+        .deployments()
         .set_alias(&name, &alias, body.version, canary)
         .await?;
     Ok(Json(alias_json(&platform, &record)))
@@ -248,7 +251,7 @@ async fn remove(
     State(platform): State<Arc<Platform>>,
     Path((name, alias)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    platform.delete_alias(&name, &alias).await?;
+    platform.deployments().delete_alias(&name, &alias).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -259,11 +262,11 @@ async fn rollback(
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<Principal>,
 ) -> ApiResult<impl IntoResponse> {
-    let aliases = platform.aliases(&name).await?;
+    let aliases = platform.deployments().aliases(&name).await?;
     if let Some(previous) = aliases.first().and_then(|live| live.previous_version) {
         check_versions(&platform, &principal, &name, &[previous]).await?;
     }
-    let (record, from) = platform.rollback(&name).await?;
+    let (record, from) = platform.deployments().rollback(&name).await?;
     Ok(Json(serde_json::json!({
         "alias": record.alias,
         "version": record.version,
@@ -280,6 +283,9 @@ async fn delete_version(
     let version: u64 = version
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{version}` is not a version number")))?;
-    platform.delete_version(&name, version).await?;
+    platform
+        .deployments()
+        .delete_version(&name, version)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -38,21 +38,10 @@ impl Deployments {
     /// the user wrote them, and limits).
     ///
     /// Validation and compilation happen before anything is stored, so a
-    /// rejected upload leaves the node exactly as it was.
-    pub(crate) async fn deploy(
-        &self,
-        name: &str,
-        wasm: Bytes,
-        config: FunctionConfig,
-        triggers: Vec<TriggerSpec>,
-    ) -> Result<DeployOutcome, PlatformError> {
-        self.deploy_unless_gone(name, wasm, config, triggers, &CancellationToken::new())
-            .await
-    }
-
-    /// [`Deployments::deploy`], given up while compiling (the compile stopped,
-    /// its worker killed) once `gone` is cancelled: the uploader hung up.
-    /// Later steps run to the end, so the store and catalog stay in step.
+    /// rejected upload leaves the node exactly as it was. The compile is
+    /// given up (stopped, its worker killed) once `gone` is cancelled: the
+    /// uploader hung up. Later steps run to the end, so the store and
+    /// catalog stay in step.
     pub(crate) async fn deploy_unless_gone(
         &self,
         name: &str,
