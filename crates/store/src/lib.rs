@@ -45,7 +45,7 @@ pub use registry::{
 };
 pub use secrets::{Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};
-pub use stores::Stores;
+pub use stores::{EventHandles, LocalDir, Stores};
 pub use usage::{
     GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord, UsageRow, UsageStore,
     billed_ms,
@@ -86,9 +86,10 @@ pub enum StoreError {
     /// A compare-and-swap condition did not hold.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
-    /// The database failed.
+    /// The back-end's database failed (its own error is the source, so
+    /// [`StoreError::is_disk_full`] can look into it).
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A file operation failed.
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),

@@ -43,7 +43,7 @@ pub struct Stores {
 
 /// A data directory a back-end keeps on this machine and holds (locks)
 /// while its stores are open.
-pub(crate) trait LocalDir: Send + Sync {
+pub trait LocalDir: Send + Sync {
     /// The directory.
     fn path(&self) -> &Path;
     /// Makes everything in it private to the node's user.
@@ -53,8 +53,10 @@ pub(crate) trait LocalDir: Send + Sync {
 impl Stores {
     /// A bundle of the given handles; `local` is the data directory the
     /// back-end holds, if it keeps its state on this machine.
+    /// This is how a back-end outside this crate (a cluster one) hands the
+    /// platform its stores.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn from_parts(
+    pub fn from_parts(
         registry: Arc<dyn Registry>,
         logs: Arc<dyn LogStore>,
         blobs: Arc<dyn BlobStore>,
@@ -97,16 +99,20 @@ impl Stores {
 }
 
 /// The four faces of one event store.
-pub(crate) struct EventHandles {
-    pub(crate) kv: Arc<dyn KvStore>,
-    pub(crate) objects: Arc<dyn ObjectStore>,
-    pub(crate) queues: Arc<dyn EventQueue>,
-    pub(crate) triggers: Arc<dyn TriggerStore>,
+pub struct EventHandles {
+    /// KV buckets.
+    pub kv: Arc<dyn KvStore>,
+    /// Object buckets.
+    pub objects: Arc<dyn ObjectStore>,
+    /// Queues, inboxes and dead letters.
+    pub queues: Arc<dyn EventQueue>,
+    /// Triggers.
+    pub triggers: Arc<dyn TriggerStore>,
 }
 
 impl EventHandles {
     /// The four handles of one store implementing every event contract.
-    pub(crate) fn of<T>(store: Arc<T>) -> Self
+    pub fn of<T>(store: Arc<T>) -> Self
     where
         T: KvStore + ObjectStore + EventQueue + TriggerStore + 'static,
     {

@@ -201,3 +201,11 @@ impl LocalDir for DataDir {
         DataDir::restrict_permissions(self)
     }
 }
+
+/// SQLite failures become the contract's back-end error, with the SQLite
+/// error kept as its source (disk-full detection reads it).
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::Backend(Box::new(error))
+    }
+}
