@@ -500,32 +500,34 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::args::{Cli, Command};
+
+    /// `mayfly dev <flags>` parsed as the CLI parses them.
+    fn dev_args(flags: &[&str]) -> DevArgs {
+        #[derive(clap::Parser)]
+        struct Dev {
+            #[command(flatten)]
+            args: DevArgs,
+        }
+        Dev::try_parse_from(["mayfly dev"].iter().chain(flags))
+            .unwrap()
+            .args
+    }
 
     #[test]
     fn flags_and_defaults() {
-        let cli = Cli::try_parse_from(["mayfly", "dev"]).unwrap();
-        let Command::Dev(args) = cli.command else {
-            panic!("not dev")
-        };
+        let args = dev_args(&[]);
         assert_eq!(args.manifest, Path::new("mayfly.toml"));
         assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(args.admin_listen.port(), 0);
         assert_eq!(args.data_dir, None);
-        let cli = Cli::try_parse_from([
-            "mayfly",
-            "dev",
+        let args = dev_args(&[
             "--manifest",
             "app/mayfly.toml",
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
             "/tmp/x",
-        ])
-        .unwrap();
-        let Command::Dev(args) = cli.command else {
-            panic!("not dev")
-        };
+        ]);
         assert_eq!(args.manifest, Path::new("app/mayfly.toml"));
         assert_eq!(args.listen.port(), 0);
         assert_eq!(args.data_dir.as_deref(), Some(Path::new("/tmp/x")));

@@ -425,14 +425,22 @@ mod tests {
 
     use clap::Parser as _;
 
-    use crate::args::{Cli, Command};
+    use super::ServeArgs;
+
+    /// `mayfly serve <flags>` parsed as the CLI parses them (the flags are
+    /// all `ServeArgs`'s; the tests need not know the other verbs).
+    fn serve_args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        Serve::try_parse_from(["mayfly serve"].iter().chain(flags)).map(|serve| serve.args)
+    }
 
     /// The admin TLS decision for `mayfly serve <flags>`.
     fn admin_tls(flags: &[&str]) -> anyhow::Result<Option<super::TlsFiles>> {
-        let cli = Cli::try_parse_from(["mayfly", "serve"].iter().chain(flags)).unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
+        let args = serve_args(flags).unwrap();
         args.tls.admin_tls(args.admin_listen)
     }
 
@@ -472,10 +480,7 @@ mod tests {
 
     #[test]
     fn connection_flags_override_the_file_which_overrides_the_defaults() {
-        let cli = Cli::try_parse_from(["mayfly", "serve", "--header-timeout", "1s"]).unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
+        let args = serve_args(&["--header-timeout", "1s"]).unwrap();
         let file = super::ConnectionsFile {
             header_timeout: Some("3s".into()),
             idle_timeout: Some("5s".into()),
@@ -488,14 +493,14 @@ mod tests {
         assert_eq!(limits.gateway.body_timeout, Duration::from_secs(60));
         assert_eq!(limits.gateway.max_connections, 10_000);
         assert_eq!(limits.admin.max_connections, 7);
-        assert!(Cli::try_parse_from(["mayfly", "serve", "--idle-timeout", "0s"]).is_err());
+        assert!(serve_args(&["--idle-timeout", "0s"]).is_err());
     }
 
     #[test]
     fn tls_flags_come_in_pairs() {
-        assert!(Cli::try_parse_from(["mayfly", "serve", "--tls-cert", "c.pem"]).is_err());
-        assert!(Cli::try_parse_from(["mayfly", "serve", "--tls-key", "k.pem"]).is_err());
+        assert!(serve_args(&["--tls-cert", "c.pem"]).is_err());
+        assert!(serve_args(&["--tls-key", "k.pem"]).is_err());
         let both = ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--insecure"];
-        assert!(Cli::try_parse_from(["mayfly", "serve"].iter().chain(&both)).is_err());
+        assert!(serve_args(&both).is_err());
     }
 }
