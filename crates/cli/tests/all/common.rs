@@ -172,6 +172,31 @@ impl Node {
         (response.status().as_u16(), bytes, id)
     }
 
+    /// Runs `function` with a GET of `path` through the admin API's
+    /// `invoke`; returns (status, body).
+    pub fn invoke_get(&self, function: &str, path: &str) -> (u16, String) {
+        let path: String = path
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let mut response = agent()
+            .post(format!(
+                "{}/v1/functions/{function}/invoke?method=GET&path={path}",
+                self.admin
+            ))
+            .header("authorization", self.bearer())
+            .send_empty()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    }
+
     /// GETs a gateway path; returns (status, body as text).
     pub fn get(&self, path: &str) -> (u16, String) {
         let (status, body, _) = self.request("GET", path, b"");

@@ -166,36 +166,6 @@ fn hosts_and_paths_are_normalised_before_routing() {
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// Runs `function` with a GET of `path` through the admin API; returns
-/// (status, body).
-fn call(node: &Node, function: &str, path: &str) -> (u16, String) {
-    let mut response = agent()
-        .post(format!(
-            "{}/v1/functions/{function}/invoke?method=GET&path={}",
-            node.admin,
-            encode(path)
-        ))
-        .header("authorization", node.bearer())
-        .send_empty()
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
-}
-
 /// An admin API request with `token` as bearer; returns (status, JSON).
 fn admin(node: &Node, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Value) {
     let request = ureq::http::Request::builder()
@@ -215,7 +185,7 @@ fn a_deleted_functions_credential_does_not_reach_its_successor() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
     node.deploy_with("alpha", "caps", &[], &["--kv", "alpha-data"]);
-    let (status, old) = call(&node, "alpha", "/config/get?key=mayfly.credential");
+    let (status, old) = node.invoke_get("alpha", "/config/get?key=mayfly.credential");
     assert_eq!(status, 200, "{old}");
     let old = old.trim().to_string();
     assert_eq!(
@@ -237,7 +207,7 @@ fn a_deleted_functions_credential_does_not_reach_its_successor() {
         answer.to_string().contains("earlier function `alpha`"),
         "{answer}"
     );
-    let (status, new) = call(&node, "alpha", "/config/get?key=mayfly.credential");
+    let (status, new) = node.invoke_get("alpha", "/config/get?key=mayfly.credential");
     assert_eq!(status, 200, "{new}");
     assert_eq!(
         admin(&node, "GET", "/v1/kv/alpha-data/k", new.trim(), b"").0,

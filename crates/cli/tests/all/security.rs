@@ -13,36 +13,6 @@ use serde_json::Value;
 
 use crate::common::{Node, agent, eventually};
 
-/// Percent-encodes a query value.
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// Runs `function` with a GET of `path` through the admin API; returns
-/// (status, body).
-fn call(node: &Node, function: &str, path: &str) -> (u16, String) {
-    let mut response = agent()
-        .post(format!(
-            "{}/v1/functions/{function}/invoke?method=GET&path={}",
-            node.admin,
-            encode(path)
-        ))
-        .header("authorization", node.bearer())
-        .send_empty()
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.body_mut().read_to_string().unwrap())
-}
-
 /// Sends an admin API request with `token` (or none); returns (status, JSON).
 fn admin(node: &Node, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
     let mut request = ureq::http::Request::builder()
@@ -145,13 +115,13 @@ fn a_function_reaches_only_what_it_was_granted() {
     );
 
     // Without grants: each capability is refused with its interface's error.
-    let (status, body) = call(&node, "bare", "/kv/get?bucket=orders&key=k1");
+    let (status, body) = node.invoke_get("bare", "/kv/get?bucket=orders&key=k1");
     assert_eq!(status, 403, "{body}");
-    let (status, body) = call(&node, "bare", "/config/get?key=db_password");
+    let (status, body) = node.invoke_get("bare", "/config/get?key=db_password");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not granted"), "{body}");
     assert!(!body.contains("hunter2"), "{body}");
-    let (status, body) = call(&node, "bare", &format!("/fetch?url={local}/"));
+    let (status, body) = node.invoke_get("bare", &format!("/fetch?url={local}/"));
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("HttpRequestDenied"), "{body}");
     // And every refusal is in the function's log, where its author looks.
@@ -164,30 +134,30 @@ fn a_function_reaches_only_what_it_was_granted() {
     assert!(logs.contains("outbound"), "{logs}");
 
     // With them, the same calls work.
-    let (status, body) = call(&node, "granted", "/kv/get?bucket=orders&key=k1");
+    let (status, body) = node.invoke_get("granted", "/kv/get?bucket=orders&key=k1");
     assert_eq!((status, body.as_str()), (200, "v1"));
-    let (status, body) = call(&node, "granted", "/kv/incr?bucket=orders&key=n&by=5");
+    let (status, body) = node.invoke_get("granted", "/kv/incr?bucket=orders&key=n&by=5");
     assert_eq!((status, body.trim()), (200, "5"));
     let (_, stored) = admin(&node, "GET", "/v1/kv/orders", Some(&node.token), b"");
     assert!(stored.to_string().contains("\"n\""), "{stored}");
-    let (status, body) = call(&node, "granted", "/kv/get?bucket=other&key=k1");
+    let (status, body) = node.invoke_get("granted", "/kv/get?bucket=other&key=k1");
     assert_eq!(status, 403, "only the granted bucket: {body}");
-    let (status, body) = call(&node, "granted", "/config/get?key=db_password");
+    let (status, body) = node.invoke_get("granted", "/config/get?key=db_password");
     assert_eq!((status, body.as_str()), (200, "hunter2-granted"));
-    let (status, body) = call(&node, "granted", "/config/get?key=greeting");
+    let (status, body) = node.invoke_get("granted", "/config/get?key=greeting");
     assert_eq!((status, body.as_str()), (200, "hi there"));
-    let (status, body) = call(&node, "granted", "/config/get?key=missing");
+    let (status, body) = node.invoke_get("granted", "/config/get?key=missing");
     assert_eq!(status, 404, "{body}");
-    let (status, body) = call(&node, "granted", &format!("/fetch?url={local}/x"));
+    let (status, body) = node.invoke_get("granted", &format!("/fetch?url={local}/x"));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, "status=200\nupstream-ok");
 
     // SSRF: a loopback address is refused when only names are allowed,
     // whether asked for directly or through a name that resolves to it.
-    let (status, body) = call(&node, "public-only", &format!("/fetch?url={local}/"));
+    let (status, body) = node.invoke_get("public-only", &format!("/fetch?url={local}/"));
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("HttpRequestDenied"), "{body}");
-    let (status, body) = call(&node, "public-only", &format!("/fetch?url={by_name}/"));
+    let (status, body) = node.invoke_get("public-only", &format!("/fetch?url={by_name}/"));
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("HttpRequestDenied"), "{body}");
     eventually(
@@ -246,7 +216,7 @@ fn no_secret_value_is_stored_logged_or_returned_in_plaintext() {
     let value = "pl41ntext-canary-7f3a9c";
     set_secret(&node, "api_key", value);
     node.deploy_with("reader", "caps", &[], &["--secret", "api_key"]);
-    let (status, body) = call(&node, "reader", "/config/get?key=api_key");
+    let (status, body) = node.invoke_get("reader", "/config/get?key=api_key");
     assert_eq!((status, body.as_str()), (200, value));
 
     // The API lists names and versions only.
@@ -268,7 +238,7 @@ fn no_secret_value_is_stored_logged_or_returned_in_plaintext() {
     // Rotating the master key reseals it; the function still reads it.
     let (ok, stdout, stderr) = node.cli(&["secret", "rotate-key"]);
     assert!(ok, "{stdout}{stderr}");
-    let (status, body) = call(&node, "reader", "/config/get?key=api_key");
+    let (status, body) = node.invoke_get("reader", "/config/get?key=api_key");
     assert_eq!((status, body.as_str()), (200, value));
     node.stop();
     assert_nowhere_on_disk(dir.path(), value);
@@ -276,7 +246,7 @@ fn no_secret_value_is_stored_logged_or_returned_in_plaintext() {
     // After a restart it is still readable (the key file is in the data
     // directory, 0600).
     let node = Node::start(dir.path());
-    let (status, body) = call(&node, "reader", "/config/get?key=api_key");
+    let (status, body) = node.invoke_get("reader", "/config/get?key=api_key");
     assert_eq!((status, body.as_str()), (200, value));
     node.stop();
     assert_nowhere_on_disk(dir.path(), value);
@@ -408,11 +378,11 @@ fn a_function_credential_acts_only_for_that_function_and_expires() {
         &["--kv", "alpha-data", "--send-queue", "alpha-out"],
     );
     node.deploy_with("beta", "caps", &[], &["--kv", "beta-data"]);
-    let (status, credential) = call(&node, "alpha", "/config/get?key=mayfly.credential");
+    let (status, credential) = node.invoke_get("alpha", "/config/get?key=mayfly.credential");
     assert_eq!(status, 200, "{credential}");
     let credential = credential.trim().to_string();
     // It knows where to use it.
-    let (status, api) = call(&node, "alpha", "/config/get?key=mayfly.api_url");
+    let (status, api) = node.invoke_get("alpha", "/config/get?key=mayfly.api_url");
     assert_eq!((status, api.as_str()), (200, node.admin.as_str()));
 
     let as_alpha = |method: &str, path: &str| admin(&node, method, path, Some(&credential), b"x").0;

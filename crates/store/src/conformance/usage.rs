@@ -56,7 +56,7 @@ pub(crate) fn fixture() -> Vec<UsageRecord> {
 }
 
 /// Sums of `records` as a summary row with the given key.
-fn expected(records: &[&UsageRecord]) -> UsageRow {
+pub(crate) fn expected(records: &[&UsageRecord]) -> UsageRow {
     let mut outcomes = OutcomeCounts::default();
     for r in records {
         *outcomes.slot(r.outcome) += 1;

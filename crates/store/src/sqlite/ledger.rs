@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(back, stored);
     }
     use super::*;
-    use crate::conformance::usage::{DAY, T0, fixture, query, record};
+    use crate::conformance::usage::{DAY, T0, expected, fixture, query, record};
     use crate::*;
 
     fn ledger() -> (tempfile::TempDir, EmbeddedLedger) {
@@ -431,28 +431,6 @@ mod tests {
         let records = fixture();
         assert_eq!(ledger.append_usage(&records).unwrap(), records.len());
         (dir, ledger, records)
-    }
-
-    /// Sums of `records` as a summary row with the given key.
-    fn expected(records: &[&UsageRecord]) -> UsageRow {
-        let mut outcomes = OutcomeCounts::default();
-        for r in records {
-            *outcomes.slot(r.outcome) += 1;
-        }
-        UsageRow {
-            function: None,
-            version: None,
-            period_start_ms: None,
-            invocations: records.len() as u64,
-            errors: records.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64,
-            outcomes,
-            cold_starts: records.iter().filter(|r| r.cold).count() as u64,
-            billed_ms: records.iter().map(|r| r.billed_ms).sum(),
-            billed_gb_s: records.iter().map(|r| r.billed_gb_s()).sum(),
-            used_gb_s: records.iter().map(|r| r.used_gb_s()).sum(),
-            cpu_us: records.iter().map(|r| r.cpu_us).sum(),
-            wall_us: records.iter().map(|r| r.wall_us).sum(),
-        }
     }
 
     #[test]
