@@ -11,18 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
 
-smoke=false
-[ "${1:-}" = "--smoke" ] && smoke=true
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-
-cargo xtask guests >/dev/null
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  if $smoke; then
-    cargo build -q -p mayfly && MAYFLY_BIN=target/debug/mayfly
-  else
-    cargo build -q --release -p mayfly && MAYFLY_BIN=target/release/mayfly
-  fi
-fi
+. bench/wrk-setup.sh "${1:-}"
 duration=10s
 loads=(2 8 64)
 if $smoke; then duration=2s; loads=(2); fi
