@@ -20,7 +20,7 @@ use crate::validate::{parse_routes, validate_alias};
 impl Deployments {
     /// A function's aliases, `live` first.
     pub(crate) async fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, PlatformError> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let aliases = blocking(move || registry.aliases(&owned)).await?;
         if aliases.is_empty() {
@@ -60,6 +60,7 @@ impl Deployments {
         // Where this node sees the alias: the store refuses the move if it
         // has moved since.
         let seen = self
+            .parts
             .catalog
             .load()
             .by_name
@@ -82,7 +83,7 @@ impl Deployments {
     /// the new `live` and the version it left.
     pub(crate) async fn rollback(&self, name: &str) -> Result<(AliasRecord, u64), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let (aliases, versions) = blocking(move || {
             Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
@@ -138,7 +139,7 @@ impl Deployments {
         let prior = self.served(name)?;
         let mut live_config = None;
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
-            let registry = self.registry.clone();
+            let registry = self.parts.registry.clone();
             let owned = name.to_string();
             let record = blocking(move || registry.version(&owned, wanted))
                 .await?
@@ -148,7 +149,7 @@ impl Deployments {
                 })?;
             // A version already in service has its artifact loaded or on disk.
             if prior.version(wanted).is_none() {
-                self.artifacts.ensure(&record).await?;
+                self.parts.artifacts.ensure(&record).await?;
             }
             if wanted == version && alias == LIVE_ALIAS {
                 live_config = Some(record.config);
@@ -165,11 +166,12 @@ impl Deployments {
                      `{owner}`"
                 )));
             }
-            self.admission
-                .configure(name, slot_limits(config, &self.config.scaling))
+            self.parts
+                .admission
+                .configure(name, slot_limits(config, &self.parts.config.scaling))
                 .map_err(PlatformError::BadRequest)?;
         }
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let (owned, alias_name, detail_text) =
             (name.to_string(), alias.to_string(), detail.to_string());
         let stored = tokio::task::spawn_blocking(move || {
@@ -231,7 +233,7 @@ impl Deployments {
             detail,
         } = verdict;
         let _change = self.changes.lock().await;
-        if !self.rollouts.is_current(&name, &alias, rollout_id) {
+        if !self.parts.rollouts.is_current(&name, &alias, rollout_id) {
             return;
         }
         let (version, cause, verb) = if promote {
@@ -278,7 +280,7 @@ impl Deployments {
             cold_start: false,
         };
         mayfly_runtime::LogSink::line(
-            self.logs.as_ref(),
+            self.parts.logs.as_ref(),
             &labels,
             mayfly_runtime::LogStream::Stderr,
             &line,
@@ -291,13 +293,13 @@ impl Deployments {
         let (deployments, name, alias) = (self.clone(), name.to_string(), alias.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            deployments.rollouts.reopen(&name, &alias, id);
+            deployments.parts.rollouts.reopen(&name, &alias, id);
         });
     }
 
     /// Where the automatic canary on `alias` of `name` stands, if it has one.
     pub(crate) fn rollout_progress(&self, name: &str, alias: &str) -> Option<Progress> {
-        self.rollouts.progress(name, alias)
+        self.parts.rollouts.progress(name, alias)
     }
 
     /// The last `limit` moves of `name`'s aliases, newest first.
@@ -306,7 +308,7 @@ impl Deployments {
         name: &str,
         limit: usize,
     ) -> Result<Vec<mayfly_store::AliasMove>, PlatformError> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         blocking(move || registry.alias_moves(&owned, limit)).await
     }
@@ -323,6 +325,7 @@ impl Deployments {
         let _change = self.changes.lock().await;
         let prior = self.served(name)?;
         let aimed: Vec<String> = self
+            .parts
             .events
             .triggers(Some(name))
             .iter()
@@ -336,7 +339,7 @@ impl Deployments {
                 aimed.join(", ")
             )));
         }
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let (owned, alias_name) = (name.to_string(), alias.to_string());
         let existed = blocking(move || registry.delete_alias(&owned, &alias_name)).await?;
         if !existed {
@@ -358,7 +361,7 @@ impl Deployments {
         version: u64,
     ) -> Result<(), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         blocking(move || registry.delete_version(&owned, version)).await?;
         tracing::info!(function = name, version, "version deleted");

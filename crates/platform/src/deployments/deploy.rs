@@ -55,16 +55,19 @@ impl Deployments {
             check_trigger(spec)?;
             self.check_trigger_alias(name, spec)?;
         }
-        validate_limits(&config.limits, self.config.runtime.max_instance_memory)
-            .map_err(PlatformError::BadRequest)?;
-        validate_scaling(&config.scaling, self.config.scaling.max_concurrency)
+        validate_limits(
+            &config.limits,
+            self.parts.config.runtime.max_instance_memory,
+        )
+        .map_err(PlatformError::BadRequest)?;
+        validate_scaling(&config.scaling, self.parts.config.scaling.max_concurrency)
             .map_err(PlatformError::BadRequest)?;
         check_grants(&config)?;
-        if wasm.len() > self.config.max_component_bytes {
+        if wasm.len() > self.parts.config.max_component_bytes {
             return Err(PlatformError::BadRequest(format!(
                 "the component is {} bytes, over this node's limit of {} bytes",
                 wasm.len(),
-                self.config.max_component_bytes
+                self.parts.config.max_component_bytes
             )));
         }
         validate_routes(&config.routes).map_err(PlatformError::BadRequest)?;
@@ -88,21 +91,24 @@ impl Deployments {
             if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
                 // Nothing to change, but the artifact it runs must be
                 // sound: a redeploy is how an operator heals a function.
-                let key = self.artifacts.key(&digest);
-                if !self.artifacts.verified(&key).await? {
-                    self.artifacts.compile_and_store(wasm.clone(), &key).await?;
+                let key = self.parts.artifacts.key(&digest);
+                if !self.parts.artifacts.verified(&key).await? {
+                    self.parts
+                        .artifacts
+                        .compile_and_store(wasm.clone(), &key)
+                        .await?;
                 }
                 return self.keep_live(name, live, triggers).await;
             }
         }
         let artifact = Artifact {
-            key: self.artifacts.key(&digest),
+            key: self.parts.artifacts.key(&digest),
             component: digest.clone(),
         };
-        let compiled = !self.artifacts.verified(&artifact.key).await?;
+        let compiled = !self.parts.artifacts.verified(&artifact.key).await?;
         if compiled {
             tokio::select! {
-                stored = self.artifacts.compile_and_store(wasm.clone(), &artifact.key) => stored?,
+                stored = self.parts.artifacts.compile_and_store(wasm.clone(), &artifact.key) => stored?,
                 () = gone.cancelled() => {
                     tracing::info!(function = name, "deploy abandoned while compiling: its client went away");
                     return Err(PlatformError::BadRequest(
@@ -116,7 +122,8 @@ impl Deployments {
         // request, so thousands of idle functions cost no memory, and
         // loading takes well under a millisecond when it is called.
         drop(
-            self.artifacts
+            self.parts
+                .artifacts
                 .load_verified(&artifact.key, config.scaling.reuse)
                 .await?,
         );
@@ -128,13 +135,14 @@ impl Deployments {
         }
         // Checked under the change lock, so no other deploy can take the
         // reservation between this check and the store write.
-        let previous = self.catalog.load().by_name.get(name).cloned();
-        let slots = slot_limits(&config, &self.config.scaling);
-        self.admission
+        let previous = self.parts.catalog.load().by_name.get(name).cloned();
+        let slots = slot_limits(&config, &self.parts.config.scaling);
+        self.parts
+            .admission
             .configure(name, slots)
             .map_err(PlatformError::BadRequest)?;
-        let blobs = self.blobs.clone();
-        let registry = self.registry.clone();
+        let blobs = self.parts.blobs.clone();
+        let registry = self.parts.registry.clone();
         let stored_config = config.clone();
         let function_name = name.to_string();
         let stored = tokio::task::spawn_blocking(move || {
@@ -167,9 +175,9 @@ impl Deployments {
         self.count_functions();
         self.retain_versions(name).await;
         for spec in triggers {
-            self.events.add_trigger(name, spec).await?;
+            self.parts.events.add_trigger(name, spec).await?;
         }
-        self.workers.sync();
+        self.parts.workers.sync();
         tracing::info!(
             function = name,
             version = version.version,
@@ -195,6 +203,7 @@ impl Deployments {
         // Only a function the catalog serves: one that failed to load at
         // start is deployed afresh.
         let Some(serving) = self
+            .parts
             .catalog
             .load()
             .by_name
@@ -203,7 +212,7 @@ impl Deployments {
         else {
             return Ok(None);
         };
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let record = blocking(move || registry.function(&owned)).await?;
         let digest = digest.to_string();
@@ -223,9 +232,9 @@ impl Deployments {
     ) -> Result<DeployOutcome, PlatformError> {
         if !triggers.is_empty() {
             for spec in triggers {
-                self.events.add_trigger(name, spec).await?;
+                self.parts.events.add_trigger(name, spec).await?;
             }
-            self.workers.sync();
+            self.parts.workers.sync();
         }
         tracing::info!(function = name, version = live.version, "deploy unchanged");
         Ok(DeployOutcome {
@@ -238,9 +247,9 @@ impl Deployments {
     /// Deletes the versions of `name` beyond the node's retention that no
     /// alias points at. A failure is logged: the deploy itself succeeded.
     async fn retain_versions(&self, name: &str) {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
-        let keep = self.config.keep_versions.max(1);
+        let keep = self.parts.config.keep_versions.max(1);
         match tokio::task::spawn_blocking(move || registry.prune_versions(&owned, keep)).await {
             Ok(Ok(pruned)) if !pruned.is_empty() => {
                 tracing::info!(function = name, ?pruned, "old versions deleted (retention)");
@@ -254,33 +263,33 @@ impl Deployments {
     /// Deletes a function: its routes stop serving at once.
     pub(crate) async fn delete(&self, name: &str) -> Result<(), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let existed = blocking(move || registry.delete_function(&owned)).await?;
         if !existed {
             return Err(PlatformError::NotFound(name.to_string()));
         }
-        let removed = self.catalog.load().by_name.get(name).cloned();
-        let next = self.catalog.load().without(name);
-        self.catalog.store(Arc::new(next));
-        self.admission.remove(name);
-        self.rollouts.retain(name, &[]);
+        let removed = self.parts.catalog.load().by_name.get(name).cloned();
+        let next = self.parts.catalog.load().without(name);
+        self.parts.catalog.store(Arc::new(next));
+        self.parts.admission.remove(name);
+        self.parts.rollouts.retain(name, &[]);
         if let Some(removed) = removed {
             for version in removed.versions() {
                 version.tier.unload();
             }
         }
-        self.metrics.remove_function(name);
+        self.parts.metrics.remove_function(name);
         self.count_functions();
-        self.events.remove_function(name).await?;
-        self.workers.sync();
+        self.parts.events.remove_function(name).await?;
+        self.parts.workers.sync();
         tracing::info!(function = name, "deleted");
         Ok(())
     }
 
     /// Every function with its live version.
     pub(crate) async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         blocking(move || registry.functions()).await
     }
 
@@ -289,7 +298,7 @@ impl Deployments {
         &self,
         name: &str,
     ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let (record, versions) = blocking(move || {
             Ok::<_, StoreError>((registry.function(&owned)?, registry.versions(&owned)?))
@@ -308,19 +317,19 @@ impl Deployments {
         // Under the change lock, so a delete cannot slip in between the
         // check and the write and leave a trigger without its function.
         let _change = self.changes.lock().await;
-        if !self.catalog.load().by_name.contains_key(function) {
+        if !self.parts.catalog.load().by_name.contains_key(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.check_trigger_alias(function, &spec)?;
-        let added = self.events.add_trigger(function, spec).await?;
-        self.workers.sync();
+        let added = self.parts.events.add_trigger(function, spec).await?;
+        self.parts.workers.sync();
         Ok(added)
     }
 
     /// Detaches trigger `id` and stops its worker, if it had one.
     pub(crate) async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
-        self.events.remove_trigger(id).await?;
-        self.workers.sync();
+        self.parts.events.remove_trigger(id).await?;
+        self.parts.workers.sync();
         Ok(())
     }
 
@@ -329,7 +338,7 @@ impl Deployments {
         let Some(alias) = spec.alias.as_deref().filter(|a| *a != LIVE_ALIAS) else {
             return Ok(());
         };
-        let catalog = self.catalog.load();
+        let catalog = self.parts.catalog.load();
         if catalog
             .by_name
             .get(name)

@@ -39,49 +39,37 @@ use crate::validate::parse_routes;
 /// The node's deployed functions as the store and the catalog hold them,
 /// and every change to them.
 pub(crate) struct Deployments {
-    registry: Arc<dyn Registry>,
-    /// Components, stored at deploy.
-    blobs: Arc<dyn BlobStore>,
-    artifacts: Arc<Artifacts>,
-    /// What the invoker serves; written only here, under `changes`.
-    catalog: Arc<ArcSwap<Catalog>>,
-    admission: Arc<Admission>,
+    parts: DeploymentParts,
     /// Function activity by name, kept across versions (and deletes, so a
     /// redeploy keeps its history).
     activities: Mutex<HashMap<String, Arc<Activity>>>,
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
-    /// Automatic canaries being judged.
-    rollouts: Rollouts,
-    /// Triggers, attached at deploy and dropped with their function.
-    events: Arc<EventHub>,
-    /// The event workers, started and stopped as functions and triggers
-    /// come and go.
-    workers: Arc<EventWorkers>,
-    metrics: Arc<Metrics>,
-    ledger: Arc<Ledger>,
-    /// Where rollout verdicts are logged, in the function's log.
-    logs: Arc<LogHub>,
-    /// What each version's capabilities are built over.
-    services: Arc<NodeServices>,
-    config: NodeConfig,
-    started: Instant,
 }
 
 /// The handles [`Deployments`] works with.
 pub(crate) struct DeploymentParts {
     pub(crate) registry: Arc<dyn Registry>,
+    /// Components, stored at deploy.
     pub(crate) blobs: Arc<dyn BlobStore>,
     pub(crate) artifacts: Arc<Artifacts>,
+    /// What the invoker serves; written only by [`Deployments`], under its
+    /// change lock.
     pub(crate) catalog: Arc<ArcSwap<Catalog>>,
     pub(crate) admission: Arc<Admission>,
+    /// Automatic canaries being judged.
     pub(crate) rollouts: Rollouts,
+    /// Triggers, attached at deploy and dropped with their function.
     pub(crate) events: Arc<EventHub>,
+    /// The event workers, started and stopped as functions and triggers
+    /// come and go.
     pub(crate) workers: Arc<EventWorkers>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) ledger: Arc<Ledger>,
+    /// Where rollout verdicts are logged, in the function's log.
     pub(crate) logs: Arc<LogHub>,
+    /// What each version's capabilities are built over.
     pub(crate) services: Arc<NodeServices>,
     pub(crate) config: NodeConfig,
     pub(crate) started: Instant,
@@ -91,52 +79,23 @@ impl Deployments {
     /// Deployments over `parts`, with an empty catalog until
     /// [`Deployments::restore_all`].
     pub(crate) fn new(parts: DeploymentParts) -> Self {
-        let DeploymentParts {
-            registry,
-            blobs,
-            artifacts,
-            catalog,
-            admission,
-            rollouts,
-            events,
-            workers,
-            metrics,
-            ledger,
-            logs,
-            services,
-            config,
-            started,
-        } = parts;
         Self {
-            registry,
-            blobs,
-            artifacts,
-            catalog,
-            admission,
+            parts,
             activities: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
-            rollouts,
-            events,
-            workers,
-            metrics,
-            ledger,
-            logs,
-            services,
-            config,
-            started,
         }
     }
 
     /// Builds the catalog from the store at start-up, compiling only the
     /// artifacts that are missing, so requests never compile.
     pub(crate) async fn restore_all(&self) -> anyhow::Result<()> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let records = tokio::task::spawn_blocking(move || registry.functions()).await??;
         let mut served = Vec::with_capacity(records.len());
         for record in records {
             served.push(self.restore(record).await?);
         }
-        self.catalog.store(Arc::new(Catalog::new(served)));
+        self.parts.catalog.store(Arc::new(Catalog::new(served)));
         self.count_functions();
         Ok(())
     }
@@ -145,7 +104,7 @@ impl Deployments {
     /// alias points at), compiling only the artifacts that are missing.
     pub(super) async fn restore(&self, record: FunctionRecord) -> anyhow::Result<Arc<Served>> {
         let name = record.name.clone();
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.clone();
         let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned)).await??;
         let mut in_service: Vec<u64> = aliases
@@ -158,30 +117,33 @@ impl Deployments {
             let stored = if version == record.live.version {
                 Some(record.live.clone())
             } else {
-                let registry = self.registry.clone();
+                let registry = self.parts.registry.clone();
                 let owned = name.clone();
                 tokio::task::spawn_blocking(move || registry.version(&owned, version)).await??
             };
             let stored = stored.with_context(|| {
                 format!("an alias of {name} points at version {version}, which is missing")
             })?;
-            self.artifacts
+            self.parts
+                .artifacts
                 .ensure(&stored)
                 .await
                 .with_context(|| format!("cannot recompile function {name} v{version}"))?;
         }
         let config = &record.live.config;
         if let Err(error) = self
+            .parts
             .admission
-            .configure(&name, slot_limits(config, &self.config.scaling))
+            .configure(&name, slot_limits(config, &self.parts.config.scaling))
         {
             // The node was restarted with less capacity: serve the function
             // without its reservation rather than not at all.
             tracing::warn!(function = %name, "reservation dropped: {error}");
             let mut unreserved = config.clone();
             unreserved.scaling.reserved_concurrency = 0;
-            self.admission
-                .configure(&name, slot_limits(&unreserved, &self.config.scaling))
+            self.parts
+                .admission
+                .configure(&name, slot_limits(&unreserved, &self.parts.config.scaling))
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
         Ok(self.build_served(&name, None).await?)
@@ -196,7 +158,7 @@ impl Deployments {
         name: &str,
         prior: Option<&Served>,
     ) -> Result<Arc<Served>, PlatformError> {
-        let registry = self.registry.clone();
+        let registry = self.parts.registry.clone();
         let owned = name.to_string();
         let (aliases, versions, function) = blocking(move || {
             Ok::<_, StoreError>((
@@ -231,7 +193,7 @@ impl Deployments {
                         generation,
                         version,
                         Artifact {
-                            key: self.artifacts.key(&digest),
+                            key: self.parts.artifacts.key(&digest),
                             component: digest,
                         },
                         &record.config,
@@ -255,7 +217,7 @@ impl Deployments {
                     deployed: entry(canary.version)?,
                     weight_bp: canary.weight_bp,
                     rollout: canary.auto.map(|policy| {
-                        self.rollouts.rollout(
+                        self.parts.rollouts.rollout(
                             name,
                             &alias.alias,
                             alias.version,
@@ -277,7 +239,7 @@ impl Deployments {
             }
         }
         let judged: Vec<&str> = judged.iter().map(String::as_str).collect();
-        self.rollouts.retain(name, &judged);
+        self.parts.rollouts.retain(name, &judged);
         let (live, live_version) = live.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
         let routes = versions
             .iter()
@@ -299,8 +261,8 @@ impl Deployments {
     /// Puts `served` in the catalog in place of `prior`, then sends the
     /// versions no longer in service cold (running requests keep theirs).
     pub(super) fn swap_in(&self, served: Arc<Served>, prior: Option<&Served>) {
-        let next = self.catalog.load().with(served.clone());
-        self.catalog.store(Arc::new(next));
+        let next = self.parts.catalog.load().with(served.clone());
+        self.parts.catalog.store(Arc::new(next));
         if let Some(prior) = prior {
             for old in prior.versions() {
                 if served.version(old.version).is_none() {
@@ -323,8 +285,8 @@ impl Deployments {
         let meter = FunctionMeter::new(
             name.clone(),
             config.limits.memory_mb,
-            self.metrics.function(&name),
-            self.ledger.clone(),
+            self.parts.metrics.function(&name),
+            self.parts.ledger.clone(),
         );
         let activity = self
             .activities
@@ -333,19 +295,18 @@ impl Deployments {
             .entry(name.clone())
             .or_insert_with(|| {
                 Arc::new(Activity::new(
-                    self.config.scaling.keep_alive.as_ref(),
-                    self.started,
+                    self.parts.config.scaling.keep_alive.as_ref(),
+                    self.parts.started,
                 ))
             })
             .clone();
-        let caps = capabilities(&self.services, &name, generation, version, config).unwrap_or_else(
-            |error| {
+        let caps = capabilities(&self.parts.services, &name, generation, version, config)
+            .unwrap_or_else(|error| {
                 // Grants are checked at deploy; a stored one that no longer
                 // parses (an older binary's syntax) grants nothing.
                 tracing::warn!(function = %name, "outbound grants ignored: {error}");
                 mayfly_runtime::Capabilities::none()
-            },
-        );
+            });
         Arc::new(Deployed {
             caps,
             grants: config.grants.clone(),
@@ -365,13 +326,14 @@ impl Deployments {
 
     /// Sets the gauge of deployed functions.
     pub(super) fn count_functions(&self) {
-        let count = self.catalog.load().by_name.len();
-        self.metrics.node.functions.set(count as i64);
+        let count = self.parts.catalog.load().by_name.len();
+        self.parts.metrics.node.functions.set(count as i64);
     }
 
     /// The function `name` as it is served now.
     pub(super) fn served(&self, name: &str) -> Result<Arc<Served>, PlatformError> {
-        self.catalog
+        self.parts
+            .catalog
             .load()
             .by_name
             .get(name)
@@ -382,7 +344,7 @@ impl Deployments {
     /// The first of `routes` another function serves now, and its owner: a
     /// cheap early check (the store re-checks inside its transaction).
     pub(super) fn route_taken(&self, name: &str, routes: &[Route]) -> Option<(Route, String)> {
-        let catalog = self.catalog.load();
+        let catalog = self.parts.catalog.load();
         routes.iter().find_map(|route| {
             catalog
                 .routes
@@ -398,12 +360,12 @@ impl Deployments {
         match prior {
             Some(prior) => {
                 let live = &prior.live.deployed;
-                let _ = self.admission.configure(
+                let _ = self.parts.admission.configure(
                     name,
-                    slot_limits_of(&live.scaling, &live.limits, &self.config.scaling),
+                    slot_limits_of(&live.scaling, &live.limits, &self.parts.config.scaling),
                 );
             }
-            None => self.admission.remove(name),
+            None => self.parts.admission.remove(name),
         }
     }
 }
