@@ -3,13 +3,16 @@
 //!
 //! An invocation's task only queues its record. One writer thread gathers
 //! what arrives within a short commit interval (10 ms), commits it in one
-//! transaction (awaiting the async store on the node's runtime, from the
-//! thread: `Handle::block_on`), and repeats, so under load each commit (and its fsync)
+//! transaction, and repeats, so under load each commit (and its fsync)
 //! carries many records, and a record is durable at most one interval plus
 //! one commit after it was queued. The queue is unbounded
 //! on purpose: a billing record is never dropped, and the writer ingests
 //! records far faster than the gateway can serve requests
 //! (`mayfly_ledger_pending_records` shows any backlog).
+//!
+//! The store is async; the thread awaits each commit on the node's runtime
+//! (`Handle::block_on`), so its batching, backoff and close stay plain
+//! blocking code, and the request path never spawns anything.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

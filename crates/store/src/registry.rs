@@ -395,7 +395,7 @@ pub trait Registry: Send + Sync {
     async fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
 
     /// Changes to functions from now on, whoever made them (see
-    /// [`crate::changes`]): a node subscribes at start-up and rebuilds a
+    /// [`ChangeFeed`]): a node subscribes at start-up and rebuilds a
     /// function's catalog entry on each, so a deploy or alias move on
     /// another node reaches it. Synchronous: subscribing is in memory, no
     /// I/O.

@@ -34,7 +34,7 @@ const MIGRATIONS: &[&str] = &[r#"
 "#];
 
 /// [`AuthStore`] in a SQLite file. Each call runs on the blocking pool
-/// ([`offload`]).
+/// (`sqlite::offload`).
 pub struct EmbeddedAuth {
     db: Arc<AuthDb>,
 }

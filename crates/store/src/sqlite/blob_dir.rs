@@ -48,7 +48,7 @@ impl FileStamp {
 }
 
 /// Blobs as files under `<data dir>/blobs/<kind>/<hex>`. [`BlobStore`]
-/// calls run on the blocking pool ([`offload`]); the inherent methods
+/// calls run on the blocking pool (`sqlite::offload`); the inherent methods
 /// block, for callers already off the async workers.
 #[derive(Debug, Clone)]
 pub struct BlobDir {

@@ -91,7 +91,7 @@ const MIGRATIONS: &[&str] = &[
 /// Metadata and logs use separate connections so that a burst of log writes
 /// never queues behind (or in front of) a deploy; SQLite's WAL mode lets
 /// them proceed side by side. Each call runs on the blocking pool
-/// ([`offload`]).
+/// (`sqlite::offload`).
 pub struct EmbeddedStore {
     db: Arc<StoreDb>,
 }

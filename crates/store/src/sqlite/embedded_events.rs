@@ -113,7 +113,7 @@ const DEAD_COLUMNS: &str = "id, event_id, type, source, subject, time_ms, conten
 /// to a user, which must survive a power loss once answered; `dispatch`
 /// (synchronous=NORMAL) for the dispatcher's claims and settlements, which
 /// a crash may only roll back into a redelivery. WAL lets them interleave.
-/// Each call runs on the blocking pool ([`offload`]).
+/// Each call runs on the blocking pool (`sqlite::offload`).
 pub struct EmbeddedEvents {
     db: Arc<EventsDb>,
 }

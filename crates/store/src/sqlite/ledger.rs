@@ -81,7 +81,7 @@ const LEDGER_MIGRATIONS: &[&str] = &[
 /// The embedded ledger: its own SQLite database file (e.g.
 /// `<data dir>/ledger.db`), separate from the metadata and log database so
 /// billing writes never queue behind log writes. Each call runs on the
-/// blocking pool ([`offload`]).
+/// blocking pool (`sqlite::offload`).
 pub struct EmbeddedLedger {
     db: Arc<LedgerDb>,
 }

@@ -11,7 +11,7 @@
 //! SQLite and file calls block, so each store keeps its synchronous code
 //! (an inner `…Db` type, or `BlobDir`'s `*_blocking` methods) and its
 //! async trait methods hand it to tokio's blocking pool through
-//! [`offload`]: the caller's async worker never waits on a disk.
+//! `offload`: the caller's async worker never waits on a disk.
 
 mod auth;
 mod blob_dir;

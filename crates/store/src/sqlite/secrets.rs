@@ -31,7 +31,7 @@ const MIGRATIONS: &[&str] = &[r#"
 "#];
 
 /// [`SecretStore`] in a SQLite file (WAL, synchronous=FULL). Each call runs
-/// on the blocking pool ([`offload`]), sealing callbacks included: they run
+/// on the blocking pool (`sqlite::offload`), sealing callbacks included: they run
 /// inside the call's transaction.
 pub struct EmbeddedSecrets {
     db: Arc<SecretsDb>,
