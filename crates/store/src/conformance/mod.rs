@@ -82,9 +82,9 @@ impl Backend for SqliteBackend {
 
 /// Runs one case to completion on a fresh tokio runtime (current-thread,
 /// with timers): what each test [`conformance_suite!`](crate::conformance_suite)
-/// generates calls, so the suite needs no test macro of its own. Calls
-/// that run concurrently in a case are joined futures, whose store calls
-/// are in flight together.
+/// generates calls, so the suite needs no test macro of its own. A case
+/// that runs calls concurrently joins futures or spawns tasks on it, so
+/// the calls are in flight at the same time.
 pub fn block_on<F: Future>(case: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
