@@ -41,6 +41,11 @@ fn records() -> Vec<UsageRecord> {
 }
 
 fn pipeline(c: &mut Criterion) {
+    // The node's runtime: the writer thread awaits the store on it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("ledger pipeline");
     group.throughput(Throughput::Elements(RECORDS as u64));
     group.sample_size(10);
@@ -49,7 +54,12 @@ fn pipeline(c: &mut Criterion) {
             || {
                 let dir = tempfile::tempdir().unwrap();
                 let store: Arc<dyn UsageStore> = Stores::sqlite(dir.path()).unwrap().usage;
-                let ledger = Ledger::start(store.clone(), Metrics::new().ledger.clone()).unwrap();
+                let ledger = Ledger::start(
+                    store.clone(),
+                    Metrics::new().ledger.clone(),
+                    runtime.handle().clone(),
+                )
+                .unwrap();
                 (dir, store, ledger, records())
             },
             |(dir, store, ledger, records)| {
@@ -57,7 +67,8 @@ fn pipeline(c: &mut Criterion) {
                     ledger.record(record);
                 }
                 ledger.close();
-                assert_eq!(store.usage_count().unwrap(), RECORDS as u64);
+                let stored = runtime.block_on(store.usage_count()).unwrap();
+                assert_eq!(stored, RECORDS as u64);
                 drop(dir);
             },
             BatchSize::PerIteration,

@@ -472,14 +472,10 @@ async fn logs(
     // Subscribe before reading so no line lands between the two.
     let newest = platform.log_hub().subscribe();
     let store = platform.log_store();
-    let lines = {
-        let store = store.clone();
-        let name = name.clone();
-        tokio::task::spawn_blocking(move || store.logs_tail(&name, tail))
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))?
-            .map_err(PlatformError::from)?
-    };
+    let lines = store
+        .logs_tail(&name, tail)
+        .await
+        .map_err(PlatformError::from)?;
     if !query.follow {
         return Ok(Json(lines).into_response());
     }
@@ -515,14 +511,11 @@ impl Follower {
                 return Some((Ok(Bytes::from(json)), self));
             }
             self.newest.changed().await.ok()?;
-            let store = self.store.clone();
-            let function = self.function.clone();
-            let after = self.after_id;
-            let lines =
-                tokio::task::spawn_blocking(move || store.logs_after(&function, after, 1000))
-                    .await
-                    .ok()?
-                    .ok()?;
+            let lines = self
+                .store
+                .logs_after(&self.function, self.after_id, 1000)
+                .await
+                .ok()?;
             if let Some(last) = lines.last() {
                 self.after_id = last.id;
             }

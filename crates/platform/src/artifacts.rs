@@ -43,8 +43,8 @@ impl Artifacts {
 
     /// Whether the artifact is on disk with its checksum (not hashed:
     /// see [`Artifacts::verified`]); counts a cache hit when it is.
-    pub(crate) fn cached(&self, artifact: &Digest) -> bool {
-        let cached = self.blobs.has_checked(BlobKind::Artifact, artifact);
+    pub(crate) async fn cached(&self, artifact: &Digest) -> bool {
+        let cached = self.blobs.has_checked(BlobKind::Artifact, artifact).await;
         if cached {
             self.metrics.artifact_cache_hits.inc();
         }
@@ -56,9 +56,12 @@ impl Artifacts {
     /// [`BlobStore::verified_path`]); counts a cache hit when it is. A
     /// damaged one is reported and counted, for the caller to recompile.
     pub(crate) async fn verified(&self, key: &Digest) -> Result<bool, PlatformError> {
-        let blobs = self.blobs.clone();
-        let owned = key.clone();
-        match blocking(move || blobs.verified_path(BlobKind::Artifact, &owned)).await {
+        match self
+            .blobs
+            .verified_path(BlobKind::Artifact, key)
+            .await
+            .map_err(PlatformError::from)
+        {
             Ok(Some(_)) => {
                 self.metrics.artifact_cache_hits.inc();
                 Ok(true)
@@ -83,7 +86,7 @@ impl Artifacts {
     pub(crate) async fn ensure(&self, version: &VersionRecord) -> Result<(), PlatformError> {
         let digest = Digest::parse(&version.digest)?;
         let artifact = self.key(&digest);
-        if self.cached(&artifact) {
+        if self.cached(&artifact).await {
             return Ok(());
         }
         self.recompile(&Artifact {
@@ -96,9 +99,9 @@ impl Artifacts {
     /// Compiles an artifact again from its stored component and stores it
     /// in place of whatever was there.
     async fn recompile(&self, artifact: &Artifact) -> Result<(), PlatformError> {
-        let blobs = self.blobs.clone();
-        let key = artifact.component.clone();
-        let wasm = blocking(move || blobs.get(BlobKind::Component, &key))
+        let wasm = self
+            .blobs
+            .get(BlobKind::Component, &artifact.component)
             .await?
             .ok_or_else(|| {
                 PlatformError::Internal(anyhow::anyhow!(
@@ -129,9 +132,9 @@ impl Artifacts {
     ) -> Result<(), PlatformError> {
         let compiled = self.compiler.compile(&self.runtime, wasm).await?;
         self.metrics.compilations.inc();
-        let blobs = self.blobs.clone();
-        let key = artifact.clone();
-        blocking(move || blobs.put_checked(BlobKind::Artifact, &key, &compiled.artifact)).await?;
+        self.blobs
+            .put_checked(BlobKind::Artifact, artifact, &compiled.artifact)
+            .await?;
         Ok(())
     }
 
@@ -170,15 +173,14 @@ impl Artifacts {
         key: &Digest,
         reuse: bool,
     ) -> Result<Function, PlatformError> {
-        let blobs = self.blobs.clone();
+        let path = self
+            .blobs
+            .verified_path(BlobKind::Artifact, key)
+            .await?
+            .ok_or_else(|| PlatformError::Internal(anyhow::anyhow!("artifact {key} is missing")))?;
+        // Loading maps the file and checks the code: the node's own
+        // blocking work, off the async workers.
         let runtime = self.runtime.clone();
-        let owned = key.clone();
-        blocking(move || {
-            let path = blobs
-                .verified_path(BlobKind::Artifact, &owned)?
-                .ok_or_else(|| anyhow::anyhow!("artifact {owned} is missing"))?;
-            runtime.load_artifact(&path, reuse)
-        })
-        .await
+        blocking(move || runtime.load_artifact(&path, reuse)).await
     }
 }

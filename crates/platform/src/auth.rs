@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::clock::now_ms;
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 
 /// Name of the file in the data directory holding the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -558,7 +558,7 @@ impl Auth {
     /// Opens the token store `store` of the node in `data_dir`. On first start (no token exists yet) it
     /// creates an admin token and writes it to `<data_dir>/admin.token`,
     /// readable by the node's user only, where the CLI finds it.
-    pub fn open(
+    pub async fn open(
         store: Arc<dyn AuthStore>,
         data_dir: &Path,
         signing_key: SigningKey,
@@ -572,24 +572,25 @@ impl Auth {
             anonymous: std::sync::Mutex::new(AnonymousRefusals::new(ANONYMOUS_WINDOW)),
             since_prune: std::sync::atomic::AtomicU64::new(0),
         };
-        auth.prune_audit();
-        if auth.store.tokens()?.is_empty() {
+        auth.prune_audit().await;
+        if auth.store.tokens().await?.is_empty() {
             // The file first: a crash between the two steps then leaves a
             // token file nobody honours (rewritten on the next start), never
             // a stored token nobody holds (which would lock everyone out).
             let (record, token) = new_token("admin (first start)", &[Scope::Admin], &[]);
             write_private_file(&data_dir.join(ADMIN_TOKEN_FILE), token.as_bytes())?;
-            auth.store.create_token(&record)?;
+            auth.store.create_token(&record).await?;
             tracing::info!(token = %record.id, "created the admin token in {ADMIN_TOKEN_FILE}");
         }
-        auth.reload()?;
+        auth.reload().await?;
         Ok(auth)
     }
 
-    fn reload(&self) -> anyhow::Result<()> {
+    async fn reload(&self) -> anyhow::Result<()> {
         let live = self
             .store
-            .tokens()?
+            .tokens()
+            .await?
             .into_iter()
             .filter(|token| token.revoked_at_ms.is_none())
             .map(|token| {
@@ -668,28 +669,16 @@ impl Auth {
         for function in &functions {
             crate::validate::validate_name(function)?;
         }
-        let auth = self.clone();
-        let name = name.to_string();
-        let created = blocking(move || {
-            let (record, token) = new_token(&name, &scopes, &functions);
-            auth.store.create_token(&record)?;
-            auth.reload()?;
-            anyhow::Ok((record, token))
-        })
-        .await?;
-        Ok(created)
+        let (record, token) = new_token(name, &scopes, &functions);
+        self.store.create_token(&record).await?;
+        self.reload().await?;
+        Ok((record, token))
     }
 
     /// Revokes the token `id`; it is refused from the next request on.
     pub async fn revoke_token(self: &Arc<Self>, id: &str) -> Result<(), PlatformError> {
-        let auth = self.clone();
-        let id_owned = id.to_string();
-        let revoked = blocking(move || {
-            let revoked = auth.store.revoke_token(&id_owned)?;
-            auth.reload()?;
-            anyhow::Ok(revoked)
-        })
-        .await?;
+        let revoked = self.store.revoke_token(id).await?;
+        self.reload().await?;
         if revoked {
             Ok(())
         } else {
@@ -701,8 +690,7 @@ impl Auth {
 
     /// Every token (revoked ones too), without the tokens themselves.
     pub async fn tokens(self: &Arc<Self>) -> Result<Vec<TokenRecord>, PlatformError> {
-        let auth = self.clone();
-        blocking(move || auth.store.tokens()).await
+        Ok(self.store.tokens().await?)
     }
 
     /// Records an admin action durably. Anonymous refusals beyond
@@ -730,36 +718,30 @@ impl Auth {
                 anonymous.roll(now, now_ms)
             }
         };
-        let auth = self.clone();
-        blocking(move || {
-            if let Some(summary) = summary {
-                auth.store.append_audit(
-                    ANONYMOUS,
-                    "refused requests (counted)",
-                    401,
-                    Some(&summary),
-                )?;
-            }
-            auth.store
-                .append_audit(&actor, &action, status, detail.as_deref())?;
-            let written = auth
-                .since_prune
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if written + 1 >= AUDIT_PRUNE_EVERY {
-                auth.since_prune
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
-                auth.prune_audit();
-            }
-            anyhow::Ok(())
-        })
-        .await
+        if let Some(summary) = summary {
+            self.store
+                .append_audit(ANONYMOUS, "refused requests (counted)", 401, Some(&summary))
+                .await?;
+        }
+        self.store
+            .append_audit(&actor, &action, status, detail.as_deref())
+            .await?;
+        let written = self
+            .since_prune
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if written + 1 >= AUDIT_PRUNE_EVERY {
+            self.since_prune
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.prune_audit().await;
+        }
+        Ok(())
     }
 
     /// Deletes audit rows past retention (age and count); a failure is
     /// logged and retried at the next prune.
-    fn prune_audit(&self) {
+    async fn prune_audit(&self) {
         let before = now_ms().saturating_sub(AUDIT_KEEP_DAYS * 24 * 3600 * 1000);
-        match self.store.prune_audit(before, AUDIT_KEEP_ROWS) {
+        match self.store.prune_audit(before, AUDIT_KEEP_ROWS).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "pruned audit rows past retention"),
             Err(error) => tracing::warn!("cannot prune the audit log: {error}"),
@@ -773,8 +755,7 @@ impl Auth {
         limit: usize,
         latest: bool,
     ) -> Result<Vec<AuditEntry>, PlatformError> {
-        let auth = self.clone();
-        blocking(move || auth.store.audit(after, limit, latest)).await
+        Ok(self.store.audit(after, limit, latest).await?)
     }
 
     /// A credential for one invocation of `function` at `version`, good for
@@ -910,7 +891,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_anonymous_flood_writes_a_bounded_number_of_rows() {
-        let (_dir, auth) = auth(Duration::from_secs(60));
+        let (_dir, auth) = auth(Duration::from_secs(60)).await;
         let auth = Arc::new(auth);
         let before = auth.audit(0, 10_000, false).await.unwrap().len();
         for _ in 0..1_000 {
@@ -960,7 +941,7 @@ mod tests {
         assert!(authorize(&limited, &Method::GET, "/v1/kv/orders").is_err());
     }
 
-    fn auth(ttl: Duration) -> (tempfile::TempDir, Auth) {
+    async fn auth(ttl: Duration) -> (tempfile::TempDir, Auth) {
         let dir = tempfile::tempdir().unwrap();
         let auth = Auth::open(
             mayfly_store::sqlite::open_auth(dir.path()).unwrap(),
@@ -968,14 +949,15 @@ mod tests {
             Box::new(|| [7; 32]),
             ttl,
         )
+        .await
         .unwrap();
         (dir, auth)
     }
 
-    #[test]
-    fn first_start_writes_a_private_admin_token_that_authenticates() {
+    #[tokio::test]
+    async fn first_start_writes_a_private_admin_token_that_authenticates() {
         use std::os::unix::fs::PermissionsExt as _;
-        let (dir, auth) = auth(DEFAULT_CREDENTIAL_TTL);
+        let (dir, auth) = auth(DEFAULT_CREDENTIAL_TTL).await;
         let path = dir.path().join(ADMIN_TOKEN_FILE);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -999,6 +981,7 @@ mod tests {
             Box::new(|| [7; 32]),
             DEFAULT_CREDENTIAL_TTL,
         )
+        .await
         .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), token);
         assert!(
@@ -1011,9 +994,9 @@ mod tests {
         assert!(again.authenticate(Some("Basic abc")).is_err());
     }
 
-    #[test]
-    fn credentials_are_scoped_signed_and_expire() {
-        let (_dir, auth) = auth(Duration::from_secs(60));
+    #[tokio::test]
+    async fn credentials_are_scoped_signed_and_expire() {
+        let (_dir, auth) = auth(Duration::from_secs(60)).await;
         let grants = Grants {
             kv: vec!["orders".into()],
             queues: vec!["out".into()],
@@ -1052,6 +1035,7 @@ mod tests {
                 Box::new(|| [8; 32]),
                 Duration::from_secs(60),
             )
+            .await
             .unwrap();
             (dir, other)
         };
@@ -1067,9 +1051,9 @@ mod tests {
         assert!(error.to_string().contains("expired"), "{error}");
     }
 
-    #[test]
-    fn a_credential_does_not_reach_a_recreated_function_of_the_same_name() {
-        let (_dir, auth) = auth(Duration::from_secs(60));
+    #[tokio::test]
+    async fn a_credential_does_not_reach_a_recreated_function_of_the_same_name() {
+        let (_dir, auth) = auth(Duration::from_secs(60)).await;
         let grants = Grants {
             kv: vec!["orders".into()],
             ..Grants::default()

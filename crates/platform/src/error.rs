@@ -73,7 +73,10 @@ impl From<anyhow::Error> for PlatformError {
     }
 }
 
-/// Runs a blocking call (SQLite, files) off the async workers.
+/// Runs the node's own blocking work (loading compiled code) off the async
+/// workers, its error told apart like any other. Store calls need no such
+/// wrapper: the stores are async, and a back-end whose I/O blocks (SQLite)
+/// offloads it itself.
 pub(crate) async fn blocking<T, E>(
     call: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, PlatformError>

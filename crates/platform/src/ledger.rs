@@ -9,6 +9,10 @@
 //! on purpose: a billing record is never dropped, and the writer ingests
 //! records far faster than the gateway can serve requests
 //! (`mayfly_ledger_pending_records` shows any backlog).
+//!
+//! The store is async; the thread awaits each commit on the node's runtime
+//! (`Handle::block_on`), so its batching, backoff and close stay plain
+//! blocking code, and the request path never spawns anything.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_store::{UsageRecord, UsageStore};
+use tokio::runtime::Handle;
 
 use crate::logs::{Batch, WriterMessage, run_writer};
 use prometheus_client::metrics::counter::Counter;
@@ -54,13 +59,18 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Starts the writer thread over `store`.
-    pub fn start(store: Arc<dyn UsageStore>, metrics: LedgerMetrics) -> std::io::Result<Self> {
+    /// Starts the writer thread over `store`, whose calls it awaits on
+    /// `runtime` (the node's).
+    pub fn start(
+        store: Arc<dyn UsageStore>,
+        metrics: LedgerMetrics,
+        runtime: Handle,
+    ) -> std::io::Result<Self> {
         let (queue, records) = mpsc::channel();
         let writer_metrics = metrics.clone();
         let writer = std::thread::Builder::new()
             .name("mayfly-ledger".into())
-            .spawn(move || write_batches(records, store.as_ref(), &writer_metrics))?;
+            .spawn(move || write_batches(records, store.as_ref(), &runtime, &writer_metrics))?;
         Ok(Self {
             queue,
             writer: Mutex::new(Some(writer)),
@@ -108,6 +118,7 @@ struct LedgerBatch<'a> {
     records: Vec<UsageRecord>,
     oldest: Option<Instant>,
     store: &'a dyn UsageStore,
+    runtime: &'a Handle,
     metrics: &'a LedgerMetrics,
 }
 
@@ -121,7 +132,13 @@ impl Batch<(UsageRecord, Instant)> for LedgerBatch<'_> {
         if self.records.is_empty() {
             return;
         }
-        commit(self.store, &self.records, closing, self.metrics);
+        commit(
+            self.store,
+            self.runtime,
+            &self.records,
+            closing,
+            self.metrics,
+        );
         if let Some(oldest) = self.oldest.take() {
             self.metrics
                 .commit_delay
@@ -135,6 +152,7 @@ impl Batch<(UsageRecord, Instant)> for LedgerBatch<'_> {
 fn write_batches(
     queue: mpsc::Receiver<WriterMessage<(UsageRecord, Instant)>>,
     store: &dyn UsageStore,
+    runtime: &Handle,
     metrics: &LedgerMetrics,
 ) {
     // One commit (and its fsync) carries everything that arrives within the
@@ -143,18 +161,27 @@ fn write_batches(
         records: Vec::with_capacity(BATCH_RECORDS),
         oldest: None,
         store,
+        runtime,
         metrics,
     };
     run_writer(&queue, COMMIT_INTERVAL, BATCH_RECORDS, &mut batch);
 }
 
 /// Commits one batch, retrying while the store fails: billing records are
-/// not dropped for a transient error (disk full, a locked database).
-fn commit(store: &dyn UsageStore, batch: &[UsageRecord], closing: bool, metrics: &LedgerMetrics) {
+/// not dropped for a transient error (disk full, a locked database). Runs
+/// on the writer thread, which waits for each call (`block_on`: legal
+/// there, as it is no runtime thread).
+fn commit(
+    store: &dyn UsageStore,
+    runtime: &Handle,
+    batch: &[UsageRecord],
+    closing: bool,
+    metrics: &LedgerMetrics,
+) {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(10);
     loop {
-        match store.append_usage(batch) {
+        match runtime.block_on(store.append_usage(batch)) {
             Ok(new) => {
                 // Records already in the ledger (a retried commit that had
                 // in fact landed) are skipped by the store, never doubled.

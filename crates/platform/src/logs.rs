@@ -2,8 +2,10 @@
 //!
 //! The guest's write only queues the line (a bounded channel: a flood is
 //! counted and dropped, never allowed to stall the guest or grow memory). One
-//! writer thread stores lines in batches, one transaction per batch, and
-//! announces the newest id so `logs --follow` readers wake up.
+//! writer thread stores lines in batches, one transaction per batch (awaiting
+//! the async store on the node's runtime, from the thread:
+//! `Handle::block_on`), and announces the newest id so `logs --follow`
+//! readers wake up.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mayfly_runtime::{LogSink, LogStream, RequestLabels};
 use mayfly_store::{LogStore, NewLogLine};
+use tokio::runtime::Handle;
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE_LINES: usize = 65_536;
@@ -45,13 +48,14 @@ pub struct LogHub {
 }
 
 impl LogHub {
-    /// Starts the writer thread over `store`.
-    pub fn start(store: Arc<dyn LogStore>) -> std::io::Result<Arc<Self>> {
+    /// Starts the writer thread over `store`, whose calls it awaits on
+    /// `runtime` (the node's).
+    pub fn start(store: Arc<dyn LogStore>, runtime: Handle) -> std::io::Result<Arc<Self>> {
         let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
         let (newest_tx, newest) = tokio::sync::watch::channel(0);
         let writer = std::thread::Builder::new()
             .name("mayfly-logs".into())
-            .spawn(move || write_batches(lines, store.as_ref(), newest_tx))?;
+            .spawn(move || write_batches(lines, store.as_ref(), &runtime, newest_tx))?;
         Ok(Arc::new(Self {
             queue,
             writer: Mutex::new(Some(writer)),
@@ -167,10 +171,13 @@ pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
 }
 
 /// The log writer's batch: lines stored in one transaction, and the count
-/// since the last prune (over all functions, and per function).
+/// since the last prune (over all functions, and per function). Store calls
+/// are awaited on `runtime` from the writer thread (`block_on`: legal there,
+/// as it is no runtime thread).
 struct LogBatch<'a> {
     lines: Vec<NewLogLine>,
     store: &'a dyn LogStore,
+    runtime: &'a Handle,
     newest: tokio::sync::watch::Sender<i64>,
     since_prune: usize,
     /// Lines and bytes each function logged since its last prune.
@@ -181,15 +188,17 @@ impl LogBatch<'_> {
     /// Prunes the functions that logged a tenth of their retention since
     /// they were last pruned (so pruning costs little per line).
     fn prune_functions(&mut self) {
-        let store = self.store;
+        let (store, runtime) = (self.store, self.runtime);
         self.since_function_prune
             .retain(|function, &mut (lines, bytes)| {
                 if lines < KEEP_FUNCTION_LINES / 10 && bytes < KEEP_FUNCTION_BYTES / 10 {
                     return true;
                 }
-                if let Err(error) =
-                    store.prune_function_logs(function, KEEP_FUNCTION_LINES, KEEP_FUNCTION_BYTES)
-                {
+                if let Err(error) = runtime.block_on(store.prune_function_logs(
+                    function,
+                    KEEP_FUNCTION_LINES,
+                    KEEP_FUNCTION_BYTES,
+                )) {
                     tracing::warn!(function, "failed to prune old log lines: {error}");
                 }
                 false
@@ -215,7 +224,7 @@ impl Batch<NewLogLine> for LogBatch<'_> {
                 *lines += 1;
                 *bytes += line.line.len() as u64;
             }
-            match self.store.append_logs(&self.lines) {
+            match self.runtime.block_on(self.store.append_logs(&self.lines)) {
                 Ok(last) => {
                     self.newest.send_replace(last);
                 }
@@ -231,7 +240,7 @@ impl Batch<NewLogLine> for LogBatch<'_> {
         }
         if !closing && self.since_prune >= KEEP_LINES / 10 {
             self.since_prune = 0;
-            if let Err(error) = self.store.prune_logs(KEEP_LINES) {
+            if let Err(error) = self.runtime.block_on(self.store.prune_logs(KEEP_LINES)) {
                 tracing::warn!("failed to prune old log lines: {error}");
             }
         }
@@ -241,11 +250,13 @@ impl Batch<NewLogLine> for LogBatch<'_> {
 fn write_batches(
     queue: mpsc::Receiver<WriterMessage<NewLogLine>>,
     store: &dyn LogStore,
+    runtime: &Handle,
     newest: tokio::sync::watch::Sender<i64>,
 ) {
     let mut batch = LogBatch {
         lines: Vec::with_capacity(BATCH_LINES),
         store,
+        runtime,
         newest,
         since_prune: 0,
         since_function_prune: std::collections::HashMap::new(),

@@ -22,7 +22,7 @@ use crate::capabilities::{NodeKeyValue, NodeServices};
 use crate::catalog::Catalog;
 use crate::config::{NodeConfig, PriceList};
 use crate::deployments::{DeploymentParts, Deployments};
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::events::workers::EventWorkers;
 use crate::invoker::Invoker;
@@ -77,22 +77,28 @@ impl Platform {
         let blobs = stores.blobs.clone();
         let usage = stores.usage.clone();
         let runtime = Runtime::new(&config.runtime)?;
-        let logs = LogHub::start(stores.logs.clone()).context("cannot start the log writer")?;
+        // The writer threads await their stores on this runtime.
+        let node_runtime = tokio::runtime::Handle::current();
+        let logs = LogHub::start(stores.logs.clone(), node_runtime.clone())
+            .context("cannot start the log writer")?;
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(
-            Ledger::start(usage.clone(), metrics.ledger.clone())
+            Ledger::start(usage.clone(), metrics.ledger.clone(), node_runtime)
                 .context("cannot start the ledger writer")?,
         );
 
-        let events = Arc::new(EventHub::open(&stores, metrics.events.clone())?);
-        let secrets = Arc::new(Secrets::open(stores.secrets.clone(), &data_dir)?);
+        let events = Arc::new(EventHub::open(&stores, metrics.events.clone()).await?);
+        let secrets = Arc::new(Secrets::open(stores.secrets.clone(), &data_dir).await?);
         let signing = secrets.clone();
-        let auth = Arc::new(Auth::open(
-            stores.auth.clone(),
-            &data_dir,
-            Box::new(move || signing.signing_key()),
-            config.credential_ttl,
-        )?);
+        let auth = Arc::new(
+            Auth::open(
+                stores.auth.clone(),
+                &data_dir,
+                Box::new(move || signing.signing_key()),
+                config.credential_ttl,
+            )
+            .await?,
+        );
         // Every store is open, its files created: make them the node
         // user's alone (a directory of an older node was 0755/0644).
         stores.restrict_permissions().with_context(|| {
@@ -259,8 +265,7 @@ impl Platform {
         &self.events
     }
 
-    /// Counts the event queues for the depth gauges, off the async workers
-    /// (a SQLite query that may wait for a claim to commit).
+    /// Counts the event queues for the depth gauges.
     pub async fn refresh_event_depths(&self) {
         match self.events.depths().await {
             Ok(depths) => self.metrics.events.set_depths(&depths),
@@ -290,8 +295,7 @@ impl Platform {
 
     /// Usage in a time window, grouped.
     pub async fn usage(&self, query: UsageQuery) -> Result<Vec<UsageRow>, PlatformError> {
-        let usage = self.usage.clone();
-        blocking(move || usage.usage_summary(&query)).await
+        Ok(self.usage.usage_summary(&query).await?)
     }
 
     /// Usage records after `after_seq`, oldest first.
@@ -301,8 +305,10 @@ impl Platform {
         after_seq: i64,
         limit: usize,
     ) -> Result<Vec<StoredUsage>, PlatformError> {
-        let usage = self.usage.clone();
-        blocking(move || usage.usage_records(function.as_deref(), after_seq, limit)).await
+        Ok(self
+            .usage
+            .usage_records(function.as_deref(), after_seq, limit)
+            .await?)
     }
 
     /// The last step of a shutdown, once the servers stopped accepting:
@@ -328,6 +334,8 @@ impl Platform {
             .await;
         let ledger = self.ledger.clone();
         let logs = self.logs.clone();
+        // Closing waits for the writer threads' last commits: blocking, so
+        // off the async workers.
         let closed = tokio::task::spawn_blocking(move || {
             ledger.close();
             logs.close();

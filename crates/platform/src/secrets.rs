@@ -27,7 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
@@ -84,15 +84,17 @@ pub struct SecretInfo {
 pub struct Secrets {
     store: Arc<dyn SecretStore>,
     /// Sets and reveals share it; a rotation holds it alone, so no value is
-    /// sealed under a key that is being replaced.
-    keys: RwLock<Keyring>,
+    /// sealed under a key that is being replaced. An async lock: it is held
+    /// across the store call that reads or writes the row.
+    keys: tokio::sync::RwLock<Keyring>,
     /// The data directory when the key lives in `master.key` (and so may be
     /// rotated here); `None` when it was given (environment or
     /// [`Secrets::open_with_key`]).
     key_dir: Option<PathBuf>,
-    /// The credential signing key of the current master key, outside the
-    /// lock: checking a credential never waits for a rotation's reseal.
-    signing: arc_swap::ArcSwap<Zeroizing<[u8; 32]>>,
+    /// The current master key, also outside the lock: checking a
+    /// credential (its signing key) or naming the key never waits for a
+    /// rotation's reseal.
+    current: arc_swap::ArcSwap<MasterKey>,
 }
 
 impl fmt::Debug for Secrets {
@@ -207,11 +209,12 @@ fn associated_data(name: &str, version: u64) -> Vec<u8> {
 }
 
 /// The keys that may open rows: the current one, which seals, and during
-/// recovery the ones rows may still be sealed under.
-#[derive(Debug)]
+/// recovery the ones rows may still be sealed under. Shared (`Arc`), so a
+/// sealing callback the store runs on its own thread can own a copy.
+#[derive(Debug, Clone)]
 struct Keyring {
-    current: MasterKey,
-    others: Vec<MasterKey>,
+    current: Arc<MasterKey>,
+    others: Vec<Arc<MasterKey>>,
 }
 
 impl Keyring {
@@ -219,6 +222,7 @@ impl Keyring {
         std::iter::once(&self.current)
             .chain(&self.others)
             .find(|key| key.id == key_id)
+            .map(|key| &**key)
     }
 
     fn open(&self, secret: &SealedSecret) -> anyhow::Result<Zeroizing<Vec<u8>>> {
@@ -236,21 +240,24 @@ impl Keyring {
 
 /// Reseals every row not yet under `target`, opening each with the key of
 /// `keys` that sealed it, in one transaction.
-fn reseal(
+async fn reseal(
     store: &dyn SecretStore,
     keys: &Keyring,
-    target: &MasterKey,
+    target: &Arc<MasterKey>,
 ) -> Result<usize, StoreError> {
-    store.reseal_all(&mut |secret| {
-        if secret.sealed.key_id == target.id {
-            return Ok(None);
-        }
-        let value = keys
-            .open(secret)
-            .and_then(|value| target.seal(&secret.name, secret.version, &value))
-            .map_err(|e| StoreError::Corrupt(format!("{e:#}")))?;
-        Ok(Some(value))
-    })
+    let (keys, target) = (keys.clone(), target.clone());
+    store
+        .reseal_all(Box::new(move |secret| {
+            if secret.sealed.key_id == target.id {
+                return Ok(None);
+            }
+            let value = keys
+                .open(secret)
+                .and_then(|value| target.seal(&secret.name, secret.version, &value))
+                .map_err(|e| StoreError::Corrupt(format!("{e:#}")))?;
+            Ok(Some(value))
+        }))
+        .await
 }
 
 impl Secrets {
@@ -259,27 +266,28 @@ impl Secrets {
     /// `master.key`, created if absent. Finishes a rotation that stopped
     /// half-way. Fails, saying what to do, on a malformed key, a key file
     /// others may read, or secrets sealed under a key it was not given.
-    pub fn open(store: Arc<dyn SecretStore>, data_dir: &Path) -> anyhow::Result<Self> {
+    pub async fn open(store: Arc<dyn SecretStore>, data_dir: &Path) -> anyhow::Result<Self> {
         Self::open_keys(
             store,
             data_dir,
             env_key(MASTER_KEY_ENV)?,
             env_key(PREVIOUS_MASTER_KEY_ENV)?,
         )
+        .await
     }
 
     /// Opens with a master key given by the caller, as with
     /// `MAYFLY_MASTER_KEY`: the environment and `master.key` are ignored and
     /// [`Secrets::rotate`] refuses.
-    pub fn open_with_key(
+    pub async fn open_with_key(
         store: Arc<dyn SecretStore>,
         data_dir: &Path,
         key: &[u8; 32],
     ) -> anyhow::Result<Self> {
-        Self::open_keys(store, data_dir, Some(Zeroizing::new(*key)), None)
+        Self::open_keys(store, data_dir, Some(Zeroizing::new(*key)), None).await
     }
 
-    fn open_keys(
+    async fn open_keys(
         store: Arc<dyn SecretStore>,
         data_dir: &Path,
         current: Option<Zeroizing<[u8; 32]>>,
@@ -289,14 +297,14 @@ impl Secrets {
             Some(current) => {
                 let given_previous = previous.is_some();
                 let keys = Keyring {
-                    current: MasterKey::new(&current)?,
+                    current: Arc::new(MasterKey::new(&current)?),
                     others: previous
-                        .map(|key| MasterKey::new(&key))
+                        .map(|key| MasterKey::new(&key).map(Arc::new))
                         .transpose()?
                         .into_iter()
                         .collect(),
                 };
-                let (secrets, resealed) = Self::start(store, keys, None)?;
+                let (secrets, resealed) = Self::start(store, keys, None).await?;
                 if given_previous && resealed == 0 {
                     tracing::info!(
                         "every secret is sealed under the current master key: \
@@ -309,13 +317,13 @@ impl Secrets {
                 "{PREVIOUS_MASTER_KEY_ENV} is set but {MASTER_KEY_ENV} is not: during a rotation \
                  give the new key in {MASTER_KEY_ENV} and the old one in {PREVIOUS_MASTER_KEY_ENV}"
             ),
-            None => Self::open_key_file(store, data_dir),
+            None => Self::open_key_file(store, data_dir).await,
         }
     }
 
     /// The file-key start: `master.key`, created if absent, and a
     /// `master.key.next` left by a rotation that stopped.
-    fn open_key_file(store: Arc<dyn SecretStore>, data_dir: &Path) -> anyhow::Result<Self> {
+    async fn open_key_file(store: Arc<dyn SecretStore>, data_dir: &Path) -> anyhow::Result<Self> {
         let key_path = data_dir.join(MASTER_KEY_FILE);
         let next_path = data_dir.join(NEXT_KEY_FILE);
         let old = read_key_file(&key_path)?;
@@ -328,20 +336,20 @@ impl Secrets {
                     next_path.display()
                 );
                 Keyring {
-                    current: MasterKey::new(&next)?,
+                    current: Arc::new(MasterKey::new(&next)?),
                     others: old
-                        .map(|key| MasterKey::new(&key))
+                        .map(|key| MasterKey::new(&key).map(Arc::new))
                         .transpose()?
                         .into_iter()
                         .collect(),
                 }
             }
             (Some(key), None) => Keyring {
-                current: MasterKey::new(&key)?,
+                current: Arc::new(MasterKey::new(&key)?),
                 others: Vec::new(),
             },
             (None, None) => {
-                let stored = store.list()?.len();
+                let stored = store.list().await?.len();
                 if stored > 0 {
                     bail!(
                         "{} is missing but {} holds {stored} secret(s) sealed under it: restore \
@@ -358,12 +366,12 @@ impl Secrets {
                     key_path.display()
                 );
                 Keyring {
-                    current: MasterKey::new(&key)?,
+                    current: Arc::new(MasterKey::new(&key)?),
                     others: Vec::new(),
                 }
             }
         };
-        let (secrets, _) = Self::start(store, keys, Some(data_dir.to_path_buf()))?;
+        let (secrets, _) = Self::start(store, keys, Some(data_dir.to_path_buf())).await?;
         if pending {
             // Every row is under the new key now; only then may it replace
             // the old one.
@@ -381,12 +389,12 @@ impl Secrets {
 
     /// Checks that every row has a key in `keys` and reseals those under an
     /// older key; returns the secrets and how many rows were resealed.
-    fn start(
+    async fn start(
         store: Arc<dyn SecretStore>,
         mut keys: Keyring,
         key_dir: Option<PathBuf>,
     ) -> anyhow::Result<(Self, usize)> {
-        let stored = store.list()?;
+        let stored = store.list().await?;
         let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
         for meta in &stored {
             if keys.find(&meta.key_id).is_none() {
@@ -413,6 +421,7 @@ impl Secrets {
         let mut resealed = 0;
         if stale > 0 {
             resealed = reseal(&*store, &keys, &keys.current)
+                .await
                 .context("cannot reseal the secrets under the current master key")?;
             tracing::info!(
                 "resealed {resealed} secret(s) under master key {}",
@@ -422,27 +431,17 @@ impl Secrets {
         keys.others.clear();
         let secrets = Self {
             store,
-            signing: arc_swap::ArcSwap::from_pointee(Zeroizing::new(*keys.current.signing)),
-            keys: RwLock::new(keys),
+            current: arc_swap::ArcSwap::new(keys.current.clone()),
+            keys: tokio::sync::RwLock::new(keys),
             key_dir,
         };
         Ok((secrets, resealed))
     }
 
-    fn keys(&self) -> RwLockReadGuard<'_, Keyring> {
-        // Nothing is left half-changed under the lock: a poisoned one is
-        // still consistent.
-        self.keys.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn keys_mut(&self) -> RwLockWriteGuard<'_, Keyring> {
-        self.keys.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Identifies the current master key (a hash of a derivation of it,
     /// safe to show).
     pub fn key_id(&self) -> String {
-        self.keys().current.id.clone()
+        self.current.load().id.clone()
     }
 
     /// The key that signs per-invocation credentials:
@@ -450,92 +449,79 @@ impl Secrets {
     /// when the master key is rotated, so a leaked master key stops
     /// minting credentials; a caller that keeps a copy keeps the old one.
     pub fn signing_key(&self) -> [u8; 32] {
-        **self.signing.load_full()
+        *self.current.load().signing
     }
 
     /// Stores `value` as a new version of `name`. Values must be UTF-8
     /// (guests read them through wasi:config as strings) and at most
     /// [`MAX_SECRET_BYTES`].
-    pub async fn set(
-        self: &Arc<Self>,
-        name: &str,
-        value: &[u8],
-    ) -> Result<SecretPut, PlatformError> {
+    pub async fn set(&self, name: &str, value: &[u8]) -> Result<SecretPut, PlatformError> {
         check_secret_name(name)?;
         check_value(value)?;
-        let name = name.to_string();
-        let value = Zeroizing::new(value.to_vec());
-        self.blocking(move |secrets| secrets.set_blocking(&name, &value))
-            .await
-    }
-
-    fn set_blocking(&self, name: &str, value: &[u8]) -> Result<SecretPut, PlatformError> {
-        let keys = self.keys();
-        Ok(self.store.put(name, &mut |version| {
-            keys.current
-                .seal(name, version, value)
-                .map_err(|e| StoreError::Corrupt(format!("{e:#}")))
-        })?)
+        // Held until the row is written: a rotation cannot replace the key
+        // between the seal and the write.
+        let keys = self.keys.read().await;
+        let current = keys.current.clone();
+        let (bound, value) = (name.to_string(), Zeroizing::new(value.to_vec()));
+        let put = self
+            .store
+            .put(
+                name,
+                Box::new(move |version| {
+                    current
+                        .seal(&bound, version, &value)
+                        .map_err(|e| StoreError::Corrupt(format!("{e:#}")))
+                }),
+            )
+            .await?;
+        drop(keys);
+        Ok(put)
     }
 
     /// Every secret's name, version and times, by name.
-    pub async fn list(self: &Arc<Self>) -> Result<Vec<SecretInfo>, PlatformError> {
-        self.blocking(|secrets| {
-            Ok(secrets
-                .store
-                .list()?
-                .into_iter()
-                .map(|meta| SecretInfo {
-                    name: meta.name,
-                    version: meta.version,
-                    created_at_ms: meta.created_at_ms,
-                    updated_at_ms: meta.updated_at_ms,
-                })
-                .collect())
-        })
-        .await
+    pub async fn list(&self) -> Result<Vec<SecretInfo>, PlatformError> {
+        Ok(self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .map(|meta| SecretInfo {
+                name: meta.name,
+                version: meta.version,
+                created_at_ms: meta.created_at_ms,
+                updated_at_ms: meta.updated_at_ms,
+            })
+            .collect())
     }
 
     /// Deletes a secret; returns whether it existed.
-    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<bool, PlatformError> {
+    pub async fn delete(&self, name: &str) -> Result<bool, PlatformError> {
         check_secret_name(name)?;
-        let name = name.to_string();
-        self.blocking(move |secrets| Ok(secrets.store.delete(&name)?))
-            .await
+        Ok(self.store.delete(name).await?)
     }
 
     /// Whether a secret named `name` exists (its value is not opened).
-    pub async fn exists(self: &Arc<Self>, name: &str) -> Result<bool, PlatformError> {
+    pub async fn exists(&self, name: &str) -> Result<bool, PlatformError> {
         if check_secret_name(name).is_err() {
             return Ok(false);
         }
-        let name = name.to_string();
-        self.blocking(move |secrets| Ok(secrets.store.get(&name)?.is_some()))
-            .await
+        Ok(self.store.get(name).await?.is_some())
     }
 
     /// The value of `name`, for a guest that reads it; `None` if there is no
     /// such secret.
-    pub async fn reveal(
-        self: &Arc<Self>,
-        name: &str,
-    ) -> Result<Option<Zeroizing<String>>, PlatformError> {
-        let name = name.to_string();
-        self.blocking(move |secrets| secrets.reveal_blocking(&name))
-            .await
-    }
-
-    /// [`Secrets::reveal`] for callers already off the async workers (it
-    /// reads SQLite).
-    pub fn reveal_blocking(&self, name: &str) -> Result<Option<Zeroizing<String>>, PlatformError> {
+    pub async fn reveal(&self, name: &str) -> Result<Option<Zeroizing<String>>, PlatformError> {
         if check_secret_name(name).is_err() {
             return Ok(None);
         }
-        let keys = self.keys();
-        let Some(secret) = self.store.get(name)? else {
+        // Held while the row is read and opened: a rotation cannot reseal
+        // it under a key this copy of the keyring lacks in between.
+        let keys = self.keys.read().await;
+        let Some(secret) = self.store.get(name).await? else {
             return Ok(None);
         };
         let mut value = keys.open(&secret).map_err(PlatformError::Internal)?;
+        drop(keys);
         // Moves the buffer into the String: no copy is left behind.
         match String::from_utf8(std::mem::take(&mut *value)) {
             Ok(text) => Ok(Some(Zeroizing::new(text))),
@@ -551,19 +537,19 @@ impl Secrets {
     /// Replaces the master key in `master.key` with a new random one and
     /// reseals every secret under it; returns how many. Refuses
     /// ([`PlatformError::Conflict`]) when the key came from the environment.
-    pub async fn rotate(self: &Arc<Self>) -> Result<usize, PlatformError> {
-        self.blocking(Secrets::rotate_blocking).await
-    }
-
-    fn rotate_blocking(&self) -> Result<usize, PlatformError> {
+    pub async fn rotate(&self) -> Result<usize, PlatformError> {
         let Some(dir) = &self.key_dir else {
             return Err(PlatformError::Conflict(ROTATE_FROM_ENV.into()));
         };
-        let mut keys = self.keys_mut();
+        let mut keys = self.keys.write().await;
         let next_path = dir.join(NEXT_KEY_FILE);
         let raw = random_key();
-        let next = MasterKey::new(&raw).map_err(PlatformError::Internal)?;
-        if let Err(error) = write_key_file(&next_path, &raw) {
+        let next = Arc::new(MasterKey::new(&raw).map_err(PlatformError::Internal)?);
+        let written = {
+            let (path, raw) = (next_path.clone(), raw.clone());
+            key_file_io(move || write_key_file(&path, &raw)).await
+        };
+        if let Err(error) = written {
             if next_path.exists() {
                 return Err(PlatformError::Conflict(format!(
                     "{} exists: an earlier rotation did not finish; restart the node to finish it",
@@ -572,7 +558,7 @@ impl Secrets {
             }
             return Err(PlatformError::Internal(error));
         }
-        let resealed = match reseal(&*self.store, &keys, &next) {
+        let resealed = match reseal(&*self.store, &keys, &next).await {
             Ok(resealed) => resealed,
             Err(error) => {
                 // Almost surely rolled back; but should the commit have
@@ -585,12 +571,17 @@ impl Secrets {
         };
         keys.current = next;
         keys.others.clear();
-        self.signing
-            .store(Arc::new(Zeroizing::new(*keys.current.signing)));
+        self.current.store(keys.current.clone());
         let key_path = dir.join(MASTER_KEY_FILE);
-        std::fs::rename(&next_path, &key_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| sync_dir(dir))
+        let renamed = {
+            let (from, to, dir) = (next_path.clone(), key_path.clone(), dir.clone());
+            key_file_io(move || {
+                std::fs::rename(&from, &to)?;
+                sync_dir(&dir)
+            })
+            .await
+        };
+        renamed
             .with_context(|| {
                 format!(
                     "resealed {resealed} secret(s) but cannot rename {} over {}; the next start \
@@ -606,15 +597,14 @@ impl Secrets {
         );
         Ok(resealed)
     }
+}
 
-    /// Runs `call` off the async workers: SQLite and file calls block.
-    async fn blocking<T: Send + 'static>(
-        self: &Arc<Self>,
-        call: impl FnOnce(&Secrets) -> Result<T, PlatformError> + Send + 'static,
-    ) -> Result<T, PlatformError> {
-        let secrets = self.clone();
-        crate::error::blocking(move || call(&secrets)).await
-    }
+/// Runs key file work (writes, renames, directory syncs) off the async
+/// workers: the node's own blocking I/O, not a store call.
+async fn key_file_io<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work).await?
 }
 
 fn check_value(value: &[u8]) -> Result<(), PlatformError> {
@@ -765,11 +755,13 @@ mod tests {
     }
 
     /// Opens with the key file, whatever the test process's environment.
-    fn open_file(dir: &Path) -> anyhow::Result<Arc<Secrets>> {
-        Secrets::open_keys(store(dir), dir, None, None).map(Arc::new)
+    async fn open_file(dir: &Path) -> anyhow::Result<Arc<Secrets>> {
+        Secrets::open_keys(store(dir), dir, None, None)
+            .await
+            .map(Arc::new)
     }
 
-    fn open_env(
+    async fn open_env(
         dir: &Path,
         key: [u8; 32],
         previous: Option<[u8; 32]>,
@@ -780,6 +772,7 @@ mod tests {
             Some(Zeroizing::new(key)),
             previous.map(Zeroizing::new),
         )
+        .await
         .map(Arc::new)
     }
 
@@ -803,7 +796,7 @@ mod tests {
     #[tokio::test]
     async fn secrets_round_trip_and_list_without_values() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         let first = secrets.set("db.password", b"hunter2").await.unwrap();
         assert!(first.created);
         let second = secrets.set("db.password", b"correct horse").await.unwrap();
@@ -826,12 +819,14 @@ mod tests {
 
         assert!(secrets.delete("empty").await.unwrap());
         assert!(!secrets.delete("empty").await.unwrap());
-        let debug = format!("{secrets:?} {:?}", secrets.keys());
-        assert!(!leaks(&debug, &secrets.keys().current), "{debug}");
+        let keys = secrets.keys.read().await;
+        let debug = format!("{secrets:?} {:?}", *keys);
+        assert!(!leaks(&debug, &keys.current), "{debug}");
+        drop(keys);
 
         // Survives a restart with the same key file.
         drop(secrets);
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         assert_eq!(
             reveal(&secrets, "db.password").await.as_deref(),
             Some("correct horse")
@@ -841,7 +836,7 @@ mod tests {
     #[tokio::test]
     async fn secrets_refuse_bad_names_and_values() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_env(dir.path(), KEY_A, None).unwrap();
+        let secrets = open_env(dir.path(), KEY_A, None).await.unwrap();
         for name in ["", "a/b", "a b", "é", ".", "..", &"x".repeat(129)] {
             let error = secrets.set(name, b"v").await.unwrap_err();
             assert!(
@@ -863,7 +858,7 @@ mod tests {
     #[tokio::test]
     async fn secrets_plaintext_never_reaches_the_database_files() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         let value = "plaintext-canary-5f0c2a9e";
         secrets.set("canary", value.as_bytes()).await.unwrap();
         secrets.set("canary", value.as_bytes()).await.unwrap();
@@ -885,9 +880,9 @@ mod tests {
     #[tokio::test]
     async fn secrets_do_not_open_with_a_wrong_key() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_env(dir.path(), KEY_A, None).unwrap();
+        let secrets = open_env(dir.path(), KEY_A, None).await.unwrap();
         secrets.set("s", b"v").await.unwrap();
-        let row = secrets.store.get("s").unwrap().unwrap();
+        let row = secrets.store.get("s").await.unwrap().unwrap();
         drop(secrets);
 
         assert!(MasterKey::new(&KEY_B).unwrap().open(&row).is_err());
@@ -897,7 +892,10 @@ mod tests {
         relabelled.sealed.key_id = wrong.id.clone();
         assert!(wrong.open(&relabelled).is_err());
 
-        let error = open_env(dir.path(), KEY_B, None).unwrap_err().to_string();
+        let error = open_env(dir.path(), KEY_B, None)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("sealed under master key"), "{error}");
         assert!(!error.contains(&hex::encode(KEY_A)), "{error}");
     }
@@ -905,36 +903,46 @@ mod tests {
     #[tokio::test]
     async fn secrets_tampered_or_moved_rows_do_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_env(dir.path(), KEY_A, None).unwrap();
+        let secrets = open_env(dir.path(), KEY_A, None).await.unwrap();
         secrets.set("a", b"value of a").await.unwrap();
         secrets.set("b", b"value of b").await.unwrap();
-        let row_a = secrets.store.get("a").unwrap().unwrap();
+        let row_a = secrets.store.get("a").await.unwrap().unwrap();
 
         // a's sealed value copied under b (and under a's next version).
         let copied = row_a.sealed.clone();
-        secrets.store.put("b", &mut |_| Ok(copied.clone())).unwrap();
+        let copy = copied.clone();
+        secrets
+            .store
+            .put("b", Box::new(move |_| Ok(copy)))
+            .await
+            .unwrap();
         assert!(secrets.reveal("b").await.is_err());
-        secrets.store.put("a", &mut |_| Ok(copied.clone())).unwrap();
+        secrets
+            .store
+            .put("a", Box::new(move |_| Ok(copied)))
+            .await
+            .unwrap();
         assert!(secrets.reveal("a").await.is_err());
 
         // One flipped ciphertext bit.
         secrets.set("c", b"value of c").await.unwrap();
         secrets
             .store
-            .reseal_all(&mut |row| {
+            .reseal_all(Box::new(|row| {
                 let mut sealed = row.sealed.clone();
                 sealed.ciphertext[0] ^= 1;
                 Ok((row.name == "c").then_some(sealed))
-            })
+            }))
+            .await
             .unwrap();
         let error = secrets.reveal("c").await.unwrap_err().to_string();
         assert!(error.contains("does not open"), "{error}");
     }
 
-    #[test]
-    fn secrets_key_file_is_created_private_and_refused_when_not() {
+    #[tokio::test]
+    async fn secrets_key_file_is_created_private_and_refused_when_not() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         let key_path = dir.path().join(MASTER_KEY_FILE);
         assert_eq!(mode(&key_path), 0o600);
         let text = std::fs::read_to_string(&key_path).unwrap();
@@ -942,25 +950,25 @@ mod tests {
         let id = secrets.key_id();
         drop(secrets);
         assert_eq!(
-            open_file(dir.path()).unwrap().key_id(),
+            open_file(dir.path()).await.unwrap().key_id(),
             id,
             "the same key again"
         );
 
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let error = open_file(dir.path()).unwrap_err().to_string();
+        let error = open_file(dir.path()).await.unwrap_err().to_string();
         assert!(error.contains("chmod 600"), "{error}");
         assert!(!error.contains(text.trim()), "{error}");
     }
 
-    #[test]
-    fn secrets_a_missing_key_file_is_not_silently_replaced() {
+    #[tokio::test]
+    async fn secrets_a_missing_key_file_is_not_silently_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_file(dir.path()).unwrap();
-        secrets.set_blocking("s", b"v").unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
+        secrets.set("s", b"v").await.unwrap();
         drop(secrets);
         std::fs::remove_file(dir.path().join(MASTER_KEY_FILE)).unwrap();
-        let error = open_file(dir.path()).unwrap_err().to_string();
+        let error = open_file(dir.path()).await.unwrap_err().to_string();
         assert!(error.contains("is missing"), "{error}");
         assert!(!dir.path().join(MASTER_KEY_FILE).exists());
     }
@@ -1003,12 +1011,12 @@ mod tests {
     #[tokio::test]
     async fn secrets_rotation_reseals_and_retires_the_old_key() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         let key_path = dir.path().join(MASTER_KEY_FILE);
         let old_key = parse_key(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
         let a = secrets.set("a", b"alpha").await.unwrap();
         secrets.set("b", b"beta").await.unwrap();
-        let old_row = secrets.store.get("a").unwrap().unwrap();
+        let old_row = secrets.store.get("a").await.unwrap().unwrap();
         let (old_id, old_signing) = (secrets.key_id(), secrets.signing_key());
 
         assert_eq!(secrets.rotate().await.unwrap(), 2);
@@ -1017,7 +1025,7 @@ mod tests {
         assert!(!dir.path().join(NEXT_KEY_FILE).exists());
         assert_eq!(mode(&key_path), 0o600);
         assert_eq!(reveal(&secrets, "a").await.as_deref(), Some("alpha"));
-        let row = secrets.store.get("a").unwrap().unwrap();
+        let row = secrets.store.get("a").await.unwrap().unwrap();
         assert_eq!(row.version, a.version, "a reseal is not a new version");
         assert_eq!(row.sealed.key_id, secrets.key_id());
         assert_ne!(row.sealed.nonce, old_row.sealed.nonce);
@@ -1027,10 +1035,11 @@ mod tests {
         let id = secrets.key_id();
         drop(secrets);
         let error = open_env(dir.path(), *old_key, None)
+            .await
             .unwrap_err()
             .to_string();
         assert!(error.contains("sealed under master key"), "{error}");
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         assert_eq!(secrets.key_id(), id);
         assert_eq!(reveal(&secrets, "b").await.as_deref(), Some("beta"));
     }
@@ -1040,14 +1049,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join(MASTER_KEY_FILE);
         let next_path = dir.path().join(NEXT_KEY_FILE);
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         secrets.set("a", b"alpha").await.unwrap();
         secrets.set("b", b"beta").await.unwrap();
         drop(secrets);
 
         // Stopped after writing master.key.next, before resealing.
         write_key_file(&next_path, &KEY_A).unwrap();
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         assert_eq!(secrets.key_id(), MasterKey::new(&KEY_A).unwrap().id);
         assert!(!next_path.exists());
         assert_eq!(
@@ -1060,13 +1069,13 @@ mod tests {
         // key, master.key still the old one.
         write_key_file(&next_path, &KEY_B).unwrap();
         let keys = Keyring {
-            current: MasterKey::new(&KEY_A).unwrap(),
+            current: Arc::new(MasterKey::new(&KEY_A).unwrap()),
             others: Vec::new(),
         };
-        let next = MasterKey::new(&KEY_B).unwrap();
-        assert_eq!(reseal(&*secrets.store, &keys, &next).unwrap(), 2);
+        let next = Arc::new(MasterKey::new(&KEY_B).unwrap());
+        assert_eq!(reseal(&*secrets.store, &keys, &next).await.unwrap(), 2);
         drop(secrets);
-        let secrets = open_file(dir.path()).unwrap();
+        let secrets = open_file(dir.path()).await.unwrap();
         assert_eq!(secrets.key_id(), next.id);
         assert!(!next_path.exists());
         assert_eq!(mode(&key_path), 0o600);
@@ -1076,7 +1085,7 @@ mod tests {
     #[tokio::test]
     async fn secrets_an_environment_key_rotates_by_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = open_env(dir.path(), KEY_A, None).unwrap();
+        let secrets = open_env(dir.path(), KEY_A, None).await.unwrap();
         secrets.set("s", b"value").await.unwrap();
         let error = secrets.rotate().await.unwrap_err();
         assert!(matches!(error, PlatformError::Conflict(_)), "{error}");
@@ -1087,12 +1096,12 @@ mod tests {
         assert!(!dir.path().join(MASTER_KEY_FILE).exists());
         drop(secrets);
 
-        let secrets = open_env(dir.path(), KEY_B, Some(KEY_A)).unwrap();
+        let secrets = open_env(dir.path(), KEY_B, Some(KEY_A)).await.unwrap();
         assert_eq!(reveal(&secrets, "s").await.as_deref(), Some("value"));
-        let row = secrets.store.get("s").unwrap().unwrap();
+        let row = secrets.store.get("s").await.unwrap().unwrap();
         assert_eq!(row.sealed.key_id, MasterKey::new(&KEY_B).unwrap().id);
         drop(secrets);
-        let secrets = open_env(dir.path(), KEY_B, None).unwrap();
+        let secrets = open_env(dir.path(), KEY_B, None).await.unwrap();
         assert_eq!(reveal(&secrets, "s").await.as_deref(), Some("value"));
         drop(secrets);
 
@@ -1102,6 +1111,7 @@ mod tests {
             None,
             Some(Zeroizing::new(KEY_A)),
         )
+        .await
         .unwrap_err()
         .to_string();
         assert!(error.contains(MASTER_KEY_ENV), "{error}");

@@ -42,15 +42,19 @@ pub struct AuditEntry {
 }
 
 /// Tokens and the audit log.
+///
+/// Asynchronous, like every contract (see the crate's documentation): a
+/// back-end does its own I/O without holding up the caller's thread.
+#[async_trait::async_trait]
 pub trait AuthStore: Send + Sync {
     /// Stores a new token.
-    fn create_token(&self, token: &TokenRecord) -> Result<()>;
+    async fn create_token(&self, token: &TokenRecord) -> Result<()>;
     /// Every token, revoked ones included, oldest first.
-    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    async fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Revokes a token; false if there is no live token with that id.
-    fn revoke_token(&self, id: &str) -> Result<bool>;
+    async fn revoke_token(&self, id: &str) -> Result<bool>;
     /// Appends an entry to the audit log, durably, and returns its id.
-    fn append_audit(
+    async fn append_audit(
         &self,
         actor: &str,
         action: &str,
@@ -59,13 +63,14 @@ pub trait AuthStore: Send + Sync {
     ) -> Result<i64>;
     /// Entries newer than `after`, oldest first, at most `limit`; with
     /// `latest`, the last `limit` entries instead.
-    fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>>;
+    async fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>>;
     /// Deletes entries written before `before_ms` and the oldest beyond
     /// the newest `keep_rows`; returns how many went.
-    fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize>;
+    async fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize>;
 
     /// Token changes from now on, whoever made them: a node subscribes and
     /// reloads its live tokens on each, so a revocation elsewhere takes
-    /// effect here.
+    /// effect here. Synchronous: subscribing to a feed is in memory, no
+    /// I/O (the changes themselves arrive asynchronously on the feed).
     fn watch(&self) -> crate::ChangeFeed<crate::TokenChange>;
 }

@@ -76,36 +76,47 @@ impl BlobKind {
 
 /// Immutable content-addressed bytes: uploaded components and compiled
 /// artifacts.
+///
+/// Every method is asynchronous, the cheap checks included
+/// ([`BlobStore::has_checked`], [`BlobStore::local_path`]): each may touch
+/// the disk (a `stat` on a slow or network filesystem) or, for a cluster
+/// back-end, the network, and none is on the request path.
+#[async_trait::async_trait]
 pub trait BlobStore: Send + Sync {
     /// Stores `bytes` under their digest (a no-op if already present) and
     /// returns it. Durable when it returns.
-    fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest>;
+    async fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest>;
 
     /// Stores `bytes` under a key the caller derived (e.g. an artifact keyed
     /// by component digest and engine settings).
-    fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
+    async fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
 
     /// The bytes under `key`, if present.
-    fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>>;
+    async fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>>;
 
-    /// A local file holding the blob, for memory-mapping; `None` if absent.
-    fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<std::path::PathBuf>;
+    /// A local file holding the blob, for memory-mapping; `None` if absent
+    /// (or, for a back-end without local files, always).
+    async fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<std::path::PathBuf>;
 
     /// Stores `bytes` under a key the caller derived, with a checksum of
     /// them that [`BlobStore::verified_path`] checks, replacing whatever
     /// was stored under `key` (a damaged copy included). For blobs that
     /// are trusted when read back, such as compiled artifacts.
-    fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
+    async fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()>;
 
     /// Whether a blob stored with [`BlobStore::put_checked`] is present
     /// with its checksum. Cheap (no hashing): for start-up, where every
     /// function's artifact is looked at.
-    fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool;
+    async fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool;
 
     /// A local file holding a blob stored with [`BlobStore::put_checked`]
     /// whose bytes match their checksum; `None` if the blob or its
     /// checksum is absent, [`StoreError::Corrupt`] if they differ.
     /// Each state of a file is hashed once per process: later calls cost a
     /// `stat` until the file changes.
-    fn verified_path(&self, kind: BlobKind, key: &Digest) -> Result<Option<std::path::PathBuf>>;
+    async fn verified_path(
+        &self,
+        kind: BlobKind,
+        key: &Digest,
+    ) -> Result<Option<std::path::PathBuf>>;
 }

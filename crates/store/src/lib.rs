@@ -10,10 +10,18 @@
 //! [`SecretStore`] (`secrets.rs`). [`Stores`] bundles one handle of each;
 //! the platform receives it and names no back-end.
 //!
+//! The contracts are async traits (`async-trait`, so they stay usable as
+//! `Arc<dyn …>`): a caller awaits a store and never blocks its thread, and
+//! a network back-end needs no thread per call. Every method that may do
+//! I/O is `async`; only the `watch()` methods, which subscribe to an
+//! in-memory feed, are not.
+//!
 //! The embedded back-end (`sqlite/`, built by [`Stores::sqlite`]) keeps
-//! everything in one data directory: SQLite databases and blob files. A
-//! cluster back-end implements the same traits and passes the same
-//! [`conformance`] suite.
+//! everything in one data directory: SQLite databases and blob files. Its
+//! code is synchronous and offloads itself: each call runs on tokio's
+//! blocking pool, so it must be awaited inside a tokio runtime. A cluster
+//! back-end implements the same traits and passes the same [`conformance`]
+//! suite.
 
 mod auth;
 mod blobs;
@@ -43,7 +51,7 @@ pub use registry::{
     FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,
     VersionRecord, WEIGHT_SCALE_BP,
 };
-pub use secrets::{Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
+pub use secrets::{ResealFn, SealFn, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};
 pub use stores::{EventHandles, LocalDir, Stores};
 pub use usage::{
@@ -87,7 +95,8 @@ pub enum StoreError {
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
     /// The back-end's database failed (its own error is the source, so
-    /// [`StoreError::is_disk_full`] can look into it).
+    /// [`StoreError::is_disk_full`] can look into it), or a back-end's
+    /// call did not finish (its task panicked or its runtime shut down).
     #[error("database error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A file operation failed.

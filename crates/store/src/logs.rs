@@ -35,24 +35,30 @@ pub struct LogRecord {
 ///
 /// Appends come in batches from a background writer, never from the guest's
 /// own write path.
+#[async_trait::async_trait]
 pub trait LogStore: Send + Sync {
     /// Appends lines in order; returns the id given to the last one.
-    fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64>;
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64>;
 
     /// Lines of `function` with an id above `after_id`, oldest first, at most
     /// `limit`.
-    fn logs_after(&self, function: &str, after_id: i64, limit: usize) -> Result<Vec<LogRecord>>;
+    async fn logs_after(
+        &self,
+        function: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>>;
 
     /// The last `limit` lines of `function`, oldest first.
-    fn logs_tail(&self, function: &str, limit: usize) -> Result<Vec<LogRecord>>;
+    async fn logs_tail(&self, function: &str, limit: usize) -> Result<Vec<LogRecord>>;
 
     /// Deletes the oldest lines so at most `keep` remain.
-    fn prune_logs(&self, keep: usize) -> Result<usize>;
+    async fn prune_logs(&self, keep: usize) -> Result<usize>;
 
     /// Deletes `function`'s oldest lines so at most `keep_lines` of them
     /// remain, holding at most `keep_bytes` of text: one function's flood
     /// never erases another's lines.
-    fn prune_function_logs(
+    async fn prune_function_logs(
         &self,
         function: &str,
         keep_lines: usize,

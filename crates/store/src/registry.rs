@@ -319,6 +319,7 @@ impl AliasRecord {
 ///
 /// Called from the admin path (deploy, list, delete) and at start-up, never
 /// per request: the platform keeps what requests need in memory.
+#[async_trait::async_trait]
 pub trait Registry: Send + Sync {
     /// Records a new version of `function` (creating the function on its first
     /// deploy) with the next version number, and makes it the function's live
@@ -327,7 +328,7 @@ pub trait Registry: Send + Sync {
     /// serves one of the routes, and with [`StoreError::Stale`] if `live`
     /// is not where `expected_live` says (another deploy or move landed
     /// since the caller looked); then nothing changes.
-    fn create_version(
+    async fn create_version(
         &self,
         function: &str,
         digest: &Digest,
@@ -336,24 +337,24 @@ pub trait Registry: Send + Sync {
     ) -> Result<VersionRecord>;
 
     /// One function with its live version.
-    fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
+    async fn function(&self, name: &str) -> Result<Option<FunctionRecord>>;
 
     /// Every function with its live version, by name.
-    fn functions(&self) -> Result<Vec<FunctionRecord>>;
+    async fn functions(&self) -> Result<Vec<FunctionRecord>>;
 
     /// Every version of a function, newest first.
-    fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
+    async fn versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
 
     /// Deletes a function with all its versions, aliases and routes.
     /// Returns whether it existed.
-    fn delete_function(&self, name: &str) -> Result<bool>;
+    async fn delete_function(&self, name: &str) -> Result<bool>;
 
     /// One version of a function, if it exists.
-    fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
+    async fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>>;
 
     /// A function's aliases: `live` first, then the others by name. Empty
     /// when the function does not exist.
-    fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
+    async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>>;
 
     /// Points `alias` of `function` at `version`, with `canary` (or none),
     /// creating the alias if needed. When the version changes, the one it
@@ -365,7 +366,7 @@ pub trait Registry: Send + Sync {
     /// says; on any error nothing changes.
     /// The move is added to the alias's history with `cause` and `detail`.
     #[allow(clippy::too_many_arguments)]
-    fn set_alias(
+    async fn set_alias(
         &self,
         function: &str,
         alias: &str,
@@ -378,24 +379,25 @@ pub trait Registry: Send + Sync {
 
     /// The last `limit` moves of `function`'s aliases (deploys, sets,
     /// rollbacks, automatic canary decisions), newest first.
-    fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
+    async fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>>;
 
     /// Deletes a named alias; returns whether it existed. `live` cannot be
     /// deleted ([`StoreError::Conflict`]).
-    fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
+    async fn delete_alias(&self, function: &str, alias: &str) -> Result<bool>;
 
     /// Deletes one version. Refused with [`StoreError::Conflict`], naming
     /// the aliases, while any alias or canary points at it.
-    fn delete_version(&self, function: &str, version: u64) -> Result<()>;
+    async fn delete_version(&self, function: &str, version: u64) -> Result<()>;
 
     /// Deletes the versions beyond the `keep` newest that no alias (or
     /// canary) points at; returns their numbers. Blobs are left alone: they
     /// are content-addressed and may be shared.
-    fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
+    async fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>>;
 
     /// Changes to functions from now on, whoever made them (see
-    /// [`crate::changes`]): a node subscribes at start-up and rebuilds a
+    /// [`ChangeFeed`]): a node subscribes at start-up and rebuilds a
     /// function's catalog entry on each, so a deploy or alias move on
-    /// another node reaches it.
+    /// another node reaches it. Synchronous: subscribing is in memory, no
+    /// I/O.
     fn watch(&self) -> ChangeFeed<RegistryChange>;
 }

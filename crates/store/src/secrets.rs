@@ -72,34 +72,42 @@ pub struct SecretPut {
     pub created: bool,
 }
 
+/// Seals the value of a [`SecretStore::put`] for the version the store
+/// gives it. Owned (`'static`) and `Send`, because a back-end may run it
+/// on another thread, inside the transaction that writes the row.
+pub type SealFn = Box<dyn FnOnce(u64) -> Result<Sealed> + Send>;
+
+/// Reseals one row for [`SecretStore::reseal_all`]: `None` leaves it as it
+/// is. Owned and `Send` for the same reason as [`SealFn`].
+pub type ResealFn = Box<dyn FnMut(&SealedSecret) -> Result<Option<Sealed>> + Send>;
+
 /// Sealed secrets. Every change is durable when it returns.
+#[async_trait::async_trait]
 pub trait SecretStore: Send + Sync {
     /// Stores a new version of `name`. In one transaction: takes the next
     /// version, calls `seal` with it (so the ciphertext can be bound to its
     /// version) and writes the row; if `seal` fails nothing changes.
-    fn put(&self, name: &str, seal: &mut dyn FnMut(u64) -> Result<Sealed>) -> Result<SecretPut>;
+    async fn put(&self, name: &str, seal: SealFn) -> Result<SecretPut>;
 
     /// The latest version of `name`.
-    fn get(&self, name: &str) -> Result<Option<SealedSecret>>;
+    async fn get(&self, name: &str) -> Result<Option<SealedSecret>>;
 
     /// Every secret, by name, without its value.
-    fn list(&self) -> Result<Vec<SecretMeta>>;
+    async fn list(&self) -> Result<Vec<SecretMeta>>;
 
     /// Deletes a secret; returns whether it existed.
-    fn delete(&self, name: &str) -> Result<bool>;
+    async fn delete(&self, name: &str) -> Result<bool>;
 
     /// Passes every secret to `reseal` and writes back the values it
     /// returns (`None` leaves a row as it is), all in ONE transaction: if
     /// any call fails, no row changes, so a key rotation never leaves
     /// secrets sealed under a mix of keys it did not record. Versions and
     /// times stay: the values did not change. Returns the rows rewritten.
-    fn reseal_all(
-        &self,
-        reseal: &mut dyn FnMut(&SealedSecret) -> Result<Option<Sealed>>,
-    ) -> Result<usize>;
+    async fn reseal_all(&self, reseal: ResealFn) -> Result<usize>;
 
     /// Secret changes from now on, whoever made them: a node subscribes and
     /// drops what it derived from a changed secret (the wasi:config values
-    /// of the functions granted it).
+    /// of the functions granted it). Synchronous: subscribing is in
+    /// memory, no I/O.
     fn watch(&self) -> crate::ChangeFeed<crate::SecretChange>;
 }

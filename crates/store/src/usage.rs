@@ -278,20 +278,21 @@ pub struct StoredUsage {
 ///
 /// Appended in batches by one background writer (group commit), never per
 /// request.
+#[async_trait::async_trait]
 pub trait UsageStore: Send + Sync {
     /// Appends records in one transaction. A record whose function and
     /// (node-minted) request id are already in the ledger is skipped, so the
     /// writer retrying a commit that had in fact landed can never count a
     /// record twice. Returns how many were new.
-    fn append_usage(&self, records: &[UsageRecord]) -> Result<usize>;
+    async fn append_usage(&self, records: &[UsageRecord]) -> Result<usize>;
 
     /// Usage in the query's window, grouped; rows ordered by group key
     /// (function, version, or period).
-    fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
+    async fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
 
     /// Records with `seq > after_seq`, oldest first, at most `limit`,
     /// optionally for one function.
-    fn usage_records(
+    async fn usage_records(
         &self,
         function: Option<&str>,
         after_seq: i64,
@@ -299,5 +300,5 @@ pub trait UsageStore: Send + Sync {
     ) -> Result<Vec<StoredUsage>>;
 
     /// How many records the ledger holds.
-    fn usage_count(&self) -> Result<u64>;
+    async fn usage_count(&self) -> Result<u64>;
 }

@@ -75,7 +75,7 @@ pub(super) async fn gate(
     request.extensions_mut().insert(gone);
     // Run the action and its audit record in their own task: a client that
     // hangs up mid-request drops this future, but an action that goes on
-    // (the store work runs on blocking threads) is still recorded.
+    // (a store call once made may still land) is still recorded.
     let audited = is_admin_action(&method, &path);
     let task = tokio::spawn(async move {
         let response = next.run(request).await;

@@ -13,16 +13,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Deployments, slot_limits};
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 use crate::rollout::{Progress, Verdict};
 use crate::validate::{parse_routes, validate_alias};
 
 impl Deployments {
     /// A function's aliases, `live` first.
     pub(crate) async fn aliases(&self, name: &str) -> Result<Vec<AliasRecord>, PlatformError> {
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let aliases = blocking(move || registry.aliases(&owned)).await?;
+        let aliases = self.parts.registry.aliases(name).await?;
         if aliases.is_empty() {
             return Err(PlatformError::NotFound(name.to_string()));
         }
@@ -83,12 +81,8 @@ impl Deployments {
     /// the new `live` and the version it left.
     pub(crate) async fn rollback(&self, name: &str) -> Result<(AliasRecord, u64), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let (aliases, versions) = blocking(move || {
-            Ok::<_, StoreError>((registry.aliases(&owned)?, registry.versions(&owned)?))
-        })
-        .await?;
+        let aliases = self.parts.registry.aliases(name).await?;
+        let versions = self.parts.registry.versions(name).await?;
         let live = aliases
             .into_iter()
             .find(|a| a.alias == LIVE_ALIAS)
@@ -139,9 +133,10 @@ impl Deployments {
         let prior = self.served(name)?;
         let mut live_config = None;
         for wanted in std::iter::once(version).chain(canary.map(|c| c.version)) {
-            let registry = self.parts.registry.clone();
-            let owned = name.to_string();
-            let record = blocking(move || registry.version(&owned, wanted))
+            let record = self
+                .parts
+                .registry
+                .version(name, wanted)
                 .await?
                 .ok_or_else(|| StoreError::VersionNotFound {
                     function: name.to_string(),
@@ -171,35 +166,18 @@ impl Deployments {
                 .configure(name, slot_limits(config, &self.parts.config.scaling))
                 .map_err(PlatformError::BadRequest)?;
         }
-        let registry = self.parts.registry.clone();
-        let (owned, alias_name, detail_text) =
-            (name.to_string(), alias.to_string(), detail.to_string());
-        let stored = tokio::task::spawn_blocking(move || {
-            registry.set_alias(
-                &owned,
-                &alias_name,
-                version,
-                canary,
-                expected,
-                cause,
-                &detail_text,
-            )
-        })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()));
+        let stored = self
+            .parts
+            .registry
+            .set_alias(name, alias, version, canary, expected, cause, detail)
+            .await;
         let record = match stored {
-            Ok(Ok(record)) => record,
-            Ok(Err(error)) => {
-                if live_config.is_some() {
-                    self.restore_admission(name, Some(&prior));
-                }
-                return Err(error.into());
-            }
+            Ok(record) => record,
             Err(error) => {
                 if live_config.is_some() {
                     self.restore_admission(name, Some(&prior));
                 }
-                return Err(error);
+                return Err(error.into());
             }
         };
         let served = self.build_served(name, Some(&prior)).await?;
@@ -308,9 +286,7 @@ impl Deployments {
         name: &str,
         limit: usize,
     ) -> Result<Vec<mayfly_store::AliasMove>, PlatformError> {
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        blocking(move || registry.alias_moves(&owned, limit)).await
+        Ok(self.parts.registry.alias_moves(name, limit).await?)
     }
 
     /// Deletes a named alias of `name` (`live` cannot be deleted).
@@ -339,9 +315,7 @@ impl Deployments {
                 aimed.join(", ")
             )));
         }
-        let registry = self.parts.registry.clone();
-        let (owned, alias_name) = (name.to_string(), alias.to_string());
-        let existed = blocking(move || registry.delete_alias(&owned, &alias_name)).await?;
+        let existed = self.parts.registry.delete_alias(name, alias).await?;
         if !existed {
             return Err(PlatformError::Missing(format!(
                 "function `{name}` has no alias `{alias}`: see `mayfly alias list {name}`"
@@ -361,9 +335,7 @@ impl Deployments {
         version: u64,
     ) -> Result<(), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        blocking(move || registry.delete_version(&owned, version)).await?;
+        self.parts.registry.delete_version(name, version).await?;
         tracing::info!(function = name, version, "version deleted");
         Ok(())
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Deployments, slot_limits};
 use crate::capabilities::check_grants;
 use crate::catalog::Artifact;
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 use crate::routes::Route;
 use crate::validate::{
     check_trigger, parse_routes, validate_limits, validate_name, validate_routes, validate_scaling,
@@ -141,25 +141,7 @@ impl Deployments {
             .admission
             .configure(name, slots)
             .map_err(PlatformError::BadRequest)?;
-        let blobs = self.parts.blobs.clone();
-        let registry = self.parts.registry.clone();
-        let stored_config = config.clone();
-        let function_name = name.to_string();
-        let stored = tokio::task::spawn_blocking(move || {
-            blobs.put(BlobKind::Component, &wasm)?;
-            // The store refuses the deploy if `live` moved since this read
-            // (another node deployed meanwhile).
-            let live = registry.function(&function_name)?.map(|f| f.live.version);
-            registry.create_version(
-                &function_name,
-                &digest,
-                &stored_config,
-                Expected::seen(live),
-            )
-        })
-        .await
-        .map_err(|e| PlatformError::Internal(e.into()))?;
-        let version = match stored {
+        let version = match self.store_version(name, &wasm, &digest, &config).await {
             Ok(version) => version,
             Err(error) => {
                 // Nothing changed: the previous version's limits apply again.
@@ -191,6 +173,24 @@ impl Deployments {
         })
     }
 
+    /// Stores the component and records it as the new live version of
+    /// `name`. The store refuses the version if `live` moved since it was
+    /// read here (another node deployed meanwhile).
+    async fn store_version(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        digest: &Digest,
+        config: &FunctionConfig,
+    ) -> Result<VersionRecord, StoreError> {
+        self.parts.blobs.put(BlobKind::Component, wasm).await?;
+        let registry = &self.parts.registry;
+        let live = registry.function(name).await?.map(|f| f.live.version);
+        registry
+            .create_version(name, digest, config, Expected::seen(live))
+            .await
+    }
+
     /// The live version of `name` when it already is `digest` with `config`
     /// (routes normalised), so deploying them again would change nothing.
     /// Called under the change lock.
@@ -212,9 +212,7 @@ impl Deployments {
         else {
             return Ok(None);
         };
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let record = blocking(move || registry.function(&owned)).await?;
+        let record = self.parts.registry.function(name).await?;
         let digest = digest.to_string();
         Ok(record.map(|record| record.live).filter(|live| {
             live.version == serving && live.digest == digest && live.config == *config
@@ -247,15 +245,12 @@ impl Deployments {
     /// Deletes the versions of `name` beyond the node's retention that no
     /// alias points at. A failure is logged: the deploy itself succeeded.
     async fn retain_versions(&self, name: &str) {
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
         let keep = self.parts.config.keep_versions.max(1);
-        match tokio::task::spawn_blocking(move || registry.prune_versions(&owned, keep)).await {
-            Ok(Ok(pruned)) if !pruned.is_empty() => {
+        match self.parts.registry.prune_versions(name, keep).await {
+            Ok(pruned) if !pruned.is_empty() => {
                 tracing::info!(function = name, ?pruned, "old versions deleted (retention)");
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(function = name, "retention failed: {error}"),
+            Ok(_) => {}
             Err(error) => tracing::warn!(function = name, "retention failed: {error}"),
         }
     }
@@ -263,9 +258,7 @@ impl Deployments {
     /// Deletes a function: its routes stop serving at once.
     pub(crate) async fn delete(&self, name: &str) -> Result<(), PlatformError> {
         let _change = self.changes.lock().await;
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let existed = blocking(move || registry.delete_function(&owned)).await?;
+        let existed = self.parts.registry.delete_function(name).await?;
         if !existed {
             return Err(PlatformError::NotFound(name.to_string()));
         }
@@ -289,8 +282,7 @@ impl Deployments {
 
     /// Every function with its live version.
     pub(crate) async fn functions(&self) -> Result<Vec<FunctionRecord>, PlatformError> {
-        let registry = self.parts.registry.clone();
-        blocking(move || registry.functions()).await
+        Ok(self.parts.registry.functions().await?)
     }
 
     /// One function and all its versions, newest first.
@@ -298,12 +290,8 @@ impl Deployments {
         &self,
         name: &str,
     ) -> Result<(FunctionRecord, Vec<VersionRecord>), PlatformError> {
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let (record, versions) = blocking(move || {
-            Ok::<_, StoreError>((registry.function(&owned)?, registry.versions(&owned)?))
-        })
-        .await?;
+        let record = self.parts.registry.function(name).await?;
+        let versions = self.parts.registry.versions(name).await?;
         let record = record.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
         Ok((record, versions))
     }

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use mayfly_runtime::InvocationLimits;
 use mayfly_store::{
     BlobStore, Digest, FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS,
-    Registry, StoreError,
+    Registry,
 };
 
 use crate::admission::{Admission, SlotLimits};
@@ -25,7 +25,7 @@ use crate::artifacts::Artifacts;
 use crate::capabilities::{NodeServices, capabilities};
 use crate::catalog::{Artifact, Canary, Catalog, Deployed, Served, Target};
 use crate::config::{NodeConfig, ScalingConfig};
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::events::workers::EventWorkers;
 use crate::ledger::Ledger;
@@ -89,8 +89,7 @@ impl Deployments {
     /// Builds the catalog from the store at start-up, compiling only the
     /// artifacts that are missing, so requests never compile.
     pub(crate) async fn restore_all(&self) -> anyhow::Result<()> {
-        let registry = self.parts.registry.clone();
-        let records = tokio::task::spawn_blocking(move || registry.functions()).await??;
+        let records = self.parts.registry.functions().await?;
         let mut served = Vec::with_capacity(records.len());
         for record in records {
             served.push(self.restore(record).await?);
@@ -104,9 +103,7 @@ impl Deployments {
     /// alias points at), compiling only the artifacts that are missing.
     pub(super) async fn restore(&self, record: FunctionRecord) -> anyhow::Result<Arc<Served>> {
         let name = record.name.clone();
-        let registry = self.parts.registry.clone();
-        let owned = name.clone();
-        let aliases = tokio::task::spawn_blocking(move || registry.aliases(&owned)).await??;
+        let aliases = self.parts.registry.aliases(&name).await?;
         let mut in_service: Vec<u64> = aliases
             .iter()
             .flat_map(|a| std::iter::once(a.version).chain(a.canary.map(|c| c.version)))
@@ -117,9 +114,7 @@ impl Deployments {
             let stored = if version == record.live.version {
                 Some(record.live.clone())
             } else {
-                let registry = self.parts.registry.clone();
-                let owned = name.clone();
-                tokio::task::spawn_blocking(move || registry.version(&owned, version)).await??
+                self.parts.registry.version(&name, version).await?
             };
             let stored = stored.with_context(|| {
                 format!("an alias of {name} points at version {version}, which is missing")
@@ -158,16 +153,10 @@ impl Deployments {
         name: &str,
         prior: Option<&Served>,
     ) -> Result<Arc<Served>, PlatformError> {
-        let registry = self.parts.registry.clone();
-        let owned = name.to_string();
-        let (aliases, versions, function) = blocking(move || {
-            Ok::<_, StoreError>((
-                registry.aliases(&owned)?,
-                registry.versions(&owned)?,
-                registry.function(&owned)?,
-            ))
-        })
-        .await?;
+        let registry = &self.parts.registry;
+        let aliases = registry.aliases(name).await?;
+        let versions = registry.versions(name).await?;
+        let function = registry.function(name).await?;
         let generation = function
             .ok_or_else(|| PlatformError::NotFound(name.to_string()))?
             .created_at_ms;

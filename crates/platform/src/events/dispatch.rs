@@ -149,12 +149,11 @@ pub(super) async fn run(
                 continue;
             }
             if !settled.is_empty() {
-                let store = node.hub.queue_store();
-                let queue = consumer.queue.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    store.settle_and_claim(&settled, &queue, 0, 0)
-                })
-                .await;
+                let _ = node
+                    .hub
+                    .queue_store()
+                    .settle_and_claim(&settled, &consumer.queue, 0, 0)
+                    .await;
             }
             return;
         };
@@ -189,16 +188,14 @@ pub(super) async fn run(
                 .max()
                 .unwrap_or(0)
                 + LEASE_MARGIN_MS;
-            let store = node.hub.queue_store();
-            let queue = consumer.queue.clone();
-            let batch = std::mem::take(&mut settled);
-            let result = tokio::task::spawn_blocking(move || {
-                let claimed = store.settle_and_claim(&batch, &queue, want, lease_ms);
-                (batch, claimed)
-            })
-            .await;
-            match result {
-                Ok((_, Ok(claimed))) => {
+            let claimed = node
+                .hub
+                .queue_store()
+                .settle_and_claim(&settled, &consumer.queue, want, lease_ms)
+                .await;
+            match claimed {
+                Ok(claimed) => {
+                    settled.clear();
                     if claimed.len() < want {
                         drained = true;
                         recheck_at = next_due(&node, &consumer.queue).await;
@@ -217,19 +214,14 @@ pub(super) async fn run(
                         });
                     }
                 }
-                Ok((_, Err(error))) if stopping => {
+                Err(error) if stopping => {
                     // Leases are released at the next start; nothing to wait for.
                     tracing::warn!(queue = ?consumer.queue, "cannot record results at shutdown: {error}");
                     return;
                 }
-                Ok((batch, Err(error))) => {
-                    tracing::error!(queue = ?consumer.queue, "cannot claim events: {error}");
-                    settled = batch;
-                    drained = true;
-                    recheck_at = Some(tokio::time::Instant::now() + ERROR_BACKOFF);
-                }
                 Err(error) => {
-                    tracing::error!(queue = ?consumer.queue, "event worker failed: {error}");
+                    // The settlements stay, to be applied with the next claim.
+                    tracing::error!(queue = ?consumer.queue, "cannot claim events: {error}");
                     drained = true;
                     recheck_at = Some(tokio::time::Instant::now() + ERROR_BACKOFF);
                 }
@@ -288,13 +280,11 @@ impl Drop for Report {
 /// next stored message becomes visible (at most [`IDLE_POLL`] from now), or
 /// `None` when the queue is empty and only a wake-up can bring work.
 async fn next_due(node: &Dispatcher, queue: &QueueRef) -> Option<tokio::time::Instant> {
-    let store = node.hub.queue_store();
-    let queue = queue.clone();
-    let next = tokio::task::spawn_blocking(move || store.next_visible(&queue)).await;
+    let next = node.hub.queue_store().next_visible(queue).await;
     let now = tokio::time::Instant::now();
     match next {
-        Ok(Ok(None)) => None,
-        Ok(Ok(Some(at_ms))) => {
+        Ok(None) => None,
+        Ok(Some(at_ms)) => {
             let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
             Some(now + Duration::from_millis(wait).min(IDLE_POLL))
         }

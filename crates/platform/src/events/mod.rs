@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::error::{PlatformError, blocking};
+use crate::error::PlatformError;
 use crate::validate::{MAX_BATCH, check_key, check_name, check_retry, check_trigger};
 
 use crate::event_metrics::EventMetrics;
@@ -71,7 +71,7 @@ pub struct EventHub {
     queues: Arc<dyn EventQueue>,
     triggers_store: Arc<dyn TriggerStore>,
     /// Every trigger, refreshed after each change: which workers should run
-    /// and whom a write wakes are read from here without touching SQLite.
+    /// and whom a write wakes are read from here without touching the store.
     triggers: ArcSwap<Vec<Trigger>>,
     workers: Mutex<Workers>,
     /// Serialises reloading the trigger cache, so an older read never
@@ -87,8 +87,8 @@ pub struct EventHub {
 
 impl EventHub {
     /// The hub over the event stores of `stores`, with their triggers read.
-    pub(crate) fn open(stores: &Stores, metrics: EventMetrics) -> anyhow::Result<Self> {
-        let triggers = stores.triggers.triggers(None)?;
+    pub(crate) async fn open(stores: &Stores, metrics: EventMetrics) -> anyhow::Result<Self> {
+        let triggers = stores.triggers.triggers(None).await?;
         Ok(Self {
             kv: stores.kv.clone(),
             objects: stores.objects.clone(),
@@ -140,8 +140,7 @@ impl EventHub {
 
     async fn refresh_triggers(&self) -> Result<(), PlatformError> {
         let _reload = self.reload.lock().await;
-        let store = self.triggers_store.clone();
-        let triggers = blocking(move || store.triggers(None)).await?;
+        let triggers = self.triggers_store.triggers(None).await?;
         self.triggers.store(Arc::new(triggers));
         self.schedules_changed.notify_one();
         Ok(())
@@ -166,9 +165,7 @@ impl EventHub {
         // `live` is the default: stored as none, so the two forms are one
         // trigger.
         spec.alias = spec.alias.filter(|alias| alias != mayfly_store::LIVE_ALIAS);
-        let store = self.triggers_store.clone();
-        let function = function.to_string();
-        let added = blocking(move || store.add_trigger(&function, &spec)).await?;
+        let added = self.triggers_store.add_trigger(function, &spec).await?;
         self.refresh_triggers().await?;
         Ok(added)
     }
@@ -204,8 +201,7 @@ impl EventHub {
 
     /// Detaches a trigger.
     pub async fn remove_trigger(&self, id: i64) -> Result<(), PlatformError> {
-        let store = self.triggers_store.clone();
-        if !blocking(move || store.remove_trigger(id)).await? {
+        if !self.triggers_store.remove_trigger(id).await? {
             return Err(PlatformError::Missing(format!(
                 "no trigger {id}: see `mayfly trigger list`"
             )));
@@ -216,9 +212,7 @@ impl EventHub {
     /// Forgets a deleted function's triggers, pending events and dead
     /// letters.
     pub(crate) async fn remove_function(&self, function: &str) -> Result<(), PlatformError> {
-        let store = self.triggers_store.clone();
-        let name = function.to_string();
-        blocking(move || store.remove_function(&name)).await?;
+        self.triggers_store.remove_function(function).await?;
         self.refresh_triggers().await
     }
 
@@ -241,8 +235,7 @@ impl EventHub {
         bucket: &str,
         key: &str,
     ) -> Result<Option<KvEntry>, StoreError> {
-        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        offload(move || store.kv_get(&b, &k)).await
+        self.kv.kv_get(bucket, key).await
     }
 
     /// Writes a value if `condition` holds; returns its revision.
@@ -268,8 +261,7 @@ impl EventHub {
         value: Bytes,
         condition: KvCondition,
     ) -> Result<u64, StoreError> {
-        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        let revision = offload(move || store.kv_put(&b, &k, &value, condition)).await?;
+        let revision = self.kv.kv_put(bucket, key, &value, condition).await?;
         self.wake_watchers("kv", bucket);
         Ok(revision)
     }
@@ -299,8 +291,7 @@ impl EventHub {
         key: &str,
         condition: KvCondition,
     ) -> Result<bool, StoreError> {
-        let (store, b, k) = (self.kv.clone(), bucket.to_string(), key.to_string());
-        let removed = offload(move || store.kv_delete(&b, &k, condition)).await?;
+        let removed = self.kv.kv_delete(bucket, key, condition).await?;
         if removed {
             self.wake_watchers("kv", bucket);
         }
@@ -316,14 +307,12 @@ impl EventHub {
         limit: usize,
     ) -> Result<Vec<KvKey>, PlatformError> {
         check_name("bucket", bucket)?;
-        let (store, b) = (self.kv.clone(), bucket.to_string());
-        blocking(move || store.kv_list(&b, &prefix, &after, limit)).await
+        Ok(self.kv.kv_list(bucket, &prefix, &after, limit).await?)
     }
 
     /// KV buckets and their sizes.
     pub async fn kv_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
-        let store = self.kv.clone();
-        blocking(move || store.kv_buckets()).await
+        Ok(self.kv.kv_buckets().await?)
     }
 
     // ---- objects ----
@@ -338,8 +327,10 @@ impl EventHub {
     ) -> Result<ObjectMeta, PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
-        let meta = blocking(move || store.object_put(&b, &k, &bytes, &content_type)).await?;
+        let meta = self
+            .objects
+            .object_put(bucket, key, &bytes, &content_type)
+            .await?;
         self.wake_watchers("object", bucket);
         Ok(meta)
     }
@@ -361,13 +352,13 @@ impl EventHub {
         use std::io::Write as _;
         check_name("bucket", bucket)?;
         check_key(key)?;
-        // One blocking task writes what the request's task reads; the
-        // small channel makes a slow disk slow the upload down rather than
-        // pile chunks up in memory.
+        // One blocking task writes what the request's task reads (the
+        // store's writer is a plain `std::io::Write` over a local file, and
+        // its writes and final sync block); the small channel makes a slow
+        // disk slow the upload down rather than pile chunks up in memory.
         let (chunks, mut incoming) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let store = self.objects.clone();
+        let mut writer = self.objects.object_writer().await?;
         let writer = tokio::task::spawn_blocking(move || {
-            let mut writer = store.object_writer()?;
             while let Some(chunk) = incoming.blocking_recv() {
                 writer.write_all(&chunk)?;
             }
@@ -395,8 +386,10 @@ impl EventHub {
         let staged = writer
             .await
             .map_err(|e| PlatformError::Internal(e.into()))??;
-        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
-        let meta = blocking(move || store.object_put_staged(&b, &k, staged, &content_type)).await?;
+        let meta = self
+            .objects
+            .object_put_staged(bucket, key, staged, &content_type)
+            .await?;
         self.wake_watchers("object", bucket);
         Ok(meta)
     }
@@ -409,20 +402,16 @@ impl EventHub {
     ) -> Result<(ObjectMeta, PathBuf), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
-        blocking(move || store.object_get(&b, &k))
-            .await?
-            .ok_or_else(|| {
-                PlatformError::Missing(format!("no object `{key}` in bucket `{bucket}`"))
-            })
+        self.objects.object_get(bucket, key).await?.ok_or_else(|| {
+            PlatformError::Missing(format!("no object `{key}` in bucket `{bucket}`"))
+        })
     }
 
     /// Deletes an object.
     pub async fn object_delete(&self, bucket: &str, key: &str) -> Result<(), PlatformError> {
         check_name("bucket", bucket)?;
         check_key(key)?;
-        let (store, b, k) = (self.objects.clone(), bucket.to_string(), key.to_string());
-        if !blocking(move || store.object_delete(&b, &k)).await? {
+        if !self.objects.object_delete(bucket, key).await? {
             return Err(PlatformError::Missing(format!(
                 "no object `{key}` in bucket `{bucket}`"
             )));
@@ -440,14 +429,15 @@ impl EventHub {
         limit: usize,
     ) -> Result<Vec<ObjectMeta>, PlatformError> {
         check_name("bucket", bucket)?;
-        let (store, b) = (self.objects.clone(), bucket.to_string());
-        blocking(move || store.object_list(&b, &prefix, &after, limit)).await
+        Ok(self
+            .objects
+            .object_list(bucket, &prefix, &after, limit)
+            .await?)
     }
 
     /// Object buckets and their sizes.
     pub async fn object_buckets(&self) -> Result<Vec<BucketStats>, PlatformError> {
-        let store = self.objects.clone();
-        blocking(move || store.object_buckets()).await
+        Ok(self.objects.object_buckets().await?)
     }
 
     // ---- queues ----
@@ -465,8 +455,7 @@ impl EventHub {
                 messages.len()
             )));
         }
-        let (store, q) = (self.queues.clone(), queue.to_string());
-        let ids = blocking(move || store.send(&q, &messages)).await?;
+        let ids = self.queues.send(queue, &messages).await?;
         self.wake_watchers("queue", queue);
         Ok(ids)
     }
@@ -479,8 +468,7 @@ impl EventHub {
         visibility_ms: u64,
     ) -> Result<Vec<Delivery>, PlatformError> {
         check_name("queue", queue)?;
-        let (store, q) = (self.queues.clone(), queue.to_string());
-        blocking(move || store.receive(&q, max, visibility_ms)).await
+        Ok(self.queues.receive(queue, max, visibility_ms).await?)
     }
 
     /// Acknowledges a received message by its receipt (`<id>.<attempt>`).
@@ -495,8 +483,7 @@ impl EventHub {
                 receipt.escape_debug()
             )));
         };
-        let (store, q) = (self.queues.clone(), queue.to_string());
-        match blocking(move || store.ack(&q, id, attempt)).await? {
+        match self.queues.ack(queue, id, attempt).await? {
             AckOutcome::Acked => Ok(()),
             AckOutcome::Stale => Err(PlatformError::Conflict(format!(
                 "receipt {receipt} is stale: the message became visible again and was received \
@@ -510,14 +497,12 @@ impl EventHub {
 
     /// Named queues and their counts.
     pub async fn queues(&self) -> Result<Vec<QueueStats>, PlatformError> {
-        let store = self.queues.clone();
-        blocking(move || store.queues()).await
+        Ok(self.queues.queues().await?)
     }
 
     /// Events and messages stored, by queue (inboxes included).
     pub(crate) async fn depths(&self) -> Result<Vec<(QueueRef, u64)>, PlatformError> {
-        let store = self.queues.clone();
-        blocking(move || store.depths()).await
+        Ok(self.queues.depths().await?)
     }
 
     // ---- asynchronous invocation ----
@@ -540,8 +525,7 @@ impl EventHub {
             retry,
         };
         let id = event.event.id.clone();
-        let (store, f) = (self.queues.clone(), function.to_string());
-        blocking(move || store.enqueue(&f, &event)).await?;
+        self.queues.enqueue(function, &event).await?;
         self.wake(WorkerKey::Inbox(function));
         Ok(id)
     }
@@ -555,20 +539,16 @@ impl EventHub {
         after: i64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, PlatformError> {
-        let (store, f) = (self.queues.clone(), function.to_string());
-        blocking(move || store.dead_letters(&f, after, limit)).await
+        Ok(self.queues.dead_letters(function, after, limit).await?)
     }
 
     /// One dead letter with its data.
     pub async fn dead_letter(&self, function: &str, id: i64) -> Result<DeadLetter, PlatformError> {
-        let (store, f) = (self.queues.clone(), function.to_string());
-        blocking(move || store.dead_letter(&f, id))
-            .await?
-            .ok_or_else(|| {
-                PlatformError::Missing(format!(
-                    "no dead letter {id} for `{function}`: see `mayfly dlq list {function}`"
-                ))
-            })
+        self.queues.dead_letter(function, id).await?.ok_or_else(|| {
+            PlatformError::Missing(format!(
+                "no dead letter {id} for `{function}`: see `mayfly dlq list {function}`"
+            ))
+        })
     }
 
     /// Sends dead letters back to the function's inbox.
@@ -577,8 +557,7 @@ impl EventHub {
         function: &str,
         ids: Option<Vec<i64>>,
     ) -> Result<usize, PlatformError> {
-        let (store, f) = (self.queues.clone(), function.to_string());
-        let moved = blocking(move || store.redrive(&f, ids.as_deref())).await?;
+        let moved = self.queues.redrive(function, ids.as_deref()).await?;
         self.wake(WorkerKey::Inbox(function));
         Ok(moved)
     }
@@ -589,16 +568,6 @@ impl EventHub {
         function: &str,
         ids: Option<Vec<i64>>,
     ) -> Result<usize, PlatformError> {
-        let (store, f) = (self.queues.clone(), function.to_string());
-        blocking(move || store.purge_dead(&f, ids.as_deref())).await
+        Ok(self.queues.purge_dead(function, ids.as_deref()).await?)
     }
-}
-
-/// Runs a store call off the async workers, keeping the store's own error.
-async fn offload<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|error| StoreError::Io(std::io::Error::other(error)))?
 }

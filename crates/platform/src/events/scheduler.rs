@@ -44,22 +44,18 @@ pub(super) async fn run(hub: Arc<EventHub>) {
             if let Some(slot) = schedule.due(last, now) {
                 let event =
                     CloudEvent::schedule(trigger, schedule.as_str(), slot, &rfc3339_millis(slot));
-                let store = hub.trigger_store();
-                let firing = trigger.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || store.fire_schedule(&firing, &event, now))
-                        .await;
+                let result = hub
+                    .trigger_store()
+                    .fire_schedule(trigger, &event, now)
+                    .await;
                 match result {
-                    Ok(Ok(true)) => {
+                    Ok(true) => {
                         fired = true;
                         last = now;
                         hub.wake(WorkerKey::Inbox(&trigger.function));
                     }
                     // Removed, or fired since this copy was read: reload.
-                    Ok(Ok(false)) => fired = true,
-                    Ok(Err(error)) => {
-                        tracing::error!(trigger = trigger.id, "cannot fire schedule: {error}")
-                    }
+                    Ok(false) => fired = true,
                     Err(error) => {
                         tracing::error!(trigger = trigger.id, "cannot fire schedule: {error}")
                     }

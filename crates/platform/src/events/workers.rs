@@ -31,8 +31,7 @@ impl EventWorkers {
     /// (it crashed or was stopped mid-delivery), then the scheduler and one
     /// worker per inbox and queue trigger start.
     pub(crate) async fn start(&self) -> anyhow::Result<()> {
-        let store = self.hub.queue_store();
-        let released = tokio::task::spawn_blocking(move || store.release_leases()).await??;
+        let released = self.hub.queue_store().release_leases().await?;
         if released > 0 {
             tracing::info!("{released} events in flight at the last stop will be delivered again");
         }

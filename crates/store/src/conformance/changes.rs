@@ -15,8 +15,8 @@ fn changed(function: &str) -> RegistryChange {
     }
 }
 
-pub fn registry_changes_name_the_function<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn registry_changes_name_the_function<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.registry;
     let mut feed = store.watch();
     let digest = Digest::of(b"x");
@@ -24,6 +24,7 @@ pub fn registry_changes_name_the_function<B: Backend>(backend: &B) {
     for _ in 0..3 {
         store
             .create_version("f", &digest, &config, Expected::Any)
+            .await
             .unwrap();
     }
     assert_eq!(drain(&mut feed), [changed("f"), changed("f"), changed("f")]);
@@ -39,17 +40,19 @@ pub fn registry_changes_name_the_function<B: Backend>(backend: &B) {
                 MoveCause::Set,
                 ""
             )
+            .await
             .is_err()
     );
     assert!(drain(&mut feed).is_empty());
     store
         .set_alias("f", "beta", 1, None, Expected::Absent, MoveCause::Set, "")
+        .await
         .unwrap();
-    assert!(store.delete_alias("f", "beta").unwrap());
-    assert_eq!(store.prune_versions("f", 1).unwrap(), [1, 2]);
+    assert!(store.delete_alias("f", "beta").await.unwrap());
+    assert_eq!(store.prune_versions("f", 1).await.unwrap(), [1, 2]);
     assert_eq!(drain(&mut feed), [changed("f"), changed("f"), changed("f")]);
-    assert!(store.delete_function("f").unwrap());
-    assert!(!store.delete_function("f").unwrap());
+    assert!(store.delete_function("f").await.unwrap());
+    assert!(!store.delete_function("f").await.unwrap());
     assert_eq!(
         drain(&mut feed),
         [RegistryChange::Deleted {
@@ -58,8 +61,8 @@ pub fn registry_changes_name_the_function<B: Backend>(backend: &B) {
     );
 }
 
-pub fn trigger_changes_name_the_trigger<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn trigger_changes_name_the_trigger<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.triggers;
     let mut feed = store.watch();
     let spec = TriggerSpec {
@@ -69,16 +72,21 @@ pub fn trigger_changes_name_the_trigger<B: Backend>(backend: &B) {
         retry: RetryPolicy::default(),
         alias: None,
     };
-    let (trigger, created) = store.add_trigger("f", &spec).unwrap();
+    let (trigger, created) = store.add_trigger("f", &spec).await.unwrap();
     assert!(created);
     // The same trigger again changes nothing.
-    store.add_trigger("f", &spec).unwrap();
+    store.add_trigger("f", &spec).await.unwrap();
     let event = CloudEvent::schedule(&trigger, "@every 1s", 5, "1970-01-01T00:00:00.005Z");
     let fired_ms = trigger.last_fired_ms.unwrap_or(0) + 1_000;
-    assert!(store.fire_schedule(&trigger, &event, fired_ms).unwrap());
-    assert!(store.remove_trigger(trigger.id).unwrap());
-    assert!(!store.remove_trigger(trigger.id).unwrap());
-    store.remove_function("f").unwrap();
+    assert!(
+        store
+            .fire_schedule(&trigger, &event, fired_ms)
+            .await
+            .unwrap()
+    );
+    assert!(store.remove_trigger(trigger.id).await.unwrap());
+    assert!(!store.remove_trigger(trigger.id).await.unwrap());
+    store.remove_function("f").await.unwrap();
     assert_eq!(
         drain(&mut feed),
         [
@@ -98,8 +106,8 @@ pub fn trigger_changes_name_the_trigger<B: Backend>(backend: &B) {
     );
 }
 
-pub fn token_changes_name_the_token<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn token_changes_name_the_token<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.auth;
     let mut feed = store.watch();
     let token = TokenRecord {
@@ -111,9 +119,9 @@ pub fn token_changes_name_the_token<B: Backend>(backend: &B) {
         created_at_ms: 1,
         revoked_at_ms: None,
     };
-    store.create_token(&token).unwrap();
-    assert!(store.revoke_token("tok_1").unwrap());
-    assert!(!store.revoke_token("tok_1").unwrap());
+    store.create_token(&token).await.unwrap();
+    assert!(store.revoke_token("tok_1").await.unwrap());
+    assert!(!store.revoke_token("tok_1").await.unwrap());
     assert_eq!(
         drain(&mut feed),
         [
@@ -123,8 +131,8 @@ pub fn token_changes_name_the_token<B: Backend>(backend: &B) {
     );
 }
 
-pub fn secret_changes_name_the_secret<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn secret_changes_name_the_secret<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.secrets;
     let mut feed = store.watch();
     let sealed = |key_id: &str| Sealed {
@@ -132,19 +140,29 @@ pub fn secret_changes_name_the_secret<B: Backend>(backend: &B) {
         nonce: vec![1; 24],
         ciphertext: vec![2; 16],
     };
-    let put = store.put("db", &mut |_| Ok(sealed("k1"))).unwrap();
+    let put = store
+        .put("db", Box::new(move |_| Ok(sealed("k1"))))
+        .await
+        .unwrap();
     // A seal that fails stores nothing and tells nothing.
     assert!(
         store
-            .put("db", &mut |_| Err(StoreError::Corrupt("no".into())))
+            .put(
+                "db",
+                Box::new(move |_| Err(StoreError::Corrupt("no".into())))
+            )
+            .await
             .is_err()
     );
     let resealed = store
-        .reseal_all(&mut |secret| Ok((secret.sealed.key_id == "k1").then(|| sealed("k2"))))
+        .reseal_all(Box::new(move |secret| {
+            Ok((secret.sealed.key_id == "k1").then(|| sealed("k2")))
+        }))
+        .await
         .unwrap();
     assert_eq!(resealed, 1);
-    assert!(store.delete("db").unwrap());
-    assert!(!store.delete("db").unwrap());
+    assert!(store.delete("db").await.unwrap());
+    assert!(!store.delete("db").await.unwrap());
     assert_eq!(
         drain(&mut feed),
         [

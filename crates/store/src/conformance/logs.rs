@@ -3,8 +3,8 @@
 
 use super::*;
 
-pub fn logs_tail_and_follow<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn logs_tail_and_follow<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.logs;
     let line = |n: u32| NewLogLine {
         ts_ms: 1,
@@ -16,16 +16,17 @@ pub fn logs_tail_and_follow<B: Backend>(backend: &B) {
     };
     let last = store
         .append_logs(&(0..5).map(line).collect::<Vec<_>>())
+        .await
         .unwrap();
-    let tail = store.logs_tail("f", 2).unwrap();
+    let tail = store.logs_tail("f", 2).await.unwrap();
     assert_eq!(tail[0].line.line, "line 3");
     assert_eq!(tail[1].id, last);
-    assert!(store.logs_after("f", last, 10).unwrap().is_empty());
-    assert_eq!(store.prune_logs(1).unwrap(), 4);
+    assert!(store.logs_after("f", last, 10).await.unwrap().is_empty());
+    assert_eq!(store.prune_logs(1).await.unwrap(), 4);
 }
 
-pub fn function_logs_are_pruned_per_function_by_lines_and_bytes<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn function_logs_are_pruned_per_function_by_lines_and_bytes<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let store = &stores.logs;
     let line = |function: &str, text: String| NewLogLine {
         ts_ms: 1,
@@ -35,21 +36,36 @@ pub fn function_logs_are_pruned_per_function_by_lines_and_bytes<B: Backend>(back
         stream: "stdout".into(),
         line: text,
     };
-    store.append_logs(&[line("quiet", "kept".into())]).unwrap();
+    store
+        .append_logs(&[line("quiet", "kept".into())])
+        .await
+        .unwrap();
     let flood: Vec<_> = (0..100).map(|n| line("loud", format!("{n:09}"))).collect();
-    store.append_logs(&flood).unwrap();
+    store.append_logs(&flood).await.unwrap();
 
     // 100 lines of 9 bytes; keep 10 lines.
-    assert_eq!(store.prune_function_logs("loud", 10, 1 << 20).unwrap(), 90);
-    let loud = store.logs_tail("loud", 1000).unwrap();
+    assert_eq!(
+        store
+            .prune_function_logs("loud", 10, 1 << 20)
+            .await
+            .unwrap(),
+        90
+    );
+    let loud = store.logs_tail("loud", 1000).await.unwrap();
     assert_eq!(loud.len(), 10);
     assert_eq!(loud[0].line.line, "000000090");
     // 45 bytes keep the newest 5 lines.
-    assert_eq!(store.prune_function_logs("loud", 10, 45).unwrap(), 5);
-    let loud = store.logs_tail("loud", 1000).unwrap();
+    assert_eq!(store.prune_function_logs("loud", 10, 45).await.unwrap(), 5);
+    let loud = store.logs_tail("loud", 1000).await.unwrap();
     assert_eq!(loud.len(), 5);
     assert_eq!(loud[0].line.line, "000000095");
     // Another function's lines are untouched.
-    assert_eq!(store.logs_tail("quiet", 10).unwrap().len(), 1);
-    assert_eq!(store.prune_function_logs("quiet", 10, 1 << 20).unwrap(), 0);
+    assert_eq!(store.logs_tail("quiet", 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .prune_function_logs("quiet", 10, 1 << 20)
+            .await
+            .unwrap(),
+        0
+    );
 }

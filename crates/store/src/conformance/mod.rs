@@ -3,7 +3,9 @@
 //!
 //! A back-end implements [`Backend`] (make an empty place for its state,
 //! open [`Stores`] over it) and runs every case with
-//! [`conformance_suite!`](crate::conformance_suite):
+//! [`conformance_suite!`](crate::conformance_suite). Cases are async, like
+//! the contracts: the macro runs each one to completion on a tokio runtime
+//! of its own ([`block_on`]).
 //!
 //! ```ignore
 //! mayfly_store::conformance_suite!(nats, NatsBackend::default());
@@ -25,6 +27,8 @@ pub mod registry;
 pub mod secrets;
 pub mod usage;
 
+use std::future::Future;
+
 use crate::Stores;
 
 #[allow(unused_imports)] // Each case module uses a different part of it.
@@ -41,8 +45,8 @@ pub trait Backend {
 
     /// The stores over `place`. Opened again after the previous stores
     /// were dropped, they must hold everything the previous ones
-    /// acknowledged.
-    fn open(&self, place: &Self::Place) -> Stores;
+    /// acknowledged. Async, so a network back-end can connect here.
+    fn open(&self, place: &Self::Place) -> impl Future<Output = Stores> + Send;
 }
 
 /// Milliseconds since the Unix epoch.
@@ -54,9 +58,9 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Empty stores in a new place.
-pub fn fresh<B: Backend>(backend: &B) -> (B::Place, Stores) {
+pub async fn fresh<B: Backend>(backend: &B) -> (B::Place, Stores) {
     let place = backend.place();
-    let stores = backend.open(&place);
+    let stores = backend.open(&place).await;
     (place, stores)
 }
 
@@ -71,9 +75,22 @@ impl Backend for SqliteBackend {
         tempfile::tempdir().expect("cannot create a temporary directory")
     }
 
-    fn open(&self, place: &Self::Place) -> Stores {
+    async fn open(&self, place: &Self::Place) -> Stores {
         Stores::sqlite(place.path()).expect("cannot open the SQLite stores")
     }
+}
+
+/// Runs one case to completion on a fresh tokio runtime (current-thread,
+/// with timers): what each test [`conformance_suite!`](crate::conformance_suite)
+/// generates calls, so the suite needs no test macro of its own. A case
+/// that runs calls concurrently joins futures or spawns tasks on it, so
+/// the calls are in flight at the same time.
+pub fn block_on<F: Future>(case: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime")
+        .block_on(case)
 }
 
 /// Defines a test module `$name` that runs every conformance case against
@@ -178,7 +195,9 @@ macro_rules! conformance_suite {
                     $(
                         #[test]
                         fn $case() {
-                            $crate::conformance::$module::$case(&$backend);
+                            $crate::conformance::block_on(async {
+                                $crate::conformance::$module::$case(&$backend).await
+                            });
                         }
                     )*
                 }

@@ -94,21 +94,24 @@ fn assert_rows(actual: &[UsageRow], expected: &[UsageRow]) {
         assert_eq!(strip(a), strip(e));
     }
 }
-fn fixture_ledger<B: Backend>(backend: &B) -> (B::Place, Stores, Vec<UsageRecord>) {
-    let (place, stores) = fresh(backend);
+async fn fixture_ledger<B: Backend>(backend: &B) -> (B::Place, Stores, Vec<UsageRecord>) {
+    let (place, stores) = fresh(backend).await;
     let records = fixture();
-    assert_eq!(stores.usage.append_usage(&records).unwrap(), records.len());
+    assert_eq!(
+        stores.usage.append_usage(&records).await.unwrap(),
+        records.len()
+    );
     (place, stores, records)
 }
 
-pub fn appending_a_batch_twice_counts_it_once<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn appending_a_batch_twice_counts_it_once<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let ledger = &stores.usage;
-    assert_eq!(ledger.append_usage(&[]).unwrap(), 0);
+    assert_eq!(ledger.append_usage(&[]).await.unwrap(), 0);
     let batch = fixture();
-    assert_eq!(ledger.append_usage(&batch).unwrap(), 5);
-    assert_eq!(ledger.append_usage(&batch).unwrap(), 0);
-    assert_eq!(ledger.usage_count().unwrap(), 5);
+    assert_eq!(ledger.append_usage(&batch).await.unwrap(), 5);
+    assert_eq!(ledger.append_usage(&batch).await.unwrap(), 0);
+    assert_eq!(ledger.usage_count().await.unwrap(), 5);
 
     // A batch mixing known and new ids keeps only the new ones, and a
     // duplicate inside one batch counts once; the first copy wins.
@@ -117,27 +120,31 @@ pub fn appending_a_batch_twice_counts_it_once<B: Backend>(backend: &B) {
     let new = record(6, "c", 1, T0);
     let inserted = ledger
         .append_usage(&[changed, new.clone(), new.clone()])
+        .await
         .unwrap();
     assert_eq!(inserted, 1);
-    assert_eq!(ledger.usage_count().unwrap(), 6);
-    let stored = ledger.usage_records(None, 0, 10).unwrap();
+    assert_eq!(ledger.usage_count().await.unwrap(), 6);
+    let stored = ledger.usage_records(None, 0, 10).await.unwrap();
     assert_eq!(stored[0].record, batch[0]);
     assert_eq!(stored[5].record, new);
 }
 
-pub fn the_same_request_id_on_two_functions_is_two_records<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn the_same_request_id_on_two_functions_is_two_records<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let ledger = &stores.usage;
     let a = record(1, "a", 1, T0);
     let b = record(1, "b", 1, T0);
-    assert_eq!(ledger.append_usage(&[a.clone(), b.clone()]).unwrap(), 2);
+    assert_eq!(
+        ledger.append_usage(&[a.clone(), b.clone()]).await.unwrap(),
+        2
+    );
     // The writer's retry of the same batch still adds nothing.
-    assert_eq!(ledger.append_usage(&[a, b]).unwrap(), 0);
-    assert_eq!(ledger.usage_count().unwrap(), 2);
+    assert_eq!(ledger.append_usage(&[a, b]).await.unwrap(), 0);
+    assert_eq!(ledger.usage_count().await.unwrap(), 2);
 }
 
-pub fn a_client_id_is_kept_and_never_deduplicates<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn a_client_id_is_kept_and_never_deduplicates<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let ledger = &stores.usage;
     let batch: Vec<UsageRecord> = (1..=50)
         .map(|i| UsageRecord {
@@ -145,8 +152,8 @@ pub fn a_client_id_is_kept_and_never_deduplicates<B: Backend>(backend: &B) {
             ..record(i, "f", 1, T0)
         })
         .collect();
-    assert_eq!(ledger.append_usage(&batch).unwrap(), 50);
-    let stored = ledger.usage_records(None, 0, 100).unwrap();
+    assert_eq!(ledger.append_usage(&batch).await.unwrap(), 50);
+    let stored = ledger.usage_records(None, 0, 100).await.unwrap();
     assert_eq!(stored.len(), 50);
     assert!(
         stored
@@ -157,11 +164,12 @@ pub fn a_client_id_is_kept_and_never_deduplicates<B: Backend>(backend: &B) {
     assert_eq!(json["client_request_id"], "retry-1");
 }
 
-pub fn summary_by_function<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn summary_by_function<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
     let rows = ledger
         .usage_summary(&query(GroupBy::Function, T0, T0 + 2 * DAY))
+        .await
         .unwrap();
     let with = |function: &str, row: UsageRow| UsageRow {
         function: Some(function.into()),
@@ -191,11 +199,12 @@ pub fn summary_by_function<B: Backend>(backend: &B) {
     assert!((b.billed_gb_s - (1024.0 * 2.0 + 128.0 * 2.0) / 1_024_000.0).abs() < 1e-12);
 }
 
-pub fn summary_by_version<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn summary_by_version<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
     let rows = ledger
         .usage_summary(&query(GroupBy::Version, T0, T0 + 2 * DAY))
+        .await
         .unwrap();
     let with = |function: &str, version: u64, row: UsageRow| UsageRow {
         function: Some(function.into()),
@@ -212,8 +221,8 @@ pub fn summary_by_version<B: Backend>(backend: &B) {
     );
 }
 
-pub fn summary_by_hour_and_day<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn summary_by_hour_and_day<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
     let at = |period: i64, row: UsageRow| UsageRow {
         period_start_ms: Some(period),
@@ -221,6 +230,7 @@ pub fn summary_by_hour_and_day<B: Backend>(backend: &B) {
     };
     let rows = ledger
         .usage_summary(&query(GroupBy::Hour, T0, T0 + 2 * DAY))
+        .await
         .unwrap();
     assert_rows(
         &rows,
@@ -233,6 +243,7 @@ pub fn summary_by_hour_and_day<B: Backend>(backend: &B) {
     );
     let rows = ledger
         .usage_summary(&query(GroupBy::Day, T0, T0 + 2 * DAY))
+        .await
         .unwrap();
     assert_rows(
         &rows,
@@ -243,13 +254,14 @@ pub fn summary_by_hour_and_day<B: Backend>(backend: &B) {
     );
 }
 
-pub fn summary_window_is_from_inclusive_to_exclusive<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn summary_window_is_from_inclusive_to_exclusive<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
     // [T0 + HOUR - 1, T0 + DAY) holds a2, a3 and b1, not a1 (before) nor
     // b2 (exactly at the end).
     let rows = ledger
         .usage_summary(&query(GroupBy::Day, T0 + HOUR - 1, T0 + DAY))
+        .await
         .unwrap();
     assert_rows(
         &rows,
@@ -259,13 +271,13 @@ pub fn summary_window_is_from_inclusive_to_exclusive<B: Backend>(backend: &B) {
         }],
     );
     let empty = query(GroupBy::Function, T0 + 3 * HOUR, T0 + DAY);
-    assert!(ledger.usage_summary(&empty).unwrap().is_empty());
+    assert!(ledger.usage_summary(&empty).await.unwrap().is_empty());
     let inverted = query(GroupBy::Function, T0 + DAY, T0);
-    assert!(ledger.usage_summary(&inverted).unwrap().is_empty());
+    assert!(ledger.usage_summary(&inverted).await.unwrap().is_empty());
 }
 
-pub fn summary_for_one_function<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn summary_for_one_function<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
     for group_by in [GroupBy::Function, GroupBy::Day] {
         let rows = ledger
@@ -273,6 +285,7 @@ pub fn summary_for_one_function<B: Backend>(backend: &B) {
                 function: Some("b".into()),
                 ..query(group_by, T0, T0 + DAY)
             })
+            .await
             .unwrap();
         let row = expected(&[&r[3]]);
         let row = match group_by {
@@ -289,49 +302,58 @@ pub fn summary_for_one_function<B: Backend>(backend: &B) {
     }
 }
 
-pub fn periods_before_1970_round_down<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn periods_before_1970_round_down<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let ledger = &stores.usage;
     ledger
         .append_usage(&[record(1, "f", 1, -1), record(2, "f", 1, 0)])
+        .await
         .unwrap();
     let rows = ledger
         .usage_summary(&query(GroupBy::Hour, -DAY, DAY))
+        .await
         .unwrap();
     let periods: Vec<_> = rows.iter().map(|r| r.period_start_ms).collect();
     assert_eq!(periods, [Some(-HOUR), Some(0)]);
 }
 
-pub fn records_page_by_seq_and_filter_by_function<B: Backend>(backend: &B) {
-    let (_place, stores, r) = fixture_ledger(backend);
+pub async fn records_page_by_seq_and_filter_by_function<B: Backend>(backend: &B) {
+    let (_place, stores, r) = fixture_ledger(backend).await;
     let ledger = &stores.usage;
-    let first = ledger.usage_records(None, 0, 2).unwrap();
+    let first = ledger.usage_records(None, 0, 2).await.unwrap();
     assert_eq!(first.len(), 2);
     assert_eq!(first[0].record, r[0]);
     assert_eq!(first[1].record, r[1]);
     assert!(first[0].seq < first[1].seq);
-    let rest = ledger.usage_records(None, first[1].seq, 10).unwrap();
+    let rest = ledger.usage_records(None, first[1].seq, 10).await.unwrap();
     let rest: Vec<_> = rest.into_iter().map(|s| s.record).collect();
     assert_eq!(rest, r[2..]);
-    assert!(ledger.usage_records(None, 0, 0).unwrap().is_empty());
+    assert!(ledger.usage_records(None, 0, 0).await.unwrap().is_empty());
 
-    let b = ledger.usage_records(Some("b"), 0, 1).unwrap();
+    let b = ledger.usage_records(Some("b"), 0, 1).await.unwrap();
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].record, r[3]);
-    let b = ledger.usage_records(Some("b"), b[0].seq, 10).unwrap();
+    let b = ledger.usage_records(Some("b"), b[0].seq, 10).await.unwrap();
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].record, r[4]);
     assert!(
         ledger
             .usage_records(Some("b"), b[0].seq, 10)
+            .await
             .unwrap()
             .is_empty()
     );
-    assert!(ledger.usage_records(Some("zzz"), 0, 10).unwrap().is_empty());
+    assert!(
+        ledger
+            .usage_records(Some("zzz"), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
-pub fn huge_values_are_clamped_not_fatal<B: Backend>(backend: &B) {
-    let (_place, stores) = fresh(backend);
+pub async fn huge_values_are_clamped_not_fatal<B: Backend>(backend: &B) {
+    let (_place, stores) = fresh(backend).await;
     let ledger = &stores.usage;
     let mut big = record(1, "f", u64::MAX, T0);
     big.wall_us = u64::MAX;
@@ -341,15 +363,16 @@ pub fn huge_values_are_clamped_not_fatal<B: Backend>(backend: &B) {
     big.memory_limit_mb = u32::MAX;
     let mut big2 = big.clone();
     big2.request_id = format!("{:032x}", 2);
-    assert_eq!(ledger.append_usage(&[big, big2]).unwrap(), 2);
+    assert_eq!(ledger.append_usage(&[big, big2]).await.unwrap(), 2);
 
-    let stored = ledger.usage_records(None, 0, 10).unwrap();
+    let stored = ledger.usage_records(None, 0, 10).await.unwrap();
     assert_eq!(stored[0].record.wall_us, i64::MAX as u64);
     assert_eq!(stored[0].record.version, i64::MAX as u64);
     assert_eq!(stored[0].record.memory_limit_mb, u32::MAX);
     // Sums of two i64::MAX values would overflow an integer SUM.
     let rows = ledger
         .usage_summary(&query(GroupBy::Function, T0, T0 + 1))
+        .await
         .unwrap();
     assert_eq!(rows[0].invocations, 2);
     assert!(rows[0].wall_us >= i64::MAX as u64);

@@ -43,17 +43,30 @@ pub struct KvKey {
 
 /// KV buckets: keys with revisions, compare-and-swap, listing by prefix.
 /// Writes emit `dev.mayfly.kv.*` events to the triggers watching them.
+#[async_trait::async_trait]
 pub trait KvStore: Send + Sync {
     /// The value under `key`.
-    fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>>;
+    async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>>;
     /// Writes `value` if `condition` holds; returns the new revision, or
     /// [`crate::StoreError::PreconditionFailed`].
-    fn kv_put(&self, bucket: &str, key: &str, value: &[u8], condition: KvCondition) -> Result<u64>;
+    async fn kv_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        condition: KvCondition,
+    ) -> Result<u64>;
     /// Deletes `key` if `condition` holds; returns whether it existed.
-    fn kv_delete(&self, bucket: &str, key: &str, condition: KvCondition) -> Result<bool>;
+    async fn kv_delete(&self, bucket: &str, key: &str, condition: KvCondition) -> Result<bool>;
     /// Keys starting with `prefix` and after `after`, in order, at most
     /// `limit`.
-    fn kv_list(&self, bucket: &str, prefix: &str, after: &str, limit: usize) -> Result<Vec<KvKey>>;
+    async fn kv_list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KvKey>>;
     /// Every bucket holding keys.
-    fn kv_buckets(&self) -> Result<Vec<BucketStats>>;
+    async fn kv_buckets(&self) -> Result<Vec<BucketStats>>;
 }

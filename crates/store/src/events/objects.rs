@@ -40,9 +40,10 @@ pub struct ObjectMeta {
 
 /// Object buckets: content-addressed bytes with metadata. Writes emit
 /// `dev.mayfly.object.*` events to the triggers watching them.
+#[async_trait::async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Stores `bytes` under `key`, replacing what was there.
-    fn object_put(
+    async fn object_put(
         &self,
         bucket: &str,
         key: &str,
@@ -51,10 +52,13 @@ pub trait ObjectStore: Send + Sync {
     ) -> Result<ObjectMeta>;
     /// A writer for an object's bytes as they arrive (an upload streamed
     /// to disk, never whole in memory); store them with
-    /// [`ObjectStore::object_put_staged`].
-    fn object_writer(&self) -> Result<crate::BlobWriter>;
+    /// [`ObjectStore::object_put_staged`]. Asynchronous like the rest: it
+    /// creates a file (and a cluster back-end might open an upload). The
+    /// writer itself is a plain [`std::io::Write`] over a local file, so
+    /// its writes block: make them off the async workers.
+    async fn object_writer(&self) -> Result<crate::BlobWriter>;
     /// Stores the bytes `staged` under `key`, replacing what was there.
-    fn object_put_staged(
+    async fn object_put_staged(
         &self,
         bucket: &str,
         key: &str,
@@ -62,15 +66,15 @@ pub trait ObjectStore: Send + Sync {
         content_type: &str,
     ) -> Result<ObjectMeta>;
     /// An object's metadata and a file holding its bytes.
-    fn object_get(
+    async fn object_get(
         &self,
         bucket: &str,
         key: &str,
     ) -> Result<Option<(ObjectMeta, std::path::PathBuf)>>;
     /// Deletes an object; returns whether it existed.
-    fn object_delete(&self, bucket: &str, key: &str) -> Result<bool>;
+    async fn object_delete(&self, bucket: &str, key: &str) -> Result<bool>;
     /// Objects whose key starts with `prefix` and sorts after `after`.
-    fn object_list(
+    async fn object_list(
         &self,
         bucket: &str,
         prefix: &str,
@@ -78,5 +82,5 @@ pub trait ObjectStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<ObjectMeta>>;
     /// Every bucket holding objects.
-    fn object_buckets(&self) -> Result<Vec<BucketStats>>;
+    async fn object_buckets(&self) -> Result<Vec<BucketStats>>;
 }

@@ -165,24 +165,25 @@ pub struct DeadLetter {
 
 /// Durable queues, function inboxes, and the dead-letter queues behind
 /// them.
+#[async_trait::async_trait]
 pub trait EventQueue: Send + Sync {
     /// Stores messages on a named queue in one durable write; returns their
     /// ids. Each is given an event id once, kept across redeliveries.
-    fn send(&self, queue: &str, messages: &[(Option<String>, Vec<u8>)]) -> Result<Vec<i64>>;
+    async fn send(&self, queue: &str, messages: &[(Option<String>, Vec<u8>)]) -> Result<Vec<i64>>;
     /// Hands out up to `max` visible messages of a named queue, invisible to
     /// others for `visibility_ms`.
-    fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>>;
+    async fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>>;
     /// Acknowledges a received message by its receipt.
-    fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome>;
+    async fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome>;
     /// Named queues and their counts.
-    fn queues(&self) -> Result<Vec<QueueStats>>;
+    async fn queues(&self) -> Result<Vec<QueueStats>>;
     /// Stores an event in a function's inbox; returns its row id.
-    fn enqueue(&self, function: &str, event: &InboxEvent) -> Result<i64>;
+    async fn enqueue(&self, function: &str, event: &InboxEvent) -> Result<i64>;
     /// Applies `settled` and then claims up to `max` deliveries from
     /// `queue` for the node's dispatcher, leased for `lease_ms`, in one
     /// transaction. Events with the same ordering key (a KV key) are handed
     /// out one at a time, in commit order.
-    fn settle_and_claim(
+    async fn settle_and_claim(
         &self,
         settled: &[Settlement],
         queue: &QueueRef,
@@ -190,20 +191,25 @@ pub trait EventQueue: Send + Sync {
         lease_ms: u64,
     ) -> Result<Vec<Delivery>>;
     /// When the next message of `queue` becomes visible, if any is stored.
-    fn next_visible(&self, queue: &QueueRef) -> Result<Option<i64>>;
+    async fn next_visible(&self, queue: &QueueRef) -> Result<Option<i64>>;
     /// Makes every delivery leased by a previous run of this node's
     /// dispatcher visible again (after a crash or restart); returns how
     /// many.
-    fn release_leases(&self) -> Result<usize>;
+    async fn release_leases(&self) -> Result<usize>;
     /// Stored events and messages by queue, for metrics.
-    fn depths(&self) -> Result<Vec<(QueueRef, u64)>>;
+    async fn depths(&self) -> Result<Vec<(QueueRef, u64)>>;
     /// A function's dead letters after `after`, oldest first.
-    fn dead_letters(&self, function: &str, after: i64, limit: usize) -> Result<Vec<DeadLetter>>;
+    async fn dead_letters(
+        &self,
+        function: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>>;
     /// One dead letter with its data.
-    fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>>;
+    async fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>>;
     /// Moves dead letters (all when `ids` is `None`) back to the function's
     /// inbox with their event ids and a fresh attempt count.
-    fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
+    async fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
     /// Deletes dead letters (all when `ids` is `None`).
-    fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
+    async fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
 }

@@ -140,24 +140,31 @@ pub struct Trigger {
 }
 
 /// Triggers attached to functions.
+#[async_trait::async_trait]
 pub trait TriggerStore: Send + Sync {
     /// Attaches a trigger; an identical one already attached to the function
     /// is returned instead, with `false`.
-    fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)>;
+    async fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)>;
     /// Triggers of one function, or of all, in id order.
-    fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>>;
+    async fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>>;
     /// Detaches a trigger; returns whether it existed.
-    fn remove_trigger(&self, id: i64) -> Result<bool>;
+    async fn remove_trigger(&self, id: i64) -> Result<bool>;
     /// Removes a function's triggers, inbox and dead letters.
-    fn remove_function(&self, function: &str) -> Result<()>;
+    async fn remove_function(&self, function: &str) -> Result<()>;
     /// Stores a schedule's event in its function's inbox and records
     /// `fired_ms` as its last run, in one transaction; `false` if the
     /// trigger is gone or fired since `trigger` was read (its
     /// `last_fired_ms` changed), so a slot never fires twice.
-    fn fire_schedule(&self, trigger: &Trigger, event: &CloudEvent, fired_ms: i64) -> Result<bool>;
+    async fn fire_schedule(
+        &self,
+        trigger: &Trigger,
+        event: &CloudEvent,
+        fired_ms: i64,
+    ) -> Result<bool>;
 
     /// Changes to triggers from now on, whoever made them: a node
     /// subscribes and reloads its trigger cache (which workers run, which
-    /// schedules it fires) on each.
+    /// schedules it fires) on each. Synchronous: subscribing is in memory,
+    /// no I/O.
     fn watch(&self) -> crate::ChangeFeed<crate::TriggerChange>;
 }

@@ -3,11 +3,11 @@
 //! the request path's stores.
 
 use std::path::Path;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{LockedDb, now_ms};
+use super::{LockedDb, now_ms, offload};
 use crate::changes::Feed;
 use crate::{AuditEntry, AuthStore, ChangeFeed, Result, TokenChange, TokenRecord};
 
@@ -33,9 +33,16 @@ const MIGRATIONS: &[&str] = &[r#"
     );
 "#];
 
-/// [`AuthStore`] in a SQLite file.
+/// [`AuthStore`] in a SQLite file. Each call runs on the blocking pool
+/// (`sqlite::offload`).
 pub struct EmbeddedAuth {
-    db: LockedDb,
+    db: Arc<AuthDb>,
+}
+
+/// The connection and the token feed, with the synchronous code of every
+/// call.
+struct AuthDb {
+    conn: LockedDb,
     changes: Feed<TokenChange>,
 }
 
@@ -43,13 +50,23 @@ impl EmbeddedAuth {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         Ok(Self {
-            db: LockedDb::open(path, MIGRATIONS)?,
-            changes: Feed::new(),
+            db: Arc::new(AuthDb {
+                conn: LockedDb::open(path, MIGRATIONS)?,
+                changes: Feed::new(),
+            }),
         })
     }
 
+    /// The token with `id`, if any.
+    pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let id = id.to_owned();
+        offload(&self.db, move |db| db.token(&id)).await
+    }
+}
+
+impl AuthDb {
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.db.lock()
+        self.conn.lock()
     }
 }
 
@@ -71,7 +88,8 @@ fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     })
 }
 
-impl AuthStore for EmbeddedAuth {
+/// Tokens and the audit log, synchronously.
+impl AuthDb {
     fn create_token(&self, token: &TokenRecord) -> Result<()> {
         self.conn().execute(
             "INSERT INTO tokens (id, name, hash, scopes, functions, created_ms)
@@ -113,10 +131,6 @@ impl AuthStore for EmbeddedAuth {
                 .emit(TokenChange::Revoked { id: id.to_string() });
         }
         Ok(changed > 0)
-    }
-
-    fn watch(&self) -> ChangeFeed<TokenChange> {
-        self.changes.subscribe()
     }
 
     fn append_audit(
@@ -168,11 +182,8 @@ impl AuthStore for EmbeddedAuth {
         )?;
         Ok(removed)
     }
-}
 
-impl EmbeddedAuth {
-    /// The token with `id`, if any.
-    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
         Ok(self
             .conn()
             .query_row(
@@ -182,6 +193,50 @@ impl EmbeddedAuth {
                 token_row,
             )
             .optional()?)
+    }
+}
+
+#[async_trait::async_trait]
+impl AuthStore for EmbeddedAuth {
+    async fn create_token(&self, token: &TokenRecord) -> Result<()> {
+        let token = token.clone();
+        offload(&self.db, move |db| db.create_token(&token)).await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        offload(&self.db, |db| db.tokens()).await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        offload(&self.db, move |db| db.revoke_token(&id)).await
+    }
+
+    async fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        status: u16,
+        detail: Option<&str>,
+    ) -> Result<i64> {
+        let (actor, action) = (actor.to_owned(), action.to_owned());
+        let detail = detail.map(str::to_owned);
+        offload(&self.db, move |db| {
+            db.append_audit(&actor, &action, status, detail.as_deref())
+        })
+        .await
+    }
+
+    async fn audit(&self, after: i64, limit: usize, latest: bool) -> Result<Vec<AuditEntry>> {
+        offload(&self.db, move |db| db.audit(after, limit, latest)).await
+    }
+
+    async fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize> {
+        offload(&self.db, move |db| db.prune_audit(before_ms, keep_rows)).await
+    }
+
+    fn watch(&self) -> ChangeFeed<TokenChange> {
+        self.db.changes.subscribe()
     }
 }
 
@@ -202,22 +257,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tokens_round_trip_and_revoke_once() {
+    #[tokio::test]
+    async fn tokens_round_trip_and_revoke_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedAuth::open(&dir.path().join("auth.db")).unwrap();
-        store.create_token(&token("tok_1", "h1")).unwrap();
+        store.create_token(&token("tok_1", "h1")).await.unwrap();
         assert!(
-            store.create_token(&token("tok_2", "h1")).is_err(),
+            store.create_token(&token("tok_2", "h1")).await.is_err(),
             "hashes are unique"
         );
-        let tokens = store.tokens().unwrap();
+        let tokens = store.tokens().await.unwrap();
         assert_eq!(tokens, vec![token("tok_1", "h1")]);
-        assert!(store.revoke_token("tok_1").unwrap());
-        assert!(!store.revoke_token("tok_1").unwrap(), "already revoked");
+        assert!(store.revoke_token("tok_1").await.unwrap());
+        assert!(
+            !store.revoke_token("tok_1").await.unwrap(),
+            "already revoked"
+        );
         assert!(
             store
                 .token("tok_1")
+                .await
                 .unwrap()
                 .unwrap()
                 .revoked_at_ms
@@ -225,28 +284,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn audit_pages_forward_and_shows_the_latest() {
+    #[tokio::test]
+    async fn audit_pages_forward_and_shows_the_latest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth.db");
         let store = EmbeddedAuth::open(&path).unwrap();
         for status in [200, 403, 201] {
             store
                 .append_audit("tok_1 (ci)", "POST /v1/x", status, None)
+                .await
                 .unwrap();
         }
         drop(store);
         let store = EmbeddedAuth::open(&path).unwrap();
-        let all = store.audit(0, 10, false).unwrap();
+        let all = store.audit(0, 10, false).await.unwrap();
         assert_eq!(
             all.iter().map(|e| e.status).collect::<Vec<_>>(),
             [200, 403, 201]
         );
-        let latest = store.audit(0, 2, true).unwrap();
+        let latest = store.audit(0, 2, true).await.unwrap();
         assert_eq!(
             latest.iter().map(|e| e.status).collect::<Vec<_>>(),
             [403, 201]
         );
-        assert_eq!(store.audit(all[1].id, 10, false).unwrap().len(), 1);
+        assert_eq!(store.audit(all[1].id, 10, false).await.unwrap().len(), 1);
     }
 }

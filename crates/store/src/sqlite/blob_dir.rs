@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
+use super::offload;
 use crate::{BlobKind, BlobStore, Digest, Result, StoreError};
 
 const KINDS: [BlobKind; 3] = [BlobKind::Component, BlobKind::Artifact, BlobKind::Object];
@@ -46,7 +47,9 @@ impl FileStamp {
     }
 }
 
-/// Blobs as files under `<data dir>/blobs/<kind>/<hex>`.
+/// Blobs as files under `<data dir>/blobs/<kind>/<hex>`. [`BlobStore`]
+/// calls run on the blocking pool (`sqlite::offload`); the inherent methods
+/// block, for callers already off the async workers.
 #[derive(Debug, Clone)]
 pub struct BlobDir {
     root: PathBuf,
@@ -155,14 +158,22 @@ impl BlobDir {
     }
 }
 
-impl BlobStore for BlobDir {
-    fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest> {
+/// The [`BlobStore`] calls, synchronously: what its async methods run on
+/// the blocking pool, and what the event store (itself on the blocking
+/// pool) calls for object bytes.
+impl BlobDir {
+    pub(crate) fn put_blocking(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest> {
         let digest = Digest::of(bytes);
-        self.put_keyed(kind, &digest, bytes)?;
+        self.put_keyed_blocking(kind, &digest, bytes)?;
         Ok(digest)
     }
 
-    fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put_keyed_blocking(
+        &self,
+        kind: BlobKind,
+        key: &Digest,
+        bytes: &[u8],
+    ) -> Result<()> {
         let path = self.path(kind, key);
         if path.exists() {
             return Ok(());
@@ -171,7 +182,7 @@ impl BlobStore for BlobDir {
         Ok(())
     }
 
-    fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get_blocking(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>> {
         match fs::read(self.path(kind, key)) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -179,12 +190,17 @@ impl BlobStore for BlobDir {
         }
     }
 
-    fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<PathBuf> {
+    pub(crate) fn local_path_blocking(&self, kind: BlobKind, key: &Digest) -> Option<PathBuf> {
         let path = self.path(kind, key);
         path.exists().then_some(path)
     }
 
-    fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put_checked_blocking(
+        &self,
+        kind: BlobKind,
+        key: &Digest,
+        bytes: &[u8],
+    ) -> Result<()> {
         let path = self.path(kind, key);
         let checksum = Digest::of(bytes);
         let _pair = self
@@ -202,11 +218,15 @@ impl BlobStore for BlobDir {
         Ok(())
     }
 
-    fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool {
+    pub(crate) fn has_checked_blocking(&self, kind: BlobKind, key: &Digest) -> bool {
         self.path(kind, key).exists() && self.checksum_path(kind, key).exists()
     }
 
-    fn verified_path(&self, kind: BlobKind, key: &Digest) -> Result<Option<PathBuf>> {
+    pub(crate) fn verified_path_blocking(
+        &self,
+        kind: BlobKind,
+        key: &Digest,
+    ) -> Result<Option<PathBuf>> {
         let path = self.path(kind, key);
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
@@ -239,6 +259,55 @@ impl BlobStore for BlobDir {
             self.mark_verified(&path, stamp);
         }
         Ok(Some(path))
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobStore for BlobDir {
+    async fn put(&self, kind: BlobKind, bytes: &[u8]) -> Result<Digest> {
+        let bytes = bytes.to_vec();
+        offload(self, move |dir| dir.put_blocking(kind, &bytes)).await
+    }
+
+    async fn put_keyed(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()> {
+        let (key, bytes) = (key.clone(), bytes.to_vec());
+        offload(self, move |dir| dir.put_keyed_blocking(kind, &key, &bytes)).await
+    }
+
+    async fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>> {
+        let key = key.clone();
+        offload(self, move |dir| dir.get_blocking(kind, &key)).await
+    }
+
+    async fn local_path(&self, kind: BlobKind, key: &Digest) -> Option<PathBuf> {
+        let key = key.clone();
+        // A call that did not finish found nothing to hand out.
+        offload(self, move |dir| Ok(dir.local_path_blocking(kind, &key)))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn put_checked(&self, kind: BlobKind, key: &Digest, bytes: &[u8]) -> Result<()> {
+        let (key, bytes) = (key.clone(), bytes.to_vec());
+        offload(self, move |dir| {
+            dir.put_checked_blocking(kind, &key, &bytes)
+        })
+        .await
+    }
+
+    async fn has_checked(&self, kind: BlobKind, key: &Digest) -> bool {
+        let key = key.clone();
+        // A call that did not finish counts as absent: the caller writes
+        // the blob again, never trusts one it could not check.
+        offload(self, move |dir| Ok(dir.has_checked_blocking(kind, &key)))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn verified_path(&self, kind: BlobKind, key: &Digest) -> Result<Option<PathBuf>> {
+        let key = key.clone();
+        offload(self, move |dir| dir.verified_path_blocking(kind, &key)).await
     }
 }
 
@@ -417,41 +486,44 @@ mod tests {
     use super::*;
     use crate::*;
 
-    #[test]
-    fn put_is_content_addressed_and_idempotent() {
+    #[tokio::test]
+    async fn put_is_content_addressed_and_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobDir::open(dir.path()).unwrap();
-        let a = blobs.put(BlobKind::Component, b"hello").unwrap();
-        let b = blobs.put(BlobKind::Component, b"hello").unwrap();
+        let a = blobs.put(BlobKind::Component, b"hello").await.unwrap();
+        let b = blobs.put(BlobKind::Component, b"hello").await.unwrap();
         assert_eq!(a, b);
         assert_eq!(
             a.to_string(),
             "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
         assert_eq!(
-            blobs.get(BlobKind::Component, &a).unwrap().as_deref(),
+            blobs.get(BlobKind::Component, &a).await.unwrap().as_deref(),
             Some(&b"hello"[..])
         );
-        assert!(blobs.get(BlobKind::Artifact, &a).unwrap().is_none());
+        assert!(blobs.get(BlobKind::Artifact, &a).await.unwrap().is_none());
     }
 
-    #[test]
-    fn checked_blobs_are_verified_and_damage_is_reported() {
+    #[tokio::test]
+    async fn checked_blobs_are_verified_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobDir::open(dir.path()).unwrap();
         let key = Digest::derive(&["component", "engine"]);
         assert!(
             blobs
                 .verified_path(BlobKind::Artifact, &key)
+                .await
                 .unwrap()
                 .is_none()
         );
         blobs
             .put_checked(BlobKind::Artifact, &key, b"compiled code")
+            .await
             .unwrap();
-        assert!(blobs.has_checked(BlobKind::Artifact, &key));
+        assert!(blobs.has_checked(BlobKind::Artifact, &key).await);
         let path = blobs
             .verified_path(BlobKind::Artifact, &key)
+            .await
             .unwrap()
             .unwrap();
         // A fresh handle (a restart) hashes the file again.
@@ -459,6 +531,7 @@ mod tests {
         assert!(
             reopened
                 .verified_path(BlobKind::Artifact, &key)
+                .await
                 .unwrap()
                 .is_some()
         );
@@ -466,16 +539,21 @@ mod tests {
         // A flipped byte, in place, is seen by both.
         fs::write(&path, b"compiled cOde").unwrap();
         for blobs in [&blobs, &reopened] {
-            let error = blobs.verified_path(BlobKind::Artifact, &key).unwrap_err();
+            let error = blobs
+                .verified_path(BlobKind::Artifact, &key)
+                .await
+                .unwrap_err();
             assert!(matches!(error, StoreError::Corrupt(_)), "{error}");
         }
         // Writing it again heals it; a truncation is seen too.
         blobs
             .put_checked(BlobKind::Artifact, &key, b"compiled code")
+            .await
             .unwrap();
         assert!(
             blobs
                 .verified_path(BlobKind::Artifact, &key)
+                .await
                 .unwrap()
                 .is_some()
         );
@@ -485,16 +563,18 @@ mod tests {
             .unwrap()
             .set_len(4)
             .unwrap();
-        assert!(blobs.verified_path(BlobKind::Artifact, &key).is_err());
+        assert!(blobs.verified_path(BlobKind::Artifact, &key).await.is_err());
         // Without its checksum a blob cannot be trusted: absent.
         blobs
             .put_checked(BlobKind::Artifact, &key, b"compiled code")
+            .await
             .unwrap();
         fs::remove_file(blobs.checksum_path(BlobKind::Artifact, &key)).unwrap();
-        assert!(!blobs.has_checked(BlobKind::Artifact, &key));
+        assert!(!blobs.has_checked(BlobKind::Artifact, &key).await);
         assert!(
             reopened
                 .verified_path(BlobKind::Artifact, &key)
+                .await
                 .unwrap()
                 .is_none()
         );
@@ -502,8 +582,8 @@ mod tests {
         assert!(!path.exists());
     }
 
-    #[test]
-    fn a_failed_write_leaves_no_temporary_file_and_old_ones_are_swept() {
+    #[tokio::test]
+    async fn a_failed_write_leaves_no_temporary_file_and_old_ones_are_swept() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobDir::open(dir.path()).unwrap();
@@ -512,7 +592,12 @@ mod tests {
         let digest = Digest::of(b"bytes");
         fs::create_dir(folder.join(digest.hex())).unwrap();
         fs::write(folder.join(digest.hex()).join("x"), b"").unwrap();
-        assert!(blobs.put_keyed(BlobKind::Object, &digest, b"bytes").is_ok());
+        assert!(
+            blobs
+                .put_keyed(BlobKind::Object, &digest, b"bytes")
+                .await
+                .is_ok()
+        );
         let other = Digest::of(b"other");
         fs::create_dir(folder.join(other.hex())).unwrap();
         fs::write(folder.join(other.hex()).join("x"), b"").unwrap();
@@ -534,7 +619,7 @@ mod tests {
         assert_eq!(names(&folder), Vec::<String>::new());
 
         // Blobs are the node's alone.
-        let digest = blobs.put(BlobKind::Component, b"wasm").unwrap();
+        let digest = blobs.put(BlobKind::Component, b"wasm").await.unwrap();
         let mode = fs::metadata(blobs.path(BlobKind::Component, &digest))
             .unwrap()
             .permissions()
@@ -542,8 +627,8 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    #[test]
-    fn a_streamed_blob_lands_under_its_digest_and_leaves_no_temp_file() {
+    #[tokio::test]
+    async fn a_streamed_blob_lands_under_its_digest_and_leaves_no_temp_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobDir::open(dir.path()).unwrap();
@@ -558,6 +643,7 @@ mod tests {
         assert_eq!(
             blobs
                 .get(BlobKind::Object, &Digest::of(b"hello"))
+                .await
                 .unwrap()
                 .as_deref(),
             Some(&b"hello"[..])

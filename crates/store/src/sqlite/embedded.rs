@@ -1,11 +1,11 @@
 //! The registry and the log store in `<data dir>/mayfly.db`.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use super::{migrate, now_ms, offload, open_connection, to_i64, to_u64, write_tx};
 use crate::changes::Feed;
 use crate::registry::ALIAS_MOVES_KEPT;
 use crate::{ChangeFeed, RegistryChange};
@@ -90,8 +90,15 @@ const MIGRATIONS: &[&str] = &[
 ///
 /// Metadata and logs use separate connections so that a burst of log writes
 /// never queues behind (or in front of) a deploy; SQLite's WAL mode lets
-/// them proceed side by side.
+/// them proceed side by side. Each call runs on the blocking pool
+/// (`sqlite::offload`).
 pub struct EmbeddedStore {
+    db: Arc<StoreDb>,
+}
+
+/// The connections and the change feed, with the synchronous code of every
+/// call: what [`EmbeddedStore`]'s async methods run on the blocking pool.
+struct StoreDb {
     meta: Mutex<Connection>,
     logs: Mutex<Connection>,
     changes: Feed<RegistryChange>,
@@ -105,12 +112,16 @@ impl EmbeddedStore {
         migrate(&meta, MIGRATIONS)?;
         let logs = open_connection(path)?;
         Ok(Self {
-            meta: Mutex::new(meta),
-            logs: Mutex::new(logs),
-            changes: Feed::new(),
+            db: Arc::new(StoreDb {
+                meta: Mutex::new(meta),
+                logs: Mutex::new(logs),
+                changes: Feed::new(),
+            }),
         })
     }
+}
 
+impl StoreDb {
     fn meta(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done change:
         // every change runs in a transaction that rolls back on drop.
@@ -415,7 +426,8 @@ fn function_from_row(
     })
 }
 
-impl Registry for EmbeddedStore {
+/// The registry, synchronously.
+impl StoreDb {
     fn create_version(
         &self,
         function: &str,
@@ -543,6 +555,7 @@ impl Registry for EmbeddedStore {
         read_aliases(&self.meta(), function)
     }
 
+    #[allow(clippy::too_many_arguments)] // The contract's own arguments.
     fn set_alias(
         &self,
         function: &str,
@@ -706,10 +719,6 @@ impl Registry for EmbeddedStore {
         pruned.sort_unstable();
         Ok(pruned)
     }
-
-    fn watch(&self) -> ChangeFeed<RegistryChange> {
-        self.changes.subscribe()
-    }
 }
 
 fn log_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogRecord> {
@@ -728,7 +737,8 @@ fn log_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogRecord> {
 
 const LOG_COLUMNS: &str = "id, ts_ms, function, version, request_id, stream, line";
 
-impl LogStore for EmbeddedStore {
+/// The log store, synchronously.
+impl StoreDb {
     fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64> {
         let mut conn = self.logs();
         let tx = write_tx(&mut conn)?;
@@ -811,13 +821,143 @@ impl LogStore for EmbeddedStore {
     }
 }
 
+#[async_trait::async_trait]
+impl Registry for EmbeddedStore {
+    async fn create_version(
+        &self,
+        function: &str,
+        digest: &Digest,
+        config: &FunctionConfig,
+        expected_live: Expected,
+    ) -> Result<VersionRecord> {
+        let (function, digest, config) = (function.to_owned(), digest.clone(), config.clone());
+        offload(&self.db, move |db| {
+            db.create_version(&function, &digest, &config, expected_live)
+        })
+        .await
+    }
+
+    async fn function(&self, name: &str) -> Result<Option<FunctionRecord>> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.function(&name)).await
+    }
+
+    async fn functions(&self) -> Result<Vec<FunctionRecord>> {
+        offload(&self.db, |db| db.functions()).await
+    }
+
+    async fn versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.versions(&name)).await
+    }
+
+    async fn delete_function(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.delete_function(&name)).await
+    }
+
+    async fn version(&self, function: &str, version: u64) -> Result<Option<VersionRecord>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.version(&function, version)).await
+    }
+
+    async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.aliases(&function)).await
+    }
+
+    async fn set_alias(
+        &self,
+        function: &str,
+        alias: &str,
+        version: u64,
+        canary: Option<CanaryRecord>,
+        expected: Expected,
+        cause: MoveCause,
+        detail: &str,
+    ) -> Result<AliasRecord> {
+        let (function, alias, detail) = (function.to_owned(), alias.to_owned(), detail.to_owned());
+        offload(&self.db, move |db| {
+            db.set_alias(&function, &alias, version, canary, expected, cause, &detail)
+        })
+        .await
+    }
+
+    async fn alias_moves(&self, function: &str, limit: usize) -> Result<Vec<AliasMove>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.alias_moves(&function, limit)).await
+    }
+
+    async fn delete_alias(&self, function: &str, alias: &str) -> Result<bool> {
+        let (function, alias) = (function.to_owned(), alias.to_owned());
+        offload(&self.db, move |db| db.delete_alias(&function, &alias)).await
+    }
+
+    async fn delete_version(&self, function: &str, version: u64) -> Result<()> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.delete_version(&function, version)).await
+    }
+
+    async fn prune_versions(&self, function: &str, keep: usize) -> Result<Vec<u64>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.prune_versions(&function, keep)).await
+    }
+
+    fn watch(&self) -> ChangeFeed<RegistryChange> {
+        self.db.changes.subscribe()
+    }
+}
+
+#[async_trait::async_trait]
+impl LogStore for EmbeddedStore {
+    async fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64> {
+        let lines = lines.to_vec();
+        offload(&self.db, move |db| db.append_logs(&lines)).await
+    }
+
+    async fn logs_after(
+        &self,
+        function: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<LogRecord>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| {
+            db.logs_after(&function, after_id, limit)
+        })
+        .await
+    }
+
+    async fn logs_tail(&self, function: &str, limit: usize) -> Result<Vec<LogRecord>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.logs_tail(&function, limit)).await
+    }
+
+    async fn prune_logs(&self, keep: usize) -> Result<usize> {
+        offload(&self.db, move |db| db.prune_logs(keep)).await
+    }
+
+    async fn prune_function_logs(
+        &self,
+        function: &str,
+        keep_lines: usize,
+        keep_bytes: u64,
+    ) -> Result<usize> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| {
+            db.prune_function_logs(&function, keep_lines, keep_bytes)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::*;
 
-    #[test]
-    fn the_live_version_survives_the_alias_migration() {
+    #[tokio::test]
+    async fn the_live_version_survives_the_alias_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mayfly.db");
         {
@@ -830,8 +970,8 @@ mod tests {
             .unwrap();
         }
         let store = EmbeddedStore::open(&path).unwrap();
-        let f = store.function("f").unwrap().unwrap();
+        let f = store.function("f").await.unwrap().unwrap();
         assert_eq!((f.live.version, f.created_at_ms), (2, 5));
-        assert_eq!(store.aliases("f").unwrap()[0].alias, "live");
+        assert_eq!(store.aliases("f").await.unwrap()[0].alias, "live");
     }
 }

@@ -3,15 +3,15 @@
 //! object bytes.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
 use super::BlobDir;
-use super::{migrate, now_ms, open_connection, to_i64, to_u64, write_tx};
+use super::{migrate, now_ms, offload, open_connection, to_i64, to_u64, write_tx};
 use crate::changes::Feed;
 use crate::events::*;
-use crate::{BlobKind, BlobStore, Digest, Result, StoreError};
+use crate::{BlobKind, Digest, Result, StoreError};
 use crate::{BucketChange, ChangeFeed, TriggerChange};
 
 const MIGRATIONS: &[&str] = &[r#"
@@ -113,7 +113,14 @@ const DEAD_COLUMNS: &str = "id, event_id, type, source, subject, time_ms, conten
 /// to a user, which must survive a power loss once answered; `dispatch`
 /// (synchronous=NORMAL) for the dispatcher's claims and settlements, which
 /// a crash may only roll back into a redelivery. WAL lets them interleave.
+/// Each call runs on the blocking pool (`sqlite::offload`).
 pub struct EmbeddedEvents {
+    db: Arc<EventsDb>,
+}
+
+/// The connections, the object files and the trigger feed, with the
+/// synchronous code of every call.
+struct EventsDb {
     writes: Mutex<Connection>,
     dispatch: Mutex<Connection>,
     objects: BlobDir,
@@ -129,13 +136,17 @@ impl EmbeddedEvents {
         let dispatch = open_connection(path)?;
         dispatch.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Self {
-            writes: Mutex::new(writes),
-            dispatch: Mutex::new(dispatch),
-            objects,
-            trigger_changes: Feed::new(),
+            db: Arc::new(EventsDb {
+                writes: Mutex::new(writes),
+                dispatch: Mutex::new(dispatch),
+                objects,
+                trigger_changes: Feed::new(),
+            }),
         })
     }
+}
 
+impl EventsDb {
     fn writes(&self) -> MutexGuard<'_, Connection> {
         // Every change runs in a transaction that rolls back on drop, so a
         // panic under the lock leaves nothing half done.
@@ -331,7 +342,8 @@ fn check_kv_condition(
     }
 }
 
-impl KvStore for EmbeddedEvents {
+/// KV buckets, synchronously.
+impl EventsDb {
     fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>> {
         let conn = self.writes();
         let entry = conn
@@ -462,7 +474,7 @@ fn etag(digest_hex: &str) -> String {
     format!("\"{digest_hex}\"")
 }
 
-impl EmbeddedEvents {
+impl EventsDb {
     /// Records `key` as the object of `digest` (its bytes put in place by
     /// `place`, under the write lock) and emits its change event.
     fn record_object(
@@ -535,7 +547,8 @@ impl EmbeddedEvents {
     }
 }
 
-impl ObjectStore for EmbeddedEvents {
+/// Object buckets, synchronously.
+impl EventsDb {
     fn object_put(
         &self,
         bucket: &str,
@@ -545,7 +558,7 @@ impl ObjectStore for EmbeddedEvents {
     ) -> Result<ObjectMeta> {
         // The bytes are written (and synced) before the lock: large uploads
         // do not hold up other writers.
-        let digest = self.objects.put(BlobKind::Object, bytes)?;
+        let digest = self.objects.put_blocking(BlobKind::Object, bytes)?;
         self.record_object(
             bucket,
             key,
@@ -555,7 +568,8 @@ impl ObjectStore for EmbeddedEvents {
             || {
                 // A delete of another object with the same bytes may have
                 // removed the file between the write above and the lock.
-                self.objects.put_keyed(BlobKind::Object, &digest, bytes)
+                self.objects
+                    .put_keyed_blocking(BlobKind::Object, &digest, bytes)
             },
         )
     }
@@ -595,7 +609,7 @@ impl ObjectStore for EmbeddedEvents {
         };
         let path = self
             .objects
-            .local_path(BlobKind::Object, &Digest::parse(&digest)?)
+            .local_path_blocking(BlobKind::Object, &Digest::parse(&digest)?)
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("the bytes of object {bucket}/{key} are missing"))
             })?;
@@ -775,7 +789,8 @@ fn settle(tx: &Transaction<'_>, settlement: &Settlement, now: i64) -> Result<()>
     Ok(())
 }
 
-impl EventQueue for EmbeddedEvents {
+/// Queues, inboxes and dead letters, synchronously.
+impl EventsDb {
     fn send(&self, queue: &str, messages: &[(Option<String>, Vec<u8>)]) -> Result<Vec<i64>> {
         let mut conn = self.writes();
         let tx = write_tx(&mut conn)?;
@@ -1000,7 +1015,8 @@ fn selected_dead(tx: &Transaction<'_>, function: &str, ids: Option<&[i64]>) -> R
     Ok(all)
 }
 
-impl TriggerStore for EmbeddedEvents {
+/// Triggers, synchronously.
+impl EventsDb {
     fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)> {
         let text = serde_json::to_string(spec)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode trigger: {e}")))?;
@@ -1109,9 +1125,233 @@ impl TriggerStore for EmbeddedEvents {
         });
         Ok(true)
     }
+}
+
+#[async_trait::async_trait]
+impl KvStore for EmbeddedEvents {
+    async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        offload(&self.db, move |db| db.kv_get(&bucket, &key)).await
+    }
+
+    async fn kv_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &[u8],
+        condition: KvCondition,
+    ) -> Result<u64> {
+        let (bucket, key, value) = (bucket.to_owned(), key.to_owned(), value.to_vec());
+        offload(&self.db, move |db| {
+            db.kv_put(&bucket, &key, &value, condition)
+        })
+        .await
+    }
+
+    async fn kv_delete(&self, bucket: &str, key: &str, condition: KvCondition) -> Result<bool> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        offload(&self.db, move |db| db.kv_delete(&bucket, &key, condition)).await
+    }
+
+    async fn kv_list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KvKey>> {
+        let (bucket, prefix, after) = (bucket.to_owned(), prefix.to_owned(), after.to_owned());
+        offload(&self.db, move |db| {
+            db.kv_list(&bucket, &prefix, &after, limit)
+        })
+        .await
+    }
+
+    async fn kv_buckets(&self) -> Result<Vec<BucketStats>> {
+        offload(&self.db, |db| db.kv_buckets()).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for EmbeddedEvents {
+    async fn object_put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: &[u8],
+        content_type: &str,
+    ) -> Result<ObjectMeta> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        let (bytes, content_type) = (bytes.to_vec(), content_type.to_owned());
+        offload(&self.db, move |db| {
+            db.object_put(&bucket, &key, &bytes, &content_type)
+        })
+        .await
+    }
+
+    async fn object_writer(&self) -> Result<crate::BlobWriter> {
+        offload(&self.db, |db| db.object_writer()).await
+    }
+
+    async fn object_put_staged(
+        &self,
+        bucket: &str,
+        key: &str,
+        staged: crate::StagedBlob,
+        content_type: &str,
+    ) -> Result<ObjectMeta> {
+        let (bucket, key, content_type) =
+            (bucket.to_owned(), key.to_owned(), content_type.to_owned());
+        offload(&self.db, move |db| {
+            db.object_put_staged(&bucket, &key, staged, &content_type)
+        })
+        .await
+    }
+
+    async fn object_get(&self, bucket: &str, key: &str) -> Result<Option<(ObjectMeta, PathBuf)>> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        offload(&self.db, move |db| db.object_get(&bucket, &key)).await
+    }
+
+    async fn object_delete(&self, bucket: &str, key: &str) -> Result<bool> {
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        offload(&self.db, move |db| db.object_delete(&bucket, &key)).await
+    }
+
+    async fn object_list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<ObjectMeta>> {
+        let (bucket, prefix, after) = (bucket.to_owned(), prefix.to_owned(), after.to_owned());
+        offload(&self.db, move |db| {
+            db.object_list(&bucket, &prefix, &after, limit)
+        })
+        .await
+    }
+
+    async fn object_buckets(&self) -> Result<Vec<BucketStats>> {
+        offload(&self.db, |db| db.object_buckets()).await
+    }
+}
+
+#[async_trait::async_trait]
+impl EventQueue for EmbeddedEvents {
+    async fn send(&self, queue: &str, messages: &[(Option<String>, Vec<u8>)]) -> Result<Vec<i64>> {
+        let (queue, messages) = (queue.to_owned(), messages.to_vec());
+        offload(&self.db, move |db| db.send(&queue, &messages)).await
+    }
+
+    async fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
+        let queue = queue.to_owned();
+        offload(&self.db, move |db| db.receive(&queue, max, visibility_ms)).await
+    }
+
+    async fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome> {
+        let queue = queue.to_owned();
+        offload(&self.db, move |db| db.ack(&queue, id, attempt)).await
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueStats>> {
+        offload(&self.db, |db| db.queues()).await
+    }
+
+    async fn enqueue(&self, function: &str, event: &InboxEvent) -> Result<i64> {
+        let (function, event) = (function.to_owned(), event.clone());
+        offload(&self.db, move |db| db.enqueue(&function, &event)).await
+    }
+
+    async fn settle_and_claim(
+        &self,
+        settled: &[Settlement],
+        queue: &QueueRef,
+        max: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<Delivery>> {
+        let (settled, queue) = (settled.to_vec(), queue.clone());
+        offload(&self.db, move |db| {
+            db.settle_and_claim(&settled, &queue, max, lease_ms)
+        })
+        .await
+    }
+
+    async fn next_visible(&self, queue: &QueueRef) -> Result<Option<i64>> {
+        let queue = queue.clone();
+        offload(&self.db, move |db| db.next_visible(&queue)).await
+    }
+
+    async fn release_leases(&self) -> Result<usize> {
+        offload(&self.db, |db| db.release_leases()).await
+    }
+
+    async fn depths(&self) -> Result<Vec<(QueueRef, u64)>> {
+        offload(&self.db, |db| db.depths()).await
+    }
+
+    async fn dead_letters(
+        &self,
+        function: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.dead_letters(&function, after, limit)).await
+    }
+
+    async fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.dead_letter(&function, id)).await
+    }
+
+    async fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
+        let (function, ids) = (function.to_owned(), ids.map(<[i64]>::to_vec));
+        offload(&self.db, move |db| db.redrive(&function, ids.as_deref())).await
+    }
+
+    async fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
+        let (function, ids) = (function.to_owned(), ids.map(<[i64]>::to_vec));
+        offload(&self.db, move |db| db.purge_dead(&function, ids.as_deref())).await
+    }
+}
+
+#[async_trait::async_trait]
+impl TriggerStore for EmbeddedEvents {
+    async fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)> {
+        let (function, spec) = (function.to_owned(), spec.clone());
+        offload(&self.db, move |db| db.add_trigger(&function, &spec)).await
+    }
+
+    async fn triggers(&self, function: Option<&str>) -> Result<Vec<Trigger>> {
+        let function = function.map(str::to_owned);
+        offload(&self.db, move |db| db.triggers(function.as_deref())).await
+    }
+
+    async fn remove_trigger(&self, id: i64) -> Result<bool> {
+        offload(&self.db, move |db| db.remove_trigger(id)).await
+    }
+
+    async fn remove_function(&self, function: &str) -> Result<()> {
+        let function = function.to_owned();
+        offload(&self.db, move |db| db.remove_function(&function)).await
+    }
+
+    async fn fire_schedule(
+        &self,
+        trigger: &Trigger,
+        event: &CloudEvent,
+        fired_ms: i64,
+    ) -> Result<bool> {
+        let (trigger, event) = (trigger.clone(), event.clone());
+        offload(&self.db, move |db| {
+            db.fire_schedule(&trigger, &event, fired_ms)
+        })
+        .await
+    }
 
     fn watch(&self) -> ChangeFeed<TriggerChange> {
-        self.trigger_changes.subscribe()
+        self.db.trigger_changes.subscribe()
     }
 }
 

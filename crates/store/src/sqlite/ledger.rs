@@ -2,11 +2,11 @@
 //! billing writes never queue behind log writes in `mayfly.db`.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
-use super::{migrate, open_connection};
+use super::{migrate, offload, open_connection};
 use crate::usage::{BYTE_US_PER_GB_S, MB_MS_PER_GB_S};
 use crate::{
     GroupBy, Outcome, OutcomeCounts, Result, StoreError, StoredUsage, UsageQuery, UsageRecord,
@@ -80,8 +80,14 @@ const LEDGER_MIGRATIONS: &[&str] = &[
 
 /// The embedded ledger: its own SQLite database file (e.g.
 /// `<data dir>/ledger.db`), separate from the metadata and log database so
-/// billing writes never queue behind log writes.
+/// billing writes never queue behind log writes. Each call runs on the
+/// blocking pool (`sqlite::offload`).
 pub struct EmbeddedLedger {
+    db: Arc<LedgerDb>,
+}
+
+/// The ledger's connection, with the synchronous code of every call.
+struct LedgerDb {
     conn: Mutex<Connection>,
 }
 
@@ -92,10 +98,14 @@ impl EmbeddedLedger {
         let conn = open_connection(path)?;
         migrate(&conn, LEDGER_MIGRATIONS)?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            db: Arc::new(LedgerDb {
+                conn: Mutex::new(conn),
+            }),
         })
     }
+}
 
+impl LedgerDb {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done append: it
         // runs in a transaction that rolls back on drop.
@@ -225,7 +235,8 @@ fn summary_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
     })
 }
 
-impl UsageStore for EmbeddedLedger {
+/// The ledger, synchronously.
+impl LedgerDb {
     fn append_usage(&self, records: &[UsageRecord]) -> Result<usize> {
         if records.is_empty() {
             // Nothing to commit: skip the transaction and its fsync.
@@ -328,6 +339,40 @@ impl UsageStore for EmbeddedLedger {
     }
 }
 
+#[async_trait::async_trait]
+impl UsageStore for EmbeddedLedger {
+    async fn append_usage(&self, records: &[UsageRecord]) -> Result<usize> {
+        if records.is_empty() {
+            // Nothing to commit: not even a trip to the blocking pool.
+            return Ok(0);
+        }
+        let records = records.to_vec();
+        offload(&self.db, move |db| db.append_usage(&records)).await
+    }
+
+    async fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let query = query.clone();
+        offload(&self.db, move |db| db.usage_summary(&query)).await
+    }
+
+    async fn usage_records(
+        &self,
+        function: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredUsage>> {
+        let function = function.map(str::to_owned);
+        offload(&self.db, move |db| {
+            db.usage_records(function.as_deref(), after_seq, limit)
+        })
+        .await
+    }
+
+    async fn usage_count(&self) -> Result<u64> {
+        offload(&self.db, |db| db.usage_count()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -426,15 +471,15 @@ mod tests {
     }
 
     /// Five records over two functions, two versions, two hours and two days.
-    fn fixture_ledger() -> (tempfile::TempDir, EmbeddedLedger, Vec<UsageRecord>) {
+    async fn fixture_ledger() -> (tempfile::TempDir, EmbeddedLedger, Vec<UsageRecord>) {
         let (dir, ledger) = ledger();
         let records = fixture();
-        assert_eq!(ledger.append_usage(&records).unwrap(), records.len());
+        assert_eq!(ledger.append_usage(&records).await.unwrap(), records.len());
         (dir, ledger, records)
     }
 
-    #[test]
-    fn a_version_1_ledger_is_migrated_with_its_records() {
+    #[tokio::test]
+    async fn a_version_1_ledger_is_migrated_with_its_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
         {
@@ -451,18 +496,25 @@ mod tests {
             .unwrap();
         }
         let ledger = EmbeddedLedger::open(&path).unwrap();
-        let stored = ledger.usage_records(None, 0, 10).unwrap();
+        let stored = ledger.usage_records(None, 0, 10).await.unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].record.request_id, "shared");
         assert_eq!(stored[0].record.client_request_id, None);
         // The old id no longer blocks another function's record...
         let mut other = record(9, "b", 1, T0);
         other.request_id = "shared".into();
-        assert_eq!(ledger.append_usage(&[other]).unwrap(), 1);
+        assert_eq!(ledger.append_usage(&[other]).await.unwrap(), 1);
         // ...and new records keep counting after the old seq.
-        assert_eq!(ledger.append_usage(&[record(10, "a", 1, T0)]).unwrap(), 1);
+        assert_eq!(
+            ledger
+                .append_usage(&[record(10, "a", 1, T0)])
+                .await
+                .unwrap(),
+            1
+        );
         let seqs: Vec<i64> = ledger
             .usage_records(None, 0, 10)
+            .await
             .unwrap()
             .iter()
             .map(|s| s.seq)
@@ -476,21 +528,22 @@ mod tests {
         assert_eq!(version, LEDGER_MIGRATIONS.len() as i64);
     }
 
-    #[test]
-    fn reopening_keeps_records() {
+    #[tokio::test]
+    async fn reopening_keeps_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
         let records = fixture();
         {
             let ledger = EmbeddedLedger::open(&path).unwrap();
-            ledger.append_usage(&records).unwrap();
+            ledger.append_usage(&records).await.unwrap();
         }
         let ledger = EmbeddedLedger::open(&path).unwrap();
-        assert_eq!(ledger.usage_count().unwrap(), 5);
+        assert_eq!(ledger.usage_count().await.unwrap(), 5);
         // The unique request id survives too.
-        assert_eq!(ledger.append_usage(&records).unwrap(), 0);
+        assert_eq!(ledger.append_usage(&records).await.unwrap(), 0);
         let stored: Vec<_> = ledger
             .usage_records(None, 0, 10)
+            .await
             .unwrap()
             .into_iter()
             .map(|s| s.record)
@@ -498,26 +551,30 @@ mod tests {
         assert_eq!(stored, records);
     }
 
-    #[test]
-    fn an_unknown_outcome_is_corrupt() {
-        let (dir, ledger, _) = fixture_ledger();
+    #[tokio::test]
+    async fn an_unknown_outcome_is_corrupt() {
+        let (dir, ledger, _) = fixture_ledger().await;
         let raw = Connection::open(dir.path().join("ledger.db")).unwrap();
         raw.execute(
             "UPDATE usage SET outcome = 'vanished' WHERE function = 'b'",
             [],
         )
         .unwrap();
-        let err = ledger.usage_records(Some("b"), 0, 10).unwrap_err();
+        let err = ledger.usage_records(Some("b"), 0, 10).await.unwrap_err();
         assert!(
             matches!(err, StoreError::Corrupt(ref m) if m.contains("vanished")),
             "{err}"
         );
         let err = ledger
             .usage_summary(&query(GroupBy::Function, T0, T0 + 2 * DAY))
+            .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
         // Records with known outcomes still read.
-        assert_eq!(ledger.usage_records(Some("a"), 0, 10).unwrap().len(), 3);
+        assert_eq!(
+            ledger.usage_records(Some("a"), 0, 10).await.unwrap().len(),
+            3
+        );
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! ([`EmbeddedAuth`]), `secrets.db` sealed secrets ([`EmbeddedSecrets`]);
 //! `blobs/` the content-addressed files ([`BlobDir`]). Every database is in
 //! WAL mode and migrated by `PRAGMA user_version`.
+//!
+//! SQLite and file calls block, so each store keeps its synchronous code
+//! (an inner `…Db` type, or `BlobDir`'s `*_blocking` methods) and its
+//! async trait methods hand it to tokio's blocking pool through
+//! `offload`: the caller's async worker never waits on a disk.
 
 mod auth;
 mod blob_dir;
@@ -33,6 +38,27 @@ pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
 pub use ledger::EmbeddedLedger;
 pub use secrets::EmbeddedSecrets;
+
+/// Runs `call` with (a clone of) `state` on tokio's blocking pool and
+/// returns its result: how every async method of this back-end runs its
+/// synchronous SQLite and file code. `state` is what the call works on
+/// (an `Arc` of a store's connections, a `BlobDir`); arguments it borrows
+/// are cloned into the closure by the caller. A call that panicked, or
+/// that the runtime dropped while shutting down, fails with
+/// [`StoreError::Backend`]. Must be awaited inside a tokio runtime.
+pub(crate) async fn offload<S, T>(
+    state: &S,
+    call: impl FnOnce(&S) -> Result<T> + Send + 'static,
+) -> Result<T>
+where
+    S: Clone + Send + 'static,
+    T: Send + 'static,
+{
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || call(&state))
+        .await
+        .map_err(|error| StoreError::Backend(Box::new(error)))?
+}
 
 /// Opens a connection with the settings every Mayfly database uses.
 pub(crate) fn open_connection(path: &Path) -> Result<Connection> {

@@ -1,13 +1,15 @@
 //! Secrets, sealed, in their own SQLite file (`<data>/secrets.db`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{LockedDb, now_ms, to_i64, to_u64, write_tx};
+use super::{LockedDb, now_ms, offload, to_i64, to_u64, write_tx};
 use crate::changes::Feed;
 use crate::{
-    ChangeFeed, Result, Sealed, SealedSecret, SecretChange, SecretMeta, SecretPut, SecretStore,
+    ChangeFeed, ResealFn, Result, SealFn, Sealed, SealedSecret, SecretChange, SecretMeta,
+    SecretPut, SecretStore,
 };
 
 const MIGRATIONS: &[&str] = &[r#"
@@ -28,9 +30,17 @@ const MIGRATIONS: &[&str] = &[r#"
     INSERT INTO secret_version VALUES (0, 0);
 "#];
 
-/// [`SecretStore`] in a SQLite file (WAL, synchronous=FULL).
+/// [`SecretStore`] in a SQLite file (WAL, synchronous=FULL). Each call runs
+/// on the blocking pool (`sqlite::offload`), sealing callbacks included: they run
+/// inside the call's transaction.
 pub struct EmbeddedSecrets {
-    db: LockedDb,
+    db: Arc<SecretsDb>,
+}
+
+/// The connection and the secret feed, with the synchronous code of every
+/// call.
+struct SecretsDb {
+    conn: LockedDb,
     changes: Feed<SecretChange>,
 }
 
@@ -38,13 +48,17 @@ impl EmbeddedSecrets {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         Ok(Self {
-            db: LockedDb::open(path, MIGRATIONS)?,
-            changes: Feed::new(),
+            db: Arc::new(SecretsDb {
+                conn: LockedDb::open(path, MIGRATIONS)?,
+                changes: Feed::new(),
+            }),
         })
     }
+}
 
+impl SecretsDb {
     fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
-        self.db.lock()
+        self.conn.lock()
     }
 }
 
@@ -65,8 +79,9 @@ fn secret_row(row: &Row<'_>) -> rusqlite::Result<SealedSecret> {
     })
 }
 
-impl SecretStore for EmbeddedSecrets {
-    fn put(&self, name: &str, seal: &mut dyn FnMut(u64) -> Result<Sealed>) -> Result<SecretPut> {
+/// The secrets, synchronously.
+impl SecretsDb {
+    fn put(&self, name: &str, seal: SealFn) -> Result<SecretPut> {
         let mut conn = self.conn();
         let tx = write_tx(&mut conn)?;
         let version: i64 = tx.query_row(
@@ -148,10 +163,7 @@ impl SecretStore for EmbeddedSecrets {
         Ok(deleted > 0)
     }
 
-    fn reseal_all(
-        &self,
-        reseal: &mut dyn FnMut(&SealedSecret) -> Result<Option<Sealed>>,
-    ) -> Result<usize> {
+    fn reseal_all(&self, mut reseal: ResealFn) -> Result<usize> {
         let mut conn = self.conn();
         let tx = write_tx(&mut conn)?;
         let secrets = {
@@ -186,8 +198,34 @@ impl SecretStore for EmbeddedSecrets {
         }
         Ok(rewritten)
     }
+}
+
+#[async_trait::async_trait]
+impl SecretStore for EmbeddedSecrets {
+    async fn put(&self, name: &str, seal: SealFn) -> Result<SecretPut> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.put(&name, seal)).await
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<SealedSecret>> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.get(&name)).await
+    }
+
+    async fn list(&self) -> Result<Vec<SecretMeta>> {
+        offload(&self.db, |db| db.list()).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        offload(&self.db, move |db| db.delete(&name)).await
+    }
+
+    async fn reseal_all(&self, reseal: ResealFn) -> Result<usize> {
+        offload(&self.db, move |db| db.reseal_all(reseal)).await
+    }
 
     fn watch(&self) -> ChangeFeed<SecretChange> {
-        self.changes.subscribe()
+        self.db.changes.subscribe()
     }
 }

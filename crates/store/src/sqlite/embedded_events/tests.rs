@@ -51,12 +51,13 @@ fn object_files(dir: &Path) -> Vec<String> {
 
 // ---------------------------------------------------------------- objects
 
-#[test]
-fn object_put_and_get() {
+#[tokio::test]
+async fn object_put_and_get() {
     let (dir, store) = store();
     let before = now();
     let meta = store
         .object_put("pics", "cat.png", b"meow", "image/png")
+        .await
         .unwrap();
     let hex = sha256_hex(b"meow");
     assert_eq!(meta.bucket, "pics");
@@ -66,78 +67,105 @@ fn object_put_and_get() {
     assert_eq!(meta.content_type, "image/png");
     assert!(meta.modified_ms >= before && meta.modified_ms <= now());
 
-    let (got, path) = store.object_get("pics", "cat.png").unwrap().unwrap();
+    let (got, path) = store.object_get("pics", "cat.png").await.unwrap().unwrap();
     assert_eq!(got, meta);
     assert_eq!(std::fs::read(&path).unwrap(), b"meow");
     assert_eq!(path, dir.path().join("blobs").join("objects").join(&hex));
 
-    assert!(store.object_get("pics", "dog.png").unwrap().is_none());
-    assert!(store.object_get("other", "cat.png").unwrap().is_none());
-    assert!(!store.object_delete("pics", "dog.png").unwrap());
+    assert!(store.object_get("pics", "dog.png").await.unwrap().is_none());
+    assert!(
+        store
+            .object_get("other", "cat.png")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!store.object_delete("pics", "dog.png").await.unwrap());
 
     // Empty objects are objects too.
     let empty = store
         .object_put("pics", "empty", b"", "text/plain")
+        .await
         .unwrap();
     assert_eq!(empty.size, 0);
-    let (_, path) = store.object_get("pics", "empty").unwrap().unwrap();
+    let (_, path) = store.object_get("pics", "empty").await.unwrap().unwrap();
     assert!(std::fs::read(path).unwrap().is_empty());
 }
 
-#[test]
-fn objects_with_the_same_bytes_share_a_blob() {
+#[tokio::test]
+async fn objects_with_the_same_bytes_share_a_blob() {
     let (dir, store) = store();
     let hex = sha256_hex(b"same bytes");
     store
         .object_put("a", "one", b"same bytes", "text/plain")
+        .await
         .unwrap();
     store
         .object_put("b", "two", b"same bytes", "application/json")
+        .await
         .unwrap();
     assert_eq!(object_files(dir.path()), std::slice::from_ref(&hex));
-    let (_, p1) = store.object_get("a", "one").unwrap().unwrap();
-    let (m2, p2) = store.object_get("b", "two").unwrap().unwrap();
+    let (_, p1) = store.object_get("a", "one").await.unwrap().unwrap();
+    let (m2, p2) = store.object_get("b", "two").await.unwrap().unwrap();
     assert_eq!(p1, p2);
     assert_eq!(m2.content_type, "application/json");
 
-    assert!(store.object_delete("a", "one").unwrap());
+    assert!(store.object_delete("a", "one").await.unwrap());
     assert_eq!(object_files(dir.path()), std::slice::from_ref(&hex));
-    assert!(store.object_get("a", "one").unwrap().is_none());
-    let (_, path) = store.object_get("b", "two").unwrap().unwrap();
+    assert!(store.object_get("a", "one").await.unwrap().is_none());
+    let (_, path) = store.object_get("b", "two").await.unwrap().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), b"same bytes");
 
-    assert!(store.object_delete("b", "two").unwrap());
+    assert!(store.object_delete("b", "two").await.unwrap());
     assert!(object_files(dir.path()).is_empty());
-    assert!(!store.object_delete("b", "two").unwrap());
+    assert!(!store.object_delete("b", "two").await.unwrap());
 }
 
-#[test]
-fn overwriting_an_object_collects_its_old_blob_when_unused() {
+#[tokio::test]
+async fn overwriting_an_object_collects_its_old_blob_when_unused() {
     let (dir, store) = store();
     let (old, new) = (sha256_hex(b"old"), sha256_hex(b"new"));
-    store.object_put("b", "k", b"old", "text/plain").unwrap();
-    let meta = store.object_put("b", "k", b"new", "text/html").unwrap();
+    store
+        .object_put("b", "k", b"old", "text/plain")
+        .await
+        .unwrap();
+    let meta = store
+        .object_put("b", "k", b"new", "text/html")
+        .await
+        .unwrap();
     assert_eq!(meta.etag, format!("\"{new}\""));
     assert_eq!(object_files(dir.path()), std::slice::from_ref(&new));
-    let (got, path) = store.object_get("b", "k").unwrap().unwrap();
+    let (got, path) = store.object_get("b", "k").await.unwrap().unwrap();
     assert_eq!(got.size, 3);
     assert_eq!(got.content_type, "text/html");
     assert_eq!(std::fs::read(path).unwrap(), b"new");
 
     // Rewriting the same bytes keeps the blob.
-    store.object_put("b", "k", b"new", "text/plain").unwrap();
+    store
+        .object_put("b", "k", b"new", "text/plain")
+        .await
+        .unwrap();
     assert_eq!(object_files(dir.path()), std::slice::from_ref(&new));
 
     // An old blob another key still uses stays.
-    store.object_put("b", "k2", b"new", "text/plain").unwrap();
-    store.object_put("b", "k", b"old", "text/plain").unwrap();
+    store
+        .object_put("b", "k2", b"new", "text/plain")
+        .await
+        .unwrap();
+    store
+        .object_put("b", "k", b"old", "text/plain")
+        .await
+        .unwrap();
     let mut both = vec![old.clone(), new.clone()];
     both.sort();
     assert_eq!(object_files(dir.path()), both);
-    let (_, path) = store.object_get("b", "k2").unwrap().unwrap();
+    let (_, path) = store.object_get("b", "k2").await.unwrap().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), b"new");
 
-    store.object_put("b", "k2", b"old", "text/plain").unwrap();
+    store
+        .object_put("b", "k2", b"old", "text/plain")
+        .await
+        .unwrap();
     assert_eq!(object_files(dir.path()), [old]);
 }
 
