@@ -494,7 +494,38 @@ mod tests {
         };
         let (many, one) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let many_at_end = Arc::new(AtomicUsize::new(0));
+        let waiting = |function: &str| {
+            let state = pool.turns.lock();
+            state.waiting.get(function).map_or(0, VecDeque::len)
+        };
         main.block_on(async {
+            let poll_until = async |what: &str, done: &dyn Fn() -> bool| {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while !done() {
+                    assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            // A gate holds the pool's only turn (and thread) until every
+            // task below waits in its queue, so the order in which they
+            // reach the pool (which depends on thread timing) cannot matter.
+            let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+            let gate_held = Arc::new(AtomicBool::new(false));
+            let held = gate_held.clone();
+            pool.spawn(
+                Box::pin(async move {
+                    // The first poll runs in the foreground; block on the pool.
+                    YieldNow(false).await;
+                    held.store(true, Ordering::Release);
+                    let _ = gate.recv();
+                }),
+                labels("gate"),
+                Arc::new(AtomicBool::new(true)),
+            );
+            poll_until("the gate holds the turn", &|| {
+                gate_held.load(Ordering::Acquire)
+            })
+            .await;
             // Every task counts as CPU-bound from its first poll.
             for _ in 0..20 {
                 pool.spawn(
@@ -514,10 +545,12 @@ mod tests {
                 labels("one"),
                 Arc::new(AtomicBool::new(true)),
             );
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while one.load(Ordering::Relaxed) < 500 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            poll_until("every task waits for a turn", &|| {
+                waiting("many") == 20 && waiting("one") == 1
+            })
+            .await;
+            let _ = open_gate.send(());
+            poll_until("one finishes", &|| one.load(Ordering::Relaxed) >= 500).await;
         });
         // With one turn shared round-robin, "one" finished its 500 polls
         // while the 20 "many" tasks together got about as many, not 20x.
