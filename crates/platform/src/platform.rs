@@ -74,6 +74,8 @@ impl Platform {
     pub async fn open(config: NodeConfig, stores: Stores) -> anyhow::Result<Arc<Self>> {
         let data_dir = config.data_dir.clone();
         let store = stores.registry.clone();
+        // Subscribed before the catalog is read, so no change falls between.
+        let registry_changes = stores.registry.watch();
         let blobs = stores.blobs.clone();
         let usage = stores.usage.clone();
         let runtime = Runtime::new(&config.runtime)?;
@@ -177,6 +179,9 @@ impl Platform {
             _stores: stores,
         });
         platform.deployments.restore_all().await?;
+        platform
+            .deployments
+            .follow(registry_changes, platform.background.clone());
         autoscaler.spawn(platform.config.scaling.tick, platform.background.clone());
         platform
             .deployments

@@ -1,8 +1,6 @@
 //! Deploys and deletes: validate and compile before anything is stored,
 //! then store the version and switch the catalog under the change lock.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use mayfly_store::{
     BlobKind, Digest, Expected, FunctionConfig, FunctionRecord, LIVE_ALIAS, StoreError, Trigger,
@@ -262,18 +260,7 @@ impl Deployments {
         if !existed {
             return Err(PlatformError::NotFound(name.to_string()));
         }
-        let removed = self.parts.catalog.load().by_name.get(name).cloned();
-        let next = self.parts.catalog.load().without(name);
-        self.parts.catalog.store(Arc::new(next));
-        self.parts.admission.remove(name);
-        self.parts.rollouts.retain(name, &[]);
-        if let Some(removed) = removed {
-            for version in removed.versions() {
-                version.tier.unload();
-            }
-        }
-        self.parts.metrics.remove_function(name);
-        self.count_functions();
+        self.forget(name);
         self.parts.events.remove_function(name).await?;
         self.parts.workers.sync();
         tracing::info!(function = name, "deleted");

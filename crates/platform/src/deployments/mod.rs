@@ -1,12 +1,14 @@
 //! Everything that changes what the node serves: deploys and deletes
 //! (`deploy.rs`), alias moves, rollbacks and automatic canaries' verdicts
-//! (`aliases.rs`). [`Deployments`] keeps
+//! (`aliases.rs`), and changes others made to the store (`follow.rs`).
+//! [`Deployments`] keeps
 //! the store and the catalog in step under one change lock, building each
 //! function's [`Served`] entry from the store and swapping it into the
 //! catalog that the invoker reads.
 
 mod aliases;
 pub(crate) mod deploy;
+mod follow;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,16 +94,21 @@ impl Deployments {
         let records = self.parts.registry.functions().await?;
         let mut served = Vec::with_capacity(records.len());
         for record in records {
-            served.push(self.restore(record).await?);
+            served.push(self.restore(record, None).await?);
         }
         self.parts.catalog.store(Arc::new(Catalog::new(served)));
         self.count_functions();
         Ok(())
     }
 
-    /// Rebuilds a function's catalog entry at start-up (every version an
-    /// alias points at), compiling only the artifacts that are missing.
-    pub(super) async fn restore(&self, record: FunctionRecord) -> anyhow::Result<Arc<Served>> {
+    /// Rebuilds a function's catalog entry from the store (every version an
+    /// alias points at), compiling only the artifacts that are missing;
+    /// entries of `prior` still in service keep their tier.
+    pub(super) async fn restore(
+        &self,
+        record: FunctionRecord,
+        prior: Option<&Served>,
+    ) -> anyhow::Result<Arc<Served>> {
         let name = record.name.clone();
         let aliases = self.parts.registry.aliases(&name).await?;
         let mut in_service: Vec<u64> = aliases
@@ -141,7 +148,7 @@ impl Deployments {
                 .configure(&name, slot_limits(&unreserved, &self.parts.config.scaling))
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
-        Ok(self.build_served(&name, None).await?)
+        Ok(self.build_served(&name, prior).await?)
     }
 
     /// The function `name` as the store has it now: a [`Served`] with a
@@ -311,6 +318,23 @@ impl Deployments {
             tier,
             activity,
         })
+    }
+
+    /// Stops serving `name`: out of the catalog, admission and rollouts,
+    /// its versions sent cold (running requests keep theirs).
+    pub(super) fn forget(&self, name: &str) {
+        let removed = self.parts.catalog.load().by_name.get(name).cloned();
+        let next = self.parts.catalog.load().without(name);
+        self.parts.catalog.store(Arc::new(next));
+        self.parts.admission.remove(name);
+        self.parts.rollouts.retain(name, &[]);
+        if let Some(removed) = removed {
+            for version in removed.versions() {
+                version.tier.unload();
+            }
+        }
+        self.parts.metrics.remove_function(name);
+        self.count_functions();
     }
 
     /// Sets the gauge of deployed functions.
