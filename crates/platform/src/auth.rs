@@ -586,6 +586,27 @@ impl Auth {
         Ok(auth)
     }
 
+    /// Follows the token feed until `stop`: a token created or revoked
+    /// elsewhere (another node sharing the store) is honoured or refused
+    /// here too, as after this node's own changes.
+    pub(crate) fn follow(
+        self: &Arc<Self>,
+        feed: mayfly_store::ChangeFeed<mayfly_store::TokenChange>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let auth = self.clone();
+        crate::feeds::follow("token", feed, stop, move |_| {
+            let auth = auth.clone();
+            async move {
+                if let Err(error) = auth.reload().await {
+                    tracing::error!(
+                        "cannot reload the tokens after a change in the store: {error:#}"
+                    );
+                }
+            }
+        });
+    }
+
     async fn reload(&self) -> anyhow::Result<()> {
         let live = self
             .store

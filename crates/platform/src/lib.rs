@@ -20,6 +20,7 @@ mod deployments;
 pub mod error;
 pub mod event_metrics;
 pub mod events;
+mod feeds;
 pub mod gateway;
 pub mod invoker;
 pub mod ledger;

@@ -74,8 +74,10 @@ impl Platform {
     pub async fn open(config: NodeConfig, stores: Stores) -> anyhow::Result<Arc<Self>> {
         let data_dir = config.data_dir.clone();
         let store = stores.registry.clone();
-        // Subscribed before the catalog is read, so no change falls between.
+        // Subscribed before anything is read, so no change falls between.
         let registry_changes = stores.registry.watch();
+        let trigger_changes = stores.triggers.watch();
+        let token_changes = stores.auth.watch();
         let blobs = stores.blobs.clone();
         let usage = stores.usage.clone();
         let runtime = Runtime::new(&config.runtime)?;
@@ -182,6 +184,12 @@ impl Platform {
         platform
             .deployments
             .follow(registry_changes, platform.background.clone());
+        platform
+            .deployments
+            .follow_triggers(trigger_changes, platform.background.clone());
+        platform
+            .auth
+            .follow(token_changes, platform.background.clone());
         autoscaler.spawn(platform.config.scaling.tick, platform.background.clone());
         platform
             .deployments

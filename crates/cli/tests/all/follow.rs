@@ -1,12 +1,13 @@
 //! A node follows changes that another writer makes to its store, as
-//! another node of a fleet sharing the store will: alias moves and deletes
-//! written past this node's admin API still change what it serves.
+//! another node of a fleet sharing the store will: alias moves, triggers,
+//! token revocations and deletes written past this node's admin API still
+//! change what it serves and whom it lets in.
 
 use std::process::Command;
 use std::time::Duration;
 
 use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
-use mayfly_store::{Expected, MoveCause, Stores};
+use mayfly_store::{Expected, MoveCause, RetryPolicy, Stores, TriggerSource, TriggerSpec};
 
 use crate::common::{agent, eventually, guest};
 
@@ -72,6 +73,63 @@ fn changes_another_writer_makes_to_the_registry_reach_what_the_node_serves() {
     eventually(Duration::from_secs(10), "live to serve version 1", || {
         (served() == (200, Some("1".to_string()))).then_some(())
     });
+
+    // Attaches a queue trigger and sends a message: this node's worker for
+    // the new trigger delivers it, which empties the queue.
+    let spec = TriggerSpec {
+        source: TriggerSource::Queue {
+            queue: "jobs".to_string(),
+            batch_size: 1,
+            max_concurrency: 1,
+        },
+        retry: RetryPolicy::default(),
+        alias: None,
+    };
+    runtime
+        .block_on(other_writer.triggers.add_trigger("f", &spec))
+        .unwrap();
+    runtime
+        .block_on(
+            other_writer
+                .queues
+                .send("jobs", &[(None, b"from elsewhere".to_vec())]),
+        )
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the queued message to be delivered",
+        || {
+            let queues = runtime.block_on(other_writer.queues.queues()).unwrap();
+            queues
+                .iter()
+                .all(|queue| queue.queue != "jobs" || queue.messages == 0)
+                .then_some(())
+        },
+    );
+
+    // Revokes the admin token: this node stops honouring it.
+    let status = || {
+        agent()
+            .get(&format!("http://{}/v1/status", node.admin_addr))
+            .header("authorization", &format!("Bearer {}", token.trim()))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(), 200);
+    let tokens = runtime.block_on(other_writer.auth.tokens()).unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert!(
+        runtime
+            .block_on(other_writer.auth.revoke_token(&tokens[0].id))
+            .unwrap()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the revoked token to be refused",
+        || (status() == 401).then_some(()),
+    );
 
     // And deletes the function.
     assert!(

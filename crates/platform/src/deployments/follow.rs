@@ -1,7 +1,9 @@
-//! Changes made to the registry by someone else (another node of a fleet
-//! sharing the store) reach this node's catalog: a task follows the
+//! Changes made to the registry and the triggers by someone else (another
+//! node of a fleet sharing the store) reach this node: a task follows the
 //! registry's change feed and rebuilds the function each change names from
-//! the store, as a deploy or an alias move here does after its own write.
+//! the store, as a deploy or an alias move here does after its own write;
+//! another follows the trigger feed and reloads the trigger cache and the
+//! event workers.
 //!
 //! A change this node made comes back on the feed too; rebuilding it again
 //! is harmless (entries still in service are reused with their tier) and
@@ -9,41 +11,56 @@
 
 use std::sync::Arc;
 
-use mayfly_store::{ChangeFeed, RegistryChange};
-use tokio::sync::broadcast::error::RecvError;
+use mayfly_store::{ChangeFeed, RegistryChange, TriggerChange};
 use tokio_util::sync::CancellationToken;
 
 use super::Deployments;
+use crate::feeds::{self, Heard};
 
 impl Deployments {
-    /// Follows `feed` until `stop`: each change rebuilds (or drops) the
-    /// function it names; a feed that fell behind rebuilds every function.
+    /// Follows the registry's `feed` until `stop`: each change rebuilds (or
+    /// drops) the function it names; a feed that fell behind rebuilds every
+    /// function.
     pub(crate) fn follow(
         self: &Arc<Self>,
-        mut feed: ChangeFeed<RegistryChange>,
+        feed: ChangeFeed<RegistryChange>,
         stop: CancellationToken,
     ) {
         let deployments = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let change = tokio::select! {
-                    () = stop.cancelled() => return,
-                    change = feed.recv() => change,
-                };
-                match change {
-                    Ok(
+        feeds::follow("registry", feed, stop, move |heard| {
+            let deployments = deployments.clone();
+            async move {
+                match heard {
+                    Heard::Change(
                         RegistryChange::Changed { function } | RegistryChange::Deleted { function },
-                    ) => {
-                        deployments.converge_logged(&function).await;
-                    }
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(
-                            missed,
-                            "registry feed fell behind: re-reading every function"
-                        );
-                        deployments.converge_all().await;
-                    }
-                    Err(RecvError::Closed) => return,
+                    ) => deployments.converge_logged(&function).await,
+                    Heard::Missed => deployments.converge_all().await,
+                }
+            }
+        });
+    }
+
+    /// Follows the trigger feed until `stop`: an attached or detached
+    /// trigger (or a function's triggers removed) reloads the trigger cache
+    /// and starts or stops event workers to match. A schedule firing needs
+    /// nothing: the store decides which node fires a slot.
+    pub(crate) fn follow_triggers(
+        self: &Arc<Self>,
+        feed: ChangeFeed<TriggerChange>,
+        stop: CancellationToken,
+    ) {
+        let deployments = self.clone();
+        feeds::follow("trigger", feed, stop, move |heard| {
+            let deployments = deployments.clone();
+            async move {
+                if matches!(heard, Heard::Change(TriggerChange::Fired { .. })) {
+                    return;
+                }
+                match deployments.parts.events.refresh_triggers().await {
+                    Ok(()) => deployments.parts.workers.sync(),
+                    Err(error) => tracing::error!(
+                        "cannot reload the triggers after a change in the store: {error}"
+                    ),
                 }
             }
         });

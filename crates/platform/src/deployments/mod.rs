@@ -117,6 +117,8 @@ impl Deployments {
             .collect();
         in_service.sort_unstable();
         in_service.dedup();
+        // Versions are immutable: one already served has its artifact.
+        in_service.retain(|version| prior.is_none_or(|prior| prior.version(*version).is_none()));
         for version in in_service {
             let stored = if version == record.live.version {
                 Some(record.live.clone())

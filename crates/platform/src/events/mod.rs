@@ -138,7 +138,8 @@ impl EventHub {
         }
     }
 
-    async fn refresh_triggers(&self) -> Result<(), PlatformError> {
+    /// Re-reads every trigger into the cache.
+    pub(crate) async fn refresh_triggers(&self) -> Result<(), PlatformError> {
         let _reload = self.reload.lock().await;
         let triggers = self.triggers_store.triggers(None).await?;
         self.triggers.store(Arc::new(triggers));
