@@ -122,7 +122,7 @@ async fn dev(
         admin_tls: None,
         connections: Default::default(),
     };
-    let running = RunningNode::start(config, || Stores::sqlite(&data_dir)).await?;
+    let running = RunningNode::start(config, async { Stores::sqlite(&data_dir) }).await?;
     let gateway = format!("http://{}", running.gateway_addr);
     {
         // The same two lines as `mayfly serve`; scripts and tests read them.

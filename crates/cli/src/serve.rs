@@ -275,7 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // otherwise kill the process unclean (seen in a test under CPU load).
     let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
-    let running = RunningNode::start(config, || Stores::sqlite(&args.data_dir)).await?;
+    let running = RunningNode::start(config, async { Stores::sqlite(&args.data_dir) }).await?;
 
     // Scripts and tests read these two lines to find the ports.
     let mut stdout = std::io::stdout().lock();

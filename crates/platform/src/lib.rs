@@ -95,11 +95,12 @@ pub struct RunningNode {
 
 impl RunningNode {
     /// Binds the listeners, opens the node's state with `open_stores`
-    /// (e.g. `|| Stores::sqlite(&data_dir)`; called once the listeners are
-    /// bound, so a bad address opens nothing) and starts serving.
+    /// (e.g. `async { Stores::sqlite(&data_dir) }`; awaited once the
+    /// listeners are bound, so a bad address opens nothing; a future so a
+    /// network back-end can connect) and starts serving.
     pub async fn start(
         config: ServeConfig,
-        open_stores: impl FnOnce() -> Result<Stores, StoreError> + Send,
+        open_stores: impl Future<Output = Result<Stores, StoreError>> + Send,
     ) -> anyhow::Result<Self> {
         // Bad certificate files fail before anything is bound or opened.
         let admin_tls = config
@@ -114,7 +115,7 @@ impl RunningNode {
             .await
             .with_context(|| format!("cannot listen for the admin API on {}", config.admin_addr))?;
         let max_upload = config.node.max_component_bytes;
-        let platform = Platform::open(config.node, open_stores()?).await?;
+        let platform = Platform::open(config.node, open_stores.await?).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
 
         let gateway_addr = gateway_listener.local_addr()?;

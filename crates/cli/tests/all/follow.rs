@@ -30,7 +30,7 @@ fn changes_another_writer_makes_to_the_registry_reach_what_the_node_serves() {
         connections: Default::default(),
     };
     let node = runtime
-        .block_on(RunningNode::start(config, move || Ok(stores)))
+        .block_on(RunningNode::start(config, async move { Ok(stores) }))
         .unwrap();
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let deploy = |guest_name: &str| {
@@ -74,8 +74,18 @@ fn changes_another_writer_makes_to_the_registry_reach_what_the_node_serves() {
         (served() == (200, Some("1".to_string()))).then_some(())
     });
 
-    // Attaches a queue trigger and sends a message: this node's worker for
-    // the new trigger delivers it, which empties the queue.
+    // Sends a message to a queue, then attaches a queue trigger: the
+    // worker this node starts for the new trigger delivers the message,
+    // which empties the queue. (In that order: a message another writer
+    // sends wakes no worker here; an idle worker finds it only at its next
+    // poll, up to a minute later. In a fleet, consumers wait on NATS.)
+    runtime
+        .block_on(
+            other_writer
+                .queues
+                .send("jobs", &[(None, b"from elsewhere".to_vec())]),
+        )
+        .unwrap();
     let spec = TriggerSpec {
         source: TriggerSource::Queue {
             queue: "jobs".to_string(),
@@ -87,13 +97,6 @@ fn changes_another_writer_makes_to_the_registry_reach_what_the_node_serves() {
     };
     runtime
         .block_on(other_writer.triggers.add_trigger("f", &spec))
-        .unwrap();
-    runtime
-        .block_on(
-            other_writer
-                .queues
-                .send("jobs", &[(None, b"from elsewhere".to_vec())]),
-        )
         .unwrap();
     eventually(
         Duration::from_secs(20),
