@@ -36,13 +36,16 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),
-        command => commands::run(
-            &cli.admin_url,
-            access::resolve_token(cli.token, &cli.admin_url),
-            cli.ca_cert.as_deref(),
-            cli.json,
-            command,
-        ),
+        command => {
+            end_quietly_when_the_reader_goes();
+            commands::run(
+                &cli.admin_url,
+                access::resolve_token(cli.token, &cli.admin_url),
+                cli.ca_cert.as_deref(),
+                cli.json,
+                command,
+            )
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,5 +63,19 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A client verb whose reader goes away (`mayfly status | head`) ends at
+/// once and silently, as Unix tools do, instead of panicking in `println!`
+/// on the closed pipe. Only for client verbs: a node (`serve`, `dev`) must
+/// outlive any closed pipe, so it keeps Rust's default of ignoring SIGPIPE.
+fn end_quietly_when_the_reader_goes() {
+    #[cfg(unix)]
+    // SAFETY: called on the main thread before any other thread starts;
+    // restoring a signal's default disposition shares no memory.
+    #[expect(unsafe_code, reason = "no safe wrapper resets a signal disposition")]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -118,6 +118,20 @@ impl Node {
         )
     }
 
+    /// Runs the `mayfly` CLI against this node with its stdout a pipe whose
+    /// reader is already gone (a `| head` that has finished).
+    pub fn cli_with_reader_gone(&self, args: &[&str]) -> std::process::Output {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .args(args)
+            .env("MAYFLY_ADMIN_URL", &self.admin)
+            .env("MAYFLY_TOKEN", &self.token)
+            .stdout(writer)
+            .output()
+            .expect("mayfly runs")
+    }
+
     /// Deploys a guest through the CLI, panicking on failure.
     pub fn deploy(&self, name: &str, guest_name: &str, routes: &[&str]) {
         self.deploy_with(name, guest_name, routes, &[]);

@@ -521,3 +521,16 @@ fn admin_api_serves_plain_http_off_loopback_with_insecure() {
     });
     node.stop();
 }
+
+#[test]
+fn a_client_verb_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("hello", "hello", &["/hello"]);
+    // `mayfly status | head` once head is done: no panic, no message.
+    for verb in ["status", "list"] {
+        let output = node.cli_with_reader_gone(&[verb]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.is_empty(), "mayfly {verb}: {stderr}");
+    }
+}
