@@ -8,6 +8,20 @@ use sha2::{Digest as _, Sha256};
 
 use super::*;
 
+/// Puts `value` unconditionally and returns its revision.
+async fn put(store: &Stores, bucket: &str, key: &str, value: &[u8]) -> u64 {
+    store
+        .kv
+        .kv_put(bucket, key, value, KvCondition::Any)
+        .await
+        .unwrap()
+}
+
+/// Attaches `spec` to `function`: the trigger, and whether it is new.
+async fn attach(store: &Stores, function: &str, spec: &TriggerSpec) -> (Trigger, bool) {
+    store.triggers.add_trigger(function, spec).await.unwrap()
+}
+
 fn inbox_of(function: &str) -> QueueRef {
     QueueRef::Inbox(function.to_string())
 }
@@ -155,11 +169,7 @@ async fn receive_within(store: &Stores, queue: &str) -> Vec<Delivery> {
 pub async fn kv_put_and_get_round_trip<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     let before = now();
-    let revision = store
-        .kv
-        .kv_put("b", "k", b"value", KvCondition::Any)
-        .await
-        .unwrap();
+    let revision = put(&store, "b", "k", b"value").await;
     let entry = store.kv.kv_get("b", "k").await.unwrap().unwrap();
     assert_eq!(entry.value, b"value");
     assert_eq!(entry.revision, revision);
@@ -168,11 +178,7 @@ pub async fn kv_put_and_get_round_trip<B: Backend>(backend: &B) {
     assert!(store.kv.kv_get("other", "k").await.unwrap().is_none());
 
     // Overwrite, and an empty value.
-    let second = store
-        .kv
-        .kv_put("b", "k", b"", KvCondition::Any)
-        .await
-        .unwrap();
+    let second = put(&store, "b", "k", b"").await;
     let entry = store.kv.kv_get("b", "k").await.unwrap().unwrap();
     assert!(entry.value.is_empty());
     assert_eq!(entry.revision, second);
@@ -181,26 +187,10 @@ pub async fn kv_put_and_get_round_trip<B: Backend>(backend: &B) {
 pub async fn kv_revisions_increase_across_keys_and_are_never_reused<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     let mut seen = vec![
-        store
-            .kv
-            .kv_put("b", "a", b"1", KvCondition::Any)
-            .await
-            .unwrap(),
-        store
-            .kv
-            .kv_put("b", "b", b"1", KvCondition::Any)
-            .await
-            .unwrap(),
-        store
-            .kv
-            .kv_put("c", "a", b"1", KvCondition::Any)
-            .await
-            .unwrap(),
-        store
-            .kv
-            .kv_put("b", "a", b"2", KvCondition::Any)
-            .await
-            .unwrap(),
+        put(&store, "b", "a", b"1").await,
+        put(&store, "b", "b", b"1").await,
+        put(&store, "c", "a", b"1").await,
+        put(&store, "b", "a", b"2").await,
     ];
     assert!(
         store
@@ -236,11 +226,7 @@ pub async fn kv_revisions_increase_across_keys_and_are_never_reused<B: Backend>(
 
 pub async fn kv_compare_and_swap_by_revision<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let r1 = store
-        .kv
-        .kv_put("b", "k", b"one", KvCondition::Any)
-        .await
-        .unwrap();
+    let r1 = put(&store, "b", "k", b"one").await;
     let r2 = store
         .kv
         .kv_put("b", "k", b"two", KvCondition::Revision(r1))
@@ -303,11 +289,7 @@ pub async fn kv_put_if_absent<B: Backend>(backend: &B) {
 
 pub async fn kv_delete_with_conditions<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let r1 = store
-        .kv
-        .kv_put("b", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    let r1 = put(&store, "b", "k", b"v").await;
 
     assert!(is_precondition_failed(
         store
@@ -353,11 +335,7 @@ pub async fn kv_list_by_prefix_with_paging<B: Backend>(backend: &B) {
             .await
             .unwrap();
     }
-    store
-        .kv
-        .kv_put("other", "a/9", b"x", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "other", "a/9", b"x").await;
 
     let all = store.kv.kv_list("b", "", "", 100).await.unwrap();
     assert_eq!(
@@ -414,11 +392,7 @@ pub async fn kv_list_by_prefix_with_paging<B: Backend>(backend: &B) {
 pub async fn kv_list_prefix_is_literal<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     for key in ["a%b", "a%c", "axb", "a_b", "aXb", "a/b", "a\\b", "abc"] {
-        store
-            .kv
-            .kv_put("b", key, b"1", KvCondition::Any)
-            .await
-            .unwrap();
+        put(&store, "b", key, b"1").await;
     }
     // As LIKE patterns, `a%` would match everything and `a_` most keys.
     assert_eq!(
@@ -448,26 +422,10 @@ pub async fn kv_list_prefix_is_literal<B: Backend>(backend: &B) {
 pub async fn kv_buckets_count_keys_and_bytes<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     assert!(store.kv.kv_buckets().await.unwrap().is_empty());
-    store
-        .kv
-        .kv_put("b", "x", b"12345", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "y", b"123", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("a", "x", b"", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "x", b"1", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "x", b"12345").await;
+    put(&store, "b", "y", b"123").await;
+    put(&store, "a", "x", b"").await;
+    put(&store, "b", "x", b"1").await;
     assert_eq!(
         store.kv.kv_buckets().await.unwrap(),
         [
@@ -518,30 +476,14 @@ pub async fn kv_trigger_delivers_puts_and_deletes_under_its_prefix<B: Backend>(b
         },
         alias: None,
     };
-    let (trigger, created) = store.triggers.add_trigger("f", &spec).await.unwrap();
+    let (trigger, created) = attach(&store, "f", &spec).await;
     assert!(created);
 
     let before = now();
-    store
-        .kv
-        .kv_put("b", "p/x", b"hello", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "q/x", b"outside", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "p", b"prefix only", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("c", "p/x", b"other bucket", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "p/x", b"hello").await;
+    put(&store, "b", "q/x", b"outside").await;
+    put(&store, "b", "p", b"prefix only").await;
+    put(&store, "c", "p/x", b"other bucket").await;
     // A failed write emits nothing, nor does deleting a missing key.
     assert!(is_precondition_failed(
         store
@@ -556,11 +498,7 @@ pub async fn kv_trigger_delivers_puts_and_deletes_under_its_prefix<B: Backend>(b
             .await
             .unwrap()
     );
-    store
-        .kv
-        .kv_put("b", "p/y", b"y", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "p/y", b"y").await;
     assert!(
         store
             .kv
@@ -606,26 +544,10 @@ pub async fn kv_trigger_delivers_puts_and_deletes_under_its_prefix<B: Backend>(b
 
 pub async fn kv_trigger_prefix_is_literal<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "a_"))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "ab", b"1", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "a%", b"1", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "a_1", b"1", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "a_")).await;
+    put(&store, "b", "ab", b"1").await;
+    put(&store, "b", "a%", b"1").await;
+    put(&store, "b", "a_1", b"1").await;
     let got = claim_inbox(&store, &[], "f").await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].event.subject.as_deref(), Some("a_1"));
@@ -633,26 +555,10 @@ pub async fn kv_trigger_prefix_is_literal<B: Backend>(backend: &B) {
 
 pub async fn kv_events_are_delivered_one_at_a_time_per_key<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"1", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"2", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "other", b"1", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
+    put(&store, "b", "k", b"1").await;
+    put(&store, "b", "k", b"2").await;
+    put(&store, "b", "other", b"1").await;
 
     let got = claim_inbox(&store, &[], "f").await;
     let seen: Vec<(Option<&str>, &[u8])> = got
@@ -680,21 +586,9 @@ pub async fn kv_events_are_delivered_one_at_a_time_per_key<B: Backend>(backend: 
 
 pub async fn a_retried_kv_event_still_blocks_later_ones_of_its_key<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"1", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"2", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
+    put(&store, "b", "k", b"1").await;
+    put(&store, "b", "k", b"2").await;
 
     let got = claim_inbox(&store, &[], "f").await;
     assert_eq!(got.len(), 1, "{got:?}");
@@ -747,21 +641,9 @@ pub async fn a_retried_kv_event_still_blocks_later_ones_of_its_key<B: Backend>(b
 
 pub async fn next_visible_ignores_events_waiting_behind_their_key<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"1", KvCondition::Any)
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"2", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
+    put(&store, "b", "k", b"1").await;
+    put(&store, "b", "k", b"2").await;
     let got = claim_inbox(&store, &[], "f").await;
     assert_eq!(got.len(), 1);
     let before = now();
@@ -787,21 +669,9 @@ pub async fn next_visible_ignores_events_waiting_behind_their_key<B: Backend>(ba
 
 pub async fn every_watching_function_gets_its_own_copy<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .triggers
-        .add_trigger("g", &kv_spec("b", "k"))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
+    attach(&store, "g", &kv_spec("b", "k")).await;
+    put(&store, "b", "k", b"v").await;
     let f = claim_inbox(&store, &[], "f").await;
     let g = claim_inbox(&store, &[], "g").await;
     assert_eq!((f.len(), g.len()), (1, 1));
@@ -812,17 +682,9 @@ pub async fn every_watching_function_gets_its_own_copy<B: Backend>(backend: &B) 
 
 pub async fn a_removed_kv_trigger_emits_nothing<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let (trigger, _) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
+    let (trigger, _) = attach(&store, "f", &kv_spec("b", "")).await;
     assert!(store.triggers.remove_trigger(trigger.id).await.unwrap());
-    store
-        .kv
-        .kv_put("b", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "k", b"v").await;
     assert!(claim_inbox(&store, &[], "f").await.is_empty());
 }
 
@@ -943,8 +805,8 @@ pub async fn object_triggers_filter_by_prefix_suffix_and_change<B: Backend>(back
     };
     let everything: TriggerSpec =
         serde_json::from_str(r#"{"source":{"kind":"object","bucket":"b"}}"#).unwrap();
-    let (deletes_trigger, _) = store.triggers.add_trigger("f", &deletes).await.unwrap();
-    let (everything_trigger, _) = store.triggers.add_trigger("g", &everything).await.unwrap();
+    let (deletes_trigger, _) = attach(&store, "f", &deletes).await;
+    let (everything_trigger, _) = attach(&store, "g", &everything).await;
 
     store
         .objects
@@ -1132,16 +994,8 @@ pub async fn queue_stats_count_messages_and_in_flight_but_not_inboxes<B: Backend
         .enqueue("f", &inbox_event("e1", b"x"))
         .await
         .unwrap();
-    store
-        .triggers
-        .add_trigger("g", &kv_spec("kv", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("kv", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    attach(&store, "g", &kv_spec("kv", "")).await;
+    put(&store, "kv", "k", b"v").await;
     store.queues.receive("b", 2, 60_000).await.unwrap();
     // A dispatcher's claim of a named queue counts as in flight too.
     store
@@ -1347,16 +1201,8 @@ pub async fn a_postpone_does_not_count_the_attempt<B: Backend>(backend: &B) {
 
 pub async fn dead_letters_can_be_read_redriven_and_purged<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let (trigger, _) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"the value", KvCondition::Any)
-        .await
-        .unwrap();
+    let (trigger, _) = attach(&store, "f", &kv_spec("b", "")).await;
+    put(&store, "b", "k", b"the value").await;
     let got = claim_inbox(&store, &[], "f").await;
     let got = claim_inbox(&store, &[retry(&got[0], 0)], "f").await;
     assert_eq!(got[0].attempt, 2);
@@ -1546,7 +1392,7 @@ pub async fn a_dead_named_queue_message_keeps_its_subject<B: Backend>(backend: &
     let (_place, store) = fresh(backend).await;
     let queue_spec: TriggerSpec =
         serde_json::from_str(r#"{"source":{"kind":"queue","queue":"q"}}"#).unwrap();
-    let (trigger, _) = store.triggers.add_trigger("f", &queue_spec).await.unwrap();
+    let (trigger, _) = attach(&store, "f", &queue_spec).await;
     let ids = store.queues.send("q", &messages(&["m"])).await.unwrap();
     let got = store
         .queues
@@ -1590,16 +1436,8 @@ pub async fn a_dead_named_queue_message_keeps_its_subject<B: Backend>(backend: &
 
 pub async fn a_dead_inbox_event_keeps_its_own_trigger<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let (trigger, _) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    store
-        .kv
-        .kv_put("b", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    let (trigger, _) = attach(&store, "f", &kv_spec("b", "")).await;
+    put(&store, "b", "k", b"v").await;
     let got = claim_inbox(&store, &[], "f").await;
     let settlement = Settlement::Dead {
         id: got[0].id,
@@ -1766,16 +1604,8 @@ pub async fn everything_survives_a_reopen<B: Backend>(backend: &B) {
     let place = backend.place();
     let (revision, trigger, message_ids) = {
         let store = backend.open(&place).await;
-        let (trigger, _) = store
-            .triggers
-            .add_trigger("f", &kv_spec("b", ""))
-            .await
-            .unwrap();
-        let revision = store
-            .kv
-            .kv_put("b", "k", b"v", KvCondition::Any)
-            .await
-            .unwrap();
+        let (trigger, _) = attach(&store, "f", &kv_spec("b", "")).await;
+        let revision = put(&store, "b", "k", b"v").await;
         store
             .objects
             .object_put("o", "obj", b"bytes", "text/plain")
@@ -1809,14 +1639,7 @@ pub async fn everything_survives_a_reopen<B: Backend>(backend: &B) {
         (entry.value.as_slice(), entry.revision),
         (&b"v"[..], revision)
     );
-    assert!(
-        store
-            .kv
-            .kv_put("b", "k2", b"", KvCondition::Any)
-            .await
-            .unwrap()
-            > revision
-    );
+    assert!(put(&store, "b", "k2", b"").await > revision);
     let (meta, path) = store.objects.object_get("o", "obj").await.unwrap().unwrap();
     assert_eq!(meta.size, 5);
     assert_eq!(std::fs::read(path).unwrap(), b"bytes");
@@ -1855,22 +1678,14 @@ pub async fn everything_survives_a_reopen<B: Backend>(backend: &B) {
 pub async fn add_trigger_returns_an_identical_one<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     let before = now();
-    let (first, created) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "p"))
-        .await
-        .unwrap();
+    let (first, created) = attach(&store, "f", &kv_spec("b", "p")).await;
     assert!(created);
     assert_eq!(first.function, "f");
     assert_eq!(first.spec, kv_spec("b", "p"));
     assert!(first.created_ms >= before);
     assert_eq!(first.last_fired_ms, None);
 
-    let (same, created) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "p"))
-        .await
-        .unwrap();
+    let (same, created) = attach(&store, "f", &kv_spec("b", "p")).await;
     assert!(!created);
     assert_eq!(same, first);
 
@@ -1879,26 +1694,18 @@ pub async fn add_trigger_returns_an_identical_one<B: Backend>(backend: &B) {
         r#"{"retry":{"backoff_ms":1000},"source":{"prefix":"p","bucket":"b","kind":"kv"}}"#,
     )
     .unwrap();
-    let (same, created) = store.triggers.add_trigger("f", &spelled).await.unwrap();
+    let (same, created) = attach(&store, "f", &spelled).await;
     assert!(!created);
     assert_eq!(same.id, first.id);
 
-    let (other_prefix, created) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "q"))
-        .await
-        .unwrap();
+    let (other_prefix, created) = attach(&store, "f", &kv_spec("b", "q")).await;
     assert!(created);
     assert_ne!(other_prefix.id, first.id);
-    let (other_function, created) = store
-        .triggers
-        .add_trigger("g", &kv_spec("b", "p"))
-        .await
-        .unwrap();
+    let (other_function, created) = attach(&store, "g", &kv_spec("b", "p")).await;
     assert!(created);
     let mut other_retry = kv_spec("b", "p");
     other_retry.retry.max_attempts = 9;
-    let (_, created) = store.triggers.add_trigger("f", &other_retry).await.unwrap();
+    let (_, created) = attach(&store, "f", &other_retry).await;
     assert!(created);
 
     assert_eq!(store.triggers.triggers(Some("f")).await.unwrap().len(), 3);
@@ -1924,27 +1731,15 @@ pub async fn add_trigger_returns_an_identical_one<B: Backend>(backend: &B) {
             .contains(&first)
     );
     // Re-adding after removal creates a new one.
-    let (again, created) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "p"))
-        .await
-        .unwrap();
+    let (again, created) = attach(&store, "f", &kv_spec("b", "p")).await;
     assert!(created);
     assert!(again.id > first.id);
 }
 
 pub async fn remove_function_removes_only_its_own_state<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
-    let (g_trigger, _) = store
-        .triggers
-        .add_trigger("g", &kv_spec("b", ""))
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
+    let (g_trigger, _) = attach(&store, "g", &kv_spec("b", "")).await;
     for function in ["f", "g"] {
         store
             .queues
@@ -1963,11 +1758,7 @@ pub async fn remove_function_removes_only_its_own_state<B: Backend>(backend: &B)
             .await
             .unwrap();
     }
-    store
-        .kv
-        .kv_put("b", "k", b"v", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "k", b"v").await;
     store
         .queues
         .send("f", &messages(&["named queue called f"]))
@@ -2003,22 +1794,14 @@ pub async fn remove_function_removes_only_its_own_state<B: Backend>(backend: &B)
     assert_eq!(store.queues.queues().await.unwrap()[0].messages, 1);
 
     // No more events for f.
-    store
-        .kv
-        .kv_put("b", "k", b"v2", KvCondition::Any)
-        .await
-        .unwrap();
+    put(&store, "b", "k", b"v2").await;
     assert!(claim_inbox(&store, &[], "f").await.is_empty());
 }
 
 pub async fn fire_schedule_stores_the_event_and_the_run<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
     let before = now();
-    let (trigger, created) = store
-        .triggers
-        .add_trigger("f", &schedule_spec("@every 1m"))
-        .await
-        .unwrap();
+    let (trigger, created) = attach(&store, "f", &schedule_spec("@every 1m")).await;
     assert!(created);
     let created_at = trigger.last_fired_ms.unwrap();
     assert!(created_at >= before && created_at <= now());
@@ -2058,11 +1841,7 @@ pub async fn fire_schedule_stores_the_event_and_the_run<B: Backend>(backend: &B)
 
 pub async fn trigger_json_round_trips<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    let (trigger, _) = store
-        .triggers
-        .add_trigger("f", &kv_spec("b", "p"))
-        .await
-        .unwrap();
+    let (trigger, _) = attach(&store, "f", &kv_spec("b", "p")).await;
     let text = serde_json::to_string(&trigger).unwrap();
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(value["source"]["kind"], "kv");
@@ -2077,11 +1856,7 @@ pub async fn trigger_json_round_trips<B: Backend>(backend: &B) {
 
 pub async fn concurrent_writes_and_claims_keep_per_key_order<B: Backend>(backend: &B) {
     let (_place, store) = fresh(backend).await;
-    store
-        .triggers
-        .add_trigger("f", &kv_spec("b", ""))
-        .await
-        .unwrap();
+    attach(&store, "f", &kv_spec("b", "")).await;
     const PER_KEY: usize = 40;
     const KEYS: [&str; 3] = ["x", "y", "z"];
     let mut seen: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
