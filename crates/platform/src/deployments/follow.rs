@@ -68,7 +68,7 @@ impl Deployments {
 
     /// Makes the catalog serve `name` as the store has it now: rebuilt if
     /// it exists (compiling only missing artifacts), dropped if it is gone.
-    pub(crate) async fn converge(&self, name: &str) -> anyhow::Result<()> {
+    async fn converge(&self, name: &str) -> anyhow::Result<()> {
         let _change = self.changes.lock().await;
         let prior = self.parts.catalog.load().by_name.get(name).cloned();
         match self.parts.registry.function(name).await? {
