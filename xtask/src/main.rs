@@ -2,11 +2,15 @@
 //!
 //! - `guests`: build the guest components in `guests/` (wasm32-wasip2);
 //! - `demo`: build everything, start a node with the demo functions deployed;
-//! - `test`: build the guests and run the whole test suite;
+//! - `test`: build the guests, install nats-server (pinned, checked) and run
+//!   the whole test suite;
+//! - `nats-server`: install the pinned nats-server and print its path (to
+//!   run a fleet by hand);
 //! - `bench`: measure Mayfly and its peers side by side (`--smoke`,
 //!   `--no-install`; see `bench.rs`).
 //!
-//! Each task installs what it needs (the wasm32-wasip2 target) so that it
+//! Each task installs what it needs (the wasm32-wasip2 target, nats-server
+//! for the fleet tests) so that it
 //! works on a fresh machine.
 
 use std::io::{BufRead, BufReader};
@@ -16,6 +20,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 mod bench;
+mod nats;
 
 /// The demo functions: (name, guest file, route).
 const DEMO_FUNCTIONS: &[(&str, &str, &str)] = &[
@@ -33,9 +38,10 @@ fn main() -> anyhow::Result<()> {
         "demo" => demo(),
         "test" => test(&rest),
         "bench" => bench::run(&rest),
+        "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <guests|demo|test|bench> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -85,8 +91,11 @@ fn build_guests() -> anyhow::Result<PathBuf> {
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
     build_guests()?;
+    // The fleet tests start real nats-server processes.
+    let nats_server = nats::ensure_server()?;
     run(Command::new(env!("CARGO"))
         .current_dir(workspace_root())
+        .env("MAYFLY_NATS_SERVER", nats_server)
         .args(["test", "--workspace", "--all-targets"])
         .args(extra))
 }

@@ -95,11 +95,23 @@ pub fn block_on<F: Future>(case: F) -> F::Output {
 
 /// Defines a test module `$name` that runs every conformance case against
 /// the back-end `$backend` (an expression of a type implementing
-/// [`Backend`](crate::conformance::Backend)).
+/// [`Backend`](crate::conformance::Backend)); after a `;`, only the cases
+/// of the named contracts (`registry`, `logs`, `usage`, `events`, `auth`,
+/// `secrets`), for a back-end that implements some of them.
 #[macro_export]
 macro_rules! conformance_suite {
     ($name:ident, $backend:expr) => {
-        $crate::conformance_suite!(@cases $name, $backend;
+        $crate::conformance_suite!($name, $backend; registry, logs, usage, events, auth, secrets);
+    };
+    ($name:ident, $backend:expr; $($contract:ident),+ $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $crate::conformance_suite!(@contract $contract, $backend); )+
+        }
+    };
+    (@contract registry, $backend:expr) => {
+        $crate::conformance_suite!(@cases registry, $backend;
             registry {
                 versions_increase_and_the_newest_is_live,
                 a_taken_route_changes_nothing,
@@ -111,10 +123,19 @@ macro_rules! conformance_suite {
                 a_deploy_over_a_live_version_it_did_not_see_is_refused,
                 an_alias_move_from_a_stale_read_is_refused_and_changes_nothing,
             }
+            changes { registry_changes_name_the_function }
+        );
+    };
+    (@contract logs, $backend:expr) => {
+        $crate::conformance_suite!(@cases logs, $backend;
             logs {
                 logs_tail_and_follow,
                 function_logs_are_pruned_per_function_by_lines_and_bytes,
             }
+        );
+    };
+    (@contract usage, $backend:expr) => {
+        $crate::conformance_suite!(@cases usage, $backend;
             usage {
                 appending_a_batch_twice_counts_it_once,
                 the_same_request_id_on_two_functions_is_two_records,
@@ -128,6 +149,10 @@ macro_rules! conformance_suite {
                 records_page_by_seq_and_filter_by_function,
                 huge_values_are_clamped_not_fatal,
             }
+        );
+    };
+    (@contract events, $backend:expr) => {
+        $crate::conformance_suite!(@cases events, $backend;
             events {
                 kv_put_and_get_round_trip,
                 kv_revisions_increase_across_keys_and_are_never_reused,
@@ -167,40 +192,39 @@ macro_rules! conformance_suite {
                 concurrent_writes_and_claims_keep_per_key_order,
                 concurrent_receivers_never_share_a_message,
             }
-            auth {
-                audit_is_pruned_by_age_and_by_count,
-            }
-            changes {
-                registry_changes_name_the_function,
-                trigger_changes_name_the_trigger,
-                token_changes_name_the_token,
-                secret_changes_name_the_secret,
-            }
+            changes { trigger_changes_name_the_trigger }
+        );
+    };
+    (@contract auth, $backend:expr) => {
+        $crate::conformance_suite!(@cases auth, $backend;
+            auth { audit_is_pruned_by_age_and_by_count }
+            changes { token_changes_name_the_token }
+        );
+    };
+    (@contract secrets, $backend:expr) => {
+        $crate::conformance_suite!(@cases secrets, $backend;
             secrets {
                 secrets_versions_increase_and_survive_reopen,
                 secrets_seal_sees_its_version_and_a_failed_seal_changes_nothing,
                 secrets_delete_and_recreate_never_reuse_a_version,
                 secrets_reseal_all_is_one_transaction,
             }
+            changes { secret_changes_name_the_secret }
         );
     };
-    (@cases $name:ident, $backend:expr; $($module:ident { $($case:ident),* $(,)? })*) => {
-        mod $name {
+    (@cases $contract:ident, $backend:expr; $($module:ident { $($case:ident),* $(,)? })*) => {
+        mod $contract {
             #[allow(unused_imports)]
             use super::*;
             $(
-                mod $module {
-                    #[allow(unused_imports)]
-                    use super::*;
-                    $(
-                        #[test]
-                        fn $case() {
-                            $crate::conformance::block_on(async {
-                                $crate::conformance::$module::$case(&$backend).await
-                            });
-                        }
-                    )*
-                }
+                $(
+                    #[test]
+                    fn $case() {
+                        $crate::conformance::block_on(async {
+                            $crate::conformance::$module::$case(&$backend).await
+                        });
+                    }
+                )*
             )*
         }
     };

@@ -1,0 +1,404 @@
+//! Joining the fleet's NATS servers: the URL list, credentials, the server
+//! version check, and errors that say which server and what to do.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+/// The oldest nats-server the fleet back-end works with: it commits
+/// multi-key changes as atomic batches (2.12) and expires members with KV
+/// limit markers (2.11).
+pub const MIN_SERVER_VERSION: (i64, i64, i64) = (2, 12, 0);
+
+/// How long one JetStream API call may take before it fails. Short, so a
+/// write during a server failover fails over to a retry instead of
+/// stalling for the client's default of 5 s (docs/fleet-design.md §0).
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the first connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How to reach the fleet: `mayfly serve --nats URL[,URL…]` and its
+/// credential flags.
+#[derive(Clone)]
+pub struct NatsOptions {
+    /// Server URLs (`nats://host:port`, `tls://host:port` or `host:port`),
+    /// without credentials: [`NatsOptions::parse_urls`] moves those into
+    /// [`NatsOptions::credentials`].
+    pub urls: Vec<String>,
+    /// How this node proves who it is.
+    pub credentials: Credentials,
+    /// Prefix of every bucket and stream name, so several fleets (or test
+    /// cases) can share one NATS account. `mf` by default.
+    pub namespace: String,
+    /// This node's name in the fleet (the client connection's name too).
+    pub node_name: String,
+}
+
+/// NATS credentials. `Debug` never shows a secret.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    /// No authentication.
+    #[default]
+    None,
+    /// User name and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A bearer token.
+    Token(String),
+    /// An NKey seed (`SU…`), read from a seed file.
+    NKeySeed(String),
+    /// A `.creds` file (JWT and NKey seed), as `nsc` writes it.
+    CredsFile(PathBuf),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+impl Credentials {
+    /// What kind of credentials these are, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credentials::None => "no credentials",
+            Credentials::UserPassword { .. } => "user and password",
+            Credentials::Token(_) => "token",
+            Credentials::NKeySeed(_) => "nkey",
+            Credentials::CredsFile(_) => "credentials file",
+        }
+    }
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("urls", &self.urls)
+            .field("credentials", &self.credentials)
+            .field("namespace", &self.namespace)
+            .field("node_name", &self.node_name)
+            .finish()
+    }
+}
+
+/// Why the fleet could not be joined. Every message names the server list
+/// (credentials removed) and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A `--nats` value is not a server URL.
+    #[error(
+        "`{url}` is not a NATS server URL: {reason} (expected nats://HOST:PORT[,nats://HOST:PORT…])"
+    )]
+    BadUrl {
+        /// The value, credentials removed.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Credentials were given twice or could not be read.
+    #[error("{0}")]
+    Credentials(String),
+    /// No server answered.
+    #[error(
+        "NATS unreachable at {urls}: {source} (is nats-server running there, with JetStream (-js) on?)"
+    )]
+    Unreachable {
+        /// The servers tried.
+        urls: String,
+        /// The client's error.
+        source: async_nats::ConnectError,
+    },
+    /// A server answered but refused the credentials.
+    #[error(
+        "NATS at {urls} refused this node's {kind}: check the user, password, token or creds file"
+    )]
+    Refused {
+        /// The servers tried.
+        urls: String,
+        /// Which kind of credentials were sent.
+        kind: &'static str,
+    },
+    /// The server is older than [`MIN_SERVER_VERSION`].
+    #[error(
+        "NATS at {urls} runs nats-server {version}; Mayfly needs {}.{}.{} or newer (atomic batch publish): upgrade the server",
+        MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1, MIN_SERVER_VERSION.2
+    )]
+    TooOld {
+        /// The servers tried.
+        urls: String,
+        /// The version the server reported.
+        version: String,
+    },
+    /// The server runs without JetStream.
+    #[error(
+        "NATS at {urls} has JetStream turned off: start nats-server with -js (or `jetstream {{}}` in its config)"
+    )]
+    NoJetStream {
+        /// The servers tried.
+        urls: String,
+    },
+}
+
+impl NatsOptions {
+    /// Splits a `--nats` value (`a,b,c`; async-nats does not split a
+    /// comma-separated string itself) into URLs, and takes `user:password@`
+    /// out of them: async-nats 0.51 ignores credentials in a URL, so they
+    /// become [`Credentials::UserPassword`] (refused if other credentials
+    /// were given too).
+    pub fn parse_urls(
+        list: &str,
+        credentials: Credentials,
+    ) -> Result<(Vec<String>, Credentials), ConnectError> {
+        let mut urls = Vec::new();
+        let mut credentials = credentials;
+        for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (scheme, rest) = match raw.split_once("://") {
+                Some((scheme, rest)) => (scheme, rest),
+                None => ("nats", raw),
+            };
+            if !matches!(scheme, "nats" | "tls") {
+                return Err(ConnectError::BadUrl {
+                    url: redact(raw),
+                    reason: format!("unknown scheme `{scheme}`"),
+                });
+            }
+            let (userinfo, host) = match rest.rsplit_once('@') {
+                Some((userinfo, host)) => (Some(userinfo), host),
+                None => (None, rest),
+            };
+            let host = host.trim_end_matches('/');
+            if host.is_empty() || host.contains('/') {
+                return Err(ConnectError::BadUrl {
+                    url: redact(raw),
+                    reason: "expected HOST:PORT after the scheme".into(),
+                });
+            }
+            if let Some(userinfo) = userinfo {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                let from_url = if password.is_empty() {
+                    Credentials::Token(user.to_string())
+                } else {
+                    Credentials::UserPassword {
+                        user: user.to_string(),
+                        password: password.to_string(),
+                    }
+                };
+                match credentials {
+                    Credentials::None => credentials = from_url,
+                    ref other if other.kind() == from_url.kind() => {}
+                    ref other => {
+                        return Err(ConnectError::Credentials(format!(
+                            "credentials given twice: in the URL `{}` and as a {}; give them once",
+                            redact(raw),
+                            other.kind()
+                        )));
+                    }
+                }
+            }
+            urls.push(format!("{scheme}://{host}"));
+        }
+        if urls.is_empty() {
+            return Err(ConnectError::BadUrl {
+                url: list.to_string(),
+                reason: "no server in the list".into(),
+            });
+        }
+        Ok((urls, credentials))
+    }
+
+    /// The server list for messages: comma-separated, no credentials.
+    pub fn display_urls(&self) -> String {
+        self.urls
+            .iter()
+            .map(|u| redact(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// `url` with any `user:password@` replaced, safe to log.
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// A live connection to the fleet's servers: the client, its JetStream
+/// context, and the names this fleet's state lives under.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    namespace: String,
+    node_name: String,
+    urls: String,
+}
+
+impl Fleet {
+    /// Connects, then checks that the server is new enough and has
+    /// JetStream. Fails fast when no server answers: a node must not start
+    /// believing it is in a fleet it cannot reach. Once connected, the
+    /// client reconnects by itself for as long as the node runs.
+    pub async fn connect(options: &NatsOptions) -> Result<Self, ConnectError> {
+        let urls = options.display_urls();
+        let mut connect = async_nats::ConnectOptions::new()
+            .name(&options.node_name)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .event_callback(|event| async move {
+                // Secrets never appear in these events; the server's
+                // address does, as the operator wants.
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting")
+                    }
+                    other => tracing::info!(event = %other, "NATS"),
+                }
+            });
+        connect = match &options.credentials {
+            Credentials::None => connect,
+            Credentials::UserPassword { user, password } => {
+                connect.user_and_password(user.clone(), password.clone())
+            }
+            Credentials::Token(token) => connect.token(token.clone()),
+            Credentials::NKeySeed(seed) => connect.nkey(seed.clone()),
+            Credentials::CredsFile(path) => connect.credentials_file(path).await.map_err(|e| {
+                ConnectError::Credentials(format!(
+                    "cannot read the NATS credentials file {}: {e}",
+                    path.display()
+                ))
+            })?,
+        };
+        let client =
+            connect
+                .connect(options.urls.as_slice())
+                .await
+                .map_err(|source| match source.kind() {
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication => ConnectError::Refused {
+                        urls: urls.clone(),
+                        kind: options.credentials.kind(),
+                    },
+                    _ => ConnectError::Unreachable {
+                        urls: urls.clone(),
+                        source,
+                    },
+                })?;
+        let info = client.server_info();
+        let (major, minor, patch) = MIN_SERVER_VERSION;
+        if !client.is_server_compatible(major, minor, patch) {
+            return Err(ConnectError::TooOld {
+                urls,
+                version: info.version,
+            });
+        }
+        if !info.jetstream {
+            return Err(ConnectError::NoJetStream { urls });
+        }
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(JETSTREAM_TIMEOUT)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            jetstream,
+            namespace: options.namespace.clone(),
+            node_name: options.node_name.clone(),
+            urls,
+        })
+    }
+
+    /// The core NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context (API calls time out after 2 s).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The servers, credentials removed, for messages.
+    pub fn urls(&self) -> &str {
+        &self.urls
+    }
+
+    /// The name of this fleet's bucket or stream `name` (`mf_registry`).
+    pub fn name(&self, name: &str) -> String {
+        format!("{}_{name}", self.namespace)
+    }
+
+    /// Whether the client is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The version of the server this node is connected to.
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_list_is_split_and_credentials_leave_the_url() {
+        let (urls, creds) =
+            NatsOptions::parse_urls("nats://u:p@a:4222, b:4223,,tls://c:1", Credentials::None)
+                .unwrap();
+        assert_eq!(urls, ["nats://a:4222", "nats://b:4223", "tls://c:1"]);
+        assert!(
+            matches!(creds, Credentials::UserPassword { ref user, ref password }
+            if user == "u" && password == "p")
+        );
+        assert_eq!(format!("{creds:?}"), "user and password");
+    }
+
+    #[test]
+    fn credentials_given_twice_are_refused_without_showing_them() {
+        let err = NatsOptions::parse_urls("nats://u:secret@a:1", Credentials::Token("t".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("given twice"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        for (input, says) in [
+            ("http://a:1", "unknown scheme"),
+            ("nats://", "HOST:PORT"),
+            (" , ", "no server"),
+            ("nats://a:1/path", "HOST:PORT"),
+        ] {
+            let err = NatsOptions::parse_urls(input, Credentials::None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_user_info_only() {
+        assert_eq!(redact("nats://u:p@h:1"), "nats://***@h:1");
+        assert_eq!(redact("h:1"), "h:1");
+    }
+}

@@ -1,0 +1,81 @@
+//! Mayfly's fleet back-end: many nodes as one platform, on NATS JetStream.
+//!
+//! `mayfly serve --nats URL` connects through [`Fleet::connect`] (the
+//! server list, credentials, a version check with a clear error). The
+//! store contracts of `mayfly-store` are implemented here on JetStream
+//! (KV buckets, the object store, streams), so every node reads and
+//! writes one shared state and learns of other nodes' changes through the
+//! same change feeds the embedded back-end emits. The design, and the
+//! facts about nats-server 2.15 and async-nats 0.51 it rests on, are in
+//! `docs/fleet-design.md`.
+//!
+//! Nothing cluster-wide is home-made: replication, ordering, delivery and
+//! expiry are JetStream's.
+
+mod connect;
+#[cfg(any(test, feature = "test-server"))]
+pub mod testing;
+
+pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
+
+use std::path::Path;
+
+use mayfly_store::Stores;
+
+/// The stores of a node in the fleet: the contracts implemented on
+/// JetStream are shared by every node; the rest are this node's own, in
+/// `data_dir` (the embedded back-end), until they move to JetStream too.
+pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
+    let _ = fleet;
+    Stores::sqlite(data_dir)
+}
+
+/// A NATS client error as a store error (the source kept for logs).
+#[expect(dead_code, reason = "the JetStream stores use it; they land next")]
+pub(crate) fn backend<E>(error: E) -> mayfly_store::StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    mayfly_store::StoreError::Backend(Box::new(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testing::NatsServers;
+
+    #[tokio::test]
+    async fn a_node_connects_and_sees_the_server_version() {
+        let servers = NatsServers::single();
+        let fleet = Fleet::connect(&servers.options("node-a", "t"))
+            .await
+            .unwrap();
+        assert!(fleet.is_connected());
+        assert_eq!(fleet.name("registry"), "t_registry");
+        assert!(
+            fleet.server_version().starts_with("2."),
+            "{}",
+            fleet.server_version()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_named_in_the_error() {
+        let port = testing::free_port();
+        let (urls, credentials) = NatsOptions::parse_urls(
+            &format!("nats://me:hunter2@127.0.0.1:{port}"),
+            Credentials::None,
+        )
+        .unwrap();
+        let options = NatsOptions {
+            urls,
+            credentials,
+            namespace: "mf".into(),
+            node_name: "a".into(),
+        };
+        let err = Fleet::connect(&options).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+        assert!(err.contains("unreachable"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

