@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node: the HTTP gateway and the admin API.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Compiles one component from stdin within resource limits (the
     /// node's own child process; not for people).
     #[command(hide = true)]
@@ -97,6 +97,11 @@ pub enum Command {
     },
     /// Show the node's state and counters.
     Status,
+    /// The nodes of the fleet (a node on its own lists itself).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Show usage and cost from the node's ledger.
     Usage(UsageArgs),
     /// Create a function project (Rust, wasm32-wasip2) with a mayfly.toml,
@@ -143,6 +148,13 @@ pub enum Command {
     },
     /// Show the audit log: who did what to the node, and when.
     Audit(access::AuditArgs),
+}
+
+/// `mayfly node`: the fleet's members.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List the live nodes: labels, load, and the version each serves.
+    List,
 }
 
 /// `mayfly alias`: a function's named pointers to versions.

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use mayfly_store::{FunctionRecord, LogRecord};
 use serde_json::Value;
 
-use crate::args::{AliasCommand, Command, InvokeArgs, UsageArgs};
+use crate::args::{AliasCommand, Command, InvokeArgs, NodeCommand, UsageArgs};
 use crate::body::read_file;
 use crate::client::{AdminClient, check, percent_encode, segment};
 use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
@@ -46,6 +46,9 @@ pub fn run(
             Ok(())
         }
         Command::Status => status(&client, json),
+        Command::Node {
+            command: NodeCommand::List,
+        } => node_list(&client, json),
         Command::Versions {
             name,
             delete: Some(version),
@@ -359,6 +362,54 @@ fn print_log(json: bool, record: &LogRecord) -> anyhow::Result<()> {
         )?;
     }
     out.flush()?;
+    Ok(())
+}
+
+fn node_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
+    let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+    if json {
+        println!("{}", serde_json::to_string(&nodes)?);
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    println!(
+        "{:<20} {:<28} {:<21} {:>9} {:>13} {:>6}  FUNCTIONS",
+        "NODE", "LABELS", "GATEWAY", "IN-FLIGHT", "MEMORY MB", "SEEN"
+    );
+    for node in &nodes {
+        let labels = node
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let functions = node
+            .functions
+            .iter()
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<20} {:<28} {:<21} {:>9} {:>13} {:>5.1}s  {}",
+            node.name,
+            if labels.is_empty() { "-" } else { &labels },
+            if node.gateway.is_empty() {
+                "-"
+            } else {
+                &node.gateway
+            },
+            node.in_flight,
+            format!("{}/{}", node.memory_used_mb, node.memory_budget_mb),
+            (now - node.at_ms).max(0) as f64 / 1000.0,
+            if functions.is_empty() {
+                "-"
+            } else {
+                &functions
+            },
+        );
+    }
     Ok(())
 }
 

@@ -31,7 +31,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::CompileWorker(args) => serve::compile_worker(&args),
         Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),

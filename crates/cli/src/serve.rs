@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use mayfly_nats::{Credentials, Fleet, NatsOptions};
 use mayfly_platform::connections::{self, ConnectionLimits, ListenerLimits};
 use mayfly_platform::tls::TlsFiles;
 use mayfly_platform::{NodeConfig, RunningNode, ScalingConfig, ServeConfig};
@@ -78,6 +79,138 @@ pub struct ServeArgs {
     /// Compiles running at once; more deploys wait (up to --compile-timeout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub compile_concurrency: u32,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// How a node joins a fleet (`--nats`); without it, it runs on its own.
+#[derive(Debug, clap::Args)]
+pub struct FleetArgs {
+    /// Join a fleet through these NATS servers (nats://HOST:PORT[,…];
+    /// nats-server 2.12 or newer, with JetStream). Without it the node
+    /// runs on its own, all state in --data-dir.
+    #[arg(long, env = "MAYFLY_NATS", value_name = "URLS")]
+    pub nats: Option<String>,
+    /// This node's name in the fleet [default: the host name].
+    #[arg(long, env = "MAYFLY_NODE_NAME", value_parser = parse_node_name)]
+    pub node_name: Option<String>,
+    /// The node's labels, e.g. region=eu,site=fra1.
+    #[arg(long, env = "MAYFLY_LABELS", value_parser = parse_labels)]
+    pub labels: Option<Labels>,
+    /// NATS user (with --nats-password; prefer the environment variables).
+    #[arg(
+        long,
+        env = "MAYFLY_NATS_USER",
+        requires = "nats_password",
+        requires = "nats"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(
+        long,
+        env = "MAYFLY_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "MAYFLY_NATS_TOKEN", hide_env_values = true,
+          conflicts_with_all = ["nats_user", "nats_creds", "nats_nkey"], requires = "nats")]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and seed, as `nsc` writes it).
+    #[arg(long, env = "MAYFLY_NATS_CREDS", value_name = "FILE",
+          conflicts_with_all = ["nats_user", "nats_nkey"], requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding the node's NATS NKey seed (SU…).
+    #[arg(
+        long,
+        env = "MAYFLY_NATS_NKEY",
+        value_name = "FILE",
+        conflicts_with = "nats_user",
+        requires = "nats"
+    )]
+    pub nats_nkey: Option<PathBuf>,
+    /// Prefix of the fleet's buckets and streams, so fleets can share a
+    /// NATS account.
+    #[arg(long, env = "MAYFLY_NATS_NAMESPACE", default_value = "mf", value_parser = parse_node_name)]
+    pub nats_namespace: String,
+}
+
+/// `--labels`: `key=value` pairs.
+#[derive(Debug, Clone, Default)]
+pub struct Labels(pub std::collections::BTreeMap<String, String>);
+
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(format!(
+                "`{pair}` is not key=value (e.g. region=eu,site=fra1)"
+            ));
+        };
+        let well_formed = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !well_formed(key) || !well_formed(value) {
+            return Err(format!(
+                "label `{pair}`: keys and values are 1-63 letters, digits, `-`, `_` or `.`"
+            ));
+        }
+        labels.insert(key.to_string(), value.to_string());
+    }
+    Ok(Labels(labels))
+}
+
+/// A node name (or namespace): a NATS KV key and subject token.
+fn parse_node_name(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!("`{text}`: use 1-63 letters, digits, `-` or `_`"))
+    }
+}
+
+impl FleetArgs {
+    /// The NATS connection options, if the node joins a fleet.
+    fn options(&self, node_name: &str) -> anyhow::Result<Option<NatsOptions>> {
+        let Some(list) = &self.nats else {
+            return Ok(None);
+        };
+        let credentials =
+            if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+                Credentials::UserPassword {
+                    user: user.clone(),
+                    password: password.clone(),
+                }
+            } else if let Some(token) = &self.nats_token {
+                Credentials::Token(token.clone())
+            } else if let Some(path) = &self.nats_creds {
+                Credentials::CredsFile(path.clone())
+            } else if let Some(path) = &self.nats_nkey {
+                let seed = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read the NATS NKey seed file {}", path.display())
+                })?;
+                Credentials::NKeySeed(seed.trim().to_string())
+            } else {
+                Credentials::None
+            };
+        let (urls, credentials) = NatsOptions::parse_urls(list, credentials)?;
+        Ok(Some(NatsOptions {
+            urls,
+            credentials,
+            namespace: self.nats_namespace.clone(),
+            node_name: node_name.to_string(),
+            replicas: None,
+        }))
+    }
 }
 
 fn parse_credential_ttl(text: &str) -> Result<Duration, String> {
@@ -251,6 +384,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     node.keep_versions = args.keep_versions;
     node.runtime.max_instances = args.max_instances;
     node.compiler = Arc::new(compiler(&args, &node)?);
+    if let Some(name) = &args.fleet.node_name {
+        node.node_name = name.clone();
+    }
+    node.labels = args.fleet.labels.clone().unwrap_or_default().0;
+    let fleet = args.fleet.options(&node.node_name)?;
     let default_file = args.data_dir.join("node.toml");
     let file = match &args.config {
         Some(path) => NodeFile::load(path)?,
@@ -275,7 +413,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // otherwise kill the process unclean (seen in a test under CPU load).
     let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
-    let running = RunningNode::start(config, async { Stores::sqlite(&args.data_dir) }).await?;
+    // Joined first: an unreachable fleet is the error a user needs to see,
+    // not a half-started node.
+    let fleet = match fleet {
+        Some(options) => {
+            let fleet = Fleet::connect(&options).await?;
+            tracing::info!(
+                nats = fleet.urls(),
+                server = %fleet.server_version(),
+                node = fleet.node_name(),
+                "joined the fleet"
+            );
+            Some(fleet)
+        }
+        None => None,
+    };
+    let data_dir = args.data_dir.clone();
+    let running = RunningNode::start(config, async move {
+        match fleet {
+            None => Stores::sqlite(&data_dir),
+            Some(fleet) => mayfly_nats::open_stores(&fleet, &data_dir).await,
+        }
+    })
+    .await?;
 
     // Scripts and tests read these two lines to find the ports.
     let mut stdout = std::io::stdout().lock();

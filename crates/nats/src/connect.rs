@@ -35,6 +35,9 @@ pub struct NatsOptions {
     pub namespace: String,
     /// This node's name in the fleet (the client connection's name too).
     pub node_name: String,
+    /// Copies JetStream keeps of each bucket and stream; `None` picks 3
+    /// when the server is part of a cluster, else 1.
+    pub replicas: Option<usize>,
 }
 
 /// NATS credentials. `Debug` never shows a secret.
@@ -84,6 +87,7 @@ impl fmt::Debug for NatsOptions {
             .field("credentials", &self.credentials)
             .field("namespace", &self.namespace)
             .field("node_name", &self.node_name)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }
@@ -107,13 +111,13 @@ pub enum ConnectError {
     Credentials(String),
     /// No server answered.
     #[error(
-        "NATS unreachable at {urls}: {source} (is nats-server running there, with JetStream (-js) on?)"
+        "NATS unreachable at {urls}: {reason} (is nats-server running there, with JetStream (-js) on?)"
     )]
     Unreachable {
         /// The servers tried.
         urls: String,
-        /// The client's error.
-        source: async_nats::ConnectError,
+        /// The client's error (its text: it names no secret).
+        reason: String,
     },
     /// A server answered but refused the credentials.
     #[error(
@@ -244,6 +248,7 @@ pub struct Fleet {
     namespace: String,
     node_name: String,
     urls: String,
+    replicas: usize,
 }
 
 impl Fleet {
@@ -293,7 +298,7 @@ impl Fleet {
                     },
                     _ => ConnectError::Unreachable {
                         urls: urls.clone(),
-                        source,
+                        reason: source.to_string(),
                     },
                 })?;
         let info = client.server_info();
@@ -307,6 +312,11 @@ impl Fleet {
         if !info.jetstream {
             return Err(ConnectError::NoJetStream { urls });
         }
+        // A cluster keeps three copies (survives one server lost); a
+        // single server can only keep one.
+        let replicas = options
+            .replicas
+            .unwrap_or(if info.cluster.is_some() { 3 } else { 1 });
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());
@@ -316,6 +326,7 @@ impl Fleet {
             namespace: options.namespace.clone(),
             node_name: options.node_name.clone(),
             urls,
+            replicas,
         })
     }
 
@@ -342,6 +353,11 @@ impl Fleet {
     /// The name of this fleet's bucket or stream `name` (`mf_registry`).
     pub fn name(&self, name: &str) -> String {
         format!("{}_{name}", self.namespace)
+    }
+
+    /// Copies JetStream keeps of each of the fleet's buckets and streams.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// Whether the client is connected right now.

@@ -13,10 +13,12 @@
 //! expiry are JetStream's.
 
 mod connect;
+mod members;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
 
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
+pub use members::NatsMembership;
 
 use std::path::Path;
 
@@ -26,12 +28,12 @@ use mayfly_store::Stores;
 /// JetStream are shared by every node; the rest are this node's own, in
 /// `data_dir` (the embedded back-end), until they move to JetStream too.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
-    let _ = fleet;
-    Stores::sqlite(data_dir)
+    let mut stores = Stores::sqlite(data_dir)?;
+    stores.members = std::sync::Arc::new(NatsMembership::open(fleet).await?);
+    Ok(stores)
 }
 
 /// A NATS client error as a store error (the source kept for logs).
-#[expect(dead_code, reason = "the JetStream stores use it; they land next")]
 pub(crate) fn backend<E>(error: E) -> mayfly_store::StoreError
 where
     E: std::error::Error + Send + Sync + 'static,
@@ -72,6 +74,7 @@ mod tests {
             credentials,
             namespace: "mf".into(),
             node_name: "a".into(),
+            replicas: None,
         };
         let err = Fleet::connect(&options).await.unwrap_err().to_string();
         assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");

@@ -186,6 +186,7 @@ impl NatsServers {
             credentials: Credentials::None,
             namespace: namespace.to_string(),
             node_name: node.to_string(),
+            replicas: None,
         }
     }
 

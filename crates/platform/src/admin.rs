@@ -34,6 +34,7 @@ mod versions;
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/functions", get(list_functions))
         .route(
             "/v1/functions/{name}",
@@ -168,6 +169,10 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn status(State(platform): State<Arc<Platform>>) -> impl IntoResponse {
     Json(platform.status())
+}
+
+async fn nodes(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(platform.nodes().await?))
 }
 
 async fn list_functions(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {

@@ -245,6 +245,10 @@ pub struct NodeConfig {
     /// at once): in-process by default, in a child process for `mayfly
     /// serve`.
     pub compiler: Arc<mayfly_runtime::Compiler>,
+    /// The node's name in the fleet's membership list.
+    pub node_name: String,
+    /// The node's labels (`region=eu`, `site=fra1`), shown with it.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// How the node scales functions.
@@ -306,6 +310,16 @@ impl ScalingConfig {
     }
 }
 
+/// The machine's host name (`/proc/sys/kernel/hostname`), else `local`:
+/// a node's name when none is given.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "local".to_string())
+}
+
 /// The machine's physical memory, from `/proc/meminfo` (Linux).
 pub fn physical_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -328,6 +342,8 @@ impl NodeConfig {
             compiler: Arc::new(mayfly_runtime::Compiler::in_process(
                 mayfly_runtime::CompileLimits::default(),
             )),
+            node_name: default_node_name(),
+            labels: Default::default(),
         }
     }
 }

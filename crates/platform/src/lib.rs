@@ -25,6 +25,7 @@ pub mod gateway;
 pub mod invoker;
 pub mod ledger;
 pub mod logs;
+mod membership;
 pub mod metering;
 mod platform;
 mod preread;
@@ -128,6 +129,7 @@ impl RunningNode {
         }
         let scheme = if admin_tls.is_some() { "https" } else { "http" };
         platform.set_api_url(format!("{scheme}://{callback}"));
+        platform.set_gateway_addr(gateway_addr);
         let limits = config.connections;
         let gateway = tokio::spawn(gateway::serve(
             platform.invoker().clone(),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mayfly_runtime::Runtime;
-use mayfly_store::{LogStore, StoredUsage, Stores, UsageQuery, UsageRow, UsageStore};
+use mayfly_store::{
+    LogStore, Membership, NodeInfo, StoredUsage, Stores, UsageQuery, UsageRow, UsageStore,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
@@ -28,6 +30,7 @@ use crate::events::workers::EventWorkers;
 use crate::invoker::Invoker;
 use crate::ledger::Ledger;
 use crate::logs::LogHub;
+use crate::membership::Heartbeat;
 use crate::metering::Metrics;
 use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
@@ -55,6 +58,10 @@ pub struct Platform {
     /// The admin API's URL, once it listens: functions read it through
     /// wasi:config to call back with their credential.
     api_url: Arc<OnceLock<String>>,
+    /// The gateway's address, once it listens: each heartbeat carries it.
+    gateway_addr: Arc<OnceLock<String>>,
+    /// The fleet's membership list (this node alone, embedded).
+    members: Arc<dyn Membership>,
     config: NodeConfig,
     started: Instant,
     /// Ends the autoscaler and the verdict task when the node is dropped.
@@ -175,6 +182,8 @@ impl Platform {
             secrets,
             auth,
             api_url,
+            gateway_addr: Arc::new(OnceLock::new()),
+            members: stores.members.clone(),
             config,
             started,
             background: CancellationToken::new(),
@@ -195,6 +204,17 @@ impl Platform {
             .deployments
             .clone()
             .judge(verdicts, platform.background.clone());
+        Heartbeat {
+            members: platform.members.clone(),
+            invoker: platform.invoker.clone(),
+            runtime: platform.runtime.clone(),
+            admission: platform.admission.clone(),
+            name: platform.config.node_name.clone(),
+            labels: platform.config.labels.clone(),
+            started_ms: crate::clock::now_ms(),
+            gateway: platform.gateway_addr.clone(),
+        }
+        .spawn(platform.background.clone());
         platform.workers.start().await?;
         Ok(platform)
     }
@@ -266,6 +286,17 @@ impl Platform {
     /// Records where the admin API listens (once; later calls are ignored).
     pub fn set_api_url(&self, url: String) {
         let _ = self.api_url.set(url);
+    }
+
+    /// Records where the gateway listens, for the heartbeats.
+    pub fn set_gateway_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.gateway_addr.set(addr.to_string());
+    }
+
+    /// The nodes of the fleet (this node alone when it runs on its own),
+    /// as their last heartbeats describe them.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, PlatformError> {
+        Ok(self.members.members().await?)
     }
 
     /// The admin API's URL, if the node serves one.
@@ -356,6 +387,11 @@ impl Platform {
         .await;
         if let Err(error) = closed {
             tracing::error!("flushing the ledger and logs failed: {error}");
+        }
+        // Gone from the fleet's list at once rather than after its
+        // heartbeat expires.
+        if let Err(error) = self.members.leave(&self.config.node_name).await {
+            tracing::warn!("cannot remove this node from the fleet's list: {error}");
         }
     }
 }

@@ -7,7 +7,8 @@
 //! [`ObjectStore`], [`EventQueue`] and [`TriggerStore`] (`events/`, with the
 //! event semantics every back-end shares: [`EventKind`], CloudEvent
 //! building and trigger matching), [`AuthStore`] (`auth.rs`) and
-//! [`SecretStore`] (`secrets.rs`). [`Stores`] bundles one handle of each;
+//! [`SecretStore`] (`secrets.rs`), and the fleet's [`Membership`]
+//! (`members.rs`). [`Stores`] bundles one handle of each;
 //! the platform receives it and names no back-end.
 //!
 //! The contracts are async traits (`async-trait`, so they stay usable as
@@ -30,6 +31,7 @@ mod changes;
 pub mod conformance;
 mod events;
 mod logs;
+mod members;
 mod registry;
 mod secrets;
 pub mod sqlite;
@@ -46,6 +48,7 @@ pub use events::{
     TriggerStore, new_event_id,
 };
 pub use logs::{LogRecord, LogStore, NewLogLine};
+pub use members::{Membership, NodeInfo, SingleNode};
 pub use registry::{
     ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,
     FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,

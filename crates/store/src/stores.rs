@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::{
-    AuthStore, BlobStore, EventQueue, KvStore, LogStore, ObjectStore, Registry, Result,
-    SecretStore, TriggerStore, UsageStore,
+    AuthStore, BlobStore, EventQueue, KvStore, LogStore, Membership, ObjectStore, Registry, Result,
+    SecretStore, SingleNode, TriggerStore, UsageStore,
 };
 
 /// One handle per contract. The embedded back-end ([`Stores::sqlite`]) keeps
@@ -36,6 +36,9 @@ pub struct Stores {
     pub auth: Arc<dyn AuthStore>,
     /// Sealed secrets.
     pub secrets: Arc<dyn SecretStore>,
+    /// The nodes serving (a node on its own lists itself; a fleet
+    /// back-end replaces it).
+    pub members: Arc<dyn Membership>,
     /// The data directory this node holds, for a back-end kept on local
     /// disk: its lock lives as long as any copy of the bundle.
     local: Option<Arc<dyn LocalDir>>,
@@ -77,6 +80,7 @@ impl Stores {
             triggers: events.triggers,
             auth,
             secrets,
+            members: Arc::new(SingleNode::default()),
             local,
         }
     }

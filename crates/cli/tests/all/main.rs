@@ -11,6 +11,7 @@ mod deploy;
 mod dev;
 mod events;
 mod fairness;
+mod fleet;
 mod follow;
 mod host_limits;
 mod hygiene;

@@ -225,6 +225,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/healthz", "GET"),
     ("/metrics", "GET"),
     ("/v1/status", "GET"),
+    ("/v1/nodes", "GET"),
     ("/v1/audit", "GET"),
     ("/v1/tokens", "GET POST"),
     ("/v1/tokens/{}", "DELETE"),
