@@ -12,6 +12,7 @@
 //! Nothing cluster-wide is home-made: replication, ordering, delivery and
 //! expiry are JetStream's.
 
+mod batch;
 mod connect;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
@@ -31,7 +32,6 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
 }
 
 /// A NATS client error as a store error (the source kept for logs).
-#[expect(dead_code, reason = "the JetStream stores use it; they land next")]
 pub(crate) fn backend<E>(error: E) -> mayfly_store::StoreError
 where
     E: std::error::Error + Send + Sync + 'static,
