@@ -145,7 +145,10 @@ pub(crate) async fn commit(
                 .map_err(|e| BatchError::Failed(crate::backend(e)))?;
             continue;
         }
-        headers.insert("Nats-Batch-Commit", async_nats::header::NATS_BATCH_COMMIT_FINAL);
+        headers.insert(
+            "Nats-Batch-Commit",
+            async_nats::header::NATS_BATCH_COMMIT_FINAL,
+        );
         let request = async_nats::Request::new()
             .headers(headers)
             .payload(payload)
@@ -241,7 +244,9 @@ mod tests {
         let fleet = Fleet::connect(&servers.options("batch", "b"))
             .await
             .unwrap();
-        let kv = atomic_bucket(fleet.jetstream(), "b_batch", 1).await.unwrap();
+        let kv = atomic_bucket(fleet.jetstream(), "b_batch", 1)
+            .await
+            .unwrap();
         let first = kv.put("a", "1".into()).await.unwrap();
 
         // `b` must not exist (it does not), `a` must be at a revision it is
@@ -250,7 +255,9 @@ mod tests {
             Write::put("b", "new").expect(0),
             Write::put("a", "2").expect(first + 7),
         ];
-        let err = commit(fleet.client(), &kv.prefix, &writes).await.unwrap_err();
+        let err = commit(fleet.client(), &kv.prefix, &writes)
+            .await
+            .unwrap_err();
         assert!(matches!(err, BatchError::WrongLastSequence), "{err:?}");
         assert!(kv.entry("b").await.unwrap().is_none());
         assert_eq!(kv.get("a").await.unwrap().unwrap(), "1");
@@ -265,16 +272,23 @@ mod tests {
         assert_eq!(done.last - done.first, 2);
         let b = kv.entry("b").await.unwrap().unwrap();
         assert_eq!((b.revision, &b.value[..]), (done.first, &b"new"[..]));
-        assert_eq!(kv.entry("a").await.unwrap().unwrap().revision, done.first + 1);
+        assert_eq!(
+            kv.entry("a").await.unwrap().unwrap().revision,
+            done.first + 1
+        );
         let c = kv.entry("c").await.unwrap().unwrap();
         assert_eq!(c.revision, done.last);
         assert_eq!(c.operation, async_nats::jetstream::kv::Operation::Delete);
 
         // A tombstone is a message: "absent" after a delete expects its
         // revision, and 0 fails.
-        let err = commit(fleet.client(), &kv.prefix, &[Write::put("c", "x").expect(0)])
-            .await
-            .unwrap_err();
+        let err = commit(
+            fleet.client(),
+            &kv.prefix,
+            &[Write::put("c", "x").expect(0)],
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, BatchError::WrongLastSequence), "{err:?}");
         commit(
             fleet.client(),
@@ -291,7 +305,9 @@ mod tests {
         let fleet = Fleet::connect(&servers.options("batch", "b"))
             .await
             .unwrap();
-        let kv = atomic_bucket(fleet.jetstream(), "b_batch", 1).await.unwrap();
+        let kv = atomic_bucket(fleet.jetstream(), "b_batch", 1)
+            .await
+            .unwrap();
         let writes: Vec<Write> = (0..MAX_BATCH)
             .map(|i| Write::put(format!("k{i}"), "v").expect(0))
             .collect();
