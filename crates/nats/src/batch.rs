@@ -204,18 +204,33 @@ pub(crate) async fn atomic_bucket(
     num_replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, StoreError> {
     use async_nats::jetstream::{kv, stream::StorageType};
-    let store = jetstream
-        .create_key_value(kv::Config {
-            bucket: bucket.to_string(),
-            // The latest value (or tombstone) of each key is all Mayfly
-            // reads; compare-and-swap needs no more.
-            history: 1,
-            storage: StorageType::File,
-            num_replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(crate::backend)?;
+    // Opened first: once its stream allows atomic batches, its
+    // configuration no longer matches what `create_key_value` would ask
+    // for, and the server refuses that as a different configuration.
+    let store = match jetstream.get_key_value(bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            let created = jetstream
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    // The latest value (or tombstone) of each key is all
+                    // Mayfly reads; compare-and-swap needs no more.
+                    history: 1,
+                    storage: StorageType::File,
+                    num_replicas,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => store,
+                // Another node created it meanwhile.
+                Err(error) => jetstream
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|_| crate::backend(error))?,
+            }
+        }
+    };
     let mut stream = jetstream
         .get_stream(&store.stream_name)
         .await

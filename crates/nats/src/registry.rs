@@ -607,7 +607,7 @@ impl Inner {
     async fn versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
         let mut versions: Vec<VersionRecord> =
             self.values(&format!("ver.{}.*", token(name))).await?;
-        versions.sort_by(|a, b| b.version.cmp(&a.version));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         Ok(versions)
     }
 
@@ -630,8 +630,7 @@ impl Inner {
             // Versions and moves nobody reads any more follow in as many
             // batches as they need (a function re-created meanwhile
             // overwrites them without looking).
-            let mut first = vec![Write::delete(fn_key(name)).expect(fn_revision)];
-            first.extend(self.route_writes(name, &routes, &[]).await?);
+            let mut first = self.route_writes(name, &routes, &[]).await?;
             first.extend(
                 self.keys(&format!("alias.{f}.*"))
                     .await?
@@ -650,9 +649,12 @@ impl Inner {
                     .into_iter()
                     .map(Write::delete),
             );
-            let room = MAX_BATCH.saturating_sub(first.len());
+            let room = MAX_BATCH.saturating_sub(first.len() + 1);
             let later = rest.split_off(rest.len().min(room));
             first.extend(rest);
+            // The record last: a watcher sees the other keys go first, so
+            // the function's last change it hears of is its deletion.
+            first.push(Write::delete(fn_key(name)).expect(fn_revision));
             match self.commit(name, None, &first).await? {
                 Commit::Conflict => continue,
                 Commit::Done => {}
@@ -1004,5 +1006,98 @@ impl Registry for NatsRegistry {
 
     fn watch(&self) -> ChangeFeed<RegistryChange> {
         self.inner.feed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::NatsServers;
+
+    async fn node(servers: &NatsServers, name: &str) -> NatsRegistry {
+        let fleet = Fleet::connect(&servers.options(name, "t")).await.unwrap();
+        NatsRegistry::open(&fleet, SINGLE_SERVER_REPLICAS)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_deploys_from_two_nodes_lose_nothing() {
+        let servers = NatsServers::single();
+        let a = node(&servers, "a").await;
+        let b = node(&servers, "b").await;
+        let digest = Digest::of(b"x");
+        let config = FunctionConfig::default();
+        a.create_version("f", &digest, &config, Expected::Any)
+            .await
+            .unwrap();
+
+        // Both saw version 1: exactly one lands.
+        let (x, y) = tokio::join!(
+            a.create_version("f", &digest, &config, Expected::Version(1)),
+            b.create_version("f", &digest, &config, Expected::Version(1)),
+        );
+        assert!(x.is_ok() != y.is_ok(), "exactly one wins: {x:?} / {y:?}");
+        let loser = if x.is_err() { x } else { y };
+        assert!(matches!(loser, Err(StoreError::Stale(_))), "{loser:?}");
+
+        // Neither checks: both land, one after the other, with distinct
+        // versions, and the history has every move.
+        let (x, y) = tokio::join!(
+            a.create_version("f", &digest, &config, Expected::Any),
+            b.create_version("f", &digest, &config, Expected::Any),
+        );
+        let mut got = [x.unwrap().version, y.unwrap().version];
+        got.sort_unstable();
+        assert_eq!(got, [3, 4]);
+        let versions: Vec<u64> = a
+            .versions("f")
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions, [4, 3, 2, 1]);
+        assert_eq!(b.function("f").await.unwrap().unwrap().live.version, 4);
+        assert_eq!(a.alias_moves("f", 100).await.unwrap().len(), 4);
+    }
+
+    async fn next(feed: &mut ChangeFeed<RegistryChange>) -> RegistryChange {
+        tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_node_hears_of_another_nodes_changes_once_per_change() {
+        let servers = NatsServers::single();
+        let a = node(&servers, "a").await;
+        let b = node(&servers, "b").await;
+        let mut heard = b.watch();
+        let digest = Digest::of(b"x");
+        a.create_version("f", &digest, &FunctionConfig::default(), Expected::Any)
+            .await
+            .unwrap();
+        let changed = RegistryChange::Changed {
+            function: "f".into(),
+        };
+        assert_eq!(next(&mut heard).await, changed);
+        assert!(a.delete_function("f").await.unwrap());
+        let deleted = RegistryChange::Deleted {
+            function: "f".into(),
+        };
+        assert_eq!(next(&mut heard).await, deleted);
+        // One batch, one change each: nothing else arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(heard.try_recv().is_err());
+    }
+
+    #[test]
+    fn names_that_are_not_plain_become_hex_tokens() {
+        assert_eq!(token("my-fn_1"), "my-fn_1");
+        assert_eq!(token("a.b"), "=612e62");
+        assert_eq!(untoken(&token("a.b c")).unwrap(), "a.b c");
+        assert_eq!(untoken("plain").unwrap(), "plain");
     }
 }
