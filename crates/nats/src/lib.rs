@@ -15,11 +15,14 @@
 mod batch;
 mod connect;
 mod registry;
+mod secrets;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
+mod watch;
 
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 pub use registry::{NatsRegistry, SINGLE_SERVER_REPLICAS};
+pub use secrets::NatsSecrets;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +37,7 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
     // One replica until the fleet's server count is known here; a cluster
     // of three opens it with 3.
     stores.registry = Arc::new(NatsRegistry::open(fleet, SINGLE_SERVER_REPLICAS).await?);
+    stores.secrets = Arc::new(NatsSecrets::open(fleet, SINGLE_SERVER_REPLICAS).await?);
     Ok(stores)
 }
 
@@ -97,7 +101,7 @@ mod conformance {
 
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
 }
 
 #[cfg(test)]

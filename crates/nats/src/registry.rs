@@ -26,15 +26,12 @@
 //! the move history) and ends the moves' numbering problem too (a
 //! millisecond timestamp does not order two moves of one millisecond).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Operation};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, broadcast};
 
 use mayfly_store::{
     ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryRecord, ChangeFeed, Digest, Expected,
@@ -44,6 +41,7 @@ use mayfly_store::{
 
 use crate::Fleet;
 use crate::batch::{self, BatchError, MAX_BATCH, Write};
+use crate::watch::{self, Watched};
 
 /// Replicas of the registry bucket on a single dev server. A fleet of
 /// three or more servers opens it with 3 ([`NatsRegistry::open`]).
@@ -52,17 +50,6 @@ pub const SINGLE_SERVER_REPLICAS: usize = 1;
 /// Attempts of a write that keeps losing to unrelated writes of the same
 /// function before it gives up with [`StoreError::Stale`].
 const MAX_ATTEMPTS: usize = 16;
-
-/// Changes a subscriber has not read yet before it lags (as the embedded
-/// back-end's feeds).
-const FEED_CAPACITY: usize = 1024;
-
-/// How long the watcher waits for more entries of the same batch, so one
-/// batch (one entry per key) becomes one change per function.
-const COALESCE: Duration = Duration::from_millis(2);
-
-/// How long the watcher waits before it re-creates a failed watch.
-const REWATCH_PAUSE: Duration = Duration::from_millis(500);
 
 /// A function's own record, `fn.<f>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,18 +153,14 @@ fn contended(function: &str) -> StoreError {
 
 /// The registry on JetStream KV.
 pub struct NatsRegistry {
-    inner: Arc<Inner>,
+    inner: Inner,
     watcher: tokio::task::JoinHandle<()>,
 }
 
 struct Inner {
     client: async_nats::Client,
-    kv: kv::Store,
-    feed: broadcast::Sender<RegistryChange>,
-    /// Revisions this node committed and already told its own feed about,
-    /// so the watcher does not tell them again. Held across a commit, so
-    /// the watcher cannot see a revision before it is recorded here.
-    own: Mutex<BTreeSet<u64>>,
+    /// The bucket, and the feed its watch (and this node) tells.
+    watched: Arc<Watched<RegistryChange>>,
 }
 
 impl Drop for NatsRegistry {
@@ -200,100 +183,22 @@ impl NatsRegistry {
     pub async fn open(fleet: &Fleet, num_replicas: usize) -> Result<Self> {
         let kv =
             batch::atomic_bucket(fleet.jetstream(), &fleet.name("registry"), num_replicas).await?;
-        // The watch starts after everything already stored: those changes
-        // are in the state this node reads at start-up.
-        let mut stream = kv.stream.clone();
-        let next = stream
-            .info()
-            .await
-            .map_err(crate::backend)?
-            .state
-            .last_sequence
-            + 1;
-        let inner = Arc::new(Inner {
+        let (watched, watcher) = Watched::start(kv, change_of, merge).await?;
+        let inner = Inner {
             client: fleet.client().clone(),
-            kv,
-            feed: broadcast::channel(FEED_CAPACITY).0,
-            own: Mutex::new(BTreeSet::new()),
-        });
-        let watcher = tokio::spawn(watch_changes(Arc::downgrade(&inner), next));
+            watched,
+        };
         Ok(Self { inner, watcher })
     }
 }
 
-/// Tells the feed about every change in the bucket from revision `next`
-/// on that this node did not make itself, until the store is dropped.
-async fn watch_changes(inner: std::sync::Weak<Inner>, mut next: u64) {
-    loop {
-        let watch = match inner.upgrade() {
-            Some(inner) => inner.kv.watch_all_from_revision(next).await,
-            None => return,
-        };
-        let mut watch = match watch {
-            Ok(watch) => watch,
-            Err(error) => {
-                tracing::warn!(%error, "registry watch failed; retrying");
-                tokio::time::sleep(REWATCH_PAUSE).await;
-                continue;
-            }
-        };
-        loop {
-            let Some(first) = watch.next().await else {
-                break;
-            };
-            let mut entries = vec![first];
-            while let Ok(Some(more)) = tokio::time::timeout(COALESCE, watch.next()).await {
-                entries.push(more);
-            }
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
-            let mut changes: Vec<RegistryChange> = Vec::new();
-            let mut failed = false;
-            {
-                let mut own = inner.own.lock().await;
-                for entry in entries {
-                    let entry = match entry {
-                        Ok(entry) => entry,
-                        Err(error) => {
-                            tracing::warn!(%error, "registry watch broke; re-creating it");
-                            failed = true;
-                            break;
-                        }
-                    };
-                    next = entry.revision + 1;
-                    // Revisions up to this one are either this one or
-                    // were superseded before the watch saw them.
-                    let mine = own.remove(&entry.revision);
-                    *own = own.split_off(&next);
-                    if mine {
-                        continue;
-                    }
-                    if let Some(change) = change_of(&entry) {
-                        if matches!(change, RegistryChange::Deleted { .. }) {
-                            changes.retain(|c| {
-                                !matches!(c, RegistryChange::Changed { function }
-                                    if matches!(&change, RegistryChange::Deleted { function: f } if f == function))
-                            });
-                        }
-                        if !changes.contains(&change) {
-                            changes.push(change);
-                        }
-                    }
-                }
-            }
-            for change in changes {
-                let _ = inner.feed.send(change);
-            }
-            if failed {
-                break;
-            }
-        }
-        // The watch ended (its consumer is gone): start again from the
-        // next revision. Tombstones stay in the bucket as each key's last
-        // message, so a function deleted meanwhile is still seen.
-        tokio::time::sleep(REWATCH_PAUSE).await;
+/// Adds `change` to those of one batch: a deletion replaces the
+/// function's earlier changes.
+fn merge(changes: &mut Vec<RegistryChange>, change: RegistryChange) {
+    if let RegistryChange::Deleted { function } = &change {
+        changes.retain(|c| !matches!(c, RegistryChange::Changed { function: f } if f == function));
     }
+    watch::dedup(changes, change);
 }
 
 /// The change a KV entry means, if any: routes always change with their
@@ -317,7 +222,7 @@ impl Inner {
     /// A key's value and the revision a compare-and-swap of it expects
     /// (a tombstone's, or 0 when it never existed).
     async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<(Option<T>, u64)> {
-        let entry = self.kv.entry(key).await.map_err(crate::backend)?;
+        let entry = self.watched.kv.entry(key).await.map_err(crate::backend)?;
         let Some(entry) = entry else {
             return Ok((None, 0));
         };
@@ -338,16 +243,21 @@ impl Inner {
     /// tombstone is a key's last message.
     async fn keys(&self, pattern: &str) -> Result<Vec<String>> {
         let subjects = self
+            .watched
             .kv
             .stream
-            .info_with_subjects(format!("{}{pattern}", self.kv.prefix))
+            .info_with_subjects(format!("{}{pattern}", self.watched.kv.prefix))
             .await
             .map_err(crate::backend)?;
         let subjects: Vec<(String, usize)> =
             subjects.try_collect().await.map_err(crate::backend)?;
         let mut keys: Vec<String> = subjects
             .into_iter()
-            .filter_map(|(subject, _)| subject.strip_prefix(&self.kv.prefix).map(str::to_string))
+            .filter_map(|(subject, _)| {
+                subject
+                    .strip_prefix(&self.watched.kv.prefix)
+                    .map(str::to_string)
+            })
             .collect();
         keys.sort();
         Ok(keys)
@@ -370,8 +280,8 @@ impl Inner {
         write: Option<&str>,
         writes: &[Write],
     ) -> Result<Commit> {
-        let mut own = self.own.lock().await;
-        let error = match batch::commit(&self.client, &self.kv.prefix, writes).await {
+        let mut own = self.watched.own.lock().await;
+        let error = match batch::commit(&self.client, &self.watched.kv.prefix, writes).await {
             Ok(done) => {
                 own.extend(done.first..=done.last);
                 return Ok(Commit::Done);
@@ -396,8 +306,7 @@ impl Inner {
     }
 
     fn emit(&self, change: RegistryChange) {
-        // No subscriber is not an error: nobody caches the registry.
-        let _ = self.feed.send(change);
+        self.watched.emit(change);
     }
 
     /// The routes `function` serves at `version`.
@@ -663,7 +572,9 @@ impl Inner {
                 function: name.to_string(),
             });
             for chunk in later.chunks(MAX_BATCH) {
-                if let Err(error) = batch::commit(&self.client, &self.kv.prefix, chunk).await {
+                if let Err(error) =
+                    batch::commit(&self.client, &self.watched.kv.prefix, chunk).await
+                {
                     // The function is gone already; what is left is
                     // unreachable and overwritten by a re-deploy.
                     tracing::warn!(
@@ -1005,7 +916,7 @@ impl Registry for NatsRegistry {
     }
 
     fn watch(&self) -> ChangeFeed<RegistryChange> {
-        self.inner.feed.subscribe()
+        self.inner.watched.subscribe()
     }
 }
 
@@ -1013,6 +924,7 @@ impl Registry for NatsRegistry {
 mod tests {
     use super::*;
     use crate::testing::NatsServers;
+    use std::time::Duration;
 
     async fn node(servers: &NatsServers, name: &str) -> NatsRegistry {
         let fleet = Fleet::connect(&servers.options(name, "t")).await.unwrap();
