@@ -12,15 +12,22 @@
 //! Nothing cluster-wide is home-made: replication, ordering, delivery and
 //! expiry are JetStream's.
 
+mod batch;
 mod connect;
 mod members;
+mod registry;
+mod secrets;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
+mod watch;
 
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 pub use members::NatsMembership;
+pub use registry::NatsRegistry;
+pub use secrets::NatsSecrets;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use mayfly_store::Stores;
 
@@ -29,7 +36,9 @@ use mayfly_store::Stores;
 /// `data_dir` (the embedded back-end), until they move to JetStream too.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
     let mut stores = Stores::sqlite(data_dir)?;
-    stores.members = std::sync::Arc::new(NatsMembership::open(fleet).await?);
+    stores.members = Arc::new(NatsMembership::open(fleet).await?);
+    stores.registry = Arc::new(NatsRegistry::open(fleet, fleet.replicas()).await?);
+    stores.secrets = Arc::new(NatsSecrets::open(fleet, fleet.replicas()).await?);
     Ok(stores)
 }
 
@@ -39,6 +48,61 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     mayfly_store::StoreError::Backend(Box::new(error))
+}
+
+/// The conformance suite against a real nats-server: one server for the
+/// whole test binary, a namespace of its own per case.
+#[cfg(test)]
+mod conformance {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use mayfly_store::conformance::Backend;
+
+    use super::*;
+    use crate::testing::NatsServers;
+
+    fn server() -> &'static NatsServers {
+        static SERVER: OnceLock<NatsServers> = OnceLock::new();
+        SERVER.get_or_init(NatsServers::single)
+    }
+
+    /// The fleet back-end over [`server`].
+    pub struct NatsBackend;
+
+    /// One case's state: its namespace on the server and its node's own
+    /// data directory.
+    pub struct Place {
+        namespace: String,
+        dir: tempfile::TempDir,
+    }
+
+    impl Backend for NatsBackend {
+        type Place = Place;
+
+        fn place(&self) -> Place {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            Place {
+                namespace: format!(
+                    "c{}_{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        async fn open(&self, place: &Place) -> Stores {
+            let fleet = Fleet::connect(&server().options("conformance", &place.namespace))
+                .await
+                .unwrap();
+            open_stores(&fleet, place.dir.path()).await.unwrap()
+        }
+    }
+
+    // Each contract joins this list once its JetStream implementation is
+    // in `open_stores`.
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
 }
 
 #[cfg(test)]
