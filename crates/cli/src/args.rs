@@ -75,8 +75,12 @@ pub enum Command {
         /// Function name.
         name: String,
         /// Delete this version instead (refused while an alias points at it).
-        #[arg(long, value_name = "VERSION")]
+        #[arg(long, value_name = "VERSION", conflicts_with = "fleet")]
         delete: Option<u64>,
+        /// Show which version each node of the fleet serves instead (a
+        /// rollout in progress shows as nodes on different versions).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Point a function's aliases (`live`, or names of your own) at
     /// versions, optionally splitting traffic with a canary.

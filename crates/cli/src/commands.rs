@@ -52,6 +52,7 @@ pub fn run(
         Command::Versions {
             name,
             delete: Some(version),
+            ..
         } => {
             client.delete(&format!(
                 "/v1/functions/{}/versions/{version}",
@@ -67,7 +68,16 @@ pub fn run(
             }
             Ok(())
         }
-        Command::Versions { name, delete: None } => versions(&client, json, &name),
+        Command::Versions {
+            name,
+            delete: None,
+            fleet: true,
+        } => fleet_versions(&client, json, &name),
+        Command::Versions {
+            name,
+            delete: None,
+            fleet: false,
+        } => versions(&client, json, &name),
         Command::Alias { command } => alias(&client, json, command),
         Command::Rollback { name } => {
             let answer: Value = client.post_json(
@@ -110,6 +120,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         limits,
         scaling,
         grants,
+        wait,
     } = args;
     // Clap refuses --manifest with NAME.
     let (name, component) = match (name, component) {
@@ -133,6 +144,12 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || !grants.outbound.is_empty()
                 || !grants.secrets.is_empty()
                 || !grants.variables.is_empty();
+            if wait.is_some() {
+                bail!(
+                    "--wait needs NAME and COMPONENT (`mayfly deploy NAME COMPONENT --wait`); \
+                     after a manifest deploy, watch the rollout with `mayfly versions NAME --fleet`"
+                );
+            }
             if flags_given {
                 bail!(
                     "routes, triggers, limits and grants given as flags need NAME and \
@@ -163,8 +180,19 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         scaling,
         grants,
     };
-    let outcome = send_deploy(client, &deploy)?;
+    let mut outcome = send_deploy(client, &deploy)?;
+    let rollout = match wait {
+        Some(timeout) => {
+            let version = outcome["version"].as_u64().unwrap_or_default();
+            Some(wait_for_rollout(client, &deploy.name, version, timeout)?)
+        }
+        None => None,
+    };
     if json {
+        if let Some((nodes, took)) = rollout {
+            outcome["rollout"] =
+                serde_json::json!({"nodes": nodes, "seconds": took.as_secs_f64()});
+        }
         println!("{outcome}");
         return Ok(());
     }
@@ -194,6 +222,12 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
             } else {
                 ", cached artifact"
             }
+        );
+    }
+    if let Some((nodes, took)) = rollout {
+        println!(
+            "live on {nodes} of {nodes} nodes after {:.2}s",
+            took.as_secs_f64()
         );
     }
     if routes.is_empty() {
@@ -362,6 +396,64 @@ fn print_log(json: bool, record: &LogRecord) -> anyhow::Result<()> {
         )?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Polls the fleet's membership until every live node serves `version` of
+/// `function` on its `live` alias; returns how many nodes and how long it
+/// took. Nodes report every second, so this sees a rollout within about a
+/// second of its end.
+fn wait_for_rollout(
+    client: &AdminClient,
+    function: &str,
+    version: u64,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(usize, std::time::Duration)> {
+    let started = std::time::Instant::now();
+    loop {
+        let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+        let behind: Vec<String> = nodes
+            .iter()
+            .filter(|node| node.functions.get(function) != Some(&version))
+            .map(|node| match node.functions.get(function) {
+                Some(v) => format!("{} (version {v})", node.name),
+                None => format!("{} (not yet)", node.name),
+            })
+            .collect();
+        if behind.is_empty() && !nodes.is_empty() {
+            return Ok((nodes.len(), started.elapsed()));
+        }
+        if started.elapsed() >= timeout {
+            bail!(
+                "{function} version {version} is deployed, but after {:.1}s these nodes do not serve it yet: {}",
+                started.elapsed().as_secs_f64(),
+                behind.join(", ")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `mayfly versions NAME --fleet`: the version each node serves.
+fn fleet_versions(client: &AdminClient, json: bool, function: &str) -> anyhow::Result<()> {
+    let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+    let serving: Vec<(&str, Option<u64>)> = nodes
+        .iter()
+        .map(|node| (node.name.as_str(), node.functions.get(function).copied()))
+        .collect();
+    if json {
+        let rows: Vec<Value> = serving
+            .iter()
+            .map(|(node, version)| serde_json::json!({"node": node, "version": version}))
+            .collect();
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    println!("{:<24} LIVE VERSION", "NODE");
+    for (node, version) in serving {
+        let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
+        println!("{node:<24} {version}");
+    }
     Ok(())
 }
 

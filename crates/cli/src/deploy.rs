@@ -39,6 +39,11 @@ pub struct DeployArgs {
     pub scaling: ScalingArgs,
     #[command(flatten)]
     pub grants: GrantArgs,
+    /// After the deploy, wait until every live node of the fleet serves
+    /// the new version (at most this long, e.g. 30s; `--wait` alone: 60s).
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub wait: Option<std::time::Duration>,
 }
 
 /// What the function may reach beyond its sandbox; nothing unless granted.
