@@ -12,31 +12,111 @@
 //! Nothing cluster-wide is home-made: replication, ordering, delivery and
 //! expiry are JetStream's.
 
+mod auth;
+mod blobs;
 mod connect;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
 
+pub use auth::NatsAuth;
+pub use blobs::NatsBlobs;
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 
 use std::path::Path;
+use std::sync::Arc;
 
-use mayfly_store::Stores;
+use mayfly_store::{BlobDir, Stores};
+
+/// How many copies of each bucket and stream JetStream keeps when this
+/// node creates them (an existing one keeps its own setting). One for a
+/// single server; a fleet on a 3-server cluster wants 3.
+pub const REPLICAS: usize = 1;
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
 /// `data_dir` (the embedded back-end), until they move to JetStream too.
+///
+/// Shared so far: components ([`NatsBlobs`], cached in `data_dir/blobs`)
+/// and tokens with the audit log ([`NatsAuth`]).
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
-    let _ = fleet;
-    Stores::sqlite(data_dir)
+    // The embedded stores first: they lock `data_dir` and sweep the blob
+    // folder's unfinished writes before the cache below uses it.
+    let mut stores = Stores::sqlite(data_dir)?;
+    let cache = BlobDir::open(data_dir.join("blobs"))?;
+    stores.blobs = Arc::new(
+        NatsBlobs::open(fleet, cache, REPLICAS)
+            .await
+            .map_err(|e| e.context("cannot open the fleet's component store"))?,
+    );
+    stores.auth = Arc::new(
+        NatsAuth::open(fleet, REPLICAS)
+            .await
+            .map_err(|e| e.context("cannot open the fleet's tokens and audit log"))?,
+    );
+    Ok(stores)
 }
 
 /// A NATS client error as a store error (the source kept for logs).
-#[expect(dead_code, reason = "the JetStream stores use it; they land next")]
 pub(crate) fn backend<E>(error: E) -> mayfly_store::StoreError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
     mayfly_store::StoreError::Backend(Box::new(error))
+}
+
+/// The conformance suite against a real nats-server: one server for the
+/// whole test binary, a namespace of its own per case.
+#[cfg(test)]
+mod conformance {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use mayfly_store::conformance::Backend;
+
+    use super::*;
+    use crate::testing::NatsServers;
+
+    fn server() -> &'static NatsServers {
+        static SERVER: OnceLock<NatsServers> = OnceLock::new();
+        SERVER.get_or_init(NatsServers::single)
+    }
+
+    /// The fleet back-end over [`server`].
+    pub struct NatsBackend;
+
+    /// One case's state: its namespace on the server and its node's own
+    /// data directory.
+    pub struct Place {
+        namespace: String,
+        dir: tempfile::TempDir,
+    }
+
+    impl Backend for NatsBackend {
+        type Place = Place;
+
+        fn place(&self) -> Place {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            Place {
+                namespace: format!(
+                    "c{}_{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        async fn open(&self, place: &Place) -> Stores {
+            let fleet = Fleet::connect(&server().options("conformance", &place.namespace))
+                .await
+                .unwrap();
+            open_stores(&fleet, place.dir.path()).await.unwrap()
+        }
+    }
+
+    // Each contract joins this list once its JetStream implementation is
+    // in `open_stores`.
+    mayfly_store::conformance_suite!(nats, NatsBackend; auth);
 }
 
 #[cfg(test)]
