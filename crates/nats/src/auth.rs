@@ -564,4 +564,138 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
     }
+
+    async fn open(servers: &crate::testing::NatsServers, node: &str, namespace: &str) -> NatsAuth {
+        let fleet = Fleet::connect(&servers.options(node, namespace))
+            .await
+            .unwrap();
+        NatsAuth::open(&fleet, crate::REPLICAS).await.unwrap()
+    }
+
+    fn token(id: &str, created_at_ms: i64) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            name: "ci".into(),
+            hash: format!("hash of {id}"),
+            scopes: vec!["deploy".into()],
+            functions: vec!["f".into()],
+            created_at_ms,
+            revoked_at_ms: None,
+        }
+    }
+
+    async fn next(feed: &mut ChangeFeed<TokenChange>) -> TokenChange {
+        tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("no token change within 10 s")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_and_their_changes_reach_every_node() {
+        let servers = crate::testing::NatsServers::single();
+        let a = open(&servers, "a", "auth1").await;
+        let b = open(&servers, "b", "auth1").await;
+        let mut feed_b = b.watch();
+        a.create_token(&token("tok_2", 2)).await.unwrap();
+        a.create_token(&token("tok_1", 1)).await.unwrap();
+        assert_eq!(
+            next(&mut feed_b).await,
+            TokenChange::Created { id: "tok_2".into() }
+        );
+        assert_eq!(
+            next(&mut feed_b).await,
+            TokenChange::Created { id: "tok_1".into() }
+        );
+        // Oldest first, hash kept.
+        assert_eq!(
+            b.tokens().await.unwrap(),
+            [token("tok_1", 1), token("tok_2", 2)]
+        );
+
+        // Ids are unique across the fleet.
+        let error = b.create_token(&token("tok_1", 3)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+
+        assert!(b.revoke_token("tok_1").await.unwrap());
+        assert!(!a.revoke_token("tok_1").await.unwrap(), "already revoked");
+        assert!(!a.revoke_token("tok_none").await.unwrap());
+        assert!(!a.revoke_token("not a key").await.unwrap());
+        let mut feed_a = a.watch();
+        b.revoke_token("tok_2").await.unwrap();
+        assert_eq!(
+            next(&mut feed_a).await,
+            TokenChange::Revoked { id: "tok_2".into() }
+        );
+        let revoked = a.tokens().await.unwrap();
+        assert!(
+            revoked.iter().all(|t| t.revoked_at_ms.is_some()),
+            "{revoked:?}"
+        );
+        // B told its own revocations once, when it made them.
+        let mut own = Vec::new();
+        while let Ok(change) = feed_b.try_recv() {
+            own.push(change);
+        }
+        assert_eq!(
+            own,
+            [
+                TokenChange::Revoked { id: "tok_1".into() },
+                TokenChange::Revoked { id: "tok_2".into() }
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_shared_and_pages_by_sequence() {
+        let servers = crate::testing::NatsServers::single();
+        let a = open(&servers, "a", "audit1").await;
+        let b = open(&servers, "b", "audit1").await;
+        assert!(a.audit(0, 10, false).await.unwrap().is_empty());
+        assert!(a.audit(0, 10, true).await.unwrap().is_empty());
+        assert_eq!(a.prune_audit(i64::MAX, 0).await.unwrap(), 0);
+        for status in [200, 403, 201] {
+            a.append_audit("tok_1 (ci)", "POST /v1/x", status, None)
+                .await
+                .unwrap();
+        }
+        let id = b
+            .append_audit("anonymous", "GET /v1/y", 401, Some("no token"))
+            .await
+            .unwrap();
+        assert_eq!(id, 4);
+        let all = a.audit(0, 10, false).await.unwrap();
+        assert_eq!(
+            all.iter().map(|e| (e.id, e.status)).collect::<Vec<_>>(),
+            [(1, 200), (2, 403), (3, 201), (4, 401)]
+        );
+        assert_eq!(all[3].detail.as_deref(), Some("no token"));
+        assert_eq!(all[3].actor, "anonymous");
+        assert_eq!(
+            b.audit(1, 2, false)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(
+            b.audit(0, 2, true)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(b.audit(3, 10, true).await.unwrap().len(), 1);
+        assert!(b.audit(4, 10, false).await.unwrap().is_empty());
+        // By age: entries before the third one's time go (and no more).
+        let cut_ms = all[2].ts_ms;
+        let older = all.iter().filter(|e| e.ts_ms < cut_ms).count();
+        assert_eq!(a.prune_audit(cut_ms, 100).await.unwrap(), older);
+        assert_eq!(b.audit(0, 10, false).await.unwrap().len(), 4 - older);
+        assert_eq!(b.audit(0, 10, true).await.unwrap().last().unwrap().id, 4);
+    }
 }
