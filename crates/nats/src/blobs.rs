@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use async_nats::jetstream::object_store::{self, GetErrorKind, InfoErrorKind, ObjectStore};
 use async_nats::jetstream::{self, stream::StorageType};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
 use mayfly_store::{BlobDir, BlobKind, BlobStore, Digest, Result, StoreError};
 use tokio::io::AsyncReadExt as _;
 
@@ -56,13 +58,26 @@ impl NatsBlobs {
         format!("component/{}", key.hex())
     }
 
+    /// The digest the object store records for component `key`'s bytes
+    /// (`SHA-256=<base64url>`, computed by the uploader as it sends them).
+    fn object_digest(key: &Digest) -> Result<String> {
+        let raw = hex::decode(key.hex())
+            .map_err(|e| StoreError::Corrupt(format!("{key} is not hex: {e}")))?;
+        Ok(format!("SHA-256={}", URL_SAFE.encode(raw)))
+    }
+
     /// Uploads the cached component `key` unless the fleet has it.
     async fn upload(&self, key: &Digest) -> Result<()> {
         let name = Self::object_name(key);
         match self.objects.info(&name).await {
             // A deleted object keeps its info, flagged: upload it again.
-            Ok(info) if !info.deleted => return Ok(()),
-            Ok(_) => {}
+            Ok(info) if info.deleted => {}
+            Ok(info) if info.digest == Some(Self::object_digest(key)?) => return Ok(()),
+            Ok(_) => {
+                // Someone stored other bytes under this name: this put
+                // heals the fleet's copy.
+                tracing::warn!(component = %key, "the fleet's copy is damaged; uploading it again");
+            }
             Err(e) if e.kind() == InfoErrorKind::NotFound => {}
             Err(e) => return Err(backend(e)),
         }
@@ -92,6 +107,15 @@ impl NatsBlobs {
             Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(backend(e)),
         };
+        // The uploader's digest tells before any byte is fetched; the
+        // bytes are checked against `key` anyway (the digest is only what
+        // the uploader claimed).
+        if object.info().digest != Some(Self::object_digest(key)?) {
+            return Err(StoreError::Corrupt(format!(
+                "object {name} in the fleet has digest {:?}, not {key}",
+                object.info().digest
+            )));
+        }
         let mut writer = Some(self.local.writer(BlobKind::Component)?);
         let mut piece = Vec::with_capacity(DOWNLOAD_PIECE);
         loop {
