@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::stream::{
     self, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy, StorageType,
@@ -30,6 +31,10 @@ const TOKEN_KEYS: &str = "tok.>";
 /// Changes a subscriber has not read yet before it lags (as the embedded
 /// back-end's feeds).
 const FEED_CAPACITY: usize = 1024;
+
+/// How long a page of the audit log waits for its next entry before the
+/// read fails (the server sends what it has at once; this is a stall).
+const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the watcher waits before trying again after the server
 /// refused or did not answer.
@@ -123,6 +128,7 @@ impl Drop for AbortOnDrop {
 /// Tokens and the audit log on JetStream, shared by every node.
 pub struct NatsAuth {
     tokens: kv::Store,
+    client: async_nats::Client,
     jetstream: Context,
     audit: stream::Stream,
     /// The subject audit entries are published on (the stream's only one).
@@ -168,6 +174,7 @@ impl NatsAuth {
         ));
         Ok(Self {
             tokens,
+            client: fleet.client().clone(),
             jetstream: js.clone(),
             audit,
             audit_subject,
@@ -193,21 +200,63 @@ impl NatsAuth {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
             Err(e) => return Err(backend(e)),
         };
-        let stored: StoredAudit = serde_json::from_slice(&message.payload).map_err(|e| {
-            StoreError::Corrupt(format!(
-                "audit entry {} in the fleet: {e}",
-                message.sequence
-            ))
-        })?;
-        Ok(Some(AuditEntry {
-            id: i64::try_from(message.sequence).unwrap_or(i64::MAX),
-            ts_ms: stored.ts_ms,
-            actor: stored.actor,
-            action: stored.action,
-            status: stored.status,
-            detail: stored.detail,
-        }))
+        audit_entry(message.sequence, &message.payload).map(Some)
     }
+
+    /// At most `limit` entries from sequence `from` on, read through one
+    /// ordered consumer (the server pushes them back to back: one round
+    /// trip per page, not per entry). `last` is the stream's last sequence
+    /// when the caller looked: the page ends there.
+    async fn audit_page(&self, from: u64, last: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let consumer = self
+            .audit
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("Mayfly: an audit page".into()),
+                filter_subject: self.audit_subject.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(backend)?;
+        let mut messages = consumer.messages().await.map_err(backend)?;
+        let mut entries = Vec::new();
+        while entries.len() < limit {
+            let message = tokio::time::timeout(AUDIT_READ_TIMEOUT, messages.next())
+                .await
+                .map_err(backend)?;
+            let Some(message) = message else {
+                break;
+            };
+            let message = message.map_err(backend)?;
+            let info = message
+                .info()
+                .map_err(|e| StoreError::Backend(e.to_string().into()))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            entries.push(audit_entry(sequence, &message.payload)?);
+            if pending == 0 || sequence >= last {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// The audit entry stored at `sequence`.
+fn audit_entry(sequence: u64, payload: &[u8]) -> Result<AuditEntry> {
+    let stored: StoredAudit = serde_json::from_slice(payload)
+        .map_err(|e| StoreError::Corrupt(format!("audit entry {sequence} in the fleet: {e}")))?;
+    Ok(AuditEntry {
+        id: i64::try_from(sequence).unwrap_or(i64::MAX),
+        ts_ms: stored.ts_ms,
+        actor: stored.actor,
+        action: stored.action,
+        status: stored.status,
+        detail: stored.detail,
+    })
 }
 
 /// Opens the token bucket, creating it if no node has yet (a node creating
@@ -460,31 +509,20 @@ impl AuthStore for NatsAuth {
         }
         let mut next = u64::try_from(after).unwrap_or(0).saturating_add(1);
         let wanted = u64::try_from(limit).unwrap_or(u64::MAX);
+        let state = self.audit.get_info().await.map_err(backend)?.state;
+        if state.messages == 0 || next > state.last_sequence {
+            // Nothing to read: an ordered consumer would wait for entries
+            // yet to come.
+            return Ok(Vec::new());
+        }
         if latest {
             // Only the oldest entries are ever removed (`prune_audit`), so
             // the newest `limit` are the last `limit` sequences.
-            let last = self
-                .audit
-                .get_info()
-                .await
-                .map_err(backend)?
-                .state
-                .last_sequence;
-            next = next.max(last.saturating_sub(wanted - 1));
+            next = next.max(state.last_sequence.saturating_sub(wanted - 1));
         }
-        // One read per entry, each the next one on the subject: pages are
-        // small (the admin API's), and a gap is stepped over.
-        let mut entries = Vec::new();
-        while entries.len() < limit {
-            let Some(entry) = self.audit_from(next).await? else {
-                break;
-            };
-            next = u64::try_from(entry.id)
-                .unwrap_or(u64::MAX)
-                .saturating_add(1);
-            entries.push(entry);
-        }
-        Ok(entries)
+        // An entry removed since (pruned) is skipped: the consumer starts
+        // at the first one at or after `next`.
+        self.audit_page(next, state.last_sequence, limit).await
     }
 
     async fn prune_audit(&self, before_ms: i64, keep_rows: u64) -> Result<usize> {
@@ -697,5 +735,19 @@ mod tests {
         assert_eq!(a.prune_audit(cut_ms, 100).await.unwrap(), older);
         assert_eq!(b.audit(0, 10, false).await.unwrap().len(), 4 - older);
         assert_eq!(b.audit(0, 10, true).await.unwrap().last().unwrap().id, 4);
+
+        // A page of many entries (one consumer, not a read per entry).
+        for _ in 0..300 {
+            a.append_audit("anonymous", "GET /v1/z", 401, None)
+                .await
+                .unwrap();
+        }
+        let all = b.audit(0, 10_000, false).await.unwrap();
+        assert_eq!(all.len(), 304 - older);
+        assert!(all.windows(2).all(|w| w[0].id + 1 == w[1].id));
+        let latest = b.audit(0, 100, true).await.unwrap();
+        assert_eq!(latest.len(), 100);
+        assert_eq!((latest[0].id, latest[99].id), (205, 304));
+        assert_eq!(b.audit(250, 20, false).await.unwrap()[0].id, 251);
     }
 }
