@@ -750,4 +750,39 @@ mod tests {
         assert_eq!((latest[0].id, latest[99].id), (205, 304));
         assert_eq!(b.audit(250, 20, false).await.unwrap()[0].id, 251);
     }
+
+    #[tokio::test]
+    async fn token_changes_still_arrive_after_the_server_restarts() {
+        let mut servers = crate::testing::NatsServers::single();
+        let a = open(&servers, "a", "auth2").await;
+        let b = open(&servers, "b", "auth2").await;
+        let mut feed_b = b.watch();
+        servers.restart(0);
+        servers.wait_ready();
+        // The clients reconnect by themselves; writes fail until then.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match a.create_token(&token("tok_after", 5)).await {
+                // A try that timed out may have landed.
+                Ok(()) | Err(StoreError::Conflict(_)) => break,
+                Err(error) => assert!(tokio::time::Instant::now() < deadline, "{error}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Re-announcements may come first; the new token must come.
+        let wanted = TokenChange::Created {
+            id: "tok_after".into(),
+        };
+        let arrived = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match feed_b.recv().await {
+                    Ok(change) if change == wanted => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => panic!("feed closed"),
+                }
+            }
+        })
+        .await;
+        assert!(arrived.is_ok(), "B never heard of the token created on A");
+    }
 }
