@@ -66,13 +66,15 @@ impl NatsBlobs {
         Ok(format!("SHA-256={}", URL_SAFE.encode(raw)))
     }
 
-    /// Uploads the cached component `key` unless the fleet has it.
-    async fn upload(&self, key: &Digest) -> Result<()> {
+    /// Uploads component `key`, whose bytes are `bytes`, unless the fleet
+    /// has it.
+    async fn upload(&self, key: &Digest, bytes: &[u8]) -> Result<()> {
         let name = Self::object_name(key);
+        let digest = Self::object_digest(key)?;
         match self.objects.info(&name).await {
             // A deleted object keeps its info, flagged: upload it again.
             Ok(info) if info.deleted => {}
-            Ok(info) if info.digest == Some(Self::object_digest(key)?) => return Ok(()),
+            Ok(info) if info.digest.as_ref() == Some(&digest) => return Ok(()),
             Ok(_) => {
                 // Someone stored other bytes under this name: this put
                 // heals the fleet's copy.
@@ -81,19 +83,22 @@ impl NatsBlobs {
             Err(e) if e.kind() == InfoErrorKind::NotFound => {}
             Err(e) => return Err(backend(e)),
         }
-        let path = self
-            .local
-            .local_path(BlobKind::Component, key)
-            .await
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("component {key} vanished from the local cache"))
-            })?;
-        // Streamed from the cached file: the bytes are not held twice.
-        let mut file = tokio::fs::File::open(&path).await?;
-        self.objects
-            .put(name.as_str(), &mut file)
+        // From the caller's bytes, not the cached file: those were just
+        // hashed into `key`, while a damaged cached copy (`put` keeps an
+        // existing file) would poison every node. Read a chunk at a time
+        // (the slice is an `AsyncRead`), so no second copy is made.
+        let mut reader = bytes;
+        let info = self
+            .objects
+            .put(name.as_str(), &mut reader)
             .await
             .map_err(backend)?;
+        if info.digest.as_ref() != Some(&digest) {
+            return Err(StoreError::Corrupt(format!(
+                "uploaded {key}, but the object store recorded digest {:?}",
+                info.digest
+            )));
+        }
         Ok(())
     }
 
@@ -224,7 +229,7 @@ impl BlobStore for NatsBlobs {
         if kind == BlobKind::Component {
             // Durable means in the fleet: a deploy must not return before
             // every node can load what it deployed.
-            self.upload(&digest).await?;
+            self.upload(&digest, bytes).await?;
         }
         Ok(digest)
     }
@@ -412,9 +417,37 @@ mod tests {
         );
         let folder = b.dir.path().join("blobs/components");
         assert_eq!(
-            std::fs::read_dir(folder).unwrap().count(),
+            std::fs::read_dir(&folder).unwrap().count(),
             0,
             "no temp file left"
+        );
+
+        // A damaged cached copy never reaches the fleet: the upload is of
+        // the bytes put.
+        let fresh = a
+            .blobs
+            .local
+            .put(BlobKind::Component, b"fresh")
+            .await
+            .unwrap();
+        let cached = a.dir.path().join("blobs/components").join(fresh.hex());
+        std::fs::write(&cached, b"frash").unwrap();
+        a.blobs.put(BlobKind::Component, b"fresh").await.unwrap();
+        assert_eq!(
+            b.blobs.get(BlobKind::Component, &fresh).await.unwrap(),
+            Some(b"fresh".to_vec())
+        );
+
+        // Putting the real bytes heals the fleet's copy.
+        let healed = a
+            .blobs
+            .put(BlobKind::Component, b"what the name says")
+            .await
+            .unwrap();
+        assert_eq!(healed, claimed);
+        assert_eq!(
+            b.blobs.get(BlobKind::Component, &claimed).await.unwrap(),
+            Some(b"what the name says".to_vec())
         );
     }
 
