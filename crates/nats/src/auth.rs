@@ -365,7 +365,11 @@ async fn follow_tokens(
             }
         };
         for token in all {
-            let _ = changes.send(StoredToken::new(&token, "").change());
+            let id = token.id;
+            let _ = changes.send(match token.revoked_at_ms {
+                Some(_) => TokenChange::Revoked { id },
+                None => TokenChange::Created { id },
+            });
         }
     }
 }

@@ -28,9 +28,9 @@ const DOWNLOAD_PIECE: usize = 128 * 1024;
 ///   function. It is content-addressed (`component/<sha256 hex>`) and never
 ///   changes, so a cached copy never goes stale.
 /// - [`BlobKind::Artifact`]: local. Compiled code is per node: its key
-///   includes the engine's fingerprint, and loading native code someone
-///   else compiled off the bus would trust every node with every other's
-///   memory (docs/fleet-design.md §4, "BlobStore").
+///   includes the engine's fingerprint, and loading it from the bus would
+///   make each node run native code that any writer of the bucket produced
+///   (docs/fleet-design.md §4, "BlobStore").
 /// - [`BlobKind::Object`]: local. Object bytes belong to the event store,
 ///   which in this back-end is still the node's own (SQLite beside this
 ///   same [`BlobDir`]); they move to `object/<sha256>` with it.
