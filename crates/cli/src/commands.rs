@@ -190,8 +190,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
     };
     if json {
         if let Some((nodes, took)) = rollout {
-            outcome["rollout"] =
-                serde_json::json!({"nodes": nodes, "seconds": took.as_secs_f64()});
+            outcome["rollout"] = serde_json::json!({"nodes": nodes, "seconds": took.as_secs_f64()});
         }
         println!("{outcome}");
         return Ok(());

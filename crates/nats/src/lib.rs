@@ -12,7 +12,9 @@
 //! Nothing cluster-wide is home-made: replication, ordering, delivery and
 //! expiry are JetStream's.
 
+mod auth;
 mod batch;
+mod blobs;
 mod connect;
 mod members;
 mod registry;
@@ -21,6 +23,8 @@ mod secrets;
 pub mod testing;
 mod watch;
 
+pub use auth::NatsAuth;
+pub use blobs::NatsBlobs;
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
@@ -29,16 +33,42 @@ pub use secrets::NatsSecrets;
 use std::path::Path;
 use std::sync::Arc;
 
-use mayfly_store::Stores;
+use mayfly_store::{BlobDir, Stores};
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
 /// `data_dir` (the embedded back-end), until they move to JetStream too.
+///
+/// Shared so far: functions, versions and aliases ([`NatsRegistry`]),
+/// components ([`NatsBlobs`], cached in `data_dir/blobs`), tokens with the
+/// audit log ([`NatsAuth`]), sealed secrets ([`NatsSecrets`]) and the
+/// membership list ([`NatsMembership`]).
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
+    // The embedded stores first: they lock `data_dir` and sweep the blob
+    // folder's unfinished writes before the cache below uses it.
     let mut stores = Stores::sqlite(data_dir)?;
+    let cache = BlobDir::open(data_dir.join("blobs"))?;
+    stores.blobs = Arc::new(
+        NatsBlobs::open(fleet, cache, fleet.replicas())
+            .await
+            .map_err(|e| e.context("cannot open the fleet's component store"))?,
+    );
+    stores.auth = Arc::new(
+        NatsAuth::open(fleet, fleet.replicas())
+            .await
+            .map_err(|e| e.context("cannot open the fleet's tokens and audit log"))?,
+    );
+    stores.registry = Arc::new(
+        NatsRegistry::open(fleet, fleet.replicas())
+            .await
+            .map_err(|e| e.context("cannot open the fleet's function registry"))?,
+    );
+    stores.secrets = Arc::new(
+        NatsSecrets::open(fleet, fleet.replicas())
+            .await
+            .map_err(|e| e.context("cannot open the fleet's secrets"))?,
+    );
     stores.members = Arc::new(NatsMembership::open(fleet).await?);
-    stores.registry = Arc::new(NatsRegistry::open(fleet, fleet.replicas()).await?);
-    stores.secrets = Arc::new(NatsSecrets::open(fleet, fleet.replicas()).await?);
     Ok(stores)
 }
 
@@ -102,7 +132,7 @@ mod conformance {
 
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, auth, secrets);
 }
 
 #[cfg(test)]
