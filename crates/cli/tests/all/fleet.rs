@@ -102,3 +102,73 @@ fn an_unreachable_fleet_is_a_clear_error_naming_the_server_but_no_secret() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// Polls `node`'s gateway until `path` answers 200 with a body
+/// containing `expected`; returns how long that took.
+fn served(node: &Node, path: &str, expected: &str) -> Duration {
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(30), &format!("{path} on {}", node.gateway), || {
+        let (status, body) = node.get(path);
+        (status == 200 && body.contains(expected)).then_some(())
+    });
+    started.elapsed()
+}
+
+#[test]
+fn a_deploy_through_one_node_serves_on_all_and_a_rollback_reaches_every_node() {
+    // Three JetStream servers with three copies of everything, and a node
+    // per server.
+    let servers = NatsServers::cluster(3);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| fleet_node(dir.path(), &servers, &format!("n{i}"), "region=eu"))
+        .collect();
+
+    nodes[0].deploy("f", "hello", &["/f"]);
+    let slowest = nodes
+        .iter()
+        .map(|node| served(node, "/f", "Hello"))
+        .max()
+        .unwrap_or_default();
+    eprintln!("deploy to first 200 on the last of 3 nodes: {slowest:?}");
+
+    // A second version through another node, waiting for the rollout.
+    let echo = crate::common::guest("echo");
+    let (ok, stdout, stderr) = nodes[1].cli(&[
+        "deploy",
+        "f",
+        echo.to_str().unwrap(),
+        "--route",
+        "/f",
+        "--wait",
+        "30s",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("live on 3 of 3 nodes"), "{stdout}");
+    for node in &nodes {
+        let (status, _, _) = node.request("GET", "/f", b"");
+        assert_eq!(status, 200);
+        let (_, body) = node.get("/f");
+        assert!(!body.contains("Hello"), "{} still serves version 1", node.gateway);
+    }
+    let (ok, table, _) = nodes[2].cli(&["versions", "f", "--fleet"]);
+    assert!(ok && table.matches(" 2\n").count() == 3, "{table}");
+
+    // A rollback through the third node reaches every node.
+    let (ok, stdout, stderr) = nodes[2].cli(&["rollback", "f"]);
+    assert!(ok, "{stdout}{stderr}");
+    for node in &nodes {
+        served(node, "/f", "Hello");
+    }
+    // Every node's token works on every node: tokens are the fleet's.
+    let (ok, _, stderr) = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["list"])
+        .env("MAYFLY_ADMIN_URL", &nodes[1].admin)
+        .env("MAYFLY_TOKEN", &nodes[0].token)
+        .output()
+        .map(|o| (o.status.success(), o.stdout, String::from_utf8_lossy(&o.stderr).into_owned()))
+        .unwrap();
+    assert!(ok, "{stderr}");
+}
