@@ -19,12 +19,14 @@ mod registry;
 mod secrets;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
+mod usage;
 mod watch;
 
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
 pub use secrets::NatsSecrets;
+pub use usage::NatsUsage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
     stores.members = Arc::new(NatsMembership::open(fleet).await?);
     stores.registry = Arc::new(NatsRegistry::open(fleet, fleet.replicas()).await?);
     stores.secrets = Arc::new(NatsSecrets::open(fleet, fleet.replicas()).await?);
+    stores.usage = Arc::new(NatsUsage::open(fleet, data_dir, fleet.replicas()).await?);
     Ok(stores)
 }
 
@@ -102,7 +105,7 @@ mod conformance {
 
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets, usage);
 }
 
 #[cfg(test)]
