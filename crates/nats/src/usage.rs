@@ -567,3 +567,300 @@ impl UsageStore for NatsUsage {
         self.shared.fleet.usage_count().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Instant;
+
+    use mayfly_store::{GroupBy, Outcome, billed_ms};
+
+    use super::*;
+    use crate::testing::NatsServers;
+
+    /// 2025-01-01T00:00:00Z.
+    const T0: i64 = 1_735_689_600_000;
+
+    /// How long anything may take to converge on a busy machine.
+    const CONVERGE: Duration = Duration::from_secs(60);
+
+    /// Record `i` of `node`, for one of three functions.
+    fn record(node: &str, i: u32) -> UsageRecord {
+        let wall_us = 1_000 + u64::from(i);
+        UsageRecord {
+            request_id: format!("{node}-{i:030x}"),
+            client_request_id: None,
+            function: ["a", "b", "c"][i as usize % 3].into(),
+            version: 1,
+            trigger: "http".into(),
+            start_ms: T0 + i64::from(i),
+            wall_us,
+            cpu_us: 500,
+            peak_memory_bytes: 1 << 20,
+            memory_limit_mb: 128,
+            billed_ms: billed_ms(wall_us),
+            outcome: if i % 7 == 0 {
+                Outcome::Error
+            } else {
+                Outcome::Ok
+            },
+            cold: i % 11 == 0,
+            status: Some(200),
+        }
+    }
+
+    fn records(node: &str, range: std::ops::Range<u32>) -> Vec<UsageRecord> {
+        range.map(|i| record(node, i)).collect()
+    }
+
+    async fn open(servers: &NatsServers, node: &str, ns: &str, dir: &Path) -> (Fleet, NatsUsage) {
+        let fleet = Fleet::connect(&servers.options(node, ns)).await.unwrap();
+        let usage = NatsUsage::open(&fleet, dir, fleet.replicas()).await.unwrap();
+        (fleet, usage)
+    }
+
+    /// Polls `check` until it holds, failing after [`CONVERGE`].
+    async fn until<F, Fut>(what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !check().await {
+            assert!(start.elapsed() < CONVERGE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Invocations, billed ms and cpu µs per function: the exact parts of
+    /// a summary (the GB-s sums are floating point and depend on order).
+    async fn totals(usage: &NatsUsage) -> Vec<(Option<String>, u64, u64, u64, u64)> {
+        usage
+            .usage_summary(&UsageQuery {
+                from_ms: T0,
+                to_ms: T0 + 86_400_000,
+                group_by: GroupBy::Function,
+                function: None,
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.function, r.invocations, r.errors, r.billed_ms, r.cpu_us))
+            .collect()
+    }
+
+    async fn stream_messages(fleet: &Fleet) -> u64 {
+        let mut stream = fleet
+            .jetstream()
+            .get_stream(fleet.name("usage"))
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    /// Whether `node`'s consumer has nothing left to deliver or settle.
+    async fn drained(fleet: &Fleet, node: &str) -> bool {
+        let mut stream = fleet
+            .jetstream()
+            .get_stream(fleet.name("usage"))
+            .await
+            .unwrap();
+        match stream.consumer_info(format!("usage-{node}")).await {
+            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+            Err(_) => false,
+        }
+    }
+
+    async fn published_all(usage: &NatsUsage) -> bool {
+        let last = usage.shared.local.last_seq().await.unwrap();
+        usage.shared.published.load(Ordering::Acquire) == last
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_converge_on_the_same_exact_totals() {
+        let servers = NatsServers::single();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_fa, a) = open(&servers, "a", "u1", dir_a.path()).await;
+        let (_fb, b) = open(&servers, "b", "u1", dir_b.path()).await;
+
+        // The way the ledger writer appends: batches, as invocations end.
+        const PER_NODE: u32 = 3000;
+        let started = Instant::now();
+        for chunk in (0..PER_NODE).step_by(100) {
+            let (ra, rb) = (records("a", chunk..chunk + 100), records("b", chunk..chunk + 100));
+            assert_eq!(a.append_usage(&ra).await.unwrap(), 100);
+            assert_eq!(b.append_usage(&rb).await.unwrap(), 100);
+        }
+        let appended = started.elapsed();
+        // A node reads its own records at once (b's may be there too).
+        let own = a.usage_records(None, 0, 10_000).await.unwrap();
+        assert_eq!(
+            own.iter()
+                .filter(|s| s.record.request_id.starts_with("a-"))
+                .count(),
+            PER_NODE as usize
+        );
+        until("a's records to be published", || published_all(&a)).await;
+        let published = started.elapsed();
+        until("both fleet ledgers to hold every record", || async {
+            a.usage_count().await.unwrap() == u64::from(2 * PER_NODE)
+                && b.usage_count().await.unwrap() == u64::from(2 * PER_NODE)
+        })
+        .await;
+        eprintln!(
+            "{} records per node: appended in {appended:?}, a's published after {published:?}, \
+             both fleet ledgers complete after {:?}",
+            PER_NODE,
+            started.elapsed()
+        );
+
+        let expected = {
+            let mut all = records("a", 0..PER_NODE);
+            all.extend(records("b", 0..PER_NODE));
+            let mut rows: Vec<(Option<String>, u64, u64, u64, u64)> = Vec::new();
+            for function in ["a", "b", "c"] {
+                let of: Vec<_> = all.iter().filter(|r| r.function == function).collect();
+                rows.push((
+                    Some(function.into()),
+                    of.len() as u64,
+                    of.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64,
+                    of.iter().map(|r| r.billed_ms).sum(),
+                    of.iter().map(|r| r.cpu_us).sum(),
+                ));
+            }
+            rows
+        };
+        assert_eq!(totals(&a).await, expected);
+        assert_eq!(totals(&b).await, expected);
+        // Another node's records page in the order they arrived, by the
+        // reading node's own seq.
+        let listed = b.usage_records(Some("a"), 0, 10_000).await.unwrap();
+        assert_eq!(listed.len(), 2000);
+        assert!(listed.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(stream_messages(&_fa).await, u64::from(2 * PER_NODE));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_appended_while_nats_is_down_arrive_once_it_is_back() {
+        let mut servers = NatsServers::single();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (fa, a) = open(&servers, "a", "u2", dir_a.path()).await;
+        let (_fb, b) = open(&servers, "b", "u2", dir_b.path()).await;
+        a.append_usage(&records("a", 0..50)).await.unwrap();
+        until("b to see the first records", || async {
+            b.usage_count().await.unwrap() == 50
+        })
+        .await;
+
+        servers.kill(0);
+        // The writer never waits on NATS: appends commit locally, and the
+        // node reads them at once.
+        for chunk in (50..550).step_by(50) {
+            let started = Instant::now();
+            assert_eq!(
+                a.append_usage(&records("a", chunk..chunk + 50))
+                    .await
+                    .unwrap(),
+                50
+            );
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+        assert_eq!(a.usage_count().await.unwrap(), 550);
+        // Give the publisher time to fail at least once against the dead
+        // server (not a wait for a result: nothing can arrive).
+        until("a's publisher to notice the outage", || async {
+            a.shared.published.load(Ordering::Acquire) < a.shared.local.last_seq().await.unwrap()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        servers.restart(0);
+        servers.wait_ready();
+        until("b to see every record", || async {
+            b.usage_count().await.unwrap() >= 550
+        })
+        .await;
+        until("a to have published everything", || published_all(&a)).await;
+        until("b's consumer to be drained", || drained(&fa, "b")).await;
+        assert_eq!(b.usage_count().await.unwrap(), 550);
+        assert_eq!(totals(&b).await, totals(&a).await);
+        // The stream dropped any re-send within its duplicate window.
+        assert_eq!(stream_messages(&fa).await, 550);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn republishing_after_a_lost_cursor_counts_nothing_twice() {
+        let servers = NatsServers::single();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (fa, a) = open(&servers, "a", "u3", dir_a.path()).await;
+        let (fb, b) = open(&servers, "b", "u3", dir_b.path()).await;
+        let batch = records("a", 0..300);
+        a.append_usage(&batch).await.unwrap();
+        until("a to publish", || published_all(&a)).await;
+        until("b to see a's records", || async {
+            b.usage_count().await.unwrap() == 300
+        })
+        .await;
+        let expected = totals(&a).await;
+
+        // a restarts without its cursor: everything is sent again.
+        drop(a);
+        drop(fa);
+        std::fs::remove_file(dir_a.path().join("ledger.published")).unwrap();
+        let (fa, a) = open(&servers, "a", "u3", dir_a.path()).await;
+        assert_eq!(a.shared.published.load(Ordering::Acquire), 0);
+        until("a to publish again", || published_all(&a)).await;
+        // Within the duplicate window the stream drops the copies...
+        assert_eq!(stream_messages(&fa).await, 300);
+
+        // ...and after it, the fleet ledgers do: copies under new message
+        // ids, as a re-send later than the window would store them.
+        for record in &batch[..100] {
+            fa.jetstream()
+                .send_publish(
+                    fa.subject(&format!("usage.{}", record.function)),
+                    PublishMessage::build()
+                        .payload(serde_json::to_vec(record).unwrap().into())
+                        .message_id(format!("late.{}", record.request_id)),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        assert_eq!(stream_messages(&fa).await, 400);
+        until("a's consumer to be drained", || drained(&fa, "a")).await;
+        until("b's consumer to be drained", || drained(&fb, "b")).await;
+        assert_eq!(a.usage_count().await.unwrap(), 300);
+        assert_eq!(b.usage_count().await.unwrap(), 300);
+        assert_eq!(totals(&a).await, expected);
+        assert_eq!(totals(&b).await, expected);
+
+        // b loses its data directory: its fleet ledger is rebuilt from the
+        // whole stream, copies dropped.
+        drop(b);
+        drop(fb);
+        let wiped = tempfile::tempdir().unwrap();
+        let (fb, b) = open(&servers, "b", "u3", wiped.path()).await;
+        until("b's new fleet ledger to be rebuilt", || drained(&fb, "b")).await;
+        assert_eq!(b.usage_count().await.unwrap(), 300);
+        assert_eq!(totals(&b).await, expected);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_survives_reopening_and_a_torn_one_restarts_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.published");
+        assert_eq!(read_cursor(&path).await.unwrap(), 0);
+        write_cursor(&path, 42).await.unwrap();
+        assert_eq!(read_cursor(&path).await.unwrap(), 42);
+        write_cursor(&path, 43).await.unwrap();
+        assert_eq!(read_cursor(&path).await.unwrap(), 43);
+        std::fs::write(&path, "4").unwrap();
+        assert_eq!(read_cursor(&path).await.unwrap(), 4);
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(read_cursor(&path).await.unwrap(), 0);
+        std::fs::write(&path, "-3\n").unwrap();
+        assert_eq!(read_cursor(&path).await.unwrap(), 0);
+    }
+}
