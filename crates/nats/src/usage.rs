@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
-use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt as _;
 use mayfly_store::sqlite::EmbeddedLedger;
@@ -63,6 +63,16 @@ const FETCH_BATCH: usize = 1000;
 
 /// How long one pull waits on the server for records.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// How long after [`FETCH_WAIT`] a pull is given up when the server has
+/// not ended it.
+const FETCH_SLACK: Duration = Duration::from_millis(500);
+
+/// How long the server waits for the fleet ledger's ack before it sends a
+/// record again. A batch commits in milliseconds; this bounds the delay
+/// when an ack is lost (acks are fire-and-forget) or a server restart
+/// forgets it.
+const ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the publisher looks for records without being woken: a
 /// backstop, since every append wakes it.
@@ -218,11 +228,9 @@ async fn open_stream(
     match fleet.jetstream().get_or_create_stream(config).await {
         Ok(stream) => Ok(stream),
         // Another node created it between the look-up and the create.
-        Err(error) => fleet
-            .jetstream()
-            .get_stream(name)
-            .await
-            .map_err(|_| StoreError::Backend(format!("cannot open the usage stream: {error}").into())),
+        Err(error) => fleet.jetstream().get_stream(name).await.map_err(|_| {
+            StoreError::Backend(format!("cannot open the usage stream: {error}").into())
+        }),
     }
 }
 
@@ -392,13 +400,9 @@ impl Publisher {
 
     /// Sends one record; the returned future resolves with the stream's
     /// acknowledgement.
-    async fn publish(
-        &self,
-        stored: &StoredUsage,
-    ) -> Result<jetstream::context::PublishAckFuture> {
+    async fn publish(&self, stored: &StoredUsage) -> Result<jetstream::context::PublishAckFuture> {
         let record = &stored.record;
-        let payload =
-            serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let payload = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let subject = format!("{}.{}", self.subjects, token(&record.function));
         // The record's identity plus the node that minted it: the stream
         // drops a re-send within its duplicate window.
@@ -409,7 +413,12 @@ impl Publisher {
             token(&record.request_id)
         );
         self.jetstream
-            .send_publish(subject, PublishMessage::build().payload(payload.into()).message_id(id))
+            .send_publish(
+                subject,
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(id),
+            )
             .await
             .map_err(backend)
     }
@@ -461,6 +470,7 @@ impl Materialiser {
                     description: Some("copies usage records into this node's fleet ledger".into()),
                     deliver_policy: DeliverPolicy::All,
                     ack_policy: AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
                     max_ack_pending: (2 * FETCH_BATCH) as i64,
                     ..Default::default()
                 },
@@ -481,7 +491,11 @@ impl Materialiser {
             .map_err(backend)?;
         let mut messages = Vec::new();
         let mut failure = None;
-        while let Some(message) = batch.next().await {
+        // The client gives up on a pull 5 s after it expires; a pull sent
+        // while the connection was down never gets an answer, so that
+        // would delay the catch-up after an outage by seconds.
+        let deadline = tokio::time::Instant::now() + FETCH_WAIT + FETCH_SLACK;
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, batch.next()).await {
             match message {
                 Ok(message) => messages.push(message),
                 Err(error) => {
@@ -599,12 +613,12 @@ mod tests {
             peak_memory_bytes: 1 << 20,
             memory_limit_mb: 128,
             billed_ms: billed_ms(wall_us),
-            outcome: if i % 7 == 0 {
+            outcome: if i.is_multiple_of(7) {
                 Outcome::Error
             } else {
                 Outcome::Ok
             },
-            cold: i % 11 == 0,
+            cold: i.is_multiple_of(11),
             status: Some(200),
         }
     }
@@ -615,7 +629,9 @@ mod tests {
 
     async fn open(servers: &NatsServers, node: &str, ns: &str, dir: &Path) -> (Fleet, NatsUsage) {
         let fleet = Fleet::connect(&servers.options(node, ns)).await.unwrap();
-        let usage = NatsUsage::open(&fleet, dir, fleet.replicas()).await.unwrap();
+        let usage = NatsUsage::open(&fleet, dir, fleet.replicas())
+            .await
+            .unwrap();
         (fleet, usage)
     }
 
@@ -660,7 +676,7 @@ mod tests {
 
     /// Whether `node`'s consumer has nothing left to deliver or settle.
     async fn drained(fleet: &Fleet, node: &str) -> bool {
-        let mut stream = fleet
+        let stream = fleet
             .jetstream()
             .get_stream(fleet.name("usage"))
             .await
@@ -687,7 +703,10 @@ mod tests {
         const PER_NODE: u32 = 3000;
         let started = Instant::now();
         for chunk in (0..PER_NODE).step_by(100) {
-            let (ra, rb) = (records("a", chunk..chunk + 100), records("b", chunk..chunk + 100));
+            let (ra, rb) = (
+                records("a", chunk..chunk + 100),
+                records("b", chunk..chunk + 100),
+            );
             assert_eq!(a.append_usage(&ra).await.unwrap(), 100);
             assert_eq!(b.append_usage(&rb).await.unwrap(), 100);
         }
@@ -776,11 +795,11 @@ mod tests {
 
         servers.restart(0);
         servers.wait_ready();
+        until("a to have published everything", || published_all(&a)).await;
         until("b to see every record", || async {
             b.usage_count().await.unwrap() >= 550
         })
         .await;
-        until("a to have published everything", || published_all(&a)).await;
         until("b's consumer to be drained", || drained(&fa, "b")).await;
         assert_eq!(b.usage_count().await.unwrap(), 550);
         assert_eq!(totals(&b).await, totals(&a).await);
@@ -862,5 +881,58 @@ mod tests {
         assert_eq!(read_cursor(&path).await.unwrap(), 0);
         std::fs::write(&path, "-3\n").unwrap();
         assert_eq!(read_cursor(&path).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_stopped_mid_publish_loses_nothing_it_published_and_counts_nothing_twice() {
+        let servers = NatsServers::single();
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_fa, a) = open(&servers, "a", "u4", dir_a.path()).await;
+        let (_fb, b) = open(&servers, "b", "u4", dir_b.path()).await;
+        for chunk in (0..5000).step_by(500) {
+            a.append_usage(&records("a", chunk..chunk + 500))
+                .await
+                .unwrap();
+        }
+        // Stopped while its publisher is (most likely) mid-round: the
+        // tasks die at their next await, as in a crash.
+        until("a to have published something", || async {
+            a.shared.published.load(Ordering::Acquire) > 0
+        })
+        .await;
+        drop(a);
+        let cursor = read_cursor(&dir_a.path().join("ledger.published"))
+            .await
+            .unwrap();
+        let acknowledged: Vec<UsageRecord> = {
+            let local = EmbeddedLedger::open(&dir_a.path().join("ledger.db")).unwrap();
+            local
+                .usage_records(None, 0, 10_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.seq <= cursor)
+                .map(|s| s.record)
+                .collect()
+        };
+        // Everything the cursor covers reaches the other node.
+        until("b to hold every acknowledged record", || async {
+            b.usage_count().await.unwrap() >= acknowledged.len() as u64
+        })
+        .await;
+        let held = b.usage_records(None, 0, 10_000).await.unwrap();
+        for record in &acknowledged {
+            assert!(held.iter().any(|s| &s.record == record), "{record:?} lost");
+        }
+        // The node comes back and sends the rest: each record once.
+        let (_fa, a) = open(&servers, "a", "u4", dir_a.path()).await;
+        until("a to publish the rest", || published_all(&a)).await;
+        until("b to hold all of a's records", || async {
+            b.usage_count().await.unwrap() == 5000
+        })
+        .await;
+        until("b's consumer to be drained", || drained(&_fb, "b")).await;
+        assert_eq!(b.usage_count().await.unwrap(), 5000);
+        assert_eq!(totals(&b).await, totals(&a).await);
     }
 }
