@@ -148,9 +148,6 @@ impl NatsUsage {
     /// is dropped.
     pub async fn open(fleet: &Fleet, data_dir: &Path, num_replicas: usize) -> Result<Self> {
         let local = EmbeddedLedger::open(&data_dir.join("ledger.db"))?;
-        let fleet_path = data_dir.join("fleet-ledger.db");
-        let fleet_ledger_is_new = !fleet_path.exists();
-        let fleet_ledger = EmbeddedLedger::open(&fleet_path)?;
 
         let cursor_path = data_dir.join("ledger.published");
         let mut published = read_cursor(&cursor_path).await?;
@@ -169,16 +166,19 @@ impl NatsUsage {
         let stream_name = fleet.name("usage");
         let stream = open_stream(fleet, &stream_name, num_replicas).await?;
         let consumer = format!("usage-{}", token(fleet.node_name()));
-        if fleet_ledger_is_new {
+        let fleet_path = data_dir.join("fleet-ledger.db");
+        if !fleet_path.exists() {
             // The server remembers how far this node's consumer got; a new
             // fleet ledger (first start, or a wiped data directory) must
-            // read the stream from the start.
+            // read the stream from the start. Deleted before the file is
+            // created, so a crash in between deletes it again next time.
             match stream.delete_consumer(&consumer).await {
                 Ok(_) => tracing::info!(consumer, "fleet ledger is new; re-reading usage stream"),
                 Err(error) if consumer_not_found(&error) => {}
                 Err(error) => return Err(backend(error)),
             }
         }
+        let fleet_ledger = EmbeddedLedger::open(&fleet_path)?;
 
         let shared = Arc::new(Shared {
             local,
