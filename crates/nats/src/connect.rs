@@ -355,6 +355,12 @@ impl Fleet {
         format!("{}_{name}", self.namespace)
     }
 
+    /// The subject `name` under this fleet's namespace (`mf.usage.f`), for
+    /// streams that several fleets in one account must not share.
+    pub fn subject(&self, name: &str) -> String {
+        format!("{}.{name}", self.namespace)
+    }
+
     /// Copies JetStream keeps of each of the fleet's buckets and streams.
     pub fn replicas(&self) -> usize {
         self.replicas

@@ -21,6 +21,7 @@ mod registry;
 mod secrets;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
+mod usage;
 mod watch;
 
 pub use auth::NatsAuth;
@@ -29,6 +30,7 @@ pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOpti
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
 pub use secrets::NatsSecrets;
+pub use usage::NatsUsage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,7 +43,8 @@ use mayfly_store::{BlobDir, Stores};
 ///
 /// Shared so far: functions, versions and aliases ([`NatsRegistry`]),
 /// components ([`NatsBlobs`], cached in `data_dir/blobs`), tokens with the
-/// audit log ([`NatsAuth`]), sealed secrets ([`NatsSecrets`]) and the
+/// audit log ([`NatsAuth`]), sealed secrets ([`NatsSecrets`]), the usage
+/// ledger ([`NatsUsage`]: buffered in `data_dir`, read fleet-wide) and the
 /// membership list ([`NatsMembership`]).
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
     // The embedded stores first: they lock `data_dir` and sweep the blob
@@ -69,6 +72,11 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
             .map_err(|e| e.context("cannot open the fleet's secrets"))?,
     );
     stores.members = Arc::new(NatsMembership::open(fleet).await?);
+    stores.usage = Arc::new(
+        NatsUsage::open(fleet, data_dir, fleet.replicas())
+            .await
+            .map_err(|e| e.context("cannot open the fleet's usage ledger"))?,
+    );
     Ok(stores)
 }
 
@@ -132,7 +140,7 @@ mod conformance {
 
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry, auth, secrets);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, auth, secrets, usage);
 }
 
 #[cfg(test)]

@@ -107,10 +107,14 @@ fn an_unreachable_fleet_is_a_clear_error_naming_the_server_but_no_secret() {
 /// containing `expected`; returns how long that took.
 fn served(node: &Node, path: &str, expected: &str) -> Duration {
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(30), &format!("{path} on {}", node.gateway), || {
-        let (status, body) = node.get(path);
-        (status == 200 && body.contains(expected)).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        &format!("{path} on {}", node.gateway),
+        || {
+            let (status, body) = node.get(path);
+            (status == 200 && body.contains(expected)).then_some(())
+        },
+    );
     started.elapsed()
 }
 
@@ -151,7 +155,11 @@ fn a_deploy_through_one_node_serves_on_all_and_a_rollback_reaches_every_node() {
         let (status, _, _) = node.request("GET", "/f", b"");
         assert_eq!(status, 200);
         let (_, body) = node.get("/f");
-        assert!(!body.contains("Hello"), "{} still serves version 1", node.gateway);
+        assert!(
+            !body.contains("Hello"),
+            "{} still serves version 1",
+            node.gateway
+        );
     }
     let (ok, table, _) = nodes[2].cli(&["versions", "f", "--fleet"]);
     assert!(ok && table.matches(" 2\n").count() == 3, "{table}");
@@ -168,7 +176,13 @@ fn a_deploy_through_one_node_serves_on_all_and_a_rollback_reaches_every_node() {
         .env("MAYFLY_ADMIN_URL", &nodes[1].admin)
         .env("MAYFLY_TOKEN", &nodes[0].token)
         .output()
-        .map(|o| (o.status.success(), o.stdout, String::from_utf8_lossy(&o.stderr).into_owned()))
+        .map(|o| {
+            (
+                o.status.success(),
+                o.stdout,
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
         .unwrap();
     assert!(ok, "{stderr}");
 }

@@ -105,6 +105,23 @@ impl EmbeddedLedger {
     }
 }
 
+impl EmbeddedLedger {
+    /// The highest `seq` in the ledger, 0 when it is empty. A fleet node's
+    /// publisher checks its stored cursor against it: a cursor past the end
+    /// means the ledger file was replaced, and its records must be sent
+    /// from the start again.
+    pub async fn last_seq(&self) -> Result<i64> {
+        offload(&self.db, |db| {
+            let conn = db.conn();
+            let last: Option<i64> = conn
+                .prepare_cached("SELECT MAX(seq) FROM usage")?
+                .query_row([], |row| row.get(0))?;
+            Ok(last.unwrap_or(0))
+        })
+        .await
+    }
+}
+
 impl LedgerDb {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done append: it
@@ -526,6 +543,15 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
         assert_eq!(version, LEDGER_MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn last_seq_is_the_highest_seq_or_zero() {
+        let (_dir, ledger) = ledger();
+        assert_eq!(ledger.last_seq().await.unwrap(), 0);
+        ledger.append_usage(&fixture()).await.unwrap();
+        let stored = ledger.usage_records(None, 0, 10).await.unwrap();
+        assert_eq!(ledger.last_seq().await.unwrap(), stored[4].seq);
     }
 
     #[tokio::test]
