@@ -14,6 +14,7 @@
 
 mod batch;
 mod connect;
+mod events;
 mod members;
 mod registry;
 mod secrets;
@@ -22,6 +23,7 @@ pub mod testing;
 mod watch;
 
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
+pub use events::NatsEvents;
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
 pub use secrets::NatsSecrets;
@@ -103,6 +105,36 @@ mod conformance {
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
     mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
+
+    /// The fleet back-end with the JetStream event store, while it is not
+    /// yet in `open_stores`.
+    pub struct NatsEventsBackend;
+
+    impl Backend for NatsEventsBackend {
+        type Place = Place;
+
+        fn place(&self) -> Place {
+            NatsBackend.place()
+        }
+
+        async fn open(&self, place: &Place) -> Stores {
+            let fleet = Fleet::connect(&server().options("conformance", &place.namespace))
+                .await
+                .unwrap();
+            let mut stores = open_stores(&fleet, place.dir.path()).await.unwrap();
+            let events = NatsEvents::open(&fleet, &place.dir.path().join("fleet-objects"))
+                .await
+                .unwrap();
+            let handles = mayfly_store::EventHandles::of(Arc::new(events));
+            stores.kv = handles.kv;
+            stores.objects = handles.objects;
+            stores.queues = handles.queues;
+            stores.triggers = handles.triggers;
+            stores
+        }
+    }
+
+    mayfly_store::conformance_suite!(nats_events, NatsEventsBackend; events);
 }
 
 #[cfg(test)]
