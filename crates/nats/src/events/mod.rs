@@ -46,6 +46,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::object_store;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::stream::DeleteMessageErrorKind;
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -59,8 +61,12 @@ use crate::watch::Watched;
 /// writers before it gives up.
 const MAX_CONFLICTS: usize = 64;
 
-/// Longest wait for the next entry of a listing.
-const SCAN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the next entry of a listing: entries come at once,
+/// so a longer silence means the listing stalled.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Listings tried before giving up.
+const SCAN_ATTEMPTS: usize = 3;
 
 const COUNTER: &str = "ctr";
 
@@ -102,7 +108,7 @@ impl NatsEvents {
     /// `cache_dir` holds this node's copies of object bytes.
     pub async fn open(fleet: &Fleet, cache_dir: &Path) -> Result<Self> {
         let replicas = fleet.replicas();
-        let kv = batch::atomic_bucket(fleet.jetstream(), &fleet.name("events"), replicas).await?;
+        let kv = open_bucket(fleet, &fleet.name("events"), replicas).await?;
         let objects = open_objects(fleet, replicas).await?;
         let blobs = BlobDir::open(cache_dir)?;
         let (triggers, watcher) = Watched::start_filtered(
@@ -127,6 +133,20 @@ impl NatsEvents {
     /// Every key under `pattern` (a KV key pattern such as `m.>`) with its
     /// last value; deleted keys left out.
     async fn scan(&self, pattern: &str) -> Result<Vec<Found>> {
+        for _ in 0..SCAN_ATTEMPTS {
+            if let Some(found) = self.scan_once(pattern).await? {
+                return Ok(found);
+            }
+        }
+        Err(StoreError::Backend(
+            format!("listing `{pattern}` timed out").into(),
+        ))
+    }
+
+    /// One listing; `None` if it stalled (a message it was to deliver was
+    /// removed meanwhile, and its count of pending messages never reached
+    /// zero).
+    async fn scan_once(&self, pattern: &str) -> Result<Option<Vec<Found>>> {
         let consumer = self
             .kv
             .stream
@@ -141,18 +161,14 @@ impl NatsEvents {
             .map_err(crate::backend)?;
         let mut found = Vec::new();
         if consumer.cached_info().num_pending == 0 {
-            return Ok(found);
+            return Ok(Some(found));
         }
         let mut messages = consumer.messages().await.map_err(crate::backend)?;
         loop {
             let message = match tokio::time::timeout(SCAN_TIMEOUT, messages.next()).await {
                 Ok(Some(message)) => message.map_err(crate::backend)?,
                 Ok(None) => break,
-                Err(_) => {
-                    return Err(StoreError::Backend(
-                        format!("listing `{pattern}` timed out").into(),
-                    ));
-                }
+                Err(_) => return Ok(None),
             };
             let info = message.info().map_err(|e| {
                 StoreError::Backend(format!("unreadable message metadata: {e}").into())
@@ -173,7 +189,7 @@ impl NatsEvents {
                 break;
             }
         }
-        Ok(found)
+        Ok(Some(found))
     }
 
     /// `key`'s value, if it exists, and the revision a write that expects
@@ -231,17 +247,67 @@ impl NatsEvents {
         Ok(())
     }
 
-    /// Drops the tombstone of a message or dead letter in the background:
-    /// nothing reads it, and its id is never written again.
-    fn forget(&self, key: String) {
-        let stream = self.kv.stream.clone();
-        let subject = format!("{}{key}", self.prefix);
-        tokio::spawn(async move {
-            if let Err(error) = stream.purge().filter(subject).await {
-                tracing::debug!(%error, "could not drop a tombstone");
+    /// Removes the message at `revision` from the stream: a delete by
+    /// compare-and-swap that leaves no tombstone (false: it is not there,
+    /// the key moved on). Only for keys never written again (message and
+    /// dead-letter ids are never reused), which need no tombstone.
+    async fn remove_revision(&self, revision: u64) -> Result<bool> {
+        match self.kv.stream.delete_message(revision).await {
+            Ok(deleted) => Ok(deleted),
+            // Not there (any more): the key moved on, or it was removed.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    DeleteMessageErrorKind::JetStream(ref error)
+                        if error.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                            || error.error_code() == ErrorCode::SEQUENCE_NOT_FOUND
+                ) =>
+            {
+                Ok(false)
             }
-        });
+            Err(e) => Err(crate::backend(e)),
+        }
     }
+}
+
+/// Opens (or creates) the event bucket. Its stream is configured by hand
+/// as a KV bucket's (so it opens as one) with atomic batches on and
+/// single-message deletes allowed: acknowledged messages are removed by
+/// sequence ([`NatsEvents::remove_revision`]), not left as tombstones. A
+/// KV bucket is created with `deny_delete`, which an update cannot lift
+/// (measured on 2.15.1: error 10052).
+async fn open_bucket(fleet: &Fleet, bucket: &str, replicas: usize) -> Result<Store> {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+    let js = fleet.jetstream();
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_stream(Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            // The latest value (or tombstone) of each key is all that is
+            // read; compare-and-swap needs no more.
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: true,
+            deny_delete: false,
+            allow_atomic_publish: true,
+            storage: StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await;
+    if let Err(error) = created {
+        // Another node created it meanwhile, or it cannot be.
+        return js
+            .get_key_value(bucket)
+            .await
+            .map_err(|_| crate::backend(error));
+    }
+    js.get_key_value(bucket).await.map_err(crate::backend)
 }
 
 async fn open_objects(fleet: &Fleet, replicas: usize) -> Result<object_store::ObjectStore> {

@@ -253,15 +253,8 @@ impl NatsEvents {
     }
 
     /// Deletes a message if it is still at `revision`; false if it moved.
-    async fn remove(&self, key: &str, revision: u64) -> Result<bool> {
-        match self.kv.purge_expect_revision(key, Some(revision)).await {
-            Ok(()) => {
-                self.forget(key.to_string());
-                Ok(true)
-            }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
-            Err(e) => Err(crate::backend(e)),
-        }
+    async fn remove(&self, revision: u64) -> Result<bool> {
+        self.remove_revision(revision).await
     }
 
     /// Stores new messages in one batch with `extra` writes, their ids
@@ -353,7 +346,7 @@ impl NatsEvents {
             }
             let now = now_ms();
             let done = match settlement {
-                Settlement::Ack { .. } => self.remove(&key, revision).await?,
+                Settlement::Ack { .. } => self.remove(revision).await?,
                 Settlement::Retry {
                     delay_ms, error, ..
                 } => {
@@ -397,11 +390,15 @@ impl NatsEvents {
                         Write::put(dead_key(function, last + 1), json(&dead)?).expect(0),
                         Write::put(COUNTER, (last + 1).to_string()).expect(counter),
                     ];
-                    let done = self.commit(&writes).await?.is_some();
-                    if done {
-                        self.forget(key.clone());
+                    match self.commit(&writes).await? {
+                        Some(done) => {
+                            // The tombstone (the batch's first write) is
+                            // no use: the id is never written again.
+                            self.remove_revision(done.first).await?;
+                            true
+                        }
+                        None => false,
                     }
-                    done
                 }
             };
             if done {
@@ -491,7 +488,7 @@ impl EventQueue for NatsEvents {
             if message.attempts != attempt {
                 return Ok(AckOutcome::Stale);
             }
-            if self.remove(&message_key(&queue, id), revision).await? {
+            if self.remove(revision).await? {
                 return Ok(AckOutcome::Acked);
             }
         }
@@ -643,7 +640,11 @@ impl EventQueue for NatsEvents {
                     };
                     records.push((inbox.clone(), message));
                 }
-                if self.insert(&records, deletes).await?.is_some() {
+                if let Some((_, committed)) = self.insert(&records, deletes).await? {
+                    // The tombstones (the batch's first writes) are no use.
+                    for offset in 0..chunk.len() as u64 {
+                        self.remove_revision(committed.first + offset).await?;
+                    }
                     done = true;
                     break;
                 }
@@ -665,9 +666,6 @@ impl EventQueue for NatsEvents {
             if !done {
                 return Err(too_busy("redriving dead letters"));
             }
-            for (id, _, _) in chunk {
-                self.forget(dead_key(function, *id));
-            }
             moved += chunk.len();
         }
         Ok(moved)
@@ -675,8 +673,8 @@ impl EventQueue for NatsEvents {
 
     async fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
         let mut purged = 0;
-        for (id, revision, _) in self.selected_dead(function, ids).await? {
-            if self.remove(&dead_key(function, id), revision).await? {
+        for (_, revision, _) in self.selected_dead(function, ids).await? {
+            if self.remove(revision).await? {
                 purged += 1;
             }
         }
