@@ -384,3 +384,6 @@ fn too_busy(what: &str) -> StoreError {
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests;
