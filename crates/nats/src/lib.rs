@@ -31,7 +31,7 @@ pub use secrets::NatsSecrets;
 use std::path::Path;
 use std::sync::Arc;
 
-use mayfly_store::Stores;
+use mayfly_store::{EventHandles, Stores};
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
@@ -41,6 +41,14 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
     stores.members = Arc::new(NatsMembership::open(fleet).await?);
     stores.registry = Arc::new(NatsRegistry::open(fleet, fleet.replicas()).await?);
     stores.secrets = Arc::new(NatsSecrets::open(fleet, fleet.replicas()).await?);
+    // KV and object buckets, queues, inboxes, triggers and dead letters:
+    // one store; this node keeps only copies of object bytes locally.
+    let events = NatsEvents::open(fleet, &data_dir.join("fleet").join("blobs")).await?;
+    let events = EventHandles::of(Arc::new(events));
+    stores.kv = events.kv;
+    stores.objects = events.objects;
+    stores.queues = events.queues;
+    stores.triggers = events.triggers;
     Ok(stores)
 }
 
@@ -104,37 +112,7 @@ mod conformance {
 
     // Each contract joins this list once its JetStream implementation is
     // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets);
-
-    /// The fleet back-end with the JetStream event store, while it is not
-    /// yet in `open_stores`.
-    pub struct NatsEventsBackend;
-
-    impl Backend for NatsEventsBackend {
-        type Place = Place;
-
-        fn place(&self) -> Place {
-            NatsBackend.place()
-        }
-
-        async fn open(&self, place: &Place) -> Stores {
-            let fleet = Fleet::connect(&server().options("conformance", &place.namespace))
-                .await
-                .unwrap();
-            let mut stores = open_stores(&fleet, place.dir.path()).await.unwrap();
-            let events = NatsEvents::open(&fleet, &place.dir.path().join("fleet-objects"))
-                .await
-                .unwrap();
-            let handles = mayfly_store::EventHandles::of(Arc::new(events));
-            stores.kv = handles.kv;
-            stores.objects = handles.objects;
-            stores.queues = handles.queues;
-            stores.triggers = handles.triggers;
-            stores
-        }
-    }
-
-    mayfly_store::conformance_suite!(nats_events, NatsEventsBackend; events);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, secrets, events);
 }
 
 #[cfg(test)]

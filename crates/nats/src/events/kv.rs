@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use mayfly_store::{
-    BucketChange, BucketStats, KvCondition, KvEntry, KvKey, KvStore, QueueRef, Result,
-    StoreError, Trigger,
+    BucketChange, BucketStats, KvCondition, KvEntry, KvKey, KvStore, QueueRef, Result, StoreError,
+    Trigger,
 };
 
 use super::queue::Message;
@@ -26,11 +26,12 @@ fn kv_key(bucket: &str, key: &str) -> String {
 pub(super) fn bucket_and_key(stored: &str) -> Result<(String, String)> {
     let mut parts = stored.split('.').skip(1);
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(bucket), Some(key), None) => match (bucket.strip_prefix('b'), key.strip_prefix('k'))
-        {
-            (Some(bucket), Some(key)) => Ok((untoken(bucket)?, untoken(key)?)),
-            _ => Err(StoreError::Corrupt(format!("unreadable key `{stored}`"))),
-        },
+        (Some(bucket), Some(key), None) => {
+            match (bucket.strip_prefix('b'), key.strip_prefix('k')) {
+                (Some(bucket), Some(key)) => Ok((untoken(bucket)?, untoken(key)?)),
+                _ => Err(StoreError::Corrupt(format!("unreadable key `{stored}`"))),
+            }
+        }
         _ => Err(StoreError::Corrupt(format!("unreadable key `{stored}`"))),
     }
 }

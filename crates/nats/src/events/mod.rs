@@ -43,10 +43,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::object_store;
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::DeleteMessageErrorKind;
 use bytes::Bytes;
 use futures::StreamExt;

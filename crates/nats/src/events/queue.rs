@@ -155,7 +155,9 @@ fn queue_of(token: &str) -> Result<QueueRef> {
     match token.split_at_checked(1) {
         Some(("n", name)) => Ok(QueueRef::Named(untoken(name)?)),
         Some(("i", function)) => Ok(QueueRef::Inbox(untoken(function)?)),
-        _ => Err(StoreError::Corrupt(format!("unreadable queue token `{token}`"))),
+        _ => Err(StoreError::Corrupt(format!(
+            "unreadable queue token `{token}`"
+        ))),
     }
 }
 
@@ -475,8 +477,13 @@ impl EventQueue for NatsEvents {
     }
 
     async fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
-        self.claim(&QueueRef::Named(queue.to_string()), max, visibility_ms, false)
-            .await
+        self.claim(
+            &QueueRef::Named(queue.to_string()),
+            max,
+            visibility_ms,
+            false,
+        )
+        .await
     }
 
     async fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome> {
@@ -521,7 +528,10 @@ impl EventQueue for NatsEvents {
             Message::inbox(event, None, now_ms()),
         );
         for _ in 0..MAX_CONFLICTS {
-            if let Some((ids, _)) = self.insert(std::slice::from_ref(&record), Vec::new()).await? {
+            if let Some((ids, _)) = self
+                .insert(std::slice::from_ref(&record), Vec::new())
+                .await?
+            {
                 return ids
                     .first()
                     .copied()
@@ -652,7 +662,10 @@ impl EventQueue for NatsEvents {
                 // the counter moving does too. Either way, try again with
                 // what is still there.
                 let still: HashSet<i64> = self
-                    .selected_dead(function, Some(&chunk.iter().map(|c| c.0).collect::<Vec<_>>()))
+                    .selected_dead(
+                        function,
+                        Some(&chunk.iter().map(|c| c.0).collect::<Vec<_>>()),
+                    )
                     .await?
                     .into_iter()
                     .map(|(id, _, _)| id)

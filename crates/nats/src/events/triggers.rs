@@ -137,8 +137,7 @@ impl TriggerStore for NatsEvents {
                 function: function.to_string(),
                 spec: spec.clone(),
                 created_ms: now,
-                last_fired_ms: matches!(spec.source, TriggerSource::Schedule { .. })
-                    .then_some(now),
+                last_fired_ms: matches!(spec.source, TriggerSource::Schedule { .. }).then_some(now),
             };
             let record = Record {
                 trigger: trigger.clone(),
