@@ -56,6 +56,18 @@ impl Heartbeat {
     /// unreachable); the next interval tries again.
     pub(crate) fn spawn(self, stop: CancellationToken) {
         tokio::spawn(async move {
+            // `Platform::start` records the gateway's address only once the
+            // node is open (its event workers started, which on a fleet
+            // back-end takes a few round trips): the first heartbeat waits
+            // for it, up to one interval, so the node is not listed
+            // without an address other nodes can reach.
+            let deadline = tokio::time::Instant::now() + self.members.interval();
+            while self.gateway.get().is_none() && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                }
+            }
             let mut ticker = tokio::time::interval(self.members.interval());
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
