@@ -159,6 +159,29 @@ impl NatsEvents {
             })
             .await
             .map_err(crate::backend)?;
+        // Deleted once read rather than left to the server's inactivity
+        // threshold (30 s): a dispatcher lists its inboxes many times a
+        // second.
+        let name = consumer.cached_info().name.clone();
+        let listed = self.read_listing(consumer).await;
+        let stream = self.kv.stream.clone();
+        tokio::spawn(async move {
+            if let Err(error) = stream.delete_consumer(&name).await {
+                tracing::debug!(%error, "could not delete a listing's consumer");
+            }
+        });
+        if matches!(listed, Ok(None)) {
+            tracing::debug!(pattern, "a listing stalled; listing again");
+        }
+        listed
+    }
+
+    /// The entries an ordered consumer delivers, until it has delivered
+    /// what was pending when it was created; `None` if it stalled.
+    async fn read_listing(
+        &self,
+        consumer: async_nats::jetstream::consumer::Consumer<push::OrderedConfig>,
+    ) -> Result<Option<Vec<Found>>> {
         let mut found = Vec::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(Some(found));
