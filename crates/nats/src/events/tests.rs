@@ -231,3 +231,23 @@ async fn a_trigger_attached_on_one_node_is_heard_and_used_by_another() {
         .unwrap();
     assert_eq!(change, TriggerChange::Removed { id: trigger.id });
 }
+
+#[tokio::test]
+async fn an_object_written_on_one_node_is_read_on_another() {
+    use mayfly_store::ObjectStore;
+    let servers = NatsServers::single();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&servers, "a", &dir).await;
+    let b = node(&servers, "b", &dir).await;
+    let meta = a
+        .object_put("pics", "cat.png", b"meow", "image/png")
+        .await
+        .unwrap();
+    // b has no copy of its own: it downloads the bytes.
+    let (seen, path) = b.object_get("pics", "cat.png").await.unwrap().unwrap();
+    assert_eq!(seen, meta);
+    assert_eq!(std::fs::read(&path).unwrap(), b"meow");
+    assert!(path.starts_with(dir.path().join("b")));
+    assert!(b.object_delete("pics", "cat.png").await.unwrap());
+    assert!(a.object_get("pics", "cat.png").await.unwrap().is_none());
+}
