@@ -19,8 +19,8 @@ use mayfly_store::{
 };
 
 use super::{
-    COUNTER, Found, MAX_CONFLICTS, NatsEvents, json, now_ms, parse, to_i64, token, too_busy,
-    untoken,
+    COUNTER, Found, MAX_CONFLICTS, NatsEvents, is_wrong_last_sequence, json, now_ms, parse, to_i64,
+    token, too_busy, untoken,
 };
 use crate::batch::{MAX_BATCH, Write};
 
@@ -249,7 +249,11 @@ impl NatsEvents {
     async fn swap(&self, key: &str, message: &Message, revision: u64) -> Result<bool> {
         match self.kv.update(key, json(message)?, revision).await {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e)
+                if e.kind() == UpdateErrorKind::WrongLastRevision || is_wrong_last_sequence(&e) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(crate::backend(e)),
         }
     }

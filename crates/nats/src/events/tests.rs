@@ -251,3 +251,47 @@ async fn an_object_written_on_one_node_is_read_on_another() {
     assert!(b.object_delete("pics", "cat.png").await.unwrap());
     assert!(a.object_get("pics", "cat.png").await.unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_server_cluster_nodes_share_an_inbox_and_a_slot_fires_once() {
+    let servers = NatsServers::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&servers, "a", &dir).await;
+    let b = node(&servers, "b", &dir).await;
+    // A stale expectation in a batch is a conflict on a cluster too.
+    let stale = [crate::batch::Write::put("x", "1").expect(12_345)];
+    assert!(matches!(a.commit(&stale).await, Ok(None)));
+    const TOTAL: usize = 20;
+    for i in 0..TOTAL {
+        a.enqueue("f", &event(&format!("e{i}"))).await.unwrap();
+    }
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let (from_a, from_b) = tokio::join!(drain(&a, TOTAL, &seen), drain(&b, TOTAL, &seen));
+    let all: HashSet<&String> = from_a.iter().chain(&from_b).collect();
+    assert_eq!(all.len(), TOTAL);
+    assert_eq!(from_a.len() + from_b.len(), TOTAL);
+
+    let spec = TriggerSpec {
+        source: TriggerSource::Schedule {
+            schedule: "@every 1m".into(),
+        },
+        retry: RetryPolicy::default(),
+        alias: None,
+    };
+    let (trigger, _) = b.add_trigger("f", &spec).await.unwrap();
+    let fired_ms = trigger.created_ms + 1;
+    let tick = CloudEvent::schedule(&trigger, "@every 1m", fired_ms, "t");
+    let (x, y) = tokio::join!(
+        a.fire_schedule(&trigger, &tick, fired_ms),
+        b.fire_schedule(&trigger, &tick, fired_ms),
+    );
+    assert!(x.unwrap() != y.unwrap());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        a.settle_and_claim(&[], &inbox(), 10, 60_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
