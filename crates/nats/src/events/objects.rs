@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use std::io::Write as _;
+
 use tokio::io::AsyncReadExt;
 
 use mayfly_store::{
@@ -53,6 +55,18 @@ fn object_key(bucket: &str, key: &str) -> String {
     format!("{}.k{}", object_prefix(bucket), token(key))
 }
 
+/// Bytes read from the object store at a time.
+const DOWNLOAD_CHUNK: usize = 256 * 1024;
+
+/// Runs file I/O off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(crate::backend)?
+}
+
 /// The bytes' name in the object store.
 fn blob_name(digest: &Digest) -> String {
     format!("object/{}", digest.hex())
@@ -92,16 +106,30 @@ impl NatsEvents {
             .get(blob_name(digest))
             .await
             .map_err(crate::backend)?;
-        let mut bytes = Vec::new();
-        object.read_to_end(&mut bytes).await?;
-        if Digest::of(&bytes) != *digest {
+        // Streamed to a staged file, never whole in memory; the writer's
+        // own digest checks the bytes.
+        let mut writer = self.blobs.writer(BlobKind::Object)?;
+        let mut chunk = vec![0; DOWNLOAD_CHUNK];
+        loop {
+            let read = object.read(&mut chunk).await?;
+            if read == 0 {
+                break;
+            }
+            let bytes = chunk[..read].to_vec();
+            writer = blocking(move || {
+                writer.write_all(&bytes)?;
+                Ok(writer)
+            })
+            .await?;
+        }
+        let mut staged = blocking(move || writer.finish()).await?;
+        if staged.digest() != digest {
             return Err(StoreError::Corrupt(format!(
                 "object bytes {digest} do not match their digest"
             )));
         }
-        self.blobs
-            .put_keyed(BlobKind::Object, digest, &bytes)
-            .await?;
+        let blobs = self.blobs.clone();
+        blocking(move || blobs.commit(&mut staged)).await?;
         self.blobs
             .local_path(BlobKind::Object, digest)
             .await
@@ -191,9 +219,7 @@ impl ObjectStore for NatsEvents {
         let digest = staged.digest().clone();
         let size = staged.size();
         let blobs = self.blobs.clone();
-        tokio::task::spawn_blocking(move || blobs.commit(&mut staged))
-            .await
-            .map_err(crate::backend)??;
+        blocking(move || blobs.commit(&mut staged)).await?;
         self.record_object(bucket, key, &digest, size, content_type)
             .await
     }

@@ -239,14 +239,16 @@ async fn an_object_written_on_one_node_is_read_on_another() {
     let dir = tempfile::tempdir().unwrap();
     let a = node(&servers, "a", &dir).await;
     let b = node(&servers, "b", &dir).await;
+    // Several chunks of the object store and of the download.
+    let bytes: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
     let meta = a
-        .object_put("pics", "cat.png", b"meow", "image/png")
+        .object_put("pics", "cat.png", &bytes, "image/png")
         .await
         .unwrap();
     // b has no copy of its own: it downloads the bytes.
     let (seen, path) = b.object_get("pics", "cat.png").await.unwrap().unwrap();
     assert_eq!(seen, meta);
-    assert_eq!(std::fs::read(&path).unwrap(), b"meow");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
     assert!(path.starts_with(dir.path().join("b")));
     assert!(b.object_delete("pics", "cat.png").await.unwrap());
     assert!(a.object_get("pics", "cat.png").await.unwrap().is_none());
