@@ -111,6 +111,9 @@ impl NatsEvents {
         let kv = open_bucket(fleet, &fleet.name("events"), replicas).await?;
         let objects = open_objects(fleet, replicas).await?;
         let blobs = BlobDir::open(cache_dir)?;
+        // Downloads and uploads this node never finished (a crash): the
+        // directory is this node's alone.
+        blobs.sweep_temp_files()?;
         let (triggers, watcher) = Watched::start_filtered(
             kv.clone(),
             Some("t.>".into()),
@@ -302,9 +305,6 @@ impl NatsEvents {
 async fn open_bucket(fleet: &Fleet, bucket: &str, replicas: usize) -> Result<Store> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
     let js = fleet.jetstream();
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
     let created = js
         .create_stream(Config {
             name: format!("KV_{bucket}"),
@@ -324,13 +324,24 @@ async fn open_bucket(fleet: &Fleet, bucket: &str, replicas: usize) -> Result<Sto
         })
         .await;
     if let Err(error) = created {
-        // Another node created it meanwhile, or it cannot be.
-        return js
-            .get_key_value(bucket)
-            .await
-            .map_err(|_| crate::backend(error));
+        // It exists (created by another node, maybe just now), or it
+        // cannot be created: opened below, or that error.
+        if js.get_stream(format!("KV_{bucket}")).await.is_err() {
+            return Err(crate::backend(error));
+        }
     }
-    js.get_key_value(bucket).await.map_err(crate::backend)
+    let store = js.get_key_value(bucket).await.map_err(crate::backend)?;
+    let config = &store.stream.cached_info().config;
+    if config.deny_delete || !config.allow_atomic_publish {
+        return Err(StoreError::Backend(
+            format!(
+                "the stream of bucket {bucket} must allow atomic batches and message deletes; \
+                 it was created otherwise (not by this version of Mayfly?)"
+            )
+            .into(),
+        ));
+    }
+    Ok(store)
 }
 
 async fn open_objects(fleet: &Fleet, replicas: usize) -> Result<object_store::ObjectStore> {
