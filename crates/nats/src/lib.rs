@@ -16,6 +16,7 @@ mod auth;
 mod batch;
 mod blobs;
 mod connect;
+mod events;
 mod members;
 mod registry;
 mod secrets;
@@ -27,6 +28,7 @@ mod watch;
 pub use auth::NatsAuth;
 pub use blobs::NatsBlobs;
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
+pub use events::NatsEvents;
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
 pub use secrets::NatsSecrets;
@@ -35,17 +37,19 @@ pub use usage::NatsUsage;
 use std::path::Path;
 use std::sync::Arc;
 
-use mayfly_store::{BlobDir, Stores};
+use mayfly_store::{BlobDir, EventHandles, Stores};
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
-/// `data_dir` (the embedded back-end), until they move to JetStream too.
+/// `data_dir` (the embedded back-end).
 ///
 /// Shared so far: functions, versions and aliases ([`NatsRegistry`]),
 /// components ([`NatsBlobs`], cached in `data_dir/blobs`), tokens with the
 /// audit log ([`NatsAuth`]), sealed secrets ([`NatsSecrets`]), the usage
-/// ledger ([`NatsUsage`]: buffered in `data_dir`, read fleet-wide) and the
-/// membership list ([`NatsMembership`]).
+/// ledger ([`NatsUsage`]: buffered in `data_dir`, read fleet-wide), the
+/// event store ([`NatsEvents`]: buckets, queues, inboxes, triggers, dead
+/// letters) and the membership list ([`NatsMembership`]). Guest logs stay
+/// per node.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
     // The embedded stores first: they lock `data_dir` and sweep the blob
     // folder's unfinished writes before the cache below uses it.
@@ -77,6 +81,16 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
             .await
             .map_err(|e| e.context("cannot open the fleet's usage ledger"))?,
     );
+    // KV and object buckets, queues, inboxes, triggers and dead letters:
+    // one store; this node keeps only copies of object bytes locally.
+    let events = NatsEvents::open(fleet, &data_dir.join("fleet").join("blobs"))
+        .await
+        .map_err(|e| e.context("cannot open the fleet's event store"))?;
+    let events = EventHandles::of(Arc::new(events));
+    stores.kv = events.kv;
+    stores.objects = events.objects;
+    stores.queues = events.queues;
+    stores.triggers = events.triggers;
     Ok(stores)
 }
 
@@ -92,26 +106,19 @@ where
 /// whole test binary, a namespace of its own per case.
 #[cfg(test)]
 mod conformance {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use mayfly_store::conformance::Backend;
 
     use super::*;
     use crate::testing::NatsServers;
 
-    fn server() -> &'static NatsServers {
-        static SERVER: OnceLock<NatsServers> = OnceLock::new();
-        SERVER.get_or_init(NatsServers::single)
-    }
-
-    /// The fleet back-end over [`server`].
+    /// The fleet back-end, each case on a nats-server of its own (a
+    /// server shared through a static would outlive the test binary: no
+    /// destructor runs on statics).
     pub struct NatsBackend;
 
-    /// One case's state: its namespace on the server and its node's own
-    /// data directory.
+    /// One case's state: its server and its node's own data directory.
     pub struct Place {
-        namespace: String,
+        server: NatsServers,
         dir: tempfile::TempDir,
     }
 
@@ -119,28 +126,21 @@ mod conformance {
         type Place = Place;
 
         fn place(&self) -> Place {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
             Place {
-                namespace: format!(
-                    "c{}_{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed)
-                ),
+                server: NatsServers::single(),
                 dir: tempfile::tempdir().unwrap(),
             }
         }
 
         async fn open(&self, place: &Place) -> Stores {
-            let fleet = Fleet::connect(&server().options("conformance", &place.namespace))
+            let fleet = Fleet::connect(&place.server.options("conformance", "mf"))
                 .await
                 .unwrap();
             open_stores(&fleet, place.dir.path()).await.unwrap()
         }
     }
 
-    // Each contract joins this list once its JetStream implementation is
-    // in `open_stores`.
-    mayfly_store::conformance_suite!(nats, NatsBackend; registry, auth, secrets, usage);
+    mayfly_store::conformance_suite!(nats, NatsBackend; registry, auth, secrets, usage, events);
 }
 
 #[cfg(test)]

@@ -48,6 +48,18 @@ impl<C: Clone + PartialEq + Send + Sync + 'static> Watched<C> {
         change_of: fn(&kv::Entry) -> Option<C>,
         merge: fn(&mut Vec<C>, C),
     ) -> mayfly_store::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        Self::start_filtered(kv, None, change_of, merge).await
+    }
+
+    /// As [`Watched::start`], but only the keys matching `filter` (a KV key
+    /// pattern such as `t.>`): a bucket holding more than the feed's state
+    /// is not streamed to every node.
+    pub(crate) async fn start_filtered(
+        kv: kv::Store,
+        filter: Option<String>,
+        change_of: fn(&kv::Entry) -> Option<C>,
+        merge: fn(&mut Vec<C>, C),
+    ) -> mayfly_store::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
         // The watch starts after everything already stored: those changes
         // are in the state this node reads at start-up.
         let mut stream = kv.stream.clone();
@@ -63,7 +75,13 @@ impl<C: Clone + PartialEq + Send + Sync + 'static> Watched<C> {
             feed: broadcast::channel(FEED_CAPACITY).0,
             own: Mutex::new(BTreeSet::new()),
         });
-        let task = tokio::spawn(run(Arc::downgrade(&watched), next, change_of, merge));
+        let task = tokio::spawn(run(
+            Arc::downgrade(&watched),
+            next,
+            filter,
+            change_of,
+            merge,
+        ));
         Ok((watched, task))
     }
 
@@ -89,12 +107,16 @@ pub(crate) fn dedup<C: PartialEq>(changes: &mut Vec<C>, change: C) {
 async fn run<C: Clone + PartialEq + Send + Sync + 'static>(
     watched: Weak<Watched<C>>,
     mut next: u64,
+    filter: Option<String>,
     change_of: fn(&kv::Entry) -> Option<C>,
     merge: fn(&mut Vec<C>, C),
 ) {
     loop {
         let watch = match watched.upgrade() {
-            Some(watched) => watched.kv.watch_all_from_revision(next).await,
+            Some(watched) => match &filter {
+                Some(filter) => watched.kv.watch_from_revision(filter, next).await,
+                None => watched.kv.watch_all_from_revision(next).await,
+            },
             None => return,
         };
         let mut watch = match watch {

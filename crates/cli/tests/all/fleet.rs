@@ -45,10 +45,16 @@ fn nodes_list_each_other_with_their_labels_and_a_stopped_node_leaves() {
     let a = fleet_node(dir_a.path(), &servers, "node-a", "region=eu,site=fra1");
     let b = fleet_node(dir_b.path(), &servers, "node-b", "region=us");
 
-    eventually(Duration::from_secs(20), "both nodes listed", || {
-        (listed(&a) == ["node-a", "node-b"]).then_some(())
+    // A node's first heartbeat may go out before its gateway listens: wait
+    // for one that carries the address.
+    let nodes = eventually(Duration::from_secs(20), "both nodes listed", || {
+        let nodes = a.admin_json("/v1/nodes");
+        let ready = listed(&a) == ["node-a", "node-b"]
+            && nodes
+                .as_array()
+                .is_some_and(|n| n.iter().all(|n| n["gateway"] != ""));
+        ready.then_some(nodes)
     });
-    let nodes = a.admin_json("/v1/nodes");
     assert_eq!(nodes[0]["labels"]["site"], "fra1", "{nodes}");
     assert_eq!(nodes[1]["labels"]["region"], "us", "{nodes}");
     assert_eq!(nodes[1]["gateway"], b.gateway.trim_start_matches("http://"));
