@@ -43,7 +43,10 @@ fn nodes_list_each_other_with_their_labels_and_a_stopped_node_leaves() {
     let servers = NatsServers::single();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = fleet_node(dir_a.path(), &servers, "node-a", "region=eu,site=fra1");
-    let b = fleet_node(dir_b.path(), &servers, "node-b", "region=us");
+    let mut b = fleet_node(dir_b.path(), &servers, "node-b", "region=us");
+    // Only the fleet's first node creates an admin token; it works on all.
+    assert!(b.token.is_empty(), "a joining node made a second admin token");
+    b.token = a.token.clone();
 
     // A node's first heartbeat may go out before its gateway listens: wait
     // for one that carries the address.
@@ -130,11 +133,16 @@ fn a_deploy_through_one_node_serves_on_all_and_a_rollback_reaches_every_node() {
     // per server.
     let servers = NatsServers::cluster(3);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Node> = dirs
+    let mut nodes: Vec<Node> = dirs
         .iter()
         .enumerate()
         .map(|(i, dir)| fleet_node(dir.path(), &servers, &format!("n{i}"), "region=eu"))
         .collect();
+    // The first node made the fleet's admin token; it works on every node.
+    let token = nodes[0].token.clone();
+    for node in &mut nodes[1..] {
+        node.token = token.clone();
+    }
 
     nodes[0].deploy("f", "hello", &["/f"]);
     let slowest = nodes
