@@ -45,7 +45,10 @@ fn nodes_list_each_other_with_their_labels_and_a_stopped_node_leaves() {
     let a = fleet_node(dir_a.path(), &servers, "node-a", "region=eu,site=fra1");
     let mut b = fleet_node(dir_b.path(), &servers, "node-b", "region=us");
     // Only the fleet's first node creates an admin token; it works on all.
-    assert!(b.token.is_empty(), "a joining node made a second admin token");
+    assert!(
+        b.token.is_empty(),
+        "a joining node made a second admin token"
+    );
     b.token = a.token.clone();
 
     // A node's first heartbeat may go out before its gateway listens: wait
