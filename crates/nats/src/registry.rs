@@ -764,26 +764,7 @@ impl Inner {
                     version,
                 });
             }
-            let holders: Vec<String> = self
-                .aliases(function)
-                .await?
-                .into_iter()
-                .filter(|alias| alias.points_at(version))
-                .map(|alias| {
-                    if alias.version == version {
-                        alias.alias
-                    } else {
-                        format!("{} (canary)", alias.alias)
-                    }
-                })
-                .collect();
-            if !holders.is_empty() {
-                return Err(StoreError::Conflict(format!(
-                    "version {version} of `{function}` is in use by alias(es) {}: point them at \
-                     another version first (`mayfly alias set`)",
-                    holders.join(", ")
-                )));
-            }
+            mayfly_store::refuse_if_aliased(function, version, self.aliases(function).await?)?;
             let (guard, write) = self.touch(state, fn_revision)?;
             let writes = [guard, Write::delete(ver_key(function, version))];
             if let Commit::Done = self.commit(function, Some(&write), &writes).await? {

@@ -52,7 +52,7 @@ pub use members::{Membership, NodeInfo, SingleNode};
 pub use registry::{
     ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,
     FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,
-    VersionRecord, WEIGHT_SCALE_BP,
+    VersionRecord, WEIGHT_SCALE_BP, refuse_if_aliased,
 };
 pub use secrets::{ResealFn, SealFn, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};

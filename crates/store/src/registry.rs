@@ -315,6 +315,31 @@ impl AliasRecord {
     }
 }
 
+/// Refuses deleting `version` of `function` while any of its `aliases`
+/// points at it (as its version or its canary), naming them: the same
+/// answer from every back-end.
+pub fn refuse_if_aliased(function: &str, version: u64, aliases: Vec<AliasRecord>) -> Result<()> {
+    let holders: Vec<String> = aliases
+        .into_iter()
+        .filter(|alias| alias.points_at(version))
+        .map(|alias| {
+            if alias.version == version {
+                alias.alias
+            } else {
+                format!("{} (canary)", alias.alias)
+            }
+        })
+        .collect();
+    if holders.is_empty() {
+        return Ok(());
+    }
+    Err(crate::StoreError::Conflict(format!(
+        "version {version} of `{function}` is in use by alias(es) {}: point them at \
+         another version first (`mayfly alias set`)",
+        holders.join(", ")
+    )))
+}
+
 /// Functions and their immutable versions.
 ///
 /// Called from the admin path (deploy, list, delete) and at start-up, never

@@ -654,24 +654,7 @@ impl StoreDb {
                 StoreError::FunctionNotFound(function.to_string())
             });
         }
-        let holders: Vec<String> = read_aliases(&tx, function)?
-            .into_iter()
-            .filter(|alias| alias.points_at(version))
-            .map(|alias| {
-                if alias.version == version {
-                    alias.alias
-                } else {
-                    format!("{} (canary)", alias.alias)
-                }
-            })
-            .collect();
-        if !holders.is_empty() {
-            return Err(StoreError::Conflict(format!(
-                "version {version} of `{function}` is in use by alias(es) {}: point them at \
-                 another version first (`mayfly alias set`)",
-                holders.join(", ")
-            )));
-        }
+        crate::registry::refuse_if_aliased(function, version, read_aliases(&tx, function)?)?;
         tx.execute(
             "DELETE FROM versions WHERE function = ?1 AND version = ?2",
             params![function, version as i64],
