@@ -681,15 +681,18 @@ mod tests {
         stream.info().await.unwrap().state.messages
     }
 
-    /// Whether `node`'s consumer has nothing left to deliver or settle.
+    /// Whether `node`'s consumer has acknowledged the whole stream. Judged
+    /// by sequences: the server's `num_pending` is an estimate that may
+    /// read 0 on a consumer that has not delivered anything yet.
     async fn drained(fleet: &Fleet, node: &str) -> bool {
-        let stream = fleet
+        let mut stream = fleet
             .jetstream()
             .get_stream(fleet.name("usage"))
             .await
             .unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
         match stream.consumer_info(format!("usage-{node}")).await {
-            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+            Ok(info) => info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0,
             Err(_) => false,
         }
     }
