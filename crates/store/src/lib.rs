@@ -45,7 +45,7 @@ pub use events::{
     AckOutcome, BucketChange, BucketStats, CloudEvent, DeadLetter, Delivery, EventKind, EventQueue,
     InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore,
     QueueRef, QueueStats, RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec,
-    TriggerStore, new_event_id,
+    TriggerStore, WorkHint, new_event_id,
 };
 pub use logs::{LogRecord, LogStore, NewLogLine};
 pub use members::{Membership, NodeInfo, SingleNode};

@@ -12,19 +12,19 @@ use crate::common::{Node, agent, eventually};
 
 /// One delivery as the guest logged it.
 #[derive(Debug, Clone)]
-struct Logged {
+pub(crate) struct Logged {
     fields: HashMap<String, String>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Logged {
-    fn get(&self, name: &str) -> &str {
+    pub(crate) fn get(&self, name: &str) -> &str {
         self.fields.get(name).map_or("", String::as_str)
     }
 }
 
 /// Every delivery `function` logged, oldest first.
-fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
+pub(crate) fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
     let lines = node.admin_json(&format!("/v1/functions/{function}/logs?tail=100000"));
     lines
         .as_array()
@@ -55,7 +55,7 @@ fn await_delivery(node: &Node, function: &str, wanted: impl Fn(&Logged) -> bool)
 }
 
 /// Sends an admin API request; returns (status, JSON answer or Null).
-fn admin(
+pub(crate) fn admin(
     node: &Node,
     method: &str,
     path: &str,
@@ -88,7 +88,7 @@ fn add_trigger(node: &Node, function: &str, spec: Value) -> Value {
     trigger
 }
 
-fn send(node: &Node, queue: &str, body: &str) -> String {
+pub(crate) fn send(node: &Node, queue: &str, body: &str) -> String {
     let (status, sent) = admin(
         node,
         "POST",

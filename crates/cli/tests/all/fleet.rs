@@ -10,7 +10,12 @@ use serde_json::Value;
 use crate::common::{Node, eventually};
 
 /// Starts a fleet node named `name` with `labels` on `servers`.
-fn fleet_node(dir: &std::path::Path, servers: &NatsServers, name: &str, labels: &str) -> Node {
+pub(crate) fn fleet_node(
+    dir: &std::path::Path,
+    servers: &NatsServers,
+    name: &str,
+    labels: &str,
+) -> Node {
     let urls = servers.urls();
     Node::start_with(
         dir,

@@ -12,6 +12,7 @@ mod dev;
 mod events;
 mod fairness;
 mod fleet;
+mod fleet_faults;
 mod follow;
 mod host_limits;
 mod hygiene;

@@ -34,6 +34,7 @@
 //! ordered consumer ([`NatsEvents::scan`]): O(keys under the prefix) per
 //! claim, which is what the server offers without secondary indexes.
 
+mod hints;
 mod kv;
 mod objects;
 mod queue;
@@ -85,6 +86,8 @@ pub struct NatsEvents {
     node: String,
     triggers: Arc<Watched<TriggerChange>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Work hints to and from the other nodes ([`hints`]).
+    hints: hints::Hints,
 }
 
 impl Drop for NatsEvents {
@@ -114,6 +117,15 @@ impl NatsEvents {
         // Downloads and uploads this node never finished (a crash): the
         // directory is this node's alone.
         blobs.sweep_temp_files()?;
+        // Subscribed before the first request below, which the server
+        // answers only after it registered the subscription: a write
+        // another node makes after this store opened is hinted to it.
+        let hints = hints::Hints::start(
+            fleet.client().clone(),
+            fleet.subject("events.wake"),
+            fleet.node_name().to_string(),
+        )
+        .await?;
         let (triggers, watcher) = Watched::start_filtered(
             kv.clone(),
             Some("t.>".into()),
@@ -130,6 +142,7 @@ impl NatsEvents {
             node: fleet.node_name().to_string(),
             triggers,
             watcher,
+            hints,
         })
     }
 

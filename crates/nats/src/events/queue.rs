@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use mayfly_store::{
     AckOutcome, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, QueueRef, QueueStats,
-    Result, RetryPolicy, Settlement, StoreError,
+    Result, RetryPolicy, Settlement, StoreError, WorkHint,
 };
 
 use super::{
@@ -144,14 +144,14 @@ fn unhex(text: &str) -> Result<Vec<u8>> {
 
 /// The key token of a queue: `n<hex>` for a named queue, `i<hex>` for a
 /// function's inbox (a queue and a function may share a name).
-fn queue_token(queue: &QueueRef) -> String {
+pub(super) fn queue_token(queue: &QueueRef) -> String {
     match queue {
         QueueRef::Named(name) => format!("n{}", token(name)),
         QueueRef::Inbox(function) => format!("i{}", token(function)),
     }
 }
 
-fn queue_of(token: &str) -> Result<QueueRef> {
+pub(super) fn queue_of(token: &str) -> Result<QueueRef> {
     match token.split_at_checked(1) {
         Some(("n", name)) => Ok(QueueRef::Named(untoken(name)?)),
         Some(("i", function)) => Ok(QueueRef::Inbox(untoken(function)?)),
@@ -285,7 +285,17 @@ impl NatsEvents {
         if writes.is_empty() {
             return Ok(Some((ids, crate::batch::Committed { first: 0, last: 0 })));
         }
-        Ok(self.commit(&writes).await?.map(|done| (ids, done)))
+        let Some(done) = self.commit(&writes).await? else {
+            return Ok(None);
+        };
+        self.hints
+            .publish(
+                records
+                    .iter()
+                    .map(|(queue, message)| (queue.clone(), message.visible_at_ms)),
+            )
+            .await;
+        Ok(Some((ids, done)))
     }
 
     /// Claims up to `max` visible messages of `queue` until `now + lease`;
@@ -333,7 +343,10 @@ impl NatsEvents {
         Ok(claimed)
     }
 
-    async fn settle(&self, queue: &QueueRef, settlement: &Settlement) -> Result<()> {
+    /// Applies one settlement; returns when the message becomes visible
+    /// again if it stays (a retry or a postponement), for the fleet's
+    /// hint.
+    async fn settle(&self, queue: &QueueRef, settlement: &Settlement) -> Result<Option<i64>> {
         let (id, attempt) = match settlement {
             Settlement::Ack { id, attempt }
             | Settlement::Retry { id, attempt, .. }
@@ -343,12 +356,12 @@ impl NatsEvents {
         let key = message_key(queue, id);
         for _ in 0..MAX_CONFLICTS {
             let Some((mut message, revision)) = self.message(queue, id).await? else {
-                return Ok(());
+                return Ok(None);
             };
             // Settled only at the attempt it was handed out with: a lease
             // that ran out and went to another consumer is theirs now.
             if message.attempts != attempt {
-                return Ok(());
+                return Ok(None);
             }
             let now = now_ms();
             let done = match settlement {
@@ -408,7 +421,11 @@ impl NatsEvents {
                 }
             };
             if done {
-                return Ok(());
+                let stays = matches!(
+                    settlement,
+                    Settlement::Retry { .. } | Settlement::Postpone { .. }
+                );
+                return Ok(stays.then_some(message.visible_at_ms));
             }
         }
         Err(too_busy("settling a delivery"))
@@ -554,8 +571,16 @@ impl EventQueue for NatsEvents {
     ) -> Result<Vec<Delivery>> {
         // Not one transaction as in SQLite, and it need not be: each
         // settlement and each claim is a compare-and-swap of its own.
+        let mut due = None;
         for settlement in settled {
-            self.settle(queue, settlement).await?;
+            if let Some(at) = self.settle(queue, settlement).await? {
+                due = Some(due.map_or(at, |due: i64| due.min(at)));
+            }
+        }
+        // A retry or a postponement may be taken by any node when it is
+        // due (this node's worker finds it itself); acks need no hint.
+        if let Some(due) = due {
+            self.hints.publish([(queue.clone(), due)]).await;
         }
         self.claim(queue, max, lease_ms, true).await
     }
@@ -570,6 +595,7 @@ impl EventQueue for NatsEvents {
     async fn release_leases(&self) -> Result<usize> {
         let now = now_ms();
         let mut released = 0;
+        let mut freed = Vec::new();
         for mut stored in self.messages(None).await? {
             if stored.message.leased_by.as_deref() != Some(self.node.as_str()) {
                 continue;
@@ -581,8 +607,11 @@ impl EventQueue for NatsEvents {
             // last writes or taken by another after its lease: not ours.
             if self.swap(&key, &stored.message, stored.revision).await? {
                 released += 1;
+                freed.push((stored.queue, now));
             }
         }
+        // Visible again to every node, not only to this one's workers.
+        self.hints.publish(freed).await;
         Ok(released)
     }
 
@@ -696,5 +725,9 @@ impl EventQueue for NatsEvents {
             }
         }
         Ok(purged)
+    }
+
+    fn work_hints(&self) -> Option<mayfly_store::ChangeFeed<WorkHint>> {
+        Some(self.hints.subscribe())
     }
 }

@@ -297,3 +297,44 @@ async fn on_a_three_server_cluster_nodes_share_an_inbox_and_a_slot_fires_once() 
         1
     );
 }
+
+#[tokio::test]
+async fn work_stored_on_one_node_is_hinted_to_the_others_not_to_itself() {
+    let servers = NatsServers::single();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&servers, "a", &dir).await;
+    let b = node(&servers, "b", &dir).await;
+    let mut heard_by_a = a.work_hints().expect("a fleet store hints");
+    let mut heard_by_b = b.work_hints().expect("a fleet store hints");
+
+    a.send("jobs", &[(None, b"one".to_vec())]).await.unwrap();
+    let hint = tokio::time::timeout(Duration::from_secs(10), heard_by_b.recv())
+        .await
+        .expect("b hears of a's message")
+        .unwrap();
+    assert_eq!(hint.queue, QueueRef::Named("jobs".into()));
+
+    // A retry is hinted with when it becomes due.
+    let claimed = b
+        .settle_and_claim(&[], &QueueRef::Named("jobs".into()), 1, 60_000)
+        .await
+        .unwrap();
+    let retry = Settlement::Retry {
+        id: claimed[0].id,
+        attempt: claimed[0].attempt,
+        delay_ms: 5_000,
+        error: "try later".into(),
+    };
+    b.settle_and_claim(&[retry], &QueueRef::Named("jobs".into()), 0, 0)
+        .await
+        .unwrap();
+    let hint = tokio::time::timeout(Duration::from_secs(10), heard_by_a.recv())
+        .await
+        .expect("a hears of b's retry")
+        .unwrap();
+    assert!(hint.due_ms > claimed[0].event.time_ms, "{hint:?}");
+
+    // Neither heard its own writes: a's only hint was b's retry.
+    assert!(heard_by_a.try_recv().is_err());
+    assert!(heard_by_b.try_recv().is_err());
+}

@@ -244,6 +244,9 @@ impl TriggerStore for NatsEvents {
                 fired_ms,
             };
             if self.commit_told(&writes, fired).await? {
+                self.hints
+                    .publish([(inbox.clone(), message.visible_at_ms)])
+                    .await;
                 return Ok(true);
             }
         }

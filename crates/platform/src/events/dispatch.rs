@@ -278,12 +278,14 @@ impl Drop for Report {
 
 /// When the worker should look again after draining its queue: when the
 /// next stored message becomes visible (at most [`IDLE_POLL`] from now), or
-/// `None` when the queue is empty and only a wake-up can bring work.
+/// `None` when the queue is empty and only a wake-up can bring work. In a
+/// fleet an empty queue is looked at every [`IDLE_POLL`] too: other nodes'
+/// hints wake the worker, but a hint may be lost.
 async fn next_due(node: &Dispatcher, queue: &QueueRef) -> Option<tokio::time::Instant> {
     let next = node.hub.queue_store().next_visible(queue).await;
     let now = tokio::time::Instant::now();
     match next {
-        Ok(None) => None,
+        Ok(None) => node.hub.shared_queues.then(|| now + IDLE_POLL),
         Ok(Some(at_ms)) => {
             let wait = u64::try_from(at_ms - now_ms()).unwrap_or(0);
             Some(now + Duration::from_millis(wait).min(IDLE_POLL))

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use mayfly_store::{
     AckOutcome, BucketStats, CloudEvent, DeadLetter, Delivery, EventQueue, InboxEvent, KvCondition,
     KvEntry, KvKey, KvStore, ObjectMeta, ObjectStore, QueueRef, QueueStats, RetryPolicy,
-    StoreError, Stores, Trigger, TriggerSpec, TriggerStore,
+    StoreError, Stores, Trigger, TriggerSpec, TriggerStore, WorkHint,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +81,13 @@ pub struct EventHub {
     schedules_changed: Arc<Notify>,
     shutdown: CancellationToken,
     scheduler: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Other nodes' hints of new work, until the workers start following
+    /// them; `None` when no other process writes to the queues.
+    work_hints: Mutex<Option<mayfly_store::ChangeFeed<WorkHint>>>,
+    /// Whether other processes write to the queues (fleet mode): a worker
+    /// whose queue is empty then still looks again now and then, as a
+    /// lost hint must not strand work.
+    pub(crate) shared_queues: bool,
     /// Delivery counters and latency.
     pub(crate) metrics: EventMetrics,
 }
@@ -89,7 +96,10 @@ impl EventHub {
     /// The hub over the event stores of `stores`, with their triggers read.
     pub(crate) async fn open(stores: &Stores, metrics: EventMetrics) -> anyhow::Result<Self> {
         let triggers = stores.triggers.triggers(None).await?;
+        let work_hints = stores.queues.work_hints();
         Ok(Self {
+            shared_queues: work_hints.is_some(),
+            work_hints: Mutex::new(work_hints),
             kv: stores.kv.clone(),
             objects: stores.objects.clone(),
             queues: stores.queues.clone(),
@@ -123,6 +133,31 @@ impl EventHub {
         {
             worker.wake.notify_one();
         }
+    }
+
+    /// Wakes whoever consumes `queue`: the function of an inbox, or the
+    /// queue triggers of a named queue.
+    pub(crate) fn wake_consumers(&self, queue: &QueueRef) {
+        match queue {
+            QueueRef::Inbox(function) => self.wake(WorkerKey::Inbox(function)),
+            QueueRef::Named(name) => self.wake_watchers("queue", name),
+        }
+    }
+
+    /// Wakes every worker (after hints were missed).
+    pub(crate) fn wake_all(&self) {
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        for worker in workers.inboxes.values().chain(workers.triggers.values()) {
+            worker.wake.notify_one();
+        }
+    }
+
+    /// Takes the feed of other nodes' work hints (once).
+    pub(crate) fn take_work_hints(&self) -> Option<mayfly_store::ChangeFeed<WorkHint>> {
+        self.work_hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Wakes the inboxes of functions whose `kind` triggers watch `target`.

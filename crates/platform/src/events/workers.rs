@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 
 use super::dispatch::{self, Consumer, Dispatcher};
 use super::{EventHub, Worker, scheduler};
+use crate::feeds::Heard;
 use crate::invoker::Invoker;
 
 /// Starts, stops and joins the event workers of a node.
@@ -34,6 +35,20 @@ impl EventWorkers {
         let released = self.hub.queue_store().release_leases().await?;
         if released > 0 {
             tracing::info!("{released} events in flight at the last stop will be delivered again");
+        }
+        if let Some(hints) = self.hub.take_work_hints() {
+            // Another node stored work (or made some due again): wake its
+            // consumers here too, so the fleet shares it at once rather
+            // than at the next idle poll. A hint due later still wakes now:
+            // the worker then reads when to look again from the store.
+            let hub = self.hub.clone();
+            crate::feeds::follow("work hint", hints, hub.shutdown.clone(), move |heard| {
+                match heard {
+                    Heard::Change(hint) => hub.wake_consumers(&hint.queue),
+                    Heard::Missed => hub.wake_all(),
+                }
+                std::future::ready(())
+            });
         }
         let task = tokio::spawn(scheduler::run(self.hub.clone()));
         *self.hub.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);

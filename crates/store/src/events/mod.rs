@@ -18,6 +18,7 @@ pub use kv::{KvCondition, KvEntry, KvKey, KvStore};
 pub use objects::{ObjectChange, ObjectMeta, ObjectStore};
 pub use queue::{
     AckOutcome, DeadLetter, Delivery, EventQueue, InboxEvent, QueueRef, QueueStats, Settlement,
+    WorkHint,
 };
 pub use triggers::{RetryPolicy, Trigger, TriggerSource, TriggerSpec, TriggerStore};
 

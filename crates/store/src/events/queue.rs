@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{CloudEvent, RetryPolicy};
-use crate::Result;
+use crate::{ChangeFeed, Result};
 
 /// An event addressed to one function's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +119,24 @@ pub enum AckOutcome {
     Gone,
 }
 
+/// A hint that a queue may have work for its consumers: another process
+/// stored new events or messages in it, or made some visible again (a
+/// retry's backoff, a postponement, released leases).
+///
+/// Only a hint: a consumer woken by it claims as usual and may find
+/// nothing (another node was quicker), and a hint may be lost, so
+/// consumers still look at the store now and then. Hints name new or
+/// newly due work only, never claims or acknowledgements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkHint {
+    /// The queue or inbox that may have work.
+    pub queue: QueueRef,
+    /// When the work becomes visible (ms since the Unix epoch, the
+    /// writer's clock): now or earlier for new events, later for a retry
+    /// waiting out its backoff.
+    pub due_ms: i64,
+}
+
 /// A queue's counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueStats {
@@ -212,4 +230,17 @@ pub trait EventQueue: Send + Sync {
     async fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
     /// Deletes dead letters (all when `ids` is `None`).
     async fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize>;
+    /// Hints of work that *other processes* wrote to the store (this
+    /// process's own writes are not told: their writer wakes its consumers
+    /// itself), from now on; a subscriber that lags must assume every
+    /// queue may have work.
+    ///
+    /// `None` when no other process writes to the store (the embedded
+    /// back-end): the node's own wake-ups then see every write, and an
+    /// empty queue needs no polling. With `Some`, hints are best effort,
+    /// so a consumer of an empty queue still looks again now and then.
+    /// Like `watch()`, subscribing is in memory: it must not do I/O.
+    fn work_hints(&self) -> Option<ChangeFeed<WorkHint>> {
+        None
+    }
 }

@@ -1314,6 +1314,12 @@ impl EventQueue for EmbeddedEvents {
         let (function, ids) = (function.to_owned(), ids.map(<[i64]>::to_vec));
         offload(&self.db, move |db| db.purge_dead(&function, ids.as_deref())).await
     }
+
+    fn work_hints(&self) -> Option<ChangeFeed<WorkHint>> {
+        // The data directory is locked by this process: every write is the
+        // node's own, and it wakes its workers after each one.
+        None
+    }
 }
 
 #[async_trait::async_trait]
