@@ -99,8 +99,14 @@ pub enum Command {
         /// Function name.
         name: String,
     },
-    /// Show the node's state and counters.
-    Status,
+    /// Show the node's state and counters (in a fleet, also its NATS
+    /// connection and the usage records not yet published).
+    Status {
+        /// Show the fleet instead: this node's link to it, then every node
+        /// with its labels, load and the versions it serves.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// The nodes of the fleet (a node on its own lists itself).
     Node {
         #[command(subcommand)]

@@ -45,7 +45,8 @@ pub fn run(
             }
             Ok(())
         }
-        Command::Status => status(&client, json),
+        Command::Status { fleet: false } => status(&client, json),
+        Command::Status { fleet: true } => fleet_status(&client, json),
         Command::Node {
             command: NodeCommand::List,
         } => node_list(&client, json),
@@ -360,7 +361,7 @@ fn logs(
     if !follow {
         let lines: Vec<LogRecord> = client.get_json(&path)?;
         for line in lines {
-            print_log(json, &line)?;
+            print_log(json, None, &line)?;
         }
         return Ok(());
     }
@@ -371,19 +372,38 @@ fn logs(
         if line.trim().is_empty() {
             continue;
         }
-        let record: LogRecord =
+        let record: Followed =
             serde_json::from_str(&line).context("the log stream sent an unexpected line")?;
-        print_log(json, &record)?;
+        print_log(json, record.node.as_deref(), &record.record)?;
     }
     bail!("the node closed the log stream")
 }
 
-fn print_log(json: bool, record: &LogRecord) -> anyhow::Result<()> {
+/// A line of a `logs --follow` stream: in a fleet it names the node that
+/// wrote it.
+#[derive(serde::Deserialize)]
+struct Followed {
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(flatten)]
+    record: LogRecord,
+}
+
+/// Prints one log line; `node`, in a fleet, as a `[node]` prefix (a `node`
+/// field in JSON).
+fn print_log(json: bool, node: Option<&str>, record: &LogRecord) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string(record)?)?;
+        let mut value = serde_json::to_value(record)?;
+        if let (Some(node), Value::Object(fields)) = (node, &mut value) {
+            fields.insert("node".into(), node.into());
+        }
+        writeln!(out, "{value}")?;
     } else {
         let line = &record.line;
+        if let Some(node) = node {
+            write!(out, "[{node}] ")?;
+        }
         writeln!(
             out,
             "{} v{} {} {:<6} {}",
@@ -462,6 +482,13 @@ fn node_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&nodes)?);
         return Ok(());
     }
+    print_nodes(&nodes);
+    Ok(())
+}
+
+/// The table of nodes `node list` and `status --fleet` print: labels,
+/// gateway, load, and the `live` version of each function served.
+fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
@@ -469,7 +496,7 @@ fn node_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         "{:<20} {:<28} {:<21} {:>9} {:>13} {:>6}  FUNCTIONS",
         "NODE", "LABELS", "GATEWAY", "IN-FLIGHT", "MEMORY MB", "SEEN"
     );
-    for node in &nodes {
+    for node in nodes {
         let labels = node
             .labels
             .iter()
@@ -501,7 +528,50 @@ fn node_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
             },
         );
     }
+}
+
+/// `mayfly status --fleet`: the answering node's link to the fleet, then
+/// every node as `node list` shows it.
+fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
+    let status: Value = client.get_json("/v1/status")?;
+    let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"link": status.get("fleet"), "nodes": nodes})
+        );
+        return Ok(());
+    }
+    match status.get("fleet") {
+        Some(link) => print_link(link),
+        None => println!("{:<22} none: this node runs on its own", "fleet:"),
+    }
+    println!();
+    print_nodes(&nodes);
     Ok(())
+}
+
+/// The `fleet` part of a status: the NATS connection and the usage not yet
+/// published.
+fn print_link(link: &Value) {
+    let servers = link["servers"].as_str().unwrap_or("?");
+    let connection = if link["connected"].as_bool() == Some(true) {
+        format!("connected to {servers}")
+    } else {
+        match link["disconnected_since_ms"].as_i64() {
+            Some(since) => format!("disconnected since {} from {servers}", format_time(since)),
+            None => format!("disconnected from {servers}"),
+        }
+    };
+    println!("{:<22} {connection}", "fleet:");
+    println!(
+        "{:<22} {} usage records not yet published",
+        "usage backlog:",
+        link["usage_backlog"]
+    );
+    if let Some(dropped) = link["log_lines_unpublished"].as_u64().filter(|n| *n > 0) {
+        println!("{:<22} {dropped}", "log lines unpublished:");
+    }
 }
 
 fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
@@ -511,13 +581,19 @@ fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(fields) = status.as_object() {
-        for (key, value) in fields.iter().filter(|(key, _)| *key != "scaling") {
+        for (key, value) in fields
+            .iter()
+            .filter(|(key, _)| *key != "scaling" && *key != "fleet")
+        {
             let value = value
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
             println!("{:<22} {value}", format!("{}:", key.replace('_', " ")));
         }
+    }
+    if let Some(link) = status.get("fleet") {
+        print_link(link);
     }
     if let Some(functions) = status["scaling"].as_array().filter(|f| !f.is_empty()) {
         println!(

@@ -3,7 +3,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 
@@ -249,6 +251,9 @@ pub struct Fleet {
     node_name: String,
     urls: String,
     replicas: usize,
+    /// When the connection was last lost, in ms since the Unix epoch; 0
+    /// while connected. Kept by the client's event callback.
+    disconnected_since: Arc<AtomicI64>,
 }
 
 impl Fleet {
@@ -258,18 +263,34 @@ impl Fleet {
     /// client reconnects by itself for as long as the node runs.
     pub async fn connect(options: &NatsOptions) -> Result<Self, ConnectError> {
         let urls = options.display_urls();
+        let disconnected_since = Arc::new(AtomicI64::new(0));
+        let since = disconnected_since.clone();
         let mut connect = async_nats::ConnectOptions::new()
             .name(&options.node_name)
             .connection_timeout(CONNECT_TIMEOUT)
-            .event_callback(|event| async move {
-                // Secrets never appear in these events; the server's
-                // address does, as the operator wants.
-                match event {
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("NATS disconnected; reconnecting")
+            .event_callback(move |event| {
+                let since = since.clone();
+                async move {
+                    // Secrets never appear in these events; the server's
+                    // address does, as the operator wants.
+                    match event {
+                        async_nats::Event::Connected => {
+                            since.store(0, Ordering::Release);
+                            tracing::info!("NATS connected")
+                        }
+                        async_nats::Event::Disconnected => {
+                            // The first loss counts: failed reconnects
+                            // report no new one, but keep the oldest.
+                            let _ = since.compare_exchange(
+                                0,
+                                now_ms().max(1),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                            tracing::warn!("NATS disconnected; reconnecting")
+                        }
+                        other => tracing::info!(event = %other, "NATS"),
                     }
-                    other => tracing::info!(event = %other, "NATS"),
                 }
             });
         connect = match &options.credentials {
@@ -327,6 +348,7 @@ impl Fleet {
             node_name: options.node_name.clone(),
             urls,
             replicas,
+            disconnected_since,
         })
     }
 
@@ -371,10 +393,29 @@ impl Fleet {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// While the client is not connected: since when (ms since the Unix
+    /// epoch), if it has been connected before; `None` while connected.
+    pub fn disconnected_since_ms(&self) -> Option<i64> {
+        if self.is_connected() {
+            return None;
+        }
+        match self.disconnected_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(since),
+        }
+    }
+
     /// The version of the server this node is connected to.
     pub fn server_version(&self) -> String {
         self.client.server_info().version
     }
+}
+
+/// Now, in ms since the Unix epoch.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

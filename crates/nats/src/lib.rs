@@ -17,6 +17,8 @@ mod batch;
 mod blobs;
 mod connect;
 mod events;
+mod link;
+mod logs;
 mod members;
 mod registry;
 mod secrets;
@@ -29,6 +31,8 @@ pub use auth::NatsAuth;
 pub use blobs::NatsBlobs;
 pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
 pub use events::NatsEvents;
+pub use link::NatsLink;
+pub use logs::NatsLogFeed;
 pub use members::NatsMembership;
 pub use registry::NatsRegistry;
 pub use secrets::NatsSecrets;
@@ -48,8 +52,9 @@ use mayfly_store::{BlobDir, EventHandles, Stores};
 /// audit log ([`NatsAuth`]), sealed secrets ([`NatsSecrets`]), the usage
 /// ledger ([`NatsUsage`]: buffered in `data_dir`, read fleet-wide), the
 /// event store ([`NatsEvents`]: buckets, queues, inboxes, triggers, dead
-/// letters) and the membership list ([`NatsMembership`]). Guest logs stay
-/// per node.
+/// letters) and the membership list ([`NatsMembership`]). Guest logs are
+/// stored per node; their new lines reach followers on every node through
+/// [`NatsLogFeed`]. [`NatsLink`] reports the connection for the status.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
     // The embedded stores first: they lock `data_dir` and sweep the blob
     // folder's unfinished writes before the cache below uses it.
@@ -76,11 +81,15 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
             .map_err(|e| e.context("cannot open the fleet's secrets"))?,
     );
     stores.members = Arc::new(NatsMembership::open(fleet).await?);
-    stores.usage = Arc::new(
+    let usage = Arc::new(
         NatsUsage::open(fleet, data_dir, fleet.replicas())
             .await
             .map_err(|e| e.context("cannot open the fleet's usage ledger"))?,
     );
+    stores.usage = usage.clone();
+    let log_feed = Arc::new(NatsLogFeed::open(fleet));
+    stores.log_feed = log_feed.clone();
+    stores.fleet = Some(Arc::new(NatsLink::new(fleet.clone(), usage, log_feed)));
     // KV and object buckets, queues, inboxes, triggers and dead letters:
     // one store; this node keeps only copies of object bytes locally.
     let events = NatsEvents::open(fleet, &data_dir.join("fleet").join("blobs"))

@@ -209,6 +209,16 @@ impl NatsUsage {
     }
 }
 
+impl NatsUsage {
+    /// Records stored in this node's local ledger that the stream has not
+    /// acknowledged yet: its last `seq` minus the published cursor.
+    pub async fn backlog(&self) -> Result<u64> {
+        let last = self.shared.local.last_seq().await?;
+        let published = self.shared.published.load(Ordering::Acquire);
+        Ok(u64::try_from(last - published).unwrap_or(0))
+    }
+}
+
 /// Opens the usage stream, creating it if no node has yet.
 async fn open_stream(
     fleet: &Fleet,

@@ -14,7 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use mayfly_store::{FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow};
+use mayfly_store::{
+    FeedLine, FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow,
+};
 use serde::Deserialize;
 
 use self::error::{ApiError, ApiResult};
@@ -167,8 +169,10 @@ async fn not_found(uri: Uri) -> ApiError {
     }
 }
 
-async fn status(State(platform): State<Arc<Platform>>) -> impl IntoResponse {
-    Json(platform.status())
+async fn status(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
+    let mut status = platform.status();
+    status.fleet = platform.fleet_status().await?;
+    Ok(Json(status))
 }
 
 async fn nodes(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
@@ -464,6 +468,10 @@ fn default_tail() -> usize {
 
 /// `GET /v1/functions/{name}/logs?tail=100&follow=true`: the last lines as
 /// a JSON array, or with `follow` as a never-ending stream of JSON lines.
+///
+/// In a fleet, a follower gets every node's new lines from the back-end's
+/// feed, each with the `node` that wrote it; the `tail` before them is this
+/// node's own lines (each node keeps its own log).
 async fn logs(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -475,6 +483,15 @@ async fn logs(
         return Err(PlatformError::NotFound(name).into());
     }
     // Subscribe before reading so no line lands between the two.
+    let feed = if query.follow {
+        platform
+            .log_feed()
+            .subscribe(&name)
+            .await
+            .map_err(PlatformError::from)?
+    } else {
+        None
+    };
     let newest = platform.log_hub().subscribe();
     let store = platform.log_store();
     let lines = store
@@ -484,6 +501,9 @@ async fn logs(
     if !query.follow {
         return Ok(Json(lines).into_response());
     }
+    if let Some(feed) = feed {
+        return ndjson(fleet_follower(platform.node_name().to_string(), lines, feed));
+    }
     let follower = Follower {
         after_id: lines.last().map_or(0, |line| line.id),
         pending: lines.into(),
@@ -491,11 +511,52 @@ async fn logs(
         store,
         function: name,
     };
-    let stream = futures::stream::unfold(follower, Follower::next_chunk);
+    ndjson(futures::stream::unfold(follower, Follower::next_chunk))
+}
+
+/// A streamed response of JSON lines.
+fn ndjson<S>(stream: S) -> ApiResult<Response>
+where
+    S: futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
     Ok(Response::builder()
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .map_err(|e| PlatformError::Internal(e.into()))?)
+}
+
+/// One JSON line of a follower's stream.
+fn json_line(value: &impl serde::Serialize) -> Result<Bytes, Infallible> {
+    let mut json = serde_json::to_vec(value).unwrap_or_default();
+    json.push(b'\n');
+    Ok(Bytes::from(json))
+}
+
+/// A fleet follower: this node's `tail` (tagged with its name), then every
+/// node's new lines from the feed. The feed was subscribed before the tail
+/// was read, so it may repeat this node's last lines: those up to the
+/// tail's last id are skipped.
+fn fleet_follower(
+    node: String,
+    tail: Vec<LogRecord>,
+    feed: mayfly_store::LogSubscription,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    use futures::StreamExt as _;
+    let served = tail.last().map_or(0, |line| line.id);
+    let tail: Vec<_> = tail
+        .into_iter()
+        .map(|record| FeedLine {
+            node: node.clone(),
+            id: record.id,
+            line: record.line,
+        })
+        .collect();
+    let new = feed.filter(move |line| {
+        futures::future::ready(!(line.node == node && line.id <= served))
+    });
+    futures::stream::iter(tail)
+        .chain(new)
+        .map(|line| json_line(&line))
 }
 
 /// State of one `logs --follow` stream.
@@ -511,9 +572,7 @@ impl Follower {
     async fn next_chunk(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         loop {
             if let Some(line) = self.pending.pop_front() {
-                let mut json = serde_json::to_vec(&line).unwrap_or_default();
-                json.push(b'\n');
-                return Some((Ok(Bytes::from(json)), self));
+                return Some((json_line(&line), self));
             }
             self.newest.changed().await.ok()?;
             let lines = self
@@ -683,4 +742,53 @@ async fn usage_records(
         })
         .collect();
     Ok(Json(records))
+}
+
+#[cfg(test)]
+mod follower_tests {
+    use futures::StreamExt as _;
+    use mayfly_store::NewLogLine;
+
+    use super::*;
+
+    fn line(node: &str, id: i64) -> FeedLine {
+        FeedLine {
+            node: node.into(),
+            id,
+            line: NewLogLine {
+                ts_ms: id,
+                function: "f".into(),
+                version: 1,
+                request_id: format!("r{id}"),
+                stream: "stdout".into(),
+                line: format!("{node} {id}"),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fleet_follower_sends_its_tail_then_the_feed_without_repeating_its_own_lines() {
+        let tail = (1..=3)
+            .map(|id| LogRecord {
+                id,
+                line: line("a", id).line,
+            })
+            .collect();
+        // Subscribed before the tail was read: the feed repeats a/2 and a/3.
+        // b's ids are b's own and say nothing about a's.
+        let feed = futures::stream::iter([line("a", 2), line("a", 3), line("b", 1), line("a", 4)]);
+        let sent: Vec<serde_json::Value> = fleet_follower("a".into(), tail, feed.boxed())
+            .map(|chunk| serde_json::from_slice(&chunk.unwrap_or_default()).unwrap())
+            .collect()
+            .await;
+        let sent: Vec<(String, i64)> = sent
+            .iter()
+            .map(|v| (v["node"].as_str().unwrap().to_string(), v["id"].as_i64().unwrap()))
+            .collect();
+        let expected: Vec<(String, i64)> = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("a", 4)]
+            .iter()
+            .map(|(n, i)| (n.to_string(), *i))
+            .collect();
+        assert_eq!(sent, expected);
+    }
 }

@@ -5,7 +5,10 @@
 //! writer thread stores lines in batches, one transaction per batch (awaiting
 //! the async store on the node's runtime, from the thread:
 //! `Handle::block_on`), and announces the newest id so `logs --follow`
-//! readers wake up.
+//! readers wake up. In a fleet it then hands the stored lines to the
+//! back-end's [`LogFeed`], which carries them to followers on every node;
+//! the feed only queues them (it drops, and counts, what does not fit), so
+//! neither the guest nor the writer ever waits on the network.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -13,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mayfly_runtime::{LogSink, LogStream, RequestLabels};
-use mayfly_store::{LogStore, NewLogLine};
+use mayfly_store::{LogFeed, LogStore, NewLogLine};
 use tokio::runtime::Handle;
 
 /// Lines waiting for the writer before new ones are dropped.
@@ -49,13 +52,19 @@ pub struct LogHub {
 
 impl LogHub {
     /// Starts the writer thread over `store`, whose calls it awaits on
-    /// `runtime` (the node's).
-    pub fn start(store: Arc<dyn LogStore>, runtime: Handle) -> std::io::Result<Arc<Self>> {
+    /// `runtime` (the node's); stored lines go on to `feed`.
+    pub fn start(
+        store: Arc<dyn LogStore>,
+        feed: Arc<dyn LogFeed>,
+        runtime: Handle,
+    ) -> std::io::Result<Arc<Self>> {
         let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
         let (newest_tx, newest) = tokio::sync::watch::channel(0);
         let writer = std::thread::Builder::new()
             .name("mayfly-logs".into())
-            .spawn(move || write_batches(lines, store.as_ref(), &runtime, newest_tx))?;
+            .spawn(move || {
+                write_batches(lines, store.as_ref(), feed.as_ref(), &runtime, newest_tx)
+            })?;
         Ok(Arc::new(Self {
             queue,
             writer: Mutex::new(Some(writer)),
@@ -177,6 +186,7 @@ pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
 struct LogBatch<'a> {
     lines: Vec<NewLogLine>,
     store: &'a dyn LogStore,
+    feed: &'a dyn LogFeed,
     runtime: &'a Handle,
     newest: tokio::sync::watch::Sender<i64>,
     since_prune: usize,
@@ -227,6 +237,9 @@ impl Batch<NewLogLine> for LogBatch<'_> {
             match self.runtime.block_on(self.store.append_logs(&self.lines)) {
                 Ok(last) => {
                     self.newest.send_replace(last);
+                    // One append's ids are consecutive (the contract).
+                    let first = last - (self.lines.len() as i64 - 1);
+                    self.feed.publish(first, &self.lines);
                 }
                 Err(error) => {
                     tracing::error!("failed to store {} log lines: {error}", self.lines.len())
@@ -250,12 +263,14 @@ impl Batch<NewLogLine> for LogBatch<'_> {
 fn write_batches(
     queue: mpsc::Receiver<WriterMessage<NewLogLine>>,
     store: &dyn LogStore,
+    feed: &dyn LogFeed,
     runtime: &Handle,
     newest: tokio::sync::watch::Sender<i64>,
 ) {
     let mut batch = LogBatch {
         lines: Vec::with_capacity(BATCH_LINES),
         store,
+        feed,
         runtime,
         newest,
         since_prune: 0,

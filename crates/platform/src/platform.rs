@@ -12,7 +12,8 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mayfly_runtime::Runtime;
 use mayfly_store::{
-    LogStore, Membership, NodeInfo, StoredUsage, Stores, UsageQuery, UsageRow, UsageStore,
+    FleetLink, FleetLinkStatus, LogFeed, LogStore, Membership, NodeInfo, StoredUsage, Stores,
+    UsageQuery, UsageRow, UsageStore,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,10 @@ pub struct Platform {
     admission: Arc<Admission>,
     log_store: Arc<dyn LogStore>,
     logs: Arc<LogHub>,
+    /// Every node's new log lines, for followers (none on a node alone).
+    log_feed: Arc<dyn LogFeed>,
+    /// The link to the fleet, for the status (none on a node alone).
+    fleet: Option<Arc<dyn FleetLink>>,
     usage: Arc<dyn UsageStore>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
@@ -90,7 +95,11 @@ impl Platform {
         let runtime = Runtime::new(&config.runtime)?;
         // The writer threads await their stores on this runtime.
         let node_runtime = tokio::runtime::Handle::current();
-        let logs = LogHub::start(stores.logs.clone(), node_runtime.clone())
+        let logs = LogHub::start(
+            stores.logs.clone(),
+            stores.log_feed.clone(),
+            node_runtime.clone(),
+        )
             .context("cannot start the log writer")?;
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(
@@ -176,6 +185,8 @@ impl Platform {
             admission,
             log_store: stores.logs.clone(),
             logs,
+            log_feed: stores.log_feed.clone(),
+            fleet: stores.fleet.clone(),
             usage,
             ledger,
             metrics,
@@ -260,7 +271,23 @@ impl Platform {
             ledger_pending: self.ledger.pending(),
             data_dir: self.config.data_dir.display().to_string(),
             scaling: scaling_status(&catalog, &self.admission),
+            fleet: None,
         }
+    }
+
+    /// The link to the fleet now (connection, usage backlog); `None` on a
+    /// node on its own. `status().fleet` is left for the caller to fill
+    /// with this, as it awaits the back-end.
+    pub async fn fleet_status(&self) -> Result<Option<FleetLinkStatus>, PlatformError> {
+        match &self.fleet {
+            Some(link) => Ok(Some(link.status().await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// This node's name in the fleet.
+    pub fn node_name(&self) -> &str {
+        &self.config.node_name
     }
 
     /// The durable log store, for reading logs back.
@@ -271,6 +298,12 @@ impl Platform {
     /// The log hub, to follow new lines.
     pub fn log_hub(&self) -> &LogHub {
         &self.logs
+    }
+
+    /// Every node's new log lines (a node on its own has no feed: its
+    /// followers read [`Platform::log_store`]).
+    pub fn log_feed(&self) -> &Arc<dyn LogFeed> {
+        &self.log_feed
     }
 
     /// The node's secrets.

@@ -1,6 +1,7 @@
 //! What `mayfly status` shows: the node's counters and each function's
 //! place in the tiers.
 
+use mayfly_store::FleetLinkStatus;
 use serde::Serialize;
 
 use crate::admission::Admission;
@@ -50,6 +51,10 @@ pub struct Status {
     pub data_dir: String,
     /// Each function's tier and instances.
     pub scaling: Vec<FunctionScalingStatus>,
+    /// In a fleet: the link to it (NATS connection, usage not yet
+    /// published). Absent on a node on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetLinkStatus>,
 }
 
 /// One function's place in the tiers, for `mayfly status`.

@@ -8,7 +8,8 @@
 //! event semantics every back-end shares: [`EventKind`], CloudEvent
 //! building and trigger matching), [`AuthStore`] (`auth.rs`) and
 //! [`SecretStore`] (`secrets.rs`), and the fleet's [`Membership`]
-//! (`members.rs`). [`Stores`] bundles one handle of each;
+//! (`members.rs`), with the live log feed ([`LogFeed`]) and the link
+//! to the fleet ([`FleetLink`], `link.rs`). [`Stores`] bundles one handle of each;
 //! the platform receives it and names no back-end.
 //!
 //! The contracts are async traits (`async-trait`, so they stay usable as
@@ -30,6 +31,7 @@ mod changes;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod events;
+mod link;
 mod logs;
 mod members;
 mod registry;
@@ -47,7 +49,8 @@ pub use events::{
     QueueRef, QueueStats, RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec,
     TriggerStore, WorkHint, new_event_id,
 };
-pub use logs::{LogRecord, LogStore, NewLogLine};
+pub use link::{FleetLink, FleetLinkStatus};
+pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};
 pub use members::{Membership, NodeInfo, SingleNode};
 pub use registry::{
     ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,

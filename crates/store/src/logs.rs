@@ -37,7 +37,10 @@ pub struct LogRecord {
 /// own write path.
 #[async_trait::async_trait]
 pub trait LogStore: Send + Sync {
-    /// Appends lines in order; returns the id given to the last one.
+    /// Appends lines in order; returns the id given to the last one. The
+    /// lines of one append get consecutive ids (so the first one's is the
+    /// last one's minus the count, plus one): the live feed
+    /// ([`LogFeed::publish`]) relies on it.
     async fn append_logs(&self, lines: &[NewLogLine]) -> Result<i64>;
 
     /// Lines of `function` with an id above `after_id`, oldest first, at most
@@ -64,4 +67,61 @@ pub trait LogStore: Send + Sync {
         keep_lines: usize,
         keep_bytes: u64,
     ) -> Result<usize>;
+}
+
+/// A guest log line on the fleet's live feed: the line, the node that
+/// served the invocation, and its id in that node's [`LogStore`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedLine {
+    /// The node that wrote the line.
+    pub node: String,
+    /// The line's id in that node's log store. A follower serving its own
+    /// node's tail skips the feed's copies of lines it already sent.
+    pub id: i64,
+    /// The line and its labels.
+    #[serde(flatten)]
+    pub line: NewLogLine,
+}
+
+/// New log lines of one function, from every node of the fleet.
+pub type LogSubscription = futures::stream::BoxStream<'static, FeedLine>;
+
+/// Live guest log lines across nodes, for `mayfly logs --follow`.
+///
+/// A node on its own needs none ([`LocalLogs`]): a follower reads new lines
+/// from the node's own [`LogStore`]. A fleet back-end carries every node's
+/// new lines to every follower, whichever node it asked.
+#[async_trait::async_trait]
+pub trait LogFeed: Send + Sync {
+    /// Hands lines this node has just stored (ids `first_id`,
+    /// `first_id + 1`, …) to the feed. Called from the log writer: it must
+    /// not block or wait on the network (queue, and drop what does not fit).
+    fn publish(&self, first_id: i64, lines: &[NewLogLine]);
+
+    /// From now on, the new lines of `function` from every node, this one
+    /// included; `None` when there is no feed (a follower then reads the
+    /// node's own store). The subscription is in place when this returns,
+    /// so a follower reading the store's tail afterwards misses nothing.
+    async fn subscribe(&self, function: &str) -> Result<Option<LogSubscription>>;
+
+    /// Lines the feed dropped since the node started (its queue was full).
+    fn dropped(&self) -> u64;
+}
+
+/// The feed of a node on its own: nothing to publish, nothing to
+/// subscribe to (its followers read its store).
+#[derive(Debug, Default)]
+pub struct LocalLogs;
+
+#[async_trait::async_trait]
+impl LogFeed for LocalLogs {
+    fn publish(&self, _first_id: i64, _lines: &[NewLogLine]) {}
+
+    async fn subscribe(&self, _function: &str) -> Result<Option<LogSubscription>> {
+        Ok(None)
+    }
+
+    fn dropped(&self) -> u64 {
+        0
+    }
 }

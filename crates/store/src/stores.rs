@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::{
-    AuthStore, BlobStore, EventQueue, KvStore, LogStore, Membership, ObjectStore, Registry, Result,
-    SecretStore, SingleNode, TriggerStore, UsageStore,
+    AuthStore, BlobStore, EventQueue, FleetLink, KvStore, LocalLogs, LogFeed, LogStore, Membership,
+    ObjectStore, Registry, Result, SecretStore, SingleNode, TriggerStore, UsageStore,
 };
 
 /// One handle per contract. The embedded back-end ([`Stores::sqlite`]) keeps
@@ -39,6 +39,12 @@ pub struct Stores {
     /// The nodes serving (a node on its own lists itself; a fleet
     /// back-end replaces it).
     pub members: Arc<dyn Membership>,
+    /// New guest log lines of every node, for followers (a node on its own
+    /// has no feed: [`LocalLogs`]; a fleet back-end replaces it).
+    pub log_feed: Arc<dyn LogFeed>,
+    /// The link to the fleet, for `mayfly status`: `None` for a node on
+    /// its own.
+    pub fleet: Option<Arc<dyn FleetLink>>,
     /// The data directory this node holds, for a back-end kept on local
     /// disk: its lock lives as long as any copy of the bundle.
     local: Option<Arc<dyn LocalDir>>,
@@ -81,6 +87,8 @@ impl Stores {
             auth,
             secrets,
             members: Arc::new(SingleNode::default()),
+            log_feed: Arc::new(LocalLogs),
+            fleet: None,
             local,
         }
     }

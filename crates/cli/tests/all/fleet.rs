@@ -122,7 +122,7 @@ fn an_unreachable_fleet_is_a_clear_error_naming_the_server_but_no_secret() {
 
 /// Polls `node`'s gateway until `path` answers 200 with a body
 /// containing `expected`; returns how long that took.
-fn served(node: &Node, path: &str, expected: &str) -> Duration {
+pub(crate) fn served(node: &Node, path: &str, expected: &str) -> Duration {
     let started = std::time::Instant::now();
     eventually(
         Duration::from_secs(30),

@@ -13,6 +13,7 @@ mod events;
 mod fairness;
 mod fleet;
 mod fleet_faults;
+mod fleet_link;
 mod follow;
 mod host_limits;
 mod hygiene;
