@@ -534,21 +534,30 @@ fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
 /// every node as `node list` shows it.
 fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     let status: Value = client.get_json("/v1/status")?;
-    let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+    // Cut off from the fleet, a node cannot read the membership list; its
+    // link is still worth showing (it says why).
+    let nodes = client.get_json::<Vec<mayfly_store::NodeInfo>>("/v1/nodes");
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"link": status.get("fleet"), "nodes": nodes})
-        );
-        return Ok(());
+        let (list, error) = match &nodes {
+            Ok(nodes) => (serde_json::to_value(nodes)?, Value::Null),
+            Err(error) => (Value::Null, format!("{error:#}").into()),
+        };
+        let mut out = serde_json::json!({"link": status.get("fleet"), "nodes": list});
+        if !error.is_null() {
+            out["nodes_error"] = error;
+        }
+        println!("{out}");
+    } else {
+        match status.get("fleet") {
+            Some(link) => print_link(link),
+            None => println!("{:<22} none: this node runs on its own", "fleet:"),
+        }
+        println!();
+        if let Ok(nodes) = &nodes {
+            print_nodes(nodes);
+        }
     }
-    match status.get("fleet") {
-        Some(link) => print_link(link),
-        None => println!("{:<22} none: this node runs on its own", "fleet:"),
-    }
-    println!();
-    print_nodes(&nodes);
-    Ok(())
+    nodes.map(|_| ()).context("cannot list the fleet's nodes")
 }
 
 /// The `fleet` part of a status: the NATS connection and the usage not yet
@@ -566,8 +575,7 @@ fn print_link(link: &Value) {
     println!("{:<22} {connection}", "fleet:");
     println!(
         "{:<22} {} usage records not yet published",
-        "usage backlog:",
-        link["usage_backlog"]
+        "usage backlog:", link["usage_backlog"]
     );
     if let Some(dropped) = link["log_lines_unpublished"].as_u64().filter(|n| *n > 0) {
         println!("{:<22} {dropped}", "log lines unpublished:");

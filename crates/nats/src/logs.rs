@@ -222,6 +222,9 @@ mod tests {
         }
         let took = started.elapsed();
         assert!(feed.dropped() > 0, "nothing dropped");
-        eprintln!("published {} lines with NATS down in {took:?}", 4 * QUEUE_LINES);
+        eprintln!(
+            "published {} lines with NATS down in {took:?}",
+            4 * QUEUE_LINES
+        );
     }
 }

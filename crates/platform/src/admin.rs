@@ -14,9 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use mayfly_store::{
-    FeedLine, FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow,
-};
+use mayfly_store::{FeedLine, FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow};
 use serde::Deserialize;
 
 use self::error::{ApiError, ApiResult};
@@ -502,7 +500,11 @@ async fn logs(
         return Ok(Json(lines).into_response());
     }
     if let Some(feed) = feed {
-        return ndjson(fleet_follower(platform.node_name().to_string(), lines, feed));
+        return ndjson(fleet_follower(
+            platform.node_name().to_string(),
+            lines,
+            feed,
+        ));
     }
     let follower = Follower {
         after_id: lines.last().map_or(0, |line| line.id),
@@ -551,9 +553,8 @@ fn fleet_follower(
             line: record.line,
         })
         .collect();
-    let new = feed.filter(move |line| {
-        futures::future::ready(!(line.node == node && line.id <= served))
-    });
+    let new =
+        feed.filter(move |line| futures::future::ready(!(line.node == node && line.id <= served)));
     futures::stream::iter(tail)
         .chain(new)
         .map(|line| json_line(&line))
@@ -783,7 +784,12 @@ mod follower_tests {
             .await;
         let sent: Vec<(String, i64)> = sent
             .iter()
-            .map(|v| (v["node"].as_str().unwrap().to_string(), v["id"].as_i64().unwrap()))
+            .map(|v| {
+                (
+                    v["node"].as_str().unwrap().to_string(),
+                    v["id"].as_i64().unwrap(),
+                )
+            })
             .collect();
         let expected: Vec<(String, i64)> = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("a", 4)]
             .iter()

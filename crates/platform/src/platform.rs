@@ -100,7 +100,7 @@ impl Platform {
             stores.log_feed.clone(),
             node_runtime.clone(),
         )
-            .context("cannot start the log writer")?;
+        .context("cannot start the log writer")?;
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(
             Ledger::start(usage.clone(), metrics.ledger.clone(), node_runtime)

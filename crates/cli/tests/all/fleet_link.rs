@@ -26,10 +26,10 @@ fn link(node: &Node) -> Value {
 
 /// Invocations of `function` in `node`'s view of the fleet's ledger.
 fn invocations(node: &Node, function: &str) -> u64 {
-    let rows = node.admin_json(&format!("/v1/usage?function={function}"));
-    rows.as_array()
-        .map(|rows| rows.iter().filter_map(|r| r["invocations"].as_u64()).sum())
-        .unwrap_or(0)
+    let usage = node.admin_json(&format!("/v1/usage?function={function}"));
+    usage["total"]["invocations"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no total: {usage}"))
 }
 
 /// GETs `path` `count` times; each must answer 200.
@@ -59,6 +59,24 @@ fn a_node_cut_off_from_nats_serves_buffers_its_usage_and_catches_up_exactly() {
     let (ok, text, stderr) = node.cli(&["status"]);
     assert!(ok, "{stderr}");
     assert!(text.contains("connected to nats://127.0.0.1:"), "{text}");
+    // `status --fleet`: the link, then the nodes as `node list` shows them
+    // (the version served appears with the heartbeat after the deploy).
+    eventually(CONVERGE, "status --fleet to list the node", || {
+        let (ok, text, stderr) = node.cli(&["status", "--fleet"]);
+        assert!(ok, "{stderr}");
+        (text.contains("connected to nats://")
+            && text.lines().any(|line| {
+                line.starts_with("edge-1 ")
+                    && line.contains("region=eu")
+                    && line.contains("hello@1")
+            }))
+        .then_some(())
+    });
+    let (ok, json, stderr) = node.cli(&["status", "--fleet", "--json"]);
+    assert!(ok, "{stderr}");
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["link"]["connected"], true, "{json}");
+    assert_eq!(json["nodes"][0]["name"], "edge-1", "{json}");
 
     // A crash of the only server: the node keeps serving what it has.
     servers.kill(0);
@@ -85,14 +103,21 @@ fn a_node_cut_off_from_nats_serves_buffers_its_usage_and_catches_up_exactly() {
     if since.is_i64() {
         assert!(text.contains("disconnected since 20"), "{text}");
     }
+    // The fleet's node list is out of reach; the link still shows.
+    let (_, text, _) = node.cli(&["status", "--fleet"]);
+    assert!(text.contains("disconnected"), "{text}");
 
     // The same server back, on the same port with the same store.
     servers.restart(0);
     servers.wait_ready();
-    eventually(CONVERGE, "the node to reconnect and publish its backlog", || {
-        let link = link(&node);
-        (link["connected"] == true && link["usage_backlog"] == 0).then_some(())
-    });
+    eventually(
+        CONVERGE,
+        "the node to reconnect and publish its backlog",
+        || {
+            let link = link(&node);
+            (link["connected"] == true && link["usage_backlog"] == 0).then_some(())
+        },
+    );
     let (ok, text, stderr) = node.cli(&["status"]);
     assert!(ok, "{stderr}");
     assert!(text.contains("connected to nats://"), "{text}");
@@ -121,7 +146,11 @@ fn a_node_cut_off_from_nats_serves_buffers_its_usage_and_catches_up_exactly() {
 
 /// Starts `mayfly logs NAME --follow` against `node` (with `extra` flags);
 /// its stdout lines arrive on the returned channel.
-fn follow(node: &Node, name: &str, extra: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
+fn follow(
+    node: &Node,
+    name: &str,
+    extra: &[&str],
+) -> (std::process::Child, mpsc::Receiver<String>) {
     let mut follower = Command::new(env!("CARGO_BIN_EXE_mayfly"))
         .args(["logs", name, "--follow", "--tail", "0"])
         .args(extra)
@@ -133,7 +162,10 @@ fn follow(node: &Node, name: &str, extra: &[&str]) -> (std::process::Child, mpsc
     let stdout = follower.stdout.take().unwrap();
     let (lines, received) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if lines.send(line).is_err() {
                 break;
             }
