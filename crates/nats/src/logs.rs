@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::RequestErrorKind;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use mayfly_store::{FeedLine, LogFeed, LogSubscription, NewLogLine, Result};
+use mayfly_store::{FeedLine, LogFeed, LogSubscription, NewLogLine, Result, StoreError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -28,8 +28,9 @@ use crate::{Fleet, backend};
 /// seconds of a busy node's logging, while NATS is slow or away.
 const QUEUE_LINES: usize = 16_384;
 
-/// How long a new subscription may take to reach the server before the
-/// follower starts anyway (it then may miss the first lines, no more).
+/// How long a new subscription may take to be queued, and then to reach
+/// the server before the follower starts anyway (it then may miss the
+/// first lines, no more).
 const SUBSCRIBE_CONFIRM: Duration = Duration::from_secs(2);
 
 /// The fleet's [`LogFeed`] on core NATS (see the module docs).
@@ -122,11 +123,20 @@ impl LogFeed for NatsLogFeed {
     }
 
     async fn subscribe(&self, function: &str) -> Result<Option<LogSubscription>> {
-        let subscriber = self
-            .client
-            .subscribe(self.subject(function))
-            .await
-            .map_err(backend)?;
+        // Cut off from NATS with the client's buffer full (of this node's
+        // lines), even queueing the subscription would wait for the
+        // reconnect: say so instead of hanging the follower.
+        let subscriber = tokio::time::timeout(
+            SUBSCRIBE_CONFIRM,
+            self.client.subscribe(self.subject(function)),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Backend(
+                "cannot follow the fleet's logs: NATS is out of reach; try again".into(),
+            )
+        })?
+        .map_err(backend)?;
         // The server has the subscription once it answered a request sent
         // after it on the same connection (a flush only empties the
         // client's buffer): the caller reads the store's tail next and
