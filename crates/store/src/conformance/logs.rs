@@ -22,6 +22,12 @@ pub async fn logs_tail_and_follow<B: Backend>(backend: &B) {
     assert_eq!(tail[0].line.line, "line 3");
     assert_eq!(tail[1].id, last);
     assert!(store.logs_after("f", last, 10).await.unwrap().is_empty());
+    // One append's ids are consecutive: the live feed numbers a batch's
+    // lines from its last id.
+    let batch = store.logs_after("f", last - 5, 10).await.unwrap();
+    let ids: Vec<i64> = batch.iter().map(|record| record.id).collect();
+    assert_eq!(ids, (last - 4..=last).collect::<Vec<_>>());
+    assert_eq!(batch[0].line.line, "line 0");
     assert_eq!(store.prune_logs(1).await.unwrap(), 4);
 }
 
