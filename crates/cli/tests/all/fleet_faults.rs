@@ -300,7 +300,17 @@ fn a_killed_nodes_in_flight_events_are_delivered_by_the_others() {
     // A short timeout keeps the lease (timeout + a margin) short.
     nodes[0].deploy_with("slow", "events", &[], &["--timeout", "5s"]);
     nodes[0].deploy("hello", "hello", &["/h"]);
-    let (ok, _, stderr) = nodes[0].cli(&["trigger", "add", "slow", "--queue", "work"]);
+    // Two at a time per node: nine messages are more than the survivors
+    // can take at once, so the victim surely runs some.
+    let (ok, _, stderr) = nodes[0].cli(&[
+        "trigger",
+        "add",
+        "slow",
+        "--queue",
+        "work",
+        "--max-concurrency",
+        "2",
+    ]);
     assert!(ok, "{stderr}");
     await_trigger(&nodes, "slow");
 
@@ -316,8 +326,9 @@ fn a_killed_nodes_in_flight_events_are_delivered_by_the_others() {
     let survivors: Vec<&Node> = nodes.iter().collect();
     await_exact_usage(&survivors, "hello", served);
 
-    // Sent through the node that will die: it claims them first.
-    let bodies: Vec<String> = (0..6).map(|i| format!("sleep:3000 #{i}")).collect();
+    // Sent through the node that will die (woken at once by its own
+    // write, the others by its hint).
+    let bodies: Vec<String> = (0..9).map(|i| format!("sleep:3000 #{i}")).collect();
     for body in &bodies {
         let (status, _) = admin(
             &victim,
