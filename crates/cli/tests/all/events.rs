@@ -100,7 +100,7 @@ pub(crate) fn send(node: &Node, queue: &str, body: &str) -> String {
     sent["id"].as_str().expect("message id").to_string()
 }
 
-fn invoke_async(node: &Node, function: &str, query: &str, body: &str) -> String {
+pub(crate) fn invoke_async(node: &Node, function: &str, query: &str, body: &str) -> String {
     let (status, accepted) = admin(
         node,
         "POST",
@@ -112,7 +112,7 @@ fn invoke_async(node: &Node, function: &str, query: &str, body: &str) -> String 
     accepted["event_id"].as_str().expect("event id").to_string()
 }
 
-fn dead_letters(node: &Node, function: &str) -> Vec<Value> {
+pub(crate) fn dead_letters(node: &Node, function: &str) -> Vec<Value> {
     node.admin_json(&format!("/v1/functions/{function}/dlq"))
         .as_array()
         .expect("dead letters")

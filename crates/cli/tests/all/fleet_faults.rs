@@ -12,7 +12,7 @@ use mayfly_nats::testing::NatsServers;
 use serde_json::Value;
 
 use crate::common::{Node, agent, eventually};
-use crate::events::{admin, deliveries};
+use crate::events::{admin, dead_letters, deliveries, invoke_async, send};
 use crate::fleet::fleet_node;
 
 /// Starts `size` nodes on `servers`, all holding the fleet's admin token
@@ -424,4 +424,78 @@ fn messages_sent_through_one_node_are_shared_with_idle_nodes_at_once() {
         .filter(|node| !deliveries(node, "slow").is_empty())
         .count();
     assert!(delivering >= 2, "only {delivering} node delivered");
+}
+
+#[test]
+fn retries_and_dead_letters_work_across_the_fleet() {
+    let servers = NatsServers::single();
+    let (_dirs, nodes) = start_fleet(&servers, 3);
+    nodes[0].deploy_with("flaky", "events", &[], &["--wait"]);
+
+    // Each fails twice, then succeeds: attempts 1, 2 and 3 of every event,
+    // once each, whichever nodes ran them.
+    let ids: Vec<String> = (0..6)
+        .map(|i| {
+            let through = &nodes[i % nodes.len()];
+            invoke_async(through, "flaky", "&max_attempts=5&backoff_ms=50", "fail:2")
+        })
+        .collect();
+    let node_refs: Vec<&Node> = nodes.iter().collect();
+    let attempts_of = |id: &str| -> Vec<String> {
+        let mut attempts: Vec<String> = node_refs
+            .iter()
+            .flat_map(|node| deliveries(node, "flaky"))
+            .filter(|e| e.get("id") == id)
+            .map(|e| e.get("attempt").to_string())
+            .collect();
+        attempts.sort();
+        attempts
+    };
+    for id in &ids {
+        let attempts = eventually(Duration::from_secs(60), "three attempts", || {
+            let attempts = attempts_of(id);
+            (attempts.len() >= 3).then_some(attempts)
+        });
+        assert_eq!(attempts, ["1", "2", "3"], "event {id}");
+    }
+
+    // A queue trigger allowing 2 attempts: the message sent through one
+    // node is a dead letter that every node lists.
+    let (ok, _, stderr) = nodes[0].cli(&[
+        "trigger",
+        "add",
+        "flaky",
+        "--queue",
+        "jobs",
+        "--max-attempts",
+        "2",
+        "--backoff",
+        "50ms",
+    ]);
+    assert!(ok, "{stderr}");
+    await_trigger(&nodes, "flaky");
+    let message = send(&nodes[1], "jobs", "fail:always");
+    for node in &nodes {
+        let dead = eventually(Duration::from_secs(60), "a dead letter", || {
+            dead_letters(node, "flaky").into_iter().next()
+        });
+        assert_eq!(dead["subject"], message);
+        assert_eq!(dead["attempts"], 2);
+    }
+
+    // Fixed and redriven through another node: delivered, and gone from
+    // every node's dead-letter list.
+    nodes[2].deploy_with("flaky", "echo", &[], &["--wait"]);
+    let (ok, stdout, stderr) = nodes[2].cli(&["dlq", "redrive", "flaky"]);
+    assert!(ok, "{stdout}{stderr}");
+    eventually(Duration::from_secs(60), "the redriven event", || {
+        node_refs
+            .iter()
+            .flat_map(|node| node.usage_records(Some("flaky")))
+            .any(|r| r["version"] == 2 && r["trigger"] == "queue" && r["outcome"] == "ok")
+            .then_some(())
+    });
+    for node in &nodes {
+        assert!(dead_letters(node, "flaky").is_empty());
+    }
 }
