@@ -305,6 +305,22 @@ impl Inner {
         self.watched.emit(change);
     }
 
+    /// [`Self::commit`]s a change of `function` and, when it landed, tells
+    /// this node's watchers at once (other nodes hear it from the watch);
+    /// false on a conflict, for the caller to read again and retry.
+    async fn commit_changed(&self, function: &str, write: &str, writes: &[Write]) -> Result<bool> {
+        let landed = matches!(
+            self.commit(function, Some(write), writes).await?,
+            Commit::Done
+        );
+        if landed {
+            self.emit(RegistryChange::Changed {
+                function: function.to_string(),
+            });
+        }
+        Ok(landed)
+    }
+
     /// The routes `function` serves at `version`.
     async fn routes_of(&self, function: &str, version: u64) -> Result<Vec<String>> {
         Ok(self
@@ -452,14 +468,8 @@ impl Inner {
             ];
             writes.extend(self.move_writes(state.moves, &moved)?);
             writes.extend(route_writes);
-            match self.commit(function, Some(&write), &writes).await? {
-                Commit::Done => {
-                    self.emit(RegistryChange::Changed {
-                        function: function.to_string(),
-                    });
-                    return Ok(version);
-                }
-                Commit::Conflict => continue,
+            if self.commit_changed(function, &write, &writes).await? {
+                return Ok(version);
             }
         }
         Err(contended(function))
@@ -676,14 +686,8 @@ impl Inner {
             ];
             writes.extend(self.move_writes(state.moves, &moved)?);
             writes.extend(route_writes);
-            match self.commit(function, Some(&write), &writes).await? {
-                Commit::Done => {
-                    self.emit(RegistryChange::Changed {
-                        function: function.to_string(),
-                    });
-                    return Ok(record);
-                }
-                Commit::Conflict => continue,
+            if self.commit_changed(function, &write, &writes).await? {
+                return Ok(record);
             }
         }
         Err(contended(function))
@@ -738,10 +742,7 @@ impl Inner {
             }
             let (guard, write) = self.touch(state, fn_revision)?;
             let writes = [guard, Write::delete(alias_key(function, alias))];
-            if let Commit::Done = self.commit(function, Some(&write), &writes).await? {
-                self.emit(RegistryChange::Changed {
-                    function: function.to_string(),
-                });
+            if self.commit_changed(function, &write, &writes).await? {
                 return Ok(true);
             }
         }
@@ -767,10 +768,7 @@ impl Inner {
             mayfly_store::refuse_if_aliased(function, version, self.aliases(function).await?)?;
             let (guard, write) = self.touch(state, fn_revision)?;
             let writes = [guard, Write::delete(ver_key(function, version))];
-            if let Commit::Done = self.commit(function, Some(&write), &writes).await? {
-                self.emit(RegistryChange::Changed {
-                    function: function.to_string(),
-                });
+            if self.commit_changed(function, &write, &writes).await? {
                 return Ok(());
             }
         }
