@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Fleet mode figures, on one machine: a real nats-server (JetStream) and
+# Fleet mode figures, on one machine: real nats-servers (JetStream) and
 # several `mayfly serve --nats` nodes on loopback.
 #
-#   1. deploy propagation: from a deploy call's answer on the first node to
-#      the first 200 on the last node, to 3 and to 5 nodes;
-#   2. hello requests/s on 1 node vs 3 nodes (one wrk per node), with the
-#      CPU per request of every process (nodes and nats-server): the nodes
+#   1. on a 3-server cluster (R3): deploy propagation, from a deploy call's
+#      answer on the first node to the first 200 on the last node, and
+#      rollback propagation, from a rollback's answer to every node serving
+#      the previous version, to 3 and to 5 nodes;
+#   2. on one server: hello requests/s on 1 node vs 3 nodes (one wrk per
+#      node), with the CPU per request of every process (nodes and
+#      nats-server): the nodes
 #      share the same 2 cores, so 3 nodes cannot be faster here, and CPU
 #      per request is the figure that carries over to real machines;
 #   3. queue-trigger drain, events/s, on 1 vs 3 nodes.
@@ -33,7 +36,7 @@ fi
 hello=guests/target/wasm32-wasip2/release/hello.wasm
 
 if $smoke; then
-  deploys=3 load_time=2s events=200
+  deploys=2 load_time=2s events=200
 else
   deploys=10 load_time=15s events=5000
 fi
@@ -64,6 +67,29 @@ start_nats() {
     sleep 0.1
   done
   nats_url=nats://127.0.0.1:$port
+}
+
+# Starts a 3-server JetStream cluster (every stream and bucket in 3
+# copies) and sets $nats_url to the list of its servers, $nats_pid to one.
+start_cluster() {
+  local i j client=() monitor=() route=() routes dir
+  for i in 0 1 2; do client+=("$(free_port)") monitor+=("$(free_port)") route+=("$(free_port)"); done
+  for i in 0 1 2; do
+    routes=""
+    for j in 0 1 2; do [ "$j" = "$i" ] || routes+="${routes:+,}nats://127.0.0.1:${route[$j]}"; done
+    dir=$(mktemp -d -p "$work")
+    "$nats_server" -js -sd "$dir" -a 127.0.0.1 -p "${client[$i]}" -m "${monitor[$i]}" -n "s$i" \
+      --cluster_name bench --cluster "nats://127.0.0.1:${route[$i]}" --routes "$routes" >"$dir/log" 2>&1 &
+    pids+=("$!")
+    if [ "$i" = 0 ]; then nats_pid=$!; fi
+  done
+  for i in 0 1 2; do
+    for _ in $(seq 1 300); do
+      curl -sf "http://127.0.0.1:${monitor[$i]}/healthz" >/dev/null && break
+      sleep 0.1
+    done
+  done
+  nats_url=nats://127.0.0.1:${client[0]},nats://127.0.0.1:${client[1]},nats://127.0.0.1:${client[2]}
 }
 
 # Starts `count` nodes on $nats_url; fills the arrays node_pid, gateway,
@@ -123,6 +149,25 @@ propagation() {
   printf '%s\n' "${times[@]:1}" | sort -n | tail -1 | xargs printf ', worst %s ms\n'
 }
 
+# Moves `live` back and forth `deploys` times (a new version deployed with
+# --wait, then a rollback through the last node); prints the median and the
+# worst time from the rollback's answer to every node serving hello again.
+rollbacks() {
+  local echo=guests/target/wasm32-wasip2/release/echo.wasm k t0 node times=()
+  MAYFLY_ADMIN_URL=${admin[0]} "$MAYFLY_BIN" deploy r "$hello" --route /r --wait 30s >/dev/null
+  for k in $(seq 1 "$deploys"); do
+    MAYFLY_ADMIN_URL=${admin[0]} "$MAYFLY_BIN" deploy r "$echo" --route /r --wait 30s >/dev/null
+    MAYFLY_ADMIN_URL=${admin[-1]} "$MAYFLY_BIN" rollback r >/dev/null
+    t0=$(now_ms)
+    for node in "${gateway[@]}"; do
+      until curl -s "$node/r" | grep -q Hello; do sleep 0.005; done
+    done
+    times+=("$(($(now_ms) - t0))")
+  done
+  printf '%s\n' "${times[@]}" | median | xargs printf 'median %s ms'
+  printf '%s\n' "${times[@]}" | sort -n | tail -1 | xargs printf ', worst %s ms\n'
+}
+
 # Loads every node's /hello at once with one wrk each; prints the summed
 # requests/s and CPU per request of all nodes and of nats-server.
 load() {
@@ -176,13 +221,15 @@ drain() {
   awk -v n="$events" -v ms=$(($(now_ms) - t0)) 'BEGIN { printf "%d events in %.2f s: %.0f events/s\n", n, ms / 1000, n / ms * 1000 }'
 }
 
-echo "mayfly $("$MAYFLY_BIN" --version | awk '{print $2}') fleet on one nats-server ($("$nats_server" --version)), $(nproc) cores, binary $MAYFLY_BIN"
+echo "mayfly $("$MAYFLY_BIN" --version | awk '{print $2}') fleet on nats-server ($("$nats_server" --version)), $(nproc) cores, binary $MAYFLY_BIN"
 
 for size in 3 5; do
-  start_nats
+  start_cluster
   start_nodes "$size"
-  printf 'deploy propagation to %d nodes (%d deploys): ' "$size" "$deploys"
+  printf 'R3 cluster, deploy propagation to %d nodes (%d deploys): ' "$size" "$deploys"
   propagation
+  printf 'R3 cluster, rollback propagation to %d nodes (%d rollbacks): ' "$size" "$deploys"
+  rollbacks
   stop_all
 done
 
