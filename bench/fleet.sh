@@ -38,7 +38,7 @@ hello=guests/target/wasm32-wasip2/release/hello.wasm
 if $smoke; then
   deploys=2 load_time=2s events=200
 else
-  deploys=10 load_time=15s events=5000
+  deploys=${DEPLOYS:-10} load_time=15s events=5000
 fi
 
 work=$(mktemp -d)
@@ -48,7 +48,8 @@ stop_all() {
   for p in ${pids[@]+"${pids[@]}"}; do wait "$p" 2>/dev/null || true; done
   pids=()
 }
-trap 'stop_all; rm -rf "$work"' EXIT
+# On a failure, the nodes' own words first.
+trap 'status=$?; [ "$status" = 0 ] || for f in "$work"/*/err; do echo "== $f" >&2; tail -n 20 "$f" >&2; done; stop_all; rm -rf "$work"' EXIT
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
