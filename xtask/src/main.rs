@@ -22,6 +22,9 @@ use anyhow::{Context as _, bail};
 mod bench;
 mod nats;
 
+/// Where the demo node's admin API listens (`mayfly serve`'s default).
+const DEMO_ADMIN_URL: &str = "http://127.0.0.1:8081";
+
 /// The demo functions: (name, guest file, route).
 const DEMO_FUNCTIONS: &[(&str, &str, &str)] = &[
     ("hello", "hello.wasm", "/hello"),
@@ -143,9 +146,15 @@ fn demo() -> anyhow::Result<()> {
             .map_while(Result::ok)
             .for_each(|line| println!("{line}"))
     });
+    // The demo node's own URL and token, named explicitly: a CLI profile
+    // (say, a node started elsewhere earlier) must not take over.
+    let token_file = data_dir.join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("cannot read {}", token_file.display()))?;
     for (name, file, route) in DEMO_FUNCTIONS {
         run(Command::new(&mayfly)
-            .env("MAYFLY_DATA_DIR", &data_dir)
+            .env("MAYFLY_ADMIN_URL", DEMO_ADMIN_URL)
+            .env("MAYFLY_TOKEN", token.trim())
             .args(["deploy", name])
             .arg(wasm_dir.join(file))
             .args(["--route", route]))?;
@@ -155,11 +164,13 @@ fn demo() -> anyhow::Result<()> {
          \n  curl localhost:8080/hello\
          \n  curl -d 'round trip' localhost:8080/echo\
          \n  curl -i localhost:8080/trap\
-         \n  export MAYFLY_DATA_DIR={d}   # the CLI finds the admin token there\
+         \n  export MAYFLY_ADMIN_URL={DEMO_ADMIN_URL} MAYFLY_TOKEN=$(cat {t})\
+         \n  # (or `{m} login --profile demo --data-dir {d}`, then --profile demo)\
          \n  curl localhost:8080/logs && {m} logs logs\
          \n  {m} list\n  {m} status\n",
         m = mayfly.display(),
-        d = data_dir.display()
+        d = data_dir.display(),
+        t = token_file.display(),
     );
     let status = node.wait()?;
     if !status.success() {

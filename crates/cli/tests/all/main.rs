@@ -19,6 +19,7 @@ mod host_limits;
 mod hygiene;
 mod isolation_ids;
 mod limits;
+mod login;
 mod manifest;
 mod new;
 mod retention;
