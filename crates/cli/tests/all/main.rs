@@ -22,6 +22,7 @@ mod limits;
 mod login;
 mod manifest;
 mod new;
+mod quickstart;
 mod retention;
 mod scaling;
 mod security;
