@@ -405,14 +405,22 @@ pub fn announce_node(admin_url: &str, admin_port: u16, data_dir: &Path, tls_cert
             shown.parent().unwrap_or(data_dir).display()
         );
     }
+    // Plain stderr, whatever RUST_LOG says: it changes the user's own
+    // config.
     match register_local_node(admin_url, admin_port, data_dir, tls_cert) {
-        Ok(Some(config)) => {
-            // Plain stderr, whatever RUST_LOG says: it changes the user's
-            // own config, once.
+        Ok(Some((Registration::Created, config))) => {
             let _ = writeln!(
                 std::io::stderr(),
                 "registered this node as the CLI's default profile `{LOCAL_PROFILE}` in {}: \
                  `mayfly` verbs reach {admin_url} from any folder",
+                config.display()
+            );
+        }
+        Ok(Some((Registration::Repointed, config))) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "the CLI profile `{LOCAL_PROFILE}` ({admin_url}, in {}) now reads this node's \
+                 admin token",
                 config.display()
             );
         }
@@ -421,9 +429,22 @@ pub fn announce_node(admin_url: &str, admin_port: u16, data_dir: &Path, tls_cert
     }
 }
 
-/// Registers a local node as the default profile, if no default profile
-/// exists yet: the first `mayfly serve` on a machine makes every verb work
-/// from any folder. Returns the config file's path when it did.
+/// What [`register_local_node`] did to the config.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// Added the `local` profile, as the default.
+    Created,
+    /// Pointed the existing `local` profile at this node's token file.
+    Repointed,
+}
+
+/// Registers a local node as the default profile `local`, if no default
+/// profile exists yet: the first `mayfly serve` on a machine makes every
+/// verb work from any folder. A `local` profile that an earlier node
+/// registered for the same URL follows the node now listening there (a
+/// node started from another folder has another token), unless the user
+/// has since given it a token of their own. Returns what it did and the
+/// config file's path.
 ///
 /// Only for a node on loopback with a fixed port (an ephemeral port, as
 /// tests use, would be wrong at the next start) and a token file to point
@@ -433,7 +454,7 @@ pub fn register_local_node(
     admin_port: u16,
     data_dir: &Path,
     ca_cert: Option<&Path>,
-) -> anyhow::Result<Option<PathBuf>> {
+) -> anyhow::Result<Option<(Registration, PathBuf)>> {
     if admin_port == 0 || !is_loopback_url(admin_url) {
         return Ok(None);
     }
@@ -441,25 +462,36 @@ pub fn register_local_node(
     if !token_file.is_file() {
         return Ok(None);
     }
-    let mut file = ConfigFile::load()?;
-    if file.config.default.is_some() || file.config.profiles.contains_key(LOCAL_PROFILE) {
-        return Ok(None);
-    }
     let absolute = |path: &Path| {
         std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))
     };
-    file.config.profiles.insert(
-        LOCAL_PROFILE.to_string(),
-        Profile {
-            admin_url: admin_url.to_string(),
-            token: None,
-            token_file: Some(absolute(&token_file)?),
-            ca_cert: ca_cert.map(absolute).transpose()?,
-        },
-    );
-    file.config.default = Some(LOCAL_PROFILE.to_string());
+    let profile = Profile {
+        admin_url: admin_url.to_string(),
+        token: None,
+        token_file: Some(absolute(&token_file)?),
+        ca_cert: ca_cert.map(absolute).transpose()?,
+    };
+    let mut file = ConfigFile::load()?;
+    let registration = match file.config.profiles.get(LOCAL_PROFILE) {
+        None if file.config.default.is_none() => {
+            file.config.default = Some(LOCAL_PROFILE.to_string());
+            Registration::Created
+        }
+        Some(local)
+            if local.token.is_none()
+                && local.token_file.is_some()
+                && same_url(&local.admin_url, admin_url)
+                && *local != profile =>
+        {
+            Registration::Repointed
+        }
+        _ => return Ok(None),
+    };
+    file.config
+        .profiles
+        .insert(LOCAL_PROFILE.to_string(), profile);
     file.save()?;
-    Ok(Some(file.path))
+    Ok(Some((registration, file.path)))
 }
 
 #[cfg(test)]

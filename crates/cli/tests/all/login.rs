@@ -308,16 +308,16 @@ fn login_saves_profiles_that_every_verb_uses_from_any_folder() {
 }
 
 #[test]
-fn a_local_node_registers_itself_as_the_default_profile_once() {
+fn a_local_node_registers_itself_as_the_default_profile() {
     use std::os::unix::process::CommandExt as _;
     let user = User::new();
-    let start = |folder: &str| {
+    let start = |folder: &str, admin_port: u16| {
         let dir = user.folder(folder);
         let mut child = user
             .command(env!("CARGO_BIN_EXE_mayfly"), &dir)
             .arg("serve")
             .env("MAYFLY_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
             .process_group(0)
@@ -326,7 +326,8 @@ fn a_local_node_registers_itself_as_the_default_profile_once() {
         let admin = await_admin_url(&mut child);
         (child, admin, dir)
     };
-    let (mut first, admin, first_dir) = start("first");
+    let first_port = free_port();
+    let (mut first, admin, first_dir) = start("first", first_port);
     let stderr = || std::fs::read_to_string(first_dir.join("stderr")).unwrap();
     eventually(Duration::from_secs(10), "the registration", || {
         stderr()
@@ -349,7 +350,7 @@ fn a_local_node_registers_itself_as_the_default_profile_once() {
     );
 
     // A second node finds a default profile and leaves it alone.
-    let (mut second, _, second_dir) = start("second");
+    let (mut second, _, second_dir) = start("second", free_port());
     let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
     assert!(ok, "{stderr}");
     terminate_group(&mut second);
@@ -363,5 +364,23 @@ fn a_local_node_registers_itself_as_the_default_profile_once() {
     // With the second node gone, the profile still reaches the first.
     let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
     assert!(ok, "{stderr}");
+
+    // A node started from another folder on the same port has another
+    // token: the profile follows it.
     terminate_group(&mut first);
+    let (mut third, third_admin, third_dir) = start("third", first_port);
+    assert_eq!(third_admin, admin);
+    let third_stderr = || std::fs::read_to_string(third_dir.join("stderr")).unwrap();
+    eventually(Duration::from_secs(10), "the profile to follow", || {
+        third_stderr()
+            .contains("the CLI profile `local`")
+            .then_some(())
+    });
+    let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        profiles(&user, &user.folder("elsewhere"))["default"],
+        "local"
+    );
+    terminate_group(&mut third);
 }
