@@ -20,12 +20,13 @@ use crate::profiles::{
 /// profile from `--profile`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Without --token, a node on this machine's token can be read from its data directory: \
-pass --data-dir DIR to read DIR/admin.token, or run `mayfly login` where the node was \
-started and answer `y` when asked to read ./.mayfly/admin.token. The token is never read \
-without one of the two.
+Without --token, login can read the token of a node on this machine from its data \
+directory: pass --data-dir DIR to read DIR/admin.token, or run `mayfly login` in the folder \
+where the node was started and answer `y` when it asks to read ./.mayfly/admin.token. It \
+never reads the token without one of the two.
 
-Without --profile, login updates the default profile (or creates one named `default`).
+Without --profile, login updates the default profile if it is for the same node, or \
+creates a first profile named `default`; a login for another node needs --profile NAME.
 
 Examples:
   mayfly login --admin-url https://mayfly.example.com:8081 --token mf_... --ca-cert ca.pem

@@ -384,3 +384,52 @@ fn a_local_node_registers_itself_as_the_default_profile() {
     );
     terminate_group(&mut third);
 }
+
+#[test]
+fn login_reads_a_local_nodes_token_only_with_consent() {
+    let user = User::new();
+    let node_dir = user.folder("node");
+    let node = Node::start(&node_dir.join(".mayfly"));
+    let admin = node.admin.as_str();
+
+    // Not on a terminal: no question, and the error names the flag.
+    let (ok, _, stderr) = user.mayfly(&node_dir, &["login", "--admin-url", admin]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("found .mayfly/admin.token; pass --data-dir .mayfly to use it"),
+        "{stderr}"
+    );
+
+    // On a terminal (`script` gives the CLI one), it asks; only a yes reads it.
+    let on_a_terminal = |answer: &str| {
+        let login = format!("{} login --admin-url {admin}", env!("CARGO_BIN_EXE_mayfly"));
+        let mut child = user
+            .command("script", &node_dir)
+            .args(["-qec", &login, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script (util-linux) runs");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        texts(&child.wait_with_output().unwrap())
+    };
+    let (ok, said, _) = on_a_terminal("n");
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("Read the admin token of the node at"),
+        "{said}"
+    );
+    assert!(!user.config_file().exists());
+    let (ok, said, _) = on_a_terminal("y");
+    assert!(ok, "{said}");
+    assert!(said.contains("as profile `default`, the default"), "{said}");
+    let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["list"]);
+    assert!(ok, "{stderr}");
+}
