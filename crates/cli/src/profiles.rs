@@ -227,7 +227,8 @@ pub fn resolve(given: Given, file: Option<&ConfigFile>) -> anyhow::Result<Target
              `mayfly login --profile {name} --admin-url URL --token TOKEN`"
         ),
         (None, Some(file)) => match (&file.config.default, file.default_profile()) {
-            (Some(name), None) => bail!(
+            // A dangling default only matters when nothing names the node.
+            (Some(name), None) if given.admin_url.is_none() => bail!(
                 "the default profile `{name}` is missing from {}: choose another with `mayfly \
                  profile use NAME`, or create it with `mayfly login --profile {name} --admin-url \
                  URL --token TOKEN`",
@@ -618,6 +619,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("mayfly profile use NAME"), "{error}");
+        let named = Given {
+            admin_url: Some("http://10.0.0.1:8081".into()),
+            ..Given::default()
+        };
+        assert!(resolve(named, Some(&dangling)).is_ok());
     }
 
     #[test]

@@ -22,12 +22,14 @@ pub struct User {
 }
 
 impl User {
+    /// A user with an empty home folder.
     pub fn new() -> User {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("home")).unwrap();
         User { dir }
     }
 
+    /// The user's HOME.
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
@@ -91,6 +93,7 @@ impl User {
     }
 }
 
+/// (success, stdout, stderr) of a finished command.
 pub fn texts(output: &Output) -> (bool, String, String) {
     (
         output.status.success(),
@@ -133,6 +136,7 @@ pub fn terminate_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// `mayfly profile list --json`, as the user sees it.
 fn profiles(user: &User, dir: &Path) -> Value {
     let (ok, stdout, stderr) = user.mayfly(dir, &["profile", "list", "--json"]);
     assert!(ok, "{stderr}");
