@@ -1,5 +1,7 @@
 //! Developer tasks, run as `cargo xtask <task>`:
 //!
+//! - `install`: install the `mayfly` binary (`cargo install --path
+//!   crates/cli --locked`) and the wasm32-wasip2 target functions build for;
 //! - `guests`: build the guest components in `guests/` (wasm32-wasip2);
 //! - `demo`: build everything, start a node with the demo functions deployed;
 //! - `test`: build the guests, install nats-server (pinned, checked) and run
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
     let rest: Vec<String> = std::env::args().skip(2).collect();
     match task.as_str() {
+        "install" => install(),
         "guests" => build_guests().map(drop),
         "demo" => demo(),
         "test" => test(&rest),
@@ -44,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -77,6 +80,25 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
     if !String::from_utf8_lossy(&installed.stdout).contains("wasm32-wasip2") {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
     }
+    Ok(())
+}
+
+/// `cargo xtask install`: what the README's Install section does, saying
+/// up front that the first build is long and at the end how long it took.
+fn install() -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    eprintln!(
+        "building and installing mayfly: a first build compiles wasmtime and Cranelift with \
+         optimisations and takes minutes (later ones only rebuild what changed)"
+    );
+    let started = std::time::Instant::now();
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["install", "--path", "crates/cli", "--locked"]))?;
+    eprintln!(
+        "installed mayfly in {} s; try `mayfly serve` (README: A function in five minutes)",
+        started.elapsed().as_secs()
+    );
     Ok(())
 }
 
