@@ -102,13 +102,14 @@ pub fn texts(output: &Output) -> (bool, String, String) {
     )
 }
 
-/// A loopback port that was free a moment ago: for nodes that must listen
-/// on a fixed port, as a user's does.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap()
+/// `N` distinct loopback ports that were free a moment ago: for nodes that
+/// must listen on fixed ports, as a user's do. All are held until all are
+/// chosen, so no two are the same.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// Reads a started node's stdout up to its admin API line and returns that
@@ -315,12 +316,12 @@ fn login_saves_profiles_that_every_verb_uses_from_any_folder() {
 fn a_local_node_registers_itself_as_the_default_profile() {
     use std::os::unix::process::CommandExt as _;
     let user = User::new();
-    let start = |folder: &str, admin_port: u16| {
+    let start = |folder: &str, [gateway_port, admin_port]: [u16; 2]| {
         let dir = user.folder(folder);
         let mut child = user
             .command(env!("CARGO_BIN_EXE_mayfly"), &dir)
             .arg("serve")
-            .env("MAYFLY_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("MAYFLY_LISTEN", format!("127.0.0.1:{gateway_port}"))
             .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
@@ -330,8 +331,8 @@ fn a_local_node_registers_itself_as_the_default_profile() {
         let admin = await_admin_url(&mut child);
         (child, admin, dir)
     };
-    let first_port = free_port();
-    let (mut first, admin, first_dir) = start("first", first_port);
+    let first_ports = free_ports();
+    let (mut first, admin, first_dir) = start("first", first_ports);
     let stderr = || std::fs::read_to_string(first_dir.join("stderr")).unwrap();
     eventually(Duration::from_secs(10), "the registration", || {
         stderr()
@@ -354,7 +355,7 @@ fn a_local_node_registers_itself_as_the_default_profile() {
     );
 
     // A second node finds a default profile and leaves it alone.
-    let (mut second, _, second_dir) = start("second", free_port());
+    let (mut second, _, second_dir) = start("second", free_ports());
     let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
     assert!(ok, "{stderr}");
     terminate_group(&mut second);
@@ -369,10 +370,10 @@ fn a_local_node_registers_itself_as_the_default_profile() {
     let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
     assert!(ok, "{stderr}");
 
-    // A node started from another folder on the same port has another
-    // token: the profile follows it.
+    // A node started from another folder on the same ports (the first
+    // node's, free again) has another token: the profile follows it.
     terminate_group(&mut first);
-    let (mut third, third_admin, third_dir) = start("third", first_port);
+    let (mut third, third_admin, third_dir) = start("third", first_ports);
     assert_eq!(third_admin, admin);
     let third_stderr = || std::fs::read_to_string(third_dir.join("stderr")).unwrap();
     eventually(Duration::from_secs(10), "the profile to follow", || {

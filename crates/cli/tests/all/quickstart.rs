@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::{eventually, guests};
-use crate::login::{User, await_admin_url, free_port, terminate_group, texts};
+use crate::login::{User, await_admin_url, free_ports, terminate_group, texts};
 
 /// The shell block that follows `marker` in `readme`.
 fn block_after<'a>(readme: &'a str, marker: &str) -> &'a str {
@@ -52,13 +52,13 @@ fn the_readme_quickstart_runs_as_written() {
     guests();
 
     let user = User::new();
-    let gateway_port = free_port();
+    let [gateway_port, admin_port] = free_ports();
     let node_dir = user.folder("node");
     let mut node = user
         .command("sh", &node_dir)
         .args(["-ec", node_block])
         .env("MAYFLY_LISTEN", format!("127.0.0.1:{gateway_port}"))
-        .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(user.dir.path().join("node.log")).unwrap())
         .process_group(0)
