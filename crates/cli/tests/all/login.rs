@@ -438,3 +438,41 @@ fn login_reads_a_local_nodes_token_only_with_consent() {
     let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["list"]);
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn a_local_https_node_registers_its_certificate_to_trust() {
+    use std::os::unix::process::CommandExt as _;
+    let user = User::new();
+    let dir = user.folder("node");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), signing_key.serialize_pem()).unwrap();
+    let [gateway_port, admin_port] = free_ports();
+    let mut node = user
+        .command(env!("CARGO_BIN_EXE_mayfly"), &dir)
+        .args(["serve", "--tls-cert", "cert.pem", "--tls-key", "key.pem"])
+        .env("MAYFLY_LISTEN", format!("127.0.0.1:{gateway_port}"))
+        .env("MAYFLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let admin = await_admin_url(&mut node);
+    assert!(admin.starts_with("https://"), "{admin}");
+    let elsewhere = user.folder("elsewhere");
+    let listed = eventually(Duration::from_secs(10), "the node's profile", || {
+        user.config_file()
+            .exists()
+            .then(|| profiles(&user, &elsewhere))
+    });
+    let cert_file = std::fs::canonicalize(dir.join("cert.pem")).unwrap();
+    assert_eq!(
+        listed["profiles"][0]["ca_cert"],
+        cert_file.to_str().unwrap()
+    );
+    let (ok, _, stderr) = user.mayfly(&elsewhere, &["status"]);
+    terminate_group(&mut node);
+    assert!(ok, "{stderr}");
+}
