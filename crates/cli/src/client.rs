@@ -22,6 +22,8 @@ pub struct AdminClient {
     authorization: Option<String>,
     /// What to run when the admin API refuses the token (401).
     login_advice: Option<String>,
+    /// The CLI profile the URL came from, named when it cannot be reached.
+    url_profile: Option<String>,
 }
 
 impl AdminClient {
@@ -39,18 +41,21 @@ impl AdminClient {
             agent: config.build().new_agent(),
             authorization: token.map(|token| format!("Bearer {}", token.trim())),
             login_advice: None,
+            url_profile: None,
         })
     }
 
     /// A client for a verb's [`Target`]: its URL, token and CA, and, when the
     /// node refuses the token, advice naming the `mayfly login` to run.
     pub fn for_target(target: &Target) -> anyhow::Result<Self> {
-        Ok(Self::new(
+        let mut client = Self::new(
             &target.admin_url,
             target.token.clone(),
             target.ca_cert.as_deref(),
         )?
-        .with_login_advice(login_advice(target)))
+        .with_login_advice(login_advice(target));
+        client.url_profile.clone_from(&target.url_profile);
+        Ok(client)
     }
 
     /// The same client, saying `advice` when the admin API refuses its token.
@@ -96,8 +101,13 @@ impl AdminClient {
                 self.base
             );
         }
+        let from = self
+            .url_profile
+            .as_ref()
+            .map(|name| format!(" (the URL of profile `{name}`)"))
+            .unwrap_or_default();
         anyhow!(
-            "cannot reach the admin API at {}: {error} (is `mayfly serve` running? set \
+            "cannot reach the admin API at {}{from}: {error} (is `mayfly serve` running? set \
              --admin-url, MAYFLY_ADMIN_URL or --profile to point elsewhere; `mayfly profile \
              list` shows your profiles)",
             self.base

@@ -206,6 +206,8 @@ pub struct Target {
     pub ca_cert: Option<PathBuf>,
     /// Where the token came from.
     pub origin: TokenOrigin,
+    /// The profile the URL came from, if it came from one.
+    pub url_profile: Option<String>,
 }
 
 /// Picks the admin URL, token and CA for a verb from what was given, the
@@ -249,13 +251,32 @@ pub fn resolve(given: Given, file: Option<&ConfigFile>) -> anyhow::Result<Target
         .ca_cert
         .clone()
         .or_else(|| profile.and_then(|(_, p)| p.ca_cert.clone()));
-    if let Some(token) = given.token.filter(|t| !t.trim().is_empty()) {
-        return Ok(Target {
-            admin_url,
-            token: Some(token),
-            ca_cert,
-            origin: TokenOrigin::Given,
-        });
+    // Named in "cannot reach" errors: a default profile's node that is not
+    // running is a common surprise.
+    let url_profile = match (&given.admin_url, profile) {
+        (None, Some((name, _))) => Some(name.to_string()),
+        _ => None,
+    };
+    let (token, origin) = token_for(given.token, profile, file, &admin_url)?;
+    Ok(Target {
+        admin_url,
+        token,
+        ca_cert,
+        origin,
+        url_profile,
+    })
+}
+
+/// The token for `admin_url` and where it came from: given, else the
+/// profile's (already known to be for this URL), else a local node's.
+fn token_for(
+    given: Option<String>,
+    profile: Option<(&str, &Profile)>,
+    file: Option<&ConfigFile>,
+    admin_url: &str,
+) -> anyhow::Result<(Option<String>, TokenOrigin)> {
+    if let Some(token) = given.filter(|t| !t.trim().is_empty()) {
+        return Ok((Some(token), TokenOrigin::Given));
     }
     if let (Some((name, p)), Some(file)) = (profile, file) {
         let origin = TokenOrigin::Profile {
@@ -263,12 +284,7 @@ pub fn resolve(given: Given, file: Option<&ConfigFile>) -> anyhow::Result<Target
             config: file.path.clone(),
         };
         if let Some(token) = p.token.clone().filter(|t| !t.trim().is_empty()) {
-            return Ok(Target {
-                admin_url,
-                token: Some(token),
-                ca_cert,
-                origin,
-            });
+            return Ok((Some(token), origin));
         }
         if let Some(path) = &p.token_file {
             let token = read_token_file(path).with_context(|| {
@@ -279,33 +295,18 @@ pub fn resolve(given: Given, file: Option<&ConfigFile>) -> anyhow::Result<Target
                     path.display()
                 )
             })?;
-            return Ok(Target {
-                admin_url,
-                token: Some(token),
-                ca_cert,
-                origin,
-            });
+            return Ok((Some(token), origin));
         }
     }
     // Today's fallback: next to the node it started, the CLI works with no
     // setup. That file's token only ever goes to a node on this machine.
-    if is_loopback_url(&admin_url) {
+    if is_loopback_url(admin_url) {
         let path = local_data_dir().join(ADMIN_TOKEN_FILE);
         if let Ok(token) = read_token_file(&path) {
-            return Ok(Target {
-                admin_url,
-                token: Some(token),
-                ca_cert,
-                origin: TokenOrigin::DataDir(path),
-            });
+            return Ok((Some(token), TokenOrigin::DataDir(path)));
         }
     }
-    Ok(Target {
-        admin_url,
-        token: None,
-        ca_cert,
-        origin: TokenOrigin::None,
-    })
+    Ok((None, TokenOrigin::None))
 }
 
 fn no_such_profile(name: &str, config: &Path) -> String {
@@ -542,6 +543,7 @@ mod tests {
         assert_eq!(target.token.as_deref(), Some("p"));
         assert_eq!(target.ca_cert, Some(PathBuf::from("/ca/p.pem")));
         assert_eq!(target.origin, origin_profile("prod"));
+        assert_eq!(target.url_profile.as_deref(), Some("prod"));
 
         let named = Given {
             profile: Some("stage".into()),
@@ -672,6 +674,7 @@ mod tests {
             token: None,
             ca_cert: None,
             origin,
+            url_profile: None,
         };
         let advice = login_advice(&target(TokenOrigin::None));
         assert!(

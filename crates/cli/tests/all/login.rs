@@ -388,6 +388,16 @@ fn a_local_node_registers_itself_as_the_default_profile() {
         "local"
     );
     terminate_group(&mut third);
+
+    // No node there any more: the error says which profile named the URL.
+    let (ok, _, stderr) = user.mayfly(&user.folder("elsewhere"), &["status"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the admin API at {admin} (the URL of profile `local`)"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
