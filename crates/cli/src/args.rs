@@ -8,28 +8,50 @@ use clap::{Args, Parser, Subcommand};
 use crate::deploy::DeployArgs;
 use crate::{access, dev, events, login, new, secrets, serve, simulate};
 
+/// The help heading of the flags that say which node the client verbs
+/// talk to, so `serve --help` keeps them apart from the node's own flags.
+const CLIENT: &str = "Client options (which node the CLI talks to)";
+
 /// Mayfly: serverless WebAssembly functions on your own machines.
 #[derive(Debug, Parser)]
 #[command(name = "mayfly", version, about, propagate_version = true)]
 pub struct Cli {
     /// Admin API of the node to talk to [default: the profile's, else
     /// http://127.0.0.1:8081].
-    #[arg(long, global = true, env = "MAYFLY_ADMIN_URL")]
+    #[arg(long, global = true, env = "MAYFLY_ADMIN_URL", help_heading = CLIENT)]
     pub admin_url: Option<String>,
 
     /// Bearer token for the admin API [default: the profile's, else a local
     /// node's first admin token from `<MAYFLY_DATA_DIR or .mayfly>/admin.token`].
-    #[arg(long, global = true, env = "MAYFLY_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_TOKEN",
+        hide_env_values = true,
+        help_heading = CLIENT
+    )]
     pub token: Option<String>,
 
     /// The CLI profile to use (`mayfly profile list`) [default: the default
     /// profile]. --admin-url, --token and their variables override its values.
-    #[arg(long, global = true, env = "MAYFLY_PROFILE", value_name = "NAME")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_PROFILE",
+        value_name = "NAME",
+        help_heading = CLIENT
+    )]
     pub profile: Option<String>,
 
     /// PEM certificate(s) to trust for an https:// admin URL besides
     /// Mozilla's roots: a private CA or the node's self-signed certificate.
-    #[arg(long, global = true, env = "MAYFLY_CA_CERT", value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_CA_CERT",
+        value_name = "PEM",
+        help_heading = CLIENT
+    )]
     pub ca_cert: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of text.
