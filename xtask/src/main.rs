@@ -1,5 +1,7 @@
 //! Developer tasks, run as `cargo xtask <task>`:
 //!
+//! - `install`: install the `mayfly` binary (`cargo install --path
+//!   crates/cli --locked`) and the wasm32-wasip2 target functions build for;
 //! - `guests`: build the guest components in `guests/` (wasm32-wasip2);
 //! - `demo`: build everything, start a node with the demo functions deployed;
 //! - `test`: build the guests, install nats-server (pinned, checked) and run
@@ -22,6 +24,9 @@ use anyhow::{Context as _, bail};
 mod bench;
 mod nats;
 
+/// Where the demo node's admin API listens (`mayfly serve`'s default).
+const DEMO_ADMIN_URL: &str = "http://127.0.0.1:8081";
+
 /// The demo functions: (name, guest file, route).
 const DEMO_FUNCTIONS: &[(&str, &str, &str)] = &[
     ("hello", "hello.wasm", "/hello"),
@@ -34,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
     let rest: Vec<String> = std::env::args().skip(2).collect();
     match task.as_str() {
+        "install" => install(),
         "guests" => build_guests().map(drop),
         "demo" => demo(),
         "test" => test(&rest),
@@ -41,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -74,6 +80,25 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
     if !String::from_utf8_lossy(&installed.stdout).contains("wasm32-wasip2") {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
     }
+    Ok(())
+}
+
+/// `cargo xtask install`: what the README's Install section does, saying
+/// up front that the first build is long and at the end how long it took.
+fn install() -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    eprintln!(
+        "building and installing mayfly: a first build compiles wasmtime and Cranelift with \
+         optimisations and takes minutes (later ones only rebuild what changed)"
+    );
+    let started = std::time::Instant::now();
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["install", "--path", "crates/cli", "--locked"]))?;
+    eprintln!(
+        "installed mayfly in {} s; try `mayfly serve` (README: A function in five minutes)",
+        started.elapsed().as_secs()
+    );
     Ok(())
 }
 
@@ -143,9 +168,15 @@ fn demo() -> anyhow::Result<()> {
             .map_while(Result::ok)
             .for_each(|line| println!("{line}"))
     });
+    // The demo node's own URL and token, named explicitly: a CLI profile
+    // (say, a node started elsewhere earlier) must not take over.
+    let token_file = data_dir.join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("cannot read {}", token_file.display()))?;
     for (name, file, route) in DEMO_FUNCTIONS {
         run(Command::new(&mayfly)
-            .env("MAYFLY_DATA_DIR", &data_dir)
+            .env("MAYFLY_ADMIN_URL", DEMO_ADMIN_URL)
+            .env("MAYFLY_TOKEN", token.trim())
             .args(["deploy", name])
             .arg(wasm_dir.join(file))
             .args(["--route", route]))?;
@@ -155,11 +186,13 @@ fn demo() -> anyhow::Result<()> {
          \n  curl localhost:8080/hello\
          \n  curl -d 'round trip' localhost:8080/echo\
          \n  curl -i localhost:8080/trap\
-         \n  export MAYFLY_DATA_DIR={d}   # the CLI finds the admin token there\
+         \n  export MAYFLY_ADMIN_URL={DEMO_ADMIN_URL} MAYFLY_TOKEN=$(cat {t})\
+         \n  # (or `{m} login --profile demo --data-dir {d}`, then --profile demo)\
          \n  curl localhost:8080/logs && {m} logs logs\
          \n  {m} list\n  {m} status\n",
         m = mayfly.display(),
-        d = data_dir.display()
+        d = data_dir.display(),
+        t = token_file.display(),
     );
     let status = node.wait()?;
     if !status.success() {

@@ -1,53 +1,11 @@
-//! Access to the admin API: which token the CLI presents, the `token`
-//! verbs and the audit log.
-
-use std::path::PathBuf;
+//! Access to the admin API: the `token` verbs and the audit log (which
+//! token the CLI presents is `profiles.rs`).
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::client::AdminClient;
 use crate::output::format_time;
-
-/// The file in a node's data directory holding its first admin token.
-const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-/// The token to present: `--token`/`MAYFLY_TOKEN` if given, else the admin
-/// token a local node wrote to its data directory (`MAYFLY_DATA_DIR`, or
-/// `.mayfly` as `mayfly serve` defaults to), so the CLI works out of the box
-/// next to the node it started. That file's token is only ever sent to a
-/// node on this machine (a loopback admin URL).
-pub fn resolve_token(given: Option<String>, admin_url: &str) -> Option<String> {
-    if let Some(token) = given.filter(|t| !t.trim().is_empty()) {
-        return Some(token);
-    }
-    if !is_loopback_url(admin_url) {
-        return None;
-    }
-    let data_dir = std::env::var_os("MAYFLY_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(".mayfly"));
-    std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
-        .ok()
-        .map(|token| token.trim().to_string())
-        .filter(|token| !token.is_empty())
-}
-
-/// Whether `url`'s host is this machine.
-fn is_loopback_url(url: &str) -> bool {
-    let Ok(uri) = url.parse::<ureq::http::Uri>() else {
-        return false;
-    };
-    match uri.host() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
-}
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -177,27 +135,4 @@ fn list(value: &Value) -> String {
                 .join(",")
         })
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_loopback_url;
-
-    #[test]
-    fn only_local_admin_urls_get_the_local_token() {
-        for url in [
-            "http://127.0.0.1:8081",
-            "http://localhost:8081/",
-            "https://[::1]:8081",
-        ] {
-            assert!(is_loopback_url(url), "{url}");
-        }
-        for url in [
-            "http://10.0.0.5:8081",
-            "https://admin.example.com",
-            "not a url",
-        ] {
-            assert!(!is_loopback_url(url), "{url}");
-        }
-    }
 }

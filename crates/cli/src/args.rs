@@ -6,29 +6,52 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::deploy::DeployArgs;
-use crate::{access, dev, events, new, secrets, serve, simulate};
+use crate::{access, dev, events, login, new, secrets, serve, simulate};
+
+/// The help heading of the flags that say which node the client verbs
+/// talk to, so `serve --help` keeps them apart from the node's own flags.
+const CLIENT: &str = "Client options (which node the CLI talks to)";
 
 /// Mayfly: serverless WebAssembly functions on your own machines.
 #[derive(Debug, Parser)]
 #[command(name = "mayfly", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Admin API of the node to talk to.
+    /// Admin API of the node to talk to [default: the profile's, else
+    /// http://127.0.0.1:8081].
+    #[arg(long, global = true, env = "MAYFLY_ADMIN_URL", help_heading = CLIENT)]
+    pub admin_url: Option<String>,
+
+    /// Bearer token for the admin API [default: the profile's, else a local
+    /// node's first admin token from `<MAYFLY_DATA_DIR or .mayfly>/admin.token`].
     #[arg(
         long,
         global = true,
-        env = "MAYFLY_ADMIN_URL",
-        default_value = "http://127.0.0.1:8081"
+        env = "MAYFLY_TOKEN",
+        hide_env_values = true,
+        help_heading = CLIENT
     )]
-    pub admin_url: String,
-
-    /// Bearer token for the admin API [default: the node's first admin
-    /// token, read from `<MAYFLY_DATA_DIR or .mayfly>/admin.token`].
-    #[arg(long, global = true, env = "MAYFLY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// The CLI profile to use (`mayfly profile list`) [default: the default
+    /// profile]. --admin-url, --token and their variables override its values.
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_PROFILE",
+        value_name = "NAME",
+        help_heading = CLIENT
+    )]
+    pub profile: Option<String>,
 
     /// PEM certificate(s) to trust for an https:// admin URL besides
     /// Mozilla's roots: a private CA or the node's self-signed certificate.
-    #[arg(long, global = true, env = "MAYFLY_CA_CERT", value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_CA_CERT",
+        value_name = "PEM",
+        help_heading = CLIENT
+    )]
     pub ca_cert: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of text.
@@ -150,6 +173,16 @@ pub enum Command {
     Secret {
         #[command(subcommand)]
         command: secrets::SecretCommand,
+    },
+    /// Save a node's admin URL, token and CA as a CLI profile, so every
+    /// verb reaches it from any folder.
+    Login(login::LoginArgs),
+    /// Forget a CLI profile (the active one, or --profile NAME).
+    Logout,
+    /// List the CLI's profiles or choose the default one.
+    Profile {
+        #[command(subcommand)]
+        command: login::ProfileCommand,
     },
     /// Create, list and revoke admin API tokens.
     Token {

@@ -10,6 +10,8 @@ use serde_json::Value;
 use ureq::http::Response;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
+use crate::profiles::{Target, login_advice};
+
 /// Largest JSON answer read from the admin API.
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
@@ -18,6 +20,10 @@ pub struct AdminClient {
     agent: ureq::Agent,
     /// `Bearer <token>`, sent with every request when known.
     authorization: Option<String>,
+    /// What to run when the admin API refuses the token (401).
+    login_advice: Option<String>,
+    /// The CLI profile the URL came from, named when it cannot be reached.
+    url_profile: Option<String>,
 }
 
 impl AdminClient {
@@ -34,7 +40,45 @@ impl AdminClient {
             base: base.trim_end_matches('/').to_string(),
             agent: config.build().new_agent(),
             authorization: token.map(|token| format!("Bearer {}", token.trim())),
+            login_advice: None,
+            url_profile: None,
         })
+    }
+
+    /// A client for a verb's [`Target`]: its URL, token and CA, and, when the
+    /// node refuses the token, advice naming the `mayfly login` to run.
+    pub fn for_target(target: &Target) -> anyhow::Result<Self> {
+        let mut client = Self::new(
+            &target.admin_url,
+            target.token.clone(),
+            target.ca_cert.as_deref(),
+        )?
+        .with_login_advice(login_advice(target));
+        client.url_profile.clone_from(&target.url_profile);
+        Ok(client)
+    }
+
+    /// The same client, saying `advice` when the admin API refuses its token.
+    pub fn with_login_advice(mut self, advice: String) -> Self {
+        self.login_advice = Some(advice);
+        self
+    }
+
+    /// Turns the admin API's own 401 into advice on logging in; the API's
+    /// message would only say the token is missing or unknown. An invoked
+    /// function's 401 carries a request id and passes through.
+    fn refused(&self, response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
+        if response.status() != 401 || response.headers().contains_key("x-mayfly-request-id") {
+            return Ok(response);
+        }
+        let advice = self.login_advice.clone().unwrap_or_else(|| {
+            format!(
+                "the admin API at {} refused the request: run `mayfly login --admin-url {} \
+                 --token TOKEN` (the node printed its token file at start)",
+                self.base, self.base
+            )
+        });
+        Err(Unauthorized(advice).into())
     }
 
     fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -57,9 +101,15 @@ impl AdminClient {
                 self.base
             );
         }
+        let from = self
+            .url_profile
+            .as_ref()
+            .map(|name| format!(" (the URL of profile `{name}`)"))
+            .unwrap_or_default();
         anyhow!(
-            "cannot reach the admin API at {}: {error} (is `mayfly serve` running? set \
-             --admin-url or MAYFLY_ADMIN_URL to point elsewhere)",
+            "cannot reach the admin API at {}{from}: {error} (is `mayfly serve` running? set \
+             --admin-url, MAYFLY_ADMIN_URL or --profile to point elsewhere; `mayfly profile \
+             list` shows your profiles)",
             self.base
         )
     }
@@ -69,7 +119,7 @@ impl AdminClient {
             .auth(self.agent.get(self.url(path)))
             .call()
             .map_err(|e| self.unreachable(e))?;
-        read_json(response)
+        read_json(self.refused(response)?)
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {
@@ -77,7 +127,7 @@ impl AdminClient {
             .auth(self.agent.delete(self.url(path)))
             .call()
             .map_err(|e| self.unreachable(e))?;
-        check(response).map(drop)
+        check(self.refused(response)?).map(drop)
     }
 
     /// Posts a multipart/form-data body of `(name, content type, bytes)`
@@ -110,7 +160,7 @@ impl AdminClient {
             )
             .send(&body[..])
             .map_err(|e| self.unreachable(e))?;
-        read_json(response)
+        read_json(self.refused(response)?)
     }
 
     /// Sends a request and returns the raw response, whatever its status.
@@ -133,7 +183,8 @@ impl AdminClient {
         let request = request
             .body(body.unwrap_or_default().to_vec())
             .context("invalid request")?;
-        self.agent.run(request).map_err(|e| self.unreachable(e))
+        let response = self.agent.run(request).map_err(|e| self.unreachable(e))?;
+        self.refused(response)
     }
 
     /// Sends a request and fails unless the answer is 2xx.
@@ -165,6 +216,18 @@ impl AdminClient {
         self.send_json("POST", path, &headers, Some(&body))
     }
 }
+
+/// The admin API refused the token (HTTP 401); the text says how to log in.
+#[derive(Debug)]
+pub struct Unauthorized(String);
+
+impl std::fmt::Display for Unauthorized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (HTTP 401)", self.0)
+    }
+}
+
+impl std::error::Error for Unauthorized {}
 
 /// Turns a non-2xx answer into an error carrying the API's message.
 pub fn check(mut response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {

@@ -14,14 +14,7 @@ use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
 use crate::events;
 use crate::output::format_time;
 
-pub fn run(
-    admin_url: &str,
-    token: Option<String>,
-    ca_cert: Option<&std::path::Path>,
-    json: bool,
-    command: Command,
-) -> anyhow::Result<()> {
-    let client = AdminClient::new(admin_url, token, ca_cert)?;
+pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => unreachable!("serve runs a node, it is not a client verb"),
         Command::Simulate(_) => {
@@ -32,10 +25,13 @@ pub fn run(
         Command::CompileWorker(_) => {
             unreachable!("compile-worker runs locally, it is not a client verb")
         }
-        Command::Deploy(args) => deploy(&client, json, args),
-        Command::List => list(&client, json),
-        Command::Invoke(args) => invoke(&client, json, &args),
-        Command::Logs { name, follow, tail } => logs(&client, json, &name, follow, tail),
+        Command::Login(_) | Command::Logout | Command::Profile { .. } => {
+            unreachable!("login, logout and profile edit the CLI's config")
+        }
+        Command::Deploy(args) => deploy(client, json, args),
+        Command::List => list(client, json),
+        Command::Invoke(args) => invoke(client, json, &args),
+        Command::Logs { name, follow, tail } => logs(client, json, &name, follow, tail),
         Command::Delete { name } => {
             client.delete(&format!("/v1/functions/{}", segment(&name)))?;
             if json {
@@ -45,11 +41,11 @@ pub fn run(
             }
             Ok(())
         }
-        Command::Status { fleet: false } => status(&client, json),
-        Command::Status { fleet: true } => fleet_status(&client, json),
+        Command::Status { fleet: false } => status(client, json),
+        Command::Status { fleet: true } => fleet_status(client, json),
         Command::Node {
             command: NodeCommand::List,
-        } => node_list(&client, json),
+        } => node_list(client, json),
         Command::Versions {
             name,
             delete: Some(version),
@@ -73,13 +69,13 @@ pub fn run(
             name,
             delete: None,
             fleet: true,
-        } => fleet_versions(&client, json, &name),
+        } => fleet_versions(client, json, &name),
         Command::Versions {
             name,
             delete: None,
             fleet: false,
-        } => versions(&client, json, &name),
-        Command::Alias { command } => alias(&client, json, command),
+        } => versions(client, json, &name),
+        Command::Alias { command } => alias(client, json, command),
         Command::Rollback { name } => {
             let answer: Value = client.post_json(
                 &format!("/v1/functions/{}/rollback", segment(&name)),
@@ -97,15 +93,15 @@ pub fn run(
             }
             Ok(())
         }
-        Command::Usage(args) => usage(&client, json, &args),
-        Command::Object { command } => events::objects::run(&client, json, command),
-        Command::Kv { command } => events::kv::run(&client, json, command),
-        Command::Queue { command } => events::queues::run(&client, json, command),
-        Command::Trigger { command } => events::triggers::run(&client, json, command),
-        Command::Dlq { command } => events::dlq::run(&client, json, command),
-        Command::Secret { command } => crate::secrets::run(&client, json, command),
-        Command::Token { command } => crate::access::token(&client, json, command),
-        Command::Audit(args) => crate::access::audit(&client, json, &args),
+        Command::Usage(args) => usage(client, json, &args),
+        Command::Object { command } => events::objects::run(client, json, command),
+        Command::Kv { command } => events::kv::run(client, json, command),
+        Command::Queue { command } => events::queues::run(client, json, command),
+        Command::Trigger { command } => events::triggers::run(client, json, command),
+        Command::Dlq { command } => events::dlq::run(client, json, command),
+        Command::Secret { command } => crate::secrets::run(client, json, command),
+        Command::Token { command } => crate::access::token(client, json, command),
+        Command::Audit(args) => crate::access::audit(client, json, &args),
     }
 }
 

@@ -9,9 +9,11 @@ mod commands;
 mod deploy;
 mod dev;
 mod events;
+mod login;
 mod manifest;
 mod new;
 mod output;
+mod profiles;
 mod secrets;
 mod serve;
 mod simulate;
@@ -37,14 +39,24 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),
         command => {
-            end_quietly_when_the_reader_goes();
-            commands::run(
-                &cli.admin_url,
-                access::resolve_token(cli.token, &cli.admin_url),
-                cli.ca_cert.as_deref(),
-                cli.json,
-                command,
-            )
+            let given = profiles::Given {
+                admin_url: cli.admin_url,
+                token: cli.token,
+                ca_cert: cli.ca_cert,
+                profile: cli.profile,
+            };
+            match command {
+                Command::Login(args) => login::login(given, cli.json, &args),
+                Command::Logout => login::logout(given.profile.as_deref(), cli.json),
+                Command::Profile { command } => login::profile(cli.json, command),
+                command => {
+                    end_quietly_when_the_reader_goes();
+                    profiles::ConfigFile::load_if_any()
+                        .and_then(|file| profiles::resolve(given, file.as_ref()))
+                        .and_then(|target| client::AdminClient::for_target(&target))
+                        .and_then(|client| commands::run(&client, cli.json, command))
+                }
+            }
         }
     };
     match result {

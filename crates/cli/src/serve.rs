@@ -379,6 +379,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
+    let admin_cert = admin_tls.as_ref().map(|tls| tls.cert.clone());
     let mut node = NodeConfig::new(&args.data_dir);
     node.credential_ttl = args.credential_ttl;
     node.keep_versions = args.keep_versions;
@@ -447,6 +448,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(stdout, "admin API listening on {}", running.admin_url())?;
     stdout.flush()?;
     drop(stdout);
+    crate::profiles::announce_node(
+        &running.admin_url(),
+        args.admin_listen.port(),
+        &args.data_dir,
+        admin_cert.as_deref(),
+    );
     let status = running.platform.status();
     tracing::info!(
         data_dir = %args.data_dir.display(),
