@@ -6,8 +6,8 @@
 #      answer on the first node to the first 200 on the last node, and
 #      rollback propagation, from a rollback's answer to every node serving
 #      the previous version, to 3 and to 5 nodes;
-#   2. on one server: hello requests/s on 1 node vs 3 nodes (one wrk per
-#      node), with the CPU per request of every process (nodes and
+#   2. on one server: hello requests/s on 1 node vs 3 nodes (three wrk
+#      processes either way), with the CPU per request of every process (nodes and
 #      nats-server): the nodes
 #      share the same 2 cores, so 3 nodes cannot be faster here, and CPU
 #      per request is the figure that carries over to real machines;
@@ -101,6 +101,7 @@ start_nodes() {
   node_pid=() gateway=() admin=()
   for i in $(seq 1 "$count"); do
     dir=$(mktemp -d -p "$work")
+    : >"$dir/out" # exists before the node's shell opens it, for the wait below
     RUST_LOG=warn "$MAYFLY_BIN" serve --data-dir "$dir/data" --listen 127.0.0.1:0 \
       --admin-listen 127.0.0.1:0 --nats "$nats_url" --node-name "n$i" \
       --nats-namespace bench >"$dir/out" 2>"$dir/err" &
@@ -150,18 +151,23 @@ propagation() {
   printf '%s\n' "${times[@]:1}" | sort -n | tail -1 | xargs printf ', worst %s ms\n'
 }
 
-# Moves `live` back and forth `deploys` times (a new version deployed with
-# --wait, then a rollback through the last node); prints the median and the
-# worst time from the rollback's answer to every node serving hello again.
+# Moves `live` back and forth `deploys` times between two versions (each
+# rollback goes to the version the last one left, so no new version is
+# made and none is pruned); prints the median and the worst time from the
+# rollback's answer to every node answering with the new version's
+# x-mayfly-version.
 rollbacks() {
-  local echo=guests/target/wasm32-wasip2/release/echo.wasm k t0 node times=()
+  local echo=guests/target/wasm32-wasip2/release/echo.wasm k t0 node to times=()
   MAYFLY_ADMIN_URL=${admin[0]} "$MAYFLY_BIN" deploy r "$hello" --route /r --wait 30s >/dev/null
+  MAYFLY_ADMIN_URL=${admin[0]} "$MAYFLY_BIN" deploy r "$echo" --route /r --wait 30s >/dev/null
   for k in $(seq 1 "$deploys"); do
-    MAYFLY_ADMIN_URL=${admin[0]} "$MAYFLY_BIN" deploy r "$echo" --route /r --wait 30s >/dev/null
-    MAYFLY_ADMIN_URL=${admin[-1]} "$MAYFLY_BIN" rollback r >/dev/null
+    to=$(MAYFLY_ADMIN_URL=${admin[-1]} "$MAYFLY_BIN" rollback r | sed -n 's/^live: [0-9]* -> \([0-9]*\)$/\1/p')
     t0=$(now_ms)
     for node in "${gateway[@]}"; do
-      until curl -s "$node/r" | grep -q Hello; do sleep 0.005; done
+      until curl -s -o /dev/null -D - "$node/r" | tr -d '\r' | grep -qx "x-mayfly-version: $to"; do
+        sleep 0.005
+        [ $(( $(now_ms) - t0 )) -lt 30000 ] || { echo "$node does not serve version $to 30 s after the rollback" >&2; exit 1; }
+      done
     done
     times+=("$(($(now_ms) - t0))")
   done
@@ -169,19 +175,21 @@ rollbacks() {
   printf '%s\n' "${times[@]}" | sort -n | tail -1 | xargs printf ', worst %s ms\n'
 }
 
-# Loads every node's /hello at once with one wrk each; prints the summed
-# requests/s and CPU per request of all nodes and of nats-server.
+# Loads /hello with three wrk processes (one thread, 21 connections each)
+# spread over the nodes, the same load generator whatever the fleet's
+# size; prints the summed requests/s and CPU per request of all nodes and
+# of nats-server.
 load() {
-  local connections=$(( 64 / ${#gateway[@]} )) before after nats_before nats_after i requests=0 rps=0 wrks=()
+  local before after nats_before nats_after i requests=0 rps=0 wrks=()
   for node in "${gateway[@]}"; do curl -sf "$node/hello" >/dev/null; done
   before=$(cpu_ticks "${node_pid[@]}") nats_before=$(cpu_ticks "$nats_pid")
-  for i in "${!gateway[@]}"; do
-    wrk -t1 -c"$connections" -d"$load_time" "${gateway[$i]}/hello" >"$work/wrk$i" &
+  for i in 0 1 2; do
+    wrk -t1 -c21 -d"$load_time" "${gateway[$((i % ${#gateway[@]}))]}/hello" >"$work/wrk$i" &
     wrks+=("$!")
   done
   wait "${wrks[@]}"
   after=$(cpu_ticks "${node_pid[@]}") nats_after=$(cpu_ticks "$nats_pid")
-  for i in "${!gateway[@]}"; do
+  for i in 0 1 2; do
     if grep -qE "Non-2xx|Socket errors" "$work/wrk$i"; then
       cat "$work/wrk$i" >&2; echo "error responses during the load run" >&2; exit 1
     fi
@@ -242,7 +250,7 @@ for size in 1 3; do
     until curl -sf "$node/hello" >/dev/null; do sleep 0.05; done
   done
   $smoke || for node in "${gateway[@]}"; do wrk -t1 -c8 -d3s "$node/hello" >/dev/null; done # warm-up
-  printf 'hello on %d node(s), 64 connections: ' "$size"
+  printf 'hello on %d node(s), 63 connections: ' "$size"
   load
   printf 'queue drain on %d node(s): ' "$size"
   drain "q$size"
