@@ -24,15 +24,19 @@ struct Dev {
 
 impl Dev {
     fn start(project: &Path, target_dir: &Path) -> Dev {
+        Self::start_with(
+            project,
+            target_dir,
+            &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        )
+    }
+
+    /// `mayfly dev <flags>` in `project`.
+    fn start_with(project: &Path, target_dir: &Path, flags: &[&str]) -> Dev {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mayfly"))
             .current_dir(project)
-            .args([
-                "dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .arg("dev")
+            .args(flags)
             // The build command (`cargo build …`) inherits these: the shared
             // target folder, and the crates the guests' build downloaded.
             .env("CARGO_TARGET_DIR", target_dir)
@@ -66,6 +70,34 @@ impl Dev {
     /// How many lines it has printed.
     fn printed(&self) -> usize {
         self.output.lock().unwrap().len()
+    }
+
+    /// The lines printed after the first `after` that `matches`.
+    fn lines(&self, after: usize, matches: impl Fn(Stream, &str) -> bool) -> Vec<String> {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(after)
+            .filter(|(stream, line)| matches(*stream, line))
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    /// Waits for the process to exit; its status.
+    fn exit_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mayfly dev did not exit:\n{}",
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Everything printed, for failure messages.
@@ -326,4 +358,194 @@ fn stopping_dev_ends_a_running_build() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A project whose build is a shell script, as a Python or JavaScript
+/// toolchain's would be: it copies the guest named in `source.txt` to
+/// `app.wasm` in the project folder, leaves bytecode in `__pycache__/`, and
+/// counts its runs in a file outside the project.
+fn script_project() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("app");
+    std::fs::create_dir(&project).unwrap();
+    let runs = dir.path().join("build-runs");
+    let write = |file: &str, text: String| std::fs::write(project.join(file), text).unwrap();
+    write(
+        "source.txt",
+        guests().join("hello.wasm").display().to_string(),
+    );
+    write("notes.txt", "first\n".to_string());
+    write(".gitignore", "*.log\n".to_string());
+    write(
+        "build.sh",
+        format!(
+            "set -e\necho run >> '{}'\nmkdir -p __pycache__\n\
+             echo bytecode > __pycache__/app.cpython-312.pyc\ncp \"$(cat source.txt)\" app.wasm\n",
+            runs.display()
+        ),
+    );
+    write(
+        "mayfly.toml",
+        "[functions.app]\ncomponent = \"app.wasm\"\nbuild = \"sh build.sh\"\n\
+         routes = [\"/app\"]\n"
+            .to_string(),
+    );
+    (dir, project, runs)
+}
+
+/// How many times the script project's build ran.
+fn build_runs(runs: &Path) -> usize {
+    std::fs::read_to_string(runs)
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn dev_with_a_script_build_deploys_once_per_source_change() {
+    let (_dir, project, runs) = script_project();
+    let mut dev = Dev::start(&project, &project);
+    let out = |matches: &'static dyn Fn(&str) -> bool| {
+        move |s: Stream, l: &str| s == Stream::Stdout && matches(l)
+    };
+    let line = dev.wait_for(
+        0,
+        Duration::from_secs(30),
+        "the gateway URL",
+        out(&|l| l.starts_with("gateway listening on ")),
+    );
+    let url = format!("{}/app", &line["gateway listening on ".len()..]);
+    let admin = dev.wait_for(
+        0,
+        Duration::from_secs(5),
+        "the admin URL",
+        out(&|l| l.starts_with("admin API listening on ")),
+    )["admin API listening on ".len()..]
+        .to_string();
+    // How to point the CLI at the node.
+    dev.wait_for(
+        0,
+        Duration::from_secs(5),
+        "the admin URL variable",
+        |s, l| s == Stream::Stdout && l.trim() == format!("export MAYFLY_ADMIN_URL={admin}"),
+    );
+    let token_file = project.join(".mayfly-dev/admin.token");
+    dev.wait_for(0, Duration::from_secs(5), "the token variable", |s, l| {
+        s == Stream::Stdout
+            && l.trim() == format!("export MAYFLY_TOKEN=\"$(cat {})\"", token_file.display())
+    });
+
+    // The first round: built, the compile phase shown, deployed.
+    dev.wait_for(
+        0,
+        Duration::from_secs(60),
+        "the first deploy",
+        out(&|l| l.starts_with("app: version 1 deployed, routes /app (compiled in ")),
+    );
+    dev.wait_for(
+        0,
+        Duration::from_secs(1),
+        "the compile phase",
+        out(&|l| l.starts_with("app: uploading ") && l.ends_with(" and compiling")),
+    );
+    dev.wait_for(
+        0,
+        Duration::from_secs(1),
+        "the build time",
+        out(&|l| l.starts_with("mayfly dev: built in ")),
+    );
+    assert_eq!(get(&url), (200, "Hello, world!\n".to_string()));
+    assert_eq!(build_runs(&runs), 1);
+
+    // A source change that changes the component: built and deployed once.
+    let mark = dev.printed();
+    std::fs::write(
+        project.join("source.txt"),
+        guests().join("echo.wasm").display().to_string(),
+    )
+    .unwrap();
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the second deploy",
+        out(&|l| l.starts_with("app: version 2 deployed, routes /app (compiled in ")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).1 == "Hello, world!\n" {
+        assert!(
+            Instant::now() < deadline,
+            "v2 never served:\n{}",
+            dev.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // An ignored file, then a source change that leaves the component as
+    // it was: built, not deployed.
+    let mark2 = dev.printed();
+    std::fs::write(project.join("scratch.log"), "ignored by .gitignore\n").unwrap();
+    std::fs::write(project.join("notes.txt"), "second\n").unwrap();
+    let unchanged = dev.wait_for(
+        mark2,
+        Duration::from_secs(60),
+        "the unchanged round",
+        out(&|l| l.starts_with("app: component unchanged (sha256 ")),
+    );
+    assert!(unchanged.ends_with("), not redeployed"), "{unchanged}");
+
+    // Every round since the first was caused by exactly the file edited:
+    // none by the build's own output (app.wasm, __pycache__) or the
+    // ignored file. They would have shown up before the last round ended,
+    // as a round of their own or in the last round's list.
+    let rounds = dev.lines(0, |s, l| {
+        s == Stream::Stdout && l.ends_with("changed; rebuilding")
+    });
+    assert_eq!(
+        rounds,
+        [
+            "mayfly dev: source.txt changed; rebuilding",
+            "mayfly dev: notes.txt changed; rebuilding"
+        ],
+        "{}",
+        dev.transcript()
+    );
+    assert_eq!(build_runs(&runs), 3, "{}", dev.transcript());
+    let deploys = dev.lines(0, |s, l| {
+        s == Stream::Stdout && l.contains(" deployed, routes ")
+    });
+    assert_eq!(deploys.len(), 2, "{}", dev.transcript());
+    assert_eq!(get(&url).0, 200);
+}
+
+#[test]
+fn dev_names_the_port_in_use_and_the_flag() {
+    let (_dir, project, _runs) = script_project();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let busy = format!("127.0.0.1:{port}");
+    for (flags, flag) in [
+        (
+            ["--listen", &busy, "--admin-listen", "127.0.0.1:0"],
+            "--listen",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--admin-listen", &busy],
+            "--admin-listen",
+        ),
+    ] {
+        let mut dev = Dev::start_with(&project, &project, &flags);
+        let status = dev.exit_status(Duration::from_secs(30));
+        assert!(!status.success(), "{}", dev.transcript());
+        let error = dev.wait_for(0, Duration::from_secs(5), "the error", |s, l| {
+            s == Stream::Stderr && l.starts_with("error: ")
+        });
+        for part in [
+            format!("port {port} is already in use"),
+            "`mayfly serve`".to_string(),
+            format!("{flag} 127.0.0.1:PORT"),
+        ] {
+            assert!(error.contains(&part), "{part:?} missing from {error}");
+        }
+    }
+    // Nothing was started, so nothing was built.
+    assert!(!project.join("app.wasm").exists());
 }
