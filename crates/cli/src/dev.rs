@@ -71,6 +71,11 @@ pub struct DevArgs {
     /// the manifest].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Notice changes by scanning the sources (times and contents) every
+    /// 500 ms instead of through inotify: for folders on file systems that do not report
+    /// changes (network mounts, some VM and container shares).
+    #[arg(long)]
+    poll: bool,
 }
 
 /// Runs `mayfly dev` until Ctrl-C or SIGTERM.
@@ -105,7 +110,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .thread_name("mayfly-worker")
         .build()
         .context("cannot start the async runtime")?;
-    let watcher = Watcher::new(root, manifest.clone(), data_dir.clone())?;
+    let watcher = Watcher::new(root, manifest.clone(), data_dir.clone(), args.poll)?;
     runtime.block_on(dev(
         args.listen,
         args.admin_listen,
@@ -566,7 +571,9 @@ mod tests {
         assert_eq!(args.listen.to_string(), "127.0.0.1:8090");
         assert_eq!(args.admin_listen.to_string(), "127.0.0.1:8091");
         assert_eq!(args.data_dir, None);
+        assert!(!args.poll);
         let args = dev_args(&[
+            "--poll",
             "--manifest",
             "app/mayfly.toml",
             "--listen",
@@ -580,6 +587,7 @@ mod tests {
         assert_eq!(args.listen.port(), 0);
         assert_eq!(args.admin_listen.port(), 9001);
         assert_eq!(args.data_dir.as_deref(), Some(Path::new("/tmp/x")));
+        assert!(args.poll);
     }
 
     #[test]

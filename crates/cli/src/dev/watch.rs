@@ -20,6 +20,11 @@
 //! project is a handful of files, so it costs well under a millisecond):
 //! that picks up new and removed folders, and `.gitignore` edits, without
 //! reimplementing either.
+//!
+//! Some file systems never report changes to inotify (network mounts, some
+//! VM and container shares); there `--poll` swaps inotify for notify's
+//! `PollWatcher`, which compares the watched folders' files (times and
+//! contents) every [`POLL_INTERVAL`], behind the same debouncer and rules.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -28,8 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use notify::{EventKind, RecommendedWatcher, RecursiveMode};
+use notify::{EventKind, PollWatcher, RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache};
 
 /// How long a file must stay still before its events are delivered, so a
@@ -40,6 +44,8 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 /// the debouncer delivers each file's events once that file is still, so
 /// one save of several files can arrive as a few batches.
 const GATHER: Duration = Duration::from_millis(150);
+/// How often `--poll` scans the watched folders.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a wait looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
@@ -132,6 +138,68 @@ fn walk(root: &Path, rules: &Rules) -> Tree {
     tree
 }
 
+/// How changes are noticed: the two debouncers differ only in the watcher
+/// behind them.
+enum Backend {
+    /// The kernel's notifications (inotify).
+    Native(Debouncer<RecommendedWatcher, RecommendedCache>),
+    /// Scans every [`POLL_INTERVAL`] (`--poll`).
+    Poll(Debouncer<PollWatcher, RecommendedCache>),
+}
+
+impl Backend {
+    fn new(poll: bool, sender: mpsc::Sender<DebounceEventResult>) -> notify::Result<Self> {
+        if poll {
+            // Contents too: the poller's modification times have whole
+            // seconds, so an edit in the second of the last scan would be
+            // missed. Only source folders are scanned, so the hashing reads
+            // a project's sources, not its build output.
+            let config = notify::Config::default()
+                .with_poll_interval(POLL_INTERVAL)
+                .with_compare_contents(true);
+            notify_debouncer_full::new_debouncer_opt(
+                DEBOUNCE,
+                None,
+                sender,
+                RecommendedCache::new(),
+                config,
+            )
+            .map(Self::Poll)
+        } else {
+            notify_debouncer_full::new_debouncer(DEBOUNCE, None, sender).map(Self::Native)
+        }
+    }
+
+    fn watch(&mut self, folder: &Path) -> notify::Result<()> {
+        match self {
+            Self::Native(debouncer) => debouncer.watch(folder, RecursiveMode::NonRecursive),
+            Self::Poll(debouncer) => debouncer.watch(folder, RecursiveMode::NonRecursive),
+        }
+    }
+
+    fn unwatch(&mut self, folder: &Path) -> notify::Result<()> {
+        match self {
+            Self::Native(debouncer) => debouncer.unwatch(folder),
+            Self::Poll(debouncer) => debouncer.unwatch(folder),
+        }
+    }
+}
+
+/// A failed watch, with what to do when the reason is the inotify limit.
+fn watch_error(error: notify::Error, folder: &Path) -> anyhow::Error {
+    let limit = matches!(error.kind, notify::ErrorKind::MaxFilesWatch);
+    let error = anyhow::Error::new(error).context(format!("cannot watch {}", folder.display()));
+    if limit {
+        error.context(
+            "the per-user inotify limit is reached: raise it (sysctl \
+             fs.inotify.max_user_watches and fs.inotify.max_user_instances), add folders that \
+             are not sources to .gitignore, or run `mayfly dev --poll`",
+        )
+    } else {
+        error
+    }
+}
+
 /// Watches a project's sources for changes.
 pub(crate) struct Watcher {
     /// The manifest's folder.
@@ -142,17 +210,22 @@ pub(crate) struct Watcher {
     /// The folders watched now.
     watched: BTreeSet<PathBuf>,
     /// Delivers the debounced events; stops on drop.
-    debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    debouncer: Backend,
     events: Receiver<DebounceEventResult>,
 }
 
 impl Watcher {
     /// Watches the project in `root` whose manifest is `manifest` (an
-    /// absolute path) and whose node keeps its state in `data_dir`.
-    pub(crate) fn new(root: PathBuf, manifest: PathBuf, data_dir: PathBuf) -> anyhow::Result<Self> {
+    /// absolute path) and whose node keeps its state in `data_dir`;
+    /// `poll`: scan for changes instead of asking the kernel.
+    pub(crate) fn new(
+        root: PathBuf,
+        manifest: PathBuf,
+        data_dir: PathBuf,
+        poll: bool,
+    ) -> anyhow::Result<Self> {
         let (sender, events) = mpsc::channel();
-        let debouncer = notify_debouncer_full::new_debouncer(DEBOUNCE, None, sender)
-            .context("cannot watch the project's files (inotify)")?;
+        let debouncer = Backend::new(poll, sender).map_err(|error| watch_error(error, &root))?;
         let rules = Rules {
             manifest,
             data_dir,
@@ -204,17 +277,14 @@ impl Watcher {
             if self.watched.contains(folder) {
                 continue;
             }
-            match self.debouncer.watch(folder, RecursiveMode::NonRecursive) {
+            match self.debouncer.watch(folder) {
                 Ok(()) => {
                     self.watched.insert(folder.clone());
                 }
                 // Removed since the walk: nothing to watch.
                 Err(_) if !folder.exists() => {}
                 Err(error) => {
-                    failed.get_or_insert_with(|| {
-                        anyhow::Error::new(error)
-                            .context(format!("cannot watch {}", folder.display()))
-                    });
+                    failed.get_or_insert_with(|| watch_error(error, folder));
                 }
             }
         }
@@ -344,6 +414,10 @@ mod tests {
     }
 
     fn project() -> (tempfile::TempDir, PathBuf, Watcher) {
+        project_with(false)
+    }
+
+    fn project_with(poll: bool) -> (tempfile::TempDir, PathBuf, Watcher) {
         let dir = tempfile::tempdir().unwrap();
         // Canonical: events name real paths (the temp folder may sit
         // behind a symlink).
@@ -355,6 +429,7 @@ mod tests {
             root.clone(),
             root.join("mayfly.toml"),
             root.join(".mayfly-dev"),
+            poll,
         )
         .unwrap();
         (dir, root, watcher)
@@ -468,6 +543,18 @@ mod tests {
         assert_eq!(next(&mut watcher), ["lib/deep/util.py"]);
         std::fs::remove_dir_all(root.join("lib")).unwrap();
         assert_eq!(next(&mut watcher), ["lib/deep/util.py"]);
+    }
+
+    #[test]
+    fn polling_sees_the_same_changes() {
+        let (_dir, root, mut watcher) = project_with(true);
+        watcher.set_outputs([root.join("app.wasm")]);
+        write(&root, "app.wasm", "component");
+        write(&root, "__pycache__/app.cpython-312.pyc", "bytecode");
+        write(&root, "app.py", "edited, and longer");
+        assert_eq!(next(&mut watcher), ["app.py"]);
+        write(&root, "lib/util.py", "x");
+        assert_eq!(next(&mut watcher), ["lib/util.py"]);
     }
 
     #[test]

@@ -402,8 +402,22 @@ fn build_runs(runs: &Path) -> usize {
 
 #[test]
 fn dev_with_a_script_build_deploys_once_per_source_change() {
+    script_build_round_trip(&[]);
+}
+
+#[test]
+fn dev_with_a_script_build_deploys_once_per_source_change_when_polling() {
+    script_build_round_trip(&["--poll"]);
+}
+
+/// A source change is built and deployed once, the build's own output
+/// starts no round, and a round whose component is the same is not
+/// deployed; `extra`: more flags for `mayfly dev`.
+fn script_build_round_trip(extra: &[&str]) {
     let (_dir, project, runs) = script_project();
-    let mut dev = Dev::start(&project, &project);
+    let mut flags = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    flags.extend_from_slice(extra);
+    let mut dev = Dev::start_with(&project, &project, &flags);
     let out = |matches: &'static dyn Fn(&str) -> bool| {
         move |s: Stream, l: &str| s == Stream::Stdout && matches(l)
     };
