@@ -15,9 +15,10 @@
 
 mod watch;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Wait before following a function's logs again (not deployed yet, or
 /// the stream broke).
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+/// File times come from the kernel's coarse clock, up to a tick (a few
+/// ms) behind the one `SystemTime::now` reads: a write at a build's very
+/// start or end may be stamped just outside it.
+const CLOCK_SLACK: Duration = Duration::from_millis(50);
 /// How often the spinner of a running deploy turns.
 const SPIN: Duration = Duration::from_millis(100);
 
@@ -251,6 +256,42 @@ struct Session {
     builds: manifest::Builds,
 }
 
+/// One round of the loop: when its build ran, and how it ended.
+struct Round {
+    /// From the start of the build commands to their end; `None` when the
+    /// round ended before building.
+    build: Option<Range<SystemTime>>,
+    outcome: Outcome,
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// At least one function was deployed.
+    Deployed,
+    /// Every function was as last deployed: nothing was sent.
+    Unchanged,
+    /// The manifest, a build or a deploy failed.
+    Failed,
+}
+
+impl Round {
+    /// Whether `path` was last written while this round's build ran (by
+    /// its modification time: exact, however late the file's event
+    /// arrives). A file that is gone was not.
+    fn wrote(&self, path: &Path) -> bool {
+        let Some(build) = &self.build else {
+            return false;
+        };
+        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+            return false;
+        };
+        let from = build.start.checked_sub(CLOCK_SLACK).unwrap_or(build.start);
+        let to = build.end.checked_add(CLOCK_SLACK).unwrap_or(build.end);
+        (from..=to).contains(&modified)
+    }
+}
+
 /// What a function's deploy sent: its component's SHA-256 and its settings
 /// (the config and triggers as sent). The same again is not redeployed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +324,14 @@ impl Session {
     }
 
     /// Applies the manifest, then again after every change to the sources.
+    ///
+    /// A build may write files no rule names (a toolchain's cache beside
+    /// the sources): each would start the next round, whose build writes it
+    /// again, forever. Such a file shows itself: it changed only while the
+    /// last build ran, and the round it caused changed no component. From
+    /// then on a change to it during a build starts no round; the user is
+    /// told, and told how to say so for good (.gitignore). A change to it
+    /// outside a build is a user's edit, and makes it a source again.
     fn run(self: Arc<Self>, mut watcher: Watcher) {
         println!(
             "mayfly dev: watching {} for changes (Ctrl-C to stop)",
@@ -290,24 +339,47 @@ impl Session {
         );
         // What each function's last successful deploy sent, this session.
         let mut sent = HashMap::new();
-        self.apply(&mut watcher, &mut sent);
-        while let Some(changed) = watcher.wait_for_change(&self.stopping) {
-            println!(
-                "mayfly dev: {} changed; rebuilding",
-                describe(watcher.root(), &changed)
-            );
-            self.apply(&mut watcher, &mut sent);
+        // Files the builds seem to write.
+        let mut rewritten = BTreeSet::new();
+        let mut last = self.apply(&mut watcher, &mut sent);
+        while let Some(paths) = watcher.wait_for_change(&self.stopping) {
+            let names = describe(watcher.root(), &paths);
+            let mut by_build = true;
+            for path in &paths {
+                if !last.wrote(path) {
+                    by_build = false;
+                    rewritten.remove(path);
+                }
+            }
+            if by_build && paths.iter().all(|path| rewritten.contains(path)) {
+                println!("mayfly dev: {names} rewritten by the last build; not rebuilding");
+                continue;
+            }
+            println!("mayfly dev: {names} changed; rebuilding");
+            last = self.apply(&mut watcher, &mut sent);
+            if by_build && last.outcome == Outcome::Unchanged {
+                println!(
+                    "mayfly dev: {names} changed only while the build ran, and changed no \
+                     component: the build seems to write it, so its changes during builds \
+                     are ignored from now on (add it to .gitignore to say so)"
+                );
+                rewritten.extend(paths);
+            }
         }
     }
 
     /// Reads, builds and deploys the manifest; on any failure says why and
     /// leaves the node serving what it served.
-    fn apply(self: &Arc<Self>, watcher: &mut Watcher, sent: &mut HashMap<String, Sent>) {
+    fn apply(self: &Arc<Self>, watcher: &mut Watcher, sent: &mut HashMap<String, Sent>) -> Round {
+        let mut round = Round {
+            build: None,
+            outcome: Outcome::Failed,
+        };
         let manifest = match Manifest::load(&self.manifest) {
             Ok(manifest) => manifest,
             Err(error) => {
                 self.report(&error, "the manifest was not applied");
-                return;
+                return round;
             }
         };
         // Before the build writes them: its outputs are not sources.
@@ -318,14 +390,15 @@ impl Session {
                 .filter(|function| function.build.is_some())
                 .map(|function| function.deploy.component.clone()),
         );
-        let result = self.build_and_deploy(&manifest, sent);
+        let result = self.build_and_deploy(&manifest, sent, &mut round);
         // Follow even after a failure: a function deployed earlier, or in a
         // later round, is found by its follower's retries.
         for function in &manifest.functions {
             self.follow(&function.deploy.name);
         }
         match result {
-            Ok(()) => {
+            Ok(outcome) => {
+                round.outcome = outcome;
                 let urls: Vec<String> = manifest
                     .functions
                     .iter()
@@ -341,19 +414,24 @@ impl Session {
             }
             Err(error) => self.report(&error, "still serving the last good version"),
         }
+        round
     }
 
-    /// Runs the build commands, then deploys each function whose component
-    /// or settings differ from what this session last deployed. Every
-    /// component is read before any is deployed, so a missing one deploys
-    /// nothing.
+    /// Runs the build commands (noting when in `round`), then deploys each
+    /// function whose component or settings differ from what this session
+    /// last deployed. Every component is read before any is deployed, so a
+    /// missing one deploys nothing.
     fn build_and_deploy(
         &self,
         manifest: &Manifest,
         sent: &mut HashMap<String, Sent>,
-    ) -> anyhow::Result<()> {
+        round: &mut Round,
+    ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
-        manifest::build(manifest, Some(&self.builds))?;
+        let wall = SystemTime::now();
+        let built = manifest::build(manifest, Some(&self.builds));
+        round.build = Some(wall..SystemTime::now());
+        built?;
         if manifest.functions.iter().any(|f| f.build.is_some()) {
             println!("mayfly dev: built in {}", seconds(started.elapsed()));
         }
@@ -375,6 +453,7 @@ impl Session {
             })?;
             planned.push((&function.deploy, now, bytes));
         }
+        let mut outcome = Outcome::Unchanged;
         for (deploy, now, bytes) in planned {
             let name = &deploy.name;
             match sent.get(name) {
@@ -392,8 +471,9 @@ impl Session {
             }
             self.deploy(deploy, bytes)?;
             sent.insert(name.clone(), now);
+            outcome = Outcome::Deployed;
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Deploys one function, showing the upload-and-compile phase while it

@@ -20,6 +20,8 @@ enum Stream {
 struct Dev {
     child: Child,
     output: Arc<Mutex<Vec<(Stream, String)>>>,
+    /// The threads reading its stdout and stderr.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Dev {
@@ -48,23 +50,29 @@ impl Dev {
             .spawn()
             .expect("mayfly dev starts");
         let output = Arc::new(Mutex::new(Vec::new()));
-        Self::collect(child.stdout.take().unwrap(), Stream::Stdout, &output);
-        Self::collect(child.stderr.take().unwrap(), Stream::Stderr, &output);
-        Dev { child, output }
+        let readers = vec![
+            Self::collect(child.stdout.take().unwrap(), Stream::Stdout, &output),
+            Self::collect(child.stderr.take().unwrap(), Stream::Stderr, &output),
+        ];
+        Dev {
+            child,
+            output,
+            readers,
+        }
     }
 
     fn collect(
         pipe: impl Read + Send + 'static,
         stream: Stream,
         output: &Arc<Mutex<Vec<(Stream, String)>>>,
-    ) {
+    ) -> std::thread::JoinHandle<()> {
         let output = Arc::clone(output);
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 output.lock().unwrap().push((stream, line));
             }
-        });
+        })
     }
 
     /// How many lines it has printed.
@@ -84,11 +92,17 @@ impl Dev {
             .collect()
     }
 
-    /// Waits for the process to exit; its status.
+    /// Waits for the process to exit and for everything it printed; its
+    /// status.
     fn exit_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Its pipes are closed (it started no build): the readers
+                // end once they have read the last line.
+                for reader in self.readers.drain(..) {
+                    reader.join().unwrap();
+                }
                 return status;
             }
             assert!(
@@ -531,6 +545,94 @@ fn script_build_round_trip(extra: &[&str]) {
 }
 
 #[test]
+fn a_file_every_build_rewrites_stops_starting_rounds() {
+    let (_dir, project, runs) = script_project();
+    // An output no rule names: a stamp the build writes beside the sources.
+    let script = std::fs::read_to_string(project.join("build.sh")).unwrap();
+    std::fs::write(
+        project.join("build.sh"),
+        format!("{script}date +%s%N > stamp.txt\n"),
+    )
+    .unwrap();
+    let mut dev = Dev::start(&project, &project);
+    let out = |matches: &'static dyn Fn(&str) -> bool| {
+        move |s: Stream, l: &str| s == Stream::Stdout && matches(l)
+    };
+    // The first build's stamp starts one more round, which changes nothing:
+    // the stamp is then taken for the build's own, and its next write
+    // starts no round.
+    dev.wait_for(
+        0,
+        Duration::from_secs(60),
+        "the stamp's round",
+        out(&|l| l == "mayfly dev: stamp.txt changed; rebuilding"),
+    );
+    dev.wait_for(
+        0,
+        Duration::from_secs(60),
+        "the hint",
+        out(&|l| l.starts_with("mayfly dev: stamp.txt changed only while the build ran")),
+    );
+    dev.wait_for(
+        0,
+        Duration::from_secs(60),
+        "the skipped round",
+        out(&|l| l == "mayfly dev: stamp.txt rewritten by the last build; not rebuilding"),
+    );
+    assert_eq!(build_runs(&runs), 2, "{}", dev.transcript());
+
+    // A real edit is still built and deployed; its stamp starts no round.
+    let mark = dev.printed();
+    std::fs::write(
+        project.join("source.txt"),
+        guests().join("echo.wasm").display().to_string(),
+    )
+    .unwrap();
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the second deploy",
+        out(&|l| l.starts_with("app: version 2 deployed")),
+    );
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the skipped round",
+        out(&|l| l == "mayfly dev: stamp.txt rewritten by the last build; not rebuilding"),
+    );
+    assert_eq!(build_runs(&runs), 3, "{}", dev.transcript());
+
+    // Edited by hand (outside a build), the stamp is a source again: its
+    // edit starts a round, whose build's stamp then starts one more before
+    // it is taken for the build's own again.
+    let mark = dev.printed();
+    std::fs::write(project.join("stamp.txt"), "by hand\n").unwrap();
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the hand edit's round",
+        out(&|l| l == "mayfly dev: stamp.txt changed; rebuilding"),
+    );
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the hint again",
+        out(&|l| l.starts_with("mayfly dev: stamp.txt changed only while the build ran")),
+    );
+    dev.wait_for(
+        mark,
+        Duration::from_secs(60),
+        "the skipped round",
+        out(&|l| l == "mayfly dev: stamp.txt rewritten by the last build; not rebuilding"),
+    );
+    assert_eq!(build_runs(&runs), 5, "{}", dev.transcript());
+    let deploys = dev.lines(0, |s, l| {
+        s == Stream::Stdout && l.contains(" deployed, routes ")
+    });
+    assert_eq!(deploys.len(), 2, "{}", dev.transcript());
+}
+
+#[test]
 fn dev_names_the_port_in_use_and_the_flag() {
     let (_dir, project, _runs) = script_project();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -549,9 +651,10 @@ fn dev_names_the_port_in_use_and_the_flag() {
         let mut dev = Dev::start_with(&project, &project, &flags);
         let status = dev.exit_status(Duration::from_secs(30));
         assert!(!status.success(), "{}", dev.transcript());
-        let error = dev.wait_for(0, Duration::from_secs(5), "the error", |s, l| {
-            s == Stream::Stderr && l.starts_with("error: ")
-        });
+        let errors = dev.lines(0, |s, l| s == Stream::Stderr && l.starts_with("error: "));
+        let [error] = errors.as_slice() else {
+            panic!("one error expected:\n{}", dev.transcript());
+        };
         for part in [
             format!("port {port} is already in use"),
             "`mayfly serve`".to_string(),
