@@ -427,12 +427,12 @@ impl Session {
         sent: &mut HashMap<String, Sent>,
         round: &mut Round,
     ) -> anyhow::Result<Outcome> {
-        let started = Instant::now();
-        let wall = SystemTime::now();
-        let built = manifest::build(manifest, Some(&self.builds));
-        round.build = Some(wall..SystemTime::now());
-        built?;
         if manifest.functions.iter().any(|f| f.build.is_some()) {
+            let started = Instant::now();
+            let wall = SystemTime::now();
+            let built = manifest::build(manifest, Some(&self.builds));
+            round.build = Some(wall..SystemTime::now());
+            built?;
             println!("mayfly dev: built in {}", seconds(started.elapsed()));
         }
         let mut planned = Vec::new();

@@ -240,7 +240,12 @@ impl Watcher {
             events,
         };
         if let (_, Some(error)) = watcher.rewalk() {
-            return Err(error);
+            // Without the root nothing is watched; without a subfolder,
+            // the rest still is.
+            if !watcher.watched.contains(&watcher.root) {
+                return Err(error);
+            }
+            eprintln!("mayfly dev: {error:#}");
         }
         Ok(watcher)
     }
