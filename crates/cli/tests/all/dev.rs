@@ -407,6 +407,15 @@ fn script_project() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, project, runs)
 }
 
+/// Saves `text` as `project/file` the way editors do, written beside the
+/// project and renamed into place: one file event, so one round however
+/// slowly the test runs.
+fn save(project: &Path, file: &str, text: &str) {
+    let staged = project.with_extension("saving");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, project.join(file)).unwrap();
+}
+
 /// How many times the script project's build ran.
 fn build_runs(runs: &Path) -> usize {
     std::fs::read_to_string(runs)
@@ -486,11 +495,11 @@ fn script_build_round_trip(extra: &[&str]) {
 
     // A source change that changes the component: built and deployed once.
     let mark = dev.printed();
-    std::fs::write(
-        project.join("source.txt"),
-        guests().join("echo.wasm").display().to_string(),
-    )
-    .unwrap();
+    save(
+        &project,
+        "source.txt",
+        &guests().join("echo.wasm").display().to_string(),
+    );
     dev.wait_for(
         mark,
         Duration::from_secs(60),
@@ -511,7 +520,7 @@ fn script_build_round_trip(extra: &[&str]) {
     // it was: built, not deployed.
     let mark2 = dev.printed();
     std::fs::write(project.join("scratch.log"), "ignored by .gitignore\n").unwrap();
-    std::fs::write(project.join("notes.txt"), "second\n").unwrap();
+    save(&project, "notes.txt", "second\n");
     let unchanged = dev.wait_for(
         mark2,
         Duration::from_secs(60),
@@ -583,11 +592,11 @@ fn a_file_every_build_rewrites_stops_starting_rounds() {
 
     // A real edit is still built and deployed; its stamp starts no round.
     let mark = dev.printed();
-    std::fs::write(
-        project.join("source.txt"),
-        guests().join("echo.wasm").display().to_string(),
-    )
-    .unwrap();
+    save(
+        &project,
+        "source.txt",
+        &guests().join("echo.wasm").display().to_string(),
+    );
     dev.wait_for(
         mark,
         Duration::from_secs(60),
@@ -606,7 +615,7 @@ fn a_file_every_build_rewrites_stops_starting_rounds() {
     // edit starts a round, whose build's stamp then starts one more before
     // it is taken for the build's own again.
     let mark = dev.printed();
-    std::fs::write(project.join("stamp.txt"), "by hand\n").unwrap();
+    save(&project, "stamp.txt", "by hand\n");
     dev.wait_for(
         mark,
         Duration::from_secs(60),
