@@ -18,7 +18,7 @@ mod watch;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead as _, BufReader, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
-use std::ops::Range;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,10 +51,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Wait before following a function's logs again (not deployed yet, or
 /// the stream broke).
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
-/// File times come from the kernel's coarse clock, up to a tick (a few
-/// ms) behind the one `SystemTime::now` reads: a write at a build's very
-/// start or end may be stamped just outside it.
-const CLOCK_SLACK: Duration = Duration::from_millis(50);
+/// The file in the data directory written before and after each build:
+/// its modification times bound the build in the file system's own clock.
+const BUILD_CLOCK_FILE: &str = "build-clock";
 /// How often the spinner of a running deploy turns.
 const SPIN: Duration = Duration::from_millis(100);
 
@@ -166,6 +165,7 @@ async fn dev(
         stopping: AtomicBool::new(false),
         followed: Mutex::new(HashSet::new()),
         builds: manifest::Builds::default(),
+        build_clock: data_dir.join(BUILD_CLOCK_FILE),
     });
     let looping = Arc::clone(&session);
     std::thread::Builder::new()
@@ -254,13 +254,16 @@ struct Session {
     followed: Mutex<HashSet<String>>,
     /// The build running now, ended when the session stops.
     builds: manifest::Builds,
+    /// [`BUILD_CLOCK_FILE`] in the data directory.
+    build_clock: PathBuf,
 }
 
 /// One round of the loop: when its build ran, and how it ended.
 struct Round {
-    /// From the start of the build commands to their end; `None` when the
-    /// round ended before building.
-    build: Option<Range<SystemTime>>,
+    /// From just before the build commands to just after, in the file
+    /// system's clock; `None` when the round ended before building (or
+    /// that clock could not be read).
+    build: Option<RangeInclusive<SystemTime>>,
     outcome: Outcome,
 }
 
@@ -276,20 +279,39 @@ enum Outcome {
 }
 
 impl Round {
-    /// Whether `path` was last written while this round's build ran (by
-    /// its modification time: exact, however late the file's event
-    /// arrives). A file that is gone was not.
+    /// Whether `path` was last written while this round's build ran, by
+    /// its modification time: exact however late the file's event arrives,
+    /// and in the same clock as the build's bounds (see [`fs_clock`]). A
+    /// save in the clock tick (a few ms) the build ended in counts as the
+    /// build's: a build's last write often shares that tick, and a user's
+    /// save rarely does (and a skipped round is always said). A file that
+    /// is gone was not written.
     fn wrote(&self, path: &Path) -> bool {
         let Some(build) = &self.build else {
             return false;
         };
-        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
-            return false;
-        };
-        let from = build.start.checked_sub(CLOCK_SLACK).unwrap_or(build.start);
-        let to = build.end.checked_add(CLOCK_SLACK).unwrap_or(build.end);
-        (from..=to).contains(&modified)
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| build.contains(&modified))
     }
+}
+
+/// The file system's clock now, read as the modification time of a write
+/// to `marker`. Not `SystemTime::now`: file times come from the kernel's
+/// coarse clock, a tick (a few ms) behind it, so a write just after a
+/// `now` could be stamped before it. `None` if the file cannot be written.
+fn fs_clock(marker: &Path) -> Option<SystemTime> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // 0600 as every file of a data directory.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(marker)
+        .ok()?;
+    file.write_all(b"build\n").ok()?;
+    file.metadata().and_then(|m| m.modified()).ok()
 }
 
 /// What a function's deploy sent: its component's SHA-256 and its settings
@@ -352,6 +374,8 @@ impl Session {
                 }
             }
             if by_build && paths.iter().all(|path| rewritten.contains(path)) {
+                // Said every time: should a user's save land in a build
+                // and be taken for the build's, they see it was not built.
                 println!("mayfly dev: {names} rewritten by the last build; not rebuilding");
                 continue;
             }
@@ -429,9 +453,10 @@ impl Session {
     ) -> anyhow::Result<Outcome> {
         if manifest.functions.iter().any(|f| f.build.is_some()) {
             let started = Instant::now();
-            let wall = SystemTime::now();
+            let from = fs_clock(&self.build_clock);
             let built = manifest::build(manifest, Some(&self.builds));
-            round.build = Some(wall..SystemTime::now());
+            let to = fs_clock(&self.build_clock);
+            round.build = from.zip(to).map(|(from, to)| from..=to);
             built?;
             println!("mayfly dev: built in {}", seconds(started.elapsed()));
         }
