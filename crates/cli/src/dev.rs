@@ -352,7 +352,7 @@ impl Session {
     /// again, forever. Such a file shows itself: it changed only while the
     /// last build ran, and the round it caused changed no component. From
     /// then on a change to it during a build starts no round; the user is
-    /// told, and told how to say so for good (.gitignore). A change to it
+    /// told, and told how to say so for good (.gitignore or .ignore). A change to it
     /// outside a build is a user's edit, and makes it a source again.
     fn run(self: Arc<Self>, mut watcher: Watcher) {
         println!(
@@ -385,7 +385,7 @@ impl Session {
                 println!(
                     "mayfly dev: {names} changed only while the build ran, and changed no \
                      component: the build seems to write it, so its changes during builds \
-                     are ignored from now on (add it to .gitignore to say so)"
+                     are ignored from now on (add it to .gitignore or .ignore to say so)"
                 );
                 rewritten.extend(paths);
             }
