@@ -44,6 +44,8 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 /// the debouncer delivers each file's events once that file is still, so
 /// one save of several files can arrive as a few batches.
 const GATHER: Duration = Duration::from_millis(150);
+/// The longest a change waits for more to join it.
+const GATHER_AT_MOST: Duration = Duration::from_secs(1);
 /// How often `--poll` scans the watched folders.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a wait looks at the stop flag.
@@ -335,9 +337,18 @@ impl Watcher {
                     Err(RecvTimeoutError::Disconnected) => return None,
                 }
             }
-            // Those right behind it join it.
-            while let Ok(batch) = self.events.recv_timeout(GATHER) {
-                collect(batch, &mut touched);
+            // Those right behind it join it, for a while: an ignored file
+            // written without pause (a log beside the sources) must not
+            // hold back a source change forever.
+            let gathering = Instant::now();
+            while gathering.elapsed() < GATHER_AT_MOST {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    return None;
+                }
+                match self.events.recv_timeout(GATHER) {
+                    Ok(batch) => collect(batch, &mut touched),
+                    Err(_) => break,
+                }
             }
             let changed = self.changed(&touched);
             if !changed.is_empty() {
@@ -536,6 +547,32 @@ mod tests {
                 .iter()
                 .any(|folder| folder.ends_with("__pycache__") || folder.ends_with("target"))
         );
+    }
+
+    #[test]
+    fn an_ignored_file_written_without_pause_holds_nothing_back() {
+        let (_dir, root, mut watcher) = project();
+        write(&root, ".gitignore", "*.log\n");
+        write(&root, "after.py", "x");
+        assert_eq!(next(&mut watcher), ["after.py"]);
+        let writing = Arc::new(AtomicBool::new(true));
+        let writer = {
+            let writing = Arc::clone(&writing);
+            let log = root.join("app.log");
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while writing.load(Ordering::SeqCst) {
+                    n += 1;
+                    std::fs::write(&log, format!("line {n}\n")).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        write(&root, "app.py", "edited");
+        let changed = next(&mut watcher);
+        writing.store(false, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(changed, ["app.py"]);
     }
 
     #[test]
