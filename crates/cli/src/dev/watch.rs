@@ -313,7 +313,7 @@ impl Watcher {
     /// [`Self::wait_for_change`], giving up with `None` at `deadline`.
     fn wait(&mut self, stopping: &AtomicBool, deadline: Option<Instant>) -> Option<Vec<PathBuf>> {
         loop {
-            let mut touched = BTreeSet::new();
+            let mut touched = Touched::default();
             // The first batch: wait as long as it takes.
             loop {
                 if stopping.load(Ordering::SeqCst) {
@@ -360,14 +360,19 @@ impl Watcher {
     /// Which sources changed, given the paths events named: those among
     /// the sources before or after, and any file that appeared or went
     /// (in a folder made or removed before its watch could see inside).
-    fn changed(&mut self, touched: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+    /// When events were lost, any source may have changed: all are named.
+    fn changed(&mut self, touched: &Touched) -> Vec<PathBuf> {
         let (before, failed) = self.rewalk();
         if let Some(error) = failed {
             // Keep going with the watches that work; say which failed.
             eprintln!("mayfly dev: {error:#}");
         }
         let after = &self.tree.files;
+        if touched.lost {
+            return before.files.union(after).cloned().collect();
+        }
         let mut changed: BTreeSet<PathBuf> = touched
+            .paths
             .iter()
             .filter(|path| before.files.contains(*path) || after.contains(*path))
             .cloned()
@@ -377,18 +382,31 @@ impl Watcher {
     }
 }
 
-/// Adds the paths a batch of events names to `touched`. Reads (an open
-/// or close without writing) are not changes: every build reads the
+/// What a run of event batches says.
+#[derive(Debug, Default)]
+struct Touched {
+    /// The paths the events name.
+    paths: BTreeSet<PathBuf>,
+    /// Events were lost (the kernel's queue overflowed): which paths they
+    /// named is unknown.
+    lost: bool,
+}
+
+/// Adds what a batch of events says to `touched`. Reads (an open or
+/// close without writing) are not changes: every build reads the
 /// sources. Watch errors are reported and otherwise ignored: a failed
 /// watch must not stop the loop.
-fn collect(batch: DebounceEventResult, touched: &mut BTreeSet<PathBuf>) {
+fn collect(batch: DebounceEventResult, touched: &mut Touched) {
     match batch {
         Ok(events) => {
             for event in events {
+                if event.need_rescan() {
+                    touched.lost = true;
+                }
                 if matches!(event.kind, EventKind::Access(_)) {
                     continue;
                 }
-                touched.extend(event.event.paths);
+                touched.paths.extend(event.event.paths);
             }
         }
         Err(errors) => {
@@ -402,6 +420,8 @@ fn collect(batch: DebounceEventResult, touched: &mut BTreeSet<PathBuf>) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use notify_debouncer_full::DebouncedEvent;
 
     use super::*;
 
@@ -597,6 +617,28 @@ mod tests {
         assert_eq!(next(&mut watcher), ["app.py"]);
         write(&root, "lib/util.py", "x");
         assert_eq!(next(&mut watcher), ["lib/util.py"]);
+    }
+
+    #[test]
+    fn lost_events_name_every_source() {
+        let (_dir, root, mut watcher) = project();
+        let mut touched = Touched::default();
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        let read = notify::Event::new(EventKind::Access(notify::event::AccessKind::Any))
+            .add_path(root.join("app.py"));
+        collect(
+            Ok(vec![
+                DebouncedEvent::new(read, Instant::now()),
+                DebouncedEvent::new(overflow, Instant::now()),
+            ]),
+            &mut touched,
+        );
+        assert!(touched.lost);
+        assert!(touched.paths.is_empty());
+        assert_eq!(
+            relative(&root, watcher.changed(&touched)),
+            ["app.py", "mayfly.toml", "src/old.rs"]
+        );
     }
 
     #[test]
