@@ -7,14 +7,18 @@
 //! rather than as a child `mayfly serve`: one process to stop, one exit
 //! code, and no ports or token to fish out of another process's output.
 //! Everything else goes through the node's admin API like any client:
-//! deploys through the manifest code `mayfly deploy` uses, logs through
-//! the same stream `mayfly logs --follow` reads. Those are blocking
-//! (ureq), so they run on plain threads beside the node's async runtime.
+//! deploys through the code `mayfly deploy` uses, logs through the same
+//! stream `mayfly logs --follow` reads. Those are blocking (ureq), so they
+//! run on plain threads beside the node's async runtime.
+//!
+//! Which files are sources, and how changes are noticed: [`watch`].
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead as _, BufReader, Write as _};
+mod watch;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::{BufRead as _, BufReader, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt as _;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,27 +27,35 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use mayfly_platform::{NodeConfig, RunningNode, ServeConfig};
 use mayfly_store::{LogRecord, Stores};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 
 use crate::client::{AdminClient, segment};
+use crate::deploy::{FunctionDeploy, config_json, send_deploy};
 use crate::manifest::{self, Manifest};
+use watch::Watcher;
 
 /// The data directory's name, next to the manifest, unless --data-dir.
 const DATA_DIR: &str = ".mayfly-dev";
 /// The file in the data directory holding the node's admin token.
 const ADMIN_TOKEN_FILE: &str = "admin.token";
-/// How often the sources are scanned for changes.
-const POLL: Duration = Duration::from_millis(500);
-/// How long the sources must stay still after a change before a rebuild,
-/// so a save that touches several files (or an editor's write-and-rename)
-/// gives one rebuild.
-const DEBOUNCE: Duration = Duration::from_millis(300);
-/// How often the sources are scanned while waiting for them to settle.
-const SETTLE_POLL: Duration = Duration::from_millis(100);
+/// The gateway's default address: beside `mayfly serve`'s 8080, so a dev
+/// loop and a node started from the README run side by side.
+const DEFAULT_LISTEN: &str = "127.0.0.1:8090";
+/// The admin API's default address, beside `mayfly serve`'s 8081. A fixed
+/// port rather than a free one, so `MAYFLY_ADMIN_URL` stays right across
+/// restarts of the loop.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8091";
 /// In-flight requests get this long to finish on Ctrl-C.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Wait before following a function's logs again (not deployed yet, or
 /// the stream broke).
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+/// The file in the data directory written before and after each build:
+/// its modification times bound the build in the file system's own clock.
+const BUILD_CLOCK_FILE: &str = "build-clock";
+/// How often the spinner of a running deploy turns.
+const SPIN: Duration = Duration::from_millis(100);
 
 /// `mayfly dev`'s flags.
 #[derive(Debug, clap::Args)]
@@ -51,18 +63,26 @@ pub struct DevArgs {
     /// The manifest to run; the sources watched are those in its folder.
     #[arg(long, value_name = "PATH", default_value = manifest::DEFAULT_PATH)]
     manifest: PathBuf,
-    /// Address of the public HTTP gateway.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address of the public HTTP gateway (`mayfly serve` defaults to
+    /// 8080; 0 picks a free port).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Address of the admin API (loopback only; 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Address of the admin API (loopback only; `mayfly serve` defaults
+    /// to 8081; 0 picks a free port).
+    #[arg(long, default_value = DEFAULT_ADMIN_LISTEN)]
     admin_listen: SocketAddr,
     /// Folder holding the dev node's state [default: .mayfly-dev next to
     /// the manifest].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Notice changes by scanning the sources (times and contents) every
+    /// 500 ms instead of through inotify: for folders on file systems that do not report
+    /// changes (network mounts, some VM and container shares).
+    #[arg(long)]
+    poll: bool,
 }
 
+/// Runs `mayfly dev` until Ctrl-C or SIGTERM.
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     if !args.manifest.is_file() {
         bail!(
@@ -94,7 +114,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .thread_name("mayfly-worker")
         .build()
         .context("cannot start the async runtime")?;
-    let watcher = Watcher::new(root, manifest.clone(), data_dir.clone());
+    let watcher = Watcher::new(root, manifest.clone(), data_dir.clone(), args.poll)?;
     runtime.block_on(dev(
         args.listen,
         args.admin_listen,
@@ -122,16 +142,19 @@ async fn dev(
         admin_tls: None,
         connections: Default::default(),
     };
-    let running = RunningNode::start(config, async { Stores::sqlite(&data_dir) }).await?;
+    let running = RunningNode::start(config, async { Stores::sqlite(&data_dir) })
+        .await
+        .map_err(|error| explain_port_in_use(error, listen, admin_listen))?;
     let gateway = format!("http://{}", running.gateway_addr);
+    let token_file = data_dir.join(ADMIN_TOKEN_FILE);
     {
-        // The same two lines as `mayfly serve`; scripts and tests read them.
         let mut stdout = std::io::stdout().lock();
+        // The same two lines as `mayfly serve`; scripts and tests read them.
         writeln!(stdout, "gateway listening on {gateway}")?;
         writeln!(stdout, "admin API listening on {}", running.admin_url())?;
+        write!(stdout, "{}", cli_hint(&running.admin_url(), &token_file))?;
         stdout.flush()?;
     }
-    let token_file = data_dir.join(ADMIN_TOKEN_FILE);
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("cannot read the node's token {}", token_file.display()))?;
     let session = Arc::new(Session {
@@ -142,6 +165,7 @@ async fn dev(
         stopping: AtomicBool::new(false),
         followed: Mutex::new(HashSet::new()),
         builds: manifest::Builds::default(),
+        build_clock: data_dir.join(BUILD_CLOCK_FILE),
     });
     let looping = Arc::clone(&session);
     std::thread::Builder::new()
@@ -157,6 +181,60 @@ async fn dev(
     eprintln!("mayfly dev: stopping the node");
     running.shutdown().await;
     signal
+}
+
+/// How to point the CLI at the dev node, as shell lines to paste into
+/// another terminal. The token is read from its file there rather than
+/// printed, so it stays out of terminal scrollback and CI logs.
+fn cli_hint(admin_url: &str, token_file: &Path) -> String {
+    let file = token_file.display().to_string();
+    // A path with a NUL byte cannot be quoted; no path has one.
+    let file = shlex::try_quote(&file).map_or(file.clone(), |quoted| quoted.into_owned());
+    format!(
+        "mayfly dev: to use the CLI with this node, in another terminal:\n  \
+         export MAYFLY_ADMIN_URL={admin_url}\n  \
+         export MAYFLY_TOKEN=\"$(cat {file})\"\n"
+    )
+}
+
+/// A failed start whose cause is a port in use, said in the user's terms:
+/// which port, the likely culprit, and the flag that picks another. Which
+/// of the two addresses is busy is found by trying each again (the node
+/// released both when it gave up); other errors pass unchanged.
+fn explain_port_in_use(
+    error: anyhow::Error,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> anyhow::Error {
+    let in_use = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    });
+    if !in_use {
+        return error;
+    }
+    let busy = [
+        (listen, "gateway", "--listen"),
+        (admin_listen, "admin API", "--admin-listen"),
+    ]
+    .into_iter()
+    .find(|(addr, _, _)| std::net::TcpListener::bind(addr).is_err());
+    let hint = match busy {
+        Some((addr, what, flag)) => format!(
+            "port {} is already in use, so the dev node's {what} cannot listen on {addr}: \
+             is `mayfly serve` or another `mayfly dev` running? Stop it, or pick another port \
+             with {flag} {}:PORT",
+            addr.port(),
+            addr.ip()
+        ),
+        None => format!(
+            "a port was in use when the dev node started (gateway {listen}, admin API \
+             {admin_listen}): is `mayfly serve` or another `mayfly dev` running? Stop it, or \
+             pick other ports with --listen and --admin-listen"
+        ),
+    };
+    error.context(hint)
 }
 
 /// What the dev loop's threads share.
@@ -176,6 +254,90 @@ struct Session {
     followed: Mutex<HashSet<String>>,
     /// The build running now, ended when the session stops.
     builds: manifest::Builds,
+    /// [`BUILD_CLOCK_FILE`] in the data directory.
+    build_clock: PathBuf,
+}
+
+/// One round of the loop: when its build ran, and how it ended.
+struct Round {
+    /// From just before the build commands to just after, in the file
+    /// system's clock; `None` when the round ended before building (or
+    /// that clock could not be read).
+    build: Option<RangeInclusive<SystemTime>>,
+    outcome: Outcome,
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// At least one function was deployed.
+    Deployed,
+    /// Every function was as last deployed: nothing was sent.
+    Unchanged,
+    /// The manifest, a build or a deploy failed.
+    Failed,
+}
+
+impl Round {
+    /// Whether `path` was last written while this round's build ran, by
+    /// its modification time: exact however late the file's event arrives,
+    /// and in the same clock as the build's bounds (see [`fs_clock`]). A
+    /// save in the clock tick (a few ms) the build ended in counts as the
+    /// build's: a build's last write often shares that tick, and a user's
+    /// save rarely does (and a skipped round is always said). A file that
+    /// is gone was not written.
+    fn wrote(&self, path: &Path) -> bool {
+        let Some(build) = &self.build else {
+            return false;
+        };
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| build.contains(&modified))
+    }
+}
+
+/// The file system's clock now, read as the modification time of a write
+/// to `marker`. Not `SystemTime::now`: file times come from the kernel's
+/// coarse clock, a tick (a few ms) behind it, so a write just after a
+/// `now` could be stamped before it. `None` if the file cannot be written.
+fn fs_clock(marker: &Path) -> Option<SystemTime> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // 0600 as every file of a data directory.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(marker)
+        .ok()?;
+    file.write_all(b"build\n").ok()?;
+    file.metadata().and_then(|m| m.modified()).ok()
+}
+
+/// What a function's deploy sent: its component's SHA-256 and its settings
+/// (the config and triggers as sent). The same again is not redeployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    digest: String,
+    settings: String,
+}
+
+impl Sent {
+    /// Reads `deploy`'s component and describes what deploying it sends.
+    fn of(deploy: &FunctionDeploy) -> anyhow::Result<(Self, u64)> {
+        let wasm = std::fs::read(&deploy.component)?;
+        let settings = serde_json::to_string(&(config_json(deploy), &deploy.triggers))?;
+        let sent = Self {
+            digest: hex::encode(Sha256::digest(&wasm)),
+            settings,
+        };
+        Ok((sent, u64::try_from(wasm.len()).unwrap_or(u64::MAX)))
+    }
+
+    /// The digest's first 12 hex digits, as a user can compare them.
+    fn short(&self) -> &str {
+        self.digest.get(..12).unwrap_or(&self.digest)
+    }
 }
 
 impl Session {
@@ -184,39 +346,83 @@ impl Session {
     }
 
     /// Applies the manifest, then again after every change to the sources.
+    ///
+    /// A build may write files no rule names (a toolchain's cache beside
+    /// the sources): each would start the next round, whose build writes it
+    /// again, forever. Such a file shows itself: it changed only while the
+    /// last build ran, and the round it caused changed no component. From
+    /// then on a change to it during a build starts no round; the user is
+    /// told, and told how to say so for good (.gitignore or .ignore). A change to it
+    /// outside a build is a user's edit, and makes it a source again.
     fn run(self: Arc<Self>, mut watcher: Watcher) {
         println!(
             "mayfly dev: watching {} for changes (Ctrl-C to stop)",
-            watcher.root.display()
+            watcher.root().display()
         );
-        self.apply();
-        while let Some(changed) = watcher.wait_for_change(&self.stopping) {
-            println!(
-                "mayfly dev: {} changed; rebuilding",
-                describe(&watcher.root, &changed)
-            );
-            self.apply();
+        // What each function's last successful deploy sent, this session.
+        let mut sent = HashMap::new();
+        // Files the builds seem to write.
+        let mut rewritten = BTreeSet::new();
+        let mut last = self.apply(&mut watcher, &mut sent);
+        while let Some(paths) = watcher.wait_for_change(&self.stopping) {
+            let names = describe(watcher.root(), &paths);
+            let mut by_build = true;
+            for path in &paths {
+                if !last.wrote(path) {
+                    by_build = false;
+                    rewritten.remove(path);
+                }
+            }
+            if by_build && paths.iter().all(|path| rewritten.contains(path)) {
+                // Said every time: should a user's save land in a build
+                // and be taken for the build's, they see it was not built.
+                println!("mayfly dev: {names} rewritten by the last build; not rebuilding");
+                continue;
+            }
+            println!("mayfly dev: {names} changed; rebuilding");
+            last = self.apply(&mut watcher, &mut sent);
+            if by_build && last.outcome == Outcome::Unchanged {
+                println!(
+                    "mayfly dev: {names} changed only while the build ran, and changed no \
+                     component: the build seems to write it, so its changes during builds \
+                     are ignored from now on (add it to .gitignore or .ignore to say so)"
+                );
+                rewritten.extend(paths);
+            }
         }
     }
 
     /// Reads, builds and deploys the manifest; on any failure says why and
     /// leaves the node serving what it served.
-    fn apply(self: &Arc<Self>) {
+    fn apply(self: &Arc<Self>, watcher: &mut Watcher, sent: &mut HashMap<String, Sent>) -> Round {
+        let mut round = Round {
+            build: None,
+            outcome: Outcome::Failed,
+        };
         let manifest = match Manifest::load(&self.manifest) {
             Ok(manifest) => manifest,
             Err(error) => {
                 self.report(&error, "the manifest was not applied");
-                return;
+                return round;
             }
         };
-        let result = manifest::apply_manifest(&self.client, false, &manifest, Some(&self.builds));
+        // Before the build writes them: its outputs are not sources.
+        watcher.set_outputs(
+            manifest
+                .functions
+                .iter()
+                .filter(|function| function.build.is_some())
+                .map(|function| function.deploy.component.clone()),
+        );
+        let result = self.build_and_deploy(&manifest, sent, &mut round);
         // Follow even after a failure: a function deployed earlier, or in a
         // later round, is found by its follower's retries.
         for function in &manifest.functions {
             self.follow(&function.deploy.name);
         }
         match result {
-            Ok(()) => {
+            Ok(outcome) => {
+                round.outcome = outcome;
                 let urls: Vec<String> = manifest
                     .functions
                     .iter()
@@ -232,6 +438,103 @@ impl Session {
             }
             Err(error) => self.report(&error, "still serving the last good version"),
         }
+        round
+    }
+
+    /// Runs the build commands (noting when in `round`), then deploys each
+    /// function whose component or settings differ from what this session
+    /// last deployed. Every component is read before any is deployed, so a
+    /// missing one deploys nothing.
+    fn build_and_deploy(
+        &self,
+        manifest: &Manifest,
+        sent: &mut HashMap<String, Sent>,
+        round: &mut Round,
+    ) -> anyhow::Result<Outcome> {
+        if manifest.functions.iter().any(|f| f.build.is_some()) {
+            let started = Instant::now();
+            let from = fs_clock(&self.build_clock);
+            let built = manifest::build(manifest, Some(&self.builds));
+            let to = fs_clock(&self.build_clock);
+            round.build = from.zip(to).map(|(from, to)| from..=to);
+            built?;
+            println!("mayfly dev: built in {}", seconds(started.elapsed()));
+        }
+        let mut planned = Vec::new();
+        for function in &manifest.functions {
+            let FunctionDeploy {
+                name, component, ..
+            } = &function.deploy;
+            let (now, bytes) = Sent::of(&function.deploy).with_context(|| {
+                format!(
+                    "function `{name}`: cannot read the component {}{}",
+                    component.display(),
+                    if function.build.is_some() {
+                        " after its build: check `component` in the manifest"
+                    } else {
+                        ": build it first, or give the function a `build` command"
+                    }
+                )
+            })?;
+            planned.push((&function.deploy, now, bytes));
+        }
+        let mut outcome = Outcome::Unchanged;
+        for (deploy, now, bytes) in planned {
+            let name = &deploy.name;
+            match sent.get(name) {
+                Some(last) if *last == now => {
+                    println!(
+                        "{name}: component unchanged (sha256 {}), not redeployed",
+                        now.short()
+                    );
+                    continue;
+                }
+                Some(last) if last.digest == now.digest => {
+                    println!("{name}: settings changed; deploying");
+                }
+                _ => {}
+            }
+            self.deploy(deploy, bytes)?;
+            sent.insert(name.clone(), now);
+            outcome = Outcome::Deployed;
+        }
+        Ok(outcome)
+    }
+
+    /// Deploys one function, showing the upload-and-compile phase while it
+    /// runs (a spinner on a terminal, a plain line otherwise) and its
+    /// duration in the result line.
+    fn deploy(&self, deploy: &FunctionDeploy, bytes: u64) -> anyhow::Result<()> {
+        let name = &deploy.name;
+        let phase = format!(
+            "{name}: uploading {} and compiling",
+            indicatif::HumanBytes(bytes)
+        );
+        let spinner = if std::io::stderr().is_terminal() {
+            let spinner = indicatif::ProgressBar::new_spinner().with_message(phase);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            {
+                spinner.set_style(style);
+            }
+            spinner.enable_steady_tick(SPIN);
+            Some(spinner)
+        } else {
+            println!("{phase}");
+            None
+        };
+        let started = Instant::now();
+        let outcome = send_deploy(&self.client, deploy);
+        let took = started.elapsed();
+        if let Some(spinner) = spinner {
+            spinner.finish_and_clear();
+        }
+        let outcome = outcome.with_context(|| format!("deploying `{name}` failed"))?;
+        println!(
+            "{} ({})",
+            manifest::summary(name, &outcome),
+            phase_result(&outcome, took)
+        );
+        Ok(())
     }
 
     /// Prints a failed round's error (unless stopping, when a build killed
@@ -318,6 +621,22 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// How a deploy request went, measured here around the request: on
+/// loopback the upload is a small part of it, so when the node compiled
+/// the component this is the compile time to within milliseconds.
+fn phase_result(outcome: &Value, took: Duration) -> String {
+    if outcome["compiled"] == Value::Bool(true) {
+        format!("compiled in {}", seconds(took))
+    } else {
+        format!("already compiled; took {}", seconds(took))
+    }
+}
+
+/// `1.23 s`.
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
 /// `src/lib.rs`, or `src/lib.rs and 2 more`.
 fn describe(root: &Path, changed: &[PathBuf]) -> String {
     let Some(first) = changed.first() else {
@@ -328,169 +647,6 @@ fn describe(root: &Path, changed: &[PathBuf]) -> String {
         1 => first.to_string(),
         n => format!("{first} and {} more", n - 1),
     }
-}
-
-/// What is known of a file without reading it; a change to any of these is
-/// a change to the file (the inode catches an editor's write-and-rename
-/// that keeps the size within the clock's granularity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-/// Every watched file with its stamp.
-type Snapshot = BTreeMap<PathBuf, Stamp>;
-
-/// Watches a project's sources by polling their metadata.
-///
-/// Polling rather than the `notify` crate (inotify), on purpose: a
-/// recursive inotify watch cannot leave subtrees out, so it would put a
-/// watch on every folder of `target/` (thousands after one cargo build, and
-/// here `target/` may be a symlink to a shared build folder), counting
-/// against the per-user inotify limit and waking on every file the build
-/// writes; and inotify stays silent on some mounts (network file systems,
-/// some container and VM shares). A function project is a handful of
-/// files, so a scan that skips `target/` costs microseconds every 500 ms,
-/// sees every kind of save (in place, or write-and-rename), and needs no
-/// dependency.
-struct Watcher {
-    /// The manifest's folder, scanned recursively.
-    root: PathBuf,
-    /// The manifest: scanned whatever its name.
-    manifest: PathBuf,
-    /// The node's data directory: skipped whatever its name.
-    data_dir: PathBuf,
-    /// The sources as last seen.
-    last: Snapshot,
-}
-
-impl Watcher {
-    /// Watches `root`, taking the sources as they are now as the baseline.
-    fn new(root: PathBuf, manifest: PathBuf, data_dir: PathBuf) -> Self {
-        let mut watcher = Self {
-            root,
-            manifest,
-            data_dir,
-            last: Snapshot::new(),
-        };
-        watcher.last = watcher.scan();
-        watcher
-    }
-
-    /// The watched files now. Files that vanish mid-scan are left out;
-    /// symlinked folders are not followed (no cycles, no shared build
-    /// folders), symlinked files are.
-    fn scan(&self) -> Snapshot {
-        let mut files = Snapshot::new();
-        if let Some(stamp) = stamp(&self.manifest) {
-            files.insert(self.manifest.clone(), stamp);
-        }
-        let mut folders = vec![self.root.clone()];
-        while let Some(folder) = folders.pop() {
-            let Ok(entries) = std::fs::read_dir(&folder) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(kind) = entry.file_type() else {
-                    continue;
-                };
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if kind.is_dir() {
-                    if !ignored_folder(&name) && path != self.data_dir {
-                        folders.push(path);
-                    }
-                } else if !ignored_file(&name)
-                    && let Some(stamp) = stamp(&path).filter(|_| path.is_file())
-                {
-                    files.insert(path, stamp);
-                }
-            }
-        }
-        files
-    }
-
-    /// Blocks until the sources change and then stay still for
-    /// [`DEBOUNCE`]; returns the files that changed (added, edited or
-    /// removed), or `None` once `stopping` is set.
-    fn wait_for_change(&mut self, stopping: &AtomicBool) -> Option<Vec<PathBuf>> {
-        loop {
-            std::thread::sleep(POLL);
-            if stopping.load(Ordering::SeqCst) {
-                return None;
-            }
-            let mut latest = self.scan();
-            if latest == self.last {
-                continue;
-            }
-            let mut still_since = Instant::now();
-            while still_since.elapsed() < DEBOUNCE {
-                std::thread::sleep(SETTLE_POLL);
-                if stopping.load(Ordering::SeqCst) {
-                    return None;
-                }
-                let now = self.scan();
-                if now != latest {
-                    latest = now;
-                    still_since = Instant::now();
-                }
-            }
-            let changed = changes(&self.last, &latest);
-            self.last = latest;
-            if !changed.is_empty() {
-                return Some(changed);
-            }
-        }
-    }
-}
-
-/// A file's stamp, following a symlink.
-fn stamp(path: &Path) -> Option<Stamp> {
-    let metadata = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: metadata.modified().ok(),
-        len: metadata.len(),
-        inode: metadata.ino(),
-    })
-}
-
-/// Folders never scanned: hidden ones (`.git`, `.mayfly-dev`, `.idea`)
-/// and build output.
-fn ignored_folder(name: &str) -> bool {
-    name.starts_with('.') || name == "target"
-}
-
-/// Files whose changes are not source changes: hidden files (including
-/// Emacs' `.#lock` files and Vim's `.x.swp`), editor backups and swap files,
-/// and the file Vim writes to test a folder.
-fn ignored_file(name: &str) -> bool {
-    name.starts_with('.')
-        || name.ends_with('~')
-        || (name.starts_with('#') && name.ends_with('#'))
-        || [".swp", ".swo", ".swx", ".swn"]
-            .iter()
-            .any(|suffix| name.ends_with(suffix))
-        || name == "4913"
-}
-
-/// Files added, changed or removed between two snapshots, sorted.
-fn changes(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
-    let mut changed: Vec<PathBuf> = after
-        .iter()
-        .filter(|(path, stamp)| before.get(*path) != Some(stamp))
-        .map(|(path, _)| path.clone())
-        .chain(
-            before
-                .keys()
-                .filter(|path| !after.contains_key(*path))
-                .cloned(),
-        )
-        .collect();
-    changed.sort();
-    changed
 }
 
 #[cfg(test)]
@@ -517,116 +673,133 @@ mod tests {
     fn flags_and_defaults() {
         let args = dev_args(&[]);
         assert_eq!(args.manifest, Path::new("mayfly.toml"));
-        assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(args.admin_listen.port(), 0);
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8090");
+        assert_eq!(args.admin_listen.to_string(), "127.0.0.1:8091");
         assert_eq!(args.data_dir, None);
+        assert!(!args.poll);
         let args = dev_args(&[
+            "--poll",
             "--manifest",
             "app/mayfly.toml",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:9001",
             "--data-dir",
             "/tmp/x",
         ]);
         assert_eq!(args.manifest, Path::new("app/mayfly.toml"));
         assert_eq!(args.listen.port(), 0);
+        assert_eq!(args.admin_listen.port(), 9001);
         assert_eq!(args.data_dir.as_deref(), Some(Path::new("/tmp/x")));
+        assert!(args.poll);
     }
 
     #[test]
-    fn what_is_not_a_source() {
-        for folder in [".git", ".mayfly-dev", "target", ".idea"] {
-            assert!(ignored_folder(folder), "{folder}");
+    fn the_default_ports_are_not_serves() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: crate::serve::ServeArgs,
         }
-        for folder in ["src", "targets", "assets"] {
-            assert!(!ignored_folder(folder), "{folder}");
+        let serve = Serve::try_parse_from(["mayfly serve"]).unwrap().args;
+        let dev = dev_args(&[]);
+        let serve_ports = [serve.listen.port(), serve.admin_listen.port()];
+        for port in [dev.listen.port(), dev.admin_listen.port()] {
+            assert!(!serve_ports.contains(&port), "{port} is also serve's");
         }
-        for file in [
-            ".lib.rs.swp",
-            "lib.rs.swo",
-            "lib.rs~",
-            "#lib.rs#",
-            ".#lib.rs",
-            "4913",
-            ".DS_Store",
-        ] {
-            assert!(ignored_file(file), "{file}");
-        }
-        for file in ["lib.rs", "Cargo.toml", "mayfly.toml", "Cargo.lock", "a#b"] {
-            assert!(!ignored_file(file), "{file}");
-        }
+        assert_ne!(dev.listen.port(), dev.admin_listen.port());
     }
 
     #[test]
-    fn the_scan_skips_build_output_hidden_files_and_the_data_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        for folder in ["src/nested", "target/debug", ".git", "state", "other"] {
-            std::fs::create_dir_all(root.join(folder)).unwrap();
-        }
-        for file in [
-            "mayfly.toml",
-            "Cargo.toml",
-            "src/lib.rs",
-            "src/nested/mod.rs",
-            "src/.lib.rs.swp",
-            "src/lib.rs~",
-            "target/debug/out",
-            ".git/HEAD",
-            "state/db",
-        ] {
-            std::fs::write(root.join(file), "x").unwrap();
-        }
-        std::os::unix::fs::symlink(root.join("src"), root.join("other/link")).unwrap();
-        let watcher = Watcher::new(root.clone(), root.join("mayfly.toml"), root.join("state"));
-        let mut seen: Vec<String> = watcher
-            .last
-            .keys()
-            .map(|p| p.strip_prefix(&root).unwrap().display().to_string())
-            .collect();
-        seen.sort();
-        assert_eq!(
-            seen,
-            [
-                "Cargo.toml",
-                "mayfly.toml",
-                "src/lib.rs",
-                "src/nested/mod.rs"
-            ]
+    fn the_cli_hint_quotes_the_token_path() {
+        let hint = cli_hint(
+            "http://127.0.0.1:8091",
+            Path::new("/home/me/my project/.mayfly-dev/admin.token"),
+        );
+        assert!(
+            hint.contains("export MAYFLY_ADMIN_URL=http://127.0.0.1:8091\n"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains(
+                "export MAYFLY_TOKEN=\"$(cat '/home/me/my project/.mayfly-dev/admin.token')\"\n"
+            ),
+            "{hint}"
         );
     }
 
     #[test]
-    fn a_change_is_reported_once_the_sources_settle() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        std::fs::create_dir(root.join("src")).unwrap();
-        std::fs::write(root.join("mayfly.toml"), "a").unwrap();
-        std::fs::write(root.join("src/lib.rs"), "one").unwrap();
-        std::fs::write(root.join("src/old.rs"), "old").unwrap();
-        let mut watcher = Watcher::new(root.clone(), root.join("mayfly.toml"), root.join(DATA_DIR));
-        std::fs::write(root.join("src/lib.rs"), "two!").unwrap();
-        std::fs::write(root.join("src/new.rs"), "new").unwrap();
-        std::fs::remove_file(root.join("src/old.rs")).unwrap();
-        std::fs::write(root.join("src/.lib.rs.swp"), "swap").unwrap();
-        let stopping = AtomicBool::new(false);
-        let changed = watcher.wait_for_change(&stopping).unwrap();
-        let expected: Vec<PathBuf> = ["src/lib.rs", "src/new.rs", "src/old.rs"]
-            .iter()
-            .map(|f| root.join(f))
-            .collect();
-        assert_eq!(changed, expected);
-        assert_eq!(
-            describe(&root, &changed),
-            "src/lib.rs and 2 more".to_string()
+    fn a_port_in_use_is_named_with_its_flag() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let free: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let cause = || {
+            anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::AddrInUse))
+                .context("cannot listen")
+        };
+        let message = format!("{:#}", explain_port_in_use(cause(), busy, free));
+        assert!(
+            message.contains(&format!("port {} is already in use", busy.port())),
+            "{message}"
         );
-        // Editor-style save: write a new file and rename it over the old.
-        std::fs::write(root.join("src/lib.rs.tmp~"), "two?").unwrap();
-        std::fs::rename(root.join("src/lib.rs.tmp~"), root.join("src/lib.rs")).unwrap();
-        let changed = watcher.wait_for_change(&stopping).unwrap();
-        assert_eq!(changed, [root.join("src/lib.rs")]);
-        assert_eq!(describe(&root, &changed), "src/lib.rs");
-        stopping.store(true, Ordering::SeqCst);
-        assert_eq!(watcher.wait_for_change(&stopping), None);
+        assert!(message.contains("mayfly serve"), "{message}");
+        assert!(message.contains("--listen 127.0.0.1:PORT"), "{message}");
+        let message = format!("{:#}", explain_port_in_use(cause(), free, busy));
+        assert!(
+            message.contains("--admin-listen 127.0.0.1:PORT"),
+            "{message}"
+        );
+        // Other failures pass unchanged.
+        let other = anyhow::anyhow!("disk full");
+        assert_eq!(
+            format!("{:#}", explain_port_in_use(other, busy, free)),
+            "disk full"
+        );
+    }
+
+    #[test]
+    fn what_a_deploy_sends_is_compared_by_digest_and_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let component = dir.path().join("app.wasm");
+        std::fs::write(&component, b"one").unwrap();
+        let manifest = Manifest::parse(
+            &dir.path().join("mayfly.toml"),
+            "[functions.app]\ncomponent = \"app.wasm\"\nroutes = [\"/app\"]\n",
+        )
+        .unwrap();
+        let deploy = &manifest.functions[0].deploy;
+        let (first, bytes) = Sent::of(deploy).unwrap();
+        assert_eq!(bytes, 3);
+        // sha256("one")
+        assert_eq!(first.short(), "7692c3ad3540");
+        assert_eq!(Sent::of(deploy).unwrap().0, first);
+        std::fs::write(&component, b"two").unwrap();
+        let (second, _) = Sent::of(deploy).unwrap();
+        assert_ne!(second.digest, first.digest);
+        assert_eq!(second.settings, first.settings);
+    }
+
+    #[test]
+    fn describe_names_the_first_change() {
+        let root = Path::new("/p");
+        assert_eq!(describe(root, &[root.join("src/lib.rs")]), "src/lib.rs");
+        assert_eq!(
+            describe(root, &[root.join("a.py"), root.join("b.py")]),
+            "a.py and 1 more"
+        );
+    }
+
+    #[test]
+    fn the_deploy_phase_reports_the_compile() {
+        let took = Duration::from_millis(1234);
+        assert_eq!(
+            phase_result(&serde_json::json!({"compiled": true}), took),
+            "compiled in 1.23 s"
+        );
+        assert_eq!(
+            phase_result(&serde_json::json!({"compiled": false}), took),
+            "already compiled; took 1.23 s"
+        );
     }
 }

@@ -376,7 +376,7 @@ impl Builds {
     }
 }
 
-fn build(manifest: &Manifest, builds: Option<&Builds>) -> anyhow::Result<()> {
+pub(crate) fn build(manifest: &Manifest, builds: Option<&Builds>) -> anyhow::Result<()> {
     let mut done = HashSet::new();
     for function in &manifest.functions {
         let Some(command) = &function.build else {
@@ -427,7 +427,7 @@ fn build(manifest: &Manifest, builds: Option<&Builds>) -> anyhow::Result<()> {
 
 /// One line per function: `hello: version 3 (unchanged)` or
 /// `hello: version 4 deployed, routes /hello`.
-fn summary(name: &str, outcome: &Value) -> String {
+pub(crate) fn summary(name: &str, outcome: &Value) -> String {
     let version = &outcome["version"];
     if outcome["unchanged"] == Value::Bool(true) {
         return format!("{name}: version {version} (unchanged)");
