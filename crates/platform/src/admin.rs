@@ -396,7 +396,10 @@ async fn invoke(
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
-    let response = platform.invoker().invoke(target, request, "invoke").await;
+    let response = platform
+        .invoker()
+        .invoke(target, request, "invoke", crate::invoker::Caller::Operator)
+        .await;
     Ok(response.map(Body::new))
 }
 
