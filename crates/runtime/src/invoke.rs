@@ -705,17 +705,6 @@ impl GuestRun {
             Some(InvocationError::Killed) => Outcome::Killed,
             _ => Outcome::Error,
         };
-        // A guest that fails (or finishes) because its client left is not
-        // at fault; limits it broke and the node's shutdown still count.
-        let client_gone = head_unheard || self.flags.response_abandoned();
-        let outcome = match outcome {
-            Outcome::Ok | Outcome::Error if client_gone => Outcome::ClientClosed,
-            outcome => outcome,
-        };
-        if head_unheard {
-            // The client never received it.
-            status = None;
-        }
         if let Some(error) = &failure {
             tracing::warn!(
                 function = %self.labels.function,
@@ -737,15 +726,25 @@ impl GuestRun {
             };
             status = Some(error.status().as_u16());
             failure_line = Some(format!("mayfly: the invocation failed: {error}"));
-            if tx.send(Err(error)).is_err() {
-                // The caller went away before any answer.
-                status = None;
-            }
+            // Gone before any answer (a request body that stopped arriving
+            // with its client can be why the guest failed).
+            head_unheard = tx.send(Err(error)).is_err();
         } else if failure_line.is_none() && self.flags.response_too_large() {
             failure_line = Some(format!(
                 "mayfly: the invocation failed: {}",
                 InvocationError::ResponseTooLarge(self.limits.max_response_bytes)
             ));
+        }
+        // A guest that fails (or finishes) because its client left is not
+        // at fault; limits it broke and the node's shutdown still count.
+        let client_gone = head_unheard || self.flags.response_abandoned();
+        let outcome = match outcome {
+            Outcome::Ok | Outcome::Error if client_gone => Outcome::ClientClosed,
+            outcome => outcome,
+        };
+        if head_unheard {
+            // The client never received it.
+            status = None;
         }
         if outcome == Outcome::ClientClosed {
             failure_line = Some(match failure_line {
