@@ -205,6 +205,41 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
     })
 }
 
+/// Refuses, before uploading it, a component over the node's limit (from
+/// `/v1/status`). The node checks again, so a status the client cannot read
+/// (an older node, a token without the read scope) only skips this.
+fn check_size(client: &AdminClient, component: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(size) = std::fs::metadata(component).map(|m| m.len()) else {
+        // Reading it says why, with the path.
+        return Ok(());
+    };
+    let Ok(status) = client.get_json::<Value>("/v1/status") else {
+        return Ok(());
+    };
+    let Some(max) = status["max_component_bytes"].as_u64() else {
+        return Ok(());
+    };
+    if size > max {
+        let mib = |bytes: u64| {
+            let mib = bytes as f64 / f64::from(1 << 20);
+            if mib.fract() == 0.0 {
+                format!("{mib}")
+            } else {
+                format!("{mib:.1}")
+            }
+        };
+        anyhow::bail!(
+            "{} is {} MiB, over the node's limit of {} MiB for a component: make it \
+             smaller (build with --release, strip debug info), or raise the node's limit with \
+             `mayfly serve --max-component-mb N`",
+            component.display(),
+            mib(size),
+            mib(max)
+        );
+    }
+    Ok(())
+}
+
 /// Uploads the component with its config and triggers; returns the node's
 /// answer (the version, `compiled`, and `unchanged` when the live version
 /// was the same component and config, so none was created).
@@ -215,6 +250,7 @@ pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Res
         triggers,
         ..
     } = deploy;
+    check_size(client, component)?;
     let wasm = std::fs::read(component)
         .with_context(|| format!("cannot read the component {}", component.display()))?;
     let config = serde_json::to_vec(&config_json(deploy))?;

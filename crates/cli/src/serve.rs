@@ -79,6 +79,13 @@ pub struct ServeArgs {
     /// Compiles running at once; more deploys wait (up to --compile-timeout).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub compile_concurrency: u32,
+    /// Largest component a deploy may upload, in MiB; larger uploads get 413
+    /// before their body is read [default: 64, or `[limits] max_component_mb`
+    /// in the config file]
+    #[arg(long, value_name = "MB", env = "MAYFLY_MAX_COMPONENT_MB",
+          value_parser = clap::value_parser!(u64)
+              .range(1..=mayfly_platform::config::MAX_COMPONENT_MB_CEILING))]
+    pub max_component_mb: Option<u64>,
     #[command(flatten)]
     pub fleet: FleetArgs,
 }
@@ -397,6 +404,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => NodeFile::default(),
     };
     node.scaling = scaling_config(&args, &file.scaling)?;
+    let max_component_mb = args
+        .max_component_mb
+        .or(file.limits.max_component_mb)
+        .unwrap_or(mayfly_platform::config::DEFAULT_MAX_COMPONENT_MB);
+    node.max_component_bytes = usize::try_from(max_component_mb << 20)
+        .context("--max-component-mb does not fit this machine's address space")?;
     node.prices = file.prices;
     let connections = args
         .connections

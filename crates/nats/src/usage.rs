@@ -762,7 +762,7 @@ mod tests {
                 rows.push((
                     Some(function.into()),
                     of.len() as u64,
-                    of.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64,
+                    of.iter().filter(|r| r.outcome.is_error()).count() as u64,
                     of.iter().map(|r| r.billed_ms).sum(),
                     of.iter().map(|r| r.cpu_us).sum(),
                 ));

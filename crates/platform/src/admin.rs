@@ -47,6 +47,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
                       name: Path<String>,
                       principal: axum::Extension<crate::auth::Principal>,
                       client_gone: Option<axum::Extension<auth::ClientGone>>,
+                      headers: HeaderMap,
                       multipart: Result<
                     Multipart,
                     axum::extract::multipart::MultipartRejection,
@@ -56,6 +57,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
                         name,
                         principal,
                         client_gone,
+                        headers,
                         multipart,
                         max_upload_bytes,
                     )
@@ -156,6 +158,23 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
 /// Room for a deploy's `config` and `triggers` parts beside the component.
 const DEPLOY_CONFIG_ALLOWANCE: usize = 64 * 1024;
 
+/// The answer to an upload over the node's component limit: 413, naming
+/// the limit and how its operator raises it.
+fn upload_too_large(max_upload_bytes: usize) -> ApiError {
+    ApiError::rejected(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the upload is over this node's limit: a component may be at most {} ({max_upload_bytes} \
+             bytes), with {} KiB more for the other parts; make the component smaller (build with \
+             --release, strip debug info), or raise the node's limit with `mayfly serve \
+             --max-component-mb N` (or MAYFLY_MAX_COMPONENT_MB, or `[limits] max_component_mb` in \
+             node.toml)",
+            humansize_mib(max_upload_bytes),
+            DEPLOY_CONFIG_ALLOWANCE / 1024
+        ),
+    )
+}
+
 async fn not_found(uri: Uri) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
@@ -219,27 +238,29 @@ async fn deploy(
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     client_gone: Option<axum::Extension<auth::ClientGone>>,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
     max_upload_bytes: usize,
 ) -> ApiResult<impl IntoResponse> {
+    // Refused before a byte of the body is read: a client that sent
+    // `Expect: 100-continue` (curl does for large bodies) never sends it.
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let allowed = max_upload_bytes.saturating_add(DEPLOY_CONFIG_ALLOWANCE) as u64;
+    if declared.is_some_and(|length| length > allowed) {
+        return Err(upload_too_large(max_upload_bytes));
+    }
     let usage = "send multipart/form-data with a `component` part holding the .wasm file and an \
                  optional `config` part holding JSON like {\"routes\": [\"/hello\"], \
                  \"limits\": {\"memory_mb\": 128, \"timeout_ms\": 30000}}";
-    // Over the body limit, multer and axum say only "length limit
-    // exceeded": name the limit, and answer 413 rather than 400.
+    // A body without a length (chunked) is cut off at the limit as it
+    // streams in; multer and axum then say only "length limit exceeded":
+    // answer the same 413 as above rather than a parse error.
     let upload_error = |error: axum::extract::multipart::MultipartError, what: String| {
-        let status = error.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::rejected(
-                status,
-                format!(
-                    "the upload is over this node's limit: a component may be at most {} \
-                     ({max_upload_bytes} bytes), with {} KiB more for the other parts; make the \
-                     component smaller (build with --release, strip debug info)",
-                    humansize_mib(max_upload_bytes),
-                    DEPLOY_CONFIG_ALLOWANCE / 1024
-                ),
-            )
+        if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            upload_too_large(max_upload_bytes)
         } else {
             ApiError::bad_request(format!("{what}: {error}"))
         }
@@ -396,7 +417,10 @@ async fn invoke(
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
-    let response = platform.invoker().invoke(target, request, "invoke").await;
+    let response = platform
+        .invoker()
+        .invoke(target, request, "invoke", crate::invoker::Caller::Operator)
+        .await;
     Ok(response.map(Body::new))
 }
 

@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 /// memory_budget_mb = 16384
 /// function_share_percent = 25  # of the shared slots and memory, per function
 ///
+/// [limits]
+/// max_component_mb = 64        # largest component a deploy may upload
+///
 /// [connections]
 /// header_timeout = "10s"
 /// idle_timeout = "60s"
@@ -42,6 +45,25 @@ pub struct NodeFile {
     pub scaling: ScalingFile,
     /// Timeouts and caps of the listeners; `mayfly serve` flags override them.
     pub connections: ConnectionsFile,
+    /// Node-wide limits; `mayfly serve` flags override them.
+    pub limits: LimitsFile,
+}
+
+/// Default largest component a deploy may upload, in MiB.
+pub const DEFAULT_MAX_COMPONENT_MB: u64 = 64;
+
+/// Largest `max_component_mb` accepted: an upload is held in memory whole
+/// while it is checked and compiled.
+pub const MAX_COMPONENT_MB_CEILING: u64 = 4096;
+
+/// The `[limits]` table: what `mayfly serve --max-component-mb` sets.
+/// Absent keys take the flag's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// Largest component a deploy may upload, in MiB (1 to 4096; default
+    /// 64).
+    pub max_component_mb: Option<u64>,
 }
 
 /// The `[scaling]` table: what `mayfly serve --keep-alive`,
@@ -78,6 +100,13 @@ impl NodeFile {
         if let Some(policy) = &file.scaling.keep_alive {
             mayfly_scaling::parse_policy(policy)
                 .map_err(|e| anyhow::anyhow!("[scaling] keep_alive: {e}"))?;
+        }
+        if let Some(mb) = file.limits.max_component_mb
+            && !(1..=MAX_COMPONENT_MB_CEILING).contains(&mb)
+        {
+            anyhow::bail!(
+                "[limits] max_component_mb is {mb}: give 1 to {MAX_COMPONENT_MB_CEILING} (MiB)"
+            );
         }
         if file.scaling.max_concurrency == Some(0) {
             anyhow::bail!("[scaling] max_concurrency is 0: give at least 1");
@@ -334,7 +363,7 @@ impl NodeConfig {
         Self {
             data_dir: data_dir.into(),
             runtime: RuntimeConfig::default(),
-            max_component_bytes: 64 << 20,
+            max_component_bytes: (DEFAULT_MAX_COMPONENT_MB << 20) as usize,
             prices: PriceList::default(),
             scaling: ScalingConfig::new(RuntimeConfig::default().max_instances),
             credential_ttl: crate::auth::DEFAULT_CREDENTIAL_TTL,
@@ -403,6 +432,23 @@ mod tests {
             error.contains("keepalive") && error.contains("line 2"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_component_limit_is_read_and_bounded() {
+        let file = NodeFile::parse("[limits]\nmax_component_mb = 200\n").unwrap();
+        assert_eq!(file.limits.max_component_mb, Some(200));
+        assert_eq!(NodeFile::parse("").unwrap().limits.max_component_mb, None);
+        for bad in ["0", "4097"] {
+            let error = NodeFile::parse(&format!("[limits]\nmax_component_mb = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("give 1 to 4096"), "{error}");
+        }
+        let error = NodeFile::parse("[limits]\nmax_component = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_component"), "{error}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{self, ConnectionLimits, Plain, TimedBody};
-use crate::invoker::{Invoker, text_response};
+use crate::invoker::{Caller, Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
 /// Serves `listener` until `shutdown` is cancelled, then lets open requests
@@ -101,7 +101,9 @@ async fn route(
             Err(error) => return bad_request(format!("the request path is not valid: {error}")),
         }
     }
-    invoker.invoke(&function.live, request, "http").await
+    invoker
+        .invoke(&function.live, request, "http", Caller::Public)
+        .await
 }
 
 /// The request's host name, normalised (lower case, no port, no trailing

@@ -40,6 +40,19 @@ pub const CLIENT_REQUEST_ID_HEADER: &str = "x-mayfly-client-request-id";
 /// Header telling the client which version served its request.
 pub const VERSION_HEADER: &str = "x-mayfly-version";
 
+/// Who receives an invocation's answer when the node, not the guest,
+/// answers: the guest's own responses pass through unchanged either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A public client of the gateway. A failed function's 500 says only
+    /// that it failed and the request id: why (a trap's text, the guest's
+    /// error) is the function's internals. It goes to the function's logs
+    /// and the node's log, both under that request id.
+    Public,
+    /// An operator invoking through the admin API, who may read why.
+    Operator,
+}
+
 /// Runs requests through deployed functions.
 pub struct Invoker {
     /// What is deployed, swapped whole on every change.
@@ -81,13 +94,15 @@ impl Invoker {
     /// client id (else its fresh request id) picks, and always produces a
     /// response: the guest's, or an error response with a short body.
     /// `trigger` says what started it (`http`, `invoke`, …) for the usage
-    /// record. The response carries the node's request id, the client's id
-    /// if it sent one, and the version that served it.
+    /// record, `caller` who reads the node's error answers. The response
+    /// carries the node's request id, the client's id if it sent one, and
+    /// the version that served it.
     pub async fn invoke<B>(
         &self,
         target: &Target,
         request: http::Request<B>,
         trigger: &'static str,
+        caller: Caller,
     ) -> http::Response<HyperOutgoingBody>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -152,6 +167,15 @@ impl Invoker {
         };
         let mut response = match result {
             Ok(response) => response,
+            Err((status, _))
+                if status == http::StatusCode::INTERNAL_SERVER_ERROR
+                    && caller == Caller::Public =>
+            {
+                text_response(
+                    status,
+                    format!("the function failed; request id {request_id}\n"),
+                )
+            }
             Err((status, message)) => text_response(status, format!("{message}\n")),
         };
         if let Ok(value) = http::HeaderValue::from_str(&request_id) {

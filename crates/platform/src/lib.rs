@@ -56,7 +56,7 @@ pub use config::{
 pub use deployments::deploy::DeployOutcome;
 pub use error::PlatformError;
 pub use invoker::{
-    CLIENT_REQUEST_ID_HEADER, Invoker, REQUEST_ID_HEADER, VERSION_HEADER, text_response,
+    CLIENT_REQUEST_ID_HEADER, Caller, Invoker, REQUEST_ID_HEADER, VERSION_HEADER, text_response,
 };
 pub use platform::Platform;
 pub use status::{FunctionScalingStatus, Status};

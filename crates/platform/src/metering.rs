@@ -19,12 +19,13 @@ use prometheus_client::registry::Registry;
 use crate::ledger::{Ledger, LedgerMetrics};
 
 /// Every outcome, in the order of [`outcome_index`].
-const OUTCOMES: [Outcome; 5] = [
+const OUTCOMES: [Outcome; 6] = [
     Outcome::Ok,
     Outcome::Error,
     Outcome::Timeout,
     Outcome::Oom,
     Outcome::Killed,
+    Outcome::ClientClosed,
 ];
 
 fn outcome_index(outcome: Outcome) -> usize {
@@ -34,6 +35,7 @@ fn outcome_index(outcome: Outcome) -> usize {
         Outcome::Timeout => 2,
         Outcome::Oom => 3,
         Outcome::Killed => 4,
+        Outcome::ClientClosed => 5,
     }
 }
 
@@ -45,6 +47,7 @@ pub fn ledger_outcome(outcome: Outcome) -> mayfly_store::Outcome {
         Outcome::Timeout => mayfly_store::Outcome::Timeout,
         Outcome::Oom => mayfly_store::Outcome::Oom,
         Outcome::Killed => mayfly_store::Outcome::Killed,
+        Outcome::ClientClosed => mayfly_store::Outcome::ClientClosed,
     }
 }
 
@@ -96,7 +99,7 @@ pub struct NodeMetrics {
     pub artifact_recompiles: Counter,
     /// Invocations started.
     pub invocations: Counter,
-    /// Invocations that did not end `ok`.
+    /// Invocations that did not end `ok` (nor `client_closed`).
     pub failed_invocations: Counter,
     /// Requests refused before a guest ran, because their body was too large.
     pub requests_too_large: Counter,
@@ -126,7 +129,8 @@ impl Metrics {
         let invocations = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "invocations",
-            "Invocations by function and outcome (ok, error, timeout, oom, killed)",
+            "Invocations by function and outcome (ok, error, timeout, oom, killed, \
+             client_closed, throttled)",
             invocations.clone(),
         );
         let duration: Family<FunctionLabel, Histogram, fn() -> Histogram> =
@@ -355,7 +359,7 @@ impl Default for Metrics {
 /// One function's metric handles.
 #[derive(Clone, Debug)]
 pub struct FunctionMetrics {
-    invocations: [Counter; 5],
+    invocations: [Counter; OUTCOMES.len()],
     duration: Histogram,
     cold_starts: Counter,
     in_flight: Gauge,
@@ -476,7 +480,8 @@ impl FunctionMeter {
         let metrics = &self.metrics;
         metrics.in_flight.dec();
         metrics.invocations[outcome_index(report.outcome)].inc();
-        if report.outcome != Outcome::Ok {
+        // A client that left is not the function failing.
+        if !matches!(report.outcome, Outcome::Ok | Outcome::ClientClosed) {
             metrics.node.failed_invocations.inc();
         }
         metrics.duration.observe(report.wall.as_secs_f64());

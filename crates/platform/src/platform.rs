@@ -270,6 +270,7 @@ impl Platform {
             ledger_records: self.metrics.ledger.committed.get(),
             ledger_pending: self.ledger.pending(),
             data_dir: self.config.data_dir.display().to_string(),
+            max_component_bytes: self.config.max_component_bytes,
             scaling: scaling_status(&catalog, &self.admission),
             fleet: None,
         }

@@ -234,8 +234,15 @@ impl Rollout {
 }
 
 /// An error, for a canary: a trap, timeout, out-of-memory or 5xx. A 4xx
-/// (a body over the limit included) is the client's doing.
+/// (a body over the limit included) is the client's doing, and so is a
+/// client that went away before the response was done (`client_closed`):
+/// impatient clients must not roll back a healthy canary. Such an
+/// invocation still counts as a request, with its wall time, so a canary
+/// slow enough to drive clients away shows in the p99.
 fn failed(report: &InvocationReport) -> bool {
+    if report.outcome == Outcome::ClientClosed {
+        return false;
+    }
     match report.status {
         Some(status) if (400..500).contains(&status) => false,
         Some(status) => report.outcome != Outcome::Ok || status >= 500,
@@ -612,6 +619,26 @@ mod tests {
         rollout.record(true, &report(1, Outcome::Ok, 404));
         rollout.record(true, &report(1, Outcome::Ok, 200));
         assert!(verdicts.try_recv().unwrap().promote);
+    }
+
+    #[test]
+    fn clients_that_leave_are_not_the_canarys_errors() {
+        let (_rollouts, mut verdicts, rollout) = judged(policy(3, 0, None));
+        // Gone before the head (no status) and while the body flowed.
+        let gone = InvocationReport {
+            status: None,
+            ..report(1, Outcome::ClientClosed, 200)
+        };
+        rollout.record(true, &gone);
+        rollout.record(true, &report(1, Outcome::ClientClosed, 200));
+        rollout.record(true, &report(1, Outcome::Ok, 200));
+        let verdict = verdicts.try_recv().unwrap();
+        assert!(verdict.promote, "{}", verdict.detail);
+        assert!(
+            verdict.detail.contains("0 errors in 3"),
+            "{}",
+            verdict.detail
+        );
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub struct Route {
 
 impl Route {
     /// Parses `/prefix`, `/prefix/*`, `/prefix/...`, `host/prefix` or `host`.
+    /// A host may carry a port (`localhost:8080/api`), which is dropped: the
+    /// gateway routes by host name whatever port the request came in on.
+    ///
+    /// Which hosts a deploy may name is checked before, in
+    /// `validate::validate_routes`; this parser also reads routes stored by
+    /// older nodes, so it stays as lenient as they were.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let hint = "write a route as /prefix or host.example.com/prefix";
@@ -33,7 +39,9 @@ impl Route {
         };
         let host = host
             .map(|host| {
-                let host = host.to_ascii_lowercase();
+                let host = strip_port(host)
+                    .map_err(|e| format!("route `{text}` has {e}: {hint}"))?
+                    .to_ascii_lowercase();
                 let valid = !host.is_empty()
                     && host.len() <= 253
                     && host
@@ -83,6 +91,23 @@ impl Route {
             return Err(format!("route `{text}` has an empty path segment"));
         }
         Ok(Self { host, prefix })
+    }
+}
+
+/// A route's host without its port (`localhost:8080` is `localhost`); a
+/// port must be a number from 1 to 65535.
+pub(crate) fn strip_port(host: &str) -> Result<&str, String> {
+    let Some((name, port)) = host.rsplit_once(':') else {
+        return Ok(host);
+    };
+    let valid = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u32>().is_ok_and(|p| (1..=65_535).contains(&p));
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!("an invalid port `{port}` (give 1 to 65535)"))
     }
 }
 
@@ -307,6 +332,9 @@ mod tests {
         assert_eq!(parse("Example.COM/api"), "example.com/api");
         assert_eq!(parse("example.com"), "example.com/");
         assert_eq!(parse("/%41pi/%2f"), "/Api/%2F");
+        // The port is dropped: requests are routed by host name.
+        assert_eq!(parse("localhost:8080/api"), "localhost/api");
+        assert_eq!(parse("Shop.Test:443"), "shop.test/");
         for bad in [
             "",
             "/a b",
@@ -319,6 +347,11 @@ mod tests {
             "bad host/x",
             "/a//b",
             ".x.com/a",
+            "localhost:/a",
+            "localhost:0/a",
+            "localhost:65536/a",
+            "localhost:80:80/a",
+            "localhost:http/a",
         ] {
             assert!(Route::parse(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -84,13 +84,24 @@ impl Schedule {
     }
 
     /// The first slot strictly after `after_ms` (ms since the epoch), or None if there is none.
-    /// For `@every d`, slots are `after_ms + d` (intervals are anchored at the last firing).
-    /// Times before 1970 or beyond chrono's range give None.
-    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+    ///
+    /// Cron slots are wall-clock times (UTC). `@every d` slots lie on a fixed
+    /// grid anchored at `anchor_ms`, the trigger's creation: `anchor_ms + k*d`
+    /// for k >= 1. The grid never moves: neither a firing (late or not) nor a
+    /// restart re-anchors it, so every node of a fleet computes the same slot
+    /// times. Times before 1970 or beyond chrono's range give None.
+    pub fn next_after(&self, anchor_ms: i64, after_ms: i64) -> Option<i64> {
         let after = DateTime::from_timestamp_millis(after_ms).filter(|_| after_ms >= 0)?;
         match &self.kind {
             Kind::Every(every) => {
-                let next = after_ms.checked_add(i64::try_from(every.as_millis()).ok()?)?;
+                let every = i64::try_from(every.as_millis()).ok()?;
+                // Slots strictly after `after_ms`, and never the anchor itself.
+                let k = if after_ms < anchor_ms {
+                    1
+                } else {
+                    (after_ms - anchor_ms).div_euclid(every).checked_add(1)?
+                };
+                let next = anchor_ms.checked_add(k.checked_mul(every)?)?;
                 DateTime::from_timestamp_millis(next).map(|_| next)
             }
             // Croner drops sub-second parts and, when not inclusive, starts one
@@ -102,13 +113,29 @@ impl Schedule {
         }
     }
 
-    /// Whether a run is due at `now_ms`, given the last firing (or, before the first,
-    /// the time the trigger was created) `last_ms`: returns the first slot in
-    /// `(last_ms, now_ms]` if any. After downtime spanning many slots it still returns
-    /// one slot: the caller fires once and records `now_ms` as the new last firing,
-    /// so a missed run fires once, not once per missed slot.
-    pub fn due(&self, last_ms: i64, now_ms: i64) -> Option<i64> {
-        self.next_after(last_ms).filter(|slot| *slot <= now_ms)
+    /// The slot to fire at `now_ms`, if one is due: given the last slot fired
+    /// (or, before the first, the trigger's creation) `last_ms`, some slot
+    /// lies in `(last_ms, now_ms]`. After downtime spanning several slots it
+    /// returns only the latest of them: the missed ones are skipped and one
+    /// catch-up run fires (as a Kubernetes CronJob starts only the most
+    /// recent missed schedule). The caller records the returned slot as the
+    /// last one fired, so the next is the following slot of the schedule.
+    pub fn due(&self, anchor_ms: i64, last_ms: i64, now_ms: i64) -> Option<i64> {
+        let first = self
+            .next_after(anchor_ms, last_ms)
+            .filter(|slot| *slot <= now_ms)?;
+        let latest = match &self.kind {
+            Kind::Every(every) => {
+                let every = i64::try_from(every.as_millis()).ok()?;
+                // `first` is on the grid and <= now, so this is too.
+                Some(now_ms - now_ms.checked_sub(anchor_ms)?.rem_euclid(every))
+            }
+            Kind::Cron(cron) => DateTime::from_timestamp_millis(now_ms)
+                .and_then(|now| cron.find_previous_occurrence(&now, true).ok())
+                .map(|slot| slot.timestamp_millis()),
+        };
+        let latest = latest.filter(|latest| (first..=now_ms).contains(latest));
+        Some(latest.unwrap_or(first))
     }
 
     /// The text it was parsed from, normalised (trimmed, single spaces).
@@ -230,59 +257,104 @@ mod tests {
             ("@weekly", "2024-03-08 00:00:00", "2024-03-10 00:00:00"),
             ("0 0 29 2 *", "2024-03-01 00:00:00", "2028-02-29 00:00:00"),
         ];
+        // Cron slots are wall-clock times: the anchor plays no part.
+        let anchor = at("2024-03-01 11:59:31") + 7;
         for (text, after, expected) in cases {
-            let next = Schedule::parse(text).unwrap().next_after(at(after));
+            let next = Schedule::parse(text).unwrap().next_after(anchor, at(after));
             assert_eq!(next, Some(at(expected)), "{text} after {after}");
         }
         let s = Schedule::parse("  */5   *  * * * ").unwrap();
         assert_eq!(s.as_str(), "*/5 * * * *");
         // Sub-second parts count: 250 ms past a slot is after it.
         let slot = at("2024-03-01 12:05:00");
-        assert_eq!(s.next_after(slot - 1), Some(slot));
-        assert_eq!(s.next_after(slot + 250), Some(slot + 300_000));
+        assert_eq!(s.next_after(anchor, slot - 1), Some(slot));
+        assert_eq!(s.next_after(anchor, slot + 250), Some(slot + 300_000));
     }
 
     #[test]
-    fn every_is_anchored_at_the_last_firing() {
+    fn every_keeps_a_grid_anchored_at_the_creation() {
         let s = Schedule::parse("@every 30s").unwrap();
-        let last = at("2024-03-01 12:00:07") + 123;
-        assert_eq!(s.next_after(last), Some(last + 30_000));
-        assert_eq!(s.due(last, last + 29_999), None);
-        assert_eq!(s.due(last, last + 30_000), Some(last + 30_000));
+        let created = at("2024-03-01 12:00:07") + 123;
+        // Before the first firing `last` is the creation: slots are created + k*30s.
+        assert_eq!(s.next_after(created, created), Some(created + 30_000));
+        assert_eq!(s.due(created, created, created + 29_999), None);
+        assert_eq!(
+            s.due(created, created, created + 30_000),
+            Some(created + 30_000)
+        );
+        // A late firing does not re-anchor: the slot, not the firing time,
+        // is recorded, and the next slot is a whole interval after it.
+        let fired = s.due(created, created, created + 31_500).unwrap();
+        assert_eq!(fired, created + 30_000);
+        assert_eq!(s.next_after(created, fired), Some(created + 60_000));
+        // Wherever `after` falls, the next slot is on the grid.
+        for offset in [0, 1, 29_999, 30_000, 30_001, 95_000] {
+            let next = s.next_after(created, created + offset).unwrap();
+            assert_eq!((next - created) % 30_000, 0, "{offset}");
+            assert!(next > created + offset && next <= created + offset + 30_000);
+        }
+        // A time before the anchor (a clock set back) waits for the first slot.
+        assert_eq!(
+            s.next_after(created, created - 5_000),
+            Some(created + 30_000)
+        );
+        assert_eq!(s.due(created, created, created - 5_000), None);
+        // A record an older node wrote (its firing time, off the grid)
+        // rejoins the grid.
+        assert_eq!(
+            s.next_after(created, created + 31_500),
+            Some(created + 60_000)
+        );
         let s = Schedule::parse("@every 1m30s").unwrap();
-        assert_eq!(s.next_after(0), Some(90_000));
+        assert_eq!(s.next_after(0, 0), Some(90_000));
     }
 
     #[test]
-    fn due_after_a_three_day_gap_returns_one_slot() {
+    fn after_downtime_one_catch_up_fires_for_the_latest_missed_slot() {
         let s = Schedule::parse("*/5 * * * *").unwrap();
-        let now = at("2024-03-04 12:02:00");
-        let due = s.due(at("2024-03-01 12:00:00"), now);
-        assert_eq!(due, Some(at("2024-03-01 12:05:00")));
-        // The caller records `now` as the last firing: nothing until the next slot.
-        assert_eq!(s.due(now, now + 1), None);
-        let slot = at("2024-03-04 12:05:00");
-        assert_eq!(s.due(now, slot), Some(slot));
+        let created = at("2024-03-01 11:58:00");
+        let last = at("2024-03-01 12:00:00");
+        let now = at("2024-03-04 12:07:30");
+        // Three days of slots missed: the latest one fires, once.
+        let due = s.due(created, last, now);
+        assert_eq!(due, Some(at("2024-03-04 12:05:00")));
+        // Recorded as the last slot: nothing more until the next one.
+        assert_eq!(s.due(created, due.unwrap(), now), None);
+        let slot = at("2024-03-04 12:10:00");
+        assert_eq!(s.due(created, due.unwrap(), slot - 1), None);
+        assert_eq!(s.due(created, due.unwrap(), slot), Some(slot));
+        // The same for a grid.
+        let s = Schedule::parse("@every 1h").unwrap();
+        let due = s.due(created, created, created + 50 * 3_600_000 + 5);
+        assert_eq!(due, Some(created + 50 * 3_600_000));
+        // A cron slot between whole seconds of `now` is found too.
+        let s = Schedule::parse("* * * * *").unwrap();
+        let minute = at("2024-03-01 12:05:00");
+        assert_eq!(s.due(created, minute - 60_000, minute + 250), Some(minute));
+        assert_eq!(s.due(created, minute - 3 * 60_000, minute), Some(minute));
     }
 
     #[test]
     fn due_boundaries() {
         let s = Schedule::parse("0 * * * *").unwrap();
         let (last, slot) = (at("2024-03-01 12:30:00"), at("2024-03-01 13:00:00"));
-        assert_eq!(s.due(last, slot - 1), None);
-        assert_eq!(s.due(last, slot), Some(slot)); // slot == now: due
-        assert_eq!(s.due(slot, slot + 60_000), None); // slot == last: already fired
-        assert_eq!(s.due(slot, slot - 1), None); // the clock went back
+        let anchor = last;
+        assert_eq!(s.due(anchor, last, slot - 1), None);
+        assert_eq!(s.due(anchor, last, slot), Some(slot)); // slot == now: due
+        assert_eq!(s.due(anchor, slot, slot + 60_000), None); // slot == last: already fired
+        assert_eq!(s.due(anchor, slot, slot - 1), None); // the clock went back
     }
 
     #[test]
     fn out_of_range_times_give_none() {
         for text in ["* * * * *", "@every 1s"] {
             let s = Schedule::parse(text).unwrap();
-            assert_eq!(s.next_after(-1), None);
-            assert_eq!(s.next_after(i64::MAX - 10), None);
-            assert_eq!(s.due(i64::MIN, i64::MAX), None);
+            assert_eq!(s.next_after(0, -1), None);
+            assert_eq!(s.next_after(0, i64::MAX - 10), None);
+            assert_eq!(s.due(0, i64::MIN, i64::MAX), None);
         }
+        let s = Schedule::parse("@every 1s").unwrap();
+        assert_eq!(s.next_after(i64::MAX - 10, 0), None);
     }
 
     fn assert_refused(cases: &[(&str, &str)]) {

@@ -49,6 +49,9 @@ pub struct Status {
     pub ledger_pending: i64,
     /// The node's data directory.
     pub data_dir: String,
+    /// Largest component this node accepts for deploy, in bytes (`mayfly
+    /// serve --max-component-mb`), so a client can check before uploading.
+    pub max_component_bytes: usize,
     /// Each function's tier and instances.
     pub scaling: Vec<FunctionScalingStatus>,
     /// In a fleet: the link to it (NATS connection, usage not yet

@@ -243,7 +243,38 @@ pub(crate) fn validate_routes(routes: &[String]) -> Result<(), String> {
             long.len()
         ));
     }
+    for route in routes {
+        check_route_form(route)?;
+    }
     Ok(())
+}
+
+/// A route is a path (`/greet`) or an explicit host route: a host name with
+/// a dot, or `localhost`, optionally with a port, then an optional path
+/// (`greet.example.com/`, `localhost:8080/greet`). Anything else, such as
+/// `greet`, is most likely a path missing its slash: taken as a host, it
+/// would serve only requests to a host nobody calls, and `/greet` would
+/// answer 404. Checked at deploy only; routes stored before keep working.
+fn check_route_form(route: &str) -> Result<(), String> {
+    let text = route.trim();
+    if text.is_empty() || text.starts_with('/') {
+        // An empty route is refused by the parser, with its own message.
+        return Ok(());
+    }
+    let (host, path) = text.split_at(text.find('/').unwrap_or(text.len()));
+    // A bad port is the parser's to report; judge the name alone here.
+    let name = crate::routes::strip_port(host).unwrap_or(host);
+    if name.contains('.') || name.eq_ignore_ascii_case("localhost") {
+        return Ok(());
+    }
+    let path = if path.is_empty() { "/" } else { path };
+    Err(format!(
+        "route `{}` is neither a path nor a host route: write `/{}` (a path prefix, served on \
+         any host) or a host route like `{name}.example.com{path}` (a host name with a dot, or \
+         `localhost`, optionally with a port, then an optional path)",
+        route.escape_debug(),
+        text.trim_end_matches('/').escape_debug()
+    ))
 }
 
 /// Parses routes as written, dropping repeats.
@@ -369,6 +400,48 @@ mod tests {
         let error = validate_routes(&[long]).unwrap_err();
         assert!(error.contains("at most 1024 bytes"), "{error}");
         assert!(validate_routes(&[format!("/{}", "a".repeat(MAX_ROUTE_BYTES - 1))]).is_ok());
+    }
+
+    #[test]
+    fn a_route_is_a_path_or_an_explicit_host_route() {
+        for good in [
+            "/greet",
+            "/",
+            "/greet/*",
+            "example.com",
+            "example.com/greet",
+            "Shop.Example.COM/api/*",
+            "localhost",
+            "LOCALHOST/greet",
+            "localhost:8080/greet",
+            "127.0.0.1/x",
+            "shop.test:8443",
+        ] {
+            assert!(validate_routes(&[good.to_string()]).is_ok(), "{good}");
+            assert!(parse_routes(&[good.to_string()]).is_ok(), "{good}");
+        }
+        for (bad, path) in [
+            ("greet", "`/greet`"),
+            ("greet/", "`/greet`"),
+            ("greet/hello", "`/greet/hello`"),
+            ("api:8080/x", "`/api:8080/x`"),
+            ("localhost-2/a", "`/localhost-2/a`"),
+        ] {
+            let error = validate_routes(&[bad.to_string()]).unwrap_err();
+            assert!(
+                error.contains(&format!("route `{bad}` is neither")),
+                "{error}"
+            );
+            assert!(error.contains(&format!("write {path}")), "{bad}: {error}");
+            assert!(error.contains(".example.com"), "{error}");
+            assert!(error.contains("`localhost`"), "{error}");
+        }
+        // Every route is checked, not just the first.
+        let error = validate_routes(&["/ok".into(), "greet".into()]).unwrap_err();
+        assert!(error.contains("`greet`"), "{error}");
+        // Stored routes are read by the parser alone, which keeps accepting
+        // what older nodes took.
+        assert!(parse_routes(&["greet".to_string()]).is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use wasmtime_wasi_http::Error;
 pub(crate) struct BodyFlags {
     request_too_large: AtomicBool,
     response_too_large: AtomicBool,
+    response_abandoned: AtomicBool,
 }
 
 impl BodyFlags {
@@ -27,6 +28,12 @@ impl BodyFlags {
 
     pub(crate) fn response_too_large(&self) -> bool {
         self.response_too_large.load(Ordering::Relaxed)
+    }
+
+    /// Whether the response body was dropped before all of it was sent:
+    /// the client went away (hyper drops the body with the connection).
+    pub(crate) fn response_abandoned(&self) -> bool {
+        self.response_abandoned.load(Ordering::Relaxed)
     }
 }
 
@@ -97,8 +104,9 @@ where
 
 pin_project_lite::pin_project! {
     /// A body that fails with the wasi:http size error once more than `max`
-    /// bytes went through it.
-    pub(crate) struct LimitedBody<B> {
+    /// bytes went through it. A response body watched with
+    /// [`LimitedBody::watch_abandon`] also flags being dropped unfinished.
+    pub(crate) struct LimitedBody<B: Body> {
         #[pin]
         inner: B,
         left: u64,
@@ -106,10 +114,31 @@ pin_project_lite::pin_project! {
         exceeded: bool,
         direction: Direction,
         flags: Arc<BodyFlags>,
+        // Watching for a drop before the end; the length the head declared.
+        watch: bool,
+        declared: Option<u64>,
+        // Whether the body ended (its last frame, or an error) while read.
+        ended: bool,
+    }
+
+    impl<B: Body> PinnedDrop for LimitedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.watch || *this.ended || this.inner.is_end_stream() {
+                return;
+            }
+            // hyper stops reading a body once its declared length is sent
+            // and may drop it before the guest closes it: that is complete.
+            let sent = *this.max - *this.left;
+            if this.declared.is_some_and(|declared| sent >= declared) {
+                return;
+            }
+            this.flags.response_abandoned.store(true, Ordering::Relaxed);
+        }
     }
 }
 
-impl<B> LimitedBody<B> {
+impl<B: Body> LimitedBody<B> {
     pub(crate) fn new(inner: B, max: u64, direction: Direction, flags: Arc<BodyFlags>) -> Self {
         Self {
             inner,
@@ -118,7 +147,18 @@ impl<B> LimitedBody<B> {
             exceeded: false,
             direction,
             flags,
+            watch: false,
+            declared: None,
+            ended: false,
         }
+    }
+
+    /// Flags the body as abandoned if it is dropped before its end, given
+    /// the length its head declared, if any.
+    pub(crate) fn watch_abandon(mut self, declared: Option<u64>) -> Self {
+        self.watch = true;
+        self.declared = declared;
+        self
     }
 }
 
@@ -140,8 +180,15 @@ where
         }
         let frame = match ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
-            None => return Poll::Ready(None),
+            Some(Err(error)) => {
+                // The guest's side failed: an error, not an abandoned body.
+                *this.ended = true;
+                return Poll::Ready(Some(Err(error.into())));
+            }
+            None => {
+                *this.ended = true;
+                return Poll::Ready(None);
+            }
         };
         let len = frame.data_ref().map_or(0, |data| data.len() as u64);
         if len > *this.left {
@@ -151,6 +198,7 @@ where
                 Direction::Request => this.flags.request_too_large.store(true, Ordering::Relaxed),
                 Direction::Response => this.flags.response_too_large.store(true, Ordering::Relaxed),
             }
+            *this.ended = true;
             let left = std::mem::take(this.left) as usize;
             if let Ok(mut data) = frame.into_data()
                 && left > 0
@@ -214,5 +262,48 @@ mod tests {
         assert_eq!(&first[..], b"1234");
         assert!(body.frame().await.unwrap().is_err());
         assert!(flags.response_too_large());
+    }
+
+    /// A response body of two frames, "abc" then "def", ending after them.
+    fn two_frames() -> impl Body<Data = Bytes, Error = Error> {
+        let frames: Vec<Result<Frame<Bytes>, Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+        ];
+        http_body_util::StreamBody::new(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_is_abandoned() {
+        let watched = |declared| {
+            let flags = Arc::new(BodyFlags::default());
+            let body = LimitedBody::new(two_frames(), 100, Direction::Response, flags.clone())
+                .watch_abandon(declared);
+            (body, flags)
+        };
+        // Dropped after one frame of two: the client went away.
+        let (mut body, flags) = watched(None);
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert!(flags.response_abandoned());
+        // Read to its end: not abandoned.
+        let (body, flags) = watched(None);
+        body.collect().await.unwrap();
+        assert!(!flags.response_abandoned());
+        // Dropped once its declared length went out (hyper stops there).
+        let (mut body, flags) = watched(Some(6));
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert!(!flags.response_abandoned());
+        // An unwatched body (HEAD, 204, 304, requests) is never flagged.
+        let flags = Arc::new(BodyFlags::default());
+        drop(LimitedBody::new(
+            two_frames(),
+            100,
+            Direction::Response,
+            flags.clone(),
+        ));
+        assert!(!flags.response_abandoned());
     }
 }

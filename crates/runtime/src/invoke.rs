@@ -133,6 +133,11 @@ pub enum Outcome {
     Oom,
     /// The node shut down before the invocation finished.
     Killed,
+    /// The client went away before the response was done (before its head
+    /// could be handed over, or while its body was still flowing), and the
+    /// guest then failed or finished unheard. Not the function's error: a
+    /// guest whose writes fail because nobody reads them is not broken.
+    ClientClosed,
 }
 
 /// What one invocation used and how it ended. Reported once, when the guest
@@ -337,6 +342,7 @@ impl Function {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        let head_request = request.method() == http::Method::HEAD;
         // A client that trickles a chunked body holds buffer memory, not an
         // instance; the function's timeout bounds that too.
         let request = tokio::time::timeout(
@@ -377,7 +383,7 @@ impl Function {
                 state.caps = caps;
                 (store, Some(kept.proxy), kept.served)
             }
-            None => (self.new_store(&labels, caps, limits, logs), None, 0),
+            None => (self.new_store(&labels, caps, limits, &logs), None, 0),
         };
         // A fresh slice: the guest runs in the foreground until it ends.
         let slice_spent = Arc::new(AtomicBool::new(false));
@@ -411,6 +417,8 @@ impl Function {
             limits: limits.clone(),
             flags,
             reports,
+            logs,
+            head_request,
             started_at,
             started,
         };
@@ -442,7 +450,7 @@ impl Function {
         labels: &Arc<RequestLabels>,
         caps: Arc<Capabilities>,
         limits: &InvocationLimits,
-        logs: Arc<dyn LogSink>,
+        logs: &Arc<dyn LogSink>,
     ) -> Store<InvocationState> {
         let stdout = GuestOutput::new(
             labels.clone(),
@@ -452,7 +460,7 @@ impl Function {
         );
         let stderr = GuestOutput::new(
             labels.clone(),
-            logs,
+            logs.clone(),
             LogStream::Stderr,
             limits.max_log_bytes,
         );
@@ -595,6 +603,11 @@ struct GuestRun {
     limits: InvocationLimits,
     flags: Arc<BodyFlags>,
     reports: Arc<dyn ReportSink>,
+    /// Where the platform's own line about a failure goes, beside the
+    /// guest's output.
+    logs: Arc<dyn LogSink>,
+    /// Whether the request was a HEAD, whose response carries no body.
+    head_request: bool,
     started_at: SystemTime,
     started: Instant,
 }
@@ -615,6 +628,8 @@ impl GuestRun {
         let mut awaiting_head = true;
         let mut status = None;
         let mut head_failed = false;
+        // Whether the caller was gone when the head was ready for it.
+        let mut head_unheard = false;
         let (end, cpu) = {
             let pre = &self.pre;
             let mut guest = std::pin::pin!(CpuMetered::new(async {
@@ -646,7 +661,7 @@ impl GuestRun {
                         if let Ok(head) = head
                             && let Some(tx) = head_tx.take()
                         {
-                            (status, head_failed) = self.send_head(tx, head);
+                            (status, head_failed, head_unheard) = self.send_head(tx, head);
                         }
                     }
                     result = guest.as_mut() => break End::Returned(result),
@@ -662,7 +677,7 @@ impl GuestRun {
             && let Ok(head) = response_rx.try_recv()
             && let Some(tx) = head_tx.take()
         {
-            (status, head_failed) = self.send_head(tx, head);
+            (status, head_failed, head_unheard) = self.send_head(tx, head);
         }
 
         let wall = self.started.elapsed();
@@ -698,6 +713,11 @@ impl GuestRun {
                 "invocation failed: {error}"
             );
         }
+        // What the function's author reads in its logs about a failure the
+        // client is only told the request id of.
+        let mut failure_line = failure
+            .as_ref()
+            .map(|error| format!("mayfly: the invocation failed: {error}"));
         if let Some(tx) = head_tx {
             let error = if self.flags.request_too_large() {
                 InvocationError::RequestTooLarge(self.limits.max_request_bytes)
@@ -705,7 +725,32 @@ impl GuestRun {
                 failure.unwrap_or(InvocationError::NoResponse)
             };
             status = Some(error.status().as_u16());
-            let _ = tx.send(Err(error));
+            failure_line = Some(format!("mayfly: the invocation failed: {error}"));
+            // Gone before any answer (a request body that stopped arriving
+            // with its client can be why the guest failed).
+            head_unheard = tx.send(Err(error)).is_err();
+        } else if failure_line.is_none() && self.flags.response_too_large() {
+            failure_line = Some(format!(
+                "mayfly: the invocation failed: {}",
+                InvocationError::ResponseTooLarge(self.limits.max_response_bytes)
+            ));
+        }
+        // A guest that fails (or finishes) because its client left is not
+        // at fault; limits it broke and the node's shutdown still count.
+        let client_gone = head_unheard || self.flags.response_abandoned();
+        let outcome = match outcome {
+            Outcome::Ok | Outcome::Error if client_gone => Outcome::ClientClosed,
+            outcome => outcome,
+        };
+        if head_unheard {
+            // The client never received it.
+            status = None;
+        }
+        if outcome == Outcome::ClientClosed {
+            failure_line = Some(match failure_line {
+                Some(line) => format!("{line} (after the client went away)"),
+                None => "mayfly: the client went away before the response was done".to_string(),
+            });
         }
 
         // Only an instance that finished a request cleanly is reused: after a
@@ -726,6 +771,18 @@ impl GuestRun {
             // Frees the instance slot and flushes the last partial log line.
             _ => drop(store),
         }
+        // After the guest's own last line, and whatever its log cap: one
+        // line per invocation cannot flood the log. A log line holds no
+        // newline, and an error's text (a backtrace) may.
+        if let Some(line) = failure_line {
+            let line: Vec<&str> = line
+                .lines()
+                .map(str::trim)
+                .filter(|part| !part.is_empty())
+                .collect();
+            self.logs
+                .line(&self.labels, LogStream::Stderr, &line.join("; "));
+        }
 
         self.reports.finished(
             &self.labels,
@@ -741,21 +798,39 @@ impl GuestRun {
     }
 
     /// Hands the guest's response head to the caller, with its body bounded
-    /// by the response limit. Returns the status the client gets and whether
-    /// it is an error in place of the guest's response.
+    /// by the response limit. Returns the status the client gets, whether
+    /// it is an error in place of the guest's response, and whether the
+    /// caller was already gone.
     fn send_head(
         &self,
         tx: HeadSender,
         head: Result<hyper::Response<HyperOutgoingBody>, ErrorCode>,
-    ) -> (Option<u16>, bool) {
+    ) -> (Option<u16>, bool, bool) {
         let max = self.limits.max_response_bytes;
         let answer = match head {
-            Ok(response) if declared_length(response.headers()).is_some_and(|len| len > max) => {
-                Err(InvocationError::ResponseTooLarge(max))
+            Ok(response) => {
+                let declared = declared_length(response.headers());
+                if declared.is_some_and(|len| len > max) {
+                    Err(InvocationError::ResponseTooLarge(max))
+                } else {
+                    // Only a body the client should receive in full can be
+                    // abandoned: HEAD, 1xx, 204 and 304 answers carry none.
+                    let status = response.status();
+                    let has_body = !self.head_request
+                        && !status.is_informational()
+                        && status != http::StatusCode::NO_CONTENT
+                        && status != http::StatusCode::NOT_MODIFIED;
+                    Ok(response.map(|body| {
+                        let body =
+                            LimitedBody::new(body, max, Direction::Response, self.flags.clone());
+                        if has_body {
+                            body.watch_abandon(declared).boxed_unsync()
+                        } else {
+                            body.boxed_unsync()
+                        }
+                    }))
+                }
             }
-            Ok(response) => Ok(response.map(|body| {
-                LimitedBody::new(body, max, Direction::Response, self.flags.clone()).boxed_unsync()
-            })),
             Err(code) => Err(InvocationError::ErrorCode(format!("{code:?}"))),
         };
         let status = match &answer {
@@ -763,8 +838,8 @@ impl GuestRun {
             Err(error) => error.status(),
         };
         let failed = answer.is_err();
-        let _ = tx.send(answer);
-        (Some(status.as_u16()), failed)
+        let unheard = tx.send(answer).is_err();
+        (Some(status.as_u16()), failed, unheard)
     }
 }
 

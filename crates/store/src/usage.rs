@@ -19,23 +19,27 @@ pub enum Outcome {
     Oom,
     /// The invocation was refused for lack of capacity or quota.
     Throttled,
-    /// The platform ended the invocation (shutdown, client gone, operator).
+    /// The platform ended the invocation (shutdown, operator).
     Killed,
+    /// The client went away before the response was done. Billed (the
+    /// function ran), but not an error of the function.
+    ClientClosed,
 }
 
 impl Outcome {
     /// Every outcome, in declaration order.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Ok,
         Outcome::Error,
         Outcome::Timeout,
         Outcome::Oom,
         Outcome::Throttled,
         Outcome::Killed,
+        Outcome::ClientClosed,
     ];
 
     /// The stored and serialized name: `ok`, `error`, `timeout`, `oom`,
-    /// `throttled` or `killed`.
+    /// `throttled`, `killed` or `client_closed`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -44,12 +48,20 @@ impl Outcome {
             Outcome::Oom => "oom",
             Outcome::Throttled => "throttled",
             Outcome::Killed => "killed",
+            Outcome::ClientClosed => "client_closed",
         }
     }
 
     /// The outcome named `text` (as [`Outcome::as_str`] spells it).
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+
+    /// Whether it counts as an error in usage totals: every outcome but
+    /// `ok` and `client_closed` (the client leaving is not the function's
+    /// failure).
+    pub fn is_error(self) -> bool {
+        !matches!(self, Outcome::Ok | Outcome::ClientClosed)
     }
 }
 
@@ -171,7 +183,7 @@ pub struct UsageQuery {
     pub function: Option<String>,
 }
 
-/// Counts per outcome (serialized as a JSON object with all six keys).
+/// Counts per outcome (serialized as a JSON object with all seven keys).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutcomeCounts {
     /// Invocations that returned.
@@ -186,6 +198,10 @@ pub struct OutcomeCounts {
     pub throttled: u64,
     /// Invocations the platform ended.
     pub killed: u64,
+    /// Invocations whose client went away before the response was done.
+    /// Defaults to 0 in JSON from nodes that predate it.
+    #[serde(default)]
+    pub client_closed: u64,
 }
 
 impl OutcomeCounts {
@@ -198,6 +214,7 @@ impl OutcomeCounts {
             Outcome::Oom => self.oom,
             Outcome::Throttled => self.throttled,
             Outcome::Killed => self.killed,
+            Outcome::ClientClosed => self.client_closed,
         }
     }
 
@@ -209,6 +226,7 @@ impl OutcomeCounts {
             Outcome::Oom => &mut self.oom,
             Outcome::Throttled => &mut self.throttled,
             Outcome::Killed => &mut self.killed,
+            Outcome::ClientClosed => &mut self.client_closed,
         }
     }
 }
@@ -228,7 +246,8 @@ pub struct UsageRow {
     pub period_start_ms: Option<i64>,
     /// Number of invocations.
     pub invocations: u64,
-    /// Invocations whose outcome is not [`Outcome::Ok`].
+    /// Invocations that count as errors ([`Outcome::is_error`]): all but
+    /// `ok` and `client_closed`.
     pub errors: u64,
     /// Invocations per outcome.
     pub outcomes: OutcomeCounts,

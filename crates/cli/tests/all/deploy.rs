@@ -139,6 +139,55 @@ fn bad_names_routes_and_requests_get_clear_errors() {
 }
 
 #[test]
+fn a_route_that_is_neither_a_path_nor_a_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let hello = guest("hello");
+    let hello = hello.to_str().unwrap();
+
+    // `greet` once silently became a host route, and `/greet` answered 404.
+    let (ok, stdout, stderr) = node.cli(&["deploy", "greet", hello, "--route", "greet"]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("route `greet` is neither"), "{stderr}");
+    assert!(stderr.contains("`/greet`"), "shows the path form: {stderr}");
+    assert!(
+        stderr.contains("`greet.example.com/`") && stderr.contains("`localhost`"),
+        "shows the host form: {stderr}"
+    );
+    assert_eq!(node.admin_json("/v1/functions"), serde_json::json!([]));
+
+    // The admin API answers 400 with the same message.
+    let boundary = "route-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n\
+         {{\"routes\": [\"/ok\", \"greet/hello\"]}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"component\"; \
+         filename=\"c.wasm\"\r\nContent-Type: application/wasm\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&std::fs::read(hello).unwrap());
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut response = agent()
+        .post(format!("{}/v1/functions/greet/versions", node.admin))
+        .header("authorization", node.bearer())
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send(&body[..])
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let json: Value = response.body_mut().read_json().unwrap();
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("write `/greet/hello`"), "{message}");
+
+    // Both accepted forms deploy and serve.
+    node.deploy("greet", "hello", &["/greet", "localhost:8080/local"]);
+    assert_eq!(node.get("/greet").0, 200);
+    assert_eq!(node.get("/local").0, 404, "a host route needs its host");
+}
+
+#[test]
 fn each_deploy_is_a_new_version_and_identical_content_is_not_recompiled() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());

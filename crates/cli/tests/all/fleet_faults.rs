@@ -215,6 +215,14 @@ fn a_schedule_fires_once_per_slot_with_three_nodes_running() {
     let servers = NatsServers::single();
     let (_dirs, nodes) = start_fleet(&servers, 3);
     nodes[0].deploy("tick", "events", &[]);
+    // Every node's logs of `tick` are read below: wait until each knows it
+    // (a node that has not followed the deploy yet answers 404).
+    eventually(Duration::from_secs(30), "every node knows tick", || {
+        nodes
+            .iter()
+            .all(|node| node.admin_json("/v1/functions/tick")["name"] == "tick")
+            .then_some(())
+    });
     let (ok, _, stderr) = nodes[1].cli(&["trigger", "add", "tick", "--schedule", "@every 1s"]);
     assert!(ok, "{stderr}");
     let node_refs: Vec<&Node> = nodes.iter().collect();

@@ -304,6 +304,78 @@ fn an_upload_over_the_limit_answers_413_naming_it() {
 }
 
 #[test]
+fn the_upload_limit_is_set_on_the_node_and_checked_before_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(dir.path(), &["--max-component-mb", "1"]);
+    assert_eq!(
+        node.admin_json("/v1/status")["max_component_bytes"],
+        1 << 20
+    );
+    let body = deploy_body("limit-boundary", &vec![0u8; 2 << 20], None);
+    let head = |framing: &str| {
+        format!(
+            "POST /v1/functions/big/versions HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\n\
+             Content-Type: multipart/form-data; boundary=limit-boundary\r\n{framing}",
+            address(&node.admin),
+            node.bearer(),
+        )
+    };
+    let refused = |answer: &Raw| {
+        assert_eq!(answer.status, 413, "{}", answer.body);
+        let json: Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(json["error"]["code"], "too_large", "{json}");
+        let message = json["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("at most 1 MiB"), "{message}");
+        assert!(message.contains("--max-component-mb"), "{message}");
+        assert!(!message.contains("multipart"), "{message}");
+    };
+
+    // A declared length over the limit is answered without the body: a
+    // client expecting `100 Continue` sends none, and gets the 413 at once.
+    let answer = raw(
+        address(&node.admin),
+        &head(&format!(
+            "Content-Length: {}\r\nExpect: 100-continue",
+            body.len()
+        )),
+        Vec::new(),
+    );
+    refused(&answer);
+
+    // A chunked body is cut off at the limit with the same answer.
+    let mut chunked = Vec::new();
+    for chunk in body.chunks(64 << 10) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    refused(&raw(
+        address(&node.admin),
+        &head("Transfer-Encoding: chunked"),
+        chunked,
+    ));
+
+    // The CLI checks the file against the node's limit before uploading.
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, vec![0u8; 3 << 19]).unwrap();
+    let (ok, _, stderr) = node.cli(&["deploy", "big", big.to_str().unwrap(), "--route", "/big"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("is 1.5 MiB, over the node's limit of 1 MiB")
+            && stderr.contains("--max-component-mb"),
+        "{stderr}"
+    );
+
+    // Within the limit, deploys work as ever.
+    node.deploy("hello", "hello", &["/hello"]);
+    assert_eq!(
+        node.admin_json("/v1/functions").as_array().unwrap().len(),
+        1
+    );
+}
+
+#[test]
 fn a_deploy_with_too_many_routes_is_refused_naming_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());

@@ -117,6 +117,29 @@ fn trapping_guest_gets_500_while_others_keep_serving() {
     eventually(Duration::from_secs(10), "40 failed invocations", || {
         (node.admin_json("/v1/status")["failed_invocations"] == 40).then_some(())
     });
+
+    // A public client learns only that it failed, and the request id...
+    let (status, body, id) = node.request("GET", "/trap", b"");
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 500);
+    assert_eq!(body, format!("the function failed; request id {id}\n"));
+    // ...while the function's logs say why, under that request id.
+    let line = eventually(Duration::from_secs(20), "the failure's log line", || {
+        let lines = node.admin_json("/v1/functions/trap/logs?tail=1000");
+        lines.as_array()?.iter().find_map(|line| {
+            let text = line["line"].as_str()?;
+            (line["request_id"] == id.as_str() && text.starts_with("mayfly: "))
+                .then(|| text.to_string())
+        })
+    });
+    assert!(
+        line.starts_with("mayfly: the invocation failed: the function trapped"),
+        "{line}"
+    );
+    // An operator invoking through the admin API is told why at once.
+    let (status, body) = node.invoke_get("trap", "/trap");
+    assert_eq!(status, 500);
+    assert!(body.contains("the function trapped"), "{body}");
 }
 
 #[test]

@@ -138,6 +138,53 @@ fn every_invocation_leaves_exactly_one_record() {
 }
 
 #[test]
+fn a_client_that_leaves_mid_request_is_client_closed_not_an_error() {
+    use std::io::Write as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("sleepy", "hostile", &["/"]);
+    let address = node.gateway.strip_prefix("http://").unwrap();
+    let mut client = std::net::TcpStream::connect(address).unwrap();
+    client
+        .write_all(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    eventually(Duration::from_secs(10), "the invocation to start", || {
+        (node.admin_json("/v1/status")["instances_in_flight"] == 1).then_some(())
+    });
+    // The client gives up before the function answers.
+    drop(client);
+
+    let records = node.await_usage_records("sleepy", 1);
+    let record = &records[0];
+    assert_eq!(record["outcome"], "client_closed", "{record}");
+    assert!(record["status"].is_null(), "nothing reached it: {record}");
+    assert!(
+        record["billed_ms"].as_u64().unwrap() >= 1500,
+        "it ran: {record}"
+    );
+
+    // Counted, billed, but not an error.
+    let usage = node.admin_json("/v1/usage?function=sleepy");
+    assert_eq!(usage["total"]["invocations"], 1, "{usage}");
+    assert_eq!(usage["total"]["errors"], 0, "{usage}");
+    assert_eq!(usage["total"]["outcomes"]["client_closed"], 1, "{usage}");
+    assert_eq!(node.admin_json("/v1/status")["failed_invocations"], 0);
+    assert!(
+        node.metrics()
+            .contains("mayfly_invocations_total{function=\"sleepy\",outcome=\"client_closed\"} 1")
+    );
+    // The function's author can see what happened.
+    eventually(Duration::from_secs(20), "the log line", || {
+        let lines = node.admin_json("/v1/functions/sleepy/logs");
+        lines.as_array()?.iter().find(|line| {
+            line["line"] == "mayfly: the client went away before the response was done"
+        })?;
+        Some(())
+    });
+}
+
+#[test]
 fn sigterm_lets_running_invocations_finish_and_records_them() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_with(dir.path(), &["--shutdown-grace", "20s"]);

@@ -62,8 +62,9 @@ impl Deployments {
             .map_err(PlatformError::BadRequest)?;
         check_grants(&config)?;
         if wasm.len() > self.parts.config.max_component_bytes {
-            return Err(PlatformError::BadRequest(format!(
-                "the component is {} bytes, over this node's limit of {} bytes",
+            return Err(PlatformError::TooLarge(format!(
+                "the component is {} bytes, over this node's limit of {} bytes; raise it with \
+                 `mayfly serve --max-component-mb N`",
                 wasm.len(),
                 self.parts.config.max_component_bytes
             )));

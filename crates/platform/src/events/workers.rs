@@ -50,7 +50,10 @@ impl EventWorkers {
                 std::future::ready(())
             });
         }
-        let task = tokio::spawn(scheduler::run(self.hub.clone()));
+        let task = tokio::spawn(scheduler::run(
+            self.hub.clone(),
+            Arc::new(crate::clock::SystemClock),
+        ));
         *self.hub.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.sync();
         Ok(())

@@ -66,7 +66,7 @@ pub(crate) fn expected(records: &[&UsageRecord]) -> UsageRow {
         version: None,
         period_start_ms: None,
         invocations: records.len() as u64,
-        errors: records.iter().filter(|r| r.outcome != Outcome::Ok).count() as u64,
+        errors: records.iter().filter(|r| r.outcome.is_error()).count() as u64,
         outcomes,
         cold_starts: records.iter().filter(|r| r.cold).count() as u64,
         billed_ms: records.iter().map(|r| r.billed_ms).sum(),

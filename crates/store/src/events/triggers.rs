@@ -134,7 +134,9 @@ pub struct Trigger {
     pub spec: TriggerSpec,
     /// When it was attached (ms since the Unix epoch).
     pub created_ms: i64,
-    /// Schedules: when it last fired (its creation before the first run).
+    /// Schedules: the scheduled time of the last slot fired (not when the
+    /// firing ran, so `@every` slots keep their grid); `None` before the
+    /// first run, when the creation time stands in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_fired_ms: Option<i64>,
 }
@@ -152,9 +154,11 @@ pub trait TriggerStore: Send + Sync {
     /// Removes a function's triggers, inbox and dead letters.
     async fn remove_function(&self, function: &str) -> Result<()>;
     /// Stores a schedule's event in its function's inbox and records
-    /// `fired_ms` as its last run, in one transaction; `false` if the
-    /// trigger is gone or fired since `trigger` was read (its
-    /// `last_fired_ms` changed), so a slot never fires twice.
+    /// `fired_ms`, the scheduled time of the slot it fires, as its last
+    /// run (and as the event's enqueue time), in one transaction; `false`
+    /// if the trigger is gone or fired since `trigger` was read (its
+    /// `last_fired_ms` changed), so a slot never fires twice, whichever
+    /// node fires it.
     async fn fire_schedule(
         &self,
         trigger: &Trigger,

@@ -241,7 +241,9 @@ fn summary_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
         version: row.get::<_, Option<i64>>(1)?.map(|v| saturate(v, u64::MAX)),
         period_start_ms: row.get(2)?,
         invocations,
-        errors: invocations.saturating_sub(outcomes.ok),
+        errors: invocations
+            .saturating_sub(outcomes.ok)
+            .saturating_sub(outcomes.client_closed),
         outcomes,
         cold_starts: saturate(row.get(4)?, u64::MAX),
         billed_ms: total_to_u64(row.get(5)?),
@@ -462,7 +464,8 @@ mod tests {
         assert!(json.get("version").is_none());
         assert!(json.get("period_start_ms").is_none());
         let outcomes = json["outcomes"].as_object().unwrap();
-        assert_eq!(outcomes.len(), 6);
+        assert_eq!(outcomes.len(), 7);
+        assert_eq!(outcomes["client_closed"], 0);
         assert_eq!(outcomes["ok"], 1);
         assert_eq!(outcomes["throttled"], 0);
 
