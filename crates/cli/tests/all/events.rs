@@ -25,10 +25,18 @@ impl Logged {
 
 /// Every delivery `function` logged, oldest first.
 pub(crate) fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
+    try_deliveries(node, function).unwrap_or_else(|answer| panic!("log lines: {answer}"))
+}
+
+/// Every delivery `function` logged, oldest first, or the node's answer
+/// when it is not a list of lines (a fleet node that has not followed a
+/// deploy yet answers 404).
+pub(crate) fn try_deliveries(node: &Node, function: &str) -> Result<Vec<Logged>, Value> {
     let lines = node.admin_json(&format!("/v1/functions/{function}/logs?tail=100000"));
-    lines
-        .as_array()
-        .expect("log lines")
+    let Some(lines) = lines.as_array() else {
+        return Err(lines);
+    };
+    Ok(lines
         .iter()
         .filter_map(|line| line["line"].as_str())
         .filter_map(|line| line.strip_prefix("event "))
@@ -44,7 +52,7 @@ pub(crate) fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
                 body: body.to_string(),
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Waits until `function` logged a delivery matching `wanted`.

@@ -12,7 +12,7 @@ use mayfly_nats::testing::NatsServers;
 use serde_json::Value;
 
 use crate::common::{Node, agent, eventually};
-use crate::events::{admin, dead_letters, deliveries, invoke_async, send};
+use crate::events::{Logged, admin, dead_letters, invoke_async, send, try_deliveries};
 use crate::fleet::fleet_node;
 
 /// Starts `size` nodes on `servers`, all holding the fleet's admin token
@@ -126,6 +126,16 @@ fn under_load(nodes: &[Node], during: impl FnOnce()) -> Vec<Load> {
     })
 }
 
+/// Every delivery `function` logged on `node`: none while the node has
+/// not followed the function's deploy yet (its logs answer 404).
+fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
+    match try_deliveries(node, function) {
+        Ok(deliveries) => deliveries,
+        Err(answer) if answer["error"]["code"] == "not_found" => Vec::new(),
+        Err(answer) => panic!("logs of {function} on {}: {answer}", node.admin),
+    }
+}
+
 /// Every body the `events` guest logged on `nodes`, with how often.
 fn delivered_bodies(nodes: &[&Node], function: &str) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
@@ -215,14 +225,6 @@ fn a_schedule_fires_once_per_slot_with_three_nodes_running() {
     let servers = NatsServers::single();
     let (_dirs, nodes) = start_fleet(&servers, 3);
     nodes[0].deploy("tick", "events", &[]);
-    // Every node's logs of `tick` are read below: wait until each knows it
-    // (a node that has not followed the deploy yet answers 404).
-    eventually(Duration::from_secs(30), "every node knows tick", || {
-        nodes
-            .iter()
-            .all(|node| node.admin_json("/v1/functions/tick")["name"] == "tick")
-            .then_some(())
-    });
     let (ok, _, stderr) = nodes[1].cli(&["trigger", "add", "tick", "--schedule", "@every 1s"]);
     assert!(ok, "{stderr}");
     let node_refs: Vec<&Node> = nodes.iter().collect();

@@ -10,12 +10,18 @@
 //! cheap (three store reads), which keeps one path for every change.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mayfly_store::{ChangeFeed, RegistryChange, TriggerChange};
 use tokio_util::sync::CancellationToken;
 
 use super::Deployments;
 use crate::feeds::{self, Heard};
+
+/// The first wait before applying a failed change again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl Deployments {
     /// Follows the registry's `feed` until `stop`: each change rebuilds (or
@@ -27,14 +33,16 @@ impl Deployments {
         stop: CancellationToken,
     ) {
         let deployments = self.clone();
+        let retries = stop.clone();
         feeds::follow("registry", feed, stop, move |heard| {
             let deployments = deployments.clone();
+            let stop = retries.clone();
             async move {
                 match heard {
                     Heard::Change(
                         RegistryChange::Changed { function } | RegistryChange::Deleted { function },
-                    ) => deployments.converge_logged(&function).await,
-                    Heard::Missed => deployments.converge_all().await,
+                    ) => deployments.converge_or_retry(&function, &stop).await,
+                    Heard::Missed => deployments.converge_all(&stop).await,
                 }
             }
         });
@@ -50,17 +58,30 @@ impl Deployments {
         stop: CancellationToken,
     ) {
         let deployments = self.clone();
+        let retries = stop.clone();
         feeds::follow("trigger", feed, stop, move |heard| {
             let deployments = deployments.clone();
+            let stop = retries.clone();
             async move {
                 if matches!(heard, Heard::Change(TriggerChange::Fired { .. })) {
                     return;
                 }
-                match deployments.parts.events.refresh_triggers().await {
-                    Ok(()) => deployments.parts.workers.sync(),
-                    Err(error) => tracing::error!(
-                        "cannot reload the triggers after a change in the store: {error}"
-                    ),
+                // Retried here, in the feed's task: later trigger changes
+                // wait, and the first reload that works brings them all.
+                let mut backoff = RETRY_FIRST;
+                loop {
+                    match deployments.parts.events.refresh_triggers().await {
+                        Ok(()) => break deployments.parts.workers.sync(),
+                        Err(error) => tracing::warn!(
+                            "cannot reload the triggers after a change in the store, \
+                             retrying in {backoff:?}: {error}"
+                        ),
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
         });
@@ -84,19 +105,70 @@ impl Deployments {
         Ok(())
     }
 
-    async fn converge_logged(&self, name: &str) {
-        if let Err(error) = self.converge(name).await {
-            // The store keeps the change: the next change to the function,
-            // or a restart, brings it in.
-            tracing::error!(
-                function = name,
-                "cannot apply a change from the store: {error:#}"
-            );
+    /// Converges `name`; if that fails (the store out of reach for a
+    /// moment, a download cut by a server's failover), a background task
+    /// tries again with backoff until it works or `stop`: nothing else
+    /// would bring the change here before the function's next one, and
+    /// the follower must not stall other functions' changes meanwhile.
+    async fn converge_or_retry(self: &Arc<Self>, name: &str, stop: &CancellationToken) {
+        let Err(error) = self.converge(name).await else {
+            return;
+        };
+        tracing::warn!(
+            function = name,
+            "cannot apply a change from the store, retrying: {error:#}"
+        );
+        {
+            let mut retrying = self.retrying.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(failed_again) = retrying.get_mut(name) {
+                // Its task tries again, reading the store afresh.
+                *failed_again = true;
+                return;
+            }
+            retrying.insert(name.to_string(), false);
         }
+        let (deployments, name, stop) = (self.clone(), name.to_string(), stop.clone());
+        tokio::spawn(async move {
+            let mut backoff = RETRY_FIRST;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                let result = deployments.converge(&name).await;
+                let mut retrying = deployments
+                    .retrying
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let failed_again = retrying.get(&name).copied().unwrap_or(false);
+                match result {
+                    // Done, unless the follower failed on a newer change
+                    // meanwhile: checked under the lock it sets that under.
+                    Ok(()) if !failed_again => {
+                        retrying.remove(&name);
+                        tracing::info!(function = %name, "applied the store's change after retrying");
+                        return;
+                    }
+                    Ok(()) => {}
+                    Err(error) => tracing::warn!(
+                        function = %name,
+                        "cannot apply a change from the store, retrying in {backoff:?}: {error:#}"
+                    ),
+                }
+                retrying.insert(name.clone(), false);
+                drop(retrying);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            deployments
+                .retrying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        });
     }
 
     /// Converges every function the store or the catalog knows.
-    async fn converge_all(&self) {
+    async fn converge_all(self: &Arc<Self>, stop: &CancellationToken) {
         let mut names: Vec<String> = self.parts.catalog.load().by_name.keys().cloned().collect();
         match self.parts.registry.functions().await {
             Ok(records) => names.extend(records.into_iter().map(|record| record.name)),
@@ -105,7 +177,7 @@ impl Deployments {
         names.sort_unstable();
         names.dedup();
         for name in names {
-            self.converge_logged(&name).await;
+            self.converge_or_retry(&name, stop).await;
         }
     }
 }

@@ -48,6 +48,10 @@ pub(crate) struct Deployments {
     /// Serialises changes to the catalog so two deploys cannot interleave
     /// their store writes and catalog swaps. Never held by requests.
     changes: tokio::sync::Mutex<()>,
+    /// Functions whose change from the store failed to apply and is being
+    /// retried in the background (one retry task per function), each with
+    /// whether another failure came since its task last tried.
+    retrying: Mutex<HashMap<String, bool>>,
 }
 
 /// The handles [`Deployments`] works with.
@@ -85,6 +89,7 @@ impl Deployments {
             parts,
             activities: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
+            retrying: Mutex::default(),
         }
     }
 
