@@ -662,8 +662,11 @@ impl Auth {
             .map(|grant| Principal::Token(grant.clone()))
             .ok_or_else(|| {
                 AuthError::Unauthenticated(
-                    "the token is not valid (unknown or revoked): create one with `mayfly token \
-                     create`"
+                    // Not "run `mayfly token create`": that needs a valid
+                    // token already, so it would send the caller in a circle.
+                    "the token is not valid (unknown or revoked): use the admin.token the node \
+                     wrote in its data directory at first start, or ask an admin for a token \
+                     (`mayfly token create`)"
                         .into(),
                 )
             })
