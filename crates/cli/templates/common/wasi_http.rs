@@ -7,9 +7,10 @@
 //!
 //! It uses the plain `wasip2` bindings rather than an async layer such as
 //! `wstd`: with this project's release profile the greeting component is
-//! ~70 KB here against ~260 KB with wstd 0.6.8, and a wstd crate does not
-//! build for the host, so `cargo test` could not run. For streaming bodies
-//! or outbound HTTP, `wstd` (standard `http` types, async) is a good choice.
+//! ~70 KB here against ~260 KB with wstd 0.6.8, and a crate on wstd's
+//! server macro does not link for the host, so `cargo test` could not run.
+//! For streaming bodies or outbound HTTP, `wstd` (standard `http` types,
+//! async) is a good choice.
 
 /// A request, body included (Mayfly caps its size at the function's
 /// `max_request_bytes`, 16 MiB by default).
