@@ -2,12 +2,21 @@
 //! heartbeat under its name every second, and the bucket's `max_age`
 //! removes a node whose heartbeats stopped, so a dead node leaves the list
 //! within three heartbeats without anyone deciding it is dead.
+//!
+//! A node also holds its name: `claim/<name>` (no node name or host name
+//! has a `/`), created at start and refreshed every second. Two
+//! processes with one name would share the name's durable usage consumer
+//! (each materialising half the fleet ledger) and release each other's
+//! event leases, so the second is refused at start.
 
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use futures::TryStreamExt as _;
 use mayfly_store::{Membership, NodeInfo, Result, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 use crate::{Fleet, backend};
 
@@ -19,13 +28,77 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// late heartbeat does not drop a node and a dead one is gone within three.
 const EXPIRY: Duration = Duration::from_millis(2500);
 
-/// The membership list of a fleet.
+/// Longest a start waits for a claim on its name to lapse: a node that was
+/// killed a moment ago (and is being restarted) stops refreshing its claim,
+/// which expires within [`EXPIRY`]; a claim refreshed past this is a live
+/// node's.
+const CLAIM_WAIT: Duration = Duration::from_millis(4500);
+
+/// The membership list of a fleet, and this node's claim on its name.
 pub struct NatsMembership {
     nodes: kv::Store,
+    /// Refreshes `claim/<name>`; stopped on [`Membership::leave`] or drop.
+    refresher: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Who holds a node name: enough for the refused node's error to say
+/// which process to look at.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claim {
+    /// Unique per process, so a store reopened in the same process (a
+    /// restart in tests) takes its own claim over instead of waiting.
+    instance: String,
+    host: String,
+    pid: u32,
+    started_ms: i64,
+}
+
+impl Claim {
+    fn ours() -> Self {
+        static INSTANCE: OnceLock<String> = OnceLock::new();
+        Claim {
+            instance: INSTANCE
+                .get_or_init(|| uuid::Uuid::now_v7().simple().to_string())
+                .clone(),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_default(),
+            pid: std::process::id(),
+            started_ms: now_ms(),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The prefix of claim keys in the membership bucket.
+const CLAIM_PREFIX: &str = "claim/";
+
+fn claim_key(name: &str) -> String {
+    format!("{CLAIM_PREFIX}{name}")
+}
+
+impl Drop for NatsMembership {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .refresher
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
 }
 
 impl NatsMembership {
-    /// Opens (or creates) the fleet's membership bucket.
+    /// Opens (or creates) the fleet's membership bucket and claims this
+    /// node's name ([`Fleet::node_name`]) for as long as it lives; a name a
+    /// running node holds is refused with an error that says what to do.
     pub async fn open(fleet: &Fleet) -> Result<Self> {
         let nodes = fleet
             .jetstream()
@@ -46,7 +119,101 @@ impl NatsMembership {
                     format!("cannot open the fleet's membership bucket: {e}").into(),
                 )
             })?;
-        Ok(Self { nodes })
+        let name = fleet.node_name().to_string();
+        let (claim, revision) = claim(&nodes, &name, Claim::ours()).await?;
+        let refresher = tokio::spawn(refresh(nodes.clone(), name, claim, revision));
+        Ok(Self {
+            nodes,
+            refresher: Mutex::new(Some(refresher)),
+        })
+    }
+}
+
+/// Takes `claim/<name>`, waiting up to [`CLAIM_WAIT`] for a lapsed holder's
+/// claim to expire.
+async fn claim(nodes: &kv::Store, name: &str, ours: Claim) -> Result<(Claim, u64)> {
+    let key = claim_key(name);
+    let value: bytes::Bytes = serde_json::to_vec(&ours)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+        .into();
+    let deadline = Instant::now() + CLAIM_WAIT;
+    loop {
+        match nodes.create(&key, value.clone()).await {
+            Ok(revision) => return Ok((ours, revision)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(backend(e)),
+        }
+        let Some(entry) = nodes.entry(&key).await.map_err(backend)? else {
+            continue; // expired in between: try again at once
+        };
+        let holder = serde_json::from_slice::<Claim>(&entry.value).ok();
+        if let Some(holder) = &holder
+            && holder.instance == ours.instance
+        {
+            // This process's own earlier claim (a reopened store).
+            match nodes.update(&key, value.clone(), entry.revision).await {
+                Ok(revision) => return Ok((ours, revision)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        if Instant::now() >= deadline {
+            let by = holder.map_or_else(String::new, |h| {
+                format!(" (pid {} on host `{}`)", h.pid, h.host)
+            });
+            return Err(StoreError::Conflict(format!(
+                "node name `{name}` is in use by a running node{by}: give this node a name of \
+                 its own with --node-name (or MAYFLY_NODE_NAME), or stop the other node (a \
+                 stopped node's name is free again within {} s)",
+                CLAIM_WAIT.as_secs_f32().ceil()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Keeps `claim/<name>` alive, every heartbeat interval, by compare-and-
+/// swap: a claim another process took meanwhile (this node was cut off
+/// past the expiry, and the other started with its name) is reported, not
+/// overwritten.
+async fn refresh(nodes: kv::Store, name: String, claim: Claim, mut revision: u64) {
+    let key = claim_key(&name);
+    let Ok(value) = serde_json::to_vec(&claim) else {
+        return;
+    };
+    let value = bytes::Bytes::from(value);
+    let mut ticker = tokio::time::interval(HEARTBEAT);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        ticker.tick().await;
+        let refreshed = match nodes.update(&key, value.clone(), revision).await {
+            Ok(next) => Ok(next),
+            // Expired while NATS was out of reach: take it again if free.
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                match nodes.create(&key, value.clone()).await {
+                    Ok(next) => Ok(next),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Err(format!(
+                        "another node now holds the name `{name}`: two nodes share one \
+                         name, which splits the fleet's usage ledger between them; stop one \
+                         and give it a name of its own"
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match refreshed {
+            Ok(next) => {
+                revision = next;
+                warned = false;
+            }
+            Err(error) if !warned => {
+                tracing::error!(node = %name, "cannot hold the node's name: {error}");
+                warned = true;
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -71,7 +238,11 @@ impl Membership for NatsMembership {
             .await
             .map_err(backend)?;
         let mut members = Vec::with_capacity(names.len());
-        for name in names {
+        // Claims are not members: a node is listed by its heartbeat.
+        for name in names
+            .into_iter()
+            .filter(|name| !name.starts_with(CLAIM_PREFIX))
+        {
             // Gone between the listing and the read: expired, skip it.
             let Some(value) = self.nodes.get(&name).await.map_err(backend)? else {
                 continue;
@@ -94,7 +265,17 @@ impl Membership for NatsMembership {
     }
 
     async fn leave(&self, name: &str) -> Result<()> {
+        let refresher = self
+            .refresher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = refresher {
+            task.abort();
+        }
         self.nodes.delete(name).await.map_err(backend)?;
+        // The name is free for a restart at once.
+        self.nodes.delete(claim_key(name)).await.map_err(backend)?;
         Ok(())
     }
 
@@ -155,5 +336,63 @@ mod tests {
         // A clean leave removes a node at once.
         b.leave("b").await.unwrap();
         assert!(a.members().await.unwrap().is_empty());
+    }
+
+    /// Another process's claim, for the tests: this process's own claims
+    /// are taken over, not refused.
+    fn elsewhere() -> Claim {
+        Claim {
+            instance: "another-process".into(),
+            host: "elsewhere".into(),
+            pid: 4242,
+            started_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_a_running_node_holds_is_refused_until_it_leaves() {
+        let servers = NatsServers::single();
+        let running =
+            NatsMembership::open(&Fleet::connect(&servers.options("a", "m")).await.unwrap())
+                .await
+                .unwrap();
+        // Held past the wait by the running node's refresher.
+        let error = claim(&running.nodes, "a", elsewhere()).await.unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, StoreError::Conflict(_)), "{text}");
+        assert!(
+            text.contains("node name `a` is in use") && text.contains("--node-name"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+
+        // A clean stop frees the name at once.
+        running.leave("a").await.unwrap();
+        claim(&running.nodes, "a", elsewhere()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_claim_expires_and_a_restarted_node_takes_its_name() {
+        let servers = NatsServers::single();
+        let fleet = Fleet::connect(&servers.options("b", "m")).await.unwrap();
+        let first = NatsMembership::open(&fleet).await.unwrap();
+        // A process that claimed `b` and was killed: nobody refreshes it.
+        first.leave("b").await.unwrap();
+        claim(&first.nodes, "b", elsewhere()).await.unwrap();
+        // This node waits for that claim to expire, then holds the name.
+        let restarted = NatsMembership::open(&fleet).await.unwrap();
+        let holder = restarted
+            .nodes
+            .entry(claim_key("b"))
+            .await
+            .unwrap()
+            .unwrap();
+        let holder: Claim = serde_json::from_slice(&holder.value).unwrap();
+        assert_eq!(holder.pid, std::process::id());
+        // Claims are not listed as members.
+        assert!(restarted.members().await.unwrap().is_empty());
     }
 }
