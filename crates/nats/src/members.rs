@@ -9,7 +9,7 @@
 //! (each materialising half the fleet ledger) and release each other's
 //! event leases, so the second is refused at start.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
@@ -37,6 +37,7 @@ const CLAIM_WAIT: Duration = Duration::from_millis(4500);
 /// The membership list of a fleet, and this node's claim on its name.
 pub struct NatsMembership {
     nodes: kv::Store,
+    bucket: Arc<Bucket>,
     /// Refreshes `claim/<name>`; stopped on [`Membership::leave`] or drop.
     refresher: Mutex<Option<JoinHandle<()>>>,
 }
@@ -100,32 +101,57 @@ impl NatsMembership {
     /// node's name ([`Fleet::node_name`]) for as long as it lives; a name a
     /// running node holds is refused with an error that says what to do.
     pub async fn open(fleet: &Fleet) -> Result<Self> {
-        let nodes = fleet
-            .jetstream()
-            .create_or_update_key_value(kv::Config {
+        let bucket = Arc::new(Bucket {
+            jetstream: fleet.jetstream().clone(),
+            config: kv::Config {
                 bucket: fleet.name("nodes"),
                 description: "Mayfly fleet members: one heartbeat per node".into(),
                 history: 1,
                 max_age: EXPIRY,
                 // Heartbeats are rewritten every second: losing them with
-                // a server costs nothing, so keep them in memory.
+                // a server costs nothing, so keep them in memory (a lost
+                // bucket is made again, see `Bucket::ensure`).
                 storage: async_nats::jetstream::stream::StorageType::Memory,
                 num_replicas: fleet.replicas(),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                StoreError::Backend(
-                    format!("cannot open the fleet's membership bucket: {e}").into(),
-                )
-            })?;
+            },
+        });
+        let nodes = bucket.ensure().await.map_err(|e| {
+            StoreError::Backend(format!("cannot open the fleet's membership bucket: {e}").into())
+        })?;
         let name = fleet.node_name().to_string();
         let (claim, revision) = claim(&nodes, &name, Claim::ours()).await?;
-        let refresher = tokio::spawn(refresh(nodes.clone(), name, claim, revision));
+        let refresher = tokio::spawn(refresh(
+            bucket.clone(),
+            nodes.clone(),
+            name,
+            claim,
+            revision,
+        ));
         Ok(Self {
             nodes,
+            bucket,
             refresher: Mutex::new(Some(refresher)),
         })
+    }
+}
+
+/// The membership bucket's definition, to make it again: a bucket in
+/// memory is gone when a single server restarts (a cluster keeps it on the
+/// other servers), and every heartbeat after that would fail.
+struct Bucket {
+    jetstream: async_nats::jetstream::Context,
+    config: kv::Config,
+}
+
+impl Bucket {
+    /// Creates the bucket if it is missing; the store handle works on the
+    /// bucket by name, so handles taken before stay valid.
+    async fn ensure(&self) -> std::result::Result<kv::Store, String> {
+        self.jetstream
+            .create_or_update_key_value(self.config.clone())
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -172,11 +198,25 @@ async fn claim(nodes: &kv::Store, name: &str, ours: Claim) -> Result<(Claim, u64
     }
 }
 
+/// Why a refresh of the claim failed.
+enum Refresh {
+    /// Another process holds the name now.
+    Taken(String),
+    /// NATS did not answer, or the bucket is gone.
+    Failed(String),
+}
+
 /// Keeps `claim/<name>` alive, every heartbeat interval, by compare-and-
 /// swap: a claim another process took meanwhile (this node was cut off
 /// past the expiry, and the other started with its name) is reported, not
 /// overwritten.
-async fn refresh(nodes: kv::Store, name: String, claim: Claim, mut revision: u64) {
+async fn refresh(
+    bucket: Arc<Bucket>,
+    nodes: kv::Store,
+    name: String,
+    claim: Claim,
+    mut revision: u64,
+) {
     let key = claim_key(&name);
     let Ok(value) = serde_json::to_vec(&claim) else {
         return;
@@ -193,26 +233,34 @@ async fn refresh(nodes: kv::Store, name: String, claim: Claim, mut revision: u64
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
                 match nodes.create(&key, value.clone()).await {
                     Ok(next) => Ok(next),
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Err(format!(
-                        "another node now holds the name `{name}`: two nodes share one \
-                         name, which splits the fleet's usage ledger between them; stop one \
-                         and give it a name of its own"
-                    )),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                        Err(Refresh::Taken(format!(
+                            "another node now holds the name `{name}`: two nodes share one \
+                             name, which splits the fleet's usage ledger between them; stop \
+                             one and give it a name of its own"
+                        )))
+                    }
+                    Err(e) => Err(Refresh::Failed(e.to_string())),
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Refresh::Failed(e.to_string())),
         };
         match refreshed {
             Ok(next) => {
                 revision = next;
                 warned = false;
             }
-            Err(error) if !warned => {
-                tracing::error!(node = %name, "cannot hold the node's name: {error}");
+            Err(Refresh::Taken(error)) if !warned => {
+                tracing::error!(node = %name, "{error}");
                 warned = true;
             }
-            Err(_) => {}
+            Err(Refresh::Taken(_)) => {}
+            // NATS out of reach (the link status says so) or the bucket
+            // lost with a restarted server: made again for the next tick.
+            Err(Refresh::Failed(error)) => {
+                tracing::debug!(node = %name, "cannot refresh the node's name: {error}");
+                let _ = bucket.ensure().await;
+            }
         }
     }
 }
@@ -220,23 +268,26 @@ async fn refresh(nodes: kv::Store, name: String, claim: Claim, mut revision: u64
 #[async_trait::async_trait]
 impl Membership for NatsMembership {
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
-        let json = serde_json::to_vec(node).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.nodes
-            .put(&node.name, json.into())
-            .await
-            .map_err(backend)?;
+        let json: bytes::Bytes = serde_json::to_vec(node)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .into();
+        if self.nodes.put(&node.name, json.clone()).await.is_ok() {
+            return Ok(());
+        }
+        // Perhaps the bucket went with a restarted server: make it again.
+        self.bucket.ensure().await.map_err(backend_text)?;
+        self.nodes.put(&node.name, json).await.map_err(backend)?;
         Ok(())
     }
 
     async fn members(&self) -> Result<Vec<NodeInfo>> {
-        let names: Vec<String> = self
-            .nodes
-            .keys()
-            .await
-            .map_err(backend)?
-            .try_collect()
-            .await
-            .map_err(backend)?;
+        let names = match self.names().await {
+            Ok(names) => names,
+            Err(_) => {
+                self.bucket.ensure().await.map_err(backend_text)?;
+                self.names().await?
+            }
+        };
         let mut members = Vec::with_capacity(names.len());
         // Claims are not members: a node is listed by its heartbeat.
         for name in names
@@ -282,6 +333,23 @@ impl Membership for NatsMembership {
     fn interval(&self) -> Duration {
         HEARTBEAT
     }
+}
+
+impl NatsMembership {
+    /// Every key in the bucket.
+    async fn names(&self) -> Result<Vec<String>> {
+        self.nodes
+            .keys()
+            .await
+            .map_err(backend)?
+            .try_collect()
+            .await
+            .map_err(backend)
+    }
+}
+
+fn backend_text(error: String) -> StoreError {
+    StoreError::Backend(error.into())
 }
 
 #[cfg(test)]
@@ -394,5 +462,33 @@ mod tests {
         assert_eq!(holder.pid, std::process::id());
         // Claims are not listed as members.
         assert!(restarted.members().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn heartbeats_and_the_list_come_back_after_a_single_server_restart() {
+        let mut servers = NatsServers::single();
+        let a = NatsMembership::open(&Fleet::connect(&servers.options("a", "m")).await.unwrap())
+            .await
+            .unwrap();
+        a.heartbeat(&node("a")).await.unwrap();
+        // The bucket lives in memory: a restarted single server has lost it.
+        servers.restart(0);
+        servers.wait_ready();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let beat = a.heartbeat(&node("a")).await;
+            let listed = a.members().await;
+            if beat.is_ok() && listed.as_ref().is_ok_and(|list| *list == vec![node("a")]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{beat:?} {listed:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The name is held again too (made again by its refresher).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.nodes.entry(claim_key("a")).await.ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "the claim was not made again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
