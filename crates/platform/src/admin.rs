@@ -616,6 +616,7 @@ impl Follower {
 /// `GET /metrics`: the node's metrics for Prometheus.
 async fn metrics(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     platform.refresh_event_depths().await;
+    platform.refresh_fleet_link().await;
     let text = platform.metrics_text()?;
     Ok((
         [(

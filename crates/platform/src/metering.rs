@@ -85,6 +85,20 @@ pub struct Metrics {
     pub ledger: LedgerMetrics,
     /// Event delivery metrics.
     pub(crate) events: crate::event_metrics::EventMetrics,
+    /// The link to the fleet; only registered on a node in a fleet, so a
+    /// node on its own never reports itself disconnected.
+    pub fleet: Option<FleetMetrics>,
+}
+
+/// The state of a fleet node's link to NATS, set when metrics are read.
+#[derive(Clone, Debug, Default)]
+pub struct FleetMetrics {
+    /// 1 while the node is connected to one of the fleet's servers.
+    pub connected: Gauge,
+    /// Usage records stored here and not yet published to the fleet.
+    pub usage_backlog: Gauge,
+    /// Log lines the live feed dropped since the node started.
+    pub log_lines_unpublished: Gauge,
 }
 
 /// Node-wide counters.
@@ -123,6 +137,30 @@ pub struct NodeMetrics {
 }
 
 impl Metrics {
+    /// Registers every metric of a node in a fleet: those of [`Metrics::new`]
+    /// and the link's.
+    pub fn for_fleet() -> Self {
+        let mut metrics = Self::new();
+        let fleet = FleetMetrics::default();
+        metrics.registry.register(
+            "fleet_connected",
+            "1 while this node is connected to one of the fleet's NATS servers, else 0",
+            fleet.connected.clone(),
+        );
+        metrics.registry.register(
+            "fleet_usage_backlog_records",
+            "Usage records stored on this node and not yet published to the fleet's ledger",
+            fleet.usage_backlog.clone(),
+        );
+        metrics.registry.register(
+            "fleet_log_lines_unpublished",
+            "Guest log lines the fleet's live log feed dropped since the node started",
+            fleet.log_lines_unpublished.clone(),
+        );
+        metrics.fleet = Some(fleet);
+        metrics
+    }
+
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mayfly");
@@ -288,6 +326,7 @@ impl Metrics {
             instances,
             node,
             ledger,
+            fleet: None,
         }
     }
 

@@ -101,7 +101,11 @@ impl Platform {
             node_runtime.clone(),
         )
         .context("cannot start the log writer")?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(if stores.fleet.is_some() {
+            Metrics::for_fleet()
+        } else {
+            Metrics::new()
+        });
         let ledger = Arc::new(
             Ledger::start(usage.clone(), metrics.ledger.clone(), node_runtime)
                 .context("cannot start the ledger writer")?,
@@ -348,6 +352,26 @@ impl Platform {
         match self.events.depths().await {
             Ok(depths) => self.metrics.events.set_depths(&depths),
             Err(error) => tracing::warn!("cannot count event queues: {error}"),
+        }
+    }
+
+    /// Sets the fleet link's gauges from the link's state now (a node in a
+    /// fleet only).
+    pub async fn refresh_fleet_link(&self) {
+        let (Some(link), Some(gauges)) = (&self.fleet, &self.metrics.fleet) else {
+            return;
+        };
+        match link.status().await {
+            Ok(status) => {
+                gauges.connected.set(i64::from(status.connected));
+                gauges
+                    .usage_backlog
+                    .set(i64::try_from(status.usage_backlog).unwrap_or(i64::MAX));
+                gauges
+                    .log_lines_unpublished
+                    .set(i64::try_from(status.log_lines_unpublished).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!("cannot read the fleet link's state: {error}"),
         }
     }
 

@@ -106,6 +106,13 @@ fn a_node_cut_off_from_nats_serves_buffers_its_usage_and_catches_up_exactly() {
     // The fleet's node list is out of reach; the link still shows.
     let (_, text, _) = node.cli(&["status", "--fleet"]);
     assert!(text.contains("disconnected"), "{text}");
+    // And Prometheus sees it.
+    let metrics = node.metrics();
+    assert!(metrics.contains("mayfly_fleet_connected 0"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("mayfly_fleet_usage_backlog_records {DURING}")),
+        "{metrics}"
+    );
 
     // The same server back, on the same port with the same store.
     servers.restart(0);
@@ -122,6 +129,13 @@ fn a_node_cut_off_from_nats_serves_buffers_its_usage_and_catches_up_exactly() {
     assert!(ok, "{stderr}");
     assert!(text.contains("connected to nats://"), "{text}");
     assert!(!text.contains("disconnected"), "{text}");
+    assert!(node.metrics().contains("mayfly_fleet_connected 1"));
+    // The membership bucket (kept in memory) went with the server; the
+    // node makes it again and is listed.
+    eventually(CONVERGE, "the node listed again after the restart", || {
+        let (ok, text, _) = node.cli(&["node", "list"]);
+        (ok && text.lines().any(|line| line.starts_with("edge-1 "))).then_some(())
+    });
     // Every request counted once: the stream's copies of the node's own
     // records (some maybe sent twice across the outage) are not counted
     // again.

@@ -125,6 +125,8 @@ fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
         metrics.contains("mayfly_throttles_total{function=\"limited\"} 20"),
         "{metrics}"
     );
+    // A node on its own has no fleet link to report.
+    assert!(!metrics.contains("mayfly_fleet_"), "{metrics}");
     // Free again: the next request is served.
     assert_eq!(node.get("/sleep?ms=1").0, 200);
 }
