@@ -355,9 +355,10 @@ fn logs(
         segment(name)
     );
     if !follow {
-        let lines: Vec<LogRecord> = client.get_json(&path)?;
+        // In a fleet every line names its node.
+        let lines: Vec<Followed> = client.get_json(&path)?;
         for line in lines {
-            print_log(json, None, &line)?;
+            print_log(json, line.node.as_deref(), &line.record)?;
         }
         return Ok(());
     }
@@ -375,8 +376,8 @@ fn logs(
     bail!("the node closed the log stream")
 }
 
-/// A line of a `logs --follow` stream: in a fleet it names the node that
-/// wrote it.
+/// A log line as the admin API sends it: in a fleet it names the node
+/// that wrote it.
 #[derive(serde::Deserialize)]
 struct Followed {
     #[serde(default)]

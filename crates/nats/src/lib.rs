@@ -87,7 +87,7 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
             .map_err(|e| e.context("cannot open the fleet's usage ledger"))?,
     );
     stores.usage = usage.clone();
-    let log_feed = Arc::new(NatsLogFeed::open(fleet));
+    let log_feed = Arc::new(NatsLogFeed::open(fleet, stores.logs.clone()));
     stores.log_feed = log_feed.clone();
     stores.fleet = Some(Arc::new(NatsLink::new(fleet.clone(), usage, log_feed)));
     // KV and object buckets, queues, inboxes, triggers and dead letters:

@@ -491,9 +491,10 @@ fn default_tail() -> usize {
 /// `GET /v1/functions/{name}/logs?tail=100&follow=true`: the last lines as
 /// a JSON array, or with `follow` as a never-ending stream of JSON lines.
 ///
-/// In a fleet, a follower gets every node's new lines from the back-end's
-/// feed, each with the `node` that wrote it; the `tail` before them is this
-/// node's own lines (each node keeps its own log).
+/// In a fleet, the tail is every node's (each keeps its own log and answers
+/// for it), and a follower then gets every node's new lines from the
+/// back-end's feed; each line has the `node` that wrote it. Cut off from
+/// the fleet, the tail is this node's own.
 async fn logs(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -516,6 +517,10 @@ async fn logs(
     };
     let newest = platform.log_hub().subscribe();
     let store = platform.log_store();
+    let fleet_tail = platform.fleet_log_tail(&name, tail).await;
+    if let (Some(lines), false) = (&fleet_tail, query.follow) {
+        return Ok(Json(lines).into_response());
+    }
     let lines = store
         .logs_tail(&name, tail)
         .await
@@ -524,11 +529,18 @@ async fn logs(
         return Ok(Json(lines).into_response());
     }
     if let Some(feed) = feed {
-        return ndjson(fleet_follower(
-            platform.node_name().to_string(),
-            lines,
-            feed,
-        ));
+        let tail = fleet_tail.unwrap_or_else(|| {
+            let node = platform.node_name();
+            lines
+                .into_iter()
+                .map(|record| FeedLine {
+                    node: node.to_string(),
+                    id: record.id,
+                    line: record.line,
+                })
+                .collect()
+        });
+        return ndjson(fleet_follower(tail, feed));
     }
     let follower = Follower {
         after_id: lines.last().map_or(0, |line| line.id),
@@ -558,27 +570,24 @@ fn json_line(value: &impl serde::Serialize) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(json))
 }
 
-/// A fleet follower: this node's `tail` (tagged with its name), then every
-/// node's new lines from the feed. The feed was subscribed before the tail
-/// was read, so it may repeat this node's last lines: those up to the
-/// tail's last id are skipped.
+/// A fleet follower: the `tail`, then every node's new lines from the
+/// feed. The feed was subscribed before the tail was read, so it may repeat
+/// a node's last lines: those up to that node's last id in the tail are
+/// skipped.
 fn fleet_follower(
-    node: String,
-    tail: Vec<LogRecord>,
+    tail: Vec<FeedLine>,
     feed: mayfly_store::LogSubscription,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     use futures::StreamExt as _;
-    let served = tail.last().map_or(0, |line| line.id);
-    let tail: Vec<_> = tail
-        .into_iter()
-        .map(|record| FeedLine {
-            node: node.clone(),
-            id: record.id,
-            line: record.line,
-        })
-        .collect();
-    let new =
-        feed.filter(move |line| futures::future::ready(!(line.node == node && line.id <= served)));
+    let mut served: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for line in &tail {
+        let last = served.entry(line.node.clone()).or_default();
+        *last = (*last).max(line.id);
+    }
+    let new = feed.filter(move |line| {
+        let seen = served.get(&line.node).is_some_and(|last| line.id <= *last);
+        futures::future::ready(!seen)
+    });
     futures::stream::iter(tail)
         .chain(new)
         .map(|line| json_line(&line))
@@ -793,17 +802,20 @@ mod follower_tests {
     }
 
     #[tokio::test]
-    async fn a_fleet_follower_sends_its_tail_then_the_feed_without_repeating_its_own_lines() {
-        let tail = (1..=3)
-            .map(|id| LogRecord {
-                id,
-                line: line("a", id).line,
-            })
-            .collect();
-        // Subscribed before the tail was read: the feed repeats a/2 and a/3.
-        // b's ids are b's own and say nothing about a's.
-        let feed = futures::stream::iter([line("a", 2), line("a", 3), line("b", 1), line("a", 4)]);
-        let sent: Vec<serde_json::Value> = fleet_follower("a".into(), tail, feed.boxed())
+    async fn a_fleet_follower_sends_the_tail_then_the_feed_without_repeating_a_nodes_lines() {
+        // The fleet's tail: a/1..3 and b/7 (b's ids are b's own).
+        let tail = vec![line("a", 1), line("a", 2), line("b", 7), line("a", 3)];
+        // Subscribed before the tail was read: the feed repeats a/2, a/3
+        // and b/7, then brings c's first line and new lines of a and b.
+        let feed = futures::stream::iter([
+            line("a", 2),
+            line("a", 3),
+            line("b", 7),
+            line("c", 1),
+            line("b", 8),
+            line("a", 4),
+        ]);
+        let sent: Vec<serde_json::Value> = fleet_follower(tail, feed.boxed())
             .map(|chunk| serde_json::from_slice(&chunk.unwrap_or_default()).unwrap())
             .collect()
             .await;
@@ -816,10 +828,18 @@ mod follower_tests {
                 )
             })
             .collect();
-        let expected: Vec<(String, i64)> = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("a", 4)]
-            .iter()
-            .map(|(n, i)| (n.to_string(), *i))
-            .collect();
+        let expected: Vec<(String, i64)> = [
+            ("a", 1),
+            ("a", 2),
+            ("b", 7),
+            ("a", 3),
+            ("c", 1),
+            ("b", 8),
+            ("a", 4),
+        ]
+        .iter()
+        .map(|(n, i)| (n.to_string(), *i))
+        .collect();
         assert_eq!(sent, expected);
     }
 }

@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mayfly_runtime::Runtime;
 use mayfly_store::{
-    FleetLink, FleetLinkStatus, LogFeed, LogStore, Membership, NodeInfo, StoredUsage, Stores,
-    UsageQuery, UsageRow, UsageStore,
+    FeedLine, FleetLink, FleetLinkStatus, LogFeed, LogStore, Membership, NodeInfo, StoredUsage,
+    Stores, UsageQuery, UsageRow, UsageStore,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -372,6 +372,30 @@ impl Platform {
                     .set(i64::try_from(status.log_lines_unpublished).unwrap_or(i64::MAX));
             }
             Err(error) => tracing::warn!("cannot read the fleet link's state: {error}"),
+        }
+    }
+
+    /// The last `limit` lines of `function` from every node of the fleet;
+    /// `None` on a node alone, or when the fleet is out of reach (the
+    /// caller then shows this node's own lines).
+    pub async fn fleet_log_tail(&self, function: &str, limit: usize) -> Option<Vec<FeedLine>> {
+        self.fleet.as_ref()?;
+        let nodes = match self.members.members().await {
+            Ok(members) => members.len().max(1),
+            Err(error) => {
+                tracing::warn!(
+                    function,
+                    "cannot list the fleet's nodes for a log tail: {error}"
+                );
+                return None;
+            }
+        };
+        match self.log_feed.fleet_tail(function, limit, nodes).await {
+            Ok(lines) => lines,
+            Err(error) => {
+                tracing::warn!(function, "{error}; showing this node's log lines only");
+                None
+            }
         }
     }
 

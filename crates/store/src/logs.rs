@@ -106,6 +106,20 @@ pub trait LogFeed: Send + Sync {
 
     /// Lines the feed dropped since the node started (its queue was full).
     fn dropped(&self) -> u64;
+
+    /// The last `limit` lines of `function` across the fleet, oldest
+    /// first, each tagged with the node that wrote it (every node keeps its
+    /// own log, and answers for it); `None` when there is no fleet (the
+    /// caller reads its own [`LogStore`]). `nodes` is how many answers to
+    /// expect (the fleet's live members): the lines come once that many
+    /// nodes answered, or after a short wait for the missing ones. An error
+    /// when no node answered at all (NATS out of reach).
+    async fn fleet_tail(
+        &self,
+        function: &str,
+        limit: usize,
+        nodes: usize,
+    ) -> Result<Option<Vec<FeedLine>>>;
 }
 
 /// The feed of a node on its own: nothing to publish, nothing to
@@ -123,5 +137,14 @@ impl LogFeed for LocalLogs {
 
     fn dropped(&self) -> u64 {
         0
+    }
+
+    async fn fleet_tail(
+        &self,
+        _function: &str,
+        _limit: usize,
+        _nodes: usize,
+    ) -> Result<Option<Vec<FeedLine>>> {
+        Ok(None)
     }
 }

@@ -243,4 +243,29 @@ fn following_logs_on_one_node_shows_lines_another_node_wrote_tagged_with_it() {
     let _ = own_follower.kill();
     let _ = own_follower.wait();
     assert!(own.unwrap().starts_with("[node-a] "));
+
+    // `mayfly logs` without --follow: the last lines of every node, oldest
+    // first, each tagged, asked through either node.
+    for node in [&a, &b] {
+        let (ok, text, stderr) = node.cli(&["logs", "logs", "--tail", "1000"]);
+        assert!(ok, "{stderr}");
+        let from = |writer: &str, path: &str| {
+            text.lines().position(|line| {
+                line.starts_with(&format!("[{writer}] "))
+                    && line.contains(&format!("stdout line one for {path}"))
+            })
+        };
+        let (Some(from_b), Some(from_a)) = (
+            from("node-b", "/logs/from-b"),
+            from("node-a", "/logs/from-a"),
+        ) else {
+            panic!("lines of both nodes expected from {}:\n{text}", node.admin);
+        };
+        // b's requests all came before a's.
+        assert!(from_b < from_a, "{text}");
+    }
+    let (ok, json, stderr) = a.cli(&["logs", "logs", "--json"]);
+    assert!(ok, "{stderr}");
+    let first: Value = serde_json::from_str(json.lines().next().unwrap_or_default()).unwrap();
+    assert!(first["node"].is_string(), "{first}");
 }
