@@ -73,7 +73,8 @@ impl LineSplitter {
             match piece.strip_suffix(b"\n") {
                 Some(rest) => {
                     self.partial.extend_from_slice(rest);
-                    self.emit();
+                    // A blank line the guest printed is a line too.
+                    self.send_line();
                 }
                 None => {
                     self.partial.extend_from_slice(piece);
@@ -116,10 +117,16 @@ impl LineSplitter {
         self.sink.line(&self.labels, self.stream, line);
     }
 
+    /// Sends what is pending as a line, if anything is: a partial line
+    /// ended by the cap, a host line, or the invocation's end.
     fn emit(&mut self) {
-        if self.partial.is_empty() {
-            return;
+        if !self.partial.is_empty() {
+            self.send_line();
         }
+    }
+
+    /// Sends what is pending as one line, even an empty one.
+    fn send_line(&mut self) {
         let line = String::from_utf8_lossy(&self.partial);
         let line = line.strip_suffix('\r').unwrap_or(&line);
         self.sink.line(&self.labels, self.stream, line);
@@ -290,6 +297,19 @@ mod tests {
         assert_eq!(
             *sink.0.lock().unwrap(),
             ["stdout:one", "stdout:two", "stdout:three"]
+        );
+    }
+
+    #[test]
+    fn blank_lines_are_kept() {
+        let sink = Arc::new(Collect::default());
+        let out = output(&sink, 1024);
+        out.write(b"a\n\nb\n");
+        out.write(b"\r\n");
+        drop(out);
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            ["stdout:a", "stdout:", "stdout:b", "stdout:"]
         );
     }
 
