@@ -19,6 +19,9 @@ pub(crate) struct BodyFlags {
     request_too_large: AtomicBool,
     response_too_large: AtomicBool,
     response_abandoned: AtomicBool,
+    /// The guest failed (trap, timeout, memory) after its response head
+    /// was sent: the body must end in an error, not look complete.
+    guest_failed: AtomicBool,
 }
 
 impl BodyFlags {
@@ -34,6 +37,17 @@ impl BodyFlags {
     /// the client went away (hyper drops the body with the connection).
     pub(crate) fn response_abandoned(&self) -> bool {
         self.response_abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Marks the guest failed. Called before its store (which holds the
+    /// body's sending end) is dropped, so the body sees the mark when its
+    /// channel closes.
+    pub(crate) fn mark_guest_failed(&self) {
+        self.guest_failed.store(true, Ordering::Release);
+    }
+
+    fn guest_failed(&self) -> bool {
+        self.guest_failed.load(Ordering::Acquire)
     }
 }
 
@@ -187,6 +201,14 @@ where
             }
             None => {
                 *this.ended = true;
+                // A guest that dies mid-body drops the body's channel, which
+                // wasi-http ends like a finished body: make it an error, so
+                // the connection is cut (no last chunk) and the client knows.
+                if matches!(this.direction, Direction::Response) && this.flags.guest_failed() {
+                    return Poll::Ready(Some(Err(Error::InternalError(Some(
+                        "the function failed before its response body was complete".into(),
+                    )))));
+                }
                 return Poll::Ready(None);
             }
         };
@@ -271,6 +293,20 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"def"))),
         ];
         http_body_util::StreamBody::new(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_response_whose_guest_failed_ends_in_an_error_not_complete() {
+        let flags = Arc::new(BodyFlags::default());
+        let mut body = LimitedBody::new(two_frames(), 100, Direction::Response, flags.clone());
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        flags.mark_guest_failed();
+        assert!(body.frame().await.unwrap().is_err());
+        // A guest that did not fail ends its body cleanly.
+        let flags = Arc::new(BodyFlags::default());
+        let body = LimitedBody::new(two_frames(), 100, Direction::Response, flags);
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdef");
     }
 
     #[tokio::test]

@@ -696,6 +696,10 @@ impl GuestRun {
             End::TimedOut => Some(InvocationError::Timeout(self.limits.timeout)),
             End::Killed => Some(InvocationError::Killed),
         };
+        if failure.is_some() && head_tx.is_none() {
+            // The head went out: the body must not end as if complete.
+            self.flags.mark_guest_failed();
+        }
         let outcome = match &failure {
             None if head_tx.is_none() && !head_failed && !self.flags.response_too_large() => {
                 Outcome::Ok

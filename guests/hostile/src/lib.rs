@@ -5,6 +5,9 @@
 //!
 //! - `/loop` spins forever, `/oom` allocates until it aborts, `/recurse`
 //!   overflows the stack, `/endless` streams a body that never ends;
+//! - `/trap-mid-body` and `/spin-mid-body` send a head and part of a body,
+//!   then trap or spin until the timeout: the client must see the body
+//!   cut, not a complete answer;
 //! - `/flood?lines=N`, `/sleep?ms=N` and `/alloc?mb=N` misbehave within a
 //!   bound and then answer 200, so limits just above them can be tested too;
 //! - `/fields` and `/fanout` spend host memory and connections (see
@@ -42,6 +45,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                 respond(response_out, &format!("flooded {lines} lines\n"));
             }
             "/endless" => endless(response_out),
+            "/trap-mid-body" => {
+                let _body = start_body(response_out);
+                panic!("this guest traps after sending part of its body");
+            }
+            "/spin-mid-body" => {
+                let _body = start_body(response_out);
+                spin();
+            }
             // `/no-answer`: drops the response slot unset, then keeps running
             // a while before returning.
             "/no-answer" => {
@@ -139,6 +150,20 @@ fn flood(lines: u64) {
 }
 
 /// `/endless`: answers 200, then streams 64 KiB chunks forever, ignoring errors.
+/// Sends a 200 head and 1 KiB of its body, flushed, and keeps the body
+/// open (unfinished) for the caller's misbehaviour.
+fn start_body(response_out: ResponseOutparam) -> OutgoingBody {
+    let response = OutgoingResponse::new(Fields::new());
+    let body = response.body().expect("a new response has a body");
+    ResponseOutparam::set(response_out, Ok(response));
+    {
+        let mut out = body.write().expect("the body has one output stream");
+        let _ = out.write_all(&[b'p'; 1024]);
+        let _ = std::io::Write::flush(&mut out);
+    }
+    body
+}
+
 fn endless(response_out: ResponseOutparam) -> ! {
     let headers =
         Fields::from_list(&[("content-type".into(), b"application/octet-stream".to_vec())])

@@ -40,6 +40,48 @@ fn get_raw(node: &Node, path: &str) -> (u16, usize, bool, String) {
     (response.status().as_u16(), received, clean, id)
 }
 
+/// Whether a GET of `path` came back whole: a head, then a body that ended
+/// as HTTP says a body ends (the last chunk, or the declared length).
+fn arrived_whole(node: &Node, path: &str) -> bool {
+    let Ok(mut response) = agent().get(format!("{}{path}", node.gateway)).call() else {
+        return false; // cut before the head reached the client
+    };
+    let mut body = Vec::new();
+    response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader()
+        .read_to_end(&mut body)
+        .is_ok()
+}
+
+#[test]
+fn a_guest_that_fails_after_its_response_head_cuts_the_body_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy_with("hostile", "hostile", &["/"], &["--timeout", "2s"]);
+    // The head and 1 KiB of body went out, then a trap, then a timeout:
+    // either way the client must not see a complete answer.
+    assert!(
+        !arrived_whole(&node, "/trap-mid-body"),
+        "a trapped body looked whole"
+    );
+    assert!(
+        !arrived_whole(&node, "/spin-mid-body"),
+        "a timed-out body looked whole"
+    );
+    // Still a clean answer when the guest finishes its body.
+    assert!(arrived_whole(&node, "/alloc?mb=1"));
+    let records = node.await_usage_records("hostile", 3);
+    let mut outcomes: Vec<&str> = records
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, ["error", "ok", "timeout"]);
+}
+
 #[test]
 fn hostile_guests_end_with_the_right_outcome_while_hello_keeps_answering() {
     let dir = tempfile::tempdir().unwrap();
