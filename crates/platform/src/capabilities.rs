@@ -12,7 +12,9 @@ use crate::auth::Auth;
 use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::secrets::Secrets;
-use crate::validate::{MAX_VALUE_BYTES, check_key, check_name, check_secret_name};
+use crate::validate::{
+    MAX_VALUE_BYTES, check_key, check_name, check_secret_name, default_bucket, default_bucket_owner,
+};
 
 /// wasi:config key under which a function reads its per-invocation
 /// credential (minted on read, so functions that never ask pay nothing).
@@ -50,6 +52,7 @@ pub(crate) fn capabilities(
     let outbound = OutboundPolicy::parse(&config.grants.outbound)?;
     Ok(Arc::new(Capabilities {
         kv_buckets: config.grants.kv.iter().cloned().collect(),
+        default_kv_bucket: Some(default_bucket(function)),
         keyvalue: services.keyvalue.clone(),
         config: Arc::new(FunctionConfigSource {
             services: services.clone(),
@@ -75,6 +78,12 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
     ] {
         for name in names {
             check_name(kind, name)?;
+            if let Some(owner) = default_bucket_owner(name) {
+                return Err(bad(format!(
+                    "`{name}` is function `{owner}`'s default KV store (what its wasi:keyvalue \
+                     open(\"\") opens): only `{owner}` reaches it; grant a bucket of its own"
+                )));
+            }
         }
     }
     for name in &config.grants.secrets {

@@ -74,11 +74,31 @@ pub(crate) fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The prefix of functions' default KV stores, `fn.<function>`.
+pub const DEFAULT_BUCKET_PREFIX: &str = "fn.";
+
+/// The KV bucket `function` opens with wasi:keyvalue `open("")`: its own
+/// store, which no other function can be granted.
+pub fn default_bucket(function: &str) -> String {
+    format!("{DEFAULT_BUCKET_PREFIX}{function}")
+}
+
+/// The function whose default store `bucket` is, if it is one.
+pub fn default_bucket_owner(bucket: &str) -> Option<&str> {
+    bucket
+        .strip_prefix(DEFAULT_BUCKET_PREFIX)
+        .filter(|function| validate_name(function).is_ok())
+}
+
 /// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`, but not `.`
 /// or `..`: those are path segments that clients and proxies resolve
 /// (`/v1/kv/../x` is `/v1/x`), so such a bucket could be written but never
 /// reached again by its URL.
 pub fn check_name(what: &str, name: &str) -> Result<(), PlatformError> {
+    // A function's default store: its name may be longer than 63.
+    if default_bucket_owner(name).is_some() {
+        return Ok(());
+    }
     if name == "." || name == ".." {
         return Err(PlatformError::BadRequest(format!(
             "invalid {what} name `{name}`: `.` and `..` are path segments, not names; use \
@@ -124,8 +144,21 @@ fn check_filter(what: &str, text: &str) -> Result<(), PlatformError> {
     Ok(())
 }
 
-/// Checks a trigger spec before it is stored.
-pub fn check_trigger(spec: &TriggerSpec) -> Result<(), PlatformError> {
+/// Checks a trigger spec of `function` before it is stored.
+pub fn check_trigger(function: &str, spec: &TriggerSpec) -> Result<(), PlatformError> {
+    let bucket = match &spec.source {
+        TriggerSource::Object { bucket, .. } | TriggerSource::Kv { bucket, .. } => Some(bucket),
+        _ => None,
+    };
+    // Another function's default store would be read through the events.
+    if let Some(owner) = bucket.and_then(|bucket| default_bucket_owner(bucket))
+        && owner != function
+    {
+        return Err(PlatformError::BadRequest(format!(
+            "`{}` is function `{owner}`'s default KV store: only `{owner}` may have triggers on it",
+            default_bucket(owner)
+        )));
+    }
     match &spec.source {
         TriggerSource::Schedule { schedule } => {
             Schedule::parse(schedule).map_err(|e| PlatformError::BadRequest(e.to_string()))?;
@@ -371,6 +404,35 @@ pub(crate) fn validate_scaling(scaling: &FunctionScaling, node_max: u32) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_functions_default_store_is_its_own() {
+        assert_eq!(default_bucket("orders"), "fn.orders");
+        assert_eq!(default_bucket_owner("fn.orders"), Some("orders"));
+        for not_one in ["orders", "fn.", "fn.Orders", "fn..x"] {
+            assert_eq!(default_bucket_owner(not_one), None, "{not_one}");
+        }
+        // Every function has one, however long its name.
+        assert!(check_name("bucket", &default_bucket(&"f".repeat(63))).is_ok());
+
+        let kv_trigger = |bucket: &str| TriggerSpec {
+            source: TriggerSource::Kv {
+                bucket: bucket.into(),
+                prefix: String::new(),
+            },
+            retry: Default::default(),
+            alias: None,
+        };
+        assert!(check_trigger("orders", &kv_trigger("fn.orders")).is_ok());
+        let error = check_trigger("spy", &kv_trigger("fn.orders")).unwrap_err();
+        assert!(error.to_string().contains("only `orders`"), "{error}");
+        assert!(check_trigger("spy", &kv_trigger("orders")).is_ok());
+
+        let mut config = mayfly_store::FunctionConfig::default();
+        config.grants.kv = vec!["fn.orders".into()];
+        let error = crate::capabilities::check_grants(&config).unwrap_err();
+        assert!(error.to_string().contains("default KV store"), "{error}");
+    }
 
     #[test]
     fn request_ids_and_alias_names_are_checked() {

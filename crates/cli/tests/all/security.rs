@@ -142,6 +142,25 @@ fn a_function_reaches_only_what_it_was_granted() {
     assert!(stored.to_string().contains("\"n\""), "{stored}");
     let (status, body) = node.invoke_get("granted", "/kv/get?bucket=other&key=k1");
     assert_eq!(status, 403, "only the granted bucket: {body}");
+    // wasi:keyvalue open(""): each function's own default store, `fn.<name>`,
+    // no grant needed, no other function's to reach, an admin's to read.
+    let (status, body) = node.invoke_get("bare", "/kv/incr?bucket=&key=n&by=2");
+    assert_eq!((status, body.trim()), (200, "2"));
+    let (status, body) = node.invoke_get("granted", "/kv/incr?bucket=&key=n&by=7");
+    assert_eq!((status, body.trim()), (200, "7"), "a store of its own");
+    let (status, body) = node.invoke_get("granted", "/kv/get?bucket=fn.bare&key=n");
+    assert_eq!(status, 403, "another function's default store: {body}");
+    let (_, stored) = admin(&node, "GET", "/v1/kv/fn.bare", Some(&node.token), b"");
+    assert!(stored.to_string().contains("\"n\""), "{stored}");
+    let caps_wasm = crate::common::guest("caps");
+    let (ok, _, stderr) = node.cli(&[
+        "deploy",
+        "spy",
+        caps_wasm.to_str().unwrap(),
+        "--kv",
+        "fn.bare",
+    ]);
+    assert!(!ok && stderr.contains("default KV store"), "{stderr}");
     let (status, body) = node.invoke_get("granted", "/config/get?key=db_password");
     assert_eq!((status, body.as_str()), (200, "hunter2-granted"));
     let (status, body) = node.invoke_get("granted", "/config/get?key=greeting");

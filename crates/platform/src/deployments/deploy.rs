@@ -50,7 +50,7 @@ impl Deployments {
     ) -> Result<DeployOutcome, PlatformError> {
         validate_name(name)?;
         for spec in &triggers {
-            check_trigger(spec)?;
+            check_trigger(name, spec)?;
             self.check_trigger_alias(name, spec)?;
         }
         validate_limits(

@@ -197,7 +197,7 @@ impl EventHub {
         function: &str,
         mut spec: TriggerSpec,
     ) -> Result<(Trigger, bool), PlatformError> {
-        check_trigger(&spec)?;
+        check_trigger(function, &spec)?;
         // `live` is the default: stored as none, so the two forms are one
         // trigger.
         spec.alias = spec.alias.filter(|alias| alias != mayfly_store::LIVE_ALIAS);

@@ -22,12 +22,8 @@ impl CapsView<'_> {
     /// Grants are the current invocation's: a kept instance may hold a
     /// handle from an earlier one.
     pub(super) fn check_grant(&self, name: &str) -> Result<(), KvError> {
-        if self.caps.kv_buckets.contains(name) {
-            Ok(())
-        } else {
-            self.deny_bucket("use", name);
-            Err(KvError::AccessDenied)
-        }
+        self.check_grant_quietly(name)
+            .inspect_err(|_| self.deny_bucket("use", name))
     }
 
     /// The name of an open bucket, if the function may still use it.
@@ -45,12 +41,28 @@ impl CapsView<'_> {
         ));
     }
 
+    /// Opens a granted bucket, or with `""` the function's default store
+    /// (what wasmtime's in-memory keyvalue and Spin call the default).
     pub(super) fn open_bucket(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
-        if !self.caps.kv_buckets.contains(&identifier) {
-            self.deny_bucket("open", &identifier);
-            return Err(KvError::AccessDenied);
+        let name = match (identifier.as_str(), &self.caps.default_kv_bucket) {
+            ("", Some(default)) => default.clone(),
+            _ => identifier,
+        };
+        if let Err(error) = self.check_grant_quietly(&name) {
+            self.deny_bucket("open", &name);
+            return Err(error);
         }
-        Ok(self.table.push(Bucket { name: identifier })?)
+        Ok(self.table.push(Bucket { name })?)
+    }
+
+    fn check_grant_quietly(&self, name: &str) -> Result<(), KvError> {
+        if self.caps.kv_buckets.contains(name)
+            || self.caps.default_kv_bucket.as_deref() == Some(name)
+        {
+            Ok(())
+        } else {
+            Err(KvError::AccessDenied)
+        }
     }
 
     pub(super) fn close_bucket(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
@@ -431,6 +443,7 @@ pub(crate) mod tests {
             Self {
                 caps: Capabilities {
                     kv_buckets: buckets.iter().map(|b| b.to_string()).collect(),
+                    default_kv_bucket: Some("fn.me".into()),
                     keyvalue: Arc::new(Memory::default()),
                     config: Capabilities::none().config.clone(),
                     outbound: Arc::new(OutboundPolicy::deny_all()),
@@ -490,6 +503,28 @@ pub(crate) mod tests {
                  function (deploy with --kv payroll)"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn the_empty_name_opens_the_functions_default_store() {
+        use store::HostBucket as B;
+        let mut fixture = Fixture::granting(&[]);
+        let mut kv = fixture.view();
+        let bucket = ok(store::Host::open(&mut kv, String::new()).await);
+        ok(B::set(&mut kv, handle(&bucket), "a".into(), b"1".to_vec()).await);
+        // It is the bucket `fn.me`, by either name.
+        let named = ok(store::Host::open(&mut kv, "fn.me".into()).await);
+        assert_eq!(
+            ok(B::get(&mut kv, handle(&named), "a".into()).await),
+            Some(b"1".to_vec())
+        );
+        assert!(fixture.lines.take().is_empty());
+
+        // Without a default store (no function around it), `""` is denied.
+        fixture.caps.default_kv_bucket = None;
+        let mut kv = fixture.view();
+        let error = guest_error(store::Host::open(&mut kv, String::new()).await);
+        assert!(matches!(error, store::Error::AccessDenied));
     }
 
     #[tokio::test]

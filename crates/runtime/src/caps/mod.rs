@@ -72,6 +72,10 @@ mod compat {
 pub struct Capabilities {
     /// KV buckets the function may open through wasi:keyvalue (its grants).
     pub kv_buckets: BTreeSet<String>,
+    /// The bucket `open("")` opens: the function's own default store,
+    /// which no other function can be granted. `None`: `open("")` is
+    /// denied like any ungranted bucket.
+    pub default_kv_bucket: Option<String>,
     /// Where granted buckets live.
     pub keyvalue: Arc<dyn KeyValueBackend>,
     /// Variables and granted secrets, read through wasi:config.
@@ -94,6 +98,7 @@ impl Capabilities {
     pub fn none() -> Arc<Self> {
         Arc::new(Self {
             kv_buckets: BTreeSet::new(),
+            default_kv_bucket: None,
             keyvalue: Arc::new(NoBuckets),
             config: Arc::new(EmptyConfig),
             outbound: Arc::new(OutboundPolicy::deny_all()),
