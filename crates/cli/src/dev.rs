@@ -80,6 +80,11 @@ pub struct DevArgs {
     /// changes (network mounts, some VM and container shares).
     #[arg(long)]
     poll: bool,
+    /// How the dev node writes its own warnings and errors to stderr:
+    /// `text` or `json` (one object per line) [default: text]
+    #[arg(long, env = "MAYFLY_LOG_FORMAT", value_name = "FORMAT",
+          value_parser = crate::serve::log_format_parser())]
+    log_format: Option<mayfly_platform::config::LogFormat>,
 }
 
 /// Runs `mayfly dev` until Ctrl-C or SIGTERM.
@@ -108,7 +113,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot resolve {}", dir.display()))?,
         None => root.join(DATA_DIR),
     };
-    crate::serve::init_tracing("warn");
+    crate::serve::init_tracing("warn", args.log_format.unwrap_or_default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mayfly-worker")

@@ -22,6 +22,7 @@ mod limits;
 mod login;
 mod manifest;
 mod new;
+mod node_logs;
 mod quickstart;
 mod retention;
 mod scaling;
