@@ -22,11 +22,11 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         }
         Command::New(_) => unreachable!("new runs locally, it is not a client verb"),
         Command::Dev(_) => unreachable!("dev runs a node, it is not a client verb"),
-        Command::CompileWorker(_) => {
-            unreachable!("compile-worker runs locally, it is not a client verb")
-        }
         Command::Login(_) | Command::Logout | Command::Profile { .. } => {
             unreachable!("login, logout and profile edit the CLI's config")
+        }
+        Command::Completions(_) | Command::Man(_) => {
+            unreachable!("completions and man describe the CLI itself")
         }
         Command::Deploy(args) => deploy(client, json, args),
         Command::List => list(client, json),

@@ -516,10 +516,38 @@ fn compiler(args: &ServeArgs, node: &NodeConfig) -> anyhow::Result<Compiler> {
     };
     Ok(Compiler::worker(
         program,
-        vec!["compile-worker".into()],
+        vec![COMPILE_WORKER.into()],
         node.runtime.clone(),
         limits,
     ))
+}
+
+/// The first argument that makes `mayfly` a compile worker. It is not a
+/// verb of [`crate::args::Cli`]: a hidden clap subcommand still showed in
+/// bash completions and in "a similar subcommand exists" hints, and no
+/// person should ever type it.
+pub const COMPILE_WORKER: &str = "compile-worker";
+
+/// `mayfly compile-worker`: compiles one component from stdin within
+/// resource limits, as the node's own child process (not for people).
+#[derive(Debug, clap::Parser)]
+#[command(name = "mayfly compile-worker")]
+pub struct CompileWorkerCli {
+    #[command(flatten)]
+    args: CompileWorkerArgs,
+}
+
+impl CompileWorkerCli {
+    /// The worker's flags when the process was started as a compile worker
+    /// (`mayfly compile-worker --cpu-seconds …`); `None` otherwise.
+    pub fn from_args() -> Option<CompileWorkerArgs> {
+        use clap::Parser as _;
+        let mut args = std::env::args_os().skip(1);
+        if args.next()? != COMPILE_WORKER {
+            return None;
+        }
+        Some(Self::parse_from(std::env::args_os().skip(1)).args)
+    }
 }
 
 /// `mayfly compile-worker`'s flags, as [`Compiler::worker`] passes them.

@@ -6,6 +6,7 @@
 
 mod aliases;
 mod common;
+mod completions;
 mod connections;
 mod deploy;
 mod dev;
