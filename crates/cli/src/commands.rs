@@ -177,7 +177,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         scaling,
         grants,
     };
-    let mut outcome = send_deploy(client, &deploy)?;
+    let mut outcome = send_deploy(client, &deploy, !json)?;
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
@@ -210,14 +210,10 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         );
     } else {
         println!(
-            "deployed {name} version {} ({}{})",
+            "deployed {name} version {} ({}, {})",
             outcome["version"],
             outcome["digest"].as_str().unwrap_or("?"),
-            if outcome["compiled"] == Value::Bool(true) {
-                ", compiled"
-            } else {
-                ", cached artifact"
-            }
+            crate::progress::compile_note(&outcome)
         );
     }
     if let Some((nodes, took)) = rollout {

@@ -54,8 +54,6 @@ const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 /// The file in the data directory written before and after each build:
 /// its modification times bound the build in the file system's own clock.
 const BUILD_CLOCK_FILE: &str = "build-clock";
-/// How often the spinner of a running deploy turns.
-const SPIN: Duration = Duration::from_millis(100);
 
 /// `mayfly dev`'s flags.
 #[derive(Debug, clap::Args)]
@@ -516,19 +514,13 @@ impl Session {
             indicatif::HumanBytes(bytes)
         );
         let spinner = if std::io::stderr().is_terminal() {
-            let spinner = indicatif::ProgressBar::new_spinner().with_message(phase);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            {
-                spinner.set_style(style);
-            }
-            spinner.enable_steady_tick(SPIN);
-            Some(spinner)
+            Some(crate::progress::spinner(phase))
         } else {
             println!("{phase}");
             None
         };
         let started = Instant::now();
-        let outcome = send_deploy(&self.client, deploy);
+        let outcome = send_deploy(&self.client, deploy, false);
         let took = started.elapsed();
         if let Some(spinner) = spinner {
             spinner.finish_and_clear();
@@ -626,11 +618,14 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// How a deploy request went, measured here around the request: on
-/// loopback the upload is a small part of it, so when the node compiled
-/// the component this is the compile time to within milliseconds.
+/// How a deploy request went: the node's own compile time, or (from a
+/// node before `compile_ms`) the request's time measured here, which on
+/// loopback is the compile time to within milliseconds.
 fn phase_result(outcome: &Value, took: Duration) -> String {
     if outcome["compiled"] == Value::Bool(true) {
+        let took = outcome["compile_ms"]
+            .as_u64()
+            .map_or(took, Duration::from_millis);
         format!("compiled in {}", seconds(took))
     } else {
         format!("already compiled; took {}", seconds(took))
@@ -805,6 +800,12 @@ mod tests {
         assert_eq!(
             phase_result(&serde_json::json!({"compiled": false}), took),
             "already compiled; took 1.23 s"
+        );
+        let measured = serde_json::json!({"compiled": true, "compile_ms": 987});
+        assert_eq!(
+            phase_result(&measured, took),
+            "compiled in 0.99 s",
+            "the node's own time"
         );
     }
 }

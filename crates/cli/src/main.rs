@@ -15,6 +15,7 @@ mod manifest;
 mod new;
 mod output;
 mod profiles;
+mod progress;
 mod secrets;
 mod serve;
 mod simulate;
