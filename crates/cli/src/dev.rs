@@ -687,7 +687,13 @@ mod tests {
             "127.0.0.1:9001",
             "--data-dir",
             "/tmp/x",
+            "--log-format",
+            "json",
         ]);
+        assert_eq!(
+            args.log_format,
+            Some(mayfly_platform::config::LogFormat::Json)
+        );
         assert_eq!(args.manifest, Path::new("app/mayfly.toml"));
         assert_eq!(args.listen.port(), 0);
         assert_eq!(args.admin_listen.port(), 9001);
