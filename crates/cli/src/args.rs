@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::deploy::DeployArgs;
-use crate::{access, dev, events, login, new, secrets, serve, simulate};
+use crate::{access, completions, dev, events, login, new, secrets, serve, simulate};
 
 /// The help heading of the flags that say which node the client verbs
 /// talk to, so `serve --help` keeps them apart from the node's own flags.
@@ -66,10 +66,6 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: the HTTP gateway and the admin API.
     Serve(Box<serve::ServeArgs>),
-    /// Compiles one component from stdin within resource limits (the
-    /// node's own child process; not for people).
-    #[command(hide = true)]
-    CompileWorker(serve::CompileWorkerArgs),
     /// Run a local node with ./mayfly.toml's functions, rebuild and redeploy
     /// them when their sources change, and print their logs as they arrive.
     Dev(dev::DevArgs),
@@ -191,6 +187,12 @@ pub enum Command {
     },
     /// Show the audit log: who did what to the node, and when.
     Audit(access::AuditArgs),
+    /// Print a shell completion script, e.g. `mayfly completions bash >
+    /// ~/.local/share/bash-completion/completions/mayfly`.
+    Completions(completions::CompletionsArgs),
+    /// Print mayfly's man page (roff: `mayfly man | man -l -`), or write one
+    /// page per verb with --dir.
+    Man(completions::ManArgs),
 }
 
 /// `mayfly node`: the fleet's members.

@@ -131,12 +131,19 @@ impl AdminClient {
     }
 
     /// Posts a multipart/form-data body of `(name, content type, bytes)`
-    /// parts. ureq has no multipart encoder, and the format (RFC 7578) for a
-    /// couple of in-memory parts is a few lines, so it is written here.
-    pub fn post_multipart<T: DeserializeOwned>(
+    /// parts, calling `progress` with the bytes of the body handed to the
+    /// connection so far and the body's whole length (a deploy's upload
+    /// bar: a 20 MB component takes a while over a slow link, then the node
+    /// compiles before it answers). ureq's own multipart form sends a body
+    /// of unknown length (chunked); this one is built in memory (RFC 7578,
+    /// a few lines for a couple of parts) so it goes with its
+    /// Content-Length, which the node checks against its upload limit
+    /// before reading the body.
+    pub fn post_multipart_with_progress<T: DeserializeOwned>(
         &self,
         path: &str,
         parts: &[(&str, &str, &[u8])],
+        progress: &mut dyn FnMut(u64, u64),
     ) -> anyhow::Result<T> {
         let boundary = format!("mayfly-{}", uuid::Uuid::now_v7().simple());
         let mut body = Vec::new();
@@ -152,13 +159,23 @@ impl AdminClient {
             body.extend_from_slice(b"\r\n");
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let total = body.len() as u64;
+        let mut reader = CountingReader {
+            rest: &body,
+            read: 0,
+            total,
+            progress,
+        };
         let response = self
             .auth(self.agent.post(self.url(path)))
             .header(
                 "content-type",
                 format!("multipart/form-data; boundary={boundary}"),
             )
-            .send(&body[..])
+            // A reader's length is unknown to ureq: without this it would
+            // send the body chunked.
+            .header("content-length", total)
+            .send(ureq::SendBody::from_reader(&mut reader))
             .map_err(|e| self.unreachable(e))?;
         read_json(self.refused(response)?)
     }
@@ -214,6 +231,26 @@ impl AdminClient {
         let body = serde_json::to_vec(value)?;
         let headers = [("content-type".to_string(), "application/json".to_string())];
         self.send_json("POST", path, &headers, Some(&body))
+    }
+}
+
+/// A request body read from memory that reports how much of it has been
+/// read (by ureq, to write it to the connection).
+struct CountingReader<'a> {
+    rest: &'a [u8],
+    read: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl std::io::Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::io::Read::read(&mut self.rest, buf)?;
+        if n > 0 {
+            self.read += n as u64;
+            (self.progress)(self.read, self.total);
+        }
+        Ok(n)
     }
 }
 

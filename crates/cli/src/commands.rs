@@ -22,11 +22,11 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         }
         Command::New(_) => unreachable!("new runs locally, it is not a client verb"),
         Command::Dev(_) => unreachable!("dev runs a node, it is not a client verb"),
-        Command::CompileWorker(_) => {
-            unreachable!("compile-worker runs locally, it is not a client verb")
-        }
         Command::Login(_) | Command::Logout | Command::Profile { .. } => {
             unreachable!("login, logout and profile edit the CLI's config")
+        }
+        Command::Completions(_) | Command::Man(_) => {
+            unreachable!("completions and man describe the CLI itself")
         }
         Command::Deploy(args) => deploy(client, json, args),
         Command::List => list(client, json),
@@ -177,7 +177,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         scaling,
         grants,
     };
-    let mut outcome = send_deploy(client, &deploy)?;
+    let mut outcome = send_deploy(client, &deploy, !json)?;
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
@@ -210,14 +210,10 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         );
     } else {
         println!(
-            "deployed {name} version {} ({}{})",
+            "deployed {name} version {} ({}, {})",
             outcome["version"],
             outcome["digest"].as_str().unwrap_or("?"),
-            if outcome["compiled"] == Value::Bool(true) {
-                ", compiled"
-            } else {
-                ", cached artifact"
-            }
+            crate::progress::compile_note(&outcome)
         );
     }
     if let Some((nodes, took)) = rollout {

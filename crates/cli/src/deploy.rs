@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::client::{AdminClient, segment};
 use crate::events::triggers::{TriggerSpec, parse_trigger_spec};
+use crate::progress::DeployProgress;
 
 /// `mayfly deploy`: the component and its configuration, or a manifest.
 #[derive(Debug, Args)]
@@ -241,9 +242,16 @@ fn check_size(client: &AdminClient, component: &std::path::Path) -> anyhow::Resu
 }
 
 /// Uploads the component with its config and triggers; returns the node's
-/// answer (the version, `compiled`, and `unchanged` when the live version
-/// was the same component and config, so none was created).
-pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Result<Value> {
+/// answer (the version, `compiled` and `compile_ms`, and `unchanged` when
+/// the live version was the same component and config, so none was
+/// created). `show`: show the upload and compile on stderr while they
+/// run (see [`DeployProgress`]); off for `--json` and for `mayfly dev`,
+/// which shows its own.
+pub fn send_deploy(
+    client: &AdminClient,
+    deploy: &FunctionDeploy,
+    show: bool,
+) -> anyhow::Result<Value> {
     let FunctionDeploy {
         name,
         component,
@@ -262,5 +270,17 @@ pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Res
     if !triggers.is_empty() {
         parts.push(("triggers", "application/json", &triggers_json));
     }
-    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)
+    let mut progress = show.then(|| DeployProgress::start(name, component, wasm.len() as u64));
+    let outcome = client.post_multipart_with_progress(
+        &format!("/v1/functions/{}/versions", segment(name)),
+        &parts,
+        &mut |sent, total| {
+            if let Some(progress) = &mut progress {
+                progress.sent(sent, total);
+            }
+        },
+    );
+    // Cleared before the caller prints the result.
+    drop(progress);
+    outcome
 }

@@ -54,8 +54,6 @@ const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 /// The file in the data directory written before and after each build:
 /// its modification times bound the build in the file system's own clock.
 const BUILD_CLOCK_FILE: &str = "build-clock";
-/// How often the spinner of a running deploy turns.
-const SPIN: Duration = Duration::from_millis(100);
 
 /// `mayfly dev`'s flags.
 #[derive(Debug, clap::Args)]
@@ -80,6 +78,11 @@ pub struct DevArgs {
     /// changes (network mounts, some VM and container shares).
     #[arg(long)]
     poll: bool,
+    /// How the dev node writes its own warnings and errors to stderr:
+    /// `text` or `json` (one object per line) [default: text]
+    #[arg(long, env = "MAYFLY_LOG_FORMAT", value_name = "FORMAT",
+          value_parser = crate::serve::log_format_parser())]
+    log_format: Option<mayfly_platform::config::LogFormat>,
 }
 
 /// Runs `mayfly dev` until Ctrl-C or SIGTERM.
@@ -108,7 +111,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot resolve {}", dir.display()))?,
         None => root.join(DATA_DIR),
     };
-    crate::serve::init_tracing("warn");
+    crate::serve::init_tracing("warn", args.log_format.unwrap_or_default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mayfly-worker")
@@ -511,19 +514,13 @@ impl Session {
             indicatif::HumanBytes(bytes)
         );
         let spinner = if std::io::stderr().is_terminal() {
-            let spinner = indicatif::ProgressBar::new_spinner().with_message(phase);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            {
-                spinner.set_style(style);
-            }
-            spinner.enable_steady_tick(SPIN);
-            Some(spinner)
+            Some(crate::progress::spinner(phase))
         } else {
             println!("{phase}");
             None
         };
         let started = Instant::now();
-        let outcome = send_deploy(&self.client, deploy);
+        let outcome = send_deploy(&self.client, deploy, false);
         let took = started.elapsed();
         if let Some(spinner) = spinner {
             spinner.finish_and_clear();
@@ -621,11 +618,14 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// How a deploy request went, measured here around the request: on
-/// loopback the upload is a small part of it, so when the node compiled
-/// the component this is the compile time to within milliseconds.
+/// How a deploy request went: the node's own compile time, or (from a
+/// node before `compile_ms`) the request's time measured here, which on
+/// loopback is the compile time to within milliseconds.
 fn phase_result(outcome: &Value, took: Duration) -> String {
     if outcome["compiled"] == Value::Bool(true) {
+        let took = outcome["compile_ms"]
+            .as_u64()
+            .map_or(took, Duration::from_millis);
         format!("compiled in {}", seconds(took))
     } else {
         format!("already compiled; took {}", seconds(took))
@@ -687,7 +687,13 @@ mod tests {
             "127.0.0.1:9001",
             "--data-dir",
             "/tmp/x",
+            "--log-format",
+            "json",
         ]);
+        assert_eq!(
+            args.log_format,
+            Some(mayfly_platform::config::LogFormat::Json)
+        );
         assert_eq!(args.manifest, Path::new("app/mayfly.toml"));
         assert_eq!(args.listen.port(), 0);
         assert_eq!(args.admin_listen.port(), 9001);
@@ -800,6 +806,12 @@ mod tests {
         assert_eq!(
             phase_result(&serde_json::json!({"compiled": false}), took),
             "already compiled; took 1.23 s"
+        );
+        let measured = serde_json::json!({"compiled": true, "compile_ms": 987});
+        assert_eq!(
+            phase_result(&measured, took),
+            "compiled in 0.99 s",
+            "the node's own time"
         );
     }
 }

@@ -6,6 +6,7 @@ mod args;
 mod body;
 mod client;
 mod commands;
+mod completions;
 mod deploy;
 mod dev;
 mod events;
@@ -14,6 +15,7 @@ mod manifest;
 mod new;
 mod output;
 mod profiles;
+mod progress;
 mod secrets;
 mod serve;
 mod simulate;
@@ -31,13 +33,38 @@ use crate::args::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match serve::CompileWorkerCli::from_args() {
+        Some(worker) => serve::compile_worker(&worker),
+        None => run(Cli::parse()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`mayfly logs -f | head`): not an error.
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the verb the command line names.
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Serve(args) => serve::run(*args),
-        Command::CompileWorker(args) => serve::compile_worker(&args),
         Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man(args) => completions::man(&args),
         command => {
             let given = profiles::Given {
                 admin_url: cli.admin_url,
@@ -57,23 +84,6 @@ fn main() -> ExitCode {
                         .and_then(|client| commands::run(&client, cli.json, command))
                 }
             }
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        // The reader went away (`mayfly logs -f | head`): not an error.
-        Err(error)
-            if error.chain().any(|cause| {
-                cause
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
         }
     }
 }

@@ -324,12 +324,18 @@ pub fn apply_manifest(
     }
     for function in &manifest.functions {
         let name = &function.deploy.name;
-        let outcome = send_deploy(client, &function.deploy)
+        let outcome = send_deploy(client, &function.deploy, !json)
             .with_context(|| format!("deploying `{name}` failed"))?;
         if json {
             println!("{outcome}");
-        } else {
+        } else if outcome["unchanged"] == Value::Bool(true) {
             println!("{}", summary(name, &outcome));
+        } else {
+            println!(
+                "{} ({})",
+                summary(name, &outcome),
+                crate::progress::compile_note(&outcome)
+            );
         }
     }
     Ok(())

@@ -1,11 +1,11 @@
 //! `mayfly serve`: run a node until SIGTERM or Ctrl-C.
 
-use std::io::Write;
+use std::io::{IsTerminal as _, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use mayfly_platform::config::{ConnectionsFile, NodeFile, ScalingFile};
+use mayfly_platform::config::{ConnectionsFile, LogFormat, NodeFile, ScalingFile};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -86,8 +86,20 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64)
               .range(1..=mayfly_platform::config::MAX_COMPONENT_MB_CEILING))]
     pub max_component_mb: Option<u64>,
+    /// How the node writes its log to stderr: `text` for people, `json`
+    /// for log collectors (one object per line) [default: text, or `[log]
+    /// format` in the config file]
+    #[arg(long, env = "MAYFLY_LOG_FORMAT", value_name = "FORMAT",
+          value_parser = log_format_parser())]
+    pub log_format: Option<LogFormat>,
     #[command(flatten)]
     pub fleet: FleetArgs,
+}
+
+/// `--log-format`'s values, listed in help and shell completions.
+pub(crate) fn log_format_parser() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["text", "json"]).try_map(|text| text.parse())
 }
 
 /// How a node joins a fleet (`--nats`); without it, it runs on its own.
@@ -375,16 +387,27 @@ fn raise_open_files() -> u64 {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing("info");
+    // Read before logging starts: it may say how to log. A broken file is
+    // reported by `main` on stderr like any other refusal to start.
+    let default_file = args.data_dir.join("node.toml");
+    let file = match &args.config {
+        Some(path) => NodeFile::load(path)?,
+        None if default_file.exists() => NodeFile::load(&default_file)?,
+        None => NodeFile::default(),
+    };
+    init_tracing(
+        "info",
+        args.log_format.or(file.log.format).unwrap_or_default(),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mayfly-worker")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, file))
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
     let admin_cert = admin_tls.as_ref().map(|tls| tls.cert.clone());
     let mut node = NodeConfig::new(&args.data_dir);
@@ -397,12 +420,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     node.labels = args.fleet.labels.clone().unwrap_or_default().0;
     let fleet = args.fleet.options(&node.node_name)?;
-    let default_file = args.data_dir.join("node.toml");
-    let file = match &args.config {
-        Some(path) => NodeFile::load(path)?,
-        None if default_file.exists() => NodeFile::load(&default_file)?,
-        None => NodeFile::default(),
-    };
     node.scaling = scaling_config(&args, &file.scaling)?;
     let max_component_mb = args
         .max_component_mb
@@ -499,10 +516,38 @@ fn compiler(args: &ServeArgs, node: &NodeConfig) -> anyhow::Result<Compiler> {
     };
     Ok(Compiler::worker(
         program,
-        vec!["compile-worker".into()],
+        vec![COMPILE_WORKER.into()],
         node.runtime.clone(),
         limits,
     ))
+}
+
+/// The first argument that makes `mayfly` a compile worker. It is not a
+/// verb of [`crate::args::Cli`]: a hidden clap subcommand still showed in
+/// bash completions and in "a similar subcommand exists" hints, and no
+/// person should ever type it.
+pub const COMPILE_WORKER: &str = "compile-worker";
+
+/// `mayfly compile-worker`: compiles one component from stdin within
+/// resource limits, as the node's own child process (not for people).
+#[derive(Debug, clap::Parser)]
+#[command(name = "mayfly compile-worker")]
+pub struct CompileWorkerCli {
+    #[command(flatten)]
+    args: CompileWorkerArgs,
+}
+
+impl CompileWorkerCli {
+    /// The worker's flags when the process was started as a compile worker
+    /// (`mayfly compile-worker --cpu-seconds …`); `None` otherwise.
+    pub fn from_args() -> Option<CompileWorkerArgs> {
+        use clap::Parser as _;
+        let mut args = std::env::args_os().skip(1);
+        if args.next()? != COMPILE_WORKER {
+            return None;
+        }
+        Some(Self::parse_from(std::env::args_os().skip(1)).args)
+    }
 }
 
 /// `mayfly compile-worker`'s flags, as [`Compiler::worker`] passes them.
@@ -576,14 +621,31 @@ fn scaling_config(args: &ServeArgs, file: &ScalingFile) -> anyhow::Result<Scalin
 }
 
 /// The node's own logs go to stderr, filtered by `RUST_LOG` or else
-/// `default_filter` (`mayfly serve`: info; `mayfly dev`: warn).
-pub(crate) fn init_tracing(default_filter: &str) {
-    tracing_subscriber::fmt()
+/// `default_filter` (`mayfly serve`: info; `mayfly dev`: warn), as text
+/// or as JSON lines.
+pub(crate) fn init_tracing(default_filter: &str, format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
+/// Whether log lines may carry ANSI colour codes: only on a terminal
+/// (escape codes garble a log file or a pipe to a collector), and not when
+/// `NO_COLOR` is set to anything (<https://no-color.org>). tracing-subscriber
+/// checks neither once colours are asked for, so both are decided here.
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Waits for SIGTERM (`terminate`, subscribed before the node starts) or Ctrl-C.
@@ -674,6 +736,26 @@ mod tests {
         assert_eq!(limits.gateway.max_connections, 10_000);
         assert_eq!(limits.admin.max_connections, 7);
         assert!(serve_args(&["--idle-timeout", "0s"]).is_err());
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use super::colour;
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "an empty NO_COLOR is unset");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        use super::LogFormat;
+        let json = serve_args(&["--log-format", "json"]).unwrap();
+        assert_eq!(json.log_format, Some(LogFormat::Json));
+        let error = serve_args(&["--log-format", "xml"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("text") && error.contains("json"), "{error}");
     }
 
     #[test]

@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 /// body_timeout = "60s"
 /// max_connections = 10000      # the gateway's
 /// admin_max_connections = 256
+///
+/// [log]
+/// format = "text"              # or "json": one JSON object per line
 /// ```
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -47,6 +50,43 @@ pub struct NodeFile {
     pub connections: ConnectionsFile,
     /// Node-wide limits; `mayfly serve` flags override them.
     pub limits: LimitsFile,
+    /// How the node writes its own log; `--log-format` overrides it.
+    pub log: LogFile,
+}
+
+/// The `[log]` table: what `mayfly serve --log-format` sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// `text` (for people) or `json` (for log collectors).
+    pub format: Option<LogFormat>,
+}
+
+/// How a node writes its log lines to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people: time, level, target, message and
+    /// fields (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target` and the
+    /// event's `fields`, its `message` among them), for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown log format `{other}`: give `text` or `json`"
+            )),
+        }
+    }
 }
 
 /// Default largest component a deploy may upload, in MiB.
@@ -401,6 +441,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("per_million_requests"), "{error}");
+    }
+
+    #[test]
+    fn the_log_table_names_a_format() {
+        assert_eq!(NodeFile::parse("").unwrap().log.format, None);
+        let file = NodeFile::parse("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(file.log.format, Some(LogFormat::Json));
+        let error = NodeFile::parse("[log]\nformat = \"xml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("xml") && error.contains("line 2"), "{error}");
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert!("JSON".parse::<LogFormat>().is_err());
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Compiler {
     /// Compiles in child processes: `program args… --cpu-seconds N
     /// --max-instance-memory N`, which must run [`run_worker`], setting
     /// its own `RLIMIT_CPU` from that flag. The node passes its own binary and its hidden
-    /// `compile-worker` subcommand. `config` is the node's runtime config,
+    /// `compile-worker` mode. `config` is the node's runtime config,
     /// so the worker's engine compiles for the node's.
     pub fn worker(
         program: PathBuf,

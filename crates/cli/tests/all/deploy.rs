@@ -248,3 +248,85 @@ fn deleting_a_function_removes_its_route() {
     node.deploy("other", "echo", &["/hello"]);
     assert_eq!(node.request("POST", "/hello", b"mine").1, b"mine");
 }
+
+#[test]
+fn a_deploy_shows_its_upload_and_compile_and_answers_the_compile_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let hello = guest("hello");
+    let hello = hello.to_str().unwrap();
+
+    // Off a terminal: one plain line per phase on stderr, the result with
+    // the node's compile time on stdout.
+    let (ok, stdout, stderr) = node.cli(&["deploy", "hello", hello, "--route", "/hello"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].starts_with("hello: uploading hello.wasm (")
+            && lines[0].ends_with("KiB)…")
+            && lines[1] == "hello: uploaded, compiling…",
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "no bar or spinner off a terminal");
+    let result = stdout.lines().next().unwrap();
+    assert!(
+        result.starts_with("deployed hello version 1 (sha256:")
+            && result.contains(", compiled in "),
+        "{stdout}"
+    );
+    assert!(result.ends_with(" s)"), "{stdout}");
+
+    // --json: the answer alone, with the compile time; nothing on stderr.
+    let (ok, stdout, stderr) =
+        node.cli(&["deploy", "--json", "echo", guest("echo").to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stderr, "", "--json shows no progress");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["compiled"], true, "{answer}");
+    let compile_ms = answer["compile_ms"]
+        .as_u64()
+        .expect("compile_ms is a number");
+    assert!(compile_ms > 0 && compile_ms < 120_000, "{answer}");
+
+    // The same component again: its artifact is cached, nothing compiles.
+    let (ok, stdout, stderr) = node.cli(&["deploy", "--json", "other", hello]);
+    assert!(ok, "{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (&answer["compiled"], &answer["compile_ms"]),
+        (&Value::Bool(false), &Value::from(0)),
+        "{answer}"
+    );
+    let (ok, stdout, _) = node.cli(&["deploy", "again", hello]);
+    assert!(ok);
+    assert!(stdout.contains(", already compiled)"), "{stdout}");
+
+    // A manifest deploy shows the same phases and the compile time.
+    let project = dir.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    std::fs::copy(guest("trap"), project.join("trap.wasm")).unwrap();
+    std::fs::write(
+        project.join("mayfly.toml"),
+        "[functions.trap]\ncomponent = \"trap.wasm\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("deploy")
+        .current_dir(&project)
+        .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", &node.token)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("trap: uploading trap.wasm ("), "{stderr}");
+    assert!(stderr.contains("trap: uploaded, compiling…"), "{stderr}");
+    assert!(
+        stdout.starts_with("trap: version 1 deployed, no routes (compiled in "),
+        "{stdout}"
+    );
+}

@@ -6,6 +6,7 @@
 
 mod aliases;
 mod common;
+mod completions;
 mod connections;
 mod deploy;
 mod dev;
@@ -22,6 +23,7 @@ mod limits;
 mod login;
 mod manifest;
 mod new;
+mod node_logs;
 mod quickstart;
 mod retention;
 mod scaling;

@@ -7,6 +7,7 @@ use mayfly_store::{
     TriggerSpec, VersionRecord,
 };
 use serde::Serialize;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Deployments, slot_limits};
@@ -26,6 +27,11 @@ pub struct DeployOutcome {
     pub version: VersionRecord,
     /// Whether the component was compiled (false: its artifact was cached).
     pub compiled: bool,
+    /// Milliseconds this deploy spent compiling the component and storing
+    /// its artifact, a wait for a busy compile slot included; 0 when
+    /// nothing was compiled. Long for large components (tens of seconds
+    /// for a 20 MB one), so clients show it.
+    pub compile_ms: u64,
     /// Whether the upload was the live version's component and config
     /// again, so no version was created: `version` is the live one.
     pub unchanged: bool,
@@ -91,13 +97,16 @@ impl Deployments {
                 // Nothing to change, but the artifact it runs must be
                 // sound: a redeploy is how an operator heals a function.
                 let key = self.parts.artifacts.key(&digest);
+                let mut healed = None;
                 if !self.parts.artifacts.verified(&key).await? {
+                    let started = Instant::now();
                     self.parts
                         .artifacts
                         .compile_and_store(wasm.clone(), &key)
                         .await?;
+                    healed = Some(started.elapsed());
                 }
-                return self.keep_live(name, live, triggers).await;
+                return self.keep_live(name, live, triggers, healed).await;
             }
         }
         let artifact = Artifact {
@@ -105,6 +114,7 @@ impl Deployments {
             component: digest.clone(),
         };
         let compiled = !self.parts.artifacts.verified(&artifact.key).await?;
+        let compile_started = Instant::now();
         if compiled {
             tokio::select! {
                 stored = self.parts.artifacts.compile_and_store(wasm.clone(), &artifact.key) => stored?,
@@ -116,6 +126,11 @@ impl Deployments {
                 }
             }
         }
+        let compile_ms = if compiled {
+            millis(compile_started.elapsed())
+        } else {
+            0
+        };
         // Load once to prove the artifact works on this engine, then let it
         // go: a deployed function stays cold (on disk) until its first
         // request, so thousands of idle functions cost no memory, and
@@ -130,7 +145,8 @@ impl Deployments {
         let _change = self.changes.lock().await;
         // An identical deploy may have landed while this one compiled.
         if let Some(live) = self.unchanged_live(name, &digest, &config).await? {
-            return self.keep_live(name, live, triggers).await;
+            let compiled = compiled.then(|| compile_started.elapsed());
+            return self.keep_live(name, live, triggers, compiled).await;
         }
         // Checked under the change lock, so no other deploy can take the
         // reservation between this check and the store write.
@@ -163,11 +179,13 @@ impl Deployments {
             function = name,
             version = version.version,
             compiled,
+            compile_ms,
             "deployed"
         );
         Ok(DeployOutcome {
             version,
             compiled,
+            compile_ms,
             unchanged: false,
         })
     }
@@ -220,12 +238,15 @@ impl Deployments {
 
     /// Answers a deploy that changes nothing with the live version; its
     /// triggers are still attached (an identical one is not attached twice).
-    /// Called under the change lock.
+    /// `compiled`: how long this deploy compiled the component anyway (a
+    /// damaged artifact healed, or a compile that raced an identical
+    /// deploy). Called under the change lock.
     async fn keep_live(
         &self,
         name: &str,
         live: VersionRecord,
         triggers: Vec<TriggerSpec>,
+        compiled: Option<Duration>,
     ) -> Result<DeployOutcome, PlatformError> {
         if !triggers.is_empty() {
             for spec in triggers {
@@ -236,7 +257,8 @@ impl Deployments {
         tracing::info!(function = name, version = live.version, "deploy unchanged");
         Ok(DeployOutcome {
             version: live,
-            compiled: false,
+            compiled: compiled.is_some(),
+            compile_ms: compiled.map_or(0, millis),
             unchanged: true,
         })
     }
@@ -327,4 +349,9 @@ impl Deployments {
              {name} {alias} <version>`, or leave the alias out to deliver to `live`"
         )))
     }
+}
+
+/// Whole milliseconds of `duration`, for an API field.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
