@@ -5,16 +5,37 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use ureq::http::Response;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::multipart::{Form, Part};
 
 use crate::profiles::{Target, login_advice};
 
 /// Largest JSON answer read from the admin API.
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
+/// One part of a multipart/form-data upload ([`AdminClient::post_multipart`]).
+pub struct FormPart<'a> {
+    /// The form field name the node reads the part by.
+    pub name: &'a str,
+    /// The part's Content-Type.
+    pub content_type: &'a str,
+    /// What the part holds.
+    pub body: PartBody<'a>,
+}
+
+/// The body of a [`FormPart`].
+pub enum PartBody<'a> {
+    /// Bytes in memory (a small JSON document).
+    Bytes(&'a [u8]),
+    /// A file, streamed from disk as the request is sent.
+    File(&'a Path),
+}
+
+/// A client of one node's admin API.
 pub struct AdminClient {
     base: String,
     agent: ureq::Agent,
@@ -130,35 +151,34 @@ impl AdminClient {
         check(self.refused(response)?).map(drop)
     }
 
-    /// Posts a multipart/form-data body of `(name, content type, bytes)`
-    /// parts. ureq has no multipart encoder, and the format (RFC 7578) for a
-    /// couple of in-memory parts is a few lines, so it is written here.
+    /// Posts a multipart/form-data body (RFC 7578) and reads the 2xx answer
+    /// as JSON. ureq's encoder streams each part: a file part is read from
+    /// disk as it is sent, never held whole, and its size is known up front,
+    /// so the request has a Content-Length the node checks before reading.
     pub fn post_multipart<T: DeserializeOwned>(
         &self,
         path: &str,
-        parts: &[(&str, &str, &[u8])],
+        parts: Vec<FormPart<'_>>,
     ) -> anyhow::Result<T> {
-        let boundary = format!("mayfly-{}", uuid::Uuid::now_v7().simple());
-        let mut body = Vec::new();
-        for (name, content_type, bytes) in parts {
-            body.extend_from_slice(
-                format!(
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
-                     filename=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
-                )
-                .as_bytes(),
-            );
-            body.extend_from_slice(bytes);
-            body.extend_from_slice(b"\r\n");
+        let mut form = Form::new();
+        for part in parts {
+            let body = match part.body {
+                PartBody::Bytes(bytes) => Part::bytes(bytes),
+                PartBody::File(file) => {
+                    Part::file(file).with_context(|| format!("cannot read {}", file.display()))?
+                }
+            };
+            // Every part carries the name as its file name, as curl's
+            // `-F name=@file` does: the node reads parts by name alone.
+            let body = body
+                .file_name(part.name)
+                .mime_str(part.content_type)
+                .with_context(|| format!("bad content type `{}`", part.content_type))?;
+            form = form.part(part.name, body);
         }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         let response = self
             .auth(self.agent.post(self.url(path)))
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .send(&body[..])
+            .send(form)
             .map_err(|e| self.unreachable(e))?;
         read_json(self.refused(response)?)
     }
@@ -288,23 +308,33 @@ fn roots_with(path: &Path) -> anyhow::Result<RootCerts> {
 /// Items asked for per page when listing objects, keys and dead letters.
 pub(crate) const PAGE: usize = 1000;
 
-/// Percent-encodes `value` for a URL: RFC 3986 unreserved characters and
-/// those in `keep` pass through.
-pub(crate) fn percent_encode(value: &str, keep: &[u8]) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+/// What a URL path segment or query value keeps as it is: exactly the
+/// RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`); every other byte,
+/// and every byte of a non-ASCII character, is percent-encoded.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// [`UNRESERVED`] and `/`: for a value that is itself a path (an invoke's
+/// path, a key prefix), whose slashes a reader would rather see as they are.
+const UNRESERVED_AND_SLASH: &AsciiSet = &UNRESERVED.remove(b'/');
+
+/// `value` percent-encoded as one URL component: only the unreserved
+/// characters pass through.
+pub(crate) fn encode(value: &str) -> String {
+    utf8_percent_encode(value, UNRESERVED).to_string()
+}
+
+/// `value` percent-encoded with its slashes kept.
+pub(crate) fn encode_keeping_slashes(value: &str) -> String {
+    utf8_percent_encode(value, UNRESERVED_AND_SLASH).to_string()
 }
 
 /// A function name as one URL path segment.
 pub(crate) fn segment(name: &str) -> String {
-    percent_encode(name, b"")
+    encode(name)
 }
 
 /// A key as URL path segments: `/` stays a separator, everything else that
@@ -315,7 +345,7 @@ pub(crate) fn key_path(key: &str) -> String {
         .map(|part| match part {
             "." => "%2E".to_string(),
             ".." => "%2E%2E".to_string(),
-            part => percent_encode(part, b""),
+            part => encode(part),
         })
         .collect::<Vec<_>>()
         .join("/")
@@ -327,7 +357,7 @@ pub(crate) fn query(params: &[(&str, Option<String>)]) -> String {
         .iter()
         .filter_map(|(name, value)| {
             let value = value.as_deref()?;
-            Some(format!("{name}={}", percent_encode(value, b"/")))
+            Some(format!("{name}={}", encode_keeping_slashes(value)))
         })
         .collect();
     if pairs.is_empty() {
@@ -352,6 +382,18 @@ mod tests {
         assert_eq!(key_path("é/+&="), "%C3%A9/%2B%26%3D");
         assert_eq!(key_path("a/../b/./c"), "a/%2E%2E/b/%2E/c");
         assert_eq!(key_path("..."), "...");
+    }
+
+    #[test]
+    fn components_keep_exactly_the_unreserved_characters() {
+        let unreserved = "AZaz09-._~";
+        assert_eq!(encode(unreserved), unreserved);
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(
+            encode("!*'();:@&=+$,?#[]%"),
+            "%21%2A%27%28%29%3B%3A%40%26%3D%2B%24%2C%3F%23%5B%5D%25"
+        );
+        assert_eq!(encode_keeping_slashes("/a b/ü"), "/a%20b/%C3%BC");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::args::{AliasCommand, Command, InvokeArgs, NodeCommand, UsageArgs};
 use crate::body::read_file;
-use crate::client::{AdminClient, check, percent_encode, segment};
+use crate::client::{AdminClient, check, encode, encode_keeping_slashes, segment};
 use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
 use crate::events;
 use crate::output::format_time;
@@ -298,11 +298,11 @@ fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result
     let mut query = format!(
         "/v1/functions/{}/invoke?path={}&method={}",
         segment(name),
-        percent_encode(path, b"/"),
-        percent_encode(&method, b"")
+        encode_keeping_slashes(path),
+        encode(&method)
     );
     if let Some(alias) = &args.alias {
-        query.push_str(&format!("&alias={}", percent_encode(alias, b"")));
+        query.push_str(&format!("&alias={}", encode(alias)));
     }
     let mut response = client.send_raw("POST", &query, &headers, body.as_deref())?;
     let status = response.status();
@@ -642,14 +642,14 @@ const USAGE_COLUMNS: &[(&str, &str)] = &[
 fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<()> {
     let mut path = format!(
         "/v1/usage?from={}&group_by={}",
-        percent_encode(&args.since, b""),
-        percent_encode(&args.by, b"")
+        encode(&args.since),
+        encode(&args.by)
     );
     if let Some(until) = &args.until {
-        path.push_str(&format!("&to={}", percent_encode(until, b"")));
+        path.push_str(&format!("&to={}", encode(until)));
     }
     if let Some(function) = &args.function {
-        path.push_str(&format!("&function={}", percent_encode(function, b"")));
+        path.push_str(&format!("&function={}", encode(function)));
     }
     let report: Value = client.get_json(&path)?;
     if json {

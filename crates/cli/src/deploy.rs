@@ -5,11 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 use serde_json::Value;
 
-use crate::client::{AdminClient, segment};
+use crate::client::{AdminClient, FormPart, PartBody, segment};
 use crate::events::triggers::{TriggerSpec, parse_trigger_spec};
 
 /// `mayfly deploy`: the component and its configuration, or a manifest.
@@ -251,16 +250,26 @@ pub fn send_deploy(client: &AdminClient, deploy: &FunctionDeploy) -> anyhow::Res
         ..
     } = deploy;
     check_size(client, component)?;
-    let wasm = std::fs::read(component)
-        .with_context(|| format!("cannot read the component {}", component.display()))?;
     let config = serde_json::to_vec(&config_json(deploy))?;
     let triggers_json = serde_json::to_vec(triggers)?;
-    let mut parts: Vec<(&str, &str, &[u8])> = vec![
-        ("component", "application/wasm", &wasm),
-        ("config", "application/json", &config),
+    let mut parts = vec![
+        FormPart {
+            name: "component",
+            content_type: "application/wasm",
+            body: PartBody::File(component),
+        },
+        FormPart {
+            name: "config",
+            content_type: "application/json",
+            body: PartBody::Bytes(&config),
+        },
     ];
     if !triggers.is_empty() {
-        parts.push(("triggers", "application/json", &triggers_json));
+        parts.push(FormPart {
+            name: "triggers",
+            content_type: "application/json",
+            body: PartBody::Bytes(&triggers_json),
+        });
     }
-    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), &parts)
+    client.post_multipart(&format!("/v1/functions/{}/versions", segment(name)), parts)
 }
