@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::buckets::{all_pages, print_deleted, with_prefix};
 use crate::body::{read_body, set_body};
 use crate::client::{AdminClient, check, key_path, read_json, segment};
-use crate::output::{text, time};
+use crate::output::{Table, text, time};
 
 /// `mayfly kv …`: the node's key-value store.
 #[derive(Debug, Subcommand)]
@@ -211,14 +211,11 @@ fn kv_buckets(client: &AdminClient, json: bool, prefix_given: bool) -> anyhow::R
         println!("no KV buckets: set a key with `mayfly kv set <bucket> <key> <value>`");
         return Ok(());
     }
-    println!("{:<32} {:>9}", "BUCKET", "KEYS");
+    let mut table = Table::new(["BUCKET", "KEYS"]).right(&["KEYS"]);
     for bucket in &buckets {
-        println!(
-            "{:<32} {:>9}",
-            text(&bucket["bucket"]),
-            text(&bucket["keys"])
-        );
+        table.row([text(&bucket["bucket"]), text(&bucket["keys"])]);
     }
+    table.print();
     Ok(())
 }
 
@@ -238,16 +235,16 @@ fn kv_list(
         println!("no keys in {bucket}{}", with_prefix(prefix));
         return Ok(());
     }
-    println!("{:<40} {:>9} {:>10}  UPDATED", "KEY", "REVISION", "SIZE");
+    let mut table = Table::new(["KEY", "REVISION", "SIZE", "UPDATED"]).right(&["REVISION", "SIZE"]);
     for key in &keys {
-        println!(
-            "{:<40} {:>9} {:>10}  {}",
+        table.row([
             text(&key["key"]),
             text(&key["revision"]),
             text(&key["size"]),
-            time(&key["updated_ms"])
-        );
+            time(&key["updated_ms"]),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

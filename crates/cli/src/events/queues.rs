@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::body::{body_bytes, read_body};
 use crate::client::{AdminClient, check, query, segment};
-use crate::output::{text, time};
+use crate::output::{Table, text, time};
 
 /// `mayfly queue …`: the node's durable queues.
 #[derive(Debug, Subcommand)]
@@ -184,14 +184,15 @@ fn queue_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("no queues: send a message with `mayfly queue send <queue> <body>`");
         return Ok(());
     }
-    println!("{:<32} {:>9} {:>9}", "QUEUE", "MESSAGES", "IN_FLIGHT");
+    let mut table =
+        Table::new(["QUEUE", "MESSAGES", "IN_FLIGHT"]).right(&["MESSAGES", "IN_FLIGHT"]);
     for queue in &queues {
-        println!(
-            "{:<32} {:>9} {:>9}",
+        table.row([
             text(&queue["queue"]),
             text(&queue["messages"]),
-            text(&queue["in_flight"])
-        );
+            text(&queue["in_flight"]),
+        ]);
     }
+    table.print();
     Ok(())
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::client::{AdminClient, millis, read_json, segment};
-use crate::output::text;
+use crate::output::{Table, text};
 
 /// The valid `--trigger` forms, for error messages.
 const TRIGGER_FORMS: &str =
@@ -361,24 +361,21 @@ fn trigger_list(client: &AdminClient, json: bool, function: Option<&str>) -> any
         );
         return Ok(());
     }
-    println!(
-        "{:<8} {:<24} {:<9} {:<40} RETRY",
-        "ID", "FUNCTION", "KIND", "WHAT"
-    );
+    let mut table = Table::new(["ID", "FUNCTION", "KIND", "WHAT", "RETRY"]);
     for trigger in &triggers {
         let (kind, mut what) = describe_source(&trigger["source"]);
         if let Some(alias) = trigger["alias"].as_str() {
             what.push_str(&format!(" -> {alias}"));
         }
-        println!(
-            "{:<8} {:<24} {:<9} {:<40} {}",
+        table.row([
             text(&trigger["id"]),
             text(&trigger["function"]),
             kind,
             what,
-            describe_retry(&trigger["retry"])
-        );
+            describe_retry(&trigger["retry"]),
+        ]);
     }
+    table.print();
     Ok(())
 }
 
