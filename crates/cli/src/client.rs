@@ -241,6 +241,13 @@ impl AdminClient {
 #[derive(Debug)]
 pub struct Unauthorized(String);
 
+impl Unauthorized {
+    /// What to do about it, without the status.
+    pub fn advice(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::fmt::Display for Unauthorized {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (HTTP 401)", self.0)
@@ -249,26 +256,75 @@ impl std::fmt::Display for Unauthorized {
 
 impl std::error::Error for Unauthorized {}
 
-/// Turns a non-2xx answer into an error carrying the API's message.
-pub fn check(mut response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
-    let status = response.status();
-    if status.is_success() {
+/// An answer of the admin API that is not 2xx: its HTTP status, and the
+/// `code` and `message` of its `{"error": {"code", "message"}}` body.
+/// Kept apart from other errors so that `--json` can report the status
+/// and code as fields.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: u16,
+    /// The API's machine-readable code (`not_found`, `conflict`, …), when
+    /// its body had one.
+    pub code: Option<String>,
+    /// The API's message (or the CLI's own words for it); empty when the
+    /// body said nothing.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Reads a non-2xx answer's body into an error.
+    pub fn from_response(mut response: Response<ureq::Body>) -> Self {
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_JSON_BYTES)
+            .read_to_string()
+            .unwrap_or_default();
+        let body = serde_json::from_str::<Value>(&text).ok();
+        let field = |name: &str| {
+            body.as_ref()
+                .and_then(|body| body["error"][name].as_str())
+                .map(str::to_string)
+        };
+        Self {
+            status,
+            code: field("code"),
+            message: field("message").unwrap_or(text).trim().to_string(),
+        }
+    }
+
+    /// The same error, told in the CLI's words (status and code kept).
+    pub fn saying(self, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `404 Not Found`: the status with its reason phrase.
+        let status = ureq::http::StatusCode::from_u16(self.status)
+            .map_or_else(|_| self.status.to_string(), |status| status.to_string());
+        if self.message.is_empty() {
+            write!(f, "the admin API answered HTTP {status}")
+        } else {
+            write!(f, "{} (HTTP {status})", self.message)
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Turns a non-2xx answer into an [`ApiError`] carrying the API's message.
+pub fn check(response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
+    if response.status().is_success() {
         return Ok(response);
     }
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_JSON_BYTES)
-        .read_to_string()
-        .unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or(text);
-    if message.trim().is_empty() {
-        return Err(anyhow!("the admin API answered HTTP {status}"));
-    }
-    Err(anyhow!("{message} (HTTP {status})"))
+    Err(ApiError::from_response(response).into())
 }
 
 /// Reads a 2xx answer as JSON, or turns another status into an error.

@@ -31,13 +31,17 @@ use crate::args::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return bad_command_line(&error),
+    };
+    let json = cli.json;
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::CompileWorker(args) => serve::compile_worker(&args),
         Command::Dev(args) => dev::run(args),
-        Command::Simulate(args) => simulate::run(args, cli.json),
-        Command::New(args) => new::run(&args, cli.json),
+        Command::Simulate(args) => simulate::run(args, json),
+        Command::New(args) => new::run(&args, json),
         command => {
             let given = profiles::Given {
                 admin_url: cli.admin_url,
@@ -46,15 +50,15 @@ fn main() -> ExitCode {
                 profile: cli.profile,
             };
             match command {
-                Command::Login(args) => login::login(given, cli.json, &args),
-                Command::Logout => login::logout(given.profile.as_deref(), cli.json),
-                Command::Profile { command } => login::profile(cli.json, command),
+                Command::Login(args) => login::login(given, json, &args),
+                Command::Logout => login::logout(given.profile.as_deref(), json),
+                Command::Profile { command } => login::profile(json, command),
                 command => {
                     end_quietly_when_the_reader_goes();
                     profiles::ConfigFile::load_if_any()
                         .and_then(|file| profiles::resolve(given, file.as_ref()))
                         .and_then(|target| client::AdminClient::for_target(&target))
-                        .and_then(|client| commands::run(&client, cli.json, command))
+                        .and_then(|client| commands::run(&client, json, command))
                 }
             }
         }
@@ -71,11 +75,42 @@ fn main() -> ExitCode {
         {
             ExitCode::SUCCESS
         }
+        Err(error) if json => {
+            eprintln!("{}", output::error_json(&error));
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command line clap refuses (or `--help`/`--version`, which clap also
+/// answers as an error). With `--json` the refusal is one JSON object on
+/// stderr like any failed verb's, its message clap's first paragraph (the
+/// usage and tips after it are for people); otherwise clap prints it.
+/// Either way the exit code is clap's (2 for a bad command line).
+fn bad_command_line(error: &clap::Error) -> ExitCode {
+    // The command line could not be parsed, so look for the flag itself
+    // (before any `--`, after which everything is an argument).
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg == "--json");
+    if !json || !error.use_stderr() {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let message = text
+        .trim()
+        .strip_prefix("error: ")
+        .unwrap_or(text.trim())
+        .split("\n\n")
+        .next()
+        .unwrap_or_default();
+    eprintln!("{}", serde_json::json!({"error": {"message": message}}));
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 /// A client verb whose reader goes away (`mayfly status | head`) ends at

@@ -6,6 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use comfy_table::{CellAlignment, ContentArrangement, presets};
 use serde_json::Value;
 
+use crate::client::{ApiError, Unauthorized};
+
 /// Spaces between two columns, as `kubectl get` and `docker ps` leave.
 const COLUMN_GAP: u16 = 3;
 
@@ -118,6 +120,41 @@ pub(crate) fn time(value: &Value) -> String {
     value.as_i64().map_or_else(|| "-".to_string(), format_time)
 }
 
+/// A failed verb's error as `--json` prints it on stderr:
+/// `{"error": {"message": …, "status": 409, "code": "conflict"}}`.
+/// `message` is the whole chain of causes, as the text form says it but
+/// without the `(HTTP …)` note; `status` is there only when the admin API
+/// answered, and `code` only when its answer named one.
+pub(crate) fn error_json(error: &anyhow::Error) -> Value {
+    let mut status = None;
+    let mut code = None;
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        if let Some(api) = cause.downcast_ref::<ApiError>() {
+            status = status.or(Some(api.status));
+            code = code.or_else(|| api.code.clone());
+            parts.push(if api.message.is_empty() {
+                api.to_string()
+            } else {
+                api.message.clone()
+            });
+        } else if let Some(refused) = cause.downcast_ref::<Unauthorized>() {
+            status = status.or(Some(401));
+            parts.push(refused.advice().to_string());
+        } else {
+            parts.push(cause.to_string());
+        }
+    }
+    let mut body = serde_json::json!({"message": parts.join(": ")});
+    if let Some(status) = status {
+        body["status"] = status.into();
+    }
+    if let Some(code) = code {
+        body["code"] = code.into();
+    }
+    serde_json::json!({"error": body})
+}
+
 /// Text on one line, cut to `max` characters.
 pub(crate) fn one_line(text: &str, max: usize) -> String {
     let line = text.replace(['\n', '\r'], " ");
@@ -203,6 +240,35 @@ mod tests {
         assert_eq!(
             aligned_fields(&pairs),
             "id:            7\nfirst attempt: x\n"
+        );
+    }
+
+    #[test]
+    fn json_errors_carry_the_status_and_code_of_the_api() {
+        let api = ApiError {
+            status: 409,
+            code: Some("conflict".into()),
+            message: "route `/a` is taken".into(),
+        };
+        let error = anyhow::Error::from(api).context("cannot deploy f");
+        assert_eq!(
+            error_json(&error),
+            serde_json::json!({"error": {
+                "message": "cannot deploy f: route `/a` is taken",
+                "status": 409,
+                "code": "conflict",
+            }})
+        );
+        // The text form keeps the status note.
+        assert_eq!(
+            format!("{error:#}"),
+            "cannot deploy f: route `/a` is taken (HTTP 409 Conflict)"
+        );
+        // An error of the CLI's own has a message alone.
+        let local = anyhow::anyhow!("cannot read f.wasm");
+        assert_eq!(
+            error_json(&local),
+            serde_json::json!({"error": {"message": "cannot read f.wasm"}})
         );
     }
 

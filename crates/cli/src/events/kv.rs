@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::buckets::{all_pages, print_deleted, with_prefix};
 use crate::body::{read_body, set_body};
-use crate::client::{AdminClient, check, key_path, read_json, segment};
+use crate::client::{AdminClient, ApiError, check, key_path, read_json, segment};
 use crate::output::{Table, text, time};
 
 /// `mayfly kv …`: the node's key-value store.
@@ -154,13 +154,14 @@ fn kv_set(
     };
     let response = client.send_raw("PUT", &kv_path(bucket, key), &headers, Some(value))?;
     if response.status() == 412 {
-        match condition {
-            Condition::Absent => bail!("not set: `{key}` already exists in `{bucket}` (HTTP 412)"),
-            _ => bail!(
+        let message = match condition {
+            Condition::Absent => format!("not set: `{key}` already exists in `{bucket}`"),
+            _ => format!(
                 "not set: `{key}` in `{bucket}` is not at the revision given to --if-revision; \
-                 read it again with `mayfly kv get --json` (HTTP 412)"
+                 read it again with `mayfly kv get --json`"
             ),
-        }
+        };
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     let outcome: Value = read_json(response)?;
     if json {
@@ -187,10 +188,10 @@ fn kv_delete(
         .collect();
     let response = client.send_raw("DELETE", &kv_path(bucket, key), &headers, None)?;
     if response.status() == 412 {
-        bail!(
-            "not deleted: `{key}` in `{bucket}` is not at the revision given to --if-revision \
-             (HTTP 412)"
+        let message = format!(
+            "not deleted: `{key}` in `{bucket}` is not at the revision given to --if-revision"
         );
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     check(response)?;
     print_deleted(json, bucket, key)

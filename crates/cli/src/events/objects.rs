@@ -10,7 +10,7 @@ use ureq::http::Response;
 
 use super::buckets::{all_pages, print_deleted, with_prefix};
 use crate::body::{read_file, set_body};
-use crate::client::{AdminClient, check, key_path, segment};
+use crate::client::{AdminClient, ApiError, check, key_path, segment};
 use crate::output::{Table, print_fields, text, time};
 
 /// `mayfly object …`: the node's object store.
@@ -166,7 +166,8 @@ fn object_get(
 fn object_head(client: &AdminClient, json: bool, bucket: &str, key: &str) -> anyhow::Result<()> {
     let response = client.send_raw("HEAD", &object_path(bucket, key), &[], None)?;
     if response.status() == 404 {
-        bail!("no object `{key}` in bucket `{bucket}` (HTTP 404)");
+        let message = format!("no object `{key}` in bucket `{bucket}`");
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     let response = check(response)?;
     let meta = header_meta(bucket, key, &response);

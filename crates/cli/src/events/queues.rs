@@ -3,12 +3,11 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::body::{body_bytes, read_body};
-use crate::client::{AdminClient, check, query, segment};
+use crate::client::{AdminClient, ApiError, check, query, segment};
 use crate::output::{Table, text, time};
 
 /// `mayfly queue …`: the node's durable queues.
@@ -160,10 +159,12 @@ fn queue_ack(client: &AdminClient, json: bool, queue: &str, receipt: &str) -> an
     );
     let response = client.send_raw("DELETE", &path, &[], None)?;
     if response.status() == 409 {
-        bail!(
-            "stale receipt: the visibility timeout ran out and the message was received again; \
-             acknowledge it with its newer receipt (HTTP 409)"
-        );
+        return Err(ApiError::from_response(response)
+            .saying(
+                "stale receipt: the visibility timeout ran out and the message was received \
+                 again; acknowledge it with its newer receipt",
+            )
+            .into());
     }
     check(response)?;
     if json {

@@ -1,0 +1,69 @@
+//! CLI conventions with the real binary: `--json` errors, errors that name
+//! the user's flags, and what `rollback` says.
+
+use serde_json::Value;
+
+use crate::common::Node;
+
+/// stderr as the one JSON object `--json` prints for a failure.
+fn json_error(stderr: &str) -> Value {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {stderr}"))
+}
+
+#[test]
+fn with_json_a_failing_verb_prints_one_json_error_with_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+
+    let (ok, stdout, stderr) = node.cli(&["--json", "versions", "nosuchfn"]);
+    assert!(!ok && stdout.is_empty(), "{stdout}{stderr}");
+    let error = json_error(&stderr);
+    assert_eq!(error["error"]["status"], 404, "{error}");
+    assert_eq!(error["error"]["code"], "not_found", "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nosuchfn"), "{error}");
+    assert!(!message.contains("HTTP"), "the status is a field: {error}");
+
+    // The same failure without --json is the usual line of text.
+    let (ok, _, stderr) = node.cli(&["versions", "nosuchfn"]);
+    assert!(!ok && stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains("(HTTP 404 Not Found)"), "{stderr}");
+
+    // A refused token is the admin API's 401, with what to run.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["--json", "list"])
+        .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", "not-a-token")
+        .output()
+        .unwrap();
+    let error = json_error(&String::from_utf8_lossy(&output.stderr));
+    assert_eq!(error["error"]["status"], 401, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mayfly login"),
+        "{error}"
+    );
+
+    // A command line the CLI refuses itself: no status (the API was not
+    // asked), clap's exit code 2, and the flag named.
+    let (ok, _, stderr) = node.cli(&["--json", "deploy", "f", "f.wasm", "--timeout", "soon"]);
+    assert!(!ok);
+    let error = json_error(&stderr);
+    assert!(error["error"].get("status").is_none(), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--timeout"),
+        "{error}"
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .args(["--json", "deploy", "f", "f.wasm", "--timeout", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
