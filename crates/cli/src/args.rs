@@ -335,7 +335,7 @@ pub struct UsageArgs {
     #[arg(long)]
     pub until: Option<String>,
     /// Group by function, version, hour or day.
-    #[arg(long, default_value = "function")]
+    #[arg(long, default_value = "function", value_parser = ["function", "version", "hour", "day"])]
     pub by: String,
     /// Only this function.
     #[arg(long)]

@@ -12,6 +12,7 @@ use crate::body::read_file;
 use crate::client::{AdminClient, check, encode, encode_keeping_slashes, segment};
 use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
 use crate::events;
+use crate::flags::{CANARY_FLAGS, DEPLOY_FLAGS, USAGE_FLAGS, naming_flags};
 use crate::output::{Table, aligned_fields, format_time, text};
 
 pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result<()> {
@@ -177,7 +178,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         scaling,
         grants,
     };
-    let mut outcome = send_deploy(client, &deploy)?;
+    let mut outcome = send_deploy(client, &deploy).map_err(|e| naming_flags(e, DEPLOY_FLAGS))?;
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
@@ -724,7 +725,9 @@ fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<(
     if let Some(function) = &args.function {
         path.push_str(&format!("&function={}", encode(function)));
     }
-    let report: Value = client.get_json(&path)?;
+    let report: Value = client
+        .get_json(&path)
+        .map_err(|e| naming_flags(e, USAGE_FLAGS))?;
     if json {
         println!("{report}");
         return Ok(());
@@ -820,16 +823,18 @@ fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Res
             }
             let body = serde_json::to_vec(&body)?;
             let headers = [("content-type".to_string(), "application/json".to_string())];
-            let answer: Value = client.send_json(
-                "PUT",
-                &format!(
-                    "/v1/functions/{}/aliases/{}",
-                    segment(&name),
-                    segment(&alias)
-                ),
-                &headers,
-                Some(&body),
-            )?;
+            let answer: Value = client
+                .send_json(
+                    "PUT",
+                    &format!(
+                        "/v1/functions/{}/aliases/{}",
+                        segment(&name),
+                        segment(&alias)
+                    ),
+                    &headers,
+                    Some(&body),
+                )
+                .map_err(|e| naming_flags(e, CANARY_FLAGS))?;
             if json {
                 println!("{answer}");
             } else {

@@ -9,6 +9,7 @@ mod commands;
 mod deploy;
 mod dev;
 mod events;
+mod flags;
 mod login;
 mod manifest;
 mod new;

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::body::{body_bytes, read_body};
 use crate::client::{AdminClient, ApiError, check, query, segment};
+use crate::flags::{RECEIVE_FLAGS, naming_flags};
 use crate::output::{Table, text, time};
 
 /// `mayfly queue …`: the node's durable queues.
@@ -115,7 +116,9 @@ fn queue_receive(
             ("visibility", visibility)
         ])
     );
-    let received: Value = client.send_json("POST", &path, &[], None)?;
+    let received: Value = client
+        .send_json("POST", &path, &[], None)
+        .map_err(|e| naming_flags(e, RECEIVE_FLAGS))?;
     if json {
         println!("{received}");
         return Ok(());

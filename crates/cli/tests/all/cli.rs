@@ -67,3 +67,73 @@ fn with_json_a_failing_verb_prints_one_json_error_with_the_status() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn errors_name_the_flags_the_user_gave_not_the_apis_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    let hello = crate::common::guest("hello");
+    let hello = hello.to_str().unwrap();
+
+    // Bounds the CLI knows (the platform's constants) are clap's to refuse,
+    // before the component is uploaded.
+    let (ok, _, stderr) = node.cli(&["deploy", "f", hello, "--timeout", "16m"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("'--timeout <TIMEOUT>'") && stderr.contains("give 1ms to 15m"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = node.cli(&["deploy", "f", hello, "--max-queued", "10001"]);
+    assert!(
+        !ok && stderr.contains("'--max-queued <N>': give 0 to 10000"),
+        "{stderr}"
+    );
+
+    // Bounds only the node knows come back from it, its field names turned
+    // into the flags given.
+    let (ok, _, stderr) = node.cli(&["deploy", "f", hello, "--memory", "999999"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("`--memory` is 999999") && !stderr.contains("memory_mb"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = node.cli(&[
+        "deploy",
+        "f",
+        hello,
+        "--max-concurrency",
+        "2",
+        "--reserved-concurrency",
+        "3",
+    ]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("`--reserved-concurrency` is 3: give at most `--max-concurrency` (2)"),
+        "{stderr}"
+    );
+    assert_eq!(node.get("/f").0, 404, "nothing was deployed");
+
+    let (ok, _, stderr) = node.cli(&["usage", "--since", "yesterday-ish"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("`--since` is `yesterday-ish`") && !stderr.contains("`from`"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = node.cli(&["usage", "--since", "1h", "--until", "2h"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("`--since`") && stderr.contains("`--until`"),
+        "{stderr}"
+    );
+
+    // The admin API itself still names its own fields for its own users.
+    let response = crate::common::agent()
+        .get(format!("{}/v1/usage?from=yesterday-ish", node.admin))
+        .header("authorization", node.bearer())
+        .call()
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.into_body().read_json().unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`from` is `yesterday-ish`"), "{body}");
+}
