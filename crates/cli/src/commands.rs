@@ -85,11 +85,16 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
             if json {
                 println!("{answer}");
             } else {
+                let alias = answer["alias"].as_str().unwrap_or("live");
+                // bench/fleet.sh reads the first line: keep it `live: 2 -> 1`.
+                println!("{alias}: {} -> {}", answer["from"], answer["version"]);
+                // A rollback goes to the version the alias left last, so a
+                // second one comes back: say so before it surprises anyone.
                 println!(
-                    "{}: {} -> {}",
-                    answer["alias"].as_str().unwrap_or("live"),
-                    answer["from"],
-                    answer["version"]
+                    "a second `mayfly rollback {name}` returns {alias} to {}, the version it \
+                     left; to go further back, run `mayfly alias set {name} {alias} VERSION` \
+                     (`mayfly versions {name}` lists them)",
+                    answer["from"]
                 );
             }
             Ok(())

@@ -137,3 +137,39 @@ fn errors_name_the_flags_the_user_gave_not_the_apis_fields() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("`from` is `yesterday-ish`"), "{body}");
 }
+
+#[test]
+fn rollback_says_a_second_one_returns_and_how_to_go_further_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    node.deploy("r", "hello", &["/r"]);
+    node.deploy("r", "echo", &["/r"]);
+    node.deploy("r", "logs", &["/r"]);
+
+    let (ok, stdout, stderr) = node.cli(&["rollback", "r"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "live: 3 -> 2", "{stdout}");
+    assert!(
+        lines[1].contains("a second `mayfly rollback r` returns live to 3")
+            && lines[1].contains("`mayfly alias set r live VERSION`"),
+        "{stdout}"
+    );
+    // And it does: the second rollback comes back to 3, not on to 1.
+    let (ok, stdout, stderr) = node.cli(&["rollback", "r"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("live: 2 -> 3\n"), "{stdout}");
+    // The way further back that it names works.
+    let (ok, _, stderr) = node.cli(&["alias", "set", "r", "live", "1"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(node.admin_json("/v1/functions/r")["live"]["version"], 1);
+
+    // --help says the same before anyone runs it.
+    let (ok, help, _) = node.cli(&["rollback", "--help"]);
+    assert!(ok);
+    assert!(
+        help.contains("Running it again returns to the version it left")
+            && help.contains("mayfly alias set NAME live VERSION"),
+        "{help}"
+    );
+}
