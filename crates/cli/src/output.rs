@@ -17,7 +17,8 @@ const COLUMN_GAP: u16 = 3;
 /// and through `grep`/`awk`. Every column is as wide as its widest cell
 /// (header included; widths count displayed characters, not bytes), and
 /// nothing is wrapped or cut to fit a terminal: a long cell makes a long
-/// line rather than a broken one. Lines carry no trailing spaces.
+/// line rather than a broken one. Lines carry no trailing spaces, and a
+/// cell's line breaks become spaces: one row is one line.
 pub(crate) struct Table {
     table: comfy_table::Table,
     columns: usize,
@@ -80,7 +81,10 @@ impl Table {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let cells: Vec<String> = cells.into_iter().map(Into::into).collect();
+        let cells: Vec<String> = cells
+            .into_iter()
+            .map(|cell| cell.into().replace(['\n', '\r'], " "))
+            .collect();
         debug_assert_eq!(cells.len(), self.columns, "a row of {cells:?}");
         self.table.add_row(cells);
         self
@@ -207,7 +211,7 @@ mod tests {
         table
             .row(["a", "7", "/a"])
             .row(["a-much-longer-name", "12345678", ""])
-            .row(["é-ü", "1", "/x, /y"]);
+            .row(["é-ü", "1", "/x,\n/y"]);
         let text = table.render();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
