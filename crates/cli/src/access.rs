@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::client::AdminClient;
-use crate::output::format_time;
+use crate::output::{Table, format_time};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -64,16 +64,12 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
                 println!("{}", Value::from(tokens));
                 return Ok(());
             }
-            println!(
-                "{:<21} {:<24} {:<22} {:<16} {:<19} STATE",
-                "ID", "NAME", "SCOPES", "FUNCTIONS", "CREATED"
-            );
+            let mut table = Table::new(["ID", "NAME", "SCOPES", "FUNCTIONS", "CREATED", "STATE"]);
             for token in tokens {
                 let functions = list(&token["functions"]);
-                println!(
-                    "{:<21} {:<24} {:<22} {:<16} {:<19} {}",
-                    token["id"].as_str().unwrap_or_default(),
-                    token["name"].as_str().unwrap_or_default(),
+                table.row([
+                    token["id"].as_str().unwrap_or_default().to_string(),
+                    token["name"].as_str().unwrap_or_default().to_string(),
                     list(&token["scopes"]),
                     if functions.is_empty() {
                         "*".into()
@@ -86,8 +82,10 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
                     } else {
                         "revoked"
                     }
-                );
+                    .to_string(),
+                ]);
             }
+            table.print();
             Ok(())
         }
         TokenCommand::Revoke { id } => {
@@ -108,19 +106,17 @@ pub fn audit(client: &AdminClient, json: bool, args: &AuditArgs) -> anyhow::Resu
         println!("{}", Value::from(entries));
         return Ok(());
     }
+    let mut table = Table::new(["WHEN", "STATUS", "ACTOR", "ACTION", "DETAIL"]);
     for entry in entries {
-        let detail = entry["detail"]
-            .as_str()
-            .map(|d| format!("  {d}"))
-            .unwrap_or_default();
-        println!(
-            "{}  {}  {}  {}{detail}",
+        table.row([
             format_time(entry["ts_ms"].as_i64().unwrap_or(0)),
-            entry["status"],
-            entry["actor"].as_str().unwrap_or_default(),
-            entry["action"].as_str().unwrap_or_default(),
-        );
+            entry["status"].to_string(),
+            entry["actor"].as_str().unwrap_or_default().to_string(),
+            entry["action"].as_str().unwrap_or_default().to_string(),
+            entry["detail"].as_str().unwrap_or_default().to_string(),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

@@ -107,8 +107,13 @@ pub enum Command {
         #[command(subcommand)]
         command: AliasCommand,
     },
-    /// Move a function's `live` alias back to its previous version, at once
-    /// and without recompiling.
+    /// Move a function's `live` alias back to the version it pointed at
+    /// before its last move, at once and without recompiling.
+    ///
+    /// Running it again returns to the version it left: two rollbacks
+    /// toggle between two versions. To go further back, point `live` at a
+    /// version with `mayfly alias set NAME live VERSION` (`mayfly versions
+    /// NAME` lists them).
     Rollback {
         /// Function name.
         name: String,
@@ -337,7 +342,7 @@ pub struct UsageArgs {
     #[arg(long)]
     pub until: Option<String>,
     /// Group by function, version, hour or day.
-    #[arg(long, default_value = "function")]
+    #[arg(long, default_value = "function", value_parser = ["function", "version", "hour", "day"])]
     pub by: String,
     /// Only this function.
     #[arg(long)]

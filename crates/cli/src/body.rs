@@ -5,6 +5,9 @@ use std::io::Read as _;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde_json::Value;
 
 /// A body given inline, in a file, or on stdin (`-`).
@@ -53,48 +56,26 @@ pub(crate) fn body_bytes(item: &Value) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-pub(crate) const BASE64: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// Standard base64 (RFC 4648 alphabet) as the admin API writes it: padded
+/// on encoding; on decoding, padding may be there or not, as the CLI's own
+/// decoder always allowed.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Standard base64 with padding.
 pub(crate) fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(BASE64[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    BASE64.encode(bytes)
 }
 
-/// Decodes standard base64 (padding and whitespace ignored).
+/// Decodes standard base64; padding is optional and whitespace (a wrapped
+/// line) is skipped.
 pub(crate) fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-    {
-        let value = BASE64
-            .iter()
-            .position(|&a| a == c)
-            .context("the admin API sent invalid base64")?;
-        acc = (acc << 6 | value as u32) & 0xFFFF;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
+    let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    BASE64
+        .decode(compact)
+        .context("the admin API sent invalid base64")
 }
 
 #[cfg(test)]
@@ -119,6 +100,9 @@ mod tests {
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert_eq!(base64_decode("Zg==").unwrap(), b"f");
+        // Padding is optional and line breaks are skipped.
+        assert_eq!(base64_decode("Zg").unwrap(), b"f");
+        assert_eq!(base64_decode("Zm9v\nYmFy").unwrap(), b"foobar");
         assert!(base64_decode("Z!==").is_err());
     }
 }

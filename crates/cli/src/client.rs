@@ -5,16 +5,67 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use ureq::http::Response;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::multipart::{Form, Part};
 
 use crate::profiles::{Target, login_advice};
 
 /// Largest JSON answer read from the admin API.
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
+/// One part of a multipart/form-data upload ([`AdminClient::post_multipart`]).
+pub struct FormPart<'a> {
+    /// The form field name the node reads the part by.
+    pub name: &'a str,
+    /// The part's Content-Type.
+    pub content_type: &'a str,
+    /// What the part holds.
+    pub body: PartBody<'a>,
+}
+
+impl<'a> FormPart<'a> {
+    /// The file this part sends, if it is one.
+    fn file(&self) -> Option<&'a Path> {
+        match self.body {
+            PartBody::File(file) => Some(file),
+            PartBody::Bytes(_) => None,
+        }
+    }
+}
+
+/// Reads a file part and reports each read's progress: bytes read so far
+/// and the file's size.
+struct CountingReader<'a> {
+    inner: std::fs::File,
+    read: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl std::io::Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.read += n as u64;
+            (self.progress)(self.read, self.total);
+        }
+        Ok(n)
+    }
+}
+
+/// The body of a [`FormPart`].
+pub enum PartBody<'a> {
+    /// Bytes in memory (a small JSON document).
+    Bytes(&'a [u8]),
+    /// A file, streamed from disk as the request is sent.
+    File(&'a Path),
+}
+
+/// A client of one node's admin API.
 pub struct AdminClient {
     base: String,
     agent: ureq::Agent,
@@ -130,52 +181,61 @@ impl AdminClient {
         check(self.refused(response)?).map(drop)
     }
 
-    /// Posts a multipart/form-data body of `(name, content type, bytes)`
-    /// parts, calling `progress` with the bytes of the body handed to the
-    /// connection so far and the body's whole length (a deploy's upload
-    /// bar: a 20 MB component takes a while over a slow link, then the node
-    /// compiles before it answers). ureq's own multipart form sends a body
-    /// of unknown length (chunked); this one is built in memory (RFC 7578,
-    /// a few lines for a couple of parts) so it goes with its
-    /// Content-Length, which the node checks against its upload limit
-    /// before reading the body.
-    pub fn post_multipart_with_progress<T: DeserializeOwned>(
+    /// Posts a multipart/form-data body (RFC 7578) and reads the 2xx answer
+    /// as JSON. ureq's encoder streams each part: a file part is read from
+    /// disk as it is sent, never held whole, and its size is known up front,
+    /// so the request has a Content-Length the node checks before reading.
+    ///
+    /// With `progress`, the first file part is read through a counter that
+    /// reports its bytes sent and the file's size (a deploy's upload bar).
+    /// ureq cannot know a counted reader's length, so that request goes
+    /// chunked: the node then counts it against its upload limit as it
+    /// arrives (and `mayfly deploy` compared the size with the limit first).
+    pub fn post_multipart<T: DeserializeOwned>(
         &self,
         path: &str,
-        parts: &[(&str, &str, &[u8])],
-        progress: &mut dyn FnMut(u64, u64),
+        parts: Vec<FormPart<'_>>,
+        progress: Option<&mut dyn FnMut(u64, u64)>,
     ) -> anyhow::Result<T> {
-        let boundary = format!("mayfly-{}", uuid::Uuid::now_v7().simple());
-        let mut body = Vec::new();
-        for (name, content_type, bytes) in parts {
-            body.extend_from_slice(
-                format!(
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
-                     filename=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
-                )
-                .as_bytes(),
-            );
-            body.extend_from_slice(bytes);
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        let total = body.len() as u64;
-        let mut reader = CountingReader {
-            rest: &body,
-            read: 0,
-            total,
-            progress,
+        let mut counted = match (progress, parts.iter().find_map(FormPart::file)) {
+            (Some(progress), Some(file)) => {
+                let opened = std::fs::File::open(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let total = opened
+                    .metadata()
+                    .with_context(|| format!("cannot read {}", file.display()))?
+                    .len();
+                Some(CountingReader {
+                    inner: opened,
+                    read: 0,
+                    total,
+                    progress,
+                })
+            }
+            _ => None,
         };
+        let mut counted = counted.as_mut();
+        let mut form = Form::new();
+        for part in parts {
+            let body = match part.body {
+                PartBody::Bytes(bytes) => Part::bytes(bytes),
+                PartBody::File(file) => match counted.take() {
+                    Some(reader) => Part::reader(reader),
+                    None => Part::file(file)
+                        .with_context(|| format!("cannot read {}", file.display()))?,
+                },
+            };
+            // Every part carries the name as its file name, as curl's
+            // `-F name=@file` does: the node reads parts by name alone.
+            let body = body
+                .file_name(part.name)
+                .mime_str(part.content_type)
+                .with_context(|| format!("bad content type `{}`", part.content_type))?;
+            form = form.part(part.name, body);
+        }
         let response = self
             .auth(self.agent.post(self.url(path)))
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            // A reader's length is unknown to ureq: without this it would
-            // send the body chunked.
-            .header("content-length", total)
-            .send(ureq::SendBody::from_reader(&mut reader))
+            .send(form)
             .map_err(|e| self.unreachable(e))?;
         read_json(self.refused(response)?)
     }
@@ -234,29 +294,16 @@ impl AdminClient {
     }
 }
 
-/// A request body read from memory that reports how much of it has been
-/// read (by ureq, to write it to the connection).
-struct CountingReader<'a> {
-    rest: &'a [u8],
-    read: u64,
-    total: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
-}
-
-impl std::io::Read for CountingReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = std::io::Read::read(&mut self.rest, buf)?;
-        if n > 0 {
-            self.read += n as u64;
-            (self.progress)(self.read, self.total);
-        }
-        Ok(n)
-    }
-}
-
 /// The admin API refused the token (HTTP 401); the text says how to log in.
 #[derive(Debug)]
 pub struct Unauthorized(String);
+
+impl Unauthorized {
+    /// What to do about it, without the status.
+    pub fn advice(&self) -> &str {
+        &self.0
+    }
+}
 
 impl std::fmt::Display for Unauthorized {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -266,26 +313,75 @@ impl std::fmt::Display for Unauthorized {
 
 impl std::error::Error for Unauthorized {}
 
-/// Turns a non-2xx answer into an error carrying the API's message.
-pub fn check(mut response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
-    let status = response.status();
-    if status.is_success() {
+/// An answer of the admin API that is not 2xx: its HTTP status, and the
+/// `code` and `message` of its `{"error": {"code", "message"}}` body.
+/// Kept apart from other errors so that `--json` can report the status
+/// and code as fields.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: u16,
+    /// The API's machine-readable code (`not_found`, `conflict`, …), when
+    /// its body had one.
+    pub code: Option<String>,
+    /// The API's message (or the CLI's own words for it); empty when the
+    /// body said nothing.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Reads a non-2xx answer's body into an error.
+    pub fn from_response(mut response: Response<ureq::Body>) -> Self {
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_JSON_BYTES)
+            .read_to_string()
+            .unwrap_or_default();
+        let body = serde_json::from_str::<Value>(&text).ok();
+        let field = |name: &str| {
+            body.as_ref()
+                .and_then(|body| body["error"][name].as_str())
+                .map(str::to_string)
+        };
+        Self {
+            status,
+            code: field("code"),
+            message: field("message").unwrap_or(text).trim().to_string(),
+        }
+    }
+
+    /// The same error, told in the CLI's words (status and code kept).
+    pub fn saying(self, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `404 Not Found`: the status with its reason phrase.
+        let status = ureq::http::StatusCode::from_u16(self.status)
+            .map_or_else(|_| self.status.to_string(), |status| status.to_string());
+        if self.message.is_empty() {
+            write!(f, "the admin API answered HTTP {status}")
+        } else {
+            write!(f, "{} (HTTP {status})", self.message)
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Turns a non-2xx answer into an [`ApiError`] carrying the API's message.
+pub fn check(response: Response<ureq::Body>) -> anyhow::Result<Response<ureq::Body>> {
+    if response.status().is_success() {
         return Ok(response);
     }
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_JSON_BYTES)
-        .read_to_string()
-        .unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or(text);
-    if message.trim().is_empty() {
-        return Err(anyhow!("the admin API answered HTTP {status}"));
-    }
-    Err(anyhow!("{message} (HTTP {status})"))
+    Err(ApiError::from_response(response).into())
 }
 
 /// Reads a 2xx answer as JSON, or turns another status into an error.
@@ -325,23 +421,33 @@ fn roots_with(path: &Path) -> anyhow::Result<RootCerts> {
 /// Items asked for per page when listing objects, keys and dead letters.
 pub(crate) const PAGE: usize = 1000;
 
-/// Percent-encodes `value` for a URL: RFC 3986 unreserved characters and
-/// those in `keep` pass through.
-pub(crate) fn percent_encode(value: &str, keep: &[u8]) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || keep.contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+/// What a URL path segment or query value keeps as it is: exactly the
+/// RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`); every other byte,
+/// and every byte of a non-ASCII character, is percent-encoded.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// [`UNRESERVED`] and `/`: for a value that is itself a path (an invoke's
+/// path, a key prefix), whose slashes a reader would rather see as they are.
+const UNRESERVED_AND_SLASH: &AsciiSet = &UNRESERVED.remove(b'/');
+
+/// `value` percent-encoded as one URL component: only the unreserved
+/// characters pass through.
+pub(crate) fn encode(value: &str) -> String {
+    utf8_percent_encode(value, UNRESERVED).to_string()
+}
+
+/// `value` percent-encoded with its slashes kept.
+pub(crate) fn encode_keeping_slashes(value: &str) -> String {
+    utf8_percent_encode(value, UNRESERVED_AND_SLASH).to_string()
 }
 
 /// A function name as one URL path segment.
 pub(crate) fn segment(name: &str) -> String {
-    percent_encode(name, b"")
+    encode(name)
 }
 
 /// A key as URL path segments: `/` stays a separator, everything else that
@@ -352,7 +458,7 @@ pub(crate) fn key_path(key: &str) -> String {
         .map(|part| match part {
             "." => "%2E".to_string(),
             ".." => "%2E%2E".to_string(),
-            part => percent_encode(part, b""),
+            part => encode(part),
         })
         .collect::<Vec<_>>()
         .join("/")
@@ -364,7 +470,7 @@ pub(crate) fn query(params: &[(&str, Option<String>)]) -> String {
         .iter()
         .filter_map(|(name, value)| {
             let value = value.as_deref()?;
-            Some(format!("{name}={}", percent_encode(value, b"/")))
+            Some(format!("{name}={}", encode_keeping_slashes(value)))
         })
         .collect();
     if pairs.is_empty() {
@@ -389,6 +495,18 @@ mod tests {
         assert_eq!(key_path("é/+&="), "%C3%A9/%2B%26%3D");
         assert_eq!(key_path("a/../b/./c"), "a/%2E%2E/b/%2E/c");
         assert_eq!(key_path("..."), "...");
+    }
+
+    #[test]
+    fn components_keep_exactly_the_unreserved_characters() {
+        let unreserved = "AZaz09-._~";
+        assert_eq!(encode(unreserved), unreserved);
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(
+            encode("!*'();:@&=+$,?#[]%"),
+            "%21%2A%27%28%29%3B%3A%40%26%3D%2B%24%2C%3F%23%5B%5D%25"
+        );
+        assert_eq!(encode_keeping_slashes("/a b/ü"), "/a%20b/%C3%BC");
     }
 
     #[test]

@@ -9,10 +9,11 @@ use serde_json::Value;
 
 use crate::args::{AliasCommand, Command, InvokeArgs, NodeCommand, UsageArgs};
 use crate::body::read_file;
-use crate::client::{AdminClient, check, percent_encode, segment};
+use crate::client::{AdminClient, check, encode, encode_keeping_slashes, segment};
 use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
 use crate::events;
-use crate::output::format_time;
+use crate::flags::{CANARY_FLAGS, DEPLOY_FLAGS, USAGE_FLAGS, naming_flags};
+use crate::output::{Table, aligned_fields, format_time, text};
 
 pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result<()> {
     match command {
@@ -84,11 +85,16 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
             if json {
                 println!("{answer}");
             } else {
+                let alias = answer["alias"].as_str().unwrap_or("live");
+                // bench/fleet.sh reads the first line: keep it `live: 2 -> 1`.
+                println!("{alias}: {} -> {}", answer["from"], answer["version"]);
+                // A rollback goes to the version the alias left last, so a
+                // second one comes back: say so before it surprises anyone.
                 println!(
-                    "{}: {} -> {}",
-                    answer["alias"].as_str().unwrap_or("live"),
-                    answer["from"],
-                    answer["version"]
+                    "a second `mayfly rollback {name}` returns {alias} to {}, the version it \
+                     left; to go further back, run `mayfly alias set {name} {alias} VERSION` \
+                     (`mayfly versions {name}` lists them)",
+                    answer["from"]
                 );
             }
             Ok(())
@@ -177,7 +183,8 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         scaling,
         grants,
     };
-    let mut outcome = send_deploy(client, &deploy, !json)?;
+    let mut outcome =
+        send_deploy(client, &deploy, !json).map_err(|e| naming_flags(e, DEPLOY_FLAGS))?;
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
@@ -243,19 +250,16 @@ fn list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("no functions deployed: try `mayfly deploy <name> <file.wasm> --route /path`");
         return Ok(());
     }
-    println!(
-        "{:<24} {:>7}  {:<24}  ROUTES",
-        "NAME", "VERSION", "DEPLOYED"
-    );
+    let mut table = Table::new(["NAME", "VERSION", "DEPLOYED", "ROUTES"]).right(&["VERSION"]);
     for function in functions {
-        println!(
-            "{:<24} {:>7}  {:<24}  {}",
+        table.row([
             function.name,
-            function.live.version,
+            function.live.version.to_string(),
             format_time(function.live.created_at_ms),
-            function.live.config.routes.join(", ")
-        );
+            function.live.config.routes.join(", "),
+        ]);
     }
+    table.print();
     Ok(())
 }
 
@@ -294,11 +298,11 @@ fn invoke(client: &AdminClient, json: bool, args: &InvokeArgs) -> anyhow::Result
     let mut query = format!(
         "/v1/functions/{}/invoke?path={}&method={}",
         segment(name),
-        percent_encode(path, b"/"),
-        percent_encode(&method, b"")
+        encode_keeping_slashes(path),
+        encode(&method)
     );
     if let Some(alias) = &args.alias {
-        query.push_str(&format!("&alias={}", percent_encode(alias, b"")));
+        query.push_str(&format!("&alias={}", encode(alias)));
     }
     let mut response = client.send_raw("POST", &query, &headers, body.as_deref())?;
     let status = response.status();
@@ -461,11 +465,12 @@ fn fleet_versions(client: &AdminClient, json: bool, function: &str) -> anyhow::R
         println!("{}", Value::Array(rows));
         return Ok(());
     }
-    println!("{:<24} LIVE VERSION", "NODE");
+    let mut table = Table::new(["NODE", "LIVE VERSION"]);
     for (node, version) in serving {
         let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
-        println!("{node:<24} {version}");
+        table.row([node.to_string(), version]);
     }
+    table.print();
     Ok(())
 }
 
@@ -485,10 +490,16 @@ fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    println!(
-        "{:<20} {:<28} {:<21} {:>9} {:>13} {:>6}  FUNCTIONS",
-        "NODE", "LABELS", "GATEWAY", "IN-FLIGHT", "MEMORY MB", "SEEN"
-    );
+    let mut table = Table::new([
+        "NODE",
+        "LABELS",
+        "GATEWAY",
+        "IN-FLIGHT",
+        "MEMORY MB",
+        "SEEN",
+        "FUNCTIONS",
+    ])
+    .right(&["IN-FLIGHT", "MEMORY MB", "SEEN"]);
     for node in nodes {
         let labels = node
             .labels
@@ -502,25 +513,24 @@ fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
             .map(|(name, version)| format!("{name}@{version}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!(
-            "{:<20} {:<28} {:<21} {:>9} {:>13} {:>5.1}s  {}",
-            node.name,
-            if labels.is_empty() { "-" } else { &labels },
-            if node.gateway.is_empty() {
-                "-"
+        let or_dash = |text: String| {
+            if text.is_empty() {
+                "-".to_string()
             } else {
-                &node.gateway
-            },
-            node.in_flight,
+                text
+            }
+        };
+        table.row([
+            node.name.clone(),
+            or_dash(labels),
+            or_dash(node.gateway.clone()),
+            node.in_flight.to_string(),
             format!("{}/{}", node.memory_used_mb, node.memory_budget_mb),
-            (now - node.at_ms).max(0) as f64 / 1000.0,
-            if functions.is_empty() {
-                "-"
-            } else {
-                &functions
-            },
-        );
+            format!("{:.1}s", (now - node.at_ms).max(0) as f64 / 1000.0),
+            or_dash(functions),
+        ]);
     }
+    table.print();
 }
 
 /// `mayfly status --fleet`: the answering node's link to the fleet, then
@@ -541,10 +551,11 @@ fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         }
         println!("{out}");
     } else {
-        match status.get("fleet") {
-            Some(link) => print_link(link),
-            None => println!("{:<22} none: this node runs on its own", "fleet:"),
-        }
+        let link = match status.get("fleet") {
+            Some(link) => link_fields(link),
+            None => vec![("fleet".into(), "none: this node runs on its own".into())],
+        };
+        print!("{}", aligned_fields(&link));
         println!();
         if let Ok(nodes) = &nodes {
             print_nodes(nodes);
@@ -553,9 +564,9 @@ fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     nodes.map(|_| ()).context("cannot list the fleet's nodes")
 }
 
-/// The `fleet` part of a status: the NATS connection and the usage not yet
-/// published.
-fn print_link(link: &Value) {
+/// The `fleet` part of a status as `name: value` pairs: the NATS
+/// connection and the usage not yet published.
+fn link_fields(link: &Value) -> Vec<(String, String)> {
     let servers = link["servers"].as_str().unwrap_or("?");
     let connection = if link["connected"].as_bool() == Some(true) {
         format!("connected to {servers}")
@@ -565,14 +576,17 @@ fn print_link(link: &Value) {
             None => format!("disconnected from {servers}"),
         }
     };
-    println!("{:<22} {connection}", "fleet:");
-    println!(
-        "{:<22} {} usage records not yet published",
-        "usage backlog:", link["usage_backlog"]
-    );
+    let mut fields = vec![
+        ("fleet".to_string(), connection),
+        (
+            "usage backlog".to_string(),
+            format!("{} usage records not yet published", link["usage_backlog"]),
+        ),
+    ];
     if let Some(dropped) = link["log_lines_unpublished"].as_u64().filter(|n| *n > 0) {
-        println!("{:<22} {dropped}", "log lines unpublished:");
+        fields.push(("log lines unpublished".to_string(), dropped.to_string()));
     }
+    fields
 }
 
 fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
@@ -581,74 +595,142 @@ fn status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("{status}");
         return Ok(());
     }
-    if let Some(fields) = status.as_object() {
-        for (key, value) in fields
-            .iter()
-            .filter(|(key, _)| *key != "scaling" && *key != "fleet")
-        {
+    let mut fields: Vec<(String, String)> = status
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| *key != "scaling" && *key != "fleet")
+        .map(|(key, value)| {
             let value = value
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
-            println!("{:<22} {value}", format!("{}:", key.replace('_', " ")));
-        }
-    }
+            (key.replace('_', " "), value)
+        })
+        .collect();
     if let Some(link) = status.get("fleet") {
-        print_link(link);
+        fields.extend(link_fields(link));
     }
+    print!("{}", aligned_fields(&fields));
     if let Some(functions) = status["scaling"].as_array().filter(|f| !f.is_empty()) {
-        println!(
-            "\n{:<24} {:<5} {:>7} {:>5} {:>6} {:>10} {:>6} {:>9}",
-            "FUNCTION", "TIER", "RUNNING", "KEPT", "QUEUED", "IDLE", "COLD", "THROTTLED"
-        );
+        let mut table = Table::new([
+            "FUNCTION",
+            "TIER",
+            "RUNNING",
+            "KEPT",
+            "QUEUED",
+            "IDLE",
+            "COLD",
+            "THROTTLED",
+        ])
+        .right(&["RUNNING", "KEPT", "QUEUED", "IDLE", "COLD", "THROTTLED"]);
         for function in functions {
             let idle = function["idle_seconds"]
                 .as_f64()
                 .map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"));
-            println!(
-                "{:<24} {:<5} {:>7} {:>5} {:>6} {:>10} {:>6} {:>9}",
-                function["function"].as_str().unwrap_or("?"),
-                function["tier"].as_str().unwrap_or("?"),
-                // serde_json's Display ignores width: pad the text instead.
-                function["running"].to_string(),
-                function["kept"].to_string(),
-                function["queued"].to_string(),
+            table.row([
+                text(&function["function"]),
+                text(&function["tier"]),
+                text(&function["running"]),
+                text(&function["kept"]),
+                text(&function["queued"]),
                 idle,
-                function["cold_starts"].to_string(),
-                function["throttled"].to_string(),
-            );
+                text(&function["cold_starts"]),
+                text(&function["throttled"]),
+            ]);
         }
+        println!();
+        table.print();
     }
     Ok(())
 }
 
-/// Columns of the usage table and CSV: header, JSON pointer in a row.
-const USAGE_COLUMNS: &[(&str, &str)] = &[
-    ("INVOCATIONS", "/invocations"),
-    ("ERRORS", "/errors"),
-    ("TIMEOUTS", "/outcomes/timeout"),
-    ("OOM", "/outcomes/oom"),
-    ("COLD", "/cold_starts"),
-    ("BILLED_MS", "/billed_ms"),
-    ("BILLED_GB_S", "/billed_gb_s"),
-    ("USED_GB_S", "/used_gb_s"),
-    ("CPU_MS", "/cpu_us"),
-    ("COST", "/cost/total"),
+/// How a usage column's numbers are written.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// A count or a sum of integers, written as it is.
+    Count,
+    /// CPU time: the ledger's microseconds, written as milliseconds.
+    CpuMs,
+    /// GB-seconds or money: fractions, where small values matter.
+    Fraction,
+}
+
+/// Columns of the usage table and CSV: header, JSON pointer in a row, and
+/// how its numbers are written. The outcomes the ledger tells apart (all
+/// but `ok`, which is INVOCATIONS less the rest) each have a column.
+const USAGE_COLUMNS: &[(&str, &str, Measure)] = &[
+    ("INVOCATIONS", "/invocations", Measure::Count),
+    ("ERRORS", "/errors", Measure::Count),
+    ("TIMEOUTS", "/outcomes/timeout", Measure::Count),
+    ("OOM", "/outcomes/oom", Measure::Count),
+    ("CLIENT_CLOSED", "/outcomes/client_closed", Measure::Count),
+    ("COLD", "/cold_starts", Measure::Count),
+    ("BILLED_MS", "/billed_ms", Measure::Count),
+    ("BILLED_GB_S", "/billed_gb_s", Measure::Fraction),
+    ("USED_GB_S", "/used_gb_s", Measure::Fraction),
+    ("CPU_MS", "/cpu_us", Measure::CpuMs),
+    ("COST", "/cost/total", Measure::Fraction),
 ];
+
+/// A usage cell for CSV: numbers at full precision. Fractions use Rust's
+/// shortest round-trip formatting of an f64 (`{}`: the fewest digits that
+/// read back as the same number, never an exponent), so a cost of 2e-7 is
+/// `0.0000002`, not `0.000000`; a spreadsheet reads it exactly. A value the
+/// node did not send (an older node) is an empty cell.
+fn usage_csv_cell(row: &Value, pointer: &str, measure: Measure) -> String {
+    let Some(value) = row.pointer(pointer).filter(|v| !v.is_null()) else {
+        return String::new();
+    };
+    match measure {
+        Measure::Count => text(value),
+        Measure::CpuMs => format!("{}", value.as_f64().unwrap_or(0.0) / 1000.0),
+        Measure::Fraction => format!("{}", value.as_f64().unwrap_or(0.0)),
+    }
+}
+
+/// A usage cell for the table, for people: CPU to a tenth of a
+/// millisecond; fractions to 6 decimals, or to 3 significant digits when
+/// smaller, so that a cost of 2e-7 shows as `0.000000200`, not as zero.
+fn usage_table_cell(row: &Value, pointer: &str, measure: Measure) -> String {
+    let Some(value) = row.pointer(pointer).filter(|v| !v.is_null()) else {
+        return "-".to_string();
+    };
+    match measure {
+        Measure::Count => text(value),
+        Measure::CpuMs => format!("{:.1}", value.as_f64().unwrap_or(0.0) / 1000.0),
+        Measure::Fraction => approximate(value.as_f64().unwrap_or(0.0)),
+    }
+}
+
+/// `x` with 6 decimals, or more for a small non-zero `x`: enough for 3
+/// significant digits.
+fn approximate(x: f64) -> String {
+    let decimals = if x == 0.0 || !x.is_finite() {
+        6
+    } else {
+        // -floor(log10 |x|) is the position of the first significant digit.
+        let first = (-x.abs().log10().floor()).clamp(0.0, 300.0) as usize;
+        (first + 2).max(6)
+    };
+    format!("{x:.decimals$}")
+}
 
 fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<()> {
     let mut path = format!(
         "/v1/usage?from={}&group_by={}",
-        percent_encode(&args.since, b""),
-        percent_encode(&args.by, b"")
+        encode(&args.since),
+        encode(&args.by)
     );
     if let Some(until) = &args.until {
-        path.push_str(&format!("&to={}", percent_encode(until, b"")));
+        path.push_str(&format!("&to={}", encode(until)));
     }
     if let Some(function) = &args.function {
-        path.push_str(&format!("&function={}", percent_encode(function, b"")));
+        path.push_str(&format!("&function={}", encode(function)));
     }
-    let report: Value = client.get_json(&path)?;
+    let report: Value = client
+        .get_json(&path)
+        .map_err(|e| naming_flags(e, USAGE_FLAGS))?;
     if json {
         println!("{report}");
         return Ok(());
@@ -665,27 +747,9 @@ fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<(
             _ => row["function"].as_str().unwrap_or("?").to_string(),
         }
     };
-    let cell = |row: &Value, pointer: &str| -> String {
-        let value = row.pointer(pointer).cloned().unwrap_or(Value::Null);
-        match pointer {
-            "/cpu_us" => format!("{:.1}", value.as_f64().unwrap_or(0.0) / 1000.0),
-            "/billed_gb_s" | "/used_gb_s" => format!("{:.6}", value.as_f64().unwrap_or(0.0)),
-            "/cost/total" => format!("{:.6}", value.as_f64().unwrap_or(0.0)),
-            _ => value.to_string(),
-        }
-    };
     let mut out = std::io::stdout().lock();
     if args.csv {
-        let header: Vec<String> = std::iter::once(args.by.to_uppercase())
-            .chain(USAGE_COLUMNS.iter().map(|(name, _)| name.to_string()))
-            .collect();
-        writeln!(out, "{}", header.join(",").to_lowercase())?;
-        for row in &rows {
-            let cells: Vec<String> = std::iter::once(csv_field(&key(row)))
-                .chain(USAGE_COLUMNS.iter().map(|(_, pointer)| cell(row, pointer)))
-                .collect();
-            writeln!(out, "{}", cells.join(","))?;
-        }
+        write_usage_csv(&mut out, &args.by, rows.iter().map(|row| (key(row), row)))?;
         return Ok(());
     }
     writeln!(
@@ -696,36 +760,53 @@ fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<(
         args.by,
         report["prices"]["currency"].as_str().unwrap_or("?")
     )?;
-    let mut line = format!("{:<28}", args.by.to_uppercase());
-    for (name, _) in USAGE_COLUMNS {
-        line.push_str(&format!(" {name:>12}"));
-    }
-    writeln!(out, "{line}")?;
+    let numbers: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _, _)| *name).collect();
+    let by = args.by.to_uppercase();
+    let mut table =
+        Table::new(std::iter::once(by.as_str()).chain(numbers.iter().copied())).right(&numbers);
     let total = report["total"].clone();
     for (label, row) in rows
         .iter()
         .map(|row| (key(row), row))
         .chain(std::iter::once(("TOTAL".to_string(), &total)))
     {
-        let mut line = format!("{label:<28}");
-        for (_, pointer) in USAGE_COLUMNS {
-            line.push_str(&format!(" {:>12}", cell(row, pointer)));
-        }
-        writeln!(out, "{line}")?;
+        table.row(
+            std::iter::once(label).chain(
+                USAGE_COLUMNS
+                    .iter()
+                    .map(|(_, pointer, measure)| usage_table_cell(row, pointer, *measure)),
+            ),
+        );
     }
+    write!(out, "{}", table.render())?;
     Ok(())
 }
 
-/// A CSV field, quoted when it holds a separator or a quote.
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
+/// Writes usage rows as CSV (RFC 4180, by the `csv` crate): a header of
+/// lower-case column names, then one record per `(key, row)`.
+fn write_usage_csv<'a>(
+    out: impl Write,
+    by: &str,
+    rows: impl Iterator<Item = (String, &'a Value)>,
+) -> anyhow::Result<()> {
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record(
+        std::iter::once(by.to_lowercase())
+            .chain(USAGE_COLUMNS.iter().map(|(name, _, _)| name.to_lowercase())),
+    )?;
+    for (key, row) in rows {
+        csv.write_record(
+            std::iter::once(key).chain(
+                USAGE_COLUMNS
+                    .iter()
+                    .map(|(_, pointer, measure)| usage_csv_cell(row, pointer, *measure)),
+            ),
+        )?;
     }
+    csv.flush()?;
+    Ok(())
 }
 
-/// A time in ms since the epoch as RFC 3339 with milliseconds.
 /// `mayfly alias set|list|delete`.
 fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Result<()> {
     match command {
@@ -745,16 +826,18 @@ fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Res
             }
             let body = serde_json::to_vec(&body)?;
             let headers = [("content-type".to_string(), "application/json".to_string())];
-            let answer: Value = client.send_json(
-                "PUT",
-                &format!(
-                    "/v1/functions/{}/aliases/{}",
-                    segment(&name),
-                    segment(&alias)
-                ),
-                &headers,
-                Some(&body),
-            )?;
+            let answer: Value = client
+                .send_json(
+                    "PUT",
+                    &format!(
+                        "/v1/functions/{}/aliases/{}",
+                        segment(&name),
+                        segment(&alias)
+                    ),
+                    &headers,
+                    Some(&body),
+                )
+                .map_err(|e| naming_flags(e, CANARY_FLAGS))?;
             if json {
                 println!("{answer}");
             } else {
@@ -769,23 +852,19 @@ fn alias(client: &AdminClient, json: bool, command: AliasCommand) -> anyhow::Res
                 println!("{}", Value::from(aliases));
                 return Ok(());
             }
-            println!(
-                "{:<16} {:>7}  {:<36} {:>8}  UPDATED",
-                "ALIAS", "VERSION", "CANARY", "PREVIOUS"
-            );
+            let mut table = Table::new(["ALIAS", "VERSION", "CANARY", "PREVIOUS", "UPDATED"])
+                .right(&["VERSION", "PREVIOUS"]);
             for alias in aliases {
                 let canary = canary_text(&alias["canary"]).unwrap_or_else(|| "-".to_string());
-                println!(
-                    "{:<16} {:>7}  {:<36} {:>8}  {}",
-                    alias["alias"].as_str().unwrap_or_default(),
-                    alias["version"],
+                table.row([
+                    text(&alias["alias"]),
+                    text(&alias["version"]),
                     canary,
-                    alias["previous_version"]
-                        .as_u64()
-                        .map_or("-".to_string(), |v| v.to_string()),
-                    format_time(alias["updated_at_ms"].as_i64().unwrap_or(0))
-                );
+                    text(&alias["previous_version"]),
+                    format_time(alias["updated_at_ms"].as_i64().unwrap_or(0)),
+                ]);
             }
+            table.print();
             Ok(())
         }
         AliasCommand::Delete { name, alias } => {
@@ -849,10 +928,7 @@ fn print_history(history: &[Value]) {
         return;
     }
     println!("\nALIAS MOVES (newest first)");
-    println!(
-        "{:<24} {:<12} {:<14} {:<13} DETAIL",
-        "WHEN", "ALIAS", "MOVE", "CAUSE"
-    );
+    let mut table = Table::new(["WHEN", "ALIAS", "MOVE", "CAUSE", "DETAIL"]);
     for moved in history {
         let to = moved["version"].as_u64().unwrap_or(0);
         let step = match moved["from_version"].as_u64() {
@@ -866,15 +942,19 @@ fn print_history(history: &[Value]) {
                 if detail.is_empty() { "" } else { "; " }
             );
         }
-        println!(
-            "{:<24} {:<12} {:<14} {:<13} {}",
+        table.row([
             format_time(moved["at_ms"].as_i64().unwrap_or(0)),
-            moved["alias"].as_str().unwrap_or_default(),
+            text(&moved["alias"]),
             step,
-            moved["cause"].as_str().unwrap_or_default(),
-            if detail.is_empty() { "-" } else { &detail }
-        );
+            text(&moved["cause"]),
+            if detail.is_empty() {
+                "-".to_string()
+            } else {
+                detail
+            },
+        ]);
     }
+    table.print();
 }
 
 /// The aliases pointing at `version`, for the versions table: `*live` for
@@ -915,10 +995,7 @@ fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> 
     let aliases = function["aliases"].as_array().cloned().unwrap_or_default();
     let mut versions = function["versions"].as_array().cloned().unwrap_or_default();
     versions.sort_by_key(|v| std::cmp::Reverse(v["version"].as_u64()));
-    println!(
-        "{:<8} {:<14} {:<19} {:<24} ROUTES",
-        "VERSION", "DIGEST", "CREATED", "ALIASES"
-    );
+    let mut table = Table::new(["VERSION", "DIGEST", "CREATED", "ALIASES", "ROUTES"]);
     for version in versions {
         let number = version["version"].as_u64();
         let digest = version["digest"].as_str().unwrap_or_default();
@@ -932,19 +1009,90 @@ fn versions(client: &AdminClient, json: bool, name: &str) -> anyhow::Result<()> 
                     .join(",")
             })
             .unwrap_or_default();
-        println!(
-            "{:<8} {:<14} {:<19} {:<24} {}",
+        table.row([
             number.map(|n| n.to_string()).unwrap_or_default(),
-            digest.get(..12).unwrap_or(digest),
+            digest.get(..12).unwrap_or(digest).to_string(),
             format_time(version["created_at_ms"].as_i64().unwrap_or(0)),
             aliases_of(&aliases, number),
             if routes.is_empty() {
                 "-".to_string()
             } else {
                 routes
-            }
-        );
+            },
+        ]);
     }
+    table.print();
     print_history(function["history"].as_array().map_or(&[], Vec::as_slice));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_csv_keeps_full_precision_and_quotes_keys() {
+        let row = serde_json::json!({
+            "invocations": 1,
+            "errors": 0,
+            "outcomes": {"timeout": 0, "oom": 0, "client_closed": 3},
+            "cold_starts": 1,
+            "billed_ms": 1,
+            "billed_gb_s": 0.000125,
+            "used_gb_s": 1.5e-9,
+            "cpu_us": 1234,
+            "cost": {"total": 2e-7},
+        });
+        let mut out = Vec::new();
+        write_usage_csv(
+            &mut out,
+            "function",
+            [("a,b \"quoted\"".to_string(), &row)].into_iter(),
+        )
+        .unwrap();
+        let mut reader = csv::Reader::from_reader(&out[..]);
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(
+            header,
+            [
+                "function",
+                "invocations",
+                "errors",
+                "timeouts",
+                "oom",
+                "client_closed",
+                "cold",
+                "billed_ms",
+                "billed_gb_s",
+                "used_gb_s",
+                "cpu_ms",
+                "cost"
+            ]
+        );
+        let record = reader.records().next().unwrap().unwrap();
+        let field = |name: &str| &record[header.iter().position(|h| h == name).unwrap()];
+        assert_eq!(field("function"), "a,b \"quoted\"");
+        assert_eq!(field("client_closed"), "3");
+        assert_eq!(field("cost"), "0.0000002");
+        assert_eq!(field("cost").parse::<f64>().unwrap(), 2e-7);
+        assert_eq!(field("used_gb_s").parse::<f64>().unwrap(), 1.5e-9);
+        assert_eq!(field("cpu_ms"), "1.234");
+    }
+
+    #[test]
+    fn the_usage_table_shows_small_fractions_as_more_than_zero() {
+        assert_eq!(approximate(2e-7), "0.000000200");
+        assert_eq!(approximate(0.5), "0.500000");
+        assert_eq!(approximate(0.0), "0.000000");
+        assert_eq!(approximate(1234.5), "1234.500000");
+        let row = serde_json::json!({"cost": {"total": 2e-7}});
+        assert_eq!(
+            usage_table_cell(&row, "/cost/total", Measure::Fraction),
+            "0.000000200"
+        );
+        assert_eq!(
+            usage_table_cell(&row, "/outcomes/client_closed", Measure::Count),
+            "-"
+        );
+    }
 }

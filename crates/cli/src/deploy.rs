@@ -5,12 +5,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 use serde_json::Value;
 
-use crate::client::{AdminClient, segment};
+use mayfly_platform::validate::{MAX_BODY_LIMIT, MAX_LOG_LIMIT, MAX_QUEUED};
+use mayfly_store::{FunctionLimits, FunctionScaling};
+
+use crate::client::{AdminClient, FormPart, PartBody, segment};
 use crate::events::triggers::{TriggerSpec, parse_trigger_spec};
+use crate::flags::{duration_in, ms, number_in};
 use crate::progress::DeployProgress;
 
 /// `mayfly deploy`: the component and its configuration, or a manifest.
@@ -84,19 +87,19 @@ fn parse_variable(text: &str) -> Result<(String, String), String> {
 #[derive(Debug, Args)]
 pub struct LimitArgs {
     /// Memory limit in MB (default 128); also the memory billed.
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", value_parser = number_in(1u32, None))]
     pub memory: Option<u32>,
     /// Longest an invocation may run, e.g. 30s or 500ms (default 30s, at most 15m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_in(ms(1), ms(FunctionLimits::MAX_TIMEOUT_MS)))]
     pub timeout: Option<Duration>,
     /// Largest request body in bytes (default 16 MiB); larger requests get 413.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = number_in(0, Some(MAX_BODY_LIMIT)))]
     pub max_request_bytes: Option<u64>,
     /// Largest response body in bytes (default 16 MiB).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = number_in(0, Some(MAX_BODY_LIMIT)))]
     pub max_response_bytes: Option<u64>,
     /// Bytes of stdout and of stderr kept per invocation (default 1 MiB).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = number_in(0, Some(MAX_LOG_LIMIT)))]
     pub max_log_bytes: Option<u64>,
 }
 
@@ -107,16 +110,16 @@ pub struct ScalingArgs {
     /// node's shared (unreserved) concurrency and memory, so one flooded
     /// function leaves room for the rest (`[scaling] function_share_percent`
     /// in node.toml); set it to let this function burst up to the value.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = number_in(1u32, None))]
     pub max_concurrency: Option<u32>,
     /// Invocations kept for this function alone, out of the node's capacity.
     #[arg(long, value_name = "N")]
     pub reserved_concurrency: Option<u32>,
     /// Requests that may wait when the function is at its limit (default 100; 0: refuse at once with 429).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = number_in(0, Some(MAX_QUEUED)))]
     pub max_queued: Option<u32>,
     /// Longest a request waits in the queue before 429, e.g. 1s (default 1s, at most 1m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_in(ms(0), ms(FunctionScaling::MAX_QUEUE_TIMEOUT_MS)))]
     pub queue_timeout: Option<Duration>,
     /// Keep instances and reuse them one request at a time (hot tier): the
     /// function's initialisation runs once per instance, not per request.
@@ -259,26 +262,38 @@ pub fn send_deploy(
         ..
     } = deploy;
     check_size(client, component)?;
-    let wasm = std::fs::read(component)
-        .with_context(|| format!("cannot read the component {}", component.display()))?;
     let config = serde_json::to_vec(&config_json(deploy))?;
     let triggers_json = serde_json::to_vec(triggers)?;
-    let mut parts: Vec<(&str, &str, &[u8])> = vec![
-        ("component", "application/wasm", &wasm),
-        ("config", "application/json", &config),
+    let mut parts = vec![
+        FormPart {
+            name: "component",
+            content_type: "application/wasm",
+            body: PartBody::File(component),
+        },
+        FormPart {
+            name: "config",
+            content_type: "application/json",
+            body: PartBody::Bytes(&config),
+        },
     ];
     if !triggers.is_empty() {
-        parts.push(("triggers", "application/json", &triggers_json));
+        parts.push(FormPart {
+            name: "triggers",
+            content_type: "application/json",
+            body: PartBody::Bytes(&triggers_json),
+        });
     }
-    let mut progress = show.then(|| DeployProgress::start(name, component, wasm.len() as u64));
-    let outcome = client.post_multipart_with_progress(
+    let size = std::fs::metadata(component).map_or(0, |m| m.len());
+    let mut progress = show.then(|| DeployProgress::start(name, component, size));
+    let mut report = |sent: u64, total: u64| {
+        if let Some(progress) = &mut progress {
+            progress.sent(sent, total);
+        }
+    };
+    let outcome = client.post_multipart(
         &format!("/v1/functions/{}/versions", segment(name)),
-        &parts,
-        &mut |sent, total| {
-            if let Some(progress) = &mut progress {
-                progress.sent(sent, total);
-            }
-        },
+        parts,
+        show.then_some(&mut report as &mut dyn FnMut(u64, u64)),
     );
     // Cleared before the caller prints the result.
     drop(progress);

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::client::{AdminClient, Unauthorized};
+use crate::output::Table;
 use crate::profiles::{
     ADMIN_TOKEN_FILE, ConfigFile, DEFAULT_ADMIN_URL, FIRST_PROFILE, Given, Profile,
     is_loopback_url, local_data_dir, read_token_file,
@@ -311,23 +312,9 @@ pub fn profile(json: bool, command: ProfileCommand) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let width = file
-                .config
-                .profiles
-                .keys()
-                .map(String::len)
-                .max()
-                .unwrap_or(0)
-                .max("NAME".len());
-            let url_width = file
-                .config
-                .profiles
-                .values()
-                .map(|p| p.admin_url.len())
-                .max()
-                .unwrap_or(0)
-                .max("ADMIN URL".len());
-            println!("  {:<width$}  {:<url_width$}  TOKEN", "NAME", "ADMIN URL");
+            // `*` marks the default profile, in front of its name as
+            // before, so the names stay in one column.
+            let mut table = Table::new(["  NAME", "ADMIN URL", "TOKEN"]);
             for (name, p) in &file.config.profiles {
                 let mark = if default == Some(name.as_str()) {
                     '*'
@@ -341,11 +328,9 @@ pub fn profile(json: bool, command: ProfileCommand) -> anyhow::Result<()> {
                 if let Some(ca) = &p.ca_cert {
                     token.push_str(&format!(" (CA {})", ca.display()));
                 }
-                println!(
-                    "{mark} {name:<width$}  {:<url_width$}  {token}",
-                    p.admin_url
-                );
+                table.row([format!("{mark} {name}"), p.admin_url.clone(), token]);
             }
+            table.print();
             eprintln!("(from {})", file.path.display());
             Ok(())
         }

@@ -10,6 +10,7 @@ mod completions;
 mod deploy;
 mod dev;
 mod events;
+mod flags;
 mod login;
 mod manifest;
 mod new;
@@ -33,9 +34,15 @@ use crate::args::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let result = match serve::CompileWorkerCli::from_args() {
-        Some(worker) => serve::compile_worker(&worker),
-        None => run(Cli::parse()),
+    let (result, json) = match serve::CompileWorkerCli::from_args() {
+        Some(worker) => (serve::compile_worker(&worker), false),
+        None => match Cli::try_parse() {
+            Ok(cli) => {
+                let json = cli.json;
+                (run(cli), json)
+            }
+            Err(error) => return bad_command_line(&error),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,6 +55,10 @@ fn main() -> ExitCode {
             }) =>
         {
             ExitCode::SUCCESS
+        }
+        Err(error) if json => {
+            eprintln!("{}", output::error_json(&error));
+            ExitCode::FAILURE
         }
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -86,6 +97,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// A command line clap refuses (or `--help`/`--version`, which clap also
+/// answers as an error). With `--json` the refusal is one JSON object on
+/// stderr like any failed verb's, its message clap's first paragraph (the
+/// usage and tips after it are for people); otherwise clap prints it.
+/// Either way the exit code is clap's (2 for a bad command line).
+fn bad_command_line(error: &clap::Error) -> ExitCode {
+    // The command line could not be parsed, so look for the flag itself
+    // (before any `--`, after which everything is an argument).
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg == "--json");
+    if !json || !error.use_stderr() {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let message = text
+        .trim()
+        .strip_prefix("error: ")
+        .unwrap_or(text.trim())
+        .split("\n\n")
+        .next()
+        .unwrap_or_default();
+    eprintln!("{}", serde_json::json!({"error": {"message": message}}));
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 /// A client verb whose reader goes away (`mayfly status | head`) ends at

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
+use mayfly_store::{FunctionLimits, FunctionScaling};
 use serde::Deserialize;
 use serde_json::Value;
 use toml::Spanned;
@@ -32,6 +33,7 @@ use toml::Spanned;
 use crate::client::AdminClient;
 use crate::deploy::{FunctionDeploy, GrantArgs, LimitArgs, ScalingArgs, send_deploy};
 use crate::events::triggers::parse_trigger_spec;
+use crate::flags::{duration_in, ms};
 
 /// The manifest `mayfly deploy` reads when given no NAME and COMPONENT.
 pub const DEFAULT_PATH: &str = "mayfly.toml";
@@ -214,23 +216,31 @@ fn function(
     let located = |span: Range<usize>, message: String| {
         anyhow::Error::new(Located::new(path, text, span, message))
     };
-    let duration = |value: Option<Spanned<String>>, key: &str| {
+    // The same bounds as the flags (`mayfly deploy --timeout`), so a manifest
+    // names its own key and line rather than the node's `timeout_ms`.
+    let duration = |value: Option<Spanned<String>>, key: &str, min_ms: u64, max_ms: u64| {
+        let parse = duration_in(ms(min_ms), ms(max_ms));
         value
             .map(|value| {
-                humantime::parse_duration(value.get_ref()).map_err(|error| {
+                parse(value.get_ref()).map_err(|error| {
                     located(
                         value.span(),
                         format!(
-                            "function `{name}`: `{key}` is not a duration such as \"30s\" or \
-                             \"500ms\": {error}"
+                            "function `{name}`: `{key}` is `{}`: {error}",
+                            value.get_ref()
                         ),
                     )
                 })
             })
             .transpose()
     };
-    let timeout = duration(entry.timeout, "timeout")?;
-    let queue_timeout = duration(entry.queue_timeout, "queue_timeout")?;
+    let timeout = duration(entry.timeout, "timeout", 1, FunctionLimits::MAX_TIMEOUT_MS)?;
+    let queue_timeout = duration(
+        entry.queue_timeout,
+        "queue_timeout",
+        0,
+        FunctionScaling::MAX_QUEUE_TIMEOUT_MS,
+    )?;
     let triggers = entry
         .triggers
         .into_iter()
@@ -638,6 +648,15 @@ component = "/abs/another.wasm"
         let message =
             error("[functions.hello]\ncomponent = \"hello.wasm\"\ntimeout = \"thirty\"\n");
         assert!(message.contains("`timeout`"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+        // Out of the node's range: the manifest's key, not the API's
+        // `timeout_ms`.
+        let message =
+            error("[functions.hello]\ncomponent = \"hello.wasm\"\nqueue_timeout = \"2m\"\n");
+        assert!(
+            message.contains("`queue_timeout` is `2m`: give 0s to 1m"),
+            "{message}"
+        );
         assert!(message.contains("line 3"), "{message}");
     }
 

@@ -10,7 +10,7 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use crate::client::{AdminClient, read_json, segment};
-use crate::output::format_time;
+use crate::output::{Table, format_time};
 
 /// `mayfly secret …`.
 #[derive(Debug, Subcommand)]
@@ -129,19 +129,18 @@ fn list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("no secrets: set one with `mayfly secret set NAME < value.txt`");
         return Ok(());
     }
-    println!("{:<40} {:>9}  UPDATED", "NAME", "VERSION");
+    let mut table = Table::new(["NAME", "VERSION", "UPDATED"]).right(&["VERSION"]);
     for secret in &secrets {
-        println!(
-            "{:<40} {:>9}  {}",
-            secret["name"].as_str().unwrap_or_default(),
-            // Value's Display ignores widths: format it first.
+        table.row([
+            secret["name"].as_str().unwrap_or_default().to_string(),
             secret["version"].to_string(),
             secret["updated_at_ms"]
                 .as_i64()
                 .map(format_time)
-                .unwrap_or_default()
-        );
+                .unwrap_or_default(),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

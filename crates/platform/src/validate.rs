@@ -322,10 +322,12 @@ pub(crate) fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
     Ok(parsed)
 }
 
-/// Largest body limit a function may set.
-const MAX_BODY_LIMIT: u64 = 1 << 30;
-/// Largest log allowance a function may set per stream and invocation.
-const MAX_LOG_LIMIT: u64 = 64 << 20;
+/// Largest body limit a function may set (`max_request_bytes`,
+/// `max_response_bytes`).
+pub const MAX_BODY_LIMIT: u64 = 1 << 30;
+/// Largest log allowance a function may set per stream and invocation
+/// (`max_log_bytes`).
+pub const MAX_LOG_LIMIT: u64 = 64 << 20;
 
 /// Checks a function's limits against this node's largest instance.
 pub(crate) fn validate_limits(
@@ -335,13 +337,13 @@ pub(crate) fn validate_limits(
     let max_memory_mb = (node_max_memory >> 20) as u64;
     if limits.memory_mb == 0 || u64::from(limits.memory_mb) > max_memory_mb {
         return Err(format!(
-            "memory_mb is {}: give 1 to {max_memory_mb} (this node's largest instance)",
+            "`memory_mb` is {}: give 1 to {max_memory_mb} (this node's largest instance)",
             limits.memory_mb
         ));
     }
     if limits.timeout_ms == 0 || limits.timeout_ms > FunctionLimits::MAX_TIMEOUT_MS {
         return Err(format!(
-            "timeout_ms is {}: give 1 to {} (15 minutes)",
+            "`timeout_ms` is {}: give 1 to {} (15 minutes)",
             limits.timeout_ms,
             FunctionLimits::MAX_TIMEOUT_MS
         ));
@@ -360,14 +362,14 @@ pub(crate) fn validate_limits(
         ("max_log_bytes", limits.max_log_bytes, MAX_LOG_LIMIT),
     ] {
         if value > max {
-            return Err(format!("{name} is {value}: give at most {max}"));
+            return Err(format!("`{name}` is {value}: give at most {max}"));
         }
     }
     Ok(())
 }
 
-/// Largest queue a function may ask for.
-const MAX_QUEUED: u32 = 10_000;
+/// Largest queue a function may ask for (`max_queued`).
+pub const MAX_QUEUED: u32 = 10_000;
 
 /// Checks a function's concurrency and queue against the node's.
 pub(crate) fn validate_scaling(scaling: &FunctionScaling, node_max: u32) -> Result<(), String> {
@@ -375,25 +377,25 @@ pub(crate) fn validate_scaling(scaling: &FunctionScaling, node_max: u32) -> Resu
         && (max == 0 || max > node_max)
     {
         return Err(format!(
-            "max_concurrency is {max}: give 1 to {node_max} (this node's concurrency)"
+            "`max_concurrency` is {max}: give 1 to {node_max} (this node's concurrency)"
         ));
     }
     let max = scaling.max_concurrency.unwrap_or(node_max);
     if scaling.reserved_concurrency > max {
         return Err(format!(
-            "reserved_concurrency is {}: give at most max_concurrency ({max})",
+            "`reserved_concurrency` is {}: give at most `max_concurrency` ({max})",
             scaling.reserved_concurrency
         ));
     }
     if scaling.max_queued > MAX_QUEUED {
         return Err(format!(
-            "max_queued is {}: give 0 to {MAX_QUEUED}",
+            "`max_queued` is {}: give 0 to {MAX_QUEUED}",
             scaling.max_queued
         ));
     }
     if scaling.queue_timeout_ms > FunctionScaling::MAX_QUEUE_TIMEOUT_MS {
         return Err(format!(
-            "queue_timeout_ms is {}: give 0 to {} (one minute)",
+            "`queue_timeout_ms` is {}: give 0 to {} (one minute)",
             scaling.queue_timeout_ms,
             FunctionScaling::MAX_QUEUE_TIMEOUT_MS
         ));

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::body::body_bytes;
 use crate::client::{AdminClient, PAGE, query, segment};
-use crate::output::{one_line, print_fields, text, time};
+use crate::output::{Table, one_line, print_fields, text, time};
 
 /// Longest last error shown in the dead-letter table.
 const ERROR_COLUMN: usize = 60;
@@ -105,20 +105,18 @@ fn dlq_list(client: &AdminClient, json: bool, function: &str) -> anyhow::Result<
         println!("no dead letters for {function}");
         return Ok(());
     }
-    println!(
-        "{:<8} {:<28} {:>8}  {:<24}  LAST ERROR",
-        "ID", "TYPE", "ATTEMPTS", "DIED"
-    );
+    let mut table =
+        Table::new(["ID", "TYPE", "ATTEMPTS", "DIED", "LAST ERROR"]).right(&["ATTEMPTS"]);
     for letter in &letters {
-        println!(
-            "{:<8} {:<28} {:>8}  {:<24}  {}",
+        table.row([
             text(&letter["id"]),
             text(&letter["type"]),
             text(&letter["attempts"]),
             time(&letter["died_ms"]),
-            one_line(&text(&letter["last_error"]), ERROR_COLUMN)
-        );
+            one_line(&text(&letter["last_error"]), ERROR_COLUMN),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

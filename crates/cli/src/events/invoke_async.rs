@@ -6,7 +6,10 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::Value;
 
+use mayfly_store::RetryPolicy;
+
 use crate::client::{AdminClient, millis, query, segment};
+use crate::flags::{INVOKE_ASYNC_FLAGS, duration_in, ms, naming_flags, number_in};
 use crate::output::text;
 
 /// `mayfly invoke --async` and its retry settings.
@@ -17,10 +20,19 @@ pub struct AsyncArgs {
     #[arg(long = "async")]
     pub async_invoke: bool,
     /// Deliveries before the event goes to the dead-letter queue (node default 3).
-    #[arg(long, value_name = "N", requires = "async_invoke")]
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "async_invoke",
+        value_parser = number_in(1, Some(RetryPolicy::MAX_ATTEMPTS))
+    )]
     pub max_attempts: Option<u32>,
     /// Wait before retrying a failed delivery, e.g. 1s (node default 1s).
-    #[arg(long, value_parser = humantime::parse_duration, requires = "async_invoke")]
+    #[arg(
+        long,
+        requires = "async_invoke",
+        value_parser = duration_in(ms(0), ms(RetryPolicy::MAX_BACKOFF_MS))
+    )]
     pub backoff: Option<Duration>,
 }
 
@@ -47,7 +59,9 @@ pub fn run(
             ),
         ])
     );
-    let queued: Value = client.send_json("POST", &url, headers, body)?;
+    let queued: Value = client
+        .send_json("POST", &url, headers, body)
+        .map_err(|e| naming_flags(e, INVOKE_ASYNC_FLAGS))?;
     if json {
         println!("{queued}");
     } else {

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use super::buckets::{all_pages, print_deleted, with_prefix};
 use crate::body::{read_body, set_body};
-use crate::client::{AdminClient, check, key_path, read_json, segment};
-use crate::output::{text, time};
+use crate::client::{AdminClient, ApiError, check, key_path, read_json, segment};
+use crate::output::{Table, text, time};
 
 /// `mayfly kv …`: the node's key-value store.
 #[derive(Debug, Subcommand)]
@@ -154,13 +154,14 @@ fn kv_set(
     };
     let response = client.send_raw("PUT", &kv_path(bucket, key), &headers, Some(value))?;
     if response.status() == 412 {
-        match condition {
-            Condition::Absent => bail!("not set: `{key}` already exists in `{bucket}` (HTTP 412)"),
-            _ => bail!(
+        let message = match condition {
+            Condition::Absent => format!("not set: `{key}` already exists in `{bucket}`"),
+            _ => format!(
                 "not set: `{key}` in `{bucket}` is not at the revision given to --if-revision; \
-                 read it again with `mayfly kv get --json` (HTTP 412)"
+                 read it again with `mayfly kv get --json`"
             ),
-        }
+        };
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     let outcome: Value = read_json(response)?;
     if json {
@@ -187,10 +188,10 @@ fn kv_delete(
         .collect();
     let response = client.send_raw("DELETE", &kv_path(bucket, key), &headers, None)?;
     if response.status() == 412 {
-        bail!(
-            "not deleted: `{key}` in `{bucket}` is not at the revision given to --if-revision \
-             (HTTP 412)"
+        let message = format!(
+            "not deleted: `{key}` in `{bucket}` is not at the revision given to --if-revision"
         );
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     check(response)?;
     print_deleted(json, bucket, key)
@@ -211,14 +212,11 @@ fn kv_buckets(client: &AdminClient, json: bool, prefix_given: bool) -> anyhow::R
         println!("no KV buckets: set a key with `mayfly kv set <bucket> <key> <value>`");
         return Ok(());
     }
-    println!("{:<32} {:>9}", "BUCKET", "KEYS");
+    let mut table = Table::new(["BUCKET", "KEYS"]).right(&["KEYS"]);
     for bucket in &buckets {
-        println!(
-            "{:<32} {:>9}",
-            text(&bucket["bucket"]),
-            text(&bucket["keys"])
-        );
+        table.row([text(&bucket["bucket"]), text(&bucket["keys"])]);
     }
+    table.print();
     Ok(())
 }
 
@@ -238,16 +236,16 @@ fn kv_list(
         println!("no keys in {bucket}{}", with_prefix(prefix));
         return Ok(());
     }
-    println!("{:<40} {:>9} {:>10}  UPDATED", "KEY", "REVISION", "SIZE");
+    let mut table = Table::new(["KEY", "REVISION", "SIZE", "UPDATED"]).right(&["REVISION", "SIZE"]);
     for key in &keys {
-        println!(
-            "{:<40} {:>9} {:>10}  {}",
+        table.row([
             text(&key["key"]),
             text(&key["revision"]),
             text(&key["size"]),
-            time(&key["updated_ms"])
-        );
+            time(&key["updated_ms"]),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

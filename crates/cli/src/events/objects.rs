@@ -10,8 +10,8 @@ use ureq::http::Response;
 
 use super::buckets::{all_pages, print_deleted, with_prefix};
 use crate::body::{read_file, set_body};
-use crate::client::{AdminClient, check, key_path, segment};
-use crate::output::{print_fields, text, time};
+use crate::client::{AdminClient, ApiError, check, key_path, segment};
+use crate::output::{Table, print_fields, text, time};
 
 /// `mayfly object …`: the node's object store.
 #[derive(Debug, Subcommand)]
@@ -166,7 +166,8 @@ fn object_get(
 fn object_head(client: &AdminClient, json: bool, bucket: &str, key: &str) -> anyhow::Result<()> {
     let response = client.send_raw("HEAD", &object_path(bucket, key), &[], None)?;
     if response.status() == 404 {
-        bail!("no object `{key}` in bucket `{bucket}` (HTTP 404)");
+        let message = format!("no object `{key}` in bucket `{bucket}`");
+        return Err(ApiError::from_response(response).saying(message).into());
     }
     let response = check(response)?;
     let meta = header_meta(bucket, key, &response);
@@ -211,15 +212,15 @@ fn bucket_list(client: &AdminClient, json: bool, prefix_given: bool) -> anyhow::
         println!("no buckets: store an object with `mayfly object put <bucket> <key> --file PATH`");
         return Ok(());
     }
-    println!("{:<32} {:>9} {:>14}", "BUCKET", "OBJECTS", "BYTES");
+    let mut table = Table::new(["BUCKET", "OBJECTS", "BYTES"]).right(&["OBJECTS", "BYTES"]);
     for bucket in &buckets {
-        println!(
-            "{:<32} {:>9} {:>14}",
+        table.row([
             text(&bucket["bucket"]),
             text(&bucket["objects"]),
-            text(&bucket["bytes"])
-        );
+            text(&bucket["bytes"]),
+        ]);
     }
+    table.print();
     Ok(())
 }
 
@@ -239,18 +240,15 @@ fn object_list(
         println!("no objects in {bucket}{}", with_prefix(prefix));
         return Ok(());
     }
-    println!(
-        "{:<40} {:>12}  {:<24}  CONTENT-TYPE",
-        "KEY", "SIZE", "MODIFIED"
-    );
+    let mut table = Table::new(["KEY", "SIZE", "MODIFIED", "CONTENT-TYPE"]).right(&["SIZE"]);
     for object in &objects {
-        println!(
-            "{:<40} {:>12}  {:<24}  {}",
+        table.row([
             text(&object["key"]),
             text(&object["size"]),
             time(&object["modified_ms"]),
-            text(&object["content_type"])
-        );
+            text(&object["content_type"]),
+        ]);
     }
+    table.print();
     Ok(())
 }

@@ -3,13 +3,13 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
 use crate::body::{body_bytes, read_body};
-use crate::client::{AdminClient, check, query, segment};
-use crate::output::{text, time};
+use crate::client::{AdminClient, ApiError, check, query, segment};
+use crate::flags::{RECEIVE_FLAGS, naming_flags};
+use crate::output::{Table, text, time};
 
 /// `mayfly queue …`: the node's durable queues.
 #[derive(Debug, Subcommand)]
@@ -116,7 +116,9 @@ fn queue_receive(
             ("visibility", visibility)
         ])
     );
-    let received: Value = client.send_json("POST", &path, &[], None)?;
+    let received: Value = client
+        .send_json("POST", &path, &[], None)
+        .map_err(|e| naming_flags(e, RECEIVE_FLAGS))?;
     if json {
         println!("{received}");
         return Ok(());
@@ -160,10 +162,12 @@ fn queue_ack(client: &AdminClient, json: bool, queue: &str, receipt: &str) -> an
     );
     let response = client.send_raw("DELETE", &path, &[], None)?;
     if response.status() == 409 {
-        bail!(
-            "stale receipt: the visibility timeout ran out and the message was received again; \
-             acknowledge it with its newer receipt (HTTP 409)"
-        );
+        return Err(ApiError::from_response(response)
+            .saying(
+                "stale receipt: the visibility timeout ran out and the message was received \
+                 again; acknowledge it with its newer receipt",
+            )
+            .into());
     }
     check(response)?;
     if json {
@@ -184,14 +188,15 @@ fn queue_list(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         println!("no queues: send a message with `mayfly queue send <queue> <body>`");
         return Ok(());
     }
-    println!("{:<32} {:>9} {:>9}", "QUEUE", "MESSAGES", "IN_FLIGHT");
+    let mut table =
+        Table::new(["QUEUE", "MESSAGES", "IN_FLIGHT"]).right(&["MESSAGES", "IN_FLIGHT"]);
     for queue in &queues {
-        println!(
-            "{:<32} {:>9} {:>9}",
+        table.row([
             text(&queue["queue"]),
             text(&queue["messages"]),
-            text(&queue["in_flight"])
-        );
+            text(&queue["in_flight"]),
+        ]);
     }
+    table.print();
     Ok(())
 }

@@ -8,8 +8,11 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use mayfly_store::RetryPolicy;
+
 use crate::client::{AdminClient, millis, read_json, segment};
-use crate::output::text;
+use crate::flags::{DELIVERY_FLAGS, duration_in, ms, naming_flags, number_in};
+use crate::output::{Table, text};
 
 /// The valid `--trigger` forms, for error messages.
 const TRIGGER_FORMS: &str =
@@ -66,10 +69,10 @@ pub struct TriggerAddArgs {
     #[arg(long, value_name = "N")]
     max_concurrency: Option<u32>,
     /// Deliveries before an event goes to the dead-letter queue (node default 3).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = number_in(1, Some(RetryPolicy::MAX_ATTEMPTS)))]
     max_attempts: Option<u32>,
     /// Wait before retrying a failed delivery, e.g. 1s (node default 1s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_in(ms(0), ms(RetryPolicy::MAX_BACKOFF_MS)))]
     backoff: Option<Duration>,
     /// The function's alias that gets the events (default `live`); it must
     /// exist, and cannot be deleted while the trigger is attached.
@@ -322,7 +325,7 @@ fn trigger_add(client: &AdminClient, json: bool, args: TriggerAddArgs) -> anyhow
     let headers = [("content-type".to_string(), "application/json".to_string())];
     let response = client.send_raw("POST", &path, &headers, Some(&body))?;
     let created = response.status() == 201;
-    let trigger: Value = read_json(response)?;
+    let trigger: Value = read_json(response).map_err(|e| naming_flags(e, DELIVERY_FLAGS))?;
     if json {
         println!("{trigger}");
         return Ok(());
@@ -361,24 +364,21 @@ fn trigger_list(client: &AdminClient, json: bool, function: Option<&str>) -> any
         );
         return Ok(());
     }
-    println!(
-        "{:<8} {:<24} {:<9} {:<40} RETRY",
-        "ID", "FUNCTION", "KIND", "WHAT"
-    );
+    let mut table = Table::new(["ID", "FUNCTION", "KIND", "WHAT", "RETRY"]);
     for trigger in &triggers {
         let (kind, mut what) = describe_source(&trigger["source"]);
         if let Some(alias) = trigger["alias"].as_str() {
             what.push_str(&format!(" -> {alias}"));
         }
-        println!(
-            "{:<8} {:<24} {:<9} {:<40} {}",
+        table.row([
             text(&trigger["id"]),
             text(&trigger["function"]),
             kind,
             what,
-            describe_retry(&trigger["retry"])
-        );
+            describe_retry(&trigger["retry"]),
+        ]);
     }
+    table.print();
     Ok(())
 }
 

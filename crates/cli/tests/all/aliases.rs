@@ -371,6 +371,7 @@ fn an_automatic_canary_rolls_back_a_failing_version_and_promotes_a_healthy_one()
         "--auto-requests",
         "0",
     ]);
-    assert!(!ok && stderr.contains("auto.requests"), "{stderr}");
+    // The API's `auto.requests`, named as the flag that set it.
+    assert!(!ok && stderr.contains("`--auto-requests` is 0"), "{stderr}");
     assert_eq!(live_of(&node, "c"), (3, None));
 }

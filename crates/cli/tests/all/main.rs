@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod aliases;
+mod cli;
 mod common;
 mod completions;
 mod connections;

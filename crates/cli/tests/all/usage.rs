@@ -104,16 +104,41 @@ fn every_invocation_leaves_exactly_one_record() {
     let (ok, csv, _) = node.cli(&["usage", "--csv", "--by", "version"]);
     assert!(ok);
     let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     assert!(
-        lines
-            .next()
-            .unwrap()
-            .starts_with("version,invocations,errors")
+        header.starts_with(&[
+            "version",
+            "invocations",
+            "errors",
+            "timeouts",
+            "oom",
+            "client_closed"
+        ]),
+        "{csv}"
     );
-    assert_eq!(lines.count(), 3, "{csv}");
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|line| line.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    // Costs at full precision: each reads back as exactly the API's number
+    // (hello's 24 requests cost 4.8e-6 of requests alone; rounding to six
+    // decimals would lose most of it).
+    let by_version = node.admin_json("/v1/usage?group_by=version");
+    for row in &rows {
+        let api = by_version["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| format!("{} v{}", r["function"].as_str().unwrap(), r["version"]) == row[0])
+            .unwrap_or_else(|| panic!("{csv}"));
+        let cost: f64 = row[column("cost")].parse().unwrap();
+        assert_eq!(cost, api["cost"]["total"].as_f64().unwrap(), "{csv}");
+        assert_eq!(row[column("client_closed")], "0", "{csv}");
+    }
+    // A grouping the API does not know is refused by the CLI, naming its flag.
     let (ok, _, stderr) = node.cli(&["usage", "--by", "week"]);
     assert!(
-        !ok && stderr.contains("function, version, hour or day"),
+        !ok && stderr.contains("'--by <BY>'")
+            && stderr.contains("[possible values: function, version, hour, day]"),
         "{stderr}"
     );
 
@@ -169,6 +194,22 @@ fn a_client_that_leaves_mid_request_is_client_closed_not_an_error() {
     assert_eq!(usage["total"]["invocations"], 1, "{usage}");
     assert_eq!(usage["total"]["errors"], 0, "{usage}");
     assert_eq!(usage["total"]["outcomes"]["client_closed"], 1, "{usage}");
+    // `mayfly usage` shows it in a column of its own, apart from errors.
+    let (ok, table, stderr) = node.cli(&["usage", "--function", "sleepy"]);
+    assert!(ok, "{stderr}");
+    let mut lines = table.lines().skip(1);
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let sleepy: Vec<&str> = lines
+        .find(|line| line.starts_with("sleepy "))
+        .unwrap_or_else(|| panic!("{table}"))
+        .split_whitespace()
+        .collect();
+    let cell = |name: &str| sleepy[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(
+        (cell("ERRORS"), cell("CLIENT_CLOSED")),
+        ("0", "1"),
+        "{table}"
+    );
     assert_eq!(node.admin_json("/v1/status")["failed_invocations"], 0);
     assert!(
         node.metrics()

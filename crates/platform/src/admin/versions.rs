@@ -152,13 +152,13 @@ impl AutoSpec {
     fn policy(&self) -> Result<CanaryPolicy, ApiError> {
         if !(1..=MAX_AUTO_REQUESTS).contains(&self.requests) {
             return Err(ApiError::bad_request(format!(
-                "auto.requests is {}: judge the canary over 1 to {MAX_AUTO_REQUESTS} requests",
+                "`auto.requests` is {}: judge the canary over 1 to {MAX_AUTO_REQUESTS} requests",
                 self.requests
             )));
         }
         let max_error_bp = percent_bp(self.max_error_percent).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "auto.max_error_percent is {}: give 0 to 100, with at most two decimals",
+                "`auto.max_error_percent` is {}: give 0 to 100, with at most two decimals",
                 self.max_error_percent
             ))
         })?;
@@ -166,7 +166,7 @@ impl AutoSpec {
             && !(1..=MAX_P99_LIMIT_MS).contains(&limit)
         {
             return Err(ApiError::bad_request(format!(
-                "auto.max_p99_ms is {limit}: give 1 to {MAX_P99_LIMIT_MS} milliseconds, or \
+                "`auto.max_p99_ms` is {limit}: give 1 to {MAX_P99_LIMIT_MS} milliseconds, or \
                  leave it out to compare with the alias's own version"
             )));
         }
