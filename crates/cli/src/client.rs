@@ -2,6 +2,8 @@
 //! paths and query strings.
 
 use std::path::Path;
+
+use sha2::Digest as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -10,7 +12,6 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use ureq::http::Response;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-use ureq::unversioned::multipart::{Form, Part};
 
 use crate::profiles::{Target, login_advice};
 
@@ -27,20 +28,10 @@ pub struct FormPart<'a> {
     pub body: PartBody<'a>,
 }
 
-impl<'a> FormPart<'a> {
-    /// The file this part sends, if it is one.
-    fn file(&self) -> Option<&'a Path> {
-        match self.body {
-            PartBody::File(file) => Some(file),
-            PartBody::Bytes(_) => None,
-        }
-    }
-}
-
-/// Reads a file part and reports each read's progress: bytes read so far
-/// and the file's size.
+/// Reads an in-memory body and reports each read's progress: bytes read
+/// so far and the body's length.
 struct CountingReader<'a> {
-    inner: std::fs::File,
+    rest: &'a [u8],
     read: u64,
     total: u64,
     progress: &'a mut dyn FnMut(u64, u64),
@@ -48,7 +39,7 @@ struct CountingReader<'a> {
 
 impl std::io::Read for CountingReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = std::io::Read::read(&mut self.rest, buf)?;
         if n > 0 {
             self.read += n as u64;
             (self.progress)(self.read, self.total);
@@ -61,7 +52,7 @@ impl std::io::Read for CountingReader<'_> {
 pub enum PartBody<'a> {
     /// Bytes in memory (a small JSON document).
     Bytes(&'a [u8]),
-    /// A file, streamed from disk as the request is sent.
+    /// A file, read when the request is built.
     File(&'a Path),
 }
 
@@ -182,60 +173,72 @@ impl AdminClient {
     }
 
     /// Posts a multipart/form-data body (RFC 7578) and reads the 2xx answer
-    /// as JSON. ureq's encoder streams each part: a file part is read from
-    /// disk as it is sent, never held whole, and its size is known up front,
-    /// so the request has a Content-Length the node checks before reading.
+    /// as JSON, calling `progress` (if any) with the bytes handed to the
+    /// connection so far and the body's length (a deploy's upload bar).
     ///
-    /// With `progress`, the first file part is read through a counter that
-    /// reports its bytes sent and the file's size (a deploy's upload bar).
-    /// ureq cannot know a counted reader's length, so that request goes
-    /// chunked: the node then counts it against its upload limit as it
-    /// arrives (and `mayfly deploy` compared the size with the limit first).
+    /// Written here rather than with ureq's multipart encoder: ureq can
+    /// give a Content-Length only to parts it reads itself, and a counted
+    /// part makes it send chunked. A chunked upload the node refuses early
+    /// (a bad token, a missing scope, over the size limit) then ends in a
+    /// broken pipe on the client instead of the node's answer (seen in CI);
+    /// with its length declared, the node answers before reading the body.
+    /// The format is a few lines for a couple of named parts; the body is
+    /// built in memory (a component is at most the node's upload limit).
     pub fn post_multipart<T: DeserializeOwned>(
         &self,
         path: &str,
         parts: Vec<FormPart<'_>>,
         progress: Option<&mut dyn FnMut(u64, u64)>,
     ) -> anyhow::Result<T> {
-        let mut counted = match (progress, parts.iter().find_map(FormPart::file)) {
-            (Some(progress), Some(file)) => {
-                let opened = std::fs::File::open(file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                let total = opened
-                    .metadata()
-                    .with_context(|| format!("cannot read {}", file.display()))?
-                    .len();
-                Some(CountingReader {
-                    inner: opened,
-                    read: 0,
-                    total,
-                    progress,
-                })
-            }
-            _ => None,
-        };
-        let mut counted = counted.as_mut();
-        let mut form = Form::new();
-        for part in parts {
-            let body = match part.body {
-                PartBody::Bytes(bytes) => Part::bytes(bytes),
-                PartBody::File(file) => match counted.take() {
-                    Some(reader) => Part::reader(reader),
-                    None => Part::file(file)
+        let mut contents = Vec::with_capacity(parts.len());
+        for part in &parts {
+            contents.push(match part.body {
+                PartBody::Bytes(bytes) => std::borrow::Cow::Borrowed(bytes),
+                PartBody::File(file) => std::borrow::Cow::Owned(
+                    std::fs::read(file)
                         .with_context(|| format!("cannot read {}", file.display()))?,
-                },
-            };
-            // Every part carries the name as its file name, as curl's
-            // `-F name=@file` does: the node reads parts by name alone.
-            let body = body
-                .file_name(part.name)
-                .mime_str(part.content_type)
-                .with_context(|| format!("bad content type `{}`", part.content_type))?;
-            form = form.part(part.name, body);
+                ),
+            });
         }
+        // A boundary must not occur in any part: one drawn from a digest
+        // of the parts practically cannot.
+        let mut digest = sha2::Sha256::new();
+        for content in &contents {
+            digest.update(content);
+        }
+        let boundary = format!("mayfly-{}", hex::encode(&digest.finalize()[..16]));
+        let mut body = Vec::new();
+        for (part, content) in parts.iter().zip(&contents) {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{0}\"; \
+                     filename=\"{0}\"\r\nContent-Type: {1}\r\n\r\n",
+                    part.name, part.content_type
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(content);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let total = body.len() as u64;
+        let mut ignore = |_: u64, _: u64| {};
+        let mut reader = CountingReader {
+            rest: &body,
+            read: 0,
+            total,
+            progress: progress.unwrap_or(&mut ignore),
+        };
         let response = self
             .auth(self.agent.post(self.url(path)))
-            .send(form)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            // A reader's length is unknown to ureq: without this it would
+            // send the body chunked.
+            .header("content-length", total)
+            .send(ureq::SendBody::from_reader(&mut reader))
             .map_err(|e| self.unreachable(e))?;
         read_json(self.refused(response)?)
     }

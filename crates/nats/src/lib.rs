@@ -56,6 +56,33 @@ use mayfly_store::{BlobDir, EventHandles, Stores};
 /// stored per node; their new lines reach followers on every node through
 /// [`NatsLogFeed`]. [`NatsLink`] reports the connection for the status.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
+    // A cluster that is electing a leader, or servers on a loaded machine,
+    // may let one JetStream call run past its short timeout while the
+    // buckets are made: that is a reason to try again, not to stop the
+    // node (every step opens or creates, so it can be repeated). async-nats
+    // reports such timeouts only in its messages.
+    let deadline = std::time::Instant::now() + OPEN_PATIENCE;
+    loop {
+        match open_stores_once(fleet, data_dir).await {
+            Err(error)
+                if error.to_string().contains("timed out")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(
+                    "the fleet's JetStream did not answer in time ({error}); trying again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// How long a node keeps trying to open the fleet's stores while JetStream
+/// calls time out.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
     // The embedded stores first: they lock `data_dir` and sweep the blob
     // folder's unfinished writes before the cache below uses it.
     let mut stores = Stores::sqlite(data_dir)?;

@@ -53,6 +53,8 @@ pub struct Node {
     pub admin: String,
     /// The node's first admin token, from its data directory.
     pub token: String,
+    /// Its name in a fleet (`--node-name`); empty for a node alone.
+    pub name: String,
 }
 
 impl Node {
@@ -96,11 +98,17 @@ impl Node {
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .map(|t| t.trim().to_string())
             .unwrap_or_default();
+        let name = flags
+            .iter()
+            .position(|flag| *flag == "--node-name")
+            .and_then(|at| flags.get(at + 1))
+            .map_or_else(String::new, |name| name.to_string());
         Node {
             child,
             gateway,
             admin,
             token,
+            name,
         }
     }
 

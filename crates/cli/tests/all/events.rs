@@ -31,6 +31,8 @@ pub(crate) fn deliveries(node: &Node, function: &str) -> Vec<Logged> {
 /// Every delivery `function` logged, oldest first, or the node's answer
 /// when it is not a list of lines (a fleet node that has not followed a
 /// deploy yet answers 404).
+/// In a fleet a node's log tail is every node's: only the lines `node`
+/// itself wrote are taken.
 pub(crate) fn try_deliveries(node: &Node, function: &str) -> Result<Vec<Logged>, Value> {
     let lines = node.admin_json(&format!("/v1/functions/{function}/logs?tail=100000"));
     let Some(lines) = lines.as_array() else {
@@ -38,6 +40,11 @@ pub(crate) fn try_deliveries(node: &Node, function: &str) -> Result<Vec<Logged>,
     };
     Ok(lines
         .iter()
+        .filter(|line| {
+            line["node"]
+                .as_str()
+                .is_none_or(|writer| writer == node.name)
+        })
         .filter_map(|line| line["line"].as_str())
         .filter_map(|line| line.strip_prefix("event "))
         .map(|line| {
