@@ -30,7 +30,7 @@ pub struct DeployArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "name")]
     pub manifest: Option<PathBuf>,
     /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
-    #[arg(long = "route", short = 'r')]
+    #[arg(long = "route", short = 'r', value_parser = parse_route)]
     pub routes: Vec<String>,
     /// Event trigger to attach: `schedule:<expr>` (`schedule:@every 30s`,
     /// `schedule:*/5 * * * *`), `object:<bucket>[/<prefix>]`,
@@ -73,6 +73,11 @@ pub struct GrantArgs {
     /// Variable it reads through wasi:config, as KEY=VALUE; repeat for more.
     #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_variable)]
     pub variables: Vec<(String, String)>,
+}
+
+/// A route as the node accepts it, checked before anything is uploaded.
+fn parse_route(text: &str) -> Result<String, String> {
+    mayfly_platform::validate::check_route(text).map(|()| text.to_string())
 }
 
 fn parse_variable(text: &str) -> Result<(String, String), String> {

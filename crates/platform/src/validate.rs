@@ -310,6 +310,14 @@ fn check_route_form(route: &str) -> Result<(), String> {
     ))
 }
 
+/// Checks one route as a user writes it (`/path` or `host/path`), with
+/// the message that shows both forms: for clients that check a route
+/// before they upload anything.
+pub fn check_route(text: &str) -> Result<(), String> {
+    check_route_form(text)?;
+    Route::parse(text).map(drop)
+}
+
 /// Parses routes as written, dropping repeats.
 pub(crate) fn parse_routes(routes: &[String]) -> Result<Vec<Route>, String> {
     let mut parsed: Vec<Route> = Vec::with_capacity(routes.len());

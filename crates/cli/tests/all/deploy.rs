@@ -146,8 +146,10 @@ fn a_route_that_is_neither_a_path_nor_a_host_is_refused() {
     let hello = hello.to_str().unwrap();
 
     // `greet` once silently became a host route, and `/greet` answered 404.
+    // Refused before the upload: no progress line.
     let (ok, stdout, stderr) = node.cli(&["deploy", "greet", hello, "--route", "greet"]);
     assert!(!ok, "{stdout}");
+    assert!(!stderr.contains("uploading"), "{stderr}");
     assert!(stderr.contains("route `greet` is neither"), "{stderr}");
     assert!(stderr.contains("`/greet`"), "shows the path form: {stderr}");
     assert!(
