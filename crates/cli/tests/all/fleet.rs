@@ -124,15 +124,27 @@ fn an_unreachable_fleet_is_a_clear_error_naming_the_server_but_no_secret() {
 /// containing `expected`; returns how long that took.
 pub(crate) fn served(node: &Node, path: &str, expected: &str) -> Duration {
     let started = std::time::Instant::now();
-    eventually(
-        Duration::from_secs(30),
-        &format!("{path} on {}", node.gateway),
-        || {
-            let (status, body) = node.get(path);
-            (status == 200 && body.contains(expected)).then_some(())
-        },
-    );
-    started.elapsed()
+    // Generous: on a loaded 2-core machine three servers, three nodes and
+    // their compiles share the cores with other tests.
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let (status, body) = node.get(path);
+        if status == 200 && body.contains(expected) {
+            return started.elapsed();
+        }
+        if std::time::Instant::now() > deadline {
+            // What the node knows, for whoever reads the failure.
+            panic!(
+                "{path} on {} still answers {status} {body:?} after {:?}; its status: {}; \
+                 the fleet's nodes: {}",
+                node.gateway,
+                started.elapsed(),
+                node.admin_json("/v1/status"),
+                node.admin_json("/v1/nodes")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
