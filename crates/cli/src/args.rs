@@ -444,4 +444,26 @@ mod tests {
         assert!(args.delivery.async_invoke);
         assert_eq!(args.delivery.max_attempts, Some(2));
     }
+
+    #[test]
+    fn every_shell_gets_a_script_naming_the_verbs_but_not_the_hidden_ones() {
+        use clap_complete::Shell;
+        for shell in [
+            Shell::Bash,
+            Shell::Zsh,
+            Shell::Fish,
+            Shell::Elvish,
+            Shell::PowerShell,
+        ] {
+            let script = crate::completions::completion_script(shell, Cli::command());
+            let script = String::from_utf8_lossy(&script).into_owned();
+            for verb in ["deploy", "logs", "rollback", "completions"] {
+                assert!(script.contains(verb), "{shell}: no `{verb}`");
+            }
+            assert!(
+                !script.contains("compile-worker"),
+                "{shell}: the internal compile-worker shows"
+            );
+        }
+    }
 }

@@ -23,7 +23,7 @@ mod simulate;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 
 use crate::args::{Cli, Command};
 
@@ -74,8 +74,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args),
         Command::Simulate(args) => simulate::run(args, cli.json),
         Command::New(args) => new::run(&args, cli.json),
-        Command::Completions(args) => completions::completions(&args),
-        Command::Man(args) => completions::man(&args),
+        Command::Completions(args) => completions::completions(&args, Cli::command()),
+        Command::Man(args) => completions::man(&args, Cli::command()),
         command => {
             let given = profiles::Given {
                 admin_url: cli.admin_url,
