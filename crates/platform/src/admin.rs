@@ -518,29 +518,36 @@ async fn logs(
     let newest = platform.log_hub().subscribe();
     let store = platform.log_store();
     let fleet_tail = platform.fleet_log_tail(&name, tail).await;
-    if let (Some(lines), false) = (&fleet_tail, query.follow) {
+    let own_tail = || async {
+        store
+            .logs_tail(&name, tail)
+            .await
+            .map_err(PlatformError::from)
+    };
+    if let Some(feed) = feed {
+        let tail = match fleet_tail {
+            Some(lines) => lines,
+            None => {
+                let node = platform.node_name();
+                own_tail()
+                    .await?
+                    .into_iter()
+                    .map(|record| FeedLine {
+                        node: node.to_string(),
+                        id: record.id,
+                        line: record.line,
+                    })
+                    .collect()
+            }
+        };
+        return ndjson(fleet_follower(tail, feed));
+    }
+    if let Some(lines) = fleet_tail {
         return Ok(Json(lines).into_response());
     }
-    let lines = store
-        .logs_tail(&name, tail)
-        .await
-        .map_err(PlatformError::from)?;
+    let lines = own_tail().await?;
     if !query.follow {
         return Ok(Json(lines).into_response());
-    }
-    if let Some(feed) = feed {
-        let tail = fleet_tail.unwrap_or_else(|| {
-            let node = platform.node_name();
-            lines
-                .into_iter()
-                .map(|record| FeedLine {
-                    node: node.to_string(),
-                    id: record.id,
-                    line: record.line,
-                })
-                .collect()
-        });
-        return ndjson(fleet_follower(tail, feed));
     }
     let follower = Follower {
         after_id: lines.last().map_or(0, |line| line.id),
