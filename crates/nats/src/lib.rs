@@ -56,17 +56,17 @@ use mayfly_store::{BlobDir, EventHandles, Stores};
 /// stored per node; their new lines reach followers on every node through
 /// [`NatsLogFeed`]. [`NatsLink`] reports the connection for the status.
 pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
-    // A cluster that is electing a leader, or servers on a loaded machine,
-    // may let one JetStream call run past its short timeout while the
-    // buckets are made: that is a reason to try again, not to stop the
-    // node (every step opens or creates, so it can be repeated). async-nats
-    // reports such timeouts only in its messages.
+    // A cluster that is still forming (its servers do not all know each
+    // other yet: "no suitable peers for placement", error 10005) or
+    // electing a leader, or servers on a loaded machine, may refuse or time
+    // out a call while the buckets are made: a reason to try again, not to
+    // stop the node (every step opens or creates, so it can be repeated).
+    // async-nats reports these only in its messages.
     let deadline = std::time::Instant::now() + OPEN_PATIENCE;
     loop {
         match open_stores_once(fleet, data_dir).await {
             Err(error)
-                if error.to_string().contains("timed out")
-                    && std::time::Instant::now() < deadline =>
+                if not_ready_yet(&error.to_string()) && std::time::Instant::now() < deadline =>
             {
                 tracing::warn!(
                     "the fleet's JetStream did not answer in time ({error}); trying again"
@@ -78,8 +78,15 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
     }
 }
 
+/// Whether an error opening the stores says JetStream is not ready yet.
+fn not_ready_yet(error: &str) -> bool {
+    ["timed out", "no suitable peers", "temporarily unavailable"]
+        .iter()
+        .any(|sign| error.contains(sign))
+}
+
 /// How long a node keeps trying to open the fleet's stores while JetStream
-/// calls time out.
+/// is not ready.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
