@@ -29,7 +29,7 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         Command::Completions(_) | Command::Man(_) => {
             unreachable!("completions and man describe the CLI itself")
         }
-        Command::Deploy(args) => deploy(client, json, args),
+        Command::Deploy(args) => deploy(client, json, *args),
         Command::List => list(client, json),
         Command::Invoke(args) => invoke(client, json, &args),
         Command::Logs { name, follow, tail } => logs(client, json, &name, follow, tail),
@@ -119,6 +119,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         component,
         manifest,
         routes,
+        strip_prefix,
         triggers,
         limits,
         scaling,
@@ -146,7 +147,10 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || !grants.queues.is_empty()
                 || !grants.outbound.is_empty()
                 || !grants.secrets.is_empty()
-                || !grants.variables.is_empty();
+                || !grants.variables.is_empty()
+                || !grants.env.is_empty()
+                || !grants.env_secrets.is_empty()
+                || strip_prefix;
             if wait.is_some() {
                 bail!(
                     "--wait needs NAME and COMPONENT (`mayfly deploy NAME COMPONENT --wait`); \
@@ -174,9 +178,20 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
             component.display()
         ),
     };
+    if strip_prefix && routes.is_empty() {
+        bail!(
+            "--strip-prefix takes the prefix of each --route off the path the function sees: \
+             give a --route too"
+        );
+    }
     let deploy = FunctionDeploy {
         name,
         component,
+        strip_prefix: if strip_prefix {
+            routes.clone()
+        } else {
+            Vec::new()
+        },
         routes,
         triggers,
         limits,

@@ -32,6 +32,12 @@ pub struct DeployArgs {
     /// Route to serve, as `/prefix` or `host/prefix`; repeat for more.
     #[arg(long = "route", short = 'r', value_parser = parse_route)]
     pub routes: Vec<String>,
+    /// Take the route's prefix off the path the function sees: on route
+    /// `/api`, `/api/users` reaches it as `/users` (it always gets the
+    /// rest in `x-mayfly-path-info`). Applies to every --route given; in
+    /// mayfly.toml, `strip_prefix` can name some of them.
+    #[arg(long)]
+    pub strip_prefix: bool,
     /// Event trigger to attach: `schedule:<expr>` (`schedule:@every 30s`,
     /// `schedule:*/5 * * * *`), `object:<bucket>[/<prefix>]`,
     /// `kv:<bucket>[/<prefix>]` or `queue:<name>`; repeat for more.
@@ -73,6 +79,15 @@ pub struct GrantArgs {
     /// Variable it reads through wasi:config, as KEY=VALUE; repeat for more.
     #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_variable)]
     pub variables: Vec<(String, String)>,
+    /// Environment variable every instance starts with, as NAME=VALUE
+    /// (plain text, shown by `mayfly describe`); repeat for more.
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_variable)]
+    pub env: Vec<(String, String)>,
+    /// Environment variable set from a secret, as NAME=SECRET (`mayfly
+    /// secret set SECRET` first): this exposes the secret to the function;
+    /// its value is never shown. Repeat for more.
+    #[arg(long = "env-secret", value_name = "NAME=SECRET", value_parser = parse_variable)]
+    pub env_secrets: Vec<(String, String)>,
 }
 
 /// A route as the node accepts it, checked before anything is uploaded.
@@ -151,6 +166,8 @@ pub struct FunctionDeploy {
     pub component: PathBuf,
     /// Routes as the user wrote them.
     pub routes: Vec<String>,
+    /// Those of `routes` whose prefix the function does not see.
+    pub strip_prefix: Vec<String>,
     /// Triggers to attach (an identical one is not attached twice).
     pub triggers: Vec<TriggerSpec>,
     /// Limits; those left out take the node's defaults.
@@ -165,6 +182,7 @@ pub struct FunctionDeploy {
 pub fn config_json(deploy: &FunctionDeploy) -> Value {
     let FunctionDeploy {
         routes,
+        strip_prefix,
         limits,
         scaling,
         grants,
@@ -194,12 +212,13 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         ("queue_timeout_ms", scaling.queue_timeout.map(ms)),
         ("reuse", scaling.reuse.then_some(Value::Bool(true))),
     ]);
-    let variables: serde_json::Map<String, Value> = grants
-        .variables
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-        .collect();
-    serde_json::json!({
+    let map = |pairs: &[(String, String)]| -> serde_json::Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect()
+    };
+    let mut config = serde_json::json!({
         "routes": routes,
         "limits": limits,
         "scaling": scale,
@@ -210,8 +229,25 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
             "outbound": grants.outbound,
             "secrets": grants.secrets,
         },
-        "variables": variables,
-    })
+        "variables": map(&grants.variables),
+    });
+    // Sent only when given, so a node older than these settings still
+    // takes a deploy that does not use them.
+    for (key, value) in [
+        ("strip_prefix", serde_json::json!(strip_prefix)),
+        ("env", Value::Object(map(&grants.env))),
+        ("env_secrets", Value::Object(map(&grants.env_secrets))),
+    ] {
+        let given = match &value {
+            Value::Array(items) => !items.is_empty(),
+            Value::Object(items) => !items.is_empty(),
+            _ => true,
+        };
+        if given {
+            config[key] = value;
+        }
+    }
+    config
 }
 
 /// Refuses, before uploading it, a component over the node's limit (from

@@ -6,11 +6,16 @@
 //! component = "target/wasm32-wasip2/release/hello.wasm"   # relative to this file
 //! build = "cargo build --release --target wasm32-wasip2"  # optional
 //! routes = ["/hello"]
+//! strip_prefix = true                # the guest sees /x for /hello/x
 //! triggers = ["schedule:@every 1m"]
 //! [functions.hello.grants]
 //! kv = ["cache"]
-//! [functions.hello.variables]
+//! [functions.hello.variables]        # read through wasi:config
 //! greeting = "hi"
+//! [functions.hello.env]              # environment variables (std::env)
+//! LOG_LEVEL = "debug"
+//! [functions.hello.env_secrets]      # variable = secret name
+//! API_KEY = "api-key"
 //! ```
 //!
 //! Each function becomes exactly the deploy request `mayfly deploy NAME
@@ -55,6 +60,7 @@ struct FunctionEntry {
     build: Option<String>,
     #[serde(default)]
     routes: Vec<String>,
+    strip_prefix: Option<StripPrefix>,
     memory_mb: Option<u32>,
     timeout: Option<Spanned<String>>,
     max_request_bytes: Option<u64>,
@@ -72,6 +78,19 @@ struct FunctionEntry {
     grants: GrantsEntry,
     #[serde(default)]
     variables: BTreeMap<String, String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    env_secrets: BTreeMap<String, String>,
+}
+
+/// `strip_prefix = true` (every route), `"/api"` or `["/api"]` (those).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StripPrefix {
+    All(bool),
+    Route(String),
+    Routes(Vec<String>),
 }
 
 /// `[functions.<name>.grants]`.
@@ -269,6 +288,12 @@ fn function(
         deploy: FunctionDeploy {
             name,
             component,
+            strip_prefix: match entry.strip_prefix {
+                Some(StripPrefix::All(true)) => entry.routes.clone(),
+                Some(StripPrefix::Route(route)) => vec![route],
+                Some(StripPrefix::Routes(routes)) => routes,
+                Some(StripPrefix::All(false)) | None => Vec::new(),
+            },
             routes: entry.routes,
             triggers,
             limits: LimitArgs {
@@ -292,6 +317,8 @@ fn function(
                 outbound: entry.grants.outbound,
                 secrets: entry.grants.secrets,
                 variables: entry.variables.into_iter().collect(),
+                env: entry.env.into_iter().collect(),
+                env_secrets: entry.env_secrets.into_iter().collect(),
             },
         },
     })
@@ -601,6 +628,43 @@ component = "/abs/another.wasm"
                 "variables": {"greeting": "hi"},
             })
         );
+    }
+
+    #[test]
+    fn environment_and_stripped_routes_reach_the_config() {
+        let config = |extra: &str| {
+            let manifest = parse(&format!(
+                "[functions.f]\ncomponent = \"f.wasm\"\nroutes = [\"/a\", \"/b\"]\n{extra}"
+            ))
+            .unwrap();
+            crate::deploy::config_json(&manifest.functions[0].deploy)
+        };
+        assert_eq!(
+            config("strip_prefix = true\n")["strip_prefix"],
+            serde_json::json!(["/a", "/b"])
+        );
+        assert_eq!(
+            config("strip_prefix = \"/b\"\n")["strip_prefix"],
+            serde_json::json!(["/b"])
+        );
+        assert_eq!(
+            config("strip_prefix = [\"/a\"]\n")["strip_prefix"],
+            serde_json::json!(["/a"])
+        );
+        assert!(
+            config("strip_prefix = false\n")
+                .get("strip_prefix")
+                .is_none()
+        );
+        let with_env = config(
+            "[functions.f.env]\nLEVEL = \"debug\"\n[functions.f.env_secrets]\nKEY = \"api-key\"\n",
+        );
+        assert_eq!(with_env["env"], serde_json::json!({"LEVEL": "debug"}));
+        assert_eq!(
+            with_env["env_secrets"],
+            serde_json::json!({"KEY": "api-key"})
+        );
+        assert!(config("").get("env").is_none());
     }
 
     #[test]

@@ -61,8 +61,19 @@ pub(crate) fn capabilities(
             version,
             grants: config.grants.clone(),
             variables: config.variables.clone(),
+            env_secrets: config.env_secrets.values().cloned().collect(),
         }),
         outbound: Arc::new(outbound),
+        env: config
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        env_secrets: config
+            .env_secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }))
 }
 
@@ -110,6 +121,66 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         if value.len() > 64 * 1024 {
             return Err(bad(format!("variable `{key}` is over 64 KiB")));
         }
+    }
+    check_env(config)
+}
+
+/// Most environment variables a function may have, plain and secret.
+pub const MAX_ENV_VARS: usize = 256;
+/// Most bytes of environment (names and plain values) a function may have:
+/// every instance starts with a copy.
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// Checks a function's environment variables: portable names (what shells
+/// and `std::env` accept everywhere), values a C string can hold, and a
+/// bounded size.
+fn check_env(config: &FunctionConfig) -> Result<(), PlatformError> {
+    let bad = |message: String| PlatformError::BadRequest(message);
+    let count = config.env.len() + config.env_secrets.len();
+    if count > MAX_ENV_VARS {
+        return Err(bad(format!(
+            "{count} environment variables, over the limit of {MAX_ENV_VARS}: \
+             put the rest in wasi:config variables (--var)"
+        )));
+    }
+    let names = config.env.keys().chain(config.env_secrets.keys());
+    for name in names {
+        let portable = name.len() <= 128
+            && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !portable {
+            return Err(bad(format!(
+                "environment variable name `{}` must be 1 to 128 letters, digits and `_`, \
+                 not starting with a digit",
+                name.escape_debug()
+            )));
+        }
+    }
+    let mut bytes = 0;
+    for (name, value) in &config.env {
+        if config.env_secrets.contains_key(name) {
+            return Err(bad(format!(
+                "environment variable `{name}` is given both a value and a secret: keep one"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(bad(format!(
+                "environment variable `{name}` contains a NUL character, which no \
+                 environment can hold"
+            )));
+        }
+        bytes += name.len() + value.len();
+    }
+    if bytes > MAX_ENV_BYTES {
+        return Err(bad(format!(
+            "the environment variables take {bytes} bytes, over the limit of {MAX_ENV_BYTES}: \
+             put large values in wasi:config variables (--var) or a KV bucket"
+        )));
+    }
+    for (name, secret) in &config.env_secrets {
+        check_secret_name(secret).map_err(|e| {
+            PlatformError::BadRequest(format!("environment variable `{name}`: {e}"))
+        })?;
     }
     Ok(())
 }
@@ -289,6 +360,9 @@ struct FunctionConfigSource {
     version: u64,
     grants: Grants,
     variables: BTreeMap<String, String>,
+    /// Secrets exposed as environment variables: granted by that, and
+    /// readable only as such.
+    env_secrets: std::collections::BTreeSet<String>,
 }
 
 impl FunctionConfigSource {
@@ -339,6 +413,16 @@ impl ConfigSource for FunctionConfigSource {
             ));
         }
         Ok(None)
+    }
+
+    async fn env_secret(&self, name: &str) -> Result<Option<String>, String> {
+        if !self.env_secrets.contains(name) {
+            return Err(format!(
+                "secret `{name}` is not exposed to function `{}` (deploy with --env-secret VAR={name})",
+                self.function
+            ));
+        }
+        self.secret(name).await
     }
 
     async fn get_all(&self) -> Result<Vec<(String, String)>, String> {

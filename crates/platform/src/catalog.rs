@@ -136,6 +136,8 @@ pub struct Served {
     pub name: String,
     /// The function's routes: those of its `live` version.
     pub routes: Vec<Route>,
+    /// Those of `routes` whose prefix the guest does not see.
+    pub stripped: Vec<Route>,
     /// The `live` alias: what routes, triggers and the admin invoke reach.
     pub live: Target,
     /// The other aliases, by name.
@@ -173,13 +175,35 @@ impl Served {
     }
 }
 
+/// What a request's route leads to: the function, and the route that
+/// matched.
+#[derive(Clone)]
+pub struct RouteMatch {
+    /// The function serving the route.
+    pub function: Arc<Served>,
+    /// The route, as the gateway tells the guest about it.
+    pub route: Arc<MatchedRoute>,
+}
+
+/// One route of a function, prepared for the gateway's route headers.
+#[derive(Debug)]
+pub struct MatchedRoute {
+    /// The route as users write it (`/api`, `example.com/api`): the value
+    /// of `x-mayfly-route`.
+    pub header: http::HeaderValue,
+    /// The path prefix it serves (`/` or `/segment[/segment…]`).
+    pub prefix: String,
+    /// Whether the guest sees the path without `prefix`.
+    pub strip: bool,
+}
+
 /// Every deployed function, by name and by route.
 #[derive(Default)]
 pub struct Catalog {
     /// Functions by name.
     pub by_name: HashMap<String, Arc<Served>>,
     /// Functions by route.
-    pub routes: RouteTable<Arc<Served>>,
+    pub routes: RouteTable<RouteMatch>,
 }
 
 impl Catalog {
@@ -188,7 +212,20 @@ impl Catalog {
         let mut catalog = Self::default();
         for function in functions {
             for route in &function.routes {
-                catalog.routes.insert(route, function.clone());
+                // A stored route is checked text (host name characters and
+                // a path without controls), so it is a valid header value;
+                // one that were not would simply go without the header.
+                let header = http::HeaderValue::from_str(&route.to_string())
+                    .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+                let matched = RouteMatch {
+                    function: function.clone(),
+                    route: Arc::new(MatchedRoute {
+                        header,
+                        prefix: route.prefix.clone(),
+                        strip: function.stripped.contains(route),
+                    }),
+                };
+                catalog.routes.insert(route, matched);
             }
             catalog.by_name.insert(function.name.clone(), function);
         }

@@ -451,9 +451,9 @@ pub(crate) async fn serve<H, S, B>(
     let refusal: Arc<[u8]> = refusal(name, limits.max_connections).into();
     let refusing = Arc::new(AtomicU32::new(0));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: back off
                     // instead of spinning on the same error.
@@ -499,6 +499,7 @@ pub(crate) async fn serve<H, S, B>(
                     inner: service,
                     conn: conn.clone(),
                     body_timeout: limits.body_timeout,
+                    peer: ClientAddr(peer),
                 };
                 let connection = builder.serve_connection(TokioIo::new(io), service);
                 tokio::pin!(connection);
@@ -628,13 +629,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     }
 }
 
-/// A listener's service wrapped to mark its connection busy per request
-/// and to put the body timeout on each request body.
+/// The address of the client that sent a request (the TCP peer), in the
+/// request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// A listener's service wrapped to mark its connection busy per request,
+/// to put the body timeout on each request body and to tell the handler
+/// who the client is ([`ClientAddr`]).
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     conn: Arc<Conn>,
     body_timeout: Duration,
+    peer: ClientAddr,
 }
 
 impl<S, B> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
@@ -648,7 +656,8 @@ where
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         let busy = InFlight::enter(&self.conn);
         let timeout = self.body_timeout;
-        let request = request.map(|body| TimedBody::new(body, timeout));
+        let mut request = request.map(|body| TimedBody::new(body, timeout));
+        request.extensions_mut().insert(self.peer);
         TrackedFuture {
             inner: self.inner.call(request),
             busy: Some(busy),

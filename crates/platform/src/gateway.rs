@@ -10,7 +10,8 @@ use mayfly_runtime::HyperOutgoingBody;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::{self, ConnectionLimits, Plain, TimedBody};
+use crate::catalog::RouteMatch;
+use crate::connections::{self, ClientAddr, ConnectionLimits, Plain, TimedBody};
 use crate::invoker::{Caller, Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
@@ -50,14 +51,17 @@ pub async fn serve(
 /// be sent `/public/../admin` by a route for `/admin` and misjudge it. This
 /// is what users of Workers (whose URL parser resolves dot segments) and
 /// Spin expect. An already normal path (nearly every request) is neither
-/// copied nor rebuilt.
+/// copied nor rebuilt, unless its route strips its prefix.
+///
+/// The node tells the guest how the request reached it in the
+/// [`ROUTE_HEADERS`], replacing whatever the client sent under those names.
 async fn route(
     invoker: &Invoker,
     mut request: http::Request<TimedBody>,
 ) -> http::Response<HyperOutgoingBody> {
     let bad_request =
         |message: String| text_response(http::StatusCode::BAD_REQUEST, format!("{message}\n"));
-    let (function, normalised) = {
+    let (matched, normalised) = {
         let host = match request_host(&request) {
             Ok(host) => host,
             Err(message) => return bad_request(message),
@@ -68,7 +72,7 @@ async fn route(
                 return bad_request(format!("the request path is not valid: {message}"));
             }
         };
-        let function = invoker
+        let matched = invoker
             .catalog()
             .routes
             .lookup(host.as_deref(), &path)
@@ -77,15 +81,32 @@ async fn route(
             Cow::Owned(path) => Some(path),
             Cow::Borrowed(_) => None,
         };
-        (function, normalised)
+        (matched, normalised)
     };
-    let Some(function) = function else {
+    let Some(RouteMatch { function, route }) = matched else {
         return text_response(
             http::StatusCode::NOT_FOUND,
             "no function serves this path: deploy one with `mayfly deploy <name> <file.wasm> --route <prefix>`\n",
         );
     };
-    if let Some(path) = normalised {
+    let path = normalised.as_deref().unwrap_or(request.uri().path());
+    let path_info = path_info(path, &route.prefix);
+    let guest_path = if route.strip {
+        Some(if path_info.is_empty() { "/" } else { path_info }.to_string())
+    } else {
+        normalised.clone()
+    };
+    let headers = RouteHeaders {
+        route: route.header.clone(),
+        path_info: http::HeaderValue::from_str(path_info).ok(),
+        full_url: full_url(&request, path),
+        client_addr: request
+            .extensions()
+            .get::<ClientAddr>()
+            .and_then(|ClientAddr(addr)| http::HeaderValue::from_str(&addr.to_string()).ok()),
+    };
+    headers.set(request.headers_mut());
+    if let Some(path) = guest_path {
         let uri = request.uri();
         let path_and_query = match uri.query() {
             Some(query) => format!("{path}?{query}"),
@@ -104,6 +125,91 @@ async fn route(
     invoker
         .invoke(&function.live, request, "http", Caller::Public)
         .await
+}
+
+/// The route the request matched, as users write it (`/api`,
+/// `example.com/api`).
+pub const ROUTE_HEADER: &str = "x-mayfly-route";
+/// The request path below the route's prefix (`/users/7` for `/api/users/7`
+/// on `/api`; empty for `/api` itself), without the query.
+pub const PATH_INFO_HEADER: &str = "x-mayfly-path-info";
+/// The URL the client asked for, as the node received it:
+/// `http://host[:port]/path?query`, with the path before any prefix was
+/// stripped.
+pub const FULL_URL_HEADER: &str = "x-mayfly-full-url";
+/// The client's address as the node sees it (`ip:port`): the peer of the
+/// TCP connection, so a proxy's address when one is in front.
+pub const CLIENT_ADDR_HEADER: &str = "x-mayfly-client-addr";
+
+/// Every header the gateway sets on a routed request: Mayfly's, and the
+/// ones Spin sets with the same meaning, so Spin components run unchanged.
+/// A client's own copies are always replaced or removed.
+pub const ROUTE_HEADERS: [&str; 7] = [
+    ROUTE_HEADER,
+    PATH_INFO_HEADER,
+    FULL_URL_HEADER,
+    CLIENT_ADDR_HEADER,
+    "spin-path-info",
+    "spin-full-url",
+    "spin-client-addr",
+];
+
+/// The values of [`ROUTE_HEADERS`] for one request (`None`: unknown).
+struct RouteHeaders {
+    route: http::HeaderValue,
+    path_info: Option<http::HeaderValue>,
+    full_url: Option<http::HeaderValue>,
+    client_addr: Option<http::HeaderValue>,
+}
+
+impl RouteHeaders {
+    /// Puts the values in `headers`, each replacing any value the client
+    /// sent, and removes the client's copies of those it has none for.
+    fn set(self, headers: &mut http::HeaderMap) {
+        let mut put = |names: &[&'static str], value: Option<http::HeaderValue>| {
+            for name in names {
+                match &value {
+                    Some(value) => {
+                        headers.insert(*name, value.clone());
+                    }
+                    None => {
+                        headers.remove(*name);
+                    }
+                }
+            }
+        };
+        put(&[ROUTE_HEADER], Some(self.route));
+        put(&[PATH_INFO_HEADER, "spin-path-info"], self.path_info);
+        put(&[FULL_URL_HEADER, "spin-full-url"], self.full_url);
+        put(&[CLIENT_ADDR_HEADER, "spin-client-addr"], self.client_addr);
+    }
+}
+
+/// The part of `path` below the route prefix `prefix` (which matched it):
+/// `/users/7` for `/api/users/7` on `/api`, empty for `/api`, and the whole
+/// path on `/`.
+fn path_info<'a>(path: &'a str, prefix: &str) -> &'a str {
+    if prefix == "/" {
+        return path;
+    }
+    // Matching compares whole segments, case and all, so the prefix is the
+    // path's start; `get` keeps a mismatch (which cannot happen) harmless.
+    path.get(prefix.len()..).unwrap_or(path)
+}
+
+/// `http://authority/path?query` as the client asked for it: the authority
+/// from the URI (HTTP/2, absolute form) or the Host header; `None` when the
+/// request names no host.
+fn full_url<B>(request: &http::Request<B>, path: &str) -> Option<http::HeaderValue> {
+    let authority = match request.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => request.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    let url = match request.uri().query() {
+        Some(query) => format!("http://{authority}{path}?{query}"),
+        None => format!("http://{authority}{path}"),
+    };
+    http::HeaderValue::from_str(&url).ok()
 }
 
 /// The request's host name, normalised (lower case, no port, no trailing

@@ -383,7 +383,14 @@ impl Function {
                 state.caps = caps;
                 (store, Some(kept.proxy), kept.served)
             }
-            None => (self.new_store(&labels, caps, limits, &logs), None, 0),
+            None => {
+                let (env, unread) = environment(&caps).await;
+                let store = self.new_store(&labels, caps, limits, &logs, env);
+                for message in unread {
+                    store.data().explain(&message);
+                }
+                (store, None, 0)
+            }
         };
         // A fresh slice: the guest runs in the foreground until it ends.
         let slice_spent = Arc::new(AtomicBool::new(false));
@@ -451,6 +458,7 @@ impl Function {
         caps: Arc<Capabilities>,
         limits: &InvocationLimits,
         logs: &Arc<dyn LogSink>,
+        env: Option<Vec<(String, String)>>,
     ) -> Store<InvocationState> {
         let stdout = GuestOutput::new(
             labels.clone(),
@@ -464,11 +472,13 @@ impl Function {
             LogStream::Stderr,
             limits.max_log_bytes,
         );
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .envs(env.as_deref().unwrap_or(&caps.env))
+            .build();
         let state = InvocationState {
-            wasi: WasiCtxBuilder::new()
-                .stdout(stdout.clone())
-                .stderr(stderr.clone())
-                .build(),
+            wasi,
             outbound: outbound_hooks(&caps, &stderr),
             caps,
             stdout,
@@ -845,6 +855,32 @@ impl GuestRun {
         let unheard = tx.send(answer).is_err();
         (Some(status.as_u16()), failed, unheard)
     }
+}
+
+/// The environment a fresh instance of a function with `caps` starts with:
+/// its plain variables, then those read from secrets (`None`: the plain
+/// ones alone, nothing to read), and a message for each secret that could
+/// not be read (its variable is left unset, and the message goes to the
+/// invocation's log, where the author looks).
+async fn environment(caps: &Capabilities) -> (Option<Vec<(String, String)>>, Vec<String>) {
+    if caps.env_secrets.is_empty() {
+        return (None, Vec::new());
+    }
+    let mut env = caps.env.clone();
+    let mut unread = Vec::new();
+    for (variable, secret) in &caps.env_secrets {
+        match caps.config.env_secret(secret).await {
+            Ok(Some(value)) => env.push((variable.clone(), value)),
+            Ok(None) => unread.push(format!(
+                "environment variable `{variable}` is unset: secret `{secret}` does not exist \
+                 (`mayfly secret set {secret}`)"
+            )),
+            Err(error) => unread.push(format!(
+                "environment variable `{variable}` is unset: {error}"
+            )),
+        }
+    }
+    (Some(env), unread)
 }
 
 /// Refuses a request whose body is over `max` before any guest runs. A body

@@ -27,6 +27,21 @@ pub struct FunctionConfig {
     /// Variables the function reads through wasi:config.
     #[serde(default)]
     pub variables: std::collections::BTreeMap<String, String>,
+    /// Environment variables every instance starts with
+    /// (wasi:cli/environment, `std::env` in the guest). Plain text, shown by
+    /// the API like Lambda's: secrets belong in `env_secrets`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Environment variables whose values are secrets: variable name →
+    /// secret name. Exposing a secret this way is its grant; the value is
+    /// read as each instance starts and never shown.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env_secrets: std::collections::BTreeMap<String, String>,
+    /// Routes (normalised, each one of `routes`) whose prefix is taken off
+    /// the path the guest sees: `/api/users` reaches a function routed at
+    /// `/api` as `/users`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub strip_prefix: Vec<String>,
 }
 
 /// What a function may reach beyond its sandbox. Deny by default: a

@@ -14,7 +14,8 @@
 //! - `GET /config/get?key=K`: 200 with the value, 404 if it is not set;
 //! - `GET /config/all`: every value as sorted `k=v` lines;
 //! - `GET /fetch?url=U`: an outbound GET of U; 200 with `status=<n>\n<body>`,
-//!   or 502 with the wasi:http error code's debug text.
+//!   or 502 with the wasi:http error code's debug text;
+//! - `GET /env`: the environment variables as sorted `NAME=value` lines.
 //!
 //! A key-value error is a 403 with its text when it is `access-denied` (at
 //! open or later) and a 500 otherwise; a wasi:config error is a 403 with its
@@ -105,8 +106,9 @@ fn route(request: &IncomingRequest) -> Answer {
         "/config/get" if get => config_get(&query),
         "/config/all" if get => config_all(),
         "/fetch" if get => fetch(query.require("url")?),
+        "/env" if get => Ok(environment()),
         "/kv/get" | "/kv/set" | "/kv/incr" | "/kv/list" | "/kv/batch" | "/config/get"
-        | "/config/all" | "/fetch" => Err(Reply::new(405, "method not allowed\n")),
+        | "/config/all" | "/fetch" | "/env" => Err(Reply::new(405, "method not allowed\n")),
         _ => Err(Reply::new(404, format!("no route for {path}\n"))),
     }
 }
@@ -210,6 +212,15 @@ fn config_all() -> Answer {
     pairs.sort();
     let lines: String = pairs.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     Ok(Reply::new(200, lines))
+}
+
+/// The environment the instance started with (wasi:cli/environment, read
+/// the way ported code reads it), one `NAME=value` line each, sorted.
+fn environment() -> Reply {
+    let mut vars: Vec<(String, String)> = std::env::vars().collect();
+    vars.sort();
+    let lines: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    Reply::new(200, lines)
 }
 
 /// GETs `url` through wasi:http/outgoing-handler.

@@ -11,6 +11,7 @@ mod completions;
 mod connections;
 mod deploy;
 mod dev;
+mod environment;
 mod events;
 mod fairness;
 mod fleet;

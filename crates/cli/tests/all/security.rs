@@ -28,7 +28,7 @@ fn admin(node: &Node, method: &str, path: &str, token: Option<&str>, body: &[u8]
 }
 
 /// `mayfly secret set <name>` with the value on stdin.
-fn set_secret(node: &Node, name: &str, value: &str) {
+pub(crate) fn set_secret(node: &Node, name: &str, value: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mayfly"))
         .args(["secret", "set", name])
         .env("MAYFLY_ADMIN_URL", &node.admin)

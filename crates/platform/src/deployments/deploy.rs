@@ -67,6 +67,16 @@ impl Deployments {
         validate_scaling(&config.scaling, self.parts.config.scaling.max_concurrency)
             .map_err(PlatformError::BadRequest)?;
         check_grants(&config)?;
+        // A secret exposed as a variable must exist now: an instance started
+        // without it would only say so in its logs.
+        for (variable, secret) in &config.env_secrets {
+            if !self.parts.services.secrets.exists(secret).await? {
+                return Err(PlatformError::BadRequest(format!(
+                    "environment variable `{variable}` reads secret `{secret}`, which does not \
+                     exist: set it first with `mayfly secret set {secret}`"
+                )));
+            }
+        }
         if wasm.len() > self.parts.config.max_component_bytes {
             return Err(PlatformError::TooLarge(format!(
                 "the component is {} bytes, over this node's limit of {} bytes; raise it with \
@@ -84,8 +94,24 @@ impl Deployments {
             )));
         }
 
+        let mut stripped = parse_routes(&config.strip_prefix).map_err(PlatformError::BadRequest)?;
+        if let Some(stray) = stripped.iter().find(|route| !routes.contains(route)) {
+            let served: Vec<String> = routes.iter().map(Route::to_string).collect();
+            return Err(PlatformError::BadRequest(format!(
+                "strip_prefix names `{stray}`, which is not one of the function's routes ({}): \
+                 name a route it serves",
+                if served.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    served.join(", ")
+                }
+            )));
+        }
+        // In route order, so the same settings give the same config.
+        stripped.sort_by_key(|route| routes.iter().position(|r| r == route));
         let config = FunctionConfig {
             routes: routes.iter().map(Route::to_string).collect(),
+            strip_prefix: stripped.iter().map(Route::to_string).collect(),
             ..config
         };
         let digest = Digest::of(&wasm);

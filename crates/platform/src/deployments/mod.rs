@@ -244,18 +244,26 @@ impl Deployments {
         let judged: Vec<&str> = judged.iter().map(String::as_str).collect();
         self.parts.rollouts.retain(name, &judged);
         let (live, live_version) = live.ok_or_else(|| PlatformError::NotFound(name.to_string()))?;
-        let routes = versions
+        let live_config = versions
             .iter()
             .find(|v| v.version == live_version)
-            .map(|v| parse_routes(&v.config.routes))
-            .transpose()
-            .map_err(|e| {
+            .map(|v| &v.config);
+        let stored_routes = |routes: &[String]| {
+            parse_routes(routes).map_err(|e| {
                 PlatformError::Internal(anyhow::anyhow!("stored routes of {name} are invalid: {e}"))
-            })?
-            .unwrap_or_default();
+            })
+        };
+        let (routes, stripped) = match live_config {
+            Some(config) => (
+                stored_routes(&config.routes)?,
+                stored_routes(&config.strip_prefix)?,
+            ),
+            None => Default::default(),
+        };
         Ok(Arc::new(Served {
             name: name.to_string(),
             routes,
+            stripped,
             live,
             aliases: named,
         }))
@@ -369,8 +377,8 @@ impl Deployments {
             catalog
                 .routes
                 .get_exact(route)
-                .filter(|served| served.name != name)
-                .map(|served| (route.clone(), served.name.clone()))
+                .filter(|served| served.function.name != name)
+                .map(|served| (route.clone(), served.function.name.clone()))
         })
     }
 

@@ -447,6 +447,8 @@ pub(crate) mod tests {
                     keyvalue: Arc::new(Memory::default()),
                     config: Capabilities::none().config.clone(),
                     outbound: Arc::new(OutboundPolicy::deny_all()),
+                    env: Vec::new(),
+                    env_secrets: Vec::new(),
                 },
                 table: ResourceTable::new(),
                 stderr: stderr(&lines),

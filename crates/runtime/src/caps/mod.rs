@@ -82,6 +82,13 @@ pub struct Capabilities {
     pub config: Arc<dyn ConfigSource>,
     /// Outbound HTTP allow-list.
     pub outbound: Arc<OutboundPolicy>,
+    /// Environment variables every instance starts with
+    /// (wasi:cli/environment).
+    pub env: Vec<(String, String)>,
+    /// Environment variables whose values are secrets, as (variable,
+    /// secret name): read through [`ConfigSource::env_secret`] as each
+    /// instance starts, so a rotated secret reaches the next instance.
+    pub env_secrets: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Capabilities {
@@ -102,6 +109,8 @@ impl Capabilities {
             keyvalue: Arc::new(NoBuckets),
             config: Arc::new(EmptyConfig),
             outbound: Arc::new(OutboundPolicy::deny_all()),
+            env: Vec::new(),
+            env_secrets: Vec::new(),
         })
     }
 }
@@ -149,6 +158,11 @@ pub trait ConfigSource: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<String>, String>;
     /// Every value the function may read.
     async fn get_all(&self) -> Result<Vec<(String, String)>, String>;
+    /// The value of secret `name`, which the function exposes as an
+    /// environment variable: Ok(None) if it does not exist.
+    async fn env_secret(&self, name: &str) -> Result<Option<String>, String> {
+        Err(format!("secret `{name}` cannot be read here"))
+    }
 }
 
 /// The backend of [`Capabilities::none`]: no bucket is ever granted, so it is
