@@ -114,17 +114,24 @@ impl Node {
 
     /// Runs the `mayfly` CLI against this node; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
-            .args(args)
-            .env("MAYFLY_ADMIN_URL", &self.admin)
-            .env("MAYFLY_TOKEN", &self.token)
-            .output()
-            .expect("mayfly runs");
+        let output = self.cli_in(Path::new("."), args);
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    /// Runs the `mayfly` CLI against this node in the folder `dir` (where
+    /// `mayfly deploy` finds a project's mayfly.toml).
+    pub fn cli_in(&self, dir: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_mayfly"))
+            .current_dir(dir)
+            .args(args)
+            .env("MAYFLY_ADMIN_URL", &self.admin)
+            .env("MAYFLY_TOKEN", &self.token)
+            .output()
+            .expect("mayfly runs")
     }
 
     /// Runs the `mayfly` CLI against this node with its stdout a pipe whose

@@ -313,13 +313,7 @@ fn a_deploy_shows_its_upload_and_compile_and_answers_the_compile_time() {
         "[functions.trap]\ncomponent = \"trap.wasm\"\n",
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .arg("deploy")
-        .current_dir(&project)
-        .env("MAYFLY_ADMIN_URL", &node.admin)
-        .env("MAYFLY_TOKEN", &node.token)
-        .output()
-        .unwrap();
+    let output = node.cli_in(&project, &["deploy"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),

@@ -191,13 +191,7 @@ fn a_manifest_strips_the_prefix_of_the_routes_it_names() {
         ),
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mayfly"))
-        .arg("deploy")
-        .current_dir(&project)
-        .env("MAYFLY_ADMIN_URL", &node.admin)
-        .env("MAYFLY_TOKEN", &node.token)
-        .output()
-        .unwrap();
+    let output = node.cli_in(&project, &["deploy"]);
     assert!(output.status.success(), "{output:?}");
     let (_, seen) = gateway_echo(&node, "/v1/x", &[]);
     assert!(seen.lines().any(|l| l == "x-echo-path: /v1/x"), "{seen}");
