@@ -172,8 +172,8 @@ pub fn run(args: &NewArgs, json: bool) -> anyhow::Result<()> {
 }
 
 /// Function names appear in URLs, routes and file names, and here also name
-/// a component file, a Rust crate (which cannot start with a digit) and maybe a bucket or
-/// queue (at most 63 characters).
+/// a component file, a Rust crate (which cannot start with a digit) and
+/// maybe a bucket or queue (at most 63 characters).
 fn check_name(name: &str, template: Template) -> anyhow::Result<()> {
     let valid = (1..=MAX_NAME_LEN).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()

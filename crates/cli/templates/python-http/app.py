@@ -29,17 +29,17 @@ def greeting() -> str:
 
 
 def read_body(request: IncomingRequest) -> bytes:
-    body = request.consume()
-    stream = body.stream()
     chunks = []
-    while True:
-        try:
-            chunks.append(stream.blocking_read(64 * 1024))
-        except Err as error:
-            if isinstance(error.value, StreamError_Closed):
-                break
-            raise
-    stream.__exit__(None, None, None)
+    body = request.consume()
+    # The stream must be dropped (the `with` ends it) before its body is.
+    with body.stream() as stream:
+        while True:
+            try:
+                chunks.append(stream.blocking_read(64 * 1024))
+            except Err as error:
+                if isinstance(error.value, StreamError_Closed):
+                    break
+                raise
     return b"".join(chunks)
 
 
@@ -49,11 +49,11 @@ def respond(response_out: ResponseOutparam, status: int, body: bytes, content_ty
     response.set_status_code(status)
     outgoing = response.body()
     ResponseOutparam.set(response_out, Ok(response))
-    stream = outgoing.write()
-    # blocking_write_and_flush takes at most 4096 bytes at a time.
-    for start in range(0, len(body), 4096):
-        stream.blocking_write_and_flush(body[start : start + 4096])
-    stream.__exit__(None, None, None)
+    # The stream must be dropped (the `with` ends it) before the body is
+    # finished; blocking_write_and_flush takes at most 4096 bytes a call.
+    with outgoing.write() as stream:
+        for start in range(0, len(body), 4096):
+            stream.blocking_write_and_flush(body[start : start + 4096])
     OutgoingBody.finish(outgoing, None)
 
 

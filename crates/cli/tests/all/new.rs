@@ -425,6 +425,16 @@ fn template_builds_deploys_and_serves(
     );
     let (status, body, _) = node.request("POST", &format!("/{name}"), b"echo me");
     assert_eq!((status, body.as_slice()), (200, &b"echo me"[..]));
+    // Larger than one read or write of the guests' streams.
+    let large: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (status, body, _) = node.request("POST", &format!("/{name}"), &large);
+    assert_eq!(status, 200);
+    assert!(
+        body == large,
+        "{template}: {} bytes echoed of {}",
+        body.len(),
+        large.len()
+    );
     let (status, _, _) = node.request("PUT", &format!("/{name}"), b"");
     assert_eq!(status, 405);
 }
