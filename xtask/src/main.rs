@@ -8,11 +8,14 @@
 //!   the whole test suite;
 //! - `nats-server`: install the pinned nats-server and print its path (to
 //!   run a fleet by hand);
+//! - `toolchains`: install the Python and JavaScript templates' toolchains
+//!   (componentize-py, componentize-js; pinned by the templates) into a
+//!   cache and print its path (see `toolchains.rs`);
 //! - `bench`: measure Mayfly and its peers side by side (`--smoke`,
 //!   `--no-install`; see `bench.rs`).
 //!
 //! Each task installs what it needs (the wasm32-wasip2 target, nats-server
-//! for the fleet tests) so that it
+//! for the fleet tests, the template toolchains) so that it
 //! works on a fresh machine.
 
 use std::io::{BufRead, BufReader};
@@ -23,6 +26,7 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 mod nats;
+mod toolchains;
 
 /// Where the demo node's admin API listens (`mayfly serve`'s default).
 const DEMO_ADMIN_URL: &str = "http://127.0.0.1:8081";
@@ -45,9 +49,10 @@ fn main() -> anyhow::Result<()> {
         "test" => test(&rest),
         "bench" => bench::run(&rest),
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
+        "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install|guests|demo|test|bench|nats-server> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -118,11 +123,23 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     build_guests()?;
     // The fleet tests start real nats-server processes.
     let nats_server = nats::ensure_server()?;
-    run(Command::new(env!("CARGO"))
+    let mut cargo_test = Command::new(env!("CARGO"));
+    cargo_test
         .current_dir(workspace_root())
         .env("MAYFLY_NATS_SERVER", nats_server)
         .args(["test", "--workspace", "--all-targets"])
-        .args(extra))
+        .args(extra);
+    // The Python and JavaScript template tests build with these. A failed
+    // install fails those tests, with this message, rather than the run
+    // before any test: the rest of the suite still says what it knows.
+    match toolchains::ensure() {
+        Ok(dir) => cargo_test.env("MAYFLY_TOOLCHAINS", dir),
+        Err(error) => {
+            eprintln!("the template toolchains could not be installed: {error:#}");
+            cargo_test.env("MAYFLY_TOOLCHAINS_ERROR", format!("{error:#}"))
+        }
+    };
+    run(&mut cargo_test)
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
-//! `mayfly new`: writes a ready function project (Rust, wasm32-wasip2, with
-//! a `mayfly.toml` and a test of its own) from templates built into the
-//! binary (`crates/cli/templates`).
+//! `mayfly new`: writes a ready function project from templates built into
+//! the binary (`crates/cli/templates`): Rust (wasm32-wasip2, with a test of
+//! its own), Python (componentize-py) or JavaScript (componentize-js), each
+//! with a `mayfly.toml` whose `build` makes the component.
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -15,7 +16,7 @@ const MAX_NAME_LEN: usize = 63;
 #[derive(Debug, clap::Args)]
 pub struct NewArgs {
     /// Function name: lower-case letters, digits, `-` and `_`, starting with
-    /// a letter. It also names the Rust crate.
+    /// a letter. It also names the component (and, in Rust, the crate).
     name: String,
     /// What runs the function.
     #[arg(long, short = 't', value_enum, default_value_t = Template::Http)]
@@ -37,17 +38,18 @@ pub enum Template {
     Object,
     /// Messages sent to a queue: logs each one; a body of `fail` fails.
     Queue,
+    /// HTTP in Python (componentize-py): greets on GET, echoes POST bodies.
+    PythonHttp,
+    /// HTTP in JavaScript (componentize-js, the Fetch API): greets on GET,
+    /// echoes POST bodies.
+    JsHttp,
 }
 
-/// The files of one template, before substitution.
-struct Files {
+/// The Rust sources of one Rust template, before substitution.
+struct RustFiles {
     lib: &'static str,
     manifest: &'static str,
     try_it: &'static str,
-    /// The README's first sentence.
-    about: &'static str,
-    /// The bucket or queue the trigger watches, after the function name.
-    resource_suffix: Option<&'static str>,
 }
 
 impl Template {
@@ -57,39 +59,29 @@ impl Template {
             Template::Cron => "cron",
             Template::Object => "object",
             Template::Queue => "queue",
+            Template::PythonHttp => "python-http",
+            Template::JsHttp => "js-http",
         }
     }
 
-    fn files(self) -> Files {
+    /// The README's first sentence.
+    fn about(self) -> &'static str {
         match self {
-            Template::Http => Files {
-                lib: include_str!("../templates/http/lib.rs"),
-                manifest: include_str!("../templates/http/mayfly.toml"),
-                try_it: include_str!("../templates/http/try.md"),
-                about: "answers HTTP requests on its route, greeting on GET and echoing POST bodies.",
-                resource_suffix: None,
-            },
-            Template::Cron => Files {
-                lib: include_str!("../templates/cron/lib.rs"),
-                manifest: include_str!("../templates/cron/mayfly.toml"),
-                try_it: include_str!("../templates/cron/try.md"),
-                about: "runs on a schedule, every minute.",
-                resource_suffix: None,
-            },
-            Template::Object => Files {
-                lib: include_str!("../templates/object/lib.rs"),
-                manifest: include_str!("../templates/object/mayfly.toml"),
-                try_it: include_str!("../templates/object/try.md"),
-                about: "runs when objects are created or deleted in a bucket.",
-                resource_suffix: Some("-uploads"),
-            },
-            Template::Queue => Files {
-                lib: include_str!("../templates/queue/lib.rs"),
-                manifest: include_str!("../templates/queue/mayfly.toml"),
-                try_it: include_str!("../templates/queue/try.md"),
-                about: "processes the messages sent to a queue.",
-                resource_suffix: Some("-jobs"),
-            },
+            Template::Http | Template::PythonHttp | Template::JsHttp => {
+                "answers HTTP requests on its route, greeting on GET and echoing POST bodies."
+            }
+            Template::Cron => "runs on a schedule, every minute.",
+            Template::Object => "runs when objects are created or deleted in a bucket.",
+            Template::Queue => "processes the messages sent to a queue.",
+        }
+    }
+
+    /// The bucket or queue the trigger watches, after the function name.
+    fn resource_suffix(self) -> Option<&'static str> {
+        match self {
+            Template::Object => Some("-uploads"),
+            Template::Queue => Some("-jobs"),
+            _ => None,
         }
     }
 }
@@ -123,33 +115,65 @@ pub fn run(args: &NewArgs, json: bool) -> anyhow::Result<()> {
         template.name(),
         dir.display()
     );
-    let (try_it, what) = match template {
-        Template::Http => (format!("curl localhost:8080/{name}/world"), "Hello, world!"),
-        Template::Cron => (format!("mayfly logs {name} --follow"), "a line a minute"),
-        Template::Object => (
-            format!("mayfly object put {name}-uploads hello.txt --file README.md"),
-            "logs `created hello.txt`",
-        ),
-        Template::Queue => (
-            format!("mayfly queue send {name}-jobs hello"),
-            "logs the message",
-        ),
+    let greet = format!("curl localhost:8080/{name}");
+    let hello = format!("Hello from {name}!");
+    let steps: Vec<(String, &str)> = match template {
+        Template::Http => vec![
+            ("cargo test".into(), "its own tests, on this machine"),
+            (format!("curl localhost:8080/{name}/world"), "Hello, world!"),
+        ],
+        Template::Cron => vec![
+            ("cargo test".into(), "its own tests, on this machine"),
+            (format!("mayfly logs {name} --follow"), "a line a minute"),
+        ],
+        Template::Object => vec![
+            ("cargo test".into(), "its own tests, on this machine"),
+            (
+                format!("mayfly object put {name}-uploads hello.txt --file README.md"),
+                "logs `created hello.txt`",
+            ),
+        ],
+        Template::Queue => vec![
+            ("cargo test".into(), "its own tests, on this machine"),
+            (
+                format!("mayfly queue send {name}-jobs hello"),
+                "logs the message",
+            ),
+        ],
+        Template::PythonHttp => vec![
+            (
+                "python3 -m venv .venv".into(),
+                "once: a virtualenv for the toolchain",
+            ),
+            (". .venv/bin/activate".into(), "in each new shell"),
+            (
+                "pip install -r requirements.txt".into(),
+                "once: componentize-py",
+            ),
+            (greet, &hello),
+        ],
+        Template::JsHttp => vec![
+            ("npm install".into(), "once: componentize-js"),
+            (greet, &hello),
+        ],
     };
     println!("next:");
     println!("  cd {}", dir.display());
-    for (command, what) in [
-        ("cargo test", "its own tests, on this machine"),
-        ("mayfly deploy", "builds it and deploys it per mayfly.toml"),
-        (try_it.as_str(), what),
-    ] {
+    // `mayfly deploy` comes after the set-up steps, before trying it.
+    let (setup, try_it) = steps.split_at(steps.len() - 1);
+    let deploy = (
+        "mayfly deploy".to_string(),
+        "builds it and deploys it per mayfly.toml",
+    );
+    for (command, what) in setup.iter().chain([&deploy]).chain(try_it) {
         println!("  {command:<40} # {what}");
     }
     Ok(())
 }
 
 /// Function names appear in URLs, routes and file names, and here also name
-/// a Rust crate (which cannot start with a digit) and maybe a bucket or
-/// queue (at most 63 characters).
+/// a component file, a Rust crate (which cannot start with a digit) and
+/// maybe a bucket or queue (at most 63 characters).
 fn check_name(name: &str, template: Template) -> anyhow::Result<()> {
     let valid = (1..=MAX_NAME_LEN).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()
@@ -159,10 +183,11 @@ fn check_name(name: &str, template: Template) -> anyhow::Result<()> {
     if !valid {
         bail!(
             "invalid function name `{name}`: use 1 to {MAX_NAME_LEN} lower-case letters, digits, \
-             `-` or `_`, starting with a letter (it also names the Rust crate)"
+             `-` or `_`, starting with a letter (it also names the component and, in Rust, \
+             the crate)"
         );
     }
-    if let Some(suffix) = template.files().resource_suffix
+    if let Some(suffix) = template.resource_suffix()
         && name.len() + suffix.len() > MAX_NAME_LEN
     {
         bail!(
@@ -176,8 +201,112 @@ fn check_name(name: &str, template: Template) -> anyhow::Result<()> {
 
 /// The project's files: (path relative to the project, contents).
 fn render(name: &str, template: Template) -> Vec<(&'static str, String)> {
+    let rust = |lib, manifest, try_it| {
+        render_rust(
+            name,
+            template,
+            RustFiles {
+                lib,
+                manifest,
+                try_it,
+            },
+        )
+    };
+    match template {
+        Template::Http => rust(
+            include_str!("../templates/http/lib.rs"),
+            include_str!("../templates/http/mayfly.toml"),
+            include_str!("../templates/http/try.md"),
+        ),
+        Template::Cron => rust(
+            include_str!("../templates/cron/lib.rs"),
+            include_str!("../templates/cron/mayfly.toml"),
+            include_str!("../templates/cron/try.md"),
+        ),
+        Template::Object => rust(
+            include_str!("../templates/object/lib.rs"),
+            include_str!("../templates/object/mayfly.toml"),
+            include_str!("../templates/object/try.md"),
+        ),
+        Template::Queue => rust(
+            include_str!("../templates/queue/lib.rs"),
+            include_str!("../templates/queue/mayfly.toml"),
+            include_str!("../templates/queue/try.md"),
+        ),
+        // The WIT of wasi:http is not in these files: each project's build
+        // fetches it from a package registry (README.md of each template).
+        Template::PythonHttp => render_each(
+            name,
+            template,
+            &[
+                ("app.py", include_str!("../templates/python-http/app.py")),
+                (
+                    "wit/app.wit",
+                    include_str!("../templates/python-http/app.wit"),
+                ),
+                (
+                    "wit_deps.py",
+                    include_str!("../templates/python-http/wit_deps.py"),
+                ),
+                (
+                    "requirements.txt",
+                    include_str!("../templates/python-http/requirements.txt"),
+                ),
+                (
+                    "mayfly.toml",
+                    include_str!("../templates/python-http/mayfly.toml"),
+                ),
+                (
+                    ".gitignore",
+                    include_str!("../templates/python-http/gitignore"),
+                ),
+                (
+                    "README.md",
+                    include_str!("../templates/python-http/README.md"),
+                ),
+            ],
+        ),
+        Template::JsHttp => render_each(
+            name,
+            template,
+            &[
+                ("src/app.js", include_str!("../templates/js-http/app.js")),
+                ("wit/app.wit", include_str!("../templates/js-http/app.wit")),
+                (
+                    "wit-deps.mjs",
+                    include_str!("../templates/js-http/wit-deps.mjs"),
+                ),
+                (
+                    "package.json",
+                    include_str!("../templates/js-http/package.json"),
+                ),
+                (
+                    "mayfly.toml",
+                    include_str!("../templates/js-http/mayfly.toml"),
+                ),
+                (".gitignore", include_str!("../templates/js-http/gitignore")),
+                ("README.md", include_str!("../templates/js-http/README.md")),
+            ],
+        ),
+    }
+}
+
+/// Substitutes `{{name}}` and `{{template}}` in each file.
+fn render_each(
+    name: &str,
+    template: Template,
+    files: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let vars = [("name", name), ("template", template.name())];
+    files
+        .iter()
+        .map(|(path, text)| (*path, substitute(text, &vars)))
+        .collect()
+}
+
+/// A Rust project: a crate with the template's `lib.rs` and the shared glue.
+fn render_rust(name: &str, template: Template, files: RustFiles) -> Vec<(&'static str, String)> {
     let crate_name = name.replace('-', "_");
-    let files = template.files();
     let vars = [
         ("name", name),
         ("crate_name", crate_name.as_str()),
@@ -185,7 +314,7 @@ fn render(name: &str, template: Template) -> Vec<(&'static str, String)> {
     ];
     let try_it = substitute(files.try_it, &vars);
     let mut readme_vars = vars.to_vec();
-    readme_vars.extend([("about", files.about), ("try_it", try_it.as_str())]);
+    readme_vars.extend([("about", template.about()), ("try_it", try_it.as_str())]);
     vec![
         (
             "Cargo.toml",
@@ -276,11 +405,19 @@ fn write_project(dir: &Path, files: &[(&str, String)]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    const ALL: [Template; 4] = [
+    const RUST: [Template; 4] = [
         Template::Http,
         Template::Cron,
         Template::Object,
         Template::Queue,
+    ];
+    const ALL: [Template; 6] = [
+        Template::Http,
+        Template::Cron,
+        Template::Object,
+        Template::Queue,
+        Template::PythonHttp,
+        Template::JsHttp,
     ];
 
     #[test]
@@ -302,6 +439,27 @@ mod tests {
                     "{path} of {template:?} keeps a placeholder"
                 );
             }
+        }
+        for template in [Template::PythonHttp, Template::JsHttp] {
+            let files = render("my-fn", template);
+            let manifest = &files.iter().find(|(p, _)| *p == "mayfly.toml").unwrap().1;
+            assert!(manifest.contains("[functions.my-fn]"), "{manifest}");
+            assert!(
+                manifest.contains(r#"component = "my-fn.wasm""#),
+                "{manifest}"
+            );
+            // The WIT of wasi:http comes from a registry at build time, never
+            // from these files: only the project's own world is written.
+            let wit: Vec<_> = files.iter().filter(|(p, _)| p.ends_with(".wit")).collect();
+            assert_eq!(wit.len(), 1, "{template:?}");
+            assert!(
+                wit[0].1.contains("include wasi:http/proxy@0.2."),
+                "{}",
+                wit[0].1
+            );
+        }
+        for template in RUST {
+            let files = render("my-fn", template);
             let manifest = &files.iter().find(|(p, _)| *p == "mayfly.toml").unwrap().1;
             assert!(manifest.contains("[functions.my-fn]"), "{manifest}");
             assert!(

@@ -7,7 +7,35 @@ use std::time::{Duration, Instant};
 
 use crate::common::{Node, eventually, guests};
 
+/// The Rust templates.
 const TEMPLATES: [&str; 4] = ["http", "cron", "object", "queue"];
+/// The templates in other languages, with their files.
+const OTHER_TEMPLATES: [(&str, &[&str]); 2] = [
+    (
+        "python-http",
+        &[
+            "app.py",
+            "wit/app.wit",
+            "wit_deps.py",
+            "requirements.txt",
+            "mayfly.toml",
+            ".gitignore",
+            "README.md",
+        ],
+    ),
+    (
+        "js-http",
+        &[
+            "src/app.js",
+            "wit/app.wit",
+            "wit-deps.mjs",
+            "package.json",
+            "mayfly.toml",
+            ".gitignore",
+            "README.md",
+        ],
+    ),
+];
 
 /// Runs `mayfly <args>` in `dir`; returns (success, stdout, stderr).
 fn mayfly(dir: &Path, args: &[&str]) -> (bool, String, String) {
@@ -21,6 +49,24 @@ fn mayfly(dir: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The files under `dir`, as paths relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path.strip_prefix(dir).unwrap();
+                files.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    files
 }
 
 fn read(path: impl AsRef<Path>) -> String {
@@ -71,6 +117,72 @@ fn new_writes_a_project_for_every_template() {
         let readme = read(project.join("README.md"));
         assert!(!readme.contains("{{"), "{readme}");
         assert!(readme.contains("cargo test"), "{readme}");
+    }
+
+    for (template, files) in OTHER_TEMPLATES {
+        let name = format!("my-{template}");
+        let (ok, stdout, stderr) = mayfly(dir.path(), &["new", &name, "--template", template]);
+        assert!(ok, "{stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("created {name} ({template} template)")),
+            "{stdout}"
+        );
+        let project = dir.path().join(&name);
+        let mut found: Vec<String> = walk(&project);
+        found.sort();
+        let mut expected: Vec<String> = files.iter().map(|f| f.to_string()).collect();
+        expected.sort();
+        assert_eq!(found, expected, "{template}");
+        for file in files {
+            let text = read(project.join(file));
+            assert!(
+                !text.contains("{{"),
+                "{template}: {file} keeps a placeholder"
+            );
+        }
+        let manifest = read(project.join("mayfly.toml"));
+        let build = match template {
+            "python-http" => format!(
+                "python3 wit_deps.py && componentize-py -d wit -w app componentize app -o {name}.wasm"
+            ),
+            _ => "npm run --silent build".to_string(),
+        };
+        let expected = format!(
+            "[functions.{name}]\n\
+             component = \"{name}.wasm\"\n\
+             build = \"{build}\"\n\
+             routes = [\"/{name}\"]\n"
+        );
+        assert!(manifest.contains(&expected), "{manifest}");
+        let ignored = read(project.join(".gitignore"));
+        assert!(ignored.contains("*.wasm\nwit/deps/\n"), "{ignored}");
+        let readme = read(project.join("README.md"));
+        assert!(
+            readme.contains(&format!("curl localhost:8080/{name}")),
+            "{readme}"
+        );
+        match template {
+            "python-http" => {
+                assert!(
+                    stdout.contains("pip install -r requirements.txt"),
+                    "{stdout}"
+                );
+                let pins = read(project.join("requirements.txt"));
+                assert!(pins.contains("\ncomponentize-py=="), "{pins}");
+                assert!(read(project.join("app.py")).contains(&format!("\"{name}\"")));
+            }
+            _ => {
+                assert!(stdout.contains("npm install"), "{stdout}");
+                let package: serde_json::Value =
+                    serde_json::from_str(&read(project.join("package.json"))).unwrap();
+                assert_eq!(package["name"], name.as_str());
+                let pin = package["devDependencies"]["@bytecodealliance/componentize-js"]
+                    .as_str()
+                    .unwrap();
+                assert!(pin.chars().all(|c| c.is_ascii_digit() || c == '.'), "{pin}");
+                assert!(read(project.join("src/app.js")).contains(&format!("'{name}'")));
+            }
+        }
     }
 
     // --dir, and an existing empty folder is fine.
@@ -225,5 +337,135 @@ fn new_projects_build_pass_their_tests_and_serve() {
         let (ok, logs, stderr) = node.cli(&["logs", "new-http"]);
         assert!(ok, "{stderr}");
         logs.contains("GET /new-http/Ada -> 200").then_some(())
+    });
+}
+
+/// The templates' toolchains that `cargo xtask test` installs (`cargo xtask
+/// toolchains` installs them alone): a folder with `py/` (componentize-py)
+/// and `js/node_modules` (componentize-js), installed from the templates'
+/// own pins.
+fn toolchains() -> PathBuf {
+    if let Ok(error) = std::env::var("MAYFLY_TOOLCHAINS_ERROR") {
+        panic!("the Python and JavaScript template toolchains could not be installed: {error}");
+    }
+    let dir = match std::env::var_os("MAYFLY_TOOLCHAINS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/mayfly-toolchains"),
+    };
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    for (part, tool, pins) in [
+        ("py", "bin/componentize-py", "python-http/requirements.txt"),
+        (
+            "js",
+            "node_modules/.bin/componentize-js",
+            "js-http/package.json",
+        ),
+    ] {
+        let installed = std::fs::read_to_string(dir.join(part).join("installed-from"));
+        assert!(
+            dir.join(part).join(tool).exists()
+                && installed.ok() == Some(read(templates.join(pins))),
+            "{} does not hold the toolchain pinned by {pins}: run `cargo xtask toolchains` (or the \
+             tests through `cargo xtask test`), which installs it",
+            dir.join(part).display()
+        );
+    }
+    dir
+}
+
+/// `mayfly new` with `template`, then `mayfly deploy` in the project (which
+/// runs its build) against a real node, then GET and POST on its route.
+/// `prepare` readies the project for its toolchain and gives the deploy's
+/// extra environment.
+fn template_builds_deploys_and_serves(
+    template: &str,
+    prepare: impl FnOnce(&Path) -> Vec<(&'static str, std::ffi::OsString)>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("hi-{template}");
+    let (ok, stdout, stderr) = mayfly(dir.path(), &["new", &name, "--template", template]);
+    assert!(ok, "{stdout}{stderr}");
+    let project = dir.path().join(&name);
+    let env = prepare(&project);
+
+    let data = tempfile::tempdir().unwrap();
+    // These components are tens of MB: on a busy 2-core machine their
+    // compile can outlast the default 60 s.
+    let node = Node::start_with(data.path(), &["--compile-timeout", "600s"]);
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("deploy")
+        .current_dir(&project)
+        .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", &node.token)
+        .envs(env)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("{name}: version 1 deployed, routes /{name}")),
+        "{stdout}"
+    );
+    let size = std::fs::metadata(project.join(format!("{name}.wasm")))
+        .unwrap()
+        .len();
+    eprintln!(
+        "{template}: built and deployed in {:?} ({:.1} MiB component): {}",
+        started.elapsed(),
+        size as f64 / f64::from(1 << 20),
+        stdout.trim()
+    );
+
+    assert_eq!(
+        node.get(&format!("/{name}")),
+        (200, format!("Hello from {name}!\n"))
+    );
+    let (status, body, _) = node.request("POST", &format!("/{name}"), b"echo me");
+    assert_eq!((status, body.as_slice()), (200, &b"echo me"[..]));
+    // Larger than one read or write of the guests' streams.
+    let large: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (status, body, _) = node.request("POST", &format!("/{name}"), &large);
+    assert_eq!(status, 200);
+    assert!(
+        body == large,
+        "{template}: {} bytes echoed of {}",
+        body.len(),
+        large.len()
+    );
+    let (status, _, _) = node.request("PUT", &format!("/{name}"), b"");
+    assert_eq!(status, 405);
+}
+
+/// Slow (a build of 15 to 45 s and a compile of 10 to 90 s on a busy
+/// machine): the Python template, built with componentize-py.
+#[test]
+fn python_template_builds_deploys_and_serves() {
+    let toolchains = toolchains();
+    template_builds_deploys_and_serves("python-http", |_| {
+        // As an activated virtualenv would: its python3 and componentize-py
+        // first on the PATH.
+        let mut path = std::ffi::OsString::from(toolchains.join("py/bin"));
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_default());
+        vec![("PATH", path)]
+    });
+}
+
+/// Slow, as the Python one: the JavaScript template, built with
+/// componentize-js.
+#[test]
+fn js_template_builds_deploys_and_serves() {
+    let toolchains = toolchains();
+    template_builds_deploys_and_serves("js-http", |project| {
+        // What `npm install` would put there, shared between runs.
+        std::os::unix::fs::symlink(
+            toolchains.join("js/node_modules"),
+            project.join("node_modules"),
+        )
+        .unwrap();
+        Vec::new()
     });
 }
