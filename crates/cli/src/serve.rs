@@ -69,8 +69,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub connections: ConnectionArgs,
     /// Longest a deploy's compile may take (e.g. 60s, 2m); longer ones are
-    /// refused as too large or pathological.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// refused as too large or pathological. The default leaves room for
+    /// Python and JavaScript components (12-20 MB), which take from ~10 s
+    /// on an idle machine to over a minute on a small, busy one.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub compile_timeout: Duration,
     /// Most memory a deploy's compile may use, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 2048,

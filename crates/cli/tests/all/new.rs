@@ -391,7 +391,7 @@ fn template_builds_deploys_and_serves(
 
     let data = tempfile::tempdir().unwrap();
     // These components are tens of MB: on a busy 2-core machine their
-    // compile can outlast the default 60 s.
+    // compile can approach the default limit of 5 minutes.
     let node = Node::start_with(data.path(), &["--compile-timeout", "600s"]);
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
@@ -437,6 +437,22 @@ fn template_builds_deploys_and_serves(
     );
     let (status, _, _) = node.request("PUT", &format!("/{name}"), b"");
     assert_eq!(status, 405);
+
+    // The handler reads its greeting from the environment: a new version
+    // of the same component (compiled already) with GREETING set.
+    let wasm = project.join(format!("{name}.wasm"));
+    let route = format!("/{name}");
+    let (ok, stdout, stderr) = node.cli(&[
+        "deploy",
+        &name,
+        wasm.to_str().unwrap(),
+        "--route",
+        &route,
+        "--env",
+        "GREETING=Hi",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(node.get(&route), (200, format!("Hi from {name}!\n")));
 }
 
 /// Slow (a build of 15 to 45 s and a compile of 10 to 90 s on a busy
