@@ -71,7 +71,7 @@ pub enum Command {
     Dev(dev::DevArgs),
     /// Deploy a component as a new version of a function; with no NAME and
     /// COMPONENT, build and deploy every function in ./mayfly.toml.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// List deployed functions.
     List,
     /// Invoke a function directly and print its response body (or, with

@@ -29,7 +29,7 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         Command::Completions(_) | Command::Man(_) => {
             unreachable!("completions and man describe the CLI itself")
         }
-        Command::Deploy(args) => deploy(client, json, args),
+        Command::Deploy(args) => deploy(client, json, *args),
         Command::List => list(client, json),
         Command::Invoke(args) => invoke(client, json, &args),
         Command::Logs { name, follow, tail } => logs(client, json, &name, follow, tail),
@@ -136,6 +136,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || limits.max_request_bytes.is_some()
                 || limits.max_response_bytes.is_some()
                 || limits.max_log_bytes.is_some()
+                || limits.streaming_request
                 || scaling.max_concurrency.is_some()
                 || scaling.reserved_concurrency.is_some()
                 || scaling.max_queued.is_some()

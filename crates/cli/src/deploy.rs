@@ -106,6 +106,12 @@ pub struct LimitArgs {
     /// Bytes of stdout and of stderr kept per invocation (default 1 MiB).
     #[arg(long, value_name = "BYTES", value_parser = number_in(0, Some(MAX_LOG_LIMIT)))]
     pub max_log_bytes: Option<u64>,
+    /// Hand chunked request bodies to the function as they arrive instead
+    /// of reading them whole first (large uploads): past
+    /// --max-request-bytes its read fails, and the client gets 413 unless
+    /// the function already answered.
+    #[arg(long)]
+    pub streaming_request: bool,
 }
 
 /// Per-function scaling settings given at deploy.
@@ -171,6 +177,7 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         ..
     } = deploy;
     let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let streaming_request = limits.streaming_request;
     let limits = given([
         ("memory_mb", limits.memory.map(Value::from)),
         ("timeout_ms", limits.timeout.map(ms)),
@@ -199,7 +206,7 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         .iter()
         .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
         .collect();
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "routes": routes,
         "limits": limits,
         "scaling": scale,
@@ -211,7 +218,12 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
             "secrets": grants.secrets,
         },
         "variables": variables,
-    })
+    });
+    // Only when asked for: a node that predates the setting refuses the key.
+    if streaming_request {
+        config["streaming_request"] = Value::Bool(true);
+    }
+    config
 }
 
 /// Refuses, before uploading it, a component over the node's limit (from

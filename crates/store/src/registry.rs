@@ -27,6 +27,12 @@ pub struct FunctionConfig {
     /// Variables the function reads through wasi:config.
     #[serde(default)]
     pub variables: std::collections::BTreeMap<String, String>,
+    /// Hand request bodies of unknown length (chunked) to the function as
+    /// they arrive, checked against `limits.max_request_bytes` on the way,
+    /// instead of reading them whole before it runs: for uploads larger
+    /// than the node should hold in memory.
+    #[serde(default)]
+    pub streaming_request: bool,
 }
 
 /// What a function may reach beyond its sandbox. Deny by default: a
