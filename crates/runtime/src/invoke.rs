@@ -128,7 +128,9 @@ impl InvocationError {
 /// How an invocation ended, for billing and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The guest answered and finished its response.
+    /// The guest answered and finished its response; or a streamed request
+    /// body went over its limit while the guest read it (the client's
+    /// doing: the client got 413 if the guest had not answered).
     Ok,
     /// The guest trapped, answered with an error, sent no response, or broke
     /// a body size limit.

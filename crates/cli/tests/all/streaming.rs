@@ -220,6 +220,25 @@ fn a_streamed_body_over_the_limit_fails_in_the_function_and_gets_413() {
         "the node said why: {logs}"
     );
 
+    // A function that answered before reading (echo streams the body back)
+    // has its answer cut short when its read fails: its client sees the
+    // 200 head and a body without its last chunk. Still the client's doing.
+    node.deploy_with(
+        "echo",
+        "echo",
+        &["/echo"],
+        &["--max-request-bytes", &max, "--streaming-request"],
+    );
+    let (status, answer) = post_chunked_reading_early(&node, "/echo", 4 * limit);
+    assert_eq!(status, 200, "{}", &answer[..answer.len().min(500)]);
+    assert!(
+        !answer.ends_with("\r\n0\r\n\r\n"),
+        "the body must not end as if complete"
+    );
+    let records = node.await_usage_records("echo", 1);
+    assert_eq!(records[0]["outcome"], "ok", "{records:?}");
+    assert_eq!(records[0]["status"], 200, "{records:?}");
+
     // Without the opt-in the same body is refused before the function runs.
     let (status, answer) = post_chunked_reading_early(&node, "/buffered", 4 * limit);
     assert_eq!(status, 413, "{answer}");
