@@ -137,6 +137,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || limits.max_request_bytes.is_some()
                 || limits.max_response_bytes.is_some()
                 || limits.max_log_bytes.is_some()
+                || limits.streaming_request
                 || scaling.max_concurrency.is_some()
                 || scaling.reserved_concurrency.is_some()
                 || scaling.max_queued.is_some()

@@ -121,6 +121,12 @@ pub struct LimitArgs {
     /// Bytes of stdout and of stderr kept per invocation (default 1 MiB).
     #[arg(long, value_name = "BYTES", value_parser = number_in(0, Some(MAX_LOG_LIMIT)))]
     pub max_log_bytes: Option<u64>,
+    /// Hand chunked request bodies to the function as they arrive instead
+    /// of reading them whole first (large uploads): past
+    /// --max-request-bytes its read fails, and the client gets 413 unless
+    /// the function already answered.
+    #[arg(long)]
+    pub streaming_request: bool,
 }
 
 /// Per-function scaling settings given at deploy.
@@ -189,6 +195,7 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         ..
     } = deploy;
     let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let streaming_request = limits.streaming_request;
     let limits = given([
         ("memory_mb", limits.memory.map(Value::from)),
         ("timeout_ms", limits.timeout.map(ms)),
@@ -237,10 +244,12 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         ("strip_prefix", serde_json::json!(strip_prefix)),
         ("env", Value::Object(map(&grants.env))),
         ("env_secrets", Value::Object(map(&grants.env_secrets))),
+        ("streaming_request", Value::Bool(streaming_request)),
     ] {
         let given = match &value {
             Value::Array(items) => !items.is_empty(),
             Value::Object(items) => !items.is_empty(),
+            Value::Bool(set) => *set,
             _ => true,
         };
         if given {

@@ -66,6 +66,8 @@ struct FunctionEntry {
     max_request_bytes: Option<u64>,
     max_response_bytes: Option<u64>,
     max_log_bytes: Option<u64>,
+    #[serde(default)]
+    streaming_request: bool,
     max_concurrency: Option<u32>,
     reserved_concurrency: Option<u32>,
     max_queued: Option<u32>,
@@ -302,6 +304,7 @@ fn function(
                 max_request_bytes: entry.max_request_bytes,
                 max_response_bytes: entry.max_response_bytes,
                 max_log_bytes: entry.max_log_bytes,
+                streaming_request: entry.streaming_request,
             },
             scaling: ScalingArgs {
                 max_concurrency: entry.max_concurrency,
@@ -510,6 +513,7 @@ timeout = "30s"
 max_request_bytes = 16777216
 max_response_bytes = 16777216
 max_log_bytes = 1048576
+streaming_request = true
 max_concurrency = 100
 reserved_concurrency = 0
 max_queued = 100
@@ -571,6 +575,7 @@ component = "/abs/another.wasm"
         assert_eq!(limits.max_request_bytes, Some(16_777_216));
         assert_eq!(limits.max_response_bytes, Some(16_777_216));
         assert_eq!(limits.max_log_bytes, Some(1_048_576));
+        assert!(limits.streaming_request);
         let scaling = &deploy.scaling;
         assert_eq!(scaling.max_concurrency, Some(100));
         assert_eq!(scaling.reserved_concurrency, Some(0));
@@ -592,6 +597,7 @@ component = "/abs/another.wasm"
         assert_eq!(another.deploy.component, Path::new("/abs/another.wasm"));
         assert!(another.deploy.routes.is_empty() && another.deploy.triggers.is_empty());
         assert_eq!(another.deploy.limits.memory, None);
+        assert!(!another.deploy.limits.streaming_request);
         assert_eq!(another.deploy.scaling.queue_timeout, None);
     }
 
@@ -626,6 +632,7 @@ component = "/abs/another.wasm"
                     "secrets": ["db_password"],
                 },
                 "variables": {"greeting": "hi"},
+                "streaming_request": true,
             })
         );
     }

@@ -62,7 +62,7 @@ pub struct Invoker {
     artifacts: Arc<Artifacts>,
     /// Where guests' log lines go.
     logs: Arc<LogHub>,
-    /// Requests refused with 413 before their guest ran.
+    /// Requests refused with 413: a body over the function's limit.
     requests_too_large: Counter,
 }
 

@@ -115,7 +115,9 @@ pub struct NodeMetrics {
     pub invocations: Counter,
     /// Invocations that did not end `ok` (nor `client_closed`).
     pub failed_invocations: Counter,
-    /// Requests refused before a guest ran, because their body was too large.
+    /// Requests refused with 413 because their body was over the function's
+    /// limit: before a guest ran, or (a streaming function) while it read
+    /// the body, before it answered.
     pub requests_too_large: Counter,
     /// Instances running now: the runtime counts them; this gauge is set
     /// from that count when metrics are read.
@@ -270,7 +272,7 @@ impl Metrics {
         );
         registry.register(
             "requests_too_large",
-            "Requests refused with 413 before a guest ran",
+            "Requests refused with 413: a body over the function's limit",
             node.requests_too_large.clone(),
         );
         registry.register(

@@ -25,7 +25,8 @@ pub struct Status {
     pub invocations: u64,
     /// Invocations that ended without a response from the guest.
     pub failed_invocations: u64,
-    /// Requests refused with 413 before their guest ran.
+    /// Requests refused with 413 because their body was over the function's
+    /// limit (before their guest ran, or while a streaming one read it).
     pub requests_too_large: u64,
     /// Instances running now.
     pub instances_in_flight: usize,

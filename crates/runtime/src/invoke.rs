@@ -42,6 +42,11 @@ pub struct InvocationLimits {
     pub max_request_bytes: u64,
     /// Largest response body sent on from the guest.
     pub max_response_bytes: u64,
+    /// Hand a request body of unknown length (chunked) to the guest as it
+    /// arrives instead of reading it whole first. Past `max_request_bytes`
+    /// the guest's read then fails, and the client gets 413 if the guest
+    /// had not answered yet.
+    pub streaming_request: bool,
 }
 
 impl Default for InvocationLimits {
@@ -52,6 +57,7 @@ impl Default for InvocationLimits {
             max_log_bytes: 1 << 20,
             max_request_bytes: 16 << 20,
             max_response_bytes: 16 << 20,
+            streaming_request: false,
         }
     }
 }
@@ -122,7 +128,9 @@ impl InvocationError {
 /// How an invocation ended, for billing and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The guest answered and finished its response.
+    /// The guest answered and finished its response; or a streamed request
+    /// body went over its limit while the guest read it (the client's
+    /// doing: the client got 413 if the guest had not answered).
     Ok,
     /// The guest trapped, answered with an error, sent no response, or broke
     /// a body size limit.
@@ -347,7 +355,7 @@ impl Function {
         // instance; the function's timeout bounds that too.
         let request = tokio::time::timeout(
             limits.timeout,
-            admit_request(request, limits.max_request_bytes),
+            admit_request(request, limits.max_request_bytes, limits.streaming_request),
         )
         .await
         .map_err(|_| InvocationError::RequestBodyTimeout(limits.timeout))??;
@@ -694,7 +702,7 @@ impl GuestRun {
         let memory = &store.data().memory;
         let (peak_memory, refused) = (memory.peak(), memory.refused());
         let mut finished_instance = None;
-        let failure = match end {
+        let mut failure = match end {
             End::Returned(Ok(proxy)) => {
                 finished_instance = Some(proxy);
                 None
@@ -710,6 +718,12 @@ impl GuestRun {
             // The head went out: the body must not end as if complete.
             self.flags.mark_guest_failed();
         }
+        // A streamed request body went over its limit while the guest read
+        // it: the guest's read failed, and what it did about that (answer
+        // with an error code, trap on the failed read, not answer) is the
+        // client's doing, not a failure of the function. Its timeout, its
+        // memory and the node's shutdown still count.
+        let body_refused = self.flags.request_too_large();
         let outcome = match &failure {
             None if head_tx.is_none() && !head_failed && !self.flags.response_too_large() => {
                 Outcome::Ok
@@ -717,9 +731,13 @@ impl GuestRun {
             Some(InvocationError::Timeout(_)) => Outcome::Timeout,
             Some(InvocationError::OutOfMemory(_)) => Outcome::Oom,
             Some(InvocationError::Killed) => Outcome::Killed,
+            _ if body_refused && !self.flags.response_too_large() => Outcome::Ok,
             _ => Outcome::Error,
         };
-        if let Some(error) = &failure {
+        let refused_not_failed = body_refused && outcome == Outcome::Ok;
+        if let Some(error) = &failure
+            && !refused_not_failed
+        {
             tracing::warn!(
                 function = %self.labels.function,
                 version = self.labels.version,
@@ -733,10 +751,10 @@ impl GuestRun {
             .as_ref()
             .map(|error| format!("mayfly: the invocation failed: {error}"));
         if let Some(tx) = head_tx {
-            let error = if self.flags.request_too_large() {
+            let error = if body_refused {
                 InvocationError::RequestTooLarge(self.limits.max_request_bytes)
             } else {
-                failure.unwrap_or(InvocationError::NoResponse)
+                failure.take().unwrap_or(InvocationError::NoResponse)
             };
             status = Some(error.status().as_u16());
             failure_line = Some(format!("mayfly: the invocation failed: {error}"));
@@ -747,6 +765,17 @@ impl GuestRun {
             failure_line = Some(format!(
                 "mayfly: the invocation failed: {}",
                 InvocationError::ResponseTooLarge(self.limits.max_response_bytes)
+            ));
+        }
+        if refused_not_failed {
+            let answer =
+                status.map_or_else(String::new, |status| format!("; the client got {status}"));
+            let then = failure
+                .as_ref()
+                .map_or_else(String::new, |error| format!(", and after that {error}"));
+            failure_line = Some(format!(
+                "mayfly: {}, so the function's read of it failed{then}{answer}",
+                InvocationError::RequestTooLarge(self.limits.max_request_bytes)
             ));
         }
         // A guest that fails (or finishes) because its client left is not
@@ -845,6 +874,11 @@ impl GuestRun {
                     }))
                 }
             }
+            // A guest passing on the failed read of a streamed body over
+            // its limit: the client gets what it would without the guest.
+            Err(_) if self.flags.request_too_large() => Err(InvocationError::RequestTooLarge(
+                self.limits.max_request_bytes,
+            )),
             Err(code) => Err(InvocationError::ErrorCode(format!("{code:?}"))),
         };
         let status = match &answer {
@@ -886,10 +920,12 @@ async fn environment(caps: &Capabilities) -> (Option<Vec<(String, String)>>, Vec
 /// Refuses a request whose body is over `max` before any guest runs. A body
 /// of unknown length (chunked) is read into memory first, up to `max`, so it
 /// gets the same 413 instead of failing inside a guest that may already have
-/// answered; a body of declared length streams to the guest as it arrives.
+/// answered, unless the function asked for `streaming` bodies; a body of
+/// declared length streams to the guest as it arrives.
 async fn admit_request<B>(
     request: http::Request<B>,
     max: u64,
+    streaming: bool,
 ) -> Result<http::Request<RequestBody<B>>, InvocationError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -898,7 +934,7 @@ where
     let (parts, body) = request.into_parts();
     let body = match declared_length(&parts.headers) {
         Some(len) if len > max => return Err(InvocationError::RequestTooLarge(max)),
-        None if !body.is_end_stream() => {
+        None if !streaming && !body.is_end_stream() => {
             let mut body = std::pin::pin!(body);
             let mut buffer = bytes::BytesMut::new();
             while let Some(frame) = body.frame().await {
@@ -1034,6 +1070,68 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunked-like body: `frames` data frames of `size` bytes, no length.
+    fn unsized_body(
+        frames: usize,
+        size: usize,
+    ) -> impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> {
+        let frames =
+            (0..frames).map(move |_| Ok(http_body::Frame::data(Bytes::from(vec![b'x'; size]))));
+        http_body_util::StreamBody::new(futures::stream::iter(frames))
+    }
+
+    fn request<B>(body: B, declared: Option<u64>) -> http::Request<B> {
+        let mut request = http::Request::new(body);
+        if let Some(len) = declared {
+            request
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, len.into());
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn an_unsized_body_is_buffered_unless_the_function_streams() {
+        // Without the opt-in: read whole, and refused at once past the limit.
+        let admitted = admit_request(request(unsized_body(4, 100), None), 400, false)
+            .await
+            .unwrap();
+        assert!(matches!(admitted.body(), RequestBody::Buffered { .. }));
+        let refused = admit_request(request(unsized_body(5, 100), None), 400, false).await;
+        assert!(matches!(
+            refused,
+            Err(InvocationError::RequestTooLarge(400))
+        ));
+
+        // With it: handed over unread, whatever its size; the limit is
+        // checked as the guest reads it.
+        let admitted = admit_request(request(unsized_body(5, 100), None), 400, true)
+            .await
+            .unwrap();
+        assert!(matches!(admitted.body(), RequestBody::Streaming { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_in_both_modes() {
+        for streaming in [false, true] {
+            let refused =
+                admit_request(request(unsized_body(5, 100), Some(500)), 400, streaming).await;
+            assert!(
+                matches!(refused, Err(InvocationError::RequestTooLarge(400))),
+                "streaming: {streaming}"
+            );
+            let admitted = admit_request(request(unsized_body(4, 100), Some(400)), 400, streaming)
+                .await
+                .unwrap();
+            assert!(matches!(admitted.body(), RequestBody::Streaming { .. }));
         }
     }
 }

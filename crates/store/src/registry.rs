@@ -42,6 +42,12 @@ pub struct FunctionConfig {
     /// `/api` as `/users`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub strip_prefix: Vec<String>,
+    /// Hand request bodies of unknown length (chunked) to the function as
+    /// they arrive, checked against `limits.max_request_bytes` on the way,
+    /// instead of reading them whole before it runs: for uploads larger
+    /// than the node should hold in memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streaming_request: bool,
 }
 
 /// What a function may reach beyond its sandbox. Deny by default: a

@@ -32,4 +32,5 @@ mod scaling;
 mod security;
 mod serve;
 mod storage_faults;
+mod streaming;
 mod usage;

@@ -18,8 +18,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mayfly_runtime::InvocationLimits;
 use mayfly_store::{
-    BlobStore, Digest, FunctionConfig, FunctionLimits, FunctionRecord, FunctionScaling, LIVE_ALIAS,
-    Registry,
+    BlobStore, Digest, FunctionConfig, FunctionRecord, FunctionScaling, LIVE_ALIAS, Registry,
 };
 
 use crate::admission::{Admission, SlotLimits};
@@ -327,7 +326,7 @@ impl Deployments {
             generation,
             version_header: http::HeaderValue::from(version),
             artifact,
-            limits: invocation_limits(&config.limits),
+            limits: invocation_limits(config),
             scaling: config.scaling.clone(),
             meter: Arc::new(meter),
             tier,
@@ -400,7 +399,7 @@ impl Deployments {
 
 /// Admission limits for a function's configuration on this node.
 pub(super) fn slot_limits(config: &FunctionConfig, node: &ScalingConfig) -> SlotLimits {
-    slot_limits_of(&config.scaling, &invocation_limits(&config.limits), node)
+    slot_limits_of(&config.scaling, &invocation_limits(config), node)
 }
 
 /// Admission limits for a function's scaling and runtime limits.
@@ -425,12 +424,14 @@ pub(super) fn slot_limits_of(
 }
 
 /// The runtime's limits for a function's configured ones.
-fn invocation_limits(limits: &FunctionLimits) -> InvocationLimits {
+fn invocation_limits(config: &FunctionConfig) -> InvocationLimits {
+    let limits = &config.limits;
     InvocationLimits {
         memory_bytes: (limits.memory_mb as usize) << 20,
         timeout: Duration::from_millis(limits.timeout_ms),
         max_log_bytes: usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX),
         max_request_bytes: limits.max_request_bytes,
         max_response_bytes: limits.max_response_bytes,
+        streaming_request: config.streaming_request,
     }
 }
