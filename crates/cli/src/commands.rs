@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::args::{AliasCommand, Command, InvokeArgs, NodeCommand, UsageArgs};
 use crate::body::read_file;
 use crate::client::{AdminClient, check, encode, encode_keeping_slashes, segment};
-use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
+use crate::deploy::{DeployArgs, FunctionDeploy, print_warnings, send_deploy};
 use crate::events;
 use crate::flags::{CANARY_FLAGS, DEPLOY_FLAGS, USAGE_FLAGS, naming_flags};
 use crate::output::{Table, aligned_fields, format_time, text};
@@ -124,6 +124,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         limits,
         scaling,
         grants,
+        place,
         wait,
     } = args;
     // Clap refuses --manifest with NAME.
@@ -150,6 +151,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || !grants.variables.is_empty()
                 || !grants.env.is_empty()
                 || !grants.env_secrets.is_empty()
+                || !place.is_empty()
                 || strip_prefix;
             if wait.is_some() {
                 bail!(
@@ -197,13 +199,20 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         limits,
         scaling,
         grants,
+        placement: place.into_iter().collect(),
     };
     let mut outcome =
         send_deploy(client, &deploy, !json).map_err(|e| naming_flags(e, DEPLOY_FLAGS))?;
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
-            Some(wait_for_rollout(client, &deploy.name, version, timeout)?)
+            Some(wait_for_rollout(
+                client,
+                &deploy.name,
+                version,
+                &deploy.placement,
+                timeout,
+            )?)
         }
         None => None,
     };
@@ -238,9 +247,15 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
             crate::progress::compile_note(&outcome)
         );
     }
+    print_warnings(&outcome);
     if let Some((nodes, took)) = rollout {
+        let placed = if deploy.placement.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", mayfly_store::labels_text(&deploy.placement))
+        };
         println!(
-            "live on {nodes} of {nodes} nodes after {:.2}s",
+            "live on {nodes} of {nodes} nodes{placed} after {:.2}s",
             took.as_secs_f64()
         );
     }
@@ -434,15 +449,35 @@ fn print_log(json: bool, node: Option<&str>, record: &LogRecord) -> anyhow::Resu
 /// `function` on its `live` alias; returns how many nodes and how long it
 /// took. Nodes report every second, so this sees a rollout within about a
 /// second of its end.
+/// Waits until every live node that runs `function` (every node, or
+/// those whose labels match `placement`) serves `version`; returns how
+/// many nodes that is and how long it took.
 fn wait_for_rollout(
     client: &AdminClient,
     function: &str,
     version: u64,
+    placement: &std::collections::BTreeMap<String, String>,
     timeout: std::time::Duration,
 ) -> anyhow::Result<(usize, std::time::Duration)> {
     let started = std::time::Instant::now();
     loop {
-        let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+        let mut nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+        // A node on its own runs every function, whatever its labels.
+        if nodes.len() > 1
+            || nodes
+                .iter()
+                .any(|node| node.functions.get(function).is_none())
+        {
+            nodes.retain(|node| mayfly_store::placement_matches(&node.labels, placement));
+        }
+        if nodes.is_empty() && started.elapsed() >= timeout {
+            bail!(
+                "{function} version {version} is deployed, but after {:.1}s no live node has                  labels {}: start one with `mayfly serve --labels {}`",
+                started.elapsed().as_secs_f64(),
+                mayfly_store::labels_text(placement),
+                mayfly_store::labels_text(placement)
+            );
+        }
         let behind: Vec<String> = nodes
             .iter()
             .filter(|node| node.functions.get(function) != Some(&version))

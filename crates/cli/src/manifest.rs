@@ -16,6 +16,8 @@
 //! LOG_LEVEL = "debug"
 //! [functions.hello.env_secrets]      # variable = secret name
 //! API_KEY = "api-key"
+//! [functions.hello.placement]        # only fleet nodes with these labels run it
+//! site = "fra1"
 //! ```
 //!
 //! Each function becomes exactly the deploy request `mayfly deploy NAME
@@ -82,6 +84,8 @@ struct FunctionEntry {
     env: BTreeMap<String, String>,
     #[serde(default)]
     env_secrets: BTreeMap<String, String>,
+    #[serde(default)]
+    placement: BTreeMap<String, String>,
 }
 
 /// `strip_prefix = true` (every route), `"/api"` or `["/api"]` (those).
@@ -275,6 +279,11 @@ fn function(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    for (key, value) in &entry.placement {
+        mayfly_store::check_label(key, value).map_err(|error| {
+            anyhow::anyhow!("function `{name}`: [functions.{name}.placement]: {error}")
+        })?;
+    }
     if entry.component.get_ref().trim().is_empty() {
         return Err(located(
             entry.component.span(),
@@ -320,6 +329,7 @@ fn function(
                 env: entry.env.into_iter().collect(),
                 env_secrets: entry.env_secrets.into_iter().collect(),
             },
+            placement: entry.placement,
         },
     })
 }
@@ -366,8 +376,10 @@ pub fn apply_manifest(
         if json {
             println!("{outcome}");
         } else if outcome["unchanged"] == Value::Bool(true) {
+            crate::deploy::print_warnings(&outcome);
             println!("{}", summary(name, &outcome));
         } else {
+            crate::deploy::print_warnings(&outcome);
             println!(
                 "{} ({})",
                 summary(name, &outcome),
