@@ -466,7 +466,7 @@ fn wait_for_rollout(
         if nodes.len() > 1
             || nodes
                 .iter()
-                .any(|node| node.functions.get(function).is_none())
+                .any(|node| !node.functions.contains_key(function))
         {
             nodes.retain(|node| mayfly_store::placement_matches(&node.labels, placement));
         }
