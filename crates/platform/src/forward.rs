@@ -24,6 +24,11 @@ use crate::invoker::{Caller, Invoker, text_response};
 /// gateway response of a fleet node, run there or forwarded.
 pub const NODE_HEADER: &str = "x-mayfly-node";
 
+/// Marks a response that came from another node (which set its own
+/// [`NODE_HEADER`]), so the gateway does not name itself over it.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
+
 /// How long a client is asked to wait before retrying when no node runs
 /// the function, in seconds.
 const RETRY_AFTER_SECONDS: &str = "5";
@@ -140,6 +145,8 @@ impl ForwardHandler for Invoker {
         let node = self.node_header.clone();
         let mut answer = self.run_forwarded(function, request).await;
         if let Some(node) = node {
+            // The node, not the guest, says who served.
+            answer.headers.retain(|(name, _)| name != NODE_HEADER);
             answer.headers.push((
                 NODE_HEADER.to_string(),
                 Bytes::copy_from_slice(node.as_bytes()),
@@ -272,6 +279,7 @@ fn response_of(answer: ForwardedResponse) -> http::Response<HyperOutgoingBody> {
             headers.append(name, value);
         }
     }
+    response.extensions_mut().insert(Forwarded);
     response
 }
 

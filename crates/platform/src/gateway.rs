@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{RemoteFunction, RouteMatch, Served};
 use crate::connections::{self, ClientAddr, ConnectionLimits, Plain, TimedBody};
-use crate::forward::NODE_HEADER;
+use crate::forward::{Forwarded, NODE_HEADER};
 use crate::invoker::{Caller, Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
@@ -30,9 +30,10 @@ pub async fn serve(
         let invoker = invoker.clone();
         async move {
             let mut response = route(&invoker, request).await;
-            // A forwarded response already names the node that served it.
+            // A forwarded response already names the node that served it;
+            // any other is this node's (a guest's own value is replaced).
             if let Some(node) = &invoker.node_header
-                && !response.headers().contains_key(NODE_HEADER)
+                && response.extensions().get::<Forwarded>().is_none()
             {
                 response.headers_mut().insert(NODE_HEADER, node.clone());
             }

@@ -171,9 +171,56 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
         (answer.status, answer.header("x-mayfly-node")),
         (200, Some("b"))
     );
+    // A body over one forwarded message is refused, naming the limit and
+    // where to send it instead.
+    let answer = send(&b, "POST", "/pinned", &vec![b'x'; 300 * 1024]);
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert!(
+        answer.body.contains("carries at most")
+            && answer
+                .body
+                .contains("send larger ones to a node with site=a directly"),
+        "{}",
+        answer.body
+    );
     // The admin invoke through b is forwarded too.
     let (status, body) = b.invoke_get("pinned", "/via-admin");
     assert_eq!(status, 200, "{body}");
+
+    // A queue trigger of a pinned function is delivered by a alone: b
+    // runs nothing of it.
+    let (ok, stdout, stderr) = b.cli(&[
+        "deploy",
+        "worker",
+        echo.to_str().unwrap(),
+        "--trigger",
+        "queue:jobs",
+        "--place",
+        "site=a",
+        "--wait",
+        "60s",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let ran_on_b = b.admin_json("/v1/status")["invocations"].clone();
+    for job in ["one", "two", "three"] {
+        crate::events::send(&b, "jobs", job);
+    }
+    let records = a.await_usage_records("worker", 3);
+    assert!(
+        records.iter().all(|r| r["trigger"] == "queue"),
+        "{records:?}"
+    );
+    assert_eq!(b.admin_json("/v1/status")["invocations"], ran_on_b);
+
+    // A restarted a answers forwarded requests again.
+    let token = a.token.clone();
+    a.stop();
+    let mut a = fleet_node(dir_a.path(), &servers, "a", "site=a");
+    a.token = token;
+    eventually(Duration::from_secs(60), "b forwarding to the new a", || {
+        let answer = send(&b, "GET", "/pinned", b"");
+        (answer.status == 200 && answer.header("x-mayfly-node") == Some("a")).then_some(())
+    });
 
     // With a gone, b answers 503 at once, naming the placement.
     a.stop();

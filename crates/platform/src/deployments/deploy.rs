@@ -354,7 +354,9 @@ impl Deployments {
         // Under the change lock, so a delete cannot slip in between the
         // check and the write and leave a trigger without its function.
         let _change = self.changes.lock().await;
-        if !self.parts.catalog.load().by_name.contains_key(function) {
+        // A function placed on other nodes gets its triggers too: they
+        // fire there.
+        if !self.parts.catalog.load().knows(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.check_trigger_alias(function, &spec)?;

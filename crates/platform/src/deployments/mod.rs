@@ -121,6 +121,7 @@ impl Deployments {
             .catalog
             .store(Arc::new(Catalog::of(served, remote)));
         self.count_functions();
+        self.answer_forwards();
         Ok(())
     }
 
