@@ -203,6 +203,10 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
     };
     let mut outcome =
         send_deploy(client, &deploy, !json).map_err(|e| naming_flags(e, DEPLOY_FLAGS))?;
+    if !json {
+        // Before a wait, which may end in an error they explain.
+        print_warnings(&outcome);
+    }
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
@@ -247,7 +251,6 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
             crate::progress::compile_note(&outcome)
         );
     }
-    print_warnings(&outcome);
     if let Some((nodes, took)) = rollout {
         let placed = if deploy.placement.is_empty() {
             String::new()
@@ -472,7 +475,7 @@ fn wait_for_rollout(
         }
         if nodes.is_empty() && started.elapsed() >= timeout {
             bail!(
-                "{function} version {version} is deployed, but after {:.1}s no live node has                  labels {}: start one with `mayfly serve --labels {}`",
+                "{function} version {version} is deployed, but after {:.1}s no live node has labels {}: start one with `mayfly serve --labels {}`",
                 started.elapsed().as_secs_f64(),
                 mayfly_store::labels_text(placement),
                 mayfly_store::labels_text(placement)

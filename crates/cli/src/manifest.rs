@@ -680,6 +680,32 @@ component = "/abs/another.wasm"
     }
 
     #[test]
+    fn a_placement_reaches_the_config_and_a_malformed_one_is_refused() {
+        let manifest = parse(
+            "[functions.f]\ncomponent = \"f.wasm\"\n[functions.f.placement]\nsite = \"fra1\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        let config = crate::deploy::config_json(&manifest.functions[0].deploy);
+        assert_eq!(
+            config["placement"],
+            serde_json::json!({"region": "eu", "site": "fra1"})
+        );
+        let unplaced = parse("[functions.f]\ncomponent = \"f.wasm\"\n").unwrap();
+        assert!(
+            crate::deploy::config_json(&unplaced.functions[0].deploy)
+                .get("placement")
+                .is_none()
+        );
+        let message = error(
+            "[functions.f]\ncomponent = \"f.wasm\"\n[functions.f.placement]\nsite = \"fra 1\"\n",
+        );
+        assert!(
+            message.contains("[functions.f.placement]") && message.contains("1-63 letters"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn a_misspelled_key_is_named_with_its_line() {
         let message =
             error("[functions.hello]\ncomponent = \"hello.wasm\"\nrotues = [\"/hello\"]\n");

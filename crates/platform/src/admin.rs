@@ -346,7 +346,7 @@ async fn placement_warning(
     let labels = mayfly_store::labels_text(placement);
     if platform.fleet_node().is_none() {
         return Some(format!(
-            "this node runs on its own (no --nats), so it runs the function although its              placement is {labels}: a placement chooses among the nodes of a fleet"
+            "this node runs on its own (no --nats), so it runs the function although its placement is {labels}: a placement chooses among the nodes of a fleet"
         ));
     }
     match platform.nodes().await {
@@ -356,7 +356,7 @@ async fn placement_warning(
                 .any(|node| mayfly_store::placement_matches(&node.labels, placement)) =>
         {
             Some(format!(
-                "no node with labels {labels} is live: the function is stored and runs once one                  joins (`mayfly serve --labels {labels}`); until then its requests answer 503"
+                "no node with labels {labels} is live: the function is stored and runs once one joins (`mayfly serve --labels {labels}`); until then its requests answer 503"
             ))
         }
         _ => None,
@@ -500,7 +500,7 @@ async fn invoke_elsewhere(
     let alias = query.alias.as_deref().unwrap_or(mayfly_store::LIVE_ALIAS);
     if alias != mayfly_store::LIVE_ALIAS {
         return Err(ApiError::bad_request(format!(
-            "function `{}` runs on other nodes (those with {}), and only its `live` alias is              invoked through this one: leave `alias` out, or ask a node with those labels",
+            "function `{}` runs on other nodes (those with {}), and only its `live` alias is invoked through this one: leave `alias` out, or ask a node with those labels",
             remote.name,
             mayfly_store::labels_text(&remote.placement)
         )));

@@ -352,6 +352,46 @@ impl Catalog {
 mod tests {
     use super::*;
 
+    fn remote(name: &str, version: u64, routes: &[&str]) -> Arc<RemoteFunction> {
+        Arc::new(RemoteFunction {
+            name: name.to_string(),
+            version,
+            placement: [("site".to_string(), "a".to_string())].into(),
+            routes: routes.iter().map(|r| Route::parse(r).unwrap()).collect(),
+            stripped: Vec::new(),
+            forward_timeout: Duration::from_secs(35),
+        })
+    }
+
+    #[test]
+    fn functions_run_elsewhere_are_found_by_route_apart_and_replaced_by_name() {
+        let catalog = Catalog::of([], [remote("f", 1, &["/f"])]);
+        assert!(catalog.routes.lookup(None, "/f/x").is_none());
+        let found = catalog.remote_routes.lookup(None, "/f/x").unwrap();
+        assert_eq!(
+            (found.function.name.as_str(), found.route.prefix.as_str()),
+            ("f", "/f")
+        );
+        assert!(catalog.knows("f") && !catalog.by_name.contains_key("f"));
+
+        // A new version with other routes replaces the old entry whole.
+        let catalog = catalog.with_remote(remote("f", 2, &["/g"]));
+        assert!(catalog.remote_routes.lookup(None, "/f").is_none());
+        assert_eq!(
+            catalog
+                .remote_routes
+                .lookup(None, "/g")
+                .unwrap()
+                .function
+                .version,
+            2
+        );
+        assert_eq!(catalog.remote.len(), 1);
+        let catalog = catalog.without("f");
+        assert!(!catalog.knows("f"));
+        assert!(catalog.remote_routes.lookup(None, "/g").is_none());
+    }
+
     #[test]
     fn the_split_is_deterministic() {
         for id in ["a", "split-1", "0190b4c2a3f47c3e9d8e5b1f2a3c4d5e", ""] {

@@ -237,6 +237,36 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
     );
     assert!(answer.header("retry-after").is_some());
     assert_eq!(answer.header("x-mayfly-node"), Some("b"));
+
+    // A deploy no live node matches is stored, with a warning, and --wait
+    // says why it cannot finish.
+    let hello = guest("hello");
+    eventually(Duration::from_secs(30), "a gone from the list", || {
+        (b.admin_json("/v1/nodes").as_array().map_or(0, Vec::len) == 1).then_some(())
+    });
+    let (ok, stdout, stderr) = b.cli(&[
+        "deploy",
+        "pinned",
+        hello.to_str().unwrap(),
+        "--route",
+        "/pinned",
+        "--place",
+        "site=a",
+        "--wait",
+        "1s",
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("warning: no node with labels site=a is live"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "no live node has labels site=a: start one with `mayfly serve --labels site=a`"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(send(&b, "GET", "/pinned", b"").status, 503);
 }
 
 #[test]
