@@ -503,24 +503,42 @@ fn wait_for_rollout(
     }
 }
 
-/// `mayfly versions NAME --fleet`: the version each node serves.
+/// `mayfly versions NAME --fleet`: the version each node serves; a node
+/// whose labels do not match the function's placement is marked so.
 fn fleet_versions(client: &AdminClient, json: bool, function: &str) -> anyhow::Result<()> {
     let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
-    let serving: Vec<(&str, Option<u64>)> = nodes
+    let described: Value = client.get_json(&format!("/v1/functions/{}", segment(function)))?;
+    let placement: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(described["live"]["config"]["placement"].clone())
+            .unwrap_or_default();
+    let serving: Vec<(&str, Option<u64>, bool)> = nodes
         .iter()
-        .map(|node| (node.name.as_str(), node.functions.get(function).copied()))
+        .map(|node| {
+            (
+                node.name.as_str(),
+                node.functions.get(function).copied(),
+                nodes.len() == 1 || mayfly_store::placement_matches(&node.labels, &placement),
+            )
+        })
         .collect();
     if json {
         let rows: Vec<Value> = serving
             .iter()
-            .map(|(node, version)| serde_json::json!({"node": node, "version": version}))
+            .map(|(node, version, placed)| {
+                serde_json::json!({"node": node, "version": version, "placed": placed})
+            })
             .collect();
         println!("{}", Value::Array(rows));
         return Ok(());
     }
     let mut table = Table::new(["NODE", "LIVE VERSION"]);
-    for (node, version) in serving {
-        let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let labels = mayfly_store::labels_text(&placement);
+    for (node, version, placed) in serving {
+        let version = match (version, placed) {
+            (Some(version), _) => version.to_string(),
+            (None, true) => "-".to_string(),
+            (None, false) => format!("- (placed on {labels})"),
+        };
         table.row([node.to_string(), version]);
     }
     table.print();

@@ -128,6 +128,8 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
     };
     assert_eq!(version_on("a"), Some(Value::from(1)), "{rows}");
     assert_eq!(version_on("b"), Some(Value::Null), "{rows}");
+    let (ok, table, _) = a.cli(&["versions", "pinned", "--fleet"]);
+    assert!(ok && table.contains("- (placed on site=a)"), "{table}");
 
     // A request for it at b is answered by a, routed as b saw it.
     let answer = send(&b, "POST", "/pinned/x?q=1", b"ping");
