@@ -323,15 +323,19 @@ impl Deployments {
 
     /// Puts `remote` in the catalog: this node stops running the function
     /// (if it did) and forwards its requests from now on.
+    /// One swap, so a request never finds the function in neither part.
     pub(super) fn swap_in_remote(&self, remote: Arc<RemoteFunction>) {
         let name = remote.name.clone();
-        self.forget(&name);
+        let removed = self.parts.catalog.load().by_name.get(&name).cloned();
         let next = self.parts.catalog.load().with_remote(remote);
         self.parts.catalog.store(Arc::new(next));
-        tracing::info!(
-            function = %name,
-            "placed on other nodes: this node forwards its requests"
-        );
+        if removed.is_some() {
+            tracing::info!(
+                function = %name,
+                "placed on other nodes now: this node stops running it and forwards its requests"
+            );
+        }
+        self.release(&name, removed);
     }
 
     /// Whether this node runs a function placed at `placement`: a fleet
@@ -409,6 +413,12 @@ impl Deployments {
         let removed = self.parts.catalog.load().by_name.get(name).cloned();
         let next = self.parts.catalog.load().without(name);
         self.parts.catalog.store(Arc::new(next));
+        self.release(name, removed);
+    }
+
+    /// Lets go of what running `name` here held, once the catalog no
+    /// longer has it as run here (`removed`: its entry until then).
+    fn release(&self, name: &str, removed: Option<Arc<Served>>) {
         self.parts.admission.remove(name);
         self.parts.rollouts.retain(name, &[]);
         if let Some(removed) = removed {
