@@ -219,6 +219,8 @@ pub struct RemoteFunction {
     /// How long a forward waits for the answer: the function's timeout
     /// plus a margin for the trip and a cold start.
     pub forward_timeout: Duration,
+    /// The largest request body the function takes.
+    pub max_request_bytes: u64,
 }
 
 /// The margin a forward waits beyond the function's own timeout.
@@ -360,6 +362,7 @@ mod tests {
             routes: routes.iter().map(|r| Route::parse(r).unwrap()).collect(),
             stripped: Vec::new(),
             forward_timeout: Duration::from_secs(35),
+            max_request_bytes: 1 << 20,
         })
     }
 

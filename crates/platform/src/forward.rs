@@ -6,9 +6,11 @@
 //!
 //! The first node routes the request (normalised path, prefix stripped,
 //! route headers set from its own view, the client's address included)
-//! and the serving node keeps all of that as it is. Bodies travel whole in
-//! one message, so both are capped at [`mayfly_store::Forwarder::max_body`]:
-//! a larger request gets 413, a larger response 502, each saying so.
+//! and the serving node keeps all of that as it is. Bodies travel whole
+//! (read into memory at both ends), so they are capped at
+//! [`mayfly_store::Forwarder::max_body`] besides the function's own
+//! limits: a larger request gets 413, a larger response 502, each saying
+//! so.
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
@@ -51,17 +53,24 @@ impl Invoker {
     {
         let name = &remote.name;
         let placement = labels_text(&remote.placement);
-        let limit = self.forward.max_body();
+        let carried = self.forward.max_body();
+        let own = usize::try_from(remote.max_request_bytes).unwrap_or(usize::MAX);
+        let limit = own.min(carried);
         let too_large = || {
             self.requests_too_large.inc();
-            text_response(
-                http::StatusCode::PAYLOAD_TOO_LARGE,
+            let message = if own <= carried {
+                format!(
+                    "the request body is over {limit} bytes, the most function `{name}` takes \
+                     (`mayfly deploy --max-request-bytes`)\n"
+                )
+            } else {
                 format!(
                     "function `{name}` runs on other nodes (those with {placement}), and a request \
                      forwarded to them carries at most {limit} bytes of body: send larger ones to \
                      a node with {placement} directly\n"
-                ),
-            )
+                )
+            };
+            text_response(http::StatusCode::PAYLOAD_TOO_LARGE, message)
         };
         let declared = request
             .headers()

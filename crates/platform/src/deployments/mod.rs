@@ -305,6 +305,7 @@ impl Deployments {
                 routes: served.routes.clone(),
                 stripped: served.stripped.clone(),
                 forward_timeout: live.limits.timeout + FORWARD_MARGIN,
+                max_request_bytes: live.limits.max_request_bytes,
             };
             self.swap_in_remote(Arc::new(remote));
             return;
@@ -495,6 +496,7 @@ pub(super) fn remote_function(
         routes,
         stripped,
         forward_timeout: Duration::from_millis(config.limits.timeout_ms) + FORWARD_MARGIN,
+        max_request_bytes: config.limits.max_request_bytes,
     }))
 }
 
