@@ -49,12 +49,12 @@ pub enum ForwardError {
     /// A node took the request but did not answer in time.
     #[error("the node running the function did not answer within {0:?}")]
     Timeout(Duration),
-    /// The request is larger than one forwarded message carries.
-    #[error("the request is {size} bytes, over the {limit} bytes a forwarded request carries")]
+    /// The request's body is larger than forwarding carries.
+    #[error("the request body is {size} bytes, over the {limit} bytes a forwarded request carries")]
     TooLarge {
-        /// The encoded request's size.
+        /// The body's size.
         size: usize,
-        /// The largest message forwarding sends.
+        /// The largest body forwarding carries ([`Forwarder::max_body`]).
         limit: usize,
     },
     /// The fleet's messaging failed.
@@ -83,7 +83,7 @@ pub trait Forwarder: Send + Sync {
     fn node(&self) -> Option<&str>;
 
     /// The largest body a forwarded request or response may have, in bytes
-    /// (what one message carries, less room for the head).
+    /// (both ends hold it whole).
     fn max_body(&self) -> usize;
 
     /// Sends `request` to a node running `function` and waits up to

@@ -214,7 +214,9 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
 
     // Bodies over one message (256 KiB on these 1 MiB servers) go in chunks,
     // both ways: echo answers with what it was sent.
-    let large: Vec<u8> = (0..10 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    let large: Vec<u8> = (0..10 * 1024 * 1024 + 17)
+        .map(|i| (i % 251) as u8)
+        .collect();
     let request = ureq::http::Request::builder()
         .method("POST")
         .uri(format!("{}/pinned/large", b.gateway))
