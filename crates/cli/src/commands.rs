@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::args::{AliasCommand, Command, InvokeArgs, NodeCommand, UsageArgs};
 use crate::body::read_file;
 use crate::client::{AdminClient, check, encode, encode_keeping_slashes, segment};
-use crate::deploy::{DeployArgs, FunctionDeploy, send_deploy};
+use crate::deploy::{DeployArgs, FunctionDeploy, print_warnings, send_deploy};
 use crate::events;
 use crate::flags::{CANARY_FLAGS, DEPLOY_FLAGS, USAGE_FLAGS, naming_flags};
 use crate::output::{Table, aligned_fields, format_time, text};
@@ -124,6 +124,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         limits,
         scaling,
         grants,
+        place,
         wait,
     } = args;
     // Clap refuses --manifest with NAME.
@@ -151,6 +152,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || !grants.variables.is_empty()
                 || !grants.env.is_empty()
                 || !grants.env_secrets.is_empty()
+                || !place.is_empty()
                 || strip_prefix;
             if wait.is_some() {
                 bail!(
@@ -198,13 +200,24 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         limits,
         scaling,
         grants,
+        placement: place.into_iter().collect(),
     };
     let mut outcome =
         send_deploy(client, &deploy, !json).map_err(|e| naming_flags(e, DEPLOY_FLAGS))?;
+    if !json {
+        // Before a wait, which may end in an error they explain.
+        print_warnings(&outcome);
+    }
     let rollout = match wait {
         Some(timeout) => {
             let version = outcome["version"].as_u64().unwrap_or_default();
-            Some(wait_for_rollout(client, &deploy.name, version, timeout)?)
+            Some(wait_for_rollout(
+                client,
+                &deploy.name,
+                version,
+                &deploy.placement,
+                timeout,
+            )?)
         }
         None => None,
     };
@@ -240,8 +253,13 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
         );
     }
     if let Some((nodes, took)) = rollout {
+        let placed = if deploy.placement.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", mayfly_store::labels_text(&deploy.placement))
+        };
         println!(
-            "live on {nodes} of {nodes} nodes after {:.2}s",
+            "live on {nodes} of {nodes} nodes{placed} after {:.2}s",
             took.as_secs_f64()
         );
     }
@@ -435,15 +453,35 @@ fn print_log(json: bool, node: Option<&str>, record: &LogRecord) -> anyhow::Resu
 /// `function` on its `live` alias; returns how many nodes and how long it
 /// took. Nodes report every second, so this sees a rollout within about a
 /// second of its end.
+/// Waits until every live node that runs `function` (every node, or
+/// those whose labels match `placement`) serves `version`; returns how
+/// many nodes that is and how long it took.
 fn wait_for_rollout(
     client: &AdminClient,
     function: &str,
     version: u64,
+    placement: &std::collections::BTreeMap<String, String>,
     timeout: std::time::Duration,
 ) -> anyhow::Result<(usize, std::time::Duration)> {
     let started = std::time::Instant::now();
     loop {
-        let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+        let mut nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
+        // A node on its own runs every function, whatever its labels.
+        if nodes.len() > 1
+            || nodes
+                .iter()
+                .any(|node| !node.functions.contains_key(function))
+        {
+            nodes.retain(|node| mayfly_store::placement_matches(&node.labels, placement));
+        }
+        if nodes.is_empty() && started.elapsed() >= timeout {
+            bail!(
+                "{function} version {version} is deployed, but after {:.1}s no live node has labels {}: start one with `mayfly serve --labels {}`",
+                started.elapsed().as_secs_f64(),
+                mayfly_store::labels_text(placement),
+                mayfly_store::labels_text(placement)
+            );
+        }
         let behind: Vec<String> = nodes
             .iter()
             .filter(|node| node.functions.get(function) != Some(&version))
@@ -466,24 +504,42 @@ fn wait_for_rollout(
     }
 }
 
-/// `mayfly versions NAME --fleet`: the version each node serves.
+/// `mayfly versions NAME --fleet`: the version each node serves; a node
+/// whose labels do not match the function's placement is marked so.
 fn fleet_versions(client: &AdminClient, json: bool, function: &str) -> anyhow::Result<()> {
     let nodes: Vec<mayfly_store::NodeInfo> = client.get_json("/v1/nodes")?;
-    let serving: Vec<(&str, Option<u64>)> = nodes
+    let described: Value = client.get_json(&format!("/v1/functions/{}", segment(function)))?;
+    let placement: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(described["live"]["config"]["placement"].clone())
+            .unwrap_or_default();
+    let serving: Vec<(&str, Option<u64>, bool)> = nodes
         .iter()
-        .map(|node| (node.name.as_str(), node.functions.get(function).copied()))
+        .map(|node| {
+            (
+                node.name.as_str(),
+                node.functions.get(function).copied(),
+                nodes.len() == 1 || mayfly_store::placement_matches(&node.labels, &placement),
+            )
+        })
         .collect();
     if json {
         let rows: Vec<Value> = serving
             .iter()
-            .map(|(node, version)| serde_json::json!({"node": node, "version": version}))
+            .map(|(node, version, placed)| {
+                serde_json::json!({"node": node, "version": version, "placed": placed})
+            })
             .collect();
         println!("{}", Value::Array(rows));
         return Ok(());
     }
     let mut table = Table::new(["NODE", "LIVE VERSION"]);
-    for (node, version) in serving {
-        let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let labels = mayfly_store::labels_text(&placement);
+    for (node, version, placed) in serving {
+        let version = match (version, placed) {
+            (Some(version), _) => version.to_string(),
+            (None, true) => "-".to_string(),
+            (None, false) => format!("- (placed on {labels})"),
+        };
         table.row([node.to_string(), version]);
     }
     table.print();

@@ -49,8 +49,14 @@ pub struct DeployArgs {
     pub scaling: ScalingArgs,
     #[command(flatten)]
     pub grants: GrantArgs,
-    /// After the deploy, wait until every live node of the fleet serves
-    /// the new version (at most this long, e.g. 30s; `--wait` alone: 60s).
+    /// Run the function only on fleet nodes with this label (KEY=VALUE,
+    /// as in their `mayfly serve --labels`); repeat for more, all must
+    /// match. Other nodes forward its requests to one that runs it.
+    #[arg(long = "place", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub place: Vec<(String, String)>,
+    /// After the deploy, wait until every live node of the fleet that runs
+    /// the function (all, or those its --place matches) serves the new
+    /// version (at most this long, e.g. 30s; `--wait` alone: 60s).
     #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "60s",
           value_parser = humantime::parse_duration)]
     pub wait: Option<std::time::Duration>,
@@ -93,6 +99,17 @@ pub struct GrantArgs {
 /// A route as the node accepts it, checked before anything is uploaded.
 fn parse_route(text: &str) -> Result<String, String> {
     mayfly_platform::validate::check_route(text).map(|()| text.to_string())
+}
+
+/// A placement label, `key=value`, checked as node labels are.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(format!(
+            "`{text}` is not KEY=VALUE (e.g. --place site=fra1)"
+        ));
+    };
+    mayfly_store::check_label(key, value)?;
+    Ok((key.to_string(), value.to_string()))
 }
 
 fn parse_variable(text: &str) -> Result<(String, String), String> {
@@ -162,6 +179,16 @@ fn given<const N: usize>(settings: [(&str, Option<Value>); N]) -> serde_json::Ma
         .collect()
 }
 
+/// Prints on stderr the warnings of a deploy's answer (a placement no live
+/// node matches).
+pub fn print_warnings(outcome: &Value) {
+    for warning in outcome["warnings"].as_array().into_iter().flatten() {
+        if let Some(warning) = warning.as_str() {
+            eprintln!("warning: {warning}");
+        }
+    }
+}
+
 /// One function's deploy, from `mayfly deploy NAME COMPONENT --flags` or
 /// from a manifest: both send it with [`send_deploy`].
 #[derive(Debug)]
@@ -182,6 +209,8 @@ pub struct FunctionDeploy {
     pub scaling: ScalingArgs,
     /// Grants and variables.
     pub grants: GrantArgs,
+    /// Labels a fleet node needs to run the function (empty: every node).
+    pub placement: std::collections::BTreeMap<String, String>,
 }
 
 /// The `config` part of a deploy: what was given; the node fills in the rest.
@@ -192,6 +221,7 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         limits,
         scaling,
         grants,
+        placement,
         ..
     } = deploy;
     let ms = |d: Duration| Value::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -245,6 +275,7 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         ("env", Value::Object(map(&grants.env))),
         ("env_secrets", Value::Object(map(&grants.env_secrets))),
         ("streaming_request", Value::Bool(streaming_request)),
+        ("placement", serde_json::json!(placement)),
     ] {
         let given = match &value {
             Value::Array(items) => !items.is_empty(),

@@ -16,6 +16,8 @@
 //! LOG_LEVEL = "debug"
 //! [functions.hello.env_secrets]      # variable = secret name
 //! API_KEY = "api-key"
+//! [functions.hello.placement]        # only fleet nodes with these labels run it
+//! site = "fra1"
 //! ```
 //!
 //! Each function becomes exactly the deploy request `mayfly deploy NAME
@@ -84,6 +86,8 @@ struct FunctionEntry {
     env: BTreeMap<String, String>,
     #[serde(default)]
     env_secrets: BTreeMap<String, String>,
+    #[serde(default)]
+    placement: BTreeMap<String, String>,
 }
 
 /// `strip_prefix = true` (every route), `"/api"` or `["/api"]` (those).
@@ -277,6 +281,11 @@ fn function(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    for (key, value) in &entry.placement {
+        mayfly_store::check_label(key, value).map_err(|error| {
+            anyhow::anyhow!("function `{name}`: [functions.{name}.placement]: {error}")
+        })?;
+    }
     if entry.component.get_ref().trim().is_empty() {
         return Err(located(
             entry.component.span(),
@@ -323,6 +332,7 @@ fn function(
                 env: entry.env.into_iter().collect(),
                 env_secrets: entry.env_secrets.into_iter().collect(),
             },
+            placement: entry.placement,
         },
     })
 }
@@ -369,8 +379,10 @@ pub fn apply_manifest(
         if json {
             println!("{outcome}");
         } else if outcome["unchanged"] == Value::Bool(true) {
+            crate::deploy::print_warnings(&outcome);
             println!("{}", summary(name, &outcome));
         } else {
+            crate::deploy::print_warnings(&outcome);
             println!(
                 "{} ({})",
                 summary(name, &outcome),
@@ -672,6 +684,32 @@ component = "/abs/another.wasm"
             serde_json::json!({"KEY": "api-key"})
         );
         assert!(config("").get("env").is_none());
+    }
+
+    #[test]
+    fn a_placement_reaches_the_config_and_a_malformed_one_is_refused() {
+        let manifest = parse(
+            "[functions.f]\ncomponent = \"f.wasm\"\n[functions.f.placement]\nsite = \"fra1\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        let config = crate::deploy::config_json(&manifest.functions[0].deploy);
+        assert_eq!(
+            config["placement"],
+            serde_json::json!({"region": "eu", "site": "fra1"})
+        );
+        let unplaced = parse("[functions.f]\ncomponent = \"f.wasm\"\n").unwrap();
+        assert!(
+            crate::deploy::config_json(&unplaced.functions[0].deploy)
+                .get("placement")
+                .is_none()
+        );
+        let message = error(
+            "[functions.f]\ncomponent = \"f.wasm\"\n[functions.f.placement]\nsite = \"fra 1\"\n",
+        );
+        assert!(
+            message.contains("[functions.f.placement]") && message.contains("1-63 letters"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -169,17 +169,7 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
                 "`{pair}` is not key=value (e.g. region=eu,site=fra1)"
             ));
         };
-        let well_formed = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 63
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
-        if !well_formed(key) || !well_formed(value) {
-            return Err(format!(
-                "label `{pair}`: keys and values are 1-63 letters, digits, `-`, `_` or `.`"
-            ));
-        }
+        mayfly_store::check_label(key, value)?;
         labels.insert(key.to_string(), value.to_string());
     }
     Ok(Labels(labels))

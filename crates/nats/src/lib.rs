@@ -17,6 +17,7 @@ mod batch;
 mod blobs;
 mod connect;
 mod events;
+mod forward;
 mod link;
 mod logs;
 mod members;
@@ -123,6 +124,7 @@ async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Resul
     stores.usage = usage.clone();
     let log_feed = Arc::new(NatsLogFeed::open(fleet, stores.logs.clone()));
     stores.log_feed = log_feed.clone();
+    stores.forward = Arc::new(forward::NatsForwarder::new(fleet));
     stores.fleet = Some(Arc::new(NatsLink::new(fleet.clone(), usage, log_feed)));
     // KV and object buckets, queues, inboxes, triggers and dead letters:
     // one store; this node keeps only copies of object bytes locally.

@@ -318,8 +318,12 @@ async fn deploy(
         .unwrap_or_default();
     let outcome = platform
         .deployments()
-        .deploy_unless_gone(&name, component, config, triggers, &gone)
+        .deploy_unless_gone(&name, component, config.clone(), triggers, &gone)
         .await?;
+    let mut outcome = outcome;
+    if let Some(warning) = placement_warning(&platform, &config.placement).await {
+        outcome.warnings.push(warning);
+    }
     // Nothing was created when the live version was deployed again.
     let status = if outcome.unchanged {
         StatusCode::OK
@@ -327,6 +331,36 @@ async fn deploy(
         StatusCode::CREATED
     };
     Ok((status, Json(outcome)))
+}
+
+/// What a deploy with `placement` should warn about: on a node on its
+/// own, that the placement does not apply; in a fleet, that no live node
+/// matches it (the function is stored, and runs once one joins).
+async fn placement_warning(
+    platform: &Platform,
+    placement: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    if placement.is_empty() {
+        return None;
+    }
+    let labels = mayfly_store::labels_text(placement);
+    if platform.fleet_node().is_none() {
+        return Some(format!(
+            "this node runs on its own (no --nats), so it runs the function although its placement is {labels}: a placement chooses among the nodes of a fleet"
+        ));
+    }
+    match platform.nodes().await {
+        Ok(nodes)
+            if !nodes
+                .iter()
+                .any(|node| mayfly_store::placement_matches(&node.labels, placement)) =>
+        {
+            Some(format!(
+                "no node with labels {labels} is live: the function is stored and runs once one joins (`mayfly serve --labels {labels}`); until then its requests answer 503"
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// `bytes` as MiB for a message (`64 MiB`, `1.5 MiB`).
@@ -378,12 +412,20 @@ async fn invoke(
     body: Body,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let served = platform
-        .catalog()
-        .by_name
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| PlatformError::NotFound(name.clone()))?;
+    let (served, remote) = {
+        let catalog = platform.catalog();
+        (
+            catalog.by_name.get(&name).cloned(),
+            catalog.remote.get(&name).cloned(),
+        )
+    };
+    let served = match (served, remote) {
+        (Some(served), _) => served,
+        (None, Some(remote)) => {
+            return invoke_elsewhere(&platform, &remote, query, headers, body).await;
+        }
+        (None, None) => return Err(PlatformError::NotFound(name.clone()).into()),
+    };
     let alias = query.alias.as_deref().unwrap_or(mayfly_store::LIVE_ALIAS);
     let Some(target) = served.alias(alias) else {
         crate::validate::validate_alias(alias)?;
@@ -398,8 +440,25 @@ async fn invoke(
                 "an asynchronous invocation goes to the `live` alias: leave `alias` out",
             ));
         }
-        return invoke_async(&platform, &target.deployed, query, &headers, body).await;
+        let deployed = &target.deployed;
+        let limit = deployed.limits.max_request_bytes;
+        return invoke_async(&platform, &deployed.name, limit, query, &headers, body).await;
     }
+    let request = invoke_request(&query, headers, body)?;
+    let response = platform
+        .invoker()
+        .invoke(target, request, "invoke", crate::invoker::Caller::Operator)
+        .await;
+    Ok(response.map(Body::new))
+}
+
+/// The request an admin `invoke` runs: `query`'s method and path, the
+/// caller's headers and body.
+fn invoke_request(
+    query: &InvokeQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<http::Request<InvokeBody>> {
     let method = Method::from_bytes(query.method.as_bytes())
         .map_err(|_| ApiError::bad_request(format!("invalid method `{}`", query.method)))?;
     if !query.path.starts_with('/') {
@@ -412,14 +471,48 @@ async fn invoke(
     let mut request = http::Request::builder()
         .method(method)
         .uri(uri)
-        .body(body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string()))))
+        .body(body.map_err(body_error as fn(axum::Error) -> wasmtime_wasi_http::Error))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     *request.headers_mut() = headers;
     // The caller's admin token is for the node, never for the function.
     request.headers_mut().remove(http::header::AUTHORIZATION);
+    Ok(request)
+}
+
+/// The body of an admin `invoke`'s request, as the invoker takes it.
+type InvokeBody =
+    http_body_util::combinators::MapErr<Body, fn(axum::Error) -> wasmtime_wasi_http::Error>;
+
+fn body_error(error: axum::Error) -> wasmtime_wasi_http::Error {
+    wasmtime_wasi_http::Error::InternalError(Some(error.to_string()))
+}
+
+/// The admin `invoke` of a function placed on other nodes: forwarded to
+/// one that runs it (its `live` alias), or stored for them when
+/// asynchronous.
+async fn invoke_elsewhere(
+    platform: &Platform,
+    remote: &crate::catalog::RemoteFunction,
+    query: InvokeQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let alias = query.alias.as_deref().unwrap_or(mayfly_store::LIVE_ALIAS);
+    if alias != mayfly_store::LIVE_ALIAS {
+        return Err(ApiError::bad_request(format!(
+            "function `{}` runs on other nodes (those with {}), and only its `live` alias is invoked through this one: leave `alias` out, or ask a node with those labels",
+            remote.name,
+            mayfly_store::labels_text(&remote.placement)
+        )));
+    }
+    if query.asynchronous {
+        let limit = crate::validate::MAX_ASYNC_BYTES as u64;
+        return invoke_async(platform, &remote.name, limit, query, &headers, body).await;
+    }
+    let request = invoke_request(&query, headers, body)?;
     let response = platform
         .invoker()
-        .invoke(target, request, "invoke", crate::invoker::Caller::Operator)
+        .forward(remote, request, "invoke", crate::invoker::Caller::Operator)
         .await;
     Ok(response.map(Body::new))
 }
@@ -427,9 +520,11 @@ async fn invoke(
 /// `POST /v1/functions/{name}/invoke?async=true`: stores the invocation as
 /// a `dev.mayfly.invoke` event (delivered at least once, retried, then
 /// dead-lettered) and answers 202 with its id once it is durable.
+/// `max_request_bytes`: the function's request limit.
 async fn invoke_async(
     platform: &Platform,
-    function: &crate::catalog::Deployed,
+    function: &str,
+    max_request_bytes: u64,
     query: InvokeQuery,
     headers: &HeaderMap,
     body: Body,
@@ -442,10 +537,7 @@ async fn invoke_async(
     }
     // The event is stored whole: cap it like a queue message batch rather
     // than at the function's (streamed) request limit.
-    let limit = function
-        .limits
-        .max_request_bytes
-        .min(crate::validate::MAX_ASYNC_BYTES as u64);
+    let limit = max_request_bytes.min(crate::validate::MAX_ASYNC_BYTES as u64);
     let data = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
@@ -466,7 +558,7 @@ async fn invoke_async(
         .map(str::to_string);
     let event_id = platform
         .events()
-        .invoke_async(&function.name, query.path, content_type, data, retry)
+        .invoke_async(function, query.path, content_type, data, retry)
         .await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -502,7 +594,7 @@ async fn logs(
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let tail = query.tail.min(10_000);
-    if !platform.catalog().by_name.contains_key(&name) {
+    if !platform.catalog().knows(&name) {
         return Err(PlatformError::NotFound(name).into());
     }
     // Subscribe before reading so no line lands between the two.

@@ -9,8 +9,9 @@
 //! snapshot: requests already running hold an `Arc` of the version they
 //! started on and finish there, new ones see the new version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mayfly_runtime::InvocationLimits;
 use mayfly_store::{Digest, FunctionScaling, LIVE_ALIAS, WEIGHT_SCALE_BP};
@@ -142,6 +143,9 @@ pub struct Served {
     pub live: Target,
     /// The other aliases, by name.
     pub aliases: HashMap<String, Target>,
+    /// The labels a fleet node needs to run it (its `live` version's
+    /// placement; empty: every node).
+    pub placement: BTreeMap<String, String>,
 }
 
 impl Served {
@@ -197,57 +201,199 @@ pub struct MatchedRoute {
     pub strip: bool,
 }
 
-/// Every deployed function, by name and by route.
+/// A function of the fleet this node does not run, because its placement
+/// names labels the node lacks: what the node needs to forward its
+/// requests to a node that runs it.
+#[derive(Debug)]
+pub struct RemoteFunction {
+    /// Function name.
+    pub name: String,
+    /// Its `live` version.
+    pub version: u64,
+    /// The labels a node needs to run it.
+    pub placement: BTreeMap<String, String>,
+    /// The routes of its `live` version.
+    pub routes: Vec<Route>,
+    /// Those of `routes` whose prefix the guest does not see.
+    pub stripped: Vec<Route>,
+    /// How long a forward waits for the answer: the function's timeout
+    /// plus a margin for the trip and a cold start.
+    pub forward_timeout: Duration,
+    /// The largest request body the function takes.
+    pub max_request_bytes: u64,
+}
+
+/// The margin a forward waits beyond the function's own timeout.
+pub const FORWARD_MARGIN: Duration = Duration::from_secs(5);
+
+/// What a request's route leads to on this node when another node runs
+/// the function.
+#[derive(Clone)]
+pub struct RemoteMatch {
+    /// The function, run elsewhere.
+    pub function: Arc<RemoteFunction>,
+    /// The route, as the gateway tells the guest about it.
+    pub route: Arc<MatchedRoute>,
+}
+
+/// Every deployed function, by name and by route: those this node runs,
+/// and (apart, so the request path for the others checks nothing more)
+/// those it forwards.
 #[derive(Default)]
 pub struct Catalog {
-    /// Functions by name.
+    /// Functions this node runs, by name.
     pub by_name: HashMap<String, Arc<Served>>,
-    /// Functions by route.
+    /// Functions this node runs, by route.
     pub routes: RouteTable<RouteMatch>,
+    /// Functions other nodes run (their placement), by name.
+    pub remote: HashMap<String, Arc<RemoteFunction>>,
+    /// Functions other nodes run, by route: looked up only when `routes`
+    /// has no match.
+    pub remote_routes: RouteTable<RemoteMatch>,
+}
+
+/// A route of a function as the gateway reports it to the guest.
+fn matched_route(route: &Route, stripped: &[Route]) -> Arc<MatchedRoute> {
+    // A stored route is checked text (host name characters and a path
+    // without controls), so it is a valid header value; one that were not
+    // would simply go without the header.
+    let header = http::HeaderValue::from_str(&route.to_string())
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+    Arc::new(MatchedRoute {
+        header,
+        prefix: route.prefix.clone(),
+        strip: stripped.contains(route),
+    })
 }
 
 impl Catalog {
-    /// Builds a catalog from a set of functions.
+    /// Builds a catalog from a set of functions this node runs.
     pub fn new(functions: impl IntoIterator<Item = Arc<Served>>) -> Self {
+        Self::of(functions, [])
+    }
+
+    /// Builds a catalog from the functions this node runs and those it
+    /// forwards.
+    pub fn of(
+        functions: impl IntoIterator<Item = Arc<Served>>,
+        remote: impl IntoIterator<Item = Arc<RemoteFunction>>,
+    ) -> Self {
         let mut catalog = Self::default();
         for function in functions {
             for route in &function.routes {
-                // A stored route is checked text (host name characters and
-                // a path without controls), so it is a valid header value;
-                // one that were not would simply go without the header.
-                let header = http::HeaderValue::from_str(&route.to_string())
-                    .unwrap_or_else(|_| http::HeaderValue::from_static(""));
                 let matched = RouteMatch {
                     function: function.clone(),
-                    route: Arc::new(MatchedRoute {
-                        header,
-                        prefix: route.prefix.clone(),
-                        strip: function.stripped.contains(route),
-                    }),
+                    route: matched_route(route, &function.stripped),
                 };
                 catalog.routes.insert(route, matched);
             }
             catalog.by_name.insert(function.name.clone(), function);
         }
+        for function in remote {
+            for route in &function.routes {
+                let matched = RemoteMatch {
+                    function: function.clone(),
+                    route: matched_route(route, &function.stripped),
+                };
+                catalog.remote_routes.insert(route, matched);
+            }
+            catalog.remote.insert(function.name.clone(), function);
+        }
         catalog
     }
 
-    /// A new catalog with `function` added or replacing the one of that name.
+    /// The functions this node runs and those it forwards, but `name`.
+    fn others(
+        &self,
+        name: &str,
+    ) -> (
+        impl Iterator<Item = Arc<Served>> + '_,
+        impl Iterator<Item = Arc<RemoteFunction>> + '_,
+    ) {
+        let name = name.to_string();
+        let remote_name = name.clone();
+        (
+            self.by_name
+                .values()
+                .filter(move |f| f.name != name)
+                .cloned(),
+            self.remote
+                .values()
+                .filter(move |f| f.name != remote_name)
+                .cloned(),
+        )
+    }
+
+    /// A new catalog with `function` run here, added or replacing the
+    /// one of that name.
     pub fn with(&self, function: Arc<Served>) -> Self {
-        let name = function.name.clone();
-        let others = self.by_name.values().filter(|f| f.name != name).cloned();
-        Self::new(others.chain([function]))
+        let (served, remote) = self.others(&function.name);
+        Self::of(served.chain([function]), remote)
+    }
+
+    /// A new catalog with `function` forwarded, added or replacing the one
+    /// of that name.
+    pub fn with_remote(&self, function: Arc<RemoteFunction>) -> Self {
+        let (served, remote) = self.others(&function.name);
+        Self::of(served, remote.chain([function]))
     }
 
     /// A new catalog without the function `name`.
     pub fn without(&self, name: &str) -> Self {
-        Self::new(self.by_name.values().filter(|f| f.name != name).cloned())
+        let (served, remote) = self.others(name);
+        Self::of(served, remote)
+    }
+
+    /// Whether the fleet has function `name`, run here or forwarded.
+    pub fn knows(&self, name: &str) -> bool {
+        self.by_name.contains_key(name) || self.remote.contains_key(name)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remote(name: &str, version: u64, routes: &[&str]) -> Arc<RemoteFunction> {
+        Arc::new(RemoteFunction {
+            name: name.to_string(),
+            version,
+            placement: [("site".to_string(), "a".to_string())].into(),
+            routes: routes.iter().map(|r| Route::parse(r).unwrap()).collect(),
+            stripped: Vec::new(),
+            forward_timeout: Duration::from_secs(35),
+            max_request_bytes: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn functions_run_elsewhere_are_found_by_route_apart_and_replaced_by_name() {
+        let catalog = Catalog::of([], [remote("f", 1, &["/f"])]);
+        assert!(catalog.routes.lookup(None, "/f/x").is_none());
+        let found = catalog.remote_routes.lookup(None, "/f/x").unwrap();
+        assert_eq!(
+            (found.function.name.as_str(), found.route.prefix.as_str()),
+            ("f", "/f")
+        );
+        assert!(catalog.knows("f") && !catalog.by_name.contains_key("f"));
+
+        // A new version with other routes replaces the old entry whole.
+        let catalog = catalog.with_remote(remote("f", 2, &["/g"]));
+        assert!(catalog.remote_routes.lookup(None, "/f").is_none());
+        assert_eq!(
+            catalog
+                .remote_routes
+                .lookup(None, "/g")
+                .unwrap()
+                .function
+                .version,
+            2
+        );
+        assert_eq!(catalog.remote.len(), 1);
+        let catalog = catalog.without("f");
+        assert!(!catalog.knows("f"));
+        assert!(catalog.remote_routes.lookup(None, "/g").is_none());
+    }
 
     #[test]
     fn the_split_is_deterministic() {

@@ -10,8 +10,9 @@ use mayfly_runtime::HyperOutgoingBody;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::RouteMatch;
+use crate::catalog::{RemoteFunction, RouteMatch, Served};
 use crate::connections::{self, ClientAddr, ConnectionLimits, Plain, TimedBody};
+use crate::forward::{Forwarded, NODE_HEADER};
 use crate::invoker::{Caller, Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
@@ -27,7 +28,17 @@ pub async fn serve(
 ) {
     let service = service_fn(move |request| {
         let invoker = invoker.clone();
-        async move { Ok::<_, Infallible>(route(&invoker, request).await) }
+        async move {
+            let mut response = route(&invoker, request).await;
+            // A forwarded response already names the node that served it;
+            // any other is this node's (a guest's own value is replaced).
+            if let Some(node) = &invoker.node_header
+                && response.extensions().get::<Forwarded>().is_none()
+            {
+                response.headers_mut().insert(NODE_HEADER, node.clone());
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     connections::serve(
         "gateway",
@@ -72,18 +83,31 @@ async fn route(
                 return bad_request(format!("the request path is not valid: {message}"));
             }
         };
-        let matched = invoker
-            .catalog()
-            .routes
-            .lookup(host.as_deref(), &path)
-            .cloned();
+        let catalog = invoker.catalog();
+        let matched = match catalog.routes.lookup(host.as_deref(), &path) {
+            Some(RouteMatch { function, route }) => {
+                Some((Runs::Here(function.clone()), route.clone()))
+            }
+            // Only a request this node has no function for pays for the
+            // second lookup.
+            None => catalog
+                .remote_routes
+                .lookup(host.as_deref(), &path)
+                .map(|remote| {
+                    (
+                        Runs::Elsewhere(remote.function.clone()),
+                        remote.route.clone(),
+                    )
+                }),
+        };
+        drop(catalog);
         let normalised = match path {
             Cow::Owned(path) => Some(path),
             Cow::Borrowed(_) => None,
         };
         (matched, normalised)
     };
-    let Some(RouteMatch { function, route }) = matched else {
+    let Some((function, route)) = matched else {
         return text_response(
             http::StatusCode::NOT_FOUND,
             "no function serves this path: deploy one with `mayfly deploy <name> <file.wasm> --route <prefix>`\n",
@@ -122,9 +146,26 @@ async fn route(
             Err(error) => return bad_request(format!("the request path is not valid: {error}")),
         }
     }
-    invoker
-        .invoke(&function.live, request, "http", Caller::Public)
-        .await
+    match function {
+        Runs::Here(function) => {
+            invoker
+                .invoke(&function.live, request, "http", Caller::Public)
+                .await
+        }
+        Runs::Elsewhere(function) => {
+            invoker
+                .forward(&function, request, "http", Caller::Public)
+                .await
+        }
+    }
+}
+
+/// Where the function a request is routed to runs.
+enum Runs {
+    /// On this node.
+    Here(Arc<Served>),
+    /// On other nodes (its placement): the request is forwarded.
+    Elsewhere(Arc<RemoteFunction>),
 }
 
 /// The route the request matched, as users write it (`/api`,

@@ -63,7 +63,12 @@ pub struct Invoker {
     /// Where guests' log lines go.
     logs: Arc<LogHub>,
     /// Requests refused with 413: a body over the function's limit.
-    requests_too_large: Counter,
+    pub(crate) requests_too_large: Counter,
+    /// Carries requests for functions placed on other nodes.
+    pub(crate) forward: Arc<dyn mayfly_store::Forwarder>,
+    /// `x-mayfly-node`'s value on a fleet node (its name): set on every
+    /// gateway response; `None` on a node on its own.
+    pub(crate) node_header: Option<http::HeaderValue>,
 }
 
 impl Invoker {
@@ -74,13 +79,19 @@ impl Invoker {
         artifacts: Arc<Artifacts>,
         logs: Arc<LogHub>,
         requests_too_large: Counter,
+        forward: Arc<dyn mayfly_store::Forwarder>,
     ) -> Self {
+        let node_header = forward
+            .node()
+            .and_then(|node| http::HeaderValue::from_str(node).ok());
         Self {
             catalog,
             admission,
             artifacts,
             logs,
             requests_too_large,
+            forward,
+            node_header,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod error;
 pub mod event_metrics;
 pub mod events;
 mod feeds;
+pub mod forward;
 pub mod gateway;
 pub mod invoker;
 pub mod ledger;

@@ -146,6 +146,7 @@ impl Platform {
             artifacts.clone(),
             logs.clone(),
             metrics.node.requests_too_large.clone(),
+            stores.forward.clone(),
         ));
         let workers = Arc::new(EventWorkers::new(events.clone(), invoker.clone()));
         let api_url = Arc::new(OnceLock::new());
@@ -171,6 +172,8 @@ impl Platform {
             services,
             config: config.clone(),
             started,
+            forward: stores.forward.clone(),
+            forward_handler: invoker.clone(),
         }));
         let autoscaler = Arc::new(Autoscaler::new(
             catalog,
@@ -288,6 +291,12 @@ impl Platform {
             Some(link) => Ok(Some(link.status().await?)),
             None => Ok(None),
         }
+    }
+
+    /// This node's name when it is part of a fleet (requests may be
+    /// forwarded to and from it); `None` on its own.
+    pub fn fleet_node(&self) -> Option<&str> {
+        self.invoker.forward.node()
     }
 
     /// This node's name in the fleet.

@@ -31,6 +31,7 @@ mod changes;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod events;
+mod forward;
 mod link;
 mod logs;
 mod members;
@@ -48,6 +49,10 @@ pub use events::{
     InboxEvent, KvCondition, KvEntry, KvKey, KvStore, ObjectChange, ObjectMeta, ObjectStore,
     QueueRef, QueueStats, RetryPolicy, Settlement, Trigger, TriggerSource, TriggerSpec,
     TriggerStore, WorkHint, new_event_id,
+};
+pub use forward::{
+    ForwardError, ForwardHandler, ForwardedRequest, ForwardedResponse, Forwarder, NoForwarding,
+    check_label, labels_text, placement_matches,
 };
 pub use link::{FleetLink, FleetLinkStatus};
 pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};

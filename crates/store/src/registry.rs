@@ -48,6 +48,11 @@ pub struct FunctionConfig {
     /// than the node should hold in memory.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub streaming_request: bool,
+    /// Labels a node of a fleet must have (every pair) to run the
+    /// function; the others forward its requests to one that does. Empty:
+    /// every node runs it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub placement: std::collections::BTreeMap<String, String>,
 }
 
 /// What a function may reach beyond its sandbox. Deny by default: a

@@ -5,8 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::{
-    AuthStore, BlobStore, EventQueue, FleetLink, KvStore, LocalLogs, LogFeed, LogStore, Membership,
-    ObjectStore, Registry, Result, SecretStore, SingleNode, TriggerStore, UsageStore,
+    AuthStore, BlobStore, EventQueue, FleetLink, Forwarder, KvStore, LocalLogs, LogFeed, LogStore,
+    Membership, NoForwarding, ObjectStore, Registry, Result, SecretStore, SingleNode, TriggerStore,
+    UsageStore,
 };
 
 /// One handle per contract. The embedded back-end ([`Stores::sqlite`]) keeps
@@ -42,6 +43,10 @@ pub struct Stores {
     /// New guest log lines of every node, for followers (a node on its own
     /// has no feed: [`LocalLogs`]; a fleet back-end replaces it).
     pub log_feed: Arc<dyn LogFeed>,
+    /// Carries requests for functions placed on other nodes to a node
+    /// that runs them (a node on its own runs every function:
+    /// [`NoForwarding`]; a fleet back-end replaces it).
+    pub forward: Arc<dyn Forwarder>,
     /// The link to the fleet, for `mayfly status`: `None` for a node on
     /// its own.
     pub fleet: Option<Arc<dyn FleetLink>>,
@@ -88,6 +93,7 @@ impl Stores {
             secrets,
             members: Arc::new(SingleNode::default()),
             log_feed: Arc::new(LocalLogs),
+            forward: Arc::new(NoForwarding),
             fleet: None,
             local,
         }

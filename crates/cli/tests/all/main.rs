@@ -26,6 +26,7 @@ mod login;
 mod manifest;
 mod new;
 mod node_logs;
+mod placement;
 mod quickstart;
 mod retention;
 mod scaling;

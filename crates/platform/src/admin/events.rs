@@ -465,7 +465,7 @@ async fn function_triggers(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    if !platform.catalog().by_name.contains_key(&name) {
+    if !platform.catalog().knows(&name) {
         return Err(PlatformError::NotFound(name).into());
     }
     Ok(Json(platform.events().triggers(Some(&name))).into_response())

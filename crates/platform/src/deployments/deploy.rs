@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use mayfly_store::{
     BlobKind, Digest, Expected, FunctionConfig, FunctionRecord, LIVE_ALIAS, StoreError, Trigger,
-    TriggerSpec, VersionRecord,
+    TriggerSpec, VersionRecord, check_label,
 };
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -35,6 +35,10 @@ pub struct DeployOutcome {
     /// Whether the upload was the live version's component and config
     /// again, so no version was created: `version` is the live one.
     pub unchanged: bool,
+    /// What the deployer should know although the deploy worked (a
+    /// placement no live node matches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Deployments {
@@ -84,6 +88,13 @@ impl Deployments {
                 wasm.len(),
                 self.parts.config.max_component_bytes
             )));
+        }
+        for (key, value) in &config.placement {
+            check_label(key, value).map_err(|error| {
+                PlatformError::BadRequest(format!(
+                    "placement: {error}; write it as --place key=value, e.g. --place site=fra1"
+                ))
+            })?;
         }
         validate_routes(&config.routes).map_err(PlatformError::BadRequest)?;
         let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
@@ -213,6 +224,7 @@ impl Deployments {
             compiled,
             compile_ms,
             unchanged: false,
+            warnings: Vec::new(),
         })
     }
 
@@ -245,14 +257,14 @@ impl Deployments {
     ) -> Result<Option<VersionRecord>, PlatformError> {
         // Only a function the catalog serves: one that failed to load at
         // start is deployed afresh.
-        let Some(serving) = self
-            .parts
-            .catalog
-            .load()
+        let catalog = self.parts.catalog.load();
+        let serving = catalog
             .by_name
             .get(name)
             .map(|f| f.live.deployed.version)
-        else {
+            .or_else(|| catalog.remote.get(name).map(|f| f.version));
+        drop(catalog);
+        let Some(serving) = serving else {
             return Ok(None);
         };
         let record = self.parts.registry.function(name).await?;
@@ -286,6 +298,7 @@ impl Deployments {
             compiled: compiled.is_some(),
             compile_ms: compiled.map_or(0, millis),
             unchanged: true,
+            warnings: Vec::new(),
         })
     }
 
@@ -341,7 +354,9 @@ impl Deployments {
         // Under the change lock, so a delete cannot slip in between the
         // check and the write and leave a trigger without its function.
         let _change = self.changes.lock().await;
-        if !self.parts.catalog.load().by_name.contains_key(function) {
+        // A function placed on other nodes gets its triggers too: they
+        // fire there.
+        if !self.parts.catalog.load().knows(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.check_trigger_alias(function, &spec)?;

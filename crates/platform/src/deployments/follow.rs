@@ -93,11 +93,19 @@ impl Deployments {
         let _change = self.changes.lock().await;
         let prior = self.parts.catalog.load().by_name.get(name).cloned();
         match self.parts.registry.function(name).await? {
+            // Placed elsewhere: nothing to compile or load here.
+            Some(record) if !self.runs_here(&record.live.config.placement) => {
+                let remote =
+                    super::remote_function(&record.name, record.live.version, &record.live.config)?;
+                self.swap_in_remote(remote);
+            }
             Some(record) => {
                 let served = self.restore(record, prior.as_deref()).await?;
                 self.swap_in(served, prior.as_deref());
             }
-            None if prior.is_some() => self.forget(name),
+            None if prior.is_some() || self.parts.catalog.load().remote.contains_key(name) => {
+                self.forget(name)
+            }
             None => return Ok(()),
         }
         self.count_functions();
@@ -169,7 +177,15 @@ impl Deployments {
 
     /// Converges every function the store or the catalog knows.
     async fn converge_all(self: &Arc<Self>, stop: &CancellationToken) {
-        let mut names: Vec<String> = self.parts.catalog.load().by_name.keys().cloned().collect();
+        let mut names: Vec<String> = {
+            let catalog = self.parts.catalog.load();
+            catalog
+                .by_name
+                .keys()
+                .chain(catalog.remote.keys())
+                .cloned()
+                .collect()
+        };
         match self.parts.registry.functions().await {
             Ok(records) => names.extend(records.into_iter().map(|record| record.name)),
             Err(error) => tracing::error!("cannot list functions to re-read them: {error}"),

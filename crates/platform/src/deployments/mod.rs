@@ -10,7 +10,7 @@ mod aliases;
 pub(crate) mod deploy;
 mod follow;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,13 +18,16 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mayfly_runtime::InvocationLimits;
 use mayfly_store::{
-    BlobStore, Digest, FunctionConfig, FunctionRecord, FunctionScaling, LIVE_ALIAS, Registry,
+    BlobStore, Digest, ForwardHandler, Forwarder, FunctionConfig, FunctionRecord, FunctionScaling,
+    LIVE_ALIAS, Registry, placement_matches,
 };
 
 use crate::admission::{Admission, SlotLimits};
 use crate::artifacts::Artifacts;
 use crate::capabilities::{NodeServices, capabilities};
-use crate::catalog::{Artifact, Canary, Catalog, Deployed, Served, Target};
+use crate::catalog::{
+    Artifact, Canary, Catalog, Deployed, FORWARD_MARGIN, RemoteFunction, Served, Target,
+};
 use crate::config::{NodeConfig, ScalingConfig};
 use crate::error::PlatformError;
 use crate::events::EventHub;
@@ -78,6 +81,11 @@ pub(crate) struct DeploymentParts {
     pub(crate) services: Arc<NodeServices>,
     pub(crate) config: NodeConfig,
     pub(crate) started: Instant,
+    /// Carries requests for functions placed elsewhere; told which
+    /// functions this node answers for after every change.
+    pub(crate) forward: Arc<dyn Forwarder>,
+    /// Runs the requests other nodes forward here.
+    pub(crate) forward_handler: Arc<dyn ForwardHandler>,
 }
 
 impl Deployments {
@@ -97,11 +105,23 @@ impl Deployments {
     pub(crate) async fn restore_all(&self) -> anyhow::Result<()> {
         let records = self.parts.registry.functions().await?;
         let mut served = Vec::with_capacity(records.len());
+        let mut remote = Vec::new();
         for record in records {
-            served.push(self.restore(record, None).await?);
+            if self.runs_here(&record.live.config.placement) {
+                served.push(self.restore(record, None).await?);
+            } else {
+                remote.push(remote_function(
+                    &record.name,
+                    record.live.version,
+                    &record.live.config,
+                )?);
+            }
         }
-        self.parts.catalog.store(Arc::new(Catalog::new(served)));
+        self.parts
+            .catalog
+            .store(Arc::new(Catalog::of(served, remote)));
         self.count_functions();
+        self.answer_forwards();
         Ok(())
     }
 
@@ -265,12 +285,31 @@ impl Deployments {
             stripped,
             live,
             aliases: named,
+            placement: live_config
+                .map(|config| config.placement.clone())
+                .unwrap_or_default(),
         }))
     }
 
     /// Puts `served` in the catalog in place of `prior`, then sends the
     /// versions no longer in service cold (running requests keep theirs).
+    /// A function whose placement this node does not match goes in as a
+    /// forwarded one instead (see [`Deployments::swap_in_remote`]).
     pub(super) fn swap_in(&self, served: Arc<Served>, prior: Option<&Served>) {
+        if !self.runs_here(&served.placement) {
+            let live = &served.live.deployed;
+            let remote = RemoteFunction {
+                name: served.name.clone(),
+                version: live.version,
+                placement: served.placement.clone(),
+                routes: served.routes.clone(),
+                stripped: served.stripped.clone(),
+                forward_timeout: live.limits.timeout + FORWARD_MARGIN,
+                max_request_bytes: live.limits.max_request_bytes,
+            };
+            self.swap_in_remote(Arc::new(remote));
+            return;
+        }
         let next = self.parts.catalog.load().with(served.clone());
         self.parts.catalog.store(Arc::new(next));
         if let Some(prior) = prior {
@@ -280,6 +319,41 @@ impl Deployments {
                 }
             }
         }
+        self.answer_forwards();
+    }
+
+    /// Puts `remote` in the catalog: this node stops running the function
+    /// (if it did) and forwards its requests from now on.
+    /// One swap, so a request never finds the function in neither part.
+    pub(super) fn swap_in_remote(&self, remote: Arc<RemoteFunction>) {
+        let name = remote.name.clone();
+        let removed = self.parts.catalog.load().by_name.get(&name).cloned();
+        let next = self.parts.catalog.load().with_remote(remote);
+        self.parts.catalog.store(Arc::new(next));
+        if removed.is_some() {
+            tracing::info!(
+                function = %name,
+                "placed on other nodes now: this node stops running it and forwards its requests"
+            );
+        }
+        self.release(&name, removed);
+    }
+
+    /// Whether this node runs a function placed at `placement`: a fleet
+    /// node when its labels hold every pair; a node on its own always (it
+    /// is the only node there is, so a placement cannot choose another).
+    pub(super) fn runs_here(&self, placement: &BTreeMap<String, String>) -> bool {
+        self.parts.forward.node().is_none()
+            || placement_matches(&self.parts.config.labels, placement)
+    }
+
+    /// Tells the forwarder which functions this node answers for: those
+    /// it runs.
+    fn answer_forwards(&self) {
+        let functions = self.parts.catalog.load().by_name.keys().cloned().collect();
+        self.parts
+            .forward
+            .answer(functions, self.parts.forward_handler.clone());
     }
 
     /// A catalog entry, with its meter and the function's activity.
@@ -340,6 +414,12 @@ impl Deployments {
         let removed = self.parts.catalog.load().by_name.get(name).cloned();
         let next = self.parts.catalog.load().without(name);
         self.parts.catalog.store(Arc::new(next));
+        self.release(name, removed);
+    }
+
+    /// Lets go of what running `name` here held, once the catalog no
+    /// longer has it as run here (`removed`: its entry until then).
+    fn release(&self, name: &str, removed: Option<Arc<Served>>) {
         self.parts.admission.remove(name);
         self.parts.rollouts.retain(name, &[]);
         if let Some(removed) = removed {
@@ -349,6 +429,7 @@ impl Deployments {
         }
         self.parts.metrics.remove_function(name);
         self.count_functions();
+        self.answer_forwards();
     }
 
     /// Sets the gauge of deployed functions.
@@ -395,6 +476,28 @@ impl Deployments {
             None => self.parts.admission.remove(name),
         }
     }
+}
+
+/// The catalog entry of a function this node forwards, from its `live`
+/// version's config.
+pub(super) fn remote_function(
+    name: &str,
+    version: u64,
+    config: &FunctionConfig,
+) -> anyhow::Result<Arc<RemoteFunction>> {
+    let routes = parse_routes(&config.routes)
+        .map_err(|e| anyhow::anyhow!("stored routes of {name} are invalid: {e}"))?;
+    let stripped = parse_routes(&config.strip_prefix)
+        .map_err(|e| anyhow::anyhow!("stored routes of {name} are invalid: {e}"))?;
+    Ok(Arc::new(RemoteFunction {
+        name: name.to_string(),
+        version,
+        placement: config.placement.clone(),
+        routes,
+        stripped,
+        forward_timeout: Duration::from_millis(config.limits.timeout_ms) + FORWARD_MARGIN,
+        max_request_bytes: config.limits.max_request_bytes,
+    }))
 }
 
 /// Admission limits for a function's configuration on this node.
