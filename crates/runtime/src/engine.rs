@@ -9,11 +9,12 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::caps;
 use crate::fair::GuestPool;
-use crate::invoke::{Function, InvocationState, Lifecycle};
-use crate::validate::{self, CompiledComponent, DeployError};
+use crate::invoke::{Function, Handler, InvocationState, Lifecycle};
+use crate::validate::{self, CompiledComponent, DeployError, HandlerKind};
 
 /// How often the epoch advances. A running guest yields to the async runtime
 /// at every tick, so this bounds how long one guest can hold a worker thread
@@ -92,6 +93,10 @@ impl Runtime {
 
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
+            // WASI 0.3 (wasi:http/handler) components: streams, futures and
+            // async lifts. It is on with the cargo feature already; said here
+            // because the engine fingerprint (the artifact cache key) covers it.
+            .wasm_component_model_async(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).context("failed to create the wasmtime engine")?;
 
@@ -100,6 +105,11 @@ impl Runtime {
             .context("failed to link the WASI interfaces")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .context("failed to link the wasi:http interfaces")?;
+        // WASI 0.3 names (`@0.3.0`) never clash with 0.2's.
+        wasmtime_wasi::p3::add_to_linker(&mut linker)
+            .context("failed to link the WASI 0.3 interfaces")?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+            .context("failed to link the wasi:http 0.3 interfaces")?;
         crate::limiter::add_to_linker(&mut linker)
             .context("failed to meter the wasi:http fields")?;
         caps::add_to_linker(&mut linker, InvocationState::caps_view)
@@ -162,11 +172,27 @@ impl Runtime {
             .linker
             .instantiate_pre(component)
             .context("failed to link the component")?;
-        let proxy = ProxyPre::new(pre).context("the component is not a wasi:http proxy")?;
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let handler = match HandlerKind::of_exports(exports.iter().map(String::as_str)) {
+            Ok(HandlerKind::P2) => {
+                Handler::P2(ProxyPre::new(pre).context("the component is not a wasi:http proxy")?)
+            }
+            Ok(HandlerKind::P3) => Handler::P3(
+                ServicePre::new(pre).context("the component is not a wasi:http service")?,
+            ),
+            Err(_) => anyhow::bail!(
+                "the component exports no wasi:http handler this host serves (it exports: {})",
+                exports.join(", ")
+            ),
+        };
         let image = component.image_range();
         let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
         Ok(Function::new(
-            proxy,
+            handler,
             self.lifecycle.clone(),
             reuse,
             code_bytes,

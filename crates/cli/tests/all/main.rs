@@ -25,6 +25,7 @@ mod login;
 mod manifest;
 mod new;
 mod node_logs;
+mod p3;
 mod quickstart;
 mod retention;
 mod scaling;
