@@ -255,10 +255,15 @@ pub struct CompiledComponent {
     pub imports: Vec<String>,
 }
 
-/// Validates and compiles `wasm` for `engine`, checking it against `linker`.
+/// An engine and the linker of the host interfaces for it.
+pub(crate) type EngineLinker<'a> = (&'a Engine, &'a Linker<InvocationState>);
+
+/// Validates and compiles `wasm`, checking it against the host interfaces:
+/// with `p2` (no async support) when it can, else with `p3`, so that WASI
+/// 0.2 components keep running on the engine without async support.
 pub(crate) fn compile(
-    engine: &Engine,
-    linker: &Linker<InvocationState>,
+    p2: EngineLinker<'_>,
+    p3: EngineLinker<'_>,
     wasm: &[u8],
 ) -> Result<CompiledComponent, DeployError> {
     if !wasm.starts_with(b"\0asm") {
@@ -270,8 +275,26 @@ pub(crate) fn compile(
     if !wasmtime::wasmparser::Parser::is_component(wasm) {
         return Err(DeployError::UnknownEncoding);
     }
-    let component =
-        Component::new(engine, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+    let (component, (engine, linker)) = match Component::new(p2.0, wasm) {
+        Ok(component) => (component, p2),
+        // The p3 engine accepts everything p2's does and more, so its
+        // error is the one that says what is wrong.
+        Err(_) => Component::new(p3.0, wasm)
+            .map(|component| (component, p3))
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?,
+    };
+    // A 0.3 handler needs the async support even if nothing else does.
+    let exports_p3 = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| HandlerKind::of_exports([name]) == Ok(HandlerKind::P3));
+    let (component, engine, linker) = if exports_p3 && std::ptr::eq(engine, p2.0) {
+        let component =
+            Component::new(p3.0, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        (component, p3.0, p3.1)
+    } else {
+        (component, engine, linker)
+    };
     let ty = component.component_type();
 
     let exports: Vec<String> = ty
