@@ -88,3 +88,31 @@ fn p3_components_are_refused_what_is_not_supported_with_what_to_do() {
         "{output}"
     );
 }
+
+#[test]
+fn p3_outbound_http_passes_the_same_grants_as_p2() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    // The node's own gateway is the upstream: a loopback address, reachable
+    // only when named in a grant.
+    let upstream = node.gateway.trim_start_matches("http://").to_string();
+    node.deploy("bare", "p3_hello", &["/bare"]);
+    node.deploy_with(
+        "granted",
+        "p3_hello",
+        &["/granted"],
+        &["--outbound", &node.gateway],
+    );
+
+    let (status, body) = node.get(&format!("/bare/fetch/{upstream}"));
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    eventually(Duration::from_secs(10), "the refusal in the log", || {
+        let (ok, logs, _) = node.cli(&["logs", "bare"]);
+        (ok && logs.contains("mayfly:") && logs.contains("outbound")).then_some(())
+    });
+
+    // Through the gateway to a route of no function: 404, but it got there.
+    let (status, body) = node.get(&format!("/granted/fetch/{upstream}"));
+    assert_eq!((status, body.as_str()), (200, "status=404\n"));
+}
