@@ -9,11 +9,12 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::caps;
 use crate::fair::GuestPool;
-use crate::invoke::{Function, InvocationState, Lifecycle};
-use crate::validate::{self, CompiledComponent, DeployError};
+use crate::invoke::{Function, Handler, InvocationState, Lifecycle};
+use crate::validate::{self, CompiledComponent, DeployError, HandlerKind};
 
 /// How often the epoch advances. A running guest yields to the async runtime
 /// at every tick, so this bounds how long one guest can hold a worker thread
@@ -54,17 +55,25 @@ impl Default for RuntimeConfig {
 ///
 /// Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Runtime {
-    engine: Engine,
-    linker: Linker<InvocationState>,
+    /// For WASI 0.2 components: the hot path, without async support.
+    p2: EngineAndLinker,
+    /// For WASI 0.3 components (and any other needing async support).
+    p3: EngineAndLinker,
     fingerprint: String,
     lifecycle: Arc<Lifecycle>,
 }
 
-impl Runtime {
-    /// Builds the engine (Cranelift, async, pooling allocator, epoch
-    /// interruption), links the host interfaces (WASI, wasi:http and the
-    /// [`crate::CAPABILITY_INTERFACES`]), and starts the epoch ticker.
-    pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
+/// One wasmtime engine and the linker of the host interfaces for it.
+struct EngineAndLinker {
+    engine: Engine,
+    linker: Linker<InvocationState>,
+}
+
+impl EngineAndLinker {
+    /// An engine with the pooling allocator and epoch interruption; with
+    /// `p3`, also the component model's async support (streams, futures,
+    /// async lifts) and the WASI 0.3 interfaces beside 0.2's.
+    fn new(config: &RuntimeConfig, p3: bool) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::new();
         let keep_resident = if PoolingAllocationConfig::is_pagemap_scan_available() {
             KEEP_RESIDENT_SCANNED
@@ -92,6 +101,11 @@ impl Runtime {
 
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
+            // With it, every store carries the state of concurrent calls and
+            // every call goes through it: WASI 0.2 guests never use it and
+            // run faster on an engine without it.
+            .concurrency_support(p3)
+            .wasm_component_model_async(p3)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).context("failed to create the wasmtime engine")?;
 
@@ -100,6 +114,14 @@ impl Runtime {
             .context("failed to link the WASI interfaces")?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .context("failed to link the wasi:http interfaces")?;
+        if p3 {
+            // WASI 0.3 names (`@0.3.0`) never clash with 0.2's, which 0.3
+            // guests use too (Rust's standard library on wasm32-wasip2).
+            wasmtime_wasi::p3::add_to_linker(&mut linker)
+                .context("failed to link the WASI 0.3 interfaces")?;
+            wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+                .context("failed to link the wasi:http 0.3 interfaces")?;
+        }
         crate::limiter::add_to_linker(&mut linker)
             .context("failed to meter the wasi:http fields")?;
         caps::add_to_linker(&mut linker, InvocationState::caps_view)
@@ -107,14 +129,26 @@ impl Runtime {
         caps::add_compat_to_linker(&mut linker, InvocationState::caps_view).context(
             "failed to link the other versions of the wasi:keyvalue and wasi:config interfaces",
         )?;
+        Ok(Self { engine, linker })
+    }
+}
 
-        let fingerprint = engine_fingerprint(&engine);
-        spawn_epoch_ticker(&engine)?;
+impl Runtime {
+    /// Builds the engines (Cranelift, async, pooling allocator, epoch
+    /// interruption; one for WASI 0.2 components, one with the component
+    /// model's async support for WASI 0.3 ones), links the host interfaces
+    /// (WASI, wasi:http and the [`crate::CAPABILITY_INTERFACES`]), and starts
+    /// the epoch ticker.
+    pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
+        let p2 = EngineAndLinker::new(config, false)?;
+        let p3 = EngineAndLinker::new(config, true)?;
+        let fingerprint = engine_fingerprint(&[&p2.engine, &p3.engine]);
+        spawn_epoch_ticker(&[&p2.engine, &p3.engine])?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let pool = GuestPool::new(threads).context("failed to start the guest thread pool")?;
         Ok(Arc::new(Self {
-            engine,
-            linker,
+            p2,
+            p3,
             fingerprint,
             lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize, pool)),
         }))
@@ -130,7 +164,11 @@ impl Runtime {
     /// Validates an uploaded component and compiles it to a serialized
     /// artifact. CPU-heavy (Cranelift): call it off the async runtime.
     pub fn compile(&self, wasm: &[u8]) -> Result<CompiledComponent, DeployError> {
-        validate::compile(&self.engine, &self.linker, wasm)
+        validate::compile(
+            (&self.p2.engine, &self.p2.linker),
+            (&self.p3.engine, &self.p3.linker),
+            wasm,
+        )
     }
 
     /// Loads a serialized artifact produced by [`Runtime::compile`] from disk
@@ -151,22 +189,53 @@ impl Runtime {
         // cache key guarantees they were produced with compatible settings;
         // wasmtime additionally checks its own version and settings header
         // before using the code.
+        // Which engine compiled it is not recorded: wasmtime's own header
+        // check refuses the other engine's artifact before using any code.
         #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
-        let component = unsafe { Component::deserialize_file(&self.engine, path) }
-            .with_context(|| format!("failed to load artifact {}", path.display()))?;
-        self.prepare(&component, reuse)
+        let loaded = unsafe { Component::deserialize_file(&self.p2.engine, path) }
+            .map(|component| (component, &self.p2))
+            .or_else(|p2_error| {
+                #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
+                unsafe { Component::deserialize_file(&self.p3.engine, path) }
+                    .map(|component| (component, &self.p3))
+                    .map_err(|_| p2_error)
+            });
+        let (component, engine) =
+            loaded.with_context(|| format!("failed to load artifact {}", path.display()))?;
+        self.prepare(engine, &component, reuse)
     }
 
-    fn prepare(&self, component: &Component, reuse: bool) -> anyhow::Result<Function> {
-        let pre = self
+    fn prepare(
+        &self,
+        engine: &EngineAndLinker,
+        component: &Component,
+        reuse: bool,
+    ) -> anyhow::Result<Function> {
+        let pre = engine
             .linker
             .instantiate_pre(component)
             .context("failed to link the component")?;
-        let proxy = ProxyPre::new(pre).context("the component is not a wasi:http proxy")?;
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&engine.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let handler = match HandlerKind::of_exports(exports.iter().map(String::as_str)) {
+            Ok(HandlerKind::P2) => {
+                Handler::P2(ProxyPre::new(pre).context("the component is not a wasi:http proxy")?)
+            }
+            Ok(HandlerKind::P3) => Handler::P3(
+                ServicePre::new(pre).context("the component is not a wasi:http service")?,
+            ),
+            Err(_) => anyhow::bail!(
+                "the component exports no wasi:http handler this host serves (it exports: {})",
+                exports.join(", ")
+            ),
+        };
         let image = component.image_range();
         let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
         Ok(Function::new(
-            proxy,
+            handler,
             self.lifecycle.clone(),
             reuse,
             code_bytes,
@@ -197,23 +266,27 @@ impl Runtime {
     }
 }
 
-fn engine_fingerprint(engine: &Engine) -> String {
+fn engine_fingerprint(engines: &[&Engine]) -> String {
     // The hash covers wasmtime's version and every setting that affects the
     // compiled code; the std hasher is deterministic for a given binary, and
     // a different binary may recompile once, which is the safe direction.
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut hasher);
+    for engine in engines {
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+    }
     format!("{:016x}", hasher.finish())
 }
 
-fn spawn_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
-    let weak = engine.weak();
+fn spawn_epoch_ticker(engines: &[&Engine]) -> anyhow::Result<()> {
+    let weak: Vec<_> = engines.iter().map(|engine| engine.weak()).collect();
     std::thread::Builder::new()
         .name("mayfly-epoch".into())
         .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
+            // Until the runtime (which holds every engine) is dropped.
+            while weak.iter().all(|weak| weak.upgrade().is_some()) {
+                for engine in weak.iter().filter_map(|weak| weak.upgrade()) {
+                    engine.increment_epoch();
+                }
                 std::thread::sleep(EPOCH_TICK);
             }
         })

@@ -14,6 +14,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
@@ -23,6 +24,7 @@ use crate::labels::RequestLabels;
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
 use crate::outbound::OutboundHooks;
+use crate::validate::HandlerKind;
 
 /// The response a guest produced. Its body streams from the guest, which may
 /// still be running while the caller sends it.
@@ -250,6 +252,31 @@ impl WasiHttpView for InvocationState {
     }
 }
 
+/// A pre-linked component, by the wasi:http handler it exports.
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// `wasi:http/incoming-handler@0.2.x`.
+    P2(ProxyPre<InvocationState>),
+    /// `wasi:http/handler@0.3.x`: never kept (reuse is refused at deploy).
+    P3(ServicePre<InvocationState>),
+}
+
+/// One request's call of its handler, ready to run in the invocation's task.
+enum Call {
+    P2 {
+        pre: ProxyPre<InvocationState>,
+        /// A kept instance to call instead of a new one.
+        proxy: Option<Proxy>,
+        incoming: Resource<HostIncomingRequest>,
+        outparam: Resource<HostResponseOutparam>,
+    },
+    P3 {
+        pre: ServicePre<InvocationState>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        response_tx: crate::p3::ResponseSender,
+    },
+}
+
 /// A deployed function, compiled and pre-linked: instantiating it per request
 /// only allocates a slot and runs the guest's start-up.
 ///
@@ -257,7 +284,7 @@ impl WasiHttpView for InvocationState {
 /// successful request and hands them to later requests, one at a time.
 #[derive(Clone)]
 pub struct Function {
-    pre: ProxyPre<InvocationState>,
+    pre: Handler,
     lifecycle: Arc<Lifecycle>,
     kept: Option<Arc<KeptInstances>>,
     /// Size of the compiled code image, mapped from the artifact while loaded.
@@ -266,18 +293,21 @@ pub struct Function {
 
 /// How a guest's run ended, before it is turned into an outcome.
 enum End {
-    Returned(Result<Proxy, InvocationError>),
+    /// With the instance to keep, if it may be kept.
+    Returned(Result<Option<Proxy>, InvocationError>),
     TimedOut,
     Killed,
 }
 
 impl Function {
     pub(crate) fn new(
-        pre: ProxyPre<InvocationState>,
+        pre: Handler,
         lifecycle: Arc<Lifecycle>,
         reuse: bool,
         code_bytes: usize,
     ) -> Self {
+        // A 0.3 instance is never kept: the deploy refuses `reuse` for it.
+        let reuse = reuse && matches!(pre, Handler::P2(_));
         let kept = reuse.then(|| {
             let kept = Arc::new(KeptInstances::default());
             lifecycle.register(&kept);
@@ -288,6 +318,14 @@ impl Function {
             lifecycle,
             kept,
             code_bytes,
+        }
+    }
+
+    /// Which wasi:http handler the function exports.
+    pub fn handler_kind(&self) -> HandlerKind {
+        match self.pre {
+            Handler::P2(_) => HandlerKind::P2,
+            Handler::P3(_) => HandlerKind::P3,
         }
     }
 
@@ -406,25 +444,40 @@ impl Function {
         store.set_epoch_deadline(FIRST_SLICE_TICKS);
 
         let (response_tx, response_rx) = tokio::sync::oneshot::channel();
-        let incoming = store
-            .data_mut()
-            .http()
-            .new_incoming_request(Scheme::Http, request)
-            .map_err(|e| InvocationError::BadRequest(format!("{e:#}")))?;
-        let outparam = store
-            .data_mut()
-            .http()
-            .new_response_outparam(response_tx)
-            .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?;
+        let fresh = proxy.is_none();
+        let call = match &self.pre {
+            Handler::P2(pre) => {
+                let incoming = store
+                    .data_mut()
+                    .http()
+                    .new_incoming_request(Scheme::Http, request)
+                    .map_err(|e| InvocationError::BadRequest(format!("{e:#}")))?;
+                let outparam = store
+                    .data_mut()
+                    .http()
+                    .new_response_outparam(response_tx)
+                    .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?;
+                Call::P2 {
+                    pre: pre.clone(),
+                    proxy,
+                    incoming,
+                    outparam,
+                }
+            }
+            Handler::P3(pre) => Call::P3 {
+                pre: pre.clone(),
+                request: request.map(|body| body.boxed_unsync()),
+                response_tx,
+            },
+        };
 
-        if proxy.is_none() {
+        if fresh {
             // A fresh instance needs a pool slot: give back an idle kept
             // instance of some function if the pool is full.
             self.lifecycle.make_room();
         }
         let (head_tx, head_rx) = tokio::sync::oneshot::channel();
         let guest = GuestRun {
-            pre: self.pre.clone(),
             lifecycle: self.lifecycle.clone(),
             kept: self.kept.clone(),
             served,
@@ -442,9 +495,7 @@ impl Function {
         let task_labels = guest.labels.clone();
         self.lifecycle.pool.spawn(
             Box::pin(async move {
-                guest
-                    .run(store, proxy, incoming, outparam, response_rx, head_tx)
-                    .await;
+                guest.run(store, call, response_rx, head_tx).await;
                 drop(in_flight);
             }),
             task_labels,
@@ -500,7 +551,11 @@ impl Function {
             memory: MemoryMeter::new(limits.memory_bytes),
             slice_spent: Arc::default(),
         };
-        let mut store = Store::new(self.pre.engine(), state);
+        let engine = match &self.pre {
+            Handler::P2(pre) => pre.engine(),
+            Handler::P3(pre) => pre.engine(),
+        };
+        let mut store = Store::new(engine, state);
         // The meter, with host memory recounted before it refuses a growth.
         store.limiter(|state| state);
         // At every epoch tick the guest yields to the async runtime, so a
@@ -611,7 +666,6 @@ type HeadSender = tokio::sync::oneshot::Sender<Result<InvocationResponse, Invoca
 
 /// Everything the invocation's task needs besides the store.
 struct GuestRun {
-    pre: ProxyPre<InvocationState>,
     lifecycle: Arc<Lifecycle>,
     /// Where the instance goes back after a successful request, if kept.
     kept: Option<Arc<KeptInstances>>,
@@ -636,9 +690,7 @@ impl GuestRun {
     async fn run(
         self,
         mut store: Store<InvocationState>,
-        proxy: Option<Proxy>,
-        incoming: Resource<HostIncomingRequest>,
-        outparam: Resource<HostResponseOutparam>,
+        call: Call,
         mut response_rx: ResponseReceiver,
         head_tx: HeadSender,
     ) {
@@ -649,21 +701,36 @@ impl GuestRun {
         // Whether the caller was gone when the head was ready for it.
         let mut head_unheard = false;
         let (end, cpu) = {
-            let pre = &self.pre;
             let mut guest = std::pin::pin!(CpuMetered::new(async {
-                let proxy = match proxy {
-                    Some(proxy) => proxy,
-                    None => pre
-                        .instantiate_async(&mut store)
+                match call {
+                    Call::P2 {
+                        pre,
+                        proxy,
+                        incoming,
+                        outparam,
+                    } => {
+                        let proxy = match proxy {
+                            Some(proxy) => proxy,
+                            None => pre
+                                .instantiate_async(&mut store)
+                                .await
+                                .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?,
+                        };
+                        proxy
+                            .wasi_http_incoming_handler()
+                            .call_handle(&mut store, incoming, outparam)
+                            .await
+                            .map_err(classify_guest_error)?;
+                        Ok(Some(proxy))
+                    }
+                    Call::P3 {
+                        pre,
+                        request,
+                        response_tx,
+                    } => crate::p3::serve(&mut store, &pre, request, response_tx)
                         .await
-                        .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?,
-                };
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, incoming, outparam)
-                    .await
-                    .map_err(classify_guest_error)?;
-                Ok(proxy)
+                        .map(|()| None),
+                }
             }));
             let deadline = tokio::time::sleep(self.limits.timeout);
             let mut deadline = std::pin::pin!(deadline);
@@ -704,7 +771,7 @@ impl GuestRun {
         let mut finished_instance = None;
         let mut failure = match end {
             End::Returned(Ok(proxy)) => {
-                finished_instance = Some(proxy);
+                finished_instance = proxy;
                 None
             }
             End::Returned(Err(_)) if refused => {
@@ -970,7 +1037,7 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn classify_guest_error(error: wasmtime::Error) -> InvocationError {
+pub(crate) fn classify_guest_error(error: wasmtime::Error) -> InvocationError {
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => InvocationError::Trap(trap.to_string()),
         None => InvocationError::Trap(format!("{error:#}")),

@@ -22,6 +22,7 @@ mod limiter;
 mod logs;
 mod meter;
 mod outbound;
+mod p3;
 mod validate;
 
 pub use caps::{Capabilities, ConfigSource, KeyValueBackend};
@@ -34,5 +35,8 @@ pub use invoke::{
 pub use labels::RequestLabels;
 pub use logs::{LogSink, LogStream};
 pub use outbound::{MAX_OUTBOUND_IN_FLIGHT, OutboundPolicy};
-pub use validate::{CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES};
+pub use validate::{
+    CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES, HandlerKind,
+    P3_HOST_INTERFACES, P3_VERSION,
+};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

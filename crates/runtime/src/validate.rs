@@ -7,11 +7,23 @@ use wasmtime::Engine;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::invoke::InvocationState;
 
-/// The interface a function must export: the `wasi:http/proxy` world's handler.
+/// The interface a WASI 0.2 function exports: the `wasi:http/proxy` world's handler.
 const HANDLER_INTERFACE: &str = "wasi:http/incoming-handler";
+
+/// The interface a WASI 0.3 function exports: the `wasi:http/service` world's handler.
+const P3_HANDLER_INTERFACE: &str = "wasi:http/handler";
+
+/// The one WASI 0.3 version the host implements (wasmtime 48's).
+pub const P3_VERSION: &str = "0.3.0";
+
+/// What to build for, in every refusal of a handler the host cannot serve.
+const BUILD_FOR: &str = "build for wasi:http/proxy 0.2 (`cargo build --target wasm32-wasip2` \
+     with the wasip2 crate) or for wasi:http/service 0.3.0 (wasi:http/handler@0.3.0, e.g. the \
+     wasip3 crate 0.9.0+wasi-0.3.0 on wasm32-wasip2)";
 
 /// The WASI 0.2 interfaces the host links for every function (without their
 /// `@version`). Any 0.2.x version of each is accepted. Linking an interface
@@ -48,6 +60,68 @@ pub const HOST_INTERFACES: &[&str] = &[
     "wasi:http/types",
     "wasi:http/outgoing-handler",
 ];
+
+/// The WASI 0.3 interfaces the host links (without their `@version`), for
+/// `wasi:http/handler` functions; any 0.3.x version of each is accepted by
+/// name, and the linker then checks every function the component uses.
+/// As with [`HOST_INTERFACES`], linking grants nothing: outbound requests
+/// through `wasi:http/client` pass the same policy as 0.2's.
+pub const P3_HOST_INTERFACES: &[&str] = &[
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/types",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:clocks/types",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/system-clock",
+    "wasi:clocks/timezone",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:sockets/types",
+    "wasi:sockets/ip-name-lookup",
+    "wasi:http/types",
+    "wasi:http/client",
+];
+
+/// Which `wasi:http` handler a component exports, and so how it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerKind {
+    /// `wasi:http/incoming-handler@0.2.x` (WASI 0.2, the `wasi:http/proxy` world).
+    P2,
+    /// `wasi:http/handler@0.3.x` (WASI 0.3, the `wasi:http/service` world).
+    P3,
+}
+
+impl HandlerKind {
+    /// Which handler the component's export names hold, if any the host serves.
+    pub(crate) fn of_exports<'a>(
+        exports: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, Vec<String>> {
+        let mut unsupported = Vec::new();
+        for name in exports {
+            if is_wasi_02(name, HANDLER_INTERFACE) {
+                return Ok(HandlerKind::P2);
+            }
+            if is_wasi_03(name, P3_HANDLER_INTERFACE) {
+                return Ok(HandlerKind::P3);
+            }
+            if name.starts_with(HANDLER_INTERFACE) || name.starts_with(P3_HANDLER_INTERFACE) {
+                unsupported.push(name.to_string());
+            }
+        }
+        Err(unsupported)
+    }
+}
 
 /// The capability interfaces the host links, by exact name: WASI drafts
 /// whose versions are not semver-compatible with one another, so only these
@@ -96,19 +170,30 @@ pub enum DeployError {
     Invalid(String),
     /// The component does not export the HTTP handler.
     #[error(
-        "the component does not export {HANDLER_INTERFACE}: a function must target the \
-         wasi:http/proxy world (it exports: {})",
+        "the component does not export {HANDLER_INTERFACE}@0.2 or {P3_HANDLER_INTERFACE}@0.3: a \
+         function must target the wasi:http/proxy (WASI 0.2) or wasi:http/service (WASI 0.3) \
+         world (it exports: {}); {BUILD_FOR}",
         display_list(.exports)
     )]
     MissingHandler {
         /// What the component exports instead.
         exports: Vec<String>,
     },
+    /// The component exports a wasi:http handler of a version this host
+    /// does not serve (a WASI 0.3 release candidate, or a later major).
+    #[error(
+        "the component exports {}, a wasi:http version this host does not serve (it serves \
+         {HANDLER_INTERFACE}@0.2.x and {P3_HANDLER_INTERFACE}@{P3_VERSION}): {BUILD_FOR}",
+        .0.join(", ")
+    )]
+    UnsupportedHandlerVersion(Vec<String>),
     /// The component imports interfaces the host does not provide.
     #[error(
         "the component imports interfaces this host does not provide: {}; a function may \
          import only WASI 0.2 interfaces of the wasi:http/proxy world and wasi:cli, \
-         wasi:clocks, wasi:filesystem, wasi:io, wasi:random and wasi:sockets, plus {}",
+         wasi:clocks, wasi:filesystem, wasi:io, wasi:random and wasi:sockets, their WASI \
+         {P3_VERSION} versions (a wasi:http/handler@0.3 function; not a 0.3 release \
+         candidate), plus {}",
         .0.join(", "),
         CAPABILITY_INTERFACES.join(", ")
     )]
@@ -170,10 +255,15 @@ pub struct CompiledComponent {
     pub imports: Vec<String>,
 }
 
-/// Validates and compiles `wasm` for `engine`, checking it against `linker`.
+/// An engine and the linker of the host interfaces for it.
+pub(crate) type EngineLinker<'a> = (&'a Engine, &'a Linker<InvocationState>);
+
+/// Validates and compiles `wasm`, checking it against the host interfaces:
+/// with `p2` (no async support) when it can, else with `p3`, so that WASI
+/// 0.2 components keep running on the engine without async support.
 pub(crate) fn compile(
-    engine: &Engine,
-    linker: &Linker<InvocationState>,
+    p2: EngineLinker<'_>,
+    p3: EngineLinker<'_>,
     wasm: &[u8],
 ) -> Result<CompiledComponent, DeployError> {
     if !wasm.starts_with(b"\0asm") {
@@ -185,20 +275,39 @@ pub(crate) fn compile(
     if !wasmtime::wasmparser::Parser::is_component(wasm) {
         return Err(DeployError::UnknownEncoding);
     }
-    let component =
-        Component::new(engine, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+    let (component, (engine, linker)) = match Component::new(p2.0, wasm) {
+        Ok(component) => (component, p2),
+        // The p3 engine accepts everything p2's does and more, so its
+        // error is the one that says what is wrong.
+        Err(_) => Component::new(p3.0, wasm)
+            .map(|component| (component, p3))
+            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?,
+    };
+    // A 0.3 handler needs the async support even if nothing else does.
+    let exports_p3 = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| HandlerKind::of_exports([name]) == Ok(HandlerKind::P3));
+    let (component, engine, linker) = if exports_p3 && std::ptr::eq(engine, p2.0) {
+        let component =
+            Component::new(p3.0, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        (component, p3.0, p3.1)
+    } else {
+        (component, engine, linker)
+    };
     let ty = component.component_type();
 
     let exports: Vec<String> = ty
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
-    if !exports
-        .iter()
-        .any(|name| is_wasi_02(name, HANDLER_INTERFACE))
-    {
-        return Err(DeployError::MissingHandler { exports });
-    }
+    let handler = match HandlerKind::of_exports(exports.iter().map(String::as_str)) {
+        Ok(handler) => handler,
+        Err(unsupported) if !unsupported.is_empty() => {
+            return Err(DeployError::UnsupportedHandlerVersion(unsupported));
+        }
+        Err(_) => return Err(DeployError::MissingHandler { exports }),
+    };
 
     let imports: Vec<String> = ty
         .imports(engine)
@@ -220,7 +329,14 @@ pub(crate) fn compile(
     let pre = linker
         .instantiate_pre(&component)
         .map_err(|e| DeployError::Link(format!("{e:#}")))?;
-    ProxyPre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))?;
+    match handler {
+        HandlerKind::P2 => {
+            drop(ProxyPre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))?)
+        }
+        HandlerKind::P3 => {
+            drop(ServicePre::new(pre).map_err(|e| DeployError::Link(format!("{e:#}")))?)
+        }
+    }
 
     let artifact = component
         .serialize()
@@ -231,7 +347,16 @@ pub(crate) fn compile(
 /// Whether the host links the interface `name` (with its version).
 fn is_host_interface(name: &str) -> bool {
     HOST_INTERFACES.iter().any(|host| is_wasi_02(name, host))
+        || P3_HOST_INTERFACES.iter().any(|host| is_wasi_03(name, host))
         || CAPABILITY_INTERFACES.contains(&name)
+}
+
+/// Whether `name` is `interface` at some WASI 0.3.x release (no release
+/// candidate: wasmtime 48 implements 0.3.0 and none of the earlier drafts).
+fn is_wasi_03(name: &str, interface: &str) -> bool {
+    name.strip_prefix(interface)
+        .and_then(|rest| rest.strip_prefix("@0.3."))
+        .is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether `name` is `interface` at some WASI 0.2.x version.
@@ -243,7 +368,42 @@ fn is_wasi_02(name: &str, interface: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_host_interface, is_wasi_02};
+    use super::{HandlerKind, is_host_interface, is_wasi_02, is_wasi_03};
+
+    #[test]
+    fn handler_kind_from_exports() {
+        assert_eq!(
+            HandlerKind::of_exports(["wasi:http/incoming-handler@0.2.6"]),
+            Ok(HandlerKind::P2)
+        );
+        assert_eq!(
+            HandlerKind::of_exports(["wasi:http/handler@0.3.0"]),
+            Ok(HandlerKind::P3)
+        );
+        // A release candidate wasmtime 48 does not have is named as such.
+        assert_eq!(
+            HandlerKind::of_exports(["wasi:http/handler@0.3.0-rc-2025-09-16"]),
+            Err(vec!["wasi:http/handler@0.3.0-rc-2025-09-16".to_string()])
+        );
+        assert_eq!(
+            HandlerKind::of_exports(["wasi:cli/run@0.2.0"]),
+            Err(Vec::new())
+        );
+    }
+
+    #[test]
+    fn p3_interface_versions() {
+        assert!(is_wasi_03("wasi:http/handler@0.3.0", "wasi:http/handler"));
+        assert!(!is_wasi_03(
+            "wasi:http/handler@0.3.0-rc-2025-09-16",
+            "wasi:http/handler"
+        ));
+        assert!(!is_wasi_03("wasi:http/handler@0.2.0", "wasi:http/handler"));
+        assert!(is_host_interface("wasi:cli/stdout@0.3.0"));
+        assert!(is_host_interface("wasi:http/client@0.3.0"));
+        assert!(!is_host_interface("wasi:http/client@0.2.0"));
+        assert!(!is_host_interface("wasi:cli/stdout@0.3.0-rc-2025-09-16"));
+    }
 
     #[test]
     fn interface_versions() {

@@ -2,6 +2,7 @@
 //! then store the version and switch the catalog under the change lock.
 
 use bytes::Bytes;
+use mayfly_runtime::HandlerKind;
 use mayfly_store::{
     BlobKind, Digest, Expected, FunctionConfig, FunctionRecord, LIVE_ALIAS, StoreError, Trigger,
     TriggerSpec, VersionRecord, check_label,
@@ -9,6 +10,12 @@ use mayfly_store::{
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Why a WASI 0.3 component cannot be deployed with `reuse`.
+const P3_REUSE_REFUSAL: &str = "kept instances (`reuse`) are not supported for \
+     wasi:http/handler@0.3 (WASI 0.3) components yet: deploy it without reuse (a fresh \
+     instance per request), or build it for wasi:http/proxy 0.2 \
+     (`cargo build --target wasm32-wasip2` with the wasip2 crate) to keep instances";
 
 use super::{Deployments, slot_limits};
 use crate::capabilities::check_grants;
@@ -172,12 +179,15 @@ impl Deployments {
         // go: a deployed function stays cold (on disk) until its first
         // request, so thousands of idle functions cost no memory, and
         // loading takes well under a millisecond when it is called.
-        drop(
-            self.parts
-                .artifacts
-                .load_verified(&artifact.key, config.scaling.reuse)
-                .await?,
-        );
+        let loaded = self
+            .parts
+            .artifacts
+            .load_verified(&artifact.key, config.scaling.reuse)
+            .await?;
+        if config.scaling.reuse && loaded.handler_kind() == HandlerKind::P3 {
+            return Err(PlatformError::BadRequest(P3_REUSE_REFUSAL.into()));
+        }
+        drop(loaded);
 
         let _change = self.changes.lock().await;
         // An identical deploy may have landed while this one compiled.
