@@ -96,16 +96,7 @@ impl Invoker {
                 .path_and_query()
                 .map_or("/", |path| path.as_str())
                 .to_string(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(name, value)| {
-                    (
-                        name.as_str().to_string(),
-                        Bytes::copy_from_slice(value.as_bytes()),
-                    )
-                })
-                .collect(),
+            headers: header_pairs(&parts.headers),
             body,
         };
         match self
@@ -227,16 +218,7 @@ impl Invoker {
         };
         ForwardedResponse {
             status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(name, value)| {
-                    (
-                        name.as_str().to_string(),
-                        Bytes::copy_from_slice(value.as_bytes()),
-                    )
-                })
-                .collect(),
+            headers: header_pairs(&parts.headers),
             body,
         }
     }
@@ -321,4 +303,18 @@ where
         }
     }
     Ok(collected.freeze())
+}
+
+/// A header map as the forwarded messages carry it: (name, value) pairs in
+/// order, repeated names kept.
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
+        .collect()
 }

@@ -5,9 +5,9 @@
 //!
 //! - `/loop` spins forever, `/oom` allocates until it aborts, `/recurse`
 //!   overflows the stack, `/endless` streams a body that never ends;
-//! - `/trap-mid-body` and `/spin-mid-body` send a head and part of a body,
-//!   then trap or spin until the timeout: the client must see the body
-//!   cut, not a complete answer;
+//! - `/trap-mid-body`, `/spin-mid-body` and `/oom-mid-body` send a head
+//!   and part of a body, then trap, spin until the timeout or run out of
+//!   memory: the client must see the body cut, not a complete answer;
 //! - `/flood?lines=N`, `/sleep?ms=N` and `/alloc?mb=N` misbehave within a
 //!   bound and then answer 200, so limits just above them can be tested too;
 //! - `/fields` and `/fanout` spend host memory and connections (see
@@ -52,6 +52,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
             "/spin-mid-body" => {
                 let _body = start_body(response_out);
                 spin();
+            }
+            "/oom-mid-body" => {
+                let _body = start_body(response_out);
+                exhaust_memory();
             }
             // `/no-answer`: drops the response slot unset, then keeps running
             // a while before returning.

@@ -2,7 +2,7 @@
 //! outcome and status while other functions on the node keep answering.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -56,30 +56,66 @@ fn arrived_whole(node: &Node, path: &str) -> bool {
         .is_ok()
 }
 
+/// GET `path` over a bare TCP connection (HTTP/1.1, no client library to
+/// interpret the framing); returns every byte the node sent until it
+/// closed the connection.
+fn raw_get(node: &Node, path: &str) -> Vec<u8> {
+    let address = node.gateway.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: keep-alive\r\n\r\n"
+    )
+    .unwrap();
+    let mut received = Vec::new();
+    // Read until the node closes: a keep-alive answer that ended properly
+    // would leave the connection open, so the read timeout would fail it.
+    stream
+        .read_to_end(&mut received)
+        .expect("the node closes the connection of a failed body");
+    received
+}
+
 #[test]
 fn a_guest_that_fails_after_its_response_head_cuts_the_body_short() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path());
-    node.deploy_with("hostile", "hostile", &["/"], &["--timeout", "2s"]);
-    // The head and 1 KiB of body went out, then a trap, then a timeout:
-    // either way the client must not see a complete answer.
-    assert!(
-        !arrived_whole(&node, "/trap-mid-body"),
-        "a trapped body looked whole"
+    node.deploy_with(
+        "hostile",
+        "hostile",
+        &["/"],
+        &["--timeout", "2s", "--memory", "32"],
     );
-    assert!(
-        !arrived_whole(&node, "/spin-mid-body"),
-        "a timed-out body looked whole"
-    );
+    // The head and 1 KiB of body went out, then a trap, a timeout or an
+    // out-of-memory: either way the client must not see a complete answer.
+    for (path, what) in [
+        ("/trap-mid-body", "trapped"),
+        ("/spin-mid-body", "timed-out"),
+        ("/oom-mid-body", "out-of-memory"),
+    ] {
+        assert!(!arrived_whole(&node, path), "a {what} body looked whole");
+    }
+    // On the wire: a 200 head, a chunked body with data, then the
+    // connection closed with no terminating chunk.
+    let raw = raw_get(&node, "/trap-mid-body");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked"), "{text}");
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(body.len() > 1000, "part of the body arrived: {body:?}");
+    assert!(!body.ends_with("0\r\n\r\n"), "a terminating chunk: {body:?}");
     // Still a clean answer when the guest finishes its body.
     assert!(arrived_whole(&node, "/alloc?mb=1"));
-    let records = node.await_usage_records("hostile", 3);
+    let records = node.await_usage_records("hostile", 5);
     let mut outcomes: Vec<&str> = records
         .iter()
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     outcomes.sort_unstable();
-    assert_eq!(outcomes, ["error", "ok", "timeout"]);
+    assert_eq!(outcomes, ["error", "error", "ok", "oom", "timeout"]);
 }
 
 #[test]
