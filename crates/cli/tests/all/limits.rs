@@ -98,24 +98,34 @@ fn a_guest_that_fails_after_its_response_head_cuts_the_body_short() {
     ] {
         assert!(!arrived_whole(&node, path), "a {what} body looked whole");
     }
-    // On the wire: a 200 head, a chunked body with data, then the
-    // connection closed with no terminating chunk.
-    let raw = raw_get(&node, "/trap-mid-body");
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains("transfer-encoding: chunked"), "{text}");
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(body.len() > 1000, "part of the body arrived: {body:?}");
-    assert!(!body.ends_with("0\r\n\r\n"), "a terminating chunk: {body:?}");
+    // On the wire: the connection closed with no terminating chunk. hyper
+    // sends the head with the body's first bytes, so when the failure
+    // comes first nothing at all is sent; otherwise a 200 chunked head and
+    // part of the body.
+    for path in ["/trap-mid-body", "/oom-mid-body"] {
+        let raw = raw_get(&node, path);
+        let text = String::from_utf8_lossy(&raw);
+        if !text.is_empty() {
+            assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+            assert!(
+                text.contains("transfer-encoding: chunked"),
+                "{path}: {text}"
+            );
+        }
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "{path}: a terminating chunk: {text:?}"
+        );
+    }
     // Still a clean answer when the guest finishes its body.
     assert!(arrived_whole(&node, "/alloc?mb=1"));
-    let records = node.await_usage_records("hostile", 5);
+    let records = node.await_usage_records("hostile", 6);
     let mut outcomes: Vec<&str> = records
         .iter()
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     outcomes.sort_unstable();
-    assert_eq!(outcomes, ["error", "error", "ok", "oom", "timeout"]);
+    assert_eq!(outcomes, ["error", "error", "ok", "oom", "oom", "timeout"]);
 }
 
 #[test]
