@@ -87,12 +87,12 @@ pub struct GrantArgs {
     pub variables: Vec<(String, String)>,
     /// Environment variable every instance starts with, as NAME=VALUE
     /// (plain text, shown by `mayfly describe`); repeat for more.
-    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_variable)]
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
     /// Environment variable set from a secret, as NAME=SECRET (`mayfly
     /// secret set SECRET` first): this exposes the secret to the function;
     /// its value is never shown. Repeat for more.
-    #[arg(long = "env-secret", value_name = "NAME=SECRET", value_parser = parse_variable)]
+    #[arg(long = "env-secret", value_name = "NAME=SECRET", value_parser = parse_env)]
     pub env_secrets: Vec<(String, String)>,
 }
 
@@ -110,6 +110,13 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     };
     mayfly_store::check_label(key, value)?;
     Ok((key.to_string(), value.to_string()))
+}
+
+/// NAME=VALUE with a name the node accepts, checked before uploading.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = parse_variable(text)?;
+    mayfly_platform::validate::check_env_name(&name)?;
+    Ok((name, value))
 }
 
 fn parse_variable(text: &str) -> Result<(String, String), String> {

@@ -13,7 +13,8 @@ use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::secrets::Secrets;
 use crate::validate::{
-    MAX_VALUE_BYTES, check_key, check_name, check_secret_name, default_bucket, default_bucket_owner,
+    MAX_VALUE_BYTES, check_env_name, check_key, check_name, check_secret_name, default_bucket,
+    default_bucket_owner,
 };
 
 /// wasi:config key under which a function reads its per-invocation
@@ -143,18 +144,8 @@ fn check_env(config: &FunctionConfig) -> Result<(), PlatformError> {
              put the rest in wasi:config variables (--var)"
         )));
     }
-    let names = config.env.keys().chain(config.env_secrets.keys());
-    for name in names {
-        let portable = name.len() <= 128
-            && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !portable {
-            return Err(bad(format!(
-                "environment variable name `{}` must be 1 to 128 letters, digits and `_`, \
-                 not starting with a digit",
-                name.escape_debug()
-            )));
-        }
+    for name in config.env.keys().chain(config.env_secrets.keys()) {
+        check_env_name(name).map_err(bad)?;
     }
     let mut bytes = 0;
     for (name, value) in &config.env {

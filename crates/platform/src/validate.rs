@@ -310,6 +310,25 @@ fn check_route_form(route: &str) -> Result<(), String> {
     ))
 }
 
+/// Checks an environment variable's name: letters, digits and `_`, not
+/// starting with a digit, at most 128 bytes (what shells export and every
+/// language's environment API reads the same way). Shared with clients, so
+/// they refuse a bad name before uploading anything.
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    let portable = name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if portable {
+        Ok(())
+    } else {
+        Err(format!(
+            "environment variable name `{}` must be 1 to 128 letters, digits and `_`, \
+             not starting with a digit",
+            name.escape_debug()
+        ))
+    }
+}
+
 /// Checks one route as a user writes it (`/path` or `host/path`), with
 /// the message that shows both forms: for clients that check a route
 /// before they upload anything.

@@ -244,11 +244,21 @@ impl Compiler {
                 () = watch => Err(self.too_much_memory()),
             }
         };
-        // Leaving early (deadline, memory, a dropped future) drops `run`
-        // and with it the child: kill_on_drop kills it.
-        let (status, out, err) = match tokio::time::timeout(self.limits.timeout, bounded).await {
-            Ok(finished) => finished?,
-            Err(_) => return Err(self.too_slow()),
+        // Past the deadline or the memory budget the worker is killed and
+        // reaped before the slot goes back: a dying worker still holds its
+        // memory, and the slot is what bounds compiles. (A dropped future,
+        // a deploy whose client hung up, kills it through kill_on_drop.)
+        let finished = tokio::time::timeout(self.limits.timeout, bounded).await;
+        let (status, out, err) = match finished {
+            Ok(Ok(finished)) => finished,
+            Ok(Err(error)) => {
+                reap(&mut child).await;
+                return Err(error);
+            }
+            Err(_) => {
+                reap(&mut child).await;
+                return Err(self.too_slow());
+            }
         };
         if let Some((answer, artifact)) = split_answer(&out) {
             return match answer {
@@ -322,6 +332,12 @@ fn resident_bytes(status: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse::<u64>().ok())
         .map(|kib| kib * 1024)
+}
+
+/// Kills a compile worker and waits until it is gone.
+async fn reap(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }
 
 /// CPU seconds a worker may use: its wall-clock limit on every core (it
