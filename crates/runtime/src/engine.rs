@@ -13,7 +13,8 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::caps;
 use crate::fair::GuestPool;
-use crate::invoke::{Function, Handler, InvocationState, Lifecycle};
+use crate::invoke::{Function, Handler, Lifecycle};
+use crate::state::InvocationState;
 use crate::validate::{self, CompiledComponent, DeployError, HandlerKind};
 
 /// How often the epoch advances. A running guest yields to the async runtime

@@ -23,18 +23,19 @@ mod logs;
 mod meter;
 mod outbound;
 mod p3;
+mod state;
 mod validate;
 
 pub use caps::{Capabilities, ConfigSource, KeyValueBackend};
 pub use compiler::{CompileLimits, Compiler, WorkerArgs, run_worker};
 pub use engine::{Runtime, RuntimeConfig};
 pub use invoke::{
-    Function, InvocationError, InvocationLimits, InvocationReport, InvocationResponse, Outcome,
-    ReportSink,
+    Function, InvocationLimits, InvocationReport, InvocationResponse, Outcome, ReportSink,
 };
 pub use labels::RequestLabels;
 pub use logs::{LogSink, LogStream};
 pub use outbound::{MAX_OUTBOUND_IN_FLIGHT, OutboundPolicy};
+pub use state::InvocationError;
 pub use validate::{
     CAPABILITY_INTERFACES, CompiledComponent, DeployError, HOST_INTERFACES, HandlerKind,
     P3_HOST_INTERFACES, P3_VERSION,

@@ -14,7 +14,7 @@ use wasmtime_wasi_http::p2::{HeaderError, HeaderResult};
 use wasmtime_wasi_http::{FieldMap, WasiHttpView};
 
 use crate::host_limits::{FIELDS_OVERHEAD, entry_bytes, map_bytes, recount};
-use crate::invoke::InvocationState;
+use crate::state::InvocationState;
 
 /// The interface whose `fields` are wrapped: the version wasmtime-wasi-http
 /// links (imports of earlier 0.2 versions resolve to it).

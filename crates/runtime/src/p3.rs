@@ -21,7 +21,7 @@ use wasmtime_wasi_http::p3::Request;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::{WasiBody, WasiHttpView};
 
-use crate::invoke::{InvocationError, InvocationState, classify_guest_error};
+use crate::state::{InvocationError, InvocationState, classify_guest_error};
 
 /// Where the response head goes: the same channel a 0.2 guest's
 /// `response-outparam` sends on, so both are handed over alike.

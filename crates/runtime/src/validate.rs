@@ -9,7 +9,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
-use crate::invoke::InvocationState;
+use crate::state::InvocationState;
 
 /// The interface a WASI 0.2 function exports: the `wasi:http/proxy` world's handler.
 const HANDLER_INTERFACE: &str = "wasi:http/incoming-handler";
