@@ -67,6 +67,20 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// A cache folder of xtask's downloads: `$<var>`, else `~/.cache/<folder>`;
+/// `what` says what it holds, for the error when neither is set.
+fn cache_dir(var: &str, folder: &str, what: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .with_context(|| {
+            format!("neither {var} nor HOME is set: set {var} to a folder for {what}")
+        })?;
+    Ok(PathBuf::from(home).join(".cache").join(folder))
+}
+
 fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command
         .status()

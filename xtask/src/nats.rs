@@ -18,13 +18,7 @@ const SHA256: &str = "dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a7
 
 /// The cache folder: `$MAYFLY_NATS_CACHE`, else `~/.cache/mayfly-nats`.
 fn cache_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("MAYFLY_NATS_CACHE").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|home| !home.is_empty())
-        .context("neither MAYFLY_NATS_CACHE nor HOME is set: set MAYFLY_NATS_CACHE to a folder for nats-server")?;
-    Ok(PathBuf::from(home).join(".cache/mayfly-nats"))
+    crate::cache_dir("MAYFLY_NATS_CACHE", "mayfly-nats", "nats-server")
 }
 
 fn sha256_of(path: &std::path::Path) -> anyhow::Result<String> {

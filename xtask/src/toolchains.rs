@@ -13,21 +13,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::{run, workspace_root};
 
 /// The cache folder: `$MAYFLY_TOOLCHAINS_CACHE`, else
 /// `~/.cache/mayfly-toolchains`.
 fn cache_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("MAYFLY_TOOLCHAINS_CACHE").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let home = std::env::var_os("HOME").filter(|home| !home.is_empty()).context(
-        "neither MAYFLY_TOOLCHAINS_CACHE nor HOME is set: set MAYFLY_TOOLCHAINS_CACHE to a folder \
-         for the Python and JavaScript toolchains",
-    )?;
-    Ok(PathBuf::from(home).join(".cache/mayfly-toolchains"))
+    crate::cache_dir(
+        "MAYFLY_TOOLCHAINS_CACHE",
+        "mayfly-toolchains",
+        "the Python and JavaScript toolchains",
+    )
 }
 
 fn template_file(path: &str) -> anyhow::Result<String> {
@@ -97,21 +94,16 @@ fn ensure_js(prefix: &Path) -> anyhow::Result<()> {
         prefix.join("package.json"),
         pins.replace("{{name}}", "mayfly-toolchains"),
     )?;
-    let status = Command::new("npm")
-        .current_dir(prefix)
-        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
-        .status();
-    match status {
-        Ok(status) if status.success() => {}
-        Ok(status) => bail!(
-            "`npm install` of componentize-js in {} failed: {status}",
-            prefix.display()
-        ),
-        Err(error) => bail!(
-            "cannot run npm ({error}): install Node.js 18 or later with npm for the js-http \
-             template's toolchain"
-        ),
-    }
+    run(Command::new("npm").current_dir(prefix).args([
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+    ]))
+    .context(
+        "cannot install componentize-js with npm: install Node.js 18 or later with npm for the \
+         js-http template's toolchain",
+    )?;
     std::fs::write(prefix.join("installed-from"), &pins)?;
     Ok(())
 }

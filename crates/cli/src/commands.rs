@@ -449,13 +449,11 @@ fn print_log(json: bool, node: Option<&str>, record: &LogRecord) -> anyhow::Resu
     Ok(())
 }
 
-/// Polls the fleet's membership until every live node serves `version` of
-/// `function` on its `live` alias; returns how many nodes and how long it
-/// took. Nodes report every second, so this sees a rollout within about a
-/// second of its end.
-/// Waits until every live node that runs `function` (every node, or
-/// those whose labels match `placement`) serves `version`; returns how
-/// many nodes that is and how long it took.
+/// Polls the fleet's membership until every live node that runs
+/// `function` (every node, or those whose labels match `placement`) serves
+/// `version` on its `live` alias; returns how many nodes that is and how
+/// long it took. Nodes report every second, so this sees a rollout within
+/// about a second of its end.
 fn wait_for_rollout(
     client: &AdminClient,
     function: &str,
@@ -475,11 +473,10 @@ fn wait_for_rollout(
             nodes.retain(|node| mayfly_store::placement_matches(&node.labels, placement));
         }
         if nodes.is_empty() && started.elapsed() >= timeout {
+            let wanted = mayfly_store::labels_text(placement);
             bail!(
-                "{function} version {version} is deployed, but after {:.1}s no live node has labels {}: start one with `mayfly serve --labels {}`",
+                "{function} version {version} is deployed, but after {:.1}s no live node has labels {wanted}: start one with `mayfly serve --labels {wanted}`",
                 started.elapsed().as_secs_f64(),
-                mayfly_store::labels_text(placement),
-                mayfly_store::labels_text(placement)
             );
         }
         let behind: Vec<String> = nodes
@@ -573,12 +570,7 @@ fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
     ])
     .right(&["IN-FLIGHT", "MEMORY MB", "SEEN"]);
     for node in nodes {
-        let labels = node
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let labels = mayfly_store::labels_text(&node.labels);
         let functions = node
             .functions
             .iter()

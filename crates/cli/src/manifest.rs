@@ -378,11 +378,12 @@ pub fn apply_manifest(
             .with_context(|| format!("deploying `{name}` failed"))?;
         if json {
             println!("{outcome}");
-        } else if outcome["unchanged"] == Value::Bool(true) {
-            crate::deploy::print_warnings(&outcome);
+            continue;
+        }
+        crate::deploy::print_warnings(&outcome);
+        if outcome["unchanged"] == Value::Bool(true) {
             println!("{}", summary(name, &outcome));
         } else {
-            crate::deploy::print_warnings(&outcome);
             println!(
                 "{} ({})",
                 summary(name, &outcome),

@@ -247,8 +247,10 @@ impl Forwarder for NatsForwarder {
 
     fn answer(&self, functions: Vec<String>, handler: Arc<dyn ForwardHandler>) {
         let mut answering = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted: std::collections::HashSet<&str> =
+            functions.iter().map(String::as_str).collect();
         answering.retain(|function, task| {
-            let keep = functions.contains(function) && !task.is_finished();
+            let keep = wanted.contains(function.as_str()) && !task.is_finished();
             if !keep {
                 task.abort();
             }
@@ -308,7 +310,7 @@ async fn answer_function(
         tokio::spawn(async move {
             let response = match receive(&client, &message.payload, chunk).await {
                 Ok(request) => handler.handle(&function, request).await,
-                Err(error) => text(
+                Err(error) => ForwardedResponse::text(
                     502,
                     format!("the forwarded request is not readable: {error}\n"),
                 ),
@@ -321,7 +323,10 @@ async fn answer_function(
             let payload = match payload {
                 Ok(payload) => payload,
                 Err(error) => {
-                    match encode_response(&text(502, format!("{error}\n")), &Pulled::default()) {
+                    match encode_response(
+                        &ForwardedResponse::text(502, format!("{error}\n")),
+                        &Pulled::default(),
+                    ) {
                         Ok(payload) => payload,
                         Err(_) => return,
                     }
@@ -387,18 +392,6 @@ async fn send_pulled(
 async fn answer(client: &async_nats::Client, reply: Subject, payload: Bytes) {
     if let Err(error) = client.publish(reply, payload).await {
         tracing::debug!("cannot answer a forwarded request: {error}");
-    }
-}
-
-/// A plain-text response made by forwarding itself.
-fn text(status: u16, message: String) -> ForwardedResponse {
-    ForwardedResponse {
-        status,
-        headers: vec![(
-            "content-type".to_string(),
-            Bytes::from_static(b"text/plain; charset=utf-8"),
-        )],
-        body: Bytes::from(message),
     }
 }
 

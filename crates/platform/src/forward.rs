@@ -52,7 +52,8 @@ impl Invoker {
         B::Error: std::fmt::Display,
     {
         let name = &remote.name;
-        let placement = labels_text(&remote.placement);
+        // Only the error answers name it.
+        let placement = || labels_text(&remote.placement);
         let carried = self.forward.max_body();
         let own = usize::try_from(remote.max_request_bytes).unwrap_or(usize::MAX);
         let limit = own.min(carried);
@@ -64,6 +65,7 @@ impl Invoker {
                      (`mayfly deploy --max-request-bytes`)\n"
                 )
             } else {
+                let placement = placement();
                 format!(
                     "function `{name}` runs on other nodes (those with {placement}), and a request \
                      forwarded to them carries at most {limit} bytes of body: send larger ones to \
@@ -106,6 +108,7 @@ impl Invoker {
         {
             Ok(answer) => response_of(answer),
             Err(ForwardError::NoNode) => {
+                let placement = placement();
                 let mut response = text_response(
                     http::StatusCode::SERVICE_UNAVAILABLE,
                     format!(
@@ -122,8 +125,9 @@ impl Invoker {
             Err(ForwardError::Timeout(waited)) => text_response(
                 http::StatusCode::GATEWAY_TIMEOUT,
                 format!(
-                    "function `{name}` runs on another node (one with {placement}), which did not \
+                    "function `{name}` runs on another node (one with {}), which did not \
                      answer within {:.1}s\n",
+                    placement(),
                     waited.as_secs_f64()
                 ),
             ),
@@ -132,7 +136,8 @@ impl Invoker {
                 http::StatusCode::BAD_GATEWAY,
                 format!(
                     "cannot forward the request for function `{name}` to a node with \
-                     {placement}: {error}\n"
+                     {}: {error}\n",
+                    placement()
                 ),
             ),
         }
@@ -166,8 +171,8 @@ impl Invoker {
     ) -> ForwardedResponse {
         let Some(served) = self.catalog().by_name.get(function).cloned() else {
             // Its placement moved away from this node meanwhile.
-            return plain(
-                http::StatusCode::SERVICE_UNAVAILABLE,
+            return ForwardedResponse::text(
+                http::StatusCode::SERVICE_UNAVAILABLE.as_u16(),
                 format!("this node no longer runs function `{function}`: try again\n"),
             );
         };
@@ -179,8 +184,8 @@ impl Invoker {
         ) {
             Ok(request) => request,
             Err(error) => {
-                return plain(
-                    http::StatusCode::BAD_REQUEST,
+                return ForwardedResponse::text(
+                    http::StatusCode::BAD_REQUEST.as_u16(),
                     format!("the forwarded request is not valid: {error}\n"),
                 );
             }
@@ -201,8 +206,8 @@ impl Invoker {
         let body = match collect_limited(body, limit).await {
             Ok(body) => body,
             Err(None) => {
-                return plain(
-                    http::StatusCode::BAD_GATEWAY,
+                return ForwardedResponse::text(
+                    http::StatusCode::BAD_GATEWAY.as_u16(),
                     format!(
                         "the response of function `{function}` is over the {limit} bytes a \
                          forwarded response carries: call a node that runs it directly\n"
@@ -210,8 +215,8 @@ impl Invoker {
                 );
             }
             Err(Some(error)) => {
-                return plain(
-                    http::StatusCode::BAD_GATEWAY,
+                return ForwardedResponse::text(
+                    http::StatusCode::BAD_GATEWAY.as_u16(),
                     format!("the response of function `{function}` failed: {error:?}\n"),
                 );
             }
@@ -272,18 +277,6 @@ fn response_of(answer: ForwardedResponse) -> http::Response<HyperOutgoingBody> {
     }
     response.extensions_mut().insert(Forwarded);
     response
-}
-
-/// A plain-text answer made by this node for a forwarded request.
-fn plain(status: http::StatusCode, message: String) -> ForwardedResponse {
-    ForwardedResponse {
-        status: status.as_u16(),
-        headers: vec![(
-            http::header::CONTENT_TYPE.as_str().to_string(),
-            Bytes::from_static(b"text/plain; charset=utf-8"),
-        )],
-        body: Bytes::from(message),
-    }
 }
 
 /// The whole of `body`, or `Err(None)` once it is over `limit` bytes, or

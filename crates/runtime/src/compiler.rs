@@ -248,16 +248,14 @@ impl Compiler {
         // reaped before the slot goes back: a dying worker still holds its
         // memory, and the slot is what bounds compiles. (A dropped future,
         // a deploy whose client hung up, kills it through kill_on_drop.)
-        let finished = tokio::time::timeout(self.limits.timeout, bounded).await;
+        let finished = tokio::time::timeout(self.limits.timeout, bounded)
+            .await
+            .unwrap_or_else(|_| Err(self.too_slow()));
         let (status, out, err) = match finished {
-            Ok(Ok(finished)) => finished,
-            Ok(Err(error)) => {
+            Ok(finished) => finished,
+            Err(error) => {
                 reap(&mut child).await;
                 return Err(error);
-            }
-            Err(_) => {
-                reap(&mut child).await;
-                return Err(self.too_slow());
             }
         };
         if let Some((answer, artifact)) = split_answer(&out) {

@@ -8,8 +8,6 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::caps;
 use crate::fair::GuestPool;
@@ -221,18 +219,16 @@ impl Runtime {
             .exports(&engine.engine)
             .map(|(name, _)| name.to_string())
             .collect();
-        let handler = match HandlerKind::of_exports(exports.iter().map(String::as_str)) {
-            Ok(HandlerKind::P2) => {
-                Handler::P2(ProxyPre::new(pre).context("the component is not a wasi:http proxy")?)
-            }
-            Ok(HandlerKind::P3) => Handler::P3(
-                ServicePre::new(pre).context("the component is not a wasi:http service")?,
-            ),
-            Err(_) => anyhow::bail!(
+        let Ok(kind) = HandlerKind::of_exports(exports.iter().map(String::as_str)) else {
+            anyhow::bail!(
                 "the component exports no wasi:http handler this host serves (it exports: {})",
                 exports.join(", ")
-            ),
+            );
         };
+        let handler = Handler::new(kind, pre).with_context(|| match kind {
+            HandlerKind::P2 => "the component is not a wasi:http proxy",
+            HandlerKind::P3 => "the component is not a wasi:http service",
+        })?;
         let image = component.image_range();
         let code_bytes = (image.end as usize).saturating_sub(image.start as usize);
         Ok(Function::new(
@@ -284,10 +280,16 @@ fn spawn_epoch_ticker(engines: &[&Engine]) -> anyhow::Result<()> {
         .name("mayfly-epoch".into())
         .spawn(move || {
             // Until the runtime (which holds every engine) is dropped.
-            while weak.iter().all(|weak| weak.upgrade().is_some()) {
-                for engine in weak.iter().filter_map(|weak| weak.upgrade()) {
+            while let Some(engines) = weak
+                .iter()
+                .map(|weak| weak.upgrade())
+                .collect::<Option<Vec<_>>>()
+            {
+                for engine in &engines {
                     engine.increment_epoch();
                 }
+                // Not held while asleep: the runtime's drop must end them.
+                drop(engines);
                 std::thread::sleep(EPOCH_TICK);
             }
         })

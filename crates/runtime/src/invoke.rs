@@ -128,6 +128,28 @@ pub(crate) enum Handler {
     P3(ServicePre<InvocationState>),
 }
 
+impl Handler {
+    /// The handler of `kind` that `pre` exports; an error if it does not
+    /// export it as the handler's types require.
+    pub(crate) fn new(
+        kind: HandlerKind,
+        pre: wasmtime::component::InstancePre<InvocationState>,
+    ) -> wasmtime::Result<Self> {
+        Ok(match kind {
+            HandlerKind::P2 => Handler::P2(ProxyPre::new(pre)?),
+            HandlerKind::P3 => Handler::P3(ServicePre::new(pre)?),
+        })
+    }
+
+    /// The engine the handler was linked on.
+    fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Handler::P2(pre) => pre.engine(),
+            Handler::P3(pre) => pre.engine(),
+        }
+    }
+}
+
 /// One request's call of its handler, ready to run in the invocation's task.
 enum Call {
     P2 {
@@ -297,8 +319,8 @@ impl Function {
                 (store, Some(kept.proxy), kept.served)
             }
             None => {
-                let (env, unread) = environment(&caps).await;
-                let store = self.new_store(&labels, caps, limits, &logs, env);
+                let (secret_env, unread) = secret_environment(&caps).await;
+                let store = self.new_store(&labels, caps, limits, &logs, &secret_env);
                 for message in unread {
                     store.data().explain(&message);
                 }
@@ -377,14 +399,15 @@ impl Function {
         }
     }
 
-    /// A store for a fresh instance, its stdout and stderr wired to `logs`.
+    /// A store for a fresh instance, its stdout and stderr wired to `logs`,
+    /// its environment `caps.env` then `secret_env`.
     fn new_store(
         &self,
         labels: &Arc<RequestLabels>,
         caps: Arc<Capabilities>,
         limits: &InvocationLimits,
         logs: &Arc<dyn LogSink>,
-        env: Option<Vec<(String, String)>>,
+        secret_env: &[(String, String)],
     ) -> Store<InvocationState> {
         let stdout = GuestOutput::new(
             labels.clone(),
@@ -401,7 +424,8 @@ impl Function {
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .envs(env.as_deref().unwrap_or(&caps.env))
+            .envs(&caps.env)
+            .envs(secret_env)
             .build();
         let state = InvocationState {
             wasi,
@@ -418,11 +442,7 @@ impl Function {
             memory: MemoryMeter::new(limits.memory_bytes),
             slice_spent: Arc::default(),
         };
-        let engine = match &self.pre {
-            Handler::P2(pre) => pre.engine(),
-            Handler::P3(pre) => pre.engine(),
-        };
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(self.pre.engine(), state);
         // The meter, with host memory recounted before it refuses a growth.
         store.limiter(|state| state);
         // At every epoch tick the guest yields to the async runtime, so a
@@ -825,16 +845,13 @@ impl GuestRun {
     }
 }
 
-/// The environment a fresh instance of a function with `caps` starts with:
-/// its plain variables, then those read from secrets (`None`: the plain
-/// ones alone, nothing to read), and a message for each secret that could
-/// not be read (its variable is left unset, and the message goes to the
-/// invocation's log, where the author looks).
-async fn environment(caps: &Capabilities) -> (Option<Vec<(String, String)>>, Vec<String>) {
-    if caps.env_secrets.is_empty() {
-        return (None, Vec::new());
-    }
-    let mut env = caps.env.clone();
+/// The environment variables a fresh instance of a function with `caps`
+/// reads from secrets (its plain ones come straight from `caps.env`), and a
+/// message for each secret that could not be read (its variable is left
+/// unset, and the message goes to the invocation's log, where the author
+/// looks).
+async fn secret_environment(caps: &Capabilities) -> (Vec<(String, String)>, Vec<String>) {
+    let mut env = Vec::new();
     let mut unread = Vec::new();
     for (variable, secret) in &caps.env_secrets {
         match caps.config.env_secret(secret).await {
@@ -848,7 +865,7 @@ async fn environment(caps: &Capabilities) -> (Option<Vec<(String, String)>>, Vec
             )),
         }
     }
-    (Some(env), unread)
+    (env, unread)
 }
 
 /// Refuses a request whose body is over `max` before any guest runs. A body

@@ -68,7 +68,7 @@ pub(crate) async fn serve(
                         <InvocationState as WasiHttpView>::http,
                     )
                 })
-                .map_err(|e| InvocationError::Trap(format!("{e:#}")))?;
+                .map_err(classify_guest_error)?;
             let (done_tx, done_rx) = oneshot::channel();
             let response = response.map(|body| {
                 WatchedBody {

@@ -283,21 +283,8 @@ pub(crate) fn compile(
             .map(|component| (component, p3))
             .map_err(|e| DeployError::Invalid(format!("{e:#}")))?,
     };
-    // A 0.3 handler needs the async support even if nothing else does.
-    let exports_p3 = component
+    let exports: Vec<String> = component
         .component_type()
-        .exports(engine)
-        .any(|(name, _)| HandlerKind::of_exports([name]) == Ok(HandlerKind::P3));
-    let (component, engine, linker) = if exports_p3 && std::ptr::eq(engine, p2.0) {
-        let component =
-            Component::new(p3.0, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
-        (component, p3.0, p3.1)
-    } else {
-        (component, engine, linker)
-    };
-    let ty = component.component_type();
-
-    let exports: Vec<String> = ty
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
@@ -308,6 +295,15 @@ pub(crate) fn compile(
         }
         Err(_) => return Err(DeployError::MissingHandler { exports }),
     };
+    // A 0.3 handler needs the async support even if nothing else does.
+    let (component, engine, linker) = if handler == HandlerKind::P3 && std::ptr::eq(engine, p2.0) {
+        let component =
+            Component::new(p3.0, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
+        (component, p3.0, p3.1)
+    } else {
+        (component, engine, linker)
+    };
+    let ty = component.component_type();
 
     let imports: Vec<String> = ty
         .imports(engine)

@@ -40,6 +40,21 @@ pub struct ForwardedResponse {
     pub body: Bytes,
 }
 
+impl ForwardedResponse {
+    /// A plain-text answer of the node itself (or of forwarding), not of
+    /// a guest.
+    pub fn text(status: u16, message: String) -> Self {
+        Self {
+            status,
+            headers: vec![(
+                "content-type".to_string(),
+                Bytes::from_static(b"text/plain; charset=utf-8"),
+            )],
+            body: Bytes::from(message),
+        }
+    }
+}
+
 /// Why a forward got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {

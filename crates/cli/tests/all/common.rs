@@ -30,6 +30,24 @@ pub fn guests() -> &'static Path {
     })
 }
 
+/// Every file under `dir`, as paths relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 /// The path of a built guest, e.g. `guest("hello")`.
 pub fn guest(name: &str) -> PathBuf {
     guests().join(format!("{name}.wasm"))

@@ -1,29 +1,8 @@
 //! Deploying: validation, versions, conflicts, deletion.
 
-use std::path::Path;
-
 use serde_json::Value;
 
-use crate::common::{Node, agent, guest};
-
-/// Every file under `dir`, sorted, to show that a rejected upload stored
-/// nothing.
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(folder) = stack.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path.strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    files.sort();
-    files
-}
+use crate::common::{Node, agent, files_under, guest};
 
 /// Uploads raw bytes as a component; returns (status, error message).
 fn upload(node: &Node, name: &str, wasm: &[u8]) -> (u16, String) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::common::{Node, eventually, guests};
+use crate::common::{Node, eventually, files_under, guests};
 
 /// The Rust templates.
 const TEMPLATES: [&str; 4] = ["http", "cron", "object", "queue"];
@@ -49,24 +49,6 @@ fn mayfly(dir: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// The files under `dir`, as paths relative to it.
-fn walk(dir: &Path) -> Vec<String> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(folder) = pending.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                let relative = path.strip_prefix(dir).unwrap();
-                files.push(relative.to_string_lossy().into_owned());
-            }
-        }
-    }
-    files
 }
 
 fn read(path: impl AsRef<Path>) -> String {
@@ -128,8 +110,7 @@ fn new_writes_a_project_for_every_template() {
             "{stdout}"
         );
         let project = dir.path().join(&name);
-        let mut found: Vec<String> = walk(&project);
-        found.sort();
+        let found = files_under(&project);
         let mut expected: Vec<String> = files.iter().map(|f| f.to_string()).collect();
         expected.sort();
         assert_eq!(found, expected, "{template}");

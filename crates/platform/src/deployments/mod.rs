@@ -327,8 +327,9 @@ impl Deployments {
     /// One swap, so a request never finds the function in neither part.
     pub(super) fn swap_in_remote(&self, remote: Arc<RemoteFunction>) {
         let name = remote.name.clone();
-        let removed = self.parts.catalog.load().by_name.get(&name).cloned();
-        let next = self.parts.catalog.load().with_remote(remote);
+        let current = self.parts.catalog.load();
+        let removed = current.by_name.get(&name).cloned();
+        let next = current.with_remote(remote);
         self.parts.catalog.store(Arc::new(next));
         if removed.is_some() {
             tracing::info!(

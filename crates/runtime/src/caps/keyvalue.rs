@@ -48,10 +48,8 @@ impl CapsView<'_> {
             ("", Some(default)) => default.clone(),
             _ => identifier,
         };
-        if let Err(error) = self.check_grant_quietly(&name) {
-            self.deny_bucket("open", &name);
-            return Err(error);
-        }
+        self.check_grant_quietly(&name)
+            .inspect_err(|_| self.deny_bucket("open", &name))?;
         Ok(self.table.push(Bucket { name })?)
     }
 
