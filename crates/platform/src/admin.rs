@@ -10,14 +10,18 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use mayfly_store::{FeedLine, FunctionConfig, GroupBy, LogRecord, LogStore, UsageQuery, UsageRow};
 use serde::Deserialize;
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use self::error::{ApiError, ApiResult};
+use self::openapi::ErrorBody;
 use crate::clock::now_ms;
 use crate::error::PlatformError;
 use crate::platform::Platform;
@@ -27,55 +31,40 @@ mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
+mod openapi;
 mod secrets;
 mod versions;
 
-/// The admin API's routes over `platform`.
+/// The admin API's routes over `platform`, and its OpenAPI description at
+/// `GET /v1/openapi.json`.
 pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/functions", get(list_functions))
-        .route(
-            "/v1/functions/{name}",
-            get(get_function).delete(delete_function),
-        )
-        .route(
-            "/v1/functions/{name}/versions",
-            post(
-                move |state: State<Arc<Platform>>,
-                      name: Path<String>,
-                      principal: axum::Extension<crate::auth::Principal>,
-                      client_gone: Option<axum::Extension<auth::ClientGone>>,
-                      headers: HeaderMap,
-                      multipart: Result<
-                    Multipart,
-                    axum::extract::multipart::MultipartRejection,
-                >| {
-                    deploy(
-                        state,
-                        name,
-                        principal,
-                        client_gone,
-                        headers,
-                        multipart,
-                        max_upload_bytes,
-                    )
-                },
-            )
-            .layer(DefaultBodyLimit::max(
+    let deploy_route = {
+        let (schemas, paths, method) = routes!(deploy);
+        let method = method
+            .layer::<_, Infallible>(axum::Extension(MaxUpload(max_upload_bytes)))
+            .layer::<_, Infallible>(DefaultBodyLimit::max(
                 max_upload_bytes.saturating_add(DEPLOY_CONFIG_ALLOWANCE),
-            )),
-        )
-        .route("/v1/functions/{name}/invoke", post(invoke))
-        .route("/v1/functions/{name}/logs", get(logs))
-        .route("/v1/usage", get(usage))
-        .route("/v1/usage/records", get(usage_records))
-        .route("/metrics", get(metrics))
+            ));
+        (schemas, paths, method)
+    };
+    let (api, described) = OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(nodes))
+        .routes(routes!(list_functions))
+        .routes(routes!(get_function, delete_function))
+        .routes(deploy_route)
+        .routes(routes!(invoke))
+        .routes(routes!(logs))
+        .routes(routes!(usage))
+        .routes(routes!(usage_records))
+        .routes(routes!(metrics))
         .merge(events::routes())
         .merge(auth::routes())
         .merge(secrets::routes())
         .merge(versions::routes())
+        .split_for_parts();
+    let description = openapi::document(described);
+    api.route(openapi::PATH, get(openapi::handler(&description)))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
@@ -84,6 +73,10 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         ))
         .with_state(platform)
 }
+
+/// The node's component size limit, for the deploy handler.
+#[derive(Debug, Clone, Copy)]
+struct MaxUpload(usize);
 
 /// Gives the answers axum makes itself (a 405 without a body, a path
 /// parameter that is not UTF-8, ...) the admin API's error envelope.
@@ -186,16 +179,37 @@ async fn not_found(uri: Uri) -> ApiError {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "node",
+    summary = "This node: functions served, tiers, memory, concurrency, fleet link",
+    responses((status = 200, description = "the node's status", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn status(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     let mut status = platform.status();
     status.fleet = platform.fleet_status().await?;
     Ok(Json(status))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "node",
+    summary = "The nodes of the fleet, with labels and the versions they serve",
+    responses((status = 200, description = "the nodes", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn nodes(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(platform.nodes().await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/functions",
+    tag = "functions",
+    summary = "Every function",
+    responses((status = 200, description = "the functions", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn list_functions(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(platform.deployments().functions().await?))
 }
@@ -203,6 +217,14 @@ async fn list_functions(State(platform): State<Arc<Platform>>) -> ApiResult<impl
 /// Alias moves shown with a function, newest first.
 const FUNCTION_HISTORY_SHOWN: usize = 50;
 
+#[utoipa::path(
+    get,
+    path = "/v1/functions/{name}",
+    tag = "functions",
+    summary = "A function: versions, aliases, alias history",
+    params(("name" = String, Path, description = "the function")),
+    responses((status = 200, description = "the function", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn get_function(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -223,6 +245,14 @@ async fn get_function(
     })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/functions/{name}",
+    tag = "functions",
+    summary = "Delete a function, its versions, aliases and triggers",
+    params(("name" = String, Path, description = "the function")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn delete_function(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -231,16 +261,41 @@ async fn delete_function(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The parts of a deploy, as the OpenAPI description shows them.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // read from the multipart stream, never built
+struct DeployForm {
+    /// The component: a WebAssembly component exporting
+    /// `wasi:http/incoming-handler` (0.2) or `wasi:http/handler` (0.3).
+    #[schema(value_type = String, format = Binary)]
+    component: Vec<u8>,
+    /// The version's configuration: routes, limits, grants, env, ...
+    #[schema(value_type = Option<Object>)]
+    config: Option<serde_json::Value>,
+    /// Triggers to attach, as a JSON array.
+    #[schema(value_type = Option<Vec<Object>>)]
+    triggers: Option<serde_json::Value>,
+}
+
 /// `POST /v1/functions/{name}/versions`, multipart/form-data with a
 /// `component` part (the .wasm bytes) and an optional `config` part (JSON).
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/versions",
+    tag = "functions",
+    summary = "Deploy a new immutable version (upload a component and its config)",
+    params(("name" = String, Path, description = "the function")),
+    request_body(content = DeployForm, content_type = "multipart/form-data", description = "a `component` part (the .wasm) and optional `config` and `triggers` parts (JSON)"),
+    responses((status = 201, description = "the new version (200 when the same component and config were already the latest)", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn deploy(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
     axum::Extension(principal): axum::Extension<crate::auth::Principal>,
     client_gone: Option<axum::Extension<auth::ClientGone>>,
+    axum::Extension(MaxUpload(max_upload_bytes)): axum::Extension<MaxUpload>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-    max_upload_bytes: usize,
 ) -> ApiResult<impl IntoResponse> {
     // Refused before a byte of the body is read: a client that sent
     // `Expect: 100-continue` (curl does for large bodies) never sends it.
@@ -373,7 +428,8 @@ fn humansize_mib(bytes: usize) -> String {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct InvokeQuery {
     /// Path (and query) the function sees.
@@ -404,6 +460,15 @@ fn post_method() -> String {
 /// `POST /v1/functions/{name}/invoke?path=/x&method=GET&alias=live`: runs
 /// the function's alias (default `live`, split by its canary like a routed
 /// request) directly, whatever its routes, and answers with its response.
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/invoke",
+    tag = "functions",
+    summary = "Invoke an alias directly, whatever its routes; with `async=true` queue it as an event",
+    params(("name" = String, Path, description = "the function"), InvokeQuery),
+    request_body(content = String, content_type = "application/octet-stream", description = "the request body the function sees"),
+    responses((status = 200, description = "the function's own response, whatever its status"), (status = 202, description = "queued (`async=true`): `{\"event_id\"}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn invoke(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -567,7 +632,8 @@ async fn invoke_async(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     #[serde(default = "default_tail")]
@@ -587,6 +653,14 @@ fn default_tail() -> usize {
 /// for it), and a follower then gets every node's new lines from the
 /// back-end's feed; each line has the `node` that wrote it. Cut off from
 /// the fleet, the tail is this node's own.
+#[utoipa::path(
+    get,
+    path = "/v1/functions/{name}/logs",
+    tag = "functions",
+    summary = "The function's recent log lines; with `follow=true` a never-ending stream of JSON lines",
+    params(("name" = String, Path, description = "the function"), LogsQuery),
+    responses((status = 200, description = "the lines (JSON array, or JSON lines when following)", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn logs(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -722,6 +796,13 @@ impl Follower {
 }
 
 /// `GET /metrics`: the node's metrics for Prometheus.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "node",
+    summary = "The node's metrics in the OpenMetrics text format, for Prometheus",
+    responses((status = 200, description = "the metrics", content_type = "application/openmetrics-text", body = String), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn metrics(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     platform.refresh_event_depths().await;
     platform.refresh_fleet_link().await;
@@ -736,7 +817,8 @@ async fn metrics(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct UsageParams {
     from: Option<String>,
@@ -790,6 +872,14 @@ fn usage_json(platform: &Platform, row: &UsageRow) -> serde_json::Value {
 
 /// `GET /v1/usage?from=24h&to=…&group_by=function|version|hour|day&function=…`:
 /// invocations, errors, billed time, GB-seconds and cost, grouped.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "usage",
+    summary = "Invocations, errors, billed time, GB-seconds and cost, grouped",
+    params(UsageParams),
+    responses((status = 200, description = "the rows, the total and the prices used", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn usage(
     State(platform): State<Arc<Platform>>,
     query: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
@@ -844,7 +934,8 @@ async fn usage(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RecordsParams {
     function: Option<String>,
@@ -856,6 +947,14 @@ struct RecordsParams {
 
 /// `GET /v1/usage/records?function=…&after=SEQ&limit=100`: the ledger's
 /// records themselves, oldest first, for export and audit.
+#[utoipa::path(
+    get,
+    path = "/v1/usage/records",
+    tag = "usage",
+    summary = "The ledger's records themselves, oldest first",
+    params(RecordsParams),
+    responses((status = 200, description = "the records", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn usage_records(
     State(platform): State<Arc<Platform>>,
     query: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,

@@ -26,6 +26,7 @@ mod login;
 mod manifest;
 mod new;
 mod node_logs;
+mod openapi;
 mod p3;
 mod placement;
 mod quickstart;

@@ -4,24 +4,25 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiResult};
+use super::openapi::ErrorBody;
 use crate::auth::{AuthError, Principal, Scope, authorize, is_admin_action, narrow_to_live};
 use crate::error::PlatformError;
 use crate::platform::Platform;
 
-pub(super) fn routes() -> Router<Arc<Platform>> {
-    Router::new()
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}", delete(revoke_token))
-        .route("/v1/audit", get(audit))
+pub(super) fn routes() -> OpenApiRouter<Arc<Platform>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(audit))
 }
 
 impl From<AuthError> for ApiError {
@@ -191,7 +192,7 @@ async fn record(
     recorded
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     name: String,
@@ -200,6 +201,14 @@ struct NewToken {
     functions: Vec<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "auth",
+    summary = "Create a token (its secret is shown once)",
+    request_body(content = NewToken, content_type = "application/json"),
+    responses((status = 201, description = "the token, with `token` (the secret)", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn create_token(
     State(platform): State<Arc<Platform>>,
     body: axum::body::Bytes,
@@ -225,10 +234,25 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "auth",
+    summary = "Every token (no secrets)",
+    responses((status = 200, description = "the tokens", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn list_tokens(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(platform.auth().tokens().await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    tag = "auth",
+    summary = "Revoke a token",
+    params(("id" = String, Path, description = "the id")),
+    responses((status = 204, description = "revoked"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn revoke_token(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -237,7 +261,8 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
     #[serde(default)]
@@ -257,6 +282,14 @@ async fn audit_list(
         .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "auth",
+    summary = "The audit log: admin actions and refused requests",
+    params(AuditQuery),
+    responses((status = 200, description = "the entries", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn audit(
     State(platform): State<Arc<Platform>>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,

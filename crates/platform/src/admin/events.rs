@@ -4,17 +4,18 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use base64::Engine as _;
 use bytes::Bytes;
 use mayfly_store::{DeadLetter, Delivery, KvCondition, TriggerSpec};
 use serde::Deserialize;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiResult};
+use super::openapi::ErrorBody;
 use crate::error::PlatformError;
 use crate::platform::Platform;
 use crate::validate::{MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
@@ -23,50 +24,40 @@ use crate::validate::{MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MAX_VALUE_BYTES};
 const MAX_BATCH_BYTES: usize = 32 << 20;
 
 /// The event stores' routes.
-pub(super) fn routes() -> Router<Arc<Platform>> {
-    Router::new()
-        .route("/v1/buckets", get(object_buckets))
-        .route("/v1/buckets/{bucket}/objects", get(object_list))
-        .route(
-            "/v1/buckets/{bucket}/objects/{*key}",
-            get(object_get)
-                .put(object_put)
-                .delete(object_delete)
-                .layer(DefaultBodyLimit::max(MAX_OBJECT_BYTES)),
+pub(super) fn routes() -> OpenApiRouter<Arc<Platform>> {
+    let limited = |(schemas, paths, method): UtoipaMethodRouter<Arc<Platform>>, max: usize| {
+        (
+            schemas,
+            paths,
+            method.layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(max)),
         )
-        .route("/v1/kv", get(kv_buckets))
-        .route("/v1/kv/{bucket}", get(kv_list))
-        .route(
-            "/v1/kv/{bucket}/{*key}",
-            get(kv_get)
-                .put(kv_put)
-                .delete(kv_delete)
-                .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES)),
-        )
-        .route("/v1/queues", get(queues))
-        .route(
-            "/v1/queues/{queue}/messages",
-            post(send).layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES)),
-        )
-        .route(
-            "/v1/queues/{queue}/batch",
-            post(send_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BYTES)),
-        )
-        .route("/v1/queues/{queue}/receive", post(receive))
-        .route("/v1/queues/{queue}/messages/{receipt}", delete(ack))
-        .route("/v1/triggers", get(all_triggers))
-        .route("/v1/triggers/{id}", delete(remove_trigger))
-        .route(
-            "/v1/functions/{name}/triggers",
-            get(function_triggers).post(add_trigger),
-        )
-        .route("/v1/functions/{name}/dlq", get(dlq_list).delete(dlq_purge))
-        .route("/v1/functions/{name}/dlq/redrive", post(dlq_redrive))
-        .route("/v1/functions/{name}/dlq/{id}", get(dlq_show))
+    };
+    OpenApiRouter::new()
+        .routes(routes!(object_buckets))
+        .routes(routes!(object_list))
+        .routes(limited(
+            routes!(object_get, object_put, object_delete),
+            MAX_OBJECT_BYTES,
+        ))
+        .routes(routes!(kv_buckets))
+        .routes(routes!(kv_list))
+        .routes(limited(routes!(kv_get, kv_put, kv_delete), MAX_VALUE_BYTES))
+        .routes(routes!(queues))
+        .routes(limited(routes!(send), MAX_MESSAGE_BYTES))
+        .routes(limited(routes!(send_batch), MAX_BATCH_BYTES))
+        .routes(routes!(receive))
+        .routes(routes!(ack))
+        .routes(routes!(all_triggers))
+        .routes(routes!(remove_trigger))
+        .routes(routes!(function_triggers, add_trigger))
+        .routes(routes!(dlq_list, dlq_purge))
+        .routes(routes!(dlq_redrive))
+        .routes(routes!(dlq_show))
 }
 
 /// `?prefix=&after=&limit=` of listings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     #[serde(default)]
@@ -122,6 +113,13 @@ fn bucket_rows(buckets: Vec<mayfly_store::BucketStats>, entries: &str) -> Respon
 
 // ---- objects ----
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets",
+    tag = "objects",
+    summary = "Object buckets with their sizes",
+    responses((status = 200, description = "the buckets", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn object_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     Ok(bucket_rows(
         platform.events().object_buckets().await?,
@@ -129,6 +127,14 @@ async fn object_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Resp
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets/{bucket}/objects",
+    tag = "objects",
+    summary = "One page of a bucket's objects",
+    params(("bucket" = String, Path, description = "the bucket"), ListQuery),
+    responses((status = 200, description = "`{\"objects\": [...], \"next\"}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn object_list(
     State(platform): State<Arc<Platform>>,
     Path(bucket): Path<String>,
@@ -144,6 +150,15 @@ async fn object_list(
     Ok(page("objects", objects, next))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/buckets/{bucket}/objects/{*key}",
+    tag = "objects",
+    summary = "Write an object (fires the bucket's object triggers)",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the object's bytes"),
+    responses((status = 201, description = "written", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn object_put(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -172,6 +187,14 @@ async fn object_put(
     Ok(Json(meta).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets/{bucket}/objects/{*key}",
+    tag = "objects",
+    summary = "An object's bytes (HEAD: its metadata only)",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    responses((status = 200, description = "the object", content_type = "application/octet-stream", body = String), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn object_get(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -202,6 +225,14 @@ async fn object_get(
     Ok(response)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/buckets/{bucket}/objects/{*key}",
+    tag = "objects",
+    summary = "Delete an object",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn object_delete(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -212,10 +243,25 @@ async fn object_delete(
 
 // ---- KV ----
 
+#[utoipa::path(
+    get,
+    path = "/v1/kv",
+    tag = "kv",
+    summary = "Key-value buckets with their sizes",
+    responses((status = 200, description = "the buckets", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn kv_buckets(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     Ok(bucket_rows(platform.events().kv_buckets().await?, "keys"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/kv/{bucket}",
+    tag = "kv",
+    summary = "One page of a bucket's keys",
+    params(("bucket" = String, Path, description = "the bucket"), ListQuery),
+    responses((status = 200, description = "`{\"keys\": [...], \"next\"}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn kv_list(
     State(platform): State<Arc<Platform>>,
     Path(bucket): Path<String>,
@@ -254,6 +300,14 @@ fn kv_condition(headers: &HeaderMap) -> ApiResult<KvCondition> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/kv/{bucket}/{*key}",
+    tag = "kv",
+    summary = "A value (its revision in `x-mayfly-revision`)",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    responses((status = 200, description = "the value", content_type = "application/octet-stream", body = String), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn kv_get(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -271,6 +325,15 @@ async fn kv_get(
     Ok(response)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/kv/{bucket}/{*key}",
+    tag = "kv",
+    summary = "Write a value; `If-Match: <revision>` or `If-None-Match: *` make it conditional",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the value"),
+    responses((status = 200, description = "written, with its revision", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn kv_put(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -288,6 +351,14 @@ async fn kv_put(
     )
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/kv/{bucket}/{*key}",
+    tag = "kv",
+    summary = "Delete a key (conditional like a put)",
+    params(("bucket" = String, Path, description = "the bucket"), ("key" = String, Path, description = "the key (may contain `/`)")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn kv_delete(
     State(platform): State<Arc<Platform>>,
     Path((bucket, key)): Path<(String, String)>,
@@ -303,10 +374,26 @@ async fn kv_delete(
 
 // ---- queues ----
 
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    summary = "Queues with their depth",
+    responses((status = 200, description = "the queues", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn queues(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     Ok(Json(platform.events().queues().await?).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/messages",
+    tag = "queues",
+    summary = "Send one message (the body)",
+    params(("queue" = String, Path, description = "the queue")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the message"),
+    responses((status = 201, description = "`{\"ids\": [...]}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn send(
     State(platform): State<Arc<Platform>>,
     Path(queue): Path<String>,
@@ -325,13 +412,23 @@ async fn send(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Batch {
     /// Kept as the JSON text sent: no tree to build and serialise again.
+    #[schema(value_type = Vec<Object>)]
     messages: Vec<Box<serde_json::value::RawValue>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/batch",
+    tag = "queues",
+    summary = "Send many messages at once",
+    params(("queue" = String, Path, description = "the queue")),
+    request_body(content = Batch, content_type = "application/json"),
+    responses((status = 201, description = "`{\"ids\": [...]}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn send_batch(
     State(platform): State<Arc<Platform>>,
     Path(queue): Path<String>,
@@ -377,7 +474,8 @@ async fn send_batch(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ReceiveQuery {
     max: Option<usize>,
@@ -387,6 +485,14 @@ struct ReceiveQuery {
 /// Longest visibility timeout: 12 hours, as SQS allows.
 const MAX_VISIBILITY_MS: u64 = 12 * 3600 * 1000;
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/receive",
+    tag = "queues",
+    summary = "Receive messages, hidden for the visibility timeout until acknowledged",
+    params(("queue" = String, Path, description = "the queue"), ReceiveQuery),
+    responses((status = 200, description = "the messages with their receipts", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn receive(
     State(platform): State<Arc<Platform>>,
     Path(queue): Path<String>,
@@ -447,6 +553,14 @@ fn add_body(json: &mut serde_json::Value, data: &[u8]) {
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/queues/{queue}/messages/{receipt}",
+    tag = "queues",
+    summary = "Acknowledge (delete) a received message",
+    params(("queue" = String, Path, description = "the queue"), ("receipt" = String, Path, description = "the receipt `receive` gave")),
+    responses((status = 204, description = "acknowledged"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn ack(
     State(platform): State<Arc<Platform>>,
     Path((queue, receipt)): Path<(String, String)>,
@@ -457,10 +571,25 @@ async fn ack(
 
 // ---- triggers ----
 
+#[utoipa::path(
+    get,
+    path = "/v1/triggers",
+    tag = "triggers",
+    summary = "Every trigger",
+    responses((status = 200, description = "the triggers", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn all_triggers(State(platform): State<Arc<Platform>>) -> Response {
     Json(platform.events().triggers(None)).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/functions/{name}/triggers",
+    tag = "triggers",
+    summary = "A function's triggers",
+    params(("name" = String, Path, description = "the function")),
+    responses((status = 200, description = "the triggers", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn function_triggers(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -471,6 +600,15 @@ async fn function_triggers(
     Ok(Json(platform.events().triggers(Some(&name))).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/triggers",
+    tag = "triggers",
+    summary = "Attach a trigger (schedule, object, kv or queue)",
+    params(("name" = String, Path, description = "the function")),
+    request_body(content = Object, content_type = "application/json", description = "`{\"source\": {\"kind\": \"schedule\", \"schedule\": \"*/5 * * * *\"}, \"retry\": {...}, \"alias\": ...}`"),
+    responses((status = 201, description = "attached", body = Object), (status = 200, description = "the same trigger was already attached", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn add_trigger(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -497,6 +635,14 @@ async fn add_trigger(
     Ok((status, Json(trigger)).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/triggers/{id}",
+    tag = "triggers",
+    summary = "Remove a trigger",
+    params(("id" = String, Path, description = "the id")),
+    responses((status = 204, description = "removed"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn remove_trigger(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -510,7 +656,8 @@ async fn remove_trigger(
 
 // ---- dead letters ----
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DlqQuery {
     #[serde(default)]
@@ -519,6 +666,14 @@ struct DlqQuery {
     id: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/functions/{name}/dlq",
+    tag = "triggers",
+    summary = "The function's dead letters",
+    params(("name" = String, Path, description = "the function"), DlqQuery),
+    responses((status = 200, description = "the dead letters", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn dlq_list(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -533,6 +688,14 @@ async fn dlq_list(
     Ok(Json(letters).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/functions/{name}/dlq/{id}",
+    tag = "triggers",
+    summary = "One dead letter with its body",
+    params(("name" = String, Path, description = "the function"), ("id" = String, Path, description = "the id")),
+    responses((status = 200, description = "the dead letter", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn dlq_show(
     State(platform): State<Arc<Platform>>,
     Path((name, id)): Path<(String, String)>,
@@ -547,13 +710,22 @@ async fn dlq_show(
     Ok(Json(json).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Redrive {
     #[serde(default)]
     ids: Option<Vec<i64>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/dlq/redrive",
+    tag = "triggers",
+    summary = "Deliver dead letters again (all, or `{\"ids\": [...]}`)",
+    params(("name" = String, Path, description = "the function")),
+    request_body(content = Option<Redrive>, content_type = "application/json"),
+    responses((status = 200, description = "`{\"redriven\": n}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn dlq_redrive(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -578,6 +750,14 @@ async fn dlq_redrive(
     Ok(Json(serde_json::json!({"redriven": moved})).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/functions/{name}/dlq",
+    tag = "triggers",
+    summary = "Purge dead letters (all, or `?id=`)",
+    params(("name" = String, Path, description = "the function"), DlqQuery),
+    responses((status = 200, description = "`{\"purged\": n}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn dlq_purge(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,

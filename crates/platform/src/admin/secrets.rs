@@ -4,43 +4,60 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Json, Router};
 use bytes::Bytes;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiResult};
+use super::openapi::ErrorBody;
 use crate::error::PlatformError;
 use crate::platform::Platform;
 use crate::validate::MAX_SECRET_BYTES;
 
 /// The secrets' routes.
-pub(super) fn routes() -> Router<Arc<Platform>> {
-    Router::new()
-        .route("/v1/secrets", get(list))
-        // `rotate` is matched here rather than as its own route, so a PUT or
-        // DELETE of a secret named `rotate` still reaches its handler.
-        .route(
-            "/v1/secrets/{name}",
-            put(set)
-                .delete(remove)
-                .post(rotate)
-                .get(no_values)
-                // One byte over the limit, so an oversized value gets the
-                // platform's message rather than the extractor's.
-                .layer(DefaultBodyLimit::max(MAX_SECRET_BYTES + 1)),
-        )
+pub(super) fn routes() -> OpenApiRouter<Arc<Platform>> {
+    let (schemas, paths, secret) = routes!(set, remove, rotate, no_values);
+    OpenApiRouter::new().routes(routes!(list)).routes((
+        schemas,
+        paths,
+        // `rotate` is matched as a method of the secret's own path rather
+        // than as its own route, so a PUT or DELETE of a secret named
+        // `rotate` still reaches its handler. One byte over the limit, so
+        // an oversized value gets the platform's message rather than the
+        // extractor's.
+        secret.layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_SECRET_BYTES + 1)),
+    ))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "list_secrets",
+    path = "/v1/secrets",
+    tag = "secrets",
+    summary = "Secret names and versions (never values)",
+    responses((status = 200, description = "the secrets", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn list(State(platform): State<Arc<Platform>>) -> ApiResult<Response> {
     Ok(Json(platform.secrets().list().await?).into_response())
 }
 
 /// `PUT /v1/secrets/{name}` with the raw value as the body: 201 when new,
 /// 200 when it replaced a value.
+#[utoipa::path(
+    put,
+    operation_id = "set_secret",
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    summary = "Set a secret (the raw value is the body)",
+    params(("name" = String, Path, description = "the secret")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the value"),
+    responses((status = 201, description = "created", body = Object), (status = 200, description = "replaced", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn set(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -65,6 +82,15 @@ async fn set(
     Ok((status, Json(answer)).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    operation_id = "delete_secret",
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    summary = "Delete a secret",
+    params(("name" = String, Path, description = "the secret")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn remove(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -80,6 +106,15 @@ async fn remove(
 }
 
 /// `POST /v1/secrets/rotate`: a new master key, every secret resealed.
+#[utoipa::path(
+    post,
+    operation_id = "rotate_secret",
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    summary = "`POST /v1/secrets/rotate`: a new master key, every secret resealed",
+    params(("name" = String, Path, description = "`rotate`; any other name is refused (405)")),
+    responses((status = 200, description = "`{\"resealed\": n}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn rotate(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -93,6 +128,15 @@ async fn rotate(
     Ok(Json(serde_json::json!({"resealed": resealed})).into_response())
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "get_secret",
+    path = "/v1/secrets/{name}",
+    tag = "secrets",
+    summary = "Always refused: secret values are never returned",
+    params(("name" = String, Path, description = "the secret")),
+    responses((status = 405, description = "always: secret values are never returned"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn no_values() -> ApiError {
     method_not_allowed(
         "secret values are never returned: functions read them through wasi:config; \
@@ -110,6 +154,7 @@ fn method_not_allowed(message: &str) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
     use axum::body::Body;
     use axum::http::{Method, Request};
     use serde_json::Value;
@@ -142,7 +187,7 @@ mod tests {
         let platform = Platform::open(NodeConfig::new(dir.path()), stores)
             .await
             .unwrap();
-        let router = routes().with_state(platform);
+        let router = Router::from(routes()).with_state(platform);
         let put = |name: &str, value: &str| {
             let (router, path, value) = (router.clone(), format!("/v1/secrets/{name}"), value);
             let body = value.as_bytes().to_vec();

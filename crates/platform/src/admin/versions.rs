@@ -4,32 +4,28 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
 use mayfly_store::{AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, WEIGHT_SCALE_BP};
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiResult};
+use super::openapi::ErrorBody;
 use crate::auth::Principal;
 use crate::platform::Platform;
 
-pub(super) fn routes() -> Router<Arc<Platform>> {
-    Router::new()
-        .route("/v1/functions/{name}/aliases", get(list))
-        .route(
-            "/v1/functions/{name}/aliases/{alias}",
-            put(set).delete(remove),
-        )
-        .route("/v1/functions/{name}/rollback", post(rollback))
-        .route(
-            "/v1/functions/{name}/versions/{version}",
-            delete(delete_version),
-        )
+pub(super) fn routes() -> OpenApiRouter<Arc<Platform>> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(set, remove))
+        .routes(routes!(rollback))
+        .routes(routes!(delete_version))
 }
 
 /// A canary as the API shows it: the weight (and the error budget) in
@@ -80,6 +76,15 @@ pub(super) fn move_json(moved: &AliasMove) -> Value {
 }
 
 /// `GET /v1/functions/{name}/aliases`: `live` first, then by name.
+#[utoipa::path(
+    get,
+    operation_id = "list_aliases",
+    path = "/v1/functions/{name}/aliases",
+    tag = "aliases",
+    summary = "The function's aliases, `live` first",
+    params(("name" = String, Path, description = "the function")),
+    responses((status = 200, description = "the aliases", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn list(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -89,7 +94,7 @@ async fn list(
     Ok(Json(shown))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetAlias {
     version: u64,
@@ -97,7 +102,7 @@ struct SetAlias {
     canary: Option<CanarySpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CanarySpec {
     version: u64,
@@ -107,7 +112,7 @@ struct CanarySpec {
 }
 
 /// An automatic canary's thresholds; every field has a default.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AutoSpec {
     #[serde(default = "default_auto_requests")]
@@ -219,6 +224,16 @@ async fn check_versions(
 
 /// `PUT /v1/functions/{name}/aliases/{alias}` with
 /// `{"version": 7, "canary": {"version": 8, "weight_percent": 10.0}}`.
+#[utoipa::path(
+    put,
+    operation_id = "set_alias",
+    path = "/v1/functions/{name}/aliases/{alias}",
+    tag = "aliases",
+    summary = "Point an alias at a version, optionally with a canary",
+    params(("name" = String, Path, description = "the function"), ("alias" = String, Path, description = "the alias (`live`, `canary`, ...)")),
+    request_body(content = SetAlias, content_type = "application/json"),
+    responses((status = 200, description = "the alias", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn set(
     State(platform): State<Arc<Platform>>,
     Path((name, alias)): Path<(String, String)>,
@@ -247,6 +262,15 @@ async fn set(
 }
 
 /// `DELETE /v1/functions/{name}/aliases/{alias}`; `live` cannot go.
+#[utoipa::path(
+    delete,
+    operation_id = "delete_alias",
+    path = "/v1/functions/{name}/aliases/{alias}",
+    tag = "aliases",
+    summary = "Delete an alias (not `live`)",
+    params(("name" = String, Path, description = "the function"), ("alias" = String, Path, description = "the alias (`live`, `canary`, ...)")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn remove(
     State(platform): State<Arc<Platform>>,
     Path((name, alias)): Path<(String, String)>,
@@ -257,6 +281,14 @@ async fn remove(
 
 /// `POST /v1/functions/{name}/rollback`: `live` back to its previous
 /// version.
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/rollback",
+    tag = "aliases",
+    summary = "Move `live` back to the version it pointed at before",
+    params(("name" = String, Path, description = "the function")),
+    responses((status = 200, description = "the alias after the move", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn rollback(
     State(platform): State<Arc<Platform>>,
     Path(name): Path<String>,
@@ -276,6 +308,14 @@ async fn rollback(
 
 /// `DELETE /v1/functions/{name}/versions/{version}`: refused while an
 /// alias points at it.
+#[utoipa::path(
+    delete,
+    path = "/v1/functions/{name}/versions/{version}",
+    tag = "functions",
+    summary = "Delete a version no alias points at",
+    params(("name" = String, Path, description = "the function"), ("version" = u64, Path, description = "the version number")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
 async fn delete_version(
     State(platform): State<Arc<Platform>>,
     Path((name, version)): Path<(String, String)>,
