@@ -730,10 +730,12 @@ const USAGE_COLUMNS: &[(&str, &str, Measure)] = &[
     ("OOM", "/outcomes/oom", Measure::Count),
     ("CLIENT_CLOSED", "/outcomes/client_closed", Measure::Count),
     ("COLD", "/cold_starts", Measure::Count),
+    ("INIT_MS", "/init_us", Measure::CpuMs),
     ("BILLED_MS", "/billed_ms", Measure::Count),
     ("BILLED_GB_S", "/billed_gb_s", Measure::Fraction),
     ("USED_GB_S", "/used_gb_s", Measure::Fraction),
     ("CPU_MS", "/cpu_us", Measure::CpuMs),
+    ("COLD_COST", "/cost/cold_starts", Measure::Fraction),
     ("COST", "/cost/total", Measure::Fraction),
 ];
 
@@ -1126,10 +1128,12 @@ mod tests {
                 "oom",
                 "client_closed",
                 "cold",
+                "init_ms",
                 "billed_ms",
                 "billed_gb_s",
                 "used_gb_s",
                 "cpu_ms",
+                "cold_cost",
                 "cost"
             ]
         );

@@ -636,6 +636,7 @@ mod tests {
                 Outcome::Ok
             },
             cold: i.is_multiple_of(11),
+            init_us: 0,
             status: Some(200),
         }
     }

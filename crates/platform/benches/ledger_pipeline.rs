@@ -34,6 +34,7 @@ fn records() -> Vec<UsageRecord> {
                 billed_ms: billed_ms(wall_us),
                 outcome: Outcome::Ok,
                 cold: false,
+                init_us: 0,
                 status: Some(200),
             }
         })

@@ -202,6 +202,8 @@ pub struct Cost {
     pub requests: f64,
     /// Charge for billed GB-seconds.
     pub compute: f64,
+    /// The part of `compute` that cold starts' initialisation cost.
+    pub cold_starts: f64,
     /// Charge for CPU seconds.
     pub cpu: f64,
     /// The sum of the above.
@@ -232,6 +234,7 @@ impl PriceList {
         Cost {
             requests,
             compute,
+            cold_starts: usage.init_gb_s * self.per_gb_second,
             cpu,
             total: requests + compute + cpu,
         }
@@ -525,10 +528,14 @@ mod tests {
             used_gb_s: 0.0,
             cpu_us: 4_000_000,
             wall_us: 0,
+            init_us: 50_000_000,
+            init_gb_s: 100.0,
         };
         let cost = prices.cost(&usage);
         assert!((cost.requests - 0.40).abs() < 1e-12);
         assert!((cost.compute - 0.01).abs() < 1e-12);
+        // Cold starts are a part of compute, not charged twice.
+        assert!((cost.cold_starts - 0.001).abs() < 1e-12);
         assert!((cost.cpu - 2.0).abs() < 1e-12);
         assert!((cost.total - 2.41).abs() < 1e-12);
     }

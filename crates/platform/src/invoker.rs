@@ -255,12 +255,18 @@ impl Invoker {
             observed,
         } = invocation;
         let running = Running::start(&function.activity);
+        // Timed only when this request loads the function: its init time.
+        let mut load = std::time::Duration::ZERO;
         let loaded = function
             .tier
             .get_or_load(async || {
-                self.artifacts
+                let began = std::time::Instant::now();
+                let loaded = self
+                    .artifacts
                     .load(&function.artifact, function.scaling.reuse)
-                    .await
+                    .await;
+                load = began.elapsed();
+                loaded
             })
             .await;
         let (loaded, cold_start) = loaded.map_err(|error| {
@@ -276,6 +282,7 @@ impl Invoker {
             request_id,
             trigger,
             cold_start,
+            load,
         });
         let logs: Arc<dyn mayfly_runtime::LogSink> = self.logs.clone();
         let reports: Arc<dyn mayfly_runtime::ReportSink> = Arc::new(PermitHolder {

@@ -473,6 +473,7 @@ impl FunctionMeter {
             billed_ms: 0,
             outcome: mayfly_store::Outcome::Throttled,
             cold: false,
+            init_us: 0,
             status: Some(429),
         });
     }
@@ -527,7 +528,12 @@ impl FunctionMeter {
         }
         metrics.duration.observe(report.wall.as_secs_f64());
 
-        let wall_us = u64::try_from(report.wall.as_micros()).unwrap_or(u64::MAX);
+        // A cold start's load and first instantiation are its init time,
+        // apart from the handler's, as Lambda's Init Duration is.
+        let handler = report.wall.saturating_sub(report.instantiate);
+        let init = labels.load + report.instantiate;
+        let wall_us = u64::try_from(handler.as_micros()).unwrap_or(u64::MAX);
+        let init_us = u64::try_from(init.as_micros()).unwrap_or(u64::MAX);
         self.ledger.record(UsageRecord {
             request_id: labels.request_id.clone(),
             client_request_id: client_request_id.map(str::to_string),
@@ -539,9 +545,10 @@ impl FunctionMeter {
             cpu_us: u64::try_from(report.cpu.as_micros()).unwrap_or(u64::MAX),
             peak_memory_bytes: report.peak_memory_bytes,
             memory_limit_mb: self.memory_mb,
-            billed_ms: billed_ms(wall_us),
+            billed_ms: billed_ms(wall_us.saturating_add(init_us)),
             outcome: ledger_outcome(report.outcome),
             cold: labels.cold_start,
+            init_us,
             status: report.status,
         });
     }

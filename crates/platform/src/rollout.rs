@@ -459,6 +459,7 @@ mod tests {
         InvocationReport {
             started_at: SystemTime::now(),
             wall: Duration::from_millis(wall_ms),
+            instantiate: Duration::ZERO,
             cpu: Duration::ZERO,
             peak_memory_bytes: 0,
             outcome,

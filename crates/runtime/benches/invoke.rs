@@ -74,6 +74,7 @@ fn invoke(c: &mut Criterion) {
         request_id: "bench".into(),
         trigger: "http",
         cold_start: false,
+        load: std::time::Duration::ZERO,
     });
     let limits = InvocationLimits::default();
     let logs: Arc<dyn LogSink> = Arc::new(Discard);

@@ -490,6 +490,7 @@ mod tests {
                 request_id: "r".into(),
                 trigger: "http",
                 cold_start: false,
+                load: std::time::Duration::ZERO,
             })
         };
         let (many, one) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));

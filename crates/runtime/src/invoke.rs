@@ -95,6 +95,10 @@ pub struct InvocationReport {
     pub started_at: SystemTime,
     /// From the start to the guest's end.
     pub wall: Duration,
+    /// The part of `wall` spent instantiating the guest, measured only for
+    /// a cold start (zero otherwise, and for WASI 0.3 components, whose
+    /// instantiation is part of their call).
+    pub instantiate: Duration,
     /// Time a worker thread spent running the guest's task: instantiation,
     /// guest code and the host calls it made (the wall time of each poll;
     /// it excludes waiting on I/O, timers and the client).
@@ -587,6 +591,8 @@ impl GuestRun {
         let mut head_failed = false;
         // Whether the caller was gone when the head was ready for it.
         let mut head_unheard = false;
+        let mut instantiate = Duration::ZERO;
+        let cold_start = self.labels.cold_start;
         let (end, cpu) = {
             let mut guest = std::pin::pin!(CpuMetered::new(async {
                 match call {
@@ -598,10 +604,19 @@ impl GuestRun {
                     } => {
                         let proxy = match proxy {
                             Some(proxy) => proxy,
-                            None => pre
-                                .instantiate_async(&mut store)
-                                .await
-                                .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?,
+                            None => {
+                                // Timed for a cold start only: the clock
+                                // costs the warm path nothing then.
+                                let began = cold_start.then(Instant::now);
+                                let proxy = pre
+                                    .instantiate_async(&mut store)
+                                    .await
+                                    .map_err(|e| InvocationError::Unavailable(format!("{e:#}")))?;
+                                if let Some(began) = began {
+                                    instantiate = began.elapsed();
+                                }
+                                proxy
+                            }
                         };
                         proxy
                             .wasi_http_incoming_handler()
@@ -786,6 +801,7 @@ impl GuestRun {
             InvocationReport {
                 started_at: self.started_at,
                 wall,
+                instantiate,
                 cpu,
                 peak_memory_bytes: peak_memory as u64,
                 outcome,

@@ -14,4 +14,7 @@ pub struct RequestLabels {
     pub trigger: &'static str,
     /// Whether this invocation had to load the function from disk first.
     pub cold_start: bool,
+    /// How long loading the function took this invocation, before it was
+    /// handed to the runtime: zero unless `cold_start`.
+    pub load: std::time::Duration,
 }

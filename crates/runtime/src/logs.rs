@@ -283,6 +283,7 @@ mod tests {
             request_id: "r".into(),
             trigger: "http",
             cold_start: false,
+            load: std::time::Duration::ZERO,
         });
         GuestOutput::new(labels, sink.clone(), LogStream::Stdout, max)
     }

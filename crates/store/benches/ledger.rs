@@ -83,6 +83,7 @@ impl Records {
             billed_ms: billed_ms(wall_us),
             outcome,
             cold: (random >> 56).is_multiple_of(200),
+            init_us: 0,
             status: match outcome {
                 Outcome::Ok => Some(200),
                 Outcome::Error => Some(500),

@@ -92,15 +92,23 @@ pub struct UsageRecord {
     pub trigger: String,
     /// When it started, wall clock, in milliseconds since the Unix epoch.
     pub start_ms: i64,
-    /// Wall-clock duration in microseconds.
+    /// Wall-clock duration of the handler in microseconds: from its
+    /// instance's start (after `init_us`) to its end.
     pub wall_us: u64,
+    /// Time a cold start spent before the handler ran, in microseconds:
+    /// loading the compiled artifact and instantiating the first instance
+    /// (Lambda's Init Duration). 0 for a warm invocation, and in records of
+    /// nodes that predate it.
+    #[serde(default)]
+    pub init_us: u64,
     /// CPU time in microseconds.
     pub cpu_us: u64,
     /// Peak linear memory of the instance, in bytes.
     pub peak_memory_bytes: u64,
     /// Configured memory of the function, in MB.
     pub memory_limit_mb: u32,
-    /// Billed duration in milliseconds (see [`billed_ms`]).
+    /// Billed duration in milliseconds: [`billed_ms`] of `init_us +
+    /// wall_us`, so a cold start pays for its initialisation as on Lambda.
     pub billed_ms: u64,
     /// How it ended.
     pub outcome: Outcome,
@@ -111,8 +119,8 @@ pub struct UsageRecord {
     pub status: Option<u16>,
 }
 
-/// Billed duration: wall time rounded up to the next whole millisecond, at
-/// least 1 ms per invocation (as Lambda bills).
+/// Billed duration: time (init and handler) rounded up to the next whole
+/// millisecond, at least 1 ms per invocation (as Lambda bills).
 pub fn billed_ms(wall_us: u64) -> u64 {
     wall_us.div_ceil(1000).max(1)
 }
@@ -129,6 +137,12 @@ impl UsageRecord {
         // The same expression as the ledger's SQL sum, so a summary of one
         // record equals this exactly.
         f64::from(self.memory_limit_mb) * self.billed_ms as f64 / MB_MS_PER_GB_S
+    }
+
+    /// Configured memory × initialisation time, in GB-seconds: what the cold
+    /// start added to [`Self::billed_gb_s`] (before rounding).
+    pub fn init_gb_s(&self) -> f64 {
+        f64::from(self.memory_limit_mb) * self.init_us as f64 / 1000.0 / MB_MS_PER_GB_S
     }
 
     /// Peak memory × wall duration, in GB-seconds (1 GB = 2^30 bytes).
@@ -263,6 +277,14 @@ pub struct UsageRow {
     pub cpu_us: u64,
     /// Sum of wall-clock microseconds.
     pub wall_us: u64,
+    /// Sum of [`UsageRecord::init_us`]: time cold starts spent before their
+    /// handlers ran. 0 from nodes that predate it.
+    #[serde(default)]
+    pub init_us: u64,
+    /// Sum of [`UsageRecord::init_gb_s`]: the part of `billed_gb_s` that
+    /// cold starts cost.
+    #[serde(default)]
+    pub init_gb_s: f64,
 }
 
 impl UsageRow {
@@ -280,6 +302,8 @@ impl UsageRow {
         self.used_gb_s += other.used_gb_s;
         self.cpu_us = self.cpu_us.saturating_add(other.cpu_us);
         self.wall_us = self.wall_us.saturating_add(other.wall_us);
+        self.init_us = self.init_us.saturating_add(other.init_us);
+        self.init_gb_s += other.init_gb_s;
     }
 }
 

@@ -61,8 +61,12 @@ fn every_invocation_leaves_exactly_one_record() {
     assert_eq!(hello.iter().filter(|r| r["trigger"] == "invoke").count(), 3);
     for record in &all {
         let wall = record["wall_us"].as_u64().unwrap();
+        let init = record["init_us"].as_u64().unwrap();
+        // Only a cold start has an init time, and it is billed with the
+        // handler's.
+        assert_eq!(record["cold"] == true, init > 0, "{record}");
         let billed = record["billed_ms"].as_u64().unwrap();
-        assert_eq!(billed, wall.div_ceil(1000).max(1), "{record}");
+        assert_eq!(billed, (wall + init).div_ceil(1000).max(1), "{record}");
         assert_eq!(record["memory_limit_mb"], 128);
         assert!(record["peak_memory_bytes"].as_u64().unwrap() > 0);
         let gb_s = record["billed_gb_s"].as_f64().unwrap();
@@ -88,6 +92,15 @@ fn every_invocation_leaves_exactly_one_record() {
         .find(|r| r["function"] == "hello")
         .unwrap();
     assert_eq!(hello_row["invocations"], 24);
+    // Each function started cold once here: its init time and what it cost.
+    assert_eq!(hello_row["cold_starts"], 1, "{hello_row}");
+    let init_us: u64 = hello.iter().map(|r| r["init_us"].as_u64().unwrap()).sum();
+    assert!(init_us > 0);
+    assert_eq!(hello_row["init_us"], init_us, "{hello_row}");
+    let cold_cost = hello_row["cost"]["cold_starts"].as_f64().unwrap();
+    let expected =
+        128.0 / 1024.0 * init_us as f64 / 1e6 * usage["prices"]["per_gb_second"].as_f64().unwrap();
+    assert!((cold_cost - expected).abs() < 1e-15, "{hello_row}");
     let cost = hello_row["cost"]["requests"].as_f64().unwrap();
     assert!((cost - 24.0 * 0.20 / 1e6).abs() < 1e-15, "{hello_row}");
     let by_hour = node.admin_json("/v1/usage?group_by=hour&from=1h");

@@ -256,6 +256,7 @@ impl Deployments {
             request_id: "-".to_string(),
             trigger: "rollout",
             cold_start: false,
+            load: std::time::Duration::ZERO,
         };
         mayfly_runtime::LogSink::line(
             self.parts.logs.as_ref(),

@@ -315,6 +315,7 @@ pub(crate) mod tests {
             request_id: "r".into(),
             trigger: "http",
             cold_start: false,
+            load: std::time::Duration::ZERO,
         });
         GuestOutput::new(labels, lines.clone(), LogStream::Stderr, 1 << 20)
     }

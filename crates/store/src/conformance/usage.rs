@@ -23,6 +23,7 @@ pub(crate) fn record(id: u32, function: &str, version: u64, start_ms: i64) -> Us
         billed_ms: billed_ms(1_500),
         outcome: Outcome::Ok,
         cold: false,
+        init_us: 0,
         status: Some(200),
     }
 }
@@ -40,6 +41,8 @@ pub(crate) fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
 pub(crate) fn fixture() -> Vec<UsageRecord> {
     let mut a1 = record(1, "a", 1, T0);
     a1.cold = true;
+    a1.init_us = 2_600;
+    a1.billed_ms = billed_ms(a1.wall_us + a1.init_us);
     let mut a2 = record(2, "a", 2, T0 + HOUR - 1);
     a2.outcome = Outcome::Timeout;
     a2.status = Some(504);
@@ -51,6 +54,8 @@ pub(crate) fn fixture() -> Vec<UsageRecord> {
     b1.status = None;
     b1.memory_limit_mb = 1024;
     b1.cold = true;
+    b1.init_us = 40_000;
+    b1.billed_ms = billed_ms(b1.wall_us + b1.init_us);
     let b2 = record(5, "b", 1, T0 + DAY);
     vec![a1, a2, a3, b1, b2]
 }
@@ -74,6 +79,8 @@ pub(crate) fn expected(records: &[&UsageRecord]) -> UsageRow {
         used_gb_s: records.iter().map(|r| r.used_gb_s()).sum(),
         cpu_us: records.iter().map(|r| r.cpu_us).sum(),
         wall_us: records.iter().map(|r| r.wall_us).sum(),
+        init_us: records.iter().map(|r| r.init_us).sum(),
+        init_gb_s: records.iter().map(|r| r.init_gb_s()).sum(),
     }
 }
 
@@ -86,9 +93,11 @@ fn assert_rows(actual: &[UsageRow], expected: &[UsageRow]) {
             "{a:?} vs {e:?}"
         );
         assert!((a.used_gb_s - e.used_gb_s).abs() < 1e-12, "{a:?} vs {e:?}");
+        assert!((a.init_gb_s - e.init_gb_s).abs() < 1e-12, "{a:?} vs {e:?}");
         let strip = |r: &UsageRow| UsageRow {
             billed_gb_s: 0.0,
             used_gb_s: 0.0,
+            init_gb_s: 0.0,
             ..r.clone()
         };
         assert_eq!(strip(a), strip(e));
@@ -189,14 +198,18 @@ pub async fn summary_by_function<B: Backend>(backend: &B) {
     assert_eq!(a.outcomes.timeout, 1);
     assert_eq!(a.outcomes.ok, 2);
     assert_eq!(a.cold_starts, 1);
-    assert_eq!(a.billed_ms, 2 + 10_000 + 2);
+    // a1's cold start: 1.5 ms handler + 2.6 ms init, billed as 5 ms.
+    assert_eq!(a.billed_ms, 5 + 10_000 + 2);
     assert_eq!(a.wall_us, 1_500 + 10_000_000 + 1_500);
+    assert_eq!(a.init_us, 2_600);
+    assert!((a.init_gb_s - 128.0 * 2.6 / 1_024_000.0).abs() < 1e-12);
     assert_eq!(a.cpu_us, 2_100);
-    assert!((a.billed_gb_s - 128.0 * 10_004.0 / 1_024_000.0).abs() < 1e-12);
+    assert!((a.billed_gb_s - 128.0 * 10_007.0 / 1_024_000.0).abs() < 1e-12);
     let b = &rows[1];
     assert_eq!(b.outcomes.error, 1);
     assert_eq!(b.errors, 1);
-    assert!((b.billed_gb_s - (1024.0 * 2.0 + 128.0 * 2.0) / 1_024_000.0).abs() < 1e-12);
+    // b1: 1.5 ms handler + 40 ms init at 1024 MB, billed as 42 ms.
+    assert!((b.billed_gb_s - (1024.0 * 42.0 + 128.0 * 2.0) / 1_024_000.0).abs() < 1e-12);
 }
 
 pub async fn summary_by_version<B: Backend>(backend: &B) {

@@ -76,6 +76,10 @@ const LEDGER_MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_by_start ON usage (start_ms);
     CREATE INDEX usage_by_function ON usage (function, seq);
 "#,
+    // Cold starts' initialisation time, apart from the handler's.
+    r#"
+    ALTER TABLE usage ADD COLUMN init_us INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The embedded ledger: its own SQLite database file (e.g.
@@ -151,7 +155,7 @@ fn total_to_u64(total: f64) -> u64 {
 
 const RECORD_COLUMNS: &str = "seq, request_id, function, version, trigger, start_ms, wall_us, \
      cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status, \
-     client_request_id";
+     client_request_id, init_us";
 
 fn read_records(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredUsage>> {
     let mut records = Vec::new();
@@ -182,6 +186,7 @@ fn read_records(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredUsage>> {
                     .get::<_, Option<i64>>(13)?
                     .map(|s| saturate(s, u16::MAX)),
                 client_request_id: row.get(14)?,
+                init_us: saturate(row.get(15)?, u64::MAX),
             },
         });
     }
@@ -196,8 +201,8 @@ fn period_sql(ms: i64) -> String {
 
 /// The summary query for `group_by`, optionally filtered by function (as
 /// `?3`). Columns: function, version, period, invocations, cold starts,
-/// billed ms, billed GB-s, used GB-s, cpu µs, wall µs, then one count per
-/// outcome in [`Outcome::ALL`] order.
+/// billed ms, billed GB-s, used GB-s, cpu µs, wall µs, init µs, init GB-s,
+/// then one count per outcome in [`Outcome::ALL`] order.
 fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
     let (keys, group) = match group_by {
         GroupBy::Function => ("function, NULL, NULL".to_string(), "function"),
@@ -224,7 +229,8 @@ fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
         "SELECT {keys}, COUNT(*), SUM(cold), TOTAL(billed_ms), \
              TOTAL(CAST(memory_limit_mb AS REAL) * billed_ms) / {MB_MS_PER_GB_S:.1}, \
              TOTAL(CAST(peak_memory_bytes AS REAL) * wall_us) / {BYTE_US_PER_GB_S:.1}, \
-             TOTAL(cpu_us), TOTAL(wall_us){outcomes} \
+             TOTAL(cpu_us), TOTAL(wall_us), TOTAL(init_us), \
+             TOTAL(CAST(memory_limit_mb AS REAL) * init_us / 1000.0) / {MB_MS_PER_GB_S:.1}{outcomes} \
          FROM usage WHERE start_ms >= ?1 AND start_ms < ?2{filter} \
          GROUP BY {group} ORDER BY {group}"
     )
@@ -233,7 +239,7 @@ fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
 fn summary_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
     let mut outcomes = OutcomeCounts::default();
     for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
-        *outcomes.slot(outcome) = saturate(row.get(10 + i)?, u64::MAX);
+        *outcomes.slot(outcome) = saturate(row.get(12 + i)?, u64::MAX);
     }
     let invocations: u64 = saturate(row.get(3)?, u64::MAX);
     Ok(UsageRow {
@@ -251,6 +257,8 @@ fn summary_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
         used_gb_s: row.get(7)?,
         cpu_us: total_to_u64(row.get(8)?),
         wall_us: total_to_u64(row.get(9)?),
+        init_us: total_to_u64(row.get(10)?),
+        init_gb_s: row.get(11)?,
     })
 }
 
@@ -271,8 +279,8 @@ impl LedgerDb {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO usage (request_id, function, version, trigger, start_ms, wall_us, \
                      cpu_us, peak_memory_bytes, memory_limit_mb, billed_ms, outcome, cold, status, \
-                     client_request_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                     client_request_id, init_us) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                  ON CONFLICT (request_id, function) DO NOTHING",
             )?;
             for r in records {
@@ -291,6 +299,7 @@ impl LedgerDb {
                     r.cold,
                     r.status,
                     r.client_request_id,
+                    to_sql(r.init_us),
                 ])?;
             }
         }
