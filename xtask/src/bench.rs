@@ -290,7 +290,8 @@ fn build_mayfly(root: &Path, smoke: bool) -> anyhow::Result<PathBuf> {
     cargo
         .current_dir(root)
         .args(["build", "-p", "mayfly", "--bins"])
-        .args(["--example", "burst", "--example", "events_bench"]);
+        .args(["--example", "burst", "--example", "events_bench"])
+        .args(["--example", "bare_hyper"]);
     if !smoke {
         cargo.arg("--release");
     }

@@ -31,7 +31,8 @@ pub struct MayflyFigures {
     pub all_compiled: bool,
     /// Client-side latency of the first request to a cold-tier function.
     pub cold_request: Runs,
-    /// The node's own `wall_us` for that request.
+    /// The node's own `init_us + wall_us` for that request: what it
+    /// recorded of the request's time.
     pub cold_wall: Runs,
     /// Whether the ledger marked every one of them `cold`.
     pub all_marked_cold: bool,
@@ -191,7 +192,7 @@ fn wait_until_cold(admin: &Admin, names: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// The `wall_us` and `cold` flag of `function`'s last usage record, once it
+/// The `init_us + wall_us` and `cold` flag of `function`'s last usage record, once it
 /// has `count` records. The ledger commits in batches, so wait for it.
 fn last_record(admin: &Admin, function: &str, count: usize) -> anyhow::Result<(f64, bool)> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -200,7 +201,10 @@ fn last_record(admin: &Admin, function: &str, count: usize) -> anyhow::Result<(f
         if records.len() >= count
             && let Some(last) = records.last()
         {
-            let wall = last["wall_us"].as_f64().unwrap_or(0.0);
+            // init_us: the cold start's load and instantiation (0 from
+            // nodes that did not record it apart).
+            let wall =
+                last["wall_us"].as_f64().unwrap_or(0.0) + last["init_us"].as_f64().unwrap_or(0.0);
             let cold = last["cold"]
                 .as_bool()
                 .or_else(|| last["cold_start"].as_bool())
@@ -256,7 +260,7 @@ impl Results {
                 out.push_str(&format!(
                     "| deploy call → first 200 of the new function{compiled} | {} |\n\
                      | first request to a cold-tier function (artifact on disk, not in memory), client side | {} |\n\
-                     | the same request's `wall_us` in the node's usage record{marked} | {} |\n",
+                     | the same request's `init_us + wall_us` in the node's usage record{marked} | {} |\n",
                     f.deploy_to_200.show(latency),
                     f.cold_request.show(latency),
                     f.cold_wall.show(latency),

@@ -189,6 +189,7 @@ fn colour(kind: Kind) -> &'static str {
         Kind::Mayfly => "#d9480f",
         Kind::Wasmtime => "#1c7ed6",
         Kind::Workerd => "#5c940d",
+        Kind::BareHyper => "#868e96",
     }
 }
 

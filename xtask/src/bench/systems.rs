@@ -27,6 +27,9 @@ pub enum Kind {
     Wasmtime,
     /// Cloudflare's workerd, running bench/peers/hello-worker.js.
     Workerd,
+    /// The ceiling: hyper alone answering hello, no WebAssembly
+    /// (crates/cli/examples/bare_hyper.rs).
+    BareHyper,
 }
 
 impl Kind {
@@ -36,6 +39,7 @@ impl Kind {
             Kind::Mayfly => "Mayfly",
             Kind::Wasmtime => "wasmtime serve",
             Kind::Workerd => "workerd",
+            Kind::BareHyper => "bare hyper (no Wasm)",
         }
     }
 }
@@ -62,8 +66,9 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/mayfly-bench"))
 }
 
-/// The three systems; the peers are installed first if `install` and they
-/// are missing. A peer that cannot be installed is reported, not fatal.
+/// The systems; the peers are installed first if `install` and they are
+/// missing. A peer that cannot be installed is reported, not fatal. The
+/// bare hyper ceiling is built with Mayfly, beside it.
 pub fn prepare(mayfly: &Path, cache: &Path, install: bool) -> Vec<System> {
     let wasmtime = cache.join(format!("wasmtime-{WASMTIME_VERSION}/bin/wasmtime"));
     let workerd = cache.join("workerd/node_modules/.bin/workerd");
@@ -77,10 +82,29 @@ pub fn prepare(mayfly: &Path, cache: &Path, install: bool) -> Vec<System> {
             Kind::Workerd,
             ensure(&workerd, install, || install_workerd(cache)),
         ),
+        system(Kind::BareHyper, bare_hyper(mayfly)),
     ]
 }
 
+/// `examples/bare_hyper` in the target folder of the `mayfly` binary.
+fn bare_hyper(mayfly: &Path) -> Result<PathBuf, String> {
+    let binary = mayfly.with_file_name("examples").join("bare_hyper");
+    if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(format!("failed: {} was not built", binary.display()))
+    }
+}
+
 fn system(kind: Kind, binary: Result<PathBuf, String>) -> System {
+    if kind == Kind::BareHyper {
+        // It has no --version: it is this workspace's hyper.
+        return System {
+            kind,
+            binary,
+            version: "hyper 1 (this workspace's)".into(),
+        };
+    }
     let version = match &binary {
         Ok(path) => output(command(path).arg("--version")).map_or_else(
             |error| format!("unknown ({error})"),
@@ -243,6 +267,13 @@ impl System {
                     .arg(files.workerd_config)
                     .arg("--socket-addr")
                     .arg(format!("http={address}"))
+                    .stdout(std::process::Stdio::null()),
+                files.log_dir,
+            ),
+            Kind::BareHyper => Process::spawn(
+                "bare-hyper",
+                command(binary)
+                    .args(["--addr", &address])
                     .stdout(std::process::Stdio::null()),
                 files.log_dir,
             ),
