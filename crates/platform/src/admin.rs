@@ -82,7 +82,53 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
             platform.clone(),
             auth::gate,
         ))
+        // Added after the gate's layer, so outside it: no token.
+        .merge(health_routes())
         .with_state(platform)
+}
+
+/// The health checks, answered without a token.
+fn health_routes() -> Router<Arc<Platform>> {
+    Router::new()
+        .route(crate::health::HEALTHZ, get(healthz))
+        .route(crate::health::READYZ, get(readyz))
+}
+
+/// The metrics listener's routes (`serve --metrics-addr`): `/metrics` and
+/// the health checks, without a token; anything else is 404.
+pub fn metrics_router(platform: Arc<Platform>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(health_routes())
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "this listener serves /metrics, /healthz and /readyz only\n",
+            )
+        })
+        .with_state(platform)
+}
+
+fn health_answer(report: &crate::health::HealthReport) -> Response {
+    (
+        report.http_status(),
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        report.json(),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`: the process is up.
+async fn healthz() -> Response {
+    health_answer(&crate::health::liveness())
+}
+
+/// `GET /readyz`: the node can take work (200), or why not (503).
+async fn readyz(State(platform): State<Arc<Platform>>) -> Response {
+    health_answer(&platform.health().readiness().await)
 }
 
 /// Gives the answers axum makes itself (a 405 without a body, a path
