@@ -23,6 +23,7 @@ use crate::error::PlatformError;
 use crate::platform::Platform;
 
 mod auth;
+mod dashboard;
 mod error;
 mod events;
 #[cfg(test)]
@@ -76,14 +77,17 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(auth::routes())
         .merge(secrets::routes())
         .merge(versions::routes())
+        .merge(dashboard::api())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
             platform.clone(),
             auth::gate,
         ))
-        // Added after the gate's layer, so outside it: no token.
+        // Added after the gate's layer, so outside it: no token (the
+        // dashboard's pages check their cookie themselves).
         .merge(health_routes())
+        .merge(dashboard::pages())
         .with_state(platform)
 }
 

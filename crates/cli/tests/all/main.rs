@@ -8,6 +8,7 @@ mod aliases;
 mod cli;
 mod common;
 mod completions;
+mod dashboard;
 mod connections;
 mod deploy;
 mod dev;
