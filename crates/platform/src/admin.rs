@@ -88,6 +88,8 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         // dashboard's pages check their cookie themselves).
         .merge(health_routes())
         .merge(dashboard::pages())
+        // Again outside, for axum's own answers on those (a 405).
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(platform)
 }
 
@@ -145,11 +147,14 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
     if method == Method::POST && uri.path().ends_with("/invoke") {
         return response;
     }
-    let is_json = response
+    // The dashboard's pages answer their errors as pages.
+    let is_json_or_page = response
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if is_json_or_page || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
     let (parts, body) = response.into_parts();

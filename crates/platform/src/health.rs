@@ -168,6 +168,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn readiness_names_what_is_wrong() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let stores = mayfly_store::Stores::sqlite(dir.path()).unwrap();
+        let metrics = crate::metering::Metrics::new();
+        let ledger = Arc::new(
+            Ledger::start(
+                stores.usage.clone(),
+                metrics.ledger.clone(),
+                runtime.handle().clone(),
+            )
+            .unwrap(),
+        );
+        let logs = LogHub::start(
+            stores.logs.clone(),
+            stores.log_feed.clone(),
+            runtime.handle().clone(),
+        )
+        .unwrap();
+        let health = Health::new(stores.registry.clone(), ledger.clone(), logs.clone());
+        let ready = runtime.block_on(health.readiness());
+        assert_eq!(ready.status, "ready", "{ready:?}");
+        assert_eq!(ready.http_status(), http::StatusCode::OK);
+        assert_eq!(ready.json(), r#"{"status":"ready"}"#);
+
+        health.set_closing();
+        ledger.close();
+        let report = runtime.block_on(health.readiness());
+        assert_eq!(report.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(report.status, "not_ready");
+        assert!(report.reasons[0].contains("shutting down"), "{report:?}");
+        assert!(report.reasons[1].contains("ledger writer"), "{report:?}");
+        assert_eq!(report.reasons.len(), 2, "{report:?}");
+        logs.close();
+        let report = runtime.block_on(health.readiness());
+        assert!(report.reasons[2].contains("log writer"), "{report:?}");
+    }
+
+    #[test]
     fn health_paths_cannot_be_routes() {
         for route in [
             "/healthz",

@@ -194,6 +194,12 @@ impl Browser {
         }
     }
 
+    /// Shows one of the app's pages (a same-document navigation, which
+    /// fires no load event to wait for).
+    fn show(&self, hash: &str) {
+        self.eval(&format!("location.hash = '{hash}'"));
+    }
+
     fn goto(&self, url: &str) {
         self.runtime.block_on(async {
             self.page.goto(url).await.expect("navigates");
@@ -390,7 +396,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     browser.screenshot("overview");
 
     // The function page: charts, versions, the live version, a rollback.
-    browser.goto(&format!("{}/dashboard/#/function/hello", node.admin));
+    browser.show("#/function/hello");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'function:hello'");
     assert_eq!(number(&browser.wait_for("document.getElementById('fn-requests').dataset.value")), 20.0);
     assert_eq!(browser.wait_for("document.getElementById('fn-live').textContent"), "2");
@@ -405,7 +411,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     browser.screenshot("function-rolled-back");
 
     // Usage: the ledger's totals, a table and the CSV.
-    browser.goto(&format!("{}/dashboard/#/usage", node.admin));
+    browser.show("#/usage");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'usage'");
     let usage = node.admin_json("/v1/usage?from=168h&group_by=function");
     let total = |id: &str| number(&browser.eval(&format!("document.getElementById('{id}').dataset.value")));
@@ -422,7 +428,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     browser.screenshot("usage");
 
     // Events: the queue and its depth.
-    browser.goto(&format!("{}/dashboard/#/events", node.admin));
+    browser.show("#/events");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'events'");
     assert!(
         browser
@@ -437,7 +443,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     browser.click("#logout", true);
     browser.wait_for("document.getElementById('login') !== null");
     browser.log_in(&node.admin, &viewer);
-    browser.goto(&format!("{}/dashboard/#/function/hello", node.admin));
+    browser.show("#/function/hello");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'function:hello'");
     browser.click("#rollback", false);
     browser.click("#confirm-ok", false);
