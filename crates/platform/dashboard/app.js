@@ -101,7 +101,16 @@ function card(id, label, value) {
   return `<div class="card"><div class="label">${esc(label)}</div><div class="value" id="${id}">${esc(value)}</div></div>`;
 }
 
-function chart(target, title, series, data) {
+// Axis labels that stay readable for tiny figures (costs of 1e-7).
+function axisValue(v) {
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  if (a >= 1000) return v.toLocaleString("en-US");
+  if (a >= 0.01) return String(Number(v.toPrecision(3)));
+  return v.toExponential(1);
+}
+
+function chart(target, title, series, data, options = {}) {
   const box = document.createElement("div");
   box.className = "chart";
   box.innerHTML = `<h3>${esc(title)}</h3>`;
@@ -115,7 +124,8 @@ function chart(target, title, series, data) {
       stroke: ["#2563eb", "#dc2626", "#d97706", "#7c3aed", "#059669", "#64748b", "#db2777"][i % 7],
       width: 1.5,
     }))],
-    axes: [{}, { size: 60 }],
+    axes: [{}, { size: 70, values: (u, values) => values.map(axisValue) }],
+    scales: options.scales || {},
   }, data, box);
   charts.push(plot);
   return plot;
@@ -241,7 +251,20 @@ async function functionPage(name) {
   const drawCharts = async () => {
     const resolution = $("#resolution").value;
     const data = await api(`${path}/series?resolution=${resolution}`);
-    const points = data.points;
+    // Every step of the window, empty ones as zero (latency as a gap), so
+    // the time axis is the window's whatever the traffic.
+    const step = data.step_ms;
+    const span = resolution === "10s" ? 3600000 : 86400000;
+    const now = Date.now();
+    const byTime = new Map(data.points.map((p) => [p.t_ms, p]));
+    const points = [];
+    for (let t = Math.floor((now - span) / step) * step; t <= now; t += step) {
+      points.push(byTime.get(t) || {
+        t_ms: t, requests: 0, errors: 0, cold_starts: 0, instances: 0, billed_gb_s: 0, cost: 0,
+        p50_ms: null, p95_ms: null, p99_ms: null,
+        outcomes: { ok: 0, error: 0, timeout: 0, oom: 0, killed: 0, client_closed: 0, throttled: 0 },
+      });
+    }
     const x = points.map((p) => p.t_ms / 1000);
     const sum = (key) => points.reduce((n, p) => n + p[key], 0);
     const requests = sum("requests");
@@ -411,7 +434,9 @@ async function usagePage() {
     charts.forEach((c) => c.destroy());
     charts = [];
     $("#usage-chart").innerHTML = "";
-    if (dayList.length) chart($("#usage-chart"), `Cost per function per day (${currency})`, names, [x, ...series]);
+    // A day on each side, so one day of data is not the whole axis.
+    const scales = { x: { range: (u, min, max) => [min - 86400, max + 86400] } };
+    if (dayList.length) chart($("#usage-chart"), `Cost per function per day (${currency})`, names, [x, ...series], { scales });
     const csv = ["day,function,requests,errors,billed_gb_s,cost"]
       .concat(usageRows.map((r) => [r.day, r.function, r.requests, r.errors, r.gbs, r.cost].join(",")))
       .join("\n") + "\n";

@@ -161,13 +161,22 @@ impl Browser {
     }
 
     fn eval(&self, expression: &str) -> serde_json::Value {
+        self.try_eval(expression)
+            .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+    }
+
+    /// Evaluates `expression`; an error while a page loads (its context
+    /// gone) is the caller's to retry.
+    fn try_eval(&self, expression: &str) -> Result<serde_json::Value, String> {
         self.runtime.block_on(async {
-            self.page
+            let result = self
+                .page
                 .evaluate(expression)
                 .await
-                .unwrap_or_else(|e| panic!("evaluating {expression}: {e}"))
+                .map_err(|e| e.to_string())?;
+            Ok(result
                 .into_value::<serde_json::Value>()
-                .unwrap_or(serde_json::Value::Null)
+                .unwrap_or(serde_json::Value::Null))
         })
     }
 
@@ -175,7 +184,11 @@ impl Browser {
     fn wait_for(&self, expression: &str) -> serde_json::Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let value = self.eval(&format!("(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()"));
+            let value = self
+                .try_eval(&format!(
+                    "(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()"
+                ))
+                .unwrap_or(serde_json::Value::Null);
             let truthy = match &value {
                 serde_json::Value::Null => false,
                 serde_json::Value::Bool(b) => *b,
@@ -311,6 +324,8 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     node.deploy("hello", "hello", &["/hello"]);
     node.deploy("hello", "echo", &["/hello"]);
     node.deploy("trap", "trap", &["/trap"]);
+    node.deploy("talker", "logs", &["/talk"]);
+    assert_eq!(node.request("GET", "/talk/before", b"").0, 200);
     for _ in 0..20 {
         assert_eq!(node.request("GET", "/hello", b"").0, 200);
     }
@@ -319,6 +334,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     }
     node.await_usage_records("hello", 20);
     node.await_usage_records("trap", 5);
+    node.await_usage_records("talker", 1);
     let (status, body) = admin_post(&node, "/v1/queues/orders/messages", r#"{"order": 1}"#);
     assert!(status < 300, "queue send: {status} {body}");
     let (status, body) = admin_post(
@@ -416,7 +432,7 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     let usage = node.admin_json("/v1/usage?from=168h&group_by=function");
     let total = |id: &str| number(&browser.eval(&format!("document.getElementById('{id}').dataset.value")));
     assert_eq!(total("usage-total-requests"), number(&usage["total"]["invocations"]));
-    assert_eq!(total("usage-total-requests"), 25.0);
+    assert_eq!(total("usage-total-requests"), 26.0);
     assert_eq!(total("usage-total-errors"), number(&usage["total"]["errors"]));
     assert!(close_to(total("usage-total-cost"), number(&usage["total"]["cost"]["total"])));
     assert!(
@@ -438,6 +454,14 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
         "the queue is listed"
     );
     browser.screenshot("events");
+
+    // Logs: the tail, then a new line as it is written.
+    browser.show("#/function/talker");
+    browser.wait_for("document.getElementById('page').dataset.loaded === 'function:talker'");
+    browser.wait_for("document.getElementById('logs').textContent.includes('stdout line one for /talk/before')");
+    assert_eq!(node.request("GET", "/talk/live", b"").0, 200);
+    browser.wait_for("document.getElementById('logs').textContent.includes('stdout line one for /talk/live')");
+    browser.screenshot("function-logs");
 
     // A read-only token looks but cannot act: the 403 is shown.
     browser.click("#logout", true);
