@@ -123,6 +123,8 @@ function chart(target, title, series, data, options = {}) {
       label: s,
       stroke: ["#2563eb", "#dc2626", "#d97706", "#7c3aed", "#059669", "#64748b", "#db2777"][i % 7],
       width: 1.5,
+      // Isolated points (one busy step in an idle hour) stay visible.
+      points: { show: options.points ?? ((u, si, i0, i1) => i1 - i0 < 100) },
     }))],
     axes: [{}, { size: 70, values: (u, values) => values.map(axisValue) }],
     scales: options.scales || {},
@@ -289,7 +291,8 @@ async function functionPage(name) {
     chart(target, "Requests by outcome", outcomes,
       [x, ...outcomes.map((o) => points.map((p) => p.outcomes[o]))]);
     chart(target, "Latency (ms)", ["p50", "p95", "p99"],
-      [x, points.map((p) => p.p50_ms), points.map((p) => p.p95_ms), points.map((p) => p.p99_ms)]);
+      [x, points.map((p) => p.p50_ms), points.map((p) => p.p95_ms), points.map((p) => p.p99_ms)],
+      { points: true });
     chart(target, "Cold starts and instances", ["cold starts", "instances"],
       [x, points.map((p) => p.cold_starts), points.map((p) => p.instances)]);
     chart(target, `Billed GB-s and cost (${data.currency})`, ["GB-s", "cost"],

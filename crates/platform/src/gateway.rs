@@ -73,9 +73,10 @@ async fn health_response(health: &Health, ready: bool) -> http::Response<HyperOu
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    response
-        .headers_mut()
-        .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     response
 }
 

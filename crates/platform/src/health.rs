@@ -91,8 +91,7 @@ impl Health {
         }
         // One cheap read (a name no function can have) proves the store
         // answers: a locked or unreachable store shows here.
-        match tokio::time::timeout(STORE_PROBE_TIMEOUT, self.registry.function("-readyz-")).await
-        {
+        match tokio::time::timeout(STORE_PROBE_TIMEOUT, self.registry.function("-readyz-")).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => reasons.push(format!("the function store fails: {error}")),
             Err(_) => reasons.push(format!(

@@ -435,10 +435,7 @@ impl Platform {
 
     /// The node's metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> Result<String, PlatformError> {
-        self.metrics
-            .node
-            .log_lines_dropped
-            .set(self.logs.dropped());
+        self.metrics.node.log_lines_dropped.set(self.logs.dropped());
         self.metrics
             .node
             .instances_in_flight

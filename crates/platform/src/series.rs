@@ -295,7 +295,14 @@ impl FunctionSeries {
 
     /// Counts one finished invocation. `outcome` indexes [`OUTCOMES`].
     /// Lock-free: the request path calls it.
-    pub fn record(&self, outcome: usize, wall_us: u64, billed_ms: u64, memory_mb: u32, cpu_us: u64) {
+    pub fn record(
+        &self,
+        outcome: usize,
+        wall_us: u64,
+        billed_ms: u64,
+        memory_mb: u32,
+        cpu_us: u64,
+    ) {
         let live = &self.live;
         if let Some(count) = live.outcomes.get(outcome) {
             count.fetch_add(1, Ordering::Relaxed);
@@ -330,18 +337,20 @@ impl FunctionSeries {
         let mut rolled = self.rolled();
         let slot = t_ms - t_ms.rem_euclid(COARSE_STEP_MS);
         // A coarse slot ends when a point of a later one arrives.
-        if rolled.pending.as_ref().is_some_and(|(start, _)| *start != slot)
+        if rolled
+            .pending
+            .as_ref()
+            .is_some_and(|(start, _)| *start != slot)
             && let Some((start, done)) = rolled.pending.take()
+            && !done.is_empty()
         {
-            if !done.is_empty() {
-                rolled.coarse.push_back(done.point(start, instances));
-                if rolled.coarse.len() > COARSE_POINTS {
-                    rolled.coarse.pop_front();
-                }
-                rolled.hour.push_back((start, done));
-                if rolled.hour.len() > HOUR_SLOTS {
-                    rolled.hour.pop_front();
-                }
+            rolled.coarse.push_back(done.point(start, instances));
+            if rolled.coarse.len() > COARSE_POINTS {
+                rolled.coarse.pop_front();
+            }
+            rolled.hour.push_back((start, done));
+            if rolled.hour.len() > HOUR_SLOTS {
+                rolled.hour.pop_front();
             }
         }
         if totals.is_empty() && instances == 0 {
@@ -519,12 +528,17 @@ mod tests {
     #[test]
     fn buckets_are_ordered_and_close() {
         let mut last = 0;
-        for us in [1u64, 2, 7, 8, 9, 15, 16, 100, 1_000, 12_345, 1_000_000, 60_000_000] {
+        for us in [
+            1u64, 2, 7, 8, 9, 15, 16, 100, 1_000, 12_345, 1_000_000, 60_000_000,
+        ] {
             let bucket = bucket_of(us);
             assert!(bucket >= last, "{us}");
             last = bucket;
             let value = bucket_value(bucket) as f64;
-            assert!((value - us as f64).abs() / us as f64 <= 0.0625, "{us} -> {value}");
+            assert!(
+                (value - us as f64).abs() / us as f64 <= 0.0625,
+                "{us} -> {value}"
+            );
         }
     }
 
@@ -550,8 +564,16 @@ mod tests {
         assert_eq!(p.outcomes[0], 100);
         assert_eq!(p.cold_starts, 1);
         assert_eq!(p.billed_ms, 5050 + 50);
-        assert!((p.p50_us as f64 - 50_000.0).abs() < 50_000.0 * 0.07, "{}", p.p50_us);
-        assert!((p.p99_us as f64 - 99_000.0).abs() < 99_000.0 * 0.07, "{}", p.p99_us);
+        assert!(
+            (p.p50_us as f64 - 50_000.0).abs() < 50_000.0 * 0.07,
+            "{}",
+            p.p50_us
+        );
+        assert!(
+            (p.p99_us as f64 - 99_000.0).abs() < 99_000.0 * 0.07,
+            "{}",
+            p.p99_us
+        );
         assert_eq!(points[1].requests(), 0);
         let hour = series.last_hour(now + FINE_STEP_MS);
         assert_eq!(hour.requests(), 102);

@@ -24,10 +24,18 @@ fn health_checks_and_metrics_answer_without_a_token() {
 
     for base in [&node.gateway, &node.admin] {
         let (status, body, content_type) = get(&format!("{base}/healthz"));
-        assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#), "{base}");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"status":"ok"}"#),
+            "{base}"
+        );
         assert_eq!(content_type.as_deref(), Some("application/json"));
         let (status, body, _) = get(&format!("{base}/readyz"));
-        assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#), "{base}");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"status":"ready"}"#),
+            "{base}"
+        );
     }
     // Anything below them is the function's.
     let (status, _, _) = node.request("GET", "/healthz/deeper", b"");
@@ -396,7 +404,10 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
         let (requests, errors, cost) = (row("requests"), row("errors"), row("cost"));
         assert_eq!(requests, number(&api["requests"]), "{function}");
         assert_eq!(errors, number(&api["errors"]), "{function}");
-        assert!(close_to(cost, number(&api["cost"])), "{function}: {cost} vs {api}");
+        assert!(
+            close_to(cost, number(&api["cost"])),
+            "{function}: {cost} vs {api}"
+        );
         // And the in-process series agree with the ledger.
         assert_eq!(requests, number(&ledger_row["invocations"]), "{function}");
         assert_eq!(errors, number(&ledger_row["errors"]), "{function}");
@@ -414,13 +425,24 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     // The function page: charts, versions, the live version, a rollback.
     browser.show("#/function/hello");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'function:hello'");
-    assert_eq!(number(&browser.wait_for("document.getElementById('fn-requests').dataset.value")), 20.0);
-    assert_eq!(browser.wait_for("document.getElementById('fn-live').textContent"), "2");
-    assert_eq!(browser.eval("document.querySelectorAll('#charts .uplot').length"), 4);
+    assert_eq!(
+        number(&browser.wait_for("document.getElementById('fn-requests').dataset.value")),
+        20.0
+    );
+    assert_eq!(
+        browser.wait_for("document.getElementById('fn-live').textContent"),
+        "2"
+    );
+    assert_eq!(
+        browser.eval("document.querySelectorAll('#charts .uplot').length"),
+        4
+    );
     browser.screenshot("function");
     browser.click("#rollback", false);
     browser.click("#confirm-ok", false);
-    browser.wait_for("document.getElementById('notice').textContent.includes('live now serves version 1')");
+    browser.wait_for(
+        "document.getElementById('notice').textContent.includes('live now serves version 1')",
+    );
     let function = node.admin_json("/v1/functions/hello");
     assert_eq!(function["live"]["version"], 1, "{function}");
     browser.wait_for("document.getElementById('fn-live').textContent === '1'");
@@ -430,11 +452,21 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     browser.show("#/usage");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'usage'");
     let usage = node.admin_json("/v1/usage?from=168h&group_by=function");
-    let total = |id: &str| number(&browser.eval(&format!("document.getElementById('{id}').dataset.value")));
-    assert_eq!(total("usage-total-requests"), number(&usage["total"]["invocations"]));
+    let total =
+        |id: &str| number(&browser.eval(&format!("document.getElementById('{id}').dataset.value")));
+    assert_eq!(
+        total("usage-total-requests"),
+        number(&usage["total"]["invocations"])
+    );
     assert_eq!(total("usage-total-requests"), 26.0);
-    assert_eq!(total("usage-total-errors"), number(&usage["total"]["errors"]));
-    assert!(close_to(total("usage-total-cost"), number(&usage["total"]["cost"]["total"])));
+    assert_eq!(
+        total("usage-total-errors"),
+        number(&usage["total"]["errors"])
+    );
+    assert!(close_to(
+        total("usage-total-cost"),
+        number(&usage["total"]["cost"]["total"])
+    ));
     assert!(
         browser
             .eval("document.getElementById('csv').href")
@@ -458,9 +490,13 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     // Logs: the tail, then a new line as it is written.
     browser.show("#/function/talker");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'function:talker'");
-    browser.wait_for("document.getElementById('logs').textContent.includes('stdout line one for /talk/before')");
+    browser.wait_for(
+        "document.getElementById('logs').textContent.includes('stdout line one for /talk/before')",
+    );
     assert_eq!(node.request("GET", "/talk/live", b"").0, 200);
-    browser.wait_for("document.getElementById('logs').textContent.includes('stdout line one for /talk/live')");
+    browser.wait_for(
+        "document.getElementById('logs').textContent.includes('stdout line one for /talk/live')",
+    );
     browser.screenshot("function-logs");
 
     // A read-only token looks but cannot act: the 403 is shown.

@@ -69,11 +69,7 @@ pub(super) fn session_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn to_dashboard() -> Response {
-    (
-        StatusCode::SEE_OTHER,
-        [(header::LOCATION, "/dashboard/")],
-    )
-        .into_response()
+    (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard/")]).into_response()
 }
 
 fn html(status: StatusCode, body: String) -> Response {
@@ -108,7 +104,10 @@ async fn app(State(platform): State<Arc<Platform>>, headers: HeaderMap) -> Respo
     let Some(token) = session_token(&headers) else {
         return login_page(StatusCode::OK, "");
     };
-    match platform.auth().authenticate(Some(&format!("Bearer {token}"))) {
+    match platform
+        .auth()
+        .authenticate(Some(&format!("Bearer {token}")))
+    {
         Ok(Principal::Token(_)) => html(StatusCode::OK, APP_HTML.to_string()),
         _ => login_page(
             StatusCode::UNAUTHORIZED,
