@@ -461,11 +461,14 @@ fn post_method() -> String {
 /// request) directly, whatever its routes, and answers with its response.
 async fn invoke(
     State(platform): State<Arc<Platform>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // Answered here, as JSON: `json_errors` leaves invoke answers alone (they
+    // are the function's), so axum's own rejection would go out as text.
+    let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (served, remote) = {
         let catalog = platform.catalog();
