@@ -8,8 +8,9 @@
 //! ([`SeriesStore::roll`], every [`FINE_STEP_MS`]) drains them into a point
 //! under the store's mutex, which requests never take. Idle periods store
 //! nothing, so an idle function costs its accumulator (~1.1 KB) alone; a
-//! busy one at most 360 + 288 points of 80 bytes (~52 KB) plus one latency
-//! histogram per 5 min slot of the last hour (12 × 1 KB).
+//! busy one at most 360 + 288 points of 128 bytes (~81 KB) plus one latency
+//! histogram per 5 min slot of the last hour and the slot being filled
+//! (13 × 1 KB): under 100 KB.
 //!
 //! Latency is kept as a log-linear histogram of microseconds (8 sub-buckets
 //! per power of two: a percentile is within 6.25% of the true value), so
@@ -524,6 +525,12 @@ impl SeriesStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_documented_sizes_hold() {
+        assert_eq!(std::mem::size_of::<Point>(), 128);
+        assert_eq!(BUCKETS * 4, 1024);
+    }
 
     #[test]
     fn buckets_are_ordered_and_close() {
