@@ -487,6 +487,27 @@ fn the_dashboard_shows_the_apis_figures_and_acts_with_the_right_token() {
     );
     browser.screenshot("events");
 
+    // A dead letter, shown and redriven from the page.
+    let (status, body) = admin_post(
+        &node,
+        "/v1/functions/trap/triggers",
+        r#"{"source": {"kind": "queue", "queue": "jobs"}, "retry": {"max_attempts": 1, "backoff_ms": 100}}"#,
+    );
+    assert!(status < 300, "trigger: {status} {body}");
+    let (status, body) = admin_post(&node, "/v1/queues/jobs/messages", r#"{"job": 1}"#);
+    assert!(status < 300, "queue send: {status} {body}");
+    crate::common::eventually(std::time::Duration::from_secs(30), "a dead letter", || {
+        (node.admin_json("/v1/functions/trap/dlq").as_array()?.len() == 1).then_some(())
+    });
+    browser.show("#/usage");
+    browser.wait_for("document.getElementById('page').dataset.loaded === 'usage'");
+    browser.show("#/events");
+    browser.wait_for("document.querySelector('button.redrive[data-function=\"trap\"]') !== null");
+    browser.screenshot("events-dead-letter");
+    browser.click("button.redrive[data-function=\"trap\"]", false);
+    browser.click("#confirm-ok", false);
+    browser.wait_for("document.getElementById('notice').textContent.includes('\"redriven\":1')");
+
     // Logs: the tail, then a new line as it is written.
     browser.show("#/function/talker");
     browser.wait_for("document.getElementById('page').dataset.loaded === 'function:talker'");
