@@ -144,6 +144,7 @@ async fn dev(
         shutdown_grace: SHUTDOWN_GRACE,
         admin_tls: None,
         connections: Default::default(),
+        metrics_addr: None,
     };
     let running = RunningNode::start(config, async { Stores::sqlite(&data_dir) })
         .await

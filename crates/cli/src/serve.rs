@@ -33,6 +33,17 @@ pub struct ServeArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub tls: AdminTlsArgs,
+    /// Also serve /metrics (and /healthz, /readyz) on this address, without a
+    /// token, for Prometheus (the admin API's /metrics needs a read token).
+    #[arg(long, env = "MAYFLY_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Functions whose latency and queue-wait histograms /metrics shows on
+    /// their own (48 series each): `all`, `none`, or names separated by
+    /// commas. Node-wide histograms are always shown.
+    #[arg(long, env = "MAYFLY_FUNCTION_HISTOGRAMS", value_name = "NAMES",
+          default_value = "none",
+          value_parser = mayfly_platform::metering::FunctionHistograms::parse)]
+    pub function_histograms: mayfly_platform::metering::FunctionHistograms,
     /// Most function instances alive at once (running and kept).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_instances: u32,
@@ -411,6 +422,7 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
         node.node_name = name.clone();
     }
     node.labels = args.fleet.labels.clone().unwrap_or_default().0;
+    node.function_histograms = args.function_histograms.clone();
     let fleet = args.fleet.options(&node.node_name)?;
     node.scaling = scaling_config(&args, &file.scaling)?;
     let max_component_mb = args
@@ -430,6 +442,7 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         admin_tls,
         connections,
+        metrics_addr: args.metrics_addr,
     };
     // Listen for SIGTERM before telling anyone the node is up: a signal
     // that arrives between the "listening" lines and the handler would
@@ -468,6 +481,9 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
         running.gateway_addr
     )?;
     writeln!(stdout, "admin API listening on {}", running.admin_url())?;
+    if let Some(metrics) = running.metrics_addr {
+        writeln!(stdout, "metrics listening on http://{metrics}/metrics")?;
+    }
     stdout.flush()?;
     drop(stdout);
     crate::profiles::announce_node(

@@ -27,6 +27,7 @@ use crate::error::PlatformError;
 use crate::platform::Platform;
 
 mod auth;
+mod dashboard;
 mod error;
 mod events;
 #[cfg(test)]
@@ -62,8 +63,10 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(auth::routes())
         .merge(secrets::routes())
         .merge(versions::routes())
+        .merge(dashboard::api())
         .split_for_parts();
-    let description = openapi::document(described);
+    let (health, health_described) = health_routes().split_for_parts();
+    let description = openapi::document(described.merge_from(health_described));
     api.route(openapi::PATH, get(openapi::handler(&description)))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
@@ -71,12 +74,81 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
             platform.clone(),
             auth::gate,
         ))
+        // Added after the gate's layer, so outside it: no token (the
+        // dashboard's pages check their cookie themselves).
+        .merge(health)
+        .merge(dashboard::pages())
+        // Again outside, for axum's own answers on those (a 405).
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(platform)
 }
 
 /// The node's component size limit, for the deploy handler.
 #[derive(Debug, Clone, Copy)]
 struct MaxUpload(usize);
+
+/// The health checks, answered without a token.
+fn health_routes() -> OpenApiRouter<Arc<Platform>> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// The metrics listener's routes (`serve --metrics-addr`): `/metrics` and
+/// the health checks, without a token; anything else is 404.
+pub fn metrics_router(platform: Arc<Platform>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(Router::from(health_routes()))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "this listener serves /metrics, /healthz and /readyz only\n",
+            )
+        })
+        .with_state(platform)
+}
+
+fn health_answer(report: &crate::health::HealthReport) -> Response {
+    (
+        report.http_status(),
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        report.json(),
+    )
+        .into_response()
+}
+
+/// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "node",
+    summary = "Liveness: the process is up (no token needed)",
+    security(()),
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object))
+)]
+async fn healthz() -> Response {
+    health_answer(&crate::health::liveness())
+}
+
+/// `GET /readyz`: the node can take work (200), or why not (503).
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "node",
+    summary = "Readiness: stores open, ledger and log writers alive, not shutting down (no token needed)",
+    security(()),
+    responses(
+        (status = 200, description = "`{\"status\": \"ready\"}`", body = Object),
+        (status = 503, description = "`{\"status\": \"not_ready\", \"reasons\": [...]}`", body = Object)
+    )
+)]
+async fn readyz(State(platform): State<Arc<Platform>>) -> Response {
+    health_answer(&platform.health().readiness().await)
+}
 
 /// Gives the answers axum makes itself (a 405 without a body, a path
 /// parameter that is not UTF-8, ...) the admin API's error envelope.
@@ -88,11 +160,14 @@ async fn json_errors(method: Method, uri: Uri, response: Response) -> Response {
     if method == Method::POST && uri.path().ends_with("/invoke") {
         return response;
     }
-    let is_json = response
+    // The dashboard's pages answer their errors as pages.
+    let is_json_or_page = response
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if is_json_or_page || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
     let (parts, body) = response.into_parts();
@@ -471,11 +546,14 @@ fn post_method() -> String {
 )]
 async fn invoke(
     State(platform): State<Arc<Platform>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // Answered here, as JSON: `json_errors` leaves invoke answers alone (they
+    // are the function's), so axum's own rejection would go out as text.
+    let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (served, remote) = {
         let catalog = platform.catalog();

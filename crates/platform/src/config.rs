@@ -321,6 +321,8 @@ pub struct NodeConfig {
     pub node_name: String,
     /// The node's labels (`region=eu`, `site=fra1`), shown with it.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Which functions get latency histograms of their own in `/metrics`.
+    pub function_histograms: crate::metering::FunctionHistograms,
 }
 
 /// How the node scales functions.
@@ -416,6 +418,7 @@ impl NodeConfig {
             )),
             node_name: default_node_name(),
             labels: Default::default(),
+            function_histograms: Default::default(),
         }
     }
 }

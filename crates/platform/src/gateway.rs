@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{RemoteFunction, RouteMatch, Served};
 use crate::connections::{self, ClientAddr, ConnectionLimits, Plain, TimedBody};
 use crate::forward::{Forwarded, NODE_HEADER};
+use crate::health::{HEALTHZ, Health, READYZ, liveness};
 use crate::invoker::{Caller, Invoker, text_response};
 use crate::routes::{normalize_host, normalize_path};
 
@@ -21,6 +22,7 @@ use crate::routes::{normalize_host, normalize_path};
 /// a cap, see [`connections`]).
 pub async fn serve(
     invoker: Arc<Invoker>,
+    health: Arc<Health>,
     listener: TcpListener,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
@@ -28,7 +30,14 @@ pub async fn serve(
 ) {
     let service = service_fn(move |request| {
         let invoker = invoker.clone();
+        let health = health.clone();
         async move {
+            // The node's own two paths, before any function route (see
+            // `health`): one comparison per request.
+            let path = request.uri().path();
+            if path == HEALTHZ || path == READYZ {
+                return Ok::<_, Infallible>(health_response(&health, path == READYZ).await);
+            }
             let mut response = route(&invoker, request).await;
             // A forwarded response already names the node that served it;
             // any other is this node's (a guest's own value is replaced).
@@ -50,6 +59,25 @@ pub async fn serve(
         Some(grace),
     )
     .await;
+}
+
+/// The answer to `/healthz` or (`ready`) `/readyz`, as JSON.
+async fn health_response(health: &Health, ready: bool) -> http::Response<HyperOutgoingBody> {
+    let report = if ready {
+        health.readiness().await
+    } else {
+        liveness()
+    };
+    let mut response = text_response(report.http_status(), report.json());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// Routes a request by its normalised host and path (see

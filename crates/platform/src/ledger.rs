@@ -96,6 +96,12 @@ impl Ledger {
         }
     }
 
+    /// Whether the writer thread still runs (false once it ended, by a
+    /// close or a panic): the readiness check reads it.
+    pub fn writer_alive(&self) -> bool {
+        crate::logs::writer_alive(&self.writer)
+    }
+
     /// Records queued and not yet committed.
     pub fn pending(&self) -> i64 {
         self.metrics.pending.get()

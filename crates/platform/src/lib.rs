@@ -23,6 +23,7 @@ pub mod events;
 mod feeds;
 pub mod forward;
 pub mod gateway;
+pub mod health;
 pub mod invoker;
 pub mod ledger;
 pub mod logs;
@@ -34,6 +35,7 @@ pub mod rollout;
 pub mod routes;
 pub mod schedule;
 pub mod secrets;
+pub mod series;
 mod status;
 pub mod tiers;
 pub mod tls;
@@ -77,6 +79,10 @@ pub struct ServeConfig {
     pub admin_tls: Option<tls::TlsFiles>,
     /// Timeouts and connection caps of the gateway and the admin API.
     pub connections: connections::ListenerLimits,
+    /// Serve `/metrics` (and the health checks) without a token on this
+    /// address too, for Prometheus; `None`: only the admin API's
+    /// `/metrics`, which needs a read token.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// A node serving its gateway and admin API.
@@ -89,6 +95,9 @@ pub struct RunningNode {
     pub admin_addr: SocketAddr,
     /// Whether the admin API speaks HTTPS.
     pub admin_tls: bool,
+    /// Where the metrics listener listens, if the node has one.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<JoinHandle<()>>,
     shutdown: tokio_util::sync::CancellationToken,
     shutdown_grace: Duration,
     gateway: JoinHandle<()>,
@@ -116,6 +125,12 @@ impl RunningNode {
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen for the admin API on {}", config.admin_addr))?;
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for metrics on {addr} (--metrics-addr)")
+            })?),
+            None => None,
+        };
         let max_upload = config.node.max_component_bytes;
         let platform = Platform::open(config.node, open_stores.await?).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -134,6 +149,7 @@ impl RunningNode {
         let limits = config.connections;
         let gateway = tokio::spawn(gateway::serve(
             platform.invoker().clone(),
+            platform.health().clone(),
             gateway_listener,
             limits.gateway,
             shutdown.clone(),
@@ -144,6 +160,24 @@ impl RunningNode {
         // own cap so that a flooded gateway leaves it reachable. It waits
         // for its connections without a grace of its own: `shutdown` below
         // gives it a second (`logs --follow` streams never end by themselves).
+        // Prometheus scrapes without a token here: the listener serves only
+        // the metrics and the health checks, and has the admin API's cap.
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
+        let metrics = metrics_listener.map(|listener| {
+            let service = TowerToHyperService::new(admin::metrics_router(platform.clone()));
+            tokio::spawn(connections::serve(
+                "metrics",
+                listener,
+                limits.admin,
+                connections::Plain,
+                service,
+                shutdown.clone(),
+                None,
+            ))
+        });
         let service = TowerToHyperService::new(admin::router(platform.clone(), max_upload));
         let admin_shutdown = shutdown.clone();
         let admin = tokio::spawn(async move {
@@ -174,6 +208,8 @@ impl RunningNode {
             gateway_addr,
             admin_addr,
             admin_tls: config.admin_tls.is_some(),
+            metrics_addr,
+            metrics,
             shutdown,
             shutdown_grace: config.shutdown_grace,
             gateway,
@@ -192,7 +228,11 @@ impl RunningNode {
     /// record and log line is durable.
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        self.platform.health().set_closing();
         self.shutdown.cancel();
+        if let Some(metrics) = self.metrics {
+            let _ = tokio::time::timeout(Duration::from_secs(1), metrics).await;
+        }
         let _ = self.gateway.await;
         // The admin API may hold `logs --follow` streams open forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;

@@ -83,6 +83,11 @@ impl LogHub {
         join_writer(&self.writer, "log");
     }
 
+    /// Whether the writer thread still runs: the readiness check reads it.
+    pub fn writer_alive(&self) -> bool {
+        writer_alive(&self.writer)
+    }
+
     /// Lines dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -167,6 +172,15 @@ fn gather<T>(
 
 /// Waits for a writer thread that was told to stop; a second call finds
 /// nothing to wait for.
+/// Whether a writer thread is running: not yet joined, and not ended.
+pub(crate) fn writer_alive(writer: &Mutex<Option<JoinHandle<()>>>) -> bool {
+    writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .as_ref()
+        .is_some_and(|handle| !handle.is_finished())
+}
+
 pub(crate) fn join_writer(writer: &Mutex<Option<JoinHandle<()>>>, what: &str) {
     let writer = writer
         .lock()

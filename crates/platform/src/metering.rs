@@ -4,7 +4,9 @@
 //! Per-function metric handles are created once at deploy and kept with the
 //! catalog entry, so the request path only touches atomics.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mayfly_runtime::{InvocationReport, Outcome, ReportSink, RequestLabels};
@@ -17,6 +19,90 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::ledger::{Ledger, LedgerMetrics};
+use crate::series::{FunctionSeries, SeriesStore};
+
+/// Which functions get histograms of their own (`serve
+/// --function-histograms`). Without one a function has 14 series (7
+/// outcomes, cold starts, throttles, instances in flight, instances, and a
+/// tier state set of 3); each of its two histograms adds 24 (21 buckets,
+/// `+Inf`, sum, count). The node-wide histograms are always there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FunctionHistograms {
+    /// No function has its own (the default: 10,000 functions stay 140,000
+    /// series).
+    #[default]
+    None,
+    /// Every function has its own (62 series per function).
+    All,
+    /// Only these functions.
+    Only(BTreeSet<String>),
+}
+
+impl FunctionHistograms {
+    /// `all`, `none`, or a comma-separated list of function names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "all" | "*" => Ok(Self::All),
+            "none" | "" => Ok(Self::None),
+            list => {
+                let names: BTreeSet<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = names
+                    .iter()
+                    .find(|name| crate::validate::validate_name(name).is_err())
+                {
+                    return Err(format!(
+                        "`{}` is not a function name: give `all`, `none`, or function names                          separated by commas",
+                        bad.escape_debug()
+                    ));
+                }
+                Ok(Self::Only(names))
+            }
+        }
+    }
+
+    fn includes(&self, function: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::All => true,
+            Self::Only(names) => names.contains(function),
+        }
+    }
+}
+
+/// A counter whose total is read from elsewhere (a running count kept by
+/// another part), typed as a counter in the exposition.
+#[derive(Debug, Clone, Default)]
+pub struct CounterView(Arc<AtomicU64>);
+
+impl CounterView {
+    /// Sets the total (it only ever grows at its source).
+    pub fn set(&self, total: u64) {
+        self.0.store(total, Ordering::Relaxed);
+    }
+
+    /// The total.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for CounterView {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
+}
 
 /// Every outcome, in the order of [`outcome_index`].
 const OUTCOMES: [Outcome; 6] = [
@@ -73,11 +159,19 @@ pub struct Metrics {
     registry: Registry,
     invocations: Family<OutcomeLabels, Counter>,
     duration: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    node_duration: Histogram,
+    node_queue_wait: Histogram,
+    /// Per function, its tier (0 cold, 1 warm, 2 hot), encoded as an
+    /// OpenMetrics state set.
+    tiers: Mutex<BTreeMap<String, Arc<AtomicI64>>>,
+    /// Which functions have histograms of their own.
+    pub function_histograms: FunctionHistograms,
+    /// The dashboard's time series.
+    pub series: Arc<SeriesStore>,
     cold_starts: Family<FunctionLabel, Counter>,
     in_flight: Family<FunctionLabel, Gauge>,
     throttles: Family<FunctionLabel, Counter>,
     queue_wait: Family<FunctionLabel, Histogram, fn() -> Histogram>,
-    tier: Family<FunctionLabel, Gauge>,
     instances: Family<FunctionLabel, Gauge>,
     /// Node-wide counters, also shown by `mayfly status`.
     pub node: NodeMetrics,
@@ -98,7 +192,7 @@ pub struct FleetMetrics {
     /// Usage records stored here and not yet published to the fleet.
     pub usage_backlog: Gauge,
     /// Log lines the live feed dropped since the node started.
-    pub log_lines_unpublished: Gauge,
+    pub log_lines_unpublished: CounterView,
 }
 
 /// Node-wide counters.
@@ -123,7 +217,7 @@ pub struct NodeMetrics {
     /// from that count when metrics are read.
     pub instances_in_flight: Gauge,
     /// Guest log lines dropped because the log writer fell behind.
-    pub log_lines_dropped: Gauge,
+    pub log_lines_dropped: CounterView,
     /// Functions deployed.
     pub functions: Gauge,
     /// Requests refused with 429.
@@ -177,8 +271,22 @@ impl Metrics {
             Family::new_with_constructor(duration_histogram);
         registry.register(
             "invocation_duration_seconds",
-            "Wall time of invocations, from start to the end of the response body",
+            "Wall time of invocations, from start to the end of the response body, for the \
+             functions given to `serve --function-histograms`",
             duration.clone(),
+        );
+        let node_duration = duration_histogram();
+        registry.register(
+            "node_invocation_duration_seconds",
+            "Wall time of every function's invocations on this node",
+            node_duration.clone(),
+        );
+        let node_queue_wait = duration_histogram();
+        registry.register(
+            "node_queue_wait_seconds",
+            "Time admitted requests of every function waited in their queue (only those that \
+             waited)",
+            node_queue_wait.clone(),
         );
         let cold_starts = Family::<FunctionLabel, Counter>::default();
         registry.register(
@@ -203,14 +311,9 @@ impl Metrics {
             Family::new_with_constructor(duration_histogram);
         registry.register(
             "queue_wait_seconds",
-            "Time admitted requests waited in the function's queue (only those that waited)",
+            "Time admitted requests waited in the function's queue (only those that waited), for \
+             the functions given to `serve --function-histograms`",
             queue_wait.clone(),
-        );
-        let tier = Family::<FunctionLabel, Gauge>::default();
-        registry.register(
-            "function_tier",
-            "Each function's tier: 0 cold (on disk), 1 warm (loaded), 2 hot (loaded, instances kept)",
-            tier.clone(),
         );
         let instances = Family::<FunctionLabel, Gauge>::default();
         registry.register(
@@ -320,11 +423,15 @@ impl Metrics {
             registry,
             invocations,
             duration,
+            node_duration,
+            node_queue_wait,
+            tiers: Mutex::new(BTreeMap::new()),
+            function_histograms: FunctionHistograms::None,
+            series: Arc::new(SeriesStore::default()),
             cold_starts,
             in_flight,
             throttles,
             queue_wait,
-            tier,
             instances,
             node,
             ledger,
@@ -337,6 +444,8 @@ impl Metrics {
         let label = FunctionLabel {
             function: name.to_string(),
         };
+        let own = self.function_histograms.includes(name);
+        let instances = self.instances.get_or_create_owned(&label);
         FunctionMetrics {
             invocations: OUTCOMES.map(|outcome| {
                 self.invocations.get_or_create_owned(&OutcomeLabels {
@@ -344,7 +453,10 @@ impl Metrics {
                     outcome: ledger_outcome(outcome).as_str().to_string(),
                 })
             }),
-            duration: self.duration.get_or_create_owned(&label),
+            duration: own.then(|| self.duration.get_or_create_owned(&label)),
+            node_duration: self.node_duration.clone(),
+            node_queue_wait: self.node_queue_wait.clone(),
+            series: self.series.function(name, instances.clone()),
             cold_starts: self.cold_starts.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
             throttled: self.invocations.get_or_create_owned(&OutcomeLabels {
@@ -352,9 +464,15 @@ impl Metrics {
                 outcome: mayfly_store::Outcome::Throttled.as_str().to_string(),
             }),
             throttles: self.throttles.get_or_create_owned(&label),
-            queue_wait: self.queue_wait.get_or_create_owned(&label),
-            tier: self.tier.get_or_create_owned(&label),
-            instances: self.instances.get_or_create_owned(&label),
+            queue_wait: own.then(|| self.queue_wait.get_or_create_owned(&label)),
+            tier: self
+                .tiers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(name.to_string())
+                .or_default()
+                .clone(),
+            instances,
             node: self.node.clone(),
         }
     }
@@ -379,15 +497,50 @@ impl Metrics {
         self.in_flight.remove(&label);
         self.throttles.remove(&label);
         self.queue_wait.remove(&label);
-        self.tier.remove(&label);
+        self.tiers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         self.instances.remove(&label);
+        self.series.remove(name);
     }
 
     /// Every metric in the OpenMetrics text format (which Prometheus reads).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        // prometheus-client has no state set: written here, before the end.
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        let tail = text.split_off(end);
+        self.encode_tiers(&mut text)?;
+        text.push_str(&tail);
         Ok(text)
+    }
+
+    /// `mayfly_function_tier` as an OpenMetrics state set: per function one
+    /// series per tier, 1 for the one it is in.
+    fn encode_tiers(&self, text: &mut String) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        let tiers = self.tiers.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(
+            text,
+            "# HELP mayfly_function_tier Each function's tier: cold (on disk), warm (loaded), hot \
+             (loaded, instances kept)."
+        )?;
+        writeln!(text, "# TYPE mayfly_function_tier stateset")?;
+        for (function, tier) in tiers.iter() {
+            let tier = tier.load(Ordering::Relaxed);
+            for (value, state) in ["cold", "warm", "hot"].into_iter().enumerate() {
+                // Function names are validated (letters, digits, `-`, `_`):
+                // nothing to escape.
+                writeln!(
+                    text,
+                    "mayfly_function_tier{{function=\"{function}\",mayfly_function_tier=\"{state}\"}} {}",
+                    u8::from(tier == value as i64)
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -401,13 +554,16 @@ impl Default for Metrics {
 #[derive(Clone, Debug)]
 pub struct FunctionMetrics {
     invocations: [Counter; OUTCOMES.len()],
-    duration: Histogram,
+    duration: Option<Histogram>,
+    node_duration: Histogram,
+    node_queue_wait: Histogram,
+    series: Arc<FunctionSeries>,
     cold_starts: Counter,
     in_flight: Gauge,
     throttled: Counter,
     throttles: Counter,
-    queue_wait: Histogram,
-    tier: Gauge,
+    queue_wait: Option<Histogram>,
+    tier: Arc<AtomicI64>,
     instances: Gauge,
     node: NodeMetrics,
 }
@@ -440,7 +596,11 @@ impl FunctionMeter {
 impl FunctionMeter {
     /// A request waited `waited` in the queue before it was admitted.
     pub fn queued(&self, waited: Duration) {
-        self.metrics.queue_wait.observe(waited.as_secs_f64());
+        let metrics = &self.metrics;
+        metrics.node_queue_wait.observe(waited.as_secs_f64());
+        if let Some(own) = &metrics.queue_wait {
+            own.observe(waited.as_secs_f64());
+        }
     }
 
     /// A request was refused with 429 after `waited`: it gets a usage
@@ -458,6 +618,9 @@ impl FunctionMeter {
         metrics.throttled.inc();
         metrics.throttles.inc();
         metrics.node.throttled.inc();
+        metrics
+            .series
+            .record(crate::series::THROTTLED, 0, 0, self.memory_mb, 0);
         let started_at = SystemTime::now().checked_sub(waited).unwrap_or(UNIX_EPOCH);
         self.ledger.record(UsageRecord {
             request_id: request_id.to_string(),
@@ -485,7 +648,7 @@ impl FunctionMeter {
 
     /// Sets the function's tier gauge and its instance count.
     pub fn set_tiers(&self, tier: i64, instances: i64) {
-        self.metrics.tier.set(tier);
+        self.metrics.tier.store(tier, Ordering::Relaxed);
         self.metrics.instances.set(instances);
     }
 }
@@ -502,6 +665,7 @@ impl ReportSink for FunctionMeter {
         metrics.in_flight.inc();
         if labels.cold_start {
             metrics.cold_starts.inc();
+            metrics.series.cold_start();
         }
     }
 
@@ -526,7 +690,11 @@ impl FunctionMeter {
         if !matches!(report.outcome, Outcome::Ok | Outcome::ClientClosed) {
             metrics.node.failed_invocations.inc();
         }
-        metrics.duration.observe(report.wall.as_secs_f64());
+        let seconds = report.wall.as_secs_f64();
+        metrics.node_duration.observe(seconds);
+        if let Some(own) = &metrics.duration {
+            own.observe(seconds);
+        }
 
         // A cold start's load and first instantiation are its init time,
         // apart from the handler's, as Lambda's Init Duration is.
@@ -534,6 +702,15 @@ impl FunctionMeter {
         let init = labels.load + report.instantiate;
         let wall_us = u64::try_from(handler.as_micros()).unwrap_or(u64::MAX);
         let init_us = u64::try_from(init.as_micros()).unwrap_or(u64::MAX);
+        let billed = billed_ms(wall_us.saturating_add(init_us));
+        let cpu_us = u64::try_from(report.cpu.as_micros()).unwrap_or(u64::MAX);
+        metrics.series.record(
+            outcome_index(report.outcome),
+            wall_us.saturating_add(init_us),
+            billed,
+            self.memory_mb,
+            cpu_us,
+        );
         self.ledger.record(UsageRecord {
             request_id: labels.request_id.clone(),
             client_request_id: client_request_id.map(str::to_string),
@@ -542,10 +719,10 @@ impl FunctionMeter {
             trigger: labels.trigger.to_string(),
             start_ms: epoch_ms(report.started_at),
             wall_us,
-            cpu_us: u64::try_from(report.cpu.as_micros()).unwrap_or(u64::MAX),
+            cpu_us,
             peak_memory_bytes: report.peak_memory_bytes,
             memory_limit_mb: self.memory_mb,
-            billed_ms: billed_ms(wall_us.saturating_add(init_us)),
+            billed_ms: billed,
             outcome: ledger_outcome(report.outcome),
             cold: labels.cold_start,
             init_us,

@@ -56,6 +56,8 @@ pub struct Platform {
     usage: Arc<dyn UsageStore>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
+    /// The readiness check (also held by the gateway).
+    health: Arc<crate::health::Health>,
     /// Secrets, sealed under the node's master key.
     secrets: Arc<Secrets>,
     /// Admin API tokens, function credentials and the audit log.
@@ -101,11 +103,13 @@ impl Platform {
             node_runtime.clone(),
         )
         .context("cannot start the log writer")?;
-        let metrics = Arc::new(if stores.fleet.is_some() {
+        let mut metrics = if stores.fleet.is_some() {
             Metrics::for_fleet()
         } else {
             Metrics::new()
-        });
+        };
+        metrics.function_histograms = config.function_histograms.clone();
+        let metrics = Arc::new(metrics);
         let ledger = Arc::new(
             Ledger::start(usage.clone(), metrics.ledger.clone(), node_runtime)
                 .context("cannot start the ledger writer")?,
@@ -183,7 +187,13 @@ impl Platform {
         ));
         // Built before anything starts, so that a failure below drops it
         // and so stops whatever had started.
+        let health = Arc::new(crate::health::Health::new(
+            store.clone(),
+            ledger.clone(),
+            logs.clone(),
+        ));
         let platform = Arc::new(Self {
+            health,
             runtime,
             invoker,
             deployments,
@@ -219,6 +229,11 @@ impl Platform {
             .follow(token_changes, platform.background.clone());
         autoscaler.spawn(platform.config.scaling.tick, platform.background.clone());
         platform
+            .metrics
+            .series
+            .clone()
+            .spawn_roller(platform.background.clone());
+        platform
             .deployments
             .clone()
             .judge(verdicts, platform.background.clone());
@@ -241,6 +256,16 @@ impl Platform {
     /// the event workers run functions through.
     pub fn invoker(&self) -> &Arc<Invoker> {
         &self.invoker
+    }
+
+    /// The dashboard's time series.
+    pub fn series(&self) -> &Arc<crate::series::SeriesStore> {
+        &self.metrics.series
+    }
+
+    /// The node's health checks.
+    pub fn health(&self) -> &Arc<crate::health::Health> {
+        &self.health
     }
 
     /// The current catalog.
@@ -378,7 +403,7 @@ impl Platform {
                     .set(i64::try_from(status.usage_backlog).unwrap_or(i64::MAX));
                 gauges
                     .log_lines_unpublished
-                    .set(i64::try_from(status.log_lines_unpublished).unwrap_or(i64::MAX));
+                    .set(status.log_lines_unpublished);
             }
             Err(error) => tracing::warn!("cannot read the fleet link's state: {error}"),
         }
@@ -410,10 +435,7 @@ impl Platform {
 
     /// The node's metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> Result<String, PlatformError> {
-        self.metrics
-            .node
-            .log_lines_dropped
-            .set(i64::try_from(self.logs.dropped()).unwrap_or(i64::MAX));
+        self.metrics.node.log_lines_dropped.set(self.logs.dropped());
         self.metrics
             .node
             .instances_in_flight
@@ -451,6 +473,7 @@ impl Platform {
     /// (outcome `killed`), then makes every usage record and log line
     /// durable and stops the writers.
     pub async fn close(&self, deadline: tokio::time::Instant) {
+        self.health.set_closing();
         // Event workers stop claiming at once; the deliveries still running
         // end below (or at the kill) and the workers record their results.
         self.events.stop();

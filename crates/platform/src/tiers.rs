@@ -36,7 +36,8 @@ pub enum TierName {
 }
 
 impl TierName {
-    /// The value of the `mayfly_function_tier` gauge.
+    /// The tier as a number (0 cold, 1 warm, 2 hot): which state of the
+    /// `mayfly_function_tier` state set is on.
     pub fn gauge(self) -> i64 {
         match self {
             TierName::Cold => 0,

@@ -278,6 +278,9 @@ pub(crate) fn validate_routes(routes: &[String]) -> Result<(), String> {
     }
     for route in routes {
         check_route_form(route)?;
+        if let Some(reserved) = crate::health::reserved_route(route) {
+            return Err(reserved);
+        }
     }
     Ok(())
 }
@@ -334,6 +337,9 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
 /// before they upload anything.
 pub fn check_route(text: &str) -> Result<(), String> {
     check_route_form(text)?;
+    if let Some(reserved) = crate::health::reserved_route(text) {
+        return Err(reserved);
+    }
     Route::parse(text).map(drop)
 }
 

@@ -73,6 +73,9 @@ pub struct Node {
     pub token: String,
     /// Its name in a fleet (`--node-name`); empty for a node alone.
     pub name: String,
+    /// `http://127.0.0.1:<port>/metrics` of the metrics listener, when
+    /// started with `--metrics-addr`.
+    pub metrics_url: Option<String>,
 }
 
 impl Node {
@@ -111,6 +114,9 @@ impl Node {
         };
         let gateway = address("gateway listening on ");
         let admin = address("admin API listening on ");
+        let metrics_url = flags
+            .contains(&"--metrics-addr")
+            .then(|| address("metrics listening on "));
         // A node joining a fleet that has tokens writes none: the caller
         // sets the fleet's (`Node::token` is public).
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
@@ -127,6 +133,7 @@ impl Node {
             admin,
             token,
             name,
+            metrics_url,
         }
     }
 

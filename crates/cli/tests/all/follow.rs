@@ -28,6 +28,7 @@ fn changes_another_writer_makes_to_the_registry_reach_what_the_node_serves() {
         shutdown_grace: Duration::from_secs(5),
         admin_tls: None,
         connections: Default::default(),
+        metrics_addr: None,
     };
     let node = runtime
         .block_on(RunningNode::start(config, async move { Ok(stores) }))

@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod completions;
 mod connections;
+mod dashboard;
 mod deploy;
 mod dev;
 mod environment;

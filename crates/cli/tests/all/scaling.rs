@@ -134,7 +134,7 @@ fn over_max_concurrency_without_a_queue_exactly_the_excess_gets_429() {
 #[test]
 fn queued_requests_are_served_when_slots_free_up_or_refused_after_the_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path());
+    let node = Node::start_with(dir.path(), &["--function-histograms", "queued"]);
     node.deploy_with(
         "queued",
         "hostile",

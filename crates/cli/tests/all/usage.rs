@@ -22,7 +22,7 @@ fn count(records: &[Value], outcome: &str) -> usize {
 #[test]
 fn every_invocation_leaves_exactly_one_record() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path());
+    let node = Node::start_with(dir.path(), &["--function-histograms", "hello"]);
     node.deploy("hello", "hello", &["/hello"]);
     node.deploy("trap", "trap", &["/trap"]);
     node.deploy_with("slow", "hostile", &["/"], &["--timeout", "300ms"]);

@@ -57,6 +57,27 @@ pub(super) async fn gate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // The dashboard's session cookie stands in for a missing bearer token;
+    // an action on the cookie alone must come from the dashboard's own
+    // script (its header), which no other site's form or link can send.
+    let from_cookie = match authorization {
+        Some(_) => None,
+        None => super::dashboard::session_token(request.headers()).map(|t| format!("Bearer {t}")),
+    };
+    if from_cookie.is_some()
+        && !(method == axum::http::Method::GET || method == axum::http::Method::HEAD)
+        && !request
+            .headers()
+            .contains_key(super::dashboard::DASHBOARD_HEADER)
+    {
+        let error = AuthError::Forbidden(format!(
+            "{method} {path} with the dashboard's session cookie must come from the dashboard \
+             (header {}); other clients send `authorization: Bearer <token>`",
+            super::dashboard::DASHBOARD_HEADER
+        ));
+        return refuse(&platform, "anonymous".into(), action, error).await;
+    }
+    let authorization = from_cookie.as_deref().or(authorization);
     let principal = match auth
         .authenticate(authorization)
         .and_then(|principal| current_grants(&platform, principal))

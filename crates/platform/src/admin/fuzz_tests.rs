@@ -223,6 +223,9 @@ fn check_answer(
 const ROUTES: &[(&str, &str)] = &[
     ("/", "GET"),
     ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/v1/dashboard/summary", "GET"),
+    ("/v1/functions/{}/series", "GET"),
     ("/metrics", "GET"),
     ("/v1/status", "GET"),
     ("/v1/nodes", "GET"),
