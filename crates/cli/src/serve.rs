@@ -42,8 +42,8 @@ pub struct ServeArgs {
     /// commas. Node-wide histograms are always shown.
     #[arg(long, env = "MAYFLY_FUNCTION_HISTOGRAMS", value_name = "NAMES",
           default_value = "none",
-          value_parser = mayfly_platform::metering::FunctionHistograms::parse)]
-    pub function_histograms: mayfly_platform::metering::FunctionHistograms,
+          value_parser = mayfly_platform::config::FunctionHistograms::parse)]
+    pub function_histograms: mayfly_platform::config::FunctionHistograms,
     /// Most function instances alive at once (running and kept).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_instances: u32,

@@ -1,6 +1,7 @@
 //! The node's settings: [`NodeConfig`] (what `Platform::open` is given)
 //! and the config file (`node.toml`) with the price list it carries.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -322,7 +323,7 @@ pub struct NodeConfig {
     /// The node's labels (`region=eu`, `site=fra1`), shown with it.
     pub labels: std::collections::BTreeMap<String, String>,
     /// Which functions get latency histograms of their own in `/metrics`.
-    pub function_histograms: crate::metering::FunctionHistograms,
+    pub function_histograms: FunctionHistograms,
 }
 
 /// How the node scales functions.
@@ -419,6 +420,60 @@ impl NodeConfig {
             node_name: default_node_name(),
             labels: Default::default(),
             function_histograms: Default::default(),
+        }
+    }
+}
+
+/// Which functions get histograms of their own (`serve
+/// --function-histograms`). Without one a function has 14 series (7
+/// outcomes, cold starts, throttles, instances in flight, instances, and a
+/// tier state set of 3); each of its two histograms adds 24 (21 buckets,
+/// `+Inf`, sum, count). The node-wide histograms are always there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FunctionHistograms {
+    /// No function has its own (the default: 10,000 functions stay 140,000
+    /// series).
+    #[default]
+    None,
+    /// Every function has its own (62 series per function).
+    All,
+    /// Only these functions.
+    Only(BTreeSet<String>),
+}
+
+impl FunctionHistograms {
+    /// `all`, `none`, or a comma-separated list of function names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "all" | "*" => Ok(Self::All),
+            "none" | "" => Ok(Self::None),
+            list => {
+                let names: BTreeSet<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = names
+                    .iter()
+                    .find(|name| crate::validate::validate_name(name).is_err())
+                {
+                    return Err(format!(
+                        "`{}` is not a function name: give `all`, `none`, or function names \
+                         separated by commas",
+                        bad.escape_debug()
+                    ));
+                }
+                Ok(Self::Only(names))
+            }
+        }
+    }
+
+    pub(crate) fn includes(&self, function: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::All => true,
+            Self::Only(names) => names.contains(function),
         }
     }
 }

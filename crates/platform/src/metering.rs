@@ -4,7 +4,7 @@
 //! Per-function metric handles are created once at deploy and kept with the
 //! catalog entry, so the request path only touches atomics.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,61 +18,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::config::FunctionHistograms;
 use crate::ledger::{Ledger, LedgerMetrics};
 use crate::series::{FunctionSeries, SeriesStore};
-
-/// Which functions get histograms of their own (`serve
-/// --function-histograms`). Without one a function has 14 series (7
-/// outcomes, cold starts, throttles, instances in flight, instances, and a
-/// tier state set of 3); each of its two histograms adds 24 (21 buckets,
-/// `+Inf`, sum, count). The node-wide histograms are always there.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum FunctionHistograms {
-    /// No function has its own (the default: 10,000 functions stay 140,000
-    /// series).
-    #[default]
-    None,
-    /// Every function has its own (62 series per function).
-    All,
-    /// Only these functions.
-    Only(BTreeSet<String>),
-}
-
-impl FunctionHistograms {
-    /// `all`, `none`, or a comma-separated list of function names.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "all" | "*" => Ok(Self::All),
-            "none" | "" => Ok(Self::None),
-            list => {
-                let names: BTreeSet<String> = list
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|name| !name.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                if let Some(bad) = names
-                    .iter()
-                    .find(|name| crate::validate::validate_name(name).is_err())
-                {
-                    return Err(format!(
-                        "`{}` is not a function name: give `all`, `none`, or function names                          separated by commas",
-                        bad.escape_debug()
-                    ));
-                }
-                Ok(Self::Only(names))
-            }
-        }
-    }
-
-    fn includes(&self, function: &str) -> bool {
-        match self {
-            Self::None => false,
-            Self::All => true,
-            Self::Only(names) => names.contains(function),
-        }
-    }
-}
 
 /// A counter whose total is read from elsewhere (a running count kept by
 /// another part), typed as a counter in the exposition.
