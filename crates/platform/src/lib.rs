@@ -24,6 +24,7 @@ mod feeds;
 pub mod forward;
 pub mod gateway;
 pub mod invoker;
+pub mod jobs;
 pub mod ledger;
 pub mod logs;
 mod membership;
