@@ -25,6 +25,7 @@ use crate::platform::Platform;
 mod auth;
 mod error;
 mod events;
+mod jobs;
 #[cfg(test)]
 mod fuzz_tests;
 mod secrets;
@@ -76,6 +77,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(auth::routes())
         .merge(secrets::routes())
         .merge(versions::routes())
+        .merge(jobs::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn_with_state(
@@ -743,6 +745,9 @@ struct UsageParams {
     to: Option<String>,
     group_by: Option<String>,
     function: Option<String>,
+    /// Only a batch job's invocations (the window then defaults to all
+    /// time).
+    job: Option<String>,
 }
 
 /// A point in time as the usage API accepts it: RFC 3339, milliseconds
@@ -798,6 +803,7 @@ async fn usage(
     let now = now_ms();
     let from = match &params.from {
         Some(text) => parse_time("from", text, now)?,
+        None if params.job.is_some() => 0,
         None => now - 24 * 3600 * 1000,
     };
     // `to` is exclusive; by default it includes records started this very ms.
@@ -826,6 +832,7 @@ async fn usage(
             to_ms: to,
             group_by,
             function: params.function.clone(),
+            client_request_id: params.job.as_deref().map(crate::jobs::job_correlation_id),
         })
         .await?;
     let total = rows.iter().fold(UsageRow::default(), |mut total, row| {
