@@ -11,6 +11,7 @@ mod deploy;
 mod dev;
 mod events;
 mod flags;
+mod jobs;
 mod login;
 mod manifest;
 mod new;
