@@ -195,8 +195,8 @@ fn remaining(job: &Value) -> u64 {
 fn wait(client: &AdminClient, json: bool, id: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut job: Value = client.get_json(&job_path(id))?;
-    let first_done = job["items"]["done"].as_u64().unwrap_or(0)
-        + job["items"]["failed"].as_u64().unwrap_or(0);
+    let first_done =
+        job["items"]["done"].as_u64().unwrap_or(0) + job["items"]["failed"].as_u64().unwrap_or(0);
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(total(&job));
         bar.set_style(
@@ -304,7 +304,10 @@ fn print_items(items: &[Value]) {
 
 fn print_job(job: &Value) {
     let spec = &job["spec"];
-    let output = match (spec["output_bucket"].as_str(), spec["output_prefix"].as_str()) {
+    let output = match (
+        spec["output_bucket"].as_str(),
+        spec["output_prefix"].as_str(),
+    ) {
         (Some(bucket), prefix) => format!("{bucket}/{}", prefix.unwrap_or("")),
         _ => "-".into(),
     };

@@ -25,9 +25,9 @@ use crate::platform::Platform;
 mod auth;
 mod error;
 mod events;
-mod jobs;
 #[cfg(test)]
 mod fuzz_tests;
+mod jobs;
 mod secrets;
 mod versions;
 

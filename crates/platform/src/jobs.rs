@@ -270,7 +270,12 @@ impl Jobs {
         let mut after = String::new();
         loop {
             let page = events
-                .object_list(&input_bucket, input_prefix.clone(), after.clone(), LIST_PAGE)
+                .object_list(
+                    &input_bucket,
+                    input_prefix.clone(),
+                    after.clone(),
+                    LIST_PAGE,
+                )
                 .await?;
             let full = page.len() == LIST_PAGE;
             if let Some(last) = page.last() {
@@ -325,10 +330,7 @@ impl Jobs {
 
     /// A job with its counts.
     pub async fn get(&self, id: &str) -> Result<Job, PlatformError> {
-        self.store()?
-            .job(id)
-            .await?
-            .ok_or_else(|| missing_job(id))
+        self.store()?.job(id).await?.ok_or_else(|| missing_job(id))
     }
 
     /// Jobs, newest first.
@@ -522,7 +524,8 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
                 .map_or(usize::MAX, |m| m as usize);
             let concurrency = (spec.parallelism as usize).min(limit).max(1);
             let free = concurrency.saturating_sub(running);
-            let refill = free > 0 && !drained && (running == 0 || free >= CLAIM_BATCH.min(concurrency) / 2);
+            let refill =
+                free > 0 && !drained && (running == 0 || free >= CLAIM_BATCH.min(concurrency) / 2);
             if refill {
                 let lease_ms = live
                     .versions()
@@ -543,7 +546,9 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
                             // restart), or retries wait for their time.
                             match store.job(id).await {
                                 Ok(Some(job)) if job.state != JobState::Running => return,
-                                Ok(Some(job)) if job.items.pending == 0 && job.items.running == 0 => {
+                                Ok(Some(job))
+                                    if job.items.pending == 0 && job.items.running == 0 =>
+                                {
                                     finish(store, id, &job.items).await;
                                     return;
                                 }

@@ -383,7 +383,11 @@ mod tests {
     fn max_failures_parses_counts_and_percentages() {
         assert_eq!(MaxFailures::parse("3"), Ok(MaxFailures::Count(3)));
         assert_eq!(MaxFailures::parse("5%"), Ok(MaxFailures::Percent(5)));
-        assert!(MaxFailures::parse("101%").unwrap_err().contains("over 100%"));
+        assert!(
+            MaxFailures::parse("101%")
+                .unwrap_err()
+                .contains("over 100%")
+        );
         assert!(MaxFailures::parse("many").unwrap_err().contains("count"));
         assert!(MaxFailures::Count(2).exceeded(3, 10));
         assert!(!MaxFailures::Count(2).exceeded(2, 10));

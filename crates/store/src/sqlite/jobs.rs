@@ -277,7 +277,9 @@ impl JobsDb {
                 "SELECT seq, state FROM job_items WHERE job = ?1 \
                  AND state IN ('pending', 'running') AND due_ms <= ?2 LIMIT ?3",
             )?
-            .query_map(params![job, now, limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .query_map(params![job, now, limit], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         let mut claimed = Vec::with_capacity(candidates.len());
         let mut from_pending = 0i64;
@@ -401,7 +403,9 @@ impl JobsDb {
         let tx = write_tx(&mut conn)?;
         let finished = (state != JobState::Running).then(now_ms);
         let changed = tx
-            .prepare_cached("UPDATE jobs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1")?
+            .prepare_cached(
+                "UPDATE jobs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1",
+            )?
             .execute(params![job, state.as_str(), error, finished])?;
         if changed == 0 {
             return Err(StoreError::Conflict(format!("no job `{job}`")));
@@ -557,7 +561,10 @@ impl JobStore for EmbeddedJobs {
 
     async fn set_state(&self, job: &str, state: JobState, error: Option<&str>) -> Result<()> {
         let (job, error) = (job.to_owned(), error.map(str::to_owned));
-        offload(&self.db, move |db| db.set_state(&job, state, error.as_deref())).await
+        offload(&self.db, move |db| {
+            db.set_state(&job, state, error.as_deref())
+        })
+        .await
     }
 
     async fn retry_failed(&self, job: &str) -> Result<u64> {
@@ -640,7 +647,13 @@ mod tests {
             let b = store.claim_items("j1", "b", 6, 60_000).await.unwrap();
             assert_eq!((a.len(), b.len()), (6, 4));
             assert!(a.iter().all(|i| b.iter().all(|j| i.seq != j.seq)));
-            assert!(store.claim_items("j1", "c", 6, 60_000).await.unwrap().is_empty());
+            assert!(
+                store
+                    .claim_items("j1", "c", 6, 60_000)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
             // b's result for a's item is ignored.
             let stolen = ItemResult::Done {
                 seq: a[0].seq,
@@ -683,7 +696,13 @@ mod tests {
                 .set_state("j1", JobState::Failed, Some("too many"))
                 .await
                 .unwrap();
-            assert!(store.claim_items("j1", "c", 10, 0).await.unwrap().is_empty());
+            assert!(
+                store
+                    .claim_items("j1", "c", 10, 0)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
             assert_eq!(store.retry_failed("j1").await.unwrap(), 4);
             let job = store.job("j1").await.unwrap().unwrap();
             assert_eq!(job.state, JobState::Running);
