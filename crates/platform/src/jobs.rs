@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mayfly_store::{
     ItemCounts, ItemLogEntry, ItemResult, ItemState, Job, JobItem, JobSpec, JobState, JobStore,
-    MaxFailures, NewItem,
+    MaxFailures, NewItem, PipelineStep,
 };
 use percent_encoding::utf8_percent_encode;
 use serde::{Deserialize, Serialize};
@@ -90,10 +90,17 @@ pub struct JobRequest {
     /// First retry delay in milliseconds.
     #[serde(default)]
     pub backoff_ms: Option<u64>,
-    /// Keys left out of the job (a pipeline's incremental run leaves out
-    /// the objects an earlier run processed).
+    /// Run once over the list of every object under the input prefix
+    /// (a pipeline's reduce step) instead of once per object.
     #[serde(default)]
-    pub skip_keys: Vec<String>,
+    pub reduce: bool,
+    /// The pipeline run and step this job is.
+    #[serde(default)]
+    pub pipeline: Option<PipelineStep>,
+    /// Leave out the objects (same key and ETag) that an earlier job of
+    /// the same pipeline step finished: only new or changed ones run.
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 /// The body of an item's CloudEvent.
@@ -109,6 +116,10 @@ pub struct ItemEvent {
     pub size: u64,
     /// Its entity tag when the job started.
     pub etag: String,
+    /// For a reduce: every object key under the input prefix (`key` is
+    /// then the prefix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
     /// Where to write the result, if the job has an output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_bucket: Option<String>,
@@ -145,6 +156,8 @@ pub struct Jobs {
 /// What a job's task needs.
 struct Runner {
     invoker: Arc<Invoker>,
+    /// The object store, for a reduce's list of objects.
+    events: Arc<EventHub>,
     /// Who holds this node's leases: unique per run of the node, so a
     /// restarted node never mistakes its predecessor's leases for its own.
     owner: String,
@@ -156,6 +169,7 @@ impl Jobs {
     pub(crate) fn new(
         store: Option<Arc<dyn JobStore>>,
         invoker: Arc<Invoker>,
+        events: Arc<EventHub>,
         node_name: &str,
         background: CancellationToken,
     ) -> Self {
@@ -163,6 +177,7 @@ impl Jobs {
             store,
             runner: Arc::new(Runner {
                 invoker,
+                events,
                 owner: format!("{node_name}/{}", uuid::Uuid::now_v7().simple()),
             }),
             tasks: Mutex::new(HashMap::new()),
@@ -206,12 +221,9 @@ impl Jobs {
     /// Starts a job: checks the request, lists the objects, stores the job
     /// with its items and starts running it. Nothing is stored when the
     /// request is wrong.
-    pub async fn create(
-        self: &Arc<Self>,
-        events: &EventHub,
-        request: JobRequest,
-    ) -> Result<Job, PlatformError> {
+    pub async fn create(self: &Arc<Self>, request: JobRequest) -> Result<Job, PlatformError> {
         let store = self.store()?.clone();
+        let events = &self.runner.events;
         let function = request.function.trim();
         if self
             .runner
@@ -264,9 +276,14 @@ impl Jobs {
                  check the name with `mayfly objects buckets`"
             )));
         }
-        let skip: std::collections::HashSet<&str> =
-            request.skip_keys.iter().map(String::as_str).collect();
+        let skip = match &request.pipeline {
+            Some(step) if request.incremental && !request.reduce => {
+                finished_before(&store, step).await?
+            }
+            _ => std::collections::HashSet::new(),
+        };
         let mut items = Vec::new();
+        let mut listed = 0usize;
         let mut after = String::new();
         loop {
             let page = events
@@ -281,9 +298,10 @@ impl Jobs {
             if let Some(last) = page.last() {
                 after = last.key.clone();
             }
+            listed += page.len();
             items.extend(
                 page.into_iter()
-                    .filter(|o| !skip.contains(o.key.as_str()))
+                    .filter(|o| !skip.contains(&(o.key.clone(), o.etag.clone())))
                     .map(|o| NewItem {
                         key: o.key,
                         size: o.size,
@@ -300,7 +318,7 @@ impl Jobs {
                 break;
             }
         }
-        if items.is_empty() && skip.is_empty() {
+        if listed == 0 {
             return Err(PlatformError::BadRequest(format!(
                 "no objects under `{input_bucket}/{input_prefix}`: check the prefix with \
                  `mayfly objects list {input_bucket} --prefix '{input_prefix}'`"
@@ -316,7 +334,17 @@ impl Jobs {
             max_failures,
             max_attempts,
             backoff_ms,
+            reduce: request.reduce,
+            pipeline: request.pipeline,
         };
+        if spec.reduce {
+            // One item: the whole listing, read again when it runs.
+            items = vec![NewItem {
+                key: spec.input_prefix.clone(),
+                size: listed as u64,
+                etag: String::new(),
+            }];
+        }
         let id = uuid::Uuid::now_v7().simple().to_string();
         let job = store.create_job(&id, &spec, &items).await?;
         if items.is_empty() {
@@ -333,9 +361,19 @@ impl Jobs {
         self.store()?.job(id).await?.ok_or_else(|| missing_job(id))
     }
 
-    /// Jobs, newest first.
-    pub async fn list(&self, limit: usize) -> Result<Vec<Job>, PlatformError> {
-        Ok(self.store()?.jobs(limit).await?)
+    /// Jobs, newest first; only a pipeline's if `pipeline` names one.
+    pub async fn list(
+        &self,
+        limit: usize,
+        pipeline: Option<&str>,
+    ) -> Result<Vec<Job>, PlatformError> {
+        let Some(name) = pipeline else {
+            return Ok(self.store()?.jobs(limit).await?);
+        };
+        let mut jobs = self.store()?.jobs(usize::MAX).await?;
+        jobs.retain(|job| job.spec.pipeline.as_ref().is_some_and(|p| p.name == name));
+        jobs.truncate(limit);
+        Ok(jobs)
     }
 
     /// A job's items, by state.
@@ -439,6 +477,54 @@ impl Jobs {
                 }
             }
         });
+    }
+}
+
+/// The (key, ETag) pairs earlier jobs of a pipeline's step finished.
+async fn finished_before(
+    store: &Arc<dyn JobStore>,
+    step: &PipelineStep,
+) -> Result<std::collections::HashSet<(String, String)>, PlatformError> {
+    let mut finished = std::collections::HashSet::new();
+    for job in store.jobs(usize::MAX).await? {
+        let same = job
+            .spec
+            .pipeline
+            .as_ref()
+            .is_some_and(|p| p.name == step.name && p.step == step.step);
+        if !same {
+            continue;
+        }
+        let mut after = 0;
+        loop {
+            let page = store
+                .items(&job.id, Some(ItemState::Done), after, LIST_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            finished.extend(page.into_iter().map(|i| (i.key, i.etag)));
+        }
+    }
+    Ok(finished)
+}
+
+/// Every object key under `prefix`.
+async fn list_all(
+    events: &EventHub,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<String>, PlatformError> {
+    let mut keys: Vec<String> = Vec::new();
+    loop {
+        let after = keys.last().cloned().unwrap_or_default();
+        let page = events
+            .object_list(bucket, prefix.to_string(), after, LIST_PAGE)
+            .await?;
+        let full = page.len() == LIST_PAGE;
+        keys.extend(page.into_iter().map(|o| o.key));
+        if !full {
+            return Ok(keys);
+        }
     }
 }
 
@@ -559,6 +645,7 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
                             running += 1;
                             let done = done_tx.clone();
                             let invoker = runner.invoker.clone();
+                            let events = runner.events.clone();
                             let spec = spec.clone();
                             let id = id.to_string();
                             tokio::spawn(async move {
@@ -567,7 +654,7 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
                                     done,
                                     seq: Some(seq),
                                 };
-                                let result = deliver(&invoker, &id, &spec, item).await;
+                                let result = deliver(&invoker, &events, &id, &spec, item).await;
                                 report.send(result);
                             });
                         }
@@ -662,7 +749,13 @@ impl Drop for ItemReport {
 }
 
 /// Runs one attempt of an item and decides what becomes of it.
-async fn deliver(invoker: &Invoker, job: &str, spec: &JobSpec, item: JobItem) -> ItemResult {
+async fn deliver(
+    invoker: &Invoker,
+    events: &EventHub,
+    job: &str,
+    spec: &JobSpec,
+    item: JobItem,
+) -> ItemResult {
     let seq = item.seq;
     let attempt = item.attempts;
     let catalog = invoker.catalog();
@@ -673,7 +766,21 @@ async fn deliver(invoker: &Invoker, job: &str, spec: &JobSpec, item: JobItem) ->
         };
     };
     drop(catalog);
-    let request = match item_request(job, spec, &item) {
+    let keys = if spec.reduce {
+        match list_all(events, &spec.input_bucket, &spec.input_prefix).await {
+            Ok(keys) => Some(keys),
+            Err(error) => {
+                return ItemResult::Retry {
+                    seq,
+                    delay_ms: backoff(spec.backoff_ms, attempt),
+                    error: format!("cannot list the reduce's objects: {error}"),
+                };
+            }
+        }
+    } else {
+        None
+    };
+    let request = match item_request(job, spec, &item, keys) {
         Ok(request) => request,
         Err(error) => {
             return ItemResult::Failed {
@@ -715,8 +822,13 @@ fn item_request(
     job: &str,
     spec: &JobSpec,
     item: &JobItem,
+    keys: Option<Vec<String>>,
 ) -> Result<http::Request<EventBody>, anyhow::Error> {
     let output_key = spec.output_bucket.as_ref().map(|_| {
+        if spec.reduce {
+            // A reduce writes one object: the output names its key.
+            return spec.output_prefix.clone().unwrap_or_default();
+        }
         let rest = item
             .key
             .strip_prefix(spec.input_prefix.as_str())
@@ -731,6 +843,7 @@ fn item_request(
         etag: item.etag.clone(),
         output_bucket: spec.output_bucket.clone(),
         output_key,
+        keys,
     })?;
     let escaped = |text: &str| utf8_percent_encode(text, HEADER_ESCAPES).to_string();
     Ok(http::Request::builder()

@@ -156,6 +156,7 @@ impl Platform {
         let jobs = Arc::new(Jobs::new(
             stores.jobs.clone(),
             invoker.clone(),
+            events.clone(),
             &config.node_name,
             background.clone(),
         ));

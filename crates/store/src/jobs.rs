@@ -84,6 +84,24 @@ pub struct JobSpec {
     pub max_attempts: u32,
     /// First retry delay in milliseconds; doubles with each attempt.
     pub backoff_ms: u64,
+    /// A reduce: one item whose event lists every object under the input
+    /// prefix, instead of one item per object.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reduce: bool,
+    /// The pipeline run this job is a step of, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineStep>,
+}
+
+/// Which pipeline run and step a job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStep {
+    /// The pipeline's name (`[pipelines.NAME]`).
+    pub name: String,
+    /// The run's number (1, 2, …).
+    pub run: u64,
+    /// The step's name.
+    pub step: String,
 }
 
 /// Where a job is.

@@ -57,7 +57,7 @@ pub use forward::{
 };
 pub use jobs::{
     ItemCounts, ItemLogEntry, ItemResult, ItemState, Job, JobItem, JobSpec, JobState, JobStore,
-    MaxFailures, NewItem,
+    MaxFailures, NewItem, PipelineStep,
 };
 pub use link::{FleetLink, FleetLinkStatus};
 pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};

@@ -11,6 +11,11 @@
 //! - `copy` (default): the result is `done:` + the object's bytes;
 //! - `sum`: the object is CSV lines `name,amount`; the result is one
 //!   `name,total` line per name, sorted (a map step);
+//! - `reduce`: the event lists `keys` (every object under the input
+//!   prefix); each is read as `name,amount` lines and the result is the
+//!   totals per name over all of them, sorted;
+//! - `report`: the object holds `name,total` lines; the result is a report,
+//!   one `name: total` line each, then `TOTAL: <sum>`;
 //! - `noop`: nothing is read or written: 200 at once (the benchmark's
 //!   trivial function).
 //!
@@ -58,18 +63,34 @@ fn handle(request: &IncomingRequest) -> Result<String, String> {
     let key = field("key").ok_or("the event has no `key`")?;
     let api = config_value("mayfly.api_url")?;
     let credential = config_value("mayfly.credential")?;
-    let object = format!("{api}/v1/buckets/{bucket}/objects/{}", escape_path(&key));
-    let (status, bytes) = call(Method::Get, &object, &credential, None)?;
-    if status != 200 {
-        return Err(format!("reading {bucket}/{key}: status {status}"));
-    }
-    if bytes.starts_with(b"bad") {
-        return Err(format!("bad input in {bucket}/{key}"));
-    }
+    let read = |key: &str| -> Result<Vec<u8>, String> {
+        let object = format!("{api}/v1/buckets/{bucket}/objects/{}", escape_path(key));
+        let (status, bytes) = call(Method::Get, &object, &credential, None)?;
+        if status != 200 {
+            return Err(format!("reading {bucket}/{key}: status {status}"));
+        }
+        if bytes.starts_with(b"bad") {
+            return Err(format!("bad input in {bucket}/{key}"));
+        }
+        Ok(bytes)
+    };
     let result = match mode.as_str() {
-        "copy" => [b"done:".as_slice(), &bytes].concat(),
-        "sum" => sum(&bytes).map_err(|e| format!("{bucket}/{key}: {e}"))?,
-        other => return Err(format!("unknown MODE `{other}`: use copy, sum or noop")),
+        "copy" => [b"done:".as_slice(), &read(&key)?].concat(),
+        "sum" => sum(&read(&key)?).map_err(|e| format!("{bucket}/{key}: {e}"))?,
+        "reduce" => {
+            let mut all = Vec::new();
+            for key in json_strings(event, "keys").ok_or("the event has no `keys`")? {
+                all.extend_from_slice(&read(&key)?);
+                all.push(b'\n');
+            }
+            sum(&all)?
+        }
+        "report" => report(&read(&key)?)?,
+        other => {
+            return Err(format!(
+                "unknown MODE `{other}`: use copy, sum, reduce, report or noop"
+            ));
+        }
     };
     if let (Some(out_bucket), Some(out_key)) = (field("output_bucket"), field("output_key")) {
         let target = format!(
@@ -112,6 +133,22 @@ fn sum(bytes: &[u8]) -> Result<Vec<u8>, String> {
         .into_bytes())
 }
 
+/// `name,total` lines as a report: `name: total` lines, then the sum.
+fn report(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let totals = sum(bytes)?;
+    let text = String::from_utf8_lossy(&totals);
+    let mut out = String::new();
+    let mut grand = 0i64;
+    for line in text.lines() {
+        if let Some((name, total)) = line.split_once(',') {
+            grand += total.parse::<i64>().unwrap_or(0);
+            out.push_str(&format!("{name}: {total}\n"));
+        }
+    }
+    out.push_str(&format!("TOTAL: {grand}\n"));
+    Ok(out.into_bytes())
+}
+
 fn config_value(key: &str) -> Result<String, String> {
     match config::get(key) {
         Ok(Some(value)) => Ok(value),
@@ -125,17 +162,40 @@ fn json_string(json: &str, name: &str) -> Option<String> {
     let needle = format!("\"{name}\":");
     let start = json.find(&needle)? + needle.len();
     let rest = json[start..].trim_start().strip_prefix('"')?;
+    read_string(rest).map(|(value, _)| value)
+}
+
+/// A field of the JSON object that is an array of strings.
+fn json_strings(json: &str, name: &str) -> Option<Vec<String>> {
+    let needle = format!("\"{name}\":");
+    let start = json.find(&needle)? + needle.len();
+    let mut rest = json[start..].trim_start().strip_prefix('[')?;
+    let mut out = Vec::new();
+    loop {
+        rest = rest.trim_start().trim_start_matches(',').trim_start();
+        if rest.starts_with(']') {
+            return Some(out);
+        }
+        let (value, used) = read_string(rest.strip_prefix('"')?)?;
+        out.push(value);
+        rest = &rest[1 + used..];
+    }
+}
+
+/// The JSON string that `text` starts with (after its opening quote),
+/// unescaped, and the bytes it took up to and including the closing quote.
+fn read_string(text: &str) -> Option<(String, usize)> {
     let mut out = String::new();
-    let mut chars = rest.chars();
-    while let Some(c) = chars.next() {
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
         match c {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
+            '"' => return Some((out, i + 1)),
+            '\\' => match chars.next()?.1 {
                 'n' => out.push('\n'),
                 't' => out.push('\t'),
                 'r' => out.push('\r'),
                 'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
+                    let hex: String = chars.by_ref().take(4).map(|(_, c)| c).collect();
                     out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
                 }
                 other => out.push(other),

@@ -43,7 +43,7 @@ async fn create(
             e.body_text()
         ))
     })?;
-    let job = platform.jobs().create(platform.events(), request).await?;
+    let job = platform.jobs().create(request).await?;
     Ok((StatusCode::CREATED, Json(job)).into_response())
 }
 
@@ -51,9 +51,11 @@ async fn create(
 #[serde(deny_unknown_fields)]
 struct ListParams {
     limit: Option<usize>,
+    /// Only this pipeline's jobs.
+    pipeline: Option<String>,
 }
 
-/// `GET /v1/jobs?limit=100`: jobs, newest first.
+/// `GET /v1/jobs?limit=100&pipeline=NAME`: jobs, newest first.
 async fn list(
     State(platform): State<Arc<Platform>>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -61,7 +63,10 @@ async fn list(
     let params = query(params)?;
     let jobs = platform
         .jobs()
-        .list(params.limit.unwrap_or(100).clamp(1, 10_000))
+        .list(
+            params.limit.unwrap_or(100).clamp(1, 10_000),
+            params.pipeline.as_deref(),
+        )
         .await?;
     Ok(Json(jobs).into_response())
 }

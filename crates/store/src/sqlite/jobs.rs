@@ -121,6 +121,8 @@ fn read_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Job, String, String)> 
                 max_failures: None,
                 max_attempts: 0,
                 backoff_ms: 0,
+                reduce: false,
+                pipeline: None,
             },
             state: JobState::Running,
             error: row.get(3)?,
@@ -615,6 +617,8 @@ mod tests {
             max_failures: Some(MaxFailures::Count(1)),
             max_attempts: 2,
             backoff_ms: 0,
+            reduce: false,
+            pipeline: None,
         }
     }
 
