@@ -150,6 +150,12 @@ pub enum Command {
         #[command(subcommand)]
         command: jobs::JobCommand,
     },
+    /// Pipelines of ./mayfly.toml: chains of batch jobs, each step over the
+    /// output of the one before, re-run incrementally.
+    Pipeline {
+        #[command(subcommand)]
+        command: crate::pipelines::PipelineCommand,
+    },
     /// Store, fetch and list objects in the node's buckets.
     Object {
         #[command(subcommand)]

@@ -101,6 +101,7 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         }
         Command::Usage(args) => usage(client, json, &args),
         Command::Job { command } => crate::jobs::run(client, json, command),
+        Command::Pipeline { command } => crate::pipelines::run(client, json, command),
         Command::Object { command } => events::objects::run(client, json, command),
         Command::Kv { command } => events::kv::run(client, json, command),
         Command::Queue { command } => events::queues::run(client, json, command),

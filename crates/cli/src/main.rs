@@ -16,6 +16,7 @@ mod login;
 mod manifest;
 mod new;
 mod output;
+mod pipelines;
 mod profiles;
 mod progress;
 mod secrets;
