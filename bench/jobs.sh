@@ -31,14 +31,23 @@ serve_flags=(--max-instances 512)
 export MAYFLY_ADMIN_URL=$admin
 "$MAYFLY_BIN" deploy sink guests/target/wasm32-wasip2/release/hello.wasm >/dev/null
 
-# Upload through curl's parallel transfers over kept-alive connections.
-config="$work/upload.curl"
-for i in $(seq -w 1 "$n"); do
-  printf 'url = "%s/v1/buckets/in/objects/data/%s"\nrequest = "PUT"\ndata = "x"\noutput = "/dev/null"\nnext\n' \
-    "$admin" "$i"
-done >"$config"
+# Upload from 8 threads over kept-alive connections.
 start=$(date +%s.%N)
-curl -sS --fail --parallel --parallel-max 16 -H "authorization: Bearer $MAYFLY_TOKEN" -K "$config"
+python3 - "$admin" "$MAYFLY_TOKEN" "$n" <<'PY'
+import http.client, sys, threading, urllib.parse
+url, token, n = urllib.parse.urlsplit(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def upload(part):
+    conn = http.client.HTTPConnection(url.hostname, url.port)
+    for i in range(part, n, 8):
+        conn.request("PUT", f"/v1/buckets/in/objects/data/{i:06}", body=b"x",
+                     headers={"authorization": f"Bearer {token}"})
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 200, answer.status
+threads = [threading.Thread(target=upload, args=(p,)) for p in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+PY
 echo "uploaded $n objects in $(echo "$(date +%s.%N) - $start" | bc) s"
 
 echo "mayfly $("$MAYFLY_BIN" --version | awk '{print $2}') job -> hello over $n objects, $(nproc) cores"

@@ -551,6 +551,14 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
     let mut ending: Option<(JobState, String)> = None;
     let mut drained = false;
     let mut recheck_at: Option<tokio::time::Instant> = None;
+    // Items in flight allowed now: the node's admission may take fewer
+    // than --parallelism (a function's share of the node's slots), and a
+    // refusal is a throttled invocation in the ledger. So, like TCP's
+    // window, it starts small and grows by one per success until the first
+    // refusal (slow start), then shrinks by a quarter at each refusal and
+    // grows by one per window's worth of successes.
+    let mut window = f64::from(spec.parallelism.clamp(1, 8));
+    let mut slow_start = true;
     loop {
         let catalog = runner.invoker.catalog();
         let function = catalog.by_name.get(&spec.function).cloned();
@@ -608,7 +616,10 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
                 .scaling
                 .max_concurrency
                 .map_or(usize::MAX, |m| m as usize);
-            let concurrency = (spec.parallelism as usize).min(limit).max(1);
+            let concurrency = (spec.parallelism as usize)
+                .min(limit)
+                .min(window.ceil() as usize)
+                .max(1);
             let free = concurrency.saturating_sub(running);
             let refill =
                 free > 0 && !drained && (running == 0 || free >= CLAIM_BATCH.min(concurrency) / 2);
@@ -669,11 +680,12 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
         }
         tokio::select! {
             Some(result) = done.recv() => {
-                running -= 1;
-                results.push(result);
-                while let Ok(result) = done.try_recv() {
+                let mut next = Some(result);
+                while let Some(result) = next {
                     running -= 1;
+                    window = adjust_window(window, &result, spec.parallelism, &mut slow_start);
                     results.push(result);
+                    next = done.try_recv().ok();
                 }
                 drained = false;
             }
@@ -682,6 +694,19 @@ async fn run_job(runner: &Runner, store: &Arc<dyn JobStore>, id: &str, stop: &Ca
             }
             () = stop.cancelled(), if !stopping => {}
         }
+    }
+}
+
+/// The in-flight window after `result` (see `run_job`).
+fn adjust_window(window: f64, result: &ItemResult, parallelism: u32, slow_start: &mut bool) -> f64 {
+    let max = f64::from(parallelism.max(1));
+    match result {
+        ItemResult::Postpone { .. } => {
+            *slow_start = false;
+            (window * 0.75).max(1.0)
+        }
+        _ if *slow_start => (window + 1.0).min(max),
+        _ => (window + 1.0 / window).min(max),
     }
 }
 
