@@ -255,10 +255,9 @@ fn wait_with(client: &AdminClient, json: bool, id: &str, summary: bool) -> anyho
     let done = job["items"]["done"].as_u64().unwrap_or(0);
     let failed = job["items"]["failed"].as_u64().unwrap_or(0);
     let ran = (done + failed).saturating_sub(first_done);
-    if !summary {
-    } else if json {
+    if summary && json {
         println!("{job}");
-    } else {
+    } else if summary {
         println!(
             "job {id} {}: {done} done, {failed} failed, {} not run, of {} items in {elapsed:.1}s \
              ({:.0} items/s)",

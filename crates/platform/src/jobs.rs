@@ -225,14 +225,7 @@ impl Jobs {
         let store = self.store()?.clone();
         let events = &self.runner.events;
         let function = request.function.trim();
-        if self
-            .runner
-            .invoker
-            .catalog()
-            .by_name
-            .get(function)
-            .is_none()
-        {
+        if !self.runner.invoker.catalog().by_name.contains_key(function) {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         let (input_bucket, input_prefix) = split_location("input", &request.input)?;
@@ -431,13 +424,12 @@ impl Jobs {
                 "job {id} has no failed or pending items to retry"
             )));
         }
-        if self
+        if !self
             .runner
             .invoker
             .catalog()
             .by_name
-            .get(&job.spec.function)
-            .is_none()
+            .contains_key(&job.spec.function)
         {
             return Err(PlatformError::NotFound(job.spec.function.clone()));
         }
