@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::deploy::DeployArgs;
-use crate::{access, completions, dev, events, login, new, secrets, serve, simulate};
+use crate::{access, completions, dev, events, jobs, login, new, secrets, serve, simulate};
 
 /// The help heading of the flags that say which node the client verbs
 /// talk to, so `serve --help` keeps them apart from the node's own flags.
@@ -144,6 +144,18 @@ pub enum Command {
     /// Replay an invocation trace (Azure 2021 CSV or synthetic) against
     /// keep-alive policies: cold starts against memory kept warm for nothing.
     Simulate(simulate::SimulateArgs),
+    /// Batch jobs: run a function once per object under a prefix, with
+    /// progress, retries and a summary.
+    Job {
+        #[command(subcommand)]
+        command: jobs::JobCommand,
+    },
+    /// Pipelines of ./mayfly.toml: chains of batch jobs, each step over the
+    /// output of the one before, re-run incrementally.
+    Pipeline {
+        #[command(subcommand)]
+        command: crate::pipelines::PipelineCommand,
+    },
     /// Store, fetch and list objects in the node's buckets.
     Object {
         #[command(subcommand)]
@@ -335,9 +347,10 @@ pub struct InvokeArgs {
 
 #[derive(Debug, Args)]
 pub struct UsageArgs {
-    /// Start of the window: a duration ago (24h, 7d), an RFC 3339 time, or ms since the epoch.
-    #[arg(long, default_value = "24h")]
-    pub since: String,
+    /// Start of the window: a duration ago (24h, 7d), an RFC 3339 time, or ms since the epoch
+    /// [default: 24h; with --job: the job's whole life].
+    #[arg(long)]
+    pub since: Option<String>,
     /// End of the window (exclusive), in the same forms; default now.
     #[arg(long)]
     pub until: Option<String>,
@@ -347,6 +360,9 @@ pub struct UsageArgs {
     /// Only this function.
     #[arg(long)]
     pub function: Option<String>,
+    /// Only the invocations of this batch job (`mayfly job list`).
+    #[arg(long, value_name = "ID")]
+    pub job: Option<String>,
     /// Print CSV (for spreadsheets and billing exports).
     #[arg(long, conflicts_with = "json")]
     pub csv: bool,

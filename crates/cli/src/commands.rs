@@ -100,6 +100,8 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
             Ok(())
         }
         Command::Usage(args) => usage(client, json, &args),
+        Command::Job { command } => crate::jobs::run(client, json, command),
+        Command::Pipeline { command } => crate::pipelines::run(client, json, command),
         Command::Object { command } => events::objects::run(client, json, command),
         Command::Kv { command } => events::kv::run(client, json, command),
         Command::Queue { command } => events::queues::run(client, json, command),
@@ -783,11 +785,16 @@ fn approximate(x: f64) -> String {
 }
 
 fn usage(client: &AdminClient, json: bool, args: &UsageArgs) -> anyhow::Result<()> {
-    let mut path = format!(
-        "/v1/usage?from={}&group_by={}",
-        encode(&args.since),
-        encode(&args.by)
-    );
+    let mut path = format!("/v1/usage?group_by={}", encode(&args.by));
+    match (&args.since, &args.job) {
+        (Some(since), _) => path.push_str(&format!("&from={}", encode(since))),
+        // A job's records, whenever they were made.
+        (None, Some(_)) => {}
+        (None, None) => path.push_str("&from=24h"),
+    }
+    if let Some(job) = &args.job {
+        path.push_str(&format!("&job={}", encode(job)));
+    }
     if let Some(until) = &args.until {
         path.push_str(&format!("&to={}", encode(until)));
     }

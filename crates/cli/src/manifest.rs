@@ -52,6 +52,11 @@ struct ManifestFile {
     /// Functions by name.
     #[serde(default)]
     functions: BTreeMap<String, Spanned<FunctionEntry>>,
+    /// Pipelines: read and checked by `mayfly pipeline` (`pipelines.rs`);
+    /// accepted here so one file describes both.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pipelines: toml::Table,
 }
 
 /// One `[functions.<name>]` table.

@@ -675,6 +675,7 @@ mod tests {
                 to_ms: T0 + 86_400_000,
                 group_by: GroupBy::Function,
                 function: None,
+                client_request_id: None,
             })
             .await
             .unwrap()

@@ -32,6 +32,7 @@ mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
+mod jobs;
 mod openapi;
 mod secrets;
 mod versions;
@@ -64,6 +65,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(secrets::routes())
         .merge(versions::routes())
         .merge(dashboard::api())
+        .merge(jobs::routes())
         .split_for_parts();
     let (health, health_described) = health_routes().split_for_parts();
     let description = openapi::document(described.merge_from(health_described));
@@ -903,6 +905,9 @@ struct UsageParams {
     to: Option<String>,
     group_by: Option<String>,
     function: Option<String>,
+    /// Only a batch job's invocations (the window then defaults to all
+    /// time).
+    job: Option<String>,
 }
 
 /// A point in time as the usage API accepts it: RFC 3339, milliseconds
@@ -966,6 +971,7 @@ async fn usage(
     let now = now_ms();
     let from = match &params.from {
         Some(text) => parse_time("from", text, now)?,
+        None if params.job.is_some() => 0,
         None => now - 24 * 3600 * 1000,
     };
     // `to` is exclusive; by default it includes records started this very ms.
@@ -994,6 +1000,7 @@ async fn usage(
             to_ms: to,
             group_by,
             function: params.function.clone(),
+            client_request_id: params.job.as_deref().map(crate::jobs::job_correlation_id),
         })
         .await?;
     let total = rows.iter().fold(UsageRow::default(), |mut total, row| {

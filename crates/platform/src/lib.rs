@@ -25,6 +25,7 @@ pub mod forward;
 pub mod gateway;
 pub mod health;
 pub mod invoker;
+pub mod jobs;
 pub mod ledger;
 pub mod logs;
 mod membership;

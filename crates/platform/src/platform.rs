@@ -29,6 +29,7 @@ use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::events::workers::EventWorkers;
 use crate::invoker::Invoker;
+use crate::jobs::Jobs;
 use crate::ledger::Ledger;
 use crate::logs::LogHub;
 use crate::membership::Heartbeat;
@@ -46,6 +47,8 @@ pub struct Platform {
     deployments: Arc<Deployments>,
     events: Arc<EventHub>,
     workers: Arc<EventWorkers>,
+    /// Batch jobs over the object store.
+    jobs: Arc<Jobs>,
     admission: Arc<Admission>,
     log_store: Arc<dyn LogStore>,
     logs: Arc<LogHub>,
@@ -153,6 +156,15 @@ impl Platform {
             stores.forward.clone(),
         ));
         let workers = Arc::new(EventWorkers::new(events.clone(), invoker.clone()));
+        let background = CancellationToken::new();
+        let jobs = Arc::new(Jobs::new(
+            stores.jobs.clone(),
+            invoker.clone(),
+            events.clone(),
+            &config.node_name,
+            background.clone(),
+        ));
+        let alone = stores.fleet.is_none();
         let api_url = Arc::new(OnceLock::new());
         let services = Arc::new(NodeServices {
             keyvalue: Arc::new(NodeKeyValue::new(events.clone())),
@@ -199,6 +211,7 @@ impl Platform {
             deployments,
             events,
             workers,
+            jobs,
             admission,
             log_store: stores.logs.clone(),
             logs,
@@ -214,7 +227,7 @@ impl Platform {
             members: stores.members.clone(),
             config,
             started,
-            background: CancellationToken::new(),
+            background,
             _stores: stores,
         });
         platform.deployments.restore_all().await?;
@@ -249,6 +262,7 @@ impl Platform {
         }
         .spawn(platform.background.clone());
         platform.workers.start().await?;
+        platform.jobs.start(alone).await?;
         Ok(platform)
     }
 
@@ -374,6 +388,11 @@ impl Platform {
     /// The admin API's URL, if the node serves one.
     pub fn api_url(&self) -> Option<&str> {
         self.api_url.get().map(String::as_str)
+    }
+
+    /// The node's batch jobs.
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
     }
 
     /// The node's event stores, triggers and dead-letter queues.

@@ -32,6 +32,7 @@ mod changes;
 pub mod conformance;
 mod events;
 mod forward;
+mod jobs;
 mod link;
 mod logs;
 mod members;
@@ -53,6 +54,10 @@ pub use events::{
 pub use forward::{
     ForwardError, ForwardHandler, ForwardedRequest, ForwardedResponse, Forwarder, NoForwarding,
     check_label, labels_text, placement_matches,
+};
+pub use jobs::{
+    ItemCounts, ItemLogEntry, ItemResult, ItemState, Job, JobItem, JobSpec, JobState, JobStore,
+    MaxFailures, NewItem, PipelineStep,
 };
 pub use link::{FleetLink, FleetLinkStatus};
 pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};

@@ -50,6 +50,9 @@ pub struct Stores {
     /// The link to the fleet, for `mayfly status`: `None` for a node on
     /// its own.
     pub fleet: Option<Arc<dyn FleetLink>>,
+    /// Batch jobs and their items: `None` for a back-end without a job
+    /// store (the node then refuses job requests, saying so).
+    pub jobs: Option<Arc<dyn crate::JobStore>>,
     /// The data directory this node holds, for a back-end kept on local
     /// disk: its lock lives as long as any copy of the bundle.
     local: Option<Arc<dyn LocalDir>>,
@@ -95,6 +98,7 @@ impl Stores {
             log_feed: Arc::new(LocalLogs),
             forward: Arc::new(NoForwarding),
             fleet: None,
+            jobs: None,
             local,
         }
     }

@@ -195,6 +195,9 @@ pub struct UsageQuery {
     pub group_by: GroupBy,
     /// Only this function's records, if set.
     pub function: Option<String>,
+    /// Only records with this correlation id (`client_request_id`), if
+    /// set: a batch job's invocations carry `job-<ID>`.
+    pub client_request_id: Option<String>,
 }
 
 /// Counts per outcome (serialized as a JSON object with all seven keys).

@@ -22,6 +22,7 @@ mod follow;
 mod host_limits;
 mod hygiene;
 mod isolation_ids;
+mod jobs;
 mod limits;
 mod login;
 mod manifest;

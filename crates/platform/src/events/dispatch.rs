@@ -44,17 +44,17 @@ const LEASE_MARGIN_MS: u64 = 30_000;
 
 /// Characters CloudEvents' binary mode percent-encodes in header values:
 /// outside printable ASCII, plus space, `"` and `%`.
-const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+pub(crate) const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 
 /// Request body of an event delivery.
-pub(super) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
+pub(crate) type EventBody = http_body_util::combinators::BoxBody<Bytes, wasmtime_wasi_http::Error>;
 
 /// Bytes of a failed delivery's response kept as its error.
 const EVENT_ERROR_EXCERPT: usize = 256;
 
 /// How one delivery attempt went.
 #[derive(Debug)]
-enum EventOutcome {
+pub(crate) enum EventOutcome {
     /// The function answered 2xx: acknowledged.
     Delivered,
     /// The function failed, with why.
@@ -336,6 +336,8 @@ async fn deliver(node: &Dispatcher, consumer: &Consumer, mut delivery: Delivery)
                 target,
                 request,
                 trigger_label(&delivery.event.ty),
+                None,
+                new_request_id(),
             )
             .await
         }
@@ -404,21 +406,25 @@ async fn deliver(node: &Dispatcher, consumer: &Consumer, mut delivery: Delivery)
 /// Delivers one event: runs `request` through `invoker` like
 /// [`Invoker::invoke`] and reads the whole response, so the event counts as
 /// delivered only when the guest answered 2xx and finished its body cleanly.
-async fn run_to_completion(
+pub(crate) async fn run_to_completion(
     invoker: &Invoker,
     target: &Target,
     request: http::Request<EventBody>,
     trigger: &'static str,
+    client_id: Option<String>,
+    request_id: String,
 ) -> EventOutcome {
-    let request_id = new_request_id();
     let (function, observed) = target.pick(&request_id);
     let function: &Deployed = function;
-    let Ok(permit) = invoker.admit(function, &request_id, None, trigger).await else {
+    let Ok(permit) = invoker
+        .admit(function, &request_id, client_id.as_deref(), trigger)
+        .await
+    else {
         return EventOutcome::Throttled;
     };
     let invocation = AdmittedInvocation {
         request_id,
-        client_id: None,
+        client_id,
         trigger,
         permit,
         observed,
@@ -473,7 +479,7 @@ pub(crate) fn backoff(base_ms: u64, attempt: u32) -> u64 {
 
 /// A random wait between half of `ms` and `ms` ("equal jitter": spread
 /// out, yet never much shorter than asked).
-fn jitter(ms: u64) -> u64 {
+pub(crate) fn jitter(ms: u64) -> u64 {
     if ms < 2 {
         return ms;
     }

@@ -8,7 +8,7 @@
 //! the function's dead-letter queue: delivery is at least once, across
 //! crashes.
 
-mod dispatch;
+pub(crate) mod dispatch;
 mod scheduler;
 pub(crate) mod workers;
 

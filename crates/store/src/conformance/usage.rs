@@ -34,6 +34,7 @@ pub(crate) fn query(group_by: GroupBy, from_ms: i64, to_ms: i64) -> UsageQuery {
         to_ms,
         group_by,
         function: None,
+        client_request_id: None,
     }
 }
 

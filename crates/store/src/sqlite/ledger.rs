@@ -203,7 +203,7 @@ fn period_sql(ms: i64) -> String {
 /// `?3`). Columns: function, version, period, invocations, cold starts,
 /// billed ms, billed GB-s, used GB-s, cpu µs, wall µs, init µs, init GB-s,
 /// then one count per outcome in [`Outcome::ALL`] order.
-fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
+fn summary_sql(group_by: GroupBy) -> String {
     let (keys, group) = match group_by {
         GroupBy::Function => ("function, NULL, NULL".to_string(), "function"),
         GroupBy::Version => ("function, version, NULL".to_string(), "function, version"),
@@ -220,11 +220,9 @@ fn summary_sql(group_by: GroupBy, by_function: bool) -> String {
         .iter()
         .map(|o| format!(", SUM(outcome = '{}')", o.as_str()))
         .collect();
-    let filter = if by_function {
-        " AND function = ?3"
-    } else {
-        ""
-    };
+    // A NULL parameter is no filter.
+    let filter = " AND (?3 IS NULL OR function = ?3) \
+                  AND (?4 IS NULL OR client_request_id = ?4)";
     format!(
         "SELECT {keys}, COUNT(*), SUM(cold), TOTAL(billed_ms), \
              TOTAL(CAST(memory_limit_mb AS REAL) * billed_ms) / {MB_MS_PER_GB_S:.1}, \
@@ -309,16 +307,19 @@ impl LedgerDb {
 
     fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
         let conn = self.conn();
-        let sql = summary_sql(query.group_by, query.function.is_some());
+        let sql = summary_sql(query.group_by);
         let mut stmt = conn.prepare_cached(&sql)?;
-        let rows: Vec<UsageRow> = match &query.function {
-            Some(function) => stmt
-                .query_map(params![query.from_ms, query.to_ms, function], summary_row)?
-                .collect::<rusqlite::Result<_>>()?,
-            None => stmt
-                .query_map(params![query.from_ms, query.to_ms], summary_row)?
-                .collect::<rusqlite::Result<_>>()?,
-        };
+        let rows: Vec<UsageRow> = stmt
+            .query_map(
+                params![
+                    query.from_ms,
+                    query.to_ms,
+                    query.function,
+                    query.client_request_id
+                ],
+                summary_row,
+            )?
+            .collect::<rusqlite::Result<_>>()?;
         // Every record counts towards exactly one outcome unless its stored
         // outcome is not one this binary knows.
         for row in &rows {

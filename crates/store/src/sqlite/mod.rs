@@ -18,6 +18,7 @@ mod blob_dir;
 mod data_dir;
 mod embedded;
 mod embedded_events;
+mod jobs;
 mod ledger;
 mod secrets;
 
@@ -36,6 +37,7 @@ pub use blob_dir::{BlobDir, BlobWriter, StagedBlob};
 pub use data_dir::{DataDir, is_disk_full};
 pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
+pub use jobs::{EmbeddedJobs, open_jobs};
 pub use ledger::EmbeddedLedger;
 pub use secrets::EmbeddedSecrets;
 
@@ -206,7 +208,9 @@ fn open_stores(data_dir: &Path) -> Result<Stores> {
         })?;
     let secrets = open_secrets(data_dir)?;
     let auth = open_auth(data_dir)?;
-    Ok(Stores::from_parts(
+    // Jobs: its own file (see `jobs.rs`).
+    let jobs = open_jobs(data_dir)?;
+    let mut stores = Stores::from_parts(
         store.clone(),
         store,
         Arc::new(blob_dir),
@@ -215,7 +219,9 @@ fn open_stores(data_dir: &Path) -> Result<Stores> {
         auth,
         secrets,
         Some(Arc::new(held)),
-    ))
+    );
+    stores.jobs = Some(jobs);
+    Ok(stores)
 }
 
 impl LocalDir for DataDir {
