@@ -27,6 +27,8 @@ mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
+// S3 access keys (the S3 endpoint itself is `crate::s3`).
+mod s3;
 mod secrets;
 mod versions;
 
@@ -75,6 +77,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(events::routes())
         .merge(auth::routes())
         .merge(secrets::routes())
+        .merge(s3::routes())
         .merge(versions::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
