@@ -73,6 +73,9 @@ pub struct Node {
     pub token: String,
     /// Its name in a fleet (`--node-name`); empty for a node alone.
     pub name: String,
+    /// `http://127.0.0.1:<port>` of the S3 endpoint when started with
+    /// `--s3-listen`; empty otherwise.
+    pub s3: String,
 }
 
 impl Node {
@@ -111,6 +114,11 @@ impl Node {
         };
         let gateway = address("gateway listening on ");
         let admin = address("admin API listening on ");
+        let s3 = if flags.contains(&"--s3-listen") {
+            address("S3 endpoint listening on ")
+        } else {
+            String::new()
+        };
         // A node joining a fleet that has tokens writes none: the caller
         // sets the fleet's (`Node::token` is public).
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
@@ -127,6 +135,7 @@ impl Node {
             admin,
             token,
             name,
+            s3,
         }
     }
 
