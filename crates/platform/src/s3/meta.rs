@@ -27,7 +27,44 @@ const SCHEMA: &str = "
         checksums TEXT NOT NULL,
         PRIMARY KEY (bucket, key)
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS uploads (
+        id           TEXT PRIMARY KEY,
+        bucket       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        metadata     TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS parts (
+        upload_id   TEXT NOT NULL,
+        part        INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        etag        TEXT NOT NULL,
+        checksums   TEXT NOT NULL,
+        modified_ms INTEGER NOT NULL,
+        PRIMARY KEY (upload_id, part)
+    ) WITHOUT ROWID;
 ";
+
+/// A multipart upload in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Upload {
+    pub(crate) bucket: String,
+    pub(crate) key: String,
+    pub(crate) content_type: String,
+    pub(crate) metadata: BTreeMap<String, String>,
+}
+
+/// One uploaded part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartRow {
+    pub(crate) part: i32,
+    pub(crate) size: u64,
+    /// Quoted MD5 of the part.
+    pub(crate) etag: String,
+    pub(crate) checksums: BTreeMap<String, String>,
+    pub(crate) modified_ms: i64,
+}
 
 /// S3's extra facts about one object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -216,6 +253,116 @@ impl S3Meta {
                 params![bucket, key],
             )
             .map(drop)
+        })
+        .await
+    }
+
+    /// Records a new multipart upload.
+    pub(crate) async fn create_upload(
+        &self,
+        id: &str,
+        upload: &Upload,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let (id, bucket, key) = (id.to_string(), upload.bucket.clone(), upload.key.clone());
+        let content_type = upload.content_type.clone();
+        let metadata = serde_json::to_string(&upload.metadata)?;
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO uploads (id, bucket, key, content_type, metadata, created_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, bucket, key, content_type, metadata, now_ms],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The multipart upload `id`, if it is in progress.
+    pub(crate) async fn upload(&self, id: &str) -> anyhow::Result<Option<Upload>> {
+        let id = id.to_string();
+        let row: Option<(String, String, String, String)> = self
+            .with(move |conn| {
+                conn.query_row(
+                    "SELECT bucket, key, content_type, metadata FROM uploads WHERE id = ?1",
+                    [&id],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                )
+                .optional()
+            })
+            .await?;
+        row.map(|(bucket, key, content_type, metadata)| {
+            Ok(Upload {
+                bucket,
+                key,
+                content_type,
+                metadata: serde_json::from_str(&metadata)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records part `part` of upload `id` (replacing an earlier upload of
+    /// the same part).
+    pub(crate) async fn put_part(&self, id: &str, row: &PartRow) -> anyhow::Result<()> {
+        let id = id.to_string();
+        let row = row.clone();
+        let checksums = serde_json::to_string(&row.checksums)?;
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO parts (upload_id, part, size, etag, checksums, modified_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (upload_id, part) DO UPDATE SET \
+                 size = excluded.size, etag = excluded.etag, checksums = excluded.checksums, \
+                 modified_ms = excluded.modified_ms",
+                params![
+                    id,
+                    row.part,
+                    i64::try_from(row.size).unwrap_or(i64::MAX),
+                    row.etag,
+                    checksums,
+                    row.modified_ms
+                ],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// The parts of upload `id`, by number.
+    pub(crate) async fn parts(&self, id: &str) -> anyhow::Result<Vec<PartRow>> {
+        let id = id.to_string();
+        let rows: Vec<(i32, i64, String, String, i64)> = self
+            .with(move |conn| {
+                let mut statement = conn.prepare_cached(
+                    "SELECT part, size, etag, checksums, modified_ms FROM parts \
+                     WHERE upload_id = ?1 ORDER BY part",
+                )?;
+                let rows = statement.query_map([&id], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                })?;
+                rows.collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(part, size, etag, checksums, modified_ms)| {
+                Ok(PartRow {
+                    part,
+                    size: u64::try_from(size).unwrap_or(0),
+                    etag,
+                    checksums: serde_json::from_str(&checksums)?,
+                    modified_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets upload `id` and its parts; returns whether it existed.
+    pub(crate) async fn delete_upload(&self, id: &str) -> anyhow::Result<bool> {
+        let id = id.to_string();
+        self.with(move |conn| {
+            conn.execute("DELETE FROM parts WHERE upload_id = ?1", [&id])?;
+            conn.execute("DELETE FROM uploads WHERE id = ?1", [&id])
+                .map(|n| n == 1)
         })
         .await
     }

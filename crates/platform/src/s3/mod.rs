@@ -14,6 +14,7 @@
 
 pub mod keys;
 mod meta;
+mod multipart;
 mod service;
 
 use std::sync::Arc;
@@ -59,7 +60,7 @@ pub(crate) fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = ()> + use<>> {
     let meta = meta::S3Meta::open(data_dir)?;
-    let s3 = service::build(platform, meta, max_object_bytes);
+    let s3 = service::build(platform, meta, max_object_bytes, data_dir.join("s3-uploads"));
     let service = TowerToHyperService::new(s3);
     Ok(async move {
         let name = "S3 endpoint";

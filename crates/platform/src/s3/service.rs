@@ -37,18 +37,24 @@ pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 5 << 30;
 /// Most keys one listing page returns (S3's own cap).
 const MAX_KEYS: usize = 1000;
 /// Bytes read from disk at a time when serving an object.
-const READ_CHUNK: usize = 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 /// The media type of an object uploaded without one.
-const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+pub(super) const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 /// Checksum algorithms S3 clients send, as they name them in headers.
 const CHECKSUMS: [&str; 5] = ["crc32", "crc32c", "crc64nvme", "sha1", "sha256"];
 
 /// The S3 service over `platform`'s buckets, with access keys as auth.
-pub(super) fn build(platform: Arc<Platform>, meta: S3Meta, max_object_bytes: u64) -> S3Service {
+pub(super) fn build(
+    platform: Arc<Platform>,
+    meta: S3Meta,
+    max_object_bytes: u64,
+    uploads_dir: std::path::PathBuf,
+) -> S3Service {
     let mut builder = S3ServiceBuilder::new(MayflyS3 {
         platform: platform.clone(),
         meta,
         max_object_bytes,
+        uploads_dir,
     });
     builder.set_auth(KeyAuth {
         platform: platform.clone(),
@@ -153,12 +159,12 @@ fn platform_error(error: PlatformError) -> S3Error {
     S3Error::with_message(code, message)
 }
 
-fn internal(error: anyhow::Error) -> S3Error {
+pub(super) fn internal(error: anyhow::Error) -> S3Error {
     tracing::error!("S3 request failed: {error:#}");
     S3Error::with_message(S3ErrorCode::InternalError, format!("{error:#}"))
 }
 
-fn timestamp(ms: i64) -> Timestamp {
+pub(super) fn timestamp(ms: i64) -> Timestamp {
     let ms = u64::try_from(ms).unwrap_or(0);
     Timestamp::from(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
@@ -168,7 +174,7 @@ fn sha256_of(meta: &ObjectMeta) -> &str {
     meta.etag.trim_matches('"')
 }
 
-fn strong_etag(quoted: &str) -> ETag {
+pub(super) fn strong_etag(quoted: &str) -> ETag {
     ETag::Strong(quoted.trim_matches('"').to_string())
 }
 
@@ -188,7 +194,7 @@ fn no_such_key(bucket: &str, key: &str) -> S3Error {
 
 /// What is known of an upload's integrity before and after its bytes:
 /// the MD5 (the ETag) always, and the checksums the client asked for.
-struct Sums {
+pub(super) struct Sums {
     md5: s3s::crypto::Md5,
     checksums: ChecksumHasher,
     /// Algorithms computed, with the value the client sent up front (a
@@ -200,15 +206,15 @@ struct Sums {
 
 /// The outcome of a hashed upload.
 #[derive(Default)]
-struct Hashed {
-    etag: String,
-    checksums: BTreeMap<String, String>,
+pub(super) struct Hashed {
+    pub(super) etag: String,
+    pub(super) checksums: BTreeMap<String, String>,
 }
 
 impl Sums {
     /// The sums `headers` ask for (`x-amz-checksum-*`,
     /// `x-amz-sdk-checksum-algorithm`, `x-amz-trailer`, `content-md5`).
-    fn new(headers: &http::HeaderMap, trailers: Option<s3s::TrailingHeaders>) -> Self {
+    pub(super) fn new(headers: &http::HeaderMap, trailers: Option<s3s::TrailingHeaders>) -> Self {
         let text = |name: &str| {
             headers
                 .get(name)
@@ -247,18 +253,18 @@ impl Sums {
     }
 
     /// Sums for a copy: the MD5 only.
-    fn md5_only() -> Self {
+    pub(super) fn md5_only() -> Self {
         Self::new(&http::HeaderMap::new(), None)
     }
 
-    fn update(&mut self, bytes: &[u8]) {
+    pub(super) fn update(&mut self, bytes: &[u8]) {
         self.md5.update(bytes);
         self.checksums.update(bytes);
     }
 
     /// The sums of everything seen, or why they do not match what the
     /// client sent.
-    fn finish(self) -> Result<Hashed, String> {
+    pub(super) fn finish(self) -> Result<Hashed, String> {
         let md5 = self.md5.finalize();
         if let Some(sent) = &self.content_md5
             && *sent != STANDARD.encode(md5)
@@ -318,10 +324,12 @@ macro_rules! set_checksums {
 
 // ---- the service ----
 
-struct MayflyS3 {
-    platform: Arc<Platform>,
-    meta: S3Meta,
-    max_object_bytes: u64,
+pub(super) struct MayflyS3 {
+    pub(super) platform: Arc<Platform>,
+    pub(super) meta: S3Meta,
+    pub(super) max_object_bytes: u64,
+    /// Where multipart uploads keep their parts until completed.
+    pub(super) uploads_dir: std::path::PathBuf,
 }
 
 impl MayflyS3 {
@@ -345,7 +353,7 @@ impl MayflyS3 {
         Ok(!any.is_empty())
     }
 
-    async fn require_bucket(&self, bucket: &str) -> S3Result<()> {
+    pub(super) async fn require_bucket(&self, bucket: &str) -> S3Result<()> {
         if self.bucket_exists(bucket).await? {
             Ok(())
         } else {
@@ -386,7 +394,7 @@ impl MayflyS3 {
 
     /// Streams `body` into `bucket/key`, hashing it on the way; nothing is
     /// stored if the sums do not match what the client sent.
-    async fn store<S, E>(
+    pub(super) async fn store<S, E>(
         &self,
         bucket: &str,
         key: &str,
@@ -466,6 +474,41 @@ const LAST: char = '\u{10FFFF}';
 
 #[async_trait::async_trait]
 impl S3 for MayflyS3 {
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<s3s::dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<s3s::dto::CreateMultipartUploadOutput>> {
+        self.create_multipart(req).await
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<s3s::dto::UploadPartInput>,
+    ) -> S3Result<S3Response<s3s::dto::UploadPartOutput>> {
+        self.upload_part_to_disk(req).await
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<s3s::dto::CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<s3s::dto::CompleteMultipartUploadOutput>> {
+        self.complete_multipart(req).await
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<s3s::dto::AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<s3s::dto::AbortMultipartUploadOutput>> {
+        self.abort_multipart(req).await
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<s3s::dto::ListPartsInput>,
+    ) -> S3Result<S3Response<s3s::dto::ListPartsOutput>> {
+        self.list_upload_parts(req).await
+    }
+
     async fn list_buckets(
         &self,
         req: S3Request<ListBucketsInput>,
