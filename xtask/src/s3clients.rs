@@ -17,7 +17,11 @@ const PACKAGES: [&str; 2] = ["boto3==1.44.5", "awscli==1.46.2"];
 /// The virtualenv's `bin` folder, installed first if missing or if it
 /// holds other versions.
 pub fn ensure() -> anyhow::Result<PathBuf> {
-    let root = crate::cache_dir("MAYFLY_S3_CLIENTS_CACHE", "mayfly-s3-clients", "the S3 clients")?;
+    let root = crate::cache_dir(
+        "MAYFLY_S3_CLIENTS_CACHE",
+        "mayfly-s3-clients",
+        "the S3 clients",
+    )?;
     let venv = root.join("venv");
     let bin = venv.join("bin");
     // The pins are written beside the venv once installed: a change of
@@ -37,7 +41,6 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
     run(Command::new(bin.join("pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PACKAGES))?;
-    std::fs::write(&stamp, &wanted)
-        .with_context(|| format!("cannot write {}", stamp.display()))?;
+    std::fs::write(&stamp, &wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
     Ok(bin)
 }

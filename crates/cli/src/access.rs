@@ -15,7 +15,12 @@ pub enum TokenCommand {
         #[arg(long)]
         name: String,
         /// admin, deploy, invoke or read; repeat for more.
-        #[arg(long = "scope", required_unless_present = "s3", conflicts_with = "s3", value_name = "SCOPE")]
+        #[arg(
+            long = "scope",
+            required_unless_present = "s3",
+            conflicts_with = "s3",
+            value_name = "SCOPE"
+        )]
         scopes: Vec<String>,
         /// Limit the token to this function; repeat for more (default: all).
         #[arg(long = "function", value_name = "NAME", conflicts_with = "s3")]
@@ -52,7 +57,10 @@ pub struct AuditArgs {
 pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create {
-            name, s3: true, buckets, ..
+            name,
+            s3: true,
+            buckets,
+            ..
         } => create_s3_key(client, json, &name, &buckets),
         TokenCommand::List { s3: true } => list_s3_keys(client, json),
         TokenCommand::Revoke { id } if is_s3_key_id(&id) => {
@@ -169,7 +177,10 @@ fn list_s3_keys(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     let mut table = Table::new(["ACCESS KEY ID", "NAME", "BUCKETS", "CREATED"]);
     for key in keys {
         table.row([
-            key["access_key_id"].as_str().unwrap_or_default().to_string(),
+            key["access_key_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             key["name"].as_str().unwrap_or_default().to_string(),
             list(&key["buckets"]),
             format_time(key["created_at_ms"].as_i64().unwrap_or(0)),

@@ -608,7 +608,11 @@ impl Secrets {
     }
 
     /// Deletes the internal record `kind=id`; returns whether it existed.
-    pub(crate) async fn delete_internal(&self, kind: &str, id: &str) -> Result<bool, PlatformError> {
+    pub(crate) async fn delete_internal(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<bool, PlatformError> {
         Ok(self.store.delete(&internal_name(kind, id)).await?)
     }
 

@@ -130,7 +130,12 @@ fn aws_cli_and_boto3_put_get_list_copy_and_delete() {
 
     // Buckets: created, listed, refused twice.
     aws(&node, &key, home, &["s3", "mb", "s3://photos"]);
-    aws(&node, &key, home, &["s3api", "create-bucket", "--bucket", "docs"]);
+    aws(
+        &node,
+        &key,
+        home,
+        &["s3api", "create-bucket", "--bucket", "docs"],
+    );
     let listed = aws(&node, &key, home, &["s3", "ls"]);
     assert!(
         listed.contains("photos") && listed.contains("docs"),
@@ -359,12 +364,7 @@ print('ok')
     // A revoked key is refused from then on.
     let (ok, _, stderr) = node.cli(&["token", "revoke", &key.id]);
     assert!(ok, "{stderr}");
-    let out = boto3(
-        &node,
-        &key,
-        home,
-        "print(code(lambda: s3.list_buckets()))",
-    );
+    let out = boto3(&node, &key, home, "print(code(lambda: s3.list_buckets()))");
     assert_eq!(out.trim(), "InvalidAccessKeyId");
     // Keys are not users' secrets.
     let (_, secrets, _) = node.cli(&["--json", "secret", "list"]);
@@ -438,5 +438,98 @@ fn an_aws_s3_cp_fires_the_object_trigger_once() {
         created("marker").into_iter().next()
     });
     assert_eq!(created("reports/report.csv").len(), 1);
+    node.stop();
+}
+
+#[test]
+fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    // 20 MiB: the AWS CLI sends it in 8 MiB parts (3 of them).
+    let local = dir.path().join("big.bin");
+    let bytes: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &bytes).unwrap();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            local.to_str().unwrap(),
+            "s3://big/blob.bin",
+        ],
+    );
+    let head: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "head-object",
+            "--bucket",
+            "big",
+            "--key",
+            "blob.bin",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(head["ContentLength"], 20 << 20, "{head}");
+    assert!(
+        head["ETag"].as_str().unwrap().ends_with("-3\""),
+        "not the multipart form: {head}"
+    );
+    let back = dir.path().join("back.bin");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "s3://big/blob.bin",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the download differs"
+    );
+    // The parts are gone once joined; the REST API sees one object.
+    let (status, page) = admin(&node, "GET", "/v1/buckets/big/objects", &[], b"");
+    assert_eq!(status, 200);
+    assert_eq!(page["objects"].as_array().unwrap().len(), 1, "{page}");
+    let uploads = dir.path().join("data/s3-uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+
+    // boto3: list parts, abort, and a part past the end refused.
+    let out = boto3(
+        &node,
+        &key,
+        home,
+        r#"
+up = s3.create_multipart_upload(Bucket='big', Key='later.bin')['UploadId']
+e1 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)['ETag']
+s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)
+parts = s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)['Parts']
+assert [(p['PartNumber'], p['Size']) for p in parts] == [(1, 100), (2, 50)], parts
+assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 3, 'ETag': e1}]})) \
+    == 'InvalidPart'
+s3.abort_multipart_upload(Bucket='big', Key='later.bin', UploadId=up)
+assert code(lambda: s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)) == 'NoSuchUpload'
+assert code(lambda: s3.head_object(Bucket='big', Key='later.bin')) == '404'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
     node.stop();
 }

@@ -129,9 +129,8 @@ pub async fn create(
         created_at_ms: now_ms(),
     };
     let id = new_key_id();
-    let json = Zeroizing::new(
-        serde_json::to_vec(&stored).map_err(|e| PlatformError::Internal(e.into()))?,
-    );
+    let json =
+        Zeroizing::new(serde_json::to_vec(&stored).map_err(|e| PlatformError::Internal(e.into()))?);
     secrets.set_internal(KIND, &id, &json).await?;
     let info = S3KeyInfo {
         access_key_id: id,

@@ -338,7 +338,13 @@ impl S3Meta {
                      WHERE upload_id = ?1 ORDER BY part",
                 )?;
                 let rows = statement.query_map([&id], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
                 })?;
                 rows.collect()
             })

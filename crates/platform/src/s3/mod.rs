@@ -60,7 +60,12 @@ pub(crate) fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = ()> + use<>> {
     let meta = meta::S3Meta::open(data_dir)?;
-    let s3 = service::build(platform, meta, max_object_bytes, data_dir.join("s3-uploads"));
+    let s3 = service::build(
+        platform,
+        meta,
+        max_object_bytes,
+        data_dir.join("s3-uploads"),
+    );
     let service = TowerToHyperService::new(s3);
     Ok(async move {
         let name = "S3 endpoint";
@@ -71,8 +76,7 @@ pub(crate) fn serve(
             }
             None => {
                 let plain = connections::Plain;
-                connections::serve(name, listener, limits(), plain, service, shutdown, None)
-                    .await;
+                connections::serve(name, listener, limits(), plain, service, shutdown, None).await;
             }
         }
     })

@@ -63,8 +63,7 @@ impl MayflyS3 {
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         let input = req.input;
         self.require_bucket(&input.bucket).await?;
-        crate::validate::check_key(&input.key)
-            .map_err(|e| s3_error!(InvalidArgument, "{e}"))?;
+        crate::validate::check_key(&input.key).map_err(|e| s3_error!(InvalidArgument, "{e}"))?;
         let id = uuid::Uuid::now_v7().simple().to_string();
         let upload = Upload {
             bucket: input.bucket.clone(),
@@ -109,7 +108,11 @@ impl MayflyS3 {
         // Written under a temporary name and renamed: a part sent again
         // replaces the earlier one whole, and a broken one leaves nothing.
         let path = dir.join(input.part_number.to_string());
-        let temp = dir.join(format!("{}.{}.tmp", input.part_number, uuid::Uuid::now_v7().simple()));
+        let temp = dir.join(format!(
+            "{}.{}.tmp",
+            input.part_number,
+            uuid::Uuid::now_v7().simple()
+        ));
         let written = async {
             let mut file = tokio::fs::File::create(&temp).await?;
             let mut body = input.body.unwrap_or_else(|| {

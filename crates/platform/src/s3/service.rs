@@ -289,7 +289,11 @@ impl Sums {
             let sent = sent.or_else(|| {
                 self.trailers.as_ref().and_then(|trailers| {
                     trailers
-                        .read(|h| h.get(&header).and_then(|v| v.to_str().ok()).map(str::to_string))
+                        .read(|h| {
+                            h.get(&header)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        })
                         .flatten()
                 })
             });
@@ -513,8 +517,13 @@ impl S3 for MayflyS3 {
         &self,
         req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
-        let mut buckets: BTreeMap<String, i64> =
-            self.meta.buckets().await.map_err(internal)?.into_iter().collect();
+        let mut buckets: BTreeMap<String, i64> = self
+            .meta
+            .buckets()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .collect();
         for stats in self
             .platform
             .events()
@@ -549,9 +558,8 @@ impl S3 for MayflyS3 {
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
         let bucket = &req.input.bucket;
-        crate::validate::check_name("bucket", bucket).map_err(|e| {
-            S3Error::with_message(S3ErrorCode::InvalidBucketName, e.to_string())
-        })?;
+        crate::validate::check_name("bucket", bucket)
+            .map_err(|e| S3Error::with_message(S3ErrorCode::InvalidBucketName, e.to_string()))?;
         if self.bucket_exists(bucket).await?
             || !self
                 .meta
@@ -694,9 +702,7 @@ impl S3 for MayflyS3 {
         let objects = contents
             .into_iter()
             .map(|object| Object {
-                e_tag: Some(strong_etag(
-                    etags.get(&object.key).unwrap_or(&object.etag),
-                )),
+                e_tag: Some(strong_etag(etags.get(&object.key).unwrap_or(&object.etag))),
                 key: Some(shown(&object.key)),
                 last_modified: Some(timestamp(object.modified_ms)),
                 size: Some(i64::try_from(object.size).unwrap_or(i64::MAX)),
@@ -803,9 +809,14 @@ impl S3 for MayflyS3 {
             body: Some(StreamingBlob::wrap(body)),
             accept_ranges: Some("bytes".into()),
             content_length: Some(i64::try_from(end - start).unwrap_or(i64::MAX)),
-            content_range: range
-                .as_ref()
-                .map(|r| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), meta.size)),
+            content_range: range.as_ref().map(|r| {
+                format!(
+                    "bytes {}-{}/{}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    meta.size
+                )
+            }),
             content_type: Some(meta.content_type.clone()),
             e_tag: Some(strong_etag(&extra.etag)),
             last_modified: Some(timestamp(meta.modified_ms)),
@@ -974,9 +985,6 @@ impl MayflyS3 {
             Ok(()) | Err(PlatformError::Missing(_)) => {}
             Err(error) => return Err(platform_error(error)),
         }
-        self.meta
-            .delete_object(bucket, key)
-            .await
-            .map_err(internal)
+        self.meta.delete_object(bucket, key).await.map_err(internal)
     }
 }
