@@ -431,8 +431,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None if default_file.exists() => NodeFile::load(&default_file)?,
         None => NodeFile::default(),
     };
+    // s3s logs every refused S3 request (a bad signature, a missing key)
+    // at ERROR; the S3 endpoint logs its own failures, so its are off.
     init_tracing(
-        "info",
+        "info,s3s=off",
         args.log_format.or(file.log.format).unwrap_or_default(),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
