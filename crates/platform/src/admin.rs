@@ -409,11 +409,13 @@ fn post_method() -> String {
 /// request) directly, whatever its routes, and answers with its response.
 async fn invoke(
     State(platform): State<Arc<Platform>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // A name that is not UTF-8 (`%80`) is a JSON error like any other.
+    let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (served, remote) = {
         let catalog = platform.catalog();
