@@ -8,6 +8,8 @@
 //!   the whole test suite;
 //! - `nats-server`: install the pinned nats-server and print its path (to
 //!   run a fleet by hand);
+//! - `s3-clients`: install the AWS CLI and boto3 the S3 endpoint's tests
+//!   drive (pinned, from PyPI, see `s3clients.rs`) and print their `bin`;
 //! - `toolchains`: install the Python and JavaScript templates' toolchains
 //!   (componentize-py, componentize-js; pinned by the templates) into a
 //!   cache and print its path (see `toolchains.rs`);
@@ -26,6 +28,7 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 mod nats;
+mod s3clients;
 mod toolchains;
 
 /// Where the demo node's admin API listens (`mayfly serve`'s default).
@@ -49,10 +52,11 @@ fn main() -> anyhow::Result<()> {
         "test" => test(&rest),
         "bench" => bench::run(&rest),
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
+        "s3-clients" => s3clients::ensure().map(|path| println!("{}", path.display())),
         "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|s3-clients|toolchains> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -151,6 +155,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         Err(error) => {
             eprintln!("the template toolchains could not be installed: {error:#}");
             cargo_test.env("MAYFLY_TOOLCHAINS_ERROR", format!("{error:#}"))
+        }
+    };
+    // The S3 endpoint's tests drive the AWS CLI and boto3 from this venv.
+    match s3clients::ensure() {
+        Ok(bin) => cargo_test.env("MAYFLY_S3_CLIENTS", bin),
+        Err(error) => {
+            eprintln!("the S3 clients could not be installed: {error:#}");
+            cargo_test.env("MAYFLY_S3_CLIENTS_ERROR", format!("{error:#}"))
         }
     };
     run(&mut cargo_test)

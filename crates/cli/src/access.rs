@@ -15,17 +15,34 @@ pub enum TokenCommand {
         #[arg(long)]
         name: String,
         /// admin, deploy, invoke or read; repeat for more.
-        #[arg(long = "scope", required = true, value_name = "SCOPE")]
+        #[arg(
+            long = "scope",
+            required_unless_present = "s3",
+            conflicts_with = "s3",
+            value_name = "SCOPE"
+        )]
         scopes: Vec<String>,
         /// Limit the token to this function; repeat for more (default: all).
-        #[arg(long = "function", value_name = "NAME")]
+        #[arg(long = "function", value_name = "NAME", conflicts_with = "s3")]
         functions: Vec<String>,
+        /// Create an S3 access key pair (access key id and secret) for the
+        /// S3 endpoint instead of an API token; give its --bucket grants.
+        #[arg(long, requires = "buckets")]
+        s3: bool,
+        /// A bucket the S3 key may use; repeat for more, or `*` for all.
+        #[arg(long = "bucket", value_name = "BUCKET", requires = "s3")]
+        buckets: Vec<String>,
     },
     /// List tokens (ids, names, scopes; never the tokens themselves).
-    List,
+    List {
+        /// List the S3 access keys instead (ids, names, buckets).
+        #[arg(long)]
+        s3: bool,
+    },
     /// Revoke a token: it is refused from the next request on.
     Revoke {
-        /// The token's id (`tok_…`), as `mayfly token list` shows it.
+        /// The token's id (`tok_…`) or S3 access key id (`MF…`), as
+        /// `mayfly token list [--s3]` shows it.
         id: String,
     },
 }
@@ -41,8 +58,25 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
     match command {
         TokenCommand::Create {
             name,
+            s3: true,
+            buckets,
+            ..
+        } => create_s3_key(client, json, &name, &buckets),
+        TokenCommand::List { s3: true } => list_s3_keys(client, json),
+        TokenCommand::Revoke { id } if is_s3_key_id(&id) => {
+            client.delete(&format!("/v1/tokens/s3/{}", crate::client::segment(&id)))?;
+            if json {
+                println!("{}", json!({ "revoked": id }));
+            } else {
+                println!("revoked S3 key {id}");
+            }
+            Ok(())
+        }
+        TokenCommand::Create {
+            name,
             scopes,
             functions,
+            ..
         } => {
             let body = json!({ "name": name, "scopes": scopes, "functions": functions });
             let created: Value = client.post_json("/v1/tokens", &body)?;
@@ -58,7 +92,7 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
             }
             Ok(())
         }
-        TokenCommand::List => {
+        TokenCommand::List { .. } => {
             let tokens: Vec<Value> = client.get_json("/v1/tokens")?;
             if json {
                 println!("{}", Value::from(tokens));
@@ -98,6 +132,62 @@ pub fn token(client: &AdminClient, json: bool, command: TokenCommand) -> anyhow:
             Ok(())
         }
     }
+}
+
+/// Whether `id` names an S3 access key (`MF` + 18) rather than a token.
+fn is_s3_key_id(id: &str) -> bool {
+    id.len() == 20 && id.starts_with("MF")
+}
+
+fn create_s3_key(
+    client: &AdminClient,
+    json: bool,
+    name: &str,
+    buckets: &[String],
+) -> anyhow::Result<()> {
+    let body = json!({ "name": name, "buckets": buckets });
+    let created: Value = client.post_json("/v1/tokens/s3", &body)?;
+    if json {
+        println!("{created}");
+    } else {
+        // The form `aws configure` and the AWS_* variables take.
+        println!(
+            "AWS_ACCESS_KEY_ID={}",
+            created["access_key_id"].as_str().unwrap_or_default()
+        );
+        println!(
+            "AWS_SECRET_ACCESS_KEY={}",
+            created["secret_access_key"].as_str().unwrap_or_default()
+        );
+        eprintln!(
+            "created S3 key {} for buckets {}; the secret above is shown only once",
+            created["access_key_id"].as_str().unwrap_or_default(),
+            list(&created["buckets"])
+        );
+    }
+    Ok(())
+}
+
+fn list_s3_keys(client: &AdminClient, json: bool) -> anyhow::Result<()> {
+    let keys: Vec<Value> = client.get_json("/v1/tokens/s3")?;
+    if json {
+        println!("{}", Value::from(keys));
+        return Ok(());
+    }
+    let mut table = Table::new(["ACCESS KEY ID", "NAME", "BUCKETS", "CREATED"]);
+    for key in keys {
+        table.row([
+            key["access_key_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            key["name"].as_str().unwrap_or_default().to_string(),
+            list(&key["buckets"]),
+            format_time(key["created_at_ms"].as_i64().unwrap_or(0)),
+        ]);
+    }
+    table.print();
+    Ok(())
 }
 
 pub fn audit(client: &AdminClient, json: bool, args: &AuditArgs) -> anyhow::Result<()> {

@@ -44,6 +44,8 @@ pub struct ServeArgs {
           default_value = "none",
           value_parser = mayfly_platform::config::FunctionHistograms::parse)]
     pub function_histograms: mayfly_platform::config::FunctionHistograms,
+    #[command(flatten)]
+    pub s3: S3Args,
     /// Most function instances alive at once (running and kept).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_instances: u32,
@@ -297,6 +299,48 @@ impl AdminTlsArgs {
     }
 }
 
+/// The S3-compatible endpoint (off unless --s3-listen is given).
+#[derive(Debug, clap::Args)]
+pub struct S3Args {
+    /// Serve Mayfly's object buckets over the S3 API on this address (AWS
+    /// CLI, boto3, SDKs); off loopback it needs --tls-cert and --tls-key
+    /// (the admin API's), or --insecure. [default: off]
+    #[arg(long, env = "MAYFLY_S3_LISTEN", value_name = "ADDR")]
+    pub s3_listen: Option<SocketAddr>,
+    /// Largest object the S3 endpoint stores, in MB (one PUT or a completed
+    /// multipart upload).
+    #[arg(long, value_name = "MB", default_value_t = mayfly_platform::s3::DEFAULT_MAX_OBJECT_BYTES >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
+    pub s3_max_object_mb: u64,
+}
+
+impl AdminTlsArgs {
+    /// The S3 endpoint's TLS identity (the admin API's), or `None` for
+    /// plain HTTP, which only loopback or an explicit --insecure allows.
+    fn s3_tls(&self, addr: SocketAddr) -> anyhow::Result<Option<TlsFiles>> {
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }));
+        }
+        if addr.ip().to_canonical().is_loopback() {
+            return Ok(None);
+        }
+        if !self.insecure {
+            anyhow::bail!(
+                "the S3 endpoint would listen on {addr} without TLS: give --tls-cert and \
+                 --tls-key (PEM), or --insecure to serve it in plain HTTP on a trusted network"
+            );
+        }
+        eprintln!(
+            "warning: --insecure: the S3 endpoint serves plain HTTP on {addr}; object bytes \
+             cross the network unencrypted (requests stay signed)"
+        );
+        Ok(None)
+    }
+}
+
 /// Timeouts and caps of the node's connections (both listeners). Flags
 /// override the config file's `[connections]` table.
 #[derive(Debug, clap::Args)]
@@ -398,8 +442,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None if default_file.exists() => NodeFile::load(&default_file)?,
         None => NodeFile::default(),
     };
+    // s3s logs every refused S3 request (a bad signature, a missing key)
+    // at ERROR; the S3 endpoint logs its own failures, so its are off.
     init_tracing(
-        "info",
+        "info,s3s=off",
         args.log_format.or(file.log.format).unwrap_or_default(),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -412,6 +458,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
     let admin_tls = args.tls.admin_tls(args.admin_listen)?;
+    // The S3 listener is bound before the node opens its state, like the
+    // others: a bad address opens nothing.
+    let s3 = match args.s3.s3_listen {
+        Some(addr) => {
+            let tls = args.tls.s3_tls(addr)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the S3 endpoint on {addr}"))?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
     let admin_cert = admin_tls.as_ref().map(|tls| tls.cert.clone());
     let mut node = NodeConfig::new(&args.data_dir);
     node.credential_ttl = args.credential_ttl;
@@ -465,7 +523,7 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
         None => None,
     };
     let data_dir = args.data_dir.clone();
-    let running = RunningNode::start(config, async move {
+    let mut running = RunningNode::start(config, async move {
         match fleet {
             None => Stores::sqlite(&data_dir),
             Some(fleet) => mayfly_nats::open_stores(&fleet, &data_dir).await,
@@ -473,6 +531,18 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
     })
     .await?;
 
+    let s3_url = match s3 {
+        Some((listener, tls)) => {
+            let config = mayfly_platform::s3::S3Config {
+                data_dir: args.data_dir.clone(),
+                max_object_bytes: args.s3.s3_max_object_mb << 20,
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let addr = running.serve_s3(listener, &config, tls.as_ref()).await?;
+            Some(format!("{scheme}://{addr}"))
+        }
+        None => None,
+    };
     // Scripts and tests read these two lines to find the ports.
     let mut stdout = std::io::stdout().lock();
     writeln!(
@@ -483,6 +553,9 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
     writeln!(stdout, "admin API listening on {}", running.admin_url())?;
     if let Some(metrics) = running.metrics_addr {
         writeln!(stdout, "metrics listening on http://{metrics}/metrics")?;
+    }
+    if let Some(url) = &s3_url {
+        writeln!(stdout, "S3 endpoint listening on {url}")?;
     }
     stdout.flush()?;
     drop(stdout);

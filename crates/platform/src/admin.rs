@@ -34,6 +34,8 @@ mod events;
 mod fuzz_tests;
 mod jobs;
 mod openapi;
+// S3 access keys (the S3 endpoint itself is `crate::s3`).
+mod s3;
 mod secrets;
 mod versions;
 
@@ -63,6 +65,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(events::routes())
         .merge(auth::routes())
         .merge(secrets::routes())
+        .merge(s3::routes())
         .merge(versions::routes())
         .merge(dashboard::api())
         .merge(jobs::routes())

@@ -34,6 +34,7 @@ mod platform;
 mod preread;
 pub mod rollout;
 pub mod routes;
+pub mod s3;
 pub mod schedule;
 pub mod secrets;
 pub mod series;
@@ -103,6 +104,8 @@ pub struct RunningNode {
     shutdown_grace: Duration,
     gateway: JoinHandle<()>,
     admin: JoinHandle<()>,
+    /// The S3 endpoint, when [`RunningNode::serve_s3`] started one.
+    s3: Option<JoinHandle<()>>,
 }
 
 impl RunningNode {
@@ -215,7 +218,31 @@ impl RunningNode {
             shutdown_grace: config.shutdown_grace,
             gateway,
             admin,
+            s3: None,
         })
+    }
+
+    /// Serves the S3-compatible endpoint on `listener` (bound by the
+    /// caller before [`RunningNode::start`], so a bad address opens
+    /// nothing), over TLS with `tls` when given; returns its address.
+    pub async fn serve_s3(
+        &mut self,
+        listener: TcpListener,
+        config: &s3::S3Config,
+        tls: Option<&tls::TlsFiles>,
+    ) -> anyhow::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let tls = tls.map(tls::TlsFiles::server_config).transpose()?;
+        let served = s3::serve(
+            self.platform.clone(),
+            &config.data_dir,
+            listener,
+            tls,
+            config.max_object_bytes,
+            self.shutdown.clone(),
+        )?;
+        self.s3 = Some(tokio::spawn(served));
+        Ok(addr)
     }
 
     /// The admin API's base URL, `https://` when it serves TLS.
@@ -237,6 +264,9 @@ impl RunningNode {
         let _ = self.gateway.await;
         // The admin API may hold `logs --follow` streams open forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
+        if let Some(s3) = self.s3 {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s3).await;
+        }
         self.platform.close(deadline).await;
     }
 }

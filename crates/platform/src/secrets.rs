@@ -197,6 +197,18 @@ impl MasterKey {
     }
 }
 
+/// Separates the kind and id of the node's own sealed records; users'
+/// secret names cannot hold it ([`check_secret_name`]).
+const INTERNAL_SEPARATOR: char = '=';
+
+fn internal_name(kind: &str, id: &str) -> String {
+    format!("{kind}{INTERNAL_SEPARATOR}{id}")
+}
+
+fn is_internal(name: &str) -> bool {
+    name.contains(INTERNAL_SEPARATOR)
+}
+
 /// Binds a ciphertext to its secret: a domain label, the name's length (so
 /// no two (name, version) pairs encode alike), the name and the version.
 fn associated_data(name: &str, version: u64) -> Vec<u8> {
@@ -478,13 +490,16 @@ impl Secrets {
         Ok(put)
     }
 
-    /// Every secret's name, version and times, by name.
+    /// Every secret's name, version and times, by name (the node's own
+    /// sealed records, such as S3 access keys, are not users' secrets and
+    /// are left out).
     pub async fn list(&self) -> Result<Vec<SecretInfo>, PlatformError> {
         Ok(self
             .store
             .list()
             .await?
             .into_iter()
+            .filter(|meta| !is_internal(&meta.name))
             .map(|meta| SecretInfo {
                 name: meta.name,
                 version: meta.version,
@@ -532,6 +547,73 @@ impl Secrets {
                 )))
             }
         }
+    }
+
+    // ---- the node's own sealed records ----
+    //
+    // S3 access keys need their secret itself (SigV4 signs with it), so it
+    // is sealed like a user's secret, in the same store, under a name users
+    // cannot give (`INTERNAL_SEPARATOR` is outside the name alphabet): a
+    // master key rotation reseals them with the rest, and no function can be
+    // granted one.
+
+    /// Seals `value` under the internal name `kind=id`.
+    pub(crate) async fn set_internal(
+        &self,
+        kind: &str,
+        id: &str,
+        value: &[u8],
+    ) -> Result<(), PlatformError> {
+        let name = internal_name(kind, id);
+        let keys = self.keys.read().await;
+        let current = keys.current.clone();
+        let value = Zeroizing::new(value.to_vec());
+        self.store
+            .put(
+                &name.clone(),
+                Box::new(move |version| {
+                    current
+                        .seal(&name, version, &value)
+                        .map_err(|e| StoreError::Corrupt(format!("{e:#}")))
+                }),
+            )
+            .await?;
+        drop(keys);
+        Ok(())
+    }
+
+    /// The opened value of the internal record `kind=id`, if present.
+    pub(crate) async fn get_internal(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, PlatformError> {
+        let keys = self.keys.read().await;
+        let Some(secret) = self.store.get(&internal_name(kind, id)).await? else {
+            return Ok(None);
+        };
+        Ok(Some(keys.open(&secret).map_err(PlatformError::Internal)?))
+    }
+
+    /// The ids of the internal records of `kind`.
+    pub(crate) async fn list_internal(&self, kind: &str) -> Result<Vec<String>, PlatformError> {
+        let prefix = internal_name(kind, "");
+        Ok(self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .filter_map(|meta| meta.name.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes the internal record `kind=id`; returns whether it existed.
+    pub(crate) async fn delete_internal(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<bool, PlatformError> {
+        Ok(self.store.delete(&internal_name(kind, id)).await?)
     }
 
     /// Replaces the master key in `master.key` with a new random one and

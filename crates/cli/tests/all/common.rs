@@ -76,6 +76,9 @@ pub struct Node {
     /// `http://127.0.0.1:<port>/metrics` of the metrics listener, when
     /// started with `--metrics-addr`.
     pub metrics_url: Option<String>,
+    /// `http://127.0.0.1:<port>` of the S3 endpoint when started with
+    /// `--s3-listen`; empty otherwise.
+    pub s3: String,
 }
 
 impl Node {
@@ -117,6 +120,11 @@ impl Node {
         let metrics_url = flags
             .contains(&"--metrics-addr")
             .then(|| address("metrics listening on "));
+        let s3 = if flags.contains(&"--s3-listen") {
+            address("S3 endpoint listening on ")
+        } else {
+            String::new()
+        };
         // A node joining a fleet that has tokens writes none: the caller
         // sets the fleet's (`Node::token` is public).
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
@@ -134,6 +142,7 @@ impl Node {
             token,
             name,
             metrics_url,
+            s3,
         }
     }
 

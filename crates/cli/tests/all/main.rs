@@ -33,6 +33,7 @@ mod p3;
 mod placement;
 mod quickstart;
 mod retention;
+mod s3;
 mod scaling;
 mod security;
 mod serve;

@@ -232,6 +232,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/audit", "GET"),
     ("/v1/tokens", "GET POST"),
     ("/v1/tokens/{}", "DELETE"),
+    ("/v1/tokens/s3", "GET POST"),
+    ("/v1/tokens/s3/{}", "DELETE"),
     ("/v1/secrets", "GET"),
     ("/v1/secrets/{}", "GET PUT POST DELETE"),
     ("/v1/functions", "GET"),

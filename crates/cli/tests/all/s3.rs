@@ -1,0 +1,535 @@
+//! The S3-compatible endpoint, driven by real S3 clients: the AWS CLI and
+//! boto3 that `cargo xtask test` installs (pinned, from PyPI) into a venv
+//! whose `bin` folder it passes as `MAYFLY_S3_CLIENTS`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{Node, eventually};
+use crate::events::{admin, deliveries};
+
+/// The clients' `bin` folder (`aws`, `python` with boto3).
+fn clients() -> PathBuf {
+    if let Ok(error) = std::env::var("MAYFLY_S3_CLIENTS_ERROR") {
+        panic!("the S3 clients (AWS CLI, boto3) could not be installed: {error}");
+    }
+    let bin = match std::env::var_os("MAYFLY_S3_CLIENTS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/mayfly-s3-clients/venv/bin"),
+    };
+    assert!(
+        bin.join("aws").exists() && bin.join("python").exists(),
+        "{} holds no AWS CLI and boto3: run `cargo xtask s3-clients` (or the whole suite with \
+         `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// An S3 key pair.
+struct Key {
+    id: String,
+    secret: String,
+}
+
+/// Creates an S3 key for `buckets` with `mayfly token create --s3`.
+fn create_key(node: &Node, buckets: &[&str]) -> Key {
+    let mut args = vec!["token", "create", "--s3", "--name", "test"];
+    for bucket in buckets {
+        args.extend(["--bucket", bucket]);
+    }
+    let (ok, stdout, stderr) = node.cli(&args);
+    assert!(ok, "token create --s3 failed: {stdout}{stderr}");
+    let value = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+            .to_string()
+    };
+    Key {
+        id: value("AWS_ACCESS_KEY_ID"),
+        secret: value("AWS_SECRET_ACCESS_KEY"),
+    }
+}
+
+/// A client process with the key and endpoint in its environment (and no
+/// AWS configuration of the machine's user).
+fn client(node: &Node, key: &Key, program: &str, home: &Path) -> Command {
+    let mut command = Command::new(clients().join(program));
+    command
+        .env_clear()
+        .env("PATH", clients())
+        .env("HOME", home)
+        .env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", &node.s3)
+        .env("MAYFLY_S3", &node.s3);
+    command
+}
+
+/// Runs `aws ARGS`; returns stdout, panicking with stderr on failure.
+fn aws(node: &Node, key: &Key, home: &Path, args: &[&str]) -> String {
+    let output = client(node, key, "aws", home)
+        .args(args)
+        .output()
+        .expect("aws runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "aws {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Runs a boto3 script (it gets `s3`, a client on the endpoint, and
+/// `endpoint`); panics with its output unless it exits 0.
+fn boto3(node: &Node, key: &Key, home: &Path, script: &str) -> String {
+    let prelude = "import os, json, boto3, botocore\n\
+        from botocore.config import Config\n\
+        endpoint = os.environ['MAYFLY_S3']\n\
+        s3 = boto3.client('s3', endpoint_url=endpoint, \
+        config=Config(signature_version='s3v4', s3={'addressing_style': 'path'}, \
+        retries={'max_attempts': 1}))\n\
+        def code(call):\n    \
+            try:\n        call()\n    \
+            except botocore.exceptions.ClientError as e:\n        \
+                return e.response['Error']['Code']\n    \
+            return 'no error'\n";
+    let output = client(node, key, "python", home)
+        .arg("-c")
+        .arg(format!("{prelude}{script}"))
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "boto3 script failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn start(dir: &Path) -> Node {
+    Node::start_with(dir, &["--s3-listen", "127.0.0.1:0"])
+}
+
+#[test]
+fn aws_cli_and_boto3_put_get_list_copy_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["photos", "docs"]);
+    let home = home.path();
+
+    // Buckets: created, listed, refused twice.
+    aws(&node, &key, home, &["s3", "mb", "s3://photos"]);
+    aws(
+        &node,
+        &key,
+        home,
+        &["s3api", "create-bucket", "--bucket", "docs"],
+    );
+    let listed = aws(&node, &key, home, &["s3", "ls"]);
+    assert!(
+        listed.contains("photos") && listed.contains("docs"),
+        "{listed}"
+    );
+
+    // cp up and down, byte for byte; the REST API sees the same object.
+    let local = dir.path().join("cat.txt");
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&local, &bytes).unwrap();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            local.to_str().unwrap(),
+            "s3://photos/2024/cat.txt",
+        ],
+    );
+    let back = dir.path().join("back.txt");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "s3://photos/2024/cat.txt",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), bytes);
+    let (status, page) = admin(&node, "GET", "/v1/buckets/photos/objects", &[], b"");
+    assert_eq!(status, 200);
+    assert_eq!(page["objects"][0]["key"], "2024/cat.txt", "{page}");
+    assert_eq!(page["objects"][0]["size"], 200_000, "{page}");
+
+    // An object written through the REST API is readable through S3.
+    let (status, _) = admin(
+        &node,
+        "PUT",
+        "/v1/buckets/docs/objects/notes/readme.md",
+        &[("content-type", "text/markdown")],
+        b"# hello",
+    );
+    assert_eq!(status, 200);
+
+    // sync of a folder, then listing with a delimiter.
+    let folder = dir.path().join("site");
+    for i in 0..40 {
+        let sub = folder.join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
+    }
+    aws(
+        &node,
+        &key,
+        home,
+        &["s3", "sync", folder.to_str().unwrap(), "s3://docs/site/"],
+    );
+    let listed = aws(&node, &key, home, &["s3", "ls", "s3://docs/site/"]);
+    for d in ["d0/", "d1/", "d2/", "d3/"] {
+        assert!(listed.contains(&format!("PRE {d}")), "{listed}");
+    }
+    // A second sync finds nothing to do.
+    let again = aws(
+        &node,
+        &key,
+        home,
+        &["s3", "sync", folder.to_str().unwrap(), "s3://docs/site/"],
+    );
+    assert!(again.trim().is_empty(), "{again}");
+
+    // boto3: ranges, metadata, checksums, paging with delimiters, copy,
+    // batch delete.
+    let out = boto3(
+        &node,
+        &key,
+        home,
+        r#"
+import hashlib
+body = bytes(range(256)) * 64
+put = s3.put_object(Bucket='photos', Key='raw/a.bin', Body=body, ContentType='image/x-test',
+                    Metadata={'camera': 'pinhole'}, ChecksumAlgorithm='CRC32')
+assert put['ETag'] == '"%s"' % hashlib.md5(body).hexdigest(), put['ETag']
+head = s3.head_object(Bucket='photos', Key='raw/a.bin')
+assert head['ContentLength'] == len(body)
+assert head['ContentType'] == 'image/x-test'
+assert head['Metadata'] == {'camera': 'pinhole'}, head['Metadata']
+got = s3.get_object(Bucket='photos', Key='raw/a.bin', Range='bytes=10-19')
+assert got['Body'].read() == body[10:20]
+assert got['ContentRange'] == 'bytes 10-19/%d' % len(body), got['ContentRange']
+tail = s3.get_object(Bucket='photos', Key='raw/a.bin', Range='bytes=-5')['Body'].read()
+assert tail == body[-5:]
+assert code(lambda: s3.get_object(Bucket='photos', Key='raw/a.bin',
+                                  Range='bytes=99999-')) == 'InvalidRange'
+whole = s3.get_object(Bucket='photos', Key='raw/a.bin', ChecksumMode='ENABLED')
+assert whole['Body'].read() == body
+# The REST API's object, through S3.
+readme = s3.get_object(Bucket='docs', Key='notes/readme.md')
+assert readme['Body'].read() == b'# hello' and readme['ContentType'] == 'text/markdown'
+# Listing: delimiter and pages of 3.
+seen, prefixes, token = [], [], None
+while True:
+    args = dict(Bucket='docs', Prefix='site/', Delimiter='/', MaxKeys=3)
+    if token:
+        args['ContinuationToken'] = token
+    page = s3.list_objects_v2(**args)
+    prefixes += [p['Prefix'] for p in page.get('CommonPrefixes', [])]
+    seen += [o['Key'] for o in page.get('Contents', [])]
+    if not page['IsTruncated']:
+        break
+    token = page['NextContinuationToken']
+assert prefixes == ['site/d0/', 'site/d1/', 'site/d2/', 'site/d3/'], prefixes
+assert seen == [], seen
+keys = []
+for page in s3.get_paginator('list_objects_v2').paginate(Bucket='docs', Prefix='site/d1/',
+                                                          PaginationConfig={'PageSize': 4}):
+    keys += [o['Key'] for o in page.get('Contents', [])]
+assert len(keys) == 10 and keys == sorted(keys), keys
+# Copy keeps metadata; replace changes it.
+s3.copy_object(Bucket='docs', Key='copied.bin', CopySource={'Bucket': 'photos', 'Key': 'raw/a.bin'})
+copied = s3.head_object(Bucket='docs', Key='copied.bin')
+assert copied['Metadata'] == {'camera': 'pinhole'} and copied['ContentLength'] == len(body)
+assert copied['ETag'] == put['ETag']
+# Batch delete, then the objects are gone (and deleting again is fine).
+gone = s3.delete_objects(Bucket='docs', Delete={'Objects': [{'Key': 'copied.bin'},
+                                                            {'Key': 'never-was'}]})
+assert sorted(d['Key'] for d in gone['Deleted']) == ['copied.bin', 'never-was'], gone
+assert code(lambda: s3.head_object(Bucket='docs', Key='copied.bin')) == '404'
+assert code(lambda: s3.get_object(Bucket='docs', Key='copied.bin')) == 'NoSuchKey'
+s3.delete_object(Bucket='docs', Key='copied.bin')
+assert code(lambda: s3.delete_bucket(Bucket='photos')) == 'BucketNotEmpty'
+assert code(lambda: s3.create_bucket(Bucket='photos')) == 'BucketAlreadyOwnedByYou'
+assert code(lambda: s3.get_object(Bucket='nothing-here', Key='x')) in ('AccessDenied',)
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+
+    // rm, then the bucket can go.
+    aws(
+        &node,
+        &key,
+        home,
+        &["s3", "rm", "--recursive", "s3://photos"],
+    );
+    aws(&node, &key, home, &["s3", "rb", "s3://photos"]);
+    let listed = aws(&node, &key, home, &["s3", "ls"]);
+    assert!(!listed.contains("photos"), "{listed}");
+    node.stop();
+}
+
+#[test]
+fn presigned_urls_and_refusals_carry_the_s3_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["shared"]);
+    let other = create_key(&node, &["elsewhere"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://shared"]);
+
+    let script = format!(
+        r#"
+import time, urllib.request, urllib.error
+other_id, other_secret = {other_id:?}, {other_secret:?}
+# Presigned PUT, then presigned GET, over plain HTTP without a client.
+url = s3.generate_presigned_url('put_object', Params={{'Bucket': 'shared', 'Key': 'up.txt'}},
+                                ExpiresIn=300)
+request = urllib.request.Request(url, data=b'presigned body', method='PUT')
+assert urllib.request.urlopen(request).status == 200
+url = s3.generate_presigned_url('get_object', Params={{'Bucket': 'shared', 'Key': 'up.txt'}},
+                                ExpiresIn=300)
+assert urllib.request.urlopen(url).read() == b'presigned body'
+
+def http_code(url, data=None, method='GET'):
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=data, method=method))
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        return body.split('<Code>')[1].split('</Code>')[0]
+    return 'no error'
+
+# A tampered presigned URL: the signature no longer matches.
+tampered = url.replace('up.txt', 'other.txt')
+assert http_code(tampered) == 'SignatureDoesNotMatch', http_code(tampered)
+# An expired one.
+short = s3.generate_presigned_url('get_object', Params={{'Bucket': 'shared', 'Key': 'up.txt'}},
+                                  ExpiresIn=1)
+deadline = time.time() + 30
+while http_code(short) == 'no error' and time.time() < deadline:
+    time.sleep(0.5)
+assert http_code(short) == 'AccessDenied', http_code(short)
+
+def client(key_id, secret):
+    return boto3.client('s3', endpoint_url=endpoint, aws_access_key_id=key_id,
+                        aws_secret_access_key=secret,
+                        config=Config(signature_version='s3v4',
+                                      s3={{'addressing_style': 'path'}},
+                                      retries={{'max_attempts': 1}}))
+wrong_secret = client({key_id:?}, 'x' * 40)
+assert code(lambda: wrong_secret.get_object(Bucket='shared', Key='up.txt')) == \
+    'SignatureDoesNotMatch'
+unknown = client('MFAAAAAAAAAAAAAAAAAA', 'x' * 40)
+assert code(lambda: unknown.list_buckets()) == 'InvalidAccessKeyId'
+ungranted = client(other_id, other_secret)
+assert code(lambda: ungranted.get_object(Bucket='shared', Key='up.txt')) == 'AccessDenied'
+assert code(lambda: ungranted.put_object(Bucket='shared', Key='x', Body=b'x')) == 'AccessDenied'
+assert [b['Name'] for b in ungranted.list_buckets()['Buckets']] == []
+assert code(lambda: s3.copy_object(Bucket='shared', Key='stolen',
+                                   CopySource={{'Bucket': 'elsewhere', 'Key': 'x'}})) == \
+    'AccessDenied'
+# Anonymous requests are refused.
+assert http_code(endpoint + '/shared/up.txt') == 'AccessDenied'
+print('ok')
+"#,
+        key_id = key.id,
+        other_id = other.id,
+        other_secret = other.secret,
+    );
+    assert_eq!(boto3(&node, &key, home, &script).trim(), "ok");
+
+    // A revoked key is refused from then on.
+    let (ok, _, stderr) = node.cli(&["token", "revoke", &key.id]);
+    assert!(ok, "{stderr}");
+    let out = boto3(&node, &key, home, "print(code(lambda: s3.list_buckets()))");
+    assert_eq!(out.trim(), "InvalidAccessKeyId");
+    // Keys are not users' secrets.
+    let (_, secrets, _) = node.cli(&["--json", "secret", "list"]);
+    assert!(!secrets.contains(&other.id), "{secrets}");
+    let (_, keys, _) = node.cli(&["--json", "token", "list", "--s3"]);
+    let keys: Value = serde_json::from_str(&keys).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys[0]["access_key_id"], json!(other.id));
+    assert!(!keys.to_string().contains(&other.secret));
+    node.stop();
+}
+
+#[test]
+fn an_aws_s3_cp_fires_the_object_trigger_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    node.deploy("ev", "events", &[]);
+    let (status, trigger) = admin(
+        &node,
+        "POST",
+        "/v1/functions/ev/triggers",
+        &[("content-type", "application/json")],
+        json!({"source": {"kind": "object", "bucket": "inbox", "prefix": "", "suffix": ""}})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(status, 201, "{trigger}");
+    let key = create_key(&node, &["inbox"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://inbox"]);
+    let local = dir.path().join("report.csv");
+    std::fs::write(&local, "a,b\n1,2\n").unwrap();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            local.to_str().unwrap(),
+            "s3://inbox/reports/report.csv",
+            "--content-type",
+            "text/csv",
+        ],
+    );
+    let created = |subject: &str| {
+        deliveries(&node, "ev")
+            .into_iter()
+            .filter(|e| e.get("type") == "dev.mayfly.object.created" && e.get("subject") == subject)
+            .collect::<Vec<_>>()
+    };
+    let first = eventually(Duration::from_secs(30), "the object event", || {
+        created("reports/report.csv").into_iter().next()
+    });
+    // The data is the object's metadata, as for a REST write (the guest
+    // logs its first 200 characters).
+    for field in [r#""bucket":"inbox""#, r#""content_type":"text/csv""#] {
+        assert!(first.body.contains(field), "{}", first.body);
+    }
+    // A duplicate of the first event would have been queued when its
+    // write was, before the marker's: once the marker's has arrived, the
+    // first write's count is final.
+    aws(
+        &node,
+        &key,
+        home,
+        &["s3", "cp", local.to_str().unwrap(), "s3://inbox/marker"],
+    );
+    eventually(Duration::from_secs(30), "the marker's event", || {
+        created("marker").into_iter().next()
+    });
+    assert_eq!(created("reports/report.csv").len(), 1);
+    node.stop();
+}
+
+#[test]
+fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    // 20 MiB: the AWS CLI sends it in 8 MiB parts (3 of them).
+    let local = dir.path().join("big.bin");
+    let bytes: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&local, &bytes).unwrap();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            local.to_str().unwrap(),
+            "s3://big/blob.bin",
+        ],
+    );
+    let head: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "head-object",
+            "--bucket",
+            "big",
+            "--key",
+            "blob.bin",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(head["ContentLength"], 20 << 20, "{head}");
+    assert!(
+        head["ETag"].as_str().unwrap().ends_with("-3\""),
+        "not the multipart form: {head}"
+    );
+    let back = dir.path().join("back.bin");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "s3://big/blob.bin",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the download differs"
+    );
+    // The parts are gone once joined; the REST API sees one object.
+    let (status, page) = admin(&node, "GET", "/v1/buckets/big/objects", &[], b"");
+    assert_eq!(status, 200);
+    assert_eq!(page["objects"].as_array().unwrap().len(), 1, "{page}");
+    let uploads = dir.path().join("data/s3-uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+
+    // boto3: list parts, abort, and a part past the end refused.
+    let out = boto3(
+        &node,
+        &key,
+        home,
+        r#"
+up = s3.create_multipart_upload(Bucket='big', Key='later.bin')['UploadId']
+e1 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)['ETag']
+s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)
+parts = s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)['Parts']
+assert [(p['PartNumber'], p['Size']) for p in parts] == [(1, 100), (2, 50)], parts
+assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 3, 'ETag': e1}]})) \
+    == 'InvalidPart'
+s3.abort_multipart_upload(Bucket='big', Key='later.bin', UploadId=up)
+assert code(lambda: s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)) == 'NoSuchUpload'
+assert code(lambda: s3.head_object(Bucket='big', Key='later.bin')) == '404'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    node.stop();
+}

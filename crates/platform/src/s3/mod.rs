@@ -1,0 +1,83 @@
+//! An S3-compatible endpoint over Mayfly's object buckets.
+//!
+//! The S3 REST protocol (routing, XML, SigV4 headers and presigned URLs,
+//! aws-chunked bodies) is the `s3s` crate's; this module maps its
+//! operations onto the node's object store ([`crate::events::EventHub`]),
+//! so an S3 write is an ordinary object write: streamed to disk, stored
+//! content-addressed, and firing the bucket's object triggers once. What S3
+//! needs beyond that (empty buckets, MD5 ETags, user metadata, checksums)
+//! lives in `s3.db` ([`meta`]); who may call is decided by S3 access keys
+//! ([`keys`]), each limited to named buckets.
+//!
+//! It listens on its own address (`mayfly serve --s3-listen`), like the
+//! admin API plain HTTP only on loopback unless TLS or `--insecure` is given.
+
+pub mod keys;
+mod meta;
+mod multipart;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::connections::{self, ConnectionLimits};
+use crate::platform::Platform;
+
+pub use service::DEFAULT_MAX_OBJECT_BYTES;
+
+/// How the S3 endpoint is served.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// The node's data directory (`s3.db` lives there).
+    pub data_dir: std::path::PathBuf,
+    /// The largest object one PutObject (or a completed multipart upload)
+    /// may store.
+    pub max_object_bytes: u64,
+}
+
+/// The S3 listener's connection limits: an upload of several GB takes
+/// minutes, so a request body may take an hour (the other listeners allow a
+/// minute); the header and idle timeouts are the admin API's.
+fn limits() -> ConnectionLimits {
+    ConnectionLimits {
+        body_timeout: Duration::from_secs(3600),
+        max_connections: 1024,
+        ..ConnectionLimits::admin()
+    }
+}
+
+/// Serves S3 on `listener` until `shutdown`, over TLS when `tls` is given.
+pub(crate) fn serve(
+    platform: Arc<Platform>,
+    data_dir: &std::path::Path,
+    listener: TcpListener,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    max_object_bytes: u64,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl Future<Output = ()> + use<>> {
+    let meta = meta::S3Meta::open(data_dir)?;
+    let s3 = service::build(
+        platform,
+        meta,
+        max_object_bytes,
+        data_dir.join("s3-uploads"),
+    );
+    let service = TowerToHyperService::new(s3);
+    Ok(async move {
+        let name = "S3 endpoint";
+        match tls {
+            Some(tls) => {
+                let tls = crate::tls::Tls::new(tls);
+                connections::serve(name, listener, limits(), tls, service, shutdown, None).await;
+            }
+            None => {
+                let plain = connections::Plain;
+                connections::serve(name, listener, limits(), plain, service, shutdown, None).await;
+            }
+        }
+    })
+}
