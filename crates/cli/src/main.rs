@@ -17,6 +17,7 @@ mod new;
 mod output;
 mod profiles;
 mod progress;
+mod models;
 mod secrets;
 mod serve;
 mod simulate;

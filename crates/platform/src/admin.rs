@@ -27,6 +27,7 @@ mod error;
 mod events;
 #[cfg(test)]
 mod fuzz_tests;
+mod models;
 mod secrets;
 mod versions;
 
@@ -75,6 +76,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(events::routes())
         .merge(auth::routes())
         .merge(secrets::routes())
+        .merge(models::routes())
         .merge(versions::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))

@@ -25,6 +25,7 @@ mod limits;
 mod login;
 mod manifest;
 mod new;
+mod nn;
 mod node_logs;
 mod p3;
 mod placement;

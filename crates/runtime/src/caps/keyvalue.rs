@@ -433,6 +433,7 @@ pub(crate) mod tests {
         pub(crate) lines: Arc<Lines>,
         stderr: crate::logs::GuestOutput,
         pub(crate) memory: crate::meter::MemoryMeter,
+        extra_cpu: std::time::Duration,
     }
 
     impl Fixture {
@@ -452,6 +453,7 @@ pub(crate) mod tests {
                 stderr: stderr(&lines),
                 lines,
                 memory: crate::meter::MemoryMeter::new(64 << 20),
+                extra_cpu: std::time::Duration::ZERO,
             }
         }
 
@@ -461,6 +463,7 @@ pub(crate) mod tests {
                 table: &mut self.table,
                 stderr: &self.stderr,
                 memory: &mut self.memory,
+                extra_cpu: &mut self.extra_cpu,
             }
         }
     }

@@ -19,6 +19,7 @@ mod data_dir;
 mod embedded;
 mod embedded_events;
 mod ledger;
+mod models;
 mod secrets;
 
 use std::path::Path;
@@ -37,6 +38,7 @@ pub use data_dir::{DataDir, is_disk_full};
 pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
 pub use ledger::EmbeddedLedger;
+pub use models::{EmbeddedModels, ModelRecord};
 pub use secrets::EmbeddedSecrets;
 
 /// Runs `call` with (a clone of) `state` on tokio's blocking pool and
