@@ -171,7 +171,7 @@ fn png(page: &[u8]) -> Vec<u8> {
 
 /// The model's scores for `page`, run natively with tract: the same
 /// preprocessing as the guest (centre crop, BGR, ImageNet normalisation).
-fn native_scores(plan: &TypedSimplePlan, page: &[u8]) -> Vec<f32> {
+fn native_scores(plan: &std::sync::Arc<TypedSimplePlan>, page: &[u8]) -> Vec<f32> {
     let mean = [0.485f32, 0.456, 0.406];
     let std = [0.229f32, 0.224, 0.225];
     let offset = (PAGE - CROP) / 2;
@@ -186,7 +186,12 @@ fn native_scores(plan: &TypedSimplePlan, page: &[u8]) -> Vec<f32> {
     }
     let tensor = Tensor::from_shape(&[1, 3, CROP, CROP], &input).unwrap();
     let outputs = plan.run(tvec!(tensor.into_tvalue())).unwrap();
-    outputs[0].as_slice::<f32>().unwrap().to_vec()
+    outputs[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
 }
 
 fn native_plan(path: &Path) -> std::sync::Arc<TypedSimplePlan> {
@@ -217,8 +222,8 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 /// The label the model gives a page turned clockwise by `quarters`.
 fn expected_label(quarters: usize) -> &'static str {
-    // The classes name the turn that puts the page upright again.
-    ["0", "270", "180", "90"][quarters % 4]
+    // The classes name the clockwise turn the page went through.
+    ["0", "90", "180", "270"][quarters % 4]
 }
 
 fn classify(node: &Node, png: &[u8]) -> (u16, Value) {

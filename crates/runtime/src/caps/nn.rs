@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoTValue, TValue, Tensor as TractTensor,
-    TypedRunnableModel, TypedSimplePlan, tvec,
+    DatumType, Framework, InferenceModelExt, IntoTValue, IntoTensor, TValue, Tensor as TractTensor,
+    TypedRunnableModel, TypedSimplePlan,
 };
 use tract_onnx::tract_hir::prelude::IntoRunnable;
 use wasmtime::component::Resource;
@@ -435,7 +435,9 @@ fn from_tract(tensor: &TractTensor) -> Result<Tensor, String> {
         tensor: &TractTensor,
         to: fn(T) -> [u8; N],
     ) -> Result<Vec<u8>, String> {
-        let values = tensor.as_slice::<T>().map_err(|e| format!("{e:#}"))?;
+        let values = tensor
+            .to_plain_array_view::<T>()
+            .map_err(|e| format!("{e:#}"))?;
         Ok(values.iter().flat_map(|v| to(*v)).collect())
     }
     let (ty, data) = match tensor.datum_type() {
