@@ -77,7 +77,11 @@ fn main() -> anyhow::Result<()> {
             mayfly.p99,
             mayfly.rate / native.rate
         );
-        anyhow::ensure!(mayfly.errors == 0, "{} Mayfly requests failed", mayfly.errors);
+        anyhow::ensure!(
+            mayfly.errors == 0,
+            "{} Mayfly requests failed",
+            mayfly.errors
+        );
     }
     Ok(())
 }

@@ -228,16 +228,15 @@ fn api(method: Method, bucket: &str, key: &str, body: Option<&[u8]>) -> Answer<V
             "authorization".into(),
             format!("Bearer {credential}").into_bytes(),
         ),
-        (
-            "content-type".into(),
-            b"application/octet-stream".to_vec(),
-        ),
+        ("content-type".into(), b"application/octet-stream".to_vec()),
     ])
     .map_err(|e| (500, format!("{e:?}")))?;
     let request = OutgoingRequest::new(headers);
     let bad = |what: &str| (500, format!("cannot build the request: {what}"));
     request.set_method(&method).map_err(|()| bad("method"))?;
-    request.set_scheme(Some(&scheme)).map_err(|()| bad("scheme"))?;
+    request
+        .set_scheme(Some(&scheme))
+        .map_err(|()| bad("scheme"))?;
     request
         .set_authority(Some(&authority))
         .map_err(|()| bad("authority"))?;

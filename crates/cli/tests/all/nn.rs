@@ -15,10 +15,12 @@ use crate::events::admin;
 
 /// The model file, or a panic that says how to get it.
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("MAYFLY_NN_MODEL").map(PathBuf::from).expect(
-        "MAYFLY_NN_MODEL must name the orientation model: run `cargo xtask nn-model` and \
+    let path = std::env::var_os("MAYFLY_NN_MODEL")
+        .map(PathBuf::from)
+        .expect(
+            "MAYFLY_NN_MODEL must name the orientation model: run `cargo xtask nn-model` and \
          export its output (cargo xtask test does both)",
-    );
+        );
     assert!(path.exists(), "{} does not exist", path.display());
     path
 }
@@ -31,19 +33,84 @@ const CROP: usize = 224;
 /// Glyphs of a 5x9 bitmap font (ascenders in rows 0-1, x-height rows 2-6,
 /// descenders rows 7-8): enough letters to set lines that read as text.
 const GLYPHS: &[(char, [&str; 9])] = &[
-    ('a', [".....", ".....", ".###.", "....#", ".####", "#...#", ".####", ".....", "....."]),
-    ('e', [".....", ".....", ".###.", "#...#", "#####", "#....", ".###.", ".....", "....."]),
-    ('o', [".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###.", ".....", "....."]),
-    ('n', [".....", ".....", "####.", "#...#", "#...#", "#...#", "#...#", ".....", "....."]),
-    ('s', [".....", ".....", ".####", "#....", ".###.", "....#", "####.", ".....", "....."]),
-    ('r', [".....", ".....", "#.##.", "##..#", "#....", "#....", "#....", ".....", "....."]),
-    ('t', [".#...", ".#...", "####.", ".#...", ".#...", ".#..#", "..##.", ".....", "....."]),
-    ('h', ["#....", "#....", "####.", "#...#", "#...#", "#...#", "#...#", ".....", "....."]),
-    ('l', [".##..", "..#..", "..#..", "..#..", "..#..", "..#..", ".###.", ".....", "....."]),
-    ('d', ["....#", "....#", ".####", "#...#", "#...#", "#...#", ".####", ".....", "....."]),
-    ('p', [".....", ".....", "####.", "#...#", "#...#", "####.", "#....", "#....", "#...."]),
-    ('y', [".....", ".....", "#...#", "#...#", "#...#", ".####", "....#", "....#", ".###."]),
-    ('T', ["#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#..", ".....", "....."]),
+    (
+        'a',
+        [
+            ".....", ".....", ".###.", "....#", ".####", "#...#", ".####", ".....", ".....",
+        ],
+    ),
+    (
+        'e',
+        [
+            ".....", ".....", ".###.", "#...#", "#####", "#....", ".###.", ".....", ".....",
+        ],
+    ),
+    (
+        'o',
+        [
+            ".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###.", ".....", ".....",
+        ],
+    ),
+    (
+        'n',
+        [
+            ".....", ".....", "####.", "#...#", "#...#", "#...#", "#...#", ".....", ".....",
+        ],
+    ),
+    (
+        's',
+        [
+            ".....", ".....", ".####", "#....", ".###.", "....#", "####.", ".....", ".....",
+        ],
+    ),
+    (
+        'r',
+        [
+            ".....", ".....", "#.##.", "##..#", "#....", "#....", "#....", ".....", ".....",
+        ],
+    ),
+    (
+        't',
+        [
+            ".#...", ".#...", "####.", ".#...", ".#...", ".#..#", "..##.", ".....", ".....",
+        ],
+    ),
+    (
+        'h',
+        [
+            "#....", "#....", "####.", "#...#", "#...#", "#...#", "#...#", ".....", ".....",
+        ],
+    ),
+    (
+        'l',
+        [
+            ".##..", "..#..", "..#..", "..#..", "..#..", "..#..", ".###.", ".....", ".....",
+        ],
+    ),
+    (
+        'd',
+        [
+            "....#", "....#", ".####", "#...#", "#...#", "#...#", ".####", ".....", ".....",
+        ],
+    ),
+    (
+        'p',
+        [
+            ".....", ".....", "####.", "#...#", "#...#", "####.", "#....", "#....", "#....",
+        ],
+    ),
+    (
+        'y',
+        [
+            ".....", ".....", "#...#", "#...#", "#...#", ".####", "....#", "....#", ".###.",
+        ],
+    ),
+    (
+        'T',
+        [
+            "#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#..", ".....", ".....",
+        ],
+    ),
 ];
 
 /// A grey page (one byte a pixel, row-major) of left-aligned text lines.
@@ -51,7 +118,11 @@ fn text_page() -> Vec<u8> {
     let scale = 2;
     let (advance, line_height, margin) = (6 * scale, 12 * scale, 10);
     let mut page = vec![255u8; PAGE * PAGE];
-    let letters: Vec<char> = GLYPHS.iter().map(|(c, _)| *c).filter(|c| *c != 'T').collect();
+    let letters: Vec<char> = GLYPHS
+        .iter()
+        .map(|(c, _)| *c)
+        .filter(|c| *c != 'T')
+        .collect();
     // A fixed generator: the same page every run.
     let mut seed = 0x2545_f491_u32;
     let mut next = |n: u32| {
@@ -341,7 +412,10 @@ fn models_are_checked_granted_and_refused_with_reasons() {
     std::fs::write(&junk, b"this is not a model").unwrap();
     let (ok, _, stderr) = node.cli(&["model", "put", "junk", junk.to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains("refused") && stderr.contains("ONNX"), "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("ONNX"),
+        "{stderr}"
+    );
 
     // A grant of a model that does not exist: refused at deploy.
     let wasm = crate::common::guest("classify");
@@ -368,7 +442,12 @@ fn models_are_checked_granted_and_refused_with_reasons() {
     let blob = dir.path().join("blobs/models").join(&digest);
     let good = std::fs::read(&blob).unwrap();
     std::fs::write(&blob, b"corrupted").unwrap();
-    node.deploy_with("granted", "classify", &["/classify"], &["--model", "orientation"]);
+    node.deploy_with(
+        "granted",
+        "classify",
+        &["/classify"],
+        &["--model", "orientation"],
+    );
     let page = png(&text_page());
     let (status, answer) = classify(&node, &page);
     assert_eq!(status, 500, "{answer}");

@@ -682,7 +682,12 @@ impl tensor::HostTensor for CapsView<'_> {
     ) -> wasmtime::Result<Resource<Tensor>> {
         // The constructor cannot return an error: a bad tensor traps, with
         // the reason in the log.
-        let limits = self.caps.nn.as_ref().map(|nn| nn.limits).unwrap_or_default();
+        let limits = self
+            .caps
+            .nn
+            .as_ref()
+            .map(|nn| nn.limits)
+            .unwrap_or_default();
         if let Err((_, message)) = check_tensor(&dimensions, ty, data.len(), &limits) {
             self.deny(&format!("wasi:nn: {message}"));
             wasmtime::bail!("wasi:nn tensor refused: {message}");
