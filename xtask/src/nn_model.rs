@@ -79,3 +79,45 @@ fn sha256_of(path: &std::path::Path) -> anyhow::Result<String> {
         .unwrap_or_default()
         .to_string())
 }
+
+/// The `onnx` release whose light models check the backend.
+const ONNX_VERSION: &str = "1.23.2";
+/// Where they sit inside its wheel.
+const LIGHT_PREFIX: &str = "onnx/backend/test/data/light/";
+
+/// The folder of the `onnx` wheel's light models (`light_*.onnx` and their
+/// reference outputs `light_*_output_0.pb`), downloaded first if missing.
+pub fn ensure_light_models() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir()?.join(format!("onnx-{ONNX_VERSION}-light"));
+    if dir.join("complete").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    eprintln!(
+        "downloading onnx {ONNX_VERSION} (PyPI wheel, for its light models) into {}",
+        dir.display()
+    );
+    let wheels = cache_dir()?.join("wheels");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet"])
+        .args(["--disable-pip-version-check", "--dest"])
+        .arg(&wheels)
+        .arg(format!("onnx=={ONNX_VERSION}")))
+    .context("cannot download onnx: python3 with pip is needed")?;
+    // The wheel's name carries the platform: take the one pip chose.
+    let extract = "import sys, zipfile, glob, os\n\
+        wheel = sorted(glob.glob(os.path.join(sys.argv[1], 'onnx-' + sys.argv[2] + '-*.whl')))[0]\n\
+        z = zipfile.ZipFile(wheel)\n\
+        for n in z.namelist():\n\
+        \x20   if n.startswith(sys.argv[3]) and not n.endswith('/'):\n\
+        \x20       open(os.path.join(sys.argv[4], os.path.basename(n)), 'wb').write(z.read(n))\n";
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(extract)
+        .arg(&wheels)
+        .arg(ONNX_VERSION)
+        .arg(LIGHT_PREFIX)
+        .arg(&dir))?;
+    std::fs::write(dir.join("complete"), ONNX_VERSION)?;
+    Ok(dir)
+}

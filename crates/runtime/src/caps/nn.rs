@@ -741,3 +741,138 @@ impl errors::HostError for CapsView<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_are_checked_against_their_dimensions_and_limits() {
+        let limits = NnLimits {
+            max_tensor_bytes: 1024,
+            ..NnLimits::default()
+        };
+        assert!(check_tensor(&[2, 2], TensorType::Fp32, 16, &limits).is_ok());
+        let (code, message) = check_tensor(&[2, 2], TensorType::Fp32, 15, &limits).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidArgument);
+        assert!(message.contains("need 16"), "{message}");
+        let (code, message) = check_tensor(&[1, 3, 224, 224], TensorType::Fp32, 602_112, &limits)
+            .unwrap_err();
+        assert_eq!(code, ErrorCode::TooLarge);
+        assert!(message.contains("limit of 1024"), "{message}");
+        let (code, _) = check_tensor(&[u32::MAX, u32::MAX, u32::MAX], TensorType::I64, 0, &limits)
+            .unwrap_err();
+        assert_eq!(code, ErrorCode::TooLarge);
+        let (code, _) = check_tensor(&[1], TensorType::Fp16, 2, &limits).unwrap_err();
+        assert_eq!(code, ErrorCode::UnsupportedOperation);
+    }
+
+    #[test]
+    fn tensors_round_trip_through_tract() {
+        let values = [1.5f32, -2.0, 0.25, 8.0, 3.0, -0.5];
+        let tensor = Tensor {
+            dimensions: vec![2, 3],
+            ty: TensorType::Fp32,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let tract = to_tract(&tensor).unwrap();
+        assert_eq!(tract.shape(), &[2, 3]);
+        let back = from_tract(&tract).unwrap();
+        assert_eq!(back.dimensions, tensor.dimensions);
+        assert_eq!(back.data, tensor.data);
+        assert_eq!(back.ty, TensorType::Fp32);
+    }
+
+    #[test]
+    fn bytes_that_are_not_onnx_are_refused_with_the_reason() {
+        let error = OnnxModel::parse(b"not a model").unwrap_err();
+        assert!(error.contains("ONNX"), "{error}");
+    }
+
+    /// The backend against the reference outputs of the `onnx` wheel's
+    /// light models (`onnx/backend/test/data/light`, fetched by
+    /// `cargo xtask onnx-light` into `MAYFLY_ONNX_LIGHT`): the input is
+    /// onnx's dummy data (`arange(n) / n` in the input's shape), the
+    /// tolerance onnx's own (rtol 1e-3). Models tract cannot load are listed,
+    /// not failed; every model it loads must match.
+    #[test]
+    fn light_models_match_the_onnx_reference_outputs() {
+        let Some(dir) = std::env::var_os("MAYFLY_ONNX_LIGHT") else {
+            eprintln!("MAYFLY_ONNX_LIGHT is not set: run `cargo xtask onnx-light`; skipped");
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let mut models: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+            .collect();
+        models.sort();
+        assert!(!models.is_empty(), "no .onnx files in {}", dir.display());
+        let (mut matched, mut unsupported) = (Vec::new(), Vec::new());
+        for path in &models {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(path).unwrap();
+            let model = match OnnxModel::parse(&bytes) {
+                Ok(model) => model,
+                Err(e) => {
+                    unsupported.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            let inference = tract_onnx::onnx()
+                .model_for_read(&mut std::io::Cursor::new(&bytes))
+                .unwrap();
+            let inputs = (0..model.inputs().len())
+                .map(|i| {
+                    let shape = inference
+                        .input_fact(i)
+                        .unwrap()
+                        .shape
+                        .as_concrete_finite()
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{name}: input {i} has no concrete shape"));
+                    let n: usize = shape.iter().product();
+                    let values: Vec<f32> =
+                        (0..n).map(|k| (k as f64 / n as f64) as f32).collect();
+                    TractTensor::from_shape(&shape, &values).unwrap()
+                })
+                .collect();
+            let outputs = match model.run(inputs) {
+                Ok(outputs) => outputs,
+                Err(e) => {
+                    unsupported.push(format!("{name}: runs with error {e}"));
+                    continue;
+                }
+            };
+            for (i, got) in outputs.iter().enumerate() {
+                let reference = dir.join(format!("{name}_output_{i}.pb"));
+                let proto = tract_onnx::tensor::proto_from_reader(
+                    std::fs::File::open(&reference).unwrap(),
+                )
+                .unwrap();
+                let want = tract_onnx::tensor::load_tensor(
+                    &tract_onnx::data_resolver::FopenDataResolver,
+                    &proto,
+                    None,
+                )
+                .unwrap();
+                assert_eq!(got.shape(), want.shape(), "{name} output {i}");
+                let got = got.cast_to::<f32>().unwrap();
+                let want = want.cast_to::<f32>().unwrap();
+                let got = got.to_plain_array_view::<f32>().unwrap();
+                let want = want.to_plain_array_view::<f32>().unwrap();
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!(
+                        (g - w).abs() <= 1e-3 * w.abs() + 1e-5,
+                        "{name} output {i}: {g} against the reference {w}"
+                    );
+                }
+            }
+            matched.push(name);
+        }
+        eprintln!("matched the reference: {}", matched.join(", "));
+        eprintln!("unsupported by tract: {unsupported:#?}");
+        assert!(!matched.is_empty(), "no light model ran");
+    }
+}
