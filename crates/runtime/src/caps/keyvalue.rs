@@ -448,6 +448,8 @@ pub(crate) mod tests {
                     outbound: Arc::new(OutboundPolicy::deny_all()),
                     env: Vec::new(),
                     env_secrets: Vec::new(),
+                    models: Default::default(),
+                    nn: None,
                 },
                 table: ResourceTable::new(),
                 stderr: stderr(&lines),
