@@ -3,6 +3,12 @@
 //! guest) over HTTP, at concurrency 1, 2 and 4; inferences/s and p50/p99.
 //!
 //!   cargo run --release -p mayfly --example nn_bench -- <model.onnx> <url> [seconds]
+//!       [burst clients] [neighbour url]
+//!
+//! With a burst size and a neighbour's URL (another function on the same
+//! node), it then sends that many classifications at once while one client
+//! keeps calling the neighbour, and reports the burst's errors and the
+//! neighbour's p50/p99 before and during it.
 //!
 //! The native side does what the guest does after decoding the PNG (centre
 //! crop, normalisation, one inference); the Mayfly side also pays for HTTP,
@@ -25,6 +31,8 @@ fn main() -> anyhow::Result<()> {
     let url = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
     let seconds: f64 = args.next().map_or(Ok(5.0), |s| s.parse())?;
     let run_for = Duration::from_secs_f64(seconds);
+    let burst: usize = args.next().map_or(Ok(0), |n| n.parse())?;
+    let neighbour = args.next();
 
     let page = page();
     let png = Arc::new(png(&page));
@@ -129,15 +137,10 @@ fn load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
     Ok(Run {
         rate: all.len() as f64 / elapsed,
-        p50: at(0.5),
-        p99: at(0.99),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
         errors,
     })
 }
