@@ -56,9 +56,7 @@ fn main() -> anyhow::Result<()> {
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
         "nn-model" => nn_model::ensure_model().map(|path| println!("{}", path.display())),
-        "onnx-light" => {
-            nn_model::ensure_light_models().map(|path| println!("{}", path.display()))
-        }
+        "onnx-light" => nn_model::ensure_light_models().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
                 "usage: cargo xtask <install|guests|demo|test|bench|nats-server|toolchains|nn-model|onnx-light> [cargo test args | --smoke --no-install]"

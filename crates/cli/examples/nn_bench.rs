@@ -71,9 +71,9 @@ fn main() -> anyhow::Result<()> {
             plan.run(tvec!(t.into_tvalue()))?;
             Ok(())
         })?;
-        let (url, png) = (url.clone(), png.clone());
+        let (url, png, client) = (url.clone(), png.clone(), agent.clone());
         let mayfly = load(concurrency, run_for, move || {
-            post(&agent(), &url, &png).map(drop)
+            post(&client, &url, &png).map(drop)
         })?;
         println!(
             "{concurrency:>11}  {:>12.1}  {:>6.1}  {:>6.1}   {:>12.1}  {:>6.1}  {:>6.1}  {:.2}",
@@ -91,7 +91,100 @@ fn main() -> anyhow::Result<()> {
             mayfly.errors
         );
     }
+    if let (true, Some(neighbour)) = (burst > 0, neighbour) {
+        run_burst(&url, &png, burst, &neighbour)?;
+    }
     Ok(())
+}
+
+/// `clients` classifications released at once, with the neighbour's
+/// latency measured before and while they run.
+fn run_burst(url: &str, png: &Arc<Vec<u8>>, clients: usize, neighbour: &str) -> anyhow::Result<()> {
+    let quiet = neighbour_latencies(neighbour, &|| false, Duration::from_secs(2))?;
+    let barrier = Arc::new(std::sync::Barrier::new(clients + 1));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (url, png, barrier, done) =
+                (url.to_string(), png.clone(), barrier.clone(), done.clone());
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let agent = agent();
+                    barrier.wait();
+                    let at = Instant::now();
+                    let ok = post(&agent, &url, &png).is_ok();
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (ok, ms(at.elapsed()))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    barrier.wait();
+    let started = Instant::now();
+    let finished = || done.load(std::sync::atomic::Ordering::Relaxed) >= clients;
+    let during = neighbour_latencies(neighbour, &finished, Duration::from_secs(600))?;
+    let mut errors = 0;
+    let mut latencies = Vec::new();
+    for thread in threads {
+        let (ok, latency) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a burst thread panicked"))?;
+        if ok {
+            latencies.push(latency);
+        } else {
+            errors += 1;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "burst of {clients} classifications: {errors} errors, all done in {:.1} s, p50 {:.0} ms, \
+         max {:.0} ms",
+        started.elapsed().as_secs_f64(),
+        percentile(&latencies, 0.5),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+    println!(
+        "neighbour {neighbour}: p50 {:.2} ms p99 {:.2} ms before; p50 {:.2} ms p99 {:.2} ms \
+         during the burst ({} requests)",
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.len()
+    );
+    anyhow::ensure!(errors == 0, "{errors} classifications of the burst failed");
+    Ok(())
+}
+
+/// Latencies of sequential GETs of `url` until `stop` (or `at_most`).
+fn neighbour_latencies(
+    url: &str,
+    stop: &dyn Fn() -> bool,
+    at_most: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let agent = agent();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while !stop() && started.elapsed() < at_most {
+        let at = Instant::now();
+        let mut response = agent.get(url).call()?;
+        response.body_mut().read_to_vec()?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "the neighbour answered {}",
+            response.status()
+        );
+        latencies.push(ms(at.elapsed()));
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 struct Run {

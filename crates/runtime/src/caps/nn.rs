@@ -756,12 +756,12 @@ mod tests {
         let (code, message) = check_tensor(&[2, 2], TensorType::Fp32, 15, &limits).unwrap_err();
         assert_eq!(code, ErrorCode::InvalidArgument);
         assert!(message.contains("need 16"), "{message}");
-        let (code, message) = check_tensor(&[1, 3, 224, 224], TensorType::Fp32, 602_112, &limits)
-            .unwrap_err();
+        let (code, message) =
+            check_tensor(&[1, 3, 224, 224], TensorType::Fp32, 602_112, &limits).unwrap_err();
         assert_eq!(code, ErrorCode::TooLarge);
         assert!(message.contains("limit of 1024"), "{message}");
-        let (code, _) = check_tensor(&[u32::MAX, u32::MAX, u32::MAX], TensorType::I64, 0, &limits)
-            .unwrap_err();
+        let (code, _) =
+            check_tensor(&[u32::MAX, u32::MAX, u32::MAX], TensorType::I64, 0, &limits).unwrap_err();
         assert_eq!(code, ErrorCode::TooLarge);
         let (code, _) = check_tensor(&[1], TensorType::Fp16, 2, &limits).unwrap_err();
         assert_eq!(code, ErrorCode::UnsupportedOperation);
@@ -833,8 +833,7 @@ mod tests {
                         .unwrap()
                         .unwrap_or_else(|| panic!("{name}: input {i} has no concrete shape"));
                     let n: usize = shape.iter().product();
-                    let values: Vec<f32> =
-                        (0..n).map(|k| (k as f64 / n as f64) as f32).collect();
+                    let values: Vec<f32> = (0..n).map(|k| (k as f64 / n as f64) as f32).collect();
                     TractTensor::from_shape(&shape, &values).unwrap()
                 })
                 .collect();
@@ -847,10 +846,9 @@ mod tests {
             };
             for (i, got) in outputs.iter().enumerate() {
                 let reference = dir.join(format!("{name}_output_{i}.pb"));
-                let proto = tract_onnx::tensor::proto_from_reader(
-                    std::fs::File::open(&reference).unwrap(),
-                )
-                .unwrap();
+                let proto =
+                    tract_onnx::tensor::proto_from_reader(std::fs::File::open(&reference).unwrap())
+                        .unwrap();
                 let want = tract_onnx::tensor::load_tensor(
                     &tract_onnx::data_resolver::FopenDataResolver,
                     &proto,
