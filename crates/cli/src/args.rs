@@ -187,6 +187,12 @@ pub enum Command {
         #[command(subcommand)]
         command: secrets::SecretCommand,
     },
+    /// Upload, list and delete ONNX models that functions run through
+    /// wasi:nn (`--model NAME` grants one).
+    Model {
+        #[command(subcommand)]
+        command: crate::models::ModelCommand,
+    },
     /// Save a node's admin URL, token and CA as a CLI profile, so every
     /// verb reaches it from any folder.
     Login(login::LoginArgs),

@@ -108,6 +108,7 @@ pub fn run(client: &AdminClient, json: bool, command: Command) -> anyhow::Result
         Command::Trigger { command } => events::triggers::run(client, json, command),
         Command::Dlq { command } => events::dlq::run(client, json, command),
         Command::Secret { command } => crate::secrets::run(client, json, command),
+        Command::Model { command } => crate::models::run(client, json, command),
         Command::Token { command } => crate::access::token(client, json, command),
         Command::Audit(args) => crate::access::audit(client, json, &args),
     }
@@ -151,6 +152,7 @@ fn deploy(client: &AdminClient, json: bool, args: DeployArgs) -> anyhow::Result<
                 || !grants.queues.is_empty()
                 || !grants.outbound.is_empty()
                 || !grants.secrets.is_empty()
+                || !grants.models.is_empty()
                 || !grants.variables.is_empty()
                 || !grants.env.is_empty()
                 || !grants.env_secrets.is_empty()

@@ -82,6 +82,10 @@ pub struct GrantArgs {
     /// Secret it may read through wasi:config (`mayfly secret set` first); repeat for more.
     #[arg(long = "secret", value_name = "NAME")]
     pub secrets: Vec<String>,
+    /// ONNX model it may load by name through wasi:nn (`mayfly model put`
+    /// first); repeat for more.
+    #[arg(long = "model", value_name = "NAME")]
+    pub models: Vec<String>,
     /// Variable it reads through wasi:config, as KEY=VALUE; repeat for more.
     #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_variable)]
     pub variables: Vec<(String, String)>,
@@ -293,6 +297,9 @@ pub fn config_json(deploy: &FunctionDeploy) -> Value {
         if given {
             config[key] = value;
         }
+    }
+    if !grants.models.is_empty() {
+        config["grants"]["models"] = serde_json::json!(grants.models);
     }
     config
 }

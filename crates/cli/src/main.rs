@@ -14,6 +14,7 @@ mod flags;
 mod jobs;
 mod login;
 mod manifest;
+mod models;
 mod new;
 mod output;
 mod pipelines;

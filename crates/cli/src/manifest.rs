@@ -118,6 +118,8 @@ struct GrantsEntry {
     outbound: Vec<String>,
     #[serde(default)]
     secrets: Vec<String>,
+    #[serde(default)]
+    models: Vec<String>,
 }
 
 /// A parsed manifest: its functions in the order the file lists them.
@@ -333,6 +335,7 @@ fn function(
                 queues: entry.grants.queues,
                 outbound: entry.grants.outbound,
                 secrets: entry.grants.secrets,
+                models: entry.grants.models,
                 variables: entry.variables.into_iter().collect(),
                 env: entry.env.into_iter().collect(),
                 env_secrets: entry.env_secrets.into_iter().collect(),

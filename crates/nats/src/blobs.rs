@@ -243,7 +243,9 @@ impl BlobStore for NatsBlobs {
     async fn get(&self, kind: BlobKind, key: &Digest) -> Result<Option<Vec<u8>>> {
         match kind {
             BlobKind::Component => self.component(key).await,
-            BlobKind::Artifact | BlobKind::Object => self.local.get(kind, key).await,
+            BlobKind::Artifact | BlobKind::Object | BlobKind::Model => {
+                self.local.get(kind, key).await
+            }
         }
     }
 

@@ -35,6 +35,7 @@ mod fuzz_tests;
 mod jobs;
 mod openapi;
 // S3 access keys (the S3 endpoint itself is `crate::s3`).
+mod models;
 mod s3;
 mod secrets;
 mod versions;
@@ -66,6 +67,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(auth::routes())
         .merge(secrets::routes())
         .merge(s3::routes())
+        .merge(models::routes())
         .merge(versions::routes())
         .merge(dashboard::api())
         .merge(jobs::routes())

@@ -349,6 +349,7 @@ pub fn check_deploy(
         widened("KV bucket", &new.grants.kv, &live.grants.kv),
         widened("object bucket", &new.grants.objects, &live.grants.objects),
         widened("queue", &new.grants.queues, &live.grants.queues),
+        widened("model", &new.grants.models, &live.grants.models),
         widened(
             "outbound origin",
             &new.grants.outbound,

@@ -38,6 +38,8 @@ pub(crate) struct NodeServices {
     pub(crate) auth: Arc<Auth>,
     /// The admin API's URL, once it listens.
     pub(crate) api_url: Arc<OnceLock<String>>,
+    /// Models for wasi:nn, and the host that runs them.
+    pub(crate) models: Arc<crate::models::Models>,
 }
 
 /// Builds the capabilities of `function` at `version` from its config.
@@ -75,6 +77,10 @@ pub(crate) fn capabilities(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        models: config.grants.models.iter().cloned().collect(),
+        // Only functions granted a model hold the host; the others' wasi:nn
+        // calls fail without touching it.
+        nn: (!config.grants.models.is_empty()).then(|| services.models.nn().clone()),
     }))
 }
 
@@ -87,6 +93,7 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         ("bucket", &config.grants.kv),
         ("bucket", &config.grants.objects),
         ("queue", &config.grants.queues),
+        ("model", &config.grants.models),
     ] {
         for name in names {
             check_name(kind, name)?;

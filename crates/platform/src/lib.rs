@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod logs;
 mod membership;
 pub mod metering;
+pub mod models;
 mod platform;
 mod preread;
 pub mod rollout;

@@ -63,6 +63,8 @@ pub struct Platform {
     health: Arc<crate::health::Health>,
     /// Secrets, sealed under the node's master key.
     secrets: Arc<Secrets>,
+    /// Models for wasi:nn.
+    models: Arc<crate::models::Models>,
     /// Admin API tokens, function credentials and the audit log.
     auth: Arc<Auth>,
     /// The admin API's URL, once it listens: functions read it through
@@ -120,6 +122,12 @@ impl Platform {
 
         let events = Arc::new(EventHub::open(&stores, metrics.events.clone()).await?);
         let secrets = Arc::new(Secrets::open(stores.secrets.clone(), &data_dir).await?);
+        let models = crate::models::Models::open(
+            &data_dir,
+            blobs.clone(),
+            mayfly_runtime::NnLimits::default(),
+        )
+        .context("cannot open the model store")?;
         let signing = secrets.clone();
         let auth = Arc::new(
             Auth::open(
@@ -171,6 +179,7 @@ impl Platform {
             secrets: secrets.clone(),
             auth: auth.clone(),
             api_url: api_url.clone(),
+            models: models.clone(),
         });
         let started = Instant::now();
         let deployments = Arc::new(Deployments::new(DeploymentParts {
@@ -221,6 +230,7 @@ impl Platform {
             ledger,
             metrics,
             secrets,
+            models,
             auth,
             api_url,
             gateway_addr: Arc::new(OnceLock::new()),
@@ -362,6 +372,27 @@ impl Platform {
     /// The node's secrets.
     pub fn secrets(&self) -> &Arc<Secrets> {
         &self.secrets
+    }
+
+    /// Models for wasi:nn.
+    pub fn models(&self) -> &Arc<crate::models::Models> {
+        &self.models
+    }
+
+    /// Functions (and versions) of this node granted model `name`: a model
+    /// in use cannot be deleted.
+    pub fn model_users(&self, name: &str) -> Vec<String> {
+        let catalog = self.catalog();
+        let mut users: Vec<String> = catalog
+            .by_name
+            .values()
+            .flat_map(|served| served.versions())
+            .filter(|deployed| deployed.grants.models.iter().any(|m| m == name))
+            .map(|deployed| format!("{} v{}", deployed.name, deployed.version))
+            .collect();
+        users.sort();
+        users.dedup();
+        users
     }
 
     /// Tokens, credentials and the audit log.

@@ -128,6 +128,8 @@ impl EngineAndLinker {
         caps::add_compat_to_linker(&mut linker, InvocationState::caps_view).context(
             "failed to link the other versions of the wasi:keyvalue and wasi:config interfaces",
         )?;
+        caps::add_nn_to_linker(&mut linker, InvocationState::caps_view)
+            .context("failed to link the wasi:nn interfaces")?;
         Ok(Self { engine, linker })
     }
 }

@@ -445,6 +445,7 @@ impl Function {
             },
             memory: MemoryMeter::new(limits.memory_bytes),
             slice_spent: Arc::default(),
+            extra_cpu: Duration::ZERO,
         };
         let mut store = Store::new(self.pre.engine(), state);
         // The meter, with host memory recounted before it refuses a growth.
@@ -668,6 +669,9 @@ impl GuestRun {
         }
 
         let wall = self.started.elapsed();
+        // wasi:nn inference ran on the blocking pool, outside the polls
+        // metered above; taken, so a kept instance starts its next call at 0.
+        let cpu = cpu + std::mem::take(&mut store.data_mut().extra_cpu);
         let memory = &store.data().memory;
         let (peak_memory, refused) = (memory.peak(), memory.refused());
         let mut finished_instance = None;

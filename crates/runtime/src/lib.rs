@@ -26,7 +26,9 @@ mod p3;
 mod state;
 mod validate;
 
-pub use caps::{Capabilities, ConfigSource, KeyValueBackend};
+pub use caps::{
+    Capabilities, ConfigSource, KeyValueBackend, ModelSource, NnHost, NnLimits, OnnxModel,
+};
 pub use compiler::{CompileLimits, Compiler, WorkerArgs, run_worker};
 pub use engine::{Runtime, RuntimeConfig};
 pub use invoke::{

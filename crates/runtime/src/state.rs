@@ -95,6 +95,9 @@ pub(crate) struct InvocationState {
     /// Set by the epoch callback when the guest's slice ends: the current
     /// invocation is CPU-bound and moves to the guest pool (see `fair`).
     pub(crate) slice_spent: Arc<AtomicBool>,
+    /// Host work done for this invocation on other threads (wasi:nn
+    /// inference), counted in its CPU time.
+    pub(crate) extra_cpu: Duration,
 }
 
 impl InvocationState {
@@ -105,6 +108,7 @@ impl InvocationState {
             table: &mut self.table,
             stderr: &self.stderr,
             memory: &mut self.memory,
+            extra_cpu: &mut self.extra_cpu,
         }
     }
 

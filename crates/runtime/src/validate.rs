@@ -140,6 +140,10 @@ pub const CAPABILITY_INTERFACES: &[&str] = &[
     "wasi:keyvalue/batch@0.2.0-draft2",
     "wasi:config/store@0.2.0-rc.1",
     "wasi:config/store@0.2.0-draft-2024-09-27",
+    "wasi:nn/tensor@0.2.0-rc-2024-10-28",
+    "wasi:nn/graph@0.2.0-rc-2024-10-28",
+    "wasi:nn/inference@0.2.0-rc-2024-10-28",
+    "wasi:nn/errors@0.2.0-rc-2024-10-28",
 ];
 
 /// Why an upload cannot be deployed. Every variant but [`DeployError::Internal`]

@@ -62,6 +62,8 @@ pub enum BlobKind {
     Artifact,
     /// The bytes of a stored object (object buckets).
     Object,
+    /// An uploaded ONNX model (wasi:nn), as uploaded.
+    Model,
 }
 
 impl BlobKind {
@@ -70,6 +72,7 @@ impl BlobKind {
             BlobKind::Component => "components",
             BlobKind::Artifact => "artifacts",
             BlobKind::Object => "objects",
+            BlobKind::Model => "models",
         }
     }
 }

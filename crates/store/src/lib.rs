@@ -69,6 +69,7 @@ pub use registry::{
 };
 pub use secrets::{ResealFn, SealFn, Sealed, SealedSecret, SecretMeta, SecretPut, SecretStore};
 pub use sqlite::{BlobDir, BlobWriter, DataDir, StagedBlob, is_disk_full};
+pub use sqlite::{EmbeddedModels, ModelRecord};
 pub use stores::{EventHandles, LocalDir, Stores};
 pub use usage::{
     GroupBy, Outcome, OutcomeCounts, StoredUsage, UsageQuery, UsageRecord, UsageRow, UsageStore,

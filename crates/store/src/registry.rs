@@ -73,6 +73,9 @@ pub struct Grants {
     pub outbound: Vec<String>,
     /// Secrets it may read through wasi:config, by name.
     pub secrets: Vec<String>,
+    /// Models it may load by name through wasi:nn.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 impl Grants {

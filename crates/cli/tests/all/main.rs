@@ -27,6 +27,7 @@ mod limits;
 mod login;
 mod manifest;
 mod new;
+mod nn;
 mod node_logs;
 mod openapi;
 mod p3;

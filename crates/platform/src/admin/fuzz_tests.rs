@@ -236,6 +236,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/tokens/s3/{}", "DELETE"),
     ("/v1/secrets", "GET"),
     ("/v1/secrets/{}", "GET PUT POST DELETE"),
+    ("/v1/models", "GET"),
+    ("/v1/models/{}", "PUT DELETE"),
     ("/v1/functions", "GET"),
     ("/v1/functions/{}", "GET DELETE"),
     ("/v1/functions/{}/versions", "POST"),

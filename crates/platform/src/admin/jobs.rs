@@ -35,7 +35,9 @@ fn query<T>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -
 }
 
 /// `POST /v1/jobs` with a [`JobRequest`]: 201 and the job.
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", summary = "Run a function once per object under a prefix", request_body(content = Object, content_type = "application/json", description = "`{\"function\", \"input\": \"BUCKET/PREFIX\", \"output\", \"parallelism\", \"max_failures\", \"max_attempts\"}`"), responses((status = 201, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    operation_id = "create_job", path = "/v1/jobs", tag = "jobs", summary = "Run a function once per object under a prefix", request_body(content = Object, content_type = "application/json", description = "`{\"function\", \"input\": \"BUCKET/PREFIX\", \"output\", \"parallelism\", \"max_failures\", \"max_attempts\"}`"), responses((status = 201, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn create(
     State(platform): State<Arc<Platform>>,
     body: Result<Json<JobRequest>, axum::extract::rejection::JsonRejection>,
@@ -60,7 +62,9 @@ struct ListParams {
 }
 
 /// `GET /v1/jobs?limit=100&pipeline=NAME`: jobs, newest first.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", summary = "Jobs, newest first", params(ListParams), responses((status = 200, description = "the jobs", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    operation_id = "list_jobs", path = "/v1/jobs", tag = "jobs", summary = "Jobs, newest first", params(ListParams), responses((status = 200, description = "the jobs", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn list(
     State(platform): State<Arc<Platform>>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -77,7 +81,9 @@ async fn list(
 }
 
 /// `GET /v1/jobs/{id}`: the job with its counts.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", summary = "A job with its item counts", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    operation_id = "get_job", path = "/v1/jobs/{id}", tag = "jobs", summary = "A job with its item counts", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn show(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -96,7 +102,9 @@ struct PageParams {
 }
 
 /// `GET /v1/jobs/{id}/items?state=failed&after=SEQ&limit=1000`.
-#[utoipa::path(get, path = "/v1/jobs/{id}/items", tag = "jobs", summary = "A page of the job's items, optionally of one state", params(("id" = String, Path, description = "the job"), PageParams), responses((status = 200, description = "the items", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    operation_id = "list_job_items", path = "/v1/jobs/{id}/items", tag = "jobs", summary = "A page of the job's items, optionally of one state", params(("id" = String, Path, description = "the job"), PageParams), responses((status = 200, description = "the items", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn items(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -123,7 +131,9 @@ async fn items(
 }
 
 /// `GET /v1/jobs/{id}/log?after=POS&limit=1000`: each attempt's end.
-#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", summary = "The end of each attempt of the job's items", params(("id" = String, Path, description = "the job"), PageParams), responses((status = 200, description = "the log", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    operation_id = "get_job_log", path = "/v1/jobs/{id}/log", tag = "jobs", summary = "The end of each attempt of the job's items", params(("id" = String, Path, description = "the job"), PageParams), responses((status = 200, description = "the log", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn log(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -154,7 +164,9 @@ async fn log(
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", summary = "Cancel a job (running items finish)", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    operation_id = "cancel_job", path = "/v1/jobs/{id}/cancel", tag = "jobs", summary = "Cancel a job (running items finish)", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "the job", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn cancel(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,
@@ -163,7 +175,9 @@ async fn cancel(
 }
 
 /// `POST /v1/jobs/{id}/retry-failed`: `{"job": …, "reset": N}`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry-failed", tag = "jobs", summary = "Run the job's failed items again", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "`{\"job\", \"reset\": n}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    operation_id = "retry_failed_job_items", path = "/v1/jobs/{id}/retry-failed", tag = "jobs", summary = "Run the job's failed items again", params(("id" = String, Path, description = "the job")), responses((status = 200, description = "`{\"job\", \"reset\": n}`", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn retry_failed(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,

@@ -53,6 +53,7 @@ struct ErrorDetail {
         (name = "triggers", description = "event triggers and dead-letter queues"),
         (name = "secrets", description = "secrets (values are never returned)"),
         (name = "auth", description = "tokens and the audit log"),
+        (name = "models", description = "ONNX models for wasi:nn"),
         (name = "jobs", description = "batch jobs: a function over every object under a prefix"),
     )
 )]

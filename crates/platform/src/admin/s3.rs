@@ -29,7 +29,9 @@ struct NewKey {
     buckets: Vec<String>,
 }
 
-#[utoipa::path(post, path = "/v1/tokens/s3", tag = "auth", summary = "Create an S3 access key pair for some buckets (the secret is shown once)", request_body(content = NewKey, content_type = "application/json"), responses((status = 201, description = "the key, with its secret", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    operation_id = "create_s3_key", path = "/v1/tokens/s3", tag = "auth", summary = "Create an S3 access key pair for some buckets (the secret is shown once)", request_body(content = NewKey, content_type = "application/json"), responses((status = 201, description = "the key, with its secret", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn create_key(
     State(platform): State<Arc<Platform>>,
     body: axum::body::Bytes,
@@ -50,12 +52,16 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/tokens/s3", tag = "auth", summary = "The S3 access keys (no secrets)", responses((status = 200, description = "the keys", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    operation_id = "list_s3_keys", path = "/v1/tokens/s3", tag = "auth", summary = "The S3 access keys (no secrets)", responses((status = 200, description = "the keys", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn list_keys(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(keys::list(platform.secrets()).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/tokens/s3/{id}", tag = "auth", summary = "Revoke an S3 access key", params(("id" = String, Path, description = "the access key id")), responses((status = 204, description = "revoked"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
+#[utoipa::path(
+    delete,
+    operation_id = "revoke_s3_key", path = "/v1/tokens/s3/{id}", tag = "auth", summary = "Revoke an S3 access key", params(("id" = String, Path, description = "the access key id")), responses((status = 204, description = "revoked"), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody)))]
 async fn revoke_key(
     State(platform): State<Arc<Platform>>,
     Path(id): Path<String>,

@@ -88,6 +88,16 @@ impl Deployments {
                 )));
             }
         }
+        // A granted model must exist now: a load-by-name would only fail
+        // at run time.
+        for model in &config.grants.models {
+            if !self.parts.services.models.exists(model).await? {
+                return Err(PlatformError::BadRequest(format!(
+                    "model `{model}` is granted but does not exist: upload it first with \
+                     `mayfly model put {model} FILE.onnx` (see `mayfly model list`)"
+                )));
+            }
+        }
         if wasm.len() > self.parts.config.max_component_bytes {
             return Err(PlatformError::TooLarge(format!(
                 "the component is {} bytes, over this node's limit of {} bytes; raise it with \

@@ -433,6 +433,7 @@ pub(crate) mod tests {
         pub(crate) lines: Arc<Lines>,
         stderr: crate::logs::GuestOutput,
         pub(crate) memory: crate::meter::MemoryMeter,
+        extra_cpu: std::time::Duration,
     }
 
     impl Fixture {
@@ -447,11 +448,14 @@ pub(crate) mod tests {
                     outbound: Arc::new(OutboundPolicy::deny_all()),
                     env: Vec::new(),
                     env_secrets: Vec::new(),
+                    models: Default::default(),
+                    nn: None,
                 },
                 table: ResourceTable::new(),
                 stderr: stderr(&lines),
                 lines,
                 memory: crate::meter::MemoryMeter::new(64 << 20),
+                extra_cpu: std::time::Duration::ZERO,
             }
         }
 
@@ -461,6 +465,7 @@ pub(crate) mod tests {
                 table: &mut self.table,
                 stderr: &self.stderr,
                 memory: &mut self.memory,
+                extra_cpu: &mut self.extra_cpu,
             }
         }
     }

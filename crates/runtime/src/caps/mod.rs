@@ -12,7 +12,10 @@
 mod config;
 mod keyvalue;
 mod keyvalue_draft2;
+mod nn;
 mod resources;
+
+pub use nn::{ModelSource, NnHost, NnLimits, OnnxModel};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -67,6 +70,23 @@ mod compat {
     });
 }
 
+/// Host bindings of `wit/nn/`: wasi:nn at the version wasmtime-wasi-nn 48
+/// ships. Every call is async: `load-by-name` awaits the model store and
+/// `compute` awaits the blocking pool.
+mod nn_bindings {
+    wasmtime::component::bindgen!({
+        path: "wit/nn",
+        world: "wasi:nn/ml",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:nn/graph.graph": super::nn::Graph,
+            "wasi:nn/tensor.tensor": super::nn::Tensor,
+            "wasi:nn/inference.graph-execution-context": super::nn::ExecutionContext,
+            "wasi:nn/errors.error": super::nn::NnError,
+        },
+    });
+}
+
 /// What one function may reach beyond its sandbox; built by the platform per
 /// deployed version and shared by its invocations.
 pub struct Capabilities {
@@ -89,6 +109,11 @@ pub struct Capabilities {
     /// secret name): read through [`ConfigSource::env_secret`] as each
     /// instance starts, so a rotated secret reaches the next instance.
     pub env_secrets: Vec<(String, String)>,
+    /// Models the function may load by name through wasi:nn (its grants).
+    pub models: BTreeSet<String>,
+    /// The node's wasi:nn host; `None`: every wasi:nn call fails with
+    /// `unsupported-operation`.
+    pub nn: Option<Arc<NnHost>>,
 }
 
 impl fmt::Debug for Capabilities {
@@ -96,6 +121,7 @@ impl fmt::Debug for Capabilities {
         f.debug_struct("Capabilities")
             .field("kv_buckets", &self.kv_buckets)
             .field("outbound", &self.outbound)
+            .field("models", &self.models)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +137,8 @@ impl Capabilities {
             outbound: Arc::new(OutboundPolicy::deny_all()),
             env: Vec::new(),
             env_secrets: Vec::new(),
+            models: BTreeSet::new(),
+            nn: None,
         })
     }
 }
@@ -227,6 +255,9 @@ pub(crate) struct CapsView<'a> {
     /// The invocation's memory meter: results the host builds for the guest
     /// must fit in what its limit leaves.
     pub(crate) memory: &'a mut MemoryMeter,
+    /// Time the invocation's host work ran off its own task (wasi:nn
+    /// `compute` on the blocking pool), added to its CPU time.
+    pub(crate) extra_cpu: &'a mut std::time::Duration,
 }
 
 impl CapsView<'_> {
@@ -276,6 +307,20 @@ pub(crate) fn add_compat_to_linker<T: Send + 'static>(
     keyvalue::batch::add_to_linker::<T, HasCaps>(linker, view)?;
     compat::wasi::config0_2_0_rc_1::store::add_to_linker::<T, HasCaps>(linker, view)?;
     compat::wasi::config0_2_0_draft_2024_09_27::store::add_to_linker::<T, HasCaps>(linker, view)?;
+    Ok(())
+}
+
+/// Links wasi:nn (`wasi:nn@0.2.0-rc-2024-10-28`: tensor, graph, inference,
+/// errors).
+pub(crate) fn add_nn_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> CapsView<'_>,
+) -> wasmtime::Result<()> {
+    use nn_bindings::wasi::nn;
+    nn::errors::add_to_linker::<T, HasCaps>(linker, view)?;
+    nn::tensor::add_to_linker::<T, HasCaps>(linker, view)?;
+    nn::inference::add_to_linker::<T, HasCaps>(linker, view)?;
+    nn::graph::add_to_linker::<T, HasCaps>(linker, view)?;
     Ok(())
 }
 

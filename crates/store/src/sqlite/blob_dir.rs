@@ -13,7 +13,12 @@ use sha2::{Digest as _, Sha256};
 use super::offload;
 use crate::{BlobKind, BlobStore, Digest, Result, StoreError};
 
-const KINDS: [BlobKind; 3] = [BlobKind::Component, BlobKind::Artifact, BlobKind::Object];
+const KINDS: [BlobKind; 4] = [
+    BlobKind::Component,
+    BlobKind::Artifact,
+    BlobKind::Object,
+    BlobKind::Model,
+];
 
 /// Prefix of the temporary files a write renames into place.
 const TEMP_PREFIX: &str = ".tmp-";

@@ -20,6 +20,7 @@ mod embedded;
 mod embedded_events;
 mod jobs;
 mod ledger;
+mod models;
 mod secrets;
 
 use std::path::Path;
@@ -39,6 +40,7 @@ pub use embedded::EmbeddedStore;
 pub use embedded_events::EmbeddedEvents;
 pub use jobs::{EmbeddedJobs, open_jobs};
 pub use ledger::EmbeddedLedger;
+pub use models::{EmbeddedModels, ModelRecord};
 pub use secrets::EmbeddedSecrets;
 
 /// Runs `call` with (a clone of) `state` on tokio's blocking pool and

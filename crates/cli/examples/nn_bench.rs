@@ -1,0 +1,348 @@
+//! wasi:nn benchmark driver: the same model on the same image, run by tract
+//! natively in this process and through a Mayfly function (the `classify`
+//! guest) over HTTP, at concurrency 1, 2 and 4; inferences/s and p50/p99.
+//!
+//!   cargo run --release -p mayfly --example nn_bench -- <model.onnx> <url> [seconds]
+//!       [burst clients] [neighbour url]
+//!
+//! With a burst size and a neighbour's URL (another function on the same
+//! node), it then sends that many classifications at once while one client
+//! keeps calling the neighbour, and reports the burst's errors and the
+//! neighbour's p50/p99 before and during it.
+//!
+//! The native side does what the guest does after decoding the PNG (centre
+//! crop, normalisation, one inference); the Mayfly side also pays for HTTP,
+//! the PNG decode and the copy of the tensor into the host. Model load is
+//! timed cold (parse + optimise) natively; through Mayfly the first request
+//! after a deploy pays it and is reported apart. `bench/nn.sh` runs it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tract_onnx::prelude::*;
+
+const PAGE: usize = 256;
+const CROP: usize = 224;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: nn_bench <model.onnx> <url> [seconds per run]";
+    let model = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
+    let url = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
+    let seconds: f64 = args.next().map_or(Ok(5.0), |s| s.parse())?;
+    let run_for = Duration::from_secs_f64(seconds);
+    let burst: usize = args.next().map_or(Ok(0), |n| n.parse())?;
+    let neighbour = args.next();
+
+    let page = page();
+    let png = Arc::new(png(&page));
+
+    let started = Instant::now();
+    let plan = tract_onnx::onnx()
+        .model_for_path(&model)?
+        .into_optimized()?
+        .into_runnable()?;
+    println!(
+        "native model load (parse + optimise): {:.1} ms",
+        ms(started.elapsed())
+    );
+    let agent = agent();
+    let started = Instant::now();
+    let first = post(&agent, &url, &png)?;
+    println!(
+        "mayfly first request (cold model load included): {:.1} ms",
+        ms(started.elapsed())
+    );
+    let started = Instant::now();
+    post(&agent, &url, &png)?;
+    println!(
+        "mayfly second request (cached graph): {:.1} ms",
+        ms(started.elapsed())
+    );
+    anyhow::ensure!(first.contains("\"top\""), "unexpected answer: {first}");
+
+    let input = Arc::new(input(&page));
+    println!("concurrency  native inf/s  p50 ms  p99 ms   mayfly inf/s  p50 ms  p99 ms  ratio");
+    for concurrency in [1, 2, 4] {
+        let plan = plan.clone();
+        let tensor = input.clone();
+        let native = load(concurrency, run_for, move || {
+            let t = Tensor::from_shape(&[1, 3, CROP, CROP], &tensor[..])?;
+            plan.run(tvec!(t.into_tvalue()))?;
+            Ok(())
+        })?;
+        let (url, png, client) = (url.clone(), png.clone(), agent.clone());
+        let mayfly = load(concurrency, run_for, move || {
+            post(&client, &url, &png).map(drop)
+        })?;
+        println!(
+            "{concurrency:>11}  {:>12.1}  {:>6.1}  {:>6.1}   {:>12.1}  {:>6.1}  {:>6.1}  {:.2}",
+            native.rate,
+            native.p50,
+            native.p99,
+            mayfly.rate,
+            mayfly.p50,
+            mayfly.p99,
+            mayfly.rate / native.rate
+        );
+        anyhow::ensure!(
+            mayfly.errors == 0,
+            "{} Mayfly requests failed",
+            mayfly.errors
+        );
+    }
+    if let (true, Some(neighbour)) = (burst > 0, neighbour) {
+        run_burst(&url, &png, burst, &neighbour)?;
+    }
+    Ok(())
+}
+
+/// `clients` classifications released at once, with the neighbour's
+/// latency measured before and while they run.
+fn run_burst(url: &str, png: &Arc<Vec<u8>>, clients: usize, neighbour: &str) -> anyhow::Result<()> {
+    let quiet = neighbour_latencies(neighbour, &|| false, Duration::from_secs(2))?;
+    let barrier = Arc::new(std::sync::Barrier::new(clients + 1));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (url, png, barrier, done) =
+                (url.to_string(), png.clone(), barrier.clone(), done.clone());
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let agent = agent();
+                    barrier.wait();
+                    let at = Instant::now();
+                    let ok = post(&agent, &url, &png).is_ok();
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (ok, ms(at.elapsed()))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    barrier.wait();
+    let started = Instant::now();
+    let finished = || done.load(std::sync::atomic::Ordering::Relaxed) >= clients;
+    let during = neighbour_latencies(neighbour, &finished, Duration::from_secs(600))?;
+    let mut errors = 0;
+    let mut latencies = Vec::new();
+    for thread in threads {
+        let (ok, latency) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a burst thread panicked"))?;
+        if ok {
+            latencies.push(latency);
+        } else {
+            errors += 1;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "burst of {clients} classifications: {errors} errors, all done in {:.1} s, p50 {:.0} ms, \
+         max {:.0} ms",
+        started.elapsed().as_secs_f64(),
+        percentile(&latencies, 0.5),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+    println!(
+        "neighbour {neighbour}: p50 {:.2} ms p99 {:.2} ms before; p50 {:.2} ms p99 {:.2} ms \
+         during the burst ({} requests)",
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.len()
+    );
+    anyhow::ensure!(errors == 0, "{errors} classifications of the burst failed");
+    Ok(())
+}
+
+/// Latencies of sequential GETs of `url` until `stop` (or `at_most`).
+fn neighbour_latencies(
+    url: &str,
+    stop: &dyn Fn() -> bool,
+    at_most: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let agent = agent();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    while !stop() && started.elapsed() < at_most {
+        let at = Instant::now();
+        let mut response = agent.get(url).call()?;
+        response.body_mut().read_to_vec()?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "the neighbour answered {}",
+            response.status()
+        );
+        latencies.push(ms(at.elapsed()));
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+struct Run {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    errors: usize,
+}
+
+/// Runs `work` from `concurrency` threads for `run_for`.
+fn load(
+    concurrency: usize,
+    run_for: Duration,
+    work: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
+) -> anyhow::Result<Run> {
+    let work = Arc::new(work);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let work = work.clone();
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                let mut errors = 0;
+                while started.elapsed() < run_for {
+                    let at = Instant::now();
+                    match work() {
+                        Ok(()) => latencies.push(ms(at.elapsed())),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for thread in threads {
+        let (latencies, failed) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
+        all.extend(latencies);
+        errors += failed;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok(Run {
+        rate: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent()
+}
+
+fn post(agent: &ureq::Agent, url: &str, png: &[u8]) -> anyhow::Result<String> {
+    let mut response = agent.post(url).send(png)?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string()?;
+    anyhow::ensure!(status == 200, "{status}: {text}");
+    Ok(text)
+}
+
+/// A grey page of dark bars on white: what the benchmark classifies.
+fn page() -> Vec<u8> {
+    let mut page = vec![255u8; PAGE * PAGE];
+    for line in 0..9 {
+        let y0 = 16 + line * 24;
+        let end = 200 + (line * 37) % 40;
+        for y in y0..y0 + 12 {
+            for x in 16..end {
+                if (x / 9) % 5 != 4 {
+                    page[y * PAGE + x] = 30;
+                }
+            }
+        }
+    }
+    page
+}
+
+/// The model's input for `page`, as the guest builds it.
+fn input(page: &[u8]) -> Vec<f32> {
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    let offset = (PAGE - CROP) / 2;
+    let mut input = vec![0f32; 3 * CROP * CROP];
+    for c in 0..3 {
+        for y in 0..CROP {
+            for x in 0..CROP {
+                let v = page[(y + offset) * PAGE + x + offset];
+                input[c * CROP * CROP + y * CROP + x] = (f32::from(v) / 255.0 - mean[c]) / std[c];
+            }
+        }
+    }
+    input
+}
+
+/// A grey page as an RGB PNG, stored (uncompressed) deflate blocks.
+fn png(page: &[u8]) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for byte in bytes {
+            crc ^= u32::from(*byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend(data);
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+    }
+    let mut raw = Vec::with_capacity(PAGE * (1 + 3 * PAGE));
+    for row in page.chunks(PAGE) {
+        raw.push(0);
+        for v in row {
+            raw.extend([*v, *v, *v]);
+        }
+    }
+    let mut zlib = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        zlib.push(u8::from(i + 1 == blocks.len()));
+        let len = block.len() as u16;
+        zlib.extend(len.to_le_bytes());
+        zlib.extend((!len).to_le_bytes());
+        zlib.extend(*block);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for byte in &raw {
+        a = (a + u32::from(*byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    zlib.extend(((b << 16) | a).to_be_bytes());
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut header = (PAGE as u32).to_be_bytes().to_vec();
+    header.extend((PAGE as u32).to_be_bytes());
+    header.extend([8, 2, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &header);
+    chunk(&mut out, b"IDAT", &zlib);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}

@@ -1,0 +1,141 @@
+//! Models for wasi:nn as first-class objects: uploaded once by name
+//! (`mayfly model put NAME FILE.onnx`), checked by parsing them at upload,
+//! stored content-addressed in the blob store, versioned, and granted to
+//! functions by name. The runtime's [`NnHost`] loads them through
+//! [`Models`]'s [`ModelSource`] and caches them parsed, per digest.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use mayfly_runtime::{ModelSource, NnHost, NnLimits, OnnxModel};
+use mayfly_store::{BlobKind, BlobStore, Digest, EmbeddedModels, ModelRecord};
+
+use crate::error::PlatformError;
+use crate::validate::check_name;
+
+/// Largest model accepted by `model put`, in bytes.
+pub const MAX_MODEL_BYTES: usize = 256 << 20;
+
+/// The node's models: the name table, their blobs, and the wasi:nn host
+/// that runs them.
+pub struct Models {
+    db: EmbeddedModels,
+    blobs: Arc<dyn BlobStore>,
+    nn: Arc<NnHost>,
+}
+
+impl Models {
+    /// Opens `<data_dir>/models.db` over the node's blob store.
+    pub(crate) fn open(
+        data_dir: &Path,
+        blobs: Arc<dyn BlobStore>,
+        limits: NnLimits,
+    ) -> anyhow::Result<Arc<Self>> {
+        let db = EmbeddedModels::open(&data_dir.join("models.db"))?;
+        let source = Arc::new(Source {
+            db: db.clone(),
+            blobs: blobs.clone(),
+        });
+        Ok(Arc::new(Self {
+            db,
+            blobs,
+            nn: NnHost::new(source, limits),
+        }))
+    }
+
+    /// The wasi:nn host every function's capabilities share.
+    pub fn nn(&self) -> &Arc<NnHost> {
+        &self.nn
+    }
+
+    /// Stores `bytes` as the next version of model `name`, once they parse
+    /// as an ONNX model tract can run.
+    pub async fn put(&self, name: &str, bytes: bytes::Bytes) -> Result<ModelRecord, PlatformError> {
+        check_name("model", name)?;
+        if bytes.is_empty() {
+            return Err(PlatformError::BadRequest(
+                "the upload is empty: send the .onnx file's bytes".into(),
+            ));
+        }
+        if bytes.len() > MAX_MODEL_BYTES {
+            return Err(PlatformError::TooLarge(format!(
+                "the model is {} bytes, over the limit of {MAX_MODEL_BYTES} bytes",
+                bytes.len()
+            )));
+        }
+        let parse = bytes.clone();
+        let parsed = tokio::task::spawn_blocking(move || OnnxModel::parse(&parse))
+            .await
+            .map_err(|e| PlatformError::Internal(anyhow::anyhow!("the model check failed: {e}")))?
+            .map_err(|e| {
+                PlatformError::BadRequest(format!(
+                    "model `{name}` is refused: {e}; upload an ONNX file (.onnx) whose \
+                     operators tract supports"
+                ))
+            })?;
+        let digest = self.blobs.put(BlobKind::Model, &bytes).await?;
+        Ok(self
+            .db
+            .put(ModelRecord {
+                name: name.to_string(),
+                version: 0,
+                digest: digest.to_string(),
+                size: bytes.len() as u64,
+                inputs: parsed.inputs().to_vec(),
+                outputs: parsed.outputs().to_vec(),
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            })
+            .await?)
+    }
+
+    /// Every model, by name.
+    pub async fn list(&self) -> Result<Vec<ModelRecord>, PlatformError> {
+        Ok(self.db.list().await?)
+    }
+
+    /// Whether model `name` exists.
+    pub async fn exists(&self, name: &str) -> Result<bool, PlatformError> {
+        Ok(self.db.get(name).await?.is_some())
+    }
+
+    /// Deletes model `name` (the caller checked that no function is
+    /// granted it); its parsed graph leaves the cache.
+    pub async fn delete(&self, name: &str) -> Result<Option<ModelRecord>, PlatformError> {
+        let deleted = self.db.delete(name).await?;
+        if let Some(record) = &deleted
+            && let Ok(digest) = Digest::parse(&record.digest)
+        {
+            self.nn.evict(digest.hex());
+        }
+        Ok(deleted)
+    }
+}
+
+/// What the wasi:nn host loads models through.
+struct Source {
+    db: EmbeddedModels,
+    blobs: Arc<dyn BlobStore>,
+}
+
+#[async_trait::async_trait]
+impl ModelSource for Source {
+    async fn digest(&self, name: &str) -> Result<Option<String>, String> {
+        let record = self.db.get(name).await.map_err(|e| e.to_string())?;
+        record
+            .map(|r| {
+                Digest::parse(&r.digest)
+                    .map(|d| d.hex().to_string())
+                    .map_err(|e| e.to_string())
+            })
+            .transpose()
+    }
+
+    async fn bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, String> {
+        let digest = Digest::parse(digest).map_err(|e| e.to_string())?;
+        self.blobs
+            .get(BlobKind::Model, &digest)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
