@@ -296,8 +296,5 @@ fn build_mayfly(root: &Path, smoke: bool) -> anyhow::Result<PathBuf> {
         cargo.arg("--release");
     }
     crate::run(&mut cargo)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(|| root.join("target"), PathBuf::from);
-    Ok(target.join(if smoke { "debug" } else { "release" }))
+    Ok(crate::target_dir(root).join(if smoke { "debug" } else { "release" }))
 }

@@ -184,6 +184,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     run(&mut cargo_test)
 }
 
+/// Where cargo puts build outputs: `$CARGO_TARGET_DIR` when set (as cargo
+/// itself reads it), else `target/` in the workspace.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| root.join("target"), PathBuf::from)
+}
+
 fn demo() -> anyhow::Result<()> {
     let wasm_dir = build_guests()?;
     let root = workspace_root();
@@ -193,7 +201,7 @@ fn demo() -> anyhow::Result<()> {
         "--package",
         "mayfly",
     ]))?;
-    let mayfly = root.join("target/release/mayfly");
+    let mayfly = target_dir(&root).join("release/mayfly");
     let data_dir = root.join(".mayfly-demo");
 
     let mut node = Command::new(&mayfly)
