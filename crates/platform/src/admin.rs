@@ -561,7 +561,7 @@ async fn invoke(
     // Answered here, as JSON: `json_errors` leaves invoke answers alone (they
     // are the function's), so axum's own rejection would go out as text.
     let Path(name) = name.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let query = error::query(query)?;
     let (served, remote) = {
         let catalog = platform.catalog();
         (
@@ -751,7 +751,7 @@ async fn logs(
     Path(name): Path<String>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let query = error::query(query)?;
     let tail = query.tail.min(10_000);
     if !platform.catalog().knows(&name) {
         return Err(PlatformError::NotFound(name).into());
@@ -972,7 +972,7 @@ async fn usage(
     State(platform): State<Arc<Platform>>,
     query: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let params = error::query(query)?;
     let now = now_ms();
     let from = match &params.from {
         Some(text) => parse_time("from", text, now)?,
@@ -1049,7 +1049,7 @@ async fn usage_records(
     State(platform): State<Arc<Platform>>,
     query: Result<Query<RecordsParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let params = error::query(query)?;
     let records = platform
         .usage_records(params.function, params.after, params.limit.min(10_000))
         .await?;

@@ -3,6 +3,8 @@
 //! envelope. The only place where domain errors become HTTP statuses.
 
 use axum::Json;
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -39,6 +41,14 @@ impl ApiError {
             Self::bad_request(message)
         }
     }
+}
+
+/// A query string's parameters, or a 400 saying what was wrong with it
+/// (for handlers that take `Result<Query<T>, _>` to keep the error envelope).
+pub(super) fn query<T>(query: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 impl From<PlatformError> for ApiError {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, query};
 use super::openapi::ErrorBody;
 use crate::error::PlatformError;
 use crate::platform::Platform;
@@ -72,12 +72,6 @@ impl ListQuery {
     fn limit(&self) -> usize {
         self.limit.unwrap_or(1000).clamp(1, 10_000)
     }
-}
-
-fn query<T>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {

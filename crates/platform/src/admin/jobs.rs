@@ -12,7 +12,7 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, query};
 use super::openapi::ErrorBody;
 use crate::jobs::JobRequest;
 use crate::platform::Platform;
@@ -26,12 +26,6 @@ pub(super) fn routes() -> OpenApiRouter<Arc<Platform>> {
         .routes(routes!(log))
         .routes(routes!(cancel))
         .routes(routes!(retry_failed))
-}
-
-fn query<T>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 /// `POST /v1/jobs` with a [`JobRequest`]: 201 and the job.
