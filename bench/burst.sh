@@ -13,16 +13,11 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 
 cargo xtask guests >/dev/null
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
-cargo build -q "${profile[@]}" -p mayfly --example burst
-burst=target/$($smoke && echo debug || echo release)/examples/burst
+. bench/build.sh
+bench_build burst
+burst=$examples/burst
 
 # The budget is a promise per running invocation (16 MB each here), not an
 # allocation: make room for the whole burst whatever this machine's RAM.

@@ -14,16 +14,11 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 
 cargo xtask guests >/dev/null
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
-cargo build -q "${profile[@]}" -p mayfly --example events_bench
-driver=target/$($smoke && echo debug || echo release)/examples/events_bench
+. bench/build.sh
+bench_build events_bench
+driver=$examples/events_bench
 
 serve_flags=()
 . bench/node.sh

@@ -23,16 +23,12 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 command -v wrk >/dev/null || { echo "fleet.sh needs wrk (apt-get install wrk)" >&2; exit 1; }
 
 cargo xtask guests >/dev/null
 nats_server=$(cargo xtask nats-server)
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
+. bench/build.sh
+bench_build
 hello=guests/target/wasm32-wasip2/release/hello.wasm
 
 if $smoke; then

@@ -16,15 +16,11 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 n=${JOBS_N:-$($smoke && echo 500 || echo 10000)}
 
 cargo xtask guests >/dev/null
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
+. bench/build.sh
+bench_build
 
 serve_flags=(--max-instances 512)
 . bench/node.sh

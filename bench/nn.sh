@@ -17,17 +17,12 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 
 cargo xtask guests >/dev/null
 model=$(cargo xtask nn-model)
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
-cargo build -q "${profile[@]}" -p mayfly --example nn_bench
-driver=target/$($smoke && echo debug || echo release)/examples/nn_bench
+. bench/build.sh
+bench_build nn_bench
+driver=$examples/nn_bench
 
 # Room for the whole burst: an instance per request waits for its turn at
 # the node's inference permits (one per core).

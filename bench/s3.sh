@@ -16,16 +16,12 @@ unset RUST_BACKTRACE
 
 smoke=false
 [ "${1:-}" = "--smoke" ] && smoke=true
-profile=(--release)
-$smoke && profile=()
 mib=200
 puts=1000
 $smoke && mib=20 && puts=50
 
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  cargo build -q "${profile[@]}" -p mayfly
-  MAYFLY_BIN=target/$($smoke && echo debug || echo release)/mayfly
-fi
+. bench/build.sh
+bench_build
 clients=${MAYFLY_S3_CLIENTS:-$(cargo xtask s3-clients 2>/dev/null | tail -1)}
 
 serve_flags=(--s3-listen 127.0.0.1:0)

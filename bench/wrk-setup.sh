@@ -7,10 +7,5 @@ smoke=false
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 
 cargo xtask guests >/dev/null
-if [ -z "${MAYFLY_BIN:-}" ]; then
-  if $smoke; then
-    cargo build -q -p mayfly && MAYFLY_BIN=target/debug/mayfly
-  else
-    cargo build -q --release -p mayfly && MAYFLY_BIN=target/release/mayfly
-  fi
-fi
+. bench/build.sh
+bench_build

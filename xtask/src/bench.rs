@@ -282,18 +282,20 @@ fn require_wrk() -> anyhow::Result<()> {
     }
 }
 
-/// Builds the `mayfly` binary and the two driver examples, in release (or
-/// debug for a smoke run, like the bench scripts) and returns the target
-/// folder holding them.
+/// Builds the `mayfly` binary and the driver examples, in release (or debug
+/// for a smoke run) and returns the target folder holding them. A smoke run
+/// builds what `cargo test --workspace --all-targets` builds, as
+/// `bench/build.sh` explains, so after the test suite it compiles nothing.
 fn build_mayfly(root: &Path, smoke: bool) -> anyhow::Result<PathBuf> {
     let mut cargo = command(env!("CARGO"));
-    cargo
-        .current_dir(root)
-        .args(["build", "-p", "mayfly", "--bins"])
-        .args(["--example", "burst", "--example", "events_bench"])
-        .args(["--example", "bare_hyper"]);
-    if !smoke {
-        cargo.arg("--release");
+    cargo.current_dir(root);
+    if smoke {
+        cargo.args(["build", "--workspace", "--all-targets"]);
+    } else {
+        cargo
+            .args(["build", "--release", "-p", "mayfly", "--bins"])
+            .args(["--example", "burst", "--example", "events_bench"])
+            .args(["--example", "bare_hyper"]);
     }
     crate::run(&mut cargo)?;
     Ok(crate::target_dir(root).join(if smoke { "debug" } else { "release" }))
