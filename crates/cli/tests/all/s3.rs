@@ -11,8 +11,9 @@ use serde_json::{Value, json};
 use crate::common::{Node, eventually};
 use crate::events::{admin, deliveries};
 
-/// The clients' `bin` folder (`aws`, `python` with boto3).
-fn clients() -> PathBuf {
+/// The clients' `bin` folder (`aws`, `python` with boto3,
+/// `openapi-spec-validator`).
+pub(crate) fn clients() -> PathBuf {
     if let Ok(error) = std::env::var("MAYFLY_S3_CLIENTS_ERROR") {
         panic!("the S3 clients (AWS CLI, boto3) could not be installed: {error}");
     }
