@@ -38,6 +38,9 @@ pub enum Template {
     Object,
     /// Messages sent to a queue: logs each one; a body of `fail` fails.
     Queue,
+    /// An image classifier on wasi:nn: POST a PNG or JPEG, get the model's
+    /// top classes as JSON.
+    Classify,
     /// HTTP in Python (componentize-py): greets on GET, echoes POST bodies.
     PythonHttp,
     /// HTTP in JavaScript (componentize-js, the Fetch API): greets on GET,
@@ -50,6 +53,10 @@ struct RustFiles {
     lib: &'static str,
     manifest: &'static str,
     try_it: &'static str,
+    /// Lines added to `[dependencies]` in Cargo.toml.
+    dependencies: &'static str,
+    /// Files besides the shared ones: (path in the project, contents).
+    extra: &'static [(&'static str, &'static str)],
 }
 
 impl Template {
@@ -59,6 +66,7 @@ impl Template {
             Template::Cron => "cron",
             Template::Object => "object",
             Template::Queue => "queue",
+            Template::Classify => "classify",
             Template::PythonHttp => "python-http",
             Template::JsHttp => "js-http",
         }
@@ -73,6 +81,9 @@ impl Template {
             Template::Cron => "runs on a schedule, every minute.",
             Template::Object => "runs when objects are created or deleted in a bucket.",
             Template::Queue => "processes the messages sent to a queue.",
+            Template::Classify => {
+                "classifies the images POSTed to its route with a model the node runs (wasi:nn)."
+            }
         }
     }
 
@@ -138,6 +149,17 @@ pub fn run(args: &NewArgs, json: bool) -> anyhow::Result<()> {
             (
                 format!("mayfly queue send {name}-jobs hello"),
                 "logs the message",
+            ),
+        ],
+        Template::Classify => vec![
+            ("cargo test".into(), "its own tests, on this machine"),
+            (
+                "mayfly model put orientation MODEL.onnx".into(),
+                "the model it runs: README.md says where to get it",
+            ),
+            (
+                format!("curl localhost:8080/{name} --data-binary @page.png"),
+                "the top classes, as JSON",
             ),
         ],
         Template::PythonHttp => vec![
@@ -209,6 +231,8 @@ fn render(name: &str, template: Template) -> Vec<(&'static str, String)> {
                 lib,
                 manifest,
                 try_it,
+                dependencies: "",
+                extra: &[],
             },
         )
     };
@@ -232,6 +256,24 @@ fn render(name: &str, template: Template) -> Vec<(&'static str, String)> {
             include_str!("../templates/queue/lib.rs"),
             include_str!("../templates/queue/mayfly.toml"),
             include_str!("../templates/queue/try.md"),
+        ),
+        Template::Classify => render_rust(
+            name,
+            template,
+            RustFiles {
+                lib: include_str!("../templates/classify/lib.rs"),
+                manifest: include_str!("../templates/classify/mayfly.toml"),
+                try_it: include_str!("../templates/classify/try.md"),
+                dependencies: CLASSIFY_DEPENDENCIES,
+                extra: &[
+                    ("src/nn.rs", include_str!("../templates/classify/nn.rs")),
+                    // The interface version the node speaks, unchanged.
+                    (
+                        "wit/wasi-nn.wit",
+                        include_str!("../../runtime/wit/nn/wasi-nn.wit"),
+                    ),
+                ],
+            },
         ),
         // The WIT of wasi:http is not in these files: each project's build
         // fetches it from a package registry (README.md of each template).
@@ -304,6 +346,16 @@ fn render_each(
         .collect()
 }
 
+/// The classify template's dependencies: image decoding (PNG and JPEG only,
+/// so the rest of `image` stays out of the component) and the bindings
+/// generator for wasi:nn, which the `wasip2` crate does not cover.
+const CLASSIFY_DEPENDENCIES: &str = "\
+image = { version = \"0.25\", default-features = false, features = [\"png\", \"jpeg\"] }
+
+[target.'cfg(target_arch = \"wasm32\")'.dependencies]
+wit-bindgen = { version = \"0.57\", default-features = false, features = [\"macros\"] }
+";
+
 /// A Rust project: a crate with the template's `lib.rs` and the shared glue.
 fn render_rust(name: &str, template: Template, files: RustFiles) -> Vec<(&'static str, String)> {
     let crate_name = name.replace('-', "_");
@@ -311,6 +363,7 @@ fn render_rust(name: &str, template: Template, files: RustFiles) -> Vec<(&'stati
         ("name", name),
         ("crate_name", crate_name.as_str()),
         ("template", template.name()),
+        ("dependencies", files.dependencies),
     ];
     let try_it = substitute(files.try_it, &vars);
     let mut readme_vars = vars.to_vec();
@@ -335,6 +388,14 @@ fn render_rust(name: &str, template: Template, files: RustFiles) -> Vec<(&'stati
             include_str!("../templates/common/wasi_http.rs").to_string(),
         ),
     ]
+    .into_iter()
+    .chain(
+        files
+            .extra
+            .iter()
+            .map(|(path, text)| (*path, substitute(text, &vars))),
+    )
+    .collect()
 }
 
 /// Replaces each `{{key}}` of `vars` in `text`, in one pass (values are not

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::common::{Node, eventually, files_under, guests};
 
 /// The Rust templates.
-const TEMPLATES: [&str; 4] = ["http", "cron", "object", "queue"];
+const TEMPLATES: [&str; 5] = ["http", "cron", "object", "queue", "classify"];
 /// The templates in other languages, with their files.
 const OTHER_TEMPLATES: [(&str, &[&str]); 2] = [
     (
@@ -83,7 +83,7 @@ fn new_writes_a_project_for_every_template() {
         let manifest = read(project.join("mayfly.toml"));
         let crate_name = name.replace('-', "_");
         let wiring = match template {
-            "http" => format!("routes = [\"/{name}\"]"),
+            "http" | "classify" => format!("routes = [\"/{name}\"]"),
             "cron" => "triggers = [\"schedule:@every 1m\"]".to_string(),
             "object" => format!("triggers = [\"object:{name}-uploads\"]"),
             _ => format!("triggers = [\"queue:{name}-jobs\"]"),
@@ -319,6 +319,43 @@ fn new_projects_build_pass_their_tests_and_serve() {
         assert!(ok, "{stderr}");
         logs.contains("GET /new-http/Ada -> 200").then_some(())
     });
+
+    // The classifier, with the model its README names: a page of text
+    // upright and turned by a quarter is classified as the guests/classify
+    // example classifies it.
+    let (ok, _, stderr) = node.cli(&[
+        "model",
+        "put",
+        "orientation",
+        crate::nn::model_path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_mayfly"))
+        .arg("deploy")
+        .current_dir(dir.path().join("new-classify"))
+        .env("MAYFLY_ADMIN_URL", &node.admin)
+        .env("MAYFLY_TOKEN", &node.token)
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let page = crate::nn::text_page();
+    for quarters in [0, 1] {
+        let image = crate::nn::png(&crate::nn::rotate(&page, quarters));
+        let (status, body, _) = node.request("POST", "/new-classify", &image);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            answer["top"][0]["label"],
+            crate::nn::expected_label(quarters),
+            "{answer}"
+        );
+    }
 }
 
 /// The templates' toolchains that `cargo xtask test` installs (`cargo xtask

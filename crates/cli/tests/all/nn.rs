@@ -14,7 +14,7 @@ use crate::common::{Node, eventually};
 use crate::events::admin;
 
 /// The model file, or a panic that says how to get it.
-fn model_path() -> PathBuf {
+pub(crate) fn model_path() -> PathBuf {
     let path = std::env::var_os("MAYFLY_NN_MODEL")
         .map(PathBuf::from)
         .expect(
@@ -114,7 +114,7 @@ const GLYPHS: &[(char, [&str; 9])] = &[
 ];
 
 /// A grey page (one byte a pixel, row-major) of left-aligned text lines.
-fn text_page() -> Vec<u8> {
+pub(crate) fn text_page() -> Vec<u8> {
     let scale = 2;
     let (advance, line_height, margin) = (6 * scale, 12 * scale, 10);
     let mut page = vec![255u8; PAGE * PAGE];
@@ -170,7 +170,7 @@ fn text_page() -> Vec<u8> {
 }
 
 /// `page` turned clockwise by `quarters` quarter turns.
-fn rotate(page: &[u8], quarters: usize) -> Vec<u8> {
+pub(crate) fn rotate(page: &[u8], quarters: usize) -> Vec<u8> {
     let mut out = page.to_vec();
     for _ in 0..quarters % 4 {
         let mut turned = vec![0u8; PAGE * PAGE];
@@ -186,7 +186,7 @@ fn rotate(page: &[u8], quarters: usize) -> Vec<u8> {
 }
 
 /// A grey page as an RGB PNG (stored deflate blocks: no compressor needed).
-fn png(page: &[u8]) -> Vec<u8> {
+pub(crate) fn png(page: &[u8]) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = 0xffff_ffffu32;
         for byte in bytes {
@@ -292,7 +292,7 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 }
 
 /// The label the model gives a page turned clockwise by `quarters`.
-fn expected_label(quarters: usize) -> &'static str {
+pub(crate) fn expected_label(quarters: usize) -> &'static str {
     // The classes name the clockwise turn the page went through.
     ["0", "90", "180", "270"][quarters % 4]
 }
