@@ -11,7 +11,8 @@
 //!
 //! Scenarios (one module each): hello-world HTTP load (`http`), cold starts
 //! (`cold`), many functions on one node (`density`), a burst of new
-//! connections (`burst`) and queue-triggered events (`events`).
+//! connections (`burst`), queue-triggered events (`events`) and a function
+//! calling an upstream over outbound HTTP (`outbound`).
 
 mod burst;
 mod cold;
@@ -19,6 +20,7 @@ mod density;
 mod events;
 mod http;
 mod mayfly;
+mod outbound;
 mod process;
 mod report;
 mod stats;
@@ -216,7 +218,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     require_wrk()?;
 
     println!("building the guests and Mayfly");
-    let hello = crate::build_guests()?.join("hello.wasm");
+    let guests = crate::build_guests()?;
+    let hello = guests.join("hello.wasm");
+    let caps = guests.join("caps.wasm");
     let target = build_mayfly(&root, profile.smoke)?;
     let cache = systems::cache_dir()?;
     // Smoke runs never install: they must stay about a minute long.
@@ -250,6 +254,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let burst = burst::run(&bench);
     println!("queue-triggered events");
     let events = events::run(&bench);
+    println!("outbound HTTP");
+    let outbound = outbound::run(&bench, &caps);
 
     let results = report::Results {
         http,
@@ -257,6 +263,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         density,
         burst,
         events,
+        outbound,
     };
     let name = if bench.profile.smoke {
         "smoke"

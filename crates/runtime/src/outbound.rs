@@ -37,23 +37,22 @@
 //! address, never to a fresh resolution of the name (DNS rebinding).
 
 use std::fmt;
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::rustls;
-use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// What a valid entry looks like, appended to every parse error.
@@ -74,10 +73,12 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 /// connections and took every file descriptor of the node.
 pub const MAX_OUTBOUND_IN_FLIGHT: usize = 16;
 
-/// A function's outbound HTTP allow-list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A function version's outbound HTTP: its allow-list, and the pool of
+/// connections its invocations share (made on the first request).
+#[derive(Default)]
 pub struct OutboundPolicy {
-    entries: Vec<Entry>,
+    rules: Arc<Rules>,
+    pool: std::sync::OnceLock<Pool>,
 }
 
 impl OutboundPolicy {
@@ -97,9 +98,38 @@ impl OutboundPolicy {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { entries })
+        Ok(Self {
+            rules: Arc::new(Rules { entries }),
+            pool: std::sync::OnceLock::new(),
+        })
     }
+}
 
+/// Policies are equal when their allow-lists are (the pool is state, not
+/// policy).
+impl PartialEq for OutboundPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.rules == other.rules
+    }
+}
+
+impl Eq for OutboundPolicy {}
+
+impl fmt::Debug for OutboundPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboundPolicy")
+            .field("entries", &self.rules.entries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The allow-list's entries.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Rules {
+    entries: Vec<Entry>,
+}
+
+impl Rules {
     /// Whether some entry grants `target`.
     fn allows(&self, target: &Target) -> bool {
         self.entries.iter().any(|entry| entry.matches(target))
@@ -696,15 +726,20 @@ impl WasiHttpHooks for OutboundHooks {
             let slot = slots.acquire_owned().await.map_err(|_| {
                 Error::InternalError(Some("the outbound request slots are closed".into()))
             })?;
-            let (response, io) = send(&policy, &*on_denied, request, options).await?;
-            // The connection lives as long as `io` (wasi:http drops it with
-            // the response), and so does the slot.
-            let io = async move {
-                let done = io.await;
-                drop(slot);
-                done
-            };
-            Ok((response, Box::new(io) as IoFuture))
+            let idle = Timeouts::from(options).between_bytes;
+            let response = send(&policy, &*on_denied, request, options).await?;
+            // The pool drives the connection; the body holds the slot until
+            // it is read or dropped.
+            let response = response.map(|incoming| {
+                TimedBody {
+                    incoming,
+                    idle,
+                    timer: Box::pin(tokio::time::sleep(idle)),
+                    _slot: slot,
+                }
+                .boxed_unsync()
+            });
+            Ok((response, Box::new(async { Ok(()) }) as IoFuture))
         })
     }
 }
@@ -729,25 +764,46 @@ impl From<Option<RequestOptions>> for Timeouts {
     }
 }
 
-/// Checks `request` against `policy`, then sends it to a vetted address.
+/// How long an unused pooled connection stays open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections kept per host and function version.
+const POOL_MAX_IDLE_PER_HOST: usize = 32;
+
+/// The connections of one function version, reused by its invocations:
+/// hyper-util's pooled client over [`VettedConnector`], HTTP/1.1 or HTTP/2
+/// (ALPN). One pool per version, never shared between functions, so no
+/// function sends on a connection vetted against another's grants.
+type Pool = hyper_util::client::legacy::Client<VettedConnector, WasiBody>;
+
+fn new_pool(rules: Arc<Rules>) -> Pool {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(VettedConnector { rules })
+}
+
+tokio::task_local! {
+    /// The connect deadline of the request being sent: the pool's connector
+    /// is shared, and this is how a guest's own connect timeout reaches it.
+    static CONNECT_DEADLINE: Instant;
+}
+
+/// Checks `request` against `policy`, then sends it through the function's
+/// pool, which connects only to vetted addresses.
 ///
-/// Written by hand rather than with `wasmtime_wasi_http::default_send_request`:
-/// the stock sender resolves the host name and connects by itself, so it
-/// cannot pin the connection to the address we vetted, and a DNS answer that
-/// changes between our check and its connect (DNS rebinding) would reach a
-/// private address.
+/// The stock `wasmtime_wasi_http::default_send_request` resolves and
+/// connects by itself, so it cannot pin a connection to the addresses we
+/// vetted: a DNS answer that changes between our check and its connect (DNS
+/// rebinding) would reach a private address. Here the connector resolves,
+/// vets and connects in one step, and a pooled connection stays bound to the
+/// address it was vetted for.
 async fn send(
     policy: &OutboundPolicy,
     on_denied: &(dyn Fn(String) + Send + Sync),
     request: Request<WasiBody>,
     options: Option<RequestOptions>,
-) -> Result<
-    (
-        Response<WasiBody>,
-        impl Future<Output = Result<(), Error>> + Send + 'static,
-    ),
-    Error,
-> {
+) -> Result<Response<hyper::body::Incoming>, Error> {
     let target = Target::of(request.uri())?;
     let deny = |reason: String| {
         let message = format!("outbound request to {target} denied: {reason}");
@@ -755,20 +811,135 @@ async fn send(
         on_denied(message);
         Error::HttpRequestDenied
     };
-    if !policy.allows(&target) {
+    if !policy.rules.allows(&target) {
         return Err(deny(format!(
             "not on this function's allow-list (grant it with --outbound {})",
             target.grant()
         )));
     }
     let timeouts = Timeouts::from(options);
+    let pool = policy
+        .pool
+        .get_or_init(|| new_pool(Arc::clone(&policy.rules)));
     let deadline = Instant::now() + timeouts.connect;
-    let addrs = resolve(&target, deadline).await?;
-    if let Some(reason) = policy.refusal(&target, &addrs) {
-        return Err(deny(reason));
+    // The first-byte timeout counts from the connect deadline: the pool
+    // does not tell when its connection was ready, so a slow connect never
+    // eats into the guest's first-byte allowance.
+    let response = CONNECT_DEADLINE.scope(
+        deadline,
+        tokio::time::timeout_at(deadline + timeouts.first_byte, pool.request(request)),
+    );
+    match response.await {
+        Err(_elapsed) => Err(Error::ConnectionReadTimeout),
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(err)) => Err(match connect_failure(&err) {
+            Some(ConnectFailure::Denied(reason)) => deny(reason.clone()),
+            Some(ConnectFailure::Failed(inner)) => copy_error(inner),
+            None => client_error(&err),
+        }),
     }
-    let stream = connect(&target, &addrs, deadline).await?;
-    exchange(stream, deadline, request, timeouts).await
+}
+
+/// Why the connector gave no connection.
+#[derive(Debug)]
+enum ConnectFailure {
+    /// The target's addresses are refused by the policy (the reason).
+    Denied(String),
+    /// Resolving, connecting or the TLS handshake failed.
+    Failed(Error),
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectFailure::Denied(reason) => write!(f, "denied: {reason}"),
+            ConnectFailure::Failed(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectFailure {}
+
+/// The connector's own failure inside a pool error, if that is what it is.
+fn connect_failure(err: &hyper_util::client::legacy::Error) -> Option<&ConnectFailure> {
+    std::error::Error::source(err).and_then(|source| source.downcast_ref::<ConnectFailure>())
+}
+
+/// The wasi:http code of a connector failure. The pool keeps the error it
+/// got, so this rebuilds an equal one rather than moving it out.
+fn copy_error(err: &Error) -> Error {
+    match err {
+        Error::DnsTimeout => Error::DnsTimeout,
+        Error::DnsError { rcode, info_code } => Error::DnsError {
+            rcode: rcode.clone(),
+            info_code: *info_code,
+        },
+        Error::ConnectionRefused => Error::ConnectionRefused,
+        Error::ConnectionTimeout => Error::ConnectionTimeout,
+        Error::DestinationIpUnroutable => Error::DestinationIpUnroutable,
+        Error::ConnectionTerminated => Error::ConnectionTerminated,
+        Error::TlsCertificateError => Error::TlsCertificateError,
+        Error::TlsProtocolError => Error::TlsProtocolError,
+        Error::TlsAlertReceived {
+            alert_id,
+            alert_message,
+        } => Error::TlsAlertReceived {
+            alert_id: *alert_id,
+            alert_message: alert_message.clone(),
+        },
+        Error::HttpRequestUriInvalid => Error::HttpRequestUriInvalid,
+        other => Error::InternalError(Some(format!("outbound connection: {other}"))),
+    }
+}
+
+/// Maps the pool's other errors (the exchange itself) to wasi:http codes.
+fn client_error(err: &hyper_util::client::legacy::Error) -> Error {
+    match std::error::Error::source(err).and_then(|source| source.downcast_ref::<hyper::Error>()) {
+        Some(inner) if inner.is_timeout() => Error::HttpResponseTimeout,
+        Some(inner) if inner.is_incomplete_message() => Error::HttpResponseIncomplete,
+        Some(inner) if inner.is_closed() || inner.is_canceled() => Error::ConnectionTerminated,
+        Some(_) => Error::HttpProtocolError,
+        None if err.is_connect() => Error::ConnectionTerminated,
+        None => Error::InternalError(Some(format!("outbound request: {err}"))),
+    }
+}
+
+/// The pool's connector: resolves the target, refuses addresses the policy
+/// does not allow, and connects (TLS for https) to a vetted address only.
+#[derive(Clone)]
+struct VettedConnector {
+    rules: Arc<Rules>,
+}
+
+impl tower_service::Service<Uri> for VettedConnector {
+    type Response = hyper_util::rt::TokioIo<Vetted>;
+    type Error = ConnectFailure;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectFailure>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectFailure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let rules = Arc::clone(&self.rules);
+        // Outside a request's scope (never, in practice) the default holds.
+        let deadline = CONNECT_DEADLINE
+            .try_with(|deadline| *deadline)
+            .unwrap_or_else(|_| Instant::now() + DEFAULT_CONNECT_TIMEOUT);
+        Box::pin(async move {
+            let target = Target::of(&uri).map_err(ConnectFailure::Failed)?;
+            let addrs = resolve(&target, deadline)
+                .await
+                .map_err(ConnectFailure::Failed)?;
+            if let Some(reason) = rules.refusal(&target, &addrs) {
+                return Err(ConnectFailure::Denied(reason));
+            }
+            let stream = connect(&target, &addrs, deadline)
+                .await
+                .map_err(ConnectFailure::Failed)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
 
 /// The addresses of `target`, deduplicated; an IP literal is its own.
@@ -807,12 +978,70 @@ async fn resolve(target: &Target, deadline: Instant) -> Result<Vec<SocketAddr>, 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
+/// A connection to a vetted address, and whether TLS chose HTTP/2.
+struct Vetted {
+    stream: Box<dyn Stream>,
+    h2: bool,
+}
+
+impl hyper_util::client::legacy::connect::Connection for Vetted {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let connected = hyper_util::client::legacy::connect::Connected::new();
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+// The pool reads and writes through these; they only forward.
+impl AsyncRead for Vetted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Vetted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Connects to the first of `addrs` that answers, then does TLS for https.
 async fn connect(
     target: &Target,
     addrs: &[SocketAddr],
     deadline: Instant,
-) -> Result<Box<dyn Stream>, Error> {
+) -> Result<Vetted, Error> {
     let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(addrs))
         .await
         .map_err(|_| Error::ConnectionTimeout)?
@@ -820,7 +1049,10 @@ async fn connect(
     // Best effort: requests are small writes, and only latency is lost.
     let _ = tcp.set_nodelay(true);
     if target.scheme == Scheme::Http {
-        return Ok(Box::new(tcp));
+        return Ok(Vetted {
+            stream: Box::new(tcp),
+            h2: false,
+        });
     }
     let config = TLS_CONFIG
         .as_ref()
@@ -834,7 +1066,11 @@ async fn connect(
         .await
         .map_err(|_| Error::ConnectionTimeout)?
         .map_err(tls_error)?;
-    Ok(Box::new(tls))
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    Ok(Vetted {
+        stream: Box::new(tls),
+        h2,
+    })
 }
 
 /// The client TLS configuration, built once: Mozilla's roots (webpki-roots,
@@ -850,8 +1086,9 @@ static TLS_CONFIG: LazyLock<Result<Arc<rustls::ClientConfig>, rustls::Error>> =
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // We speak HTTP/1.1 only.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 where the server offers it (many requests on one
+        // connection), else HTTP/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     });
 
@@ -885,89 +1122,6 @@ fn tls_error(err: io::Error) -> Error {
     }
 }
 
-/// Sends `request` over `stream` with HTTP/1.1 and waits for the response
-/// head. Returns the response, its body bounded by the between-bytes timeout,
-/// and the future that drives the connection until the body is read.
-async fn exchange(
-    stream: Box<dyn Stream>,
-    deadline: Instant,
-    request: Request<WasiBody>,
-    timeouts: Timeouts,
-) -> Result<
-    (
-        Response<WasiBody>,
-        impl Future<Output = Result<(), Error>> + Send + 'static,
-    ),
-    Error,
-> {
-    let (mut sender, conn) = tokio::time::timeout_at(
-        deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .map_err(|_| Error::ConnectionTimeout)??;
-
-    // The request line takes the origin form (path and query); the authority
-    // travels in the Host header, which wasi:http normally sets already.
-    let (mut parts, body) = request.into_parts();
-    if let Some(authority) = parts.uri.authority()
-        && !parts.headers.contains_key(http::header::HOST)
-    {
-        let host =
-            HeaderValue::from_str(authority.as_str()).map_err(|_| Error::HttpRequestUriInvalid)?;
-        parts.headers.insert(http::header::HOST, host);
-    }
-    parts.uri = Uri::builder()
-        .path_and_query(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()))
-        .build()
-        .map_err(|_| Error::HttpRequestUriInvalid)?;
-    let request = Request::from_parts(parts, body);
-
-    // Wait for the response head while driving the connection's I/O; if the
-    // connection is not done by then, the caller drives the rest.
-    let mut send = pin!(async {
-        tokio::time::timeout(timeouts.first_byte, sender.send_request(request))
-            .await
-            .map_err(|_| Error::ConnectionReadTimeout)?
-            .map_err(hyper_error)
-    });
-    let mut conn = Some(conn);
-    let response = poll_fn(|cx| {
-        if let Poll::Ready(result) = send.as_mut().poll(cx) {
-            return Poll::Ready(result);
-        }
-        let Some(running) = conn.as_mut() else {
-            return Poll::Pending;
-        };
-        let done = ready!(Pin::new(running).poll(cx));
-        conn = None;
-        match done {
-            Ok(()) => send.as_mut().poll(cx),
-            Err(err) => Poll::Ready(Err(hyper_error(err))),
-        }
-    })
-    .await?;
-
-    let idle = timeouts.between_bytes;
-    let response = response.map(|incoming| {
-        TimedBody {
-            incoming,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-        }
-        .boxed_unsync()
-    });
-    let io = async move {
-        match conn {
-            Some(conn) => conn.await.map_err(hyper_error),
-            None => Ok(()),
-        }
-    };
-    Ok((response, io))
-}
-
-/// Maps hyper's errors where wasi:http has a precise code; the rest go
-/// through wasi:http's stock mapping.
 fn hyper_error(err: hyper::Error) -> Error {
     if err.is_timeout() {
         Error::HttpResponseTimeout
@@ -979,11 +1133,13 @@ fn hyper_error(err: hyper::Error) -> Error {
 }
 
 /// A response body that fails if the peer goes quiet for longer than `idle`
-/// between frames (wasi:http's between-bytes timeout).
+/// between frames (wasi:http's between-bytes timeout). It holds the
+/// invocation's outbound slot until the body is read or dropped.
 struct TimedBody {
     incoming: hyper::body::Incoming,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Body for TimedBody {
@@ -1213,11 +1369,11 @@ mod tests {
         let named = target("http://svc.example.org:8080/");
         for ip in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"] {
             let addr = SocketAddr::new(ip.parse().unwrap(), 8080);
-            let reason = p.refusal(&named, &[addr]).expect(ip);
+            let reason = p.rules.refusal(&named, &[addr]).expect(ip);
             assert!(reason.contains("unspecified address"), "{ip}: {reason}");
         }
         let loopback = SocketAddr::new(ip("127.0.0.1"), 8080);
-        assert_eq!(p.refusal(&named, &[loopback]), None);
+        assert_eq!(p.rules.refusal(&named, &[loopback]), None);
     }
 
     #[test]
@@ -1257,12 +1413,16 @@ mod tests {
             "https://[2001:db8::2]/",       // other address
         ];
         for uri in allowed {
-            assert!(p.allows(&target(uri)), "{uri} should be allowed");
+            assert!(p.rules.allows(&target(uri)), "{uri} should be allowed");
         }
         for uri in denied {
-            assert!(!p.allows(&target(uri)), "{uri} should be denied");
+            assert!(!p.rules.allows(&target(uri)), "{uri} should be denied");
         }
-        assert!(!OutboundPolicy::deny_all().allows(&target("https://api.example.com")));
+        assert!(
+            !OutboundPolicy::deny_all()
+                .rules
+                .allows(&target("https://api.example.com"))
+        );
     }
 
     #[test]

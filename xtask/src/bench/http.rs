@@ -78,16 +78,23 @@ fn peak_rss(process: &Process) -> anyhow::Result<f64> {
 }
 
 /// What the `done` hook of bench/wrk-percentiles.lua prints.
-struct WrkReport {
-    requests: u64,
-    duration_us: f64,
-    errors: u64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
+pub struct WrkReport {
+    /// Requests completed.
+    pub requests: u64,
+    /// The run's length, µs.
+    pub duration_us: f64,
+    /// Socket errors and non-2xx answers.
+    pub errors: u64,
+    /// Latency percentiles, µs.
+    pub p50: f64,
+    /// 99th percentile, µs.
+    pub p99: f64,
+    /// 99.9th percentile, µs.
+    pub p999: f64,
 }
 
-fn wrk(bench: &Bench, url: &str, duration: std::time::Duration) -> anyhow::Result<WrkReport> {
+/// Runs wrk (the scenario's threads and connections) against `url`.
+pub fn wrk(bench: &Bench, url: &str, duration: std::time::Duration) -> anyhow::Result<WrkReport> {
     let text = output(
         command("wrk")
             .arg(format!("-t{THREADS}"))

@@ -138,6 +138,18 @@ impl Admin {
         component: &[u8],
         route: Option<&str>,
     ) -> anyhow::Result<Deployed> {
+        let config = route.map(|route| serde_json::json!({ "routes": [route] }));
+        self.deploy_with(name, component, config)
+    }
+
+    /// Deploys `component` as function `name` with a deploy `config` (the
+    /// admin API's JSON: routes, grants, …).
+    pub fn deploy_with(
+        &self,
+        name: &str,
+        component: &[u8],
+        config: Option<Value>,
+    ) -> anyhow::Result<Deployed> {
         let boundary = "mayfly-bench-7c1f0e4b9d2a";
         let mut body = Vec::with_capacity(component.len() + 512);
         let mut part = |field: &str, content_type: &str, bytes: &[u8]| {
@@ -152,9 +164,8 @@ impl Admin {
             body.extend_from_slice(b"\r\n");
         };
         part("component", "application/wasm", component);
-        if let Some(route) = route {
-            let config = serde_json::json!({ "routes": [route] }).to_string();
-            part("config", "application/json", config.as_bytes());
+        if let Some(config) = config {
+            part("config", "application/json", config.to_string().as_bytes());
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         let url = format!("{}/v1/functions/{name}/versions", self.base);

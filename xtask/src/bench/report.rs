@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use super::process::command;
 use super::stats::{Runs, count, latency};
 use super::systems::Kind;
-use super::{Bench, Outcome, burst, cold, density, events, http};
+use super::{Bench, Outcome, burst, cold, density, events, http, outbound};
 
 /// Every scenario's results.
 pub struct Results {
@@ -24,6 +24,8 @@ pub struct Results {
     pub burst: burst::Results,
     /// Scenario 5.
     pub events: Outcome<events::Figures>,
+    /// Scenario 6.
+    pub outbound: Outcome<http::Figures>,
 }
 
 impl Results {
@@ -40,6 +42,7 @@ impl Results {
                 self.cold.mayfly.failed(),
                 self.density.failed(),
                 self.events.failed(),
+                self.outbound.failed(),
             ]);
         rows.filter(|failed| *failed).count()
     }
@@ -106,6 +109,12 @@ fn markdown(bench: &Bench, results: &Results, name: &str) -> String {
         profile.events,
         profile.event_samples,
         profile.runs,
+    ));
+    out.push('\n');
+    out.push_str(&outbound::markdown(
+        &results.outbound,
+        profile.runs,
+        profile.run.as_secs(),
     ));
     out
 }
