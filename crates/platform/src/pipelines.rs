@@ -733,6 +733,8 @@ impl Pipelines {
             }
             tokio::select! {
                 write = writes.recv() => {
+                    // `now` may be from before a long sleep.
+                    let now = self.clock.now_ms();
                     let mut next = Some(write);
                     while let Some(write) = next {
                         match write {

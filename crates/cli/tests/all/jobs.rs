@@ -140,6 +140,7 @@ fn a_job_processes_every_object_once_within_the_concurrency_limit() {
     let node = Node::start(dir.path());
     deploy_processor(&node, "proc", &["--max-concurrency", "6"]);
     let n = 1000;
+    let upload = std::time::Instant::now();
     for i in 0..n {
         put_object(
             &node,
@@ -151,6 +152,8 @@ fn a_job_processes_every_object_once_within_the_concurrency_limit() {
     // Not an input: outside the prefix.
     put_object(&node, "in", "other/x", b"x");
 
+    let upload = upload.elapsed();
+    let running = std::time::Instant::now();
     let (ok, stdout, stderr) = node.cli(&[
         "job",
         "run",
@@ -162,6 +165,11 @@ fn a_job_processes_every_object_once_within_the_concurrency_limit() {
         "--parallelism",
         "16",
     ]);
+    eprintln!(
+        "{n} objects: upload {:.1}s, job {:.1}s",
+        upload.as_secs_f64(),
+        running.elapsed().as_secs_f64()
+    );
     assert!(ok, "{stdout}{stderr}");
     assert!(
         stdout.contains("succeeded: 1000 done, 0 failed"),

@@ -241,6 +241,37 @@ fn a_three_step_pipeline_totals_and_reruns_incrementally() {
     );
     let (status, answer) = admin(&node, "POST", "/v1/pipelines/nope/runs", b"");
     assert_eq!(status, 404, "{answer}");
+
+    // A bad input object fails its step, which fails the run; the steps
+    // after it never start, and the report stays as it was.
+    put_object(&node, "in", "sales/bad.csv", b"bad,1\n");
+    let (ok, stdout, stderr) = cli(&node, project.path(), &["pipeline", "run", "sales"]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("pipeline sales run 3 failed"), "{stdout}");
+    assert!(
+        stderr.contains("step `parse`") && stderr.contains("retry-failed"),
+        "{stderr}"
+    );
+    let failed = node.admin_json("/v1/pipelines/sales/runs/3");
+    assert_eq!(failed["jobs"].as_array().unwrap().len(), 1, "{failed}");
+    assert_eq!(
+        get_object(&node, "out", "report.txt"),
+        (200, report(totals))
+    );
+    // Once it is gone, the next run has nothing new to parse and reports
+    // the same totals.
+    let (status, _) = admin(&node, "DELETE", "/v1/buckets/in/objects/sales/bad.csv", b"");
+    assert_eq!(status, 204);
+    let (ok, stdout, stderr) = cli(&node, project.path(), &["pipeline", "run", "sales"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("step parse (parse) over 0 objects"),
+        "{stderr}"
+    );
+    assert_eq!(
+        get_object(&node, "out", "report.txt"),
+        (200, report(totals))
+    );
 }
 
 #[test]
