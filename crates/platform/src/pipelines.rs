@@ -246,8 +246,10 @@ pub struct Pipelines {
     jobs: Arc<Jobs>,
     events: Arc<EventHub>,
     clock: Arc<dyn Clock>,
-    /// Pipelines whose run a task here drives.
-    driving: Mutex<HashSet<String>>,
+    /// The runs (pipeline, number) a task here drives. By run, not by
+    /// pipeline: a run may start while the task of the one before it is
+    /// still winding down.
+    driving: Mutex<HashSet<(String, u64)>>,
     /// Wakes the watcher: a definition changed or a run ended.
     changed: Notify,
     background: CancellationToken,
@@ -463,13 +465,18 @@ impl Pipelines {
         })
     }
 
-    fn driving(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn driving(&self) -> std::sync::MutexGuard<'_, HashSet<(String, u64)>> {
         self.driving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a task here drives a run of `name`.
+    fn drives(&self, name: &str) -> bool {
+        self.driving().iter().any(|(pipeline, _)| pipeline == name)
     }
 
     /// Starts the task that runs `run`'s steps, unless one drives it.
     fn drive(self: &Arc<Self>, run: PipelineRun) {
-        if !self.driving().insert(run.pipeline.clone()) {
+        if !self.driving().insert((run.pipeline.clone(), run.run)) {
             return;
         }
         let this = self.clone();
@@ -495,7 +502,7 @@ impl Pipelines {
                     tokio::time::sleep(ERROR_BACKOFF).await;
                 }
             }
-            this.driving().remove(&name);
+            this.driving().remove(&(name, run.run));
             this.changed.notify_one();
         });
     }
@@ -710,7 +717,7 @@ impl Pipelines {
                     started.push(name.clone());
                     continue;
                 };
-                if self.driving().contains(name) {
+                if self.drives(name) {
                     // Its run's end wakes this loop.
                     continue;
                 }

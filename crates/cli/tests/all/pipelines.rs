@@ -402,12 +402,13 @@ fn a_killed_node_resumes_its_pipeline_run() {
     );
     assert!(ok, "{stdout}{stderr}");
     assert_eq!(stdout.trim(), "1");
-    eventually(Duration::from_secs(60), "a part of the first step", || {
+    let done = eventually(Duration::from_secs(60), "a part of the first step", || {
         let runs = runs_of(&node);
         let done = runs[0]["jobs"][0]["items"]["done"].as_u64().unwrap_or(0);
-        (done >= 20).then_some(())
+        (done >= 20).then_some(done)
     });
     node.kill();
+    eprintln!("killed with {done} of {n} items of the first step done");
     let node = Node::start(dir.path());
     let run = eventually(Duration::from_secs(120), "the run to end", || {
         let runs = runs_of(&node);
