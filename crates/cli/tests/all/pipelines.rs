@@ -221,6 +221,10 @@ fn a_three_step_pipeline_totals_and_reruns_incrementally() {
         "comes after `summary`, which is not a step",
     );
     refused(
+        functions() + &pipeline("onobjects = true"),
+        "unknown field `onobjects`",
+    );
+    refused(
         functions() + &pipeline("schedule = \"61 * * * *\""),
         "not a valid minute",
     );

@@ -56,8 +56,9 @@ async fn put(
 ) -> ApiResult<Response> {
     let Json(spec) = body.map_err(|e| {
         ApiError::bad_request(format!(
-            "pipeline `{name}`: the body must be JSON {{\"input\": \"BUCKET/PREFIX\", \"steps\": \
-             [{{\"name\": …, \"function\": …}}, …]}}: {}",
+            "pipeline `{name}` is not a valid definition: {}; a pipeline has `input`, \
+             `schedule`, `on_objects` and `steps`, each step `name`, `function`, `after`, \
+             `output`, `reduce`, `parallelism`, `max_failures` and `max_attempts`",
             e.body_text()
         ))
     })?;
