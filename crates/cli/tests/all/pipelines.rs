@@ -336,6 +336,26 @@ fn a_pipeline_runs_by_itself_when_objects_arrive() {
     put_object(&node, "out", "sales/x.csv", b"apple,1\n");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(runs_of(&node).len(), runs.len());
+
+    // Objects stored just before the node is killed (before their run
+    // could start) are remembered: the restarted node runs over them.
+    totals = add(totals, upload_sales(&node, n + 7, n + 10));
+    let before_kill = runs_of(&node).len();
+    node.kill();
+    let node = Node::start(dir.path());
+    eventually(Duration::from_secs(60), "a run after the restart", || {
+        let runs = runs_of(&node);
+        let settled = runs.iter().all(|r| r["state"] != "running");
+        (settled && parsed_items(&runs) == n as u64 + 10).then_some(())
+    });
+    eprintln!(
+        "runs before the kill: {before_kill}, after the restart: {}",
+        runs_of(&node).len()
+    );
+    assert_eq!(
+        get_object(&node, "out", "report.txt"),
+        (200, report(totals))
+    );
 }
 
 #[test]
