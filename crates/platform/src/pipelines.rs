@@ -698,7 +698,9 @@ impl Pipelines {
                         }
                         Ok(false) => {}
                         Err(error) => {
-                            tracing::error!(pipeline = %pipeline.name, "cannot fire schedule: {error}")
+                            tracing::error!(pipeline = %pipeline.name, "cannot fire schedule: {error}");
+                            // Not at once again: the reload below would.
+                            tokio::time::sleep(ERROR_BACKOFF).await;
                         }
                     }
                 }
