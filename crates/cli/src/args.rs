@@ -150,8 +150,9 @@ pub enum Command {
         #[command(subcommand)]
         command: jobs::JobCommand,
     },
-    /// Pipelines of ./mayfly.toml: chains of batch jobs, each step over the
-    /// output of the one before, re-run incrementally.
+    /// Pipelines (`[pipelines.NAME]` in mayfly.toml, stored by `mayfly
+    /// deploy`): chains of batch jobs, each step over the output of the one
+    /// before, run incrementally by hand, on a schedule or as objects arrive.
     Pipeline {
         #[command(subcommand)]
         command: crate::pipelines::PipelineCommand,

@@ -193,16 +193,6 @@ fn remaining(job: &Value) -> u64 {
 /// stderr (a bar on a terminal, a line every few seconds elsewhere), then
 /// prints a summary; an error when it did not succeed.
 fn wait(client: &AdminClient, json: bool, id: &str) -> anyhow::Result<()> {
-    wait_with(client, json, id, true)
-}
-
-/// Like `job run`'s wait, showing progress but no summary (a pipeline's
-/// steps): an error when the job did not succeed.
-pub(crate) fn wait_quietly(client: &AdminClient, id: &str) -> anyhow::Result<()> {
-    wait_with(client, false, id, false)
-}
-
-fn wait_with(client: &AdminClient, json: bool, id: &str, summary: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut job: Value = client.get_json(&job_path(id))?;
     let first_done =
@@ -255,9 +245,9 @@ fn wait_with(client: &AdminClient, json: bool, id: &str, summary: bool) -> anyho
     let done = job["items"]["done"].as_u64().unwrap_or(0);
     let failed = job["items"]["failed"].as_u64().unwrap_or(0);
     let ran = (done + failed).saturating_sub(first_done);
-    if summary && json {
+    if json {
         println!("{job}");
-    } else if summary {
+    } else {
         println!(
             "job {id} {}: {done} done, {failed} failed, {} not run, of {} items in {elapsed:.1}s \
              ({:.0} items/s)",

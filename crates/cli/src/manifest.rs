@@ -52,10 +52,9 @@ struct ManifestFile {
     /// Functions by name.
     #[serde(default)]
     functions: BTreeMap<String, Spanned<FunctionEntry>>,
-    /// Pipelines: read and checked by `mayfly pipeline` (`pipelines.rs`);
-    /// accepted here so one file describes both.
+    /// Pipelines by name, sent to the node as they are written (it checks
+    /// them; see `pipelines.rs`).
     #[serde(default)]
-    #[allow(dead_code)]
     pipelines: toml::Table,
 }
 
@@ -129,6 +128,8 @@ pub struct Manifest {
     pub dir: PathBuf,
     /// Its functions.
     pub functions: Vec<ManifestFunction>,
+    /// Its pipelines, by name, as JSON (`PUT /v1/pipelines/NAME`'s body).
+    pub pipelines: Vec<(String, Value)>,
 }
 
 /// One function of a manifest, its paths resolved.
@@ -215,7 +216,7 @@ impl Manifest {
             )),
             None => anyhow::anyhow!("{}: {}", path.display(), error.message().trim_end()),
         })?;
-        if file.functions.is_empty() {
+        if file.functions.is_empty() && file.pipelines.is_empty() {
             bail!(
                 "{}: no functions: describe one in a `[functions.<name>]` table with at least \
                  `component = \"path/to/fn.wasm\"`",
@@ -233,7 +234,21 @@ impl Manifest {
             .into_iter()
             .map(|(name, entry)| function(path, text, &dir, name, entry.into_inner()))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self { dir, functions })
+        let pipelines = file
+            .pipelines
+            .into_iter()
+            .map(|(name, table)| {
+                let spec = serde_json::to_value(&table).with_context(|| {
+                    format!("{}: pipeline `{name}` cannot be read", path.display())
+                })?;
+                Ok((name, spec))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            dir,
+            functions,
+            pipelines,
+        })
     }
 }
 
@@ -398,6 +413,31 @@ pub fn apply_manifest(
                 crate::progress::compile_note(&outcome)
             );
         }
+    }
+    // After the functions: the node refuses a pipeline whose steps name a
+    // function it does not have.
+    for (name, spec) in &manifest.pipelines {
+        let body = serde_json::to_vec(spec)?;
+        let headers = [("content-type".to_string(), "application/json".to_string())];
+        let path = format!("/v1/pipelines/{}", crate::client::segment(name));
+        let outcome: Value = client
+            .send_json("PUT", &path, &headers, Some(&body))
+            .with_context(|| format!("deploying pipeline `{name}` failed"))?;
+        if json {
+            println!("{outcome}");
+            continue;
+        }
+        for warning in outcome["warnings"].as_array().into_iter().flatten() {
+            eprintln!("warning: {}", crate::output::text(warning));
+        }
+        println!(
+            "pipeline {name}: {}",
+            if outcome["changed"] == Value::Bool(true) {
+                "stored"
+            } else {
+                "unchanged"
+            }
+        );
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ mod events;
 mod fuzz_tests;
 mod jobs;
 mod openapi;
+mod pipelines;
 // S3 access keys (the S3 endpoint itself is `crate::s3`).
 mod models;
 mod s3;
@@ -71,6 +72,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
         .merge(versions::routes())
         .merge(dashboard::api())
         .merge(jobs::routes())
+        .merge(pipelines::routes())
         .split_for_parts();
     let (health, health_described) = health_routes().split_for_parts();
     let description = openapi::document(described.merge_from(health_described));

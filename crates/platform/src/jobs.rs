@@ -151,6 +151,9 @@ pub struct Jobs {
     /// The number of the next task.
     next_task: std::sync::atomic::AtomicU64,
     background: CancellationToken,
+    /// Told whenever a job's task ends, for those waiting on a job
+    /// (a pipeline's steps).
+    ended: tokio::sync::Notify,
 }
 
 /// What a job's task needs.
@@ -183,6 +186,7 @@ impl Jobs {
             tasks: Mutex::new(HashMap::new()),
             next_task: std::sync::atomic::AtomicU64::new(0),
             background,
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -349,6 +353,34 @@ impl Jobs {
         Ok(job)
     }
 
+    /// Whether a function of that name is deployed.
+    pub(crate) fn has_function(&self, name: &str) -> bool {
+        self.runner.invoker.catalog().by_name.contains_key(name)
+    }
+
+    /// Whether a bucket exists (some object was stored in it once).
+    pub(crate) async fn has_bucket(&self, bucket: &str) -> Result<bool, PlatformError> {
+        let buckets = self.runner.events.object_buckets().await?;
+        Ok(buckets.iter().any(|b| b.bucket == bucket))
+    }
+
+    /// Waits until job `id` is no longer running, and returns it.
+    pub(crate) async fn wait_ended(&self, id: &str) -> Result<Job, PlatformError> {
+        loop {
+            let ended = self.ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            // Registered before the read, so an end in between wakes it.
+            ended.as_mut().enable();
+            let job = self.get(id).await?;
+            if job.state != JobState::Running {
+                return Ok(job);
+            }
+            // The store is the truth; the wake-up only saves polling. A
+            // job another process settles would not tell this one.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+        }
+    }
+
     /// A job with its counts.
     pub async fn get(&self, id: &str) -> Result<Job, PlatformError> {
         self.store()?.job(id).await?.ok_or_else(|| missing_job(id))
@@ -463,10 +495,13 @@ impl Jobs {
         tokio::spawn(async move {
             run_job(&runner, &store, &id, &stop).await;
             if let Some(jobs) = jobs.upgrade() {
-                let mut tasks = jobs.tasks();
-                if tasks.get(&id).is_some_and(|(n, _)| *n == number) {
-                    tasks.remove(&id);
+                {
+                    let mut tasks = jobs.tasks();
+                    if tasks.get(&id).is_some_and(|(n, _)| *n == number) {
+                        tasks.remove(&id);
+                    }
                 }
+                jobs.ended.notify_waiters();
             }
         });
     }

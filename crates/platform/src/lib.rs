@@ -31,6 +31,7 @@ pub mod logs;
 mod membership;
 pub mod metering;
 pub mod models;
+pub mod pipelines;
 mod platform;
 mod preread;
 pub mod rollout;

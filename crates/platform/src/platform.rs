@@ -34,6 +34,7 @@ use crate::ledger::Ledger;
 use crate::logs::LogHub;
 use crate::membership::Heartbeat;
 use crate::metering::Metrics;
+use crate::pipelines::Pipelines;
 use crate::rollout::Rollouts;
 use crate::secrets::Secrets;
 use crate::status::{Status, resident_memory, scaling_status};
@@ -49,6 +50,9 @@ pub struct Platform {
     workers: Arc<EventWorkers>,
     /// Batch jobs over the object store.
     jobs: Arc<Jobs>,
+    /// Pipelines: chains of jobs, started by hand, on a schedule or by
+    /// arriving objects.
+    pipelines: Arc<Pipelines>,
     admission: Arc<Admission>,
     log_store: Arc<dyn LogStore>,
     logs: Arc<LogHub>,
@@ -172,6 +176,13 @@ impl Platform {
             &config.node_name,
             background.clone(),
         ));
+        let pipelines = Arc::new(Pipelines::new(
+            stores.pipelines.clone(),
+            jobs.clone(),
+            events.clone(),
+            Arc::new(crate::clock::SystemClock),
+            background.clone(),
+        ));
         let alone = stores.fleet.is_none();
         let api_url = Arc::new(OnceLock::new());
         let services = Arc::new(NodeServices {
@@ -221,6 +232,7 @@ impl Platform {
             events,
             workers,
             jobs,
+            pipelines,
             admission,
             log_store: stores.logs.clone(),
             logs,
@@ -273,6 +285,7 @@ impl Platform {
         .spawn(platform.background.clone());
         platform.workers.start().await?;
         platform.jobs.start(alone).await?;
+        platform.pipelines.start().await?;
         Ok(platform)
     }
 
@@ -424,6 +437,11 @@ impl Platform {
     /// The node's batch jobs.
     pub fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs
+    }
+
+    /// The node's pipelines.
+    pub fn pipelines(&self) -> &Arc<Pipelines> {
+        &self.pipelines
     }
 
     /// The node's event stores, triggers and dead-letter queues.

@@ -36,6 +36,7 @@ mod jobs;
 mod link;
 mod logs;
 mod members;
+mod pipelines;
 mod registry;
 mod secrets;
 pub mod sqlite;
@@ -62,6 +63,9 @@ pub use jobs::{
 pub use link::{FleetLink, FleetLinkStatus};
 pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};
 pub use members::{Membership, NodeInfo, SingleNode};
+pub use pipelines::{
+    Pipeline, PipelineRun, PipelineSpec, PipelineStore, RunCause, RunStart, StepSpec,
+};
 pub use registry::{
     ALIAS_MOVES_KEPT, AliasMove, AliasRecord, CanaryPolicy, CanaryRecord, Expected, FunctionConfig,
     FunctionLimits, FunctionRecord, FunctionScaling, Grants, LIVE_ALIAS, MoveCause, Registry,

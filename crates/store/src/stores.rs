@@ -53,6 +53,8 @@ pub struct Stores {
     /// Batch jobs and their items: `None` for a back-end without a job
     /// store (the node then refuses job requests, saying so).
     pub jobs: Option<Arc<dyn crate::JobStore>>,
+    /// Pipelines and their runs: `None` beside no job store.
+    pub pipelines: Option<Arc<dyn crate::PipelineStore>>,
     /// The data directory this node holds, for a back-end kept on local
     /// disk: its lock lives as long as any copy of the bundle.
     local: Option<Arc<dyn LocalDir>>,
@@ -99,6 +101,7 @@ impl Stores {
             forward: Arc::new(NoForwarding),
             fleet: None,
             jobs: None,
+            pipelines: None,
             local,
         }
     }

@@ -31,6 +31,7 @@ mod nn;
 mod node_logs;
 mod openapi;
 mod p3;
+mod pipelines;
 mod placement;
 mod quickstart;
 mod retention;

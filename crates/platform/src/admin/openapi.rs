@@ -55,6 +55,7 @@ struct ErrorDetail {
         (name = "auth", description = "tokens and the audit log"),
         (name = "models", description = "ONNX models for wasi:nn"),
         (name = "jobs", description = "batch jobs: a function over every object under a prefix"),
+        (name = "pipelines", description = "chains of jobs, started by hand, on a schedule or when objects arrive"),
     )
 )]
 pub(super) struct Frame;

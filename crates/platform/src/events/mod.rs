@@ -90,7 +90,23 @@ pub struct EventHub {
     pub(crate) shared_queues: bool,
     /// Delivery counters and latency.
     pub(crate) metrics: EventMetrics,
+    /// Every object stored through this node, for pipelines that start
+    /// when objects arrive (`pipelines.rs`).
+    object_writes: tokio::sync::broadcast::Sender<ObjectWrite>,
 }
+
+/// An object stored: its bucket and key.
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectWrite {
+    /// The bucket.
+    pub(crate) bucket: String,
+    /// The key.
+    pub(crate) key: String,
+}
+
+/// Object writes buffered per listener; one that falls further behind is
+/// told it missed some (and then assumes every prefix changed).
+const OBJECT_WRITES_BUFFER: usize = 4096;
 
 impl EventHub {
     /// The hub over the event stores of `stores`, with their triggers read.
@@ -111,6 +127,7 @@ impl EventHub {
             shutdown: CancellationToken::new(),
             scheduler: Mutex::new(None),
             metrics,
+            object_writes: tokio::sync::broadcast::channel(OBJECT_WRITES_BUFFER).0,
         })
     }
 
@@ -180,6 +197,22 @@ impl EventHub {
         self.triggers.store(Arc::new(triggers));
         self.schedules_changed.notify_one();
         Ok(())
+    }
+
+    /// Object writes from now on.
+    pub(crate) fn object_writes(&self) -> tokio::sync::broadcast::Receiver<ObjectWrite> {
+        self.object_writes.subscribe()
+    }
+
+    fn object_written(&self, bucket: &str, key: &str) {
+        self.wake_watchers("object", bucket);
+        if self.object_writes.receiver_count() > 0 {
+            // An error only says no one listens.
+            let _ = self.object_writes.send(ObjectWrite {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            });
+        }
     }
 
     /// Stops the scheduler and tells every worker to stop claiming; each
@@ -367,7 +400,7 @@ impl EventHub {
             .objects
             .object_put(bucket, key, &bytes, &content_type)
             .await?;
-        self.wake_watchers("object", bucket);
+        self.object_written(bucket, key);
         Ok(meta)
     }
 
@@ -426,7 +459,7 @@ impl EventHub {
             .objects
             .object_put_staged(bucket, key, staged, &content_type)
             .await?;
-        self.wake_watchers("object", bucket);
+        self.object_written(bucket, key);
         Ok(meta)
     }
 

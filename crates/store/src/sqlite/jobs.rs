@@ -19,7 +19,8 @@ use crate::jobs::{
 use crate::{Result, StoreError};
 
 /// Schema migrations of `jobs.db`, applied in order. Append only.
-const JOB_MIGRATIONS: &[&str] = &[r#"
+const JOB_MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE jobs (
         id          TEXT PRIMARY KEY,
         spec        TEXT NOT NULL,
@@ -57,20 +58,22 @@ const JOB_MIGRATIONS: &[&str] = &[r#"
         detail  TEXT NOT NULL
     ) STRICT;
     CREATE INDEX job_item_log_by_job ON job_item_log (job, pos);
-"#];
+"#,
+    super::pipelines::PIPELINE_TABLES,
+];
 
 /// Jobs in `jobs.db`.
 #[derive(Clone)]
 pub struct EmbeddedJobs {
-    db: Arc<JobsDb>,
+    pub(super) db: Arc<JobsDb>,
 }
 
-struct JobsDb {
+pub(super) struct JobsDb {
     conn: Mutex<Connection>,
 }
 
 impl JobsDb {
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -93,11 +96,10 @@ impl EmbeddedJobs {
     }
 }
 
-/// Opens `<data_dir>/jobs.db`.
-pub fn open_jobs(data_dir: &Path) -> Result<Arc<dyn JobStore>> {
-    let jobs = EmbeddedJobs::open(&data_dir.join("jobs.db"))
-        .map_err(|e| e.context("cannot open the job database"))?;
-    Ok(Arc::new(jobs))
+/// Opens `<data_dir>/jobs.db`, which holds jobs and pipelines.
+pub fn open_jobs(data_dir: &Path) -> Result<EmbeddedJobs> {
+    EmbeddedJobs::open(&data_dir.join("jobs.db"))
+        .map_err(|e| e.context("cannot open the job database"))
 }
 
 const JOB_COLUMNS: &str =
@@ -644,7 +646,7 @@ mod tests {
     fn items_are_leased_once_settled_by_their_owner_and_released_on_restart() {
         let dir = tempfile::tempdir().unwrap();
         block_on(async {
-            let store = open_jobs(dir.path()).unwrap();
+            let store: Arc<dyn JobStore> = Arc::new(open_jobs(dir.path()).unwrap());
             let job = store.create_job("j1", &spec(), &items(10)).await.unwrap();
             assert_eq!(job.items.pending, 10);
             let a = store.claim_items("j1", "a", 6, 60_000).await.unwrap();
@@ -720,7 +722,7 @@ mod tests {
     fn an_expired_lease_is_claimed_again() {
         let dir = tempfile::tempdir().unwrap();
         block_on(async {
-            let store = open_jobs(dir.path()).unwrap();
+            let store: Arc<dyn JobStore> = Arc::new(open_jobs(dir.path()).unwrap());
             store.create_job("j", &spec(), &items(2)).await.unwrap();
             let first = store.claim_items("j", "a", 2, 0).await.unwrap();
             let second = store.claim_items("j", "b", 2, 60_000).await.unwrap();

@@ -21,6 +21,7 @@ mod embedded_events;
 mod jobs;
 mod ledger;
 mod models;
+mod pipelines;
 mod secrets;
 
 use std::path::Path;
@@ -222,7 +223,8 @@ fn open_stores(data_dir: &Path) -> Result<Stores> {
         secrets,
         Some(Arc::new(held)),
     );
-    stores.jobs = Some(jobs);
+    stores.pipelines = Some(Arc::new(jobs.clone()));
+    stores.jobs = Some(Arc::new(jobs));
     Ok(stores)
 }
 
