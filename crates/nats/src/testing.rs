@@ -232,5 +232,6 @@ fn options(urls: Vec<String>, node: &str, namespace: &str) -> NatsOptions {
         namespace: namespace.to_string(),
         node_name: node.to_string(),
         replicas: None,
+        hub_domain: crate::DEFAULT_HUB_DOMAIN.to_string(),
     }
 }
