@@ -23,6 +23,7 @@ mod logs;
 mod members;
 mod registry;
 mod secrets;
+mod sites;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
 mod usage;
@@ -45,6 +46,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mayfly_store::{BlobDir, EventHandles, Stores};
+
+use crate::sites::{HubMonitor, Sites};
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
@@ -143,7 +146,10 @@ async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Resul
             .await
             .map_err(|e| e.context("cannot open the fleet's secrets"))?,
     );
-    stores.members = Arc::new(NatsMembership::open(fleet).await?);
+    // At an edge node: the probe of its link to the hub, and its records
+    // in the fleet's sites (with each heartbeat).
+    let sites = Arc::new(Sites::open(fleet, HubMonitor::start(fleet)).await?);
+    stores.members = Arc::new(NatsMembership::open(fleet).await?.with_sites(sites.clone()));
     let usage = Arc::new(
         NatsUsage::open(fleet, data_dir, fleet.replicas())
             .await
@@ -153,7 +159,13 @@ async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Resul
     let log_feed = Arc::new(NatsLogFeed::open(fleet, stores.logs.clone()));
     stores.log_feed = log_feed.clone();
     stores.forward = Arc::new(forward::NatsForwarder::new(fleet));
-    stores.fleet = Some(Arc::new(NatsLink::new(fleet.clone(), usage, log_feed)));
+    sites.set_usage(usage.clone());
+    stores.fleet = Some(Arc::new(NatsLink::new(
+        fleet.clone(),
+        usage,
+        log_feed,
+        sites,
+    )));
     // KV and object buckets, queues, inboxes, triggers and dead letters:
     // one store; this node keeps only copies of object bytes locally.
     let events = NatsEvents::open(fleet, &data_dir.join("fleet").join("blobs"))

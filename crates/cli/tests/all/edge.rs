@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use mayfly_nats::testing::{EdgeServers, NatsServers};
 
+use serde_json::Value;
+
 use crate::common::{Node, eventually, guest};
 use crate::placement::send;
 
@@ -33,8 +35,29 @@ fn edge_node(
     )
 }
 
+/// `node`'s record of edge node `name` in `mayfly status --fleet --json`,
+/// once `check` holds for it.
+fn site_record(node: &Node, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(30), what, || {
+        let (_, stdout, _) = node.cli(&["status", "--fleet", "--json"]);
+        let status: Value = serde_json::from_str(&stdout).ok()?;
+        let record = status["sites"]
+            .as_array()?
+            .iter()
+            .find(|r| r["node"]["name"] == name)?
+            .clone();
+        check(&record).then_some(record)
+    })
+}
+
+/// Whether the hub link in `node`'s status is `up`.
+fn hub_link_up(node: &Node) -> Option<bool> {
+    node.admin_json("/v1/status")["fleet"]["hub"]["up"].as_bool()
+}
+
 #[test]
-fn a_function_pinned_to_site_a_runs_there_and_site_b_forwards_to_it_over_the_leaf_links() {
+fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_status_follows_the_link()
+ {
     let servers = NatsServers::hub_with_sites(&["site-a", "site-b"]);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = edge_node(dir_a.path(), &servers, "site-a", "a", "site=a");
@@ -86,4 +109,74 @@ fn a_function_pinned_to_site_a_runs_there_and_site_b_forwards_to_it_over_the_lea
     assert_eq!(forwarded.status, 200, "{}", forwarded.body);
     assert_eq!(forwarded.header("x-mayfly-node"), Some("a"));
     assert!(forwarded.body.contains("from b"), "{}", forwarded.body);
+
+    // Status: every edge node by site, connected, with the versions it
+    // serves.
+    let record = site_record(&b, "a", "site a in b's status", |r| {
+        r["node"]["functions"]["pinned"] == 1
+    });
+    assert_eq!(
+        (record["site"].as_str(), record["stale"].as_bool()),
+        (Some("site-a"), Some(false)),
+        "{record}"
+    );
+    assert_eq!(record["link"]["up"], true, "{record}");
+    site_record(&a, "b", "site b in a's status", |r| r["site"] == "site-b");
+    assert_eq!(hub_link_up(&a), Some(true));
+
+    // Cut site a off: a keeps serving what it runs, sees the hub down;
+    // b's status shows site a stale, and b cannot reach the function.
+    servers.link("site-a").cut();
+    eventually(Duration::from_secs(30), "a sees the hub link down", || {
+        (hub_link_up(&a) == Some(false)).then_some(())
+    });
+    let local = send(&a, "GET", "/pinned", b"");
+    assert_eq!(
+        (local.status, local.header("x-mayfly-node")),
+        (200, Some("a"))
+    );
+    let record = site_record(&b, "a", "site a stale in b's status", |r| {
+        r["stale"] == true
+    });
+    let cut_seen = record["node"]["at_ms"].as_i64().unwrap();
+    let (ok, text, stderr) = b.cli(&["status", "--fleet"]);
+    assert!(ok, "{stderr}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("site-a"))
+        .unwrap_or_default();
+    assert!(row.contains("stale") && row.contains("pinned@1"), "{text}");
+    // a's own view while cut: its hub link down, its own site live.
+    let (_, text, _) = a.cli(&["status", "--fleet"]);
+    assert!(
+        text.contains("hub link") && text.contains("down since"),
+        "{text}"
+    );
+    let own = site_record(&a, "a", "a's own record while cut", |r| {
+        r["link"]["up"] == false
+    });
+    assert_eq!(own["stale"], false, "{own}");
+    eventually(
+        Duration::from_secs(30),
+        "b answers 503 for the cut site's function",
+        || {
+            let answer = send(&b, "GET", "/pinned", b"");
+            (answer.status == 503).then_some(())
+        },
+    );
+
+    // Heal: b sees site a connected again, with a link up since after
+    // the cut; forwarding works again.
+    servers.link("site-a").heal();
+    let record = site_record(&b, "a", "site a connected again", |r| {
+        r["stale"] == false && r["link"]["up"] == true
+    });
+    assert!(
+        record["link"]["since_ms"].as_i64().unwrap() >= cut_seen,
+        "{record}"
+    );
+    eventually(Duration::from_secs(30), "b forwards to a again", || {
+        let answer = send(&b, "GET", "/pinned", b"");
+        (answer.status == 200 && answer.header("x-mayfly-node") == Some("a")).then_some(())
+    });
 }
