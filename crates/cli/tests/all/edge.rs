@@ -135,6 +135,11 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         (local.status, local.header("x-mayfly-node")),
         (200, Some("a"))
     );
+    // Its usage record waits on a's disk for the hub.
+    eventually(Duration::from_secs(30), "a's usage backlog", || {
+        let backlog = a.admin_json("/v1/status")["fleet"]["usage_backlog"].as_u64()?;
+        (backlog >= 1).then_some(())
+    });
     let record = site_record(&b, "a", "site a stale in b's status", |r| {
         r["stale"] == true
     });
@@ -175,8 +180,41 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         record["link"]["since_ms"].as_i64().unwrap() >= cut_seen,
         "{record}"
     );
+    eventually(Duration::from_secs(30), "a's usage backlog drained", || {
+        let backlog = a.admin_json("/v1/status")["fleet"]["usage_backlog"].as_u64()?;
+        (backlog == 0).then_some(())
+    });
     eventually(Duration::from_secs(30), "b forwards to a again", || {
         let answer = send(&b, "GET", "/pinned", b"");
         (answer.status == 200 && answer.header("x-mayfly-node") == Some("a")).then_some(())
     });
+}
+
+#[test]
+fn the_deploy_folders_nats_configs_are_valid() {
+    // nats-server checks a config file without starting (`-t`); the
+    // store directories are moved to a temporary one.
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for name in ["hub.conf", "site.conf"] {
+        let text = std::fs::read_to_string(deploy.join(name)).unwrap();
+        let config = dir.path().join(name);
+        std::fs::write(
+            &config,
+            text.replace("/var/lib/nats", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let out = std::process::Command::new(mayfly_nats::testing::nats_server_binary())
+            .arg("-c")
+            .arg(&config)
+            .arg("-t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "deploy/{name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
