@@ -275,6 +275,9 @@ pub struct Fleet {
     /// When the connection was last lost, in ms since the Unix epoch; 0
     /// while connected. Kept by the client's event callback.
     disconnected_since: Arc<AtomicI64>,
+    /// How many times an edge node's hub came back after a loss (its
+    /// leaf link healed): KV watches through the link start again.
+    hub_returns: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Fleet {
@@ -402,6 +405,7 @@ impl Fleet {
             urls,
             replicas,
             disconnected_since,
+            hub_returns: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -443,6 +447,17 @@ impl Fleet {
                 _ => error.to_string(),
             }),
         }
+    }
+
+    /// Tells of each time the hub comes back after a loss (see
+    /// [`Fleet::hub_returned`]).
+    pub(crate) fn hub_returns(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hub_returns.subscribe()
+    }
+
+    /// Records that an edge node's hub is reachable again after a loss.
+    pub(crate) fn hub_returned(&self) {
+        self.hub_returns.send_modify(|count| *count += 1);
     }
 
     /// The hub's JetStream domain (`--nats-hub-domain`).

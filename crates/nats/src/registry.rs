@@ -182,7 +182,7 @@ impl NatsRegistry {
         let kv =
             batch::atomic_bucket(fleet.jetstream(), &fleet.name("registry"), num_replicas).await?;
         let write_prefix = fleet.write_prefix(&kv);
-        let (watched, watcher) = Watched::start(kv, change_of, merge).await?;
+        let (watched, watcher) = Watched::start(fleet, kv, change_of, merge).await?;
         let inner = Inner {
             client: fleet.client().clone(),
             write_prefix,

@@ -129,7 +129,7 @@ impl NatsSecrets {
         let kv =
             batch::atomic_bucket(fleet.jetstream(), &fleet.name("secrets"), num_replicas).await?;
         let write_prefix = fleet.write_prefix(&kv);
-        let (watched, watcher) = Watched::start(kv, change_of, watch::dedup).await?;
+        let (watched, watcher) = Watched::start(fleet, kv, change_of, watch::dedup).await?;
         Ok(Self {
             client: fleet.client().clone(),
             write_prefix,

@@ -86,9 +86,11 @@ impl HubMonitor {
         }
     }
 
-    fn record(&self, up: bool) {
+    /// Records a probe's result; true when the hub just came back.
+    fn record(&self, up: bool) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.0 != up {
+        let changed = state.0 != up;
+        if changed {
             *state = (up, now_ms());
             if up {
                 tracing::info!(site = self.site, "the hub is reachable again");
@@ -99,6 +101,7 @@ impl HubMonitor {
                 );
             }
         }
+        changed && up
     }
 }
 
@@ -111,7 +114,9 @@ async fn probe(fleet: Fleet, monitor: Weak<HubMonitor>) {
         let Some(monitor) = monitor.upgrade() else {
             return;
         };
-        monitor.record(up);
+        if monitor.record(up) {
+            fleet.hub_returned();
+        }
     }
 }
 

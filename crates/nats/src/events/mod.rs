@@ -129,6 +129,7 @@ impl NatsEvents {
         )
         .await?;
         let (triggers, watcher) = Watched::start_filtered(
+            fleet,
             kv.clone(),
             Some("t.>".into()),
             triggers::change_of,
