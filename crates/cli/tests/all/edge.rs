@@ -10,7 +10,7 @@ use mayfly_nats::testing::{EdgeServers, NatsServers};
 use serde_json::Value;
 
 use crate::common::{Node, eventually, guest};
-use crate::placement::send;
+use crate::placement::{Answer, send};
 
 /// A node at leaf site `site` named `name`, labelled `labels`.
 fn edge_node(
@@ -48,6 +48,25 @@ fn site_record(node: &Node, name: &str, what: &str, check: impl Fn(&Value) -> bo
             .clone();
         check(&record).then_some(record)
     })
+}
+
+/// Requests to the pinned function, counting those answered 200: only
+/// node `a` runs it, so each is one invocation at `a`.
+struct Served(std::cell::Cell<u64>);
+
+impl Served {
+    fn send(&self, node: &Node, method: &str, path: &str, body: &[u8]) -> Answer {
+        let answer = send(node, method, path, body);
+        if answer.status == 200 {
+            self.0.set(self.0.get() + 1);
+        }
+        answer
+    }
+}
+
+/// Invocations of `function` in `node`'s view of the fleet's ledger.
+fn invocations(node: &Node, function: &str) -> Option<u64> {
+    node.admin_json(&format!("/v1/usage?function={function}"))["total"]["invocations"].as_u64()
 }
 
 /// Whether the hub link in `node`'s status is `up`.
@@ -96,16 +115,17 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     assert_eq!(a.admin_json("/v1/status")["functions"], 1);
     assert_eq!(b.admin_json("/v1/status")["functions"], 0);
 
+    let served = Served(std::cell::Cell::new(0));
     // At a it is served locally; at b it is forwarded through the hub to
     // a, which names itself.
-    let local = send(&a, "POST", "/pinned/x", b"here");
+    let local = served.send(&a, "POST", "/pinned/x", b"here");
     assert_eq!(
         (local.status, local.header("x-mayfly-node")),
         (200, Some("a")),
         "{}",
         local.body
     );
-    let forwarded = send(&b, "POST", "/pinned/x?q=1", b"from b");
+    let forwarded = served.send(&b, "POST", "/pinned/x?q=1", b"from b");
     assert_eq!(forwarded.status, 200, "{}", forwarded.body);
     assert_eq!(forwarded.header("x-mayfly-node"), Some("a"));
     assert!(forwarded.body.contains("from b"), "{}", forwarded.body);
@@ -130,12 +150,17 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     eventually(Duration::from_secs(30), "a sees the hub link down", || {
         (hub_link_up(&a) == Some(false)).then_some(())
     });
-    let local = send(&a, "GET", "/pinned", b"");
+    let local = served.send(&a, "GET", "/pinned", b"");
     assert_eq!(
         (local.status, local.header("x-mayfly-node")),
         (200, Some("a"))
     );
-    // Its usage record waits on a's disk for the hub.
+    // A steady stream of requests at a during the cut: no errors.
+    for _ in 0..20 {
+        let answer = served.send(&a, "GET", "/pinned", b"");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    // Its usage records wait on a's disk for the hub.
     eventually(Duration::from_secs(30), "a's usage backlog", || {
         let backlog = a.admin_json("/v1/status")["fleet"]["usage_backlog"].as_u64()?;
         (backlog >= 1).then_some(())
@@ -165,7 +190,7 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         Duration::from_secs(30),
         "b answers 503 for the cut site's function",
         || {
-            let answer = send(&b, "GET", "/pinned", b"");
+            let answer = served.send(&b, "GET", "/pinned", b"");
             (answer.status == 503).then_some(())
         },
     );
@@ -183,7 +208,7 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         "site=a",
     ]);
     assert!(ok, "{stdout}{stderr}");
-    let local = send(&a, "GET", "/pinned", b"");
+    let local = served.send(&a, "GET", "/pinned", b"");
     assert_eq!(local.header("x-mayfly-version"), Some("1"));
 
     // Heal: a serves version 2 (the time it took is printed: the issue
@@ -196,7 +221,7 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         Duration::from_secs(30),
         "a serves the version deployed during the cut",
         || {
-            let answer = send(&a, "GET", "/pinned", b"");
+            let answer = served.send(&a, "GET", "/pinned", b"");
             (answer.header("x-mayfly-version") == Some("2")).then_some(())
         },
     );
@@ -216,9 +241,23 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         (backlog == 0).then_some(())
     });
     eventually(Duration::from_secs(30), "b forwards to a again", || {
-        let answer = send(&b, "GET", "/pinned", b"");
+        let answer = served.send(&b, "GET", "/pinned", b"");
         (answer.status == 200 && answer.header("x-mayfly-node") == Some("a")).then_some(())
     });
+    // Every request a served during the whole test is in the fleet's
+    // ledger exactly once, as both sites see it: none lost in the cut,
+    // none counted twice after it.
+    for node in [&a, &b] {
+        eventually(Duration::from_secs(30), "the fleet's usage total", || {
+            let total = invocations(node, "pinned")?;
+            assert!(
+                total <= served.0.get(),
+                "{total} invocations > {} served",
+                served.0.get()
+            );
+            (total == served.0.get()).then_some(())
+        });
+    }
 }
 
 #[test]
