@@ -258,7 +258,8 @@ impl Sites {
             .map_err(backend)?;
         let now = now_ms();
         let mut records = Vec::with_capacity(keys.len());
-        for key in keys {
+        // Other keys hold locks (see usage.rs).
+        for key in keys.into_iter().filter(|key| !key.starts_with("lock.")) {
             let Some(value) = self.kv.get(&key).await.map_err(backend)? else {
                 continue;
             };
