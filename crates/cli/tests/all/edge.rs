@@ -155,6 +155,19 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
         (local.status, local.header("x-mayfly-node")),
         (200, Some("a"))
     );
+    // An admin change at a needs the hub: refused, saying so.
+    let hello = guest("hello");
+    let (ok, _, stderr) = a.cli(&[
+        "deploy",
+        "other",
+        hello.to_str().unwrap(),
+        "--route",
+        "/other",
+    ]);
+    assert!(
+        !ok && stderr.contains("unreachable from site `site-a`"),
+        "{stderr}"
+    );
     // A steady stream of requests at a during the cut: no errors.
     for _ in 0..20 {
         let answer = served.send(&a, "GET", "/pinned", b"");
@@ -197,7 +210,6 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     // A deploy made at the hub's side during the cut (another component:
     // the same one again would be no new version): a keeps serving
     // version 1 until it hears of version 2.
-    let hello = guest("hello");
     let (ok, stdout, stderr) = b.cli(&[
         "deploy",
         "pinned",
