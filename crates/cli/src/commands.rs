@@ -602,12 +602,14 @@ fn print_nodes(nodes: &[mayfly_store::NodeInfo]) {
 }
 
 /// `mayfly status --fleet`: the answering node's link to the fleet, then
-/// every node as `node list` shows it.
+/// every node as `node list` shows it, then the edge nodes by leaf site.
 fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
     let status: Value = client.get_json("/v1/status")?;
     // Cut off from the fleet, a node cannot read the membership list; its
     // link is still worth showing (it says why).
     let nodes = client.get_json::<Vec<mayfly_store::NodeInfo>>("/v1/nodes");
+    // An edge node answers with at least its own site while cut off.
+    let sites = client.get_json::<Vec<mayfly_store::SiteNode>>("/v1/sites");
     if json {
         let (list, error) = match &nodes {
             Ok(nodes) => (serde_json::to_value(nodes)?, Value::Null),
@@ -616,6 +618,10 @@ fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         let mut out = serde_json::json!({"link": status.get("fleet"), "nodes": list});
         if !error.is_null() {
             out["nodes_error"] = error;
+        }
+        match &sites {
+            Ok(sites) => out["sites"] = serde_json::to_value(sites)?,
+            Err(error) => out["sites_error"] = format!("{error:#}").into(),
         }
         println!("{out}");
     } else {
@@ -628,8 +634,65 @@ fn fleet_status(client: &AdminClient, json: bool) -> anyhow::Result<()> {
         if let Ok(nodes) = &nodes {
             print_nodes(nodes);
         }
+        match &sites {
+            Ok(sites) if !sites.is_empty() => {
+                println!();
+                print_sites(sites);
+            }
+            Ok(_) => {}
+            Err(error) => eprintln!("cannot list the fleet's sites: {error:#}"),
+        }
     }
     nodes.map(|_| ()).context("cannot list the fleet's nodes")
+}
+
+/// The edge nodes by site: the link to the hub as each last reported it,
+/// or, for a record no longer refreshed, out of touch since its last
+/// contact (the hub's view of a cut site).
+fn print_sites(sites: &[mayfly_store::SiteNode]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut table = Table::new([
+        "SITE",
+        "NODE",
+        "LINK",
+        "SINCE",
+        "SEEN",
+        "BACKLOG",
+        "FUNCTIONS",
+    ])
+    .right(&["SEEN", "BACKLOG"]);
+    for record in sites {
+        let (link, since) = if record.stale {
+            ("stale", record.node.at_ms)
+        } else if record.link.up {
+            ("connected", record.link.since_ms)
+        } else {
+            ("disconnected", record.link.since_ms)
+        };
+        let functions = record
+            .node
+            .functions
+            .iter()
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        table.row([
+            record.site.clone(),
+            record.node.name.clone(),
+            link.to_string(),
+            format_time(since),
+            format!("{:.1}s", (now - record.node.at_ms).max(0) as f64 / 1000.0),
+            record.usage_backlog.to_string(),
+            if functions.is_empty() {
+                "-".to_string()
+            } else {
+                functions
+            },
+        ]);
+    }
+    table.print();
 }
 
 /// The `fleet` part of a status as `name: value` pairs: the NATS
@@ -644,13 +707,27 @@ fn link_fields(link: &Value) -> Vec<(String, String)> {
             None => format!("disconnected from {servers}"),
         }
     };
-    let mut fields = vec![
-        ("fleet".to_string(), connection),
-        (
-            "usage backlog".to_string(),
-            format!("{} usage records not yet published", link["usage_backlog"]),
-        ),
-    ];
+    let mut fields = vec![("fleet".to_string(), connection)];
+    if let Some(hub) = link.get("hub").filter(|hub| hub.is_object()) {
+        let state = if hub["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "down"
+        };
+        fields.push((
+            "hub link".to_string(),
+            format!(
+                "{state} since {} (site {} to hub {})",
+                format_time(hub["since_ms"].as_i64().unwrap_or(0)),
+                text(&hub["site"]),
+                text(&hub["hub_domain"]),
+            ),
+        ));
+    }
+    fields.extend([(
+        "usage backlog".to_string(),
+        format!("{} usage records not yet published", link["usage_backlog"]),
+    )]);
     if let Some(dropped) = link["log_lines_unpublished"].as_u64().filter(|n| *n > 0) {
         fields.push(("log lines unpublished".to_string(), dropped.to_string()));
     }

@@ -168,6 +168,12 @@ pub struct FleetArgs {
     /// NATS account.
     #[arg(long, env = "MAYFLY_NATS_NAMESPACE", default_value = "mf", value_parser = parse_node_name)]
     pub nats_namespace: String,
+    /// The JetStream domain of the fleet's hub. A node whose NATS server
+    /// runs another domain (a leaf site's) is an edge node: it reaches
+    /// the fleet's state through this domain.
+    #[arg(long, env = "MAYFLY_NATS_HUB_DOMAIN", default_value = mayfly_nats::DEFAULT_HUB_DOMAIN,
+          value_parser = parse_node_name)]
+    pub nats_hub_domain: String,
 }
 
 /// `--labels`: `key=value` pairs.
@@ -233,6 +239,7 @@ impl FleetArgs {
             namespace: self.nats_namespace.clone(),
             node_name: node_name.to_string(),
             replicas: None,
+            hub_domain: self.nats_hub_domain.clone(),
         }))
     }
 }

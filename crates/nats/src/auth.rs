@@ -133,6 +133,9 @@ pub struct NatsAuth {
     audit: stream::Stream,
     /// The subject audit entries are published on (the stream's only one).
     audit_subject: String,
+    /// At an edge node: its site and the hub's domain, to say where the
+    /// audit log is when the hub is out of reach.
+    edge: Option<(String, String)>,
     /// This instance's id, written into every token state it stores.
     writer: String,
     changes: broadcast::Sender<TokenChange>,
@@ -140,6 +143,25 @@ pub struct NatsAuth {
 }
 
 impl NatsAuth {
+    /// An audit publish's error; at an edge node whose hub has no stream
+    /// answering (its leaf link is down), one that says so.
+    fn publish_error(&self, error: async_nats::jetstream::context::PublishError) -> StoreError {
+        use async_nats::jetstream::context::PublishErrorKind;
+        match &self.edge {
+            Some((site, hub)) if error.kind() == PublishErrorKind::StreamNotFound => {
+                StoreError::Backend(
+                    format!(
+                        "the audit log is at the hub (JetStream domain `{hub}`), which is \
+                         unreachable from site `{site}`: admin changes wait until its leaf link \
+                         is back"
+                    )
+                    .into(),
+                )
+            }
+            _ => backend(error),
+        }
+    }
+
     /// Opens (creating if needed, with `replicas` copies) the token bucket
     /// and the audit stream, and starts watching the tokens: changes made
     /// from now on by any node reach [`AuthStore::watch`].
@@ -178,6 +200,9 @@ impl NatsAuth {
             jetstream: js.clone(),
             audit,
             audit_subject,
+            edge: fleet
+                .site()
+                .map(|site| (site.to_string(), fleet.hub_domain().to_string())),
             writer,
             changes,
             _watcher: AbortOnDrop(watcher),
@@ -499,9 +524,9 @@ impl AuthStore for NatsAuth {
             .jetstream
             .publish(self.audit_subject.clone(), payload.into())
             .await
-            .map_err(backend)?
+            .map_err(|e| self.publish_error(e))?
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.publish_error(e))?;
         i64::try_from(ack.sequence).map_err(|_| {
             StoreError::Corrupt(format!("audit sequence {} is too large", ack.sequence))
         })

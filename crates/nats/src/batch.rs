@@ -116,8 +116,18 @@ struct Refused {
     description: String,
 }
 
+/// The hub's domain in a write prefix that reaches it from a leaf site
+/// (`$JS.<hub>.API.$KV.<bucket>.`).
+fn hub_of(prefix: &str) -> Option<&str> {
+    prefix
+        .strip_prefix("$JS.")?
+        .split_once(".API.")
+        .map(|(hub, _)| hub)
+}
+
 /// Commits `writes` to the KV bucket whose subjects start with `prefix`
-/// (`$KV.<bucket>.`), all or nothing.
+/// (`$KV.<bucket>.`, or `$JS.<hub>.API.$KV.<bucket>.` from an edge node:
+/// [`crate::Fleet::write_prefix`]), all or nothing.
 pub(crate) async fn commit(
     client: &async_nats::Client,
     prefix: &str,
@@ -162,8 +172,18 @@ pub(crate) async fn commit(
             .send_request(subject, request)
             .await
             .map_err(|e| match e.kind() {
-                // Nobody took the commit: the stream is not there.
-                RequestErrorKind::NoResponders => BatchError::Failed(crate::backend(e)),
+                // Nobody took the commit: the stream is not there, or (at
+                // an edge) the hub is out of reach.
+                RequestErrorKind::NoResponders => match hub_of(prefix) {
+                    Some(hub) => BatchError::Failed(StoreError::Backend(
+                        format!(
+                            "the hub (JetStream domain `{hub}`) is unreachable from this site: \
+                             its leaf link is down; retry once it is back"
+                        )
+                        .into(),
+                    )),
+                    None => BatchError::Failed(crate::backend(e)),
+                },
                 _ => BatchError::Unknown(crate::backend(e)),
             })?;
         let reply: Reply = serde_json::from_slice(&reply.payload).map_err(|e| {
@@ -335,5 +355,66 @@ mod tests {
             .collect();
         let done = commit(fleet.client(), &kv.prefix, &writes).await.unwrap();
         assert_eq!(done.last - done.first + 1, MAX_BATCH as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edge_node_commits_at_the_hub_and_names_the_hub_while_cut_off() {
+        let servers = NatsServers::hub_with_sites(&["site-a"]);
+        let hub = Fleet::connect(&servers.hub_options("hub-node", "e"))
+            .await
+            .unwrap();
+        let edge = Fleet::connect(&servers.site_options("site-a", "edge-node", "e"))
+            .await
+            .unwrap();
+        assert_eq!(hub.site(), None);
+        assert_eq!(edge.site(), Some("site-a"));
+
+        // The edge opens the hub's bucket (not one of its site's) and
+        // commits through the hub's domain.
+        let at_hub = atomic_bucket(hub.jetstream(), "e_batch", 1).await.unwrap();
+        let at_edge = atomic_bucket(edge.jetstream(), "e_batch", 1).await.unwrap();
+        assert!(
+            edge.local_jetstream()
+                .get_stream("KV_e_batch")
+                .await
+                .is_err(),
+            "the bucket was made at the site"
+        );
+        let prefix = edge.write_prefix(&at_edge);
+        assert_eq!(prefix, "$JS.hub.API.$KV.e_batch.");
+        let done = commit(edge.client(), &prefix, &[Write::put("k", "1").expect(0)])
+            .await
+            .unwrap();
+        assert_eq!(at_hub.get("k").await.unwrap().unwrap(), "1");
+        let stale = commit(edge.client(), &prefix, &[Write::put("k", "2").expect(0)])
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, BatchError::WrongLastSequence), "{stale:?}");
+
+        servers.link("site-a").cut();
+        servers.wait_unlinked("site-a");
+        let write = [Write::put("k", "3").expect(done.last)];
+        let err = commit(edge.client(), &prefix, &write).await.unwrap_err();
+        let BatchError::Failed(err) = err else {
+            panic!("not refused: {err:?}")
+        };
+        assert!(
+            err.to_string()
+                .contains("the hub (JetStream domain `hub`) is unreachable"),
+            "{err}"
+        );
+        assert!(edge.probe_hub(Duration::from_secs(1)).await.is_err());
+
+        servers.link("site-a").heal();
+        servers.wait_linked("site-a");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while commit(edge.client(), &prefix, &write).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no commit after the heal"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(at_hub.get("k").await.unwrap().unwrap(), "3");
     }
 }

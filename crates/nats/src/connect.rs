@@ -19,6 +19,10 @@ pub const MIN_SERVER_VERSION: (i64, i64, i64) = (2, 12, 0);
 /// stalling for the client's default of 5 s (docs/fleet-design.md §0).
 const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The hub's JetStream domain unless `--nats-hub-domain` says otherwise
+/// (docs/edge-design.md §7).
+pub const DEFAULT_HUB_DOMAIN: &str = "hub";
+
 /// How long the first connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -40,6 +44,10 @@ pub struct NatsOptions {
     /// Copies JetStream keeps of each bucket and stream; `None` picks 3
     /// when the server is part of a cluster, else 1.
     pub replicas: Option<usize>,
+    /// The JetStream domain of the fleet's hub. A node whose server runs
+    /// another domain is an edge node at a leaf site: it reaches the
+    /// fleet's state through this domain ([`DEFAULT_HUB_DOMAIN`]).
+    pub hub_domain: String,
 }
 
 /// NATS credentials. `Debug` never shows a secret.
@@ -90,6 +98,7 @@ impl fmt::Debug for NatsOptions {
             .field("namespace", &self.namespace)
             .field("node_name", &self.node_name)
             .field("replicas", &self.replicas)
+            .field("hub_domain", &self.hub_domain)
             .finish()
     }
 }
@@ -243,10 +252,22 @@ pub fn redact(url: &str) -> String {
 
 /// A live connection to the fleet's servers: the client, its JetStream
 /// context, and the names this fleet's state lives under.
+///
+/// A node whose server runs a JetStream domain other than the hub's is an
+/// edge node ([`Fleet::site`]): its server is a leaf site's, joined to the
+/// hub by a leaf connection, and [`Fleet::jetstream`] reaches the hub's
+/// JetStream through the hub's domain (`$JS.<hub>.API`), so the fleet's
+/// buckets and streams are the same ones every hub node uses
+/// (docs/edge-design.md §1.2).
 #[derive(Clone, Debug)]
 pub struct Fleet {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// The JetStream of this node's own server (its site's at an edge).
+    local: jetstream::Context,
+    /// At an edge node: its site's JetStream domain.
+    site: Option<String>,
+    hub_domain: String,
     namespace: String,
     node_name: String,
     urls: String,
@@ -254,6 +275,9 @@ pub struct Fleet {
     /// When the connection was last lost, in ms since the Unix epoch; 0
     /// while connected. Kept by the client's event callback.
     disconnected_since: Arc<AtomicI64>,
+    /// How many times an edge node's hub came back after a loss (its
+    /// leaf link healed): KV watches through the link start again.
+    hub_returns: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Fleet {
@@ -334,21 +358,54 @@ impl Fleet {
             return Err(ConnectError::NoJetStream { urls });
         }
         // A cluster keeps three copies (survives one server lost); a
-        // single server can only keep one.
+        // single server can only keep one. A leaf site's server reports a
+        // cluster name of its own, which says nothing of the hub's: an
+        // edge node makes one copy unless told otherwise, and the hub's
+        // own nodes (which see the hub's cluster) should create the
+        // fleet's buckets first.
+        let at_site = info
+            .domain
+            .as_deref()
+            .is_some_and(|domain| !domain.is_empty() && domain != options.hub_domain);
         let replicas = options
             .replicas
-            .unwrap_or(if info.cluster.is_some() { 3 } else { 1 });
-        let jetstream = jetstream::ContextBuilder::new()
+            .unwrap_or(if info.cluster.is_some() && !at_site {
+                3
+            } else {
+                1
+            });
+        let local = jetstream::ContextBuilder::new()
             .timeout(JETSTREAM_TIMEOUT)
             .build(client.clone());
+        // A server outside the hub's domain is a leaf site's: every
+        // JetStream call of the fleet goes to the hub through its domain.
+        let site = info.domain.filter(|_| at_site);
+        let jetstream = match &site {
+            Some(site) => {
+                tracing::info!(
+                    site,
+                    hub = options.hub_domain,
+                    "edge node: the fleet's state is in the hub's JetStream domain"
+                );
+                jetstream::ContextBuilder::new()
+                    .timeout(JETSTREAM_TIMEOUT)
+                    .domain(&options.hub_domain)
+                    .build(client.clone())
+            }
+            None => local.clone(),
+        };
         Ok(Self {
             client,
             jetstream,
+            local,
+            site,
+            hub_domain: options.hub_domain.clone(),
             namespace: options.namespace.clone(),
             node_name: options.node_name.clone(),
             urls,
             replicas,
             disconnected_since,
+            hub_returns: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -357,9 +414,66 @@ impl Fleet {
         &self.client
     }
 
-    /// The JetStream context (API calls time out after 2 s).
+    /// The fleet's JetStream context (API calls time out after 2 s): the
+    /// hub's, through its domain, at an edge node.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
+    }
+
+    /// The JetStream of this node's own server: its site's at an edge
+    /// node, the same as [`Fleet::jetstream`] otherwise.
+    pub fn local_jetstream(&self) -> &jetstream::Context {
+        &self.local
+    }
+
+    /// At an edge node: the JetStream domain of its leaf site; `None` on
+    /// a node connected to the hub itself.
+    pub fn site(&self) -> Option<&str> {
+        self.site.as_deref()
+    }
+
+    /// Whether the hub's JetStream answers this node now: a request to
+    /// `$JS.<hub>.API.INFO` within `timeout`. The error says why not: "no
+    /// responders" when the leaf link is down, a timeout when it is dead
+    /// but not yet declared so (docs/edge-design.md §1.3, §1.4).
+    pub async fn probe_hub(&self, timeout: Duration) -> Result<(), String> {
+        let subject = format!("$JS.{}.API.INFO", self.hub_domain);
+        let request = async_nats::Request::new().timeout(Some(timeout));
+        match self.client.send_request(subject, request).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(match error.kind() {
+                async_nats::RequestErrorKind::NoResponders => "no responders".to_string(),
+                async_nats::RequestErrorKind::TimedOut => format!("no answer within {timeout:?}"),
+                _ => error.to_string(),
+            }),
+        }
+    }
+
+    /// Tells of each time the hub comes back after a loss (see
+    /// [`Fleet::hub_returned`]).
+    pub(crate) fn hub_returns(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hub_returns.subscribe()
+    }
+
+    /// Records that an edge node's hub is reachable again after a loss.
+    pub(crate) fn hub_returned(&self) {
+        self.hub_returns.send_modify(|count| *count += 1);
+    }
+
+    /// The hub's JetStream domain (`--nats-hub-domain`).
+    pub fn hub_domain(&self) -> &str {
+        &self.hub_domain
+    }
+
+    /// The subject prefix a hand-written write to KV bucket `kv` (an
+    /// atomic batch) publishes under: `$KV.<bucket>.` at the hub, and
+    /// `$JS.<hub>.API.$KV.<bucket>.` at an edge, as `$KV.…` subjects do
+    /// not cross a domain's leaf link (docs/edge-design.md §1.2).
+    pub(crate) fn write_prefix(&self, kv: &async_nats::jetstream::kv::Store) -> String {
+        match &self.site {
+            Some(_) => format!("$JS.{}.API.{}", self.hub_domain, kv.prefix),
+            None => kv.prefix.clone(),
+        }
     }
 
     /// This node's name.
@@ -412,7 +526,7 @@ impl Fleet {
 }
 
 /// Now, in ms since the Unix epoch.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -23,6 +23,7 @@ mod logs;
 mod members;
 mod registry;
 mod secrets;
+mod sites;
 #[cfg(any(test, feature = "test-server"))]
 pub mod testing;
 mod usage;
@@ -30,7 +31,9 @@ mod watch;
 
 pub use auth::NatsAuth;
 pub use blobs::NatsBlobs;
-pub use connect::{ConnectError, Credentials, Fleet, MIN_SERVER_VERSION, NatsOptions, redact};
+pub use connect::{
+    ConnectError, Credentials, DEFAULT_HUB_DOMAIN, Fleet, MIN_SERVER_VERSION, NatsOptions, redact,
+};
 pub use events::NatsEvents;
 pub use link::NatsLink;
 pub use logs::NatsLogFeed;
@@ -43,6 +46,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mayfly_store::{BlobDir, EventHandles, Stores};
+
+use crate::sites::{HubMonitor, Sites};
 
 /// The stores of a node in the fleet: the contracts implemented on
 /// JetStream are shared by every node; the rest are this node's own, in
@@ -81,16 +86,42 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
 
 /// Whether an error opening the stores says JetStream is not ready yet.
 fn not_ready_yet(error: &str) -> bool {
-    ["timed out", "no suitable peers", "temporarily unavailable"]
-        .iter()
-        .any(|sign| error.contains(sign))
+    [
+        "timed out",
+        "no suitable peers",
+        "temporarily unavailable",
+        HUB_UNREACHABLE,
+    ]
+    .iter()
+    .any(|sign| error.contains(sign))
 }
 
 /// How long a node keeps trying to open the fleet's stores while JetStream
 /// is not ready.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The start of the error an edge node gives while its hub is out of reach.
+const HUB_UNREACHABLE: &str = "is unreachable from site";
+
 async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result<Stores> {
+    // An edge node's state is at the hub: say so when it cannot be
+    // reached, rather than let a bucket lookup's "does not exist" stand.
+    if let Some(site) = fleet.site() {
+        fleet
+            .probe_hub(std::time::Duration::from_secs(2))
+            .await
+            .map_err(|reason| {
+                mayfly_store::StoreError::Backend(
+                    format!(
+                        "the hub's JetStream (domain `{hub}`) {HUB_UNREACHABLE} `{site}` ({reason}): \
+                         check the site server's leaf connection to the hub, and that \
+                         --nats-hub-domain names the hub's JetStream domain",
+                        hub = fleet.hub_domain()
+                    )
+                    .into(),
+                )
+            })?;
+    }
     // The embedded stores first: they lock `data_dir` and sweep the blob
     // folder's unfinished writes before the cache below uses it.
     let mut stores = Stores::sqlite(data_dir)?;
@@ -115,7 +146,10 @@ async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Resul
             .await
             .map_err(|e| e.context("cannot open the fleet's secrets"))?,
     );
-    stores.members = Arc::new(NatsMembership::open(fleet).await?);
+    // At an edge node: the probe of its link to the hub, and its records
+    // in the fleet's sites (with each heartbeat).
+    let sites = Arc::new(Sites::open(fleet, HubMonitor::start(fleet)).await?);
+    stores.members = Arc::new(NatsMembership::open(fleet).await?.with_sites(sites.clone()));
     let usage = Arc::new(
         NatsUsage::open(fleet, data_dir, fleet.replicas())
             .await
@@ -125,7 +159,13 @@ async fn open_stores_once(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Resul
     let log_feed = Arc::new(NatsLogFeed::open(fleet, stores.logs.clone()));
     stores.log_feed = log_feed.clone();
     stores.forward = Arc::new(forward::NatsForwarder::new(fleet));
-    stores.fleet = Some(Arc::new(NatsLink::new(fleet.clone(), usage, log_feed)));
+    sites.set_usage(usage.clone());
+    stores.fleet = Some(Arc::new(NatsLink::new(
+        fleet.clone(),
+        usage,
+        log_feed,
+        sites,
+    )));
     // KV and object buckets, queues, inboxes, triggers and dead letters:
     // one store; this node keeps only copies of object bytes locally.
     let events = NatsEvents::open(fleet, &data_dir.join("fleet").join("blobs"))
@@ -222,6 +262,7 @@ mod tests {
             namespace: "mf".into(),
             node_name: "a".into(),
             replicas: None,
+            hub_domain: DEFAULT_HUB_DOMAIN.into(),
         };
         let err = Fleet::connect(&options).await.unwrap_err().to_string();
         assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");

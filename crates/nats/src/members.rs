@@ -18,6 +18,7 @@ use mayfly_store::{Membership, NodeInfo, Result, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+use crate::sites::Sites;
 use crate::{Fleet, backend};
 
 /// How often each node sends its heartbeat. KV expiry works in whole
@@ -40,6 +41,8 @@ pub struct NatsMembership {
     bucket: Arc<Bucket>,
     /// Refreshes `claim/<name>`; stopped on [`Membership::leave`] or drop.
     refresher: Mutex<Option<JoinHandle<()>>>,
+    /// The fleet's sites, which an edge node's heartbeats also reach.
+    sites: Option<Arc<Sites>>,
 }
 
 /// Who holds a node name: enough for the refused node's error to say
@@ -132,7 +135,14 @@ impl NatsMembership {
             nodes,
             bucket,
             refresher: Mutex::new(Some(refresher)),
+            sites: None,
         })
+    }
+
+    /// Sends each heartbeat to the fleet's sites too (an edge node's).
+    pub(crate) fn with_sites(mut self, sites: Arc<Sites>) -> Self {
+        self.sites = Some(sites);
+        self
     }
 }
 
@@ -268,19 +278,37 @@ async fn refresh(
 #[async_trait::async_trait]
 impl Membership for NatsMembership {
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
+        // First: an edge node's record of itself is kept even when the
+        // hub is out of reach (its own status shows it).
+        let site = match &self.sites {
+            Some(sites) => sites.beat(node).await,
+            None => Ok(()),
+        };
         let json: bytes::Bytes = serde_json::to_vec(node)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?
             .into();
         if self.nodes.put(&node.name, json.clone()).await.is_ok() {
-            return Ok(());
+            return site;
         }
         // Perhaps the bucket went with a restarted server: make it again.
         self.bucket.ensure().await.map_err(backend_text)?;
         self.nodes.put(&node.name, json).await.map_err(backend)?;
-        Ok(())
+        site
     }
 
     async fn members(&self) -> Result<Vec<NodeInfo>> {
+        // A cut-off edge node: say where the list is, not "resource does
+        // not exist" (the hub's JetStream has no responders from here).
+        if let Some(link) = self.sites.as_ref().and_then(|s| s.hub_link())
+            && !link.up
+        {
+            return Err(backend_text(format!(
+                "the fleet's membership list is at the hub (JetStream domain `{}`), which is \
+                 unreachable from site `{}`: its leaf link is down; `mayfly status --fleet` \
+                 shows this node's own site meanwhile",
+                link.hub_domain, link.site
+            )));
+        }
         let names = match self.names().await {
             Ok(names) => names,
             Err(_) => {
@@ -327,6 +355,9 @@ impl Membership for NatsMembership {
         self.nodes.delete(name).await.map_err(backend)?;
         // The name is free for a restart at once.
         self.nodes.delete(claim_key(name)).await.map_err(backend)?;
+        if let Some(sites) = &self.sites {
+            sites.leave(name).await?;
+        }
         Ok(())
     }
 

@@ -155,6 +155,8 @@ pub struct NatsRegistry {
 
 struct Inner {
     client: async_nats::Client,
+    /// Where atomic batches publish ([`Fleet::write_prefix`]).
+    write_prefix: String,
     /// The bucket, and the feed its watch (and this node) tells.
     watched: Arc<Watched<RegistryChange>>,
 }
@@ -179,9 +181,11 @@ impl NatsRegistry {
     pub async fn open(fleet: &Fleet, num_replicas: usize) -> Result<Self> {
         let kv =
             batch::atomic_bucket(fleet.jetstream(), &fleet.name("registry"), num_replicas).await?;
-        let (watched, watcher) = Watched::start(kv, change_of, merge).await?;
+        let write_prefix = fleet.write_prefix(&kv);
+        let (watched, watcher) = Watched::start(fleet, kv, change_of, merge).await?;
         let inner = Inner {
             client: fleet.client().clone(),
+            write_prefix,
             watched,
         };
         Ok(Self { inner, watcher })
@@ -277,7 +281,7 @@ impl Inner {
         writes: &[Write],
     ) -> Result<Commit> {
         let mut own = self.watched.own.lock().await;
-        let error = match batch::commit(&self.client, &self.watched.kv.prefix, writes).await {
+        let error = match batch::commit(&self.client, &self.write_prefix, writes).await {
             Ok(done) => {
                 own.extend(done.first..=done.last);
                 return Ok(Commit::Done);
@@ -578,9 +582,7 @@ impl Inner {
                 function: name.to_string(),
             });
             for chunk in later.chunks(MAX_BATCH) {
-                if let Err(error) =
-                    batch::commit(&self.client, &self.watched.kv.prefix, chunk).await
-                {
+                if let Err(error) = batch::commit(&self.client, &self.write_prefix, chunk).await {
                     // The function is gone already; what is left is
                     // unreachable and overwritten by a re-deploy.
                     tracing::warn!(

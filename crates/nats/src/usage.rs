@@ -26,6 +26,16 @@
 //! ledger. Paging by `seq` works on any one node, but a cursor taken on one
 //! node means nothing on another.
 //!
+//! At an edge node (docs/edge-design.md §3.3) the publisher sends to its
+//! site's own stream `<ns>_usage_<site>` instead (subject
+//! `<ns>.site.<site>.usage.<function>`, same message id), acknowledged by
+//! the site's server even while the hub is out of reach. The hub's stream
+//! sources every site's stream through a durable consumer `to-hub` at the
+//! site, with a subject transform back to `<ns>.usage.>`; JetStream moves
+//! the records once the leaf link is up, exactly once, with no Mayfly node
+//! needed at the site. The node's backlog is then its local one plus what
+//! `to-hub` has not delivered.
+//!
 //! Deviation from docs/fleet-design.md §4: the design numbers the fleet
 //! table by stream sequence so that paging is the same on every node. A
 //! node's own records enter its fleet ledger before they reach the stream
@@ -92,6 +102,8 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub struct NatsUsage {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    /// At an edge node: its site's usage stream, for the backlog.
+    site: Option<jetstream::stream::Stream>,
 }
 
 impl Drop for NatsUsage {
@@ -188,10 +200,22 @@ impl NatsUsage {
             published: AtomicI64::new(published),
             publish_failing: AtomicBool::new(false),
         });
+        // An edge node hands its records to its site's stream.
+        let (publish_to, subjects, site) = match fleet.site() {
+            Some(site) => {
+                let stream = site_stream(fleet, site, &stream_name).await?;
+                (
+                    fleet.local_jetstream().clone(),
+                    fleet.subject(&format!("site.{site}.usage")),
+                    Some(stream),
+                )
+            }
+            None => (fleet.jetstream().clone(), fleet.subject("usage"), None),
+        };
         let publisher = Publisher {
             shared: shared.clone(),
-            jetstream: fleet.jetstream().clone(),
-            subjects: fleet.subject("usage"),
+            jetstream: publish_to,
+            subjects,
             node: token(fleet.node_name()),
             cursor_path,
         };
@@ -205,7 +229,11 @@ impl NatsUsage {
             tokio::spawn(publisher.run()),
             tokio::spawn(materialiser.run()),
         ];
-        Ok(Self { shared, tasks })
+        Ok(Self {
+            shared,
+            tasks,
+            site,
+        })
     }
 }
 
@@ -215,7 +243,175 @@ impl NatsUsage {
     pub async fn backlog(&self) -> Result<u64> {
         let last = self.shared.local.last_seq().await?;
         let published = self.shared.published.load(Ordering::Acquire);
-        Ok(u64::try_from(last - published).unwrap_or(0))
+        let local = u64::try_from(last - published).unwrap_or(0);
+        // At an edge node, plus what the site's stream has not handed to
+        // the hub (the site's server answers while the hub is cut off).
+        let Some(site) = &self.site else {
+            return Ok(local);
+        };
+        let info = site.consumer_info(TO_HUB).await.map_err(backend)?;
+        Ok(local + info.num_pending + info.num_ack_pending as u64)
+    }
+}
+
+/// The durable consumer at each site whose records the hub's usage stream
+/// sources.
+const TO_HUB: &str = "to-hub";
+
+/// How long one node may hold the lock on the hub stream's sources before
+/// another takes it over (the holder crashed).
+const SOURCES_LOCK_STALE_MS: i64 = 10_000;
+
+/// Opens (creating if needed) edge node's site stream `<ns>_usage_<site>`
+/// and its consumer `to-hub`, and makes sure the hub's usage stream
+/// `hub_stream` sources it (docs/edge-design.md §3.1).
+async fn site_stream(
+    fleet: &Fleet,
+    site: &str,
+    hub_stream: &str,
+) -> Result<jetstream::stream::Stream> {
+    let name = fleet.name(&format!("usage_{site}"));
+    // Subjects no hub stream captures: a stream at each end of a leaf
+    // link listening on the same subjects stores every record twice.
+    let subjects = fleet.subject(&format!("site.{site}.usage.>"));
+    let local = fleet.local_jetstream();
+    let stream = local
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            description: Some(format!(
+                "Mayfly usage records made at site {site}, until the hub has them"
+            )),
+            subjects: vec![subjects.clone()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: 1,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            StoreError::Backend(format!("cannot open site {site}'s usage stream: {e}").into())
+        })?;
+    let deliver_subject = fleet.subject(&format!("sync.{site}.usage"));
+    stream
+        .get_or_create_consumer(
+            TO_HUB,
+            jetstream::consumer::push::Config {
+                durable_name: Some(TO_HUB.into()),
+                name: Some(TO_HUB.into()),
+                deliver_subject: deliver_subject.clone(),
+                deliver_policy: DeliverPolicy::All,
+                // The server's own flow control between a sourcing stream
+                // and its durable source consumer (ADR-60): it requires a
+                // 1 s heartbeat and a bound on pending acks.
+                ack_policy: AckPolicy::FlowControl,
+                flow_control: true,
+                idle_heartbeat: Duration::from_secs(1),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            StoreError::Backend(
+                format!("cannot open site {site}'s usage consumer `{TO_HUB}`: {e}").into(),
+            )
+        })?;
+    let source = stream::Source {
+        name: name.clone(),
+        external: Some(stream::External {
+            api_prefix: format!("$JS.{site}.API"),
+            delivery_prefix: None,
+        }),
+        subject_transforms: vec![stream::SubjectTransform {
+            source: subjects,
+            destination: fleet.subject("usage.>"),
+        }],
+        consumer: Some(stream::StreamConsumerSource {
+            name: TO_HUB.into(),
+            deliver_subject,
+        }),
+        ..Default::default()
+    };
+    add_source(fleet, hub_stream, source).await?;
+    Ok(stream)
+}
+
+/// Adds `source` to the hub's stream `hub_stream` unless it has it. Two
+/// concurrent updates each adding a source lose one of them (measured), so
+/// the update is made under a lock (a key in the fleet's sites bucket),
+/// and the source is checked for after it.
+async fn add_source(fleet: &Fleet, hub_stream: &str, source: stream::Source) -> Result<()> {
+    let js = fleet.jetstream();
+    let locks = js
+        .get_key_value(fleet.name("sites"))
+        .await
+        .map_err(backend)?;
+    let key = format!("lock.sources.{hub_stream}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = js.get_stream(hub_stream).await.map_err(backend)?;
+        let config = stream.info().await.map_err(backend)?.config.clone();
+        if config
+            .sources
+            .iter()
+            .flatten()
+            .any(|s| s.name == source.name)
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Backend(
+                format!(
+                    "cannot add site stream `{}` to the hub's `{hub_stream}` sources within 30 s",
+                    source.name
+                )
+                .into(),
+            ));
+        }
+        let now = crate::connect::now_ms();
+        let taken = match locks.create(&key, now.to_string().into()).await {
+            Ok(revision) => Some(revision),
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                // Held: by a crashed node if it is old, then taken over.
+                match locks.entry(&key).await.map_err(backend)? {
+                    Some(entry)
+                        if std::str::from_utf8(&entry.value)
+                            .ok()
+                            .and_then(|t| t.parse::<i64>().ok())
+                            .is_none_or(|at| now - at > SOURCES_LOCK_STALE_MS) =>
+                    {
+                        locks
+                            .update(&key, now.to_string().into(), entry.revision)
+                            .await
+                            .ok()
+                    }
+                    _ => None,
+                }
+            }
+            Err(e) => return Err(backend(e)),
+        };
+        let Some(revision) = taken else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        // Re-read under the lock: another site may have just added its own.
+        let updated = async {
+            let mut config = stream.info().await.map_err(backend)?.config.clone();
+            if !config
+                .sources
+                .iter()
+                .flatten()
+                .any(|s| s.name == source.name)
+            {
+                config.sources.get_or_insert_default().push(source.clone());
+                js.update_stream(config).await.map_err(backend)?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        let _ = locks.delete_expect_revision(&key, Some(revision)).await;
+        updated?;
     }
 }
 
@@ -955,5 +1151,99 @@ mod tests {
         until("b's consumer to be drained", || drained(&_fb, "b")).await;
         assert_eq!(b.usage_count().await.unwrap(), 5000);
         assert_eq!(totals(&b).await, totals(&a).await);
+    }
+
+    /// An edge node of `servers` at `site`, with the fleet's sites bucket
+    /// (which holds the lock on the hub stream's sources) opened first, as
+    /// `open_stores` does.
+    async fn open_edge(
+        servers: &crate::testing::EdgeServers,
+        site: &str,
+        node: &str,
+        dir: &Path,
+    ) -> (Fleet, NatsUsage) {
+        let fleet = Fleet::connect(&servers.site_options(site, node, "eu"))
+            .await
+            .unwrap();
+        crate::sites::Sites::open(&fleet, None).await.unwrap();
+        let usage = NatsUsage::open(&fleet, dir, 1).await.unwrap();
+        (fleet, usage)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edge_sites_usage_waits_in_its_stream_during_a_cut_and_reaches_the_hub_once() {
+        let servers = NatsServers::hub_with_sites(&["site-a", "site-b"]);
+        let hub = Fleet::connect(&servers.hub_options("h", "eu"))
+            .await
+            .unwrap();
+        crate::sites::Sites::open(&hub, None).await.unwrap();
+        let hub_dir = tempfile::tempdir().unwrap();
+        let hub_usage = NatsUsage::open(&hub, hub_dir.path(), 1).await.unwrap();
+        // Both sites join at once: neither source is lost.
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ((fa, a), (_fb, _b)) = tokio::join!(
+            open_edge(&servers, "site-a", "a", dir_a.path()),
+            open_edge(&servers, "site-b", "b", dir_b.path()),
+        );
+        let mut stream = hub.jetstream().get_stream("eu_usage").await.unwrap();
+        let mut sources: Vec<String> = stream
+            .info()
+            .await
+            .unwrap()
+            .config
+            .sources
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        sources.sort();
+        assert_eq!(sources, ["eu_usage_site-a", "eu_usage_site-b"]);
+
+        // Cut off, site a's records are acknowledged by its own server and
+        // wait there.
+        servers.link("site-a").cut();
+        servers.wait_unlinked("site-a");
+        const RECORDS: u32 = 10_000;
+        for chunk in (0..RECORDS).step_by(500) {
+            a.append_usage(&records("a", chunk..chunk + 500))
+                .await
+                .unwrap();
+        }
+        until("a's records in its site's stream", || published_all(&a)).await;
+        assert_eq!(a.backlog().await.unwrap(), u64::from(RECORDS));
+        assert_eq!(stream_messages(&hub).await, 0);
+        let mut at_site = fa
+            .local_jetstream()
+            .get_stream("eu_usage_site-a")
+            .await
+            .unwrap();
+        assert_eq!(
+            at_site.info().await.unwrap().state.messages,
+            u64::from(RECORDS)
+        );
+
+        // Healed: JetStream moves them to the hub, each once, and the
+        // site's stream empties.
+        servers.link("site-a").heal();
+        let healed = Instant::now();
+        until("every record at the hub", || async {
+            stream_messages(&hub).await == u64::from(RECORDS)
+        })
+        .await;
+        let arrived = healed.elapsed();
+        until("the site's backlog drained", || async {
+            a.backlog().await.unwrap() == 0
+        })
+        .await;
+        until("the hub node's fleet ledger", || async {
+            hub_usage.usage_count().await.unwrap() == u64::from(RECORDS)
+        })
+        .await;
+        assert_eq!(stream_messages(&hub).await, u64::from(RECORDS));
+        assert_eq!(at_site.info().await.unwrap().state.messages, 0);
+        eprintln!(
+            "edge usage: {RECORDS} records buffered at a cut site reached the hub {arrived:?} after the heal"
+        );
     }
 }

@@ -56,6 +56,7 @@ pub fn router(platform: Arc<Platform>, max_upload_bytes: usize) -> Router {
     let (api, described) = OpenApiRouter::new()
         .routes(routes!(status))
         .routes(routes!(nodes))
+        .routes(routes!(sites))
         .routes(routes!(list_functions))
         .routes(routes!(get_function, delete_function))
         .routes(deploy_route)
@@ -285,6 +286,18 @@ async fn status(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoRes
 )]
 async fn nodes(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(platform.nodes().await?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sites",
+    tag = "node",
+    operation_id = "list_sites",
+    summary = "The fleet's edge nodes by leaf site: link to the hub, last contact, versions served, usage backlog",
+    responses((status = 200, description = "the edge nodes, by site (none without leaf sites)", body = Object), (status = "default", description = "an error: `code` and what to do in `message`", body = ErrorBody))
+)]
+async fn sites(State(platform): State<Arc<Platform>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(platform.sites().await?))
 }
 
 #[utoipa::path(

@@ -429,6 +429,15 @@ impl Platform {
         Ok(self.members.members().await?)
     }
 
+    /// The fleet's edge nodes by leaf site (none in a fleet without leaf
+    /// sites, or on a node on its own).
+    pub async fn sites(&self) -> Result<Vec<mayfly_store::SiteNode>, PlatformError> {
+        match &self.fleet {
+            Some(link) => Ok(link.sites().await?),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The admin API's URL, if the node serves one.
     pub fn api_url(&self) -> Option<&str> {
         self.api_url.get().map(String::as_str)

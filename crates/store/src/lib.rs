@@ -60,7 +60,7 @@ pub use jobs::{
     ItemCounts, ItemLogEntry, ItemResult, ItemState, Job, JobItem, JobSpec, JobState, JobStore,
     MaxFailures, NewItem, PipelineStep,
 };
-pub use link::{FleetLink, FleetLinkStatus};
+pub use link::{FleetLink, FleetLinkStatus, HubLink, SiteNode};
 pub use logs::{FeedLine, LocalLogs, LogFeed, LogRecord, LogStore, LogSubscription, NewLogLine};
 pub use members::{Membership, NodeInfo, SingleNode};
 pub use pipelines::{

@@ -12,6 +12,7 @@ mod connections;
 mod dashboard;
 mod deploy;
 mod dev;
+mod edge;
 mod environment;
 mod events;
 mod fairness;

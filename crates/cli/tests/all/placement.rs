@@ -11,14 +11,14 @@ use crate::common::{Node, agent, eventually, guest};
 use crate::fleet::{fleet_node, served};
 
 /// A gateway answer: status, headers (lower-case names), body.
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -27,7 +27,7 @@ impl Answer {
 }
 
 /// Sends `method path` with `body` to `node`'s gateway.
-fn send(node: &Node, method: &str, path: &str, body: &[u8]) -> Answer {
+pub(crate) fn send(node: &Node, method: &str, path: &str, body: &[u8]) -> Answer {
     let request = ureq::http::Request::builder()
         .method(method)
         .uri(format!("{}{path}", node.gateway))

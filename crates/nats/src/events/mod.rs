@@ -79,6 +79,8 @@ pub struct NatsEvents {
     kv: Store,
     /// `$KV.<bucket>.`: the subject prefix of its keys.
     prefix: String,
+    /// Where atomic batches publish ([`Fleet::write_prefix`]).
+    write_prefix: String,
     objects: object_store::ObjectStore,
     /// Object bytes on this node: staged uploads and downloaded copies.
     blobs: BlobDir,
@@ -127,6 +129,7 @@ impl NatsEvents {
         )
         .await?;
         let (triggers, watcher) = Watched::start_filtered(
+            fleet,
             kv.clone(),
             Some("t.>".into()),
             triggers::change_of,
@@ -136,6 +139,7 @@ impl NatsEvents {
         Ok(Self {
             client: fleet.client().clone(),
             prefix: format!("$KV.{}.", kv.name),
+            write_prefix: fleet.write_prefix(&kv),
             kv,
             objects,
             blobs,
@@ -266,7 +270,7 @@ impl NatsEvents {
     /// Commits `writes`; `None` when a compare-and-swap failed (nothing was
     /// written: re-read and decide).
     async fn commit(&self, writes: &[Write]) -> Result<Option<Committed>> {
-        match batch::commit(&self.client, &self.prefix, writes).await {
+        match batch::commit(&self.client, &self.write_prefix, writes).await {
             Ok(done) => Ok(Some(done)),
             Err(BatchError::WrongLastSequence) => Ok(None),
             Err(BatchError::Failed(error) | BatchError::Unknown(error)) => Err(error),

@@ -229,6 +229,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/metrics", "GET"),
     ("/v1/status", "GET"),
     ("/v1/nodes", "GET"),
+    ("/v1/sites", "GET"),
     ("/v1/audit", "GET"),
     ("/v1/tokens", "GET POST"),
     ("/v1/tokens/{}", "DELETE"),
