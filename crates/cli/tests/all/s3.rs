@@ -533,3 +533,87 @@ print('ok')
     assert_eq!(out.trim(), "ok");
     node.stop();
 }
+
+#[test]
+fn a_functions_s3_key_presigns_for_its_granted_buckets_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    // Function keys live as long as credentials: 5 s here, so that expiry
+    // is seen within the test.
+    let node = Node::start_with(
+        &dir.path().join("data"),
+        &["--s3-listen", "127.0.0.1:0", "--credential-ttl", "5s"],
+    );
+    let key = create_key(&node, &["media", "private"]);
+    let home = home.path();
+    node.deploy_with("presigner", "caps", &[], &["--object-bucket", "media"]);
+    // The function learns where the endpoint is.
+    let (status, url) = node.invoke_get("presigner", "/config/get?key=mayfly.s3_url");
+    assert_eq!((status, url.trim()), (200, node.s3.as_str()));
+
+    // The script reads the function's key the way the function does (its
+    // wasi:config), right before using it: the 5 s start then.
+    let script = format!(
+        r#"
+import base64, time, urllib.request, urllib.error
+s3.create_bucket(Bucket='media')
+s3.create_bucket(Bucket='private')
+s3.put_object(Bucket='media', Key='cat.jpg', Body=b'meow' * 1000)
+s3.put_object(Bucket='private', Key='diary.txt', Body=b'dear diary')
+
+def function_key():
+    request = urllib.request.Request(
+        {admin:?} + '/v1/functions/presigner/invoke?method=GET&path=%2Fconfig%2Fget%3Fkey%3Dmayfly.s3_key',
+        method='POST', headers={{'authorization': 'Bearer ' + {token:?}}})
+    return urllib.request.urlopen(request).read().decode().strip().split(':')
+
+def client(key_id, secret):
+    return boto3.client('s3', endpoint_url=endpoint, aws_access_key_id=key_id,
+                        aws_secret_access_key=secret,
+                        config=Config(signature_version='s3v4',
+                                      s3={{'addressing_style': 'path'}},
+                                      retries={{'max_attempts': 1}}))
+
+def http_code(url):
+    try:
+        urllib.request.urlopen(url)
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        return body.split('<Code>')[1].split('</Code>')[0]
+    return 'no error'
+
+key_id, secret = function_key()
+assert key_id.startswith('MFFN'), key_id
+fn = client(key_id, secret)
+# A presigned GET for the granted bucket works over plain HTTP.
+url = fn.generate_presigned_url('get_object', Params={{'Bucket': 'media', 'Key': 'cat.jpg'}},
+                                ExpiresIn=3600)
+assert urllib.request.urlopen(url).read() == b'meow' * 1000
+# Another bucket: refused, presigned or not; listing shows only its own.
+denied = fn.generate_presigned_url('get_object',
+                                   Params={{'Bucket': 'private', 'Key': 'diary.txt'}})
+assert http_code(denied) == 'AccessDenied', http_code(denied)
+assert code(lambda: fn.get_object(Bucket='private', Key='diary.txt')) == 'AccessDenied'
+assert [b['Name'] for b in fn.list_buckets()['Buckets']] == ['media']
+# The claims are bound to the secret: widening them breaks the signature.
+payload = key_id[4:]
+claims = json.loads(base64.urlsafe_b64decode(payload + '=' * (-len(payload) % 4)))
+assert claims['objects'] == ['media'], claims
+claims['objects'] = ['media', 'private']
+forged = 'MFFN' + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip('=')
+assert code(lambda: client(forged, secret).get_object(Bucket='private', Key='diary.txt')) \
+    == 'SignatureDoesNotMatch'
+# Once the key has expired, so has every URL presigned with it.
+deadline = time.time() + 30
+while http_code(url) == 'no error' and time.time() < deadline:
+    time.sleep(0.25)
+assert http_code(url) == 'ExpiredToken', http_code(url)
+assert code(lambda: fn.list_objects_v2(Bucket='media')) == 'ExpiredToken'
+print('ok')
+"#,
+        admin = node.admin,
+        token = node.token,
+    );
+    assert_eq!(boto3(&node, &key, home, &script).trim(), "ok");
+    node.stop();
+}
