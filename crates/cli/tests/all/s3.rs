@@ -617,3 +617,367 @@ print('ok')
     assert_eq!(boto3(&node, &key, home, &script).trim(), "ok");
     node.stop();
 }
+
+/// The SHA-256 (hex) of `len` bytes of `path` from `start` (to the end
+/// with `None`), by the clients' Python.
+fn sha256(path: &Path, start: u64, len: Option<u64>) -> String {
+    let script = "import hashlib, sys\n\
+        f = open(sys.argv[1], 'rb'); f.seek(int(sys.argv[2]))\n\
+        left = int(sys.argv[3]); h = hashlib.sha256()\n\
+        while left != 0:\n    \
+            chunk = f.read(1 << 20 if left < 0 else min(left, 1 << 20))\n    \
+            if not chunk: break\n    \
+            h.update(chunk); left -= len(chunk)\n\
+        print(h.hexdigest())\n";
+    let output = Command::new(clients().join("python"))
+        .args(["-c", script])
+        .arg(path)
+        .arg(start.to_string())
+        .arg(
+            len.map_or(-1, |len| i64::try_from(len).unwrap())
+                .to_string(),
+        )
+        .output()
+        .expect("python runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// Writes `size` pseudo-random (incompressible) bytes to `path`, a MiB at
+/// a time.
+fn write_random_file(path: &Path, size: u64) {
+    use std::io::Write as _;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for word in chunk.chunks_exact_mut(8) {
+            // xorshift64: cheap, and no two MiB alike.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap();
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.flush().unwrap();
+}
+
+/// Samples the node's resident memory every few milliseconds until
+/// dropped; the largest sample is kept.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(crate::common::proc_status_bytes(pid, "VmRSS"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The largest resident size seen.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Size of the large object in MB (MiB): 200 unless
+/// `MAYFLY_S3_BIG_MB` says otherwise.
+fn big_object_mib() -> u64 {
+    std::env::var("MAYFLY_S3_BIG_MB")
+        .ok()
+        .and_then(|mb| mb.parse().ok())
+        .unwrap_or(200)
+}
+
+#[test]
+fn a_200_mb_object_goes_up_and_down_with_the_aws_cli_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    let size = big_object_mib() << 20;
+    let local = dir.path().join("big.bin");
+    write_random_file(&local, size);
+    let want = sha256(&local, 0, None);
+    let before = node.rss_bytes();
+    let sampler = RssSampler::start(node.pid());
+
+    // Up: the AWS CLI sends it in 8 MiB parts, ten at a time.
+    let started = std::time::Instant::now();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            local.to_str().unwrap(),
+            "s3://big/blob.bin",
+        ],
+    );
+    let up = started.elapsed();
+    // Down whole (the CLI fetches ranges of it in parallel).
+    let started = std::time::Instant::now();
+    let back = dir.path().join("back.bin");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "s3://big/blob.bin",
+            back.to_str().unwrap(),
+        ],
+    );
+    let down = started.elapsed();
+    // One range, across part boundaries.
+    let (first, last) = (size / 2 + 12_345, size - 1_000);
+    let part = dir.path().join("range.bin");
+    let started = std::time::Instant::now();
+    let head: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "big",
+            "--key",
+            "blob.bin",
+            "--range",
+            &format!("bytes={first}-{last}"),
+            part.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let ranged = started.elapsed();
+    let peak = sampler.finish();
+    let high_water = node.peak_rss_bytes();
+
+    assert_eq!(head["ContentLength"], last - first + 1, "{head}");
+    assert_eq!(
+        head["ContentRange"],
+        format!("bytes {first}-{last}/{size}"),
+        "{head}"
+    );
+    assert_eq!(sha256(&back, 0, None), want, "the whole download differs");
+    assert_eq!(
+        sha256(&part, 0, None),
+        sha256(&local, first, Some(last - first + 1)),
+        "the range differs"
+    );
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    eprintln!(
+        "S3 {} MiB: up {up:.1?}, down {down:.1?}, range of {:.1} MiB {ranged:.1?}; node RSS \
+         before {:.0} MiB, sampled peak {:.0} MiB, high-water mark {:.0} MiB",
+        size >> 20,
+        mib(last - first + 1),
+        mib(before),
+        mib(peak),
+        mib(high_water),
+    );
+    // Bounded: well under the object's size however large it is, and far
+    // from holding it whole (let alone several copies).
+    let bound = 400 << 20;
+    assert!(
+        high_water < bound,
+        "the node's memory peaked at {:.0} MiB moving a {} MiB object",
+        mib(high_water),
+        size >> 20
+    );
+    node.stop();
+}
+
+#[test]
+fn aws_s3_sync_moves_a_thousand_files_up_and_back_and_lists_by_delimiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["site"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://site"]);
+    // 1,000 files in 10 folders, two of them nested, of varied sizes.
+    let up = dir.path().join("up");
+    for i in 0..1000u32 {
+        let folder = match i % 10 {
+            8 => up.join("d8/deeper"),
+            9 => up.join("d9/deeper/deepest"),
+            d => up.join(format!("d{d}")),
+        };
+        std::fs::create_dir_all(&folder).unwrap();
+        let body: Vec<u8> = (0..(i * 37) % 5000)
+            .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+            .collect();
+        std::fs::write(folder.join(format!("f{i:04}.bin")), body).unwrap();
+    }
+    // Objects beside the folder, so a listing of the bucket runs past one
+    // page of 1,000.
+    for name in ["a.txt", "m.txt", "z.txt"] {
+        let (status, _) = admin(
+            &node,
+            "PUT",
+            &format!("/v1/buckets/site/objects/{name}"),
+            &[],
+            name.as_bytes(),
+        );
+        assert_eq!(status, 200);
+    }
+
+    let started = std::time::Instant::now();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "sync",
+            "--only-show-errors",
+            up.to_str().unwrap(),
+            "s3://site/www/",
+        ],
+    );
+    let synced_up = started.elapsed();
+    let started = std::time::Instant::now();
+    let down = dir.path().join("down");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "sync",
+            "--only-show-errors",
+            "s3://site/www/",
+            down.to_str().unwrap(),
+        ],
+    );
+    let synced_down = started.elapsed();
+    eprintln!("S3 sync of 1,000 files: up {synced_up:.1?}, down {synced_down:.1?}");
+    let files = crate::common::files_under(&up);
+    assert_eq!(files.len(), 1000);
+    assert_eq!(crate::common::files_under(&down), files);
+    for file in &files {
+        assert!(
+            std::fs::read(up.join(file)).unwrap() == std::fs::read(down.join(file)).unwrap(),
+            "{file} differs after the round trip"
+        );
+    }
+    // Nothing left to do either way.
+    let again = aws(
+        &node,
+        &key,
+        home,
+        &["s3", "sync", up.to_str().unwrap(), "s3://site/www/"],
+    );
+    assert!(again.trim().is_empty(), "{again}");
+
+    // Listing by delimiter: the folders, then one folder's files.
+    let top = aws(&node, &key, home, &["s3", "ls", "s3://site/www/"]);
+    let prefixes: Vec<&str> = top
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("PRE "))
+        .collect();
+    let want: Vec<String> = (0..10).map(|d| format!("d{d}/")).collect();
+    assert_eq!(prefixes, want, "{top}");
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--prefix",
+            "www/d9/",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        listed["CommonPrefixes"],
+        json!([{"Prefix": "www/d9/deeper/"}])
+    );
+    assert!(listed.get("Contents").is_none(), "{listed}");
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--prefix",
+            "www/d3/",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    let keys: Vec<&str> = listed["Contents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 100, "{listed}");
+    assert!(keys.iter().all(|k| k.starts_with("www/d3/f")), "{keys:?}");
+    // The bucket's top level: three objects and one prefix, in key order.
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        listed["CommonPrefixes"],
+        json!([{"Prefix": "www/"}]),
+        "{listed}"
+    );
+    let keys: Vec<&str> = listed["Contents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["a.txt", "m.txt", "z.txt"], "{listed}");
+    // Everything, past the first page of 1,000 (the CLI follows the
+    // continuation token).
+    let all = aws(&node, &key, home, &["s3", "ls", "--recursive", "s3://site"]);
+    assert_eq!(all.lines().count(), 1003, "{all}");
+    node.stop();
+}
