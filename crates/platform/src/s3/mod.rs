@@ -66,7 +66,7 @@ pub(crate) fn serve(
         max_object_bytes,
         data_dir.join("s3-uploads"),
     );
-    let service = TowerToHyperService::new(s3);
+    let service = CloseAfterUnsentContinue(TowerToHyperService::new(s3));
     Ok(async move {
         let name = "S3 endpoint";
         match tls {
@@ -80,4 +80,49 @@ pub(crate) fn serve(
             }
         }
     })
+}
+
+/// Closes the connection after answering a request that asked for
+/// `100 Continue` and was answered without one: an empty body (hyper sends
+/// the interim answer only when a body is read) or a refusal. The AWS CLI
+/// (botocore) keeps the final status it got in place of the 100 as the
+/// status of every later answer on that connection, so its next request
+/// there would hang until its read timeout (measured: `aws s3 sync` of a
+/// folder holding an empty file stalled 60 s). S3 itself always sends the
+/// 100; a new connection is the cheap way to the same effect.
+#[derive(Clone)]
+struct CloseAfterUnsentContinue<S>(S);
+
+impl<S, B, R> hyper::service::Service<http::Request<B>> for CloseAfterUnsentContinue<S>
+where
+    S: hyper::service::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn call(&self, request: http::Request<B>) -> Self::Future {
+        let headers = request.headers();
+        let expects = headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let empty = headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if expects && (empty || !response.status().is_success()) {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(response)
+        })
+    }
 }
