@@ -248,6 +248,7 @@ impl RunningNode {
             listener,
             tls,
             config.max_object_bytes,
+            config.upload_max_age,
             self.shutdown.clone(),
         )?;
         self.s3 = Some(tokio::spawn(served));

@@ -512,7 +512,8 @@ fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
     let uploads = dir.path().join("data/s3-uploads");
     assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
 
-    // boto3: list parts, abort, and a part past the end refused.
+    // boto3: list parts, a part past the end and a small part refused,
+    // abort.
     let out = boto3(
         &node,
         &key,
@@ -520,15 +521,26 @@ fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
         r#"
 up = s3.create_multipart_upload(Bucket='big', Key='later.bin')['UploadId']
 e1 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)['ETag']
-s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)
+e2 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)['ETag']
 parts = s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)['Parts']
 assert [(p['PartNumber'], p['Size']) for p in parts] == [(1, 100), (2, 50)], parts
 assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
     MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 3, 'ETag': e1}]})) \
     == 'InvalidPart'
-s3.abort_multipart_upload(Bucket='big', Key='later.bin', UploadId=up)
-assert code(lambda: s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)) == 'NoSuchUpload'
-assert code(lambda: s3.head_object(Bucket='big', Key='later.bin')) == '404'
+# Every part but the last must be 5 MiB or more, as in S3; the upload
+# survives the refusal, and a small last part alone completes.
+assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 2, 'ETag': e2}]})) \
+    == 'EntityTooSmall'
+s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 2, 'ETag': e2}]})
+assert s3.get_object(Bucket='big', Key='later.bin')['Body'].read() == b'b' * 50
+# Abort.
+up = s3.create_multipart_upload(Bucket='big', Key='never.bin')['UploadId']
+s3.upload_part(Bucket='big', Key='never.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)
+s3.abort_multipart_upload(Bucket='big', Key='never.bin', UploadId=up)
+assert code(lambda: s3.list_parts(Bucket='big', Key='never.bin', UploadId=up)) == 'NoSuchUpload'
+assert code(lambda: s3.head_object(Bucket='big', Key='never.bin')) == '404'
 print('ok')
 "#,
     );
@@ -988,5 +1000,42 @@ fn aws_s3_sync_moves_a_thousand_files_up_and_back_and_lists_by_delimiter() {
     // continuation token).
     let all = aws(&node, &key, home, &["s3", "ls", "--recursive", "s3://site"]);
     assert_eq!(all.lines().count(), 1003, "{all}");
+    node.stop();
+}
+
+#[test]
+fn an_abandoned_multipart_upload_is_removed_after_its_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("data"),
+        &["--s3-listen", "127.0.0.1:0", "--s3-upload-max-age", "2s"],
+    );
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    let out = boto3(
+        &node,
+        &key,
+        home,
+        r#"
+import time
+up = s3.create_multipart_upload(Bucket='big', Key='left.bin')['UploadId']
+s3.upload_part(Bucket='big', Key='left.bin', UploadId=up, PartNumber=1, Body=b'a' * 1000)
+# Younger than its age: kept.
+assert [p['Size'] for p in s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)['Parts']] \
+    == [1000]
+deadline = time.time() + 30
+while code(lambda: s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)) == 'no error' \
+        and time.time() < deadline:
+    time.sleep(0.25)
+assert code(lambda: s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)) == 'NoSuchUpload'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    // Its parts are gone from disk too.
+    let uploads = dir.path().join("data/s3-uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
     node.stop();
 }

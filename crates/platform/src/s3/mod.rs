@@ -37,7 +37,14 @@ pub struct S3Config {
     /// The largest object one PutObject (or a completed multipart upload)
     /// may store.
     pub max_object_bytes: u64,
+    /// How old a multipart upload that was neither completed nor aborted
+    /// may grow before it is removed with its parts.
+    pub upload_max_age: Duration,
 }
+
+/// Default age past which an abandoned multipart upload is removed: a
+/// week, time enough to resume an interrupted upload of any size.
+pub const DEFAULT_UPLOAD_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The S3 listener's connection limits: an upload of several GB takes
 /// minutes, so a request body may take an hour (the other listeners allow a
@@ -57,9 +64,21 @@ pub(crate) fn serve(
     listener: TcpListener,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     max_object_bytes: u64,
+    upload_max_age: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<impl Future<Output = ()> + use<>> {
     let meta = meta::S3Meta::open(data_dir)?;
+    let sweeper = service::MayflyS3 {
+        platform: platform.clone(),
+        meta: meta.clone(),
+        max_object_bytes,
+        uploads_dir: data_dir.join("s3-uploads"),
+    };
+    tokio::spawn(sweep_abandoned_uploads(
+        sweeper,
+        upload_max_age,
+        shutdown.clone(),
+    ));
     let s3 = service::build(
         platform,
         meta,
@@ -80,6 +99,31 @@ pub(crate) fn serve(
             }
         }
     })
+}
+
+/// Removes abandoned multipart uploads until `shutdown`, checking a few
+/// times per `max_age` (at most hourly, at least every second), so an
+/// upload goes at most a quarter of its age late.
+async fn sweep_abandoned_uploads(
+    s3: service::MayflyS3,
+    max_age: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let removed = s3.sweep_abandoned(max_age).await;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed multipart uploads abandoned for over {}",
+                humantime::format_duration(max_age)
+            );
+        }
+    }
 }
 
 /// Closes the connection after answering a request that asked for
