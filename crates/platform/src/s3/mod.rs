@@ -7,7 +7,11 @@
 //! content-addressed, and firing the bucket's object triggers once. What S3
 //! needs beyond that (empty buckets, MD5 ETags, user metadata, checksums)
 //! lives in `s3.db` ([`meta`]); who may call is decided by S3 access keys
-//! ([`keys`]), each limited to named buckets.
+//! ([`keys`]), each limited to named buckets, or by a function's
+//! per-invocation S3 key (wasi:config `mayfly.s3_key`, see
+//! [`crate::auth`]), limited to its granted object buckets and as
+//! short-lived as its credential, so a function can hand out presigned URLs.
+//! Multipart uploads abandoned past an age are removed with their parts.
 //!
 //! It listens on its own address (`mayfly serve --s3-listen`), like the
 //! admin API plain HTTP only on loopback unless TLS or `--insecure` is given.
