@@ -319,6 +319,18 @@ pub struct S3Args {
     #[arg(long, value_name = "MB", default_value_t = mayfly_platform::s3::DEFAULT_MAX_OBJECT_BYTES >> 20,
           value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
     pub s3_max_object_mb: u64,
+    /// How long a multipart upload may stay neither completed nor aborted
+    /// before the node removes it with its parts (1s to 365d).
+    #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_upload_max_age)]
+    pub s3_upload_max_age: Duration,
+}
+
+fn parse_upload_max_age(text: &str) -> Result<Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if age < Duration::from_secs(1) || age > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{text} is outside 1s to 365d"));
+    }
+    Ok(age)
 }
 
 impl AdminTlsArgs {
@@ -543,6 +555,7 @@ async fn serve(args: ServeArgs, file: NodeFile) -> anyhow::Result<()> {
             let config = mayfly_platform::s3::S3Config {
                 data_dir: args.data_dir.clone(),
                 max_object_bytes: args.s3.s3_max_object_mb << 20,
+                upload_max_age: args.s3.s3_upload_max_age,
             };
             let scheme = if tls.is_some() { "https" } else { "http" };
             let addr = running.serve_s3(listener, &config, tls.as_ref()).await?;

@@ -10,7 +10,11 @@
 //!   the node when a guest reads `mayfly.credential` through wasi:config,
 //!   signed with HMAC-SHA256 under a key derived from the node's master key,
 //!   valid for a few minutes, and good only for the KV buckets, object
-//!   buckets and queues granted to that function.
+//!   buckets and queues granted to that function. The same claims (object
+//!   buckets only) also come as an **S3 key pair** (`mayfly.s3_key`):
+//!   the access key id (`MFFN…`) carries them, and its secret is a MAC of
+//!   the id under the same key, so any node can check a signature made
+//!   with it and none stores it.
 //!
 //! Every admin action and every refused request is written to the audit
 //! log before the answer leaves, except that anonymous refusals (no or an
@@ -35,6 +39,7 @@ use mayfly_store::{AuditEntry, AuthStore, FunctionConfig, Grants, TokenRecord};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
 
 use crate::clock::now_ms;
 use crate::error::PlatformError;
@@ -62,6 +67,13 @@ const AUDIT_PRUNE_EVERY: u64 = 1_000;
 
 const TOKEN_PREFIX: &str = "mf_";
 const CREDENTIAL_PREFIX: &str = "mfc1.";
+/// How a function's S3 access key id starts. Keys created with `mayfly
+/// token create --s3` are exactly 20 characters; a function's is longer
+/// (it carries its claims), which is what tells the two apart.
+const S3_KEY_PREFIX: &str = "MFFN";
+/// Domain separation of the secrets of functions' S3 keys from the
+/// credentials' signatures, which are MACs under the same key.
+const S3_SECRET_CONTEXT: &[u8] = b"mayfly function s3 secret v1\0";
 
 /// What a token may do. `admin` may do everything; the others are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -850,6 +862,67 @@ impl Auth {
         }
         Ok(claims)
     }
+
+    /// An S3 key pair for one invocation of `function`, good for its
+    /// granted object buckets as long as a credential minted now (the
+    /// caller also narrows it to the live grants, as for credentials).
+    /// The access key id carries the claims, so it is long (a hundred
+    /// characters and more); S3 clients accept that.
+    pub fn mint_s3_key(
+        &self,
+        function: &str,
+        generation: i64,
+        version: u64,
+        grants: &Grants,
+    ) -> Result<(String, Zeroizing<String>), AuthError> {
+        let ttl_ms = i64::try_from(self.credential_ttl.as_millis()).unwrap_or(i64::MAX);
+        let claims = Credential {
+            function: function.to_string(),
+            version,
+            generation,
+            expires_ms: now_ms().saturating_add(ttl_ms),
+            kv: Vec::new(),
+            objects: grants.objects.clone(),
+            queues: Vec::new(),
+        };
+        // Serializing a struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(&claims).unwrap_or_default();
+        let id = format!("{S3_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(json));
+        let secret = self.s3_secret(&id)?;
+        Ok((id, secret))
+    }
+
+    /// The claims of a function's S3 access key id and the secret that
+    /// signs with it; None if `access_key_id` is not one this node's key
+    /// can have made. The claims are only as good as the request's
+    /// signature, which the caller checks with the secret; so is expiry,
+    /// which S3 reports with an error of its own.
+    pub fn function_s3_key(&self, access_key_id: &str) -> Option<(Credential, Zeroizing<String>)> {
+        if !is_function_s3_key(access_key_id) {
+            return None;
+        }
+        let payload = &access_key_id[S3_KEY_PREFIX.len()..];
+        let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+        let claims: Credential = serde_json::from_slice(&json).ok()?;
+        let secret = self.s3_secret(access_key_id).ok()?;
+        Some((claims, secret))
+    }
+
+    /// HMAC-SHA256(signing key, context ‖ id), as 43 characters.
+    fn s3_secret(&self, access_key_id: &str) -> Result<Zeroizing<String>, AuthError> {
+        let mut mac = self.mac()?;
+        mac.update(S3_SECRET_CONTEXT);
+        mac.update(access_key_id.as_bytes());
+        Ok(Zeroizing::new(
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()),
+        ))
+    }
+}
+
+/// Whether `access_key_id` is one of a function's S3 keys (rather than one
+/// created with `mayfly token create --s3`).
+pub fn is_function_s3_key(access_key_id: &str) -> bool {
+    access_key_id.len() > 20 && access_key_id.starts_with(S3_KEY_PREFIX)
 }
 
 /// Writes `bytes` to a new file readable and writable by its owner only
@@ -1074,6 +1147,52 @@ mod tests {
             .verify_credential(&credential, now_ms() + 61_000)
             .unwrap_err();
         assert!(error.to_string().contains("expired"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_functions_s3_key_carries_its_claims_under_a_secret_only_the_node_derives() {
+        let (_dir, auth) = auth(Duration::from_secs(60)).await;
+        let grants = Grants {
+            kv: vec!["orders".into()],
+            objects: vec!["media".into()],
+            ..Grants::default()
+        };
+        let (id, secret) = auth.mint_s3_key("a", 1_000, 3, &grants).unwrap();
+        assert!(is_function_s3_key(&id), "{id}");
+        assert_eq!(secret.len(), 43);
+        let (claims, derived) = auth.function_s3_key(&id).unwrap();
+        assert_eq!(derived.as_str(), secret.as_str());
+        assert_eq!((claims.function.as_str(), claims.version), ("a", 3));
+        // Object buckets only: the S3 endpoint reaches nothing else.
+        assert_eq!(claims.objects, ["media"]);
+        assert!(claims.kv.is_empty() && claims.queues.is_empty());
+        assert!(claims.expires_ms > now_ms() + 50_000);
+        // Another id (a changed claim) has another secret, and so has the
+        // same id on a node with another key.
+        let mut wider = claims.clone();
+        wider.objects.push("private".into());
+        let widened = format!(
+            "{S3_KEY_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&wider).unwrap())
+        );
+        let (_, widened_secret) = auth.function_s3_key(&widened).unwrap();
+        assert_ne!(widened_secret.as_str(), secret.as_str());
+        let dir = tempfile::tempdir().unwrap();
+        let other = Auth::open(
+            mayfly_store::sqlite::open_auth(dir.path()).unwrap(),
+            dir.path(),
+            Box::new(|| [8; 32]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            other.function_s3_key(&id).unwrap().1.as_str(),
+            secret.as_str()
+        );
+        // Created keys (20 characters) and garbage are not function keys.
+        assert!(!is_function_s3_key("MFFNABCDEFGHIJKLMNOP"));
+        assert!(auth.function_s3_key("MFFNnot-base64-json!!!!").is_none());
     }
 
     #[tokio::test]

@@ -22,6 +22,14 @@ use crate::validate::{
 pub const CREDENTIAL_KEY: &str = "mayfly.credential";
 /// wasi:config key holding the admin API's URL, where the credential works.
 pub const API_URL_KEY: &str = "mayfly.api_url";
+/// wasi:config key under which a function reads a per-invocation S3 key
+/// pair, `ACCESS_KEY_ID:SECRET_ACCESS_KEY` (one value, so that both halves
+/// come from one minting): good on the S3 endpoint for the function's
+/// object buckets, as long as a credential; for presigned URLs it hands out.
+pub const S3_KEY_KEY: &str = "mayfly.s3_key";
+/// wasi:config key holding the S3 endpoint's URL (unset when the node
+/// serves no S3), where the S3 key works.
+pub const S3_URL_KEY: &str = "mayfly.s3_url";
 
 /// Keys listed per page of wasi:keyvalue `list-keys`.
 const LIST_PAGE: usize = 1000;
@@ -38,6 +46,8 @@ pub(crate) struct NodeServices {
     pub(crate) auth: Arc<Auth>,
     /// The admin API's URL, once it listens.
     pub(crate) api_url: Arc<OnceLock<String>>,
+    /// The S3 endpoint's URL, once it listens.
+    pub(crate) s3_url: Arc<OnceLock<String>>,
     /// Models for wasi:nn, and the host that runs them.
     pub(crate) models: Arc<crate::models::Models>,
 }
@@ -118,7 +128,8 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         if key.starts_with("mayfly.") {
             return Err(bad(format!(
                 "variable `{key}`: names starting with `mayfly.` are the node's \
-                 (`{CREDENTIAL_KEY}`, `{API_URL_KEY}`): rename it"
+                 (`{CREDENTIAL_KEY}`, `{API_URL_KEY}`, `{S3_KEY_KEY}`, `{S3_URL_KEY}`): rename \
+                 it"
             )));
         }
         if config.grants.secrets.contains(key) {
@@ -388,6 +399,17 @@ impl ConfigSource for FunctionConfigSource {
         }
         if key == API_URL_KEY {
             return Ok(self.services.api_url.get().cloned());
+        }
+        if key == S3_KEY_KEY {
+            let (id, secret) = self
+                .services
+                .auth
+                .mint_s3_key(&self.function, self.generation, self.version, &self.grants)
+                .map_err(|e| e.to_string())?;
+            return Ok(Some(format!("{id}:{}", secret.as_str())));
+        }
+        if key == S3_URL_KEY {
+            return Ok(self.services.s3_url.get().cloned());
         }
         if let Some(value) = self.variables.get(key) {
             return Ok(Some(value.clone()));

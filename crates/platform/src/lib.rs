@@ -235,12 +235,21 @@ impl RunningNode {
     ) -> anyhow::Result<SocketAddr> {
         let addr = listener.local_addr()?;
         let tls = tls.map(tls::TlsFiles::server_config).transpose()?;
+        // Where functions presign for: this machine's address when the
+        // endpoint listens on every interface.
+        let mut reachable = addr;
+        if reachable.ip().is_unspecified() {
+            reachable.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        self.platform.set_s3_url(format!("{scheme}://{reachable}"));
         let served = s3::serve(
             self.platform.clone(),
             &config.data_dir,
             listener,
             tls,
             config.max_object_bytes,
+            config.upload_max_age,
             self.shutdown.clone(),
         )?;
         self.s3 = Some(tokio::spawn(served));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::artifacts::Artifacts;
-use crate::auth::Auth;
+use crate::auth::{Auth, AuthError, Credential};
 use crate::autoscale::Autoscaler;
 use crate::capabilities::{NodeKeyValue, NodeServices};
 use crate::catalog::Catalog;
@@ -74,6 +74,9 @@ pub struct Platform {
     /// The admin API's URL, once it listens: functions read it through
     /// wasi:config to call back with their credential.
     api_url: Arc<OnceLock<String>>,
+    /// The S3 endpoint's URL, once it listens: functions read it through
+    /// wasi:config to presign URLs with their S3 key.
+    s3_url: Arc<OnceLock<String>>,
     /// The gateway's address, once it listens: each heartbeat carries it.
     gateway_addr: Arc<OnceLock<String>>,
     /// The fleet's membership list (this node alone, embedded).
@@ -185,11 +188,13 @@ impl Platform {
         ));
         let alone = stores.fleet.is_none();
         let api_url = Arc::new(OnceLock::new());
+        let s3_url = Arc::new(OnceLock::new());
         let services = Arc::new(NodeServices {
             keyvalue: Arc::new(NodeKeyValue::new(events.clone())),
             secrets: secrets.clone(),
             auth: auth.clone(),
             api_url: api_url.clone(),
+            s3_url: s3_url.clone(),
             models: models.clone(),
         });
         let started = Instant::now();
@@ -245,6 +250,7 @@ impl Platform {
             models,
             auth,
             api_url,
+            s3_url,
             gateway_addr: Arc::new(OnceLock::new()),
             members: stores.members.clone(),
             config,
@@ -413,9 +419,30 @@ impl Platform {
         &self.auth
     }
 
+    /// What a function's credential (or its S3 key) reaches now rather
+    /// than when it was minted: its version's grants while that version is
+    /// in service (a canary's may differ from live's), else live's; and
+    /// nothing of a function of the same name created after it (refused).
+    pub fn credential_now(&self, credential: &Credential) -> Result<Credential, AuthError> {
+        let catalog = self.catalog();
+        let live = catalog.by_name.get(&credential.function).map(|served| {
+            let deployed = served
+                .version(credential.version)
+                .unwrap_or(&served.live.deployed);
+            (deployed.generation, &deployed.grants)
+        });
+        crate::auth::narrow_to_live(credential, live)
+    }
+
     /// Records where the admin API listens (once; later calls are ignored).
     pub fn set_api_url(&self, url: String) {
         let _ = self.api_url.set(url);
+    }
+
+    /// Records where the S3 endpoint listens (once; later calls are
+    /// ignored).
+    pub fn set_s3_url(&self, url: String) {
+        let _ = self.s3_url.set(url);
     }
 
     /// Records where the gateway listens, for the heartbeats.

@@ -306,15 +306,13 @@ impl Node {
 
     /// The node process's resident memory, in bytes (Linux).
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the node's /proc status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .expect("a VmRSS line");
-        kib * 1024
+        proc_status_bytes(self.child.id(), "VmRSS")
+    }
+
+    /// The most resident memory the node process has had, in bytes
+    /// (Linux's high-water mark, `VmHWM`).
+    pub fn peak_rss_bytes(&self) -> u64 {
+        proc_status_bytes(self.child.id(), "VmHWM")
     }
 
     /// The files the node process has mapped into memory (Linux).
@@ -373,6 +371,20 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A size field (`VmRSS`, `VmHWM`, …) of process `pid`'s
+/// `/proc/PID/status`, in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or_else(|| panic!("a {field} line in /proc/{pid}/status"));
+    kib * 1024
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout`.

@@ -70,6 +70,8 @@ fn client(node: &Node, key: &Key, program: &str, home: &Path) -> Command {
         .env("AWS_SECRET_ACCESS_KEY", &key.secret)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .env("AWS_ENDPOINT_URL", &node.s3)
+        // No silent retries: a request that fails once fails the test.
+        .env("AWS_MAX_ATTEMPTS", "1")
         .env("MAYFLY_S3", &node.s3);
     command
 }
@@ -511,7 +513,8 @@ fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
     let uploads = dir.path().join("data/s3-uploads");
     assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
 
-    // boto3: list parts, abort, and a part past the end refused.
+    // boto3: list parts, a part past the end and a small part refused,
+    // abort.
     let out = boto3(
         &node,
         &key,
@@ -519,18 +522,521 @@ fn a_multipart_upload_is_one_object_with_the_multipart_etag() {
         r#"
 up = s3.create_multipart_upload(Bucket='big', Key='later.bin')['UploadId']
 e1 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)['ETag']
-s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)
+e2 = s3.upload_part(Bucket='big', Key='later.bin', UploadId=up, PartNumber=2, Body=b'b' * 50)['ETag']
 parts = s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)['Parts']
 assert [(p['PartNumber'], p['Size']) for p in parts] == [(1, 100), (2, 50)], parts
 assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
     MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 3, 'ETag': e1}]})) \
     == 'InvalidPart'
-s3.abort_multipart_upload(Bucket='big', Key='later.bin', UploadId=up)
-assert code(lambda: s3.list_parts(Bucket='big', Key='later.bin', UploadId=up)) == 'NoSuchUpload'
-assert code(lambda: s3.head_object(Bucket='big', Key='later.bin')) == '404'
+# Every part but the last must be 5 MiB or more, as in S3; the upload
+# survives the refusal, and a small last part alone completes.
+assert code(lambda: s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 1, 'ETag': e1}, {'PartNumber': 2, 'ETag': e2}]})) \
+    == 'EntityTooSmall'
+s3.complete_multipart_upload(Bucket='big', Key='later.bin', UploadId=up,
+    MultipartUpload={'Parts': [{'PartNumber': 2, 'ETag': e2}]})
+assert s3.get_object(Bucket='big', Key='later.bin')['Body'].read() == b'b' * 50
+# Abort.
+up = s3.create_multipart_upload(Bucket='big', Key='never.bin')['UploadId']
+s3.upload_part(Bucket='big', Key='never.bin', UploadId=up, PartNumber=1, Body=b'a' * 100)
+s3.abort_multipart_upload(Bucket='big', Key='never.bin', UploadId=up)
+assert code(lambda: s3.list_parts(Bucket='big', Key='never.bin', UploadId=up)) == 'NoSuchUpload'
+assert code(lambda: s3.head_object(Bucket='big', Key='never.bin')) == '404'
 print('ok')
 "#,
     );
     assert_eq!(out.trim(), "ok");
+    node.stop();
+}
+
+#[test]
+fn a_functions_s3_key_presigns_for_its_granted_buckets_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    // Function keys live as long as credentials: 5 s here, so that expiry
+    // is seen within the test.
+    let node = Node::start_with(
+        &dir.path().join("data"),
+        &["--s3-listen", "127.0.0.1:0", "--credential-ttl", "5s"],
+    );
+    let key = create_key(&node, &["media", "private"]);
+    let home = home.path();
+    node.deploy_with("presigner", "caps", &[], &["--object-bucket", "media"]);
+    // The function learns where the endpoint is.
+    let (status, url) = node.invoke_get("presigner", "/config/get?key=mayfly.s3_url");
+    assert_eq!((status, url.trim()), (200, node.s3.as_str()));
+
+    // The script reads the function's key the way the function does (its
+    // wasi:config), right before using it: the 5 s start then.
+    let script = format!(
+        r#"
+import base64, time, urllib.request, urllib.error
+s3.create_bucket(Bucket='media')
+s3.create_bucket(Bucket='private')
+s3.put_object(Bucket='media', Key='cat.jpg', Body=b'meow' * 1000)
+s3.put_object(Bucket='private', Key='diary.txt', Body=b'dear diary')
+
+def function_key():
+    request = urllib.request.Request(
+        {admin:?} + '/v1/functions/presigner/invoke?method=GET&path=%2Fconfig%2Fget%3Fkey%3Dmayfly.s3_key',
+        method='POST', headers={{'authorization': 'Bearer ' + {token:?}}})
+    return urllib.request.urlopen(request).read().decode().strip().split(':')
+
+def client(key_id, secret):
+    return boto3.client('s3', endpoint_url=endpoint, aws_access_key_id=key_id,
+                        aws_secret_access_key=secret,
+                        config=Config(signature_version='s3v4',
+                                      s3={{'addressing_style': 'path'}},
+                                      retries={{'max_attempts': 1}}))
+
+def http_code(url):
+    try:
+        urllib.request.urlopen(url)
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        return body.split('<Code>')[1].split('</Code>')[0]
+    return 'no error'
+
+key_id, secret = function_key()
+assert key_id.startswith('MFFN'), key_id
+fn = client(key_id, secret)
+# A presigned GET for the granted bucket works over plain HTTP.
+url = fn.generate_presigned_url('get_object', Params={{'Bucket': 'media', 'Key': 'cat.jpg'}},
+                                ExpiresIn=3600)
+assert urllib.request.urlopen(url).read() == b'meow' * 1000
+# Another bucket: refused, presigned or not; listing shows only its own.
+denied = fn.generate_presigned_url('get_object',
+                                   Params={{'Bucket': 'private', 'Key': 'diary.txt'}})
+assert http_code(denied) == 'AccessDenied', http_code(denied)
+assert code(lambda: fn.get_object(Bucket='private', Key='diary.txt')) == 'AccessDenied'
+assert [b['Name'] for b in fn.list_buckets()['Buckets']] == ['media']
+# The claims are bound to the secret: widening them breaks the signature.
+payload = key_id[4:]
+claims = json.loads(base64.urlsafe_b64decode(payload + '=' * (-len(payload) % 4)))
+assert claims['objects'] == ['media'], claims
+claims['objects'] = ['media', 'private']
+forged = 'MFFN' + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip('=')
+assert code(lambda: client(forged, secret).get_object(Bucket='private', Key='diary.txt')) \
+    == 'SignatureDoesNotMatch'
+# Once the key has expired, so has every URL presigned with it.
+deadline = time.time() + 30
+while http_code(url) == 'no error' and time.time() < deadline:
+    time.sleep(0.25)
+assert http_code(url) == 'ExpiredToken', http_code(url)
+assert code(lambda: fn.list_objects_v2(Bucket='media')) == 'ExpiredToken'
+print('ok')
+"#,
+        admin = node.admin,
+        token = node.token,
+    );
+    assert_eq!(boto3(&node, &key, home, &script).trim(), "ok");
+    node.stop();
+}
+
+/// The SHA-256 (hex) of `len` bytes of `path` from `start` (to the end
+/// with `None`), by the clients' Python.
+fn sha256(path: &Path, start: u64, len: Option<u64>) -> String {
+    let script = "import hashlib, sys\n\
+        f = open(sys.argv[1], 'rb'); f.seek(int(sys.argv[2]))\n\
+        left = int(sys.argv[3]); h = hashlib.sha256()\n\
+        while left != 0:\n    \
+            chunk = f.read(1 << 20 if left < 0 else min(left, 1 << 20))\n    \
+            if not chunk: break\n    \
+            h.update(chunk); left -= len(chunk)\n\
+        print(h.hexdigest())\n";
+    let output = Command::new(clients().join("python"))
+        .args(["-c", script])
+        .arg(path)
+        .arg(start.to_string())
+        .arg(
+            len.map_or(-1, |len| i64::try_from(len).unwrap())
+                .to_string(),
+        )
+        .output()
+        .expect("python runs");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// Writes `size` pseudo-random (incompressible) bytes to `path`, a MiB at
+/// a time.
+fn write_random_file(path: &Path, size: u64) {
+    use std::io::Write as _;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for word in chunk.chunks_exact_mut(8) {
+            // xorshift64: cheap, and no two MiB alike.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap();
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.flush().unwrap();
+}
+
+/// Samples the node's resident memory every few milliseconds until
+/// dropped; the largest sample is kept.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(crate::common::proc_status_bytes(pid, "VmRSS"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The largest resident size seen.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Size of the large object in MB (MiB): 200 unless
+/// `MAYFLY_S3_BIG_MB` says otherwise.
+fn big_object_mib() -> u64 {
+    std::env::var("MAYFLY_S3_BIG_MB")
+        .ok()
+        .and_then(|mb| mb.parse().ok())
+        .unwrap_or(200)
+}
+
+#[test]
+fn a_200_mb_object_goes_up_and_down_with_the_aws_cli_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    let size = big_object_mib() << 20;
+    let local = dir.path().join("big.bin");
+    write_random_file(&local, size);
+    let want = sha256(&local, 0, None);
+    let before = node.rss_bytes();
+    let sampler = RssSampler::start(node.pid());
+
+    // Up: the AWS CLI sends it in 8 MiB parts, ten at a time.
+    let started = std::time::Instant::now();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            local.to_str().unwrap(),
+            "s3://big/blob.bin",
+        ],
+    );
+    let up = started.elapsed();
+    // Down whole (the CLI fetches ranges of it in parallel).
+    let started = std::time::Instant::now();
+    let back = dir.path().join("back.bin");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            "s3://big/blob.bin",
+            back.to_str().unwrap(),
+        ],
+    );
+    let down = started.elapsed();
+    // One range, across part boundaries.
+    let (first, last) = (size / 2 + 12_345, size - 1_000);
+    let part = dir.path().join("range.bin");
+    let started = std::time::Instant::now();
+    let head: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "big",
+            "--key",
+            "blob.bin",
+            "--range",
+            &format!("bytes={first}-{last}"),
+            part.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let ranged = started.elapsed();
+    let peak = sampler.finish();
+    let high_water = node.peak_rss_bytes();
+
+    assert_eq!(head["ContentLength"], last - first + 1, "{head}");
+    assert_eq!(
+        head["ContentRange"],
+        format!("bytes {first}-{last}/{size}"),
+        "{head}"
+    );
+    assert_eq!(sha256(&back, 0, None), want, "the whole download differs");
+    assert_eq!(
+        sha256(&part, 0, None),
+        sha256(&local, first, Some(last - first + 1)),
+        "the range differs"
+    );
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    eprintln!(
+        "S3 {} MiB: up {up:.1?}, down {down:.1?}, range of {:.1} MiB {ranged:.1?}; node RSS \
+         before {:.0} MiB, sampled peak {:.0} MiB, high-water mark {:.0} MiB",
+        size >> 20,
+        mib(last - first + 1),
+        mib(before),
+        mib(peak),
+        mib(high_water),
+    );
+    // Bounded: well under the object's size however large it is, and far
+    // from holding it whole (let alone several copies).
+    let bound = 400 << 20;
+    assert!(
+        high_water < bound,
+        "the node's memory peaked at {:.0} MiB moving a {} MiB object",
+        mib(high_water),
+        size >> 20
+    );
+    node.stop();
+}
+
+#[test]
+fn aws_s3_sync_moves_a_thousand_files_up_and_back_and_lists_by_delimiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data"));
+    let key = create_key(&node, &["site"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://site"]);
+    // 1,000 files in 10 folders, two of them nested, of varied sizes; the
+    // first is empty (the CLI asks for `100 Continue` for it too: see
+    // below).
+    let up = dir.path().join("up");
+    for i in 0..1000u32 {
+        let folder = match i % 10 {
+            8 => up.join("d8/deeper"),
+            9 => up.join("d9/deeper/deepest"),
+            d => up.join(format!("d{d}")),
+        };
+        std::fs::create_dir_all(&folder).unwrap();
+        let body: Vec<u8> = (0..(i * 37) % 5000)
+            .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+            .collect();
+        std::fs::write(folder.join(format!("f{i:04}.bin")), body).unwrap();
+    }
+    // Objects beside the folder, so a listing of the bucket runs past one
+    // page of 1,000.
+    for name in ["a.txt", "m.txt", "z.txt"] {
+        let (status, _) = admin(
+            &node,
+            "PUT",
+            &format!("/v1/buckets/site/objects/{name}"),
+            &[],
+            name.as_bytes(),
+        );
+        assert_eq!(status, 200);
+    }
+
+    // The node answers an empty upload without a `100 Continue`; unless
+    // it then closes the connection, the CLI's next request on it waits
+    // for an answer it already read, and fails at this read timeout.
+    let started = std::time::Instant::now();
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "--cli-read-timeout",
+            "20",
+            "s3",
+            "sync",
+            "--only-show-errors",
+            up.to_str().unwrap(),
+            "s3://site/www/",
+        ],
+    );
+    let synced_up = started.elapsed();
+    let started = std::time::Instant::now();
+    let down = dir.path().join("down");
+    aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3",
+            "sync",
+            "--only-show-errors",
+            "s3://site/www/",
+            down.to_str().unwrap(),
+        ],
+    );
+    let synced_down = started.elapsed();
+    eprintln!("S3 sync of 1,000 files: up {synced_up:.1?}, down {synced_down:.1?}");
+    let files = crate::common::files_under(&up);
+    assert_eq!(files.len(), 1000);
+    assert_eq!(crate::common::files_under(&down), files);
+    for file in &files {
+        assert!(
+            std::fs::read(up.join(file)).unwrap() == std::fs::read(down.join(file)).unwrap(),
+            "{file} differs after the round trip"
+        );
+    }
+    // Nothing left to do either way.
+    let again = aws(
+        &node,
+        &key,
+        home,
+        &["s3", "sync", up.to_str().unwrap(), "s3://site/www/"],
+    );
+    assert!(again.trim().is_empty(), "{again}");
+
+    // Listing by delimiter: the folders, then one folder's files.
+    let top = aws(&node, &key, home, &["s3", "ls", "s3://site/www/"]);
+    let prefixes: Vec<&str> = top
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("PRE "))
+        .collect();
+    let want: Vec<String> = (0..10).map(|d| format!("d{d}/")).collect();
+    assert_eq!(prefixes, want, "{top}");
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--prefix",
+            "www/d9/",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        listed["CommonPrefixes"],
+        json!([{"Prefix": "www/d9/deeper/"}])
+    );
+    assert!(listed.get("Contents").is_none(), "{listed}");
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--prefix",
+            "www/d3/",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    let keys: Vec<&str> = listed["Contents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 100, "{listed}");
+    assert!(keys.iter().all(|k| k.starts_with("www/d3/f")), "{keys:?}");
+    // The bucket's top level: three objects and one prefix, in key order.
+    let listed: Value = serde_json::from_str(&aws(
+        &node,
+        &key,
+        home,
+        &[
+            "s3api",
+            "list-objects-v2",
+            "--bucket",
+            "site",
+            "--delimiter",
+            "/",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        listed["CommonPrefixes"],
+        json!([{"Prefix": "www/"}]),
+        "{listed}"
+    );
+    let keys: Vec<&str> = listed["Contents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["a.txt", "m.txt", "z.txt"], "{listed}");
+    // Everything, past the first page of 1,000 (the CLI follows the
+    // continuation token).
+    let all = aws(&node, &key, home, &["s3", "ls", "--recursive", "s3://site"]);
+    assert_eq!(all.lines().count(), 1003, "{all}");
+    node.stop();
+}
+
+#[test]
+fn an_abandoned_multipart_upload_is_removed_after_its_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("data"),
+        &["--s3-listen", "127.0.0.1:0", "--s3-upload-max-age", "2s"],
+    );
+    let key = create_key(&node, &["big"]);
+    let home = home.path();
+    aws(&node, &key, home, &["s3", "mb", "s3://big"]);
+    let out = boto3(
+        &node,
+        &key,
+        home,
+        r#"
+import time
+up = s3.create_multipart_upload(Bucket='big', Key='left.bin')['UploadId']
+s3.upload_part(Bucket='big', Key='left.bin', UploadId=up, PartNumber=1, Body=b'a' * 1000)
+# Younger than its age: kept.
+assert [p['Size'] for p in s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)['Parts']] \
+    == [1000]
+deadline = time.time() + 30
+while code(lambda: s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)) == 'no error' \
+        and time.time() < deadline:
+    time.sleep(0.25)
+assert code(lambda: s3.list_parts(Bucket='big', Key='left.bin', UploadId=up)) == 'NoSuchUpload'
+print('ok')
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+    // Its parts are gone from disk too.
+    let uploads = dir.path().join("data/s3-uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
     node.stop();
 }

@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiResult};
 use super::openapi::ErrorBody;
-use crate::auth::{AuthError, Principal, Scope, authorize, is_admin_action, narrow_to_live};
+use crate::auth::{AuthError, Principal, Scope, authorize, is_admin_action};
 use crate::error::PlatformError;
 use crate::platform::Platform;
 
@@ -124,25 +124,15 @@ pub(super) async fn gate(
 #[derive(Debug, Clone, Default)]
 pub(super) struct ClientGone(pub(super) tokio_util::sync::CancellationToken);
 
-/// A credential reaches what its function is granted now, not when it was
-/// minted: its version's grants while that version is in service (a
-/// canary's may differ from live's), else live's; and nothing of a function
-/// of the same name created after it (refused). Tokens pass unchanged.
+/// A function's credential narrowed to what it is granted now
+/// ([`Platform::credential_now`]); tokens pass unchanged.
 fn current_grants(platform: &Platform, principal: Principal) -> Result<Principal, AuthError> {
     let Principal::Function(credential) = principal else {
         return Ok(principal);
     };
-    let catalog = platform.catalog();
-    let live = catalog.by_name.get(&credential.function).map(|served| {
-        let deployed = served
-            .version(credential.version)
-            .unwrap_or(&served.live.deployed);
-        (deployed.generation, &deployed.grants)
-    });
-    Ok(Principal::Function(Arc::new(narrow_to_live(
-        &credential,
-        live,
-    )?)))
+    Ok(Principal::Function(Arc::new(
+        platform.credential_now(&credential)?,
+    )))
 }
 
 /// Answers a refused request, after recording the refusal.

@@ -362,6 +362,25 @@ impl S3Meta {
             .collect()
     }
 
+    /// The ids of uploads created before `before_ms` (ms since the Unix
+    /// epoch), oldest first, at most `limit`.
+    pub(crate) async fn uploads_before(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |conn| {
+            let mut statement = conn.prepare(
+                "SELECT id FROM uploads WHERE created_ms < ?1 ORDER BY created_ms LIMIT ?2",
+            )?;
+            statement
+                .query_map(params![before_ms, limit], |row| row.get(0))?
+                .collect()
+        })
+        .await
+    }
+
     /// Forgets upload `id` and its parts; returns whether it existed.
     pub(crate) async fn delete_upload(&self, id: &str) -> anyhow::Result<bool> {
         let id = id.to_string();

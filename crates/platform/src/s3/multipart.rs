@@ -25,6 +25,11 @@ use crate::clock::now_ms;
 
 /// Part numbers S3 allows.
 const PARTS: std::ops::RangeInclusive<i32> = 1..=10_000;
+/// The smallest part but the last, S3's own minimum: it keeps an upload of
+/// a large object to a bounded number of parts, files and rows.
+pub(super) const MIN_PART_BYTES: u64 = 5 << 20;
+/// Abandoned uploads removed per sweep (the rest wait for the next).
+const SWEEP_BATCH: usize = 1000;
 
 fn no_such_upload(id: &str) -> S3Error {
     s3_error!(
@@ -240,6 +245,19 @@ impl MayflyS3 {
             total += row.size;
             paths.push(dir.join(number.to_string()));
         }
+        // Checked once every part is known to exist, so that a wrong list
+        // is reported as such first.
+        for part in &asked[..asked.len() - 1] {
+            let number = part.part_number.unwrap_or(0);
+            let size = stored.get(&number).map_or(0, |row| row.size);
+            if size < MIN_PART_BYTES {
+                return Err(s3_error!(
+                    EntityTooSmall,
+                    "part {number} is {size} bytes: every part but the last must be at least \
+                     {MIN_PART_BYTES} bytes (5 MiB); upload it again larger"
+                ));
+            }
+        }
         if total > self.max_object_bytes {
             return Err(s3_error!(
                 EntityTooLarge,
@@ -313,6 +331,32 @@ impl MayflyS3 {
             Err(error) => tracing::warn!("cannot remove {}: {error}", dir.display()),
         }
         Ok(existed)
+    }
+
+    /// Removes the uploads created more than `max_age` ago that were
+    /// neither completed nor aborted, with their parts; returns how many.
+    pub(super) async fn sweep_abandoned(&self, max_age: std::time::Duration) -> usize {
+        let age_ms = i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        let before = now_ms().saturating_sub(age_ms);
+        let ids = match self.meta.uploads_before(before, SWEEP_BATCH).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::warn!("cannot list abandoned multipart uploads: {error:#}");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for id in ids {
+            let Ok(dir) = self.upload_dir(&id) else {
+                continue;
+            };
+            match self.forget_upload(&id, &dir).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(error) => tracing::warn!("cannot remove multipart upload {id}: {error}"),
+            }
+        }
+        removed
     }
 
     pub(super) async fn abort_multipart(

@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::keys;
 use super::meta::{ObjectExtra, S3Meta};
+use crate::auth::Credential;
 use crate::clock::now_ms;
 use crate::error::PlatformError;
 use crate::platform::Platform;
@@ -78,9 +79,33 @@ fn unknown_key() -> S3Error {
     )
 }
 
+/// A function's S3 key past its expiry: `ExpiredToken`, as S3 answers for
+/// expired temporary credentials.
+fn expired_key(credential: &Credential) -> S3Error {
+    s3_error!(
+        ExpiredToken,
+        "the S3 key of function `{}` expired {} ms ago (it lives as long as the node's function \
+         credentials, `--credential-ttl`): read a fresh one from wasi:config key \
+         `mayfly.s3_key`",
+        credential.function,
+        now_ms().saturating_sub(credential.expires_ms)
+    )
+}
+
 #[async_trait::async_trait]
 impl S3Auth for KeyAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        if crate::auth::is_function_s3_key(access_key) {
+            let (credential, secret) = self
+                .platform
+                .auth()
+                .function_s3_key(access_key)
+                .ok_or_else(unknown_key)?;
+            if credential.expires_ms <= now_ms() {
+                return Err(expired_key(&credential));
+            }
+            return Ok(SecretKey::from(secret.as_str()));
+        }
         match keys::lookup(self.platform.secrets(), access_key).await {
             Ok(Some(key)) => Ok(SecretKey::from(key.secret.as_str())),
             Ok(None) => Err(unknown_key()),
@@ -110,6 +135,9 @@ impl S3Access for KeyAccess {
                  (`mayfly token create --s3`)"
             ));
         };
+        if crate::auth::is_function_s3_key(&access_key) {
+            return self.check_function(cx, &access_key);
+        }
         let key = keys::lookup(self.platform.secrets(), &access_key)
             .await
             .map_err(platform_error)?
@@ -126,6 +154,38 @@ impl S3Access for KeyAccess {
         }
         cx.extensions_mut()
             .insert(Grant(Arc::new(key.buckets.clone())));
+        Ok(())
+    }
+}
+
+impl KeyAccess {
+    /// A function's S3 key (its signature already checked) reaches the
+    /// object buckets its function is granted now, as its credential does.
+    fn check_function(&self, cx: &mut S3AccessContext<'_>, access_key: &str) -> S3Result<()> {
+        let (claims, _) = self
+            .platform
+            .auth()
+            .function_s3_key(access_key)
+            .ok_or_else(unknown_key)?;
+        if claims.expires_ms <= now_ms() {
+            return Err(expired_key(&claims));
+        }
+        let credential = self
+            .platform
+            .credential_now(&claims)
+            .map_err(|error| s3_error!(InvalidAccessKeyId, "{error}"))?;
+        if let Some(bucket) = cx.s3_path().get_bucket_name()
+            && !keys::bucket_granted(&credential.objects, bucket)
+        {
+            return Err(s3_error!(
+                AccessDenied,
+                "the S3 key of function `{}` reaches only the object buckets granted to it, \
+                 not `{bucket}`: deploy it with `--object-bucket {bucket}`",
+                credential.function
+            ));
+        }
+        cx.extensions_mut()
+            .insert(Grant(Arc::new(credential.objects)));
         Ok(())
     }
 }
