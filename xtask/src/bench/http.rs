@@ -50,16 +50,22 @@ pub fn run(bench: &Bench) -> Results {
 
 fn measure(bench: &Bench, system: &super::System) -> anyhow::Result<Figures> {
     let mut server = system.serve_hello(&bench.hello_files(), &[])?;
+    load(bench, &mut server.process, &server.url)
+}
+
+/// The profile's warm-up and runs of wrk against `url`, served by
+/// `process` (whose CPU time and peak memory are the server's figures).
+pub fn load(bench: &Bench, process: &mut Process, url: &str) -> anyhow::Result<Figures> {
     let profile = &bench.profile;
-    wrk(bench, &server.url, profile.warmup)?;
+    wrk(bench, url, profile.warmup)?;
     let mut figures = Figures::default();
     for _ in 0..profile.runs {
-        let before = server.process.cpu_seconds()?;
-        let report = wrk(bench, &server.url, profile.run)?;
-        let cpu = server.process.cpu_seconds()? - before;
-        server.process.check_running()?;
+        let before = process.cpu_seconds()?;
+        let report = wrk(bench, url, profile.run)?;
+        let cpu = process.cpu_seconds()? - before;
+        process.check_running()?;
         if report.requests == 0 {
-            bail!("wrk completed no request against {}", server.url);
+            bail!("wrk completed no request against {url}");
         }
         let requests = report.requests as f64;
         figures.rps.push(requests / (report.duration_us / 1e6));
@@ -69,16 +75,12 @@ fn measure(bench: &Bench, system: &super::System) -> anyhow::Result<Figures> {
         figures.cpu_us.push(cpu / requests * 1e6);
         figures.errors += report.errors;
     }
-    figures.peak_rss = peak_rss(&server.process)?;
+    figures.peak_rss = process.memory_bytes("VmHWM")? as f64;
     Ok(figures)
 }
 
-fn peak_rss(process: &Process) -> anyhow::Result<f64> {
-    Ok(process.memory_bytes("VmHWM")? as f64)
-}
-
 /// What the `done` hook of bench/wrk-percentiles.lua prints.
-pub struct WrkReport {
+struct WrkReport {
     /// Requests completed.
     pub requests: u64,
     /// The run's length, µs.
@@ -94,7 +96,7 @@ pub struct WrkReport {
 }
 
 /// Runs wrk (the scenario's threads and connections) against `url`.
-pub fn wrk(bench: &Bench, url: &str, duration: std::time::Duration) -> anyhow::Result<WrkReport> {
+fn wrk(bench: &Bench, url: &str, duration: std::time::Duration) -> anyhow::Result<WrkReport> {
     let text = output(
         command("wrk")
             .arg(format!("-t{THREADS}"))

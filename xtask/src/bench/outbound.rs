@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::http::{Figures, wrk};
+use super::http::{Figures, load};
 use super::mayfly::{Admin, Node, NodeOptions};
 use super::process::{Process, command, free_port, wait_for_200};
 use super::stats::{count, latency, mib};
@@ -77,28 +77,8 @@ fn measure(
     let mut process = node.process;
     wait_for_200(&url, Instant::now(), &mut process, Duration::from_secs(60))?;
 
-    let profile = &bench.profile;
-    wrk(bench, &url, profile.warmup)?;
-    let mut figures = Figures::default();
-    for _ in 0..profile.runs {
-        let before = process.cpu_seconds()?;
-        let report = wrk(bench, &url, profile.run)?;
-        let cpu = process.cpu_seconds()? - before;
-        process.check_running()?;
-        upstream.check_running()?;
-        anyhow::ensure!(
-            report.requests > 0,
-            "wrk completed no request against {url}"
-        );
-        let requests = report.requests as f64;
-        figures.rps.push(requests / (report.duration_us / 1e6));
-        figures.p50.push(report.p50);
-        figures.p99.push(report.p99);
-        figures.p999.push(report.p999);
-        figures.cpu_us.push(cpu / requests * 1e6);
-        figures.errors += report.errors;
-    }
-    figures.peak_rss = process.memory_bytes("VmHWM")? as f64;
+    let figures = load(bench, &mut process, &url)?;
+    upstream.check_running()?;
     Ok(figures)
 }
 

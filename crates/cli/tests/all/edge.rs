@@ -10,7 +10,7 @@ use mayfly_nats::testing::{EdgeServers, NatsServers};
 use serde_json::Value;
 
 use crate::common::{Node, eventually, guest};
-use crate::placement::{Answer, send};
+use crate::placement::{Answer, deploy_pinned_echo, send, share_admin_token};
 
 /// A node at leaf site `site` named `name`, labelled `labels`.
 fn edge_node(
@@ -82,36 +82,14 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     let mut a = edge_node(dir_a.path(), &servers, "site-a", "a", "site=a");
     let mut b = edge_node(dir_b.path(), &servers, "site-b", "b", "site=b");
     // Whichever started first made the fleet's admin token (at the hub).
-    let token = if a.token.is_empty() {
-        b.token.clone()
-    } else {
-        a.token.clone()
-    };
-    a.token = token.clone();
-    b.token = token;
+    share_admin_token(&mut a, &mut b);
     eventually(Duration::from_secs(30), "both edge nodes listed", || {
         let nodes = b.admin_json("/v1/nodes");
         (nodes.as_array().map_or(0, Vec::len) == 2).then_some(())
     });
 
     // Deployed at site b, which does not run it; only a loads it.
-    let echo = guest("echo");
-    let (ok, stdout, stderr) = b.cli(&[
-        "deploy",
-        "pinned",
-        echo.to_str().unwrap(),
-        "--route",
-        "/pinned",
-        "--place",
-        "site=a",
-        "--wait",
-        "60s",
-    ]);
-    assert!(ok, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("live on 1 of 1 nodes with site=a"),
-        "{stdout}{stderr}"
-    );
+    deploy_pinned_echo(&b);
     assert_eq!(a.admin_json("/v1/status")["functions"], 1);
     assert_eq!(b.admin_json("/v1/status")["functions"], 0);
 

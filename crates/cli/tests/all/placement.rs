@@ -93,37 +93,14 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = fleet_node(dir_a.path(), &servers, "a", "site=a");
     let mut b = fleet_node(dir_b.path(), &servers, "b", "site=b");
-    // Whichever started first made the fleet's admin token.
-    let token = if a.token.is_empty() {
-        b.token.clone()
-    } else {
-        a.token.clone()
-    };
-    a.token = token.clone();
-    b.token = token;
+    share_admin_token(&mut a, &mut b);
     eventually(Duration::from_secs(30), "both nodes listed", || {
         let nodes = a.admin_json("/v1/nodes");
         (nodes.as_array().map_or(0, Vec::len) == 2).then_some(())
     });
 
     // Deployed through b, which does not run it: --wait waits for a only.
-    let echo = guest("echo");
-    let (ok, stdout, stderr) = b.cli(&[
-        "deploy",
-        "pinned",
-        echo.to_str().unwrap(),
-        "--route",
-        "/pinned",
-        "--place",
-        "site=a",
-        "--wait",
-        "60s",
-    ]);
-    assert!(ok, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("live on 1 of 1 nodes with site=a"),
-        "{stdout}{stderr}"
-    );
+    deploy_pinned_echo(&b);
     b.deploy("open", "hello", &["/open"]);
     served(&a, "/open", "Hello");
     served(&b, "/open", "Hello");
@@ -376,4 +353,38 @@ fn a_node_on_its_own_runs_a_placed_function_and_says_the_placement_does_not_appl
         "site=a b",
     ]);
     assert!(!ok && stderr.contains("1-63 letters"), "{stderr}");
+}
+
+/// Gives both nodes the fleet's admin token, which whichever started first
+/// made (the other read none).
+pub(crate) fn share_admin_token(a: &mut Node, b: &mut Node) {
+    let token = if a.token.is_empty() {
+        b.token.clone()
+    } else {
+        a.token.clone()
+    };
+    a.token = token.clone();
+    b.token = token;
+}
+
+/// Deploys the echo guest as `pinned` on `/pinned`, placed on `site=a`,
+/// through `via`, waiting until the one matching node serves it.
+pub(crate) fn deploy_pinned_echo(via: &Node) {
+    let echo = guest("echo");
+    let (ok, stdout, stderr) = via.cli(&[
+        "deploy",
+        "pinned",
+        echo.to_str().unwrap(),
+        "--route",
+        "/pinned",
+        "--place",
+        "site=a",
+        "--wait",
+        "60s",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("live on 1 of 1 nodes with site=a"),
+        "{stdout}{stderr}"
+    );
 }

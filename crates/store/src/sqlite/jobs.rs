@@ -59,8 +59,34 @@ const JOB_MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX job_item_log_by_job ON job_item_log (job, pos);
 "#,
-    super::pipelines::PIPELINE_TABLES,
+    PIPELINE_TABLES,
 ];
+
+/// The second migration of `jobs.db`. A run's `spec` is the definition it
+/// started with.
+const PIPELINE_TABLES: &str = r#"
+    CREATE TABLE pipelines (
+        name             TEXT PRIMARY KEY,
+        spec             TEXT NOT NULL,
+        created_ms       INTEGER NOT NULL,
+        updated_ms       INTEGER NOT NULL,
+        last_slot_ms     INTEGER,
+        pending_since_ms INTEGER
+    ) STRICT;
+    CREATE TABLE pipeline_runs (
+        pipeline    TEXT NOT NULL,
+        run         INTEGER NOT NULL,
+        spec        TEXT NOT NULL,
+        cause       TEXT NOT NULL,
+        full        INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        error       TEXT,
+        created_ms  INTEGER NOT NULL,
+        finished_ms INTEGER,
+        PRIMARY KEY (pipeline, run)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX pipeline_runs_running ON pipeline_runs (state);
+"#;
 
 /// Jobs in `jobs.db`.
 #[derive(Clone)]

@@ -9,32 +9,6 @@ use crate::jobs::JobState;
 use crate::pipelines::{Pipeline, PipelineRun, PipelineSpec, PipelineStore, RunCause, RunStart};
 use crate::{Result, StoreError};
 
-/// The second migration of `jobs.db`. A run's `spec` is the definition it
-/// started with.
-pub(super) const PIPELINE_TABLES: &str = r#"
-    CREATE TABLE pipelines (
-        name             TEXT PRIMARY KEY,
-        spec             TEXT NOT NULL,
-        created_ms       INTEGER NOT NULL,
-        updated_ms       INTEGER NOT NULL,
-        last_slot_ms     INTEGER,
-        pending_since_ms INTEGER
-    ) STRICT;
-    CREATE TABLE pipeline_runs (
-        pipeline    TEXT NOT NULL,
-        run         INTEGER NOT NULL,
-        spec        TEXT NOT NULL,
-        cause       TEXT NOT NULL,
-        full        INTEGER NOT NULL,
-        state       TEXT NOT NULL,
-        error       TEXT,
-        created_ms  INTEGER NOT NULL,
-        finished_ms INTEGER,
-        PRIMARY KEY (pipeline, run)
-    ) STRICT, WITHOUT ROWID;
-    CREATE INDEX pipeline_runs_running ON pipeline_runs (state);
-"#;
-
 const PIPELINE_COLUMNS: &str = "name, spec, created_ms, updated_ms, last_slot_ms, pending_since_ms";
 const RUN_COLUMNS: &str = "pipeline, run, spec, cause, full, state, error, created_ms, finished_ms";
 
