@@ -234,6 +234,7 @@ fn a_function_placed_at_site_a_runs_only_there_and_site_b_forwards_to_it() {
 
     // A queue trigger of a pinned function is delivered by a alone: b
     // runs nothing of it.
+    let echo = guest("echo");
     let (ok, stdout, stderr) = b.cli(&[
         "deploy",
         "worker",
