@@ -726,8 +726,9 @@ impl WasiHttpHooks for OutboundHooks {
             let slot = slots.acquire_owned().await.map_err(|_| {
                 Error::InternalError(Some("the outbound request slots are closed".into()))
             })?;
-            let idle = Timeouts::from(options).between_bytes;
-            let response = send(&policy, &*on_denied, request, options).await?;
+            let timeouts = Timeouts::from(options);
+            let idle = timeouts.between_bytes;
+            let response = send(&policy, &*on_denied, request, timeouts).await?;
             // The pool drives the connection; the body holds the slot until
             // it is read or dropped.
             let response = response.map(|incoming| {
@@ -802,7 +803,7 @@ async fn send(
     policy: &OutboundPolicy,
     on_denied: &(dyn Fn(String) + Send + Sync),
     request: Request<WasiBody>,
-    options: Option<RequestOptions>,
+    timeouts: Timeouts,
 ) -> Result<Response<hyper::body::Incoming>, Error> {
     let target = Target::of(request.uri())?;
     let deny = |reason: String| {
@@ -817,7 +818,6 @@ async fn send(
             target.grant()
         )));
     }
-    let timeouts = Timeouts::from(options);
     let pool = policy
         .pool
         .get_or_init(|| new_pool(Arc::clone(&policy.rules)));

@@ -46,14 +46,11 @@ async fn upload(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let body = body.map_err(|e| ApiError {
-        status: e.status(),
-        code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_request"
-        },
-        message: format!("cannot read the model: {}", e.body_text()),
+    let body = body.map_err(|e| {
+        ApiError::rejected(
+            e.status(),
+            format!("cannot read the model: {}", e.body_text()),
+        )
     })?;
     let record = platform.models().put(&name, body).await?;
     Ok((StatusCode::OK, Json(record)).into_response())

@@ -63,14 +63,11 @@ async fn set(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let body = body.map_err(|e| ApiError {
-        status: e.status(),
-        code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_request"
-        },
-        message: format!("cannot read the secret's value: {}", e.body_text()),
+    let body = body.map_err(|e| {
+        ApiError::rejected(
+            e.status(),
+            format!("cannot read the secret's value: {}", e.body_text()),
+        )
     })?;
     let put = platform.secrets().set(&name, &body).await?;
     let status = if put.created {
