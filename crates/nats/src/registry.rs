@@ -222,16 +222,33 @@ impl Inner {
     /// A key's value and the revision a compare-and-swap of it expects
     /// (a tombstone's, or 0 when it never existed).
     async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<(Option<T>, u64)> {
-        let entry = self.watched.kv.entry(key).await.map_err(crate::backend)?;
-        let Some(entry) = entry else {
-            return Ok((None, 0));
+        // From the stream's leader, not `kv.entry`'s direct get: on a
+        // cluster a direct get may be answered by a replica that has not
+        // applied this node's own last write yet, and a read-modify-write
+        // then misses what it just wrote (seen in CI: a deploy's alias move
+        // found no function right after creating its version).
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.watched.kv.prefix);
+        let message = match self
+            .watched
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(message) => message,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok((None, 0));
+            }
+            Err(error) => return Err(crate::backend(error)),
         };
-        if entry.operation != Operation::Put {
-            return Ok((None, entry.revision));
+        // A delete or purge is a marker with a `KV-Operation` header.
+        if message.headers.get("KV-Operation").is_some() {
+            return Ok((None, message.sequence));
         }
-        let value = serde_json::from_slice(&entry.value)
+        let value = serde_json::from_slice(&message.payload)
             .map_err(|e| StoreError::Corrupt(format!("registry key {key}: {e}")))?;
-        Ok((Some(value), entry.revision))
+        Ok((Some(value), message.sequence))
     }
 
     async fn value<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
