@@ -42,13 +42,37 @@ pub fn nats_server_binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-/// A free loopback TCP port (free when this returns; the server binds it
-/// right after, so a clash with another process is possible but rare).
+/// A loopback TCP port that was free a moment ago and that no other caller
+/// in this process is handed.
+///
+/// Binding port 0 and releasing it is not enough: the kernel hands the same
+/// ephemeral range to every outgoing connection (the tests make thousands),
+/// and to other tests' `bind(0)`, so between release and the server's own
+/// bind the port could be taken, and the server then exits, or worse, a
+/// neighbour answers its health check. Ports are instead drawn below the
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 and up
+/// on Linux), from a per-process counter that starts at an offset chosen by
+/// the process id, skipping any port that is taken.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // The first caller picks the start; later ones continue from it.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = u16::try_from(port).expect("ports stay below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// One nats-server process.
@@ -57,16 +81,23 @@ struct Member {
     client_port: u16,
     monitor_port: u16,
     args: Vec<String>,
+    /// Where the server's output goes, shown when it does not come up.
+    log: PathBuf,
     child: Option<Child>,
 }
 
 impl Member {
     fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open a nats-server log file");
         let child = Command::new(nats_server_binary())
             .args(&self.args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("clone a log file handle"))
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -94,16 +125,28 @@ impl Member {
         }
     }
 
-    /// Waits until the member answers `/healthz`.
-    fn wait_healthy(&self, deadline: Instant) {
+    /// Waits until the member answers `/healthz`; fails at once, with the
+    /// server's log, if it exited.
+    fn wait_healthy(&mut self, deadline: Instant) {
         while !self.healthy() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("nats-server {} exited ({status}):\n{}", self.name, self.log_tail());
+            }
             assert!(
                 Instant::now() < deadline,
-                "nats-server {} did not become healthy within {READY_TIMEOUT:?}",
-                self.name
+                "nats-server {} did not become healthy within {READY_TIMEOUT:?}:\n{}",
+                self.name,
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The last lines of the server's log, for a failure message.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
@@ -162,6 +205,7 @@ impl NatsServers {
                     ]);
                 }
                 Member {
+                    log: dir.path().join(format!("{name}.log")),
                     name,
                     client_port,
                     monitor_port,
@@ -179,9 +223,9 @@ impl NatsServers {
     }
 
     /// Waits until every running member reports healthy.
-    pub fn wait_ready(&self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
-        for member in self.members.iter().filter(|m| m.child.is_some()) {
+        for member in self.members.iter_mut().filter(|m| m.child.is_some()) {
             member.wait_healthy(deadline);
         }
     }

@@ -103,13 +103,10 @@ pub fn texts(output: &Output) -> (bool, String, String) {
 }
 
 /// `N` distinct loopback ports that were free a moment ago: for nodes that
-/// must listen on fixed ports, as a user's do. All are held until all are
-/// chosen, so no two are the same.
+/// must listen on fixed ports, as a user's do (drawn outside the ephemeral
+/// range, see [`mayfly_nats::testing::free_port`]).
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| mayfly_nats::testing::free_port())
 }
 
 /// Reads a started node's stdout up to its admin API line and returns that

@@ -82,14 +82,14 @@ impl NatsServers {
         for site in &mut sites {
             site.member.spawn();
         }
-        let servers = EdgeServers {
+        let mut servers = EdgeServers {
             hub,
             sites,
             _dir: dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         servers.hub.wait_healthy(deadline);
-        for site in &servers.sites {
+        for site in &mut servers.sites {
             site.member.wait_healthy(deadline);
         }
         for site in &servers.sites {
@@ -113,6 +113,7 @@ fn configured(dir: &Path, name: &str, extra: &str) -> Member {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, config).expect("write a nats-server config");
     Member {
+        log: dir.join(format!("{name}.log")),
         name: name.to_string(),
         client_port,
         monitor_port,
@@ -196,8 +197,11 @@ impl EdgeServers {
         while self.linked(name) != up {
             assert!(
                 Instant::now() < deadline,
-                "site {name}'s leaf link is not {} after {READY_TIMEOUT:?}",
-                if up { "up" } else { "down" }
+                "site {name}'s leaf link is not {} after {READY_TIMEOUT:?}\n\
+                 --- site {name}'s log:\n{}\n--- hub's log:\n{}",
+                if up { "up" } else { "down" },
+                self.site(name).member.log_tail(),
+                self.hub.log_tail()
             );
             std::thread::sleep(Duration::from_millis(25));
         }
