@@ -1,12 +1,13 @@
 //! The autoscaler: once per tick it applies every function's keep-alive
 //! windows (unload what expired, pre-warm what the policy expects soon,
 //! shrink hot pools), then the memory budget (evict the least valuable
-//! idle versions), and refreshes the tier metrics.
+//! idle versions and parsed models), and refreshes the tier metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use mayfly_runtime::NnHost;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
@@ -22,21 +23,33 @@ pub(crate) struct Autoscaler {
     artifacts: Arc<Artifacts>,
     /// The memory budget and what running invocations hold of it.
     admission: Arc<Admission>,
+    /// Parsed wasi:nn models, which share the memory budget with warm
+    /// functions.
+    nn: Arc<NnHost>,
     metrics: NodeMetrics,
 }
 
+/// Something idle in memory the budget can take back.
+enum Evictable {
+    Version(Arc<Deployed>),
+    /// A parsed model no instance holds, by digest.
+    Model(String),
+}
+
 impl Autoscaler {
-    /// An autoscaler over `catalog`.
+    /// An autoscaler over `catalog` and the parsed models of `nn`.
     pub(crate) fn new(
         catalog: Arc<ArcSwap<Catalog>>,
         artifacts: Arc<Artifacts>,
         admission: Arc<Admission>,
+        nn: Arc<NnHost>,
         metrics: NodeMetrics,
     ) -> Self {
         Self {
             catalog,
             artifacts,
             admission,
+            nn,
             metrics,
         }
     }
@@ -98,7 +111,11 @@ impl Autoscaler {
                 let bytes = function.resident_bytes();
                 resident += bytes;
                 if let Some(idle) = idle {
-                    evictable.push((eviction_order(idle, bytes), bytes, deployed.clone()));
+                    evictable.push((
+                        eviction_order(idle, bytes),
+                        bytes,
+                        Evictable::Version(deployed.clone()),
+                    ));
                 }
             }
             if Arc::ptr_eq(deployed, &served.live.deployed) {
@@ -109,16 +126,38 @@ impl Autoscaler {
             }
         }
 
+        // Parsed models are weighed like warm versions: a model no instance
+        // holds is idle since its last load.
+        let (models_resident, idle_models) = self.nn.resident_models();
+        resident += models_resident;
+        let mut models_left = models_resident;
+        evictable.extend(idle_models.into_iter().map(|model| {
+            (
+                eviction_order(model.idle, model.bytes),
+                model.bytes,
+                Evictable::Model(model.digest),
+            )
+        }));
+
         // Under memory pressure, the least valuable idle entries go first.
         let budget = self.admission.memory_budget();
         let mut used = resident + self.admission.memory_in_use();
         if used > budget {
             evictable.sort_by_key(|(order, _, _)| *order);
-            for (_, bytes, deployed) in evictable {
+            for (_, bytes, entry) in evictable {
                 if used <= budget {
                     break;
                 }
-                if deployed.tier.unload() {
+                let freed = match entry {
+                    Evictable::Version(deployed) => deployed.tier.unload(),
+                    Evictable::Model(digest) => {
+                        tracing::info!(model = %digest, bytes, "parsed model evicted: memory budget");
+                        self.nn.evict(&digest);
+                        models_left = models_left.saturating_sub(bytes);
+                        true
+                    }
+                };
+                if freed {
                     self.metrics.unloads_memory.inc();
                     used = used.saturating_sub(bytes);
                 }
@@ -126,7 +165,10 @@ impl Autoscaler {
         }
         self.metrics
             .resident_memory
-            .set(i64::try_from(resident).unwrap_or(i64::MAX));
+            .set(i64::try_from(resident - models_resident).unwrap_or(i64::MAX));
+        self.metrics
+            .models_resident
+            .set(i64::try_from(models_left).unwrap_or(i64::MAX));
     }
 
     /// Loads a cold function ahead of its predicted next invocation.

@@ -172,12 +172,14 @@ pub struct NodeMetrics {
     pub throttled: Counter,
     /// Functions unloaded because their keep-alive ran out.
     pub unloads_keep_alive: Counter,
-    /// Functions unloaded to stay within the memory budget.
+    /// Functions and parsed models unloaded to stay within the memory budget.
     pub unloads_memory: Counter,
     /// Functions loaded ahead of a predicted invocation.
     pub prewarms: Counter,
     /// Memory held by loaded functions (code and kept instances), in bytes.
     pub resident_memory: Gauge,
+    /// Memory held by parsed wasi:nn models (estimated), in bytes.
+    pub models_resident: Gauge,
 }
 
 impl Metrics {
@@ -283,7 +285,7 @@ impl Metrics {
         );
         registry.register(
             "unloads_memory",
-            "Warm or hot functions unloaded to stay within the memory budget",
+            "Warm or hot functions, and idle parsed models, unloaded to stay within the memory budget",
             node.unloads_memory.clone(),
         );
         registry.register(
@@ -295,6 +297,11 @@ impl Metrics {
             "resident_memory_bytes",
             "Memory held by loaded functions: mapped code and kept instances",
             node.resident_memory.clone(),
+        );
+        registry.register(
+            "models_resident_bytes",
+            "Memory held by parsed wasi:nn models, estimated as their ONNX size",
+            node.models_resident.clone(),
         );
         registry.register(
             "compilations",

@@ -220,6 +220,7 @@ impl Platform {
             catalog,
             artifacts,
             admission.clone(),
+            models.nn().clone(),
             metrics.node.clone(),
         ));
         // Built before anything starts, so that a failure below drops it

@@ -27,7 +27,8 @@ mod state;
 mod validate;
 
 pub use caps::{
-    Capabilities, ConfigSource, KeyValueBackend, ModelSource, NnHost, NnLimits, OnnxModel,
+    Capabilities, ConfigSource, IdleModel, KeyValueBackend, ModelSource, NnHost, NnLimits,
+    OnnxModel,
 };
 pub use compiler::{CompileLimits, Compiler, WorkerArgs, run_worker};
 pub use engine::{Runtime, RuntimeConfig};

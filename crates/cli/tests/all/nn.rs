@@ -481,3 +481,66 @@ fn models_are_checked_granted_and_refused_with_reasons() {
     let (ok, listed, _) = node.cli(&["model", "list"]);
     assert!(ok && !listed.contains("orientation"), "{listed}");
 }
+
+/// The value of an unlabelled metric in the node's `/metrics`.
+fn metric(node: &Node, name: &str) -> Option<f64> {
+    node.metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn an_idle_parsed_model_is_evicted_under_memory_pressure_and_parsed_again_when_needed() {
+    let model = model_path();
+    let dir = tempfile::tempdir().unwrap();
+    // A keep-alive far longer than the test: only memory pressure can take
+    // the parsed model back.
+    let node = Node::start_with(
+        dir.path(),
+        &["--memory-budget", "200", "--keep-alive", "1h"],
+    );
+    put_model(&node, "orientation", &model);
+    node.deploy_with(
+        "classify",
+        "classify",
+        &["/classify"],
+        &[
+            "--model",
+            "orientation",
+            "--memory",
+            "64",
+            "--timeout",
+            "60s",
+        ],
+    );
+    node.deploy_with("big", "hostile", &["/sleep"], &["--memory", "195"]);
+    let upright = png(&text_page());
+    let (status, answer) = classify(&node, &upright);
+    assert_eq!(status, 200, "{answer}");
+    let size = std::fs::metadata(&model).unwrap().len() as f64;
+    eventually(Duration::from_secs(10), "the parsed model counted", || {
+        (metric(&node, "mayfly_models_resident_bytes") == Some(size)).then_some(())
+    });
+
+    // A 195 MB invocation leaves no room for the idle model (nor the idle
+    // classifier): both go, the model's memory is given back.
+    let sleeper = {
+        let url = format!("{}/sleep?ms=4000", node.gateway);
+        std::thread::spawn(move || ureq::get(&url).call().map(|r| r.status().as_u16()))
+    };
+    eventually(Duration::from_secs(30), "the model evicted", || {
+        (metric(&node, "mayfly_models_resident_bytes") == Some(0.0)).then_some(())
+    });
+    assert_eq!(sleeper.join().unwrap().unwrap(), 200);
+
+    // The next classification parses it again and answers as before.
+    let (status, again) = classify(&node, &upright);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        again["top"][0]["label"], answer["top"][0]["label"],
+        "{again}"
+    );
+    eventually(Duration::from_secs(10), "the model counted again", || {
+        (metric(&node, "mayfly_models_resident_bytes") == Some(size)).then_some(())
+    });
+}

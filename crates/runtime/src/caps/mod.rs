@@ -15,7 +15,7 @@ mod keyvalue_draft2;
 mod nn;
 mod resources;
 
-pub use nn::{ModelSource, NnHost, NnLimits, OnnxModel};
+pub use nn::{IdleModel, ModelSource, NnHost, NnLimits, OnnxModel};
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -70,6 +70,9 @@ pub struct OnnxModel {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// What the parsed model holds in memory, estimated as the size of the
+    /// ONNX bytes it came from (its weights dominate both).
+    resident_bytes: u64,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -116,7 +119,14 @@ impl OnnxModel {
             plan,
             inputs,
             outputs,
+            resident_bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// The memory the parsed model holds, estimated (the size of its ONNX
+    /// bytes).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
     }
 
     /// The names of the model's inputs, in order.
@@ -157,6 +167,20 @@ struct GraphCache {
 struct CacheEntry {
     cell: Arc<tokio::sync::OnceCell<Arc<OnnxModel>>>,
     last_used: u64,
+    /// When an instance last loaded it, for eviction under memory pressure.
+    last_used_at: Instant,
+}
+
+/// A parsed model in the graph cache that no instance holds: what evicting
+/// it would give back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleModel {
+    /// The model's digest (the key [`NnHost::evict`] takes).
+    pub digest: String,
+    /// Estimated memory it holds.
+    pub bytes: u64,
+    /// How long since an instance last loaded it.
+    pub idle: Duration,
 }
 
 impl std::fmt::Debug for NnHost {
@@ -185,10 +209,36 @@ impl NnHost {
         self.lock().entries.len()
     }
 
-    /// Drops the parsed model of `digest` (after its model was deleted);
-    /// instances that hold it keep it until they end.
+    /// Drops the parsed model of `digest` (after its model was deleted, or
+    /// under memory pressure); instances that hold it keep it until they
+    /// end, and the next load parses it again.
     pub fn evict(&self, digest: &str) {
         self.lock().entries.remove(digest);
+    }
+
+    /// Memory held by every parsed model in the cache (estimated), and the
+    /// ones no running instance holds, which eviction would give back: the
+    /// autoscaler weighs them against the node's memory budget beside warm
+    /// functions.
+    pub fn resident_models(&self) -> (u64, Vec<IdleModel>) {
+        let cache = self.lock();
+        let mut total = 0u64;
+        let mut idle = Vec::new();
+        for (digest, entry) in &cache.entries {
+            let Some(model) = entry.cell.get() else {
+                continue; // still loading
+            };
+            total = total.saturating_add(model.resident_bytes);
+            // The cache holds one reference; more are instances using it.
+            if Arc::strong_count(model) == 1 {
+                idle.push(IdleModel {
+                    digest: digest.clone(),
+                    bytes: model.resident_bytes,
+                    idle: entry.last_used_at.elapsed(),
+                });
+            }
+        }
+        (total, idle)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GraphCache> {
@@ -219,8 +269,10 @@ impl NnHost {
                 .or_insert_with(|| CacheEntry {
                     cell: Arc::default(),
                     last_used: now,
+                    last_used_at: Instant::now(),
                 });
             entry.last_used = now;
+            entry.last_used_at = Instant::now();
             entry.cell.clone()
         };
         let model = cell
