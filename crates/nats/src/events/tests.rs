@@ -262,7 +262,7 @@ async fn on_a_three_server_cluster_nodes_share_an_inbox_and_a_slot_fires_once() 
     let b = node(&servers, "b", &dir).await;
     // A stale expectation in a batch is a conflict on a cluster too.
     let stale = [crate::batch::Write::put("x", "1").expect(12_345)];
-    assert!(matches!(a.commit(&stale).await, Ok(None)));
+    assert!(matches!(a.hub.commit(&stale).await, Ok(None)));
     const TOTAL: usize = 20;
     for i in 0..TOTAL {
         a.enqueue("f", &event(&format!("e{i}"))).await.unwrap();
