@@ -130,7 +130,11 @@ impl Member {
     fn wait_healthy(&mut self, deadline: Instant) {
         while !self.healthy() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("nats-server {} exited ({status}):\n{}", self.name, self.log_tail());
+                panic!(
+                    "nats-server {} exited ({status}):\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             assert!(
                 Instant::now() < deadline,

@@ -13,8 +13,8 @@ use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::secrets::Secrets;
 use crate::validate::{
-    MAX_VALUE_BYTES, check_env_name, check_key, check_name, check_queue_name, check_secret_name, default_bucket,
-    default_bucket_owner,
+    MAX_VALUE_BYTES, check_env_name, check_key, check_name, check_queue_name, check_secret_name,
+    default_bucket, default_bucket_owner,
 };
 
 /// wasi:config key under which a function reads its per-invocation

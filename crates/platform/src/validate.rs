@@ -660,8 +660,7 @@ mod tests {
             },
         ];
         let check = |placement: &std::collections::BTreeMap<String, String>, nodes| {
-            check_queue_site("f", placement, "q@site-a", "site-a", nodes)
-                .map_err(|e| e.to_string())
+            check_queue_site("f", placement, "q@site-a", "site-a", nodes).map_err(|e| e.to_string())
         };
         assert!(check(&a, &nodes[..1]).is_ok());
         let none = check(&Default::default(), &nodes[..1]).unwrap_err();
@@ -674,7 +673,10 @@ mod tests {
             "{hub}"
         );
         let nowhere = check(&b, &nodes[..1]).unwrap_err();
-        assert!(nowhere.contains("no live node at site `site-a`"), "{nowhere}");
+        assert!(
+            nowhere.contains("no live node at site `site-a`"),
+            "{nowhere}"
+        );
         let at_b = check(&b, &nodes[1..2]).unwrap_err();
         assert!(at_b.contains("node `b1` at site `site-b`"), "{at_b}");
     }

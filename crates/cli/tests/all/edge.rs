@@ -71,7 +71,8 @@ fn invocations(node: &Node, function: &str) -> Option<u64> {
 
 /// Queue messages `node` delivered to `function` (its own metrics).
 fn delivered(node: &Node, function: &str) -> u64 {
-    let line = format!("mayfly_event_deliveries_total{{function=\"{function}\",result=\"delivered\"}} ");
+    let line =
+        format!("mayfly_event_deliveries_total{{function=\"{function}\",result=\"delivered\"}} ");
     node.metrics()
         .lines()
         .find_map(|l| l.strip_prefix(line.as_str())?.trim().parse().ok())
@@ -198,11 +199,18 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     // A queue message sent at a during the cut is delivered at a: the
     // queue is in the site's own store. A queue at the hub is out of
     // reach (503, naming the hub), and so is a's queue from b.
+    let sent_at = std::time::Instant::now();
     let (status, sent) = queue_send(&a, "jobs@site-a", "during the cut");
     assert_eq!(status, 201, "{sent}");
-    eventually(Duration::from_secs(30), "a delivers its message while cut", || {
-        (delivered(&a, "worker") == 2).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "a delivers its message while cut",
+        || (delivered(&a, "worker") == 2).then_some(()),
+    );
+    eprintln!(
+        "edge: a message sent at site a during the cut was delivered there within {:?}",
+        sent_at.elapsed()
+    );
     let (status, refused) = queue_send(&a, "jobs", "to the hub");
     let message = refused["error"]["message"].as_str().unwrap_or_default();
     assert!(

@@ -20,8 +20,8 @@ use mayfly_store::{
 
 use super::sites::Place;
 use super::{
-    Bucket, COUNTER, Found, MAX_CONFLICTS, NatsEvents, is_wrong_last_sequence, json, now_ms, parse, to_i64,
-    token, too_busy, untoken,
+    Bucket, COUNTER, Found, MAX_CONFLICTS, NatsEvents, is_wrong_last_sequence, json, now_ms, parse,
+    to_i64, token, too_busy, untoken,
 };
 use crate::batch::{MAX_BATCH, Write};
 
@@ -538,9 +538,7 @@ impl EventQueue for NatsEvents {
     async fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
         let queue_ref = QueueRef::Named(queue.to_string());
         let at = self.bucket_of(&queue_ref).await?;
-        let claimed = self
-            .claim(&at, &queue_ref, max, visibility_ms, false)
-            .await;
+        let claimed = self.claim(&at, &queue_ref, max, visibility_ms, false).await;
         self.explained(queue, &at.place, claimed).await
     }
 
@@ -625,9 +623,7 @@ impl EventQueue for NatsEvents {
         // A retry or a postponement may be taken by any node when it is
         // due (this node's worker finds it itself); acks need no hint.
         if let Some(due) = due {
-            self.hints
-                .publish(&at.domain, [(queue.clone(), due)])
-                .await;
+            self.hints.publish(&at.domain, [(queue.clone(), due)]).await;
         }
         self.claim(&at, queue, max, lease_ms, true).await
     }
@@ -700,10 +696,7 @@ impl EventQueue for NatsEvents {
     }
 
     async fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>> {
-        let (found, _) = self
-            .bucket_of_id(id)
-            .read(&dead_key(function, id))
-            .await?;
+        let (found, _) = self.bucket_of_id(id).read(&dead_key(function, id)).await?;
         match found {
             None => Ok(None),
             Some(found) => Ok(Some(parse::<Dead>(&found)?.letter(id, true)?)),
@@ -773,7 +766,11 @@ impl EventQueue for NatsEvents {
                 let mut done = false;
                 for _ in 0..MAX_CONFLICTS {
                     let inserted = self.insert(hub, &records, Vec::new()).await;
-                    if self.explained(function, &Place::Hub, inserted).await?.is_some() {
+                    if self
+                        .explained(function, &Place::Hub, inserted)
+                        .await?
+                        .is_some()
+                    {
                         done = true;
                         break;
                     }

@@ -91,7 +91,8 @@ impl NatsEvents {
     /// Site `site`'s event bucket, opened through its domain the first
     /// time.
     async fn site_bucket(&self, site: &str) -> Result<Arc<Bucket>> {
-        let opened = |sites: &std::collections::HashMap<String, Arc<Bucket>>| sites.get(site).cloned();
+        let opened =
+            |sites: &std::collections::HashMap<String, Arc<Bucket>>| sites.get(site).cloned();
         if let Some(bucket) = opened(&self.sites.lock().unwrap_or_else(|e| e.into_inner())) {
             return Ok(bucket);
         }

@@ -262,7 +262,8 @@ async fn on_a_three_server_cluster_nodes_share_an_inbox_and_a_slot_fires_once() 
     let b = node(&servers, "b", &dir).await;
     // A stale expectation in a batch is a conflict on a cluster too.
     let stale = [crate::batch::Write::put("x", "1").expect(12_345)];
-    assert!(matches!(a.hub.commit(&stale).await, Ok(None)));
+    let stale = a.hub.commit(&stale).await;
+    assert!(matches!(stale, Ok(None)), "{stale:?}");
     const TOTAL: usize = 20;
     for i in 0..TOTAL {
         a.enqueue("f", &event(&format!("e{i}"))).await.unwrap();
@@ -347,7 +348,9 @@ async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_name
 
     let servers = NatsServers::hub_with_sites(&["site-a"]);
     let dir = tempfile::tempdir().unwrap();
-    let hub_fleet = Fleet::connect(&servers.hub_options("h", "t")).await.unwrap();
+    let hub_fleet = Fleet::connect(&servers.hub_options("h", "t"))
+        .await
+        .unwrap();
     let hub = NatsEvents::open(&hub_fleet, &dir.path().join("h"))
         .await
         .unwrap();
@@ -363,7 +366,10 @@ async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_name
 
     // Sent at the hub, stored at the site (its ids are the site's),
     // hinted to the site's node and claimed there.
-    let ids = hub.send(queue, &[(None, b"from the hub".to_vec())]).await.unwrap();
+    let ids = hub
+        .send(queue, &[(None, b"from the hub".to_vec())])
+        .await
+        .unwrap();
     assert!(ids[0] > SITE_ID_BASE, "{ids:?}");
     let hint = tokio::time::timeout(Duration::from_secs(10), hints.recv())
         .await
@@ -407,7 +413,10 @@ async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_name
     );
     // The hub's queues are out of reach, and the error says so; so is
     // the site's queue from the hub.
-    let err = edge.send("orders", &[(None, b"x".to_vec())]).await.unwrap_err();
+    let err = edge
+        .send("orders", &[(None, b"x".to_vec())])
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     let text = err.to_string();
     assert!(
@@ -433,7 +442,10 @@ async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_name
     assert_eq!(letter.data.as_deref(), Some(&b"during the cut"[..]));
     assert_eq!(edge.redrive("f", None).await.unwrap(), 1);
     assert!(edge.dead_letters("f", 0, 10).await.unwrap().is_empty());
-    let got = hub.settle_and_claim(&[], &inbox(), 10, 30_000).await.unwrap();
+    let got = hub
+        .settle_and_claim(&[], &inbox(), 10, 30_000)
+        .await
+        .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event.data, b"during the cut");
 }

@@ -194,10 +194,15 @@ impl TriggerStore for NatsEvents {
         for trigger in self.triggers(Some(function)).await? {
             self.hub.erase(&trigger_key(trigger.id)).await?;
         }
-        self.hub.erase(&format!("{}.>", spec_prefix(function))).await?;
-        self.hub.erase(&queue_pattern(&QueueRef::Inbox(function.to_string())))
+        self.hub
+            .erase(&format!("{}.>", spec_prefix(function)))
             .await?;
-        self.hub.erase(&format!("{}.>", dead_prefix(function))).await?;
+        self.hub
+            .erase(&queue_pattern(&QueueRef::Inbox(function.to_string())))
+            .await?;
+        self.hub
+            .erase(&format!("{}.>", dead_prefix(function)))
+            .await?;
         let marker = Write::put(format!("{REMOVED_PREFIX}f{}", token(function)), "");
         let removed = TriggerChange::FunctionRemoved {
             function: function.to_string(),

@@ -23,8 +23,8 @@ use crate::catalog::Artifact;
 use crate::error::PlatformError;
 use crate::routes::Route;
 use crate::validate::{
-    PlacedNode, check_queue_site,
-    check_trigger, parse_routes, validate_limits, validate_name, validate_routes, validate_scaling,
+    PlacedNode, check_queue_site, check_trigger, parse_routes, validate_limits, validate_name,
+    validate_routes, validate_scaling,
 };
 
 /// What a deploy did.
