@@ -525,7 +525,9 @@ impl EventQueue for NatsEvents {
             let mut done = None;
             for _ in 0..MAX_CONFLICTS {
                 let inserted = self.insert(&at, chunk, Vec::new()).await;
-                if let Some((chunk_ids, _)) = self.explained(queue, &at.place, inserted).await? {
+                if let Some((chunk_ids, _)) =
+                    self.explained(&queue_ref, &at.place, inserted).await?
+                {
                     done = Some(chunk_ids);
                     break;
                 }
@@ -539,7 +541,7 @@ impl EventQueue for NatsEvents {
         let queue_ref = QueueRef::Named(queue.to_string());
         let at = self.bucket_of(&queue_ref).await?;
         let claimed = self.claim(&at, &queue_ref, max, visibility_ms, false).await;
-        self.explained(queue, &at.place, claimed).await
+        self.explained(&queue_ref, &at.place, claimed).await
     }
 
     async fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome> {
@@ -560,7 +562,7 @@ impl EventQueue for NatsEvents {
             Err(too_busy("acknowledging a message"))
         }
         .await;
-        self.explained(queue, &at.place, acked).await
+        self.explained(&queue_ref, &at.place, acked).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
@@ -767,7 +769,7 @@ impl EventQueue for NatsEvents {
                 for _ in 0..MAX_CONFLICTS {
                     let inserted = self.insert(hub, &records, Vec::new()).await;
                     if self
-                        .explained(function, &Place::Hub, inserted)
+                        .explained(&inbox, &Place::Hub, inserted)
                         .await?
                         .is_some()
                     {

@@ -67,7 +67,7 @@ impl NatsEvents {
             }),
             Place::Site(site) => {
                 let opened = self.site_bucket(&site).await;
-                self.explained(name, &Place::Site(site), opened).await
+                self.explained(queue, &Place::Site(site), opened).await
             }
         }
     }
@@ -125,13 +125,13 @@ impl NatsEvents {
         Ok(sites.entry(site.to_string()).or_insert(bucket).clone())
     }
 
-    /// `result` of a call on queue `queue` at `place`; a failure is told
-    /// as [`StoreError::Unavailable`] naming the store when that store is
-    /// in another domain that does not answer now (its "no responders"
-    /// reads as "resource does not exist" otherwise).
+    /// `result` of a call on `queue` at `place`; a failure is told as
+    /// [`StoreError::Unavailable`] naming the store when that store is in
+    /// another domain that does not answer now (its "no responders" reads
+    /// as "resource does not exist" otherwise).
     pub(super) async fn explained<T>(
         &self,
-        queue: &str,
+        queue: &QueueRef,
         place: &Place,
         result: Result<T>,
     ) -> Result<T> {
@@ -154,18 +154,27 @@ impl NatsEvents {
             Some(site) => format!("site `{site}`"),
             None => "the hub".to_string(),
         };
-        let advice = match (place, self.fleet.site()) {
-            (Place::Hub, Some(site)) => format!(
-                "retry once the link is back; a queue placed at this site (`{}@{site}`) \
-                 works while it is cut off",
-                queue.split('@').next().unwrap_or(queue)
+        let (what, advice) = match (queue, place, self.fleet.site()) {
+            (QueueRef::Named(name), Place::Hub, Some(site)) => (
+                format!("queue `{name}`"),
+                format!(
+                    "retry once the link is back; a queue placed at this site (`{}@{site}`) \
+                     works while it is cut off",
+                    name.split('@').next().unwrap_or(name)
+                ),
             ),
-            _ => "check the site's leaf link (`mayfly status --fleet`) and retry once it is back"
-                .to_string(),
+            (QueueRef::Named(name), _, _) => (
+                format!("queue `{name}`"),
+                "check the site's leaf link (`mayfly status --fleet`) and retry once it is back"
+                    .to_string(),
+            ),
+            (QueueRef::Inbox(function), _, _) => (
+                format!("function `{function}`'s inbox"),
+                "retry once the link is back".to_string(),
+            ),
         };
         Err(StoreError::Unavailable(format!(
-            "queue `{queue}` is stored at {store}, which is unreachable from {here} ({reason}): \
-             {advice}"
+            "{what} is stored at {store}, which is unreachable from {here} ({reason}): {advice}"
         )))
     }
 }

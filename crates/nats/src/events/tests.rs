@@ -379,6 +379,19 @@ async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_name
     let got = edge.receive(queue, 10, 30_000).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event.data, b"from the hub");
+    // The hub node reads the site's queue through its domain too.
+    hub.send(queue, &[(None, b"for the hub".to_vec())])
+        .await
+        .unwrap();
+    let theirs = hub.receive(queue, 10, 30_000).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].event.data, b"for the hub");
+    assert_eq!(
+        hub.ack(queue, theirs[0].id, theirs[0].attempt)
+            .await
+            .unwrap(),
+        mayfly_store::AckOutcome::Acked
+    );
     assert_eq!(
         edge.ack(queue, got[0].id, got[0].attempt).await.unwrap(),
         mayfly_store::AckOutcome::Acked
