@@ -168,6 +168,14 @@ pub enum Command {
         command: events::kv::KvCommand,
     },
     /// Send, receive and acknowledge messages in the node's queues.
+    ///
+    /// In a fleet with leaf sites, a queue named `NAME@SITE` is placed at
+    /// site SITE (its server's JetStream domain, as `mayfly status --fleet`
+    /// shows): it is stored in that site's own event store, so the site's
+    /// nodes send and deliver its messages while the site is cut off from
+    /// the hub. Other nodes reach it through the hub while the links are up
+    /// (503 "unreachable" otherwise). A queue without `@` is stored at the
+    /// hub.
     Queue {
         #[command(subcommand)]
         command: events::queues::QueueCommand,

@@ -437,7 +437,13 @@ impl Fleet {
     /// responders" when the leaf link is down, a timeout when it is dead
     /// but not yet declared so (docs/edge-design.md §1.3, §1.4).
     pub async fn probe_hub(&self, timeout: Duration) -> Result<(), String> {
-        let subject = format!("$JS.{}.API.INFO", self.hub_domain);
+        self.probe_domain(&self.hub_domain, timeout).await
+    }
+
+    /// Whether JetStream domain `domain` (the hub's or a leaf site's)
+    /// answers this node now, as [`Fleet::probe_hub`].
+    pub async fn probe_domain(&self, domain: &str, timeout: Duration) -> Result<(), String> {
+        let subject = format!("$JS.{domain}.API.INFO");
         let request = async_nats::Request::new().timeout(Some(timeout));
         match self.client.send_request(subject, request).await {
             Ok(_) => Ok(()),

@@ -13,8 +13,8 @@ use crate::error::PlatformError;
 use crate::events::EventHub;
 use crate::secrets::Secrets;
 use crate::validate::{
-    MAX_VALUE_BYTES, check_env_name, check_key, check_name, check_secret_name, default_bucket,
-    default_bucket_owner,
+    MAX_VALUE_BYTES, check_env_name, check_key, check_name, check_queue_name, check_secret_name,
+    default_bucket, default_bucket_owner,
 };
 
 /// wasi:config key under which a function reads its per-invocation
@@ -106,7 +106,11 @@ pub(crate) fn check_grants(config: &FunctionConfig) -> Result<(), PlatformError>
         ("model", &config.grants.models),
     ] {
         for name in names {
-            check_name(kind, name)?;
+            if kind == "queue" {
+                check_queue_name(name)?;
+            } else {
+                check_name(kind, name)?;
+            }
             if let Some(owner) = default_bucket_owner(name) {
                 return Err(bad(format!(
                     "`{name}` is function `{owner}`'s default KV store (what its wasi:keyvalue \

@@ -35,6 +35,11 @@ pub enum PlatformError {
     /// (507 Insufficient Storage). Ends by itself when there is room again.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// What the operation needs is out of reach for now (503): an edge
+    /// node's hub or another site behind a link that is down; the message
+    /// names it.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of the node.
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
@@ -59,6 +64,7 @@ impl From<StoreError> for PlatformError {
                 PlatformError::Conflict(message)
             }
             StoreError::PreconditionFailed(message) => PlatformError::PreconditionFailed(message),
+            StoreError::Unavailable(message) => PlatformError::Unavailable(message),
             other => PlatformError::Internal(other.into()),
         }
     }

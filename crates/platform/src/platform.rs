@@ -215,6 +215,8 @@ impl Platform {
             started,
             forward: stores.forward.clone(),
             forward_handler: invoker.clone(),
+            fleet: stores.fleet.clone(),
+            members: stores.members.clone(),
         }));
         let autoscaler = Arc::new(Autoscaler::new(
             catalog,

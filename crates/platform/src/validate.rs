@@ -90,6 +90,87 @@ pub fn default_bucket_owner(bucket: &str) -> Option<&str> {
         .filter(|function| validate_name(function).is_ok())
 }
 
+/// Checks a queue name: a name as [`check_name`] has it, or
+/// `<name>@<site>` for a queue placed at leaf site `<site>` (its server's
+/// JetStream domain: letters, digits, `-` and `_`), stored in that
+/// site's own event store (docs/edge-design.md §4).
+pub fn check_queue_name(queue: &str) -> Result<(), PlatformError> {
+    let Some((name, site)) = queue.rsplit_once('@') else {
+        return check_name("queue", queue);
+    };
+    check_name("queue", name)?;
+    let valid = (1..=MAX_NAME).contains(&site.len())
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(PlatformError::BadRequest(format!(
+            "invalid site `{}` in queue name `{}`: after `@` comes the site's JetStream domain, \
+             1 to {MAX_NAME} letters, digits, `-` or `_` (see `mayfly status --fleet`)",
+            site.escape_debug(),
+            queue.escape_debug()
+        )))
+    }
+}
+
+/// A live node as the co-location check sees it: its name, its leaf
+/// site (`None` at the hub) and its labels.
+pub(crate) struct PlacedNode<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) site: Option<&'a str>,
+    pub(crate) labels: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Refuses a trigger of `function` (placed at `placement`) on queue
+/// `queue` placed at leaf site `site` unless every live node the
+/// placement matches is at that site, and one is: a site's queue is
+/// delivered from the site's own store, so only its nodes may run the
+/// function (docs/edge-design.md §4.2, "triggers follow their source").
+pub(crate) fn check_queue_site(
+    function: &str,
+    placement: &std::collections::BTreeMap<String, String>,
+    queue: &str,
+    site: &str,
+    nodes: &[PlacedNode<'_>],
+) -> Result<(), PlatformError> {
+    let refuse = |why: String| {
+        PlatformError::BadRequest(format!(
+            "queue `{queue}` lives at site `{site}`, but function `{function}` {why}: a site's \
+             queue is delivered only by that site's nodes; deploy the function with --place \
+             labels that only nodes at `{site}` have (see `mayfly status --fleet`), or use a \
+             queue at the hub (without `@{site}`)"
+        ))
+    };
+    if placement.is_empty() {
+        return Err(refuse(
+            "has no placement (it may run on any node, at any site)".into(),
+        ));
+    }
+    let placed = mayfly_store::labels_text(placement);
+    let matching: Vec<&PlacedNode<'_>> = nodes
+        .iter()
+        .filter(|node| mayfly_store::placement_matches(node.labels, placement))
+        .collect();
+    if let Some(other) = matching.iter().find(|node| node.site != Some(site)) {
+        let at = match other.site {
+            Some(other_site) => format!("site `{other_site}`"),
+            None => "the hub".to_string(),
+        };
+        return Err(refuse(format!(
+            "is placed at `{placed}`, which node `{}` at {at} matches",
+            other.name
+        )));
+    }
+    if matching.is_empty() {
+        return Err(refuse(format!(
+            "is placed at `{placed}`, which no live node at site `{site}` matches"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a bucket or queue name: 1 to 63 of `a-z 0-9 - _ .`, but not `.`
 /// or `..`: those are path segments that clients and proxies resolve
 /// (`/v1/kv/../x` is `/v1/x`), so such a bucket could be written but never
@@ -187,7 +268,7 @@ pub fn check_trigger(function: &str, spec: &TriggerSpec) -> Result<(), PlatformE
             batch_size,
             max_concurrency,
         } => {
-            check_name("queue", queue)?;
+            check_queue_name(queue)?;
             if !(1..=1000).contains(batch_size) || !(1..=1000).contains(max_concurrency) {
                 return Err(PlatformError::BadRequest(format!(
                     "`batch_size` is {batch_size} and `max_concurrency` {max_concurrency}: \
@@ -552,6 +633,68 @@ mod tests {
                 error.to_string().contains("invalid queue name"),
                 "{bad}: {error}"
             );
+        }
+    }
+
+    #[test]
+    fn a_site_queues_trigger_needs_a_function_placed_within_its_site() {
+        let labels = |site: &str| -> std::collections::BTreeMap<String, String> {
+            [("site".to_string(), site.to_string())].into()
+        };
+        let (a, b) = (labels("a"), labels("b"));
+        let nodes = [
+            PlacedNode {
+                name: "a1",
+                site: Some("site-a"),
+                labels: &a,
+            },
+            PlacedNode {
+                name: "b1",
+                site: Some("site-b"),
+                labels: &b,
+            },
+            PlacedNode {
+                name: "h1",
+                site: None,
+                labels: &a,
+            },
+        ];
+        let check = |placement: &std::collections::BTreeMap<String, String>, nodes| {
+            check_queue_site("f", placement, "q@site-a", "site-a", nodes).map_err(|e| e.to_string())
+        };
+        assert!(check(&a, &nodes[..1]).is_ok());
+        let none = check(&Default::default(), &nodes[..1]).unwrap_err();
+        assert!(none.contains("has no placement"), "{none}");
+        // A hub node labelled like site a's.
+        let hub = check(&a, &nodes).unwrap_err();
+        assert!(
+            hub.contains("queue `q@site-a` lives at site `site-a`")
+                && hub.contains("placed at `site=a`, which node `h1` at the hub matches"),
+            "{hub}"
+        );
+        let nowhere = check(&b, &nodes[..1]).unwrap_err();
+        assert!(
+            nowhere.contains("no live node at site `site-a`"),
+            "{nowhere}"
+        );
+        let at_b = check(&b, &nodes[1..2]).unwrap_err();
+        assert!(at_b.contains("node `b1` at site `site-b`"), "{at_b}");
+    }
+
+    #[test]
+    fn a_queue_name_may_name_its_site() {
+        for good in ["orders", "orders@site-a", "a.b@Site_1"] {
+            assert!(check_queue_name(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("Orders@site-a", "invalid queue name"),
+            ("@site-a", "invalid queue name"),
+            ("orders@", "invalid site"),
+            ("orders@a.b", "invalid site"),
+            ("orders@a@b", "invalid queue name"),
+        ] {
+            let error = check_queue_name(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
         }
     }
 }

@@ -120,6 +120,11 @@ pub enum StoreError {
     /// call did not finish (its task panicked or its runtime shut down).
     #[error("database error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store that holds the data is out of reach for now (an edge
+    /// node's hub, or another leaf site, behind a link that is down); the
+    /// message names it. Trying again later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     /// A file operation failed.
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),

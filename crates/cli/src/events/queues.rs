@@ -16,7 +16,8 @@ use crate::output::{Table, text, time};
 pub enum QueueCommand {
     /// Send a message.
     Send {
-        /// Queue name (created on first use).
+        /// Queue name (created on first use); `NAME@SITE` places it at leaf
+        /// site SITE's own store.
         queue: String,
         /// The message body.
         #[arg(conflicts_with = "file")]

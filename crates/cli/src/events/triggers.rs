@@ -50,7 +50,10 @@ pub struct TriggerAddArgs {
     /// Run when keys of this KV bucket are set or deleted.
     #[arg(long, value_name = "BUCKET")]
     kv: Option<String>,
-    /// Run for the messages of this queue.
+    /// Run for the messages of this queue. A queue placed at a leaf site
+    /// (`NAME@SITE`) needs a function placed (--place) on that site's nodes
+    /// only: its messages are delivered from the site's own store, also
+    /// while the site is cut off from the hub.
     #[arg(long, value_name = "NAME")]
     queue: Option<String>,
     /// Only keys starting with this (object and kv triggers).

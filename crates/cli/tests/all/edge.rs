@@ -69,6 +69,27 @@ fn invocations(node: &Node, function: &str) -> Option<u64> {
     node.admin_json(&format!("/v1/usage?function={function}"))["total"]["invocations"].as_u64()
 }
 
+/// Queue messages `node` delivered to `function` (its own metrics).
+fn delivered(node: &Node, function: &str) -> u64 {
+    let line =
+        format!("mayfly_event_deliveries_total{{function=\"{function}\",result=\"delivered\"}} ");
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str())?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `body` to `queue` through `node`'s admin API: status and answer.
+fn queue_send(node: &Node, queue: &str, body: &str) -> (u16, Value) {
+    crate::events::admin(
+        node,
+        "POST",
+        &format!("/v1/queues/{queue}/messages"),
+        &[],
+        body.as_bytes(),
+    )
+}
+
 /// Whether the hub link in `node`'s status is `up`.
 fn hub_link_up(node: &Node) -> Option<bool> {
     node.admin_json("/v1/status")["fleet"]["hub"]["up"].as_bool()
@@ -122,6 +143,35 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     site_record(&a, "b", "site b in a's status", |r| r["site"] == "site-b");
     assert_eq!(hub_link_up(&a), Some(true));
 
+    // A queue placed at site a (`jobs@site-a`), consumed by a function
+    // pinned there: a message sent at b goes into site a's own store
+    // and is delivered at a.
+    let echo = guest("echo");
+    let (ok, stdout, stderr) = b.cli(&[
+        "deploy",
+        "worker",
+        echo.to_str().unwrap(),
+        "--trigger",
+        "queue:jobs@site-a",
+        "--place",
+        "site=a",
+        "--wait",
+        "60s",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    // A trigger on another site's queue is refused, naming both places.
+    let (ok, _, stderr) = b.cli(&["trigger", "add", "worker", "--queue", "jobs@site-b"]);
+    assert!(
+        !ok && stderr.contains("queue `jobs@site-b` lives at site `site-b`")
+            && stderr.contains("placed at `site=a`, which node `a` at site `site-a` matches"),
+        "{stderr}"
+    );
+    let (status, sent) = queue_send(&b, "jobs@site-a", "before the cut");
+    assert_eq!(status, 201, "{sent}");
+    eventually(Duration::from_secs(30), "a delivers b's message", || {
+        (delivered(&a, "worker") == 1).then_some(())
+    });
+
     // Cut site a off: a keeps serving what it runs, sees the hub down;
     // b's status shows site a stale, and b cannot reach the function.
     servers.link("site-a").cut();
@@ -145,6 +195,37 @@ fn a_function_pinned_to_site_a_runs_there_site_b_forwards_to_it_and_the_fleet_st
     assert!(
         !ok && stderr.contains("unreachable from site `site-a`"),
         "{stderr}"
+    );
+    // A queue message sent at a during the cut is delivered at a: the
+    // queue is in the site's own store. A queue at the hub is out of
+    // reach (503, naming the hub), and so is a's queue from b.
+    let sent_at = std::time::Instant::now();
+    let (status, sent) = queue_send(&a, "jobs@site-a", "during the cut");
+    assert_eq!(status, 201, "{sent}");
+    eventually(
+        Duration::from_secs(30),
+        "a delivers its message while cut",
+        || (delivered(&a, "worker") == 2).then_some(()),
+    );
+    eprintln!(
+        "edge: a message sent at site a during the cut was delivered there within {:?}",
+        sent_at.elapsed()
+    );
+    let (status, refused) = queue_send(&a, "jobs", "to the hub");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        status == 503
+            && message.contains("the hub (JetStream domain `hub`)")
+            && message.contains("unreachable from site `site-a`"),
+        "{status} {refused}"
+    );
+    let (status, refused) = queue_send(&b, "jobs@site-a", "from b");
+    assert_eq!(status, 503, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("site `site-a`")),
+        "{refused}"
     );
     // A steady stream of requests at a during the cut: no errors.
     for _ in 0..20 {

@@ -1,7 +1,11 @@
 //! Work hints across the fleet: after a write that stores new events or
 //! makes some due later, the writing node publishes a hint on core NATS,
-//! `<ns>.events.wake.<queue token>`, and every other node's subscription
-//! turns it into a [`WorkHint`] for its idle workers.
+//! `<ns>.events.wake.<domain>.<queue token>`, and every other node's
+//! subscription turns it into a [`WorkHint`] for its idle workers. The
+//! domain is the JetStream domain of the bucket written (the hub's, or a
+//! leaf site's): core subjects cross leaf links, so each node subscribes
+//! only to the domains whose buckets it reads, and a site's own hints
+//! stay at the site (docs/edge-design.md §4.2).
 //!
 //! Why core publish rather than a KV watch of the event bucket: a watch
 //! would stream every record write to every node, claims and settlements
@@ -62,19 +66,26 @@ impl Drop for Hints {
 }
 
 impl Hints {
-    /// Subscribes to the fleet's hints under `subject` as `node`.
+    /// Subscribes to the fleet's hints under `subject` for the buckets of
+    /// `domains`, as `node`.
     pub(super) async fn start(
         client: async_nats::Client,
         subject: String,
+        domains: Vec<String>,
         node: String,
     ) -> Result<Self> {
-        let subscriber = client
-            .subscribe(format!("{subject}.>"))
-            .await
-            .map_err(crate::backend)?;
+        let mut subscribers = Vec::with_capacity(domains.len());
+        for domain in &domains {
+            subscribers.push(
+                client
+                    .subscribe(format!("{subject}.{domain}.>"))
+                    .await
+                    .map_err(crate::backend)?,
+            );
+        }
         let feed = broadcast::channel(HINT_CAPACITY).0;
         let task = tokio::spawn(forward(
-            subscriber,
+            futures::stream::select_all(subscribers),
             format!("{subject}."),
             node.clone(),
             feed.clone(),
@@ -93,11 +104,15 @@ impl Hints {
         self.feed.subscribe()
     }
 
-    /// Tells the other nodes that `ready` queues have work due at the
-    /// given times; one hint per queue, the earliest time. Call after the
-    /// write committed. Never fails: a lost hint is covered by the idle
-    /// poll.
-    pub(super) async fn publish(&self, ready: impl IntoIterator<Item = (QueueRef, i64)>) {
+    /// Tells the other nodes that `ready` queues, in the bucket of JetStream
+    /// domain `domain`, have work due at the given times; one hint per
+    /// queue, the earliest time. Call after the write committed. Never
+    /// fails: a lost hint is covered by the idle poll.
+    pub(super) async fn publish(
+        &self,
+        domain: &str,
+        ready: impl IntoIterator<Item = (QueueRef, i64)>,
+    ) {
         let mut earliest: BTreeMap<String, i64> = BTreeMap::new();
         for (queue, due_ms) in ready {
             let due = earliest.entry(queue_token(&queue)).or_insert(due_ms);
@@ -111,7 +126,7 @@ impl Hints {
             let Ok(payload) = serde_json::to_vec(&payload) else {
                 continue;
             };
-            let subject = format!("{}.{token}", self.subject);
+            let subject = format!("{}.{domain}.{token}", self.subject);
             match tokio::time::timeout(PUBLISH_WAIT, self.client.publish(subject, payload.into()))
                 .await
             {
@@ -126,7 +141,7 @@ impl Hints {
 /// Feeds other nodes' hints from `subscriber` to `feed` until the
 /// subscription ends.
 async fn forward(
-    mut subscriber: async_nats::Subscriber,
+    mut subscriber: impl futures::Stream<Item = async_nats::Message> + Unpin,
     prefix: String,
     node: String,
     feed: broadcast::Sender<WorkHint>,
@@ -147,7 +162,8 @@ fn hint_of(message: &async_nats::Message, prefix: &str, node: &str) -> Option<Wo
     if payload.node == node {
         return None;
     }
-    let token = message.subject.strip_prefix(prefix)?;
+    // `<domain>.<token>`: the queue's name says where it lives.
+    let (_domain, token) = message.subject.strip_prefix(prefix)?.split_once('.')?;
     Some(WorkHint {
         queue: queue_of(token).ok()?,
         due_ms: payload.due_ms,

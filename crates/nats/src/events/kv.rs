@@ -71,7 +71,7 @@ impl NatsEvents {
             })
             .collect();
         Ok(self
-            .insert(&records, writes)
+            .insert(&self.hub, &records, writes)
             .await?
             .map(|(_, committed)| committed))
     }
@@ -107,7 +107,7 @@ fn expectation(
 #[async_trait::async_trait]
 impl KvStore for NatsEvents {
     async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<KvEntry>> {
-        let (found, _) = self.read(&kv_key(bucket, key)).await?;
+        let (found, _) = self.hub.read(&kv_key(bucket, key)).await?;
         Ok(found.map(|found| KvEntry {
             value: found.value.to_vec(),
             revision: found.revision,
@@ -125,7 +125,7 @@ impl KvStore for NatsEvents {
         let stored = kv_key(bucket, key);
         let watching = self.watchers("kv", bucket).await?;
         for _ in 0..MAX_CONFLICTS {
-            let (current, last_revision) = self.read(&stored).await?;
+            let (current, last_revision) = self.hub.read(&stored).await?;
             let expect = expectation(key, current.as_ref(), last_revision, condition)?;
             let mut write = Write::put(stored.clone(), value.to_vec());
             if let Some(revision) = expect {
@@ -150,7 +150,7 @@ impl KvStore for NatsEvents {
         let stored = kv_key(bucket, key);
         let watching = self.watchers("kv", bucket).await?;
         for _ in 0..MAX_CONFLICTS {
-            let (current, last_revision) = self.read(&stored).await?;
+            let (current, last_revision) = self.hub.read(&stored).await?;
             expectation(key, current.as_ref(), last_revision, condition)?;
             let Some(current) = current else {
                 return Ok(false);
@@ -184,7 +184,7 @@ impl KvStore for NatsEvents {
             return Ok(Vec::new());
         }
         let mut keys = Vec::new();
-        for found in self.scan(&format!("{}.>", kv_prefix(bucket))).await? {
+        for found in self.hub.scan(&format!("{}.>", kv_prefix(bucket))).await? {
             let (_, key) = bucket_and_key(&found.key)?;
             if listed(&key, prefix, after) {
                 keys.push(KvKey {
@@ -202,7 +202,7 @@ impl KvStore for NatsEvents {
 
     async fn kv_buckets(&self) -> Result<Vec<BucketStats>> {
         let mut buckets: BTreeMap<String, BucketStats> = BTreeMap::new();
-        for found in self.scan("kv.>").await? {
+        for found in self.hub.scan("kv.>").await? {
             let (bucket, _) = bucket_and_key(&found.key)?;
             let stats = buckets.entry(bucket.clone()).or_insert(BucketStats {
                 bucket,

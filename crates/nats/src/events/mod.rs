@@ -38,6 +38,7 @@ mod hints;
 mod kv;
 mod objects;
 mod queue;
+mod sites;
 mod triggers;
 
 use std::path::Path;
@@ -57,6 +58,7 @@ use mayfly_store::{BlobDir, Result, StoreError, TriggerChange};
 use crate::Fleet;
 use crate::batch::{self, BatchError, Committed, Write};
 use crate::watch::Watched;
+use sites::Place;
 
 /// Attempts of a write that keeps losing compare-and-swaps to other
 /// writers before it gives up.
@@ -74,13 +76,19 @@ const COUNTER: &str = "ctr";
 /// The event store of a node in the fleet: one store seen through the
 /// four event contracts (`KvStore`, `ObjectStore`, `EventQueue`,
 /// `TriggerStore`). Its change-feed task stops when it is dropped.
+///
+/// Everything lives in the hub's bucket but the queues placed at a leaf
+/// site (`<name>@<site>`, [`sites`]), which live in that site's own bucket
+/// of the same name; KV and object buckets, triggers and inboxes are in
+/// the hub's.
 pub struct NatsEvents {
-    client: async_nats::Client,
-    kv: Store,
-    /// `$KV.<bucket>.`: the subject prefix of its keys.
-    prefix: String,
-    /// Where atomic batches publish ([`Fleet::write_prefix`]).
-    write_prefix: String,
+    /// The fleet's bucket, at the hub (through its domain at an edge).
+    hub: Arc<Bucket>,
+    /// At an edge node: its site's own bucket, reached while cut off.
+    local: Option<Arc<Bucket>>,
+    /// Other sites' buckets, opened through their domains when first used.
+    sites: std::sync::Mutex<std::collections::HashMap<String, Arc<Bucket>>>,
+    fleet: Fleet,
     objects: object_store::ObjectStore,
     /// Object bytes on this node: staged uploads and downloaded copies.
     blobs: BlobDir,
@@ -90,6 +98,24 @@ pub struct NatsEvents {
     watcher: tokio::task::JoinHandle<()>,
     /// Work hints to and from the other nodes ([`hints`]).
     hints: hints::Hints,
+}
+
+/// One event bucket, in one JetStream domain.
+pub(super) struct Bucket {
+    client: async_nats::Client,
+    kv: Store,
+    /// `$KV.<bucket>.`: the subject prefix of its keys.
+    prefix: String,
+    /// Where atomic batches publish: `$KV.<bucket>.` in this node's own
+    /// domain, `$JS.<domain>.API.$KV.<bucket>.` in another.
+    write_prefix: String,
+    /// Where it is from this node.
+    place: Place,
+    /// Its JetStream domain, named in hints and errors.
+    domain: String,
+    /// Ids it gives start above this: a site's dead letters and messages
+    /// never share an id with the hub's ([`sites::SITE_ID_BASE`]).
+    id_base: i64,
 }
 
 impl Drop for NatsEvents {
@@ -109,11 +135,39 @@ struct Found {
 }
 
 impl NatsEvents {
-    /// Opens (or creates) the fleet's event bucket and object store;
-    /// `cache_dir` holds this node's copies of object bytes.
+    /// Opens (or creates) the fleet's event bucket and object store, and
+    /// at an edge node its site's event bucket; `cache_dir` holds this
+    /// node's copies of object bytes.
     pub async fn open(fleet: &Fleet, cache_dir: &Path) -> Result<Self> {
         let replicas = fleet.replicas();
-        let kv = open_bucket(fleet, &fleet.name("events"), replicas).await?;
+        let name = fleet.name("events");
+        let kv = open_bucket(fleet.jetstream(), &name, replicas).await?;
+        let hub = Arc::new(Bucket {
+            client: fleet.client().clone(),
+            prefix: format!("$KV.{}.", kv.name),
+            write_prefix: fleet.write_prefix(&kv),
+            kv: kv.clone(),
+            place: Place::Hub,
+            domain: fleet.hub_domain().to_string(),
+            id_base: 0,
+        });
+        // A site's bucket has the same name in its own domain
+        // (docs/edge-design.md §4.1); one copy, like the site's server.
+        let local = match fleet.site() {
+            Some(site) => {
+                let kv = open_bucket(fleet.local_jetstream(), &name, 1).await?;
+                Some(Arc::new(Bucket {
+                    client: fleet.client().clone(),
+                    prefix: format!("$KV.{}.", kv.name),
+                    write_prefix: kv.prefix.clone(),
+                    kv,
+                    place: Place::Local,
+                    domain: site.to_string(),
+                    id_base: sites::SITE_ID_BASE,
+                }))
+            }
+            None => None,
+        };
         let objects = open_objects(fleet, replicas).await?;
         let blobs = BlobDir::open(cache_dir)?;
         // Downloads and uploads this node never finished (a crash): the
@@ -122,25 +176,31 @@ impl NatsEvents {
         // Subscribed before the first request below, which the server
         // answers only after it registered the subscription: a write
         // another node makes after this store opened is hinted to it.
+        // Only the hints of the buckets this node reads: a site's own
+        // hints do not cross its leaf link to nodes that have no use
+        // for them.
+        let mut domains = vec![hub.domain.clone()];
+        domains.extend(local.iter().map(|local| local.domain.clone()));
         let hints = hints::Hints::start(
             fleet.client().clone(),
             fleet.subject("events.wake"),
+            domains,
             fleet.node_name().to_string(),
         )
         .await?;
         let (triggers, watcher) = Watched::start_filtered(
             fleet,
-            kv.clone(),
+            kv,
             Some("t.>".into()),
             triggers::change_of,
             |changes, change| changes.push(change),
         )
         .await?;
         Ok(Self {
-            client: fleet.client().clone(),
-            prefix: format!("$KV.{}.", kv.name),
-            write_prefix: fleet.write_prefix(&kv),
-            kv,
+            hub,
+            local,
+            sites: Default::default(),
+            fleet: fleet.clone(),
             objects,
             blobs,
             node: fleet.node_name().to_string(),
@@ -149,7 +209,9 @@ impl NatsEvents {
             hints,
         })
     }
+}
 
+impl Bucket {
     /// Every key under `pattern` (a KV key pattern such as `m.>`) with its
     /// last value; deleted keys left out.
     async fn scan(&self, pattern: &str) -> Result<Vec<Found>> {
@@ -264,7 +326,7 @@ impl NatsEvents {
                 .and_then(|text| text.parse().ok())
                 .ok_or_else(|| StoreError::Corrupt("the event id counter is unreadable".into()))?,
         };
-        Ok((value, revision))
+        Ok((value.max(self.id_base), revision))
     }
 
     /// Commits `writes`; `None` when a compare-and-swap failed (nothing was
@@ -319,9 +381,12 @@ impl NatsEvents {
 /// sequence ([`NatsEvents::remove_revision`]), not left as tombstones. A
 /// KV bucket is created with `deny_delete`, which an update cannot lift
 /// (measured on 2.15.1: error 10052).
-async fn open_bucket(fleet: &Fleet, bucket: &str, replicas: usize) -> Result<Store> {
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<Store> {
     use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
-    let js = fleet.jetstream();
     let created = js
         .create_stream(Config {
             name: format!("KV_{bucket}"),

@@ -174,7 +174,7 @@ impl NatsEvents {
     }
 
     async fn object_record(&self, bucket: &str, key: &str) -> Result<Option<(Record, Found)>> {
-        let (found, _) = self.read(&object_key(bucket, key)).await?;
+        let (found, _) = self.hub.read(&object_key(bucket, key)).await?;
         match found {
             None => Ok(None),
             Some(found) => Ok(Some((parse(&found)?, found))),
@@ -183,7 +183,7 @@ impl NatsEvents {
 
     async fn listing(&self, pattern: &str) -> Result<Vec<ObjectMeta>> {
         let mut objects = Vec::new();
-        for found in self.scan(pattern).await? {
+        for found in self.hub.scan(pattern).await? {
             let (bucket, key) = bucket_and_key(&found.key)?;
             objects.push(parse::<Record>(&found)?.meta(&bucket, &key));
         }

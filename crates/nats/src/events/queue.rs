@@ -18,9 +18,10 @@ use mayfly_store::{
     Result, RetryPolicy, Settlement, StoreError, WorkHint,
 };
 
+use super::sites::Place;
 use super::{
-    COUNTER, Found, MAX_CONFLICTS, NatsEvents, is_wrong_last_sequence, json, now_ms, parse, to_i64,
-    token, too_busy, untoken,
+    Bucket, COUNTER, Found, MAX_CONFLICTS, NatsEvents, is_wrong_last_sequence, json, now_ms, parse,
+    to_i64, token, too_busy, untoken,
 };
 use crate::batch::{MAX_BATCH, Write};
 
@@ -118,6 +119,29 @@ struct Dead {
 }
 
 impl Dead {
+    /// The message a redrive puts back in the function's inbox: its
+    /// event, a fresh attempt count, visible at `now`.
+    fn redriven(&self, now: i64) -> Message {
+        Message {
+            event_id: self.event_id.clone(),
+            ty: self.ty.clone(),
+            source: self.source.clone(),
+            subject: self.subject.clone(),
+            time_ms: self.time_ms,
+            content_type: self.content_type.clone(),
+            data: self.data.clone(),
+            path: self.path.clone(),
+            order_key: self.order_key.clone(),
+            trigger_id: self.trigger_id,
+            retry: Some(self.retry),
+            attempts: 0,
+            visible_at_ms: now,
+            leased_by: None,
+            last_error: None,
+            enqueued_ms: now,
+        }
+    }
+
     fn letter(&self, id: i64, with_data: bool) -> Result<DeadLetter> {
         let data = unhex(&self.data)?;
         Ok(DeadLetter {
@@ -226,7 +250,7 @@ fn heads(mut messages: Vec<Stored>) -> Vec<Stored> {
     messages
 }
 
-impl NatsEvents {
+impl Bucket {
     /// Every stored message of `queue` (all queues when `None`).
     async fn messages(&self, queue: Option<&QueueRef>) -> Result<Vec<Stored>> {
         let pattern = match queue {
@@ -262,15 +286,19 @@ impl NatsEvents {
     async fn remove(&self, revision: u64) -> Result<bool> {
         self.remove_revision(revision).await
     }
+}
 
-    /// Stores new messages in one batch with `extra` writes, their ids
-    /// taken from the counter; returns the ids and the batch.
+impl NatsEvents {
+    /// Stores new messages in bucket `at` in one batch with `extra`
+    /// writes, their ids taken from its counter; returns the ids and the
+    /// batch.
     pub(super) async fn insert(
         &self,
+        at: &Bucket,
         records: &[(QueueRef, Message)],
         extra: Vec<Write>,
     ) -> Result<Option<(Vec<i64>, crate::batch::Committed)>> {
-        let (last, revision) = self.counter().await?;
+        let (last, revision) = at.counter().await?;
         let mut writes = extra;
         let mut ids = Vec::with_capacity(records.len());
         for (index, (queue, message)) in records.iter().enumerate() {
@@ -285,11 +313,12 @@ impl NatsEvents {
         if writes.is_empty() {
             return Ok(Some((ids, crate::batch::Committed { first: 0, last: 0 })));
         }
-        let Some(done) = self.commit(&writes).await? else {
+        let Some(done) = at.commit(&writes).await? else {
             return Ok(None);
         };
         self.hints
             .publish(
+                &at.domain,
                 records
                     .iter()
                     .map(|(queue, message)| (queue.clone(), message.visible_at_ms)),
@@ -298,10 +327,11 @@ impl NatsEvents {
         Ok(Some((ids, done)))
     }
 
-    /// Claims up to `max` visible messages of `queue` until `now + lease`;
-    /// `node` marks the dispatcher's leases.
+    /// Claims up to `max` visible messages of `queue`, in bucket `at`,
+    /// until `now + lease`; `node` marks the dispatcher's leases.
     async fn claim(
         &self,
+        at: &Bucket,
         queue: &QueueRef,
         max: usize,
         lease_ms: u64,
@@ -313,7 +343,7 @@ impl NatsEvents {
         }
         for _ in 0..MAX_CONFLICTS {
             let now = now_ms();
-            let mut candidates: Vec<Stored> = heads(self.messages(Some(queue)).await?)
+            let mut candidates: Vec<Stored> = heads(at.messages(Some(queue)).await?)
                 .into_iter()
                 .filter(|m| m.message.visible_at_ms <= now)
                 .collect();
@@ -328,7 +358,7 @@ impl NatsEvents {
                 message.visible_at_ms = now.saturating_add(to_i64(lease_ms));
                 message.leased_by = node.then(|| self.node.clone());
                 let key = message_key(queue, candidate.id);
-                if self.swap(&key, message, candidate.revision).await? {
+                if at.swap(&key, message, candidate.revision).await? {
                     claimed.push(message.delivery(candidate.id)?);
                 } else {
                     lost = true;
@@ -343,10 +373,15 @@ impl NatsEvents {
         Ok(claimed)
     }
 
-    /// Applies one settlement; returns when the message becomes visible
-    /// again if it stays (a retry or a postponement), for the fleet's
-    /// hint.
-    async fn settle(&self, queue: &QueueRef, settlement: &Settlement) -> Result<Option<i64>> {
+    /// Applies one settlement in bucket `at` (a dead letter stays there
+    /// too); returns when the message becomes visible again if it stays
+    /// (a retry or a postponement), for the fleet's hint.
+    async fn settle(
+        &self,
+        at: &Bucket,
+        queue: &QueueRef,
+        settlement: &Settlement,
+    ) -> Result<Option<i64>> {
         let (id, attempt) = match settlement {
             Settlement::Ack { id, attempt }
             | Settlement::Retry { id, attempt, .. }
@@ -355,7 +390,7 @@ impl NatsEvents {
         };
         let key = message_key(queue, id);
         for _ in 0..MAX_CONFLICTS {
-            let Some((mut message, revision)) = self.message(queue, id).await? else {
+            let Some((mut message, revision)) = at.message(queue, id).await? else {
                 return Ok(None);
             };
             // Settled only at the attempt it was handed out with: a lease
@@ -365,20 +400,20 @@ impl NatsEvents {
             }
             let now = now_ms();
             let done = match settlement {
-                Settlement::Ack { .. } => self.remove(revision).await?,
+                Settlement::Ack { .. } => at.remove(revision).await?,
                 Settlement::Retry {
                     delay_ms, error, ..
                 } => {
                     message.visible_at_ms = now.saturating_add(to_i64(*delay_ms));
                     message.leased_by = None;
                     message.last_error = Some(error.clone());
-                    self.swap(&key, &message, revision).await?
+                    at.swap(&key, &message, revision).await?
                 }
                 Settlement::Postpone { delay_ms, .. } => {
                     message.visible_at_ms = now.saturating_add(to_i64(*delay_ms));
                     message.leased_by = None;
                     message.attempts = message.attempts.saturating_sub(1);
-                    self.swap(&key, &message, revision).await?
+                    at.swap(&key, &message, revision).await?
                 }
                 Settlement::Dead {
                     function,
@@ -403,17 +438,17 @@ impl NatsEvents {
                         last_error: error.clone(),
                         died_ms: now,
                     };
-                    let (last, counter) = self.counter().await?;
+                    let (last, counter) = at.counter().await?;
                     let writes = [
                         Write::delete(key.clone()).expect(revision),
                         Write::put(dead_key(function, last + 1), json(&dead)?).expect(0),
                         Write::put(COUNTER, (last + 1).to_string()).expect(counter),
                     ];
-                    match self.commit(&writes).await? {
+                    match at.commit(&writes).await? {
                         Some(done) => {
                             // The tombstone (the batch's first write) is
                             // no use: the id is never written again.
-                            self.remove_revision(done.first).await?;
+                            at.remove_revision(done.first).await?;
                             true
                         }
                         None => false,
@@ -431,16 +466,17 @@ impl NatsEvents {
         Err(too_busy("settling a delivery"))
     }
 
-    /// `function`'s dead letters among `ids` (all when `None`), in id
-    /// order, with their revisions.
+    /// `function`'s dead letters in bucket `at` among `ids` (all when
+    /// `None`), in id order, with their revisions.
     async fn selected_dead(
         &self,
+        at: &Bucket,
         function: &str,
         ids: Option<&[i64]>,
     ) -> Result<Vec<(i64, u64, Dead)>> {
         let wanted: Option<HashSet<i64>> = ids.map(|ids| ids.iter().copied().collect());
         let mut letters = Vec::new();
-        for found in self.scan(&format!("{}.>", dead_prefix(function))).await? {
+        for found in at.scan(&format!("{}.>", dead_prefix(function))).await? {
             let id = id_of(&found.key)?;
             if wanted.as_ref().is_none_or(|w| w.contains(&id)) {
                 letters.push((id, found.revision, parse(&found)?));
@@ -483,11 +519,15 @@ impl EventQueue for NatsEvents {
             .collect();
         // One batch holds the counter too; a larger send is several
         // batches, each all or nothing.
+        let at = self.bucket_of(&queue_ref).await?;
         let mut ids = Vec::with_capacity(records.len());
         for chunk in records.chunks(MAX_BATCH - 1) {
             let mut done = None;
             for _ in 0..MAX_CONFLICTS {
-                if let Some((chunk_ids, _)) = self.insert(chunk, Vec::new()).await? {
+                let inserted = self.insert(&at, chunk, Vec::new()).await;
+                if let Some((chunk_ids, _)) =
+                    self.explained(&queue_ref, &at.place, inserted).await?
+                {
                     done = Some(chunk_ids);
                     break;
                 }
@@ -498,46 +538,50 @@ impl EventQueue for NatsEvents {
     }
 
     async fn receive(&self, queue: &str, max: usize, visibility_ms: u64) -> Result<Vec<Delivery>> {
-        self.claim(
-            &QueueRef::Named(queue.to_string()),
-            max,
-            visibility_ms,
-            false,
-        )
-        .await
+        let queue_ref = QueueRef::Named(queue.to_string());
+        let at = self.bucket_of(&queue_ref).await?;
+        let claimed = self.claim(&at, &queue_ref, max, visibility_ms, false).await;
+        self.explained(&queue_ref, &at.place, claimed).await
     }
 
     async fn ack(&self, queue: &str, id: i64, attempt: u32) -> Result<AckOutcome> {
-        let queue = QueueRef::Named(queue.to_string());
-        for _ in 0..MAX_CONFLICTS {
-            let Some((message, revision)) = self.message(&queue, id).await? else {
-                return Ok(AckOutcome::Gone);
-            };
-            if message.attempts != attempt {
-                return Ok(AckOutcome::Stale);
+        let queue_ref = QueueRef::Named(queue.to_string());
+        let at = self.bucket_of(&queue_ref).await?;
+        let acked = async {
+            for _ in 0..MAX_CONFLICTS {
+                let Some((message, revision)) = at.message(&queue_ref, id).await? else {
+                    return Ok(AckOutcome::Gone);
+                };
+                if message.attempts != attempt {
+                    return Ok(AckOutcome::Stale);
+                }
+                if at.remove(revision).await? {
+                    return Ok(AckOutcome::Acked);
+                }
             }
-            if self.remove(revision).await? {
-                return Ok(AckOutcome::Acked);
-            }
+            Err(too_busy("acknowledging a message"))
         }
-        Err(too_busy("acknowledging a message"))
+        .await;
+        self.explained(&queue_ref, &at.place, acked).await
     }
 
     async fn queues(&self) -> Result<Vec<QueueStats>> {
         let now = now_ms();
         let mut stats: BTreeMap<String, QueueStats> = BTreeMap::new();
-        for stored in self.messages(None).await? {
-            let QueueRef::Named(name) = stored.queue else {
-                continue;
-            };
-            let entry = stats.entry(name.clone()).or_insert(QueueStats {
-                queue: name,
-                messages: 0,
-                in_flight: 0,
-            });
-            entry.messages += 1;
-            if stored.message.visible_at_ms > now && stored.message.attempts > 0 {
-                entry.in_flight += 1;
+        for at in self.own_buckets() {
+            for stored in at.messages(None).await? {
+                let QueueRef::Named(name) = stored.queue else {
+                    continue;
+                };
+                let entry = stats.entry(name.clone()).or_insert(QueueStats {
+                    queue: name,
+                    messages: 0,
+                    in_flight: 0,
+                });
+                entry.messages += 1;
+                if stored.message.visible_at_ms > now && stored.message.attempts > 0 {
+                    entry.in_flight += 1;
+                }
             }
         }
         Ok(stats.into_values().collect())
@@ -550,7 +594,7 @@ impl EventQueue for NatsEvents {
         );
         for _ in 0..MAX_CONFLICTS {
             if let Some((ids, _)) = self
-                .insert(std::slice::from_ref(&record), Vec::new())
+                .insert(&self.hub, std::slice::from_ref(&record), Vec::new())
                 .await?
             {
                 return ids
@@ -569,24 +613,26 @@ impl EventQueue for NatsEvents {
         max: usize,
         lease_ms: u64,
     ) -> Result<Vec<Delivery>> {
+        let at = self.bucket_of(queue).await?;
         // Not one transaction as in SQLite, and it need not be: each
         // settlement and each claim is a compare-and-swap of its own.
         let mut due = None;
         for settlement in settled {
-            if let Some(at) = self.settle(queue, settlement).await? {
-                due = Some(due.map_or(at, |due: i64| due.min(at)));
+            if let Some(when) = self.settle(&at, queue, settlement).await? {
+                due = Some(due.map_or(when, |due: i64| due.min(when)));
             }
         }
         // A retry or a postponement may be taken by any node when it is
         // due (this node's worker finds it itself); acks need no hint.
         if let Some(due) = due {
-            self.hints.publish([(queue.clone(), due)]).await;
+            self.hints.publish(&at.domain, [(queue.clone(), due)]).await;
         }
-        self.claim(queue, max, lease_ms, true).await
+        self.claim(&at, queue, max, lease_ms, true).await
     }
 
     async fn next_visible(&self, queue: &QueueRef) -> Result<Option<i64>> {
-        Ok(heads(self.messages(Some(queue)).await?)
+        let at = self.bucket_of(queue).await?;
+        Ok(heads(at.messages(Some(queue)).await?)
             .iter()
             .map(|m| m.message.visible_at_ms)
             .min())
@@ -595,32 +641,37 @@ impl EventQueue for NatsEvents {
     async fn release_leases(&self) -> Result<usize> {
         let now = now_ms();
         let mut released = 0;
-        let mut freed = Vec::new();
-        for mut stored in self.messages(None).await? {
-            if stored.message.leased_by.as_deref() != Some(self.node.as_str()) {
-                continue;
+        for at in self.own_buckets() {
+            let mut freed = Vec::new();
+            for mut stored in at.messages(None).await? {
+                if stored.message.leased_by.as_deref() != Some(self.node.as_str()) {
+                    continue;
+                }
+                stored.message.leased_by = None;
+                stored.message.visible_at_ms = now;
+                let key = message_key(&stored.queue, stored.id);
+                // A message that moved meanwhile was settled by this
+                // node's last writes or taken by another after its lease:
+                // not ours.
+                if at.swap(&key, &stored.message, stored.revision).await? {
+                    released += 1;
+                    freed.push((stored.queue, now));
+                }
             }
-            stored.message.leased_by = None;
-            stored.message.visible_at_ms = now;
-            let key = message_key(&stored.queue, stored.id);
-            // A message that moved meanwhile was settled by this node's
-            // last writes or taken by another after its lease: not ours.
-            if self.swap(&key, &stored.message, stored.revision).await? {
-                released += 1;
-                freed.push((stored.queue, now));
-            }
+            // Visible again to every node, not only to this one's workers.
+            self.hints.publish(&at.domain, freed).await;
         }
-        // Visible again to every node, not only to this one's workers.
-        self.hints.publish(freed).await;
         Ok(released)
     }
 
     async fn depths(&self) -> Result<Vec<(QueueRef, u64)>> {
         let mut depths: Vec<(QueueRef, u64)> = Vec::new();
-        for stored in self.messages(None).await? {
-            match depths.iter_mut().find(|(queue, _)| *queue == stored.queue) {
-                Some((_, count)) => *count += 1,
-                None => depths.push((stored.queue, 1)),
+        for at in self.own_buckets() {
+            for stored in at.messages(None).await? {
+                match depths.iter_mut().find(|(queue, _)| *queue == stored.queue) {
+                    Some((_, count)) => *count += 1,
+                    None => depths.push((stored.queue, 1)),
+                }
             }
         }
         Ok(depths)
@@ -632,8 +683,13 @@ impl EventQueue for NatsEvents {
         after: i64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
-        self.selected_dead(function, None)
-            .await?
+        // The hub's ids are all below the site's (SITE_ID_BASE): in id
+        // order, the hub's letters come first.
+        let mut letters = Vec::new();
+        for at in self.own_buckets() {
+            letters.extend(self.selected_dead(&at, function, None).await?);
+        }
+        letters
             .into_iter()
             .filter(|(id, _, _)| *id > after)
             .take(limit)
@@ -642,7 +698,7 @@ impl EventQueue for NatsEvents {
     }
 
     async fn dead_letter(&self, function: &str, id: i64) -> Result<Option<DeadLetter>> {
-        let (found, _) = self.read(&dead_key(function, id)).await?;
+        let (found, _) = self.bucket_of_id(id).read(&dead_key(function, id)).await?;
         match found {
             None => Ok(None),
             Some(found) => Ok(Some(parse::<Dead>(&found)?.letter(id, true)?)),
@@ -652,10 +708,11 @@ impl EventQueue for NatsEvents {
     async fn redrive(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
         let now = now_ms();
         let inbox = QueueRef::Inbox(function.to_string());
+        let hub = &self.hub;
         let mut moved = 0;
         // Each batch holds the counter, and per letter its deletion and
         // its new message.
-        let letters = self.selected_dead(function, ids).await?;
+        let letters = self.selected_dead(hub, function, ids).await?;
         for chunk in letters.chunks((MAX_BATCH - 1) / 2) {
             let mut done = false;
             for _ in 0..MAX_CONFLICTS {
@@ -663,30 +720,12 @@ impl EventQueue for NatsEvents {
                 let mut deletes = Vec::with_capacity(chunk.len());
                 for (id, revision, dead) in chunk {
                     deletes.push(Write::delete(dead_key(function, *id)).expect(*revision));
-                    let message = Message {
-                        event_id: dead.event_id.clone(),
-                        ty: dead.ty.clone(),
-                        source: dead.source.clone(),
-                        subject: dead.subject.clone(),
-                        time_ms: dead.time_ms,
-                        content_type: dead.content_type.clone(),
-                        data: dead.data.clone(),
-                        path: dead.path.clone(),
-                        order_key: dead.order_key.clone(),
-                        trigger_id: dead.trigger_id,
-                        retry: Some(dead.retry),
-                        attempts: 0,
-                        visible_at_ms: now,
-                        leased_by: None,
-                        last_error: None,
-                        enqueued_ms: now,
-                    };
-                    records.push((inbox.clone(), message));
+                    records.push((inbox.clone(), dead.redriven(now)));
                 }
-                if let Some((_, committed)) = self.insert(&records, deletes).await? {
+                if let Some((_, committed)) = self.insert(hub, &records, deletes).await? {
                     // The tombstones (the batch's first writes) are no use.
                     for offset in 0..chunk.len() as u64 {
-                        self.remove_revision(committed.first + offset).await?;
+                        hub.remove_revision(committed.first + offset).await?;
                     }
                     done = true;
                     break;
@@ -696,6 +735,7 @@ impl EventQueue for NatsEvents {
                 // what is still there.
                 let still: HashSet<i64> = self
                     .selected_dead(
+                        hub,
                         function,
                         Some(&chunk.iter().map(|c| c.0).collect::<Vec<_>>()),
                     )
@@ -714,14 +754,48 @@ impl EventQueue for NatsEvents {
             }
             moved += chunk.len();
         }
+        // This site's letters (of its queues) go to the function's inbox
+        // at the hub: two buckets, so not one batch. Stored first, then
+        // removed: a failure in between redrives a letter twice, never
+        // loses it (at-least-once, as every delivery).
+        if let Some(local) = &self.local {
+            let letters = self.selected_dead(local, function, ids).await?;
+            for chunk in letters.chunks(MAX_BATCH - 1) {
+                let records: Vec<_> = chunk
+                    .iter()
+                    .map(|(_, _, dead)| (inbox.clone(), dead.redriven(now)))
+                    .collect();
+                let mut done = false;
+                for _ in 0..MAX_CONFLICTS {
+                    let inserted = self.insert(hub, &records, Vec::new()).await;
+                    if self
+                        .explained(&inbox, &Place::Hub, inserted)
+                        .await?
+                        .is_some()
+                    {
+                        done = true;
+                        break;
+                    }
+                }
+                if !done {
+                    return Err(too_busy("redriving dead letters"));
+                }
+                for (_, revision, _) in chunk {
+                    local.remove(*revision).await?;
+                }
+                moved += chunk.len();
+            }
+        }
         Ok(moved)
     }
 
     async fn purge_dead(&self, function: &str, ids: Option<&[i64]>) -> Result<usize> {
         let mut purged = 0;
-        for (_, revision, _) in self.selected_dead(function, ids).await? {
-            if self.remove(revision).await? {
-                purged += 1;
+        for at in self.own_buckets() {
+            for (_, revision, _) in self.selected_dead(&at, function, ids).await? {
+                if at.remove(revision).await? {
+                    purged += 1;
+                }
             }
         }
         Ok(purged)

@@ -262,7 +262,8 @@ async fn on_a_three_server_cluster_nodes_share_an_inbox_and_a_slot_fires_once() 
     let b = node(&servers, "b", &dir).await;
     // A stale expectation in a batch is a conflict on a cluster too.
     let stale = [crate::batch::Write::put("x", "1").expect(12_345)];
-    assert!(matches!(a.commit(&stale).await, Ok(None)));
+    let stale = a.hub.commit(&stale).await;
+    assert!(matches!(stale, Ok(None)), "{stale:?}");
     const TOTAL: usize = 20;
     for i in 0..TOTAL {
         a.enqueue("f", &event(&format!("e{i}"))).await.unwrap();
@@ -337,4 +338,145 @@ async fn work_stored_on_one_node_is_hinted_to_the_others_not_to_itself() {
     // Neither heard its own writes: a's only hint was b's retry.
     assert!(heard_by_a.try_recv().is_err());
     assert!(heard_by_b.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_queue_placed_at_a_site_works_there_while_cut_off_and_a_hub_queue_names_the_hub() {
+    use mayfly_store::StoreError;
+
+    use super::sites::SITE_ID_BASE;
+
+    let servers = NatsServers::hub_with_sites(&["site-a"]);
+    let dir = tempfile::tempdir().unwrap();
+    let hub_fleet = Fleet::connect(&servers.hub_options("h", "t"))
+        .await
+        .unwrap();
+    let hub = NatsEvents::open(&hub_fleet, &dir.path().join("h"))
+        .await
+        .unwrap();
+    let edge_fleet = Fleet::connect(&servers.site_options("site-a", "e", "t"))
+        .await
+        .unwrap();
+    let edge = NatsEvents::open(&edge_fleet, &dir.path().join("e"))
+        .await
+        .unwrap();
+    let mut hints = edge.work_hints().unwrap();
+    let queue = "orders@site-a";
+    let named = QueueRef::Named(queue.into());
+
+    // Sent at the hub, stored at the site (its ids are the site's),
+    // hinted to the site's node and claimed there.
+    let ids = hub
+        .send(queue, &[(None, b"from the hub".to_vec())])
+        .await
+        .unwrap();
+    assert!(ids[0] > SITE_ID_BASE, "{ids:?}");
+    let hint = tokio::time::timeout(Duration::from_secs(10), hints.recv())
+        .await
+        .expect("no hint reached the site")
+        .unwrap();
+    assert_eq!(hint.queue, named);
+    let got = edge.receive(queue, 10, 30_000).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event.data, b"from the hub");
+    // The hub node reads the site's queue through its domain too.
+    hub.send(queue, &[(None, b"for the hub".to_vec())])
+        .await
+        .unwrap();
+    let theirs = hub.receive(queue, 10, 30_000).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].event.data, b"for the hub");
+    assert_eq!(
+        hub.ack(queue, theirs[0].id, theirs[0].attempt)
+            .await
+            .unwrap(),
+        mayfly_store::AckOutcome::Acked
+    );
+    assert_eq!(
+        edge.ack(queue, got[0].id, got[0].attempt).await.unwrap(),
+        mayfly_store::AckOutcome::Acked
+    );
+
+    // Cut off: the site's queue works end to end, its last failure
+    // included (a dead letter in the site's bucket).
+    servers.link("site-a").cut();
+    servers.wait_unlinked("site-a");
+    edge.send(queue, &[(None, b"during the cut".to_vec())])
+        .await
+        .unwrap();
+    let got = edge
+        .settle_and_claim(&[], &named, 10, 30_000)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event.data, b"during the cut");
+    let dead = Settlement::Dead {
+        id: got[0].id,
+        attempt: got[0].attempt,
+        function: "f".into(),
+        retry: RetryPolicy::default(),
+        trigger_id: None,
+        error: "boom".into(),
+    };
+    assert!(
+        edge.settle_and_claim(&[dead], &named, 10, 30_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The hub's queues are out of reach, and the error says so; so is
+    // the site's queue from the hub.
+    let err = edge
+        .send("orders", &[(None, b"x".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("the hub (JetStream domain `hub`)")
+            && text.contains("unreachable from site `site-a`")
+            && text.contains("`orders@site-a`"),
+        "{text}"
+    );
+    let err = hub.send(queue, &[(None, b"x".to_vec())]).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("site `site-a`") && m.contains("from the hub")),
+        "{err:?}"
+    );
+
+    // Healed: the site's dead letter is listed with the hub's, and a
+    // redrive puts it in the function's inbox at the hub.
+    servers.link("site-a").heal();
+    servers.wait_linked("site-a");
+    let letters = eventually_ok(|| edge.dead_letters("f", 0, 10)).await;
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].id > SITE_ID_BASE);
+    let letter = edge.dead_letter("f", letters[0].id).await.unwrap().unwrap();
+    assert_eq!(letter.data.as_deref(), Some(&b"during the cut"[..]));
+    assert_eq!(edge.redrive("f", None).await.unwrap(), 1);
+    assert!(edge.dead_letters("f", 0, 10).await.unwrap().is_empty());
+    let got = hub
+        .settle_and_claim(&[], &inbox(), 10, 30_000)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event.data, b"during the cut");
+}
+
+/// `call`'s result once it succeeds (a link that just healed may still
+/// refuse a call or two), within 10 s.
+async fn eventually_ok<T, F: std::future::Future<Output = mayfly_store::Result<T>>>(
+    call: impl Fn() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "not yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
 }

@@ -76,7 +76,7 @@ pub(super) fn change_of(entry: &Entry) -> Option<TriggerChange> {
 impl NatsEvents {
     /// A trigger by id, with its revision.
     async fn trigger(&self, id: i64) -> Result<Option<(Trigger, u64)>> {
-        let (found, _) = self.read(&trigger_key(id)).await?;
+        let (found, _) = self.hub.read(&trigger_key(id)).await?;
         match found {
             None => Ok(None),
             Some(found) => Ok(Some((parse::<Record>(&found)?.trigger, found.revision))),
@@ -88,7 +88,7 @@ impl NatsEvents {
     /// transaction; here one attached during the write may miss it).
     pub(super) async fn all_triggers(&self) -> Result<Vec<Trigger>> {
         let mut triggers = Vec::new();
-        for found in self.scan("t.>").await? {
+        for found in self.hub.scan("t.>").await? {
             if found.key.starts_with(REMOVED_PREFIX) {
                 continue;
             }
@@ -103,7 +103,7 @@ impl NatsEvents {
     /// tell them twice; `change` is told at once.
     async fn commit_told(&self, writes: &[Write], change: TriggerChange) -> Result<bool> {
         let mut own = self.triggers.own.lock().await;
-        match self.commit(writes).await? {
+        match self.hub.commit(writes).await? {
             Some(done) => {
                 own.extend(done.first..=done.last);
                 drop(own);
@@ -120,7 +120,7 @@ impl TriggerStore for NatsEvents {
     async fn add_trigger(&self, function: &str, spec: &TriggerSpec) -> Result<(Trigger, bool)> {
         let spec_key = spec_key(function, spec)?;
         for _ in 0..MAX_CONFLICTS {
-            let (existing, spec_revision) = self.read(&spec_key).await?;
+            let (existing, spec_revision) = self.hub.read(&spec_key).await?;
             if let Some(existing) = existing {
                 let id = std::str::from_utf8(&existing.value)
                     .ok()
@@ -130,7 +130,7 @@ impl TriggerStore for NatsEvents {
                     return Ok((trigger, false));
                 }
             }
-            let (last, counter) = self.counter().await?;
+            let (last, counter) = self.hub.counter().await?;
             let now = now_ms();
             let trigger = Trigger {
                 id: last + 1,
@@ -173,7 +173,7 @@ impl TriggerStore for NatsEvents {
                 return Ok(false);
             };
             let spec_key = spec_key(&trigger.function, &trigger.spec)?;
-            let (spec, spec_revision) = self.read(&spec_key).await?;
+            let (spec, spec_revision) = self.hub.read(&spec_key).await?;
             let mut writes = vec![Write::delete(trigger_key(id)).expect(revision)];
             if spec.is_some() {
                 writes.push(Write::delete(spec_key).expect(spec_revision));
@@ -192,12 +192,17 @@ impl TriggerStore for NatsEvents {
         // Triggers first, so no new event reaches the inbox being emptied
         // (a write that read them just before may still land one).
         for trigger in self.triggers(Some(function)).await? {
-            self.erase(&trigger_key(trigger.id)).await?;
+            self.hub.erase(&trigger_key(trigger.id)).await?;
         }
-        self.erase(&format!("{}.>", spec_prefix(function))).await?;
-        self.erase(&queue_pattern(&QueueRef::Inbox(function.to_string())))
+        self.hub
+            .erase(&format!("{}.>", spec_prefix(function)))
             .await?;
-        self.erase(&format!("{}.>", dead_prefix(function))).await?;
+        self.hub
+            .erase(&queue_pattern(&QueueRef::Inbox(function.to_string())))
+            .await?;
+        self.hub
+            .erase(&format!("{}.>", dead_prefix(function)))
+            .await?;
         let marker = Write::put(format!("{REMOVED_PREFIX}f{}", token(function)), "");
         let removed = TriggerChange::FunctionRemoved {
             function: function.to_string(),
@@ -232,7 +237,7 @@ impl TriggerStore for NatsEvents {
                 trigger: stored,
                 fired: true,
             };
-            let (last, counter) = self.counter().await?;
+            let (last, counter) = self.hub.counter().await?;
             let message = Message::inbox(&inbox_event, None, fired_ms);
             let writes = [
                 Write::put(trigger_key(trigger.id), json(&record)?).expect(revision),
@@ -245,7 +250,7 @@ impl TriggerStore for NatsEvents {
             };
             if self.commit_told(&writes, fired).await? {
                 self.hints
-                    .publish([(inbox.clone(), message.visible_at_ms)])
+                    .publish(&self.hub.domain, [(inbox.clone(), message.visible_at_ms)])
                     .await;
                 return Ok(true);
             }

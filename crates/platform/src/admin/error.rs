@@ -72,6 +72,7 @@ impl From<PlatformError> for ApiError {
             PlatformError::InsufficientStorage(_) => {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
+            PlatformError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use mayfly_runtime::HandlerKind;
 use mayfly_store::{
     BlobKind, Digest, Expected, FunctionConfig, FunctionRecord, LIVE_ALIAS, StoreError, Trigger,
-    TriggerSpec, VersionRecord, check_label,
+    TriggerSource, TriggerSpec, VersionRecord, check_label,
 };
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -23,7 +23,8 @@ use crate::catalog::Artifact;
 use crate::error::PlatformError;
 use crate::routes::Route;
 use crate::validate::{
-    check_trigger, parse_routes, validate_limits, validate_name, validate_routes, validate_scaling,
+    PlacedNode, check_queue_site, check_trigger, parse_routes, validate_limits, validate_name,
+    validate_routes, validate_scaling,
 };
 
 /// What a deploy did.
@@ -112,6 +113,10 @@ impl Deployments {
                     "placement: {error}; write it as --place key=value, e.g. --place site=fra1"
                 ))
             })?;
+        }
+        for spec in &triggers {
+            self.check_trigger_site(name, spec, &config.placement)
+                .await?;
         }
         validate_routes(&config.routes).map_err(PlatformError::BadRequest)?;
         let routes = parse_routes(&config.routes).map_err(PlatformError::BadRequest)?;
@@ -380,6 +385,16 @@ impl Deployments {
             return Err(PlatformError::NotFound(function.to_string()));
         }
         self.check_trigger_alias(function, &spec)?;
+        let placement = {
+            let catalog = self.parts.catalog.load();
+            catalog
+                .by_name
+                .get(function)
+                .map(|served| served.placement.clone())
+                .or_else(|| catalog.remote.get(function).map(|f| f.placement.clone()))
+                .unwrap_or_default()
+        };
+        self.check_trigger_site(function, &spec, &placement).await?;
         let added = self.parts.events.add_trigger(function, spec).await?;
         self.parts.workers.sync();
         Ok(added)
@@ -390,6 +405,38 @@ impl Deployments {
         self.parts.events.remove_trigger(id).await?;
         self.parts.workers.sync();
         Ok(())
+    }
+
+    /// Refuses a trigger on a queue placed at a leaf site (`<name>@<site>`)
+    /// unless the function's `placement` keeps it within that site's live
+    /// nodes ([`check_queue_site`]). A node on its own has one store and
+    /// runs everything: nothing to check.
+    async fn check_trigger_site(
+        &self,
+        name: &str,
+        spec: &TriggerSpec,
+        placement: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), PlatformError> {
+        let TriggerSource::Queue { queue, .. } = &spec.source else {
+            return Ok(());
+        };
+        let (Some((_, site)), Some(fleet)) = (queue.rsplit_once('@'), &self.parts.fleet) else {
+            return Ok(());
+        };
+        let sites = fleet.sites().await?;
+        let members = self.parts.members.members().await?;
+        let nodes: Vec<PlacedNode<'_>> = members
+            .iter()
+            .map(|member| PlacedNode {
+                name: &member.name,
+                site: sites
+                    .iter()
+                    .find(|record| record.node.name == member.name)
+                    .map(|record| record.site.as_str()),
+                labels: &member.labels,
+            })
+            .collect();
+        check_queue_site(name, placement, queue, site, &nodes)
     }
 
     /// Refuses a trigger aimed at an alias the function does not have.

@@ -86,6 +86,10 @@ pub(crate) struct DeploymentParts {
     pub(crate) forward: Arc<dyn Forwarder>,
     /// Runs the requests other nodes forward here.
     pub(crate) forward_handler: Arc<dyn ForwardHandler>,
+    /// The fleet's leaf sites and live nodes, for the check of a trigger
+    /// on a queue placed at a site (`None` on a node on its own).
+    pub(crate) fleet: Option<Arc<dyn mayfly_store::FleetLink>>,
+    pub(crate) members: Arc<dyn mayfly_store::Membership>,
 }
 
 impl Deployments {

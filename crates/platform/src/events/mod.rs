@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::error::PlatformError;
-use crate::validate::{MAX_BATCH, check_key, check_name, check_retry, check_trigger};
+use crate::validate::{
+    MAX_BATCH, check_key, check_name, check_queue_name, check_retry, check_trigger,
+};
 
 use crate::event_metrics::EventMetrics;
 
@@ -517,7 +519,7 @@ impl EventHub {
         queue: &str,
         messages: Vec<(Option<String>, Vec<u8>)>,
     ) -> Result<Vec<i64>, PlatformError> {
-        check_name("queue", queue)?;
+        check_queue_name(queue)?;
         if messages.len() > MAX_BATCH {
             return Err(PlatformError::BadRequest(format!(
                 "{} messages in one batch: send at most {MAX_BATCH} at a time",
@@ -536,13 +538,13 @@ impl EventHub {
         max: usize,
         visibility_ms: u64,
     ) -> Result<Vec<Delivery>, PlatformError> {
-        check_name("queue", queue)?;
+        check_queue_name(queue)?;
         Ok(self.queues.receive(queue, max, visibility_ms).await?)
     }
 
     /// Acknowledges a received message by its receipt (`<id>.<attempt>`).
     pub async fn ack(&self, queue: &str, receipt: &str) -> Result<(), PlatformError> {
-        check_name("queue", queue)?;
+        check_queue_name(queue)?;
         let parsed = receipt
             .split_once('.')
             .and_then(|(id, attempt)| Some((id.parse().ok()?, attempt.parse().ok()?)));
