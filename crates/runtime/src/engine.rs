@@ -1,8 +1,10 @@
 //! The shared wasmtime engine, its linker and the epoch ticker.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
@@ -44,9 +46,10 @@ const BIG_MEMORY_PAGES: u64 = 64;
 /// scan stopped early and the rest was decommitted: each request then took
 /// ~255 page faults, most of them copy-on-write faults that flush the TLB
 /// of every core. A 12–16 MiB copy costs less than that. Measured on the
-/// python-http template's echo, 2 cores, wrk -t2 -c64: 2.0–2.1 ms → 1.3 ms
-/// of node CPU per request, 520–580 → 910–1150 req/s; js-http 0.63–0.82 →
-/// 0.38 ms. The cost is memory: a slot keeps up to this much resident, so
+/// python-http template's echo, 2 cores, wrk -t2 -c64, 3 alternating runs:
+/// 3.2–3.3 → 1.1–1.2 ms of node CPU per request, 588–608 → 1578–1713
+/// req/s; js-http 0.76–0.94 → 0.35–0.39 ms, 2063–2542 → 4775–5422 req/s.
+/// The cost is memory: a slot keeps up to this much resident, so
 /// the engine keeps fewer idle slots warm ([`BIG_WARM_SLOTS`]).
 const KEEP_RESIDENT_BIG: usize = 16 << 20;
 /// Tables are memset up to this much on every reset of a big-memory slot.
@@ -88,6 +91,11 @@ pub struct Runtime {
     /// Built at the first such load, so nodes without one (and every
     /// node's start) do not pay for a third engine and linker.
     p2_big: OnceLock<Result<EngineAndLinker, String>>,
+    /// Artifacts found to need `p2_big`: a later load (a cold start after
+    /// the function was unloaded) goes straight to it instead of loading
+    /// into `p2` first. Artifact paths are content-addressed, so the answer
+    /// never changes; one entry per big component.
+    big_artifacts: Mutex<HashSet<PathBuf>>,
     config: RuntimeConfig,
     /// For WASI 0.3 components (and any other needing async support).
     p3: EngineAndLinker,
@@ -209,6 +217,7 @@ impl Runtime {
         Ok(Arc::new(Self {
             p2,
             p2_big: OnceLock::new(),
+            big_artifacts: Mutex::new(HashSet::new()),
             config: config.clone(),
             p3,
             fingerprint,
@@ -253,6 +262,13 @@ impl Runtime {
         // before using the code.
         // Which engine compiled it is not recorded: wasmtime's own header
         // check refuses the other engine's artifact before using any code.
+        let known_big = self
+            .big_artifacts
+            .lock()
+            .is_ok_and(|big| big.contains(path));
+        if known_big {
+            return self.load_big(path, reuse);
+        }
         #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
         let loaded = unsafe { Component::deserialize_file(&self.p2.engine, path) }
             .map(|component| (component, &self.p2))
@@ -267,13 +283,25 @@ impl Runtime {
         if std::ptr::eq(engine, &self.p2) && has_big_memory(&component) {
             // Loaded again, into the engine whose pool suits it; the first
             // load is dropped (its mapping of the file with it).
-            let big = self.p2_big()?;
-            #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
-            let component = unsafe { Component::deserialize_file(&big.engine, path) }
-                .with_context(|| format!("failed to load artifact {}", path.display()))?;
-            return self.prepare(big, &component, reuse);
+            drop(component);
+            if let Ok(mut big) = self.big_artifacts.lock() {
+                big.insert(path.to_path_buf());
+            }
+            return self.load_big(path, reuse);
         }
         self.prepare(engine, &component, reuse)
+    }
+
+    /// Loads a WASI 0.2 artifact with a big memory into `p2_big`.
+    fn load_big(&self, path: &Path, reuse: bool) -> anyhow::Result<Function> {
+        let big = self.p2_big()?;
+        // SAFETY: as in `load_artifact`, which alone calls this; `p2_big`
+        // compiles exactly as `p2`, so wasmtime's header check accepts
+        // `p2`'s artifacts.
+        #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
+        let component = unsafe { Component::deserialize_file(&big.engine, path) }
+            .with_context(|| format!("failed to load artifact {}", path.display()))?;
+        self.prepare(big, &component, reuse)
     }
 
     /// The big-memory engine, built (with its epoch ticker) on first use.
