@@ -1,6 +1,13 @@
 -- wrk `done` hook for `cargo xtask bench`: prints one machine-readable line
 -- with the run's totals and latency percentiles in microseconds. wrk's own
 -- `--latency` report stops at p99; the benchmark also wants p99.9.
+-- With MAYFLY_BENCH_POST_BODY set (not empty), every request POSTs it.
+local body = os.getenv("MAYFLY_BENCH_POST_BODY")
+if body and body ~= "" then
+  wrk.method = "POST"
+  wrk.body = body
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

@@ -12,8 +12,10 @@
 //! Scenarios (one module each): hello-world HTTP load (`http`), cold starts
 //! (`cold`), many functions on one node (`density`), a burst of new
 //! connections (`burst`), queue-triggered events (`events`) and a function
-//! calling an upstream over outbound HTTP (`outbound`).
+//! calling an upstream over outbound HTTP (`outbound`), and the Python and
+//! JavaScript templates' big components (`big`).
 
+mod big;
 mod burst;
 mod cold;
 mod density;
@@ -226,6 +228,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // Smoke runs never install: they must stay about a minute long.
     let install = !options.smoke && !options.no_install;
     let systems = systems::prepare(&target.join("mayfly"), &cache, install);
+    // Built once per template version into the cache; a smoke run builds
+    // only with the toolchains already installed, and says so otherwise.
+    let big_components = big::prepare(&target.join("mayfly"), &cache, profile.smoke);
     let bench = Bench {
         profile,
         systems,
@@ -256,6 +261,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let events = events::run(&bench);
     println!("outbound HTTP");
     let outbound = outbound::run(&bench, &caps);
+    println!("big components");
+    let big = big::run(&bench, &big_components);
 
     let results = report::Results {
         http,
@@ -264,6 +271,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         burst,
         events,
         outbound,
+        big,
     };
     let name = if bench.profile.smoke {
         "smoke"

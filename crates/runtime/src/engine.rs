@@ -1,8 +1,10 @@
 //! The shared wasmtime engine, its linker and the epoch ticker.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
@@ -30,6 +32,33 @@ const KEEP_RESIDENT_SCANNED: usize = 2 << 20;
 /// keep it small.
 const KEEP_RESIDENT_UNSCANNED: usize = 64 * 1024;
 
+/// Components whose largest memory starts at this many wasm pages (4 MiB)
+/// or more run on the big-memory engine: interpreters snapshotted at build
+/// time (componentize-py: 197 pages, componentize-js: 145), whose every
+/// fresh instance starts from a memory image of megabytes. Rust guests
+/// start at 17.
+const BIG_MEMORY_PAGES: u64 = 64;
+/// The big-memory engine resets the first 16 MiB of a slot by copying the
+/// image back over it (or zeroing) instead of scanning for dirty pages and
+/// `madvise`-ing the rest away. PAGEMAP_SCAN reports at most 32 runs of
+/// dirty pages per reset (wasmtime 48's `MAX_REGIONS`) and an interpreter
+/// dirties pages all over its image (reference counts, its heap), so the
+/// scan stopped early and the rest was decommitted: each request then took
+/// ~255 page faults, most of them copy-on-write faults that flush the TLB
+/// of every core. A 12–16 MiB copy costs less than that. Measured on the
+/// python-http template's echo, 2 cores, wrk -t2 -c64, 3 alternating runs:
+/// 3.2–3.3 → 1.1–1.2 ms of node CPU per request, 588–608 → 1578–1713
+/// req/s; js-http 0.76–0.94 → 0.35–0.39 ms, 2063–2542 → 4775–5422 req/s.
+/// The cost is memory: a slot keeps up to this much resident, so
+/// the engine keeps fewer idle slots warm ([`BIG_WARM_SLOTS`]).
+const KEEP_RESIDENT_BIG: usize = 16 << 20;
+/// Tables are memset up to this much on every reset of a big-memory slot.
+const TABLE_KEEP_RESIDENT_BIG: usize = 64 * 1024;
+/// Idle slots of the big-memory engine kept with their image and resident
+/// pages for the next instance of the same component: at most
+/// 32 × 16 MiB resident for slots no instance uses.
+const BIG_WARM_SLOTS: u32 = 32;
+
 /// Node-wide settings of the runtime, fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -56,10 +85,33 @@ impl Default for RuntimeConfig {
 pub struct Runtime {
     /// For WASI 0.2 components: the hot path, without async support.
     p2: EngineAndLinker,
+    /// For WASI 0.2 components with a memory of [`BIG_MEMORY_PAGES`] or
+    /// more: the same code generation as `p2` (so it loads `p2`'s
+    /// artifacts), with slots reset by copying rather than page faults.
+    /// Built at the first such load, so nodes without one (and every
+    /// node's start) do not pay for a third engine and linker.
+    p2_big: OnceLock<Result<EngineAndLinker, String>>,
+    /// Artifacts found to need `p2_big`: a later load (a cold start after
+    /// the function was unloaded) goes straight to it instead of loading
+    /// into `p2` first. Artifact paths are content-addressed, so the answer
+    /// never changes; one entry per big component.
+    big_artifacts: Mutex<HashSet<PathBuf>>,
+    config: RuntimeConfig,
     /// For WASI 0.3 components (and any other needing async support).
     p3: EngineAndLinker,
     fingerprint: String,
     lifecycle: Arc<Lifecycle>,
+}
+
+/// How an engine's pool resets a slot's memory between instances.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slots {
+    /// Small memories: reset the pages a request dirtied, found by
+    /// PAGEMAP_SCAN.
+    Small,
+    /// Big memory images: copy the image back over the first
+    /// [`KEEP_RESIDENT_BIG`] bytes.
+    Big,
 }
 
 /// One wasmtime engine and the linker of the host interfaces for it.
@@ -72,12 +124,27 @@ impl EngineAndLinker {
     /// An engine with the pooling allocator and epoch interruption; with
     /// `p3`, also the component model's async support (streams, futures,
     /// async lifts) and the WASI 0.3 interfaces beside 0.2's.
-    fn new(config: &RuntimeConfig, p3: bool) -> anyhow::Result<Self> {
+    fn new(config: &RuntimeConfig, p3: bool, slots: Slots) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::new();
-        let keep_resident = if PoolingAllocationConfig::is_pagemap_scan_available() {
-            KEEP_RESIDENT_SCANNED
-        } else {
-            KEEP_RESIDENT_UNSCANNED
+        let (keep_resident, table_keep_resident, scan) = match slots {
+            Slots::Small if PoolingAllocationConfig::is_pagemap_scan_available() => (
+                KEEP_RESIDENT_SCANNED,
+                KEEP_RESIDENT_SCANNED,
+                wasmtime::Enabled::Auto,
+            ),
+            Slots::Small => (
+                KEEP_RESIDENT_UNSCANNED,
+                KEEP_RESIDENT_UNSCANNED,
+                wasmtime::Enabled::Auto,
+            ),
+            Slots::Big => {
+                pool.max_unused_warm_slots(BIG_WARM_SLOTS);
+                (
+                    KEEP_RESIDENT_BIG,
+                    TABLE_KEEP_RESIDENT_BIG,
+                    wasmtime::Enabled::No,
+                )
+            }
         };
         // A Rust wasm32-wasip2 component holds a handful of core instances
         // (the program plus the shims that wit-component generates), each
@@ -95,8 +162,8 @@ impl EngineAndLinker {
             // the pages a request dirtied, so only those are reset.
             // Measured with bench/events.sh: 9.6k → 19.5–22k events/s.
             .linear_memory_keep_resident(keep_resident)
-            .table_keep_resident(keep_resident)
-            .pagemap_scan(wasmtime::Enabled::Auto);
+            .table_keep_resident(table_keep_resident)
+            .pagemap_scan(scan);
 
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
@@ -141,14 +208,17 @@ impl Runtime {
     /// (WASI, wasi:http and the [`crate::CAPABILITY_INTERFACES`]), and starts
     /// the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
-        let p2 = EngineAndLinker::new(config, false)?;
-        let p3 = EngineAndLinker::new(config, true)?;
+        let p2 = EngineAndLinker::new(config, false, Slots::Small)?;
+        let p3 = EngineAndLinker::new(config, true, Slots::Small)?;
         let fingerprint = engine_fingerprint(&[&p2.engine, &p3.engine]);
         spawn_epoch_ticker(&[&p2.engine, &p3.engine])?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let pool = GuestPool::new(threads).context("failed to start the guest thread pool")?;
         Ok(Arc::new(Self {
             p2,
+            p2_big: OnceLock::new(),
+            big_artifacts: Mutex::new(HashSet::new()),
+            config: config.clone(),
             p3,
             fingerprint,
             lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize, pool)),
@@ -192,6 +262,13 @@ impl Runtime {
         // before using the code.
         // Which engine compiled it is not recorded: wasmtime's own header
         // check refuses the other engine's artifact before using any code.
+        let known_big = self
+            .big_artifacts
+            .lock()
+            .is_ok_and(|big| big.contains(path));
+        if known_big {
+            return self.load_big(path, reuse);
+        }
         #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
         let loaded = unsafe { Component::deserialize_file(&self.p2.engine, path) }
             .map(|component| (component, &self.p2))
@@ -203,7 +280,43 @@ impl Runtime {
             });
         let (component, engine) =
             loaded.with_context(|| format!("failed to load artifact {}", path.display()))?;
+        if std::ptr::eq(engine, &self.p2) && has_big_memory(&component) {
+            // Loaded again, into the engine whose pool suits it; the first
+            // load is dropped (its mapping of the file with it).
+            drop(component);
+            if let Ok(mut big) = self.big_artifacts.lock() {
+                big.insert(path.to_path_buf());
+            }
+            return self.load_big(path, reuse);
+        }
         self.prepare(engine, &component, reuse)
+    }
+
+    /// Loads a WASI 0.2 artifact with a big memory into `p2_big`.
+    fn load_big(&self, path: &Path, reuse: bool) -> anyhow::Result<Function> {
+        let big = self.p2_big()?;
+        // SAFETY: as in `load_artifact`, which alone calls this; `p2_big`
+        // compiles exactly as `p2`, so wasmtime's header check accepts
+        // `p2`'s artifacts.
+        #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
+        let component = unsafe { Component::deserialize_file(&big.engine, path) }
+            .with_context(|| format!("failed to load artifact {}", path.display()))?;
+        self.prepare(big, &component, reuse)
+    }
+
+    /// The big-memory engine, built (with its epoch ticker) on first use.
+    fn p2_big(&self) -> anyhow::Result<&EngineAndLinker> {
+        let built = self.p2_big.get_or_init(|| {
+            let big = EngineAndLinker::new(&self.config, false, Slots::Big)
+                .map_err(|error| format!("{error:#}"))?;
+            // p2_big compiles exactly as p2 (a test checks it), so it is
+            // not in the fingerprint.
+            spawn_epoch_ticker(&[&big.engine]).map_err(|error| format!("{error:#}"))?;
+            Ok(big)
+        });
+        built
+            .as_ref()
+            .map_err(|error| anyhow::anyhow!("failed to create the big-memory engine: {error}"))
     }
 
     fn prepare(
@@ -265,6 +378,16 @@ impl Runtime {
     }
 }
 
+/// Whether one of `component`'s memories starts at [`BIG_MEMORY_PAGES`] or
+/// more (unknown, as for a component instantiating an imported module,
+/// counts as small).
+fn has_big_memory(component: &Component) -> bool {
+    component
+        .resources_required()
+        .and_then(|required| required.max_initial_memory_size)
+        .is_some_and(|pages| pages >= BIG_MEMORY_PAGES)
+}
+
 fn engine_fingerprint(engines: &[&Engine]) -> String {
     // The hash covers wasmtime's version and every setting that affects the
     // compiled code; the std hasher is deterministic for a given binary, and
@@ -316,5 +439,23 @@ mod tests {
             runtime.compile(b"\0asm\x01\0\0\0"),
             Err(DeployError::CoreModule)
         ));
+    }
+
+    #[test]
+    fn the_big_memory_engine_compiles_as_the_p2_engine() {
+        // It loads artifacts compiled by `p2` and is not in the fingerprint:
+        // only its pool may differ.
+        let config = RuntimeConfig {
+            max_instances: 2,
+            max_instance_memory: 16 << 20,
+        };
+        let runtime = Runtime::new(&config).unwrap();
+        let hash = |engine: &Engine| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            hasher.finish()
+        };
+        let big = runtime.p2_big().unwrap();
+        assert_eq!(hash(&runtime.p2.engine), hash(&big.engine));
     }
 }

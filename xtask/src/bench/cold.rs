@@ -171,7 +171,7 @@ fn mayfly_cold(bench: &Bench) -> anyhow::Result<MayflyFigures> {
 
 /// Waits until every function in `names` is in the cold tier (artifact on
 /// disk, nothing loaded), as `GET /v1/status` reports it.
-fn wait_until_cold(admin: &Admin, names: &[String]) -> anyhow::Result<()> {
+pub fn wait_until_cold(admin: &Admin, names: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let tiers = admin.tiers()?;
@@ -194,7 +194,7 @@ fn wait_until_cold(admin: &Admin, names: &[String]) -> anyhow::Result<()> {
 
 /// The `init_us + wall_us` and `cold` flag of `function`'s last usage record, once it
 /// has `count` records. The ledger commits in batches, so wait for it.
-fn last_record(admin: &Admin, function: &str, count: usize) -> anyhow::Result<(f64, bool)> {
+pub fn last_record(admin: &Admin, function: &str, count: usize) -> anyhow::Result<(f64, bool)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let records = admin.usage_records(function)?;

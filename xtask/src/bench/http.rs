@@ -56,12 +56,31 @@ fn measure(bench: &Bench, system: &super::System) -> anyhow::Result<Figures> {
 /// The profile's warm-up and runs of wrk against `url`, served by
 /// `process` (whose CPU time and peak memory are the server's figures).
 pub fn load(bench: &Bench, process: &mut Process, url: &str) -> anyhow::Result<Figures> {
+    load_with(bench, process, url, None)
+}
+
+/// As [`load`], with every request a POST of `body`.
+pub fn load_posting(
+    bench: &Bench,
+    process: &mut Process,
+    url: &str,
+    body: &str,
+) -> anyhow::Result<Figures> {
+    load_with(bench, process, url, Some(body))
+}
+
+fn load_with(
+    bench: &Bench,
+    process: &mut Process,
+    url: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Figures> {
     let profile = &bench.profile;
-    wrk(bench, url, profile.warmup)?;
+    wrk(bench, url, profile.warmup, body)?;
     let mut figures = Figures::default();
     for _ in 0..profile.runs {
         let before = process.cpu_seconds()?;
-        let report = wrk(bench, url, profile.run)?;
+        let report = wrk(bench, url, profile.run, body)?;
         let cpu = process.cpu_seconds()? - before;
         process.check_running()?;
         if report.requests == 0 {
@@ -95,10 +114,18 @@ struct WrkReport {
     pub p999: f64,
 }
 
-/// Runs wrk (the scenario's threads and connections) against `url`.
-fn wrk(bench: &Bench, url: &str, duration: std::time::Duration) -> anyhow::Result<WrkReport> {
+/// Runs wrk (the scenario's threads and connections) against `url`; with
+/// `body`, every request POSTs it (bench/wrk-percentiles.lua reads it from
+/// the environment).
+fn wrk(
+    bench: &Bench,
+    url: &str,
+    duration: std::time::Duration,
+    body: Option<&str>,
+) -> anyhow::Result<WrkReport> {
     let text = output(
         command("wrk")
+            .env("MAYFLY_BENCH_POST_BODY", body.unwrap_or_default())
             .arg(format!("-t{THREADS}"))
             .arg(format!("-c{CONNECTIONS}"))
             .arg(format!("-d{}s", duration.as_secs().max(1)))

@@ -110,6 +110,8 @@ pub struct Admin {
 pub struct Deployed {
     /// Whether the node compiled the component (false: artifact cached).
     pub compiled: bool,
+    /// How long the node compiled for, ms (when it says).
+    pub compile_ms: Option<f64>,
 }
 
 impl Admin {
@@ -188,6 +190,7 @@ impl Admin {
             .with_context(|| format!("deploying {name}: unexpected answer {text}"))?;
         Ok(Deployed {
             compiled: answer["compiled"].as_bool().unwrap_or(false),
+            compile_ms: answer["compile_ms"].as_f64(),
         })
     }
 

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use super::process::command;
 use super::stats::{Runs, count, latency};
 use super::systems::Kind;
-use super::{Bench, Outcome, burst, cold, density, events, http, outbound};
+use super::{Bench, Outcome, big, burst, cold, density, events, http, outbound};
 
 /// Every scenario's results.
 pub struct Results {
@@ -26,6 +26,8 @@ pub struct Results {
     pub events: Outcome<events::Figures>,
     /// Scenario 6.
     pub outbound: Outcome<http::Figures>,
+    /// Scenario 7.
+    pub big: big::Results,
 }
 
 impl Results {
@@ -44,7 +46,7 @@ impl Results {
                 self.events.failed(),
                 self.outbound.failed(),
             ]);
-        rows.filter(|failed| *failed).count()
+        rows.filter(|failed| *failed).count() + self.big.failures()
     }
 }
 
@@ -116,6 +118,12 @@ fn markdown(bench: &Bench, results: &Results, name: &str) -> String {
         profile.runs,
         profile.run.as_secs(),
     ));
+    out.push('\n');
+    out.push_str(
+        &results
+            .big
+            .markdown(profile.runs, profile.run.as_secs(), profile.cold_runs),
+    );
     out
 }
 
