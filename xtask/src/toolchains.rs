@@ -46,20 +46,6 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
     Ok(cache)
 }
 
-/// The cache folder if both toolchains are already installed from the
-/// templates' current pins, without installing anything (for runs that must
-/// stay short, such as `cargo xtask bench --smoke`).
-pub fn installed() -> anyhow::Result<Option<PathBuf>> {
-    let cache = cache_dir()?;
-    let python = installed_from(
-        &cache.join("py"),
-        &template_file("python-http/requirements.txt")?,
-    ) && cache.join("py/bin/componentize-py").exists();
-    let js = installed_from(&cache.join("js"), &template_file("js-http/package.json")?)
-        && cache.join("js/node_modules/.bin/componentize-js").exists();
-    Ok((python && js).then_some(cache))
-}
-
 fn ensure_python(venv: &Path) -> anyhow::Result<()> {
     let pins = template_file("python-http/requirements.txt")?;
     if installed_from(venv, &pins) && venv.join("bin/componentize-py").exists() {
