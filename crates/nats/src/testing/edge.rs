@@ -160,6 +160,17 @@ impl EdgeServers {
         self.site(name).member.client_url()
     }
 
+    /// The monitoring URL (`/healthz`, `/jsz`, `/leafz`) of the hub
+    /// ([`HUB_DOMAIN`]) or of site `name`.
+    pub fn monitor_url(&self, name: &str) -> String {
+        let member = if name == HUB_DOMAIN {
+            &self.hub
+        } else {
+            &self.site(name).member
+        };
+        format!("http://127.0.0.1:{}", member.monitor_port)
+    }
+
     /// Options to connect to the hub as `node` under `namespace`.
     pub fn hub_options(&self, node: &str, namespace: &str) -> NatsOptions {
         options(vec![self.hub_url()], node, namespace)

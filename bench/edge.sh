@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Edge sites (issue 18, docs/edge-design.md §8 step 11), on one machine:
+# a hub and two leaf sites (real nats-servers started by the test harness,
+# each leaf link through its user-space proxy, which can delay and cut it)
+# and two `mayfly serve` nodes, `a` at site-a and `b` at site-b, with the
+# echo guest pinned to site=a. The driver (crates/cli/examples/edge_bench.rs)
+# measures
+#
+#   1. 1 KiB POST latency (p50/p90/p99) served locally at a vs sent to b
+#      and forwarded through the hub to a, with 0, 10 and 25 ms added one
+#      way on both leaf links;
+#   2. catch-up: site a's link cut, N requests served at a (their usage
+#      records wait in site a's JetStream), then the time from the heal to
+#      the leaf link up, and on to the fleet usage total counting every
+#      request exactly once (checked equal, never above).
+#
+#   bench/edge.sh            full run: release build, 500 requests per row,
+#                            10,000 buffered records, 3 catch-up runs; writes
+#                            bench/results/edge.md
+#   bench/edge.sh --smoke    debug build, 20 requests per row, 300 records,
+#                            1 run (prints only)
+#
+# Set MAYFLY_BIN to use another binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE
+
+smoke=false
+[ "${1:-}" = "--smoke" ] && smoke=true
+
+cargo xtask guests >/dev/null
+MAYFLY_NATS_SERVER=$(cargo xtask nats-server)
+export MAYFLY_NATS_SERVER
+given_bin=${MAYFLY_BIN:-}
+. bench/build.sh
+bench_build edge_bench
+echo=guests/target/wasm32-wasip2/release/echo.wasm
+
+if $smoke; then
+  per_row=20 records=300 runs=1
+else
+  per_row=${PER_ROW:-500} records=${RECORDS:-10000} runs=${RUNS:-3}
+fi
+
+header() {
+  echo "mayfly $("$MAYFLY_BIN" --version | awk '{print $2}') edge sites on $("$MAYFLY_NATS_SERVER" --version),"
+  echo "$(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), load average $(cut -d' ' -f1-3 /proc/loadavg) at the start,"
+  echo "binary $MAYFLY_BIN; every nats-server, proxy, node and client on the same machine, over loopback"
+}
+
+if $smoke; then
+  header
+  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs"
+  exit
+fi
+
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+{
+  header
+  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs"
+} | tee "$out"
+{
+  echo "# Edge sites (bench/edge.sh)"
+  echo
+  echo "Measured $(date -u +%Y-%m-%d) with \`${given_bin:+MAYFLY_BIN=$given_bin }bash bench/edge.sh\`:"
+  echo
+  cat "$out"
+} >bench/results/edge.md
