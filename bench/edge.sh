@@ -11,13 +11,15 @@
 #      way on both leaf links;
 #   2. catch-up: site a's link cut, N requests served at a (their usage
 #      records wait in site a's JetStream), then the time from the heal to
-#      the leaf link up, and on to the fleet usage total counting every
-#      request exactly once (checked equal, never above).
+#      the leaf link up, and on to every record in the hub's usage stream
+#      and the fleet usage total counting every request exactly once
+#      (checked equal, never above).
 #
 #   bench/edge.sh            full run: release build, 500 requests per row,
-#                            10,000 buffered records, 3 catch-up runs; writes
+#                            10,000 buffered records, 3 catch-up runs with
+#                            short cuts and 3 with 30 s cuts; writes
 #                            bench/results/edge.md
-#   bench/edge.sh --smoke    debug build, 20 requests per row, 300 records,
+#   bench/edge.sh --smoke    debug build, 10 requests per row, 300 records,
 #                            1 run (prints only)
 #
 # Set MAYFLY_BIN to use another binary.
@@ -37,9 +39,9 @@ bench_build edge_bench
 echo=guests/target/wasm32-wasip2/release/echo.wasm
 
 if $smoke; then
-  per_row=20 records=300 runs=1
+  per_row=10 records=300 runs=1 long_cut=0
 else
-  per_row=${PER_ROW:-500} records=${RECORDS:-10000} runs=${RUNS:-3}
+  per_row=${PER_ROW:-500} records=${RECORDS:-10000} runs=${RUNS:-3} long_cut=${LONG_CUT:-30}
 fi
 
 header() {
@@ -50,7 +52,7 @@ header() {
 
 if $smoke; then
   header
-  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs"
+  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs" "$long_cut"
   exit
 fi
 
@@ -58,7 +60,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 {
   header
-  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs"
+  "$examples/edge_bench" "$MAYFLY_BIN" "$echo" "$per_row" "$records" "$runs" "$long_cut"
 } | tee "$out"
 {
   echo "# Edge sites (bench/edge.sh)"

@@ -5,7 +5,7 @@
 //! (`site=b`), with the echo guest deployed as `pinned`, placed on `site=a`.
 //!
 //!   cargo run -p mayfly --example edge_bench -- <mayfly binary> <echo.wasm>
-//!       <requests per row> <buffered records> <catch-up runs>
+//!       <requests per row> <buffered records> <catch-up runs> [long cut seconds]
 //!
 //! 1. Latency of 1 KiB POSTs, one at a time: served locally at `a`, and
 //!    sent to `b`, which forwards them through the hub to `a`; with the
@@ -13,9 +13,11 @@
 //!    way. p50, p90 and p99 per row.
 //! 2. Catch-up: cut site a's link, serve `buffered records` requests at `a`
 //!    (its usage records wait in site a's JetStream), heal, and time until
-//!    the leaf link is up at both ends, then until the fleet usage total
-//!    (as `b` reads it from the hub's stream) counts every request `a` ever
-//!    served: exactly, never more.
+//!    the leaf link is up at both ends, then until the hub's usage stream
+//!    holds, and the fleet usage total (as `b` reads it from that stream)
+//!    counts, every request `a` ever served: exactly, never more. The
+//!    cut lasts as long as serving takes; with `long cut seconds`, the same
+//!    runs again with the link held cut that long.
 //!
 //! It prints Markdown tables; `bench/edge.sh` runs it and keeps them in
 //! `bench/results/edge.md`. A failed expectation ends it with an error
@@ -42,6 +44,8 @@ const CUT_CLIENTS: usize = 4;
 const DEADLINE: Duration = Duration::from_secs(180);
 /// Namespace of the bench fleet's subjects, streams and buckets.
 const NAMESPACE: &str = "bench";
+/// The hub's name (and JetStream domain) in the harness.
+const HUB: &str = "hub";
 
 fn main() -> anyhow::Result<()> {
     let usage = "usage: edge_bench <mayfly> <echo.wasm> <requests per row> <records> <runs>";
@@ -52,6 +56,10 @@ fn main() -> anyhow::Result<()> {
     let per_row: usize = next()?.parse().context(usage)?;
     let records: usize = next()?.parse().context(usage)?;
     let runs: usize = next()?.parse().context(usage)?;
+    let long_cut = match args.next() {
+        Some(seconds) => Duration::from_secs(seconds.parse().context(usage)?),
+        None => Duration::ZERO,
+    };
 
     let started = Instant::now();
     let servers = NatsServers::hub_with_sites(&["site-a", "site-b"]);
@@ -72,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         agent: agent(),
         served: AtomicU64::new(0),
     };
-    let result = bench.run(&binary, &echo, per_row, records, runs);
+    let result = bench.run(&binary, &echo, per_row, records, runs, long_cut);
     if result.is_err() {
         for node in [&bench.a, &bench.b] {
             eprintln!("--- node {}'s log (tail):\n{}", node.name, node.log_tail());
@@ -106,9 +114,14 @@ impl Bench {
         per_row: usize,
         records: usize,
         runs: usize,
+        long_cut: Duration,
     ) -> anyhow::Result<()> {
         until("both nodes in the membership list", || {
-            Ok(self.admin(&self.b, "/v1/nodes")?.as_array().map_or(0, Vec::len) == 2)
+            Ok(self
+                .admin(&self.b, "/v1/nodes")?
+                .as_array()
+                .map_or(0, Vec::len)
+                == 2)
         })?;
         // Deployed at `b`, which does not run it; only `a` loads it.
         let deployed = Command::new(binary)
@@ -126,21 +139,21 @@ impl Bench {
         );
 
         self.latency(per_row)?;
-        self.catch_up(records, runs)
+        self.catch_up(records, runs, long_cut)
     }
 
     fn latency(&self, per_row: usize) -> anyhow::Result<()> {
         let body = vec![b'x'; 1024];
-        println!("\n### Latency, 1 KiB POST to `pinned` (echo), {per_row} requests per row, one at a time\n");
+        println!(
+            "\n### Latency, 1 KiB POST to `pinned` (echo), {per_row} requests per row, one at a time\n"
+        );
         println!(
             "| one-way delay per leaf link | local at a: p50 / p90 / p99 | forwarded b → hub → a: p50 / p90 / p99 |"
         );
         println!("|---|---|---|");
         for delay in DELAYS_MS {
             for site in ["site-a", "site-b"] {
-                self.servers
-                    .link(site)
-                    .delay(Duration::from_millis(delay));
+                self.servers.link(site).delay(Duration::from_millis(delay));
             }
             let mut row = Vec::new();
             for node in [&self.a, &self.b] {
@@ -194,21 +207,29 @@ impl Bench {
         Ok(())
     }
 
-    fn catch_up(&self, records: usize, runs: usize) -> anyhow::Result<()> {
+    fn catch_up(&self, records: usize, runs: usize, long_cut: Duration) -> anyhow::Result<()> {
+        println!("\n### Catch-up of {records} usage records buffered at site a during a cut\n");
         println!(
-            "\n### Catch-up of {records} usage records buffered at site a during a cut\n"
+            "| run | cut lasted (serving {records} at a took) | heal → leaf link up | leaf up → all in the hub's stream | leaf up → fleet total exact | heal → fleet total exact |"
         );
-        println!(
-            "| run | serve {records} at a, cut | heal → leaf link up | leaf up → fleet total exact | heal → fleet total exact |"
-        );
-        println!("|---|---|---|---|---|");
-        for run in 1..=runs {
+        println!("|---|---|---|---|---|---|");
+        // Short cuts (as long as serving takes), then long ones if asked.
+        let holds = if long_cut.is_zero() {
+            vec![Duration::ZERO]
+        } else {
+            vec![Duration::ZERO, long_cut]
+        };
+        let runs = holds
+            .into_iter()
+            .flat_map(|hold| (1..=runs).map(move |run| (run, hold)));
+        for (run, hold) in runs {
             // A steady state first: everything served so far is counted at
             // the hub and nothing waits at the site.
             self.wait_counted()?;
             until("a's usage backlog empty", || Ok(self.backlog()? == 0))?;
 
             self.servers.link("site-a").cut();
+            let cut = Instant::now();
             self.servers.wait_unlinked("site-a");
             let serving = Instant::now();
             self.serve_at_a(records)?;
@@ -216,26 +237,56 @@ impl Bench {
             // All of them handed to site a's own JetStream (its usage
             // stream), none left in a's local ledger.
             until("every record in site a's usage stream", || {
-                Ok(self.site_stream_messages()? == records as u64)
+                let name = format!("{NAMESPACE}_usage_site-a");
+                Ok(self.stream_messages("site-a", &name)? == records as u64)
             })?;
             ensure!(
                 self.counted()? < self.served(),
                 "the fleet total already counts the cut's requests"
             );
 
+            if let Some(left) = hold.checked_sub(cut.elapsed()) {
+                std::thread::sleep(left);
+            }
+            let cut_lasted = cut.elapsed();
             self.servers.link("site-a").heal();
             let healed = Instant::now();
             until("site a's leaf link up at both ends", || {
                 Ok(self.servers.linked("site-a"))
             })?;
             let linked = healed.elapsed();
-            self.wait_counted()?;
-            let counted = healed.elapsed();
+            // Two arrivals, polled together: every record in the hub's
+            // usage stream, and every one in the fleet ledger `b` reads
+            // from it (its materialiser pulls in batches).
+            let (mut in_stream, mut counted) = (None, None);
+            until("every record at the hub", || {
+                let served = self.served();
+                if in_stream.is_none() {
+                    let messages = self.stream_messages(HUB, &format!("{NAMESPACE}_usage"))?;
+                    ensure!(
+                        messages <= served,
+                        "the hub's usage stream holds {messages} records, {served} served"
+                    );
+                    in_stream = (messages == served).then(|| healed.elapsed());
+                }
+                if counted.is_none() {
+                    let total = self.counted()?;
+                    ensure!(
+                        total <= served,
+                        "double count: the fleet ledger has {total} invocations, {served} served"
+                    );
+                    counted = (total == served).then(|| healed.elapsed());
+                }
+                Ok(in_stream.is_some() && counted.is_some())
+            })?;
+            let (in_stream, counted) = (in_stream.unwrap_or_default(), counted.unwrap_or_default());
             println!(
-                "| {run} | {:.1} s | {:.2} s | {:.2} s | {:.2} s |",
+                "| {run} | {:.1} s ({:.1} s) | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+                cut_lasted.as_secs_f64(),
                 serve_time.as_secs_f64(),
                 linked.as_secs_f64(),
-                (counted - linked).as_secs_f64(),
+                in_stream.saturating_sub(linked).as_secs_f64(),
+                counted.saturating_sub(linked).as_secs_f64(),
                 counted.as_secs_f64()
             );
         }
@@ -279,7 +330,10 @@ impl Bench {
             }
         });
         let failures = failures.lock().map_or(0, |f| f.len());
-        ensure!(failures == 0, "{failures} requests at a failed during the cut");
+        ensure!(
+            failures == 0,
+            "{failures} requests at a failed during the cut"
+        );
         Ok(())
     }
 
@@ -316,22 +370,19 @@ impl Bench {
             .context("usage backlog")
     }
 
-    /// Messages in site a's usage stream, from its server's `/jsz`.
-    fn site_stream_messages(&self) -> anyhow::Result<u64> {
-        let url = format!(
-            "{}/jsz?streams=true",
-            self.servers.monitor_url("site-a")
-        );
+    /// Messages in stream `name` at server `server` (the hub or a site),
+    /// from its `/jsz`.
+    fn stream_messages(&self, server: &str, name: &str) -> anyhow::Result<u64> {
+        let url = format!("{}/jsz?streams=true", self.servers.monitor_url(server));
         let jsz: Value = self.agent.get(&url).call()?.body_mut().read_json()?;
-        let name = format!("{NAMESPACE}_usage_site-a");
         jsz["account_details"]
             .as_array()
             .into_iter()
             .flatten()
             .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
-            .find(|stream| stream["name"] == name.as_str())
+            .find(|stream| stream["name"] == name)
             .and_then(|stream| stream["state"]["messages"].as_u64())
-            .with_context(|| format!("stream {name} at site a"))
+            .with_context(|| format!("stream {name} at {server}"))
     }
 
     fn admin(&self, node: &NodeProcess, path: &str) -> anyhow::Result<Value> {
