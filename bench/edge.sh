@@ -68,4 +68,27 @@ trap 'rm -f "$out"' EXIT
   echo "Measured $(date -u +%Y-%m-%d) with \`${given_bin:+MAYFLY_BIN=$given_bin }bash bench/edge.sh\`:"
   echo
   cat "$out"
+  echo
+  cat <<'NOTES'
+Reading it:
+
+- The machine is shared (other builds and tests run beside the bench), so
+  every figure is noisy; compare rows of one run rather than runs.
+- The delay is added by a user-space proxy on each leaf link, per chunk,
+  with no bandwidth cap; its timer rounds each deadline up to the next
+  millisecond. A forwarded request crosses two leaf links each way (site b
+  → hub → site a and back), so it pays 4 × the one-way delay, plus about
+  1 ms of rounding per crossing, on top of the undelayed forward.
+- Local requests at a never cross a leaf link: their figures do not move
+  with the delay.
+- Catch-up: "leaf link up" is when both servers list the link (`/leafz`,
+  polled every 10 ms); "all in the hub's stream" is the hub's usage stream
+  holding exactly as many records as requests served (`/jsz`); "fleet
+  total exact" is node b's `/v1/usage` total, which its materialiser pulls
+  from that stream in batches. A total above the requests served stops the
+  bench (double count).
+- After a long cut the first catch-up can wait about 5 s for the hub to
+  retry its source of the site's stream (docs/edge-design.md §2.3, §3.2);
+  short cuts do not meet it.
+NOTES
 } >bench/results/edge.md
