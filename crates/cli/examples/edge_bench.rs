@@ -23,6 +23,8 @@
 //! `bench/results/edge.md`. A failed expectation ends it with an error
 //! and the tail of each node's log.
 
+mod support;
+
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         a,
         b,
         token,
-        agent: agent(),
+        agent: support::agent(Duration::from_secs(60)),
         served: AtomicU64::new(0),
     };
     let result = bench.run(&binary, &echo, per_row, records, runs, long_cut);
@@ -165,7 +167,7 @@ impl Bench {
                 for _ in 0..per_row {
                     let sent = Instant::now();
                     self.post(&url, &body)?;
-                    times.push(ms(sent.elapsed()));
+                    times.push(support::ms(sent.elapsed()));
                 }
                 times.sort_by(f64::total_cmp);
                 row.push(format!(
@@ -487,16 +489,4 @@ fn until(what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow:
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     let rank = ((sorted.len() as f64 * q).ceil() as usize).max(1);
     sorted.get(rank - 1).copied().unwrap_or(0.0)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent()
 }

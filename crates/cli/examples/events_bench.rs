@@ -7,18 +7,12 @@
 
 #![allow(missing_docs)]
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .new_agent()
-}
 
 /// `Bearer $MAYFLY_TOKEN`: the admin API wants a token.
 fn bearer() -> String {
@@ -126,7 +120,7 @@ fn main() -> anyhow::Result<()> {
     };
     let messages: usize = messages.parse().context("messages")?;
     let samples: usize = samples.parse().context("latency samples")?;
-    let agent = agent();
+    let agent = support::agent(Duration::from_secs(120));
     let delivered_line =
         format!("mayfly_event_deliveries_total{{function=\"{function}\",result=\"delivered\"}}");
 

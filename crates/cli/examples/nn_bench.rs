@@ -16,6 +16,8 @@
 //! timed cold (parse + optimise) natively; through Mayfly the first request
 //! after a deploy pays it and is reported apart. `bench/nn.sh` runs it.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,20 +52,20 @@ fn main() -> anyhow::Result<()> {
         .into_runnable()?;
     println!(
         "native model load (parse + optimise): {:.1} ms",
-        ms(started.elapsed())
+        support::ms(started.elapsed())
     );
-    let agent = agent();
+    let agent = support::agent(Duration::from_secs(60));
     let started = Instant::now();
     let first = post(&agent, &url, &png)?;
     println!(
         "mayfly first request (cold model load included): {:.1} ms",
-        ms(started.elapsed())
+        support::ms(started.elapsed())
     );
     let started = Instant::now();
     post(&agent, &url, &png)?;
     println!(
         "mayfly second request (cached graph): {:.1} ms",
-        ms(started.elapsed())
+        support::ms(started.elapsed())
     );
     anyhow::ensure!(first.contains("\"top\""), "unexpected answer: {first}");
 
@@ -116,12 +118,12 @@ fn run_burst(url: &str, png: &Arc<Vec<u8>>, clients: usize, neighbour: &str) -> 
             std::thread::Builder::new()
                 .stack_size(256 << 10)
                 .spawn(move || {
-                    let agent = agent();
+                    let agent = support::agent(Duration::from_secs(60));
                     barrier.wait();
                     let at = Instant::now();
                     let ok = post(&agent, &url, &png).is_ok();
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    (ok, ms(at.elapsed()))
+                    (ok, support::ms(at.elapsed()))
                 })
         })
         .collect::<Result<_, _>>()?;
@@ -168,7 +170,7 @@ fn neighbour_latencies(
     stop: &dyn Fn() -> bool,
     at_most: Duration,
 ) -> anyhow::Result<Vec<f64>> {
-    let agent = agent();
+    let agent = support::agent(Duration::from_secs(60));
     let started = Instant::now();
     let mut latencies = Vec::new();
     while !stop() && started.elapsed() < at_most {
@@ -180,7 +182,7 @@ fn neighbour_latencies(
             "the neighbour answered {}",
             response.status()
         );
-        latencies.push(ms(at.elapsed()));
+        latencies.push(support::ms(at.elapsed()));
     }
     latencies.sort_by(f64::total_cmp);
     Ok(latencies)
@@ -217,7 +219,7 @@ fn load(
                 while started.elapsed() < run_for {
                     let at = Instant::now();
                     match work() {
-                        Ok(()) => latencies.push(ms(at.elapsed())),
+                        Ok(()) => latencies.push(support::ms(at.elapsed())),
                         Err(_) => errors += 1,
                     }
                 }
@@ -242,18 +244,6 @@ fn load(
         p99: percentile(&all, 0.99),
         errors,
     })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent()
 }
 
 fn post(agent: &ureq::Agent, url: &str, png: &[u8]) -> anyhow::Result<String> {
