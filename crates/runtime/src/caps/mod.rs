@@ -10,6 +10,7 @@
 //! [`ConfigSource`].
 
 mod config;
+mod inference_threads;
 mod keyvalue;
 mod keyvalue_draft2;
 mod nn;
@@ -354,14 +355,11 @@ pub(crate) mod tests {
 
     /// A stderr stream writing into `lines`.
     pub(crate) fn stderr(lines: &Arc<Lines>) -> GuestOutput {
-        let labels = Arc::new(RequestLabels {
-            function: "f".into(),
-            version: 1,
-            request_id: "r".into(),
-            trigger: "http",
-            cold_start: false,
-            load: std::time::Duration::ZERO,
-        });
-        GuestOutput::new(labels, lines.clone(), LogStream::Stderr, 1 << 20)
+        GuestOutput::new(
+            RequestLabels::for_test("f"),
+            lines.clone(),
+            LogStream::Stderr,
+            1 << 20,
+        )
     }
 }
