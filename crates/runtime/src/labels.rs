@@ -18,3 +18,19 @@ pub struct RequestLabels {
     /// handed to the runtime: zero unless `cold_start`.
     pub load: std::time::Duration,
 }
+
+#[cfg(test)]
+impl RequestLabels {
+    /// Labels of a warm HTTP request `r` to version 1 of `function`, for
+    /// unit tests.
+    pub(crate) fn for_test(function: &str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            function: function.into(),
+            version: 1,
+            request_id: "r".into(),
+            trigger: "http",
+            cold_start: false,
+            load: std::time::Duration::ZERO,
+        })
+    }
+}

@@ -277,15 +277,12 @@ mod tests {
     }
 
     fn output(sink: &Arc<Collect>, max: usize) -> GuestOutput {
-        let labels = Arc::new(RequestLabels {
-            function: "f".into(),
-            version: 1,
-            request_id: "r".into(),
-            trigger: "http",
-            cold_start: false,
-            load: std::time::Duration::ZERO,
-        });
-        GuestOutput::new(labels, sink.clone(), LogStream::Stdout, max)
+        GuestOutput::new(
+            RequestLabels::for_test("f"),
+            sink.clone(),
+            LogStream::Stdout,
+            max,
+        )
     }
 
     #[test]
