@@ -138,7 +138,7 @@ impl RunningNode {
             None => None,
         };
         let max_upload = config.node.max_component_bytes;
-        let platform = Platform::open(config.node, open_stores.await?).await?;
+        let platform = Platform::open_with(config.node, open_stores).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
 
         let gateway_addr = gateway_listener.local_addr()?;

@@ -98,6 +98,22 @@ impl Platform {
     /// requests never compile. The node's own files (master key, admin
     /// token) are kept in `config.data_dir`.
     pub async fn open(config: NodeConfig, stores: Stores) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(config, async { Ok(stores) }).await
+    }
+
+    /// [`Platform::open`] with the stores still to open: the engine is
+    /// built on a blocking thread meanwhile (its pool's guard pages and the
+    /// linker take ~4 ms of a node's start, opening the databases as long).
+    pub async fn open_with(
+        config: NodeConfig,
+        open_stores: impl Future<Output = Result<Stores, mayfly_store::StoreError>>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let runtime_config = config.runtime.clone();
+        let runtime = tokio::task::spawn_blocking(move || Runtime::new(&runtime_config));
+        let stores = open_stores.await?;
+        let runtime = runtime
+            .await
+            .context("the engine's start-up thread failed")??;
         let data_dir = config.data_dir.clone();
         let store = stores.registry.clone();
         // Subscribed before anything is read, so no change falls between.
@@ -106,7 +122,6 @@ impl Platform {
         let token_changes = stores.auth.watch();
         let blobs = stores.blobs.clone();
         let usage = stores.usage.clone();
-        let runtime = Runtime::new(&config.runtime)?;
         // The writer threads await their stores on this runtime.
         let node_runtime = tokio::runtime::Handle::current();
         let logs = LogHub::start(

@@ -97,8 +97,11 @@ pub struct Runtime {
     /// never changes; one entry per big component.
     big_artifacts: Mutex<HashSet<PathBuf>>,
     config: RuntimeConfig,
-    /// For WASI 0.3 components (and any other needing async support).
-    p3: EngineAndLinker,
+    /// For WASI 0.3 components (and any other needing async support). Built
+    /// at the first deploy or load that needs it: a pool's stacks alone are
+    /// a guard-page `mprotect` per instance slot, a few ms of every node
+    /// start that most nodes never use.
+    p3: OnceLock<Result<EngineAndLinker, String>>,
     fingerprint: String,
     lifecycle: Arc<Lifecycle>,
 }
@@ -165,14 +168,8 @@ impl EngineAndLinker {
             .table_keep_resident(table_keep_resident)
             .pagemap_scan(scan);
 
-        let mut wasm = Config::new();
-        wasm.epoch_interruption(true)
-            // With it, every store carries the state of concurrent calls and
-            // every call goes through it: WASI 0.2 guests never use it and
-            // run faster on an engine without it.
-            .concurrency_support(p3)
-            .wasm_component_model_async(p3)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let mut wasm = code_config(p3);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).context("failed to create the wasmtime engine")?;
 
         let mut linker = Linker::new(&engine);
@@ -201,6 +198,39 @@ impl EngineAndLinker {
     }
 }
 
+/// The settings that decide an engine's generated code; the instance
+/// allocator is set apart, since it does not change the code (wasmtime's
+/// compatibility hash leaves it out).
+fn code_config(p3: bool) -> Config {
+    let mut wasm = Config::new();
+    wasm.epoch_interruption(true)
+        // With it, every store carries the state of concurrent calls and
+        // every call goes through it: WASI 0.2 guests never use it and
+        // run faster on an engine without it.
+        .concurrency_support(p3)
+        .wasm_component_model_async(p3);
+    wasm
+}
+
+/// Builds an engine of `cell` on first use, with its epoch ticker.
+fn lazy_engine<'a>(
+    cell: &'a OnceLock<Result<EngineAndLinker, String>>,
+    config: &RuntimeConfig,
+    p3: bool,
+    slots: Slots,
+    what: &str,
+) -> anyhow::Result<&'a EngineAndLinker> {
+    let built = cell.get_or_init(|| {
+        let built =
+            EngineAndLinker::new(config, p3, slots).map_err(|error| format!("{error:#}"))?;
+        spawn_epoch_ticker(&[&built.engine]).map_err(|error| format!("{error:#}"))?;
+        Ok(built)
+    });
+    built
+        .as_ref()
+        .map_err(|error| anyhow::anyhow!("failed to create the {what} engine: {error}"))
+}
+
 impl Runtime {
     /// Builds the engines (Cranelift, async, pooling allocator, epoch
     /// interruption; one for WASI 0.2 components, one with the component
@@ -209,9 +239,13 @@ impl Runtime {
     /// the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Arc<Self>> {
         let p2 = EngineAndLinker::new(config, false, Slots::Small)?;
-        let p3 = EngineAndLinker::new(config, true, Slots::Small)?;
-        let fingerprint = engine_fingerprint(&[&p2.engine, &p3.engine]);
-        spawn_epoch_ticker(&[&p2.engine, &p3.engine])?;
+        // The p3 engine is built on first use, but its code settings are
+        // part of every artifact's key from the start: an engine without a
+        // pool hashes the same (a test checks it) and costs no stacks.
+        let p3_code = Engine::new(&code_config(true))
+            .context("failed to create the wasmtime engine for WASI 0.3")?;
+        let fingerprint = engine_fingerprint(&[&p2.engine, &p3_code]);
+        spawn_epoch_ticker(&[&p2.engine])?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let pool = GuestPool::new(threads).context("failed to start the guest thread pool")?;
         Ok(Arc::new(Self {
@@ -219,7 +253,7 @@ impl Runtime {
             p2_big: OnceLock::new(),
             big_artifacts: Mutex::new(HashSet::new()),
             config: config.clone(),
-            p3,
+            p3: OnceLock::new(),
             fingerprint,
             lifecycle: Arc::new(Lifecycle::new(config.max_instances as usize, pool)),
         }))
@@ -237,7 +271,11 @@ impl Runtime {
     pub fn compile(&self, wasm: &[u8]) -> Result<CompiledComponent, DeployError> {
         validate::compile(
             (&self.p2.engine, &self.p2.linker),
-            (&self.p3.engine, &self.p3.linker),
+            || {
+                self.p3()
+                    .map(|p3| (&p3.engine, &p3.linker))
+                    .map_err(|error| DeployError::Internal(format!("{error:#}")))
+            },
             wasm,
         )
     }
@@ -273,9 +311,12 @@ impl Runtime {
         let loaded = unsafe { Component::deserialize_file(&self.p2.engine, path) }
             .map(|component| (component, &self.p2))
             .or_else(|p2_error| {
+                let p3 = self
+                    .p3()
+                    .map_err(|error| wasmtime::Error::msg(format!("{error:#}")))?;
                 #[expect(unsafe_code, reason = "deserializing our own compiled artifacts")]
-                unsafe { Component::deserialize_file(&self.p3.engine, path) }
-                    .map(|component| (component, &self.p3))
+                unsafe { Component::deserialize_file(&p3.engine, path) }
+                    .map(|component| (component, p3))
                     .map_err(|_| p2_error)
             });
         let (component, engine) =
@@ -305,18 +346,16 @@ impl Runtime {
     }
 
     /// The big-memory engine, built (with its epoch ticker) on first use.
+    /// It compiles exactly as p2 (a test checks it), so it is not in the
+    /// fingerprint.
     fn p2_big(&self) -> anyhow::Result<&EngineAndLinker> {
-        let built = self.p2_big.get_or_init(|| {
-            let big = EngineAndLinker::new(&self.config, false, Slots::Big)
-                .map_err(|error| format!("{error:#}"))?;
-            // p2_big compiles exactly as p2 (a test checks it), so it is
-            // not in the fingerprint.
-            spawn_epoch_ticker(&[&big.engine]).map_err(|error| format!("{error:#}"))?;
-            Ok(big)
-        });
-        built
-            .as_ref()
-            .map_err(|error| anyhow::anyhow!("failed to create the big-memory engine: {error}"))
+        lazy_engine(&self.p2_big, &self.config, false, Slots::Big, "big-memory")
+    }
+
+    /// The engine with async support, built (with its epoch ticker) on
+    /// first use.
+    fn p3(&self) -> anyhow::Result<&EngineAndLinker> {
+        lazy_engine(&self.p3, &self.config, true, Slots::Small, "WASI 0.3")
     }
 
     fn prepare(
@@ -439,6 +478,28 @@ mod tests {
             runtime.compile(b"\0asm\x01\0\0\0"),
             Err(DeployError::CoreModule)
         ));
+        // The lazily built engine links the WASI 0.3 interfaces as well.
+        runtime.p3().unwrap();
+    }
+
+    #[test]
+    fn the_lazy_p3_engine_compiles_as_the_fingerprint_says() {
+        // The fingerprint hashes an engine without a pool in place of the
+        // p3 engine, which is built later: their code must be the same.
+        let config = RuntimeConfig {
+            max_instances: 2,
+            max_instance_memory: 16 << 20,
+        };
+        let runtime = Runtime::new(&config).unwrap();
+        let p3_code = Engine::new(&code_config(true)).unwrap();
+        assert_eq!(
+            runtime.fingerprint(),
+            engine_fingerprint(&[&runtime.p2.engine, &runtime.p3().unwrap().engine])
+        );
+        assert_eq!(
+            engine_fingerprint(&[&p3_code]),
+            engine_fingerprint(&[&runtime.p3().unwrap().engine])
+        );
     }
 
     #[test]

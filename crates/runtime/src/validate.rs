@@ -263,11 +263,12 @@ pub struct CompiledComponent {
 pub(crate) type EngineLinker<'a> = (&'a Engine, &'a Linker<InvocationState>);
 
 /// Validates and compiles `wasm`, checking it against the host interfaces:
-/// with `p2` (no async support) when it can, else with `p3`, so that WASI
-/// 0.2 components keep running on the engine without async support.
-pub(crate) fn compile(
-    p2: EngineLinker<'_>,
-    p3: EngineLinker<'_>,
+/// with `p2` (no async support) when it can, else with `p3` (built only
+/// then), so that WASI 0.2 components keep running on the engine without
+/// async support.
+pub(crate) fn compile<'a>(
+    p2: EngineLinker<'a>,
+    p3: impl Fn() -> Result<EngineLinker<'a>, DeployError>,
     wasm: &[u8],
 ) -> Result<CompiledComponent, DeployError> {
     if !wasm.starts_with(b"\0asm") {
@@ -283,9 +284,12 @@ pub(crate) fn compile(
         Ok(component) => (component, p2),
         // The p3 engine accepts everything p2's does and more, so its
         // error is the one that says what is wrong.
-        Err(_) => Component::new(p3.0, wasm)
-            .map(|component| (component, p3))
-            .map_err(|e| DeployError::Invalid(format!("{e:#}")))?,
+        Err(_) => {
+            let p3 = p3()?;
+            Component::new(p3.0, wasm)
+                .map(|component| (component, p3))
+                .map_err(|e| DeployError::Invalid(format!("{e:#}")))?
+        }
     };
     let exports: Vec<String> = component
         .component_type()
@@ -301,6 +305,7 @@ pub(crate) fn compile(
     };
     // A 0.3 handler needs the async support even if nothing else does.
     let (component, engine, linker) = if handler == HandlerKind::P3 && std::ptr::eq(engine, p2.0) {
+        let p3 = p3()?;
         let component =
             Component::new(p3.0, wasm).map_err(|e| DeployError::Invalid(format!("{e:#}")))?;
         (component, p3.0, p3.1)
