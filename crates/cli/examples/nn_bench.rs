@@ -10,9 +10,10 @@
 //! keeps calling the neighbour, and reports the burst's errors and the
 //! neighbour's p50/p99 before and during it.
 //!
-//! The native side does what the guest does after decoding the PNG (centre
-//! crop, normalisation, one inference); the Mayfly side also pays for HTTP,
-//! the PNG decode and the copy of the tensor into the host. Model load is
+//! The native side builds the input tensor from the image preprocessed once
+//! (centre crop, normalisation) and runs one inference per iteration; the
+//! Mayfly side also pays, per request, for HTTP, the guest's PNG decode and
+//! preprocessing, and the copy of the tensor into the host. Model load is
 //! timed cold (parse + optimise) natively; through Mayfly the first request
 //! after a deploy pays it and is reported apart. `bench/nn.sh` runs it.
 

@@ -414,7 +414,9 @@ async fn deploy(
         if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
             upload_too_large(max_upload_bytes)
         } else {
-            ApiError::bad_request(format!("{what}: {error}"))
+            // The error's own text is only "Error parsing
+            // `multipart/form-data` request"; its body text says what.
+            ApiError::bad_request(format!("{what}: {}", error.body_text()))
         }
     };
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
