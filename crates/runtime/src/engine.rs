@@ -465,15 +465,20 @@ fn spawn_epoch_ticker(engines: &[&Engine]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// A runtime with a two-slot pool.
+    fn small_runtime() -> Arc<Runtime> {
+        Runtime::new(&RuntimeConfig {
+            max_instances: 2,
+            max_instance_memory: 16 << 20,
+        })
+        .unwrap()
+    }
+
     #[test]
     fn links_wasi_http_and_the_capability_interfaces_together() {
         // Two bindings defining the same interface, or a capability binding
         // at odds with the WIT, would fail here rather than at a deploy.
-        let config = RuntimeConfig {
-            max_instances: 2,
-            max_instance_memory: 16 << 20,
-        };
-        let runtime = Runtime::new(&config).unwrap();
+        let runtime = small_runtime();
         assert!(matches!(
             runtime.compile(b"\0asm\x01\0\0\0"),
             Err(DeployError::CoreModule)
@@ -486,11 +491,7 @@ mod tests {
     fn the_lazy_p3_engine_compiles_as_the_fingerprint_says() {
         // The fingerprint hashes an engine without a pool in place of the
         // p3 engine, which is built later: their code must be the same.
-        let config = RuntimeConfig {
-            max_instances: 2,
-            max_instance_memory: 16 << 20,
-        };
-        let runtime = Runtime::new(&config).unwrap();
+        let runtime = small_runtime();
         let p3_code = Engine::new(&code_config(true)).unwrap();
         assert_eq!(
             runtime.fingerprint(),
@@ -506,17 +507,11 @@ mod tests {
     fn the_big_memory_engine_compiles_as_the_p2_engine() {
         // It loads artifacts compiled by `p2` and is not in the fingerprint:
         // only its pool may differ.
-        let config = RuntimeConfig {
-            max_instances: 2,
-            max_instance_memory: 16 << 20,
-        };
-        let runtime = Runtime::new(&config).unwrap();
-        let hash = |engine: &Engine| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut hasher);
-            hasher.finish()
-        };
+        let runtime = small_runtime();
         let big = runtime.p2_big().unwrap();
-        assert_eq!(hash(&runtime.p2.engine), hash(&big.engine));
+        assert_eq!(
+            engine_fingerprint(&[&runtime.p2.engine]),
+            engine_fingerprint(&[&big.engine])
+        );
     }
 }

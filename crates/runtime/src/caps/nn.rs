@@ -281,7 +281,8 @@ impl NnHost {
                     .await?
                     .ok_or_else(|| format!("its bytes (sha256:{digest}) are missing"))?;
                 let parsed = self
-                    .blocking(move || OnnxModel::parse(&bytes))
+                    .threads
+                    .run(move || OnnxModel::parse(&bytes))
                     .await
                     .map(|(parsed, _)| parsed)??;
                 Ok::<_, String>(Arc::new(parsed))
@@ -296,15 +297,6 @@ impl NnHost {
                 Err(e)
             }
         }
-    }
-
-    /// Runs `work` on an inference thread once one is free; returns its
-    /// result and the time it ran.
-    async fn blocking<R: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<(R, Duration), String> {
-        self.threads.run(work).await
     }
 }
 
@@ -543,7 +535,7 @@ impl graph::Host for CapsView<'_> {
                 ),
             );
         }
-        match nn.blocking(move || OnnxModel::parse(&bytes)).await {
+        match nn.threads.run(move || OnnxModel::parse(&bytes)).await {
             Ok((Ok(model), _)) => Ok(Ok(self.table.push(Graph {
                 model: Arc::new(model),
             })?)),
@@ -669,7 +661,7 @@ impl inference::HostGraphExecutionContext for CapsView<'_> {
             );
         };
         let run_model = model.clone();
-        let (outputs, ran) = match nn.blocking(move || run_model.run(ordered)).await {
+        let (outputs, ran) = match nn.threads.run(move || run_model.run(ordered)).await {
             Ok((Ok(outputs), ran)) => (outputs, ran),
             Ok((Err(e), ran)) => {
                 *self.extra_cpu += ran;
