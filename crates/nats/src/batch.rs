@@ -26,6 +26,12 @@ pub(crate) const MAX_BATCH: usize = 1000;
 /// the JetStream context's own timeout (docs/fleet-design.md §0).
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a commit keeps trying while nobody answers it on the fleet's
+/// own servers. A clustered stream has no responder for a moment after it
+/// is created and while it elects a new leader (a failover); the commit
+/// was then never seen, so sending it again cannot write twice.
+const NO_RESPONDER_PATIENCE: Duration = Duration::from_secs(3);
+
 /// The server's error code for a failed `Nats-Expected-Last-Subject-Sequence`.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
 
@@ -139,6 +145,57 @@ pub(crate) async fn commit(
             format!("an atomic batch holds 1 to {MAX_BATCH} writes, not {count}").into(),
         )));
     }
+    let deadline = tokio::time::Instant::now() + NO_RESPONDER_PATIENCE;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match attempt(client, prefix, writes).await {
+            Err(Attempt::NoResponders(_))
+                if hub_of(prefix).is_none() && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            Err(Attempt::NoResponders(error)) => {
+                // Nobody took the commit: the stream is not there, or (at
+                // an edge) the hub is out of reach.
+                return Err(BatchError::Failed(match hub_of(prefix) {
+                    Some(hub) => StoreError::Backend(
+                        format!(
+                            "the hub (JetStream domain `{hub}`) is unreachable from this site: \
+                             its leaf link is down; retry once it is back"
+                        )
+                        .into(),
+                    ),
+                    None => crate::backend(error),
+                }));
+            }
+            Err(Attempt::Other(error)) => return Err(error),
+            Ok(committed) => return Ok(committed),
+        }
+    }
+}
+
+/// How one attempt at a batch failed.
+enum Attempt {
+    /// Nothing was listening for the commit: it was not stored.
+    NoResponders(async_nats::RequestError),
+    Other(BatchError),
+}
+
+impl From<BatchError> for Attempt {
+    fn from(error: BatchError) -> Self {
+        Self::Other(error)
+    }
+}
+
+/// Sends `writes` once, under a batch id of its own: an attempt nobody
+/// answered leaves at most an unfinished batch, which the server drops.
+async fn attempt(
+    client: &async_nats::Client,
+    prefix: &str,
+    writes: &[Write],
+) -> Result<Committed, Attempt> {
+    let count = writes.len();
     // At most 64 characters; a v7 UUID is unique enough across nodes.
     let id = uuid::Uuid::now_v7().simple().to_string();
     for (index, write) in writes.iter().enumerate() {
@@ -172,19 +229,8 @@ pub(crate) async fn commit(
             .send_request(subject, request)
             .await
             .map_err(|e| match e.kind() {
-                // Nobody took the commit: the stream is not there, or (at
-                // an edge) the hub is out of reach.
-                RequestErrorKind::NoResponders => match hub_of(prefix) {
-                    Some(hub) => BatchError::Failed(StoreError::Backend(
-                        format!(
-                            "the hub (JetStream domain `{hub}`) is unreachable from this site: \
-                             its leaf link is down; retry once it is back"
-                        )
-                        .into(),
-                    )),
-                    None => BatchError::Failed(crate::backend(e)),
-                },
-                _ => BatchError::Unknown(crate::backend(e)),
+                RequestErrorKind::NoResponders => Attempt::NoResponders(e),
+                _ => Attempt::Other(BatchError::Unknown(crate::backend(e))),
             })?;
         let reply: Reply = serde_json::from_slice(&reply.payload).map_err(|e| {
             BatchError::Unknown(StoreError::Backend(
@@ -195,12 +241,13 @@ pub(crate) async fn commit(
             if error.err_code == WRONG_LAST_SEQUENCE
                 || error.err_code == WRONG_LAST_SEQUENCE_CONSTANT
             {
-                return Err(BatchError::WrongLastSequence);
+                return Err(BatchError::WrongLastSequence.into());
             }
             return Err(BatchError::Failed(crate::backend(Refused {
                 code: error.err_code,
                 description: error.description,
-            })));
+            }))
+            .into());
         }
         if reply.count != count as u64 || reply.seq < reply.count {
             return Err(BatchError::Unknown(StoreError::Backend(
@@ -209,7 +256,8 @@ pub(crate) async fn commit(
                     reply.count, reply.seq
                 )
                 .into(),
-            )));
+            ))
+            .into());
         }
         return Ok(Committed {
             first: reply.seq + 1 - reply.count,
@@ -217,9 +265,7 @@ pub(crate) async fn commit(
         });
     }
     // The loop returns on its last write, and `count` is not 0.
-    Err(BatchError::Failed(StoreError::Backend(
-        "empty atomic batch".into(),
-    )))
+    Err(BatchError::Failed(StoreError::Backend("empty atomic batch".into())).into())
 }
 
 /// Creates the KV bucket `bucket` (or opens it) with atomic batches on.

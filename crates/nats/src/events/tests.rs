@@ -57,10 +57,17 @@ async fn drain(
             Instant::now() < deadline,
             "the fleet got only {seen:?} of {total}"
         );
-        let got = store
-            .settle_and_claim(&settled, &inbox(), 3, 60_000)
-            .await
-            .unwrap();
+        // As the dispatcher does, a failed call (a JetStream API call that
+        // timed out while a young cluster settles) keeps its settlements
+        // for the next one.
+        let got = match store.settle_and_claim(&settled, &inbox(), 3, 60_000).await {
+            Ok(got) => got,
+            Err(error) => {
+                eprintln!("claim failed, trying again: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         settled = got
             .iter()
             .map(|d| Settlement::Ack {
