@@ -4,8 +4,9 @@
 //! functions by name. The runtime's [`NnHost`] loads them through
 //! [`Models`]'s [`ModelSource`] and caches them parsed, per digest.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mayfly_runtime::{ModelSource, NnHost, NnLimits, OnnxModel};
 use mayfly_store::{BlobKind, BlobStore, Digest, EmbeddedModels, ModelRecord};
@@ -21,6 +22,7 @@ pub const MAX_MODEL_BYTES: usize = 256 << 20;
 pub struct Models {
     db: EmbeddedModels,
     blobs: Arc<dyn BlobStore>,
+    source: Arc<Source>,
     nn: Arc<NnHost>,
 }
 
@@ -35,11 +37,13 @@ impl Models {
         let source = Arc::new(Source {
             db: db.clone(),
             blobs: blobs.clone(),
+            names: Mutex::default(),
         });
         Ok(Arc::new(Self {
             db,
             blobs,
-            nn: NnHost::new(source, limits),
+            nn: NnHost::new(source.clone(), limits),
+            source,
         }))
     }
 
@@ -74,7 +78,7 @@ impl Models {
                 ))
             })?;
         let digest = self.blobs.put(BlobKind::Model, &bytes).await?;
-        Ok(self
+        let stored = self
             .db
             .put(ModelRecord {
                 name: name.to_string(),
@@ -86,7 +90,10 @@ impl Models {
                 created_at_ms: 0,
                 updated_at_ms: 0,
             })
-            .await?)
+            .await;
+        // Forgotten even when the write failed: it may have landed.
+        self.source.forget(name);
+        Ok(stored?)
     }
 
     /// Every model, by name.
@@ -102,7 +109,9 @@ impl Models {
     /// Deletes model `name` (the caller checked that no function is
     /// granted it); its parsed graph leaves the cache.
     pub async fn delete(&self, name: &str) -> Result<Option<ModelRecord>, PlatformError> {
-        let deleted = self.db.delete(name).await?;
+        let deleted = self.db.delete(name).await;
+        self.source.forget(name);
+        let deleted = deleted?;
         if let Some(record) = &deleted
             && let Ok(digest) = Digest::parse(&record.digest)
         {
@@ -116,19 +125,55 @@ impl Models {
 struct Source {
     db: EmbeddedModels,
     blobs: Arc<dyn BlobStore>,
+    /// Digests of the names looked up, so a `load-by-name` per request
+    /// costs no database read. Only [`Models`] writes the table, and it
+    /// forgets a name as it writes it.
+    names: Mutex<NameCache>,
+}
+
+#[derive(Default)]
+struct NameCache {
+    digests: HashMap<String, String>,
+    /// Bumped by every [`Source::forget`]: a lookup that started before
+    /// one may have read the old record, and must not cache it.
+    generation: u64,
+}
+
+impl Source {
+    fn names(&self) -> std::sync::MutexGuard<'_, NameCache> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops what is cached for `name`, which is being written.
+    fn forget(&self, name: &str) {
+        let mut names = self.names();
+        names.generation += 1;
+        names.digests.remove(name);
+    }
 }
 
 #[async_trait::async_trait]
 impl ModelSource for Source {
     async fn digest(&self, name: &str) -> Result<Option<String>, String> {
+        let generation = {
+            let names = self.names();
+            if let Some(digest) = names.digests.get(name) {
+                return Ok(Some(digest.clone()));
+            }
+            names.generation
+        };
         let record = self.db.get(name).await.map_err(|e| e.to_string())?;
-        record
-            .map(|r| {
-                Digest::parse(&r.digest)
-                    .map(|d| d.hex().to_string())
-                    .map_err(|e| e.to_string())
-            })
-            .transpose()
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let digest = Digest::parse(&record.digest)
+            .map(|d| d.hex().to_string())
+            .map_err(|e| e.to_string())?;
+        let mut names = self.names();
+        if names.generation == generation {
+            names.digests.insert(name.to_string(), digest.clone());
+        }
+        Ok(Some(digest))
     }
 
     async fn bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, String> {

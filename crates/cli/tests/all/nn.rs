@@ -461,6 +461,29 @@ fn models_are_checked_granted_and_refused_with_reasons() {
     let (status, answer) = classify(&node, &page);
     assert_eq!(status, 200, "{answer}");
 
+    // A new version of the model is what the next request loads, not the
+    // digest the node looked up before. The same model with an unknown
+    // protobuf field appended (field 100, varint 1) has another digest;
+    // its blob, corrupted before any load, shows which one is read.
+    let mut next = good.clone();
+    next.extend_from_slice(&[0xA0, 0x06, 0x01]);
+    let next_path = dir.path().join("next.onnx");
+    std::fs::write(&next_path, &next).unwrap();
+    put_model(&node, "orientation", &next_path);
+    let next_digest = node.admin_json("/v1/models")[0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    assert_ne!(next_digest, digest);
+    let next_blob = dir.path().join("blobs/models").join(&next_digest);
+    std::fs::write(&next_blob, b"corrupted").unwrap();
+    let (status, answer) = classify(&node, &page);
+    assert_eq!(status, 500, "{answer}");
+    std::fs::write(&next_blob, &next).unwrap();
+    let (status, answer) = classify(&node, &page);
+    assert_eq!(status, 200, "{answer}");
+
     // Without the grant: a wasi:nn error naming the grant.
     node.deploy("ungranted", "classify", &["/ungranted"]);
     let (status, body, _) = node.request("POST", "/ungranted", &page);
