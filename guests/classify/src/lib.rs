@@ -41,14 +41,9 @@ mod host {
 }
 
 use nn::wasi::nn::{graph, tensor};
+use preprocess::{SIDE, preprocess};
 
-/// Side of the square the model sees.
-const SIDE: u32 = 224;
-/// The shorter side is resized to this before the centre crop.
-const RESIZE_SHORT: u32 = 256;
-/// ImageNet's per-channel mean and deviation, in B, G, R order.
-const MEAN_BGR: [f32; 3] = [0.485, 0.456, 0.406];
-const STD_BGR: [f32; 3] = [0.229, 0.224, 0.225];
+mod preprocess;
 
 struct Classify;
 
@@ -112,7 +107,7 @@ fn read_body(request: IncomingRequest) -> Answer<Vec<u8>> {
 
 /// Decodes, preprocesses and classifies `image`; the answer as JSON.
 fn classify(image: &[u8]) -> Answer<String> {
-    let input = preprocess(image)?;
+    let input = preprocess(image).map_err(|e| (400, e))?;
     let model = std::env::var("MODEL").unwrap_or_else(|_| "orientation".into());
     let labels: Vec<String> = std::env::var("LABELS")
         .unwrap_or_else(|_| "0,90,180,270".into())
@@ -167,46 +162,6 @@ fn classify(image: &[u8]) -> Answer<String> {
         top.join(","),
         all.join(",")
     ))
-}
-
-/// The model's input, `[1, 3, 224, 224]` row-major, channels B, G, R.
-fn preprocess(bytes: &[u8]) -> Answer<Vec<f32>> {
-    let decoded = image::load_from_memory(bytes).map_err(|e| {
-        (
-            400,
-            format!("the body is not a PNG or JPEG image this guest can read: {e}"),
-        )
-    })?;
-    let rgb = decoded.to_rgb8();
-    let (w, h) = rgb.dimensions();
-    if w == 0 || h == 0 {
-        return Err((400, "the image is empty".into()));
-    }
-    let short = w.min(h);
-    let rgb = if short == RESIZE_SHORT {
-        rgb
-    } else {
-        let scale = RESIZE_SHORT as f64 / short as f64;
-        let nw = ((w as f64 * scale).round() as u32).max(RESIZE_SHORT);
-        let nh = ((h as f64 * scale).round() as u32).max(RESIZE_SHORT);
-        image::imageops::resize(&rgb, nw, nh, image::imageops::FilterType::Lanczos3)
-    };
-    let (w, h) = rgb.dimensions();
-    let (left, top) = ((w - SIDE) / 2, (h - SIDE) / 2);
-    let plane = (SIDE * SIDE) as usize;
-    let mut input = vec![0f32; 3 * plane];
-    for y in 0..SIDE {
-        for x in 0..SIDE {
-            let pixel = rgb.get_pixel(left + x, top + y).0;
-            // BGR: the model was trained on OpenCV's channel order.
-            let bgr = [pixel[2], pixel[1], pixel[0]];
-            for c in 0..3 {
-                let value = (bgr[c] as f32 / 255.0 - MEAN_BGR[c]) / STD_BGR[c];
-                input[c * plane + (y * SIDE + x) as usize] = value;
-            }
-        }
-    }
-    Ok(input)
 }
 
 /// A call to the admin API's object endpoint with the function's

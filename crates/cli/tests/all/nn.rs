@@ -185,58 +185,18 @@ pub(crate) fn rotate(page: &[u8], quarters: usize) -> Vec<u8> {
     out
 }
 
-/// A grey page as an RGB PNG (stored deflate blocks: no compressor needed).
+/// A grey page as an RGB PNG.
 pub(crate) fn png(page: &[u8]) -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for byte in bytes {
-            crc ^= u32::from(*byte);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-        out.extend((data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend(data);
-        out.extend(&body);
-        out.extend(crc32(&body).to_be_bytes());
-    }
-    let mut raw = Vec::with_capacity(PAGE * (1 + 3 * PAGE));
-    for row in page.chunks(PAGE) {
-        raw.push(0); // filter: none
-        for v in row {
-            raw.extend([*v, *v, *v]);
-        }
-    }
-    let mut zlib = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-    for (i, block) in blocks.iter().enumerate() {
-        zlib.push(u8::from(i + 1 == blocks.len()));
-        let len = block.len() as u16;
-        zlib.extend(len.to_le_bytes());
-        zlib.extend((!len).to_le_bytes());
-        zlib.extend(*block);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for byte in &raw {
-        a = (a + u32::from(*byte)) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    zlib.extend(((b << 16) | a).to_be_bytes());
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut header = (PAGE as u32).to_be_bytes().to_vec();
-    header.extend((PAGE as u32).to_be_bytes());
-    header.extend([8, 2, 0, 0, 0]); // 8-bit RGB
-    chunk(&mut out, b"IHDR", &header);
-    chunk(&mut out, b"IDAT", &zlib);
-    chunk(&mut out, b"IEND", &[]);
+    let rgb: Vec<u8> = page.iter().flat_map(|v| [*v, *v, *v]).collect();
+    let mut out = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut out),
+        &rgb,
+        PAGE as u32,
+        PAGE as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("a PNG of the page");
     out
 }
 
