@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -39,6 +39,7 @@ mod pipelines;
 mod models;
 mod s3;
 mod secrets;
+mod upload;
 mod versions;
 
 /// The admin API's routes over `platform`, and its OpenAPI description at
@@ -392,7 +393,7 @@ async fn deploy(
     client_gone: Option<axum::Extension<auth::ClientGone>>,
     axum::Extension(MaxUpload(max_upload_bytes)): axum::Extension<MaxUpload>,
     headers: HeaderMap,
-    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    request: axum::extract::Request,
 ) -> ApiResult<impl IntoResponse> {
     // Refused before a byte of the body is read: a client that sent
     // `Expect: 100-continue` (curl does for large bodies) never sends it.
@@ -419,7 +420,9 @@ async fn deploy(
             ApiError::bad_request(format!("{what}: {}", error.body_text()))
         }
     };
-    let mut multipart = multipart.map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
+    let mut multipart = upload::multipart(request)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("{e}: {usage}")))?;
     let mut component: Option<Bytes> = None;
     let mut config = FunctionConfig::default();
     let mut triggers = Vec::new();
