@@ -7,7 +7,11 @@
 //!   and writes `bench/results/latest.md` and `latest.svg`;
 //! - `--no-install`: the same, skipping peers that are not installed;
 //! - `--smoke`: seconds-long runs on the debug build, peers only if already
-//!   installed; writes `bench/results/smoke.md` and `smoke.svg`.
+//!   installed; writes `bench/results/smoke.md` and `smoke.svg`;
+//! - `--only NAME[,NAME…]`: only those scenarios (the module names below:
+//!   `http`, `cold`, `density`, `burst`, `events`, `outbound`, `big`), to
+//!   re-measure one after a change; the report goes to
+//!   `target/bench-partial.md`, never over a full run's.
 //!
 //! Scenarios (one module each): hello-world HTTP load (`http`), cold starts
 //! (`cold`), many functions on one node (`density`), a burst of new
@@ -36,10 +40,15 @@ use anyhow::{Context as _, bail};
 use process::command;
 use systems::{HelloFiles, System};
 
+/// The scenarios, by module name, in the order they run.
+const SCENARIOS: [&str; 7] = ["http", "cold", "density", "burst", "events", "outbound", "big"];
+
 /// Command-line options of `cargo xtask bench`.
 struct Options {
     smoke: bool,
     no_install: bool,
+    /// Scenarios to run; empty: all of them.
+    only: Vec<String>,
 }
 
 impl Options {
@@ -47,15 +56,41 @@ impl Options {
         let mut options = Options {
             smoke: false,
             no_install: false,
+            only: Vec::new(),
         };
-        for arg in args {
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--smoke" => options.smoke = true,
                 "--no-install" => options.no_install = true,
-                other => bail!("unknown bench option `{other}`: use --smoke and/or --no-install"),
+                "--only" => {
+                    let names = args.next().map(String::as_str).unwrap_or_default();
+                    for name in names.split(',').filter(|n| !n.is_empty()) {
+                        if !SCENARIOS.contains(&name) {
+                            bail!(
+                                "unknown scenario `{name}` after --only: use one or more of {}, \
+                                 comma-separated",
+                                SCENARIOS.join(", ")
+                            );
+                        }
+                        options.only.push(name.to_string());
+                    }
+                    if options.only.is_empty() {
+                        bail!("--only needs scenario names: {}", SCENARIOS.join(", "));
+                    }
+                }
+                other => bail!(
+                    "unknown bench option `{other}`: use --smoke, --no-install and/or \
+                     --only NAME[,NAME…]"
+                ),
             }
         }
         Ok(options)
+    }
+
+    /// Whether scenario `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == name)
     }
 }
 
@@ -230,7 +265,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let systems = systems::prepare(&target.join("mayfly"), &cache, install);
     // Built once per template version into the cache; a smoke run builds
     // only with the toolchains already installed, and says so otherwise.
-    let big_components = big::prepare(&target.join("mayfly"), &cache, profile.smoke);
+    let big_components = if options.runs("big") {
+        big::prepare(&target.join("mayfly"), &cache, profile.smoke)
+    } else {
+        Vec::new()
+    };
     let bench = Bench {
         profile,
         systems,
@@ -249,20 +288,54 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         println!("{}: {state}", system.kind.label());
     }
 
-    println!("hello-world HTTP load");
-    let http = http::run(&bench);
-    println!("cold starts");
-    let cold = cold::run(&bench);
-    println!("density");
-    let density = density::run(&bench);
-    println!("burst");
-    let burst = burst::run(&bench);
-    println!("queue-triggered events");
-    let events = events::run(&bench);
-    println!("outbound HTTP");
-    let outbound = outbound::run(&bench, &caps);
-    println!("big components");
-    let big = big::run(&bench, &big_components);
+    fn skipped<T>() -> Outcome<T> {
+        Outcome::Skipped("not run (--only)".into())
+    }
+    let http = if options.runs("http") {
+        println!("hello-world HTTP load");
+        http::run(&bench)
+    } else {
+        http::Results { rows: Vec::new() }
+    };
+    let cold = if options.runs("cold") {
+        println!("cold starts");
+        cold::run(&bench)
+    } else {
+        cold::Results {
+            process_start: Vec::new(),
+            mayfly: skipped(),
+        }
+    };
+    let density = if options.runs("density") {
+        println!("density");
+        density::run(&bench)
+    } else {
+        skipped()
+    };
+    let burst = if options.runs("burst") {
+        println!("burst");
+        burst::run(&bench)
+    } else {
+        burst::Results { rows: Vec::new() }
+    };
+    let events = if options.runs("events") {
+        println!("queue-triggered events");
+        events::run(&bench)
+    } else {
+        skipped()
+    };
+    let outbound = if options.runs("outbound") {
+        println!("outbound HTTP");
+        outbound::run(&bench, &caps)
+    } else {
+        skipped()
+    };
+    let big = if options.runs("big") {
+        println!("big components");
+        big::run(&bench, &big_components)
+    } else {
+        big::Results { rows: Vec::new() }
+    };
 
     let results = report::Results {
         http,
@@ -273,12 +346,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         outbound,
         big,
     };
-    let name = if bench.profile.smoke {
-        "smoke"
+    let (name, out_dir) = if !options.only.is_empty() {
+        ("bench-partial", crate::target_dir(&root))
+    } else if bench.profile.smoke {
+        ("smoke", root.join("bench/results"))
     } else {
-        "latest"
+        ("latest", root.join("bench/results"))
     };
-    let out_dir = root.join("bench/results");
     let failures = report::write(&bench, &results, &out_dir, name)?;
     println!(
         "wrote {} and {name}.svg",
