@@ -29,7 +29,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 
@@ -39,17 +38,14 @@ use crate::labels::RequestLabels;
 /// guest pool. The deadline counts from the current epoch, so the first
 /// slice lasts between one and two ticks; one tick alone could end after a
 /// few microseconds, when a request starts just before a tick.
+///
+/// Ticks count whether the guest runs or waits in an async host call, so a
+/// guest that waits out its slice (an outbound request, an inference) moves
+/// too. Keeping such guests in the foreground until they had been busy for
+/// a slice was tried and measured: the outbound scenario of `cargo xtask
+/// bench` fell from 22.3k to 15.9k req/s (61 to 90 µs of node CPU per
+/// request), and the classifier gained nothing.
 pub(crate) const FIRST_SLICE_TICKS: u64 = 2;
-/// Time an invocation may spend being polled in the foreground (its guest
-/// running, with the host calls it makes synchronously) before it moves to
-/// the guest pool. Epochs tick whether the guest runs or waits, so a guest
-/// that waited out its deadline in an async host call (an inference, an
-/// outbound request, a timer) has not shown that it is CPU-bound: it stays
-/// in the foreground until it has been busy this long. Before, such a guest
-/// finished its request on the pool at a lower priority; a classifier whose
-/// inference took 25 ms then waited behind the node's inference threads to
-/// write its answer.
-const FIRST_SLICE_BUSY: Duration = Duration::from_millis(5);
 
 /// How much lower than the node's other threads the guest pool's threads
 /// run (a `nice` increment). At 10 the kernel gives a runnable pool thread
@@ -105,7 +101,6 @@ impl GuestPool {
             task: Some(task),
             labels,
             slice_spent,
-            busy: Duration::ZERO,
             pool: self.handle.clone(),
             turns: self.turns.clone(),
         });
@@ -149,8 +144,6 @@ struct Foreground {
     task: Option<GuestTask>,
     labels: Arc<RequestLabels>,
     slice_spent: Arc<AtomicBool>,
-    /// Time spent in the task's polls so far.
-    busy: Duration,
     pool: tokio::runtime::Handle,
     turns: Arc<Turns>,
 }
@@ -162,20 +155,12 @@ impl Future for Foreground {
         let Some(task) = self.task.as_mut() else {
             return Poll::Ready(());
         };
-        let started = Instant::now();
         if task.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        self.busy += started.elapsed();
-        if !self.slice_spent.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        if self.busy < FIRST_SLICE_BUSY {
-            // The deadline passed while the guest waited, not while it ran.
-            self.slice_spent.store(false, Ordering::Release);
-            return Poll::Pending;
-        }
-        if let Some(task) = self.task.take() {
+        if self.slice_spent.load(Ordering::Acquire)
+            && let Some(task) = self.task.take()
+        {
             let function: Arc<str> = Arc::from(self.labels.function.as_str());
             self.pool
                 .spawn(Fair::new(task, function, self.turns.clone()));
@@ -420,6 +405,7 @@ impl TurnState {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
 
     /// Yields once, waking itself at once, as a guest does at an epoch tick.
     struct YieldNow(bool);
@@ -443,15 +429,6 @@ mod tests {
                 YieldNow(false).await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
-        })
-    }
-
-    /// `task` after a first poll as busy as a guest's whole first slice,
-    /// so that it moves to the pool at its first yield.
-    fn after_first_slice(task: GuestTask) -> GuestTask {
-        Box::pin(async move {
-            std::thread::sleep(FIRST_SLICE_BUSY);
-            task.await;
         })
     }
 
@@ -506,57 +483,6 @@ mod tests {
         assert!(turns.lock().waiting.is_empty() && turns.lock().ring.is_empty());
     }
 
-    /// Where a guest that sets its slice as spent after `wait` (asleep, not
-    /// polled) and `run` (busy in a poll) finishes: the name of the thread.
-    fn finishes_on(wait: Duration, run: Duration) -> Option<String> {
-        let pool = GuestPool::new(1).unwrap();
-        let main = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let labels = RequestLabels::for_test("f");
-        let spent = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let task_spent = spent.clone();
-        main.block_on(async {
-            pool.spawn(
-                Box::pin(async move {
-                    tokio::time::sleep(wait).await;
-                    std::thread::sleep(run);
-                    // As the epoch callback does at a deadline, then yields.
-                    task_spent.store(true, Ordering::Release);
-                    YieldNow(false).await;
-                    let _ = tx.send(std::thread::current().name().map(str::to_owned));
-                }),
-                labels,
-                spent,
-            );
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(thread) = rx.try_recv() {
-                    return thread;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the task never finished"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-    }
-
-    #[test]
-    fn a_guest_whose_deadline_passed_while_it_waited_stays_in_the_foreground() {
-        let thread = finishes_on(4 * FIRST_SLICE_BUSY, Duration::ZERO);
-        assert_ne!(thread.as_deref(), Some("mayfly-guest"));
-    }
-
-    #[test]
-    fn a_guest_busy_for_its_first_slice_moves_to_the_pool() {
-        let thread = finishes_on(Duration::ZERO, FIRST_SLICE_BUSY + Duration::from_millis(1));
-        assert_eq!(thread.as_deref(), Some("mayfly-guest"));
-    }
-
     #[test]
     fn a_function_with_one_invocation_keeps_pace_with_one_with_many() {
         let pool = GuestPool::new(1).unwrap();
@@ -586,12 +512,12 @@ mod tests {
             let gate_held = Arc::new(AtomicBool::new(false));
             let held = gate_held.clone();
             pool.spawn(
-                after_first_slice(Box::pin(async move {
+                Box::pin(async move {
                     // The first poll runs in the foreground; block on the pool.
                     YieldNow(false).await;
                     held.store(true, Ordering::Release);
                     let _ = gate.recv();
-                })),
+                }),
                 labels("gate"),
                 Arc::new(AtomicBool::new(true)),
             );
@@ -602,7 +528,7 @@ mod tests {
             // Every task counts as CPU-bound from its first poll.
             for _ in 0..20 {
                 pool.spawn(
-                    after_first_slice(busy(1000, many.clone())),
+                    busy(1000, many.clone()),
                     labels("many"),
                     Arc::new(AtomicBool::new(true)),
                 );
@@ -611,10 +537,10 @@ mod tests {
             let mut one_task = busy(500, one_done);
             let many_now = many.clone();
             pool.spawn(
-                after_first_slice(Box::pin(async move {
+                Box::pin(async move {
                     one_task.as_mut().await;
                     many_then.store(many_now.load(Ordering::Relaxed), Ordering::Relaxed);
-                })),
+                }),
                 labels("one"),
                 Arc::new(AtomicBool::new(true)),
             );
