@@ -41,7 +41,9 @@ use process::command;
 use systems::{HelloFiles, System};
 
 /// The scenarios, by module name, in the order they run.
-const SCENARIOS: [&str; 7] = ["http", "cold", "density", "burst", "events", "outbound", "big"];
+const SCENARIOS: [&str; 7] = [
+    "http", "cold", "density", "burst", "events", "outbound", "big",
+];
 
 /// Command-line options of `cargo xtask bench`.
 struct Options {
