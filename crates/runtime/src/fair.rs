@@ -42,9 +42,10 @@ use crate::labels::RequestLabels;
 /// Ticks count whether the guest runs or waits in an async host call, so a
 /// guest that waits out its slice (an outbound request, an inference) moves
 /// too. Keeping such guests in the foreground until they had been busy for
-/// a slice was tried and measured: the outbound scenario of `cargo xtask
-/// bench` fell from 22.3k to 15.9k req/s (61 to 90 µs of node CPU per
-/// request), and the classifier gained nothing.
+/// a slice was tried and measured (2026-12-05): the classifier gained
+/// nothing, and the outbound scenario of `cargo xtask bench` did no better
+/// (13.2k and 15.9k req/s, against 16.4k-22.3k with this simpler rule; its
+/// runs vary that much on a 2-core machine).
 pub(crate) const FIRST_SLICE_TICKS: u64 = 2;
 
 /// How much lower than the node's other threads the guest pool's threads
