@@ -94,6 +94,55 @@ impl Options {
     fn runs(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|n| n == name)
     }
+
+    /// Scenario `name`'s results: measured (announced as `label`), or the
+    /// empty results of a scenario `--only` left out.
+    fn scenario<T: NotRun>(&self, name: &str, label: &str, measure: impl FnOnce() -> T) -> T {
+        if self.runs(name) {
+            println!("{label}");
+            measure()
+        } else {
+            T::not_run()
+        }
+    }
+}
+
+/// The results of a scenario left out by `--only`.
+trait NotRun {
+    fn not_run() -> Self;
+}
+
+impl<T> NotRun for Outcome<T> {
+    fn not_run() -> Self {
+        Outcome::Skipped("not run (--only)".into())
+    }
+}
+
+impl NotRun for http::Results {
+    fn not_run() -> Self {
+        Self { rows: Vec::new() }
+    }
+}
+
+impl NotRun for burst::Results {
+    fn not_run() -> Self {
+        Self { rows: Vec::new() }
+    }
+}
+
+impl NotRun for big::Results {
+    fn not_run() -> Self {
+        Self { rows: Vec::new() }
+    }
+}
+
+impl NotRun for cold::Results {
+    fn not_run() -> Self {
+        Self {
+            process_start: Vec::new(),
+            mayfly: Outcome::not_run(),
+        }
+    }
 }
 
 /// Sizes and durations of one bench run.
@@ -290,54 +339,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         println!("{}: {state}", system.kind.label());
     }
 
-    fn skipped<T>() -> Outcome<T> {
-        Outcome::Skipped("not run (--only)".into())
-    }
-    let http = if options.runs("http") {
-        println!("hello-world HTTP load");
-        http::run(&bench)
-    } else {
-        http::Results { rows: Vec::new() }
-    };
-    let cold = if options.runs("cold") {
-        println!("cold starts");
-        cold::run(&bench)
-    } else {
-        cold::Results {
-            process_start: Vec::new(),
-            mayfly: skipped(),
-        }
-    };
-    let density = if options.runs("density") {
-        println!("density");
-        density::run(&bench)
-    } else {
-        skipped()
-    };
-    let burst = if options.runs("burst") {
-        println!("burst");
-        burst::run(&bench)
-    } else {
-        burst::Results { rows: Vec::new() }
-    };
-    let events = if options.runs("events") {
-        println!("queue-triggered events");
-        events::run(&bench)
-    } else {
-        skipped()
-    };
-    let outbound = if options.runs("outbound") {
-        println!("outbound HTTP");
-        outbound::run(&bench, &caps)
-    } else {
-        skipped()
-    };
-    let big = if options.runs("big") {
-        println!("big components");
+    let http = options.scenario("http", "hello-world HTTP load", || http::run(&bench));
+    let cold = options.scenario("cold", "cold starts", || cold::run(&bench));
+    let density = options.scenario("density", "density", || density::run(&bench));
+    let burst = options.scenario("burst", "burst", || burst::run(&bench));
+    let events = options.scenario("events", "queue-triggered events", || events::run(&bench));
+    let outbound = options.scenario("outbound", "outbound HTTP", || outbound::run(&bench, &caps));
+    let big = options.scenario("big", "big components", || {
         big::run(&bench, &big_components)
-    } else {
-        big::Results { rows: Vec::new() }
-    };
+    });
 
     let results = report::Results {
         http,

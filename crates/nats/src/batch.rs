@@ -145,12 +145,13 @@ pub(crate) async fn commit(
             format!("an atomic batch holds 1 to {MAX_BATCH} writes, not {count}").into(),
         )));
     }
+    let hub = hub_of(prefix);
     let deadline = tokio::time::Instant::now() + NO_RESPONDER_PATIENCE;
     let mut pause = Duration::from_millis(10);
     loop {
         match attempt(client, prefix, writes).await {
             Err(Attempt::NoResponders(_))
-                if hub_of(prefix).is_none() && tokio::time::Instant::now() + pause < deadline =>
+                if hub.is_none() && tokio::time::Instant::now() + pause < deadline =>
             {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(250));
@@ -158,7 +159,7 @@ pub(crate) async fn commit(
             Err(Attempt::NoResponders(error)) => {
                 // Nobody took the commit: the stream is not there, or (at
                 // an edge) the hub is out of reach.
-                return Err(BatchError::Failed(match hub_of(prefix) {
+                return Err(BatchError::Failed(match hub {
                     Some(hub) => StoreError::Backend(
                         format!(
                             "the hub (JetStream domain `{hub}`) is unreachable from this site: \

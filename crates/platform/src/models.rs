@@ -20,8 +20,7 @@ pub const MAX_MODEL_BYTES: usize = 256 << 20;
 /// The node's models: the name table, their blobs, and the wasi:nn host
 /// that runs them.
 pub struct Models {
-    db: EmbeddedModels,
-    blobs: Arc<dyn BlobStore>,
+    /// The name table and the blobs, shared with the wasi:nn host.
     source: Arc<Source>,
     nn: Arc<NnHost>,
 }
@@ -35,13 +34,11 @@ impl Models {
     ) -> anyhow::Result<Arc<Self>> {
         let db = EmbeddedModels::open(&data_dir.join("models.db"))?;
         let source = Arc::new(Source {
-            db: db.clone(),
-            blobs: blobs.clone(),
+            db,
+            blobs,
             names: Mutex::default(),
         });
         Ok(Arc::new(Self {
-            db,
-            blobs,
             nn: NnHost::new(source.clone(), limits),
             source,
         }))
@@ -77,8 +74,9 @@ impl Models {
                      operators tract supports"
                 ))
             })?;
-        let digest = self.blobs.put(BlobKind::Model, &bytes).await?;
+        let digest = self.source.blobs.put(BlobKind::Model, &bytes).await?;
         let stored = self
+            .source
             .db
             .put(ModelRecord {
                 name: name.to_string(),
@@ -98,18 +96,18 @@ impl Models {
 
     /// Every model, by name.
     pub async fn list(&self) -> Result<Vec<ModelRecord>, PlatformError> {
-        Ok(self.db.list().await?)
+        Ok(self.source.db.list().await?)
     }
 
     /// Whether model `name` exists.
     pub async fn exists(&self, name: &str) -> Result<bool, PlatformError> {
-        Ok(self.db.get(name).await?.is_some())
+        Ok(self.source.db.get(name).await?.is_some())
     }
 
     /// Deletes model `name` (the caller checked that no function is
     /// granted it); its parsed graph leaves the cache.
     pub async fn delete(&self, name: &str) -> Result<Option<ModelRecord>, PlatformError> {
-        let deleted = self.db.delete(name).await;
+        let deleted = self.source.db.delete(name).await;
         self.source.forget(name);
         let deleted = deleted?;
         if let Some(record) = &deleted
