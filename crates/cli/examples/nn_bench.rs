@@ -14,7 +14,10 @@
 //! it with the classify guest's own code (compiled natively here, to
 //! WebAssembly in the guest), build the input tensor and run the model.
 //! The Mayfly side also pays for HTTP, the sandbox, and the copy of the
-//! tensor into the host: the overhead the ratio measures. Model load is
+//! tensor into the host: the overhead the ratio measures. The two sides
+//! take turns in short windows, so that the machine's drift during a run
+//! (2 shared cores swing 10 % within minutes) falls on both; the range of
+//! the windows' ratios is printed beside the ratio. Model load is
 //! timed cold (parse + optimise) natively; through Mayfly the first request
 //! after a deploy pays it and is reported apart. `bench/nn.sh` runs it.
 
@@ -74,22 +77,30 @@ fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(first.contains("\"top\""), "unexpected answer: {first}");
 
-    println!("concurrency  native inf/s  p50 ms  p99 ms   mayfly inf/s  p50 ms  p99 ms  ratio");
+    println!(
+        "concurrency  native inf/s  p50 ms  p99 ms   mayfly inf/s  p50 ms  p99 ms  ratio  \
+         (rounds)"
+    );
     for concurrency in [1, 2, 4] {
         let (plan, image) = (plan.clone(), png.clone());
-        let native = load(concurrency, run_for, move || {
+        let native: Work = Arc::new(move || {
             let input = preprocess::preprocess(&image).map_err(anyhow::Error::msg)?;
             let side = preprocess::SIDE as usize;
-            let t = Tensor::from_shape(&[1, 3, side, side], &input)?;
+            // As the node's wasi:nn host makes it from the guest's bytes.
+            let mut t = Tensor::zero::<f32>(&[1, 3, side, side])?;
+            t.as_bytes_mut().copy_from_slice(&input);
             plan.run(tvec!(t.into_tvalue()))?;
             Ok(())
-        })?;
+        });
         let (url, png, client) = (url.clone(), png.clone(), agent.clone());
-        let mayfly = load(concurrency, run_for, move || {
-            post(&client, &url, &png).map(drop)
-        })?;
+        let mayfly: Work = Arc::new(move || post(&client, &url, &png).map(drop));
+        let (native, mayfly, rounds) = compare(concurrency, run_for, &native, &mayfly)?;
+        let (low, high) = rounds
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
         println!(
-            "{concurrency:>11}  {:>12.1}  {:>6.1}  {:>6.1}   {:>12.1}  {:>6.1}  {:>6.1}  {:.2}",
+            "{concurrency:>11}  {:>12.1}  {:>6.1}  {:>6.1}   {:>12.1}  {:>6.1}  {:>6.1}  {:.2}   \
+             ({low:.2}-{high:.2})",
             native.rate,
             native.p50,
             native.p99,
@@ -200,6 +211,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One side's inferences over all its windows.
 struct Run {
     rate: f64,
     p50: f64,
@@ -207,13 +219,65 @@ struct Run {
     errors: usize,
 }
 
-/// Runs `work` from `concurrency` threads for `run_for`.
-fn load(
+/// One window of load: each inference's latency, the failures, how long.
+struct Window {
+    latencies: Vec<f64>,
+    errors: usize,
+    seconds: f64,
+}
+
+/// One inference, native or through Mayfly.
+type Work = Arc<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+
+/// Windows of each side in the same run.
+const ROUNDS: u32 = 5;
+
+/// Native and Mayfly in alternating windows, [`ROUNDS`] of each and
+/// `run_for` per side in all, the side that goes first alternating too: a
+/// change in the machine's speed during the run (a noisy neighbour, the
+/// clock) then falls on both sides alike instead of on whichever ran
+/// then. Returns both sides and the ratio of each pair of windows.
+fn compare(
     concurrency: usize,
     run_for: Duration,
-    work: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
-) -> anyhow::Result<Run> {
-    let work = Arc::new(work);
+    native: &Work,
+    mayfly: &Work,
+) -> anyhow::Result<(Run, Run, Vec<f64>)> {
+    let window_for = run_for / ROUNDS;
+    let (mut natives, mut mayflies, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let (n, m) = if round % 2 == 0 {
+            let n = load(concurrency, window_for, native)?;
+            (n, load(concurrency, window_for, mayfly)?)
+        } else {
+            let m = load(concurrency, window_for, mayfly)?;
+            (load(concurrency, window_for, native)?, m)
+        };
+        ratios.push(rate(&[&m]) / rate(&[&n]));
+        natives.push(n);
+        mayflies.push(m);
+    }
+    Ok((summary(&natives), summary(&mayflies), ratios))
+}
+
+fn rate(windows: &[&Window]) -> f64 {
+    let inferences: usize = windows.iter().map(|w| w.latencies.len()).sum();
+    inferences as f64 / windows.iter().map(|w| w.seconds).sum::<f64>()
+}
+
+fn summary(windows: &[Window]) -> Run {
+    let mut all: Vec<f64> = windows.iter().flat_map(|w| w.latencies.clone()).collect();
+    all.sort_by(f64::total_cmp);
+    Run {
+        rate: rate(&windows.iter().collect::<Vec<_>>()),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors: windows.iter().map(|w| w.errors).sum(),
+    }
+}
+
+/// Runs `work` from `concurrency` threads for `run_for`.
+fn load(concurrency: usize, run_for: Duration, work: &Work) -> anyhow::Result<Window> {
     let started = Instant::now();
     let threads: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -232,23 +296,20 @@ fn load(
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut window = Window {
+        latencies: Vec::new(),
+        errors: 0,
+        seconds: 0.0,
+    };
     for thread in threads {
         let (latencies, failed) = thread
             .join()
             .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
-        all.extend(latencies);
-        errors += failed;
+        window.latencies.extend(latencies);
+        window.errors += failed;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    Ok(Run {
-        rate: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        errors,
-    })
+    window.seconds = started.elapsed().as_secs_f64();
+    Ok(window)
 }
 
 fn post(agent: &ureq::Agent, url: &str, png: &[u8]) -> anyhow::Result<String> {

@@ -52,7 +52,7 @@ pub(crate) const FIRST_SLICE_TICKS: u64 = 2;
 /// run (a `nice` increment). At 10 the kernel gives a runnable pool thread
 /// about a tenth of the weight of a main-runtime thread, so a request that
 /// arrives while every core runs guests is parsed and routed at once.
-const POOL_NICENESS: i32 = 10;
+pub(crate) const POOL_NICENESS: i32 = 10;
 
 /// An invocation's whole run (guest, response head, report), boxed so that it
 /// can move from the main runtime to the guest pool between two polls.
@@ -118,7 +118,7 @@ impl Drop for GuestPool {
 
 /// Lowers the calling thread's scheduling priority (Linux: `nice` is per
 /// thread). Failure only costs fairness, so it is logged, not fatal.
-fn lower_thread_priority() {
+pub(crate) fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain syscalls on the calling thread; no memory is shared.

@@ -124,11 +124,7 @@ fn classify(image: &[u8]) -> Answer<String> {
     let context = graph
         .init_execution_context()
         .map_err(|e| nn_error("init-execution-context", e))?;
-    let mut data = Vec::with_capacity(input.len() * 4);
-    for value in &input {
-        data.extend_from_slice(&value.to_le_bytes());
-    }
-    let tensor = tensor::Tensor::new(&[1, 3, SIDE, SIDE], tensor::TensorType::Fp32, &data);
+    let tensor = tensor::Tensor::new(&[1, 3, SIDE, SIDE], tensor::TensorType::Fp32, &input);
     let outputs = context
         .compute(vec![("x".to_string(), tensor)])
         .map_err(|e| nn_error("compute", e))?;

@@ -1,6 +1,17 @@
 //! The threads that run inferences: at most one per permit, the most
 //! recently idle one taking the next job.
 //!
+//! They run at the guest pool's lower priority, for two reasons. An
+//! inference is CPU-bound work a guest asked for, like a guest on the pool,
+//! and at the node's normal priority it held the cores against other
+//! functions' requests: during `bench/nn.sh`'s burst of 1,000
+//! classifications a neighbour's hello answered at p50 0.38-0.43 ms and
+//! p99 8.4-9.8 ms, against 0.12-0.18 ms and 5.1-5.2 ms at this priority
+//! (two runs each), with the burst no slower. And Linux threads inherit
+//! the priority of the thread that starts them: a thread started from a
+//! guest on the pool kept the pool's priority for life, one started from
+//! the main runtime the normal one, depending on which guest came first.
+//!
 //! tokio's blocking pool handed consecutive inferences to whichever of its
 //! threads woke first, so a classifier at concurrency 1 ran on a different
 //! thread (and often core) each time: its allocator's thread cache and the
@@ -93,7 +104,10 @@ impl InferenceThreads {
         let shared = self.shared.clone();
         std::thread::Builder::new()
             .name("mayfly-nn".into())
-            .spawn(move || serve(&jobs, &own, &shared))
+            .spawn(move || {
+                crate::fair::lower_thread_priority();
+                serve(&jobs, &own, &shared)
+            })
             .map_err(|e| format!("cannot start an inference thread: {e}"))?;
         Ok(sender)
     }
@@ -150,6 +164,25 @@ mod tests {
             assert_eq!(next, first);
         }
         assert_ne!(first, std::thread::current().id());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn inferences_run_at_the_guest_pools_lower_priority() {
+        fn nice() -> i32 {
+            // SAFETY: reads the calling thread's nice value; no memory shared.
+            #[expect(unsafe_code, reason = "no safe wrapper reads a thread's nice value")]
+            unsafe {
+                libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+            }
+        }
+        let threads = InferenceThreads::new(1);
+        let (inside, _) = threads.run(nice).await.unwrap();
+        assert!(
+            inside >= crate::fair::POOL_NICENESS,
+            "an inference ran at nice {inside}, the caller at {}",
+            nice()
+        );
     }
 
     #[tokio::test]
