@@ -20,7 +20,12 @@ pub fn infer(model: &str, name: &str, dims: &[u32], input: &[f32]) -> Result<Vec
     let context = graph
         .init_execution_context()
         .map_err(|e| failed("init-execution-context", e))?;
-    let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+    // Into a buffer of its final size: a collected flat_map starts small
+    // and regrows, copying the tensor (600 KB for 224x224) along the way.
+    let mut bytes = vec![0u8; input.len() * 4];
+    for (out, value) in bytes.chunks_exact_mut(4).zip(input) {
+        out.copy_from_slice(&value.to_le_bytes());
+    }
     let tensor = tensor::Tensor::new(dims, tensor::TensorType::Fp32, &bytes);
     let outputs = context
         .compute(vec![(name.to_string(), tensor)])
