@@ -121,15 +121,7 @@ pub fn metrics_router(platform: Arc<Platform>) -> Router {
 }
 
 fn health_answer(report: &crate::health::HealthReport) -> Response {
-    (
-        report.http_status(),
-        [
-            (http::header::CONTENT_TYPE, "application/json"),
-            (http::header::CACHE_CONTROL, "no-store"),
-        ],
-        report.json(),
-    )
-        .into_response()
+    report.response().into_response()
 }
 
 /// `GET /healthz`: the process is up.

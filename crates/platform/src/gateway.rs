@@ -14,7 +14,7 @@ use crate::catalog::{RemoteFunction, RouteMatch, Served};
 use crate::connections::{self, ClientAddr, ConnectionLimits, Plain, TimedBody};
 use crate::forward::{Forwarded, NODE_HEADER};
 use crate::health::{HEALTHZ, Health, READYZ, liveness};
-use crate::invoker::{Caller, Invoker, text_response};
+use crate::invoker::{Caller, Invoker, text_response, whole_body};
 use crate::routes::{normalize_host, normalize_path};
 
 /// Serves `listener` until `shutdown` is cancelled, then lets open requests
@@ -68,16 +68,7 @@ async fn health_response(health: &Health, ready: bool) -> http::Response<HyperOu
     } else {
         liveness()
     };
-    let mut response = text_response(report.http_status(), report.json());
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    response
+    report.response().map(whole_body)
 }
 
 /// Routes a request by its normalised host and path (see

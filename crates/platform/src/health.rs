@@ -132,6 +132,23 @@ impl HealthReport {
         // A struct of strings always serialises.
         serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
     }
+
+    /// The whole answer (status, JSON, never cached), for the gateway and
+    /// the admin API alike; each wraps the body in its own body type.
+    pub fn response(&self) -> http::Response<String> {
+        let mut response = http::Response::new(self.json());
+        *response.status_mut() = self.http_status();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        response
+    }
 }
 
 /// Whether a route's path would shadow the node's health paths: the route
@@ -207,6 +224,16 @@ mod tests {
         logs.close();
         let report = runtime.block_on(health.readiness());
         assert!(report.reasons[2].contains("log writer"), "{report:?}");
+        // The answer both servers send: status, JSON, never cached.
+        let answer = report.response();
+        assert_eq!(answer.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()["content-type"], "application/json");
+        assert_eq!(answer.headers()["cache-control"], "no-store");
+        assert!(
+            answer
+                .body()
+                .starts_with(r#"{"status":"not_ready","reasons":["#)
+        );
     }
 
     #[test]

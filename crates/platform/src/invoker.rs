@@ -375,16 +375,19 @@ pub(crate) fn new_request_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
+/// Bytes known in full, as the gateway's body type.
+pub fn whole_body(body: impl Into<Bytes>) -> HyperOutgoingBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// A plain-text response in the gateway's body type.
 pub fn text_response(
     status: http::StatusCode,
     body: impl Into<Bytes>,
 ) -> http::Response<HyperOutgoingBody> {
-    let mut response = http::Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut response = http::Response::new(whole_body(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
