@@ -96,51 +96,13 @@ impl Options {
     }
 
     /// Scenario `name`'s results: measured (announced as `label`), or the
-    /// empty results of a scenario `--only` left out.
-    fn scenario<T: NotRun>(&self, name: &str, label: &str, measure: impl FnOnce() -> T) -> T {
+    /// empty results (`Default`) of a scenario `--only` left out.
+    fn scenario<T: Default>(&self, name: &str, label: &str, measure: impl FnOnce() -> T) -> T {
         if self.runs(name) {
             println!("{label}");
             measure()
         } else {
-            T::not_run()
-        }
-    }
-}
-
-/// The results of a scenario left out by `--only`.
-trait NotRun {
-    fn not_run() -> Self;
-}
-
-impl<T> NotRun for Outcome<T> {
-    fn not_run() -> Self {
-        Outcome::Skipped("not run (--only)".into())
-    }
-}
-
-impl NotRun for http::Results {
-    fn not_run() -> Self {
-        Self { rows: Vec::new() }
-    }
-}
-
-impl NotRun for burst::Results {
-    fn not_run() -> Self {
-        Self { rows: Vec::new() }
-    }
-}
-
-impl NotRun for big::Results {
-    fn not_run() -> Self {
-        Self { rows: Vec::new() }
-    }
-}
-
-impl NotRun for cold::Results {
-    fn not_run() -> Self {
-        Self {
-            process_start: Vec::new(),
-            mayfly: Outcome::not_run(),
+            T::default()
         }
     }
 }
@@ -254,6 +216,13 @@ pub enum Outcome<T> {
     Skipped(String),
     /// Run and failed.
     Failed(String),
+}
+
+/// What a scenario left out by `--only` reports for a system.
+impl<T> Default for Outcome<T> {
+    fn default() -> Self {
+        Outcome::Skipped("not run (--only)".into())
+    }
 }
 
 impl<T> Outcome<T> {

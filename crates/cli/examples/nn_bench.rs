@@ -253,23 +253,29 @@ fn compare(
             let m = load(concurrency, window_for, mayfly)?;
             (load(concurrency, window_for, native)?, m)
         };
-        ratios.push(rate(&[&m]) / rate(&[&n]));
+        ratios.push(rate([&m]) / rate([&n]));
         natives.push(n);
         mayflies.push(m);
     }
     Ok((summary(&natives), summary(&mayflies), ratios))
 }
 
-fn rate(windows: &[&Window]) -> f64 {
-    let inferences: usize = windows.iter().map(|w| w.latencies.len()).sum();
-    inferences as f64 / windows.iter().map(|w| w.seconds).sum::<f64>()
+/// Inferences per second over `windows` together.
+fn rate<'a>(windows: impl IntoIterator<Item = &'a Window>) -> f64 {
+    let (inferences, seconds) = windows
+        .into_iter()
+        .fold((0, 0.0), |(n, s), w| (n + w.latencies.len(), s + w.seconds));
+    inferences as f64 / seconds
 }
 
 fn summary(windows: &[Window]) -> Run {
-    let mut all: Vec<f64> = windows.iter().flat_map(|w| w.latencies.clone()).collect();
+    let mut all: Vec<f64> = windows
+        .iter()
+        .flat_map(|w| w.latencies.iter().copied())
+        .collect();
     all.sort_by(f64::total_cmp);
     Run {
-        rate: rate(&windows.iter().collect::<Vec<_>>()),
+        rate: rate(windows),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
         errors: windows.iter().map(|w| w.errors).sum(),
@@ -296,20 +302,19 @@ fn load(concurrency: usize, run_for: Duration, work: &Work) -> anyhow::Result<Wi
             })
         })
         .collect();
-    let mut window = Window {
-        latencies: Vec::new(),
-        errors: 0,
-        seconds: 0.0,
-    };
+    let (mut latencies, mut errors) = (Vec::new(), 0);
     for thread in threads {
-        let (latencies, failed) = thread
+        let (measured, failed) = thread
             .join()
             .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
-        window.latencies.extend(latencies);
-        window.errors += failed;
+        latencies.extend(measured);
+        errors += failed;
     }
-    window.seconds = started.elapsed().as_secs_f64();
-    Ok(window)
+    Ok(Window {
+        latencies,
+        errors,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn post(agent: &ureq::Agent, url: &str, png: &[u8]) -> anyhow::Result<String> {

@@ -48,18 +48,13 @@ pub fn preprocess(bytes: &[u8]) -> Result<Vec<u8>, String> {
     let raw = rgb.as_raw();
     for y in 0..side {
         let row = &raw[(top + y) * stride + left * 3..][..side * 3];
-        let at = y * side * 4;
-        let out = (
-            &mut blue[at..at + side * 4],
-            &mut green[at..at + side * 4],
-            &mut red[at..at + side * 4],
-        );
+        let span = y * side * 4..(y + 1) * side * 4;
         // BGR: the model was trained on OpenCV's channel order.
         for (((pixel, b), g), r) in row
             .chunks_exact(3)
-            .zip(out.0.chunks_exact_mut(4))
-            .zip(out.1.chunks_exact_mut(4))
-            .zip(out.2.chunks_exact_mut(4))
+            .zip(blue[span.clone()].chunks_exact_mut(4))
+            .zip(green[span.clone()].chunks_exact_mut(4))
+            .zip(red[span].chunks_exact_mut(4))
         {
             b.copy_from_slice(&normalised[0][usize::from(pixel[2])]);
             g.copy_from_slice(&normalised[1][usize::from(pixel[1])]);

@@ -259,6 +259,7 @@ pub struct Figures {
 }
 
 /// The scenario's results, one row per template.
+#[derive(Default)]
 pub struct Results {
     /// (template, figures).
     pub rows: Vec<(Template, Outcome<Figures>)>,

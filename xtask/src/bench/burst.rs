@@ -30,6 +30,7 @@ pub struct Figures {
 }
 
 /// The scenario's results.
+#[derive(Default)]
 pub struct Results {
     /// (system, figures).
     pub rows: Vec<(Kind, Outcome<Figures>)>,

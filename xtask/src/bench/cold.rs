@@ -15,6 +15,7 @@ use super::systems::{Kind, System};
 use super::{Bench, Outcome};
 
 /// The scenario's results.
+#[derive(Default)]
 pub struct Results {
     /// Process start to first 200, per system (µs).
     pub process_start: Vec<(Kind, Outcome<Runs>)>,

@@ -33,6 +33,7 @@ pub struct Figures {
 }
 
 /// The scenario's results, one row per system.
+#[derive(Default)]
 pub struct Results {
     /// (system, figures).
     pub rows: Vec<(Kind, Outcome<Figures>)>,
