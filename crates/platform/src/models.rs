@@ -65,15 +65,19 @@ impl Models {
             )));
         }
         let parse = bytes.clone();
-        let parsed = tokio::task::spawn_blocking(move || OnnxModel::parse(&parse))
-            .await
-            .map_err(|e| PlatformError::Internal(anyhow::anyhow!("the model check failed: {e}")))?
-            .map_err(|e| {
-                PlatformError::BadRequest(format!(
-                    "model `{name}` is refused: {e}; upload an ONNX file (.onnx) whose \
+        // Planned for any shape too, so that a model tract parses but cannot
+        // run is refused here rather than at a function's first inference.
+        let parsed = tokio::task::spawn_blocking(move || {
+            OnnxModel::parse(&parse).and_then(|model| model.check().map(|()| model))
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(anyhow::anyhow!("the model check failed: {e}")))?
+        .map_err(|e| {
+            PlatformError::BadRequest(format!(
+                "model `{name}` is refused: {e}; upload an ONNX file (.onnx) whose \
                      operators tract supports"
-                ))
-            })?;
+            ))
+        })?;
         let digest = self.source.blobs.put(BlobKind::Model, &bytes).await?;
         let stored = self
             .source

@@ -18,7 +18,8 @@
 //! core's caches were cold for the 6 MB of weights and the scratch buffers.
 //! Here a job goes to the thread that finished last (a LIFO stack of idle
 //! threads), as a native loop would run it. The classifier of
-//! `bench/nn.sh` at concurrency 1, median time inside tract per request:
+//! `bench/nn.sh` at concurrency 1 (on its symbolic-shape plan, before
+//! plans per shape), median time inside tract per request:
 //! 29.6 ms on the blocking pool against 25.3 ms native in the same run;
 //! 24.7 ms here against 23.5 ms native. Written here
 //! rather than taken from a crate: the pools at hand (rayon, tokio's
