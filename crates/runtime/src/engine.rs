@@ -20,7 +20,7 @@ use crate::validate::{self, CompiledComponent, DeployError, HandlerKind};
 /// How often the epoch advances. A running guest yields to the async runtime
 /// at every tick, so this bounds how long one guest can hold a worker thread
 /// before others get a turn, and it is the granularity of timeouts.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Bytes of each pool slot's memory and tables kept resident between
 /// instances (see `linear_memory_keep_resident`) when the kernel can tell

@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 
@@ -40,13 +41,55 @@ use crate::labels::RequestLabels;
 /// few microseconds, when a request starts just before a tick.
 ///
 /// Ticks count whether the guest runs or waits in an async host call, so a
-/// guest that waits out its slice (an outbound request, an inference) moves
-/// too. Keeping such guests in the foreground until they had been busy for
-/// a slice was tried and measured (2026-12-05): the classifier gained
-/// nothing, and the outbound scenario of `cargo xtask bench` did no better
-/// (13.2k and 15.9k req/s, against 16.4k-22.3k with this simpler rule; its
-/// runs vary that much on a 2-core machine).
+/// guest that waits out its slice on an outbound request moves too. Keeping
+/// such guests in the foreground until they had been busy for a slice was
+/// tried and measured (2026-12-05): the outbound scenario of `cargo xtask
+/// bench` did no better (13.2k and 15.9k req/s, against 16.4k-22.3k with
+/// this simpler rule; its runs vary that much on a 2-core machine). Waits
+/// for an inference are the exception ([`FirstSlice`]).
 pub(crate) const FIRST_SLICE_TICKS: u64 = 2;
+
+/// An invocation's first slice in the foreground: when it began and how
+/// long the guest has since waited for inferences.
+///
+/// Waiting for an inference does not count. The inference runs on an
+/// inference thread of its own, at the pool's priority and under the node's
+/// inference permits, so the guest holds nothing of the main runtime while
+/// it waits; counted, it sent every classification whose inference outlasted
+/// the slice to the pool for its last few hundred microseconds of work, two
+/// more thread wake-ups that often landed on the core running the other
+/// inference. Not counting it, `wrk` posting a PNG to the classify guest
+/// (two alternating runs each, 2 cores) went from 11.9-12.2 to 10.2-10.4
+/// voluntary context switches per request at concurrency 1 and 131/128 to
+/// 140/133 req/s; at concurrency 2 from 228/215 to 234/246 req/s.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FirstSlice {
+    started: Instant,
+    /// Time spent waiting for inferences since `started`.
+    pub(crate) awaited_inference: Duration,
+}
+
+impl FirstSlice {
+    /// A slice starting now.
+    pub(crate) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            awaited_inference: Duration::ZERO,
+        }
+    }
+
+    /// Whether the guest has used up its slice, asked when its epoch deadline
+    /// passes. A guest that awaited no inference has (the deadline is the
+    /// slice); one that did has if it ran a tick besides its waits.
+    pub(crate) fn spent(&self) -> bool {
+        self.awaited_inference.is_zero()
+            || self
+                .started
+                .elapsed()
+                .saturating_sub(self.awaited_inference)
+                >= crate::engine::EPOCH_TICK
+    }
+}
 
 /// How much lower than the node's other threads the guest pool's threads
 /// run (a `nice` increment). At 10 the kernel gives a runnable pool thread
@@ -406,7 +449,25 @@ impl TurnState {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
+
+    #[test]
+    fn waiting_for_inferences_does_not_spend_the_first_slice() {
+        let tick = crate::engine::EPOCH_TICK;
+        // No inference: the deadline is the slice.
+        assert!(FirstSlice::new().spent());
+        // Two ticks since it began, all of them waiting for an inference.
+        let waited = FirstSlice {
+            started: Instant::now() - 2 * tick,
+            awaited_inference: 2 * tick,
+        };
+        assert!(!waited.spent());
+        // An inference, then a tick of its own work.
+        let busy = FirstSlice {
+            started: Instant::now() - 3 * tick,
+            awaited_inference: tick,
+        };
+        assert!(busy.spent());
+    }
 
     /// Yields once, waking itself at once, as a guest does at an epoch tick.
     struct YieldNow(bool);

@@ -19,7 +19,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 
 use crate::body::{BodyFlags, Direction, LimitedBody, RequestBody};
 use crate::caps::Capabilities;
-use crate::fair::{FIRST_SLICE_TICKS, GuestPool};
+use crate::fair::{FIRST_SLICE_TICKS, FirstSlice, GuestPool};
 use crate::labels::RequestLabels;
 use crate::logs::{GuestOutput, LogSink, LogStream};
 use crate::meter::{CpuMetered, MemoryMeter};
@@ -334,6 +334,7 @@ impl Function {
         // A fresh slice: the guest runs in the foreground until it ends.
         let slice_spent = Arc::new(AtomicBool::new(false));
         store.data_mut().slice_spent = slice_spent.clone();
+        store.data_mut().slice = FirstSlice::new();
         store.set_epoch_deadline(FIRST_SLICE_TICKS);
 
         let (response_tx, response_rx) = tokio::sync::oneshot::channel();
@@ -445,6 +446,7 @@ impl Function {
             },
             memory: MemoryMeter::new(limits.memory_bytes),
             slice_spent: Arc::default(),
+            slice: FirstSlice::new(),
             extra_cpu: Duration::ZERO,
         };
         let mut store = Store::new(self.pre.engine(), state);
@@ -454,7 +456,10 @@ impl Function {
         // busy guest never holds a worker thread for more than a tick; the
         // first time, it also marks the invocation as CPU-bound.
         store.epoch_deadline_callback(|context| {
-            context.data().slice_spent.store(true, Ordering::Release);
+            let state = context.data();
+            if state.slice.spent() {
+                state.slice_spent.store(true, Ordering::Release);
+            }
             Ok(wasmtime::UpdateDeadline::Yield(1))
         });
         store

@@ -12,6 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::caps::{Capabilities, CapsView};
+use crate::fair::FirstSlice;
 use crate::logs::GuestOutput;
 use crate::meter::MemoryMeter;
 use crate::outbound::OutboundHooks;
@@ -95,6 +96,9 @@ pub(crate) struct InvocationState {
     /// Set by the epoch callback when the guest's slice ends: the current
     /// invocation is CPU-bound and moves to the guest pool (see `fair`).
     pub(crate) slice_spent: Arc<AtomicBool>,
+    /// The current invocation's first slice, which the epoch callback asks
+    /// whether it is spent.
+    pub(crate) slice: FirstSlice,
     /// Host work done for this invocation on other threads (wasi:nn
     /// inference), counted in its CPU time.
     pub(crate) extra_cpu: Duration,
@@ -109,6 +113,7 @@ impl InvocationState {
             stderr: &self.stderr,
             memory: &mut self.memory,
             extra_cpu: &mut self.extra_cpu,
+            awaited_inference: &mut self.slice.awaited_inference,
         }
     }
 

@@ -91,13 +91,14 @@ mod tests {
                 Arc::get_mut(&mut caps).expect("not shared").config = Arc::new(Source);
                 let mut table = ResourceTable::new();
                 let mut memory = crate::meter::MemoryMeter::new(1 << 20);
-                let mut extra_cpu = std::time::Duration::ZERO;
+                let (mut extra_cpu, mut awaited_inference) = Default::default();
                 let mut view = CapsView {
                     caps: &caps,
                     table: &mut table,
                     stderr: &stderr,
                     memory: &mut memory,
                     extra_cpu: &mut extra_cpu,
+                    awaited_inference: &mut awaited_inference,
                 };
 
                 let greeting = Host::get(&mut view, "greeting".into()).await;

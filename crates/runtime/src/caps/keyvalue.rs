@@ -434,6 +434,7 @@ pub(crate) mod tests {
         stderr: crate::logs::GuestOutput,
         pub(crate) memory: crate::meter::MemoryMeter,
         extra_cpu: std::time::Duration,
+        awaited_inference: std::time::Duration,
     }
 
     impl Fixture {
@@ -456,6 +457,7 @@ pub(crate) mod tests {
                 lines,
                 memory: crate::meter::MemoryMeter::new(64 << 20),
                 extra_cpu: std::time::Duration::ZERO,
+                awaited_inference: std::time::Duration::ZERO,
             }
         }
 
@@ -466,6 +468,7 @@ pub(crate) mod tests {
                 stderr: &self.stderr,
                 memory: &mut self.memory,
                 extra_cpu: &mut self.extra_cpu,
+                awaited_inference: &mut self.awaited_inference,
             }
         }
     }

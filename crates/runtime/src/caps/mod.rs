@@ -259,6 +259,9 @@ pub(crate) struct CapsView<'a> {
     /// Time the invocation's host work ran off its own task (wasi:nn
     /// `compute` on the blocking pool), added to its CPU time.
     pub(crate) extra_cpu: &'a mut std::time::Duration,
+    /// Time the invocation waited for inferences in its first slice, which
+    /// does not count toward the slice (see `fair::FirstSlice`).
+    pub(crate) awaited_inference: &'a mut std::time::Duration,
 }
 
 impl CapsView<'_> {

@@ -791,7 +791,10 @@ impl inference::HostGraphExecutionContext for CapsView<'_> {
             );
         };
         let run_model = model.clone();
-        let (outputs, ran) = match nn.threads.run(move || run_model.run(ordered)).await {
+        let waiting_since = Instant::now();
+        let ran = nn.threads.run(move || run_model.run(ordered)).await;
+        *self.awaited_inference += waiting_since.elapsed();
+        let (outputs, ran) = match ran {
             Ok((Ok(outputs), ran)) => (outputs, ran),
             Ok((Err(e), ran)) => {
                 *self.extra_cpu += ran;
