@@ -77,8 +77,8 @@ impl Default for NnLimits {
 /// choose fixed kernels. For the orientation classifier of `bench/nn.sh` a
 /// `1,3,224,224` plan ran an inference in 5.8 ms against 24.5 ms for the
 /// symbolic one (natively, single-threaded, same outputs to 1e-6). So each
-/// distinct set of input shapes gets a plan of its own, built on first use
-/// on the inference thread (the first request with that shape pays for it,
+/// distinct size of the symbolic axes gets a plan of its own, built on first
+/// use on the inference thread (the first request with that size pays for it,
 /// as the first request pays for parsing), up to [`MAX_SHAPE_PLANS`]; other
 /// shapes run on the symbolic plan.
 pub struct OnnxModel {
@@ -87,9 +87,10 @@ pub struct OnnxModel {
     /// Input dimensions that are one symbol each, which a tensor's shape
     /// binds: (input, axis, symbol).
     symbolic_axes: Vec<(usize, usize, Symbol)>,
-    /// Plans by the input shapes they were specialised for; each cell is
-    /// built once, by the first inference that needs it.
-    by_shape: Mutex<HashMap<Vec<Vec<usize>>, Arc<PlanCell>>>,
+    /// Plans by the sizes of the symbolic axes they were specialised for
+    /// (in `symbolic_axes`' order); each cell is built once, by the first
+    /// inference that needs it.
+    by_shape: Mutex<HashMap<Vec<usize>, Arc<PlanCell>>>,
     /// The plan for any shape: built at parse time for a model with no
     /// symbolic dimension (it is then the only plan), otherwise on first
     /// need.
@@ -209,31 +210,35 @@ impl OnnxModel {
     }
 
     fn plan_for(&self, inputs: &[TractTensor]) -> Result<Arc<TypedSimplePlan>, String> {
+        // The sizes the inputs give the symbolic axes: the plan's key. A
+        // tensor whose other axes do not fit shares the plan of its sizes,
+        // and tract refuses it when it runs.
         let mut bound = HashMap::new();
+        let mut sizes = Vec::with_capacity(self.symbolic_axes.len());
         for (input, axis, symbol) in &self.symbolic_axes {
             let Some(&size) = inputs.get(*input).and_then(|t| t.shape().get(*axis)) else {
                 // A rank tract will refuse with its own message.
                 return self.general_plan();
             };
-            let size = TDim::Val(i64::try_from(size).unwrap_or(i64::MAX));
+            let dim = TDim::Val(i64::try_from(size).unwrap_or(i64::MAX));
             if bound
-                .insert(symbol.clone(), size.clone())
-                .is_some_and(|was| was != size)
+                .insert(symbol.clone(), dim.clone())
+                .is_some_and(|was| was != dim)
             {
                 // One symbol, two sizes (say N in two inputs): no plan fits.
                 return self.general_plan();
             }
+            sizes.push(size);
         }
         if bound.is_empty() {
             return self.general_plan();
         }
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let cell = {
-            let mut by_shape = self.by_shape.lock().unwrap_or_else(|p| p.into_inner());
-            match by_shape.get(&shapes) {
+            let mut by_shape = self.lock_plans();
+            match by_shape.get(&sizes) {
                 Some(cell) => cell.clone(),
                 None if by_shape.len() < MAX_SHAPE_PLANS => {
-                    by_shape.entry(shapes).or_default().clone()
+                    by_shape.entry(sizes.clone()).or_default().clone()
                 }
                 None => return self.general_plan(),
             }
@@ -254,10 +259,21 @@ impl OnnxModel {
         });
         match plan {
             Ok(plan) => Ok(plan.clone()),
-            // The symbolic plan may still run what the specialised one could
-            // not be built for.
-            Err(_) => self.general_plan(),
+            Err(_) => {
+                // A failed plan keeps no place among the shapes'; the
+                // symbolic plan may still run what it could not.
+                let mut by_shape = self.lock_plans();
+                if by_shape.get(&sizes).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                    by_shape.remove(&sizes);
+                }
+                drop(by_shape);
+                self.general_plan()
+            }
         }
+    }
+
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<usize>, Arc<PlanCell>>> {
+        self.by_shape.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn general_plan(&self) -> Result<Arc<TypedSimplePlan>, String> {
@@ -1046,6 +1062,11 @@ mod tests {
         run_matmul(&model, 1);
         run_matmul(&model, 1);
         assert_eq!(model.resident_bytes(), 2 * size, "one plan for batch 1");
+        // Rows of 4 where the model takes 3: batch 1's plan refuses them,
+        // and no plan is built for them.
+        let wrong = TractTensor::from_shape(&[1, 4], &[0f32; 4]).unwrap();
+        assert!(model.run(vec![wrong]).is_err());
+        assert_eq!(model.resident_bytes(), 2 * size);
         for batch in 2..=MAX_SHAPE_PLANS {
             run_matmul(&model, batch);
         }
