@@ -5,7 +5,6 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::error::Context as _;
@@ -16,11 +15,6 @@ use crate::fair::GuestPool;
 use crate::invoke::{Function, Handler, Lifecycle};
 use crate::state::InvocationState;
 use crate::validate::{self, CompiledComponent, DeployError, HandlerKind};
-
-/// How often the epoch advances. A running guest yields to the async runtime
-/// at every tick, so this bounds how long one guest can hold a worker thread
-/// before others get a turn, and it is the granularity of timeouts.
-pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Bytes of each pool slot's memory and tables kept resident between
 /// instances (see `linear_memory_keep_resident`) when the kernel can tell
@@ -454,7 +448,7 @@ fn spawn_epoch_ticker(engines: &[&Engine]) -> anyhow::Result<()> {
                 }
                 // Not held while asleep: the runtime's drop must end them.
                 drop(engines);
-                std::thread::sleep(EPOCH_TICK);
+                std::thread::sleep(crate::fair::EPOCH_TICK);
             }
         })
         .context("failed to start the epoch ticker thread")?;

@@ -35,6 +35,11 @@ use futures::task::AtomicWaker;
 
 use crate::labels::RequestLabels;
 
+/// How often the epoch advances. A running guest yields to the async runtime
+/// at every tick, so this bounds how long one guest can hold a worker thread
+/// before others get a turn, and it is the granularity of timeouts.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+
 /// Epoch ticks a guest may run in the foreground before it moves to the
 /// guest pool. The deadline counts from the current epoch, so the first
 /// slice lasts between one and two ticks; one tick alone could end after a
@@ -87,7 +92,7 @@ impl FirstSlice {
                 .started
                 .elapsed()
                 .saturating_sub(self.awaited_inference)
-                >= crate::engine::EPOCH_TICK
+                >= EPOCH_TICK
     }
 }
 
@@ -452,7 +457,7 @@ mod tests {
 
     #[test]
     fn waiting_for_inferences_does_not_spend_the_first_slice() {
-        let tick = crate::engine::EPOCH_TICK;
+        let tick = EPOCH_TICK;
         // No inference: the deadline is the slice.
         assert!(FirstSlice::new().spent());
         // Two ticks since it began, all of them waiting for an inference.
