@@ -67,7 +67,11 @@ pub async fn open_stores(fleet: &Fleet, data_dir: &Path) -> mayfly_store::Result
     // electing a leader, or servers on a loaded machine, may refuse or time
     // out a call while the buckets are made: a reason to try again, not to
     // stop the node (every step opens or creates, so it can be repeated).
-    // async-nats reports these only in its messages.
+    // A bucket just made in a 3-server cluster answers reads with "no
+    // responders" until its own stream has a leader (`bench/fleet.sh` lost
+    // its first node to that once); JetStream being off altogether is
+    // refused earlier, at connect. async-nats reports these only in its
+    // messages.
     let deadline = std::time::Instant::now() + OPEN_PATIENCE;
     loop {
         match open_stores_once(fleet, data_dir).await {
@@ -90,6 +94,7 @@ fn not_ready_yet(error: &str) -> bool {
         "timed out",
         "no suitable peers",
         "temporarily unavailable",
+        "no responders",
         HUB_UNREACHABLE,
     ]
     .iter()
@@ -232,6 +237,18 @@ mod conformance {
 mod tests {
     use super::*;
     use testing::NatsServers;
+
+    #[test]
+    fn a_forming_cluster_is_waited_for_and_a_refusal_is_not() {
+        for waiting in [
+            "failed getting entry: unable to get message: 503 no responders",
+            "JetStream error: timed out",
+            "insufficient resources: no suitable peers for placement",
+        ] {
+            assert!(not_ready_yet(waiting), "{waiting}");
+        }
+        assert!(!not_ready_yet("authorization violation"));
+    }
 
     #[tokio::test]
     async fn a_node_connects_and_sees_the_server_version() {
