@@ -267,7 +267,11 @@ fn render(name: &str, template: Template) -> Vec<(&'static str, String)> {
                 dependencies: CLASSIFY_DEPENDENCIES,
                 extra: &[
                     ("src/nn.rs", include_str!("../templates/classify/nn.rs")),
-                    ("build.rs", include_str!("../templates/classify/build.rs")),
+                    // The example guest's own: the same 3 MiB initial memory.
+                    (
+                        "build.rs",
+                        include_str!("../../../guests/classify/build.rs"),
+                    ),
                     // The interface version the node speaks, unchanged.
                     (
                         "wit/wasi-nn.wit",

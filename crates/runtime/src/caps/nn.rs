@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, IntoTValue, IntoTensor, OutletId, Symbol, TDim,
-    TValue, Tensor as TractTensor, TypedModel, TypedSimplePlan,
+    TValue, Tensor as TractTensor, TractResult, TypedModel, TypedSimplePlan,
 };
 use tract_onnx::tract_hir::prelude::IntoRunnable;
 use wasmtime::component::Resource;
@@ -213,26 +213,15 @@ impl OnnxModel {
         // The sizes the inputs give the symbolic axes: the plan's key. A
         // tensor whose other axes do not fit shares the plan of its sizes,
         // and tract refuses it when it runs.
-        let mut bound = HashMap::new();
-        let mut sizes = Vec::with_capacity(self.symbolic_axes.len());
-        for (input, axis, symbol) in &self.symbolic_axes {
-            let Some(&size) = inputs.get(*input).and_then(|t| t.shape().get(*axis)) else {
-                // A rank tract will refuse with its own message.
-                return self.general_plan();
-            };
-            let dim = TDim::Val(i64::try_from(size).unwrap_or(i64::MAX));
-            if bound
-                .insert(symbol.clone(), dim.clone())
-                .is_some_and(|was| was != dim)
-            {
-                // One symbol, two sizes (say N in two inputs): no plan fits.
-                return self.general_plan();
-            }
-            sizes.push(size);
-        }
-        if bound.is_empty() {
+        let sizes: Option<Vec<usize>> = self
+            .symbolic_axes
+            .iter()
+            .map(|(input, axis, _)| inputs.get(*input)?.shape().get(*axis).copied())
+            .collect();
+        // No symbolic axis, or a rank tract will refuse with its own message.
+        let Some(sizes) = sizes.filter(|sizes| !sizes.is_empty()) else {
             return self.general_plan();
-        }
+        };
         let cell = {
             let mut by_shape = self.lock_plans();
             match by_shape.get(&sizes) {
@@ -246,16 +235,8 @@ impl OnnxModel {
         // Outside the map's lock: another shape's plan may be built at the
         // same time; a second inference of this shape waits for this one.
         let plan = cell.get_or_init(|| {
-            let plan = self
-                .typed
-                .set_symbols(&bound)
-                .and_then(|typed| typed.into_optimized())
-                .and_then(|typed| typed.into_runnable())
-                .map_err(|e| format!("{e:#}"));
-            if plan.is_ok() {
-                self.plans.fetch_add(1, Ordering::Relaxed);
-            }
-            plan
+            let bound = self.bind(&sizes)?;
+            self.build_plan(self.typed.set_symbols(&bound))
         });
         match plan {
             Ok(plan) => Ok(plan.clone()),
@@ -272,24 +253,39 @@ impl OnnxModel {
         }
     }
 
+    /// The symbols' values for the sizes of `symbolic_axes`; an error if one
+    /// symbol is given two sizes (say N in two inputs): no plan fits.
+    fn bind(&self, sizes: &[usize]) -> Result<HashMap<Symbol, TDim>, String> {
+        let mut bound = HashMap::new();
+        for ((_, _, symbol), size) in self.symbolic_axes.iter().zip(sizes) {
+            let dim = TDim::Val(i64::try_from(*size).unwrap_or(i64::MAX));
+            if bound
+                .insert(symbol.clone(), dim.clone())
+                .is_some_and(|was| was != dim)
+            {
+                return Err(format!("`{symbol}` is given two sizes"));
+            }
+        }
+        Ok(bound)
+    }
+
+    /// Optimises `typed` into a plan, counted in the model's memory.
+    fn build_plan(&self, typed: TractResult<TypedModel>) -> Result<Arc<TypedSimplePlan>, String> {
+        let plan = typed
+            .and_then(|typed| typed.into_optimized())
+            .and_then(|typed| typed.into_runnable())
+            .map_err(|e| format!("the ONNX model cannot be planned: {e:#}"))?;
+        self.plans.fetch_add(1, Ordering::Relaxed);
+        Ok(plan)
+    }
+
     fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<usize>, Arc<PlanCell>>> {
         self.by_shape.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn general_plan(&self) -> Result<Arc<TypedSimplePlan>, String> {
         self.general
-            .get_or_init(|| {
-                let plan = self
-                    .typed
-                    .clone()
-                    .into_optimized()
-                    .and_then(|typed| typed.into_runnable())
-                    .map_err(|e| format!("the ONNX model cannot be planned: {e:#}"));
-                if plan.is_ok() {
-                    self.plans.fetch_add(1, Ordering::Relaxed);
-                }
-                plan
-            })
+            .get_or_init(|| self.build_plan(Ok(self.typed.clone())))
             .clone()
     }
 }
