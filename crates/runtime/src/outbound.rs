@@ -55,6 +55,10 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::rustls;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
+use slots::{HeldBody, Slots};
+
+mod slots;
+
 /// What a valid entry looks like, appended to every parse error.
 const ENTRY_SYNTAX: &str = "expected scheme://host[:port], e.g. https://api.example.com, \
      https://*.example.com, http://10.0.0.0/8:8080 or http://[fd00::1]:*";
@@ -671,10 +675,10 @@ pub(crate) struct OutboundHooks {
     policy: Arc<OutboundPolicy>,
     on_denied: DeniedSink,
     /// [`MAX_OUTBOUND_IN_FLIGHT`] slots, one held per request from before it
-    /// connects until its connection ends (hooks are made per invocation).
-    /// Made on the first request: most invocations make none, and the hooks
-    /// are built on the request path.
-    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// connects until its response body is dropped (hooks are made per
+    /// invocation). Made on the first request: most invocations make none,
+    /// and the hooks are built on the request path.
+    slots: Option<Arc<Slots>>,
 }
 
 impl OutboundHooks {
@@ -715,28 +719,21 @@ impl WasiHttpHooks for OutboundHooks {
     ) -> ResponseFuture {
         let policy = Arc::clone(&self.policy);
         let on_denied = Arc::clone(&self.on_denied);
-        let slots =
-            Arc::clone(self.slots.get_or_insert_with(|| {
-                Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND_IN_FLIGHT))
-            }));
+        let slots = Arc::clone(self.slots.get_or_insert_with(Slots::new));
         Box::new(async move {
             // Waits while the invocation has its maximum in flight (the
-            // invocation's timeout bounds the wait). The semaphore is never
-            // closed.
-            let slot = slots.acquire_owned().await.map_err(|_| {
-                Error::InternalError(Some("the outbound request slots are closed".into()))
-            })?;
+            // invocation's timeout bounds the wait).
+            let sending = slots.take().await;
             let timeouts = Timeouts::from(options);
             let idle = timeouts.between_bytes;
             let response = send(&policy, &*on_denied, request, timeouts).await?;
             // The pool drives the connection; the body holds the slot until
-            // it is read or dropped.
+            // it is dropped (or closed to free the slot, see `slots`).
             let response = response.map(|incoming| {
                 TimedBody {
-                    incoming,
+                    body: sending.received(incoming),
                     idle,
                     timer: Box::pin(tokio::time::sleep(idle)),
-                    _slot: slot,
                 }
                 .boxed_unsync()
             });
@@ -1134,12 +1131,11 @@ fn hyper_error(err: hyper::Error) -> Error {
 
 /// A response body that fails if the peer goes quiet for longer than `idle`
 /// between frames (wasi:http's between-bytes timeout). It holds the
-/// invocation's outbound slot until the body is read or dropped.
+/// invocation's outbound slot until dropped.
 struct TimedBody {
-    incoming: hyper::body::Incoming,
+    body: HeldBody,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Body for TimedBody {
@@ -1151,14 +1147,13 @@ impl Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.incoming).poll_frame(cx) {
+        match this.body.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let next = Instant::now() + this.idle;
                 this.timer.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(hyper_error(err)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(other) => Poll::Ready(other),
             Poll::Pending => {
                 ready!(this.timer.as_mut().poll(cx));
                 Poll::Ready(Some(Err(Error::ConnectionReadTimeout)))
@@ -1167,11 +1162,11 @@ impl Body for TimedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        self.body.size_hint()
     }
 }
 

@@ -4,9 +4,10 @@
 //! - `/fields?n=N&kib=K`: creates N wasi:http `fields`, each holding one
 //!   header of K KiB, keeps them all alive and answers 200 (the guest's own
 //!   memory holds one K KiB value, reused);
-//! - `/fanout?n=N&authority=HOST:PORT`: starts N outbound GETs of
-//!   `http://HOST:PORT/` at once, waits for all and answers 200 with
-//!   `ok=<n> failed=<n>`.
+//! - `/fanout?n=N&authority=HOST:PORT[&order=reverse]`: starts N outbound
+//!   GETs of `http://HOST:PORT/` at once, waits for each in turn (the last
+//!   started first with `order=reverse`), dropping its response unread, and
+//!   answers 200 with `ok=<n> failed=<n>`.
 
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{Fields, OutgoingRequest, ResponseOutparam, Scheme};
@@ -53,6 +54,9 @@ pub(crate) fn fanout(query: &str, response_out: ResponseOutparam) {
             Ok(future) => pending.push(future),
             Err(_) => failed += 1,
         }
+    }
+    if query.split('&').any(|pair| pair == "order=reverse") {
+        pending.reverse();
     }
     let mut ok = 0u64;
     for future in pending {
