@@ -251,3 +251,104 @@ fn closed_for_room() -> Error {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A server that answers every request with a head promising 5 bytes of
+    /// body and then sends none, keeping the connection open.
+    async fn silent_server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+                    let _ = stream.write_all(head).await;
+                    // Held open, body unsent, until the client closes it.
+                    let _ = stream.read(&mut buffer).await;
+                });
+            }
+        });
+        address
+    }
+
+    /// Takes a slot and fetches a response head on a connection of its own.
+    async fn held_body(slots: &Arc<Slots>, address: std::net::SocketAddr) -> HeldBody {
+        let sending = slots.take().await;
+        let stream = TcpStream::connect(address).await.unwrap();
+        let (mut send, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/")
+            .header("host", "test")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        sending.received(response.into_body())
+    }
+
+    fn poll_once(body: &HeldBody) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        body.poll_frame(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_unread_body_makes_room_for_a_waiting_request() {
+        let address = silent_server().await;
+        let slots = Slots::new();
+        let mut bodies = Vec::new();
+        for _ in 0..MAX_OUTBOUND_IN_FLIGHT {
+            bodies.push(held_body(&slots, address).await);
+        }
+        // The guest waits on the second body's data (its poll was Pending):
+        // a read in progress, so a waiting request closes nothing.
+        assert!(poll_once(&bodies[1]).is_pending());
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a slot was freed during a read");
+
+        // The read ends (here: the body is dropped) and the request proceeds.
+        drop(bodies.remove(1));
+        let sending = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiting request got no slot")
+            .unwrap();
+        drop(sending);
+
+        // Every slot held by bodies not being read: the next request closes
+        // the one used least recently (the first), not a later one.
+        bodies.push(held_body(&slots, address).await);
+        let sending = tokio::time::timeout(Duration::from_secs(10), slots.take())
+            .await
+            .expect("a request waited behind bodies nobody reads");
+        match poll_once(&bodies[0]) {
+            Poll::Ready(Some(Err(error))) => {
+                assert!(format!("{error:?}").contains("closed to free an outbound slot"))
+            }
+            other => panic!("the closed body polled as {other:?}"),
+        }
+        for body in &bodies[1..] {
+            assert!(poll_once(body).is_pending(), "a later body was closed");
+        }
+        drop(sending);
+    }
+}
