@@ -46,8 +46,8 @@ pub(crate) struct Slots {
 
 #[derive(Default)]
 struct State {
-    /// The response bodies alive (those closed or ended included), each
-    /// holding its slot until closed or dropped.
+    /// The response bodies holding slots (ended ones included), each until
+    /// it is dropped or closed.
     bodies: Vec<Arc<Mutex<Held>>>,
 }
 
@@ -108,7 +108,7 @@ impl Slots {
             return;
         }
         let closed = {
-            let state = lock(&self.state);
+            let mut state = lock(&self.state);
             // Only when bodies hold every slot: a slot held by a request
             // still sending (or just taken) frees itself or becomes a body.
             let mut holding = 0;
@@ -130,7 +130,11 @@ impl Slots {
             let Some((_, body)) = victim.filter(|_| holding == MAX_OUTBOUND_IN_FLIGHT) else {
                 return;
             };
-            let mut held = lock(body);
+            let body = body.clone();
+            // Out of the list, so that a guest keeping closed bodies does
+            // not lengthen every later scan.
+            state.bodies.retain(|other| !Arc::ptr_eq(other, &body));
+            let mut held = lock(&body);
             (held.incoming.take(), held.slot.take())
         };
         // Dropped outside the locks: the permit wakes the waiter.
