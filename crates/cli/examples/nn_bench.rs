@@ -17,12 +17,13 @@
 //! The Mayfly side also pays for HTTP, the sandbox, and the copy of the
 //! tensor into the host: the overhead the ratio measures. Its requests go
 //! out on one keep-alive connection per load thread (hyper's), the leanest
-//! client at hand, since the client's CPU comes out of the same two cores. The two sides
-//! take turns in short windows, so that the machine's drift during a run
-//! (2 shared cores swing 10 % within minutes) falls on both; the range of
-//! the windows' ratios is printed beside the ratio. Model load is
-//! timed cold (parse + optimise) natively; through Mayfly the first request
-//! after a deploy pays it and is reported apart. `bench/nn.sh` runs it.
+//! client at hand, since the client's CPU comes out of the same two cores.
+//! The two sides take turns in short windows, so that the machine's drift
+//! during a run (2 shared cores swing 10 % within minutes) falls on both;
+//! the range of the windows' ratios is printed beside the ratio. Model load
+//! is timed cold (parse + optimise) natively; through Mayfly the first
+//! request after a deploy pays it and is reported apart. `bench/nn.sh` runs
+//! it.
 
 mod support;
 
