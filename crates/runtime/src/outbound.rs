@@ -723,7 +723,7 @@ impl WasiHttpHooks for OutboundHooks {
         Box::new(async move {
             // Waits while the invocation has its maximum in flight (the
             // invocation's timeout bounds the wait).
-            let sending = slots.take().await;
+            let sending = slots.take().await?;
             let timeouts = Timeouts::from(options);
             let idle = timeouts.between_bytes;
             let response = send(&policy, &*on_denied, request, timeouts).await?;

@@ -82,23 +82,23 @@ impl Slots {
 
     /// Takes a slot, waiting while all are held; while it waits, a body
     /// that blocks the invocation is closed to free one (see the module).
-    pub(crate) async fn take(self: &Arc<Self>) -> Sending {
+    pub(crate) async fn take(self: &Arc<Self>) -> Result<Sending, Error> {
         let slot = match self.permits.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 let _waiting = Waiting::new(self);
                 self.unblock();
-                // The semaphore is never closed.
-                match self.permits.clone().acquire_owned().await {
-                    Ok(slot) => slot,
-                    Err(_) => unreachable!("the outbound slots' semaphore is never closed"),
-                }
+                // Nothing closes the semaphore; an error rather than a panic
+                // if that ever changes.
+                self.permits.clone().acquire_owned().await.map_err(|_| {
+                    Error::InternalError(Some("the outbound request slots are closed".into()))
+                })?
             }
         };
-        Sending {
+        Ok(Sending {
             slots: self.clone(),
             slot: Some(slot),
-        }
+        })
     }
 
     /// Closes the least recently used body if nothing else can free a slot
@@ -293,7 +293,7 @@ mod tests {
 
     /// Takes a slot and fetches a response head on a connection of its own.
     async fn held_body(slots: &Arc<Slots>, address: std::net::SocketAddr) -> HeldBody {
-        let sending = slots.take().await;
+        let sending = slots.take().await.unwrap();
         let stream = TcpStream::connect(address).await.unwrap();
         let (mut send, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -335,6 +335,7 @@ mod tests {
         let sending = tokio::time::timeout(Duration::from_secs(10), waiting)
             .await
             .expect("the waiting request got no slot")
+            .unwrap()
             .unwrap();
         drop(sending);
 
@@ -343,7 +344,8 @@ mod tests {
         bodies.push(held_body(&slots, address).await);
         let sending = tokio::time::timeout(Duration::from_secs(10), slots.take())
             .await
-            .expect("a request waited behind bodies nobody reads");
+            .expect("a request waited behind bodies nobody reads")
+            .unwrap();
         match poll_once(&bodies[0]) {
             Poll::Ready(Some(Err(error))) => {
                 assert!(format!("{error:?}").contains("closed to free an outbound slot"))
