@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::Error;
 
@@ -54,9 +54,8 @@ struct State {
 /// A response body and the slot it holds, shared by the body and the slots
 /// so that the slots can close it.
 struct Held {
-    /// `None` once the body was closed to free its slot.
-    incoming: Option<hyper::body::Incoming>,
-    slot: Option<OwnedSemaphorePermit>,
+    /// `None` once the body was closed or dropped, which frees both.
+    open: Option<(hyper::body::Incoming, OwnedSemaphorePermit)>,
     /// Its last poll returned `Pending`: the guest is waiting on it.
     reading: bool,
     last_used: u64,
@@ -66,7 +65,7 @@ struct Held {
 /// dropped (the request failed), it frees the slot.
 pub(crate) struct Sending {
     slots: Arc<Slots>,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: OwnedSemaphorePermit,
 }
 
 impl Slots {
@@ -97,7 +96,7 @@ impl Slots {
         };
         Ok(Sending {
             slots: self.clone(),
-            slot: Some(slot),
+            slot,
         })
     }
 
@@ -115,7 +114,7 @@ impl Slots {
             let mut victim: Option<(u64, &Arc<Mutex<Held>>)> = None;
             for body in &state.bodies {
                 let held = lock(body);
-                if held.slot.is_none() {
+                if held.open.is_none() {
                     continue;
                 }
                 if held.reading {
@@ -134,8 +133,7 @@ impl Slots {
             // Out of the list, so that a guest keeping closed bodies does
             // not lengthen every later scan.
             state.bodies.retain(|other| !Arc::ptr_eq(other, &body));
-            let mut held = lock(&body);
-            (held.incoming.take(), held.slot.take())
+            lock(&body).open.take()
         };
         // Dropped outside the locks: the permit wakes the waiter.
         drop(closed);
@@ -164,10 +162,9 @@ impl Drop for Waiting<'_> {
 
 impl Sending {
     /// The response head arrived: its body holds the slot from now on.
-    pub(crate) fn received(mut self, incoming: hyper::body::Incoming) -> HeldBody {
+    pub(crate) fn received(self, incoming: hyper::body::Incoming) -> HeldBody {
         let held = Arc::new(Mutex::new(Held {
-            incoming: Some(incoming),
-            slot: self.slot.take(),
+            open: Some((incoming, self.slot)),
             reading: false,
             last_used: self.slots.tick(),
         }));
@@ -196,10 +193,10 @@ impl HeldBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let polled = {
             let mut held = lock(&self.held);
-            let Some(incoming) = held.incoming.as_mut() else {
+            let Some((incoming, _)) = held.open.as_mut() else {
                 return Poll::Ready(Some(Err(closed_for_room())));
             };
-            let polled = http_body::Body::poll_frame(Pin::new(incoming), cx);
+            let polled = Pin::new(incoming).poll_frame(cx);
             held.reading = polled.is_pending();
             held.last_used = self.slots.tick();
             polled
@@ -217,16 +214,16 @@ impl HeldBody {
     /// Whether the body has ended (a closed one has).
     pub(crate) fn is_end_stream(&self) -> bool {
         lock(&self.held)
-            .incoming
+            .open
             .as_ref()
-            .is_none_or(http_body::Body::is_end_stream)
+            .is_none_or(|(incoming, _)| incoming.is_end_stream())
     }
 
     /// The body's size hint; nothing more is coming from a closed one.
     pub(crate) fn size_hint(&self) -> http_body::SizeHint {
-        lock(&self.held).incoming.as_ref().map_or_else(
+        lock(&self.held).open.as_ref().map_or_else(
             || http_body::SizeHint::with_exact(0),
-            http_body::Body::size_hint,
+            |(incoming, _)| incoming.size_hint(),
         )
     }
 }
@@ -236,8 +233,7 @@ impl Drop for HeldBody {
         let freed = {
             let mut state = lock(&self.slots.state);
             state.bodies.retain(|body| !Arc::ptr_eq(body, &self.held));
-            let mut held = lock(&self.held);
-            (held.incoming.take(), held.slot.take())
+            lock(&self.held).open.take()
         };
         drop(freed);
     }
