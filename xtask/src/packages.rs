@@ -62,8 +62,7 @@ pub fn ensure(needs: &[Need]) {
     if missing.is_empty() {
         return;
     }
-    let mut packages: Vec<&str> = missing.iter().map(|need| need.1).collect();
-    packages.dedup();
+    let packages: Vec<&str> = missing.iter().map(|need| need.1).collect();
     for (_, package, why) in &missing {
         eprintln!("missing {package}: {why}");
     }

@@ -391,17 +391,16 @@ impl Connection {
             ..
         } = self;
         let outcome = runtime.block_on(async {
-            if sender.is_none() {
-                let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-                stream.set_nodelay(true)?;
-                let (send, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await?;
-                tokio::spawn(connection);
-                *sender = Some(send);
-            }
-            let Some(send) = sender.as_mut() else {
-                anyhow::bail!("no connection");
+            let send = match sender {
+                Some(send) => send,
+                None => {
+                    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    stream.set_nodelay(true)?;
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let (send, connection) = hyper::client::conn::http1::handshake(io).await?;
+                    tokio::spawn(connection);
+                    sender.insert(send)
+                }
             };
             let response = send.send_request(request).await?;
             let status = response.status();
